@@ -1,0 +1,113 @@
+"""The one place that decides which implementation of a loss runs.
+
+Backends:
+  reference  fastkd.reference, the plain PyTorch oracle (any device).
+  torch      fastkd's algorithm written with torch ops (any device; the CPU path).
+  triton     fastkd.autograd Functions over fastkd.kernels (CUDA tensors, or CPU
+             tensors when TRITON_INTERPRET=1 runs Triton's interpreter).
+  auto       the fastest one that exists for the op and the tensors' device:
+             triton on CUDA, then torch, then reference.
+
+The choice is read at call time: the innermost ``fastkd.use_backend(name)``
+block, else the environment variable FASTKD_BACKEND, else ``auto``.
+"""
+import contextlib
+import contextvars
+import os
+
+from .reference import (ab, afd, at, bss, cc, crd, dml, fitnet, fsp, ft, irg, logits, lwm, nst,
+                        ofd, pkt, rkd, sobolev, sp, st, vid)
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+ENV_VAR = "FASTKD_BACKEND"
+
+# op name -> {backend: function}. Every op has a reference; the kernel issues add
+# "torch" and "triton" entries as their paths land.
+IMPLEMENTATIONS = {
+    "logits": {"reference": logits.logits},
+    "soft_target": {"reference": st.soft_target},
+    "dml": {"reference": dml.dml},
+    "bss": {"reference": bss.bss},
+    "at": {"reference": at.at},
+    "hint": {"reference": fitnet.hint},
+    "nst": {"reference": nst.nst},
+    "fsp": {"reference": fsp.fsp},
+    "ft": {"reference": ft.ft},
+    "ab": {"reference": ab.ab},
+    "vid": {"reference": vid.vid},
+    "ofd": {"reference": ofd.ofd},
+    "afd": {"reference": afd.afd},
+    "sobolev": {"reference": sobolev.sobolev},
+    "lwm": {"reference": lwm.lwm},
+    "pkt_cos_sim": {"reference": pkt.pkt_cos_sim},
+    "rkd_distance": {"reference": rkd.rkd_distance},
+    "rkd_angle": {"reference": rkd.rkd_angle},
+    "sp": {"reference": sp.sp},
+    "cc": {"reference": cc.cc},
+    "irg_vertex": {"reference": irg.irg_vertex},
+    "irg_edge": {"reference": irg.irg_edge},
+    "irg_transformation": {"reference": irg.irg_transformation},
+    "crd_contrast": {"reference": crd.crd_contrast},
+}
+
+_override = contextvars.ContextVar("fastkd_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend has no implementation of this op for these tensors."""
+
+
+def _checked(name, source):
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name.lower()
+
+
+def current_backend():
+    """The backend asked for right now: use_backend() block, else $FASTKD_BACKEND, else auto."""
+    name = _override.get()
+    if name is not None:
+        return name
+    return _checked(os.environ.get(ENV_VAR, "auto") or "auto", f"${ENV_VAR}")
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run the losses inside the block with this backend (overrides $FASTKD_BACKEND)."""
+    token = _override.set(_checked(name, "backend"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def triton_runs_on(device):
+    """Triton kernels run on CUDA, and on CPU only through the interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def available(op, device):
+    """The backends that can run op on tensors of this device, fastest first."""
+    impls = IMPLEMENTATIONS[op]
+    order = ("triton", "torch", "reference") if device.type == "cuda" else ("torch", "reference", "triton")
+    return [b for b in order if b in impls and (b != "triton" or triton_runs_on(device))]
+
+
+def resolve(op, device, backend=None):
+    """The backend that will run op for tensors on device."""
+    name = _checked(backend, "backend") if backend is not None else current_backend()
+    if name == "auto":
+        return available(op, device)[0]
+    if name not in IMPLEMENTATIONS[op]:
+        have = ", ".join(b for b in BACKENDS[1:] if b in IMPLEMENTATIONS[op])
+        raise BackendUnavailableError(f"fastkd has no {name} implementation of {op} yet (it has: {have})")
+    if name == "triton" and not triton_runs_on(device):
+        raise BackendUnavailableError(
+            f"the triton backend runs {op} on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1; "
+            f"got tensors on {device}")
+    return name
+
+
+def implementation(op, device, backend=None):
+    """The function that computes op for tensors on device."""
+    return IMPLEMENTATIONS[op][resolve(op, device, backend)]

@@ -1,0 +1,112 @@
+"""Input validation shared by every public loss.
+
+Each check raises before any computation, with a message that names the
+argument and what was expected: TypeError for a wrong type or dtype,
+ValueError for a wrong shape, size or value.
+"""
+import math
+import numbers
+
+import torch
+
+
+def tensor(x, name, ndim=None, min_ndim=None):
+    """A non-empty floating-point tensor, optionally of a given rank."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if min_ndim is not None and x.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    return x
+
+
+def feature_map(x, name):
+    """A (B, C, H, W) feature map."""
+    return tensor(x, name, ndim=4)
+
+
+def same_device(**named):
+    """All named tensors on one device."""
+    devices = {n: t.device for n, t in named.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"tensors must be on one device, got {listing}")
+
+
+def same_shape(a, b, name_a, name_b):
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def same_batch(a, b, name_a, name_b):
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{name_a} and {name_b} must have the same batch size, "
+                         f"got {a.shape[0]} and {b.shape[0]}")
+
+
+def min_batch(x, name, least=2):
+    """Relational losses compare samples with each other: they need >= 2."""
+    if x.shape[0] < least:
+        raise ValueError(f"{name} needs a batch of at least {least} samples for a relational loss, "
+                         f"got {x.shape[0]}")
+
+
+def number(value, name, positive=False, non_negative=False):
+    """A real, finite Python or 0-d tensor number; returned as a float."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if non_negative and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def integer(value, name, least=0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < least:
+        raise ValueError(f"{name} must be >= {least}, got {value}")
+    return int(value)
+
+
+def indices(idx, name, shape, upper):
+    """An integer index tensor of a given shape with values in [0, upper).
+
+    The range is checked on CPU only: on CUDA it would cost a host sync on
+    every call.
+    """
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(idx).__name__}")
+    if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must have an integer dtype, got {idx.dtype}")
+    if tuple(idx.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(idx.shape)}")
+    if idx.device.type == "cpu" and idx.numel() > 0:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= upper:
+            raise ValueError(f"{name} values must lie in [0, {upper}), got values from {lo} to {hi}")
+    return idx
+
+
+def target(t, name, logits, logits_name):
+    """Class indices (B,) for logits (B, K)."""
+    tensor(logits, logits_name, ndim=2)
+    return indices(t, name, (logits.shape[0],), logits.shape[1])
+
+
+def requires_grad(x, name):
+    if not x.requires_grad:
+        raise ValueError(f"{name} must require grad and be part of the graph of the outputs "
+                         f"(its gradient is what this loss compares)")

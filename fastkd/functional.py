@@ -1,0 +1,385 @@
+"""fastkd.functional: one function per loss.
+
+Each function checks its inputs (raising before any computation, naming the
+argument), then runs the implementation that ``fastkd.backend`` picks for the
+tensors' device. Notation as in SPEC.md: s student, t teacher, B or N the
+batch, mse/l1 means over all elements, KLbm the batch-mean KL divergence.
+"""
+import torch
+
+from . import checks
+from .backend import implementation
+
+
+def _run(op, *args):
+    return implementation(op, args[0].device)(*args)
+
+
+def _pair(s, t, name_s, name_t, **kw):
+    checks.tensor(s, name_s, **kw)
+    checks.tensor(t, name_t, **kw)
+    checks.same_device(**{name_s: s, name_t: t})
+
+
+def _same_pair(s, t, name_s, name_t, **kw):
+    _pair(s, t, name_s, name_t, **kw)
+    checks.same_shape(s, t, name_s, name_t)
+
+
+def _relational_pair(s, t, name_s, name_t, **kw):
+    _pair(s, t, name_s, name_t, **kw)
+    checks.same_batch(s, t, name_s, name_t)
+    checks.min_batch(s, name_s)
+
+
+def _maps_same_spatial(fm_s, fm_t):
+    _pair(fm_s, fm_t, "fm_s", "fm_t", ndim=4)
+    checks.same_batch(fm_s, fm_t, "fm_s", "fm_t")
+    if fm_s.shape[2:] != fm_t.shape[2:]:
+        raise ValueError(f"fm_s and fm_t must have the same (H, W), got {tuple(fm_s.shape[2:])} "
+                         f"and {tuple(fm_t.shape[2:])}")
+
+
+# --- logits -----------------------------------------------------------------
+
+def logits(out_s, out_t):
+    """Logits: mse(out_s, out_t). out_s, out_t (B, K) of one shape -> scalar."""
+    _same_pair(out_s, out_t, "out_s", "out_t")
+    return _run("logits", out_s, out_t)
+
+
+def _kl_pair(out_s, out_t, name_s, name_t):
+    _same_pair(out_s, out_t, name_s, name_t, min_ndim=2)
+
+
+def soft_target(out_s, out_t, T):
+    """SoftTarget: KLbm(softmax(out_t / T) || softmax(out_s / T)) * T^2.
+
+    out_s, out_t (B, K) or (B, K, ...) with classes on dim 1; T > 0. Batch mean
+    divides by B.
+    """
+    _kl_pair(out_s, out_t, "out_s", "out_t")
+    T = checks.number(T, "T", positive=True)
+    return _run("soft_target", out_s, out_t, T)
+
+
+def dml(out1, out2):
+    """DML: KLbm(softmax(out2) || softmax(out1)); out1 is the peer being trained.
+
+    out1, out2 (B, K) or (B, K, ...), classes on dim 1.
+    """
+    _kl_pair(out1, out2, "out1", "out2")
+    return _run("dml", out1, out2)
+
+
+def bss(attacked_out_s, attacked_out_t, T):
+    """BSS: KLbm(softmax(out_t / T) || softmax(out_s / T)), no T^2 factor.
+
+    attacked_out_* (B, K) logits of the attacked samples; T > 0.
+    """
+    _kl_pair(attacked_out_s, attacked_out_t, "attacked_out_s", "attacked_out_t")
+    T = checks.number(T, "T", positive=True)
+    return _run("bss", attacked_out_s, attacked_out_t, T)
+
+
+# --- feature maps -----------------------------------------------------------
+
+def at(fm_s, fm_t, p):
+    """AT: mse(am(fm_s), am(fm_t)), am(f) = A / (||A||_2 + 1e-6), A = sum_c |f|^p.
+
+    fm_s (B, C_s, H, W), fm_t (B, C_t, H, W); p > 0 (typically 2).
+    """
+    _maps_same_spatial(fm_s, fm_t)
+    p = checks.number(p, "p", positive=True)
+    return _run("at", fm_s, fm_t, p)
+
+
+def hint(fm_s, fm_t):
+    """Hint (FitNet): mse(fm_s, fm_t), same shapes."""
+    _same_pair(fm_s, fm_t, "fm_s", "fm_t")
+    return _run("hint", fm_s, fm_t)
+
+
+def nst(fm_s, fm_t):
+    """NST: mean K(F_t, F_t) + mean K(F_s, F_s) - 2 mean K(F_s, F_t).
+
+    F = normalize(f as (B, C, HW), dim=2), K(X, Y)[b, j, i] = (Y[b, j] . X[b, i])^2.
+    fm_s (B, C_s, H, W), fm_t (B, C_t, H', W') with H W = H' W'.
+    """
+    _pair(fm_s, fm_t, "fm_s", "fm_t", ndim=4)
+    checks.same_batch(fm_s, fm_t, "fm_s", "fm_t")
+    if fm_s.shape[2] * fm_s.shape[3] != fm_t.shape[2] * fm_t.shape[3]:
+        raise ValueError(f"fm_s and fm_t must have the same H*W, got {tuple(fm_s.shape[2:])} "
+                         f"and {tuple(fm_t.shape[2:])}")
+    return _run("nst", fm_s, fm_t)
+
+
+def _flow_shape(fm1, fm2, name1, name2):
+    """The (C_1, C_2) of the flow matrix G(fm1, fm2), after checking the pair."""
+    checks.same_batch(fm1, fm2, name1, name2)
+    h, w = fm1.shape[2:]
+    if h > fm2.shape[2]:
+        h, w = fm2.shape[2:]  # fm1 is average-pooled to fm2's size
+    if (h, w) != tuple(fm2.shape[2:]):
+        raise ValueError(f"{name1} (H, W) {tuple(fm1.shape[2:])} must equal {name2}'s "
+                         f"{tuple(fm2.shape[2:])}, or be larger (then it is average-pooled to it)")
+    return fm1.shape[1], fm2.shape[1]
+
+
+def fsp(fm_s1, fm_s2, fm_t1, fm_t2):
+    """FSP: mse(G(fm_s1, fm_s2), G(fm_t1, fm_t2)), G(a, b) = a b^T / HW (B, C_a, C_b).
+
+    All (B, C, H, W); a is adaptive-average-pooled to b's (H, W) when larger.
+    """
+    names = ("fm_s1", "fm_s2", "fm_t1", "fm_t2")
+    maps = (fm_s1, fm_s2, fm_t1, fm_t2)
+    for m, n in zip(maps, names):
+        checks.feature_map(m, n)
+    checks.same_device(**dict(zip(names, maps)))
+    flow_s = _flow_shape(fm_s1, fm_s2, "fm_s1", "fm_s2")
+    flow_t = _flow_shape(fm_t1, fm_t2, "fm_t1", "fm_t2")
+    checks.same_batch(fm_s1, fm_t1, "fm_s1", "fm_t1")
+    if flow_s != flow_t:
+        raise ValueError(f"student and teacher flow matrices must match: channels (fm_s1, fm_s2) = "
+                         f"{flow_s}, (fm_t1, fm_t2) = {flow_t}")
+    return _run("fsp", fm_s1, fm_s2, fm_t1, fm_t2)
+
+
+def ft(factor_s, factor_t):
+    """FT: l1(normalize(flat(factor_s)), normalize(flat(factor_t))); (B, ...) of equal size per sample."""
+    _pair(factor_s, factor_t, "factor_s", "factor_t", min_ndim=2)
+    checks.same_batch(factor_s, factor_t, "factor_s", "factor_t")
+    if factor_s.numel() != factor_t.numel():
+        raise ValueError(f"factor_s and factor_t must have as many elements per sample, got shapes "
+                         f"{tuple(factor_s.shape)} and {tuple(factor_t.shape)}")
+    return _run("ft", factor_s, factor_t)
+
+
+def ab(fm_s, fm_t, margin):
+    """AB: mean((s + m)^2 [s > -m, t <= 0] + (s - m)^2 [s <= m, t > 0]); pre-activation maps
+    of one shape, margin m >= 0."""
+    _same_pair(fm_s, fm_t, "fm_s", "fm_t")
+    margin = checks.number(margin, "margin", non_negative=True)
+    return _run("ab", fm_s, fm_t, margin)
+
+
+def vid(pred_mean, fm_t, alpha, eps=1e-6):
+    """VID: mean(0.5 (log var + (mu - t)^2 / var)), var = softplus(alpha) + eps per channel.
+
+    pred_mean (the regressor's output, mu) and fm_t (B, C, H, W); alpha (C,).
+    """
+    _same_pair(pred_mean, fm_t, "pred_mean", "fm_t", ndim=4)
+    checks.tensor(alpha, "alpha", ndim=1)
+    checks.same_device(pred_mean=pred_mean, alpha=alpha)
+    if alpha.shape[0] != fm_t.shape[1]:
+        raise ValueError(f"alpha must have one entry per channel of fm_t ({fm_t.shape[1]}), "
+                         f"got {alpha.shape[0]}")
+    eps = checks.number(eps, "eps", positive=True)
+    return _run("vid", pred_mean, fm_t, alpha, eps)
+
+
+def ofd(fm_s, fm_t):
+    """OFD: mean((s - t')^2 (1 - [s <= t' and t' <= 0])), t' = max(t, m_c),
+    m_c = mean of the negative values of t in channel c.
+
+    fm_s: the connector's output, fm_t the teacher's pre-ReLU map, both (B, C, H, W).
+    """
+    _same_pair(fm_s, fm_t, "fm_s", "fm_t", ndim=4)
+    return _run("ofd", fm_s, fm_t)
+
+
+def afd(fm_s, fm_t, rho, eps=1e-6):
+    """AFD: mean_b sum_c rho[b, c] mean_hw (s' - t')^2, f' = f / (||f||_2 over (H, W) + eps).
+
+    fm_s, fm_t (B, C, H, W); rho (B, C) channel weights (rows sum to 1).
+    """
+    _same_pair(fm_s, fm_t, "fm_s", "fm_t", ndim=4)
+    checks.tensor(rho, "rho", ndim=2)
+    checks.same_device(fm_s=fm_s, rho=rho)
+    if tuple(rho.shape) != tuple(fm_s.shape[:2]):
+        raise ValueError(f"rho must have shape (B, C) = {tuple(fm_s.shape[:2])}, got {tuple(rho.shape)}")
+    return _run("afd", fm_s, fm_t, rho, eps)
+
+
+# --- gradients of the outputs ----------------------------------------------
+
+def _target_pair(out_s, out_t, target):
+    _same_pair(out_s, out_t, "out_s", "out_t", ndim=2)
+    checks.target(target, "target", out_s, "out_s")
+    checks.same_device(out_s=out_s, target=target)
+
+
+def sobolev(out_s, out_t, img, target):
+    """Sobolev: mse(normalize(flat(g_s)), normalize(flat(g_t)).detach()),
+    g_x = d(sum_i out_x[i, target_i]) / d img, kept in the graph.
+
+    out_* (B, K) computed from img (B, ...), which requires grad; target (B,) class indices.
+    """
+    _target_pair(out_s, out_t, target)
+    checks.tensor(img, "img", min_ndim=2)
+    checks.same_batch(img, out_s, "img", "out_s")
+    checks.requires_grad(img, "img")
+    return _run("sobolev", out_s, out_t, img, target)
+
+
+def lwm(out_s, fm_s, out_t, fm_t, target):
+    """LwM: l1(normalize(flat(cam_s)), normalize(flat(cam_t)).detach()),
+    cam = relu(sum_c mean_hw(g) g), g = d(sum_i out[i, target_i]) / d fm.
+
+    out_* (B, K); fm_* (B, C_*, H, W) in the graph of out_*; target (B,).
+    """
+    _target_pair(out_s, out_t, target)
+    _maps_same_spatial(fm_s, fm_t)
+    checks.same_batch(fm_s, out_s, "fm_s", "out_s")
+    checks.requires_grad(fm_s, "fm_s")
+    checks.requires_grad(fm_t, "fm_t")
+    return _run("lwm", out_s, fm_s, out_t, fm_t, target)
+
+
+# --- relations between samples ------------------------------------------------
+
+def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
+    """PKT: mean P_t log((P_t + eps) / (P_s + eps)), P = C' / rowsum(C'),
+    C' = (x^ x^T + 1) / 2, x^ = x / (||x_row|| + eps).
+
+    feat_s (N, D_s), feat_t (N, D_t), N >= 2.
+    """
+    _relational_pair(feat_s, feat_t, "feat_s", "feat_t", ndim=2)
+    eps = checks.number(eps, "eps", positive=True)
+    return _run("pkt_cos_sim", feat_s, feat_t, eps)
+
+
+def rkd_distance(feat_s, feat_t):
+    """RKD distance term: smooth_l1(d_s, d_t) over N^2 entries, d = pdist(x) / mean(d[d > 0]).
+
+    feat_s (N, D_s), feat_t (N, D_t), N >= 2.
+    """
+    _relational_pair(feat_s, feat_t, "feat_s", "feat_t", ndim=2)
+    return _run("rkd_distance", feat_s, feat_t)
+
+
+def rkd_angle(feat_s, feat_t):
+    """RKD angle term: smooth_l1(A_s, A_t) over N^3 entries, A[i, j, k] = e_ij . e_ik,
+    e_ij = normalize(x_j - x_i) (0 when x_j = x_i).
+
+    feat_s (N, D_s), feat_t (N, D_t), N >= 2.
+    """
+    _relational_pair(feat_s, feat_t, "feat_s", "feat_t", ndim=2)
+    return _run("rkd_angle", feat_s, feat_t)
+
+
+def rkd(feat_s, feat_t, w_dist, w_angle):
+    """RKD: w_dist * rkd_distance + w_angle * rkd_angle; a term whose weight is 0 is skipped."""
+    _relational_pair(feat_s, feat_t, "feat_s", "feat_t", ndim=2)
+    w_dist = checks.number(w_dist, "w_dist")
+    w_angle = checks.number(w_angle, "w_angle")
+    loss = 0.0
+    if w_dist != 0:
+        loss = loss + w_dist * _run("rkd_distance", feat_s, feat_t)
+    if w_angle != 0:
+        loss = loss + w_angle * _run("rkd_angle", feat_s, feat_t)
+    if not isinstance(loss, torch.Tensor):
+        # Both weights 0: a zero that still belongs to both graphs.
+        loss = (feat_s.sum() + feat_t.sum()) * 0.0
+    return loss
+
+
+def sp(fm_s, fm_t):
+    """SP: mse(G^_s, G^_t), G^ = normalize(flat(f) flat(f)^T, dim=1) (N, N).
+
+    fm_s (N, ...), fm_t (N, ...), N >= 2.
+    """
+    _relational_pair(fm_s, fm_t, "fm_s", "fm_t", min_ndim=2)
+    return _run("sp", fm_s, fm_t)
+
+
+def cc(feat_s, feat_t, gamma, P_order):
+    """CC: mse(K_s, K_t), K = sum_{p=0..P} e^{-2 gamma} (2 gamma)^p / p! S^p, S = x^ x^T
+    with x^ the L2-normalised rows.
+
+    feat_s (N, D_s), feat_t (N, D_t), N >= 2; gamma a number, P_order >= 0.
+    """
+    _relational_pair(feat_s, feat_t, "feat_s", "feat_t", ndim=2)
+    gamma = checks.number(gamma, "gamma")
+    P_order = checks.integer(P_order, "P_order")
+    return _run("cc", feat_s, feat_t, gamma, P_order)
+
+
+def _irg_check(irg_x, name):
+    if not isinstance(irg_x, (tuple, list)) or len(irg_x) != 4:
+        raise TypeError(f"{name} must be a sequence (fm1, fm2, feat, out), got {type(irg_x).__name__}"
+                        + (f" of length {len(irg_x)}" if isinstance(irg_x, (tuple, list)) else ""))
+    fm1, fm2, feat, out = irg_x
+    checks.feature_map(fm1, f"{name}[0] (fm1)")
+    checks.feature_map(fm2, f"{name}[1] (fm2)")
+    checks.tensor(feat, f"{name}[2] (feat)", min_ndim=2)
+    checks.tensor(out, f"{name}[3] (out)", min_ndim=2)
+    for i, x in enumerate(irg_x[1:], 1):
+        checks.same_batch(fm1, x, f"{name}[0]", f"{name}[{i}]")
+    checks.min_batch(fm1, f"{name}[0] (fm1)")
+    # The transformation pools fm1 to fm2's (H, W) when larger, and averages fm2's channels
+    # in pairs when fm1 has fewer; then both must hold as many values per sample.
+    c1, (h1, w1) = fm1.shape[1], (fm2.shape[2:] if fm1.shape[2] > fm2.shape[2] else fm1.shape[2:])
+    c2, h2, w2 = fm2.shape[1:]
+    if c1 < c2:
+        if c2 % 2:
+            raise ValueError(f"{name}: fm2 has more channels ({c2}) than fm1 ({c1}), so they are "
+                             f"averaged in pairs, which needs an even count")
+        c2 //= 2
+    if c1 * h1 * w1 != c2 * h2 * w2:
+        raise ValueError(f"{name}: fm1 {tuple(fm1.shape[1:])} and fm2 {tuple(fm2.shape[1:])} do not "
+                         f"hold as many values per sample after pooling fm1 and halving fm2's channels")
+
+
+def irg(irg_s, irg_t, w_irg_vert, w_irg_edge, w_irg_tran):
+    """IRG: w_vert * mse(out_s, out_t) + w_edge * edge + w_tran * transformation.
+
+    irg_s, irg_t: sequences (fm1, fm2, feat, out) of the student and the teacher, batch N >= 2.
+    edge = mean over (feat, fm1, fm2) of mse(E_s, E_t), E(x) = pdist2(flat x) / max;
+    transformation = mse(T_s, T_t), T_i = |fm1_i - fm2_i|^2 / max (see SPEC.md). A term
+    whose weight is 0 is skipped.
+    """
+    _irg_check(irg_s, "irg_s")
+    _irg_check(irg_t, "irg_t")
+    checks.same_device(**{f"irg_{side}[{i}]": x for side, seq in (("s", irg_s), ("t", irg_t))
+                          for i, x in enumerate(seq)})
+    checks.same_batch(irg_s[0], irg_t[0], "irg_s[0]", "irg_t[0]")
+    checks.same_shape(irg_s[3], irg_t[3], "irg_s[3] (out)", "irg_t[3] (out)")
+    weights = {name: checks.number(w, name) for name, w in
+               (("w_irg_vert", w_irg_vert), ("w_irg_edge", w_irg_edge), ("w_irg_tran", w_irg_tran))}
+    parts = {"w_irg_vert": ("irg_vertex", (irg_s[3], irg_t[3])),
+             "w_irg_edge": ("irg_edge", (irg_s, irg_t)),
+             "w_irg_tran": ("irg_transformation", (irg_s, irg_t))}
+    loss = 0.0
+    for name, (op, args) in parts.items():
+        if weights[name] != 0:
+            loss = loss + weights[name] * implementation(op, irg_s[0].device)(*args)
+    if not isinstance(loss, torch.Tensor):
+        loss = sum(x.sum() for x in (*irg_s, *irg_t)) * 0.0
+    return loss
+
+
+# --- contrast -------------------------------------------------------------------
+
+def crd_contrast(embed, memory, sample_idx, nce_t, z, n_data, eps=1e-7):
+    """One side of CRD: contrast_loss(exp(memory[sample_idx] . embed / nce_t) / z).
+
+    contrast_loss(x) = -(sum_b log(x_b0 / (x_b0 + N/M + eps))
+                         + sum_{b, k >= 1} log((N/M) / (x_bk + N/M + eps))) / B, M = n_data.
+    embed (B, feat_dim); memory (n_data, feat_dim), constant; sample_idx (B, N + 1) integer
+    rows of memory, the positive first; nce_t > 0; z > 0 the normalisation constant.
+    """
+    checks.tensor(embed, "embed", ndim=2)
+    checks.tensor(memory, "memory", ndim=2)
+    checks.same_device(embed=embed, memory=memory, sample_idx=sample_idx)
+    if memory.shape[1] != embed.shape[1]:
+        raise ValueError(f"memory rows ({memory.shape[1]}) and embed ({embed.shape[1]}) must have "
+                         f"the same feat_dim")
+    if not isinstance(sample_idx, torch.Tensor) or sample_idx.dim() != 2 or sample_idx.shape[1] < 2:
+        raise ValueError(f"sample_idx must be a (B, nce_n + 1) tensor with nce_n >= 1, got "
+                         f"{tuple(sample_idx.shape) if isinstance(sample_idx, torch.Tensor) else type(sample_idx).__name__}")
+    checks.indices(sample_idx, "sample_idx", (embed.shape[0], sample_idx.shape[1]), memory.shape[0])
+    nce_t = checks.number(nce_t, "nce_t", positive=True)
+    z = checks.number(z, "z", positive=True)
+    n_data = checks.integer(n_data, "n_data", least=1)
+    return _run("crd_contrast", embed, memory, sample_idx, nce_t, z, n_data, eps)

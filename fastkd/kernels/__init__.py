@@ -1,0 +1,1 @@
+"""Triton kernels, grouped by family so shared building blocks live once."""
