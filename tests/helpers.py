@@ -1,0 +1,35 @@
+"""Tolerances per dtype, in one place, and the comparisons the equivalence tests use."""
+import torch
+
+# Same-dtype comparisons (for example fp64 fast path against the fp64 reference).
+TOLERANCE = {
+    torch.float64: dict(rtol=1e-7, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=1e-6),
+    torch.bfloat16: dict(rtol=3e-2, atol=1e-2),
+    torch.float16: dict(rtol=5e-3, atol=1e-3),
+}
+
+# A low-precision result may be this many times further from the fp64 answer than the
+# reference's own result in that dtype is.
+ERROR_FACTOR = 10
+
+
+def assert_close(actual, expected, dtype=None, msg=""):
+    tol = TOLERANCE[dtype or expected.dtype]
+    torch.testing.assert_close(actual.detach().to(expected.dtype), expected.detach(), **tol,
+                               msg=lambda m: f"{msg}\n{m}" if msg else m)
+
+
+def assert_within_reference_error(actual, reference, exact, msg=""):
+    """|actual - exact| <= ERROR_FACTOR * max(|reference - exact|, eps |exact|) in the 2-norm.
+
+    actual and reference were computed in the same low precision, exact in fp64: the fast
+    path may be no worse than ERROR_FACTOR times the reference's own rounding error.
+    """
+    eps = torch.finfo(actual.dtype).eps
+    a, r, e = (x.detach().double().reshape(-1) for x in (actual, reference, exact))
+    ref_err = torch.linalg.vector_norm(r - e)
+    allowed = ERROR_FACTOR * torch.maximum(ref_err, eps * torch.linalg.vector_norm(e)) + 1e-30
+    err = torch.linalg.vector_norm(a - e)
+    assert err <= allowed, (f"{msg}: error {err:.3e} of the {actual.dtype} result exceeds "
+                            f"{ERROR_FACTOR} x the reference's own error {ref_err:.3e}")
