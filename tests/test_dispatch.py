@@ -1,0 +1,111 @@
+"""The one dispatch point: backend names, precedence, availability, errors."""
+import pytest
+import torch
+
+import fastkd
+from fastkd import backend
+from fastkd.__main__ import METHODS, main
+
+
+def test_default_is_auto(monkeypatch):
+    monkeypatch.delenv("FASTKD_BACKEND", raising=False)
+    assert fastkd.current_backend() == "auto"
+
+
+def test_environment_variable_is_read_at_call_time(monkeypatch):
+    monkeypatch.setenv("FASTKD_BACKEND", "reference")
+    assert fastkd.current_backend() == "reference"
+    monkeypatch.setenv("FASTKD_BACKEND", "Torch")
+    assert fastkd.current_backend() == "torch"
+
+
+def test_context_manager_overrides_environment_and_nests(monkeypatch):
+    monkeypatch.setenv("FASTKD_BACKEND", "torch")
+    with fastkd.use_backend("reference"):
+        assert fastkd.current_backend() == "reference"
+        with fastkd.use_backend("auto"):
+            assert fastkd.current_backend() == "auto"
+        assert fastkd.current_backend() == "reference"
+    assert fastkd.current_backend() == "torch"
+
+
+def test_context_manager_restores_after_an_exception(monkeypatch):
+    monkeypatch.delenv("FASTKD_BACKEND", raising=False)
+    with pytest.raises(KeyError):
+        with fastkd.use_backend("reference"):
+            raise KeyError
+    assert fastkd.current_backend() == "auto"
+
+
+def test_unknown_backend_names_the_setting(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with fastkd.use_backend("cuda"):
+            pass
+    monkeypatch.setenv("FASTKD_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"\$FASTKD_BACKEND must be one of .*'fast'"):
+        fastkd.functional.hint(torch.zeros(2), torch.zeros(2))
+
+
+def test_every_op_has_a_reference_and_only_known_backends():
+    for op, impls in backend.IMPLEMENTATIONS.items():
+        assert "reference" in impls, op
+        assert set(impls) <= set(backend.BACKENDS) - {"auto"}, op
+
+
+def test_method_listing_covers_every_op_once():
+    listed = [op for ops in METHODS.values() for op in ops]
+    assert sorted(listed) == sorted(backend.IMPLEMENTATIONS)
+    assert len(METHODS) == 21
+
+
+def test_auto_prefers_triton_on_cuda_then_torch_then_reference(monkeypatch):
+    fake = {"op": {"reference": 1, "torch": 2, "triton": 3}}
+    monkeypatch.setattr(backend, "IMPLEMENTATIONS", fake)
+    assert backend.resolve("op", torch.device("cuda"), "auto") == "triton"
+    assert backend.resolve("op", torch.device("cpu"), "auto") == "torch"
+    fake["op"] = {"reference": 1}
+    assert backend.resolve("op", torch.device("cuda"), "auto") == "reference"
+
+
+def test_auto_on_cpu_never_picks_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backend, "IMPLEMENTATIONS", {"op": {"reference": 1, "triton": 3}})
+    assert backend.resolve("op", torch.device("cpu"), "auto") == "reference"
+    assert backend.resolve("op", torch.device("cpu"), "triton") == "triton"
+
+
+def test_missing_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(backend, "IMPLEMENTATIONS", {"hint": {"reference": backend.fitnet.hint}})
+    with fastkd.use_backend("triton"):
+        with pytest.raises(fastkd.BackendUnavailableError, match="no triton implementation of hint"):
+            fastkd.Hint()(torch.zeros(2, 3), torch.zeros(2, 3))
+    with fastkd.use_backend("torch"):
+        with pytest.raises(fastkd.BackendUnavailableError, match="no torch implementation of hint"):
+            fastkd.Hint()(torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(backend, "IMPLEMENTATIONS", {"op": {"reference": 1, "triton": 3}})
+    with pytest.raises(fastkd.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        backend.resolve("op", torch.device("cpu"), "triton")
+
+
+def test_reference_backend_runs_the_reference(monkeypatch):
+    calls = []
+    monkeypatch.setitem(backend.IMPLEMENTATIONS, "hint",
+                        {"reference": lambda a, b: calls.append("ref") or torch.zeros(()),
+                         "torch": lambda a, b: calls.append("torch") or torch.zeros(())})
+    x = torch.zeros(2, 3)
+    with fastkd.use_backend("reference"):
+        fastkd.Hint()(x, x)
+    with fastkd.use_backend("auto"):
+        fastkd.Hint()(x, x)
+    assert calls == ["ref", "torch"]
+
+
+def test_listing_command_prints_every_method(capsys):
+    main(["--device", "cpu"])
+    out = capsys.readouterr().out
+    for method in list(METHODS) + ["Baseline"]:
+        assert f"\n{method} " in out
