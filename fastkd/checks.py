@@ -30,6 +30,13 @@ def feature_map(x, name):
     return tensor(x, name, ndim=4)
 
 
+def channels(fm, name, expected, what="in_channels"):
+    """A (B, C, H, W) feature map with the C that a module was built for."""
+    feature_map(fm, name)
+    if fm.shape[1] != expected:
+        raise ValueError(f"{name} must have {what}={expected} channels, got shape {tuple(fm.shape)}")
+
+
 def same_device(**named):
     """All named tensors on one device."""
     devices = {n: t.device for n, t in named.items()}

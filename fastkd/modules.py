@@ -93,10 +93,7 @@ class VID(reference.VID):
     """Gaussian NLL of fm_t under N(regressor(fm_s), softplus(alpha) + eps); learns both."""
 
     def forward(self, fm_s, fm_t):
-        checks.feature_map(fm_s, "fm_s")
-        in_channels = self.regressor[0].in_channels
-        if fm_s.shape[1] != in_channels:
-            raise ValueError(f"fm_s must have in_channels={in_channels} channels, got shape {tuple(fm_s.shape)}")
+        checks.channels(fm_s, "fm_s", self.regressor[0].in_channels)
         return F.vid(self.regressor(fm_s), fm_t, self.alpha, self.eps)
 
 
@@ -104,10 +101,7 @@ class OFD(reference.OFD):
     """Partial L2 between connector(fm_s) and the margin-clipped pre-ReLU fm_t."""
 
     def forward(self, fm_s, fm_t):
-        checks.feature_map(fm_s, "fm_s")
-        in_channels = self.connector[0].in_channels
-        if fm_s.shape[1] != in_channels:
-            raise ValueError(f"fm_s must have in_channels={in_channels} channels, got shape {tuple(fm_s.shape)}")
+        checks.channels(fm_s, "fm_s", self.connector[0].in_channels)
         return F.ofd(self.connector(fm_s), fm_t)
 
 
@@ -115,10 +109,7 @@ class AFD(reference.AFD):
     """Channel-attention-weighted squared difference of spatially normalised maps."""
 
     def forward(self, fm_s, fm_t, eps=1e-6):
-        checks.feature_map(fm_t, "fm_t")
-        in_channels = self.attention[0].in_channels
-        if fm_t.shape[1] != in_channels:
-            raise ValueError(f"fm_t must have in_channels={in_channels} channels, got shape {tuple(fm_t.shape)}")
+        checks.channels(fm_t, "fm_t", self.attention[0].in_channels)
         return F.afd(fm_s, fm_t, self.channel_weights(fm_t), eps)
 
 
