@@ -149,3 +149,198 @@ def fsp(fm_s1, fm_s2, fm_t1, fm_t2):
     if fm_t1.size(2) > fm_t2.size(2):
         fm_t1 = F.adaptive_avg_pool2d(fm_t1, fm_t2.shape[2:])
     return FSPFunction.apply(fm_s1, fm_s2, fm_t1, fm_t2)
+
+
+# === Elementwise family: Hint, Logits, AB, FT, OFD, VID, AFD, Sobolev, LwM ==================
+# (kernels in fastkd.kernels.elementwise; the modules' own layers stay torch)
+from torch.autograd.function import once_differentiable  # noqa: E402
+
+from .kernels import elementwise as _ew  # noqa: E402
+from .reference.lwm import grad_cam as _grad_cam  # noqa: E402
+from .reference.sobolev import target_gradient as _target_gradient  # noqa: E402
+
+
+class MSEFunction(torch.autograd.Function):
+    """mean((s - t)^2) over same-shaped s, t; backward ds = 2 (s - t) / N, dt = -ds."""
+
+    @staticmethod
+    def forward(ctx, s, t):
+        ctx.save_for_backward(s, t)
+        return (_ew.flat_loss(s, t, _ew.MSE) / s.numel()).to(_loss_dtype(s, t))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        s, t = ctx.saved_tensors
+        return _ew.flat_grad(s, t, grad, _ew.MSE, 0.0, *ctx.needs_input_grad)
+
+
+def hint(fm_s, fm_t):
+    return MSEFunction.apply(fm_s, fm_t)
+
+
+def logits(out_s, out_t):
+    return MSEFunction.apply(out_s, out_t)
+
+
+class ABFunction(torch.autograd.Function):
+    """mean((s + m)^2 [s > -m, t <= 0] + (s - m)^2 [s <= m, t > 0]); fm_t enters only
+    through the masks, so it gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, fm_s, fm_t, margin):
+        ctx.save_for_backward(fm_s, fm_t)
+        ctx.margin = margin
+        return (_ew.flat_loss(fm_s, fm_t, _ew.AB, margin) / fm_s.numel()).to(_loss_dtype(fm_s, fm_t))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        s, t = ctx.saved_tensors
+        ds, _ = _ew.flat_grad(s, t, grad, _ew.AB, ctx.margin, ctx.needs_input_grad[0], False)
+        return ds, None, None
+
+
+def ab(fm_s, fm_t, margin):
+    return ABFunction.apply(fm_s, fm_t, margin)
+
+
+class OFDFunction(torch.autograd.Function):
+    """mean((s - t')^2 (1 - [s <= t' and t' <= 0])), t' = max(t, m_c), m_c the mean of the
+    negative values of t in channel c (differentiable in t, as in the reference).
+
+    Forward: one pass over t for the margins, one over s and t for the loss and the per-channel
+    sums the teacher's gradient needs; backward: one pass writing ds (and dt).
+    """
+
+    @staticmethod
+    def forward(ctx, fm_s, fm_t):
+        margin, cnt = _ew.ofd_margin(fm_t)
+        stats = _ew.ofd_loss(fm_s, fm_t, margin)
+        through = stats[..., 1].sum(0) / (cnt + 1e-6)
+        ctx.save_for_backward(fm_s, fm_t, margin, through)
+        return (stats[..., 0].sum() / fm_s.numel()).to(_loss_dtype(fm_s, fm_t))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        fm_s, fm_t, margin, through = ctx.saved_tensors
+        return _ew.ofd_grad(fm_s, fm_t, margin, through, grad, *ctx.needs_input_grad)
+
+
+def ofd(fm_s, fm_t):
+    return OFDFunction.apply(fm_s, fm_t)
+
+
+class VIDFunction(torch.autograd.Function):
+    """mean(0.5 (log var_c + (mu - t)^2 / var_c)), var = log(1 + exp(alpha)) + eps (C,).
+
+    Forward reduces (mu - t)^2 per (b, c); backward: dmu = (mu - t) / (var_c N), dt = -dmu,
+    dalpha_c = 0.5 (1 / (C var_c) - sum_c (mu - t)^2 / (N var_c^2)) sigmoid(alpha_c).
+    """
+
+    @staticmethod
+    def forward(ctx, pred_mean, fm_t, alpha, eps):
+        sq = _ew.row_sq_diff(pred_mean, fm_t).sum(0)
+        a = alpha.detach().to(sq.dtype)
+        var = torch.log(1.0 + torch.exp(a)) + eps
+        n = pred_mean.numel()
+        ctx.save_for_backward(pred_mean, fm_t, alpha, var, sq)
+        return (0.5 * (torch.log(var).mean() + (sq / var).sum() / n)).to(_loss_dtype(pred_mean, fm_t, alpha))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        pred_mean, fm_t, alpha, var, sq = ctx.saved_tensors
+        n, g = pred_mean.numel(), grad.to(var.dtype)
+        d_mu, d_t = _ew.row_scaled_diff(pred_mean, fm_t, 1.0 / (var * n), grad, *ctx.needs_input_grad[:2])
+        d_alpha = None
+        if ctx.needs_input_grad[2]:
+            d_var = 0.5 * (1.0 / (var.numel() * var) - sq / (n * var * var))
+            d_alpha = (g * d_var * torch.sigmoid(alpha.detach().to(var.dtype))).to(alpha.dtype)
+        return d_mu, d_t, d_alpha, None
+
+
+def vid(pred_mean, fm_t, alpha, eps=1e-6):
+    return VIDFunction.apply(pred_mean, fm_t, alpha, eps)
+
+
+class AFDFunction(torch.autograd.Function):
+    """mean_b sum_c rho[b, c] mean_hw (s' - t')^2, f' = f / (||f||_2 over (H, W) + eps).
+
+    One kernel per direction over the rows (b, c); forward saves per-row norms and sums
+    (B C x 5). drho = q / (B HW) with q the per-row sum of (s' - t')^2.
+    """
+
+    @staticmethod
+    def forward(ctx, fm_s, fm_t, rho, eps):
+        xs, xt = _ew.as_rows(fm_s), _ew.as_rows(fm_t)
+        B, C, L = xs.shape
+        stats = _ew.normalized_distance(xs, xt, eps, add_eps=True, l1=False)
+        q = stats[:, 2].view(B, C)
+        ctx.save_for_backward(fm_s, fm_t, rho, stats)
+        ctx.eps = eps
+        return ((rho.detach().to(q.dtype) * q).sum() / (B * L)).to(_loss_dtype(fm_s, fm_t, rho))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        fm_s, fm_t, rho, stats = ctx.saved_tensors
+        xs, xt = _ew.as_rows(fm_s), _ew.as_rows(fm_t)
+        B, C, L = xs.shape
+        g = grad.to(stats.dtype)
+        weight = (2.0 / (B * L)) * g * rho.to(stats.dtype).reshape(-1)
+        ds, dt = _ew.normalized_distance_grad(xs, xt, stats, weight.contiguous(), ctx.eps, True, False,
+                                              *ctx.needs_input_grad[:2])
+        d_rho = (g * stats[:, 2].view(B, C) / (B * L)).to(rho.dtype) if ctx.needs_input_grad[2] else None
+        return (None if ds is None else ds.view(fm_s.shape),
+                None if dt is None else dt.view(fm_t.shape), d_rho, None)
+
+
+def afd(fm_s, fm_t, rho, eps=1e-6):
+    return AFDFunction.apply(fm_s, fm_t, rho, eps)
+
+
+class NormalizedRowsFunction(torch.autograd.Function):
+    """mean(phi(normalize(flat(s)) - normalize(flat(t)))), normalize = x / max(||x_row||, 1e-12),
+    phi = |.| (FT, LwM) or (.)^2 (Sobolev); s, t (B, ...) of equal size per sample.
+
+    Its backward is first order only (once_differentiable): Sobolev's and LwM's inputs are
+    gradients built with create_graph=True, and the loss's gradient flows back through them
+    by torch's own double backward.
+    """
+
+    @staticmethod
+    def forward(ctx, s, t, l1):
+        xs, xt = s.reshape(s.shape[0], 1, -1), t.reshape(t.shape[0], 1, -1)
+        stats = _ew.normalized_distance(xs, xt, 1e-12, add_eps=False, l1=l1)
+        ctx.save_for_backward(s, t, stats)
+        ctx.l1 = l1
+        return (stats[:, 2].sum() / s.numel()).to(_loss_dtype(s, t))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        s, t, stats = ctx.saved_tensors
+        xs, xt = s.reshape(s.shape[0], 1, -1), t.reshape(t.shape[0], 1, -1)
+        w = grad.to(stats.dtype) * ((1.0 if ctx.l1 else 2.0) / s.numel())
+        ds, dt = _ew.normalized_distance_grad(xs, xt, stats, w.expand(s.shape[0]).contiguous(), 1e-12, False,
+                                              ctx.l1, *ctx.needs_input_grad[:2])
+        return (None if ds is None else ds.view(s.shape), None if dt is None else dt.view(t.shape), None)
+
+
+def ft(factor_s, factor_t):
+    return NormalizedRowsFunction.apply(factor_s, factor_t, True)
+
+
+def sobolev(out_s, out_t, img, target):
+    # The input gradients come from torch autograd (create_graph=True), as in the reference.
+    g_s = _target_gradient(out_s, target, img)
+    g_t = _target_gradient(out_t, target, img)
+    return NormalizedRowsFunction.apply(g_s, g_t.detach(), False)
+
+
+def lwm(out_s, fm_s, out_t, fm_t, target):
+    cam_t = _grad_cam(out_t, fm_t, target)
+    cam_s = _grad_cam(out_s, fm_s, target)
+    return NormalizedRowsFunction.apply(cam_s, cam_t.detach(), True)
