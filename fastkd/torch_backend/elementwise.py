@@ -1,6 +1,7 @@
 """The pointwise-and-reduce losses with torch ops: the CPU path (torch autograd does the
-backward). Same signatures and results as fastkd.reference, with fewer full-size temporaries:
-masks folded into one torch.where, squared sums as norms (no squared copy)."""
+backward). Same signatures and results as fastkd.reference, with fewer full-size temporaries
+(masks folded into one expression, squared sums as norms with no squared copy). Hint, Logits
+and FT are already single fused torch ops or as lean as torch allows in the reference."""
 import torch
 import torch.nn.functional as F
 
@@ -23,16 +24,15 @@ def logits(out_s, out_t):
 
 
 def ab(fm_s, fm_t, margin):
-    """mean(e^2), e = s + m where (s > -m, t <= 0), s - m where (s <= m, t > 0), else 0."""
-    pos = fm_t > 0
-    e = torch.where(pos, fm_s - margin, fm_s + margin)
-    e = torch.where(torch.where(pos, fm_s <= margin, fm_s > -margin), e, 0.0)
+    """mean(relu(m + k s)^2), k = -1 where t > 0 else 1: the reference's two masked squares
+    in one expression ((s + m) [s > -m] = relu(s + m), (s - m)^2 [s <= m] = relu(m - s)^2)."""
+    k = (fm_t > 0).to(fm_s.dtype).mul_(-2).add_(1)
+    e = torch.relu(fm_s * k + margin)
     return _sum_sq(e) / e.numel()
 
 
 def _normalized_rows(x):
-    x = x.reshape(x.shape[0], -1)
-    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
+    return F.normalize(x.reshape(x.shape[0], -1), dim=1)
 
 
 def ft(factor_s, factor_t):
@@ -40,11 +40,13 @@ def ft(factor_s, factor_t):
 
 
 def ofd(fm_s, fm_t):
-    """mean(e^2), e = (s - t') where not (s <= t' <= 0), t' = max(t, m_c)."""
+    """mean(e^2), e = d [d > 0 or t' > 0], d = s - t', t' = max(t, m_c) (the reference's mask
+    1 - [s <= t' and t' <= 0] written as a keep mask)."""
     neg = fm_t < 0
     count = neg.sum(dim=(0, 2, 3), keepdim=True, dtype=fm_t.dtype)
-    t = torch.maximum(fm_t, torch.where(neg, fm_t, 0.0).sum(dim=(0, 2, 3), keepdim=True) / (count + 1e-6))
-    e = torch.where((fm_s <= t) & (t <= 0), 0.0, fm_s - t)
+    t = torch.maximum(fm_t, (fm_t * neg).sum(dim=(0, 2, 3), keepdim=True) / (count + 1e-6))
+    d = fm_s - t
+    e = d * ((d > 0) | (t > 0)).to(d.dtype)
     return _sum_sq(e) / e.numel()
 
 
