@@ -5,3 +5,342 @@ small statistics; backward launches the hand-derived gradient kernels. The
 dispatcher (fastkd.backend) lists each op's Function as its ``triton`` entry;
 an op with no entry there has no kernel yet.
 """
+
+
+# === Feature-map family: AT, NST, FSP (kernels in fastkd.kernels.feature_maps) ===========
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from .kernels import feature_maps as _fm  # noqa: E402
+
+
+def _loss_dtype(*tensors):
+    out = tensors[0].dtype
+    for t in tensors[1:]:
+        out = torch.promote_types(out, t.dtype)
+    return out
+
+
+class ATFunction(torch.autograd.Function):
+    """mse(am(fm_s), am(fm_t)), am(f) = A / (||A||_2 + 1e-6), A = sum_c |f|^p (B, HW).
+
+    Saves the inputs, the two (B, HW) maps A and their norms (B, 2). For p < 1 the
+    gradient at an exact zero of f is 0 (the reference's is NaN there).
+    """
+
+    @staticmethod
+    def forward(ctx, fm_s, fm_t, p):
+        acc = _fm.acc_dtype(fm_s, fm_t)
+        a_s, a_t = _fm.at_maps(fm_s, p, acc), _fm.at_maps(fm_t, p, acc)
+        partial, norms = _fm.at_loss(a_s, a_t)
+        ctx.save_for_backward(fm_s, fm_t, a_s, a_t, norms)
+        ctx.p = p
+        return (partial.sum() / a_s.numel()).to(_loss_dtype(fm_s, fm_t))
+
+    @staticmethod
+    def backward(ctx, grad):
+        fm_s, fm_t, a_s, a_t, norms = ctx.saved_tensors
+        ga_s, ga_t = _fm.at_grad_maps(a_s, a_t, norms, grad, 2.0 / a_s.numel())
+        g_s = _fm.at_grad_features(fm_s, ga_s, ctx.p) if ctx.needs_input_grad[0] else None
+        g_t = _fm.at_grad_features(fm_t, ga_t, ctx.p) if ctx.needs_input_grad[1] else None
+        return g_s, g_t, None
+
+
+def at(fm_s, fm_t, p):
+    return ATFunction.apply(fm_s, fm_t, p)
+
+
+def _inverse_norms(gram_diag, eps=1e-12):
+    """1 / max(||f_i||, eps) from the Gram diagonal, and whether ||f_i|| >= eps."""
+    n = gram_diag.clamp_min(0).sqrt()
+    return 1.0 / n.clamp_min(eps), (n >= eps).to(n.dtype)
+
+
+class NSTFunction(torch.autograd.Function):
+    """NST from the raw Gram blocks S_ss, S_tt, S_st (B, C_x, C_y) of the maps as (B, C, HW).
+
+    With z the L2-normalised rows, K = z_x z_y^T = r_x S r_y and w = 1/C_s on student rows,
+    -1/C_t on teacher rows: loss = (1/B) sum_b sum_ij w_i w_j K_ij^2. The per-sample
+    (C x C) blocks are small statistics; the maps are read once forward, once backward.
+    Backward: dz = (4/B) W K W z, df_i = r_i (dz_i - z_i (z_i . dz_i)) (no projection where
+    ||f_i|| < 1e-12), written as one (C x C) matrix times the maps per side.
+    """
+
+    @staticmethod
+    def forward(ctx, fm_s, fm_t):
+        acc = _fm.acc_dtype(fm_s, fm_t)
+        xs, xt = _fm.as_bc_hw(fm_s), _fm.as_bc_hw(fm_t)
+        s_ss, _ = _fm.gram(acc, xs, xs)
+        s_tt, _ = _fm.gram(acc, xt, xt)
+        s_st, _ = _fm.gram(acc, xs, xt)
+        r_s, keep_s = _inverse_norms(s_ss.diagonal(dim1=1, dim2=2))
+        r_t, keep_t = _inverse_norms(s_tt.diagonal(dim1=1, dim2=2))
+        k_ss = r_s[:, :, None] * s_ss * r_s[:, None, :]
+        k_tt = r_t[:, :, None] * s_tt * r_t[:, None, :]
+        k_st = r_s[:, :, None] * s_st * r_t[:, None, :]
+        B, c_s, c_t = xs.shape[0], xs.shape[1], xt.shape[1]
+        loss = (k_ss.square().sum() / c_s ** 2 + k_tt.square().sum() / c_t ** 2
+                - 2 * k_st.square().sum() / (c_s * c_t)) / B
+        ctx.save_for_backward(fm_s, fm_t, k_ss, k_tt, k_st, r_s, r_t, keep_s, keep_t)
+        return loss.to(_loss_dtype(fm_s, fm_t))
+
+    @staticmethod
+    def backward(ctx, grad):
+        fm_s, fm_t, k_ss, k_tt, k_st, r_s, r_t, keep_s, keep_t = ctx.saved_tensors
+        xs, xt = _fm.as_bc_hw(fm_s), _fm.as_bc_hw(fm_t)
+        B, c_s, c_t = xs.shape[0], xs.shape[1], xt.shape[1]
+        c = grad.to(k_ss.dtype) * (4.0 / B)
+        h_ss, h_tt, h_st = c * k_ss / c_s ** 2, c * k_tt / c_t ** 2, -c * k_st / (c_s * c_t)
+        g_s = g_t = None
+        if ctx.needs_input_grad[0]:
+            d_s = (h_ss * k_ss).sum(2) + (h_st * k_st).sum(2)
+            g_s = _fm.matrix_times_maps(r_s[:, :, None] * h_ss * r_s[:, None, :], xs,
+                                        r_s[:, :, None] * h_st * r_t[:, None, :], xt,
+                                        -r_s * r_s * d_s * keep_s, xs).view(fm_s.shape)
+        if ctx.needs_input_grad[1]:
+            d_t = (h_tt * k_tt).sum(2) + (h_st * k_st).sum(1)
+            g_t = _fm.matrix_times_maps(r_t[:, :, None] * h_tt * r_t[:, None, :], xt,
+                                        r_t[:, :, None] * h_st.transpose(1, 2) * r_s[:, None, :], xs,
+                                        -r_t * r_t * d_t * keep_t, xt).view(fm_t.shape)
+        return g_s, g_t
+
+
+def nst(fm_s, fm_t):
+    return NSTFunction.apply(fm_s, fm_t)
+
+
+class FSPFunction(torch.autograd.Function):
+    """mse(G_s, G_t), G = a b^T / HW (B, C_1, C_2), on maps a, b of one (H, W) per side.
+
+    One fused Gram kernel writes D = G_s - G_t and the per-tile sums of D^2; D (the size of
+    one flow matrix) is saved for backward: dG_s = 2 D / (B C_1 C_2), da = dG b / HW,
+    db = dG^T a / HW, and the negatives for the teacher.
+    """
+
+    @staticmethod
+    def forward(ctx, a_s, b_s, a_t, b_t):
+        xs1, xs2, xt1, xt2 = (_fm.as_bc_hw(x) for x in (a_s, b_s, a_t, b_t))
+        hw_s, hw_t = xs1.shape[2], xt1.shape[2]
+        d, sq = _fm.gram(_fm.acc_dtype(a_s, b_s, a_t, b_t), xs1, xs2, 1.0 / hw_s, xt1, xt2, -1.0 / hw_t)
+        ctx.save_for_backward(a_s, b_s, a_t, b_t, d)
+        return (sq.sum() / d.numel()).to(_loss_dtype(a_s, b_s, a_t, b_t))
+
+    @staticmethod
+    def backward(ctx, grad):
+        a_s, b_s, a_t, b_t, d = ctx.saved_tensors
+        m = d * (grad.to(d.dtype) * (2.0 / d.numel()))
+        grads = [None] * 4
+        for side, (a, b, sign) in enumerate(((a_s, b_s, 1.0), (a_t, b_t, -1.0))):
+            xa, xb = _fm.as_bc_hw(a), _fm.as_bc_hw(b)
+            ms = m * (sign / xa.shape[2])
+            if ctx.needs_input_grad[2 * side]:
+                grads[2 * side] = _fm.matrix_times_maps(ms, xb, out_dtype=a.dtype).view(a.shape)
+            if ctx.needs_input_grad[2 * side + 1]:
+                grads[2 * side + 1] = _fm.matrix_times_maps(ms.transpose(1, 2), xa,
+                                                            out_dtype=b.dtype).view(b.shape)
+        return tuple(grads)
+
+
+def fsp(fm_s1, fm_s2, fm_t1, fm_t2):
+    # The adaptive average pooling of a larger first map runs in torch before the kernel:
+    # it shrinks the map, and its backward is torch's.
+    if fm_s1.size(2) > fm_s2.size(2):
+        fm_s1 = F.adaptive_avg_pool2d(fm_s1, fm_s2.shape[2:])
+    if fm_t1.size(2) > fm_t2.size(2):
+        fm_t1 = F.adaptive_avg_pool2d(fm_t1, fm_t2.shape[2:])
+    return FSPFunction.apply(fm_s1, fm_s2, fm_t1, fm_t2)
+
+
+# === Elementwise family: Hint, Logits, AB, FT, OFD, VID, AFD, Sobolev, LwM ==================
+# (kernels in fastkd.kernels.elementwise; the modules' own layers stay torch)
+from torch.autograd.function import once_differentiable  # noqa: E402
+
+from .kernels import elementwise as _ew  # noqa: E402
+from .reference.lwm import grad_cam as _grad_cam  # noqa: E402
+from .reference.sobolev import target_gradient as _target_gradient  # noqa: E402
+
+
+class MSEFunction(torch.autograd.Function):
+    """mean((s - t)^2) over same-shaped s, t; backward ds = 2 (s - t) / N, dt = -ds."""
+
+    @staticmethod
+    def forward(ctx, s, t):
+        ctx.save_for_backward(s, t)
+        return (_ew.flat_loss(s, t, _ew.MSE) / s.numel()).to(_loss_dtype(s, t))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        s, t = ctx.saved_tensors
+        return _ew.flat_grad(s, t, grad, _ew.MSE, 0.0, *ctx.needs_input_grad)
+
+
+def hint(fm_s, fm_t):
+    return MSEFunction.apply(fm_s, fm_t)
+
+
+def logits(out_s, out_t):
+    return MSEFunction.apply(out_s, out_t)
+
+
+class ABFunction(torch.autograd.Function):
+    """mean((s + m)^2 [s > -m, t <= 0] + (s - m)^2 [s <= m, t > 0]); fm_t enters only
+    through the masks, so it gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, fm_s, fm_t, margin):
+        ctx.save_for_backward(fm_s, fm_t)
+        ctx.margin = margin
+        return (_ew.flat_loss(fm_s, fm_t, _ew.AB, margin) / fm_s.numel()).to(_loss_dtype(fm_s, fm_t))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        s, t = ctx.saved_tensors
+        ds, _ = _ew.flat_grad(s, t, grad, _ew.AB, ctx.margin, ctx.needs_input_grad[0], False)
+        return ds, None, None
+
+
+def ab(fm_s, fm_t, margin):
+    return ABFunction.apply(fm_s, fm_t, margin)
+
+
+class OFDFunction(torch.autograd.Function):
+    """mean((s - t')^2 (1 - [s <= t' and t' <= 0])), t' = max(t, m_c), m_c the mean of the
+    negative values of t in channel c (differentiable in t, as in the reference).
+
+    Forward: one pass over t for the margins, one over s and t for the loss and the per-channel
+    sums the teacher's gradient needs; backward: one pass writing ds (and dt).
+    """
+
+    @staticmethod
+    def forward(ctx, fm_s, fm_t):
+        margin, cnt = _ew.ofd_margin(fm_t)
+        stats = _ew.ofd_loss(fm_s, fm_t, margin)
+        through = stats[..., 1].sum(0) / (cnt + 1e-6)
+        ctx.save_for_backward(fm_s, fm_t, margin, through)
+        return (stats[..., 0].sum() / fm_s.numel()).to(_loss_dtype(fm_s, fm_t))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        fm_s, fm_t, margin, through = ctx.saved_tensors
+        return _ew.ofd_grad(fm_s, fm_t, margin, through, grad, *ctx.needs_input_grad)
+
+
+def ofd(fm_s, fm_t):
+    return OFDFunction.apply(fm_s, fm_t)
+
+
+class VIDFunction(torch.autograd.Function):
+    """mean(0.5 (log var_c + (mu - t)^2 / var_c)), var = log(1 + exp(alpha)) + eps (C,).
+
+    Forward reduces (mu - t)^2 per (b, c); backward: dmu = (mu - t) / (var_c N), dt = -dmu,
+    dalpha_c = 0.5 (1 / (C var_c) - sum_c (mu - t)^2 / (N var_c^2)) sigmoid(alpha_c).
+    """
+
+    @staticmethod
+    def forward(ctx, pred_mean, fm_t, alpha, eps):
+        sq = _ew.row_sq_diff(pred_mean, fm_t).sum(0)
+        a = alpha.detach().to(sq.dtype)
+        var = torch.log(1.0 + torch.exp(a)) + eps
+        n = pred_mean.numel()
+        ctx.save_for_backward(pred_mean, fm_t, alpha, var, sq)
+        return (0.5 * (torch.log(var).mean() + (sq / var).sum() / n)).to(_loss_dtype(pred_mean, fm_t, alpha))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        pred_mean, fm_t, alpha, var, sq = ctx.saved_tensors
+        n, g = pred_mean.numel(), grad.to(var.dtype)
+        d_mu, d_t = _ew.row_scaled_diff(pred_mean, fm_t, 1.0 / (var * n), grad, *ctx.needs_input_grad[:2])
+        d_alpha = None
+        if ctx.needs_input_grad[2]:
+            d_var = 0.5 * (1.0 / (var.numel() * var) - sq / (n * var * var))
+            d_alpha = (g * d_var * torch.sigmoid(alpha.detach().to(var.dtype))).to(alpha.dtype)
+        return d_mu, d_t, d_alpha, None
+
+
+def vid(pred_mean, fm_t, alpha, eps=1e-6):
+    return VIDFunction.apply(pred_mean, fm_t, alpha, eps)
+
+
+class AFDFunction(torch.autograd.Function):
+    """mean_b sum_c rho[b, c] mean_hw (s' - t')^2, f' = f / (||f||_2 over (H, W) + eps).
+
+    One kernel per direction over the rows (b, c); forward saves per-row norms and sums
+    (B C x 5). drho = q / (B HW) with q the per-row sum of (s' - t')^2.
+    """
+
+    @staticmethod
+    def forward(ctx, fm_s, fm_t, rho, eps):
+        xs, xt = _ew.as_rows(fm_s), _ew.as_rows(fm_t)
+        B, C, L = xs.shape
+        stats = _ew.normalized_distance(xs, xt, eps, add_eps=True, l1=False)
+        q = stats[:, 2].view(B, C)
+        ctx.save_for_backward(fm_s, fm_t, rho, stats)
+        ctx.eps = eps
+        return ((rho.detach().to(q.dtype) * q).sum() / (B * L)).to(_loss_dtype(fm_s, fm_t, rho))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        fm_s, fm_t, rho, stats = ctx.saved_tensors
+        xs, xt = _ew.as_rows(fm_s), _ew.as_rows(fm_t)
+        B, C, L = xs.shape
+        g = grad.to(stats.dtype)
+        weight = (2.0 / (B * L)) * g * rho.to(stats.dtype).reshape(-1)
+        ds, dt = _ew.normalized_distance_grad(xs, xt, stats, weight.contiguous(), ctx.eps, True, False,
+                                              *ctx.needs_input_grad[:2])
+        d_rho = (g * stats[:, 2].view(B, C) / (B * L)).to(rho.dtype) if ctx.needs_input_grad[2] else None
+        return (None if ds is None else ds.view(fm_s.shape),
+                None if dt is None else dt.view(fm_t.shape), d_rho, None)
+
+
+def afd(fm_s, fm_t, rho, eps=1e-6):
+    return AFDFunction.apply(fm_s, fm_t, rho, eps)
+
+
+class NormalizedRowsFunction(torch.autograd.Function):
+    """mean(phi(normalize(flat(s)) - normalize(flat(t)))), normalize = x / max(||x_row||, 1e-12),
+    phi = |.| (FT, LwM) or (.)^2 (Sobolev); s, t (B, ...) of equal size per sample.
+
+    Its backward is first order only (once_differentiable): Sobolev's and LwM's inputs are
+    gradients built with create_graph=True, and the loss's gradient flows back through them
+    by torch's own double backward.
+    """
+
+    @staticmethod
+    def forward(ctx, s, t, l1):
+        xs, xt = s.reshape(s.shape[0], 1, -1), t.reshape(t.shape[0], 1, -1)
+        stats = _ew.normalized_distance(xs, xt, 1e-12, add_eps=False, l1=l1)
+        ctx.save_for_backward(s, t, stats)
+        ctx.l1 = l1
+        return (stats[:, 2].sum() / s.numel()).to(_loss_dtype(s, t))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        s, t, stats = ctx.saved_tensors
+        xs, xt = s.reshape(s.shape[0], 1, -1), t.reshape(t.shape[0], 1, -1)
+        w = grad.to(stats.dtype) * ((1.0 if ctx.l1 else 2.0) / s.numel())
+        ds, dt = _ew.normalized_distance_grad(xs, xt, stats, w.expand(s.shape[0]).contiguous(), 1e-12, False,
+                                              ctx.l1, *ctx.needs_input_grad[:2])
+        return (None if ds is None else ds.view(s.shape), None if dt is None else dt.view(t.shape), None)
+
+
+def ft(factor_s, factor_t):
+    return NormalizedRowsFunction.apply(factor_s, factor_t, True)
+
+
+def sobolev(out_s, out_t, img, target):
+    # The input gradients come from torch autograd (create_graph=True), as in the reference.
+    g_s = _target_gradient(out_s, target, img)
+    g_t = _target_gradient(out_t, target, img)
+    return NormalizedRowsFunction.apply(g_s, g_t.detach(), False)
+
+
+def lwm(out_s, fm_s, out_t, fm_t, target):
+    cam_t = _grad_cam(out_t, fm_t, target)
+    cam_s = _grad_cam(out_s, fm_s, target)
+    return NormalizedRowsFunction.apply(cam_s, cam_t.detach(), True)

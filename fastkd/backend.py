@@ -111,3 +111,20 @@ def resolve(op, device, backend=None):
 def implementation(op, device, backend=None):
     """The function that computes op for tensors on device."""
     return IMPLEMENTATIONS[op][resolve(op, device, backend)]
+
+
+# --- feature-map family: AT, NST, FSP ------------------------------------------------------
+from . import autograd as _autograd  # noqa: E402
+from .torch_backend import feature_maps as _torch_feature_maps  # noqa: E402
+
+for _op in ("at", "nst", "fsp"):
+    IMPLEMENTATIONS[_op]["torch"] = getattr(_torch_feature_maps, _op)
+    IMPLEMENTATIONS[_op]["triton"] = getattr(_autograd, _op)
+
+
+# --- elementwise family: Hint, Logits, AB, FT, OFD, VID, AFD, Sobolev, LwM ----------------
+from .torch_backend import elementwise as _torch_elementwise  # noqa: E402
+
+for _op in ("hint", "logits", "ab", "ft", "ofd", "vid", "afd", "sobolev", "lwm"):
+    IMPLEMENTATIONS[_op]["torch"] = getattr(_torch_elementwise, _op)
+    IMPLEMENTATIONS[_op]["triton"] = getattr(_autograd, _op)

@@ -1,0 +1,379 @@
+"""Triton kernels of the pointwise-and-reduce losses, with their launchers.
+
+Three kernel shapes, each a forward that reduces to small per-block or per-row sums and
+a backward that reads the inputs once and writes the gradients:
+
+flat        Hint / Logits (MSE) and AB over the elements in any order.
+rows        OFD (per-channel margin) and VID (per-channel variance) over the rows
+            (b, c) of maps seen as (B, C, HW) through their strides.
+normalised  AFD (rows (b, c), f / (||f|| + eps), squared distance), FT and LwM
+            (rows b, f / max(||f||, eps), L1 distance) and Sobolev (the same, squared).
+
+Accumulation is in fp32, or fp64 for fp64 inputs (the compile-time switch ACC).
+"""
+import torch
+import triton
+import triton.language as tl
+
+MSE = tl.constexpr(0)
+AB = tl.constexpr(1)
+
+_BLOCK = 1024
+_ROW_BLOCK = 256
+
+
+def acc_dtype(*tensors):
+    """fp64 stays fp64; everything else accumulates in fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _tl(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# --- flat: Hint, Logits (MSE) and AB ----------------------------------------------------
+
+@triton.jit
+def _flat_loss_kernel(s, t, partial, N, margin, LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # partial[block] = sum over the block of (s - t)^2 (MSE) or
+    # (s + m)^2 [s > -m, t <= 0] + (s - m)^2 [s <= m, t > 0] (AB).
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(s + offs, mask=mask, other=0.0).to(ACC)
+    y = tl.load(t + offs, mask=mask, other=0.0).to(ACC)
+    if LOSS == MSE:
+        v = (x - y) * (x - y)
+    else:
+        v = tl.where((x > -margin) & (y <= 0), (x + margin) * (x + margin), 0.0)
+        v += tl.where((x <= margin) & (y > 0), (x - margin) * (x - margin), 0.0)
+    tl.store(partial + pid, tl.sum(tl.where(mask, v, 0.0), axis=0))
+
+
+@triton.jit
+def _flat_grad_kernel(s, t, grad_out, ds, dt, N, margin, scale, LOSS: tl.constexpr, ACC: tl.constexpr,
+                      WRITE_S: tl.constexpr, WRITE_T: tl.constexpr, BLOCK: tl.constexpr):
+    # k = grad_out * scale (scale = 1 / N). MSE: ds = 2k (s - t), dt = -ds.
+    # AB: ds = 2k ((s + m) [s > -m, t <= 0] + (s - m) [s <= m, t > 0]) (t only enters masks).
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    k = tl.load(grad_out).to(ACC) * scale
+    x = tl.load(s + offs, mask=mask, other=0.0).to(ACC)
+    y = tl.load(t + offs, mask=mask, other=0.0).to(ACC)
+    if LOSS == MSE:
+        g = 2.0 * k * (x - y)
+    else:
+        g = tl.where((x > -margin) & (y <= 0), x + margin, 0.0)
+        g += tl.where((x <= margin) & (y > 0), x - margin, 0.0)
+        g = 2.0 * k * g
+    if WRITE_S:
+        tl.store(ds + offs, g.to(ds.dtype.element_ty), mask=mask)
+    if WRITE_T:
+        tl.store(dt + offs, (-g).to(dt.dtype.element_ty), mask=mask)
+
+
+def flat_loss(s, t, loss, margin=0.0):
+    """sum over all elements of the MSE or AB term, in the accumulation dtype (a 0-d tensor).
+
+    s, t of one shape, read in their common element order (reshape copies only when a
+    flat view does not exist).
+    """
+    x, y = s.reshape(-1), t.reshape(-1)
+    acc = acc_dtype(s, t)
+    grid = (triton.cdiv(x.numel(), _BLOCK),)
+    partial = torch.empty(grid[0], dtype=acc, device=s.device)
+    _flat_loss_kernel[grid](x, y, partial, x.numel(), float(margin), LOSS=loss, ACC=_tl(acc), BLOCK=_BLOCK)
+    return partial.sum()
+
+
+def flat_grad(s, t, grad_out, loss, margin, need_s, need_t):
+    """(ds, dt) of grad_out * (MSE or AB loss), None where not needed (AB's dt is zero)."""
+    x, y = s.reshape(-1), t.reshape(-1)
+    ds = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_s else None
+    dt = torch.empty(t.shape, dtype=t.dtype, device=t.device) if need_t else None
+    grid = (triton.cdiv(x.numel(), _BLOCK),)
+    _flat_grad_kernel[grid](x, y, grad_out, x if ds is None else ds, x if dt is None else dt, x.numel(),
+                            float(margin), 1.0 / x.numel(), LOSS=loss, ACC=_tl(acc_dtype(s, t)),
+                            WRITE_S=need_s, WRITE_T=need_t, BLOCK=_BLOCK)
+    return ds, dt
+
+
+# --- rows (b, c) of (B, C, HW) maps: OFD, VID ---------------------------------------------
+
+@triton.jit
+def _ofd_margin_kernel(t, stats, C, L, stb, stc, stk, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # stats[r] = (sum of t [t < 0], count of t < 0) over row r = (b, c).
+    r = tl.program_id(0).to(tl.int64)
+    base = t + (r // C) * stb + (r % C) * stc
+    neg = tl.zeros([BLOCK], dtype=ACC)
+    cnt = tl.zeros([BLOCK], dtype=ACC)
+    for k0 in range(0, L, BLOCK):
+        k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
+        y = tl.load(base + k * stk, mask=k < L, other=0.0).to(ACC)
+        neg += tl.where(y < 0, y, 0.0)
+        cnt += tl.where(y < 0, 1.0, 0.0)
+    tl.store(stats + 2 * r, tl.sum(neg, axis=0))
+    tl.store(stats + 2 * r + 1, tl.sum(cnt, axis=0))
+
+
+@triton.jit
+def _ofd_loss_kernel(s, t, margin, stats, C, L, ssb, ssc, ssk, stb, stc, stk,
+                     ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # With t' = max(t, m_c) and e = (s - t') [not (s <= t' and t' <= 0)], row r = (b, c):
+    # stats[r] = (sum e^2, sum e ([m_c > t] + [m_c == t] / 2)); the second is what the
+    # teacher's gradient sends through the margin (it does not depend on grad_out).
+    r = tl.program_id(0).to(tl.int64)
+    b, c = r // C, r % C
+    m = tl.load(margin + c).to(ACC)
+    sq = tl.zeros([BLOCK], dtype=ACC)
+    through = tl.zeros([BLOCK], dtype=ACC)
+    for k0 in range(0, L, BLOCK):
+        k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
+        km = k < L
+        x = tl.load(s + b * ssb + c * ssc + k * ssk, mask=km, other=0.0).to(ACC)
+        y = tl.load(t + b * stb + c * stc + k * stk, mask=km, other=0.0).to(ACC)
+        yp = tl.maximum(y, m)
+        e = tl.where((x <= yp) & (yp <= 0), 0.0, x - yp)
+        e = tl.where(km, e, 0.0)
+        sq += e * e
+        through += e * tl.where(m > y, 1.0, tl.where(m == y, 0.5, 0.0))
+    tl.store(stats + 2 * r, tl.sum(sq, axis=0))
+    tl.store(stats + 2 * r + 1, tl.sum(through, axis=0))
+
+
+@triton.jit
+def _ofd_grad_kernel(s, t, margin, through, grad_out, ds, dt, C, L, scale,
+                     ssb, ssc, ssk, stb, stc, stk,
+                     ACC: tl.constexpr, WRITE_S: tl.constexpr, WRITE_T: tl.constexpr, BLOCK: tl.constexpr):
+    # k = 2 grad_out scale; ds = k e; dt = -k (e ([t > m] + [t == m] / 2) + [t < 0] through_c),
+    # through_c = sum over the channel of e ([m > t] + [m == t] / 2) / (count(t < 0) + 1e-6).
+    r = tl.program_id(0).to(tl.int64)
+    b, c = r // C, r % C
+    m = tl.load(margin + c).to(ACC)
+    q = tl.load(through + c).to(ACC)
+    k2 = 2.0 * tl.load(grad_out).to(ACC) * scale
+    for k0 in range(0, L, BLOCK):
+        k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
+        km = k < L
+        x = tl.load(s + b * ssb + c * ssc + k * ssk, mask=km, other=0.0).to(ACC)
+        y = tl.load(t + b * stb + c * stc + k * stk, mask=km, other=0.0).to(ACC)
+        yp = tl.maximum(y, m)
+        e = tl.where((x <= yp) & (yp <= 0), 0.0, x - yp)
+        if WRITE_S:
+            tl.store(ds + r * L + k, (k2 * e).to(ds.dtype.element_ty), mask=km)
+        if WRITE_T:
+            g = e * tl.where(y > m, 1.0, tl.where(y == m, 0.5, 0.0)) + tl.where(y < 0, q, 0.0)
+            tl.store(dt + r * L + k, (-k2 * g).to(dt.dtype.element_ty), mask=km)
+
+
+@triton.jit
+def _row_sq_diff_kernel(s, t, out, C, L, ssb, ssc, ssk, stb, stc, stk, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # out[r] = sum over row r = (b, c) of (s - t)^2 (VID).
+    r = tl.program_id(0).to(tl.int64)
+    b, c = r // C, r % C
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for k0 in range(0, L, BLOCK):
+        k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
+        km = k < L
+        d = (tl.load(s + b * ssb + c * ssc + k * ssk, mask=km, other=0.0).to(ACC)
+             - tl.load(t + b * stb + c * stc + k * stk, mask=km, other=0.0).to(ACC))
+        acc += d * d
+    tl.store(out + r, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _row_scaled_diff_kernel(s, t, weight, grad_out, ds, dt, C, L, ssb, ssc, ssk, stb, stc, stk,
+                            ACC: tl.constexpr, WRITE_S: tl.constexpr, WRITE_T: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    # ds = grad_out weight_c (s - t), dt = -ds (VID: weight_c = 1 / (var_c N)).
+    r = tl.program_id(0).to(tl.int64)
+    b, c = r // C, r % C
+    w = tl.load(grad_out).to(ACC) * tl.load(weight + c).to(ACC)
+    for k0 in range(0, L, BLOCK):
+        k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
+        km = k < L
+        g = w * (tl.load(s + b * ssb + c * ssc + k * ssk, mask=km, other=0.0).to(ACC)
+                 - tl.load(t + b * stb + c * stc + k * stk, mask=km, other=0.0).to(ACC))
+        if WRITE_S:
+            tl.store(ds + r * L + k, g.to(ds.dtype.element_ty), mask=km)
+        if WRITE_T:
+            tl.store(dt + r * L + k, (-g).to(dt.dtype.element_ty), mask=km)
+
+
+def as_rows(x):
+    """(B, C, ...) -> a (B, C, L) view where possible (contiguous, channels_last)."""
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _grads_like(s, t, need_s, need_t):
+    ds = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_s else None
+    dt = torch.empty(t.shape, dtype=t.dtype, device=t.device) if need_t else None
+    return ds, dt
+
+
+def ofd_margin(fm_t, eps=1e-6):
+    """m_c = sum t [t < 0] / (count(t < 0) + eps) (C,), and count(t < 0) (C,)."""
+    y = as_rows(fm_t)
+    B, C, L = y.shape
+    acc = acc_dtype(fm_t)
+    stats = torch.empty((B, C, 2), dtype=acc, device=fm_t.device)
+    _ofd_margin_kernel[(B * C,)](y, stats, C, L, *y.stride(), ACC=_tl(acc), BLOCK=_ROW_BLOCK)
+    neg, cnt = stats.sum(0).unbind(1)
+    return neg / (cnt + eps), cnt
+
+
+def ofd_loss(fm_s, fm_t, margin):
+    """Per-row (sum e^2, sum e [m > t] (1/2 at m = t)) (B, C, 2) of OFD's masked difference e."""
+    x, y = as_rows(fm_s), as_rows(fm_t)
+    B, C, L = x.shape
+    stats = torch.empty((B, C, 2), dtype=margin.dtype, device=fm_s.device)
+    _ofd_loss_kernel[(B * C,)](x, y, margin, stats, C, L, *x.stride(), *y.stride(),
+                               ACC=_tl(margin.dtype), BLOCK=_ROW_BLOCK)
+    return stats
+
+
+def ofd_grad(fm_s, fm_t, margin, through, grad_out, need_s, need_t):
+    """(ds, dt) of grad_out * OFD; through (C,) as in _ofd_grad_kernel."""
+    x, y = as_rows(fm_s), as_rows(fm_t)
+    B, C, L = x.shape
+    ds, dt = _grads_like(fm_s, fm_t, need_s, need_t)
+    _ofd_grad_kernel[(B * C,)](x, y, margin, through, grad_out, x if ds is None else ds, x if dt is None else dt,
+                               C, L, 1.0 / fm_s.numel(), *x.stride(), *y.stride(), ACC=_tl(margin.dtype),
+                               WRITE_S=need_s, WRITE_T=need_t, BLOCK=_ROW_BLOCK)
+    return ds, dt
+
+
+def row_sq_diff(s, t):
+    """sum over HW of (s - t)^2 per (b, c), (B, C) in the accumulation dtype."""
+    x, y = as_rows(s), as_rows(t)
+    B, C, L = x.shape
+    acc = acc_dtype(s, t)
+    out = torch.empty((B, C), dtype=acc, device=s.device)
+    _row_sq_diff_kernel[(B * C,)](x, y, out, C, L, *x.stride(), *y.stride(), ACC=_tl(acc), BLOCK=_ROW_BLOCK)
+    return out
+
+
+def row_scaled_diff(s, t, weight, grad_out, need_s, need_t):
+    """ds = grad_out weight_c (s - t), dt = -ds; weight (C,) in the accumulation dtype."""
+    x, y = as_rows(s), as_rows(t)
+    B, C, L = x.shape
+    ds, dt = _grads_like(s, t, need_s, need_t)
+    _row_scaled_diff_kernel[(B * C,)](x, y, weight, grad_out, x if ds is None else ds, x if dt is None else dt,
+                                      C, L, *x.stride(), *y.stride(), ACC=_tl(weight.dtype),
+                                      WRITE_S=need_s, WRITE_T=need_t, BLOCK=_ROW_BLOCK)
+    return ds, dt
+
+
+# --- normalised rows: AFD, FT, LwM, Sobolev ------------------------------------------------
+
+@triton.jit
+def _inverse_norm(n, eps, ADD_EPS: tl.constexpr):
+    # r = 1 / (n + eps) (AFD) or 1 / max(n, eps) (F.normalize), and |dr/dn| / n for the
+    # gradient (0 where the norm is 0 or clamped).
+    if ADD_EPS:
+        r = 1.0 / (n + eps)
+        slope = tl.where(n > 0, r * r / tl.where(n > 0, n, 1.0), 0.0)
+    else:
+        r = 1.0 / tl.maximum(n, eps)
+        slope = tl.where(n >= eps, r * r * r, 0.0)
+    return r, slope
+
+
+@triton.jit
+def _normalized_distance_kernel(s, t, stats, C, L, eps, ssb, ssc, ssk, stb, stc, stk,
+                                ADD_EPS: tl.constexpr, L1: tl.constexpr, ACC: tl.constexpr,
+                                BLOCK: tl.constexpr):
+    # Row r: s' = s r_s, t' = t r_t, d = s' - t'; stats[r] = (||s||, ||t||, sum phi(d),
+    # sum phi'(d) s, sum phi'(d) t) with phi = |.| (L1) or (.)^2, phi' = sign or identity.
+    r = tl.program_id(0).to(tl.int64)
+    b, c = r // C, r % C
+    ps = s + b * ssb + c * ssc
+    pt = t + b * stb + c * stc
+    ss = tl.zeros([BLOCK], dtype=ACC)
+    tt = tl.zeros([BLOCK], dtype=ACC)
+    for k0 in range(0, L, BLOCK):
+        k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
+        x = tl.load(ps + k * ssk, mask=k < L, other=0.0).to(ACC)
+        y = tl.load(pt + k * stk, mask=k < L, other=0.0).to(ACC)
+        ss += x * x
+        tt += y * y
+    n_s = tl.sqrt(tl.sum(ss, axis=0))
+    n_t = tl.sqrt(tl.sum(tt, axis=0))
+    r_s, _ = _inverse_norm(n_s, eps, ADD_EPS)
+    r_t, _ = _inverse_norm(n_t, eps, ADD_EPS)
+    dist = tl.zeros([BLOCK], dtype=ACC)
+    u_s = tl.zeros([BLOCK], dtype=ACC)
+    u_t = tl.zeros([BLOCK], dtype=ACC)
+    for k0 in range(0, L, BLOCK):
+        k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
+        x = tl.load(ps + k * ssk, mask=k < L, other=0.0).to(ACC)
+        y = tl.load(pt + k * stk, mask=k < L, other=0.0).to(ACC)
+        d = x * r_s - y * r_t
+        if L1:
+            dist += tl.abs(d)
+            d = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+        else:
+            dist += d * d
+        u_s += d * x
+        u_t += d * y
+    tl.store(stats + 5 * r, n_s)
+    tl.store(stats + 5 * r + 1, n_t)
+    tl.store(stats + 5 * r + 2, tl.sum(dist, axis=0))
+    tl.store(stats + 5 * r + 3, tl.sum(u_s, axis=0))
+    tl.store(stats + 5 * r + 4, tl.sum(u_t, axis=0))
+
+
+@triton.jit
+def _normalized_distance_grad_kernel(s, t, stats, weight, ds, dt, C, L, eps,
+                                     ssb, ssc, ssk, stb, stc, stk,
+                                     ADD_EPS: tl.constexpr, L1: tl.constexpr, ACC: tl.constexpr,
+                                     WRITE_S: tl.constexpr, WRITE_T: tl.constexpr, BLOCK: tl.constexpr):
+    # For loss = sum_r w_r sum phi(d) / (2 if squared): with G = w_r phi'(d),
+    # ds = r_s G - s (G . s) |dr/dn|_s / n_s and dt = -(r_t G - t (G . t) |dr/dn|_t / n_t).
+    r = tl.program_id(0).to(tl.int64)
+    b, c = r // C, r % C
+    ps = s + b * ssb + c * ssc
+    pt = t + b * stb + c * stc
+    w = tl.load(weight + r).to(ACC)
+    r_s, slope_s = _inverse_norm(tl.load(stats + 5 * r).to(ACC), eps, ADD_EPS)
+    r_t, slope_t = _inverse_norm(tl.load(stats + 5 * r + 1).to(ACC), eps, ADD_EPS)
+    c_s = slope_s * tl.load(stats + 5 * r + 3).to(ACC)
+    c_t = slope_t * tl.load(stats + 5 * r + 4).to(ACC)
+    for k0 in range(0, L, BLOCK):
+        k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
+        km = k < L
+        x = tl.load(ps + k * ssk, mask=km, other=0.0).to(ACC)
+        y = tl.load(pt + k * stk, mask=km, other=0.0).to(ACC)
+        d = x * r_s - y * r_t
+        if L1:
+            d = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+        if WRITE_S:
+            tl.store(ds + r * L + k, (w * (r_s * d - x * c_s)).to(ds.dtype.element_ty), mask=km)
+        if WRITE_T:
+            tl.store(dt + r * L + k, (-w * (r_t * d - y * c_t)).to(dt.dtype.element_ty), mask=km)
+
+
+def normalized_distance(s, t, eps, add_eps, l1):
+    """Per-row statistics (R, 5): ||s||, ||t||, sum phi(d), sum phi'(d) s, sum phi'(d) t.
+
+    s, t (B, C, L) views (rows (b, c)); d = s / (n + eps) - t / (n + eps) when add_eps,
+    else with max(n, eps); phi = |.| when l1, else (.)^2.
+    """
+    B, C, L = s.shape
+    acc = acc_dtype(s, t)
+    stats = torch.empty((B * C, 5), dtype=acc, device=s.device)
+    _normalized_distance_kernel[(B * C,)](s, t, stats, C, L, float(eps), *s.stride(), *t.stride(),
+                                          ADD_EPS=add_eps, L1=l1, ACC=_tl(acc), BLOCK=_ROW_BLOCK)
+    return stats
+
+
+def normalized_distance_grad(s, t, stats, weight, eps, add_eps, l1, need_s, need_t):
+    """(ds, dt) as contiguous (B, C, L) tensors; weight (R,) = dloss / d(sum phi) per row, with the
+    factor 2 of the square folded in for the squared distance."""
+    B, C, L = s.shape
+    ds, dt = _grads_like(s, t, need_s, need_t)
+    _normalized_distance_grad_kernel[(B * C,)](s, t, stats, weight, s if ds is None else ds, s if dt is None else dt,
+                                               C, L, float(eps), *s.stride(), *t.stride(),
+                                               ADD_EPS=add_eps, L1=l1, ACC=_tl(stats.dtype),
+                                               WRITE_S=need_s, WRITE_T=need_t, BLOCK=_ROW_BLOCK)
+    return ds, dt

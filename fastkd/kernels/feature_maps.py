@@ -1,0 +1,306 @@
+"""Triton kernels of the feature-map losses AT, NST and FSP, with their launchers.
+
+Every map is handled as (B, C, HW) through its strides (any layout whose H and W
+merge into one stride, e.g. contiguous or channels_last, is read in place).
+Accumulation is in fp32, or fp64 for fp64 inputs: the dtype of the fp32/fp64
+buffer a kernel writes decides it.
+
+AT   A = sum_c |f|^p per (b, hw): one pass over each map (``at_maps``), then a small
+     kernel over the (B, HW) maps for the norms and the squared difference
+     (``at_loss``). Backward: ``at_grad_maps`` on the small maps, then one pass over
+     each feature map (``at_grad_features``).
+NST  and FSP start from batched Gram products S = X Y^T (``gram``, tl.dot in IEEE
+     fp32); their backward is a (C x C) matrix times the maps (``matrix_times_maps``).
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+def acc_dtype(*tensors):
+    """fp64 stays fp64; everything else accumulates in fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def as_bc_hw(x):
+    """(B, C, H, W) -> a (B, C, HW) view where possible (contiguous, channels_last)."""
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+# --- AT ----------------------------------------------------------------------------
+
+@triton.jit
+def _at_map_kernel(f, a, C, HW, sfb, sfc, sfk, p, P_IS_2: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    # a[b, hw] = sum_c |f[b, c, hw]|^p, one program per (b, block of hw).
+    b = tl.program_id(0).to(tl.int64)
+    hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    hw_mask = hw < HW
+    base = f + b * sfb + hw.to(tl.int64)[None, :] * sfk
+    acc = tl.zeros([BLOCK_HW], dtype=a.dtype.element_ty)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = (c < C)[:, None] & hw_mask[None, :]
+        x = tl.abs(tl.load(base + c.to(tl.int64)[:, None] * sfc, mask=mask, other=0.0).to(acc.dtype))
+        if P_IS_2:
+            v = x * x
+        else:
+            # |x|^p = exp(p log|x|) in fp64: in fp32 the rounding of log|x| is amplified by p.
+            x64 = tl.where(x > 0, x, 1.0).to(tl.float64)
+            v = tl.where(x > 0, tl.exp(p * tl.log(x64)).to(acc.dtype), 0.0)
+        acc += tl.sum(v, axis=0)
+    tl.store(a + b * HW + hw, acc, mask=hw_mask)
+
+
+@triton.jit
+def _at_loss_kernel(a_s, a_t, norms, partial, HW, eps, BLOCK_HW: tl.constexpr):
+    # Per sample b: n = ||A||_2 over hw for s and t, then sum_hw (A_s/(n_s+eps) - A_t/(n_t+eps))^2.
+    b = tl.program_id(0).to(tl.int64)
+    ss = tl.zeros([BLOCK_HW], dtype=partial.dtype.element_ty)
+    tt = tl.zeros([BLOCK_HW], dtype=partial.dtype.element_ty)
+    for k0 in range(0, HW, BLOCK_HW):
+        k = k0 + tl.arange(0, BLOCK_HW)
+        m = k < HW
+        xs = tl.load(a_s + b * HW + k, mask=m, other=0.0)
+        xt = tl.load(a_t + b * HW + k, mask=m, other=0.0)
+        ss += xs * xs
+        tt += xt * xt
+    n_s = tl.sqrt(tl.sum(ss, axis=0))
+    n_t = tl.sqrt(tl.sum(tt, axis=0))
+    inv_s = 1.0 / (n_s + eps)
+    inv_t = 1.0 / (n_t + eps)
+    acc = tl.zeros([BLOCK_HW], dtype=partial.dtype.element_ty)
+    for k0 in range(0, HW, BLOCK_HW):
+        k = k0 + tl.arange(0, BLOCK_HW)
+        m = k < HW
+        d = tl.load(a_s + b * HW + k, mask=m, other=0.0) * inv_s - tl.load(a_t + b * HW + k, mask=m, other=0.0) * inv_t
+        acc += d * d
+    tl.store(partial + b, tl.sum(acc, axis=0))
+    tl.store(norms + 2 * b, n_s)
+    tl.store(norms + 2 * b + 1, n_t)
+
+
+@triton.jit
+def _at_grad_map_kernel(a_s, a_t, norms, grad_out, ga_s, ga_t, HW, eps, scale,
+                        BLOCK_HW: tl.constexpr):
+    # With G = am_s - am_t and k = grad_out * scale (scale = 2 / (B HW)):
+    #   dA_s = k (G / (n_s + eps) - A_s (G . A_s) / (n_s (n_s + eps)^2)), the second term 0 when n_s = 0;
+    #   dA_t = -k (G / (n_t + eps) - A_t (G . A_t) / (n_t (n_t + eps)^2)).
+    b = tl.program_id(0).to(tl.int64)
+    n_s = tl.load(norms + 2 * b)
+    n_t = tl.load(norms + 2 * b + 1)
+    inv_s = 1.0 / (n_s + eps)
+    inv_t = 1.0 / (n_t + eps)
+    dot_s = tl.zeros([BLOCK_HW], dtype=ga_s.dtype.element_ty)
+    dot_t = tl.zeros([BLOCK_HW], dtype=ga_s.dtype.element_ty)
+    for k0 in range(0, HW, BLOCK_HW):
+        k = k0 + tl.arange(0, BLOCK_HW)
+        m = k < HW
+        xs = tl.load(a_s + b * HW + k, mask=m, other=0.0)
+        xt = tl.load(a_t + b * HW + k, mask=m, other=0.0)
+        g = xs * inv_s - xt * inv_t
+        dot_s += g * xs
+        dot_t += g * xt
+    k_out = tl.load(grad_out).to(ga_s.dtype.element_ty) * scale
+    c_s = tl.where(n_s > 0, tl.sum(dot_s, axis=0) * inv_s * inv_s / tl.where(n_s > 0, n_s, 1.0), 0.0)
+    c_t = tl.where(n_t > 0, tl.sum(dot_t, axis=0) * inv_t * inv_t / tl.where(n_t > 0, n_t, 1.0), 0.0)
+    for k0 in range(0, HW, BLOCK_HW):
+        k = k0 + tl.arange(0, BLOCK_HW)
+        m = k < HW
+        xs = tl.load(a_s + b * HW + k, mask=m, other=0.0)
+        xt = tl.load(a_t + b * HW + k, mask=m, other=0.0)
+        g = xs * inv_s - xt * inv_t
+        tl.store(ga_s + b * HW + k, k_out * (g * inv_s - xs * c_s), mask=m)
+        tl.store(ga_t + b * HW + k, -k_out * (g * inv_t - xt * c_t), mask=m)
+
+
+@triton.jit
+def _at_grad_feature_kernel(f, ga, df, C, HW, sfb, sfc, sfk, p, P_IS_2: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    # df = dA * d|f|^p/df = dA * p |f|^(p-1) sign(f) (0 where f = 0); df is contiguous (B, C, HW).
+    b = tl.program_id(0).to(tl.int64)
+    hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    hw_mask = hw < HW
+    g = tl.load(ga + b * HW + hw, mask=hw_mask, other=0.0)
+    for c0 in range(0, C, BLOCK_C):
+        c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+        mask = (c < C)[:, None] & hw_mask[None, :]
+        x = tl.load(f + b * sfb + c[:, None] * sfc + hw.to(tl.int64)[None, :] * sfk,
+                    mask=mask, other=0.0).to(g.dtype)
+        if P_IS_2:
+            d = 2.0 * x
+        else:
+            ax = tl.where(x != 0, tl.abs(x), 1.0).to(tl.float64)
+            d = tl.where(x != 0, (p * tl.exp((p - 1.0) * tl.log(ax))).to(g.dtype) * tl.where(x > 0, 1.0, -1.0),
+                         0.0)
+        tl.store(df + (b * C + c[:, None]) * HW + hw[None, :], (g[None, :] * d).to(df.dtype.element_ty),
+                 mask=mask)
+
+
+_AT_BLOCK_C = 16
+_AT_BLOCK_HW = 64
+
+
+def at_maps(fm, p, dtype):
+    """A = sum_c |fm|^p as a (B, HW) tensor of dtype (fp32 or fp64); fm (B, C, H, W)."""
+    x = as_bc_hw(fm)
+    B, C, HW = x.shape
+    a = torch.empty((B, HW), dtype=dtype, device=fm.device)
+    grid = (B, triton.cdiv(HW, _AT_BLOCK_HW))
+    _at_map_kernel[grid](x, a, C, HW, *x.stride(), float(p), P_IS_2=(p == 2),
+                         BLOCK_C=_AT_BLOCK_C, BLOCK_HW=_AT_BLOCK_HW)
+    return a
+
+
+def at_loss(a_s, a_t, eps=1e-6):
+    """Per-sample sums of the squared difference of the normalised maps (B,), and the
+    norms (B, 2) of A_s and A_t."""
+    B, HW = a_s.shape
+    partial = torch.empty(B, dtype=a_s.dtype, device=a_s.device)
+    norms = torch.empty((B, 2), dtype=a_s.dtype, device=a_s.device)
+    _at_loss_kernel[(B,)](a_s, a_t, norms, partial, HW, eps, BLOCK_HW=256)
+    return partial, norms
+
+
+def at_grad_maps(a_s, a_t, norms, grad_out, scale, eps=1e-6):
+    """dL/dA_s and dL/dA_t (B, HW) of L = grad_out * (scale / 2) * sum (am_s - am_t)^2."""
+    B, HW = a_s.shape
+    ga_s = torch.empty_like(a_s)
+    ga_t = torch.empty_like(a_t)
+    _at_grad_map_kernel[(B,)](a_s, a_t, norms, grad_out, ga_s, ga_t, HW, eps, scale, BLOCK_HW=256)
+    return ga_s, ga_t
+
+
+def at_grad_features(fm, ga, p):
+    """dL/dfm (B, C, H, W) from dL/dA (B, HW)."""
+    x = as_bc_hw(fm)
+    B, C, HW = x.shape
+    df = torch.empty((B, C, HW), dtype=fm.dtype, device=fm.device)
+    grid = (B, triton.cdiv(HW, _AT_BLOCK_HW))
+    _at_grad_feature_kernel[grid](x, ga, df, C, HW, *x.stride(), float(p), P_IS_2=(p == 2),
+                                  BLOCK_C=_AT_BLOCK_C, BLOCK_HW=_AT_BLOCK_HW)
+    return df.view(fm.shape)
+
+
+# --- batched Gram products (NST, FSP) ---------------------------------------------------
+
+@triton.jit
+def _gram_tile(acc, x, y, b, i, j, CX, CY, K, sxb, sxc, sxk, syb, syc, syk, BLOCK_K: tl.constexpr):
+    # acc[i, j] += sum_k x[b, i, k] y[b, j, k] over all k < K.
+    xb = x + b * sxb + i.to(tl.int64)[:, None] * sxc
+    yb = y + b * syb + j.to(tl.int64)[None, :] * syc
+    for k0 in range(0, K, BLOCK_K):
+        k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        km = k < K
+        xt = tl.load(xb + k[None, :] * sxk, mask=(i < CX)[:, None] & km[None, :], other=0.0)
+        yt = tl.load(yb + k[:, None] * syk, mask=km[:, None] & (j < CY)[None, :], other=0.0)
+        acc += tl.dot(xt.to(acc.dtype), yt.to(acc.dtype), input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _gram_kernel(x1, y1, x2, y2, out, partial, CX, CY, K1, K2, scale1, scale2,
+                 sx1b, sx1c, sx1k, sy1b, sy1c, sy1k, sx2b, sx2c, sx2k, sy2b, sy2c, sy2k,
+                 TWO: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    # out[b] = scale1 x1[b] y1[b]^T (+ scale2 x2[b] y2[b]^T when TWO), out contiguous (B, CX, CY);
+    # partial[b, tile] = the sum of out^2 over the tile (FSP's fused squared error).
+    b = tl.program_id(0).to(tl.int64)
+    pi = tl.program_id(1)
+    pj = tl.program_id(2)
+    i = pi * BLOCK_I + tl.arange(0, BLOCK_I)
+    j = pj * BLOCK_J + tl.arange(0, BLOCK_J)
+    acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=out.dtype.element_ty)
+    acc = _gram_tile(acc, x1, y1, b, i, j, CX, CY, K1, sx1b, sx1c, sx1k, sy1b, sy1c, sy1k, BLOCK_K) * scale1
+    if TWO:
+        acc2 = tl.zeros([BLOCK_I, BLOCK_J], dtype=out.dtype.element_ty)
+        acc += _gram_tile(acc2, x2, y2, b, i, j, CX, CY, K2, sx2b, sx2c, sx2k, sy2b, sy2c, sy2k, BLOCK_K) * scale2
+    mask = (i < CX)[:, None] & (j < CY)[None, :]
+    tl.store(out + (b * CX + i.to(tl.int64)[:, None]) * CY + j[None, :], acc, mask=mask)
+    tiles = tl.num_programs(1) * tl.num_programs(2)
+    tl.store(partial + b * tiles + pi * tl.num_programs(2) + pj, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+
+
+_GRAM_BLOCK = 32
+_GRAM_BLOCK_K = 32
+
+
+def gram(dtype, x1, y1, scale1=1.0, x2=None, y2=None, scale2=0.0):
+    """S = scale1 x1 y1^T (+ scale2 x2 y2^T), batched: x* (B, CX, K*), y* (B, CY, K*).
+
+    Returns S as a (B, CX, CY) tensor of dtype (fp32 or fp64) and sum(S^2) per sample (B,).
+    """
+    B, CX, K1 = x1.shape
+    CY = y1.shape[1]
+    two = x2 is not None
+    if not two:
+        x2, y2 = x1, y1
+    out = torch.empty((B, CX, CY), dtype=dtype, device=x1.device)
+    grid = (B, triton.cdiv(CX, _GRAM_BLOCK), triton.cdiv(CY, _GRAM_BLOCK))
+    partial = torch.empty((B, grid[1] * grid[2]), dtype=out.dtype, device=x1.device)
+    _gram_kernel[grid](x1, y1, x2, y2, out, partial, CX, CY, K1, x2.shape[2], float(scale1), float(scale2),
+                       *x1.stride(), *y1.stride(), *x2.stride(), *y2.stride(), TWO=two,
+                       BLOCK_I=_GRAM_BLOCK, BLOCK_J=_GRAM_BLOCK, BLOCK_K=_GRAM_BLOCK_K)
+    return out, partial.sum(1)
+
+
+@triton.jit
+def _mat_tile(acc, m, x, b, i, k, CI, CJ, K, smb, smi, smj, sxb, sxj, sxk, BLOCK_J: tl.constexpr):
+    # acc[i, k] += sum_j m[b, i, j] x[b, j, k].
+    mb = m + b * smb + i.to(tl.int64)[:, None] * smi
+    xb = x + b * sxb + k.to(tl.int64)[None, :] * sxk
+    for j0 in range(0, CJ, BLOCK_J):
+        j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
+        jm = j < CJ
+        mt = tl.load(mb + j[None, :] * smj, mask=(i < CI)[:, None] & jm[None, :], other=0.0)
+        xt = tl.load(xb + j[:, None] * sxj, mask=jm[:, None] & (k < K)[None, :], other=0.0)
+        acc += tl.dot(mt.to(acc.dtype), xt.to(acc.dtype), input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _mat_map_kernel(m1, x1, m2, x2, diag, y, out, CI, CJ1, CJ2, K,
+                    sm1b, sm1i, sm1j, sx1b, sx1j, sx1k, sm2b, sm2i, sm2j, sx2b, sx2j, sx2k,
+                    syb, syi, syk,
+                    TWO: tl.constexpr, HAS_DIAG: tl.constexpr,
+                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+    # out[b] = m1[b] x1[b] (+ m2[b] x2[b]) (+ diag[b, :, None] * y[b]); out contiguous (B, CI, K).
+    b = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_I, BLOCK_K], dtype=m1.dtype.element_ty)
+    acc = _mat_tile(acc, m1, x1, b, i, k, CI, CJ1, K, sm1b, sm1i, sm1j, sx1b, sx1j, sx1k, BLOCK_J)
+    if TWO:
+        acc = _mat_tile(acc, m2, x2, b, i, k, CI, CJ2, K, sm2b, sm2i, sm2j, sx2b, sx2j, sx2k, BLOCK_J)
+    mask = (i < CI)[:, None] & (k < K)[None, :]
+    if HAS_DIAG:
+        d = tl.load(diag + b * CI + i, mask=i < CI, other=0.0)
+        yt = tl.load(y + b * syb + i.to(tl.int64)[:, None] * syi + k.to(tl.int64)[None, :] * syk,
+                     mask=mask, other=0.0)
+        acc += d[:, None] * yt.to(acc.dtype)
+    tl.store(out + (b * CI + i.to(tl.int64)[:, None]) * K + k[None, :], acc.to(out.dtype.element_ty), mask=mask)
+
+
+_MAT_BLOCK_I = 32
+_MAT_BLOCK_J = 32
+_MAT_BLOCK_K = 64
+
+
+def matrix_times_maps(m1, x1, m2=None, x2=None, diag=None, y=None, out_dtype=None):
+    """out = m1 x1 (+ m2 x2) (+ diag[..., None] * y), batched, as a contiguous (B, CI, K) tensor.
+
+    m* (B, CI, CJ*) fp32/fp64 (any strides); x* (B, CJ*, K) and y (B, CI, K) maps; diag (B, CI).
+    """
+    B, CI, CJ1 = m1.shape
+    K = x1.shape[2]
+    two, has_diag = m2 is not None, diag is not None
+    if not two:
+        m2, x2 = m1, x1
+    if not has_diag:
+        diag, y = m1, x1
+    out = torch.empty((B, CI, K), dtype=out_dtype or x1.dtype, device=x1.device)
+    grid = (B, triton.cdiv(CI, _MAT_BLOCK_I), triton.cdiv(K, _MAT_BLOCK_K))
+    _mat_map_kernel[grid](m1, x1, m2, x2, diag, y, out, CI, CJ1, m2.shape[2], K,
+                          *m1.stride(), *x1.stride(), *m2.stride(), *x2.stride(), *y.stride(),
+                          TWO=two, HAS_DIAG=has_diag,
+                          BLOCK_I=_MAT_BLOCK_I, BLOCK_J=_MAT_BLOCK_J, BLOCK_K=_MAT_BLOCK_K)
+    return out

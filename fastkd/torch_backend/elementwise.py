@@ -1,0 +1,77 @@
+"""The pointwise-and-reduce losses with torch ops: the CPU path (torch autograd does the
+backward). Same signatures and results as fastkd.reference, with fewer full-size temporaries
+(masks folded into one expression, squared sums as norms with no squared copy). Hint, Logits
+and FT are already single fused torch ops or as lean as torch allows in the reference."""
+import torch
+import torch.nn.functional as F
+
+from ..reference.lwm import grad_cam
+from ..reference.sobolev import target_gradient
+
+
+def _sum_sq(x, dim=None):
+    """sum of x^2 (over dim), without a squared copy of x."""
+    return torch.linalg.vector_norm(x, dim=dim).square()
+
+
+def hint(fm_s, fm_t):
+    """mse(fm_s, fm_t): torch's mse_loss is already one fused pass."""
+    return F.mse_loss(fm_s, fm_t)
+
+
+def logits(out_s, out_t):
+    return F.mse_loss(out_s, out_t)
+
+
+def ab(fm_s, fm_t, margin):
+    """mean(relu(m + k s)^2), k = -1 where t > 0 else 1: the reference's two masked squares
+    in one expression ((s + m) [s > -m] = relu(s + m), (s - m)^2 [s <= m] = relu(m - s)^2)."""
+    k = (fm_t > 0).to(fm_s.dtype).mul_(-2).add_(1)
+    e = torch.relu(fm_s * k + margin)
+    return _sum_sq(e) / e.numel()
+
+
+def _normalized_rows(x):
+    return F.normalize(x.reshape(x.shape[0], -1), dim=1)
+
+
+def ft(factor_s, factor_t):
+    return F.l1_loss(_normalized_rows(factor_s), _normalized_rows(factor_t))
+
+
+def ofd(fm_s, fm_t):
+    """mean(e^2), e = d [d > 0 or t' > 0], d = s - t', t' = max(t, m_c) (the reference's mask
+    1 - [s <= t' and t' <= 0] written as a keep mask)."""
+    neg = fm_t < 0
+    count = neg.sum(dim=(0, 2, 3), keepdim=True, dtype=fm_t.dtype)
+    t = torch.maximum(fm_t, (fm_t * neg).sum(dim=(0, 2, 3), keepdim=True) / (count + 1e-6))
+    d = fm_s - t
+    e = d * ((d > 0) | (t > 0)).to(d.dtype)
+    return _sum_sq(e) / e.numel()
+
+
+def vid(pred_mean, fm_t, alpha, eps=1e-6):
+    """0.5 (mean_c log var_c + sum_c ||mu_c - t_c||^2 / var_c / N), var = softplus(alpha) + eps."""
+    var = torch.log(1.0 + torch.exp(alpha)) + eps
+    sq = _sum_sq(pred_mean - fm_t, dim=(0, 2, 3))
+    return 0.5 * (torch.log(var).mean() + (sq / var).sum() / pred_mean.numel())
+
+
+def afd(fm_s, fm_t, rho, eps=1e-6):
+    """mean_b sum_c rho[b, c] ||s' - t'||^2 / HW, f' = f / (||f||_2 over (H, W) + eps)."""
+    s = fm_s / (torch.linalg.vector_norm(fm_s, dim=(2, 3), keepdim=True) + eps)
+    t = fm_t / (torch.linalg.vector_norm(fm_t, dim=(2, 3), keepdim=True) + eps)
+    q = _sum_sq(s - t, dim=(2, 3))
+    return (rho * q).sum() / (q.shape[0] * fm_s.shape[2] * fm_s.shape[3])
+
+
+def sobolev(out_s, out_t, img, target):
+    g_s = _normalized_rows(target_gradient(out_s, target, img))
+    g_t = _normalized_rows(target_gradient(out_t, target, img))
+    return F.mse_loss(g_s, g_t.detach())
+
+
+def lwm(out_s, fm_s, out_t, fm_t, target):
+    cam_t = _normalized_rows(grad_cam(out_t, fm_t, target))
+    cam_s = _normalized_rows(grad_cam(out_s, fm_s, target))
+    return F.l1_loss(cam_s, cam_t.detach())
