@@ -17,6 +17,8 @@ import os
 
 from .reference import (ab, afd, at, bss, cc, crd, dml, fitnet, fsp, ft, irg, logits, lwm, nst,
                         ofd, pkt, rkd, sobolev, sp, st, vid)
+from . import autograd
+from .torch_backend import pairwise as torch_pairwise
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 ENV_VAR = "FASTKD_BACKEND"
@@ -40,8 +42,10 @@ IMPLEMENTATIONS = {
     "sobolev": {"reference": sobolev.sobolev},
     "lwm": {"reference": lwm.lwm},
     "pkt_cos_sim": {"reference": pkt.pkt_cos_sim},
-    "rkd_distance": {"reference": rkd.rkd_distance},
-    "rkd_angle": {"reference": rkd.rkd_angle},
+    "rkd_distance": {"reference": rkd.rkd_distance, "torch": torch_pairwise.rkd_distance,
+                     "triton": autograd.rkd_distance},
+    "rkd_angle": {"reference": rkd.rkd_angle, "torch": torch_pairwise.rkd_angle,
+                  "triton": autograd.rkd_angle},
     "sp": {"reference": sp.sp},
     "cc": {"reference": cc.cc},
     "irg_vertex": {"reference": irg.irg_vertex},

@@ -1,0 +1,448 @@
+"""Triton kernels of the pairwise losses (RKD, SP, PKT, CC, IRG), all built on Gram matrices.
+
+Shared building blocks come first: `prepare` (centre and convert the features), `gram`
+(G = X X^T, exactly symmetric) and `gram_grad` (dL/dX = scale * (M X + r * X) from an
+(N, N) matrix M and a vector r). Each loss then has its kernels over (N, N) tiles of the
+Gram matrices of the student and the teacher, both read by the same launch.
+
+Sums run in float32 (float64 for float64 inputs); dot products use IEEE precision because
+Gram entries get subtracted from each other. Buffers are (N, N) at most: the angle term of
+RKD reads its N^3 angles from G one anchor at a time.
+"""
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 32  # side of the (N, N) tiles
+BLOCK_D = 32  # feature columns per step
+BLOCK_D_SAME = 16  # fewer when rows are also compared element by element
+
+
+def acc_dtype(x):
+    """float64 stays float64; float32, bfloat16 and float16 are summed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# --- shared building blocks ---------------------------------------------------
+
+@triton.jit
+def _prepare_kernel(x_ptr, stride_n, stride_d, out_ptr, N, D,
+                    CENTRE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out (N, D) contiguous, out's dtype = x, minus its column means when CENTRE."""
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    mean = tl.zeros([BLOCK_D], dtype=out_ptr.dtype.element_ty)
+    if CENTRE:
+        for start in range(0, N, BLOCK_N):
+            rows = start + tl.arange(0, BLOCK_N)
+            ok = (rows[:, None] < N) & col_ok[None, :]
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_n + cols[None, :] * stride_d,
+                        mask=ok, other=0.0)
+            mean += tl.sum(x.to(out_ptr.dtype.element_ty), axis=0)
+        mean = mean / N
+    for start in range(0, N, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        ok = (rows[:, None] < N) & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_n + cols[None, :] * stride_d,
+                    mask=ok, other=0.0)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :],
+                 x.to(out_ptr.dtype.element_ty) - mean[None, :], mask=ok)
+
+
+def prepare(x, centre):
+    """x as a contiguous (N, D) tensor in acc_dtype(x), centred (column means 0) if asked."""
+    x = x.reshape(x.size(0), -1)
+    n, d = x.shape
+    out = torch.empty((n, d), dtype=acc_dtype(x), device=x.device)
+    _prepare_kernel[(triton.cdiv(d, BLOCK_D),)](x, x.stride(0), x.stride(1), out, n, d,
+                                                CENTRE=centre, BLOCK_N=BLOCK, BLOCK_D=BLOCK_D)
+    return out
+
+
+@triton.jit
+def _gram_kernel(x_ptr, g_ptr, same_ptr, N, D,
+                 SAME: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """G = X X^T for the tile (a, b) with b <= a, stored at (a, b) and transposed at (b, a).
+
+    With SAME, also same[a, b] = 1 where rows a and b are equal element for element: their
+    difference vector is exactly 0, which rounding in G cannot be trusted to show.
+    """
+    pid_a = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    if pid_b <= pid_a:
+        ra = pid_a * BLOCK + tl.arange(0, BLOCK)
+        rb = pid_b * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK, BLOCK], dtype=g_ptr.dtype.element_ty)
+        gap = tl.zeros([BLOCK, BLOCK], dtype=g_ptr.dtype.element_ty)
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            xa = tl.load(x_ptr + ra[:, None].to(tl.int64) * D + cols[None, :],
+                         mask=(ra[:, None] < N) & (cols[None, :] < D), other=0.0)
+            xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * D + cols[None, :],
+                         mask=(rb[:, None] < N) & (cols[None, :] < D), other=0.0)
+            acc = tl.dot(xa, tl.trans(xb), acc, input_precision="ieee")
+            if SAME:
+                gap = tl.maximum(gap, tl.max(tl.abs(xa[:, None, :] - xb[None, :, :]), axis=2))
+        # A diagonal tile is made exactly symmetric too: (a + b) / 2 does not depend on order.
+        acc = tl.where(pid_a == pid_b, (acc + tl.trans(acc)) * 0.5, acc)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        tl.store(g_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], acc, mask=ok)
+        tl.store(g_ptr + rb[None, :].to(tl.int64) * N + ra[:, None], acc, mask=ok)
+        if SAME:
+            same = (gap == 0).to(tl.int8)
+            tl.store(same_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], same, mask=ok)
+            tl.store(same_ptr + rb[None, :].to(tl.int64) * N + ra[:, None], same, mask=ok)
+
+
+def gram(x, same=False):
+    """G = X X^T (N, N), exactly symmetric; x from prepare(). With same=True, returns
+    (G, same) with same (N, N) int8 = 1 where two rows are equal (the diagonal included)."""
+    n, d = x.shape
+    g = torch.empty((n, n), dtype=x.dtype, device=x.device)
+    eq = torch.empty((n, n) if same else (1,), dtype=torch.int8, device=x.device)
+    nb = triton.cdiv(n, BLOCK)
+    _gram_kernel[(nb, nb)](x, g, eq, n, d, SAME=same, BLOCK=BLOCK,
+                           BLOCK_D=BLOCK_D_SAME if same else BLOCK_D)
+    return (g, eq) if same else g
+
+
+@triton.jit
+def _gram_grad_kernel(m_ptr, r_ptr, x_ptr, scale_ptr, out_ptr, N, D,
+                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = scale * (M X + r * X) for a (BLOCK, BLOCK_D) tile of out."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=x_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        m = tl.load(m_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
+                    mask=(ra[:, None] < N) & (rb[None, :] < N), other=0.0)
+        xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * D + cols[None, :],
+                     mask=(rb[:, None] < N) & col_ok[None, :], other=0.0)
+        acc = tl.dot(m, xb, acc, input_precision="ieee")
+    ok = (ra[:, None] < N) & col_ok[None, :]
+    xa = tl.load(x_ptr + ra[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0)
+    r = tl.load(r_ptr + ra, mask=ra < N, other=0.0)
+    out = (acc + r[:, None] * xa) * tl.load(scale_ptr)
+    tl.store(out_ptr + ra[:, None].to(tl.int64) * D + cols[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def gram_grad(m, r, x, scale, like):
+    """dL/dX = scale * (M X + r * X) shaped and typed like `like`; x (N, D) from prepare(),
+    M (N, N), r (N,), scale a 0-dim tensor (the upstream gradient over the loss's count)."""
+    n, d = x.shape
+    out = torch.empty((n, d), dtype=like.dtype, device=x.device)
+    _gram_grad_kernel[(triton.cdiv(n, BLOCK), triton.cdiv(d, BLOCK_D))](
+        m, r, x, scale, out, n, d, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
+    return out.reshape(like.shape)
+
+
+@triton.jit
+def _smooth_l1(d):
+    """h(d) = 0.5 d^2 if |d| < 1 else |d| - 0.5 (beta = 1)."""
+    ad = tl.abs(d)
+    return tl.where(ad < 1.0, 0.5 * d * d, ad - 0.5)
+
+
+@triton.jit
+def _load_tile(ptr, ra, rb, N):
+    """The (ra, rb) tile of an (N, N) matrix, 0 outside."""
+    return tl.load(ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
+                   mask=(ra[:, None] < N) & (rb[None, :] < N), other=0.0)
+
+
+# --- RKD distance -------------------------------------------------------------
+
+@triton.jit
+def _distance_tile(g_ptr, same_ptr, ra, rb, N):
+    """d = sqrt(max(p, 1e-12)) off the diagonal, 0 on it and outside; p = G_aa + G_bb - 2 G_ab,
+    exactly 0 for equal rows. Also whether p >= 1e-12 (where the clamp lets the gradient through)."""
+    off = (ra[:, None] < N) & (rb[None, :] < N) & (ra[:, None] != rb[None, :])
+    sa = tl.load(g_ptr + ra.to(tl.int64) * (N + 1), mask=ra < N, other=0.0)
+    sb = tl.load(g_ptr + rb.to(tl.int64) * (N + 1), mask=rb < N, other=0.0)
+    p = (sa[:, None] + sb[None, :]) - 2 * _load_tile(g_ptr, ra, rb, N)
+    p = tl.where(_load_tile(same_ptr, ra, rb, N) != 0, 0.0, p)
+    d = tl.where(off, tl.sqrt(tl.maximum(p, 1e-12)), 0.0)
+    return d, off & (p >= 1e-12)
+
+
+@triton.jit
+def _rkd_distance_sum_kernel(gs_ptr, ss_ptr, gt_ptr, st_ptr, part_ptr, N, BLOCK: tl.constexpr):
+    """part[tile] = (sum of d_s, sum of d_t) over one tile."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    d_s, _ = _distance_tile(gs_ptr, ss_ptr, ra, rb, N)
+    d_t, _ = _distance_tile(gt_ptr, st_ptr, ra, rb, N)
+    tl.store(part_ptr + 2 * tile, tl.sum(tl.sum(d_s, 1), 0))
+    tl.store(part_ptr + 2 * tile + 1, tl.sum(tl.sum(d_t, 1), 0))
+
+
+@triton.jit
+def _rkd_distance_loss_kernel(gs_ptr, ss_ptr, gt_ptr, st_ptr, sums_ptr, part_ptr, N, BLOCK: tl.constexpr):
+    """part[tile] = (sum h(d_s / m_s - d_t / m_t), sum h' d_s, sum h' d_t) over one tile;
+    m = sum(d) / (N (N - 1)) from sums = (sum d_s, sum d_t)."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    count = N * (N - 1.0)
+    d_s, _ = _distance_tile(gs_ptr, ss_ptr, ra, rb, N)
+    d_t, _ = _distance_tile(gt_ptr, st_ptr, ra, rb, N)
+    diff = d_s / (tl.load(sums_ptr) / count) - d_t / (tl.load(sums_ptr + 1) / count)
+    u = tl.minimum(tl.maximum(diff, -1.0), 1.0)
+    tl.store(part_ptr + 3 * tile, tl.sum(tl.sum(_smooth_l1(diff), 1), 0))
+    tl.store(part_ptr + 3 * tile + 1, tl.sum(tl.sum(u * d_s, 1), 0))
+    tl.store(part_ptr + 3 * tile + 2, tl.sum(tl.sum(u * d_t, 1), 0))
+
+
+@triton.jit
+def _rkd_distance_grad_kernel(gs_ptr, ss_ptr, gt_ptr, st_ptr, sums_ptr, ms_ptr, rs_ptr, mt_ptr,
+                              rt_ptr, N,
+                              BLOCK: tl.constexpr):
+    """M = -4 W, r = 4 rowsum(W) for a block of rows, W = N^2 dL/dp (p the squared distances).
+
+    With a = d / m, m = sum(d) / count, u = h'(a_s - a_t):
+    N^2 dL/dd_s = (u - sum(u d_s) / sum(d_s)) / m_s; the teacher's with -u. dL/dp = dL/dd / (2 d).
+    """
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    count = N * (N - 1.0)
+    sum_s = tl.load(sums_ptr)
+    sum_t = tl.load(sums_ptr + 1)
+    ud_s = tl.load(sums_ptr + 2)
+    ud_t = tl.load(sums_ptr + 3)
+    r_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    r_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        d_s, live_s = _distance_tile(gs_ptr, ss_ptr, ra, rb, N)
+        d_t, live_t = _distance_tile(gt_ptr, st_ptr, ra, rb, N)
+        u = tl.minimum(tl.maximum(d_s / (sum_s / count) - d_t / (sum_t / count), -1.0), 1.0)
+        w_s = tl.where(live_s, (u - ud_s / sum_s) / (sum_s / count) / (2 * tl.where(live_s, d_s, 1.0)), 0.0)
+        w_t = tl.where(live_t, (ud_t / sum_t - u) / (sum_t / count) / (2 * tl.where(live_t, d_t, 1.0)), 0.0)
+        r_s += tl.sum(w_s, 1)
+        r_t += tl.sum(w_t, 1)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], -4 * w_s, mask=ok)
+        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], -4 * w_t, mask=ok)
+    tl.store(rs_ptr + ra, 4 * r_s, mask=ra < N)
+    tl.store(rt_ptr + ra, 4 * r_t, mask=ra < N)
+
+
+def rkd_distance_forward(g_s, same_s, g_t, same_t):
+    """(N^2 * loss, stats): stats = (sum d_s, sum d_t, sum h' d_s, sum h' d_t) for backward."""
+    n = len(g_s)
+    nb = triton.cdiv(n, BLOCK)
+    part = torch.empty((nb * nb, 2), dtype=g_s.dtype, device=g_s.device)
+    _rkd_distance_sum_kernel[(nb, nb)](g_s, same_s, g_t, same_t, part, n, BLOCK=BLOCK)
+    sums = part.sum(0)
+    part = torch.empty((nb * nb, 3), dtype=g_s.dtype, device=g_s.device)
+    _rkd_distance_loss_kernel[(nb, nb)](g_s, same_s, g_t, same_t, sums, part, n, BLOCK=BLOCK)
+    part = part.sum(0)
+    return part[0], torch.cat([sums, part[1:]])
+
+
+def rkd_distance_backward(g_s, same_s, g_t, same_t, stats):
+    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
+    n = len(g_s)
+    m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
+    r_s = torch.empty(n, dtype=g_s.dtype, device=g_s.device)
+    r_t = torch.empty_like(r_s)
+    _rkd_distance_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, same_s, g_t, same_t, stats,
+                                                        m_s, r_s, m_t, r_t, n, BLOCK=BLOCK)
+    return m_s, r_s, m_t, r_t
+
+
+# --- RKD angle ----------------------------------------------------------------
+# For anchor i: V_jk = (x_j - x_i).(x_k - x_i) = (G_jk + G_ii) - (G_ij + G_ik), summed in this
+# order so that V is exactly symmetric and exactly 0 when j = i or x_j = x_i (a zero
+# difference vector, whose direction F.normalize makes 0). n_j = max(sqrt(V_jj), 1e-12),
+# A_jk = V_jk / (n_j n_k), loss = mean over (i, j, k) of h(A_s - A_t).
+
+@triton.jit
+def _anchor_terms(gi, gii, diag, zi):
+    """From G's anchor row gi, G_ii, diag(G) and same[i] at the same rows: (|v|^2, 1 / n,
+    live); live = |v| >= 1e-12, where the norm's clamp lets the gradient through."""
+    sq = tl.where(zi, 0.0, (diag + gii) - 2 * gi)
+    root = tl.sqrt(tl.maximum(sq, 0.0))
+    return sq, 1.0 / tl.maximum(root, 1e-12), root >= 1e-12
+
+
+@triton.jit
+def _angle_tile(gjk, gij, gik, gii, inv_j, inv_k, zij, zik, rj, rk, ok):
+    """A_jk; on j = k exactly 1 (0 for a clamped v_j), as e . e of a unit vector."""
+    v = (gjk + gii) - (gij[:, None] + gik[None, :])
+    ok = ok & ~zij[:, None] & ~zik[None, :]
+    a = tl.where(rj[:, None] == rk[None, :], 1.0, v * inv_j[:, None] * inv_k[None, :])
+    return tl.where(ok, a, 0.0)
+
+
+@triton.jit
+def _anchor_row(g_ptr, same_ptr, i, row_i, rows, N):
+    """G[i, rows], G_ii and same[i, rows] (as booleans) for anchor i; row_i = i * N in int64."""
+    ok = rows < N
+    gi = tl.load(g_ptr + row_i + rows, mask=ok, other=0.0)
+    zi = tl.load(same_ptr + row_i + rows, mask=ok, other=0) != 0
+    return gi, tl.load(g_ptr + row_i + i), zi
+
+
+@triton.jit
+def _diagonal(g_ptr, rows, N):
+    return tl.load(g_ptr + rows.to(tl.int64) * (N + 1), mask=rows < N, other=0.0)
+
+
+@triton.jit
+def _rkd_angle_fwd_kernel(gs_ptr, ss_ptr, gt_ptr, st_ptr, part_ptr, stats_ptr, N,
+                          STATS: tl.constexpr, BLOCK: tl.constexpr):
+    """Anchor i, rows j of one block, all k: part = sum h(A_s - A_t).
+
+    With STATS, per side (u = h'(A_s - A_t) for the student, -u for the teacher) and row j:
+    q_j = -sum_k u A_jk / |v_j|^2 (0 where clamped), f_j = 2/n_j sum_k u / n_k and
+    t_j = 2/n_j sum_k u / n_k [k live], stored at [stat, i, j] of stats (6, N, N).
+    """
+    i = tl.program_id(0)
+    rj = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    row_i = i.to(tl.int64) * N
+    gij_s, gii_s, zij_s = _anchor_row(gs_ptr, ss_ptr, i, row_i, rj, N)
+    gij_t, gii_t, zij_t = _anchor_row(gt_ptr, st_ptr, i, row_i, rj, N)
+    sqj_s, invj_s, livej_s = _anchor_terms(gij_s, gii_s, _diagonal(gs_ptr, rj, N), zij_s)
+    sqj_t, invj_t, livej_t = _anchor_terms(gij_t, gii_t, _diagonal(gt_ptr, rj, N), zij_t)
+    loss = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    s_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    f_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    t_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    s_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    f_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    t_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rk = start + tl.arange(0, BLOCK)
+        ok = (rj[:, None] < N) & (rk[None, :] < N)
+        gik_s, _, zik_s = _anchor_row(gs_ptr, ss_ptr, i, row_i, rk, N)
+        gik_t, _, zik_t = _anchor_row(gt_ptr, st_ptr, i, row_i, rk, N)
+        _, invk_s, livek_s = _anchor_terms(gik_s, gii_s, _diagonal(gs_ptr, rk, N), zik_s)
+        _, invk_t, livek_t = _anchor_terms(gik_t, gii_t, _diagonal(gt_ptr, rk, N), zik_t)
+        a_s = _angle_tile(_load_tile(gs_ptr, rj, rk, N), gij_s, gik_s, gii_s, invj_s, invk_s,
+                          zij_s, zik_s, rj, rk, ok)
+        a_t = _angle_tile(_load_tile(gt_ptr, rj, rk, N), gij_t, gik_t, gii_t, invj_t, invk_t,
+                          zij_t, zik_t, rj, rk, ok)
+        diff = a_s - a_t
+        loss += tl.sum(_smooth_l1(diff), 1)
+        if STATS:
+            u = tl.minimum(tl.maximum(diff, -1.0), 1.0)
+            s_s += tl.sum(u * a_s, 1)
+            f_s += tl.sum(u * invk_s[None, :], 1)
+            t_s += tl.sum(u * tl.where(livek_s, invk_s, 0.0)[None, :], 1)
+            s_t += tl.sum(u * a_t, 1)
+            f_t += tl.sum(u * invk_t[None, :], 1)
+            t_t += tl.sum(u * tl.where(livek_t, invk_t, 0.0)[None, :], 1)
+    tl.store(part_ptr + i * tl.num_programs(1) + tl.program_id(1), tl.sum(loss, 0))
+    if STATS:
+        out = stats_ptr + row_i + rj
+        plane = N * N
+        row_ok = rj < N
+        tl.store(out, tl.where(livej_s, -s_s / tl.where(livej_s, sqj_s, 1.0), 0.0), mask=row_ok)
+        tl.store(out + plane, 2 * invj_s * f_s, mask=row_ok)
+        tl.store(out + 2 * plane, 2 * invj_s * t_s, mask=row_ok)
+        tl.store(out + 3 * plane, tl.where(livej_t, s_t / tl.where(livej_t, sqj_t, 1.0), 0.0),
+                 mask=row_ok)
+        tl.store(out + 4 * plane, -2 * invj_t * f_t, mask=row_ok)
+        tl.store(out + 5 * plane, -2 * invj_t * t_t, mask=row_ok)
+
+
+@triton.jit
+def _angle_side_grad(m, gab, zab, diag_a, diag_b, stats_ptr, ra, rb, N):
+    """The (a, b) tile of M for one side, as described at _rkd_angle_grad_kernel."""
+    plane = N * N
+    q_ab = _load_tile(stats_ptr, ra, rb, N)
+    f_ab = _load_tile(stats_ptr + plane, ra, rb, N)
+    q_ba = _load_tile(stats_ptr, rb, ra, N)
+    t_ba = _load_tile(stats_ptr + 2 * plane, rb, ra, N)
+    # live^(a)_b: x_b - x_a not clamped; symmetric in (a, b).
+    _, _, live = _anchor_terms(gab, diag_a[:, None], diag_b[None, :], zab)
+    return 2 * m - (tl.trans(t_ba) + 2 * tl.trans(q_ba)) - (tl.where(live, f_ab, 0.0) + 2 * q_ab)
+
+
+@triton.jit
+def _rkd_angle_grad_kernel(gs_ptr, ss_ptr, gt_ptr, st_ptr, stats_ptr, ms_ptr, mt_ptr, N,
+                           BLOCK: tl.constexpr):
+    """The (a, b) tile of M with N^3 dL/dX = M X + r * X on each side.
+
+    With v_j = x_j - x_i for anchor i, P = u / (n_j n_k), q, f, t from the forward:
+    dL/dv_j = sum_k 2 P_jk v_k [k live] + 2 q_j v_j; x_j gets +dL/dv_j and x_i gets
+    -sum_j dL/dv_j. A clamped v_k is exactly 0 (k = i or a duplicate row): its terms are
+    left out instead of being summed as huge numbers that cancel. So
+    M_ab = sum_i 2 P^(i)_ab [b live] - (t^(b)_a + 2 q^(b)_a) - ([b live] f^(a)_b + 2 q^(a)_b).
+    """
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = (ra[:, None] < N) & (rb[None, :] < N)
+    gab_s = _load_tile(gs_ptr, ra, rb, N)
+    gab_t = _load_tile(gt_ptr, ra, rb, N)
+    diag_as, diag_bs = _diagonal(gs_ptr, ra, N), _diagonal(gs_ptr, rb, N)
+    diag_at, diag_bt = _diagonal(gt_ptr, ra, N), _diagonal(gt_ptr, rb, N)
+    m_s = tl.zeros([BLOCK, BLOCK], dtype=gs_ptr.dtype.element_ty)
+    m_t = tl.zeros([BLOCK, BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for i in range(0, N):
+        row_i = tl.cast(i, tl.int64) * N
+        gia_s, gii_s, zia_s = _anchor_row(gs_ptr, ss_ptr, i, row_i, ra, N)
+        gib_s, _, zib_s = _anchor_row(gs_ptr, ss_ptr, i, row_i, rb, N)
+        gia_t, gii_t, zia_t = _anchor_row(gt_ptr, st_ptr, i, row_i, ra, N)
+        gib_t, _, zib_t = _anchor_row(gt_ptr, st_ptr, i, row_i, rb, N)
+        _, inva_s, _ = _anchor_terms(gia_s, gii_s, diag_as, zia_s)
+        _, invb_s, liveb_s = _anchor_terms(gib_s, gii_s, diag_bs, zib_s)
+        _, inva_t, _ = _anchor_terms(gia_t, gii_t, diag_at, zia_t)
+        _, invb_t, liveb_t = _anchor_terms(gib_t, gii_t, diag_bt, zib_t)
+        a_s = _angle_tile(gab_s, gia_s, gib_s, gii_s, inva_s, invb_s, zia_s, zib_s, ra, rb, ok)
+        a_t = _angle_tile(gab_t, gia_t, gib_t, gii_t, inva_t, invb_t, zia_t, zib_t, ra, rb, ok)
+        u = tl.minimum(tl.maximum(a_s - a_t, -1.0), 1.0)
+        m_s += u * inva_s[:, None] * tl.where(liveb_s, invb_s, 0.0)[None, :]
+        m_t -= u * inva_t[:, None] * tl.where(liveb_t, invb_t, 0.0)[None, :]
+    m_s = _angle_side_grad(m_s, gab_s, _load_tile(ss_ptr, ra, rb, N) != 0, diag_as, diag_bs,
+                           stats_ptr, ra, rb, N)
+    m_t = _angle_side_grad(m_t, gab_t, _load_tile(st_ptr, ra, rb, N) != 0, diag_at, diag_bt,
+                           stats_ptr + 3 * N * N, ra, rb, N)
+    tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], m_s, mask=ok)
+    tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], m_t, mask=ok)
+
+
+@triton.jit
+def _rkd_angle_r_kernel(stats_ptr, rs_ptr, rt_ptr, N, BLOCK: tl.constexpr):
+    """r_a = sum_b (2 q^(b)_a + t^(a)_b + 2 q^(a)_b) for a block of rows, on each side."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    plane = N * N
+    r_s = tl.zeros([BLOCK], dtype=stats_ptr.dtype.element_ty)
+    r_t = tl.zeros([BLOCK], dtype=stats_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        r_s += tl.sum(2 * tl.trans(_load_tile(stats_ptr, rb, ra, N))
+                      + _load_tile(stats_ptr + 2 * plane, ra, rb, N)
+                      + 2 * _load_tile(stats_ptr, ra, rb, N), 1)
+        r_t += tl.sum(2 * tl.trans(_load_tile(stats_ptr + 3 * plane, rb, ra, N))
+                      + _load_tile(stats_ptr + 5 * plane, ra, rb, N)
+                      + 2 * _load_tile(stats_ptr + 3 * plane, ra, rb, N), 1)
+    tl.store(rs_ptr + ra, r_s, mask=ra < N)
+    tl.store(rt_ptr + ra, r_t, mask=ra < N)
+
+
+def rkd_angle_forward(g_s, same_s, g_t, same_t, with_stats):
+    """(N^3 * loss, stats (6, N, N) for backward, or None)."""
+    n = len(g_s)
+    nb = triton.cdiv(n, BLOCK)
+    part = torch.empty(n * nb, dtype=g_s.dtype, device=g_s.device)
+    stats = torch.empty((6, n, n) if with_stats else (1,), dtype=g_s.dtype, device=g_s.device)
+    _rkd_angle_fwd_kernel[(n, nb)](g_s, same_s, g_t, same_t, part, stats, n, STATS=with_stats, BLOCK=BLOCK)
+    return part.sum(), (stats if with_stats else None)
+
+
+def rkd_angle_backward(g_s, same_s, g_t, same_t, stats):
+    """(M_s, r_s, M_t, r_t) with N^3 dL/dX = M X + r * X on each side."""
+    n = len(g_s)
+    nb = triton.cdiv(n, BLOCK)
+    m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
+    r_s = torch.empty(n, dtype=g_s.dtype, device=g_s.device)
+    r_t = torch.empty_like(r_s)
+    _rkd_angle_grad_kernel[(nb, nb)](g_s, same_s, g_t, same_t, stats, m_s, m_t, n,
+                                     BLOCK=BLOCK)
+    _rkd_angle_r_kernel[(nb,)](stats, r_s, r_t, n, BLOCK=BLOCK)
+    return m_s, r_s, m_t, r_t

@@ -1,0 +1,158 @@
+"""Pairwise losses (RKD, SP, PKT, CC, IRG) from Gram matrices, with torch ops: the CPU path.
+
+Every loss here starts from G = X X^T (N, N). RKD's angle term reads its N^3 angles
+from G one block of anchors at a time, so nothing of size (N, N, D) or (N, N, N) is held;
+its backward is written by hand (RKDAngle) so that autograd does not keep every block.
+Sums run in float32 (float64 for float64 inputs); the loss comes back in the input dtype.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+# (anchors per block) * N^2 entries of the angle term held at once.
+_ANGLE_BLOCK_ENTRIES = 1 << 20
+
+
+def acc_dtype(x):
+    """float64 stays float64; float32, bfloat16 and float16 are summed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def centred_gram(x):
+    """(Xc, G, same): Xc = X - column means, G = Xc Xc^T made exactly symmetric, in
+    acc_dtype(x); same (N, N) bool marks pairs of equal rows, or is None when all differ.
+
+    Distances and angles are translation-invariant; centring keeps G's entries near the
+    size of the spread, so G_ii + G_jj - 2 G_ij loses fewer digits. Equal rows have a
+    difference vector of exactly 0, which rounding in G cannot be trusted to show.
+    """
+    x = x.to(acc_dtype(x))
+    xc = x - x.mean(dim=0)
+    g = xc @ xc.t()
+    rows, label = torch.unique(xc, dim=0, return_inverse=True)
+    same = label.unsqueeze(0) == label.unsqueeze(1) if len(rows) < len(xc) else None
+    return xc, (g + g.t()) * 0.5, same
+
+
+# --- RKD distance -------------------------------------------------------------
+
+def distances(g, same):
+    """d = sqrt(max(G_ii + G_jj - 2 G_ij, 1e-12)) off the diagonal, 0 on it; (N, N)."""
+    sq = torch.diagonal(g)
+    p = (sq.unsqueeze(0) + sq.unsqueeze(1)) - 2 * g
+    if same is not None:
+        p = p.masked_fill(same, 0)
+    p = p.clamp(min=1e-12).sqrt()
+    return p * (1 - torch.eye(len(g), dtype=g.dtype, device=g.device))
+
+
+def rkd_distance(feat_s, feat_t):
+    """smooth_l1(d_s / mean_s, d_t / mean_t) over N^2 entries; mean over the N(N-1) entries
+    off the diagonal (each >= 1e-6, so exactly the reference's d[d > 0])."""
+    n = feat_s.size(0)
+    d_s = distances(*centred_gram(feat_s)[1:])
+    d_t = distances(*centred_gram(feat_t)[1:])
+    off = n * (n - 1)
+    loss = F.smooth_l1_loss(d_s / (d_s.sum() / off), d_t / (d_t.sum() / off))
+    return loss.to(feat_s.dtype)
+
+
+# --- RKD angle ----------------------------------------------------------------
+
+def _angle_block(g, same, lo, hi):
+    """For anchors i in [lo, hi): A[i, j, k] = V_jk / (n_j n_k) as (c, N, N), c = hi - lo.
+
+    V_jk = (x_j - x_i).(x_k - x_i) = (G_jk + G_ii) - (G_ij + G_ik), summed in this order so
+    that V is exactly symmetric in (j, k) and exactly 0 when j = i; rows equal to x_i are
+    set to 0 from `same`. n_j = max(sqrt(V_jj), 1e-12) like F.normalize; A_jj = 1 exactly
+    unless n_j is clamped. Also returns
+    sq = V_jj (c, N) and 1 / n (c, N).
+    """
+    gi = g[lo:hi]
+    gii = torch.diagonal(g)[lo:hi].unsqueeze(1)
+    v = torch.add(g, gii.unsqueeze(2)).sub_(gi.unsqueeze(2) + gi.unsqueeze(1))
+    sq = (torch.diagonal(g).unsqueeze(0) + gii) - 2 * gi
+    if same is not None:
+        zero = same[lo:hi]
+        sq.masked_fill_(zero, 0)
+        v.masked_fill_(zero.unsqueeze(2) | zero.unsqueeze(1), 0)
+    root = sq.clamp(min=0).sqrt_()
+    inv = root.clamp(min=1e-12).reciprocal_()
+    a = v.mul_(inv.unsqueeze(2)).mul_(inv.unsqueeze(1))
+    # e . e of a unit vector: exactly 1 on j = k (0 for a clamped v_j).
+    torch.diagonal(a, dim1=1, dim2=2).copy_(root >= 1e-12)
+    return a, sq, inv
+
+
+def _anchor_blocks(n):
+    c = max(1, _ANGLE_BLOCK_ENTRIES // (n * n))
+    return [(lo, min(lo + c, n)) for lo in range(0, n, c)]
+
+
+def _angle_grad_terms(g, a, u, sq, inv, lo, hi, m_acc, r_acc):
+    """Add one anchor block's share of dL/dX = M X + r * X into m_acc (N, N), r_acc (N,).
+
+    u = dL/dA (c, N, N), symmetric in (j, k). With v_j = x_j - x_i, P = u / (n_j n_k) and
+    q_j = dL/d|v_j|^2 = -sum_k u_jk A_jk / |v_j|^2 (0 where the norm is clamped):
+    dL/dv_j = sum_k 2 P_jk v_k [k not clamped] + 2 q_j v_j, and x_j gets +dL/dv_j, x_i gets
+    -sum_j dL/dv_j. A clamped v_k is exactly 0 (j = i, or a duplicate row), so its terms
+    are left out rather than summed as huge numbers that cancel.
+    """
+    live = sq.clamp(min=0).sqrt() >= 1e-12
+    q = torch.linalg.vecdot(u, a).div_(sq.where(live, 1.0)).mul_(-live.to(g.dtype))
+    inv_live = inv * live
+    f = 2 * inv * torch.bmm(u, inv.unsqueeze(2)).squeeze(2)   # sum_k 2 P_jk
+    t = 2 * inv * torch.bmm(u, inv_live.unsqueeze(2)).squeeze(2)  # sum_k 2 P_jk [k live]
+    m_acc += u.mul_(inv.unsqueeze(2)).mul_(2 * inv_live.unsqueeze(1)).sum(0)
+    m_acc[:, lo:hi] -= (t + 2 * q).t()
+    m_acc[lo:hi, :] -= live * f + 2 * q
+    r_acc += 2 * q.sum(0)
+    r_acc[lo:hi] += (t + 2 * q).sum(1)
+
+
+class RKDAngle(torch.autograd.Function):
+    """smooth_l1(A_s, A_t) over N^3 entries, block by block of anchors."""
+
+    @staticmethod
+    def forward(ctx, feat_s, feat_t):
+        n = feat_s.size(0)
+        xc_s, g_s, same_s = centred_gram(feat_s)
+        xc_t, g_t, same_t = centred_gram(feat_t)
+        total = torch.zeros((), dtype=g_s.dtype, device=g_s.device)
+        for lo, hi in _anchor_blocks(n):
+            total += F.smooth_l1_loss(_angle_block(g_s, same_s, lo, hi)[0],
+                                      _angle_block(g_t, same_t, lo, hi)[0], reduction="sum")
+        ctx.save_for_backward(xc_s, g_s, xc_t, g_t)
+        ctx.same = same_s, same_t
+        ctx.dtypes = feat_s.dtype, feat_t.dtype
+        return (total / n ** 3).to(feat_s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xc_s, g_s, xc_t, g_t = ctx.saved_tensors
+        n = len(g_s)
+        m_s, m_t = torch.zeros_like(g_s), torch.zeros_like(g_t)
+        r_s, r_t = g_s.new_zeros(n), g_t.new_zeros(n)
+        for lo, hi in _anchor_blocks(n):
+            a_s, sq_s, inv_s = _angle_block(g_s, ctx.same[0], lo, hi)
+            a_t, sq_t, inv_t = _angle_block(g_t, ctx.same[1], lo, hi)
+            u = (a_s - a_t).clamp_(-1, 1)  # smooth_l1's derivative, beta = 1
+            _angle_grad_terms(g_s, a_s, u.clone(), sq_s, inv_s, lo, hi, m_s, r_s)
+            _angle_grad_terms(g_t, a_t, u.neg_(), sq_t, inv_t, lo, hi, m_t, r_t)
+        scale = grad_out.to(g_s.dtype) / n ** 3
+        grads = []
+        for m, r, xc, dtype, needed in ((m_s, r_s, xc_s, ctx.dtypes[0], ctx.needs_input_grad[0]),
+                                        (m_t, r_t, xc_t, ctx.dtypes[1], ctx.needs_input_grad[1])):
+            if not needed:
+                grads.append(None)
+                continue
+            # Every term is a difference x_b - x_i, so this is also dL/dX (no un-centring,
+            # whose column means would spread the huge duplicate-row terms over every row).
+            grads.append(((m @ xc + r.unsqueeze(1) * xc) * scale).to(dtype))
+        return tuple(grads)
+
+
+def rkd_angle(feat_s, feat_t):
+    """smooth_l1(A_s, A_t) over the N^3 angles, A[i, j, k] = e_ij . e_ik, without (N, N, N)."""
+    return RKDAngle.apply(feat_s, feat_t)
