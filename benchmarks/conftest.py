@@ -25,7 +25,8 @@ def pytest_addoption(parser):
                     help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
     group.addoption("--kd-rounds", type=int, default=10, help="timed rounds per test (default 10)")
     group.addoption("--kd-max-memory", default="50%",
-                    help="CPU: memory a variant may use before it is skipped as out of memory (default 50%% of available)")
+                    help="CPU: memory a variant may use before it is skipped as out of memory "
+                         "(default 50%% of available)")
 
 
 def pytest_generate_tests(metafunc):

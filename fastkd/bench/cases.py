@@ -22,7 +22,7 @@ a tiny conv net forward when making inputs; the loss's double backward through
 that net is part of what is timed, alike for every variant.
 """
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -297,7 +297,8 @@ def canonical(name):
 
 
 def cases(sweep="quick", device_type="cpu", losses=None):
-    """The cases of a sweep for a device type ("cpu" or "cuda"), in LOSSES order then by size.
+    """The cases of a sweep for a device type ("cpu" or "cuda"): by loss in LOSSES order,
+    then in sweep order (batch or classes ascending; feature maps layer by layer).
 
     losses: method names (or aliases) to keep; None keeps all 21.
     """
@@ -309,9 +310,4 @@ def cases(sweep="quick", device_type="cpu", losses=None):
              + _net_cases(sweep, device_type))
     order = {n: i for i, n in enumerate(LOSSES)}
     picked = [c for c in every if keep is None or c.loss in keep]
-    return sorted(picked, key=lambda c: (order[c.loss], c.size))
-
-
-def find(name, sweep="quick", device_type="cpu") -> Optional[Case]:
-    """The case called name ("RKD N=64 D=512") in a sweep, or None."""
-    return next((c for c in cases(sweep, device_type) if c.name == name), None)
+    return sorted(picked, key=lambda c: order[c.loss])

@@ -6,10 +6,11 @@ backend. A variant is a function (case, device, dtype) -> (step, module):
 step(*inputs) returns the loss, module is what holds the parameters.
 
 Per case (run_case):
-1. Each variant alone: build, warm up (compiling, for ``compile``), then one
-   run that measures its peak memory. A variant that runs out of memory is
-   reported "out of memory"; a compile error "compile failed"; a warm-up call
-   slower than max_call_s "too slow". None of these stops the benchmark.
+1. Each variant alone: build, warm up (compiling, for ``compile``), then up to
+   three calls that measure its peak memory (the least is kept). A variant that
+   runs out of memory is reported "out of memory"; a compile error "compile
+   failed"; a call slower than max_call_s "too slow". None of these stops the
+   benchmark.
 2. The variants that passed are timed round-robin (each repetition runs every
    variant once, in a rotating order, so machine drift hits all alike), each
    call on fresh inputs made outside the timed region, until the time budget
@@ -25,7 +26,9 @@ Peak memory, minus the inputs:
         inputs exist, after glibc's malloc_trim so freed memory is not counted
         as held, and with glibc returning every freed block of 64 KiB or more
         to the OS during that call (mallopt), so the resident set follows what
-        is allocated. Linux only; elsewhere peak memory is not reported.
+        is allocated. Linux only; elsewhere peak memory is not reported. It is
+        good to a few MiB or about 10% (page-level effects): read big ratios,
+        not small ones.
 Memory cap: on CPU the process's address space is limited (RLIMIT_AS) to its
 size at the start of the case plus max_memory, so a variant that would need
 more fails its allocation (reported "out of memory") instead of making the
@@ -265,32 +268,38 @@ def new_result():
             "error": None, "skipped": False}
 
 
-def _prepare(name, build, runner, warmup, max_call_s):
-    """Build and warm up one variant, then measure its peak memory (a timed call too).
+def _prepare(name, build, runner, warmup, max_call_s, memory_calls=3):
+    """Build and warm up one variant, then measure its peak memory (timed calls too).
 
     Returns (result, (step, module) or None when it cannot be timed). Every variant
     gets at least one warm-up call, the compile variant two: a module whose second call
     takes another branch (CRD fixes its normaliser on the first) compiles again then.
     A call slower than max_call_s makes the variant "too slow", except those warm-up
-    calls. warmup_s is the last call's time, the estimate for the budget.
+    calls. Peak memory is the least over up to memory_calls calls (one when a call
+    takes over a second): one-time effects only ever add to it. warmup_s is the last
+    call's time, the estimate for the budget.
     """
     res = new_result()
     unjudged = 2 if name == "compile" else 1
     warmup = max(warmup, unjudged)
     try:
         step, module = build(runner.case, runner.device, runner.dtype)
-        for i in range(warmup + 1):
+        for i in range(warmup + memory_calls):
             if i < warmup:
                 seconds = runner.time_call(step, module)
             else:
-                res["peak_bytes"], seconds = runner.peak_bytes(step, module)
+                peak, seconds = runner.peak_bytes(step, module)
+                if peak is not None:
+                    res["peak_bytes"] = peak if res["peak_bytes"] is None else min(res["peak_bytes"], peak)
             res["warmup_s"] = seconds
             if seconds > max_call_s and i >= unjudged:
-                res["status"] = TOO_SLOW
+                res["status"], res["peak_bytes"] = TOO_SLOW, None
                 return res, None
+            if i >= warmup and seconds > 1.0:
+                break
         return res, (step, module)
     except Exception as err:  # reported in the table, never fatal
-        res["status"], res["error"] = _failure(name, err), _message(err)
+        res["status"], res["error"], res["peak_bytes"] = _failure(name, err), _message(err), None
         return res, None
 
 

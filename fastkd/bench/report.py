@@ -41,10 +41,12 @@ def add_ratios(record, min_memory_bytes):
 
 
 def beyond(results):
-    """Per loss and reference variant: where the reference ran out of memory and fastkd did not.
+    """Per loss and reference variant: the shapes where the reference ran out of memory,
+    and which of them fastkd ran.
 
-    {loss: {ref: {"first_oom": shape, "fastkd_ran": [shapes], "largest": shape}}}, only for
-    losses where it happened.
+    {loss: {ref: {"oom": [shapes], "first_oom": shape, "fastkd_ran": [shapes], "largest": shape}}}
+    in sweep order; "largest" is the biggest shape fastkd ran there (None if none). Only
+    losses where a reference ran out of memory appear.
     """
     out = {}
     for rec in results:
@@ -53,18 +55,13 @@ def beyond(results):
             other = rec["variants"].get(ref)
             if other is None or other["status"] != OOM:
                 continue
-            entry = out.setdefault(rec["loss"], {}).setdefault(ref, {"first_oom": None, "fastkd_ran": [],
-                                                                      "largest": None, "_size": -1,
-                                                                      "_first": None})
-            if entry["_first"] is None or rec["size"] < entry["_first"]:
-                entry["_first"], entry["first_oom"] = rec["size"], rec["shape"]
+            entry = out.setdefault(rec["loss"], {}).setdefault(ref, {"oom": [], "first_oom": rec["shape"],
+                                                                      "fastkd_ran": [], "largest": None})
+            entry["oom"].append(rec["shape"])
             if fast is not None and fast["status"] == OK:
                 entry["fastkd_ran"].append(rec["shape"])
-                if rec["size"] > entry["_size"]:
-                    entry["_size"], entry["largest"] = rec["size"], rec["shape"]
-    for per_loss in out.values():
-        for entry in per_loss.values():
-            del entry["_size"], entry["_first"]
+                sizes = {r["shape"]: r["size"] for r in results if r["loss"] == rec["loss"]}
+                entry["largest"] = max(entry["fastkd_ran"], key=sizes.get)
     return out
 
 
@@ -158,11 +155,10 @@ def notes(run):
     over = beyond(run["results"])
     for loss, per_ref in over.items():
         for ref, entry in per_ref.items():
-            if entry["largest"]:
-                out.append(f"{loss}: {ref} ran out of memory from {entry['first_oom']}; fastkd ran "
-                           f"{len(entry['fastkd_ran'])} such shape(s), up to {entry['largest']}.")
-            else:
-                out.append(f"{loss}: {ref} ran out of memory from {entry['first_oom']}; fastkd did not get further.")
+            ran = (f"fastkd ran {len(entry['fastkd_ran'])} of them, up to {entry['largest']}" if entry["largest"]
+                   else "fastkd ran none of them")
+            out.append(f"{loss}: {ref} ran out of memory at {len(entry['oom'])} shape(s) from "
+                       f"{entry['first_oom']}; {ran}.")
     return out
 
 
