@@ -237,6 +237,7 @@ def write_plots(run, folder):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError:
         raise MissingMatplotlib("--plot needs matplotlib: pip install matplotlib "
                                 "(or pip install 'fastkd[bench]')") from None
@@ -257,8 +258,12 @@ def write_plots(run, folder):
                     ax.plot(*zip(*pts), marker="o", label=v)
             ax.set_ylabel(unit)
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             if numeric:
                 ax.set_xscale("log")
+                ax.set_xticks([r["x"] for r in recs])
+                ax.set_xticklabels([str(r["x"]) for r in recs])
+                ax.xaxis.set_minor_locator(ticker.NullLocator())
                 ax.set_xlabel(recs[0]["x_name"])
             else:
                 ax.set_xticks(range(len(recs)))
