@@ -244,3 +244,19 @@ def test_ratios_ignore_missing_and_noise_level_figures():
     report.add_ratios(rec, min_memory_bytes=2 ** 20)
     assert rec["speedup"] == {"eager": 4.0, "compile": None}
     assert rec["memory_ratio"] == {"eager": None, "compile": None}
+
+
+def test_fastkd_path_follows_the_dispatcher(monkeypatch):
+    from fastkd import backend
+    assert cli.fastkd_path("RKD", CPU) == {op: backend.resolve(op, CPU, "auto") for op in ("rkd_distance", "rkd_angle")}
+    calls = []
+
+    def fast_sp(fm_s, fm_t):
+        calls.append(fm_s.shape)
+        return fastkd.reference.sp.sp(fm_s, fm_t)
+    monkeypatch.setitem(backend.IMPLEMENTATIONS["sp"], "torch", fast_sp)
+    run = cli.run(_settings(losses=["SP"]), progress=False)
+    assert [rec["fastkd_path"] for rec in run["results"]] == [{"sp": "torch"}] * 2
+    assert calls and all(rec["variants"]["fastkd"]["status"] == measure.OK for rec in run["results"])
+    rows = [line.split() for line in report.table(run).splitlines() if line.startswith("SP ")]
+    assert len(rows) == 2 and all(row[3] == "torch" for row in rows)
