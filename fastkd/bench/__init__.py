@@ -1,0 +1,11 @@
+"""fastkd.bench: every loss, reference vs fastkd, time and peak memory side by side.
+
+    python -m fastkd.bench --quick            # a first look (also: fastkd-bench --quick)
+    python -m fastkd.bench --losses RKD,SP --json out.json --csv out.csv --plot plots/
+
+cases    the losses and their shapes (shared with the pytest-benchmark suite in benchmarks/)
+measure  how one case is run: warm-up, peak memory, round-robin timing (its docstring
+         says exactly how time and memory are measured and how memory is capped)
+report   the table, JSON, CSV, plots and the progress bar
+cli      the command line
+"""

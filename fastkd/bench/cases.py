@@ -1,0 +1,313 @@
+"""The benchmark cases: every loss of fastkd at a sweep of realistic shapes.
+
+One copy, shared by ``python -m fastkd.bench`` and the pytest-benchmark suite
+in benchmarks/. A case says which module to build (the same class name in
+fastkd and in fastkd.reference, with the same constructor arguments and, for
+modules with parameters, the same state_dict) and how to make fresh inputs.
+What is timed is ``module(*inputs).backward()``: forward and backward.
+
+Sweeps (``cases(sweep, device_type)``):
+  tiny   a few small shapes for the tests of the bench code itself.
+  quick  two smaller shapes per loss (CIFAR layers at B=32, 256 rows of logits, CRD at
+         nce_n=4096): a first look, minutes on 2 CPU cores.
+  full   the realistic sweep: pairwise losses at batch 64..8192 of 512-d features
+         (64..2048 on CPU), feature-map losses at CIFAR (B=128, C=16..64, 32x32..8x8)
+         and ImageNet (B=256, or 32 on CPU, C=64..2048, 56x56..7x7) layer shapes,
+         logit losses over vocabularies 10..128k with 8192 rows (1024 on CPU),
+         CRD at nce_n=16384, feat_dim=128.
+
+The student's inputs require grad and the teacher's do not, as in training.
+Sobolev and LwM need the gradients of a network's outputs, so their cases run
+a tiny conv net forward when making inputs; the loss's double backward through
+that net is part of what is timed, alike for every variant.
+"""
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+import fastkd
+from fastkd import reference
+
+SWEEPS = ("tiny", "quick", "full")
+
+# Method name -> accepted spellings of --losses (case-insensitive).
+ALIASES = {"PKT": "PKTCosSim", "FitNet": "Hint", "FitNets": "Hint", "ST": "SoftTarget", "KD": "SoftTarget"}
+
+# Every method of SPEC.md except Baseline (torch's cross_entropy), in SPEC.md's order.
+LOSSES = ("Logits", "SoftTarget", "AT", "Hint", "NST", "PKTCosSim", "FSP", "FT", "RKD", "AB", "SP",
+          "Sobolev", "BSS", "CC", "LwM", "IRG", "VID", "OFD", "AFD", "CRD", "DML")
+
+
+@dataclass
+class Case:
+    """One loss at one shape.
+
+    loss      method name (class name in fastkd and fastkd.reference).
+    shape     short label of the shape, e.g. "N=512 D=512".
+    x, x_name the value of the sweep variable (batch, vocabulary, ...) and its name.
+    size      a measure that grows with the memory the reference needs; with
+              monotone=True a variant that ran out of memory or time at one size is
+              not tried at larger sizes of the same loss.
+    args      the module's constructor arguments.
+    inputs    inputs(device, dtype, generator) -> fresh tuple of forward arguments.
+    flops     the matrix-product work fastkd's algorithm cannot avoid (forward + backward),
+              for the floor on CUDA; memory traffic is counted from the inputs themselves.
+    extra_bytes  traffic beyond reading the inputs and writing their gradients.
+    floor     False where no floor is meaningful (the time is the network's, not the loss's).
+    """
+    loss: str
+    shape: str
+    x: int
+    x_name: str
+    size: int
+    args: tuple
+    inputs: Callable
+    monotone: bool = True
+    flops: int = 0
+    extra_bytes: int = 0
+    floor: bool = True
+    params: dict = field(default_factory=dict)
+
+    @property
+    def name(self):
+        return f"{self.loss} {self.shape}"
+
+    def build(self, impl, device, dtype):
+        """The module of impl ("reference" or "fastkd"), same state_dict for both."""
+        torch.manual_seed(0)
+        ref = getattr(reference, self.loss)(*self.args)
+        module = ref if impl == "reference" else getattr(fastkd, self.loss)(*self.args)
+        if module is not ref:
+            module.load_state_dict(ref.state_dict())
+        return module.to(device=device, dtype=dtype)
+
+
+def _randn(shape, device, dtype, gen, grad=False):
+    x = torch.randn(shape, device=device, dtype=dtype, generator=gen)
+    return x.requires_grad_(grad)
+
+
+def _pair(shape_s, shape_t=None):
+    """Inputs (student requiring grad, teacher) of the given shapes."""
+    shape_t = shape_t or shape_s
+
+    def make(device, dtype, gen):
+        return (_randn(shape_s, device, dtype, gen, grad=True), _randn(shape_t, device, dtype, gen))
+    return make
+
+
+# --- shapes of each sweep ----------------------------------------------------------
+
+# Pairwise losses: batch sizes of D-dimensional features.
+_PAIRWISE = {"tiny": ([8, 16], 32), "quick": ([64, 128], 512),
+             "full": {"cpu": ([64, 128, 256, 512, 1024, 2048], 512),
+                      "cuda": ([64, 128, 256, 512, 1024, 2048, 4096, 8192], 512)}}
+
+# Feature maps: (B, C, H, W) layers of CIFAR ResNets and an ImageNet ResNet-50.
+_CIFAR = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)]
+
+
+def _imagenet(batch):
+    return [(batch, 64, 56, 56), (batch, 256, 56, 56), (batch, 512, 28, 28), (batch, 1024, 14, 14),
+            (batch, 2048, 7, 7)]
+
+
+# Each entry lists networks, each a list of its layers in order (FSP pairs consecutive layers).
+_MAPS = {"tiny": [[(4, 8, 8, 8), (4, 16, 4, 4)]], "quick": [[(32, 16, 32, 32), (32, 64, 8, 8)]],
+         "full": {"cpu": [_CIFAR, _imagenet(32)], "cuda": [_CIFAR, _imagenet(256)]}}
+
+# Logit losses: (rows, vocabulary).
+_VOCABS = [10, 100, 1000, 32000, 128000]
+_LOGITS = {"tiny": [(8, 10), (8, 100)], "quick": [(256, 100), (256, 32000)],
+           "full": {"cpu": [(1024, k) for k in _VOCABS], "cuda": [(8192, k) for k in _VOCABS]}}
+
+# CRD: batch sizes, with (nce_n, feat_dim, n_data, s_dim, t_dim).
+_CRD = {"tiny": ([4, 8], (64, 16, 500, 32, 32)), "quick": ([8, 32], (4096, 128, 50000, 256, 256)),
+        "full": {"cpu": ([16, 32, 64, 128], (16384, 128, 50000, 256, 256)),
+                 "cuda": ([64, 128, 256, 512, 1024], (16384, 128, 50000, 256, 256))}}
+
+# Sobolev and LwM: batch sizes of (3, S, S) images through a tiny conv net of width C.
+_NET = {"tiny": ([4, 8], 8, 8), "quick": ([32, 64], 32, 16),
+        "full": {"cpu": ([32, 64, 128, 256], 32, 16), "cuda": ([64, 128, 256, 512, 1024], 32, 32)}}
+
+
+def _pick(table, sweep, device_type):
+    value = table[sweep]
+    return value["cuda" if device_type == "cuda" else "cpu"] if isinstance(value, dict) else value
+
+
+# --- families -------------------------------------------------------------------
+
+def _pairwise_cases(sweep, device_type):
+    batches, d = _pick(_PAIRWISE, sweep, device_type)
+    out = []
+    for n in batches:
+        gram = 2 * n * n * d  # one Gram matrix X X^T
+        shape = f"N={n} D={d}"
+        params = {"N": n, "D": d}
+        # Gram of s and t forward, X^T dG for the student's gradient.
+        out += [Case("RKD", shape, n, "batch", n, (25.0, 50.0), _pair((n, d)), params=params,
+                     flops=3 * gram + 2 * 2 * n ** 3),  # + the N^3 angle products of s and t
+                Case("SP", shape, n, "batch", n, (), _pair((n, d)), params=params, flops=3 * gram),
+                Case("PKTCosSim", shape, n, "batch", n, (), _pair((n, d)), params=params, flops=3 * gram),
+                Case("CC", shape, n, "batch", n, (0.4, 2), _pair((n, d)), params=params, flops=3 * gram),
+                _irg_case(n, d, sweep)]
+    return out
+
+
+def _irg_case(n, d, sweep):
+    """IRG on CIFAR-like layers: fm1 (N, c, 2s, 2s) before fm2 (N, 2c, s, s), feat (N, D), out (N, 100)."""
+    c, s = (4, 4) if sweep == "tiny" else (32, 8)
+    shapes = [(n, c, 2 * s, 2 * s), (n, 2 * c, s, s), (n, d), (n, 100)]
+
+    def make(device, dtype, gen):
+        s_side = [_randn(sh, device, dtype, gen, grad=True) for sh in shapes]
+        t_side = [_randn(sh, device, dtype, gen) for sh in shapes]
+        return s_side, t_side
+    values = d + c * 4 * s * s + 2 * c * s * s  # per sample, the three Gram inputs
+    return Case("IRG", f"N={n} D={d}", n, "batch", n, (0.1, 5.0, 5.0), make,
+                params={"N": n, "D": d, "fm1": list(shapes[0][1:]), "fm2": list(shapes[1][1:])},
+                flops=3 * 2 * n * n * values)
+
+
+def _map_label(shape):
+    b, c, h, w = shape
+    return f"B={b} C={c} {h}x{w}"
+
+
+def _map_cases(sweep, device_type):
+    networks = _pick(_MAPS, sweep, device_type)
+    out = []
+    for shape in (layer for layers in networks for layer in layers):
+        b, c, h, w = shape
+        label, elems = _map_label(shape), b * c * h * w
+        params = {"B": b, "C": c, "H": h, "W": w}
+
+        def case(loss, args=(), flops=0, make=None):
+            return Case(loss, label, c * h * w, "values per sample", elems, args, make or _pair(shape),
+                        monotone=False, flops=flops, params=params)
+        conv = 2 * b * h * w * c * c  # one 1x1 conv C -> C
+        out += [case("AT", (2.0,)),
+                case("Hint"),
+                case("NST", flops=3 * 3 * 2 * b * c * c * h * w),  # three C x C Grams, backward twice
+                case("FT"),
+                case("AB", (1.0,)),
+                case("VID", (c, c, c, 5.0), flops=3 * 3 * conv),  # three convs, forward + 2 backward
+                case("OFD", (c, c), flops=3 * conv),
+                case("AFD", (c, 1.0))]
+    # FSP: consecutive layers (the first pooled to the second's size when larger).
+    for first, second in ((a, b) for layers in networks for a, b in zip(layers, layers[1:])):
+        b, c1, h1, w1 = first
+        _, c2, h2, w2 = second
+
+        def make(device, dtype, gen, first=first, second=second):
+            return (_randn(first, device, dtype, gen, grad=True), _randn(second, device, dtype, gen, grad=True),
+                    _randn(first, device, dtype, gen), _randn(second, device, dtype, gen))
+        out.append(Case("FSP", f"B={b} {c1}x{h1}x{w1}>{c2}x{h2}x{w2}", c1 * h1 * w1 + c2 * h2 * w2,
+                        "values per sample", b * (c1 * h1 * w1 + c2 * h2 * w2), (), make, monotone=False,
+                        flops=3 * 2 * 2 * b * c1 * c2 * h2 * w2,
+                        params={"B": b, "fm1": [c1, h1, w1], "fm2": [c2, h2, w2]}))
+    return out
+
+
+def _logit_cases(sweep, device_type):
+    out = []
+    for rows, k in _pick(_LOGITS, sweep, device_type):
+        label, params = f"{rows}x{k}", {"rows": rows, "classes": k}
+        for loss, args in (("Logits", ()), ("SoftTarget", (4.0,)), ("BSS", (4.0,)), ("DML", ())):
+            out.append(Case(loss, label, k, "classes", rows * k, args, _pair((rows, k)), params=params))
+    return out
+
+
+def _crd_cases(sweep, device_type):
+    batches, (nce_n, feat_dim, n_data, s_dim, t_dim) = _pick(_CRD, sweep, device_type)
+    out = []
+    for b in batches:
+        def make(device, dtype, gen, b=b):
+            idx = torch.randint(0, n_data, (b,), device=device, generator=gen)
+            sample_idx = torch.randint(0, n_data, (b, nce_n + 1), device=device, generator=gen)
+            sample_idx[:, 0] = idx
+            return (_randn((b, s_dim), device, dtype, gen, grad=True), _randn((b, t_dim), device, dtype, gen),
+                    idx, sample_idx)
+        gathered = 2 * b * (nce_n + 1) * feat_dim  # memory rows read, both sides
+        out.append(Case("CRD", f"B={b} n={nce_n} d={feat_dim}", b, "batch", b,
+                        (s_dim, t_dim, feat_dim, nce_n, 0.1, 0.5, n_data), make,
+                        flops=3 * 2 * gathered, extra_bytes=4 * gathered,
+                        params={"B": b, "nce_n": nce_n, "feat_dim": feat_dim, "n_data": n_data,
+                                "s_dim": s_dim, "t_dim": t_dim}))
+    return out
+
+
+class TinyNet(nn.Module):
+    """conv3x3(3 -> C) ReLU, conv3x3 stride 2 (C -> C) ReLU -> feature map, then pool and a
+    linear layer to 10 classes. forward returns (feature map, logits)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, img):
+        fm = self.features(img)
+        return fm, self.head(fm.mean(dim=(2, 3)))
+
+
+def _net_inputs(b, size, width, lwm):
+    nets = {}
+
+    def make(device, dtype, gen):
+        key = (device, dtype)
+        if key not in nets:
+            torch.manual_seed(1)
+            nets[key] = [TinyNet(width).to(device=device, dtype=dtype) for _ in range(2)]
+        student, teacher = nets[key]
+        for p in (*student.parameters(), *teacher.parameters()):
+            p.grad = None
+        img = _randn((b, 3, size, size), device, dtype, gen, grad=not lwm)
+        target = torch.randint(0, 10, (b,), device=device, generator=gen)
+        fm_s, out_s = student(img)
+        fm_t, out_t = teacher(img)
+        return (out_s, fm_s, out_t, fm_t, target) if lwm else (out_s, out_t, img, target)
+    return make
+
+
+def _net_cases(sweep, device_type):
+    batches, size, width = _pick(_NET, sweep, device_type)
+    out = []
+    for b in batches:
+        label, params = f"B={b} 3x{size}x{size}", {"B": b, "image": [3, size, size], "width": width}
+        out += [Case("Sobolev", label, b, "batch", b, (), _net_inputs(b, size, width, lwm=False),
+                     floor=False, params=params),
+                Case("LwM", label, b, "batch", b, (), _net_inputs(b, size, width, lwm=True),
+                     floor=False, params=params)]
+    return out
+
+
+def canonical(name):
+    """The method name for a spelling given to --losses; ValueError if unknown."""
+    lookup = {n.lower(): n for n in LOSSES}
+    lookup.update({a.lower(): n for a, n in ALIASES.items()})
+    try:
+        return lookup[name.strip().lower()]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}") from None
+
+
+def cases(sweep="quick", device_type="cpu", losses=None):
+    """The cases of a sweep for a device type ("cpu" or "cuda"): by loss in LOSSES order,
+    then in sweep order (batch or classes ascending; feature maps layer by layer).
+
+    losses: method names (or aliases) to keep; None keeps all 21.
+    """
+    if sweep not in SWEEPS:
+        raise ValueError(f"sweep must be one of {', '.join(SWEEPS)}; got {sweep!r}")
+    keep = None if losses is None else {canonical(n) for n in losses}
+    every = (_logit_cases(sweep, device_type) + _pairwise_cases(sweep, device_type)
+             + _map_cases(sweep, device_type) + _crd_cases(sweep, device_type)
+             + _net_cases(sweep, device_type))
+    order = {n: i for i, n in enumerate(LOSSES)}
+    picked = [c for c in every if keep is None or c.loss in keep]
+    return sorted(picked, key=lambda c: order[c.loss])

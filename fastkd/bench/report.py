@@ -1,0 +1,320 @@
+"""The benchmark's outputs: the table, the JSON and CSV files, the plots, the progress bar.
+
+A run is a dict (see fastkd.bench.cli.run): metadata plus "results", one record per
+case: loss, shape, x, x_name, params, fastkd_path ({op: backend}), variants ({name:
+status, time_s, times_s, reps, peak_bytes, warmup_s, error, skipped}), speedup and
+memory_ratio (reference variant / fastkd, measured side by side), floor (CUDA only).
+"""
+import csv
+import json
+import os
+import sys
+import time
+
+from .measure import COMPILE_FAILED, FAILED, OK, OOM, TOO_SLOW
+
+REFERENCES = ("eager", "compile")
+_SHORT = {OOM: "OOM", COMPILE_FAILED: "no compile", TOO_SLOW: "too slow", FAILED: "failed"}
+
+
+def ratio(num, den, least=0.0):
+    """num / den, or None when either is missing or den is below least (noise)."""
+    if num is None or den is None or den <= least or den == 0:
+        return None
+    return num / den
+
+
+def add_ratios(record, min_memory_bytes):
+    """speedup[ref] = time_ref / time_fastkd; memory_ratio[ref] = peak_ref / peak_fastkd
+    (None below min_memory_bytes, where the measure is noise)."""
+    fast = record["variants"].get("fastkd", {})
+    record["speedup"], record["memory_ratio"] = {}, {}
+    for ref in REFERENCES:
+        other = record["variants"].get(ref)
+        if other is None or not fast:
+            continue
+        record["speedup"][ref] = ratio(other["time_s"], fast["time_s"])
+        peaks = (other["peak_bytes"], fast["peak_bytes"])
+        both = None not in peaks and other["status"] == OK and fast["status"] == OK
+        record["memory_ratio"][ref] = ratio(*peaks, least=min_memory_bytes) if both else None
+    return record
+
+
+def beyond(results):
+    """Per loss and reference variant: the shapes where the reference ran out of memory,
+    and which of them fastkd ran.
+
+    {loss: {ref: {"oom": [shapes], "first_oom": shape, "fastkd_ran": [shapes], "largest": shape}}}
+    in sweep order; "largest" is the biggest shape fastkd ran there (None if none). Only
+    losses where a reference ran out of memory appear.
+    """
+    out = {}
+    for rec in results:
+        fast = rec["variants"].get("fastkd")
+        for ref in REFERENCES:
+            other = rec["variants"].get(ref)
+            if other is None or other["status"] != OOM:
+                continue
+            entry = out.setdefault(rec["loss"], {}).setdefault(ref, {"oom": [], "first_oom": rec["shape"],
+                                                                      "fastkd_ran": [], "largest": None})
+            entry["oom"].append(rec["shape"])
+            if fast is not None and fast["status"] == OK:
+                entry["fastkd_ran"].append(rec["shape"])
+                sizes = {r["shape"]: r["size"] for r in results if r["loss"] == rec["loss"]}
+                entry["largest"] = max(entry["fastkd_ran"], key=sizes.get)
+    return out
+
+
+# --- the table ------------------------------------------------------------------------
+
+def _num(v):
+    """A number in 3-4 significant digits without exponent."""
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def _time_cell(res):
+    if res is None:
+        return "-"
+    if res["status"] != OK:
+        return _SHORT.get(res["status"], res["status"]) + ("*" if res["skipped"] else "")
+    return _num(res["time_s"] * 1e3)
+
+
+def _memory_cell(res):
+    if res is None:
+        return "-"
+    if res["status"] != OK:
+        return _SHORT.get(res["status"], res["status"]) + ("*" if res["skipped"] else "")
+    return "n/a" if res["peak_bytes"] is None else _num(res["peak_bytes"] / 2 ** 20)
+
+
+def _ratio_cell(r):
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _path_cell(path):
+    names = sorted(set(path.values()), key=["triton", "torch", "reference"].index)
+    return "+".join("ref" if n == "reference" else n for n in names)
+
+
+def table(run):
+    """The comparison table as text, with its notes and the out-of-memory summary."""
+    results = run["results"]
+    variants = run["settings"]["variants"]
+    refs = [r for r in REFERENCES if r in variants]
+    has_floor = any(rec.get("floor") for rec in results)
+    headers = ["loss", "shape", "fastkd path"]
+    headers += [f"{v} ms" for v in variants] + [f"x vs {r}" for r in refs if "fastkd" in variants]
+    headers += [f"{v} MiB" for v in variants] + [f"mem x vs {r}" for r in refs if "fastkd" in variants]
+    if has_floor:
+        headers += ["floor ms", "of floor"]
+    rows = []
+    for rec in results:
+        res = rec["variants"]
+        row = [rec["loss"], rec["shape"], _path_cell(rec["fastkd_path"])]
+        row += [_time_cell(res.get(v)) for v in variants]
+        row += [_ratio_cell(rec["speedup"].get(r)) for r in refs if "fastkd" in variants]
+        row += [_memory_cell(res.get(v)) for v in variants]
+        row += [_ratio_cell(rec["memory_ratio"].get(r)) for r in refs if "fastkd" in variants]
+        if has_floor:
+            floor = rec.get("floor") or {}
+            row += ["-" if floor.get("time_s") is None else _num(floor["time_s"] * 1e3),
+                    "-" if floor.get("fraction") is None else f"{100 * floor['fraction']:.0f}%"]
+        rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    left = 3  # loss, shape, path are text; the rest are numbers
+    lines = ["  ".join(h.ljust(w) if i < left else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    previous = None
+    for rec, row in zip(results, rows):
+        if previous is not None and rec["loss"] != previous:
+            lines.append("")
+        previous = rec["loss"]
+        lines.append("  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    lines += ["", *notes(run)]
+    return "\n".join(lines)
+
+
+def notes(run):
+    out = [
+        "ms: median forward+backward time; MiB: peak memory above the inputs; x vs eager/compile: the "
+        "reference's figure over fastkd's, measured side by side (above 1 = fastkd faster / lighter).",
+        "fastkd path: what the auto backend ran (ref = no fast path yet, so fastkd ~ the reference).",
+        "OOM: out of memory (above --max-memory on CPU); OOM*/too slow*: not run, it ran out at a "
+        "smaller shape of the same loss; no compile: torch.compile failed on this loss.",
+    ]
+    if run["device"]["type"] == "cuda":
+        out.append("floor: max(bytes to move / measured copy bandwidth, matmul flops / measured peak); "
+                   "of floor: floor / fastkd time.")
+    over = beyond(run["results"])
+    for loss, per_ref in over.items():
+        for ref, entry in per_ref.items():
+            ran = (f"fastkd ran {len(entry['fastkd_ran'])} of them, up to {entry['largest']}" if entry["largest"]
+                   else "fastkd ran none of them")
+            out.append(f"{loss}: {ref} ran out of memory at {len(entry['oom'])} shape(s) from "
+                       f"{entry['first_oom']}; {ran}.")
+    return out
+
+
+def header(run):
+    dev = run["device"]
+    lines = [f"fastkd {run['fastkd']} benchmark on {dev['description']}: torch {run['torch']}, "
+             f"triton {run['triton'] or 'not installed'}, commit {run['git_commit'] or 'unknown'}",
+             f"sweep {run['settings']['sweep']}, dtype {run['settings']['dtype']}, "
+             f"{run['settings']['threads']} CPU threads, memory cap "
+             + (f"{run['settings']['max_memory'] / 2 ** 30:.1f} GiB" if run["settings"]["max_memory"] else "none")]
+    if dev.get("bandwidth_Bps"):
+        lines.append(f"measured copy bandwidth {dev['bandwidth_Bps'] / 1e9:.0f} GB/s, "
+                     f"fp32 matmul peak {dev['peak_flops'] / 1e12:.1f} TFLOP/s")
+    return "\n".join(lines)
+
+
+# --- files ------------------------------------------------------------------------------
+
+def write_json(run, path):
+    _parent(path)
+    with open(path, "w") as f:
+        json.dump(run, f, indent=1)
+        f.write("\n")
+
+
+def csv_rows(run):
+    """One row per case: every number, plus the run's device, versions and commit."""
+    variants = run["settings"]["variants"]
+    meta = {"device": run["device"]["description"], "torch": run["torch"], "triton": run["triton"],
+            "fastkd": run["fastkd"], "git_commit": run["git_commit"], "dtype": run["settings"]["dtype"]}
+    for rec in run["results"]:
+        row = {"loss": rec["loss"], "shape": rec["shape"], "x_name": rec["x_name"], "x": rec["x"],
+               "fastkd_path": _path_cell(rec["fastkd_path"])}
+        for v in variants:
+            res = rec["variants"][v]
+            row.update({f"{v}_status": res["status"], f"{v}_skipped": res["skipped"], f"{v}_time_s": res["time_s"],
+                        f"{v}_reps": res["reps"], f"{v}_peak_bytes": res["peak_bytes"],
+                        f"{v}_warmup_s": res["warmup_s"], f"{v}_error": res["error"]})
+        for ref in REFERENCES:
+            if ref in variants and "fastkd" in variants:
+                row[f"speedup_vs_{ref}"] = rec["speedup"].get(ref)
+                row[f"memory_ratio_vs_{ref}"] = rec["memory_ratio"].get(ref)
+        floor = rec.get("floor") or {}
+        row.update({"floor_bytes": floor.get("bytes"), "floor_flops": floor.get("flops"),
+                    "floor_time_s": floor.get("time_s"), "floor_fraction": floor.get("fraction")})
+        row.update(meta)
+        yield row
+
+
+def write_csv(run, path):
+    _parent(path)
+    rows = list(csv_rows(run))
+    fields = list(rows[0]) if rows else ["loss", "shape"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _parent(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+
+
+class MissingMatplotlib(RuntimeError):
+    """--plot needs matplotlib."""
+
+
+def write_plots(run, folder):
+    """One PNG per loss: time and peak memory of each variant against the sweep variable.
+
+    Losses swept over batch or classes get a log-log axis; feature-map losses, swept over
+    layer shapes, one point per shape. Returns the files written.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib import ticker
+    except ImportError:
+        raise MissingMatplotlib("--plot needs matplotlib: pip install matplotlib "
+                                "(or pip install 'fastkd[bench]')") from None
+    os.makedirs(folder, exist_ok=True)
+    by_loss = {}
+    for rec in run["results"]:
+        by_loss.setdefault(rec["loss"], []).append(rec)
+    written = []
+    for loss, recs in by_loss.items():
+        numeric = all(r["monotone"] for r in recs)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, key, scale, unit in ((axes[0], "time_s", 1e3, "forward+backward time (ms)"),
+                                     (axes[1], "peak_bytes", 2.0 ** -20, "peak memory above inputs (MiB)")):
+            for v in run["settings"]["variants"]:
+                pts = [(r["x"] if numeric else i, r["variants"][v][key] * scale) for i, r in enumerate(recs)
+                       if r["variants"][v]["status"] == OK and r["variants"][v][key] is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=v)
+            ax.set_ylabel(unit)
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            if numeric:
+                ax.set_xscale("log")
+                ax.set_xticks([r["x"] for r in recs])
+                ax.set_xticklabels([str(r["x"]) for r in recs])
+                ax.xaxis.set_minor_locator(ticker.NullLocator())
+                ax.set_xlabel(recs[0]["x_name"])
+            else:
+                ax.set_xticks(range(len(recs)))
+                ax.set_xticklabels([r["shape"] for r in recs], rotation=30, ha="right", fontsize=7)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"{loss} on {run['device']['description']}")
+        fig.tight_layout()
+        path = os.path.join(folder, f"{loss}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# --- progress ---------------------------------------------------------------------------
+
+class Progress:
+    """A one-line progress bar on stderr: [####....] done/total elapsed  what runs now.
+
+    On a terminal the line is redrawn in place; elsewhere each case gets one line.
+    """
+
+    def __init__(self, total, stream=None, enabled=True, width=24):
+        self.total, self.done, self.width = total, 0, width
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.live = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = time.monotonic()
+
+    def _line(self, text):
+        filled = self.width * self.done // max(self.total, 1)
+        return (f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
+                f"{time.monotonic() - self.start:5.0f}s  {text}")
+
+    def show(self, text):
+        """What runs now (redrawn on a terminal only)."""
+        if self.live:
+            self.stream.write("\r" + self._line(text)[:119].ljust(119))
+            self.stream.flush()
+
+    def advance(self, text=""):
+        """One more case done; text says which."""
+        self.done += 1
+        if self.live:
+            self.show(text)
+        elif self.enabled:
+            self.stream.write(self._line(text) + "\n")
+            self.stream.flush()
+
+    def close(self):
+        if self.live:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,262 @@
+"""The benchmark's own code (fastkd.bench) on tiny shapes: cases, measuring, reporting."""
+import csv
+import io
+import json
+import statistics
+import sys
+
+import pytest
+import torch
+
+import fastkd
+from fastkd.bench import cases, cli, measure, report
+
+CPU = torch.device("cpu")
+FAST = {"warmup": 1, "min_reps": 2, "max_reps": 3, "budget_s": 0.0, "max_call_s": 60.0}
+linux_only = pytest.mark.skipif(not measure.cpu_memory_supported(), reason="needs Linux /proc memory accounting")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: the figures here are not read, and on a busy machine a second
+    OpenMP thread only waits. The suite's setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _settings(**kw):
+    args = cli.parser().parse_args(["--sweep", "tiny", "--variants", "eager,fastkd", "--max-reps", "3",
+                                    "--min-reps", "2", "--budget", "0.001", "--threads", "1"])
+    return dict(cli.settings_from(args), **kw)
+
+
+def _raising(err):
+    """A variant whose step raises err (after the reference's forward, as a real failure would)."""
+    def build(case, device, dtype):
+        module = case.build("reference", device, dtype)
+
+        def step(*inputs):
+            module(*inputs)
+            raise err
+        return step, module
+    return build
+
+
+def _allocating(nbytes):
+    """A variant whose forward also builds a temporary of nbytes that backward goes through."""
+    def build(case, device, dtype):
+        module = case.build("reference", device, dtype)
+
+        def step(*inputs):
+            loss = module(*inputs)
+            big = torch.ones(nbytes // 4, device=device) * loss
+            return big.sum() / big.numel()
+        return step, module
+    return build
+
+
+def test_sweeps_cover_every_loss_once_per_shape():
+    for sweep in cases.SWEEPS:
+        for device_type in ("cpu", "cuda"):
+            got = cases.cases(sweep, device_type)
+            assert {c.loss for c in got} == set(cases.LOSSES), (sweep, device_type)
+            names = [c.name for c in got]
+            assert len(names) == len(set(names))
+    assert len(cases.LOSSES) == 21 and "Baseline" not in cases.LOSSES
+
+
+def test_full_sweeps_have_the_issue_shapes():
+    gpu = cases.cases("full", "cuda")
+    assert [c.x for c in gpu if c.loss == "RKD"] == [64, 128, 256, 512, 1024, 2048, 4096, 8192]
+    assert {c.params["D"] for c in gpu if c.loss in ("RKD", "SP", "PKTCosSim", "CC", "IRG")} == {512}
+    assert {c.x for c in gpu if c.loss == "SoftTarget"} == {10, 100, 1000, 32000, 128000}
+    assert {c.params["rows"] for c in gpu if c.loss == "DML"} == {8192}
+    crd = [c for c in gpu if c.loss == "CRD"]
+    assert {(c.params["nce_n"], c.params["feat_dim"]) for c in crd} == {(16384, 128)}
+    at = {(c.params["B"], c.params["C"], c.params["H"]) for c in gpu if c.loss == "AT"}
+    assert {(128, 16, 32), (128, 64, 8), (256, 64, 56), (256, 2048, 7)} <= at
+    assert max(c.x for c in cases.cases("full", "cpu") if c.loss == "RKD") < 8192
+
+
+def test_losses_option_takes_aliases_and_rejects_unknown_names():
+    picked = cases.cases("tiny", "cpu", ["rkd", "PKT", "FitNet"])
+    assert {c.loss for c in picked} == {"RKD", "PKTCosSim", "Hint"}
+    with pytest.raises(ValueError, match="unknown loss"):
+        cases.cases("tiny", "cpu", ["NoSuchLoss"])
+
+
+def test_every_tiny_case_runs_with_the_same_state_dict_in_both_modules():
+    for case in cases.cases("tiny", "cpu"):
+        ref, fast = case.build("reference", CPU, torch.float32), case.build("fastkd", CPU, torch.float32)
+        assert isinstance(fast, getattr(fastkd, case.loss))
+        for (k1, v1), (k2, v2) in zip(ref.state_dict().items(), fast.state_dict().items()):
+            assert k1 == k2 and torch.equal(v1, v2), case.name
+        runner = measure.Runner(case, CPU, torch.float32)
+        torch.manual_seed(0)
+        loss = ref(*runner.inputs())
+        assert loss.dim() == 0 and torch.isfinite(loss), case.name
+        loss.backward()
+
+
+def test_run_case_measures_each_variant():
+    case = cases.cases("tiny", "cpu", ["SP"])[0]
+    results = measure.run_case(case, CPU, variants={"eager": measure.eager, "fastkd": measure.fastkd_auto}, **FAST)
+    for res in results.values():
+        assert res["status"] == measure.OK and res["error"] is None and not res["skipped"]
+        assert res["reps"] == len(res["times_s"]) >= 2
+        assert res["time_s"] == statistics.median(res["times_s"]) > 0
+        assert res["warmup_s"] > 0
+
+
+@linux_only
+def test_cpu_peak_memory_sees_a_known_temporary():
+    case = cases.cases("tiny", "cpu", ["Hint"])[0]
+    results = measure.run_case(case, CPU, variants={"eager": measure.eager, "big": _allocating(64 * 2 ** 20)},
+                               **FAST)
+    assert results["eager"]["peak_bytes"] < 8 * 2 ** 20
+    assert 60 * 2 ** 20 <= results["big"]["peak_bytes"] < 300 * 2 ** 20
+
+
+@pytest.mark.parametrize("err", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                 RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
+                                              "allocate memory: you tried to allocate 34359738368 bytes.")])
+def test_out_of_memory_variant_is_reported_and_not_run_at_larger_sizes(err):
+    settings = _settings(losses=["RKD"])
+    run = cli.run(settings, variants={"eager": _raising(err), "fastkd": measure.fastkd_auto}, progress=False)
+    small, large = run["results"]
+    assert small["variants"]["eager"]["status"] == measure.OOM
+    assert not small["variants"]["eager"]["skipped"]
+    assert large["variants"]["eager"]["status"] == measure.OOM and large["variants"]["eager"]["skipped"]
+    assert small["variants"]["fastkd"]["status"] == large["variants"]["fastkd"]["status"] == measure.OK
+    assert small["speedup"]["eager"] is None
+    shapes = [small["shape"], large["shape"]]
+    assert run["beyond"]["RKD"]["eager"] == {"oom": shapes, "first_oom": small["shape"], "fastkd_ran": shapes,
+                                             "largest": large["shape"]}
+    text = report.table(run)
+    assert "OOM" in text and "OOM*" in text
+    assert (f"RKD: eager ran out of memory at 2 shape(s) from {small['shape']}; fastkd ran 2 of them, "
+            f"up to {large['shape']}.") in text
+
+
+@linux_only
+def test_memory_cap_turns_a_big_allocation_into_out_of_memory():
+    case = cases.cases("tiny", "cpu", ["Hint"])[0]
+    results = measure.run_case(case, CPU, variants={"eager": measure.eager, "big": _allocating(2 ** 31)},
+                               max_memory=256 * 2 ** 20, **FAST)
+    assert results["big"]["status"] == measure.OOM
+    assert "allocate" in results["big"]["error"]
+    assert results["eager"]["status"] == measure.OK
+
+
+def test_compile_errors_and_slow_variants_are_reported():
+    case = cases.cases("tiny", "cpu", ["SP"])[0]
+    results = measure.run_case(case, CPU, variants={"compile": _raising(RuntimeError("inductor: no C++ compiler")),
+                                                    "eager": measure.eager},
+                               **dict(FAST, max_call_s=0.0))
+    assert results["compile"]["status"] == measure.COMPILE_FAILED
+    assert "no C++ compiler" in results["compile"]["error"]
+    assert results["eager"]["status"] == measure.TOO_SLOW and results["eager"]["time_s"] is None
+
+
+def test_main_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
+    json_path, csv_path = tmp_path / "out" / "bench.json", tmp_path / "bench.csv"
+    code = cli.main(["--sweep", "tiny", "--losses", "SP,Hint,CRD", "--variants", "eager,fastkd", "--min-reps", "2",
+                     "--max-reps", "2", "--budget", "0.001", "--threads", "1", "--no-progress",
+                     "--json", str(json_path), "--csv", str(csv_path), "--machine", "test machine"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "eager ms" in out and "fastkd MiB" in out and "x vs eager" in out and "test machine" in out
+    rows = [line.split() for line in out.splitlines()]
+    for loss, shape in (("SP", "N=8 D=32"), ("Hint", "B=4 C=8 8x8"), ("CRD", "B=4 n=64 d=16")):
+        assert any(r[:1 + len(shape.split())] == [loss, *shape.split()] for r in rows), (loss, shape)
+
+    run = json.loads(json_path.read_text())
+    for key in ("fastkd", "torch", "triton", "python", "git_commit", "date", "device", "settings", "results",
+                "run_seconds", "beyond"):
+        assert key in run
+    assert run["torch"] == torch.__version__
+    assert run["device"]["description"] == "test machine" and run["device"]["type"] == "cpu"
+    assert len(run["results"]) == 6
+    for rec in run["results"]:
+        assert set(rec) >= {"loss", "shape", "x", "x_name", "params", "fastkd_path", "variants", "speedup",
+                            "memory_ratio", "floor"}
+        assert set(rec["variants"]) == {"eager", "fastkd"}
+        for res in rec["variants"].values():
+            assert set(res) == {"status", "time_s", "times_s", "reps", "peak_bytes", "warmup_s", "error", "skipped"}
+            assert res["status"] == "ok" and res["time_s"] > 0
+        assert rec["speedup"]["eager"] == pytest.approx(rec["variants"]["eager"]["time_s"]
+                                                        / rec["variants"]["fastkd"]["time_s"])
+        assert "memory_ratio" in rec and "eager" in rec["memory_ratio"]
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6
+    for col in ("eager_time_s", "fastkd_time_s", "eager_peak_bytes", "fastkd_peak_bytes", "speedup_vs_eager",
+                "memory_ratio_vs_eager", "device", "torch", "triton", "git_commit"):
+        assert col in rows[0]
+    assert float(rows[0]["eager_time_s"]) == pytest.approx(run["results"][0]["variants"]["eager"]["time_s"])
+
+
+def _small_run():
+    return cli.run(_settings(losses=["SP", "AT"]), progress=False)
+
+
+def test_plots_need_matplotlib(tmp_path, monkeypatch):
+    run = _small_run()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(report.MissingMatplotlib, match="pip install matplotlib"):
+        report.write_plots(run, tmp_path)
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    files = report.write_plots(_small_run(), tmp_path)
+    assert sorted(p.split("/")[-1] for p in files) == ["AT.png", "SP.png"]
+    assert all((tmp_path / name).read_bytes()[:4] == b"\x89PNG" for name in ("AT.png", "SP.png"))
+
+
+def test_progress_bar_writes_a_line_per_case_off_a_terminal():
+    stream = io.StringIO()
+    bar = report.Progress(2, stream=stream)
+    bar.show("SP N=8: eager")
+    bar.advance("SP N=8")
+    bar.advance("SP N=16")
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[-1].startswith("[" + "#" * 24 + "] 2/2") and lines[-1].endswith("SP N=16")
+
+
+def test_parse_memory():
+    assert cli.parse_memory("8G") == 8 * 2 ** 30
+    assert cli.parse_memory("512MiB") == 512 * 2 ** 20
+    assert cli.parse_memory("1000") == 1000
+    assert cli.parse_memory("25%", total=400) == 100
+    with pytest.raises(ValueError):
+        cli.parse_memory("lots")
+
+
+def test_ratios_ignore_missing_and_noise_level_figures():
+    rec = {"variants": {"eager": dict(measure.new_result(), time_s=2.0, peak_bytes=4 * 2 ** 20),
+                        "compile": dict(measure.new_result(), status=measure.COMPILE_FAILED),
+                        "fastkd": dict(measure.new_result(), time_s=0.5, peak_bytes=1000)}}
+    report.add_ratios(rec, min_memory_bytes=2 ** 20)
+    assert rec["speedup"] == {"eager": 4.0, "compile": None}
+    assert rec["memory_ratio"] == {"eager": None, "compile": None}
+
+
+def test_fastkd_path_follows_the_dispatcher(monkeypatch):
+    from fastkd import backend
+    assert cli.fastkd_path("RKD", CPU) == {op: backend.resolve(op, CPU, "auto") for op in ("rkd_distance", "rkd_angle")}
+    calls = []
+
+    def fast_sp(fm_s, fm_t):
+        calls.append(fm_s.shape)
+        return fastkd.reference.sp.sp(fm_s, fm_t)
+    monkeypatch.setitem(backend.IMPLEMENTATIONS["sp"], "torch", fast_sp)
+    run = cli.run(_settings(losses=["SP"]), progress=False)
+    assert [rec["fastkd_path"] for rec in run["results"]] == [{"sp": "torch"}] * 2
+    assert calls and all(rec["variants"]["fastkd"]["status"] == measure.OK for rec in run["results"])
+    rows = [line.split() for line in report.table(run).splitlines() if line.startswith("SP ")]
+    assert len(rows) == 2 and all(row[3] == "torch" for row in rows)
