@@ -17,6 +17,8 @@ import os
 
 from .reference import (ab, afd, at, bss, cc, crd, dml, fitnet, fsp, ft, irg, logits, lwm, nst,
                         ofd, pkt, rkd, sobolev, sp, st, vid)
+from . import autograd
+from .torch_backend import softmax_kl as torch_softmax_kl
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 ENV_VAR = "FASTKD_BACKEND"
@@ -25,9 +27,10 @@ ENV_VAR = "FASTKD_BACKEND"
 # "torch" and "triton" entries as their paths land.
 IMPLEMENTATIONS = {
     "logits": {"reference": logits.logits},
-    "soft_target": {"reference": st.soft_target},
-    "dml": {"reference": dml.dml},
-    "bss": {"reference": bss.bss},
+    "soft_target": {"reference": st.soft_target, "torch": torch_softmax_kl.soft_target,
+                    "triton": autograd.soft_target},
+    "dml": {"reference": dml.dml, "torch": torch_softmax_kl.dml, "triton": autograd.dml},
+    "bss": {"reference": bss.bss, "torch": torch_softmax_kl.bss, "triton": autograd.bss},
     "at": {"reference": at.at},
     "hint": {"reference": fitnet.hint},
     "nst": {"reference": nst.nst},

@@ -1,0 +1,1 @@
+"""fastkd's algorithms written with torch ops: the CPU path."""
