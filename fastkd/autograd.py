@@ -17,8 +17,8 @@ from .kernels import softmax_kl as _softmax_kl  # noqa: E402
 class SoftmaxKLFunction(torch.autograd.Function):
     """scale / B * sum over rows of KL(softmax(t / T) || softmax(s / T)); classes on dim 1.
 
-    Forward is one streaming pass that keeps three fp32 numbers per row (both
-    log-sum-exps and KL_row); backward recomputes the softmaxes from them. Writing the
+    Forward is one streaming pass that keeps five numbers per row (the two softmaxes'
+    shifts and log-normalisers, and KL_row); backward recomputes the softmaxes from them. Writing the
     gradient during forward instead would cost a second pass over the logits in forward
     anyway (it needs the final log-sum-exps), a (rows x classes) buffer held until
     backward, and a third pass to scale it by grad_output; recomputing reads the logits
@@ -32,7 +32,7 @@ class SoftmaxKLFunction(torch.autograd.Function):
         stats = _softmax_kl.softmax_kl_forward(out_s, out_t, T_t)
         ctx.save_for_backward(out_s, out_t, stats, T_t)
         ctx.coef = scale / (out_s.shape[0] * T)
-        loss = stats[2].sum() * (scale / out_s.shape[0])
+        loss = stats[4].sum() * (scale / out_s.shape[0])
         return loss.to(torch.result_type(out_s, out_t))
 
     @staticmethod

@@ -30,12 +30,26 @@ def _row_offsets(rows, S, stride_b, stride_s):
 
 
 @triton.jit
+def _shift(m):
+    """The max that exponents are taken against: 0 while every class so far is -inf,
+    so exp(-inf - shift) stays 0 rather than NaN."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def _softmax_kl_forward_kernel(
     s_ptr, t_ptr, stats_ptr, T_ptr, R, K, S,
     s_sb, s_sk, s_ss, t_sb, t_sk, t_ss,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """stats (3, R): log-sum-exp of x_s, log-sum-exp of x_t, KL_row, in stats' dtype."""
+    """stats (5, R) in stats' dtype: shift_s, log z_s, shift_t, log z_t, KL_row, where
+    log softmax(x) = (x - shift) - log z.
+
+    Like log_softmax, every log-probability is taken relative to the row max, so KL_row
+    is summed from small differences: with u = x_t - shift_t, v = x_s - shift_s, w = exp(u),
+    KL_row = sum w (u - v) / z_t + log(z_s / z_t). When a block raises a max, the
+    running sums are moved to the new shifts.
+    """
     acc_t = stats_ptr.dtype.element_ty
     T = tl.load(T_ptr)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -44,10 +58,10 @@ def _softmax_kl_forward_kernel(
     t_row = _row_offsets(rows, S, t_sb, t_ss)
     neg_inf = float("-inf")
     m_s = tl.full((BLOCK_R,), neg_inf, acc_t)
-    z_s = tl.zeros((BLOCK_R,), acc_t)
     m_t = tl.full((BLOCK_R,), neg_inf, acc_t)
+    z_s = tl.zeros((BLOCK_R,), acc_t)
     z_t = tl.zeros((BLOCK_R,), acc_t)
-    acc = tl.zeros((BLOCK_R,), acc_t)  # sum_k exp(x_t - m_t) (x_t - x_s)
+    d = tl.zeros((BLOCK_R,), acc_t)  # sum w (u - v)
     for k0 in range(0, K, BLOCK_K):
         cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask = row_ok[:, None] & (cols < K)[None, :]
@@ -56,29 +70,30 @@ def _softmax_kl_forward_kernel(
         xs = xs.to(acc_t) / T
         xt = xt.to(acc_t) / T
 
-        # A running max of -inf (all classes so far masked) is shifted by 0 instead, so
-        # exp(-inf - max) stays 0 rather than NaN.
-        m_new = tl.maximum(m_s, tl.max(xs, axis=1))
-        shift = tl.where(m_new == neg_inf, 0.0, m_new)
-        z_s = z_s * tl.exp(m_s - shift) + tl.sum(tl.exp(xs - shift[:, None]), axis=1)
-        m_s = m_new
-
-        m_new = tl.maximum(m_t, tl.max(xt, axis=1))
-        shift = tl.where(m_new == neg_inf, 0.0, m_new)
-        alpha = tl.exp(m_t - shift)
-        w = tl.exp(xt - shift[:, None])
+        m_s_new = tl.maximum(m_s, tl.max(xs, axis=1))
+        m_t_new = tl.maximum(m_t, tl.max(xt, axis=1))
+        c_s, c_s_new = _shift(m_s), _shift(m_s_new)
+        c_t, c_t_new = _shift(m_t), _shift(m_t_new)
+        v = xs - c_s_new[:, None]
+        u = xt - c_t_new[:, None]
+        w = tl.exp(u)
+        # kl_div's p = 0 rule: 0, or NaN where log q = -inf too (padding classes add 0).
         zero_p = tl.where(mask & (xs == neg_inf), float("nan"), 0.0)
-        term = tl.where(w > 0, w * (xt - xs), zero_p)
-        z_t = z_t * alpha + tl.sum(w, axis=1)
-        acc = acc * alpha + tl.sum(term, axis=1)
-        m_t = m_new
+        term = tl.where(w > 0, w * (u - v), zero_p)
+        alpha_t = tl.exp(m_t - c_t_new)
+        d = alpha_t * (d + z_t * ((c_t - c_t_new) - (c_s - c_s_new))) + tl.sum(term, axis=1)
+        z_t = z_t * alpha_t + tl.sum(w, axis=1)
+        z_s = z_s * tl.exp(m_s - c_s_new) + tl.sum(tl.exp(v), axis=1)
+        m_s, m_t = m_s_new, m_t_new
 
     log_z_s = tl.log(z_s)
     log_z_t = tl.log(z_t)
-    kl = acc / z_t + (m_s - m_t) + (log_z_s - log_z_t)
-    tl.store(stats_ptr + rows, m_s + log_z_s, mask=row_ok)
-    tl.store(stats_ptr + R + rows, m_t + log_z_t, mask=row_ok)
-    tl.store(stats_ptr + 2 * R + rows, kl, mask=row_ok)
+    tl.store(stats_ptr + rows, _shift(m_s), mask=row_ok)
+    tl.store(stats_ptr + R + rows, log_z_s, mask=row_ok)
+    tl.store(stats_ptr + 2 * R + rows, _shift(m_t), mask=row_ok)
+    tl.store(stats_ptr + 3 * R + rows, log_z_t, mask=row_ok)
+    # log(z_s / z_t) rounds once where log z_s - log z_t would round two larger numbers.
+    tl.store(stats_ptr + 4 * R + rows, d / z_t + tl.log(z_s / z_t), mask=row_ok)
 
 
 @triton.jit
@@ -87,8 +102,8 @@ def _softmax_kl_backward_kernel(
     s_sb, s_sk, s_ss, t_sb, t_sk, t_ss,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, STUDENT: tl.constexpr, TEACHER: tl.constexpr,
 ):
-    """Gradients, written as contiguous (B, K, S): g (q - p) and g p (lp - lq - KL), with
-    g = grad_output * scale / (B T) read from g_ptr."""
+    """Gradients, written as contiguous (B, K, S): g (q - p) and g p (log p - log q - KL),
+    with g = grad_output * scale / (B T) read from g_ptr."""
     acc_t = stats_ptr.dtype.element_ty
     T = tl.load(T_ptr)
     g = tl.load(g_ptr)
@@ -97,16 +112,18 @@ def _softmax_kl_backward_kernel(
     s_row = _row_offsets(rows, S, s_sb, s_ss)
     t_row = _row_offsets(rows, S, t_sb, t_ss)
     g_row = _row_offsets(rows, S, K * S, 1)
-    lse_s = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-    lse_t = tl.load(stats_ptr + R + rows, mask=row_ok, other=0.0)
-    kl = tl.load(stats_ptr + 2 * R + rows, mask=row_ok, other=0.0)
+    c_s = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
+    log_z_s = tl.load(stats_ptr + R + rows, mask=row_ok, other=0.0)
+    c_t = tl.load(stats_ptr + 2 * R + rows, mask=row_ok, other=0.0)
+    log_z_t = tl.load(stats_ptr + 3 * R + rows, mask=row_ok, other=0.0)
+    kl = tl.load(stats_ptr + 4 * R + rows, mask=row_ok, other=0.0)
     for k0 in range(0, K, BLOCK_K):
         cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask = row_ok[:, None] & (cols < K)[None, :]
         xs = tl.load(s_ptr + s_row[:, None] + cols[None, :] * s_sk, mask=mask, other=0.0)
         xt = tl.load(t_ptr + t_row[:, None] + cols[None, :] * t_sk, mask=mask, other=0.0)
-        log_q = xs.to(acc_t) / T - lse_s[:, None]
-        log_p = xt.to(acc_t) / T - lse_t[:, None]
+        log_q = (xs.to(acc_t) / T - c_s[:, None]) - log_z_s[:, None]
+        log_p = (xt.to(acc_t) / T - c_t[:, None]) - log_z_t[:, None]
         p = tl.exp(log_p)
         g_offs = g_row[:, None] + cols[None, :] * S
         if STUDENT:
@@ -136,14 +153,14 @@ def _blocks(R, K):
 
 
 def softmax_kl_forward(out_s, out_t, T):
-    """Per-row statistics (3, R): [lse(s / T), lse(t / T), KL_row]; R = B * prod(d_i).
+    """Per-row statistics (5, R): [shift_s, log z_s, shift_t, log z_t, KL_row], R = B * prod(d_i).
 
     T is a 1-element tensor in the accumulation dtype (so float64 inputs keep every digit).
     """
     s, t = _as_bks(out_s), _as_bks(out_t)
     B, K, S = s.shape
     R = B * S
-    stats = torch.empty((3, R), device=s.device, dtype=T.dtype)
+    stats = torch.empty((5, R), device=s.device, dtype=T.dtype)
     block_r, block_k = _blocks(R, K)
     _softmax_kl_forward_kernel[(triton.cdiv(R, block_r),)](
         s, t, stats, T, R, K, S, *s.stride(), *t.stride(),

@@ -22,48 +22,42 @@ def _chunks(x):
         yield slice(b0, b0 + step)
 
 
-def _log_softmax(x, T, acc):
-    """(log_softmax(x / T, dim=1), softmax's sum of exps) with one exp per element."""
-    x = x.to(acc)
-    y = x / T if T != 1 else x.clone()
-    e = y.sub_(y.amax(dim=1, keepdim=True)).exp()
-    z = e.sum(dim=1, keepdim=True)
-    return y, e, z
+def _scaled(x, T, acc):
+    """x / T in acc, always a new tensor (so it may be modified in place)."""
+    return torch.div(x.to(acc), T) if T != 1 else x.to(acc, copy=True)
 
 
 class SoftmaxKL(torch.autograd.Function):
     """scale / B * sum of KL(softmax(t / T) || softmax(s / T)) over rows; classes on dim 1.
 
-    Forward keeps per row the two log-sum-exps and KL_row; backward needs one exp per
-    element and input, as the reference's autograd does.
+    Forward keeps per row the two softmaxes' maxima and log-normalisers and KL_row;
+    backward needs one exp per element and input, as the reference's autograd does.
     """
 
     @staticmethod
     def forward(ctx, out_s, out_t, T, scale):
         acc = torch.float64 if torch.float64 in (out_s.dtype, out_t.dtype) else torch.float32
-        stats = torch.empty((3, out_s.shape[0], 1) + out_s.shape[2:], dtype=acc, device=out_s.device)
-        lse_s, lse_t, kl = stats
+        stats = torch.empty((5, out_s.shape[0], 1) + out_s.shape[2:], dtype=acc, device=out_s.device)
+        max_s, log_z_s, max_t, log_z_t, kl = stats
         for c in _chunks(out_s):
-            xs, xt = out_s[c].to(acc), out_t[c].to(acc)
-            if T != 1:
-                xs, xt = xs / T, xt / T
+            xs, xt = _scaled(out_s[c], T, acc), _scaled(out_t[c], T, acc)
             m_s, m_t = xs.amax(dim=1, keepdim=True), xt.amax(dim=1, keepdim=True)
-            log_q = torch.sub(xs, m_s)
-            log_z_s = log_q.exp().sum(dim=1, keepdim=True).log_()
-            log_q.sub_(log_z_s)
-            log_p = torch.sub(xt, m_t)
-            p = log_p.exp()
+            v = xs.sub_(m_s)
+            u = xt.sub_(m_t)
+            z_s = v.exp().sum(dim=1, keepdim=True)
+            p = u.exp()
             z_t = p.sum(dim=1, keepdim=True)
             p.div_(z_t)
-            log_z_t = z_t.log_()
-            log_p.sub_(log_z_t)
-            torch.add(m_s, log_z_s, out=lse_s[c])
-            torch.add(m_t, log_z_t, out=lse_t[c])
-            # torch's kl_div term is xlogy(p, p) - p log q: a class with p = 0 adds 0, or NaN
-            # where log q = -inf too. Clamping log p = -inf to the lowest finite value gives
-            # exactly that with one product.
-            d = log_p.clamp_min_(torch.finfo(acc).min).sub_(log_q)
+            max_s[c], max_t[c] = m_s, m_t
+            torch.log(z_s, out=log_z_s[c])
+            torch.log(z_t, out=log_z_t[c])
+            # KL_row = sum p (u - v) + log(z_s / z_t): differences of numbers near the row
+            # maxima, and one rounded log instead of two. torch's kl_div term is
+            # xlogy(p, p) - p log q: a class with p = 0 adds 0, or NaN where log q = -inf
+            # too; clamping u = -inf to the lowest finite value gives exactly that.
+            d = u.clamp_min_(torch.finfo(acc).min).sub_(v)
             torch.sum(p.mul_(d), dim=1, keepdim=True, out=kl[c])
+            kl[c] += z_s.div_(z_t).log_()
         ctx.save_for_backward(out_s, out_t, stats)
         ctx.T, ctx.coef = T, scale / (out_s.shape[0] * T)
         return (kl.sum() * (scale / out_s.shape[0])).to(torch.result_type(out_s, out_t))
@@ -75,19 +69,19 @@ class SoftmaxKL(torch.autograd.Function):
         g = grad_output.to(stats.dtype) * ctx.coef
         grad_s = torch.empty_like(out_s, memory_format=torch.contiguous_format) if student else None
         grad_t = torch.empty_like(out_t, memory_format=torch.contiguous_format) if teacher else None
-        neg_lse_s, neg_lse_t, kl = stats.neg()
+        max_s, log_z_s, max_t, log_z_t, kl = stats
         for c in _chunks(out_s):
-            # log q = s / T - lse_s, log p = t / T - lse_t, each in one pass.
-            log_q = torch.add(neg_lse_s[c], out_s[c], alpha=1 / ctx.T)
-            log_p = torch.add(neg_lse_t[c], out_t[c], alpha=1 / ctx.T)
+            # log q = (s / T - max_s) - log z_s with forward's roundings (as log_softmax's).
+            log_q = _scaled(out_s[c], ctx.T, kl.dtype).sub_(max_s[c]).sub_(log_z_s[c])
+            log_p = _scaled(out_t[c], ctx.T, kl.dtype).sub_(max_t[c]).sub_(log_z_t[c])
             p = log_p.exp()
             if student:
                 torch.mul(log_q.exp().sub_(p), g, out=grad_s[c])
             if teacher:
                 # A class with p = 0 contributes 0 (the limit of p log p); kl * 0 keeps a row
-                # whose KL is inf or NaN non-finite, as the reference's is (kl holds -KL_row).
+                # whose KL is inf or NaN non-finite, as the reference's is.
                 k = kl[c]
-                term = p * log_p.sub_(log_q).add_(k)
+                term = p * log_p.sub_(log_q).sub_(k)
                 torch.mul(torch.where(p > 0, term, k * 0), g, out=grad_t[c])
         return grad_s, grad_t, None, None
 
