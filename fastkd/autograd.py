@@ -57,3 +57,46 @@ def dml(out1, out2):
 def bss(attacked_out_s, attacked_out_t, T):
     """KLbm(softmax(out_t / T) || softmax(out_s / T)), no T^2 factor."""
     return SoftmaxKLFunction.apply(attacked_out_s, attacked_out_t, T, 1.0)
+
+
+# --- contrast: CRD ---------------------------------------------------------------------
+
+from .kernels import contrast as _contrast  # noqa: E402
+
+
+class CRDContrastFunction(torch.autograd.Function):
+    """contrast_loss(exp(memory[sample_idx] . embed / nce_t) / z); memory is a constant.
+
+    The gradient direction d loss / d embed (B, feat_dim) is computed in forward, by the
+    same kernel pass that computes the loss, and backward only scales it by grad_output.
+    Recomputing it in backward would need the memory rows as they were in forward, but
+    CRD updates its memory in place right after the loss (before backward); saving the
+    gathered rows instead would be the (B, nce_n + 1, feat_dim) tensor this avoids.
+    """
+
+    @staticmethod
+    def forward(ctx, embed, memory, sample_idx, nce_t, z, n_data, eps):
+        acc = _contrast.accumulation_dtype(embed, memory)
+        noise = (sample_idx.shape[1] - 1) / n_data
+        # Filled on the device (a copy from host memory would wait for the stream).
+        params = torch.empty(5, dtype=acc, device=embed.device)
+        for i, value in enumerate((nce_t, z, noise, eps, 1.0 / embed.shape[0])):
+            params[i] = value
+        loss, direction = _contrast.crd_contrast_forward(embed, memory, sample_idx, params,
+                                                         grad=ctx.needs_input_grad[0])
+        ctx.save_for_backward(direction)
+        ctx.embed_dtype = embed.dtype
+        return loss.to(embed.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        direction, = ctx.saved_tensors
+        grad_embed = None
+        if ctx.needs_input_grad[0]:
+            grad_embed = (direction * grad_output.to(direction.dtype)).to(ctx.embed_dtype)
+        return grad_embed, None, None, None, None, None, None
+
+
+def crd_contrast(embed, memory, sample_idx, nce_t, z, n_data, eps=1e-7):
+    """One side of CRD: contrast_loss(exp(memory[sample_idx] . embed / nce_t) / z)."""
+    return CRDContrastFunction.apply(embed, memory, sample_idx, nce_t, z, n_data, eps)

@@ -18,6 +18,7 @@ import os
 from .reference import (ab, afd, at, bss, cc, crd, dml, fitnet, fsp, ft, irg, logits, lwm, nst,
                         ofd, pkt, rkd, sobolev, sp, st, vid)
 from . import autograd
+from .torch_backend import contrast as torch_contrast
 from .torch_backend import softmax_kl as torch_softmax_kl
 
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -50,7 +51,8 @@ IMPLEMENTATIONS = {
     "irg_vertex": {"reference": irg.irg_vertex},
     "irg_edge": {"reference": irg.irg_edge},
     "irg_transformation": {"reference": irg.irg_transformation},
-    "crd_contrast": {"reference": crd.crd_contrast},
+    "crd_contrast": {"reference": crd.crd_contrast, "torch": torch_contrast.crd_contrast,
+                     "triton": autograd.crd_contrast},
 }
 
 _override = contextvars.ContextVar("fastkd_backend", default=None)
