@@ -18,29 +18,37 @@ import os
 from .reference import (ab, afd, at, bss, cc, crd, dml, fitnet, fsp, ft, irg, logits, lwm, nst,
                         ofd, pkt, rkd, sobolev, sp, st, vid)
 from . import autograd
+from .torch_backend import contrast as torch_contrast
+from .torch_backend import elementwise as torch_elementwise
+from .torch_backend import feature_maps as torch_feature_maps
 from .torch_backend import pairwise as torch_pairwise
+from .torch_backend import softmax_kl as torch_softmax_kl
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 ENV_VAR = "FASTKD_BACKEND"
 
-# op name -> {backend: function}. Every op has a reference; the kernel issues add
-# "torch" and "triton" entries as their paths land.
+# op name -> {backend: function}, each with the reference's signature. Every op has a
+# reference; "torch" is fastkd/torch_backend/<family>.py, "triton" the Function wrapper in
+# fastkd/autograd.py over fastkd/kernels/<family>.py.
 IMPLEMENTATIONS = {
-    "logits": {"reference": logits.logits},
-    "soft_target": {"reference": st.soft_target},
-    "dml": {"reference": dml.dml},
-    "bss": {"reference": bss.bss},
-    "at": {"reference": at.at},
-    "hint": {"reference": fitnet.hint},
-    "nst": {"reference": nst.nst},
-    "fsp": {"reference": fsp.fsp},
-    "ft": {"reference": ft.ft},
-    "ab": {"reference": ab.ab},
-    "vid": {"reference": vid.vid},
-    "ofd": {"reference": ofd.ofd},
-    "afd": {"reference": afd.afd},
-    "sobolev": {"reference": sobolev.sobolev},
-    "lwm": {"reference": lwm.lwm},
+    "logits": {"reference": logits.logits, "torch": torch_elementwise.logits,
+               "triton": autograd.logits},
+    "soft_target": {"reference": st.soft_target, "torch": torch_softmax_kl.soft_target,
+                    "triton": autograd.soft_target},
+    "dml": {"reference": dml.dml, "torch": torch_softmax_kl.dml, "triton": autograd.dml},
+    "bss": {"reference": bss.bss, "torch": torch_softmax_kl.bss, "triton": autograd.bss},
+    "at": {"reference": at.at, "torch": torch_feature_maps.at, "triton": autograd.at},
+    "hint": {"reference": fitnet.hint, "torch": torch_elementwise.hint, "triton": autograd.hint},
+    "nst": {"reference": nst.nst, "torch": torch_feature_maps.nst, "triton": autograd.nst},
+    "fsp": {"reference": fsp.fsp, "torch": torch_feature_maps.fsp, "triton": autograd.fsp},
+    "ft": {"reference": ft.ft, "torch": torch_elementwise.ft, "triton": autograd.ft},
+    "ab": {"reference": ab.ab, "torch": torch_elementwise.ab, "triton": autograd.ab},
+    "vid": {"reference": vid.vid, "torch": torch_elementwise.vid, "triton": autograd.vid},
+    "ofd": {"reference": ofd.ofd, "torch": torch_elementwise.ofd, "triton": autograd.ofd},
+    "afd": {"reference": afd.afd, "torch": torch_elementwise.afd, "triton": autograd.afd},
+    "sobolev": {"reference": sobolev.sobolev, "torch": torch_elementwise.sobolev,
+                "triton": autograd.sobolev},
+    "lwm": {"reference": lwm.lwm, "torch": torch_elementwise.lwm, "triton": autograd.lwm},
     "pkt_cos_sim": {"reference": pkt.pkt_cos_sim},
     "rkd_distance": {"reference": rkd.rkd_distance, "torch": torch_pairwise.rkd_distance,
                      "triton": autograd.rkd_distance},
@@ -51,7 +59,8 @@ IMPLEMENTATIONS = {
     "irg_vertex": {"reference": irg.irg_vertex},
     "irg_edge": {"reference": irg.irg_edge},
     "irg_transformation": {"reference": irg.irg_transformation},
-    "crd_contrast": {"reference": crd.crd_contrast},
+    "crd_contrast": {"reference": crd.crd_contrast, "torch": torch_contrast.crd_contrast,
+                     "triton": autograd.crd_contrast},
 }
 
 _override = contextvars.ContextVar("fastkd_backend", default=None)
@@ -116,19 +125,3 @@ def implementation(op, device, backend=None):
     """The function that computes op for tensors on device."""
     return IMPLEMENTATIONS[op][resolve(op, device, backend)]
 
-
-# --- feature-map family: AT, NST, FSP ------------------------------------------------------
-from . import autograd as _autograd  # noqa: E402
-from .torch_backend import feature_maps as _torch_feature_maps  # noqa: E402
-
-for _op in ("at", "nst", "fsp"):
-    IMPLEMENTATIONS[_op]["torch"] = getattr(_torch_feature_maps, _op)
-    IMPLEMENTATIONS[_op]["triton"] = getattr(_autograd, _op)
-
-
-# --- elementwise family: Hint, Logits, AB, FT, OFD, VID, AFD, Sobolev, LwM ----------------
-from .torch_backend import elementwise as _torch_elementwise  # noqa: E402
-
-for _op in ("hint", "logits", "ab", "ft", "ofd", "vid", "afd", "sobolev", "lwm"):
-    IMPLEMENTATIONS[_op]["torch"] = getattr(_torch_elementwise, _op)
-    IMPLEMENTATIONS[_op]["triton"] = getattr(_autograd, _op)

@@ -1,0 +1,91 @@
+"""CRD's contrast loss with the memory rows gathered inside the kernel.
+
+    x_bk = exp(memory[idx_bk] . e_b / nce_t) / z,  c = N / M + eps  (N = nce_n, M = n_data)
+    loss = -(1/B) (sum_b log(x_b0 / (x_b0 + c)) + sum_{b, k >= 1} log((N / M) / (x_bk + c)))
+    d loss / d e_b = sum_k w_bk memory[idx_bk] / nce_t,
+        w_b0 = -(1/B) c / (x_b0 + c),  w_bk = (1/B) x_bk / (x_bk + c) for k >= 1
+
+Program (b, split) reads embedding row b once and streams over its share of the
+N + 1 sampled memory rows in blocks of BLOCK_K, so the (B, N + 1, feat_dim) gather
+the reference builds never exists. Each program writes its partial loss and partial
+gradient direction; the host sums the splits (deterministic, no atomics).
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Elements per (memory rows x feat_dim) tile, and about how many programs to launch.
+TILE = 4096
+TARGET_PROGRAMS = 1024
+
+
+@triton.jit
+def _crd_contrast_forward_kernel(
+    embed_ptr, memory_ptr, idx_ptr, params_ptr, loss_ptr, direction_ptr,
+    K1, D, k_per_split,
+    e_sb, e_sd, m_sn, m_sd, i_sb, i_sk,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GRAD: tl.constexpr,
+):
+    """loss (B, splits): sum of this split's log terms; direction (B, splits, D): sum_k w_bk m_k / nce_t.
+
+    params (5,) in the accumulation dtype: nce_t, z, N / M, eps, 1 / B.
+    """
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    acc_t = loss_ptr.dtype.element_ty
+    nce_t = tl.load(params_ptr)
+    z = tl.load(params_ptr + 1)
+    noise = tl.load(params_ptr + 2)
+    c = noise + tl.load(params_ptr + 3)
+    inv_b = tl.load(params_ptr + 4)
+
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < D
+    e = tl.load(embed_ptr + b.to(tl.int64) * e_sb + dims * e_sd, mask=d_ok, other=0.0).to(acc_t)
+    loss = tl.zeros((BLOCK_K,), acc_t)
+    direction = tl.zeros((BLOCK_D,), acc_t)
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K1)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_end
+        rows = tl.load(idx_ptr + b.to(tl.int64) * i_sb + ks * i_sk, mask=k_ok, other=0).to(tl.int64)
+        m = tl.load(memory_ptr + rows[:, None] * m_sn + dims[None, :] * m_sd,
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(acc_t)
+        x = tl.exp(tl.sum(m * e[None, :], axis=1) / nce_t) / z
+        positive = ks == 0
+        term = tl.where(positive, tl.log(x / (x + c)), tl.log(noise / (x + c)))
+        loss += tl.where(k_ok, term, 0.0)
+        if GRAD:
+            w = tl.where(positive, -c, x) / (x + c) * (inv_b / nce_t)
+            direction += tl.sum(tl.where(k_ok, w, 0.0)[:, None] * m, axis=0)
+    out = b.to(tl.int64) * splits + split
+    tl.store(loss_ptr + out, tl.sum(loss, axis=0))
+    if GRAD:
+        tl.store(direction_ptr + out * D + dims, direction, mask=d_ok)
+
+
+def accumulation_dtype(*tensors):
+    """float64 when any input is float64, else float32 (bf16 and fp16 accumulate in fp32)."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def crd_contrast_forward(embed, memory, sample_idx, params, grad):
+    """(loss, direction): the contrast loss (0-dim, params' dtype) and, when grad, d loss / d embed
+    (B, feat_dim) in params' dtype (else None). params as the kernel's."""
+    B, D = embed.shape
+    K1 = sample_idx.shape[1]
+    block_d = triton.next_power_of_2(D)
+    block_k = max(1, min(TILE // block_d, triton.next_power_of_2(K1)))
+    blocks = triton.cdiv(K1, block_k)
+    splits = max(1, min(blocks, TARGET_PROGRAMS // B))
+    k_per_split = triton.cdiv(blocks, splits) * block_k
+    splits = triton.cdiv(K1, k_per_split)
+    loss = torch.empty((B, splits), device=embed.device, dtype=params.dtype)
+    direction = torch.empty((B, splits, D), device=embed.device, dtype=params.dtype) if grad else None
+    _crd_contrast_forward_kernel[(B, splits)](
+        embed, memory, sample_idx, params, loss, direction, K1, D, k_per_split,
+        *embed.stride(), *memory.stride(), *sample_idx.stride(),
+        BLOCK_K=block_k, BLOCK_D=block_d, GRAD=grad)
+    return -loss.sum() / B, (direction.sum(dim=1) if grad else None)

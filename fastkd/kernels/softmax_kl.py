@@ -1,0 +1,183 @@
+"""Softmax-KL over logits: SoftTarget, DML and BSS.
+
+    x_s = s / T, x_t = t / T (classes on dim 1), p = softmax(x_t), q = softmax(x_s)
+    loss = scale / B * sum over rows of KL_row,  KL_row = sum_k p_k (log p_k - log q_k)
+    d loss / d s_k = scale / (B T) * (q_k - p_k)
+    d loss / d t_k = scale / (B T) * p_k (log p_k - log q_k - KL_row)
+
+scale is T^2 (SoftTarget) or 1 (DML, BSS). Logits of shape (B, K, d1, ...) are read
+as (B, K, S) through strides: a "row" is one (b, s) pair, so nothing is transposed.
+Each program owns BLOCK_R rows and streams over the classes in blocks of BLOCK_K with
+an online softmax, so any class count works without holding a row in registers.
+
+Element rule, as torch's kl_div(log q, p) = xlogy(p, p) - p log q: a class with p = 0
+adds 0, except where log q = -inf too (NaN, as in the reference).
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Elements per program tile: rows x classes.
+TILE = 4096
+MAX_BLOCK_K = 4096
+
+
+@triton.jit
+def _row_offsets(rows, S, stride_b, stride_s):
+    """Element offset of class 0 of each row; row = b * S + s."""
+    rows = rows.to(tl.int64)
+    return (rows // S) * stride_b + (rows % S) * stride_s
+
+
+@triton.jit
+def _shift(m):
+    """The max that exponents are taken against: 0 while every class so far is -inf,
+    so exp(-inf - shift) stays 0 rather than NaN."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _softmax_kl_forward_kernel(
+    s_ptr, t_ptr, stats_ptr, T_ptr, R, K, S,
+    s_sb, s_sk, s_ss, t_sb, t_sk, t_ss,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """stats (5, R) in stats' dtype: shift_s, log z_s, shift_t, log z_t, KL_row, where
+    log softmax(x) = (x - shift) - log z.
+
+    Like log_softmax, every log-probability is taken relative to the row max, so KL_row
+    is summed from small differences: with u = x_t - shift_t, v = x_s - shift_s, w = exp(u),
+    KL_row = sum w (u - v) / z_t + log(z_s / z_t). When a block raises a max, the
+    running sums are moved to the new shifts.
+    """
+    acc_t = stats_ptr.dtype.element_ty
+    T = tl.load(T_ptr)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    s_row = _row_offsets(rows, S, s_sb, s_ss)
+    t_row = _row_offsets(rows, S, t_sb, t_ss)
+    neg_inf = float("-inf")
+    m_s = tl.full((BLOCK_R,), neg_inf, acc_t)
+    m_t = tl.full((BLOCK_R,), neg_inf, acc_t)
+    z_s = tl.zeros((BLOCK_R,), acc_t)
+    z_t = tl.zeros((BLOCK_R,), acc_t)
+    d = tl.zeros((BLOCK_R,), acc_t)  # sum w (u - v)
+    for k0 in range(0, K, BLOCK_K):
+        cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        xs = tl.load(s_ptr + s_row[:, None] + cols[None, :] * s_sk, mask=mask, other=neg_inf)
+        xt = tl.load(t_ptr + t_row[:, None] + cols[None, :] * t_sk, mask=mask, other=neg_inf)
+        xs = xs.to(acc_t) / T
+        xt = xt.to(acc_t) / T
+
+        m_s_new = tl.maximum(m_s, tl.max(xs, axis=1))
+        m_t_new = tl.maximum(m_t, tl.max(xt, axis=1))
+        c_s, c_s_new = _shift(m_s), _shift(m_s_new)
+        c_t, c_t_new = _shift(m_t), _shift(m_t_new)
+        v = xs - c_s_new[:, None]
+        u = xt - c_t_new[:, None]
+        w = tl.exp(u)
+        # kl_div's p = 0 rule: 0, or NaN where log q = -inf too (padding classes add 0).
+        zero_p = tl.where(mask & (xs == neg_inf), float("nan"), 0.0)
+        term = tl.where(w > 0, w * (u - v), zero_p)
+        alpha_t = tl.exp(m_t - c_t_new)
+        d = alpha_t * (d + z_t * ((c_t - c_t_new) - (c_s - c_s_new))) + tl.sum(term, axis=1)
+        z_t = z_t * alpha_t + tl.sum(w, axis=1)
+        z_s = z_s * tl.exp(m_s - c_s_new) + tl.sum(tl.exp(v), axis=1)
+        m_s, m_t = m_s_new, m_t_new
+
+    log_z_s = tl.log(z_s)
+    log_z_t = tl.log(z_t)
+    tl.store(stats_ptr + rows, _shift(m_s), mask=row_ok)
+    tl.store(stats_ptr + R + rows, log_z_s, mask=row_ok)
+    tl.store(stats_ptr + 2 * R + rows, _shift(m_t), mask=row_ok)
+    tl.store(stats_ptr + 3 * R + rows, log_z_t, mask=row_ok)
+    # log(z_s / z_t) rounds once where log z_s - log z_t would round two larger numbers.
+    tl.store(stats_ptr + 4 * R + rows, d / z_t + tl.log(z_s / z_t), mask=row_ok)
+
+
+@triton.jit
+def _softmax_kl_backward_kernel(
+    s_ptr, t_ptr, stats_ptr, T_ptr, g_ptr, gs_ptr, gt_ptr, R, K, S,
+    s_sb, s_sk, s_ss, t_sb, t_sk, t_ss,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, STUDENT: tl.constexpr, TEACHER: tl.constexpr,
+):
+    """Gradients, written as contiguous (B, K, S): g (q - p) and g p (log p - log q - KL),
+    with g = grad_output * scale / (B T) read from g_ptr."""
+    acc_t = stats_ptr.dtype.element_ty
+    T = tl.load(T_ptr)
+    g = tl.load(g_ptr)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    s_row = _row_offsets(rows, S, s_sb, s_ss)
+    t_row = _row_offsets(rows, S, t_sb, t_ss)
+    g_row = _row_offsets(rows, S, K * S, 1)
+    c_s = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
+    log_z_s = tl.load(stats_ptr + R + rows, mask=row_ok, other=0.0)
+    c_t = tl.load(stats_ptr + 2 * R + rows, mask=row_ok, other=0.0)
+    log_z_t = tl.load(stats_ptr + 3 * R + rows, mask=row_ok, other=0.0)
+    kl = tl.load(stats_ptr + 4 * R + rows, mask=row_ok, other=0.0)
+    for k0 in range(0, K, BLOCK_K):
+        cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        xs = tl.load(s_ptr + s_row[:, None] + cols[None, :] * s_sk, mask=mask, other=0.0)
+        xt = tl.load(t_ptr + t_row[:, None] + cols[None, :] * t_sk, mask=mask, other=0.0)
+        log_q = (xs.to(acc_t) / T - c_s[:, None]) - log_z_s[:, None]
+        log_p = (xt.to(acc_t) / T - c_t[:, None]) - log_z_t[:, None]
+        p = tl.exp(log_p)
+        g_offs = g_row[:, None] + cols[None, :] * S
+        if STUDENT:
+            grad_s = g * (tl.exp(log_q) - p)
+            tl.store(gs_ptr + g_offs, grad_s.to(gs_ptr.dtype.element_ty), mask=mask)
+        if TEACHER:
+            # A class with p = 0 contributes 0 (the limit of p log p); kl * 0 keeps a row
+            # whose KL is inf or NaN non-finite, as the reference's is.
+            grad_t = tl.where(p > 0, p * (log_p - log_q - kl[:, None]), kl[:, None] * 0.0)
+            tl.store(gt_ptr + g_offs, (g * grad_t).to(gt_ptr.dtype.element_ty), mask=mask)
+
+
+def _as_bks(x):
+    """(B, K, ...) -> a (B, K, S) view (a copy only where the trailing dims cannot merge)."""
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def accumulation_dtype(*tensors):
+    """float64 when any input is float64, else float32 (bf16 and fp16 accumulate in fp32)."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def _blocks(R, K):
+    block_k = min(triton.next_power_of_2(K), MAX_BLOCK_K)
+    block_r = max(1, min(TILE // block_k, triton.next_power_of_2(R)))
+    return block_r, block_k
+
+
+def softmax_kl_forward(out_s, out_t, T):
+    """Per-row statistics (5, R): [shift_s, log z_s, shift_t, log z_t, KL_row], R = B * prod(d_i).
+
+    T is a 1-element tensor in the accumulation dtype (so float64 inputs keep every digit).
+    """
+    s, t = _as_bks(out_s), _as_bks(out_t)
+    B, K, S = s.shape
+    R = B * S
+    stats = torch.empty((5, R), device=s.device, dtype=T.dtype)
+    block_r, block_k = _blocks(R, K)
+    _softmax_kl_forward_kernel[(triton.cdiv(R, block_r),)](
+        s, t, stats, T, R, K, S, *s.stride(), *t.stride(),
+        BLOCK_R=block_r, BLOCK_K=block_k)
+    return stats
+
+
+def softmax_kl_backward(out_s, out_t, T, stats, g, student, teacher):
+    """(grad_s, grad_t) of g * sum of KL_row, g a 1-element tensor like T; None where not asked."""
+    s, t = _as_bks(out_s), _as_bks(out_t)
+    B, K, S = s.shape
+    R = B * S
+    grad_s = torch.empty(s.shape, device=s.device, dtype=out_s.dtype) if student else None
+    grad_t = torch.empty(t.shape, device=t.device, dtype=out_t.dtype) if teacher else None
+    block_r, block_k = _blocks(R, K)
+    _softmax_kl_backward_kernel[(triton.cdiv(R, block_r),)](
+        s, t, stats, T, g, grad_s, grad_t, R, K, S, *s.stride(), *t.stride(),
+        BLOCK_R=block_r, BLOCK_K=block_k, STUDENT=student, TEACHER=teacher)
+    return (grad_s.view(out_s.shape) if student else None,
+            grad_t.view(out_t.shape) if teacher else None)
