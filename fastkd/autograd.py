@@ -405,3 +405,26 @@ def rkd_distance(feat_s, feat_t):
 
 def rkd_angle(feat_s, feat_t):
     return RKDAngleFunction.apply(feat_s, feat_t)
+
+
+class SPFunction(torch.autograd.Function):
+    """mse(G^_s, G^_t), G^ = normalize(G, dim=1), G the raw Gram matrix of flat(fm)."""
+
+    @staticmethod
+    def forward(ctx, fm_s, fm_t):
+        x_s, x_t = _pw.prepare(fm_s, centre=False), _pw.prepare(fm_t, centre=False)
+        g_s, g_t = _pw.gram(x_s), _pw.gram(x_t)
+        total, stats = _pw.sp_forward(g_s, g_t)
+        ctx.save_for_backward(fm_s, fm_t, x_s, x_t, g_s, g_t, stats)
+        return (total / len(g_s) ** 2).to(fm_s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        fm_s, fm_t, x_s, x_t, g_s, g_t, stats = ctx.saved_tensors
+        m_s, m_t = _pw.sp_backward(g_s, g_t, stats)
+        scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
+        return _pairwise_grads(ctx, ((m_s, None, x_s, fm_s), (m_t, None, x_t, fm_t)), scale)
+
+
+def sp(fm_s, fm_t):
+    return SPFunction.apply(fm_s, fm_t)

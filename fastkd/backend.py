@@ -46,7 +46,7 @@ IMPLEMENTATIONS = {
                      "triton": autograd.rkd_distance},
     "rkd_angle": {"reference": rkd.rkd_angle, "torch": torch_pairwise.rkd_angle,
                   "triton": autograd.rkd_angle},
-    "sp": {"reference": sp.sp},
+    "sp": {"reference": sp.sp, "torch": torch_pairwise.sp, "triton": autograd.sp},
     "cc": {"reference": cc.cc},
     "irg_vertex": {"reference": irg.irg_vertex},
     "irg_edge": {"reference": irg.irg_edge},

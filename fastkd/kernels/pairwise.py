@@ -2,7 +2,7 @@
 
 Shared building blocks come first: `prepare` (centre and convert the features), `gram`
 (G = X X^T, exactly symmetric) and `gram_grad` (dL/dX = scale * (M X + r * X) from an
-(N, N) matrix M and a vector r). Each loss then has its kernels over (N, N) tiles of the
+(N, N) matrix M and an optional vector r). Each loss then has its kernels over (N, N) tiles of the
 Gram matrices of the student and the teacher, both read by the same launch.
 
 Sums run in float32 (float64 for float64 inputs); dot products use IEEE precision because
@@ -108,8 +108,8 @@ def gram(x, same=False):
 
 @triton.jit
 def _gram_grad_kernel(m_ptr, r_ptr, x_ptr, scale_ptr, out_ptr, N, D,
-                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out = scale * (M X + r * X) for a (BLOCK, BLOCK_D) tile of out."""
+                      HAS_R: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = scale * (M X + r * X) for a (BLOCK, BLOCK_D) tile of out (r = 0 without HAS_R)."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -122,20 +122,23 @@ def _gram_grad_kernel(m_ptr, r_ptr, x_ptr, scale_ptr, out_ptr, N, D,
                      mask=(rb[:, None] < N) & col_ok[None, :], other=0.0)
         acc = tl.dot(m, xb, acc, input_precision="ieee")
     ok = (ra[:, None] < N) & col_ok[None, :]
-    xa = tl.load(x_ptr + ra[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0)
-    r = tl.load(r_ptr + ra, mask=ra < N, other=0.0)
-    out = (acc + r[:, None] * xa) * tl.load(scale_ptr)
+    if HAS_R:
+        xa = tl.load(x_ptr + ra[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0)
+        acc += tl.load(r_ptr + ra, mask=ra < N, other=0.0)[:, None] * xa
+    out = acc * tl.load(scale_ptr)
     tl.store(out_ptr + ra[:, None].to(tl.int64) * D + cols[None, :],
              out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def gram_grad(m, r, x, scale, like):
     """dL/dX = scale * (M X + r * X) shaped and typed like `like`; x (N, D) from prepare(),
-    M (N, N), r (N,), scale a 0-dim tensor (the upstream gradient over the loss's count)."""
+    M (N, N), r (N,) or None for 0, scale a 0-dim tensor (the upstream gradient over the
+    loss's count)."""
     n, d = x.shape
     out = torch.empty((n, d), dtype=like.dtype, device=x.device)
     _gram_grad_kernel[(triton.cdiv(n, BLOCK), triton.cdiv(d, BLOCK_D))](
-        m, r, x, scale, out, n, d, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
+        m, m if r is None else r, x, scale, out, n, d, HAS_R=r is not None, BLOCK=BLOCK,
+        BLOCK_D=BLOCK_D)
     return out.reshape(like.shape)
 
 
@@ -156,16 +159,23 @@ def _load_tile(ptr, ra, rb, N):
 # --- RKD distance -------------------------------------------------------------
 
 @triton.jit
-def _distance_tile(g_ptr, same_ptr, ra, rb, N):
-    """d = sqrt(max(p, 1e-12)) off the diagonal, 0 on it and outside; p = G_aa + G_bb - 2 G_ab,
+def _squared_distance_tile(g_ptr, same_ptr, ra, rb, N):
+    """pdist2 = max(p, 1e-12) off the diagonal, 0 on it and outside; p = G_aa + G_bb - 2 G_ab,
     exactly 0 for equal rows. Also whether p >= 1e-12 (where the clamp lets the gradient through)."""
     off = (ra[:, None] < N) & (rb[None, :] < N) & (ra[:, None] != rb[None, :])
     sa = tl.load(g_ptr + ra.to(tl.int64) * (N + 1), mask=ra < N, other=0.0)
     sb = tl.load(g_ptr + rb.to(tl.int64) * (N + 1), mask=rb < N, other=0.0)
     p = (sa[:, None] + sb[None, :]) - 2 * _load_tile(g_ptr, ra, rb, N)
     p = tl.where(_load_tile(same_ptr, ra, rb, N) != 0, 0.0, p)
-    d = tl.where(off, tl.sqrt(tl.maximum(p, 1e-12)), 0.0)
-    return d, off & (p >= 1e-12)
+    return tl.where(off, tl.maximum(p, 1e-12), 0.0), off & (p >= 1e-12)
+
+
+@triton.jit
+def _distance_tile(g_ptr, same_ptr, ra, rb, N):
+    """d = sqrt(pdist2) (0 on the diagonal and outside) and where the clamp lets the gradient
+    through, as _squared_distance_tile."""
+    d2, live = _squared_distance_tile(g_ptr, same_ptr, ra, rb, N)
+    return tl.sqrt(d2), live
 
 
 @triton.jit
@@ -446,3 +456,101 @@ def rkd_angle_backward(g_s, same_s, g_t, same_t, stats):
                                      BLOCK=BLOCK)
     _rkd_angle_r_kernel[(nb,)](stats, r_s, r_t, n, BLOCK=BLOCK)
     return m_s, r_s, m_t, r_t
+
+
+# --- SP -----------------------------------------------------------------------
+# G from the raw features (SP is not translation-invariant); n_i = max(||G_i||, 1e-12),
+# G^ = G / n (rows), loss = mean (G^_s - G^_t)^2.
+
+@triton.jit
+def _sp_norms_kernel(gs_ptr, gt_ptr, norms_ptr, N, BLOCK: tl.constexpr):
+    """norms (2, N) = the clamped row norms of G_s and G_t for a block of rows."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    sq_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    sq_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        g_s = _load_tile(gs_ptr, ra, rb, N)
+        g_t = _load_tile(gt_ptr, ra, rb, N)
+        sq_s += tl.sum(g_s * g_s, 1)
+        sq_t += tl.sum(g_t * g_t, 1)
+    tl.store(norms_ptr + ra, tl.maximum(tl.sqrt(sq_s), 1e-12), mask=ra < N)
+    tl.store(norms_ptr + N + ra, tl.maximum(tl.sqrt(sq_t), 1e-12), mask=ra < N)
+
+
+@triton.jit
+def _sp_loss_kernel(gs_ptr, gt_ptr, norms_ptr, part_ptr, dots_ptr, N, BLOCK: tl.constexpr):
+    """For a block of rows: part = sum (G^_s - G^_t)^2 and dots (2, N) = sum_j (G^_s - G^_t) G^
+    on each side (the norms' share of the gradient)."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n_s = tl.load(norms_ptr + ra, mask=ra < N, other=1.0)
+    n_t = tl.load(norms_ptr + N + ra, mask=ra < N, other=1.0)
+    loss = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    dot_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    dot_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        h_s = _load_tile(gs_ptr, ra, rb, N) / n_s[:, None]
+        h_t = _load_tile(gt_ptr, ra, rb, N) / n_t[:, None]
+        diff = h_s - h_t
+        loss += tl.sum(diff * diff, 1)
+        dot_s += tl.sum(diff * h_s, 1)
+        dot_t += tl.sum(diff * h_t, 1)
+    tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
+    tl.store(dots_ptr + ra, dot_s, mask=ra < N)
+    tl.store(dots_ptr + N + ra, dot_t, mask=ra < N)
+
+
+@triton.jit
+def _sp_w(g_s, g_t, n_s, n_t, dot_s, dot_t):
+    """N^2 dL/dG on each side at one tile, from the stats of its rows (broadcast shapes):
+    W = +-2 (diff - G^ dot [n not clamped]) / n, diff = G^_s - G^_t."""
+    h_s = g_s / n_s
+    h_t = g_t / n_t
+    diff = h_s - h_t
+    w_s = 2 * (diff - tl.where(n_s > 1e-12, h_s * dot_s, 0.0)) / n_s
+    w_t = -2 * (diff - tl.where(n_t > 1e-12, h_t * dot_t, 0.0)) / n_t
+    return w_s, w_t
+
+
+@triton.jit
+def _sp_grad_kernel(gs_ptr, gt_ptr, norms_ptr, dots_ptr, ms_ptr, mt_ptr, N, BLOCK: tl.constexpr):
+    """M = W + W^T at the tile (a, b) on each side, so that N^2 dL/dX = M X."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    na_s = tl.load(norms_ptr + ra, mask=ra < N, other=1.0)[:, None]
+    na_t = tl.load(norms_ptr + N + ra, mask=ra < N, other=1.0)[:, None]
+    nb_s = tl.load(norms_ptr + rb, mask=rb < N, other=1.0)[None, :]
+    nb_t = tl.load(norms_ptr + N + rb, mask=rb < N, other=1.0)[None, :]
+    da_s = tl.load(dots_ptr + ra, mask=ra < N, other=0.0)[:, None]
+    da_t = tl.load(dots_ptr + N + ra, mask=ra < N, other=0.0)[:, None]
+    db_s = tl.load(dots_ptr + rb, mask=rb < N, other=0.0)[None, :]
+    db_t = tl.load(dots_ptr + N + rb, mask=rb < N, other=0.0)[None, :]
+    g_s = _load_tile(gs_ptr, ra, rb, N)
+    g_t = _load_tile(gt_ptr, ra, rb, N)
+    # G is exactly symmetric: W at (b, a), transposed, is _sp_w on this tile with b's stats.
+    wab_s, wab_t = _sp_w(g_s, g_t, na_s, na_t, da_s, da_t)
+    wba_s, wba_t = _sp_w(g_s, g_t, nb_s, nb_t, db_s, db_t)
+    ok = (ra[:, None] < N) & (rb[None, :] < N)
+    tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], wab_s + wba_s, mask=ok)
+    tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], wab_t + wba_t, mask=ok)
+
+
+def sp_forward(g_s, g_t):
+    """(N^2 * loss, stats (2, 2, N): the row norms and dots) from the raw Gram matrices."""
+    n = len(g_s)
+    nb = triton.cdiv(n, BLOCK)
+    stats = torch.empty((2, 2, n), dtype=g_s.dtype, device=g_s.device)
+    _sp_norms_kernel[(nb,)](g_s, g_t, stats[0], n, BLOCK=BLOCK)
+    part = torch.empty(nb, dtype=g_s.dtype, device=g_s.device)
+    _sp_loss_kernel[(nb,)](g_s, g_t, stats[0], part, stats[1], n, BLOCK=BLOCK)
+    return part.sum(), stats
+
+
+def sp_backward(g_s, g_t, stats):
+    """(M_s, M_t) with N^2 dL/dX = M X on each side."""
+    n = len(g_s)
+    nb = triton.cdiv(n, BLOCK)
+    m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
+    _sp_grad_kernel[(nb, nb)](g_s, g_t, stats[0], stats[1], m_s, m_t, n, BLOCK=BLOCK)
+    return m_s, m_t

@@ -156,3 +156,13 @@ class RKDAngle(torch.autograd.Function):
 def rkd_angle(feat_s, feat_t):
     """smooth_l1(A_s, A_t) over the N^3 angles, A[i, j, k] = e_ij . e_ik, without (N, N, N)."""
     return RKDAngle.apply(feat_s, feat_t)
+
+
+# --- SP -----------------------------------------------------------------------
+
+def sp(fm_s, fm_t):
+    """mse(normalize(G_s, dim=1), normalize(G_t, dim=1)), G = flat(f) flat(f)^T, summed in
+    acc_dtype."""
+    h = [F.normalize(g @ g.t(), dim=1) for g in
+         (f.reshape(f.size(0), -1).to(acc_dtype(f)) for f in (fm_s, fm_t))]
+    return F.mse_loss(h[0], h[1]).to(fm_s.dtype)
