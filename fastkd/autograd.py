@@ -428,3 +428,29 @@ class SPFunction(torch.autograd.Function):
 
 def sp(fm_s, fm_t):
     return SPFunction.apply(fm_s, fm_t)
+
+
+class PKTFunction(torch.autograd.Function):
+    """mean P_t log((P_t + eps) / (P_s + eps)), P the row-normalised (C + 1) / 2 and C the
+    cosine similarities, read from the raw Gram matrices."""
+
+    @staticmethod
+    def forward(ctx, feat_s, feat_t, eps):
+        x_s, x_t = _pw.prepare(feat_s, centre=False), _pw.prepare(feat_t, centre=False)
+        g_s, g_t = _pw.gram(x_s), _pw.gram(x_t)
+        params = torch.tensor([eps], dtype=g_s.dtype, device=g_s.device)
+        total, stats = _pw.pkt_forward(g_s, g_t, params)
+        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, g_s, g_t, params, stats)
+        return (total / len(g_s) ** 2).to(feat_s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        feat_s, feat_t, x_s, x_t, g_s, g_t, params, stats = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _pw.pkt_backward(g_s, g_t, params, stats)
+        scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
+        return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale),
+                None)
+
+
+def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
+    return PKTFunction.apply(feat_s, feat_t, eps)

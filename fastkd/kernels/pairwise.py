@@ -554,3 +554,164 @@ def sp_backward(g_s, g_t, stats):
     m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
     _sp_grad_kernel[(nb, nb)](g_s, g_t, stats[0], stats[1], m_s, m_t, n, BLOCK=BLOCK)
     return m_s, m_t
+
+
+# --- PKT and CC: cosine similarities C = G w w^T from the raw Gram matrix -------------
+# x^ = w x with w_i = 1 / (n_i + eps) (PKT) or 1 / max(n_i, 1e-12) (CC), n_i = sqrt(G_ii).
+# With V = N^2 dL/dC: N^2 dL/dX = M X + r * X, M = (V + V^T) w w^T (G enters C directly)
+# and r_a = -(w_a / n_a) sum_b (V + V^T)_ab C_ab (G_aa enters w_a; 0 where w is constant).
+
+@triton.jit
+def _cosine_rows(g_ptr, rows, N, eps, CLAMP: tl.constexpr):
+    """(w, rw) for these rows: rw = -w / n where w depends on n, else 0."""
+    n = tl.sqrt(_diagonal(g_ptr, rows, N))
+    if CLAMP:
+        live = n >= 1e-12
+        w = 1.0 / tl.maximum(n, 1e-12)
+    else:
+        live = n > 0
+        w = 1.0 / (n + eps)
+    return w, tl.where(live, -w / tl.where(live, n, 1.0), 0.0)
+
+
+@triton.jit
+def _pkt_probs(g, w_row, w_col, sums_row, eps):
+    """C and P = ((C + 1) / 2) / rowsum at a tile, with the stats of its rows and columns."""
+    c = g * w_row * w_col
+    return c, (c + 1) * 0.5 / sums_row
+
+
+@triton.jit
+def _pkt_sums_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, N, BLOCK: tl.constexpr):
+    """sums (2, N) = the row sums of C' = (C + 1) / 2 on each side, for a block of rows."""
+    eps = tl.load(params_ptr)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, _ = _cosine_rows(gs_ptr, ra, N, eps, False)
+    wa_t, _ = _cosine_rows(gt_ptr, ra, N, eps, False)
+    sum_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    sum_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps, False)
+        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps, False)
+        c_s = _load_tile(gs_ptr, ra, rb, N) * wa_s[:, None] * wb_s[None, :]
+        c_t = _load_tile(gt_ptr, ra, rb, N) * wa_t[:, None] * wb_t[None, :]
+        sum_s += tl.sum(tl.where(ok, (c_s + 1) * 0.5, 0.0), 1)
+        sum_t += tl.sum(tl.where(ok, (c_t + 1) * 0.5, 0.0), 1)
+    tl.store(sums_ptr + ra, sum_s, mask=ra < N)
+    tl.store(sums_ptr + N + ra, sum_t, mask=ra < N)
+
+
+@triton.jit
+def _pkt_terms(g_s, g_t, ws_row, ws_col, wt_row, wt_col, sums_s, sums_t, eps):
+    """(C_s, C_t, kl, A_s, A_t) at a tile: kl = P_t log((P_t + eps) / (P_s + eps)) and
+    A = N^2 dL/dP on each side."""
+    c_s, p_s = _pkt_probs(g_s, ws_row, ws_col, sums_s, eps)
+    c_t, p_t = _pkt_probs(g_t, wt_row, wt_col, sums_t, eps)
+    log_ratio = tl.log((p_t + eps) / (p_s + eps))
+    return c_s, c_t, p_t * log_ratio, -p_t / (p_s + eps), log_ratio + p_t / (p_t + eps), p_s, p_t
+
+
+@triton.jit
+def _pkt_loss_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, part_ptr, dots_ptr, N,
+                     BLOCK: tl.constexpr):
+    """For a block of rows: part = sum kl and dots (2, N) = sum_j A P on each side."""
+    eps = tl.load(params_ptr)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, _ = _cosine_rows(gs_ptr, ra, N, eps, False)
+    wa_t, _ = _cosine_rows(gt_ptr, ra, N, eps, False)
+    sa_s = tl.load(sums_ptr + ra, mask=ra < N, other=1.0)[:, None]
+    sa_t = tl.load(sums_ptr + N + ra, mask=ra < N, other=1.0)[:, None]
+    loss = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    dot_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    dot_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps, False)
+        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps, False)
+        _, _, kl, a_s, a_t, p_s, p_t = _pkt_terms(
+            _load_tile(gs_ptr, ra, rb, N), _load_tile(gt_ptr, ra, rb, N), wa_s[:, None],
+            wb_s[None, :], wa_t[:, None], wb_t[None, :], sa_s, sa_t, eps)
+        loss += tl.sum(tl.where(ok, kl, 0.0), 1)
+        dot_s += tl.sum(tl.where(ok, a_s * p_s, 0.0), 1)
+        dot_t += tl.sum(tl.where(ok, a_t * p_t, 0.0), 1)
+    tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
+    tl.store(dots_ptr + ra, dot_s, mask=ra < N)
+    tl.store(dots_ptr + N + ra, dot_t, mask=ra < N)
+
+
+@triton.jit
+def _pkt_v(g_s, g_t, ws_row, ws_col, wt_row, wt_col, sums_s, sums_t, dots_s, dots_t, eps):
+    """(V_s, V_t, C_s, C_t) at a tile, V = N^2 dL/dC = (A - dot) / (2 rowsum)."""
+    c_s, c_t, _, a_s, a_t, _, _ = _pkt_terms(g_s, g_t, ws_row, ws_col, wt_row, wt_col,
+                                             sums_s, sums_t, eps)
+    return (a_s - dots_s) * 0.5 / sums_s, (a_t - dots_t) * 0.5 / sums_t, c_s, c_t
+
+
+@triton.jit
+def _pkt_grad_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, dots_ptr, ms_ptr, rs_ptr, mt_ptr,
+                     rt_ptr, N, BLOCK: tl.constexpr):
+    """M and r (see the section's header) for a block of rows, on each side."""
+    eps = tl.load(params_ptr)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, rwa_s = _cosine_rows(gs_ptr, ra, N, eps, False)
+    wa_t, rwa_t = _cosine_rows(gt_ptr, ra, N, eps, False)
+    sa_s = tl.load(sums_ptr + ra, mask=ra < N, other=1.0)
+    sa_t = tl.load(sums_ptr + N + ra, mask=ra < N, other=1.0)
+    da_s = tl.load(dots_ptr + ra, mask=ra < N, other=0.0)
+    da_t = tl.load(dots_ptr + N + ra, mask=ra < N, other=0.0)
+    r_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    r_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps, False)
+        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps, False)
+        sb_s = tl.load(sums_ptr + rb, mask=rb < N, other=1.0)
+        sb_t = tl.load(sums_ptr + N + rb, mask=rb < N, other=1.0)
+        db_s = tl.load(dots_ptr + rb, mask=rb < N, other=0.0)
+        db_t = tl.load(dots_ptr + N + rb, mask=rb < N, other=0.0)
+        g_s = _load_tile(gs_ptr, ra, rb, N)
+        g_t = _load_tile(gt_ptr, ra, rb, N)
+        vab_s, vab_t, c_s, c_t = _pkt_v(g_s, g_t, wa_s[:, None], wb_s[None, :], wa_t[:, None],
+                                        wb_t[None, :], sa_s[:, None], sa_t[:, None],
+                                        da_s[:, None], da_t[:, None], eps)
+        # G is exactly symmetric: V at (b, a), transposed, is _pkt_v on this tile with b's
+        # stats as the rows'.
+        vba_s, vba_t, _, _ = _pkt_v(g_s, g_t, wb_s[None, :], wa_s[:, None], wb_t[None, :],
+                                    wa_t[:, None], sb_s[None, :], sb_t[None, :],
+                                    db_s[None, :], db_t[None, :], eps)
+        v_s = tl.where(ok, vab_s + vba_s, 0.0)
+        v_t = tl.where(ok, vab_t + vba_t, 0.0)
+        r_s += tl.sum(v_s * c_s, 1)
+        r_t += tl.sum(v_t * c_t, 1)
+        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
+                 v_s * wa_s[:, None] * wb_s[None, :], mask=ok)
+        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
+                 v_t * wa_t[:, None] * wb_t[None, :], mask=ok)
+    tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < N)
+    tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < N)
+
+
+def pkt_forward(g_s, g_t, params):
+    """(N^2 * loss, stats (2, 2, N): the row sums of C' and the dots); params = [eps]."""
+    n = len(g_s)
+    nb = triton.cdiv(n, BLOCK)
+    stats = torch.empty((2, 2, n), dtype=g_s.dtype, device=g_s.device)
+    _pkt_sums_kernel[(nb,)](g_s, g_t, params, stats[0], n, BLOCK=BLOCK)
+    part = torch.empty(nb, dtype=g_s.dtype, device=g_s.device)
+    _pkt_loss_kernel[(nb,)](g_s, g_t, params, stats[0], part, stats[1], n, BLOCK=BLOCK)
+    return part.sum(), stats
+
+
+def pkt_backward(g_s, g_t, params, stats):
+    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
+    n = len(g_s)
+    m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
+    r_s = torch.empty(n, dtype=g_s.dtype, device=g_s.device)
+    r_t = torch.empty_like(r_s)
+    _pkt_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, params, stats[0], stats[1],
+                                               m_s, r_s, m_t, r_t, n, BLOCK=BLOCK)
+    return m_s, r_s, m_t, r_t

@@ -166,3 +166,26 @@ def sp(fm_s, fm_t):
     h = [F.normalize(g @ g.t(), dim=1) for g in
          (f.reshape(f.size(0), -1).to(acc_dtype(f)) for f in (fm_s, fm_t))]
     return F.mse_loss(h[0], h[1]).to(fm_s.dtype)
+
+
+# --- PKT and CC: cosine similarities from the Gram matrix ------------------------------
+
+def _cosine(x, weight):
+    """C = G w w^T, G = X X^T in acc_dtype, w = weight(row norms): C_ij = x^_i . x^_j with
+    x^ = w x, without an (N, D) copy of the normalised rows."""
+    x = x.to(acc_dtype(x))
+    g = x @ x.t()
+    w = weight(torch.diagonal(g).sqrt())
+    return g * w.unsqueeze(1) * w.unsqueeze(0)
+
+
+def _pkt_cond_prob(x, eps):
+    c = (_cosine(x, lambda n: 1 / (n + eps)) + 1) / 2
+    return c / c.sum(dim=1, keepdim=True)
+
+
+def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
+    """mean P_t log((P_t + eps) / (P_s + eps)), P = C' / rowsum(C'), C' = (C + 1) / 2 and
+    C the cosine similarities with the norms' eps added."""
+    p_s, p_t = _pkt_cond_prob(feat_s, eps), _pkt_cond_prob(feat_t, eps)
+    return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps))).to(feat_s.dtype)
