@@ -48,7 +48,7 @@ IMPLEMENTATIONS = {
     "rkd_angle": {"reference": rkd.rkd_angle, "torch": torch_pairwise.rkd_angle,
                   "triton": autograd.rkd_angle},
     "sp": {"reference": sp.sp, "torch": torch_pairwise.sp, "triton": autograd.sp},
-    "cc": {"reference": cc.cc},
+    "cc": {"reference": cc.cc, "torch": torch_pairwise.cc, "triton": autograd.cc},
     "irg_vertex": {"reference": irg.irg_vertex},
     "irg_edge": {"reference": irg.irg_edge},
     "irg_transformation": {"reference": irg.irg_transformation},

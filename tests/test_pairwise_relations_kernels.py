@@ -19,9 +19,13 @@ from test_pairwise_kernels import KINDS, loss_and_grads, make_pair
 OPS = {
     "sp": (ref_sp.sp, autograd.sp, torch_pairwise.sp),
     "pkt_cos_sim": (ref_pkt.pkt_cos_sim, autograd.pkt_cos_sim, torch_pairwise.pkt_cos_sim),
+    "cc": tuple(functools.partial(f, gamma=0.4, P_order=2)
+                for f in (ref_cc.cc, autograd.cc, torch_pairwise.cc)),
 }
+REGISTERED = {"sp": autograd.sp, "pkt_cos_sim": autograd.pkt_cos_sim, "cc": autograd.cc}
 FUNCTIONS = {"sp": autograd.SPFunction.apply,
-             "pkt_cos_sim": lambda s, t: autograd.PKTFunction.apply(s, t, 1e-6)}
+             "pkt_cos_sim": lambda s, t: autograd.PKTFunction.apply(s, t, 1e-6),
+             "cc": lambda s, t: autograd.CCFunction.apply(s, t, 0.7, 3)}
 
 
 def check_against_reference(op, impl, s, t, seed, **kwargs):
@@ -133,6 +137,13 @@ def test_pkt_other_eps(impl):
     check_against_reference("pkt_cos_sim", impl, s, t, 6, eps=1e-2)
 
 
+@pytest.mark.parametrize("gamma, order", [(0.4, 0), (0.0, 3), (-0.3, 1), (1.3, 6)])
+@pytest.mark.parametrize("impl", [1, 2], ids=["triton", "torch"])
+def test_cc_any_order(impl, gamma, order):
+    s, t = make_pair(7, 6, 9, "ordinary", order)
+    check_against_reference("cc", impl, s, t, order, gamma=gamma, P_order=order)
+
+
 def test_only_the_student_needs_grad():
     s, t = make_pair(7, 5, 4, "ordinary", 4)
     s.requires_grad_()
@@ -155,4 +166,4 @@ def test_torch_path_matches_reference(op, n, d_s, d_t, kind, seed):
 @pytest.mark.parametrize("op", OPS)
 def test_backends_are_registered(op):
     assert fastkd.backend.resolve(op, torch.device("cpu"), "auto") == "torch"
-    assert fastkd.backend.IMPLEMENTATIONS[op]["triton"] is OPS[op][1]
+    assert fastkd.backend.IMPLEMENTATIONS[op]["triton"] is REGISTERED[op]

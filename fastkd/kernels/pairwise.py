@@ -715,3 +715,94 @@ def pkt_backward(g_s, g_t, params, stats):
     _pkt_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, params, stats[0], stats[1],
                                                m_s, r_s, m_t, r_t, n, BLOCK=BLOCK)
     return m_s, r_s, m_t, r_t
+
+
+@triton.jit
+def _cc_kernel_values(s, two_gamma, P):
+    """(K / e^{-2 gamma}, dK/dS / e^{-2 gamma}) with K = e^{-2 gamma} sum_{p<=P} y^p / p!,
+    y = 2 gamma S, by Horner: 1 + y (1 + y/2 (... (1 + y/P))); the derivative is 2 gamma
+    times the same sum to P - 1."""
+    y = two_gamma * s
+    k = tl.full(s.shape, 1.0, s.dtype)
+    dk = tl.full(s.shape, 1.0, s.dtype)
+    for q in range(0, P):
+        p = (P - q).to(s.dtype)
+        k = 1 + k * y / p
+        dk = tl.where(q > 0, 1 + dk * y / p, dk)
+    return k, tl.where(P > 0, two_gamma * dk, 0.0)
+
+
+@triton.jit
+def _cc_tile(gs_ptr, gt_ptr, ra, rb, N, two_gamma, P):
+    """(K_s - K_t, K'_s, K'_t, S_s, S_t) over e^{-2 gamma}, at the tile (a, b)."""
+    wa_s, _ = _cosine_rows(gs_ptr, ra, N, 0.0, True)
+    wb_s, _ = _cosine_rows(gs_ptr, rb, N, 0.0, True)
+    wa_t, _ = _cosine_rows(gt_ptr, ra, N, 0.0, True)
+    wb_t, _ = _cosine_rows(gt_ptr, rb, N, 0.0, True)
+    s_s = _load_tile(gs_ptr, ra, rb, N) * wa_s[:, None] * wb_s[None, :]
+    s_t = _load_tile(gt_ptr, ra, rb, N) * wa_t[:, None] * wb_t[None, :]
+    k_s, dk_s = _cc_kernel_values(s_s, two_gamma, P)
+    k_t, dk_t = _cc_kernel_values(s_t, two_gamma, P)
+    ok = (ra[:, None] < N) & (rb[None, :] < N)
+    return tl.where(ok, k_s - k_t, 0.0), dk_s, dk_t, s_s, s_t
+
+
+@triton.jit
+def _cc_loss_kernel(gs_ptr, gt_ptr, params_ptr, part_ptr, N, P, BLOCK: tl.constexpr):
+    """part = sum (K_s - K_t)^2 over one tile; params = [e^{-2 gamma}, 2 gamma]."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    diff, _, _, _, _ = _cc_tile(gs_ptr, gt_ptr, ra, rb, N, tl.load(params_ptr + 1), P)
+    diff = diff * tl.load(params_ptr)
+    tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+             tl.sum(tl.sum(diff * diff, 1), 0))
+
+
+@triton.jit
+def _cc_grad_kernel(gs_ptr, gt_ptr, params_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr, N, P,
+                    BLOCK: tl.constexpr):
+    """M and r (see the PKT and CC section's header) for a block of rows, on each side;
+    V = 2 (K_s - K_t) K' is symmetric, so V + V^T = 2 V."""
+    c0 = tl.load(params_ptr)
+    two_gamma = tl.load(params_ptr + 1)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, rwa_s = _cosine_rows(gs_ptr, ra, N, 0.0, True)
+    wa_t, rwa_t = _cosine_rows(gt_ptr, ra, N, 0.0, True)
+    r_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    r_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        diff, dk_s, dk_t, s_s, s_t = _cc_tile(gs_ptr, gt_ptr, ra, rb, N, two_gamma, P)
+        v_s = 4 * c0 * c0 * diff * dk_s
+        v_t = -4 * c0 * c0 * diff * dk_t
+        r_s += tl.sum(v_s * s_s, 1)
+        r_t += tl.sum(v_t * s_t, 1)
+        wb_s, _ = _cosine_rows(gs_ptr, rb, N, 0.0, True)
+        wb_t, _ = _cosine_rows(gt_ptr, rb, N, 0.0, True)
+        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
+                 v_s * wa_s[:, None] * wb_s[None, :], mask=ok)
+        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
+                 v_t * wa_t[:, None] * wb_t[None, :], mask=ok)
+    tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < N)
+    tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < N)
+
+
+def cc_forward(g_s, g_t, params, p_order):
+    """N^2 * loss from the raw Gram matrices; params = [e^{-2 gamma}, 2 gamma]."""
+    n = len(g_s)
+    nb = triton.cdiv(n, BLOCK)
+    part = torch.empty(nb * nb, dtype=g_s.dtype, device=g_s.device)
+    _cc_loss_kernel[(nb, nb)](g_s, g_t, params, part, n, p_order, BLOCK=BLOCK)
+    return part.sum()
+
+
+def cc_backward(g_s, g_t, params, p_order):
+    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
+    n = len(g_s)
+    m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
+    r_s = torch.empty(n, dtype=g_s.dtype, device=g_s.device)
+    r_t = torch.empty_like(r_s)
+    _cc_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, params, m_s, r_s, m_t, r_t, n, p_order,
+                                              BLOCK=BLOCK)
+    return m_s, r_s, m_t, r_t

@@ -189,3 +189,19 @@ def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
     C the cosine similarities with the norms' eps added."""
     p_s, p_t = _pkt_cond_prob(feat_s, eps), _pkt_cond_prob(feat_t, eps)
     return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps))).to(feat_s.dtype)
+
+
+def _cc_correlation(x, gamma, P_order):
+    """K = e^{-2 gamma} sum_{p<=P} y^p / p!, y = 2 gamma S, by Horner: 1 + y (1 + y/2 (...))."""
+    y = _cosine(x, lambda n: 1 / n.clamp(min=1e-12)) * (2 * gamma)
+    # From y, not a fresh tensor of ones, so that P = 0 still gives a (zero) gradient.
+    k = 1 + y / P_order if P_order > 0 else 1 + 0 * y
+    for p in range(P_order - 1, 0, -1):
+        k = 1 + k * y / p
+    return k * math.exp(-2 * gamma)
+
+
+def cc(feat_s, feat_t, gamma, P_order):
+    """mse(K_s, K_t), K the P-order Taylor Gaussian kernel of the cosine similarities."""
+    return F.mse_loss(_cc_correlation(feat_s, gamma, P_order),
+                      _cc_correlation(feat_t, gamma, P_order)).to(feat_s.dtype)
