@@ -483,3 +483,27 @@ class CCFunction(torch.autograd.Function):
 
 def cc(feat_s, feat_t, gamma, P_order):
     return CCFunction.apply(feat_s, feat_t, gamma, P_order)
+
+
+class IRGEdgeFunction(torch.autograd.Function):
+    """mse(E_s, E_t), E = pdist2 / max(pdist2) of flat(x), from the centred Gram matrices."""
+
+    @staticmethod
+    def forward(ctx, x_s, x_t):
+        c_s, c_t = _pw.prepare(x_s, centre=True), _pw.prepare(x_t, centre=True)
+        (g_s, same_s), (g_t, same_t) = _pw.gram(c_s, same=True), _pw.gram(c_t, same=True)
+        total, stats = _pw.irg_edge_forward(g_s, same_s, g_t, same_t)
+        ctx.save_for_backward(x_s, x_t, c_s, c_t, g_s, same_s, g_t, same_t, stats)
+        return (total / len(g_s) ** 2).to(x_s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_s, x_t, c_s, c_t, g_s, same_s, g_t, same_t, stats = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _pw.irg_edge_backward(g_s, same_s, g_t, same_t, stats)
+        scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
+        return _pairwise_grads(ctx, ((m_s, r_s, c_s, x_s), (m_t, r_t, c_t, x_t)), scale)
+
+
+def irg_edge(irg_s, irg_t):
+    """The mean of the edge terms of feat, fm1 and fm2; irg_* = (fm1, fm2, feat, out)."""
+    return sum(IRGEdgeFunction.apply(irg_s[i], irg_t[i]) for i in (2, 0, 1)) / 3.0

@@ -50,7 +50,8 @@ IMPLEMENTATIONS = {
     "sp": {"reference": sp.sp, "torch": torch_pairwise.sp, "triton": autograd.sp},
     "cc": {"reference": cc.cc, "torch": torch_pairwise.cc, "triton": autograd.cc},
     "irg_vertex": {"reference": irg.irg_vertex},
-    "irg_edge": {"reference": irg.irg_edge},
+    "irg_edge": {"reference": irg.irg_edge, "torch": torch_pairwise.irg_edge,
+                 "triton": autograd.irg_edge},
     "irg_transformation": {"reference": irg.irg_transformation},
     "crd_contrast": {"reference": crd.crd_contrast},
 }

@@ -21,11 +21,17 @@ OPS = {
     "pkt_cos_sim": (ref_pkt.pkt_cos_sim, autograd.pkt_cos_sim, torch_pairwise.pkt_cos_sim),
     "cc": tuple(functools.partial(f, gamma=0.4, P_order=2)
                 for f in (ref_cc.cc, autograd.cc, torch_pairwise.cc)),
+    # IRG's edge term on (fm1, fm2, feat) = (x, x^2, x): three graphs, one input.
+    "irg_edge": tuple(functools.partial(lambda s, t, f: f((s, s * s, s, None), (t, t * t, t, None)),
+                                        f=f)
+                      for f in (ref_irg.irg_edge, autograd.irg_edge, torch_pairwise.irg_edge)),
 }
-REGISTERED = {"sp": autograd.sp, "pkt_cos_sim": autograd.pkt_cos_sim, "cc": autograd.cc}
+REGISTERED = {"sp": autograd.sp, "pkt_cos_sim": autograd.pkt_cos_sim, "cc": autograd.cc,
+              "irg_edge": autograd.irg_edge}
 FUNCTIONS = {"sp": autograd.SPFunction.apply,
              "pkt_cos_sim": lambda s, t: autograd.PKTFunction.apply(s, t, 1e-6),
-             "cc": lambda s, t: autograd.CCFunction.apply(s, t, 0.7, 3)}
+             "cc": lambda s, t: autograd.CCFunction.apply(s, t, 0.7, 3),
+             "irg_edge": autograd.IRGEdgeFunction.apply}
 
 
 def check_against_reference(op, impl, s, t, seed, **kwargs):
@@ -142,6 +148,25 @@ def test_pkt_other_eps(impl):
 def test_cc_any_order(impl, gamma, order):
     s, t = make_pair(7, 6, 9, "ordinary", order)
     check_against_reference("cc", impl, s, t, order, gamma=gamma, P_order=order)
+
+
+@pytest.mark.parametrize("impl", [1, 2], ids=["triton", "torch"])
+def test_irg_edge_on_feature_maps(impl):
+    gen = torch.Generator().manual_seed(3)
+    irg_s = [torch.randn(6, 2, 3, 3, generator=gen, dtype=torch.float64),
+             torch.randn(6, 4, 2, 2, generator=gen, dtype=torch.float64)[..., ::2],
+             torch.randn(6, 5, generator=gen, dtype=torch.float64), None]
+    irg_t = [torch.randn(6, 3, 3, 3, generator=gen, dtype=torch.float64),
+             torch.randn(6, 2, 2, 2, generator=gen, dtype=torch.float64),
+             torch.randn(6, 8, generator=gen, dtype=torch.float64), None]
+    irg_s[2][4] = irg_s[2][1]
+    inputs = [x.requires_grad_() for x in irg_s[:3] + irg_t[:3]]
+    loss = OPS["irg_edge"][impl].keywords["f"](irg_s, irg_t)
+    expected = ref_irg.irg_edge(irg_s, irg_t)
+    assert_close(loss, expected)
+    for a, e in zip(torch.autograd.grad(loss, inputs, torch.tensor(-1.3, dtype=torch.float64)),
+                    torch.autograd.grad(expected, inputs, torch.tensor(-1.3, dtype=torch.float64))):
+        assert_close(a, e)
 
 
 def test_only_the_student_needs_grad():

@@ -159,13 +159,16 @@ def _load_tile(ptr, ra, rb, N):
 # --- RKD distance -------------------------------------------------------------
 
 @triton.jit
-def _squared_distance_tile(g_ptr, same_ptr, ra, rb, N):
+def _squared_distance_tile(g_ptr, same_ptr, ra, rb, N, ia, ib):
     """pdist2 = max(p, 1e-12) off the diagonal, 0 on it and outside; p = G_aa + G_bb - 2 G_ab,
-    exactly 0 for equal rows. Also whether p >= 1e-12 (where the clamp lets the gradient through)."""
+    exactly 0 for equal rows. Also whether p >= 1e-12 (where the clamp lets the gradient through).
+    G is read at the rows ia, ib standing for ra, rb (ra, rb themselves, or the first of their
+    equal rows so that equal rows give bit-equal distances)."""
     off = (ra[:, None] < N) & (rb[None, :] < N) & (ra[:, None] != rb[None, :])
-    sa = tl.load(g_ptr + ra.to(tl.int64) * (N + 1), mask=ra < N, other=0.0)
-    sb = tl.load(g_ptr + rb.to(tl.int64) * (N + 1), mask=rb < N, other=0.0)
-    p = (sa[:, None] + sb[None, :]) - 2 * _load_tile(g_ptr, ra, rb, N)
+    sa = tl.load(g_ptr + ia.to(tl.int64) * (N + 1), mask=ra < N, other=0.0)
+    sb = tl.load(g_ptr + ib.to(tl.int64) * (N + 1), mask=rb < N, other=0.0)
+    p = (sa[:, None] + sb[None, :]) - 2 * tl.load(g_ptr + ia[:, None].to(tl.int64) * N + ib[None, :],
+                                                  mask=off, other=0.0)
     p = tl.where(_load_tile(same_ptr, ra, rb, N) != 0, 0.0, p)
     return tl.where(off, tl.maximum(p, 1e-12), 0.0), off & (p >= 1e-12)
 
@@ -174,7 +177,7 @@ def _squared_distance_tile(g_ptr, same_ptr, ra, rb, N):
 def _distance_tile(g_ptr, same_ptr, ra, rb, N):
     """d = sqrt(pdist2) (0 on the diagonal and outside) and where the clamp lets the gradient
     through, as _squared_distance_tile."""
-    d2, live = _squared_distance_tile(g_ptr, same_ptr, ra, rb, N)
+    d2, live = _squared_distance_tile(g_ptr, same_ptr, ra, rb, N, ra, rb)
     return tl.sqrt(d2), live
 
 
@@ -805,4 +808,112 @@ def cc_backward(g_s, g_t, params, p_order):
     r_t = torch.empty_like(r_s)
     _cc_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, params, m_s, r_s, m_t, r_t, n, p_order,
                                               BLOCK=BLOCK)
+    return m_s, r_s, m_t, r_t
+
+
+# --- IRG edge -----------------------------------------------------------------
+# E = pdist2 / max(pdist2) from the centred Gram matrix, loss = mean (E_s - E_t)^2. The max is
+# a reduction over tiles kept on the device; its gradient is shared evenly among the entries
+# equal to it, as torch's max() does.
+
+def _firsts_of(same):
+    """For each row, the first row equal to it (N,) int32: a max over equal distances must
+    see them bit-equal to share its gradient as torch does, whatever the rounding of G."""
+    return same.argmax(dim=1).to(torch.int32)
+
+
+@triton.jit
+def _edge_tile(g_ptr, same_ptr, rep_ptr, ra, rb, N):
+    """pdist2 and where its clamp lets the gradient through, read at the first equal rows."""
+    ia = tl.load(rep_ptr + ra, mask=ra < N, other=0)
+    ib = tl.load(rep_ptr + rb, mask=rb < N, other=0)
+    return _squared_distance_tile(g_ptr, same_ptr, ra, rb, N, ia, ib)
+
+
+@triton.jit
+def _irg_edge_max_kernel(gs_ptr, ss_ptr, reps_ptr, gt_ptr, st_ptr, rept_ptr, part_ptr, N, BLOCK: tl.constexpr):
+    """part[tile] = (max pdist2_s, max pdist2_t) over one tile."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    d_s, _ = _edge_tile(gs_ptr, ss_ptr, reps_ptr, ra, rb, N)
+    d_t, _ = _edge_tile(gt_ptr, st_ptr, rept_ptr, ra, rb, N)
+    tl.store(part_ptr + 2 * tile, tl.max(tl.max(d_s, 1), 0))
+    tl.store(part_ptr + 2 * tile + 1, tl.max(tl.max(d_t, 1), 0))
+
+
+@triton.jit
+def _irg_edge_loss_kernel(gs_ptr, ss_ptr, reps_ptr, gt_ptr, st_ptr, rept_ptr, max_ptr, part_ptr, N,
+                          BLOCK: tl.constexpr):
+    """part[tile] = (sum diff^2, sum diff d_s, sum diff d_t, count of d_s = max_s, count of
+    d_t = max_t) over one tile, diff = d_s / max_s - d_t / max_t."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    m_s = tl.load(max_ptr)
+    m_t = tl.load(max_ptr + 1)
+    d_s, _ = _edge_tile(gs_ptr, ss_ptr, reps_ptr, ra, rb, N)
+    d_t, _ = _edge_tile(gt_ptr, st_ptr, rept_ptr, ra, rb, N)
+    diff = d_s / m_s - d_t / m_t
+    out = part_ptr + 5 * tile
+    tl.store(out, tl.sum(tl.sum(diff * diff, 1), 0))
+    tl.store(out + 1, tl.sum(tl.sum(diff * d_s, 1), 0))
+    tl.store(out + 2, tl.sum(tl.sum(diff * d_t, 1), 0))
+    # Entries outside and on the diagonal are 0 < max (off-diagonal entries are >= 1e-12).
+    tl.store(out + 3, tl.sum(tl.sum((d_s == m_s).to(d_s.dtype), 1), 0))
+    tl.store(out + 4, tl.sum(tl.sum((d_t == m_t).to(d_t.dtype), 1), 0))
+
+
+@triton.jit
+def _irg_edge_grad_kernel(gs_ptr, ss_ptr, reps_ptr, gt_ptr, st_ptr, rept_ptr, stats_ptr, ms_ptr, rs_ptr, mt_ptr,
+                          rt_ptr, N, BLOCK: tl.constexpr):
+    """M = -4 W, r = 4 rowsum(W) for a block of rows, W = N^2 dL/dp (p the squared distances):
+    W_s = 2 diff / m_s + [d_s = m_s] (-2 sum(diff d_s) / m_s^2) / count_s where the clamp lets
+    the gradient through; the teacher's with -diff."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m_s = tl.load(stats_ptr)
+    m_t = tl.load(stats_ptr + 1)
+    top_s = -2 * tl.load(stats_ptr + 2) / (m_s * m_s) / tl.load(stats_ptr + 4)
+    top_t = 2 * tl.load(stats_ptr + 3) / (m_t * m_t) / tl.load(stats_ptr + 5)
+    r_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    r_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        d_s, live_s = _edge_tile(gs_ptr, ss_ptr, reps_ptr, ra, rb, N)
+        d_t, live_t = _edge_tile(gt_ptr, st_ptr, rept_ptr, ra, rb, N)
+        diff = d_s / m_s - d_t / m_t
+        w_s = tl.where(live_s, 2 * diff / m_s + tl.where(d_s == m_s, top_s, 0.0), 0.0)
+        w_t = tl.where(live_t, -2 * diff / m_t + tl.where(d_t == m_t, top_t, 0.0), 0.0)
+        r_s += tl.sum(w_s, 1)
+        r_t += tl.sum(w_t, 1)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], -4 * w_s, mask=ok)
+        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], -4 * w_t, mask=ok)
+    tl.store(rs_ptr + ra, 4 * r_s, mask=ra < N)
+    tl.store(rt_ptr + ra, 4 * r_t, mask=ra < N)
+
+
+def irg_edge_forward(g_s, same_s, g_t, same_t):
+    """(N^2 * loss, stats): stats = (max_s, max_t, sum diff d_s, sum diff d_t, count_s, count_t)."""
+    n = len(g_s)
+    nb = triton.cdiv(n, BLOCK)
+    sides = (g_s, same_s, _firsts_of(same_s), g_t, same_t, _firsts_of(same_t))
+    part = torch.empty((nb * nb, 2), dtype=g_s.dtype, device=g_s.device)
+    _irg_edge_max_kernel[(nb, nb)](*sides, part, n, BLOCK=BLOCK)
+    maxima = part.amax(0)
+    part = torch.empty((nb * nb, 5), dtype=g_s.dtype, device=g_s.device)
+    _irg_edge_loss_kernel[(nb, nb)](*sides, maxima, part, n, BLOCK=BLOCK)
+    part = part.sum(0)
+    return part[0], torch.cat([maxima, part[1:]])
+
+
+def irg_edge_backward(g_s, same_s, g_t, same_t, stats):
+    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
+    n = len(g_s)
+    m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
+    r_s = torch.empty(n, dtype=g_s.dtype, device=g_s.device)
+    r_t = torch.empty_like(r_s)
+    _irg_edge_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, same_s, _firsts_of(same_s), g_t, same_t,
+                                                    _firsts_of(same_t), stats,
+                                                    m_s, r_s, m_t, r_t, n, BLOCK=BLOCK)
     return m_s, r_s, m_t, r_t

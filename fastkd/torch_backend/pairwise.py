@@ -37,14 +37,22 @@ def centred_gram(x):
 
 # --- RKD distance -------------------------------------------------------------
 
-def distances(g, same):
-    """d = sqrt(max(G_ii + G_jj - 2 G_ij, 1e-12)) off the diagonal, 0 on it; (N, N)."""
+def _clamped_squared(g, same):
+    """max(G_ii + G_jj - 2 G_ij, 1e-12), exactly 1e-12 for equal rows; (N, N)."""
     sq = torch.diagonal(g)
     p = (sq.unsqueeze(0) + sq.unsqueeze(1)) - 2 * g
     if same is not None:
         p = p.masked_fill(same, 0)
-    p = p.clamp(min=1e-12).sqrt()
-    return p * (1 - torch.eye(len(g), dtype=g.dtype, device=g.device))
+    return p.clamp(min=1e-12)
+
+
+def _off_diagonal(p):
+    return p * (1 - torch.eye(len(p), dtype=p.dtype, device=p.device))
+
+
+def distances(g, same):
+    """d = sqrt(max(G_ii + G_jj - 2 G_ij, 1e-12)) off the diagonal, 0 on it; (N, N)."""
+    return _off_diagonal(_clamped_squared(g, same).sqrt())
 
 
 def rkd_distance(feat_s, feat_t):
@@ -205,3 +213,17 @@ def cc(feat_s, feat_t, gamma, P_order):
     """mse(K_s, K_t), K the P-order Taylor Gaussian kernel of the cosine similarities."""
     return F.mse_loss(_cc_correlation(feat_s, gamma, P_order),
                       _cc_correlation(feat_t, gamma, P_order)).to(feat_s.dtype)
+
+
+# --- IRG edge -----------------------------------------------------------------
+
+def _edge(x):
+    """E = pdist2 / max(pdist2) of flat(x), from the centred Gram matrix."""
+    d = _off_diagonal(_clamped_squared(*centred_gram(x.reshape(x.size(0), -1))[1:]))
+    return d / d.max()
+
+
+def irg_edge(irg_s, irg_t):
+    """The mean over feat, fm1 and fm2 of mse(E_s, E_t); irg_* = (fm1, fm2, feat, out)."""
+    return (sum(F.mse_loss(_edge(irg_s[i]), _edge(irg_t[i])) for i in (2, 0, 1)) / 3.0
+            ).to(irg_s[2].dtype)
