@@ -347,6 +347,8 @@ def lwm(out_s, fm_s, out_t, fm_t, target):
 
 
 # --- pairwise: RKD, SP, PKT, CC, IRG (kernels in fastkd.kernels.pairwise) --------------------
+import math  # noqa: E402
+
 import torch  # noqa: E402
 
 from .kernels import pairwise as _pw  # noqa: E402
@@ -405,6 +407,106 @@ def rkd_distance(feat_s, feat_t):
 
 def rkd_angle(feat_s, feat_t):
     return RKDAngleFunction.apply(feat_s, feat_t)
+
+
+class SPFunction(torch.autograd.Function):
+    """mse(G^_s, G^_t), G^ = normalize(G, dim=1), G the raw Gram matrix of flat(fm)."""
+
+    @staticmethod
+    def forward(ctx, fm_s, fm_t):
+        x_s, x_t = _pw.prepare(fm_s, centre=False), _pw.prepare(fm_t, centre=False)
+        g_s, g_t = _pw.gram(x_s), _pw.gram(x_t)
+        total, stats = _pw.sp_forward(g_s, g_t)
+        ctx.save_for_backward(fm_s, fm_t, x_s, x_t, g_s, g_t, stats)
+        return (total / len(g_s) ** 2).to(fm_s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        fm_s, fm_t, x_s, x_t, g_s, g_t, stats = ctx.saved_tensors
+        m_s, m_t = _pw.sp_backward(g_s, g_t, stats)
+        scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
+        return _pairwise_grads(ctx, ((m_s, None, x_s, fm_s), (m_t, None, x_t, fm_t)), scale)
+
+
+def sp(fm_s, fm_t):
+    return SPFunction.apply(fm_s, fm_t)
+
+
+class PKTFunction(torch.autograd.Function):
+    """mean P_t log((P_t + eps) / (P_s + eps)), P the row-normalised (C + 1) / 2 and C the
+    cosine similarities, read from the raw Gram matrices."""
+
+    @staticmethod
+    def forward(ctx, feat_s, feat_t, eps):
+        x_s, x_t = _pw.prepare(feat_s, centre=False), _pw.prepare(feat_t, centre=False)
+        g_s, g_t = _pw.gram(x_s), _pw.gram(x_t)
+        params = torch.tensor([eps], dtype=g_s.dtype, device=g_s.device)
+        total, stats = _pw.pkt_forward(g_s, g_t, params)
+        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, g_s, g_t, params, stats)
+        return (total / len(g_s) ** 2).to(feat_s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        feat_s, feat_t, x_s, x_t, g_s, g_t, params, stats = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _pw.pkt_backward(g_s, g_t, params, stats)
+        scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
+        return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale),
+                None)
+
+
+def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
+    return PKTFunction.apply(feat_s, feat_t, eps)
+
+
+class CCFunction(torch.autograd.Function):
+    """mse(K_s, K_t), K = sum_{p<=P} e^{-2 gamma} (2 gamma)^p / p! S^p and S the cosine
+    similarities, read from the raw Gram matrices."""
+
+    @staticmethod
+    def forward(ctx, feat_s, feat_t, gamma, p_order):
+        x_s, x_t = _pw.prepare(feat_s, centre=False), _pw.prepare(feat_t, centre=False)
+        g_s, g_t = _pw.gram(x_s), _pw.gram(x_t)
+        params = torch.tensor([math.exp(-2 * gamma), 2 * gamma], dtype=g_s.dtype, device=g_s.device)
+        total = _pw.cc_forward(g_s, g_t, params, p_order)
+        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, g_s, g_t, params)
+        ctx.p_order = p_order
+        return (total / len(g_s) ** 2).to(feat_s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        feat_s, feat_t, x_s, x_t, g_s, g_t, params = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _pw.cc_backward(g_s, g_t, params, ctx.p_order)
+        scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
+        return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale),
+                None, None)
+
+
+def cc(feat_s, feat_t, gamma, P_order):
+    return CCFunction.apply(feat_s, feat_t, gamma, P_order)
+
+
+class IRGEdgeFunction(torch.autograd.Function):
+    """mse(E_s, E_t), E = pdist2 / max(pdist2) of flat(x), from the centred Gram matrices."""
+
+    @staticmethod
+    def forward(ctx, x_s, x_t):
+        c_s, c_t = _pw.prepare(x_s, centre=True), _pw.prepare(x_t, centre=True)
+        (g_s, same_s), (g_t, same_t) = _pw.gram(c_s, same=True), _pw.gram(c_t, same=True)
+        total, stats = _pw.irg_edge_forward(g_s, same_s, g_t, same_t)
+        ctx.save_for_backward(x_s, x_t, c_s, c_t, g_s, same_s, g_t, same_t, stats)
+        return (total / len(g_s) ** 2).to(x_s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_s, x_t, c_s, c_t, g_s, same_s, g_t, same_t, stats = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _pw.irg_edge_backward(g_s, same_s, g_t, same_t, stats)
+        scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
+        return _pairwise_grads(ctx, ((m_s, r_s, c_s, x_s), (m_t, r_t, c_t, x_t)), scale)
+
+
+def irg_edge(irg_s, irg_t):
+    """The mean of the edge terms of feat, fm1 and fm2; irg_* = (fm1, fm2, feat, out)."""
+    return sum(IRGEdgeFunction.apply(irg_s[i], irg_t[i]) for i in (2, 0, 1)) / 3.0
 
 
 # --- softmax-KL over logits: SoftTarget, DML, BSS ---------------------------------

@@ -2,7 +2,7 @@
 
 Shared building blocks come first: `prepare` (centre and convert the features), `gram`
 (G = X X^T, exactly symmetric) and `gram_grad` (dL/dX = scale * (M X + r * X) from an
-(N, N) matrix M and a vector r). Each loss then has its kernels over (N, N) tiles of the
+(N, N) matrix M and an optional vector r). Each loss then has its kernels over (N, N) tiles of the
 Gram matrices of the student and the teacher, both read by the same launch.
 
 Sums run in float32 (float64 for float64 inputs); dot products use IEEE precision because
@@ -108,8 +108,8 @@ def gram(x, same=False):
 
 @triton.jit
 def _gram_grad_kernel(m_ptr, r_ptr, x_ptr, scale_ptr, out_ptr, N, D,
-                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out = scale * (M X + r * X) for a (BLOCK, BLOCK_D) tile of out."""
+                      HAS_R: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = scale * (M X + r * X) for a (BLOCK, BLOCK_D) tile of out (r = 0 without HAS_R)."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -122,20 +122,23 @@ def _gram_grad_kernel(m_ptr, r_ptr, x_ptr, scale_ptr, out_ptr, N, D,
                      mask=(rb[:, None] < N) & col_ok[None, :], other=0.0)
         acc = tl.dot(m, xb, acc, input_precision="ieee")
     ok = (ra[:, None] < N) & col_ok[None, :]
-    xa = tl.load(x_ptr + ra[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0)
-    r = tl.load(r_ptr + ra, mask=ra < N, other=0.0)
-    out = (acc + r[:, None] * xa) * tl.load(scale_ptr)
+    if HAS_R:
+        xa = tl.load(x_ptr + ra[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0)
+        acc += tl.load(r_ptr + ra, mask=ra < N, other=0.0)[:, None] * xa
+    out = acc * tl.load(scale_ptr)
     tl.store(out_ptr + ra[:, None].to(tl.int64) * D + cols[None, :],
              out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def gram_grad(m, r, x, scale, like):
     """dL/dX = scale * (M X + r * X) shaped and typed like `like`; x (N, D) from prepare(),
-    M (N, N), r (N,), scale a 0-dim tensor (the upstream gradient over the loss's count)."""
+    M (N, N), r (N,) or None for 0, scale a 0-dim tensor (the upstream gradient over the
+    loss's count)."""
     n, d = x.shape
     out = torch.empty((n, d), dtype=like.dtype, device=x.device)
     _gram_grad_kernel[(triton.cdiv(n, BLOCK), triton.cdiv(d, BLOCK_D))](
-        m, r, x, scale, out, n, d, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
+        m, m if r is None else r, x, scale, out, n, d, HAS_R=r is not None, BLOCK=BLOCK,
+        BLOCK_D=BLOCK_D)
     return out.reshape(like.shape)
 
 
@@ -156,16 +159,26 @@ def _load_tile(ptr, ra, rb, N):
 # --- RKD distance -------------------------------------------------------------
 
 @triton.jit
-def _distance_tile(g_ptr, same_ptr, ra, rb, N):
-    """d = sqrt(max(p, 1e-12)) off the diagonal, 0 on it and outside; p = G_aa + G_bb - 2 G_ab,
-    exactly 0 for equal rows. Also whether p >= 1e-12 (where the clamp lets the gradient through)."""
+def _squared_distance_tile(g_ptr, same_ptr, ra, rb, N, ia, ib):
+    """pdist2 = max(p, 1e-12) off the diagonal, 0 on it and outside; p = G_aa + G_bb - 2 G_ab,
+    exactly 0 for equal rows. Also whether p >= 1e-12 (where the clamp lets the gradient through).
+    G is read at the rows ia, ib standing for ra, rb (ra, rb themselves, or the first of their
+    equal rows so that equal rows give bit-equal distances)."""
     off = (ra[:, None] < N) & (rb[None, :] < N) & (ra[:, None] != rb[None, :])
-    sa = tl.load(g_ptr + ra.to(tl.int64) * (N + 1), mask=ra < N, other=0.0)
-    sb = tl.load(g_ptr + rb.to(tl.int64) * (N + 1), mask=rb < N, other=0.0)
-    p = (sa[:, None] + sb[None, :]) - 2 * _load_tile(g_ptr, ra, rb, N)
+    sa = tl.load(g_ptr + ia.to(tl.int64) * (N + 1), mask=ra < N, other=0.0)
+    sb = tl.load(g_ptr + ib.to(tl.int64) * (N + 1), mask=rb < N, other=0.0)
+    p = (sa[:, None] + sb[None, :]) - 2 * tl.load(g_ptr + ia[:, None].to(tl.int64) * N + ib[None, :],
+                                                  mask=off, other=0.0)
     p = tl.where(_load_tile(same_ptr, ra, rb, N) != 0, 0.0, p)
-    d = tl.where(off, tl.sqrt(tl.maximum(p, 1e-12)), 0.0)
-    return d, off & (p >= 1e-12)
+    return tl.where(off, tl.maximum(p, 1e-12), 0.0), off & (p >= 1e-12)
+
+
+@triton.jit
+def _distance_tile(g_ptr, same_ptr, ra, rb, N):
+    """d = sqrt(pdist2) (0 on the diagonal and outside) and where the clamp lets the gradient
+    through, as _squared_distance_tile."""
+    d2, live = _squared_distance_tile(g_ptr, same_ptr, ra, rb, N, ra, rb)
+    return tl.sqrt(d2), live
 
 
 @triton.jit
@@ -445,4 +458,462 @@ def rkd_angle_backward(g_s, same_s, g_t, same_t, stats):
     _rkd_angle_grad_kernel[(nb, nb)](g_s, same_s, g_t, same_t, stats, m_s, m_t, n,
                                      BLOCK=BLOCK)
     _rkd_angle_r_kernel[(nb,)](stats, r_s, r_t, n, BLOCK=BLOCK)
+    return m_s, r_s, m_t, r_t
+
+
+# --- SP -----------------------------------------------------------------------
+# G from the raw features (SP is not translation-invariant); n_i = max(||G_i||, 1e-12),
+# G^ = G / n (rows), loss = mean (G^_s - G^_t)^2.
+
+@triton.jit
+def _sp_norms_kernel(gs_ptr, gt_ptr, norms_ptr, N, BLOCK: tl.constexpr):
+    """norms (2, N) = the clamped row norms of G_s and G_t for a block of rows."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    sq_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    sq_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        g_s = _load_tile(gs_ptr, ra, rb, N)
+        g_t = _load_tile(gt_ptr, ra, rb, N)
+        sq_s += tl.sum(g_s * g_s, 1)
+        sq_t += tl.sum(g_t * g_t, 1)
+    tl.store(norms_ptr + ra, tl.maximum(tl.sqrt(sq_s), 1e-12), mask=ra < N)
+    tl.store(norms_ptr + N + ra, tl.maximum(tl.sqrt(sq_t), 1e-12), mask=ra < N)
+
+
+@triton.jit
+def _sp_loss_kernel(gs_ptr, gt_ptr, norms_ptr, part_ptr, dots_ptr, N, BLOCK: tl.constexpr):
+    """For a block of rows: part = sum (G^_s - G^_t)^2 and dots (2, N) = sum_j (G^_s - G^_t) G^
+    on each side (the norms' share of the gradient)."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n_s = tl.load(norms_ptr + ra, mask=ra < N, other=1.0)
+    n_t = tl.load(norms_ptr + N + ra, mask=ra < N, other=1.0)
+    loss = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    dot_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    dot_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        h_s = _load_tile(gs_ptr, ra, rb, N) / n_s[:, None]
+        h_t = _load_tile(gt_ptr, ra, rb, N) / n_t[:, None]
+        diff = h_s - h_t
+        loss += tl.sum(diff * diff, 1)
+        dot_s += tl.sum(diff * h_s, 1)
+        dot_t += tl.sum(diff * h_t, 1)
+    tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
+    tl.store(dots_ptr + ra, dot_s, mask=ra < N)
+    tl.store(dots_ptr + N + ra, dot_t, mask=ra < N)
+
+
+@triton.jit
+def _sp_w(g_s, g_t, n_s, n_t, dot_s, dot_t):
+    """N^2 dL/dG on each side at one tile, from the stats of its rows (broadcast shapes):
+    W = +-2 (diff - G^ dot [n not clamped]) / n, diff = G^_s - G^_t."""
+    h_s = g_s / n_s
+    h_t = g_t / n_t
+    diff = h_s - h_t
+    w_s = 2 * (diff - tl.where(n_s > 1e-12, h_s * dot_s, 0.0)) / n_s
+    w_t = -2 * (diff - tl.where(n_t > 1e-12, h_t * dot_t, 0.0)) / n_t
+    return w_s, w_t
+
+
+@triton.jit
+def _sp_grad_kernel(gs_ptr, gt_ptr, norms_ptr, dots_ptr, ms_ptr, mt_ptr, N, BLOCK: tl.constexpr):
+    """M = W + W^T at the tile (a, b) on each side, so that N^2 dL/dX = M X."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    na_s = tl.load(norms_ptr + ra, mask=ra < N, other=1.0)[:, None]
+    na_t = tl.load(norms_ptr + N + ra, mask=ra < N, other=1.0)[:, None]
+    nb_s = tl.load(norms_ptr + rb, mask=rb < N, other=1.0)[None, :]
+    nb_t = tl.load(norms_ptr + N + rb, mask=rb < N, other=1.0)[None, :]
+    da_s = tl.load(dots_ptr + ra, mask=ra < N, other=0.0)[:, None]
+    da_t = tl.load(dots_ptr + N + ra, mask=ra < N, other=0.0)[:, None]
+    db_s = tl.load(dots_ptr + rb, mask=rb < N, other=0.0)[None, :]
+    db_t = tl.load(dots_ptr + N + rb, mask=rb < N, other=0.0)[None, :]
+    g_s = _load_tile(gs_ptr, ra, rb, N)
+    g_t = _load_tile(gt_ptr, ra, rb, N)
+    # G is exactly symmetric: W at (b, a), transposed, is _sp_w on this tile with b's stats.
+    wab_s, wab_t = _sp_w(g_s, g_t, na_s, na_t, da_s, da_t)
+    wba_s, wba_t = _sp_w(g_s, g_t, nb_s, nb_t, db_s, db_t)
+    ok = (ra[:, None] < N) & (rb[None, :] < N)
+    tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], wab_s + wba_s, mask=ok)
+    tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], wab_t + wba_t, mask=ok)
+
+
+def sp_forward(g_s, g_t):
+    """(N^2 * loss, stats (2, 2, N): the row norms and dots) from the raw Gram matrices."""
+    n = len(g_s)
+    nb = triton.cdiv(n, BLOCK)
+    stats = torch.empty((2, 2, n), dtype=g_s.dtype, device=g_s.device)
+    _sp_norms_kernel[(nb,)](g_s, g_t, stats[0], n, BLOCK=BLOCK)
+    part = torch.empty(nb, dtype=g_s.dtype, device=g_s.device)
+    _sp_loss_kernel[(nb,)](g_s, g_t, stats[0], part, stats[1], n, BLOCK=BLOCK)
+    return part.sum(), stats
+
+
+def sp_backward(g_s, g_t, stats):
+    """(M_s, M_t) with N^2 dL/dX = M X on each side."""
+    n = len(g_s)
+    nb = triton.cdiv(n, BLOCK)
+    m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
+    _sp_grad_kernel[(nb, nb)](g_s, g_t, stats[0], stats[1], m_s, m_t, n, BLOCK=BLOCK)
+    return m_s, m_t
+
+
+# --- PKT and CC: cosine similarities C = G w w^T from the raw Gram matrix -------------
+# x^ = w x with w_i = 1 / (n_i + eps) (PKT) or 1 / max(n_i, 1e-12) (CC), n_i = sqrt(G_ii).
+# With V = N^2 dL/dC: N^2 dL/dX = M X + r * X, M = (V + V^T) w w^T (G enters C directly)
+# and r_a = -(w_a / n_a) sum_b (V + V^T)_ab C_ab (G_aa enters w_a; 0 where w is constant).
+
+@triton.jit
+def _cosine_rows(g_ptr, rows, N, eps, CLAMP: tl.constexpr):
+    """(w, rw) for these rows: rw = -w / n where w depends on n, else 0."""
+    n = tl.sqrt(_diagonal(g_ptr, rows, N))
+    if CLAMP:
+        live = n >= 1e-12
+        w = 1.0 / tl.maximum(n, 1e-12)
+    else:
+        live = n > 0
+        w = 1.0 / (n + eps)
+    return w, tl.where(live, -w / tl.where(live, n, 1.0), 0.0)
+
+
+@triton.jit
+def _pkt_probs(g, w_row, w_col, sums_row, eps):
+    """C and P = ((C + 1) / 2) / rowsum at a tile, with the stats of its rows and columns."""
+    c = g * w_row * w_col
+    return c, (c + 1) * 0.5 / sums_row
+
+
+@triton.jit
+def _pkt_sums_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, N, BLOCK: tl.constexpr):
+    """sums (2, N) = the row sums of C' = (C + 1) / 2 on each side, for a block of rows."""
+    eps = tl.load(params_ptr)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, _ = _cosine_rows(gs_ptr, ra, N, eps, False)
+    wa_t, _ = _cosine_rows(gt_ptr, ra, N, eps, False)
+    sum_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    sum_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps, False)
+        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps, False)
+        c_s = _load_tile(gs_ptr, ra, rb, N) * wa_s[:, None] * wb_s[None, :]
+        c_t = _load_tile(gt_ptr, ra, rb, N) * wa_t[:, None] * wb_t[None, :]
+        sum_s += tl.sum(tl.where(ok, (c_s + 1) * 0.5, 0.0), 1)
+        sum_t += tl.sum(tl.where(ok, (c_t + 1) * 0.5, 0.0), 1)
+    tl.store(sums_ptr + ra, sum_s, mask=ra < N)
+    tl.store(sums_ptr + N + ra, sum_t, mask=ra < N)
+
+
+@triton.jit
+def _pkt_terms(g_s, g_t, ws_row, ws_col, wt_row, wt_col, sums_s, sums_t, eps):
+    """(C_s, C_t, kl, A_s, A_t) at a tile: kl = P_t log((P_t + eps) / (P_s + eps)) and
+    A = N^2 dL/dP on each side."""
+    c_s, p_s = _pkt_probs(g_s, ws_row, ws_col, sums_s, eps)
+    c_t, p_t = _pkt_probs(g_t, wt_row, wt_col, sums_t, eps)
+    log_ratio = tl.log((p_t + eps) / (p_s + eps))
+    return c_s, c_t, p_t * log_ratio, -p_t / (p_s + eps), log_ratio + p_t / (p_t + eps), p_s, p_t
+
+
+@triton.jit
+def _pkt_loss_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, part_ptr, dots_ptr, N,
+                     BLOCK: tl.constexpr):
+    """For a block of rows: part = sum kl and dots (2, N) = sum_j A P on each side."""
+    eps = tl.load(params_ptr)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, _ = _cosine_rows(gs_ptr, ra, N, eps, False)
+    wa_t, _ = _cosine_rows(gt_ptr, ra, N, eps, False)
+    sa_s = tl.load(sums_ptr + ra, mask=ra < N, other=1.0)[:, None]
+    sa_t = tl.load(sums_ptr + N + ra, mask=ra < N, other=1.0)[:, None]
+    loss = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    dot_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    dot_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps, False)
+        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps, False)
+        _, _, kl, a_s, a_t, p_s, p_t = _pkt_terms(
+            _load_tile(gs_ptr, ra, rb, N), _load_tile(gt_ptr, ra, rb, N), wa_s[:, None],
+            wb_s[None, :], wa_t[:, None], wb_t[None, :], sa_s, sa_t, eps)
+        loss += tl.sum(tl.where(ok, kl, 0.0), 1)
+        dot_s += tl.sum(tl.where(ok, a_s * p_s, 0.0), 1)
+        dot_t += tl.sum(tl.where(ok, a_t * p_t, 0.0), 1)
+    tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
+    tl.store(dots_ptr + ra, dot_s, mask=ra < N)
+    tl.store(dots_ptr + N + ra, dot_t, mask=ra < N)
+
+
+@triton.jit
+def _pkt_v(g_s, g_t, ws_row, ws_col, wt_row, wt_col, sums_s, sums_t, dots_s, dots_t, eps):
+    """(V_s, V_t, C_s, C_t) at a tile, V = N^2 dL/dC = (A - dot) / (2 rowsum)."""
+    c_s, c_t, _, a_s, a_t, _, _ = _pkt_terms(g_s, g_t, ws_row, ws_col, wt_row, wt_col,
+                                             sums_s, sums_t, eps)
+    return (a_s - dots_s) * 0.5 / sums_s, (a_t - dots_t) * 0.5 / sums_t, c_s, c_t
+
+
+@triton.jit
+def _pkt_grad_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, dots_ptr, ms_ptr, rs_ptr, mt_ptr,
+                     rt_ptr, N, BLOCK: tl.constexpr):
+    """M and r (see the section's header) for a block of rows, on each side."""
+    eps = tl.load(params_ptr)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, rwa_s = _cosine_rows(gs_ptr, ra, N, eps, False)
+    wa_t, rwa_t = _cosine_rows(gt_ptr, ra, N, eps, False)
+    sa_s = tl.load(sums_ptr + ra, mask=ra < N, other=1.0)
+    sa_t = tl.load(sums_ptr + N + ra, mask=ra < N, other=1.0)
+    da_s = tl.load(dots_ptr + ra, mask=ra < N, other=0.0)
+    da_t = tl.load(dots_ptr + N + ra, mask=ra < N, other=0.0)
+    r_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    r_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps, False)
+        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps, False)
+        sb_s = tl.load(sums_ptr + rb, mask=rb < N, other=1.0)
+        sb_t = tl.load(sums_ptr + N + rb, mask=rb < N, other=1.0)
+        db_s = tl.load(dots_ptr + rb, mask=rb < N, other=0.0)
+        db_t = tl.load(dots_ptr + N + rb, mask=rb < N, other=0.0)
+        g_s = _load_tile(gs_ptr, ra, rb, N)
+        g_t = _load_tile(gt_ptr, ra, rb, N)
+        vab_s, vab_t, c_s, c_t = _pkt_v(g_s, g_t, wa_s[:, None], wb_s[None, :], wa_t[:, None],
+                                        wb_t[None, :], sa_s[:, None], sa_t[:, None],
+                                        da_s[:, None], da_t[:, None], eps)
+        # G is exactly symmetric: V at (b, a), transposed, is _pkt_v on this tile with b's
+        # stats as the rows'.
+        vba_s, vba_t, _, _ = _pkt_v(g_s, g_t, wb_s[None, :], wa_s[:, None], wb_t[None, :],
+                                    wa_t[:, None], sb_s[None, :], sb_t[None, :],
+                                    db_s[None, :], db_t[None, :], eps)
+        v_s = tl.where(ok, vab_s + vba_s, 0.0)
+        v_t = tl.where(ok, vab_t + vba_t, 0.0)
+        r_s += tl.sum(v_s * c_s, 1)
+        r_t += tl.sum(v_t * c_t, 1)
+        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
+                 v_s * wa_s[:, None] * wb_s[None, :], mask=ok)
+        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
+                 v_t * wa_t[:, None] * wb_t[None, :], mask=ok)
+    tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < N)
+    tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < N)
+
+
+def pkt_forward(g_s, g_t, params):
+    """(N^2 * loss, stats (2, 2, N): the row sums of C' and the dots); params = [eps]."""
+    n = len(g_s)
+    nb = triton.cdiv(n, BLOCK)
+    stats = torch.empty((2, 2, n), dtype=g_s.dtype, device=g_s.device)
+    _pkt_sums_kernel[(nb,)](g_s, g_t, params, stats[0], n, BLOCK=BLOCK)
+    part = torch.empty(nb, dtype=g_s.dtype, device=g_s.device)
+    _pkt_loss_kernel[(nb,)](g_s, g_t, params, stats[0], part, stats[1], n, BLOCK=BLOCK)
+    return part.sum(), stats
+
+
+def pkt_backward(g_s, g_t, params, stats):
+    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
+    n = len(g_s)
+    m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
+    r_s = torch.empty(n, dtype=g_s.dtype, device=g_s.device)
+    r_t = torch.empty_like(r_s)
+    _pkt_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, params, stats[0], stats[1],
+                                               m_s, r_s, m_t, r_t, n, BLOCK=BLOCK)
+    return m_s, r_s, m_t, r_t
+
+
+@triton.jit
+def _cc_kernel_values(s, two_gamma, P):
+    """(K / e^{-2 gamma}, dK/dS / e^{-2 gamma}) with K = e^{-2 gamma} sum_{p<=P} y^p / p!,
+    y = 2 gamma S, by Horner: 1 + y (1 + y/2 (... (1 + y/P))); the derivative is 2 gamma
+    times the same sum to P - 1."""
+    y = two_gamma * s
+    k = tl.full(s.shape, 1.0, s.dtype)
+    dk = tl.full(s.shape, 1.0, s.dtype)
+    for q in range(0, P):
+        p = (P - q).to(s.dtype)
+        k = 1 + k * y / p
+        dk = tl.where(q > 0, 1 + dk * y / p, dk)
+    return k, tl.where(P > 0, two_gamma * dk, 0.0)
+
+
+@triton.jit
+def _cc_tile(gs_ptr, gt_ptr, ra, rb, N, two_gamma, P):
+    """(K_s - K_t, K'_s, K'_t, S_s, S_t) over e^{-2 gamma}, at the tile (a, b)."""
+    wa_s, _ = _cosine_rows(gs_ptr, ra, N, 0.0, True)
+    wb_s, _ = _cosine_rows(gs_ptr, rb, N, 0.0, True)
+    wa_t, _ = _cosine_rows(gt_ptr, ra, N, 0.0, True)
+    wb_t, _ = _cosine_rows(gt_ptr, rb, N, 0.0, True)
+    s_s = _load_tile(gs_ptr, ra, rb, N) * wa_s[:, None] * wb_s[None, :]
+    s_t = _load_tile(gt_ptr, ra, rb, N) * wa_t[:, None] * wb_t[None, :]
+    k_s, dk_s = _cc_kernel_values(s_s, two_gamma, P)
+    k_t, dk_t = _cc_kernel_values(s_t, two_gamma, P)
+    ok = (ra[:, None] < N) & (rb[None, :] < N)
+    return tl.where(ok, k_s - k_t, 0.0), dk_s, dk_t, s_s, s_t
+
+
+@triton.jit
+def _cc_loss_kernel(gs_ptr, gt_ptr, params_ptr, part_ptr, N, P, BLOCK: tl.constexpr):
+    """part = sum (K_s - K_t)^2 over one tile; params = [e^{-2 gamma}, 2 gamma]."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    diff, _, _, _, _ = _cc_tile(gs_ptr, gt_ptr, ra, rb, N, tl.load(params_ptr + 1), P)
+    diff = diff * tl.load(params_ptr)
+    tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+             tl.sum(tl.sum(diff * diff, 1), 0))
+
+
+@triton.jit
+def _cc_grad_kernel(gs_ptr, gt_ptr, params_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr, N, P,
+                    BLOCK: tl.constexpr):
+    """M and r (see the PKT and CC section's header) for a block of rows, on each side;
+    V = 2 (K_s - K_t) K' is symmetric, so V + V^T = 2 V."""
+    c0 = tl.load(params_ptr)
+    two_gamma = tl.load(params_ptr + 1)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, rwa_s = _cosine_rows(gs_ptr, ra, N, 0.0, True)
+    wa_t, rwa_t = _cosine_rows(gt_ptr, ra, N, 0.0, True)
+    r_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    r_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        diff, dk_s, dk_t, s_s, s_t = _cc_tile(gs_ptr, gt_ptr, ra, rb, N, two_gamma, P)
+        v_s = 4 * c0 * c0 * diff * dk_s
+        v_t = -4 * c0 * c0 * diff * dk_t
+        r_s += tl.sum(v_s * s_s, 1)
+        r_t += tl.sum(v_t * s_t, 1)
+        wb_s, _ = _cosine_rows(gs_ptr, rb, N, 0.0, True)
+        wb_t, _ = _cosine_rows(gt_ptr, rb, N, 0.0, True)
+        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
+                 v_s * wa_s[:, None] * wb_s[None, :], mask=ok)
+        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
+                 v_t * wa_t[:, None] * wb_t[None, :], mask=ok)
+    tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < N)
+    tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < N)
+
+
+def cc_forward(g_s, g_t, params, p_order):
+    """N^2 * loss from the raw Gram matrices; params = [e^{-2 gamma}, 2 gamma]."""
+    n = len(g_s)
+    nb = triton.cdiv(n, BLOCK)
+    part = torch.empty(nb * nb, dtype=g_s.dtype, device=g_s.device)
+    _cc_loss_kernel[(nb, nb)](g_s, g_t, params, part, n, p_order, BLOCK=BLOCK)
+    return part.sum()
+
+
+def cc_backward(g_s, g_t, params, p_order):
+    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
+    n = len(g_s)
+    m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
+    r_s = torch.empty(n, dtype=g_s.dtype, device=g_s.device)
+    r_t = torch.empty_like(r_s)
+    _cc_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, params, m_s, r_s, m_t, r_t, n, p_order,
+                                              BLOCK=BLOCK)
+    return m_s, r_s, m_t, r_t
+
+
+# --- IRG edge -----------------------------------------------------------------
+# E = pdist2 / max(pdist2) from the centred Gram matrix, loss = mean (E_s - E_t)^2. The max is
+# a reduction over tiles kept on the device; its gradient is shared evenly among the entries
+# equal to it, as torch's max() does.
+
+def _firsts_of(same):
+    """For each row, the first row equal to it (N,) int32: a max over equal distances must
+    see them bit-equal to share its gradient as torch does, whatever the rounding of G."""
+    return same.argmax(dim=1).to(torch.int32)
+
+
+@triton.jit
+def _edge_tile(g_ptr, same_ptr, rep_ptr, ra, rb, N):
+    """pdist2 and where its clamp lets the gradient through, read at the first equal rows."""
+    ia = tl.load(rep_ptr + ra, mask=ra < N, other=0)
+    ib = tl.load(rep_ptr + rb, mask=rb < N, other=0)
+    return _squared_distance_tile(g_ptr, same_ptr, ra, rb, N, ia, ib)
+
+
+@triton.jit
+def _irg_edge_max_kernel(gs_ptr, ss_ptr, reps_ptr, gt_ptr, st_ptr, rept_ptr, part_ptr, N, BLOCK: tl.constexpr):
+    """part[tile] = (max pdist2_s, max pdist2_t) over one tile."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    d_s, _ = _edge_tile(gs_ptr, ss_ptr, reps_ptr, ra, rb, N)
+    d_t, _ = _edge_tile(gt_ptr, st_ptr, rept_ptr, ra, rb, N)
+    tl.store(part_ptr + 2 * tile, tl.max(tl.max(d_s, 1), 0))
+    tl.store(part_ptr + 2 * tile + 1, tl.max(tl.max(d_t, 1), 0))
+
+
+@triton.jit
+def _irg_edge_loss_kernel(gs_ptr, ss_ptr, reps_ptr, gt_ptr, st_ptr, rept_ptr, max_ptr, part_ptr, N,
+                          BLOCK: tl.constexpr):
+    """part[tile] = (sum diff^2, sum diff d_s, sum diff d_t, count of d_s = max_s, count of
+    d_t = max_t) over one tile, diff = d_s / max_s - d_t / max_t."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    m_s = tl.load(max_ptr)
+    m_t = tl.load(max_ptr + 1)
+    d_s, _ = _edge_tile(gs_ptr, ss_ptr, reps_ptr, ra, rb, N)
+    d_t, _ = _edge_tile(gt_ptr, st_ptr, rept_ptr, ra, rb, N)
+    diff = d_s / m_s - d_t / m_t
+    out = part_ptr + 5 * tile
+    tl.store(out, tl.sum(tl.sum(diff * diff, 1), 0))
+    tl.store(out + 1, tl.sum(tl.sum(diff * d_s, 1), 0))
+    tl.store(out + 2, tl.sum(tl.sum(diff * d_t, 1), 0))
+    # Entries outside and on the diagonal are 0 < max (off-diagonal entries are >= 1e-12).
+    tl.store(out + 3, tl.sum(tl.sum((d_s == m_s).to(d_s.dtype), 1), 0))
+    tl.store(out + 4, tl.sum(tl.sum((d_t == m_t).to(d_t.dtype), 1), 0))
+
+
+@triton.jit
+def _irg_edge_grad_kernel(gs_ptr, ss_ptr, reps_ptr, gt_ptr, st_ptr, rept_ptr, stats_ptr, ms_ptr, rs_ptr, mt_ptr,
+                          rt_ptr, N, BLOCK: tl.constexpr):
+    """M = -4 W, r = 4 rowsum(W) for a block of rows, W = N^2 dL/dp (p the squared distances):
+    W_s = 2 diff / m_s + [d_s = m_s] (-2 sum(diff d_s) / m_s^2) / count_s where the clamp lets
+    the gradient through; the teacher's with -diff."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m_s = tl.load(stats_ptr)
+    m_t = tl.load(stats_ptr + 1)
+    top_s = -2 * tl.load(stats_ptr + 2) / (m_s * m_s) / tl.load(stats_ptr + 4)
+    top_t = 2 * tl.load(stats_ptr + 3) / (m_t * m_t) / tl.load(stats_ptr + 5)
+    r_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    r_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        d_s, live_s = _edge_tile(gs_ptr, ss_ptr, reps_ptr, ra, rb, N)
+        d_t, live_t = _edge_tile(gt_ptr, st_ptr, rept_ptr, ra, rb, N)
+        diff = d_s / m_s - d_t / m_t
+        w_s = tl.where(live_s, 2 * diff / m_s + tl.where(d_s == m_s, top_s, 0.0), 0.0)
+        w_t = tl.where(live_t, -2 * diff / m_t + tl.where(d_t == m_t, top_t, 0.0), 0.0)
+        r_s += tl.sum(w_s, 1)
+        r_t += tl.sum(w_t, 1)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], -4 * w_s, mask=ok)
+        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], -4 * w_t, mask=ok)
+    tl.store(rs_ptr + ra, 4 * r_s, mask=ra < N)
+    tl.store(rt_ptr + ra, 4 * r_t, mask=ra < N)
+
+
+def irg_edge_forward(g_s, same_s, g_t, same_t):
+    """(N^2 * loss, stats): stats = (max_s, max_t, sum diff d_s, sum diff d_t, count_s, count_t)."""
+    n = len(g_s)
+    nb = triton.cdiv(n, BLOCK)
+    sides = (g_s, same_s, _firsts_of(same_s), g_t, same_t, _firsts_of(same_t))
+    part = torch.empty((nb * nb, 2), dtype=g_s.dtype, device=g_s.device)
+    _irg_edge_max_kernel[(nb, nb)](*sides, part, n, BLOCK=BLOCK)
+    maxima = part.amax(0)
+    part = torch.empty((nb * nb, 5), dtype=g_s.dtype, device=g_s.device)
+    _irg_edge_loss_kernel[(nb, nb)](*sides, maxima, part, n, BLOCK=BLOCK)
+    part = part.sum(0)
+    return part[0], torch.cat([maxima, part[1:]])
+
+
+def irg_edge_backward(g_s, same_s, g_t, same_t, stats):
+    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
+    n = len(g_s)
+    m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
+    r_s = torch.empty(n, dtype=g_s.dtype, device=g_s.device)
+    r_t = torch.empty_like(r_s)
+    _irg_edge_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, same_s, _firsts_of(same_s), g_t, same_t,
+                                                    _firsts_of(same_t), stats,
+                                                    m_s, r_s, m_t, r_t, n, BLOCK=BLOCK)
     return m_s, r_s, m_t, r_t

@@ -37,14 +37,22 @@ def centred_gram(x):
 
 # --- RKD distance -------------------------------------------------------------
 
-def distances(g, same):
-    """d = sqrt(max(G_ii + G_jj - 2 G_ij, 1e-12)) off the diagonal, 0 on it; (N, N)."""
+def _clamped_squared(g, same):
+    """max(G_ii + G_jj - 2 G_ij, 1e-12), exactly 1e-12 for equal rows; (N, N)."""
     sq = torch.diagonal(g)
     p = (sq.unsqueeze(0) + sq.unsqueeze(1)) - 2 * g
     if same is not None:
         p = p.masked_fill(same, 0)
-    p = p.clamp(min=1e-12).sqrt()
-    return p * (1 - torch.eye(len(g), dtype=g.dtype, device=g.device))
+    return p.clamp(min=1e-12)
+
+
+def _off_diagonal(p):
+    return p * (1 - torch.eye(len(p), dtype=p.dtype, device=p.device))
+
+
+def distances(g, same):
+    """d = sqrt(max(G_ii + G_jj - 2 G_ij, 1e-12)) off the diagonal, 0 on it; (N, N)."""
+    return _off_diagonal(_clamped_squared(g, same).sqrt())
 
 
 def rkd_distance(feat_s, feat_t):
@@ -156,3 +164,66 @@ class RKDAngle(torch.autograd.Function):
 def rkd_angle(feat_s, feat_t):
     """smooth_l1(A_s, A_t) over the N^3 angles, A[i, j, k] = e_ij . e_ik, without (N, N, N)."""
     return RKDAngle.apply(feat_s, feat_t)
+
+
+# --- SP -----------------------------------------------------------------------
+
+def sp(fm_s, fm_t):
+    """mse(normalize(G_s, dim=1), normalize(G_t, dim=1)), G = flat(f) flat(f)^T, summed in
+    acc_dtype."""
+    h = [F.normalize(g @ g.t(), dim=1) for g in
+         (f.reshape(f.size(0), -1).to(acc_dtype(f)) for f in (fm_s, fm_t))]
+    return F.mse_loss(h[0], h[1]).to(fm_s.dtype)
+
+
+# --- PKT and CC: cosine similarities from the Gram matrix ------------------------------
+
+def _cosine(x, weight):
+    """C = G w w^T, G = X X^T in acc_dtype, w = weight(row norms): C_ij = x^_i . x^_j with
+    x^ = w x, without an (N, D) copy of the normalised rows."""
+    x = x.to(acc_dtype(x))
+    g = x @ x.t()
+    w = weight(torch.diagonal(g).sqrt())
+    return g * w.unsqueeze(1) * w.unsqueeze(0)
+
+
+def _pkt_cond_prob(x, eps):
+    c = (_cosine(x, lambda n: 1 / (n + eps)) + 1) / 2
+    return c / c.sum(dim=1, keepdim=True)
+
+
+def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
+    """mean P_t log((P_t + eps) / (P_s + eps)), P = C' / rowsum(C'), C' = (C + 1) / 2 and
+    C the cosine similarities with the norms' eps added."""
+    p_s, p_t = _pkt_cond_prob(feat_s, eps), _pkt_cond_prob(feat_t, eps)
+    return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps))).to(feat_s.dtype)
+
+
+def _cc_correlation(x, gamma, P_order):
+    """K = e^{-2 gamma} sum_{p<=P} y^p / p!, y = 2 gamma S, by Horner: 1 + y (1 + y/2 (...))."""
+    y = _cosine(x, lambda n: 1 / n.clamp(min=1e-12)) * (2 * gamma)
+    # From y, not a fresh tensor of ones, so that P = 0 still gives a (zero) gradient.
+    k = 1 + y / P_order if P_order > 0 else 1 + 0 * y
+    for p in range(P_order - 1, 0, -1):
+        k = 1 + k * y / p
+    return k * math.exp(-2 * gamma)
+
+
+def cc(feat_s, feat_t, gamma, P_order):
+    """mse(K_s, K_t), K the P-order Taylor Gaussian kernel of the cosine similarities."""
+    return F.mse_loss(_cc_correlation(feat_s, gamma, P_order),
+                      _cc_correlation(feat_t, gamma, P_order)).to(feat_s.dtype)
+
+
+# --- IRG edge -----------------------------------------------------------------
+
+def _edge(x):
+    """E = pdist2 / max(pdist2) of flat(x), from the centred Gram matrix."""
+    d = _off_diagonal(_clamped_squared(*centred_gram(x.reshape(x.size(0), -1))[1:]))
+    return d / d.max()
+
+
+def irg_edge(irg_s, irg_t):
+    """The mean over feat, fm1 and fm2 of mse(E_s, E_t); irg_* = (fm1, fm2, feat, out)."""
+    return (sum(F.mse_loss(_edge(irg_s[i]), _edge(irg_t[i])) for i in (2, 0, 1)) / 3.0
+            ).to(irg_s[2].dtype)
