@@ -189,26 +189,34 @@ class Run:
 
 
 class Progress:
-    """A one-line progress bar on stderr: label, bar, epochs done, last loss."""
+    """A one-line progress bar on stderr: label, bar, epochs done, last loss, time.
+    Redrawn in place on a terminal; elsewhere (logs, CI) written once, when done."""
 
     def __init__(self, label, total, enabled=True, width=20):
         self.label, self.total, self.enabled, self.width, self.done = label, total, enabled, width, 0
+        self.live = enabled and sys.stderr.isatty()
         self.start = time.perf_counter()
-        self._draw("")
+        self.info = ""
+        if self.live:
+            self._draw()
 
-    def _draw(self, info):
-        if self.enabled:
-            filled = self.width * self.done // max(self.total, 1)
-            sys.stderr.write(f"\r{self.label:<22} [{'#' * filled}{'.' * (self.width - filled)}] "
-                             f"{self.done}/{self.total} {info}")
-            sys.stderr.flush()
+    def _draw(self):
+        filled = self.width * self.done // max(self.total, 1)
+        redraw = "\r" if self.live else ""
+        sys.stderr.write(f"{redraw}{self.label:<22} [{'#' * filled}{'.' * (self.width - filled)}] "
+                         f"{self.done}/{self.total} {self.info}")
+        sys.stderr.flush()
 
     def tick(self, loss):
         self.done += 1
-        self._draw(f"loss {loss:.4f} {time.perf_counter() - self.start:.0f}s ")
+        self.info = f"loss {loss:.4f} {time.perf_counter() - self.start:.0f}s "
+        if self.live:
+            self._draw()
 
     def close(self):
         if self.enabled:
+            if not self.live:
+                self._draw()
             sys.stderr.write("\n")
             sys.stderr.flush()
 

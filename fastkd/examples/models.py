@@ -4,8 +4,8 @@ A network maps (B, 1, 8, 8) to ``Features(stem, stage1, stage2, stage3, feat, ou
 ``stem`` and each ``stage<k>`` are ``(pre, post)`` pairs, the map before and after
 the final ReLU (the stem's, or the stage's last block's); stage1 is 8x8, stage2
 4x4, stage3 2x2; ``feat`` (B, C3) is the pooled feature and ``out`` (B, 10) the
-logits. The teacher has widths (16, 32, 64) and two blocks a stage, the student
-widths (8, 16, 32) and one block a stage.
+logits. The teacher has widths (16, 32, 64) and two blocks a stage; the student,
+a quarter as wide, (4, 8, 16) and one block a stage.
 """
 from collections import namedtuple
 
@@ -14,7 +14,7 @@ import torch.nn as nn
 Features = namedtuple("Features", "stem stage1 stage2 stage3 feat out")
 
 TEACHER_WIDTHS, TEACHER_BLOCKS = (16, 32, 64), 2
-STUDENT_WIDTHS, STUDENT_BLOCKS = (8, 16, 32), 1
+STUDENT_WIDTHS, STUDENT_BLOCKS = (4, 8, 16), 1
 
 
 def channels(widths):
