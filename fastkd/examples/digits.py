@@ -808,7 +808,8 @@ def plot(rows, path, title):
     means = [r["mean"] for r in rows]
     errs = [r["std"] or 0.0 for r in rows]
     base = next(r["mean"] for r in rows if r["method"] == "Baseline")
-    colors = ["#555555" if n in ("Teacher", "Baseline") else ("#2a9d8f" if m >= base else "#e76f51")
+    colors = ["#555555" if n in ("Teacher", "Baseline") else
+              ("#2a9d8f" if m > base else ("#e76f51" if m < base else "#aaaaaa"))
               for n, m in zip(names, means)]
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.5))
     ax.barh(range(len(rows)), means, xerr=errs, color=colors, capsize=2)
@@ -872,7 +873,7 @@ def main(argv=None):
     rows = summarize(results)
     header = (f"digits: {data.train_y.shape[0]} train / {data.test_y.shape[0]} test images, "
               f"{cfg.epochs} epochs, batch {cfg.batch_size}, backend {args.backend} on {cfg.device}, "
-              f"seeds {' '.join(map(str, args.seeds))}; {elapsed:.0f} s in all")
+              f"seed{'s' if len(args.seeds) > 1 else ''} {' '.join(map(str, args.seeds))}; {elapsed:.0f} s in all")
     print(format_table(rows, header))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
