@@ -6,7 +6,6 @@ same training); the command line runs every method end to end.
 """
 import dataclasses
 import json
-import math
 
 import pytest
 import torch
@@ -85,7 +84,6 @@ def test_backends_train_alike(run, baseline, name):
     # Same first step from the same weights and batch; then the same training.
     torch.testing.assert_close(losses[0], ref_losses[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-3, atol=1e-4)
-    assert math.isclose(default.accuracy, ref.accuracy, abs_tol=1.0)
 
 
 def test_command_line_runs_every_method(tmp_path, capsys):
