@@ -114,6 +114,10 @@ def test_options(monkeypatch, capsys):
     assert digits.method_names(["st,fitnet", "RKD", "rkd"]) == ["SoftTarget", "Hint", "RKD"]
     with pytest.raises(SystemExit):
         digits.parse_args(["--methods", "NoSuchMethod"])
+    assert digits.parse_args(["--kd-weight", "at=62.5", "pkt=1e3"]).kd_weight == {"AT": 62.5, "PKTCosSim": 1e3}
+    for bad in ("AT", "AT=x", "all=3", "NoSuchMethod=1"):
+        with pytest.raises(SystemExit):
+            digits.parse_args(["--kd-weight", bad])
     real_find_spec = digits.importlib.util.find_spec
     monkeypatch.setattr(digits.importlib.util, "find_spec",
                         lambda name: None if name == "matplotlib" else real_find_spec(name))

@@ -140,6 +140,7 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     steps_per_epoch: Optional[int] = None  # cap on batches per epoch (smoke tests)
+    kd_weights: dict = field(default_factory=dict)  # method name -> lambda_kd replacing its default
     device: str = "cpu"
     progress: bool = True
 
@@ -248,6 +249,7 @@ class Method:
 
     def __init__(self, run, student, teacher_channels):
         self.modules = nn.ModuleList()
+        self.lambda_kd = run.cfg.kd_weights.get(type(self).__name__, self.lambda_kd)
 
     def prepare(self, run, student, optimizer):
         """A stage before softmax training (AB, FSP, FT)."""
@@ -656,13 +658,18 @@ class DML(Method):
 ALIASES = {"st": "SoftTarget", "fitnet": "Hint", "pkt": "PKTCosSim"}
 
 
+def _canonical():
+    lookup = {n.lower(): n for n in METHODS}
+    lookup.update(ALIASES)
+    return lookup
+
+
 def method_names(requested):
     """Canonical method names from user input (any case, commas allowed, 'all')."""
     names = [n for item in requested for n in item.split(",") if n]
-    lookup = {n.lower(): n for n in METHODS}
-    lookup.update(ALIASES)
     if not names or any(n.lower() == "all" for n in names):
         return list(METHODS)
+    lookup = _canonical()
     unknown = [n for n in names if n.lower() not in lookup]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -826,6 +833,19 @@ def plot(rows, path, title):
     plt.close(fig)
 
 
+def kd_weight(item):
+    """'NAME=VALUE' -> (canonical method name, float)."""
+    name, _, value = item.partition("=")
+    canonical = _canonical().get(name.lower())
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = None
+    if canonical is None or weight is None or not math.isfinite(weight):
+        raise ValueError(f"--kd-weight takes METHOD=NUMBER with a method of {', '.join(METHODS)}; got {item!r}")
+    return canonical, weight
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m fastkd.examples.digits",
                                 description="Distil a small ResNet into a thinner one on sklearn's digits "
@@ -840,6 +860,8 @@ def parse_args(argv):
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps-per-epoch", type=int, default=None,
                    help="cap on batches per epoch (for quick checks)")
+    p.add_argument("--kd-weight", nargs="+", default=[], metavar="NAME=VALUE",
+                   help="replace a method's loss weight (default: the collection's), e.g. AT=62.5")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the accuracies (needs matplotlib)")
     p.add_argument("--threads", type=int, default=1,
@@ -848,6 +870,10 @@ def parse_args(argv):
     args = p.parse_args(argv)
     try:
         args.methods = method_names(args.methods)
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        args.kd_weight = dict(kd_weight(item) for item in args.kd_weight)
     except ValueError as e:
         p.error(str(e))
     if args.plot and importlib.util.find_spec("matplotlib") is None:
@@ -860,7 +886,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     cfg = Config(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                 steps_per_epoch=args.steps_per_epoch, device=args.device, progress=not args.no_progress)
+                 steps_per_epoch=args.steps_per_epoch, kd_weights=args.kd_weight, device=args.device,
+                 progress=not args.no_progress)
     torch.set_num_threads(args.threads)
     data = Digits(cfg.device)
     start = time.perf_counter()
