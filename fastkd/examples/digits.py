@@ -8,9 +8,9 @@ For each seed: trains the teacher (Baseline), the student alone (Baseline), then
 one student per method from the same initial weights, the same batches and the
 same schedule, and prints the test accuracy of each (after the last epoch: the
 collection logs the best epoch's, which picks on the test set) beside the student
-Baseline. The loss weights are the collection's CIFAR ones, unchanged; some suit
-8x8 images less (AT's maps are 16 times smaller, so its weight acts 16 times
-stronger).
+Baseline. The loss weights are the collection's CIFAR ones unless --kd-weight
+replaces them; some suit 8x8 images less (AT's and AFD's maps, normalised over
+H x W, are 16 times smaller, so their weights act about 16 times stronger).
 
 Each method trains as the collection's train_*.py scripts run it, with their
 loss weights; the collection's 200-epoch schedules are scaled to --epochs:
