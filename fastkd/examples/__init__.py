@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m fastkd.examples.digits`` distils on sklearn's digits."""
