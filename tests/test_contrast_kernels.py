@@ -13,7 +13,7 @@ from fastkd import autograd, reference
 from fastkd.kernels import contrast as kernels
 from fastkd.reference.crd import contrast_scores, normalizer
 from fastkd.torch_backend import contrast as torch_path
-from tests.helpers import TOLERANCE, assert_close, assert_within_reference_error
+from helpers import TOLERANCE, assert_close, assert_within_reference_error
 
 PATHS = {"triton": autograd.crd_contrast, "torch": torch_path.crd_contrast}
 # Small tiles and few programs make the kernel loop over several row blocks per split.

@@ -12,7 +12,7 @@ import fastkd
 from fastkd import autograd, reference
 from fastkd.kernels import softmax_kl as kernels
 from fastkd.torch_backend import softmax_kl as torch_path
-from tests.helpers import TOLERANCE, assert_close, assert_within_reference_error
+from helpers import TOLERANCE, assert_close, assert_within_reference_error
 
 NEG_INF = float("-inf")
 
@@ -115,6 +115,25 @@ def test_triton_matches_reference_fp64(blocks, op, pair, T, g):
 @given(pair=logits_pair(max_rows=40, max_k=3000), T=temperatures, g=upstream)
 def test_torch_path_matches_reference_fp64(op, pair, T, g):
     _check_fp64(op, "torch", *pair, T, g)
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    # Chunks of 256 elements: the hypothesis sizes reach both the one-chunk shortcut to the
+    # reference's formula and the chunked Function over many chunks.
+    monkeypatch.setattr(torch_path, "CHUNK_ELEMENTS", 256)
+
+
+def test_torch_path_takes_the_reference_formula_only_within_one_chunk():
+    def path(shape, teacher_grad=False, dtype=torch.float64):
+        s, t = torch.randn(2, *shape, dtype=dtype).unbind(0)
+        loss = torch_path.soft_target(s.requires_grad_(), t.requires_grad_(teacher_grad), 2.0)
+        return type(loss.grad_fn).__name__
+
+    assert path((8, 32)) != "SoftmaxKLBackward"
+    assert path((9, 32)) == "SoftmaxKLBackward"
+    assert path((8, 32), teacher_grad=True) == "SoftmaxKLBackward"
+    assert path((8, 32), dtype=torch.bfloat16) == "SoftmaxKLBackward"
 
 
 def test_torch_path_over_several_chunks(monkeypatch):

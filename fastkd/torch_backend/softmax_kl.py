@@ -11,6 +11,8 @@ softmaxes chunk by chunk and writes the gradients straight into their outputs.
 """
 import torch
 
+from ..reference.st import kl_batchmean
+
 # Elements per chunk: large enough to keep both threads of an op busy, small enough to
 # stay in cache.
 CHUNK_ELEMENTS = 1 << 17
@@ -86,16 +88,27 @@ class SoftmaxKL(torch.autograd.Function):
         return grad_s, grad_t, None, None
 
 
+def _softmax_kl(out_s, out_t, T, scale):
+    # An input that fits in one chunk gains nothing from chunking, and its temporaries are
+    # small: there the reference's few torch calls cost less than this Function's bookkeeping.
+    # Not for a teacher that trains (the reference's teacher gradient is NaN where a teacher
+    # probability underflows to 0), nor for bf16/fp16 (the reference does not compute in fp32).
+    if (out_s.numel() <= CHUNK_ELEMENTS and not out_t.requires_grad
+            and out_s.dtype == out_t.dtype and out_s.dtype in (torch.float32, torch.float64)):
+        return kl_batchmean(out_s / T, out_t / T) * scale
+    return SoftmaxKL.apply(out_s, out_t, T, scale)
+
+
 def soft_target(out_s, out_t, T):
     """KLbm(softmax(out_t / T) || softmax(out_s / T)) * T^2."""
-    return SoftmaxKL.apply(out_s, out_t, T, T * T)
+    return _softmax_kl(out_s, out_t, T, T * T)
 
 
 def dml(out1, out2):
     """KLbm(softmax(out2) || softmax(out1))."""
-    return SoftmaxKL.apply(out1, out2, 1.0, 1.0)
+    return _softmax_kl(out1, out2, 1.0, 1.0)
 
 
 def bss(attacked_out_s, attacked_out_t, T):
     """KLbm(softmax(out_t / T) || softmax(out_s / T)), no T^2 factor."""
-    return SoftmaxKL.apply(attacked_out_s, attacked_out_t, T, 1.0)
+    return _softmax_kl(attacked_out_s, attacked_out_t, T, 1.0)
