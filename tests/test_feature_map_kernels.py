@@ -83,6 +83,12 @@ def check_against_reference(op, specs, backend):
     for i, (g, r) in enumerate(zip(grads, ref_grads)):
         assert g.shape == r.shape and g.dtype == r.dtype
         assert_close(g, r, msg=f"{op} grad {i} fp64")
+    B, C, H, W = specs[0]["shape"]
+    if op.startswith("at") and H * W == 1:
+        # One spatial position: the map is A / (|A| + 1e-6), 1 up to the epsilon, and its
+        # gradient is O(1) terms cancelling to O(1e-6): there any fp32 route's error is luck,
+        # whichever way the terms are grouped. The fp64 comparison above covers this shape.
+        return
     # fp32: no further from the fp64 answer than 10x the reference's own fp32 error.
     maps32 = [m.float() for m in maps64]
     loss32, grads32 = loss_and_grads(fn, maps32, extra, upstream, backend)
