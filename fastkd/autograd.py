@@ -352,6 +352,8 @@ import math  # noqa: E402
 import torch  # noqa: E402
 
 from .kernels import pairwise as _pw  # noqa: E402
+# fm1's pooling stays torch (with its autograd), before the kernels.
+from .torch_backend.pairwise import transformation_pool as _pool  # noqa: E402
 
 
 def _pairwise_grads(ctx, sides, scale):
@@ -507,6 +509,54 @@ class IRGEdgeFunction(torch.autograd.Function):
 def irg_edge(irg_s, irg_t):
     """The mean of the edge terms of feat, fm1 and fm2; irg_* = (fm1, fm2, feat, out)."""
     return sum(IRGEdgeFunction.apply(irg_s[i], irg_t[i]) for i in (2, 0, 1)) / 3.0
+
+
+def _normalised_distances(d):
+    """(T, clamped d, max): T = d' / max(d'), d' = max(d, 1e-12) on the (N,) distances."""
+    clamped = d.clamp(min=1e-12)
+    top = clamped.amax()
+    return clamped / top, clamped, top
+
+
+def _distance_grad(grad_T, d):
+    """dL/dd (N,) from dL/dT: T_j = d'_j / m gives grad_T / m, and m = max(d') adds
+    -sum(grad_T d') / m^2 shared evenly among the entries equal to m (torch's rule for
+    max()); 0 where the clamp of d at 1e-12 holds."""
+    _, clamped, top = _normalised_distances(d)
+    at_top = (clamped == top).to(d.dtype)
+    grad = grad_T / top - at_top * ((grad_T * clamped).sum() / (top * top) / at_top.sum())
+    return grad * (d >= 1e-12)
+
+
+class IRGTransformationFunction(torch.autograd.Function):
+    """mse(T_s, T_t), T = d / max(d), d_i = max(|a_i - b'_i|^2, 1e-12) over sample i's values;
+    a (N, C, H, W) (fm1, pooled already), b (N, C2, H2, W2) (fm2), b' = b's channels averaged
+    in pairs when C < C2, else b; a and b' paired by flat index."""
+
+    @staticmethod
+    def forward(ctx, a_s, b_s, a_t, b_t):
+        dtype = _loss_dtype(a_s, b_s, a_t, b_t)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        d_s = _pw.transformation_distances(a_s, b_s, acc)
+        d_t = _pw.transformation_distances(a_t, b_t, acc)
+        ctx.save_for_backward(a_s, b_s, a_t, b_t, d_s, d_t)
+        diff = _normalised_distances(d_s)[0] - _normalised_distances(d_t)[0]
+        return (diff * diff).mean().to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a_s, b_s, a_t, b_t, d_s, d_t = ctx.saved_tensors
+        grad_T = (_normalised_distances(d_s)[0] - _normalised_distances(d_t)[0]) * (
+            2 * grad_out.to(d_s.dtype) / len(d_s))
+        need = ctx.needs_input_grad
+        return (*_pw.transformation_grads(a_s, b_s, _distance_grad(grad_T, d_s), need[0], need[1]),
+                *_pw.transformation_grads(a_t, b_t, _distance_grad(-grad_T, d_t), need[2], need[3]))
+
+
+def irg_transformation(irg_s, irg_t):
+    """mse(T(fm1_s, fm2_s), T(fm1_t, fm2_t)); irg_* = (fm1, fm2, feat, out)."""
+    return IRGTransformationFunction.apply(_pool(irg_s[0], irg_s[1]), irg_s[1],
+                                           _pool(irg_t[0], irg_t[1]), irg_t[1])
 
 
 # --- softmax-KL over logits: SoftTarget, DML, BSS ---------------------------------
