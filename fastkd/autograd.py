@@ -461,23 +461,24 @@ def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
 
 
 class CCFunction(torch.autograd.Function):
-    """mse(K_s, K_t), K = sum_{p<=P} e^{-2 gamma} (2 gamma)^p / p! S^p and S the cosine
-    similarities, read from the raw Gram matrices."""
+    """mse(K_s, K_t), K = sum_{p<=P} e^{-2 gamma} (2 gamma)^p / p! S^p and S = X^ X^^T the
+    cosine similarities, X^ the rows normalised first as the reference does (a Gram matrix of
+    raw rows far from the origin rounds the cosines more)."""
 
     @staticmethod
     def forward(ctx, feat_s, feat_t, gamma, p_order):
-        x_s, x_t = _pw.prepare(feat_s, centre=False), _pw.prepare(feat_t, centre=False)
+        (x_s, n_s), (x_t, n_t) = (_pw.prepare(f, centre=False, normalise=True) for f in (feat_s, feat_t))
         g_s, g_t = _pw.gram(x_s), _pw.gram(x_t)
         params = torch.tensor([math.exp(-2 * gamma), 2 * gamma], dtype=g_s.dtype, device=g_s.device)
         total = _pw.cc_forward(g_s, g_t, params, p_order)
-        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, g_s, g_t, params)
+        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, n_s, n_t, g_s, g_t, params)
         ctx.p_order = p_order
         return (total / len(g_s) ** 2).to(feat_s.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        feat_s, feat_t, x_s, x_t, g_s, g_t, params = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _pw.cc_backward(g_s, g_t, params, ctx.p_order)
+        feat_s, feat_t, x_s, x_t, n_s, n_t, g_s, g_t, params = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _pw.cc_backward(g_s, g_t, n_s, n_t, params, ctx.p_order)
         scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
         return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale),
                 None, None)

@@ -2,8 +2,8 @@
 
 Every loss here but IRG's transformation term starts from G = X X^T (N, N). RKD's angle
 term reads its N^3 angles from G one block of anchors at a time, so nothing of size (N, N, D)
-or (N, N, N) is held;
-its backward is written by hand (RKDAngle) so that autograd does not keep every block.
+or (N, N, N) is held; its backward is written by hand (RKDAngle) so that autograd does not
+keep every block.
 Sums run in float32 (float64 for float64 inputs); the loss comes back in the input dtype.
 """
 import functools
