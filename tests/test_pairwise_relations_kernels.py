@@ -50,11 +50,13 @@ def check_against_reference(op, impl, s, t, seed, offset=False, **kwargs):
         if not e.any():
             assert_close(a, e.float(), msg=f"{op} float32 {name}")
             continue
-        if op == "cc" and offset:
-            # Known shortfall: cosines read from the raw Gram matrix of rows far from the
-            # origin carry more fp32 rounding than the reference's normalise-then-dot, beyond
-            # 10x its own error on small N; held to fp32's ordinary tolerance instead.
-            assert_close(a, e.float(), msg=f"{op} float32 {name}")
+        if op == "cc" and name == "loss":
+            # mean (K_s - K_t)^2 of kernel values K = O(1), each rounded by about eps: the
+            # loss carries about 2 eps sqrt(loss) of rounding, which the reference meets by
+            # luck far below it on nearly equal K (offset rows).
+            floor = 2 * torch.finfo(torch.float32).eps * e.sqrt()
+            err, ref_err = (a.double() - e).abs(), (r.double() - e).abs()
+            assert err <= 10 * max(ref_err, floor), f"{op} float32 loss: error {err:.3e}"
             continue
         if op == "pkt_cos_sim" and name == "loss":
             # The loss is a KL divergence whose first-order terms sum_j (P_t - P_s) cancel only
@@ -75,6 +77,10 @@ def shaped(x, op, seed):
 
 
 def check(op, impl, n, d_s, d_t, kind, seed):
+    if op == "cc":
+        # With D = 1 every cosine is exactly +-1 and the gradient 0 to fp64's rounding, which
+        # normalised fp32 rows meet only to fp32's rounding, far beyond 10x the reference's.
+        d_s, d_t = max(d_s, 2), max(d_t, 2)
     s, t = make_pair(n, d_s, d_t, kind, seed)
     check_against_reference(op, impl, shaped(s, op, seed), shaped(t, op, seed + 1), seed,
                             offset=kind == "offset")
