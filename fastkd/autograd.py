@@ -352,6 +352,8 @@ import math  # noqa: E402
 import torch  # noqa: E402
 
 from .kernels import pairwise as _pw  # noqa: E402
+# fm1's pooling stays torch (with its autograd), before the kernels.
+from .torch_backend.pairwise import transformation_pool as _pool  # noqa: E402
 
 
 def _pairwise_grads(ctx, sides, scale):
@@ -459,23 +461,24 @@ def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
 
 
 class CCFunction(torch.autograd.Function):
-    """mse(K_s, K_t), K = sum_{p<=P} e^{-2 gamma} (2 gamma)^p / p! S^p and S the cosine
-    similarities, read from the raw Gram matrices."""
+    """mse(K_s, K_t), K = sum_{p<=P} e^{-2 gamma} (2 gamma)^p / p! S^p and S = X^ X^^T the
+    cosine similarities, X^ the rows normalised first as the reference does (a Gram matrix of
+    raw rows far from the origin rounds the cosines more)."""
 
     @staticmethod
     def forward(ctx, feat_s, feat_t, gamma, p_order):
-        x_s, x_t = _pw.prepare(feat_s, centre=False), _pw.prepare(feat_t, centre=False)
+        (x_s, n_s), (x_t, n_t) = (_pw.prepare(f, centre=False, normalise=True) for f in (feat_s, feat_t))
         g_s, g_t = _pw.gram(x_s), _pw.gram(x_t)
         params = torch.tensor([math.exp(-2 * gamma), 2 * gamma], dtype=g_s.dtype, device=g_s.device)
         total = _pw.cc_forward(g_s, g_t, params, p_order)
-        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, g_s, g_t, params)
+        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, n_s, n_t, g_s, g_t, params)
         ctx.p_order = p_order
         return (total / len(g_s) ** 2).to(feat_s.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        feat_s, feat_t, x_s, x_t, g_s, g_t, params = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _pw.cc_backward(g_s, g_t, params, ctx.p_order)
+        feat_s, feat_t, x_s, x_t, n_s, n_t, g_s, g_t, params = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _pw.cc_backward(g_s, g_t, n_s, n_t, params, ctx.p_order)
         scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
         return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale),
                 None, None)
@@ -507,6 +510,54 @@ class IRGEdgeFunction(torch.autograd.Function):
 def irg_edge(irg_s, irg_t):
     """The mean of the edge terms of feat, fm1 and fm2; irg_* = (fm1, fm2, feat, out)."""
     return sum(IRGEdgeFunction.apply(irg_s[i], irg_t[i]) for i in (2, 0, 1)) / 3.0
+
+
+def _normalised_distances(d):
+    """(T, clamped d, max): T = d' / max(d'), d' = max(d, 1e-12) on the (N,) distances."""
+    clamped = d.clamp(min=1e-12)
+    top = clamped.amax()
+    return clamped / top, clamped, top
+
+
+def _distance_grad(grad_T, d):
+    """dL/dd (N,) from dL/dT: T_j = d'_j / m gives grad_T / m, and m = max(d') adds
+    -sum(grad_T d') / m^2 shared evenly among the entries equal to m (torch's rule for
+    max()); 0 where the clamp of d at 1e-12 holds."""
+    _, clamped, top = _normalised_distances(d)
+    at_top = (clamped == top).to(d.dtype)
+    grad = grad_T / top - at_top * ((grad_T * clamped).sum() / (top * top) / at_top.sum())
+    return grad * (d >= 1e-12)
+
+
+class IRGTransformationFunction(torch.autograd.Function):
+    """mse(T_s, T_t), T = d / max(d), d_i = max(|a_i - b'_i|^2, 1e-12) over sample i's values;
+    a (N, C, H, W) (fm1, pooled already), b (N, C2, H2, W2) (fm2), b' = b's channels averaged
+    in pairs when C < C2, else b; a and b' paired by flat index."""
+
+    @staticmethod
+    def forward(ctx, a_s, b_s, a_t, b_t):
+        dtype = _loss_dtype(a_s, b_s, a_t, b_t)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        d_s = _pw.transformation_distances(a_s, b_s, acc)
+        d_t = _pw.transformation_distances(a_t, b_t, acc)
+        ctx.save_for_backward(a_s, b_s, a_t, b_t, d_s, d_t)
+        diff = _normalised_distances(d_s)[0] - _normalised_distances(d_t)[0]
+        return (diff * diff).mean().to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a_s, b_s, a_t, b_t, d_s, d_t = ctx.saved_tensors
+        grad_T = (_normalised_distances(d_s)[0] - _normalised_distances(d_t)[0]) * (
+            2 * grad_out.to(d_s.dtype) / len(d_s))
+        need = ctx.needs_input_grad
+        return (*_pw.transformation_grads(a_s, b_s, _distance_grad(grad_T, d_s), need[0], need[1]),
+                *_pw.transformation_grads(a_t, b_t, _distance_grad(-grad_T, d_t), need[2], need[3]))
+
+
+def irg_transformation(irg_s, irg_t):
+    """mse(T(fm1_s, fm2_s), T(fm1_t, fm2_t)); irg_* = (fm1, fm2, feat, out)."""
+    return IRGTransformationFunction.apply(_pool(irg_s[0], irg_s[1]), irg_s[1],
+                                           _pool(irg_t[0], irg_t[1]), irg_t[1])
 
 
 # --- softmax-KL over logits: SoftTarget, DML, BSS ---------------------------------

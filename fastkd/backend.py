@@ -61,7 +61,9 @@ IMPLEMENTATIONS = {
                    "triton": autograd.hint},
     "irg_edge": {"reference": irg.irg_edge, "torch": torch_pairwise.irg_edge,
                  "triton": autograd.irg_edge},
-    "irg_transformation": {"reference": irg.irg_transformation},
+    "irg_transformation": {"reference": irg.irg_transformation,
+                           "torch": torch_pairwise.irg_transformation,
+                           "triton": autograd.irg_transformation},
     "crd_contrast": {"reference": crd.crd_contrast, "torch": torch_contrast.crd_contrast,
                      "triton": autograd.crd_contrast},
 }

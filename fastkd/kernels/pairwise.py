@@ -1,4 +1,5 @@
-"""Triton kernels of the pairwise losses (RKD, SP, PKT, CC, IRG), all built on Gram matrices.
+"""Triton kernels of the pairwise losses (RKD, SP, PKT, CC, IRG), built on Gram matrices
+(but IRG's transformation term: one squared distance per sample, see its section).
 
 Shared building blocks come first: `prepare` (centre and convert the features), `gram`
 (G = X X^T, exactly symmetric) and `gram_grad` (dL/dX = scale * (M X + r * X) from an
@@ -26,9 +27,26 @@ def acc_dtype(x):
 # --- shared building blocks ---------------------------------------------------
 
 @triton.jit
-def _prepare_kernel(x_ptr, stride_n, stride_d, out_ptr, N, D,
-                    CENTRE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out (N, D) contiguous, out's dtype = x, minus its column means when CENTRE."""
+def _row_norms_kernel(x_ptr, stride_n, stride_d, norms_ptr, N, D,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """norms[i] = ||x_i|| (N,) in norms' dtype, for a block of rows."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    sq = tl.zeros([BLOCK_N, BLOCK_D], dtype=norms_ptr.dtype.element_ty)
+    for start in range(0, D, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_n + cols[None, :] * stride_d,
+                    mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0)
+        x = x.to(norms_ptr.dtype.element_ty)
+        sq += x * x
+    tl.store(norms_ptr + rows, tl.sqrt(tl.sum(sq, 1)), mask=rows < N)
+
+
+@triton.jit
+def _prepare_kernel(x_ptr, stride_n, stride_d, norms_ptr, out_ptr, N, D,
+                    CENTRE: tl.constexpr, NORMALISE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """out (N, D) contiguous, out's dtype = x, minus its column means when CENTRE, or its rows
+    divided by max(norms, 1e-12) when NORMALISE."""
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     mean = tl.zeros([BLOCK_D], dtype=out_ptr.dtype.element_ty)
@@ -45,18 +63,28 @@ def _prepare_kernel(x_ptr, stride_n, stride_d, out_ptr, N, D,
         ok = (rows[:, None] < N) & col_ok[None, :]
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_n + cols[None, :] * stride_d,
                     mask=ok, other=0.0)
-        tl.store(out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :],
-                 x.to(out_ptr.dtype.element_ty) - mean[None, :], mask=ok)
+        x = x.to(out_ptr.dtype.element_ty) - mean[None, :]
+        if NORMALISE:
+            # As F.normalize: the division itself, not a product with a reciprocal.
+            x = x / tl.maximum(tl.load(norms_ptr + rows, mask=rows < N, other=1.0), 1e-12)[:, None]
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], x, mask=ok)
 
 
-def prepare(x, centre):
-    """x as a contiguous (N, D) tensor in acc_dtype(x), centred (column means 0) if asked."""
+def prepare(x, centre, normalise=False):
+    """x as a contiguous (N, D) tensor in acc_dtype(x), centred (column means 0) if asked.
+    With normalise (and not centre): (x^, norms), x^ = x / max(||x||, 1e-12) row by row as
+    F.normalize does, and norms (N,) the rows' norms, unclamped."""
     x = x.reshape(x.size(0), -1)
     n, d = x.shape
     out = torch.empty((n, d), dtype=acc_dtype(x), device=x.device)
-    _prepare_kernel[(triton.cdiv(d, BLOCK_D),)](x, x.stride(0), x.stride(1), out, n, d,
-                                                CENTRE=centre, BLOCK_N=BLOCK, BLOCK_D=BLOCK_D)
-    return out
+    norms = torch.empty(n if normalise else 1, dtype=out.dtype, device=x.device)
+    if normalise:
+        _row_norms_kernel[(triton.cdiv(n, BLOCK),)](x, x.stride(0), x.stride(1), norms, n, d,
+                                                    BLOCK_N=BLOCK, BLOCK_D=BLOCK_D)
+    _prepare_kernel[(triton.cdiv(d, BLOCK_D),)](x, x.stride(0), x.stride(1), norms, out, n, d,
+                                                CENTRE=centre, NORMALISE=normalise,
+                                                BLOCK_N=BLOCK, BLOCK_D=BLOCK_D)
+    return (out, norms) if normalise else out
 
 
 @triton.jit
@@ -559,21 +587,19 @@ def sp_backward(g_s, g_t, stats):
     return m_s, m_t
 
 
-# --- PKT and CC: cosine similarities C = G w w^T from the raw Gram matrix -------------
-# x^ = w x with w_i = 1 / (n_i + eps) (PKT) or 1 / max(n_i, 1e-12) (CC), n_i = sqrt(G_ii).
+# --- PKT and CC: cosine similarities -----------------------------------------------------
+# PKT: C = G w w^T from the raw Gram matrix, x^ = w x with w_i = 1 / (n_i + eps), n_i = sqrt(G_ii).
 # With V = N^2 dL/dC: N^2 dL/dX = M X + r * X, M = (V + V^T) w w^T (G enters C directly)
 # and r_a = -(w_a / n_a) sum_b (V + V^T)_ab C_ab (G_aa enters w_a; 0 where w is constant).
+# CC: S = G of the rows normalised first by prepare() (x^ = x / max(n, 1e-12) as the
+# reference does), and the same M and r written on X^ (see _cc_grad_kernel).
 
 @triton.jit
-def _cosine_rows(g_ptr, rows, N, eps, CLAMP: tl.constexpr):
-    """(w, rw) for these rows: rw = -w / n where w depends on n, else 0."""
+def _cosine_rows(g_ptr, rows, N, eps):
+    """(w, rw) for these rows: w = 1 / (n + eps), rw = -w / n (0 where n = 0)."""
     n = tl.sqrt(_diagonal(g_ptr, rows, N))
-    if CLAMP:
-        live = n >= 1e-12
-        w = 1.0 / tl.maximum(n, 1e-12)
-    else:
-        live = n > 0
-        w = 1.0 / (n + eps)
+    live = n > 0
+    w = 1.0 / (n + eps)
     return w, tl.where(live, -w / tl.where(live, n, 1.0), 0.0)
 
 
@@ -589,15 +615,15 @@ def _pkt_sums_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, N, BLOCK: tl.constexp
     """sums (2, N) = the row sums of C' = (C + 1) / 2 on each side, for a block of rows."""
     eps = tl.load(params_ptr)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, _ = _cosine_rows(gs_ptr, ra, N, eps, False)
-    wa_t, _ = _cosine_rows(gt_ptr, ra, N, eps, False)
+    wa_s, _ = _cosine_rows(gs_ptr, ra, N, eps)
+    wa_t, _ = _cosine_rows(gt_ptr, ra, N, eps)
     sum_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     sum_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
         ok = (ra[:, None] < N) & (rb[None, :] < N)
-        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps, False)
-        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps, False)
+        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps)
+        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps)
         c_s = _load_tile(gs_ptr, ra, rb, N) * wa_s[:, None] * wb_s[None, :]
         c_t = _load_tile(gt_ptr, ra, rb, N) * wa_t[:, None] * wb_t[None, :]
         sum_s += tl.sum(tl.where(ok, (c_s + 1) * 0.5, 0.0), 1)
@@ -622,8 +648,8 @@ def _pkt_loss_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, part_ptr, dots_ptr, N
     """For a block of rows: part = sum kl and dots (2, N) = sum_j A P on each side."""
     eps = tl.load(params_ptr)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, _ = _cosine_rows(gs_ptr, ra, N, eps, False)
-    wa_t, _ = _cosine_rows(gt_ptr, ra, N, eps, False)
+    wa_s, _ = _cosine_rows(gs_ptr, ra, N, eps)
+    wa_t, _ = _cosine_rows(gt_ptr, ra, N, eps)
     sa_s = tl.load(sums_ptr + ra, mask=ra < N, other=1.0)[:, None]
     sa_t = tl.load(sums_ptr + N + ra, mask=ra < N, other=1.0)[:, None]
     loss = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
@@ -632,8 +658,8 @@ def _pkt_loss_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, part_ptr, dots_ptr, N
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
         ok = (ra[:, None] < N) & (rb[None, :] < N)
-        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps, False)
-        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps, False)
+        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps)
+        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps)
         _, _, kl, a_s, a_t, p_s, p_t = _pkt_terms(
             _load_tile(gs_ptr, ra, rb, N), _load_tile(gt_ptr, ra, rb, N), wa_s[:, None],
             wb_s[None, :], wa_t[:, None], wb_t[None, :], sa_s, sa_t, eps)
@@ -659,8 +685,8 @@ def _pkt_grad_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, dots_ptr, ms_ptr, rs_
     """M and r (see the section's header) for a block of rows, on each side."""
     eps = tl.load(params_ptr)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, rwa_s = _cosine_rows(gs_ptr, ra, N, eps, False)
-    wa_t, rwa_t = _cosine_rows(gt_ptr, ra, N, eps, False)
+    wa_s, rwa_s = _cosine_rows(gs_ptr, ra, N, eps)
+    wa_t, rwa_t = _cosine_rows(gt_ptr, ra, N, eps)
     sa_s = tl.load(sums_ptr + ra, mask=ra < N, other=1.0)
     sa_t = tl.load(sums_ptr + N + ra, mask=ra < N, other=1.0)
     da_s = tl.load(dots_ptr + ra, mask=ra < N, other=0.0)
@@ -670,8 +696,8 @@ def _pkt_grad_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, dots_ptr, ms_ptr, rs_
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
         ok = (ra[:, None] < N) & (rb[None, :] < N)
-        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps, False)
-        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps, False)
+        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps)
+        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps)
         sb_s = tl.load(sums_ptr + rb, mask=rb < N, other=1.0)
         sb_t = tl.load(sums_ptr + N + rb, mask=rb < N, other=1.0)
         db_s = tl.load(dots_ptr + rb, mask=rb < N, other=0.0)
@@ -736,14 +762,20 @@ def _cc_kernel_values(s, two_gamma, P):
 
 
 @triton.jit
+def _normalised_rows(norms_ptr, rows, N):
+    """(w, rw) for these rows of x^ = w x: w = 1 / max(n, 1e-12) and rw = -w where
+    n >= 1e-12 (the norm's share of the gradient), else 0."""
+    n = tl.load(norms_ptr + rows, mask=rows < N, other=1.0)
+    w = 1.0 / tl.maximum(n, 1e-12)
+    return w, tl.where(n >= 1e-12, -w, 0.0)
+
+
+@triton.jit
 def _cc_tile(gs_ptr, gt_ptr, ra, rb, N, two_gamma, P):
-    """(K_s - K_t, K'_s, K'_t, S_s, S_t) over e^{-2 gamma}, at the tile (a, b)."""
-    wa_s, _ = _cosine_rows(gs_ptr, ra, N, 0.0, True)
-    wb_s, _ = _cosine_rows(gs_ptr, rb, N, 0.0, True)
-    wa_t, _ = _cosine_rows(gt_ptr, ra, N, 0.0, True)
-    wb_t, _ = _cosine_rows(gt_ptr, rb, N, 0.0, True)
-    s_s = _load_tile(gs_ptr, ra, rb, N) * wa_s[:, None] * wb_s[None, :]
-    s_t = _load_tile(gt_ptr, ra, rb, N) * wa_t[:, None] * wb_t[None, :]
+    """(K_s - K_t, K'_s, K'_t, S_s, S_t) over e^{-2 gamma}, at the tile (a, b); S = G of the
+    normalised rows."""
+    s_s = _load_tile(gs_ptr, ra, rb, N)
+    s_t = _load_tile(gt_ptr, ra, rb, N)
     k_s, dk_s = _cc_kernel_values(s_s, two_gamma, P)
     k_t, dk_t = _cc_kernel_values(s_t, two_gamma, P)
     ok = (ra[:, None] < N) & (rb[None, :] < N)
@@ -762,15 +794,16 @@ def _cc_loss_kernel(gs_ptr, gt_ptr, params_ptr, part_ptr, N, P, BLOCK: tl.conste
 
 
 @triton.jit
-def _cc_grad_kernel(gs_ptr, gt_ptr, params_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr, N, P,
-                    BLOCK: tl.constexpr):
-    """M and r (see the PKT and CC section's header) for a block of rows, on each side;
-    V = 2 (K_s - K_t) K' is symmetric, so V + V^T = 2 V."""
+def _cc_grad_kernel(gs_ptr, gt_ptr, ns_ptr, nt_ptr, params_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr,
+                    N, P, BLOCK: tl.constexpr):
+    """M and r with N^2 dL/dX = M X^ + r * X^ on each side, X^ the normalised rows, for a block
+    of rows: V = 2 (K_s - K_t) K' is symmetric, so V + V^T = 2 V; M = 2 V w_a (x^ = w x) and
+    r_a = rw_a sum_b 2 V_ab S_ab (the norm's share, see _normalised_rows)."""
     c0 = tl.load(params_ptr)
     two_gamma = tl.load(params_ptr + 1)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, rwa_s = _cosine_rows(gs_ptr, ra, N, 0.0, True)
-    wa_t, rwa_t = _cosine_rows(gt_ptr, ra, N, 0.0, True)
+    wa_s, rwa_s = _normalised_rows(ns_ptr, ra, N)
+    wa_t, rwa_t = _normalised_rows(nt_ptr, ra, N)
     r_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     r_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
@@ -781,18 +814,14 @@ def _cc_grad_kernel(gs_ptr, gt_ptr, params_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr, 
         v_t = -4 * c0 * c0 * diff * dk_t
         r_s += tl.sum(v_s * s_s, 1)
         r_t += tl.sum(v_t * s_t, 1)
-        wb_s, _ = _cosine_rows(gs_ptr, rb, N, 0.0, True)
-        wb_t, _ = _cosine_rows(gt_ptr, rb, N, 0.0, True)
-        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
-                 v_s * wa_s[:, None] * wb_s[None, :], mask=ok)
-        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
-                 v_t * wa_t[:, None] * wb_t[None, :], mask=ok)
+        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], v_s * wa_s[:, None], mask=ok)
+        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], v_t * wa_t[:, None], mask=ok)
     tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < N)
     tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < N)
 
 
 def cc_forward(g_s, g_t, params, p_order):
-    """N^2 * loss from the raw Gram matrices; params = [e^{-2 gamma}, 2 gamma]."""
+    """N^2 * loss from the Gram matrices of the normalised rows; params = [e^{-2 gamma}, 2 gamma]."""
     n = len(g_s)
     nb = triton.cdiv(n, BLOCK)
     part = torch.empty(nb * nb, dtype=g_s.dtype, device=g_s.device)
@@ -800,14 +829,15 @@ def cc_forward(g_s, g_t, params, p_order):
     return part.sum()
 
 
-def cc_backward(g_s, g_t, params, p_order):
-    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
+def cc_backward(g_s, g_t, norms_s, norms_t, params, p_order):
+    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X^ + r * X^ on each side, X^ the normalised
+    rows and norms the rows' norms before."""
     n = len(g_s)
     m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
     r_s = torch.empty(n, dtype=g_s.dtype, device=g_s.device)
     r_t = torch.empty_like(r_s)
-    _cc_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, params, m_s, r_s, m_t, r_t, n, p_order,
-                                              BLOCK=BLOCK)
+    _cc_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, norms_s, norms_t, params, m_s, r_s, m_t,
+                                              r_t, n, p_order, BLOCK=BLOCK)
     return m_s, r_s, m_t, r_t
 
 
@@ -917,3 +947,111 @@ def irg_edge_backward(g_s, same_s, g_t, same_t, stats):
                                                     _firsts_of(same_t), stats,
                                                     m_s, r_s, m_t, r_t, n, BLOCK=BLOCK)
     return m_s, r_s, m_t, r_t
+
+
+# --- IRG transformation -------------------------------------------------------
+# d_i = sum_f (a_i[f] - b'_i[f])^2 over the V values of sample i, a and b' paired by flat
+# index; b' = (b[:, 0::2] + b[:, 1::2]) / 2 (HALVE) is read from b's even and odd channels
+# rather than built. Maps are read through their strides, so no copy is made.
+
+BLOCK_V = 1024  # values per step
+
+
+@triton.jit
+def _map_offset(f, HW, W, s_c, s_h, s_w):
+    """Offset of the flat index f (int64) of a (C, H, W) map with strides (s_c, s_h, s_w)."""
+    c = f // HW
+    hw = f - c * HW
+    h = hw // W
+    return c * s_c + h * s_h + (hw - h * W) * s_w
+
+
+@triton.jit
+def _transformation_difference(a_ptr, a_strides, a_dims, b_ptr, b_strides, b_dims, i, f, ok,
+                               HALVE: tl.constexpr, acc_type: tl.constexpr):
+    """a_i[f] - b'_i[f] in acc_type (0 where not ok); strides = (n, c, h, w), dims = (H W, W)."""
+    sa_n, sa_c, sa_h, sa_w = a_strides
+    sb_n, sb_c, sb_h, sb_w = b_strides
+    a = tl.load(a_ptr + i * sa_n + _map_offset(f, a_dims[0], a_dims[1], sa_c, sa_h, sa_w),
+                mask=ok, other=0.0).to(acc_type)
+    if HALVE:
+        # b' channel c reads b's channels 2c and 2c + 1.
+        even = b_ptr + i * sb_n + _map_offset(f, b_dims[0], b_dims[1], 2 * sb_c, sb_h, sb_w)
+        b = (tl.load(even, mask=ok, other=0.0).to(acc_type)
+             + tl.load(even + sb_c, mask=ok, other=0.0).to(acc_type)) / 2
+    else:
+        b = tl.load(b_ptr + i * sb_n + _map_offset(f, b_dims[0], b_dims[1], sb_c, sb_h, sb_w),
+                    mask=ok, other=0.0).to(acc_type)
+    return a - b
+
+
+@triton.jit
+def _transformation_distance_kernel(a_ptr, sa_n, sa_c, sa_h, sa_w, hw_a, w_a,
+                                    b_ptr, sb_n, sb_c, sb_h, sb_w, hw_b, w_b, d_ptr, V,
+                                    HALVE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """d[i] = sum_f (a_i[f] - b'_i[f])^2 for sample i = program 0, unclamped."""
+    i = tl.program_id(0).to(tl.int64)
+    acc_type = d_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_V], dtype=acc_type)
+    for start in range(0, V, BLOCK_V):
+        f = start + tl.arange(0, BLOCK_V).to(tl.int64)
+        diff = _transformation_difference(a_ptr, (sa_n, sa_c, sa_h, sa_w), (hw_a, w_a),
+                                          b_ptr, (sb_n, sb_c, sb_h, sb_w), (hw_b, w_b),
+                                          i, f, f < V, HALVE, acc_type)
+        acc += diff * diff
+    tl.store(d_ptr + i, tl.sum(acc, 0))
+
+
+@triton.jit
+def _transformation_grad_kernel(a_ptr, sa_n, sa_c, sa_h, sa_w, hw_a, w_a,
+                                b_ptr, sb_n, sb_c, sb_h, sb_w, hw_b, w_b, dd_ptr, da_ptr, db_ptr, V,
+                                HALVE: tl.constexpr, A_GRAD: tl.constexpr, B_GRAD: tl.constexpr,
+                                BLOCK_V: tl.constexpr):
+    """da_i[f] = 2 (a_i[f] - b'_i[f]) dd_i, and db = -da through b' (halved onto both of
+    b's channels with HALVE), for one block of sample i's values; da, db contiguous."""
+    i = tl.program_id(0).to(tl.int64)
+    f = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    ok = f < V
+    acc_type = dd_ptr.dtype.element_ty
+    diff = _transformation_difference(a_ptr, (sa_n, sa_c, sa_h, sa_w), (hw_a, w_a),
+                                      b_ptr, (sb_n, sb_c, sb_h, sb_w), (hw_b, w_b),
+                                      i, f, ok, HALVE, acc_type)
+    da = 2 * diff * tl.load(dd_ptr + i)
+    if A_GRAD:
+        tl.store(da_ptr + i * V + f, da.to(da_ptr.dtype.element_ty), mask=ok)
+    if B_GRAD:
+        if HALVE:
+            c = f // hw_b
+            even = db_ptr + i * 2 * V + 2 * c * hw_b + (f - c * hw_b)
+            db = (-0.5 * da).to(db_ptr.dtype.element_ty)
+            tl.store(even, db, mask=ok)
+            tl.store(even + hw_b, db, mask=ok)
+        else:
+            tl.store(db_ptr + i * V + f, (-da).to(db_ptr.dtype.element_ty), mask=ok)
+
+
+def _map_args(x):
+    """(x, its 4 strides, H W, W) for the kernels' strided reads of a (N, C, H, W) map."""
+    return (x, *x.stride(), x.size(2) * x.size(3), x.size(3))
+
+
+def transformation_distances(a, b, dtype):
+    """d (N,) in dtype = sum of (a_i - b'_i)^2 over each sample's values, unclamped;
+    a (N, C, H, W), b (N, C2, H2, W2) with b' = b's channels averaged in pairs when a has
+    fewer channels, else b."""
+    n, v = a.size(0), a[0].numel()
+    d = torch.empty(n, dtype=dtype, device=a.device)
+    _transformation_distance_kernel[(n,)](*_map_args(a), *_map_args(b), d, v,
+                                          HALVE=a.size(1) < b.size(1), BLOCK_V=BLOCK_V)
+    return d
+
+
+def transformation_grads(a, b, dd, a_grad, b_grad):
+    """(dL/da or None, dL/db or None) from dd = dL/dd (N,), shaped and typed like a and b."""
+    n, v = a.size(0), a[0].numel()
+    da = torch.empty(a.shape, dtype=a.dtype, device=a.device) if a_grad else None
+    db = torch.empty(b.shape, dtype=b.dtype, device=b.device) if b_grad else None
+    _transformation_grad_kernel[(n, triton.cdiv(v, BLOCK_V))](
+        *_map_args(a), *_map_args(b), dd, dd if da is None else da, dd if db is None else db, v,
+        HALVE=a.size(1) < b.size(1), A_GRAD=a_grad, B_GRAD=b_grad, BLOCK_V=BLOCK_V)
+    return da, db

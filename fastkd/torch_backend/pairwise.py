@@ -1,10 +1,12 @@
 """Pairwise losses (RKD, SP, PKT, CC, IRG) from Gram matrices, with torch ops: the CPU path.
 
-Every loss here starts from G = X X^T (N, N). RKD's angle term reads its N^3 angles
-from G one block of anchors at a time, so nothing of size (N, N, D) or (N, N, N) is held;
-its backward is written by hand (RKDAngle) so that autograd does not keep every block.
+Every loss here but IRG's transformation term starts from G = X X^T (N, N). RKD's angle
+term reads its N^3 angles from G one block of anchors at a time, so nothing of size (N, N, D)
+or (N, N, N) is held; its backward is written by hand (RKDAngle) so that autograd does not
+keep every block.
 Sums run in float32 (float64 for float64 inputs); the loss comes back in the input dtype.
 """
+import functools
 import math
 
 import torch
@@ -227,3 +229,37 @@ def irg_edge(irg_s, irg_t):
     """The mean over feat, fm1 and fm2 of mse(E_s, E_t); irg_* = (fm1, fm2, feat, out)."""
     return (sum(F.mse_loss(_edge(irg_s[i]), _edge(irg_t[i])) for i in (2, 0, 1)) / 3.0
             ).to(irg_s[2].dtype)
+
+
+# --- IRG transformation -----------------------------------------------------------------
+
+def transformation_pool(fm1, fm2):
+    """fm1 average-pooled to fm2's (H, W) when it is larger, as adaptive_avg_pool2d does;
+    with whole windows (the sizes divide) that is avg_pool2d, which runs faster."""
+    if fm1.size(2) <= fm2.size(2):
+        return fm1
+    (h1, w1), (h2, w2) = fm1.shape[2:], fm2.shape[2:]
+    if h1 % h2 == 0 and w1 % w2 == 0:
+        return F.avg_pool2d(fm1, (h1 // h2, w1 // w2))
+    return F.adaptive_avg_pool2d(fm1, (h2, w2))
+
+
+def _transformation(fm1, fm2):
+    """T = d' / max(d') (N,), d' = max(d, 1e-12), d_i = |a_i - b'_i|^2: a = fm1 pooled to
+    fm2's (H, W) when larger, b' = fm2's channels averaged in pairs when a has fewer,
+    paired by flat index. One reduction over each sample's values, summed in acc_dtype."""
+    fm1 = transformation_pool(fm1, fm2)
+    if fm1.size(1) < fm2.size(1):
+        # In place on the sum: one (N, C2 / 2, H, W) temporary instead of two.
+        fm2 = torch.add(fm2[:, 0::2], fm2[:, 1::2]).mul_(0.5)
+    n, dtype = fm1.size(0), torch.promote_types(acc_dtype(fm1), acc_dtype(fm2))
+    diff = fm1.reshape(n, -1).to(dtype) - fm2.reshape(n, -1).to(dtype)
+    d = torch.linalg.vecdot(diff, diff).clamp(min=1e-12)
+    return d / d.max()
+
+
+def irg_transformation(irg_s, irg_t):
+    """mse(T(fm1_s, fm2_s), T(fm1_t, fm2_t)); irg_* = (fm1, fm2, feat, out)."""
+    loss = F.mse_loss(_transformation(irg_s[0], irg_s[1]), _transformation(irg_t[0], irg_t[1]))
+    dtypes = [x.dtype for x in (*irg_s[:2], *irg_t[:2])]
+    return loss.to(functools.reduce(torch.promote_types, dtypes))
