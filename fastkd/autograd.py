@@ -6,12 +6,23 @@ dispatcher (fastkd.backend) lists each op's Function as its ``triton`` entry;
 an op with no entry there has no kernel yet.
 """
 
+import math
 
-# === Feature-map family: AT, NST, FSP (kernels in fastkd.kernels.feature_maps) ===========
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from .kernels import feature_maps as _fm  # noqa: E402
+from .kernels import contrast as _contrast
+from .kernels import elementwise as _ew
+from .kernels import feature_maps as _fm
+from .kernels import pairwise as _pw
+from .kernels import softmax_kl as _softmax_kl
+from .reference.lwm import grad_cam as _grad_cam
+from .reference.sobolev import target_gradient as _target_gradient
+from .torch_backend.pairwise import transformation_pool as _pool
+
+
+# --- feature maps: AT, NST, FSP (fastkd.kernels.feature_maps) ------------------------------
 
 
 def _loss_dtype(*tensors):
@@ -151,13 +162,8 @@ def fsp(fm_s1, fm_s2, fm_t1, fm_t2):
     return FSPFunction.apply(fm_s1, fm_s2, fm_t1, fm_t2)
 
 
-# === Elementwise family: Hint, Logits, AB, FT, OFD, VID, AFD, Sobolev, LwM ==================
-# (kernels in fastkd.kernels.elementwise; the modules' own layers stay torch)
-from torch.autograd.function import once_differentiable  # noqa: E402
-
-from .kernels import elementwise as _ew  # noqa: E402
-from .reference.lwm import grad_cam as _grad_cam  # noqa: E402
-from .reference.sobolev import target_gradient as _target_gradient  # noqa: E402
+# --- elementwise: Hint, Logits, AB, FT, OFD, VID, AFD, Sobolev, LwM (fastkd.kernels.elementwise)
+# The modules' own layers stay torch.
 
 
 class MSEFunction(torch.autograd.Function):
@@ -346,14 +352,8 @@ def lwm(out_s, fm_s, out_t, fm_t, target):
     return NormalizedRowsFunction.apply(cam_s, cam_t.detach(), True)
 
 
-# --- pairwise: RKD, SP, PKT, CC, IRG (kernels in fastkd.kernels.pairwise) --------------------
-import math  # noqa: E402
-
-import torch  # noqa: E402
-
-from .kernels import pairwise as _pw  # noqa: E402
-# fm1's pooling stays torch (with its autograd), before the kernels.
-from .torch_backend.pairwise import transformation_pool as _pool  # noqa: E402
+# --- pairwise: RKD, SP, PKT, CC, IRG (fastkd.kernels.pairwise) -------------------------------
+# IRG's fm1 pooling stays torch (with its autograd), before the kernels.
 
 
 def _pairwise_grads(ctx, sides, scale):
@@ -560,11 +560,7 @@ def irg_transformation(irg_s, irg_t):
                                            _pool(irg_t[0], irg_t[1]), irg_t[1])
 
 
-# --- softmax-KL over logits: SoftTarget, DML, BSS ---------------------------------
-
-import torch  # noqa: E402
-
-from .kernels import softmax_kl as _softmax_kl  # noqa: E402
+# --- softmax-KL over logits: SoftTarget, DML, BSS (fastkd.kernels.softmax_kl) ---------------
 
 
 class SoftmaxKLFunction(torch.autograd.Function):
@@ -612,9 +608,7 @@ def bss(attacked_out_s, attacked_out_t, T):
     return SoftmaxKLFunction.apply(attacked_out_s, attacked_out_t, T, 1.0)
 
 
-# --- contrast: CRD ---------------------------------------------------------------------
-
-from .kernels import contrast as _contrast  # noqa: E402
+# --- contrast: CRD (fastkd.kernels.contrast) -------------------------------------------------
 
 
 class CRDContrastFunction(torch.autograd.Function):

@@ -4,7 +4,6 @@ import torch
 import torch.nn as nn
 
 import fastkd
-import fastkd.functional as F
 
 g = torch.Generator().manual_seed(0)
 

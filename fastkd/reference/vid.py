@@ -2,7 +2,6 @@
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def vid(pred_mean, fm_t, alpha, eps=1e-6):
