@@ -19,6 +19,7 @@ from .kernels import pairwise as _pw
 from .kernels import softmax_kl as _softmax_kl
 from .reference.lwm import grad_cam as _grad_cam
 from .reference.sobolev import target_gradient as _target_gradient
+from .torch_backend import contrast as _torch_contrast
 from .torch_backend.pairwise import transformation_pool as _pool
 
 
@@ -611,11 +612,12 @@ def bss(attacked_out_s, attacked_out_t, T):
 # --- contrast: CRD (fastkd.kernels.contrast) -------------------------------------------------
 
 
-class CRDContrastFunction(torch.autograd.Function):
+class CRDContrastFunction(_torch_contrast.CRDContrast):
     """contrast_loss(exp(memory[sample_idx] . embed / nce_t) / z); memory is a constant.
 
     The gradient direction d loss / d embed (B, feat_dim) is computed in forward, by the
-    same kernel pass that computes the loss, and backward only scales it by grad_output.
+    same kernel pass that computes the loss, and backward (the CPU path's, inherited) only
+    scales it by grad_output.
     Recomputing it in backward would need the memory rows as they were in forward, but
     CRD updates its memory in place right after the loss (before backward); saving the
     gathered rows instead would be the (B, nce_n + 1, feat_dim) tensor this avoids.
@@ -634,14 +636,6 @@ class CRDContrastFunction(torch.autograd.Function):
         ctx.save_for_backward(direction)
         ctx.embed_dtype = embed.dtype
         return loss.to(embed.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        direction, = ctx.saved_tensors
-        grad_embed = None
-        if ctx.needs_input_grad[0]:
-            grad_embed = (direction * grad_output.to(direction.dtype)).to(ctx.embed_dtype)
-        return grad_embed, None, None, None, None, None, None
 
 
 def crd_contrast(embed, memory, sample_idx, nce_t, z, n_data, eps=1e-7):
