@@ -2,8 +2,8 @@
 
 One Function per fused op: forward launches the kernels and saves inputs and
 small statistics; backward launches the hand-derived gradient kernels. The
-dispatcher (fastkd.backend) lists each op's Function as its ``triton`` entry;
-an op with no entry there has no kernel yet.
+dispatcher (fastkd.backend) lists each op's plain function below as its
+``triton`` entry.
 """
 
 import math
