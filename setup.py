@@ -14,5 +14,5 @@ setup(
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "examples": ["scikit-learn", "matplotlib"],
     },
-    entry_points={"console_scripts": ["fastkd=fastkd.__main__:main", "fastkd-bench=fastkd.bench.cli:main"]},
+    entry_points={"console_scripts": ["fastkd=fastkd.__main__:main", "fastkd-bench=fastkd.bench.cli:entry_point"]},
 )
