@@ -185,16 +185,17 @@ def at_grad_features(fm, ga, p):
 # --- batched Gram products (NST, FSP) ---------------------------------------------------
 
 @triton.jit
-def _gram_tile(acc, x, y, b, i, j, CX, CY, K, sxb, sxc, sxk, syb, syc, syk, BLOCK_K: tl.constexpr):
-    # acc[i, j] += sum_k x[b, i, k] y[b, j, k] over all k < K.
-    xb = x + b * sxb + i.to(tl.int64)[:, None] * sxc
-    yb = y + b * syb + j.to(tl.int64)[None, :] * syc
-    for k0 in range(0, K, BLOCK_K):
-        k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        km = k < K
-        xt = tl.load(xb + k[None, :] * sxk, mask=(i < CX)[:, None] & km[None, :], other=0.0)
-        yt = tl.load(yb + k[:, None] * syk, mask=km[:, None] & (j < CY)[None, :], other=0.0)
-        acc += tl.dot(xt.to(acc.dtype), yt.to(acc.dtype), input_precision="ieee")
+def _mat_tile(acc, m, x, b, i, k, CI, CJ, K, smb, smi, smj, sxb, sxj, sxk, BLOCK_J: tl.constexpr):
+    # acc[i, k] += sum_j m[b, i, j] x[b, j, k]. With x's two strides swapped it is the Gram
+    # tile acc[i, k] += sum_j m[b, i, j] x[b, k, j].
+    mb = m + b * smb + i.to(tl.int64)[:, None] * smi
+    xb = x + b * sxb + k.to(tl.int64)[None, :] * sxk
+    for j0 in range(0, CJ, BLOCK_J):
+        j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
+        jm = j < CJ
+        mt = tl.load(mb + j[None, :] * smj, mask=(i < CI)[:, None] & jm[None, :], other=0.0)
+        xt = tl.load(xb + j[:, None] * sxj, mask=jm[:, None] & (k < K)[None, :], other=0.0)
+        acc += tl.dot(mt.to(acc.dtype), xt.to(acc.dtype), input_precision="ieee")
     return acc
 
 
@@ -210,10 +211,10 @@ def _gram_kernel(x1, y1, x2, y2, out, partial, CX, CY, K1, K2, scale1, scale2,
     i = pi * BLOCK_I + tl.arange(0, BLOCK_I)
     j = pj * BLOCK_J + tl.arange(0, BLOCK_J)
     acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=out.dtype.element_ty)
-    acc = _gram_tile(acc, x1, y1, b, i, j, CX, CY, K1, sx1b, sx1c, sx1k, sy1b, sy1c, sy1k, BLOCK_K) * scale1
+    acc = _mat_tile(acc, x1, y1, b, i, j, CX, K1, CY, sx1b, sx1c, sx1k, sy1b, sy1k, sy1c, BLOCK_K) * scale1
     if TWO:
         acc2 = tl.zeros([BLOCK_I, BLOCK_J], dtype=out.dtype.element_ty)
-        acc += _gram_tile(acc2, x2, y2, b, i, j, CX, CY, K2, sx2b, sx2c, sx2k, sy2b, sy2c, sy2k, BLOCK_K) * scale2
+        acc += _mat_tile(acc2, x2, y2, b, i, j, CX, K2, CY, sx2b, sx2c, sx2k, sy2b, sy2k, sy2c, BLOCK_K) * scale2
     mask = (i < CX)[:, None] & (j < CY)[None, :]
     tl.store(out + (b * CX + i.to(tl.int64)[:, None]) * CY + j[None, :], acc, mask=mask)
     tiles = tl.num_programs(1) * tl.num_programs(2)
@@ -241,20 +242,6 @@ def gram(dtype, x1, y1, scale1=1.0, x2=None, y2=None, scale2=0.0):
                        *x1.stride(), *y1.stride(), *x2.stride(), *y2.stride(), TWO=two,
                        BLOCK_I=_GRAM_BLOCK, BLOCK_J=_GRAM_BLOCK, BLOCK_K=_GRAM_BLOCK_K)
     return out, partial.sum(1)
-
-
-@triton.jit
-def _mat_tile(acc, m, x, b, i, k, CI, CJ, K, smb, smi, smj, sxb, sxj, sxk, BLOCK_J: tl.constexpr):
-    # acc[i, k] += sum_j m[b, i, j] x[b, j, k].
-    mb = m + b * smb + i.to(tl.int64)[:, None] * smi
-    xb = x + b * sxb + k.to(tl.int64)[None, :] * sxk
-    for j0 in range(0, CJ, BLOCK_J):
-        j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
-        jm = j < CJ
-        mt = tl.load(mb + j[None, :] * smj, mask=(i < CI)[:, None] & jm[None, :], other=0.0)
-        xt = tl.load(xb + j[:, None] * sxj, mask=jm[:, None] & (k < K)[None, :], other=0.0)
-        acc += tl.dot(mt.to(acc.dtype), xt.to(acc.dtype), input_precision="ieee")
-    return acc
 
 
 @triton.jit
