@@ -117,7 +117,52 @@ class NSTFunction(torch.autograd.Function):
         return g_s, g_t
 
 
+class NSTSpatialFunction(torch.autograd.Function):
+    """NST in the (HW x HW) form, for maps with fewer positions than channels.
+
+    With r = 1 / max(||f_i||, 1e-12) and z = r f the normalised rows of f (B, C, HW):
+    P = z_s^T z_s / C_s - z_t^T z_t / C_t (B, HW, HW) and loss = (1/B) sum_b ||P_b||_F^2,
+    the same sum w_i w_j K_ij^2 as the (C x C) form. Saves the inputs, r and P.
+    Backward: u_x = z_x P, dz_x = +-(4 / (B C_x)) u_x, df_i = r_i (dz_i - z_i (z_i . dz_i))
+    (no projection where ||f_i|| < 1e-12).
+    """
+
+    @staticmethod
+    def forward(ctx, fm_s, fm_t):
+        acc = _fm.acc_dtype(fm_s, fm_t)
+        xs, xt = _fm.as_bc_hw(fm_s), _fm.as_bc_hw(fm_t)
+        r_s, r_t = (1.0 / torch.linalg.vector_norm(x, dim=2, dtype=acc).clamp_min(1e-12) for x in (xs, xt))
+        z_s, z_t = xs * r_s[:, :, None], xt * r_t[:, :, None]
+        # The Gram kernel reduces over the last dim: z^T as (B, HW, C) views, no copies.
+        p, sq = _fm.gram(acc, z_s.transpose(1, 2), z_s.transpose(1, 2), 1.0 / xs.shape[1],
+                         z_t.transpose(1, 2), z_t.transpose(1, 2), -1.0 / xt.shape[1])
+        ctx.save_for_backward(fm_s, fm_t, r_s, r_t, p)
+        return (sq.sum() / xs.shape[0]).to(_loss_dtype(fm_s, fm_t))
+
+    @staticmethod
+    def backward(ctx, grad):
+        fm_s, fm_t, r_s, r_t, p = ctx.saved_tensors
+        grads = []
+        for x, r, sign, needed in ((fm_s, r_s, 1.0, ctx.needs_input_grad[0]),
+                                   (fm_t, r_t, -1.0, ctx.needs_input_grad[1])):
+            if not needed:
+                grads.append(None)
+                continue
+            xf = _fm.as_bc_hw(x)
+            z = xf.to(p.dtype) * r[:, :, None]
+            u = _fm.matrix_times_maps(z, p, out_dtype=p.dtype)
+            k = grad.to(p.dtype) * (sign * 4.0 / (xf.shape[0] * xf.shape[1]))
+            keep = (r < 1e12).to(p.dtype)  # ||f_i|| >= 1e-12: F.normalize's projection applies
+            proj = (u * z).sum(2, keepdim=True) * keep[:, :, None]
+            grads.append(((u - proj * z) * (k * r[:, :, None])).to(x.dtype).view(x.shape))
+        return tuple(grads)
+
+
 def nst(fm_s, fm_t):
+    """The (C x C) form, or the (HW x HW) form where its Gram matrices are smaller."""
+    c_s, c_t, hw = fm_s.shape[1], fm_t.shape[1], fm_s.shape[2] * fm_s.shape[3]
+    if hw * hw < c_s * c_s + c_t * c_t + c_s * c_t:
+        return NSTSpatialFunction.apply(fm_s, fm_t)
     return NSTFunction.apply(fm_s, fm_t)
 
 

@@ -136,6 +136,17 @@ def test_torch_fsp_matches_reference(specs):
     check_against_reference("fsp", specs, "torch")
 
 
+@pytest.mark.parametrize("shapes,form", [(((2, 30, 2, 3), (2, 25, 3, 2)), "NSTSpatialFunctionBackward"),
+                                         (((2, 3, 4, 4), (2, 5, 2, 8)), "NSTFunctionBackward")])
+def test_nst_triton_takes_the_smaller_form(shapes, form):
+    # Many channels and few positions: the (HW x HW) Gram matrices are the smaller ones.
+    specs = [dict(seed=i, shape=shape, layout=layout, scale=1.0)
+             for i, (shape, layout) in enumerate(zip(shapes, ("contiguous", "channels_last")))]
+    maps = [make_map(**spec).requires_grad_() for spec in specs]
+    assert type(fa.nst(*maps).grad_fn).__name__ == form
+    check_against_reference("nst", specs, "triton")
+
+
 def test_nst_torch_path_hw_form():
     # Many channels, few positions: the (HW x HW) form is the cheaper one and is taken.
     specs = [dict(seed=1, shape=(2, 30, 2, 3), layout="contiguous", scale=1.0),
@@ -172,6 +183,7 @@ def test_gradcheck():
     assert check(lambda a, b: fa.ATFunction.apply(a, b, 2), (s, t))
     assert check(lambda a, b: fa.ATFunction.apply(a, b, 3.0), (s, t))
     assert check(fa.NSTFunction.apply, (s, rand(2, 3, 2, 3)))
+    assert check(fa.NSTSpatialFunction.apply, (rand(2, 4, 1, 2), rand(2, 3, 2, 1)))
     assert check(fa.FSPFunction.apply, (rand(2, 2, 2, 2), rand(2, 3, 2, 2), rand(2, 2, 3, 1), rand(2, 3, 3, 1)))
 
 
