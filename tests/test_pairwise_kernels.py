@@ -48,18 +48,18 @@ def loss_and_grads(fn, s, t, grad_out):
     return (loss, *torch.autograd.grad(loss, (s, t), grad_out.to(loss.dtype)))
 
 
-def check_against_reference(op, fast, n, d_s, d_t, kind, seed):
-    if op == "rkd_angle":
-        # With D = 1 every angle is exactly +-1 and its gradient exactly 0 in the reference,
-        # which the Gram route meets only to rounding, far beyond 10x the reference's error.
-        d_s, d_t = max(d_s, 2), max(d_t, 2)
-    reference = OPS[op][0]
-    s, t = make_pair(n, d_s, d_t, kind, seed)
+def compare_with_reference(reference, fast, s, t, seed, label, loss_floor=None):
+    """Loss and both gradients under a random upstream gradient: fp64 within TOLERANCE, fp32
+    within 10x the reference's own fp32 error of the fp64 answer.
+
+    loss_floor(exact_loss, n): where a loss carries a known rounding floor that the reference
+    may undercut by luck, the fp32 loss is held to 10x the larger of the two instead.
+    """
     grad_out = torch.rand((), dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 3 - 1
     exact = loss_and_grads(reference, s, t, grad_out)
     for name, a, e in zip(("loss", "grad_s", "grad_t"), loss_and_grads(fast, s, t, grad_out), exact):
         assert a.dtype == torch.float64
-        assert_close(a, e, msg=f"{op} {kind} float64 {name}")
+        assert_close(a, e, msg=f"{label} float64 {name}")
     s32, t32 = s.float(), t.float()
     ref32 = loss_and_grads(reference, s32, t32, grad_out)
     for name, a, r, e in zip(("loss", "grad_s", "grad_t"), loss_and_grads(fast, s32, t32, grad_out),
@@ -68,9 +68,23 @@ def check_against_reference(op, fast, n, d_s, d_t, kind, seed):
         if not e.any():
             # For example D = 1, where every angle is exactly +-1 and the loss can be exactly
             # 0: no relative criterion holds at 0, so fp32's absolute tolerance applies.
-            assert_close(a, e.float(), msg=f"{op} {kind} float32 {name}")
+            assert_close(a, e.float(), msg=f"{label} float32 {name}")
             continue
-        assert_within_reference_error(a, r, e, msg=f"{op} {kind} float32 {name}")
+        if name == "loss" and loss_floor is not None:
+            floor = loss_floor(e, len(s))
+            err, ref_err = (a.double() - e).abs(), (r.double() - e).abs()
+            assert err <= 10 * max(ref_err, floor), f"{label} float32 loss: error {err:.3e}"
+            continue
+        assert_within_reference_error(a, r, e, msg=f"{label} float32 {name}")
+
+
+def check_against_reference(op, fast, n, d_s, d_t, kind, seed):
+    if op == "rkd_angle":
+        # With D = 1 every angle is exactly +-1 and its gradient exactly 0 in the reference,
+        # which the Gram route meets only to rounding, far beyond 10x the reference's error.
+        d_s, d_t = max(d_s, 2), max(d_t, 2)
+    s, t = make_pair(n, d_s, d_t, kind, seed)
+    compare_with_reference(OPS[op][0], fast, s, t, seed, f"{op} {kind}")
 
 
 # --- Triton kernels, through the interpreter ---------------------------------------
