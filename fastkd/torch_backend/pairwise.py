@@ -1,10 +1,31 @@
-"""Pairwise losses (RKD, SP, PKT, CC, IRG) from Gram matrices, with torch ops: the CPU path.
+"""Pairwise losses (RKD, SP, PKT, CC, IRG) with torch ops: the CPU path.
 
-Every loss here but IRG's transformation term starts from G = X X^T (N, N). RKD's angle
-term reads its N^3 angles from G one block of anchors at a time, so nothing of size (N, N, D)
-or (N, N, N) is held; its backward is written by hand (RKDAngle) so that autograd does not
-keep every block.
-Sums run in float32 (float64 for float64 inputs); the loss comes back in the input dtype.
+Numerics. RKD's distances and angles and IRG's edges are functions of the squared distances
+E_ab = |x_a - x_b|^2 (N, N). Formed from a Gram matrix, E_ab = G_aa + G_bb - 2 G_ab carries
+an absolute error of about u |x|^2 (u the unit roundoff), which is all of E_ab for a pair much
+closer than the rows' norms: float32 features spread over 5000 with two rows 0.3 apart give a
+negative squared distance, a clamped norm of 1e-6 and angles of 1e9. Centring does not help
+when the spread itself is large. So E is built from the difference vectors themselves, in
+float64 (`squared_distances`): for float32 (and bfloat16/float16) inputs every difference is
+then exact and E_ab has a relative error of about D u64, whatever the pair's gap, and equal
+rows give exactly 0.
+
+RKD's angle at anchor i comes from E by the law of cosines (polarisation):
+    V_jk = (x_j - x_i).(x_k - x_i) = (E_ij + E_ik - E_jk) / 2,   A_jk = V_jk / (n_j n_k),
+n_j = sqrt(E_ij). Each E carries a relative error of about u64, so A_jk carries about
+u64 (E_ij + E_ik + E_jk) / (n_j n_k) <= 3 u64 max(n_j, n_k) / min(n_j, n_k): 1e-9 at a
+gap/spread ratio of 1e-7, against the float32 reference's 1e-7 on every angle. A direction
+shorter than 1e-12 (E < 1e-24; exactly the equal rows for float32 features of ordinary
+size) is taken as zero, as F.normalize makes a zero difference vector.
+
+Gradients: with W = dL/dE (N, N), dL/dx_a = 2 sum_b (W_ab + W_ba)(x_a - x_b), formed as
+S x_a - (S X)_a in float64 from the centred rows: its rounding, u64 |S| |x|, is small next
+to the |S| gap of a near-duplicate pair down to gaps of about 1e-8 of the spread.
+
+SP, PKT and CC read cosine-type similarities, which subtract nothing; they run in float32
+(float64 for float64 inputs). RKD's angle term reads its N^3 angles one block of anchors at
+a time, so nothing of size (N, N, D) or (N, N, N) is held; the loss comes back in the input
+dtype.
 """
 import functools
 import math
@@ -14,6 +35,8 @@ import torch.nn.functional as F
 
 # (anchors per block) * N^2 entries of the angle term held at once.
 _ANGLE_BLOCK_ENTRIES = 1 << 20
+# Directions shorter than this (E below its square) count as zero; F.normalize's clamp.
+_NORM_EPS = 1e-12
 
 
 def acc_dtype(x):
@@ -21,78 +44,84 @@ def acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def centred_gram(x):
-    """(Xc, G, same): Xc = X - column means, G = Xc Xc^T made exactly symmetric, in
-    acc_dtype(x); same (N, N) bool marks pairs of equal rows, or is None when all differ.
-
-    Distances and angles are translation-invariant; centring keeps G's entries near the
-    size of the spread, so G_ii + G_jj - 2 G_ij loses fewer digits. Equal rows have a
-    difference vector of exactly 0, which rounding in G cannot be trusted to show.
-    """
-    x = x.to(acc_dtype(x))
-    xc = x - x.mean(dim=0)
-    g = xc @ xc.t()
-    rows, label = torch.unique(xc, dim=0, return_inverse=True)
-    same = label.unsqueeze(0) == label.unsqueeze(1) if len(rows) < len(xc) else None
-    return xc, (g + g.t()) * 0.5, same
+def centred64(x):
+    """flat(x) (N, D) in float64 minus its column means: the distances' gradients are formed
+    from these rows (translation changes no distance)."""
+    x = x.reshape(x.size(0), -1).to(torch.float64)
+    return x - x.mean(dim=0)
 
 
-# --- RKD distance -------------------------------------------------------------
+def squared_distances(x):
+    """E (N, N) float64, E_ab = |x_a - x_b|^2 summed over the difference vector itself (never
+    G_aa + G_bb - 2 G_ab); exactly symmetric, exactly 0 on the diagonal and for equal rows."""
+    x = x.reshape(x.size(0), -1).to(torch.float64)
+    return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").square_()
 
-def _clamped_squared(g, same):
-    """max(G_ii + G_jj - 2 G_ij, 1e-12), exactly 1e-12 for equal rows; (N, N)."""
-    sq = torch.diagonal(g)
-    p = (sq.unsqueeze(0) + sq.unsqueeze(1)) - 2 * g
-    if same is not None:
-        p = p.masked_fill(same, 0)
-    return p.clamp(min=1e-12)
+
+def distance_grad(xc, w):
+    """dL/dX (N, D) float64 from W = dL/dE (N, N): 2 sum_b (W_ab + W_ba)(x_a - x_b)."""
+    s = w + w.t()
+    return 2 * (s.sum(dim=1, keepdim=True) * xc - s @ xc)
+
+
+class SquaredDistanceLoss(torch.autograd.Function):
+    """loss_of(E_s, E_t) (float64) for a loss of the two squared-distance matrices (N, N): E
+    built by squared_distances, dL/dE by autograd on the (N, N) matrices, dL/dX by
+    distance_grad."""
+
+    @staticmethod
+    def forward(ctx, x_s, x_t, loss_of):
+        e_s, e_t = squared_distances(x_s), squared_distances(x_t)
+        ctx.save_for_backward(x_s, x_t, e_s, e_t)
+        ctx.loss_of = loss_of
+        return loss_of(e_s, e_t)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_s, x_t, e_s, e_t = ctx.saved_tensors
+        with torch.enable_grad():
+            e = [e_s.detach().requires_grad_(), e_t.detach().requires_grad_()]
+            loss = ctx.loss_of(*e)
+            w = torch.autograd.grad(loss, e, grad_out.to(loss.dtype))
+        return (*(distance_grad(centred64(x), g).reshape(x.shape).to(x.dtype) if needed else None
+                  for x, g, needed in zip((x_s, x_t), w, ctx.needs_input_grad)), None)
 
 
 def _off_diagonal(p):
     return p * (1 - torch.eye(len(p), dtype=p.dtype, device=p.device))
 
 
-def distances(g, same):
-    """d = sqrt(max(G_ii + G_jj - 2 G_ij, 1e-12)) off the diagonal, 0 on it; (N, N)."""
-    return _off_diagonal(_clamped_squared(g, same).sqrt())
+# --- RKD distance -------------------------------------------------------------
+
+def _rkd_distance_of(e_s, e_t):
+    """smooth_l1(d_s / mean_s, d_t / mean_t) over N^2 entries, d = sqrt(max(E, 1e-12)) off the
+    diagonal; the mean over the N(N-1) entries off it (each >= 1e-6, so exactly the
+    reference's d[d > 0])."""
+    n = len(e_s)
+    d_s, d_t = (_off_diagonal(e.clamp(min=1e-12).sqrt()) for e in (e_s, e_t))
+    off = n * (n - 1)
+    return F.smooth_l1_loss(d_s / (d_s.sum() / off), d_t / (d_t.sum() / off))
 
 
 def rkd_distance(feat_s, feat_t):
-    """smooth_l1(d_s / mean_s, d_t / mean_t) over N^2 entries; mean over the N(N-1) entries
-    off the diagonal (each >= 1e-6, so exactly the reference's d[d > 0])."""
-    n = feat_s.size(0)
-    d_s = distances(*centred_gram(feat_s)[1:])
-    d_t = distances(*centred_gram(feat_t)[1:])
-    off = n * (n - 1)
-    loss = F.smooth_l1_loss(d_s / (d_s.sum() / off), d_t / (d_t.sum() / off))
-    return loss.to(feat_s.dtype)
+    """smooth_l1(d_s / mean(d_s), d_t / mean(d_t)) over the N^2 pairwise distances."""
+    return SquaredDistanceLoss.apply(feat_s, feat_t, _rkd_distance_of).to(feat_s.dtype)
 
 
 # --- RKD angle ----------------------------------------------------------------
 
-def _angle_block(g, same, lo, hi):
-    """For anchors i in [lo, hi): A[i, j, k] = V_jk / (n_j n_k) as (c, N, N), c = hi - lo.
-
-    V_jk = (x_j - x_i).(x_k - x_i) = (G_jk + G_ii) - (G_ij + G_ik), summed in this order so
-    that V is exactly symmetric in (j, k) and exactly 0 when j = i; rows equal to x_i are
-    set to 0 from `same`. n_j = max(sqrt(V_jj), 1e-12) like F.normalize; A_jj = 1 exactly
-    unless n_j is clamped. Also returns
-    sq = V_jj (c, N) and 1 / n (c, N).
-    """
-    gi = g[lo:hi]
-    gii = torch.diagonal(g)[lo:hi].unsqueeze(1)
-    v = torch.add(g, gii.unsqueeze(2)).sub_(gi.unsqueeze(2) + gi.unsqueeze(1))
-    sq = (torch.diagonal(g).unsqueeze(0) + gii) - 2 * gi
-    if same is not None:
-        zero = same[lo:hi]
-        sq.masked_fill_(zero, 0)
-        v.masked_fill_(zero.unsqueeze(2) | zero.unsqueeze(1), 0)
-    root = sq.clamp(min=0).sqrt_()
-    inv = root.clamp(min=1e-12).reciprocal_()
-    a = v.mul_(inv.unsqueeze(2)).mul_(inv.unsqueeze(1))
-    # e . e of a unit vector: exactly 1 on j = k (0 for a clamped v_j).
-    torch.diagonal(a, dim1=1, dim2=2).copy_(root >= 1e-12)
-    return a, sq, inv
+def _angle_block(e, lo, hi, dtype):
+    """(A, inv) for anchors i in [lo, hi): A[i, j, k] = V_jk / (n_j n_k) (c, N, N) in dtype,
+    V formed from E in float64 by polarisation (module docstring), and inv = 1 / n_j (c, N),
+    0 for a zero direction. A_jj = 1 exactly for a live direction; A = 0 wherever j or k is
+    a zero direction."""
+    ei = e[lo:hi]
+    live = ei >= _NORM_EPS ** 2
+    inv = (torch.where(live, ei, 1.0).rsqrt_() * live).to(dtype)
+    a = (ei.unsqueeze(2) + ei.unsqueeze(1)).sub_(e).to(dtype)
+    a.mul_(0.5 * inv.unsqueeze(2)).mul_(inv.unsqueeze(1))
+    torch.diagonal(a, dim1=1, dim2=2).copy_(live)
+    return a, inv
 
 
 def _anchor_blocks(n):
@@ -100,66 +129,75 @@ def _anchor_blocks(n):
     return [(lo, min(lo + c, n)) for lo in range(0, n, c)]
 
 
-def _angle_grad_terms(g, a, u, sq, inv, lo, hi, m_acc, r_acc):
-    """Add one anchor block's share of dL/dX = M X + r * X into m_acc (N, N), r_acc (N,).
+def _angle_grad_block(a, inv, dead, u, lo, hi, w, z):
+    """Add one anchor block's share of the gradient into w and z (N, N): dL/dX = 2 sum_b
+    (W_ab + W_ba)(x_a - x_b) + Z X. u = dL/dA (c, N, N), symmetric in (j, k), 0 on j = k.
 
-    u = dL/dA (c, N, N), symmetric in (j, k). With v_j = x_j - x_i, P = u / (n_j n_k) and
-    q_j = dL/d|v_j|^2 = -sum_k u_jk A_jk / |v_j|^2 (0 where the norm is clamped):
-    dL/dv_j = sum_k 2 P_jk v_k [k not clamped] + 2 q_j v_j, and x_j gets +dL/dv_j, x_i gets
-    -sum_j dL/dv_j. A clamped v_k is exactly 0 (j = i, or a duplicate row), so its terms
-    are left out rather than summed as huge numbers that cancel.
+    Live directions, through E (W = dL/dE), with P = u inv_j inv_k:
+    dL/dE_ij = sum_k P_ijk - inv_j^2 sum_k u_ijk A_ijk (E_ij enters V and n_j; E_ik alike),
+    dL/dE_jk = -1/2 sum_i P_ijk.
+    Zero directions (dead (c, N), or None when there are none): F.normalize divides them by
+    its clamp 1e-12, so A_ijk = v_j . e_k / 1e-12 has dL/dv_j = 2e12 sum_k u_ijk e_k (both
+    (j, k) and (k, j) entries), e_k = (x_k - x_i) inv_k; x_j gets it and x_i its negative.
     """
-    live = sq.clamp(min=0).sqrt() >= 1e-12
-    q = torch.linalg.vecdot(u, a).div_(sq.where(live, 1.0)).mul_(-live.to(g.dtype))
-    inv_live = inv * live
-    f = 2 * inv * torch.bmm(u, inv.unsqueeze(2)).squeeze(2)   # sum_k 2 P_jk
-    t = 2 * inv * torch.bmm(u, inv_live.unsqueeze(2)).squeeze(2)  # sum_k 2 P_jk [k live]
-    m_acc += u.mul_(inv.unsqueeze(2)).mul_(2 * inv_live.unsqueeze(1)).sum(0)
-    m_acc[:, lo:hi] -= (t + 2 * q).t()
-    m_acc[lo:hi, :] -= live * f + 2 * q
-    r_acc += 2 * q.sum(0)
-    r_acc[lo:hi] += (t + 2 * q).sum(1)
+    ua = torch.einsum("cjk,cjk->cj", u, a)
+    p = (u * inv.unsqueeze(2)).mul_(inv.unsqueeze(1))
+    w[lo:hi] += p.sum(dim=2) - inv * inv * ua
+    w -= 0.5 * p.sum(dim=0)
+    if dead is not None:
+        c = (u * inv.unsqueeze(1)).mul_((2 / _NORM_EPS) * dead.unsqueeze(2))  # c_ijk
+        s = c.sum(dim=2)                                                      # s_ij
+        z += c.sum(dim=0)
+        z[:, lo:hi] -= s.t()
+        z[lo:hi] -= c.sum(dim=1)
+        z[range(lo, hi), range(lo, hi)] += s.sum(dim=1)
 
 
 class RKDAngle(torch.autograd.Function):
-    """smooth_l1(A_s, A_t) over N^3 entries, block by block of anchors."""
+    """smooth_l1(A_s, A_t) over N^3 entries, block by block of anchors, from exact E.
+
+    The gradient is formed in forward, where the angles are at hand, as W = dL/dE and Z
+    (N, N) per side (_angle_grad_block): backward then only scales them and maps them onto
+    the rows, instead of building every angle again."""
 
     @staticmethod
     def forward(ctx, feat_s, feat_t):
         n = feat_s.size(0)
-        xc_s, g_s, same_s = centred_gram(feat_s)
-        xc_t, g_t, same_t = centred_gram(feat_t)
-        total = torch.zeros((), dtype=g_s.dtype, device=g_s.device)
+        dtype = torch.promote_types(acc_dtype(feat_s), acc_dtype(feat_t))
+        e_s, e_t = squared_distances(feat_s), squared_distances(feat_t)
+        total = e_s.new_zeros(())
+        # Per side that needs a gradient: (E, W, Z or None when no pair of rows is closer than
+        # the clamp, i.e. no equal rows).
+        sides = [(e, torch.zeros_like(e),
+                  torch.zeros_like(e) if int((e < _NORM_EPS ** 2).sum()) > n else None)
+                 if needed else None for e, needed in zip((e_s, e_t), ctx.needs_input_grad)]
         for lo, hi in _anchor_blocks(n):
-            total += F.smooth_l1_loss(_angle_block(g_s, same_s, lo, hi)[0],
-                                      _angle_block(g_t, same_t, lo, hi)[0], reduction="sum")
-        ctx.save_for_backward(xc_s, g_s, xc_t, g_t)
-        ctx.same = same_s, same_t
-        ctx.dtypes = feat_s.dtype, feat_t.dtype
+            a_s, inv_s = _angle_block(e_s, lo, hi, dtype)
+            a_t, inv_t = _angle_block(e_t, lo, hi, dtype)
+            diff = a_s - a_t
+            total += F.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="sum")
+            u = diff.clamp_(-1, 1)  # smooth_l1's derivative, beta = 1
+            torch.diagonal(u, dim1=1, dim2=2).zero_()
+            for side, a, inv, sign in ((sides[0], a_s, inv_s, 1), (sides[1], a_t, inv_t, -1)):
+                if side is not None:
+                    e, w, z = side
+                    dead = (e[lo:hi] < _NORM_EPS ** 2).to(dtype) if z is not None else None
+                    _angle_grad_block(a, inv, dead, u * sign, lo, hi, w, z)
+        ctx.save_for_backward(feat_s, feat_t, *(t for side in sides for t in (side or (None,) * 3)[1:]))
         return (total / n ** 3).to(feat_s.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        xc_s, g_s, xc_t, g_t = ctx.saved_tensors
-        n = len(g_s)
-        m_s, m_t = torch.zeros_like(g_s), torch.zeros_like(g_t)
-        r_s, r_t = g_s.new_zeros(n), g_t.new_zeros(n)
-        for lo, hi in _anchor_blocks(n):
-            a_s, sq_s, inv_s = _angle_block(g_s, ctx.same[0], lo, hi)
-            a_t, sq_t, inv_t = _angle_block(g_t, ctx.same[1], lo, hi)
-            u = (a_s - a_t).clamp_(-1, 1)  # smooth_l1's derivative, beta = 1
-            _angle_grad_terms(g_s, a_s, u.clone(), sq_s, inv_s, lo, hi, m_s, r_s)
-            _angle_grad_terms(g_t, a_t, u.neg_(), sq_t, inv_t, lo, hi, m_t, r_t)
-        scale = grad_out.to(g_s.dtype) / n ** 3
+        feat_s, feat_t, w_s, z_s, w_t, z_t = ctx.saved_tensors
+        scale = grad_out.to(torch.float64) / len(feat_s) ** 3
         grads = []
-        for m, r, xc, dtype, needed in ((m_s, r_s, xc_s, ctx.dtypes[0], ctx.needs_input_grad[0]),
-                                        (m_t, r_t, xc_t, ctx.dtypes[1], ctx.needs_input_grad[1])):
-            if not needed:
+        for x, w, z in ((feat_s, w_s, z_s), (feat_t, w_t, z_t)):
+            if w is None:
                 grads.append(None)
                 continue
-            # Every term is a difference x_b - x_i, so this is also dL/dX (no un-centring,
-            # whose column means would spread the huge duplicate-row terms over every row).
-            grads.append(((m @ xc + r.unsqueeze(1) * xc) * scale).to(dtype))
+            xc = centred64(x)
+            g = distance_grad(xc, w) if z is None else distance_grad(xc, w) + z @ xc
+            grads.append((g * scale).reshape(x.shape).to(x.dtype))
         return tuple(grads)
 
 
@@ -180,17 +218,17 @@ def sp(fm_s, fm_t):
 
 # --- PKT and CC: cosine similarities from the Gram matrix ------------------------------
 
-def _cosine(x, weight):
-    """C = G w w^T, G = X X^T in acc_dtype, w = weight(row norms): C_ij = x^_i . x^_j with
-    x^ = w x, without an (N, D) copy of the normalised rows."""
+def _cosine(x, divisor):
+    """C = X^ X^^T, x^ = x / divisor(||x||) row by row, in acc_dtype. The rows are scaled
+    before the product, as the reference does, and the norms come from vector_norm, whose
+    gradient at a zero row is 0 (sqrt of a zero Gram diagonal would give NaN)."""
     x = x.to(acc_dtype(x))
-    g = x @ x.t()
-    w = weight(torch.diagonal(g).sqrt())
-    return g * w.unsqueeze(1) * w.unsqueeze(0)
+    x = x / divisor(torch.linalg.vector_norm(x, dim=1, keepdim=True))
+    return x @ x.t()
 
 
 def _pkt_cond_prob(x, eps):
-    c = (_cosine(x, lambda n: 1 / (n + eps)) + 1) / 2
+    c = (_cosine(x, lambda n: n + eps) + 1) / 2
     return c / c.sum(dim=1, keepdim=True)
 
 
@@ -203,7 +241,7 @@ def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
 
 def _cc_correlation(x, gamma, P_order):
     """K = e^{-2 gamma} sum_{p<=P} y^p / p!, y = 2 gamma S, by Horner: 1 + y (1 + y/2 (...))."""
-    y = _cosine(x, lambda n: 1 / n.clamp(min=1e-12)) * (2 * gamma)
+    y = _cosine(x, lambda n: n.clamp(min=1e-12)) * (2 * gamma)
     # From y, not a fresh tensor of ones, so that P = 0 still gives a (zero) gradient.
     k = 1 + y / P_order if P_order > 0 else 1 + 0 * y
     for p in range(P_order - 1, 0, -1):
@@ -219,15 +257,15 @@ def cc(feat_s, feat_t, gamma, P_order):
 
 # --- IRG edge -----------------------------------------------------------------
 
-def _edge(x):
-    """E = pdist2 / max(pdist2) of flat(x), from the centred Gram matrix."""
-    d = _off_diagonal(_clamped_squared(*centred_gram(x.reshape(x.size(0), -1))[1:]))
-    return d / d.max()
+def _edge_of(e_s, e_t):
+    """mse(E_s, E_t), E = pdist2 / max(pdist2), pdist2 = max(E, 1e-12) off the diagonal."""
+    p_s, p_t = (_off_diagonal(e.clamp(min=1e-12)) for e in (e_s, e_t))
+    return F.mse_loss(p_s / p_s.max(), p_t / p_t.max())
 
 
 def irg_edge(irg_s, irg_t):
     """The mean over feat, fm1 and fm2 of mse(E_s, E_t); irg_* = (fm1, fm2, feat, out)."""
-    return (sum(F.mse_loss(_edge(irg_s[i]), _edge(irg_t[i])) for i in (2, 0, 1)) / 3.0
+    return (sum(SquaredDistanceLoss.apply(irg_s[i], irg_t[i], _edge_of) for i in (2, 0, 1)) / 3.0
             ).to(irg_s[2].dtype)
 
 
