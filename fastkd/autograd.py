@@ -408,44 +408,47 @@ def _pairwise_grads(ctx, sides, scale):
                  for (m, r, x, like), needed in zip(sides, ctx.needs_input_grad))
 
 
+def _distance_sides(x_s, x_t):
+    """(E_s, E_t, X_s, X_t): the exact squared distances and the centred float64 rows their
+    gradients are formed from (see fastkd.kernels.pairwise)."""
+    return (_pw.squared_distances(x_s), _pw.squared_distances(x_t),
+            _pw.prepare(x_s, centre=True, dtype=torch.float64),
+            _pw.prepare(x_t, centre=True, dtype=torch.float64))
+
+
 class RKDDistanceFunction(torch.autograd.Function):
-    """smooth_l1(d_s / mean, d_t / mean) over N^2 entries, d from the centred Gram matrices."""
+    """smooth_l1(d_s / mean, d_t / mean) over N^2 entries, d = sqrt of the exact E."""
 
     @staticmethod
     def forward(ctx, feat_s, feat_t):
-        x_s, x_t = _pw.prepare(feat_s, centre=True), _pw.prepare(feat_t, centre=True)
-        (g_s, same_s), (g_t, same_t) = _pw.gram(x_s, same=True), _pw.gram(x_t, same=True)
-        total, stats = _pw.rkd_distance_forward(g_s, same_s, g_t, same_t)
-        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, g_s, same_s, g_t, same_t, stats)
-        return (total / len(g_s) ** 2).to(feat_s.dtype)
+        e_s, e_t, x_s, x_t = _distance_sides(feat_s, feat_t)
+        total, stats = _pw.rkd_distance_forward(e_s, e_t)
+        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats)
+        return (total / len(e_s) ** 2).to(feat_s.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        feat_s, feat_t, x_s, x_t, g_s, same_s, g_t, same_t, stats = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _pw.rkd_distance_backward(g_s, same_s, g_t, same_t, stats)
-        scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
+        feat_s, feat_t, x_s, x_t, e_s, e_t, stats = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _pw.rkd_distance_backward(e_s, e_t, stats)
+        scale = grad_out.to(e_s.dtype) / len(e_s) ** 2
         return _pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale)
 
 
 class RKDAngleFunction(torch.autograd.Function):
-    """smooth_l1(A_s, A_t) over the N^3 angles, read from the centred Gram matrices."""
+    """smooth_l1(A_s, A_t) over the N^3 angles, read from the exact E by polarisation."""
 
     @staticmethod
     def forward(ctx, feat_s, feat_t):
-        x_s, x_t = _pw.prepare(feat_s, centre=True), _pw.prepare(feat_t, centre=True)
-        (g_s, same_s), (g_t, same_t) = _pw.gram(x_s, same=True), _pw.gram(x_t, same=True)
-        total, stats = _pw.rkd_angle_forward(g_s, same_s, g_t, same_t,
-                                             with_stats=any(ctx.needs_input_grad))
-        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, g_s, same_s, g_t, same_t, stats)
-        return (total / len(g_s) ** 3).to(feat_s.dtype)
+        e_s, e_t, x_s, x_t = _distance_sides(feat_s, feat_t)
+        total, stats = _pw.rkd_angle_forward(e_s, e_t, with_stats=any(ctx.needs_input_grad))
+        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats)
+        return (total / len(e_s) ** 3).to(feat_s.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        feat_s, feat_t, x_s, x_t, g_s, same_s, g_t, same_t, stats = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _pw.rkd_angle_backward(g_s, same_s, g_t, same_t, stats)
-        # Every term is a difference x_b - x_i, so M Xc + r Xc is dL/dX itself: no
-        # un-centring, whose column means would spread huge duplicate-row terms over all rows.
-        scale = grad_out.to(g_s.dtype) / len(g_s) ** 3
+        feat_s, feat_t, x_s, x_t, e_s, e_t, stats = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _pw.rkd_angle_backward(e_s, e_t, stats)
+        scale = grad_out.to(e_s.dtype) / len(e_s) ** 3
         return _pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale)
 
 
@@ -535,21 +538,20 @@ def cc(feat_s, feat_t, gamma, P_order):
 
 
 class IRGEdgeFunction(torch.autograd.Function):
-    """mse(E_s, E_t), E = pdist2 / max(pdist2) of flat(x), from the centred Gram matrices."""
+    """mse(E'_s, E'_t), E' = pdist2 / max(pdist2) of flat(x), from the exact E."""
 
     @staticmethod
     def forward(ctx, x_s, x_t):
-        c_s, c_t = _pw.prepare(x_s, centre=True), _pw.prepare(x_t, centre=True)
-        (g_s, same_s), (g_t, same_t) = _pw.gram(c_s, same=True), _pw.gram(c_t, same=True)
-        total, stats = _pw.irg_edge_forward(g_s, same_s, g_t, same_t)
-        ctx.save_for_backward(x_s, x_t, c_s, c_t, g_s, same_s, g_t, same_t, stats)
-        return (total / len(g_s) ** 2).to(x_s.dtype)
+        e_s, e_t, c_s, c_t = _distance_sides(x_s, x_t)
+        total, stats = _pw.irg_edge_forward(e_s, e_t)
+        ctx.save_for_backward(x_s, x_t, c_s, c_t, e_s, e_t, stats)
+        return (total / len(e_s) ** 2).to(x_s.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_s, x_t, c_s, c_t, g_s, same_s, g_t, same_t, stats = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _pw.irg_edge_backward(g_s, same_s, g_t, same_t, stats)
-        scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
+        x_s, x_t, c_s, c_t, e_s, e_t, stats = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _pw.irg_edge_backward(e_s, e_t, stats)
+        scale = grad_out.to(e_s.dtype) / len(e_s) ** 2
         return _pairwise_grads(ctx, ((m_s, r_s, c_s, x_s), (m_t, r_t, c_t, x_t)), scale)
 
 

@@ -1,27 +1,46 @@
-"""Triton kernels of the pairwise losses (RKD, SP, PKT, CC, IRG), built on Gram matrices
-(but IRG's transformation term: one squared distance per sample, see its section).
+"""Triton kernels of the pairwise losses (RKD, SP, PKT, CC, IRG), built on (N, N) matrices of
+the student's and the teacher's rows (but IRG's transformation term: one squared distance per
+sample, see its section).
 
-Shared building blocks come first: `prepare` (centre and convert the features), `gram`
-(G = X X^T, exactly symmetric) and `gram_grad` (dL/dX = scale * (M X + r * X) from an
-(N, N) matrix M and an optional vector r). Each loss then has its kernels over (N, N) tiles of the
-Gram matrices of the student and the teacher, both read by the same launch.
+Shared building blocks come first: `prepare` (centre and convert the features),
+`squared_distances` (E_ab = |x_a - x_b|^2, float64), `gram` (G = X X^T, exactly symmetric)
+and `gram_grad` (dL/dX = scale * (M X + r * X) from an (N, N) matrix M and an optional vector
+r). Each loss then has its kernels over (N, N) tiles of the student's and the teacher's
+matrices, both read by the same launch.
 
-Sums run in float32 (float64 for float64 inputs); dot products use IEEE precision because
-Gram entries get subtracted from each other. Buffers are (N, N) at most: the angle term of
-RKD reads its N^3 angles from G one anchor at a time.
+Numerics. RKD's distances and angles and IRG's edges are functions of E. Formed from a Gram
+matrix, E_ab = G_aa + G_bb - 2 G_ab carries an absolute error of about u |x|^2, which is all
+of E_ab for a pair much closer than the rows' norms (float32 features spread over 5000 with two
+rows 0.3 apart gave RKD 5e9 for 0.66; centring does not help when the spread itself is large).
+So E is summed over the difference vectors themselves in float64: for float32, bfloat16 and
+float16 inputs each difference is exact, E_ab has a relative error of about D u64 whatever
+the gap, and equal rows give exactly 0. RKD's angle at anchor i is read from E by
+polarisation, V_jk = (x_j - x_i).(x_k - x_i) = (E_ij + E_ik - E_jk) / 2, whose error is
+about u64 (E_ij + E_ik + E_jk) <= 3 u64 max(n_j, n_k)^2: relative to n_j n_k, 1e-9 at a
+gap/spread ratio of 1e-7 (the float32 reference: 1e-7 on every angle). Their gradients
+M X + r X are formed in float64 from the centred rows, whose rounding (u64 |M| |x|) stays
+below the |M| gap of a near-duplicate pair down to gaps of about 1e-8 of the spread.
+SP, PKT and CC read cosine-type similarities, which subtract nothing: G is summed in float32
+(float64 for float64 inputs) with IEEE-precision dot products. Buffers are (N, N) at most:
+the angle term of RKD reads its N^3 angles from E one anchor at a time.
 """
 import torch
 import triton
 import triton.language as tl
 
 BLOCK = 32  # side of the (N, N) tiles
-BLOCK_D = 32  # feature columns per step
-BLOCK_D_SAME = 16  # fewer when rows are also compared element by element
+BLOCK_D = 32  # feature columns per step of a dot product
+BLOCK_D_DIFF = 4  # feature columns per step of a (BLOCK, BLOCK, columns) difference tile
+# Directions shorter than this (E below its square) count as zero; F.normalize's clamp.
+NORM_EPS = 1e-12
 
 
 def acc_dtype(x):
-    """float64 stays float64; float32, bfloat16 and float16 are summed in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    """Every pairwise loss sums in float64, whatever the input dtype: its losses are
+    differences of nearly equal quantities (student against teacher, one Gram entry against
+    another), which float32 sums leave with errors far above the float32 reference's on
+    near-zero losses. Products of float32 values are exact in float64."""
+    return torch.float64
 
 
 # --- shared building blocks ---------------------------------------------------
@@ -70,13 +89,13 @@ def _prepare_kernel(x_ptr, stride_n, stride_d, norms_ptr, out_ptr, N, D,
         tl.store(out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], x, mask=ok)
 
 
-def prepare(x, centre, normalise=False):
-    """x as a contiguous (N, D) tensor in acc_dtype(x), centred (column means 0) if asked.
-    With normalise (and not centre): (x^, norms), x^ = x / max(||x||, 1e-12) row by row as
-    F.normalize does, and norms (N,) the rows' norms, unclamped."""
+def prepare(x, centre, normalise=False, dtype=None):
+    """x as a contiguous (N, D) tensor in dtype (default acc_dtype(x)), centred (column means
+    0) if asked. With normalise (and not centre): (x^, norms), x^ = x / max(||x||, 1e-12) row
+    by row as F.normalize does, and norms (N,) the rows' norms, unclamped."""
     x = x.reshape(x.size(0), -1)
     n, d = x.shape
-    out = torch.empty((n, d), dtype=acc_dtype(x), device=x.device)
+    out = torch.empty((n, d), dtype=dtype or acc_dtype(x), device=x.device)
     norms = torch.empty(n if normalise else 1, dtype=out.dtype, device=x.device)
     if normalise:
         _row_norms_kernel[(triton.cdiv(n, BLOCK),)](x, x.stride(0), x.stride(1), norms, n, d,
@@ -88,20 +107,52 @@ def prepare(x, centre, normalise=False):
 
 
 @triton.jit
-def _gram_kernel(x_ptr, g_ptr, same_ptr, N, D,
-                 SAME: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """G = X X^T for the tile (a, b) with b <= a, stored at (a, b) and transposed at (b, a).
+def _squared_distances_kernel(x_ptr, stride_n, stride_d, e_ptr, N, D,
+                              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """E_ab = sum_f (x_a[f] - x_b[f])^2 in float64 for the tile (a, b) with b <= a, stored at
+    (a, b) and transposed at (b, a). Each difference is taken in float64 (exact for
+    float32/bfloat16/float16 rows), so E does not cancel; (x_a - x_b)^2 = (x_b - x_a)^2 bit
+    for bit, so E is exactly symmetric with an exactly zero diagonal."""
+    pid_a = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    if pid_b <= pid_a:
+        ra = pid_a * BLOCK + tl.arange(0, BLOCK)
+        rb = pid_b * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float64)
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            xa = tl.load(x_ptr + ra[:, None].to(tl.int64) * stride_n + cols[None, :] * stride_d,
+                         mask=(ra[:, None] < N) & (cols[None, :] < D), other=0.0).to(tl.float64)
+            xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * stride_n + cols[None, :] * stride_d,
+                         mask=(rb[:, None] < N) & (cols[None, :] < D), other=0.0).to(tl.float64)
+            diff = xa[:, None, :] - xb[None, :, :]
+            acc += tl.sum(diff * diff, axis=2)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        tl.store(e_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], acc, mask=ok)
+        tl.store(e_ptr + rb[None, :].to(tl.int64) * N + ra[:, None], acc, mask=ok)
 
-    With SAME, also same[a, b] = 1 where rows a and b are equal element for element: their
-    difference vector is exactly 0, which rounding in G cannot be trusted to show.
-    """
+
+def squared_distances(x):
+    """E (N, N) float64, E_ab = |flat(x)_a - flat(x)_b|^2 from the difference vectors (see the
+    module docstring); x read through its strides in any float dtype."""
+    x = x.reshape(x.size(0), -1)
+    n, d = x.shape
+    e = torch.empty((n, n), dtype=torch.float64, device=x.device)
+    nb = triton.cdiv(n, BLOCK)
+    _squared_distances_kernel[(nb, nb)](x, x.stride(0), x.stride(1), e, n, d, BLOCK=BLOCK,
+                                        BLOCK_D=BLOCK_D_DIFF)
+    return e
+
+
+@triton.jit
+def _gram_kernel(x_ptr, g_ptr, N, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """G = X X^T for the tile (a, b) with b <= a, stored at (a, b) and transposed at (b, a)."""
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
     if pid_b <= pid_a:
         ra = pid_a * BLOCK + tl.arange(0, BLOCK)
         rb = pid_b * BLOCK + tl.arange(0, BLOCK)
         acc = tl.zeros([BLOCK, BLOCK], dtype=g_ptr.dtype.element_ty)
-        gap = tl.zeros([BLOCK, BLOCK], dtype=g_ptr.dtype.element_ty)
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             xa = tl.load(x_ptr + ra[:, None].to(tl.int64) * D + cols[None, :],
@@ -109,29 +160,20 @@ def _gram_kernel(x_ptr, g_ptr, same_ptr, N, D,
             xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * D + cols[None, :],
                          mask=(rb[:, None] < N) & (cols[None, :] < D), other=0.0)
             acc = tl.dot(xa, tl.trans(xb), acc, input_precision="ieee")
-            if SAME:
-                gap = tl.maximum(gap, tl.max(tl.abs(xa[:, None, :] - xb[None, :, :]), axis=2))
         # A diagonal tile is made exactly symmetric too: (a + b) / 2 does not depend on order.
         acc = tl.where(pid_a == pid_b, (acc + tl.trans(acc)) * 0.5, acc)
         ok = (ra[:, None] < N) & (rb[None, :] < N)
         tl.store(g_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], acc, mask=ok)
         tl.store(g_ptr + rb[None, :].to(tl.int64) * N + ra[:, None], acc, mask=ok)
-        if SAME:
-            same = (gap == 0).to(tl.int8)
-            tl.store(same_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], same, mask=ok)
-            tl.store(same_ptr + rb[None, :].to(tl.int64) * N + ra[:, None], same, mask=ok)
 
 
-def gram(x, same=False):
-    """G = X X^T (N, N), exactly symmetric; x from prepare(). With same=True, returns
-    (G, same) with same (N, N) int8 = 1 where two rows are equal (the diagonal included)."""
+def gram(x):
+    """G = X X^T (N, N), exactly symmetric; x from prepare()."""
     n, d = x.shape
     g = torch.empty((n, n), dtype=x.dtype, device=x.device)
-    eq = torch.empty((n, n) if same else (1,), dtype=torch.int8, device=x.device)
     nb = triton.cdiv(n, BLOCK)
-    _gram_kernel[(nb, nb)](x, g, eq, n, d, SAME=same, BLOCK=BLOCK,
-                           BLOCK_D=BLOCK_D_SAME if same else BLOCK_D)
-    return (g, eq) if same else g
+    _gram_kernel[(nb, nb)](x, g, n, d, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
+    return g
 
 
 @triton.jit
@@ -155,7 +197,7 @@ def _gram_grad_kernel(m_ptr, r_ptr, x_ptr, scale_ptr, out_ptr, N, D,
         acc += tl.load(r_ptr + ra, mask=ra < N, other=0.0)[:, None] * xa
     out = acc * tl.load(scale_ptr)
     tl.store(out_ptr + ra[:, None].to(tl.int64) * D + cols[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=ok)
+             _cast(out, out_ptr.dtype.element_ty), mask=ok)
 
 
 def gram_grad(m, r, x, scale, like):
@@ -168,6 +210,15 @@ def gram_grad(m, r, x, scale, like):
         m, m if r is None else r, x, scale, out, n, d, HAS_R=r is not None, BLOCK=BLOCK,
         BLOCK_D=BLOCK_D)
     return out.reshape(like.shape)
+
+
+@triton.jit
+def _cast(x, ty: tl.constexpr):
+    """x in ty, through float32 when ty is a 16-bit type: float64 does not convert to bfloat16
+    or float16 directly everywhere (Triton's interpreter gives 0)."""
+    if ty == tl.float64:
+        return x.to(ty)
+    return x.to(tl.float32).to(ty)
 
 
 @triton.jit
@@ -184,53 +235,53 @@ def _load_tile(ptr, ra, rb, N):
                    mask=(ra[:, None] < N) & (rb[None, :] < N), other=0.0)
 
 
+@triton.jit
+def _diagonal(g_ptr, rows, N):
+    """G[rows, rows] of an (N, N) matrix, 0 outside."""
+    return tl.load(g_ptr + rows.to(tl.int64) * (N + 1), mask=rows < N, other=0.0)
+
+
 # --- RKD distance -------------------------------------------------------------
 
 @triton.jit
-def _squared_distance_tile(g_ptr, same_ptr, ra, rb, N, ia, ib):
-    """pdist2 = max(p, 1e-12) off the diagonal, 0 on it and outside; p = G_aa + G_bb - 2 G_ab,
-    exactly 0 for equal rows. Also whether p >= 1e-12 (where the clamp lets the gradient through).
-    G is read at the rows ia, ib standing for ra, rb (ra, rb themselves, or the first of their
-    equal rows so that equal rows give bit-equal distances)."""
+def _squared_distance_tile(e_ptr, ra, rb, N):
+    """pdist2 = max(E, 1e-12) off the diagonal, 0 on it and outside; also whether E >= 1e-12
+    (where the clamp lets the gradient through)."""
     off = (ra[:, None] < N) & (rb[None, :] < N) & (ra[:, None] != rb[None, :])
-    sa = tl.load(g_ptr + ia.to(tl.int64) * (N + 1), mask=ra < N, other=0.0)
-    sb = tl.load(g_ptr + ib.to(tl.int64) * (N + 1), mask=rb < N, other=0.0)
-    p = (sa[:, None] + sb[None, :]) - 2 * tl.load(g_ptr + ia[:, None].to(tl.int64) * N + ib[None, :],
-                                                  mask=off, other=0.0)
-    p = tl.where(_load_tile(same_ptr, ra, rb, N) != 0, 0.0, p)
+    p = tl.load(e_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], mask=off, other=0.0)
     return tl.where(off, tl.maximum(p, 1e-12), 0.0), off & (p >= 1e-12)
 
 
 @triton.jit
-def _distance_tile(g_ptr, same_ptr, ra, rb, N):
+def _distance_tile(e_ptr, ra, rb, N):
     """d = sqrt(pdist2) (0 on the diagonal and outside) and where the clamp lets the gradient
     through, as _squared_distance_tile."""
-    d2, live = _squared_distance_tile(g_ptr, same_ptr, ra, rb, N, ra, rb)
+    d2, live = _squared_distance_tile(e_ptr, ra, rb, N)
     return tl.sqrt(d2), live
 
 
 @triton.jit
-def _rkd_distance_sum_kernel(gs_ptr, ss_ptr, gt_ptr, st_ptr, part_ptr, N, BLOCK: tl.constexpr):
+def _rkd_distance_sum_kernel(es_ptr, et_ptr, part_ptr, N, BLOCK: tl.constexpr):
     """part[tile] = (sum of d_s, sum of d_t) over one tile."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    d_s, _ = _distance_tile(gs_ptr, ss_ptr, ra, rb, N)
-    d_t, _ = _distance_tile(gt_ptr, st_ptr, ra, rb, N)
+    tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    d_s, _ = _distance_tile(es_ptr, ra, rb, N)
+    d_t, _ = _distance_tile(et_ptr, ra, rb, N)
     tl.store(part_ptr + 2 * tile, tl.sum(tl.sum(d_s, 1), 0))
     tl.store(part_ptr + 2 * tile + 1, tl.sum(tl.sum(d_t, 1), 0))
 
 
 @triton.jit
-def _rkd_distance_loss_kernel(gs_ptr, ss_ptr, gt_ptr, st_ptr, sums_ptr, part_ptr, N, BLOCK: tl.constexpr):
+def _rkd_distance_loss_kernel(es_ptr, et_ptr, sums_ptr, part_ptr, N, BLOCK: tl.constexpr):
     """part[tile] = (sum h(d_s / m_s - d_t / m_t), sum h' d_s, sum h' d_t) over one tile;
     m = sum(d) / (N (N - 1)) from sums = (sum d_s, sum d_t)."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     count = N * (N - 1.0)
-    d_s, _ = _distance_tile(gs_ptr, ss_ptr, ra, rb, N)
-    d_t, _ = _distance_tile(gt_ptr, st_ptr, ra, rb, N)
+    d_s, _ = _distance_tile(es_ptr, ra, rb, N)
+    d_t, _ = _distance_tile(et_ptr, ra, rb, N)
     diff = d_s / (tl.load(sums_ptr) / count) - d_t / (tl.load(sums_ptr + 1) / count)
     u = tl.minimum(tl.maximum(diff, -1.0), 1.0)
     tl.store(part_ptr + 3 * tile, tl.sum(tl.sum(_smooth_l1(diff), 1), 0))
@@ -239,8 +290,7 @@ def _rkd_distance_loss_kernel(gs_ptr, ss_ptr, gt_ptr, st_ptr, sums_ptr, part_ptr
 
 
 @triton.jit
-def _rkd_distance_grad_kernel(gs_ptr, ss_ptr, gt_ptr, st_ptr, sums_ptr, ms_ptr, rs_ptr, mt_ptr,
-                              rt_ptr, N,
+def _rkd_distance_grad_kernel(es_ptr, et_ptr, sums_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr, N,
                               BLOCK: tl.constexpr):
     """M = -4 W, r = 4 rowsum(W) for a block of rows, W = N^2 dL/dp (p the squared distances).
 
@@ -253,12 +303,12 @@ def _rkd_distance_grad_kernel(gs_ptr, ss_ptr, gt_ptr, st_ptr, sums_ptr, ms_ptr, 
     sum_t = tl.load(sums_ptr + 1)
     ud_s = tl.load(sums_ptr + 2)
     ud_t = tl.load(sums_ptr + 3)
-    r_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
-    r_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    r_s = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
+    r_t = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        d_s, live_s = _distance_tile(gs_ptr, ss_ptr, ra, rb, N)
-        d_t, live_t = _distance_tile(gt_ptr, st_ptr, ra, rb, N)
+        d_s, live_s = _distance_tile(es_ptr, ra, rb, N)
+        d_t, live_t = _distance_tile(et_ptr, ra, rb, N)
         u = tl.minimum(tl.maximum(d_s / (sum_s / count) - d_t / (sum_t / count), -1.0), 1.0)
         w_s = tl.where(live_s, (u - ud_s / sum_s) / (sum_s / count) / (2 * tl.where(live_s, d_s, 1.0)), 0.0)
         w_t = tl.where(live_t, (ud_t / sum_t - u) / (sum_t / count) / (2 * tl.where(live_t, d_t, 1.0)), 0.0)
@@ -271,222 +321,190 @@ def _rkd_distance_grad_kernel(gs_ptr, ss_ptr, gt_ptr, st_ptr, sums_ptr, ms_ptr, 
     tl.store(rt_ptr + ra, 4 * r_t, mask=ra < N)
 
 
-def rkd_distance_forward(g_s, same_s, g_t, same_t):
-    """(N^2 * loss, stats): stats = (sum d_s, sum d_t, sum h' d_s, sum h' d_t) for backward."""
-    n = len(g_s)
+def rkd_distance_forward(e_s, e_t):
+    """(N^2 * loss, stats): stats = (sum d_s, sum d_t, sum h' d_s, sum h' d_t) for backward;
+    e_* the squared distances."""
+    n = len(e_s)
     nb = triton.cdiv(n, BLOCK)
-    part = torch.empty((nb * nb, 2), dtype=g_s.dtype, device=g_s.device)
-    _rkd_distance_sum_kernel[(nb, nb)](g_s, same_s, g_t, same_t, part, n, BLOCK=BLOCK)
+    part = torch.empty((nb * nb, 2), dtype=e_s.dtype, device=e_s.device)
+    _rkd_distance_sum_kernel[(nb, nb)](e_s, e_t, part, n, BLOCK=BLOCK)
     sums = part.sum(0)
-    part = torch.empty((nb * nb, 3), dtype=g_s.dtype, device=g_s.device)
-    _rkd_distance_loss_kernel[(nb, nb)](g_s, same_s, g_t, same_t, sums, part, n, BLOCK=BLOCK)
+    part = torch.empty((nb * nb, 3), dtype=e_s.dtype, device=e_s.device)
+    _rkd_distance_loss_kernel[(nb, nb)](e_s, e_t, sums, part, n, BLOCK=BLOCK)
     part = part.sum(0)
     return part[0], torch.cat([sums, part[1:]])
 
 
-def rkd_distance_backward(g_s, same_s, g_t, same_t, stats):
+def rkd_distance_backward(e_s, e_t, stats):
     """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
-    n = len(g_s)
-    m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
-    r_s = torch.empty(n, dtype=g_s.dtype, device=g_s.device)
+    n = len(e_s)
+    m_s, m_t = torch.empty_like(e_s), torch.empty_like(e_t)
+    r_s = torch.empty(n, dtype=e_s.dtype, device=e_s.device)
     r_t = torch.empty_like(r_s)
-    _rkd_distance_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, same_s, g_t, same_t, stats,
-                                                        m_s, r_s, m_t, r_t, n, BLOCK=BLOCK)
+    _rkd_distance_grad_kernel[(triton.cdiv(n, BLOCK),)](e_s, e_t, stats, m_s, r_s, m_t, r_t, n,
+                                                        BLOCK=BLOCK)
     return m_s, r_s, m_t, r_t
 
 
 # --- RKD angle ----------------------------------------------------------------
-# For anchor i: V_jk = (x_j - x_i).(x_k - x_i) = (G_jk + G_ii) - (G_ij + G_ik), summed in this
-# order so that V is exactly symmetric and exactly 0 when j = i or x_j = x_i (a zero
-# difference vector, whose direction F.normalize makes 0). n_j = max(sqrt(V_jj), 1e-12),
-# A_jk = V_jk / (n_j n_k), loss = mean over (i, j, k) of h(A_s - A_t).
+# For anchor i: V_jk = (E_ij + E_ik - E_jk) / 2, n_j = sqrt(E_ij), A_jk = V_jk / (n_j n_k),
+# loss = mean over (i, j, k) of h(A_s - A_t). A direction with E_ij < NORM_EPS^2 (j = i, an
+# equal row) is zero, as F.normalize makes it: A = 0 along it. Its gradient is F.normalize's
+# through the clamp, v_j / NORM_EPS: dL/dv_j = (2 / NORM_EPS) sum_k u_ijk e_k.
+#
+# With u = h'(A_s - A_t) (0 on j = k, where A_jj is constant; -u for the teacher),
+# inv_j = 1 / n_j (0 for a zero direction) and dead_j = [zero direction], each side's
+# gradient is dL/dX = 2 sum_b (S_ab)(x_a - x_b) + Z X, S = W + W^T, W = dL/dE:
+#   W_ij += sum_k u_ijk inv_j inv_k - inv_j^2 sum_k u_ijk A_ijk      (per anchor: w1)
+#   W_jk -= 1/2 sum_i u_ijk inv_j inv_k                              (over anchors: w2)
+#   Z_jk += c sum_i u_ijk dead_j inv_k                                (over anchors: z2)
+#   Z_ji -= s_ij = c dead_j sum_k u_ijk inv_k,  Z_ii += sum_j s_ij   (per anchor)
+#   Z_ik -= q_ik = c inv_k sum_j u_ijk dead_j                         (per anchor, u symmetric)
+# with c = 2 / NORM_EPS, applied on the host side in float64 (a Python float constant in a
+# kernel is a float32, 4e-9 off here). The per-anchor terms are row sums over k that the
+# forward kernel takes while the angles are at hand; the rest is one tile kernel over all
+# anchors.
 
 @triton.jit
-def _anchor_terms(gi, gii, diag, zi):
-    """From G's anchor row gi, G_ii, diag(G) and same[i] at the same rows: (|v|^2, 1 / n,
-    live); live = |v| >= 1e-12, where the norm's clamp lets the gradient through."""
-    sq = tl.where(zi, 0.0, (diag + gii) - 2 * gi)
-    root = tl.sqrt(tl.maximum(sq, 0.0))
-    return sq, 1.0 / tl.maximum(root, 1e-12), root >= 1e-12
+def _directions(e_ptr, row_i, rows, N):
+    """E[i, rows], inv = 1 / n (0 for a zero direction) and dead = [zero direction] (0
+    outside) for anchor i; row_i = i * N in int64."""
+    ok = rows < N
+    e = tl.load(e_ptr + row_i + rows, mask=ok, other=0.0)
+    live = e >= NORM_EPS * NORM_EPS
+    inv = tl.where(live, 1.0 / tl.sqrt(tl.where(live, e, 1.0)), 0.0)
+    return e, inv, (ok & ~live).to(e.dtype)
 
 
 @triton.jit
-def _angle_tile(gjk, gij, gik, gii, inv_j, inv_k, zij, zik, rj, rk, ok):
-    """A_jk; on j = k exactly 1 (0 for a clamped v_j), as e . e of a unit vector."""
-    v = (gjk + gii) - (gij[:, None] + gik[None, :])
-    ok = ok & ~zij[:, None] & ~zik[None, :]
-    a = tl.where(rj[:, None] == rk[None, :], 1.0, v * inv_j[:, None] * inv_k[None, :])
+def _angle_tile(ejk, eij, eik, inv_j, inv_k, rj, rk, ok):
+    """A_jk; on j = k exactly 1 for a live direction (inv_j > 0), 0 for a zero one."""
+    a = 0.5 * ((eij[:, None] + eik[None, :]) - ejk) * inv_j[:, None] * inv_k[None, :]
+    a = tl.where(rj[:, None] == rk[None, :], (inv_j > 0).to(a.dtype)[:, None], a)
     return tl.where(ok, a, 0.0)
 
 
 @triton.jit
-def _anchor_row(g_ptr, same_ptr, i, row_i, rows, N):
-    """G[i, rows], G_ii and same[i, rows] (as booleans) for anchor i; row_i = i * N in int64."""
-    ok = rows < N
-    gi = tl.load(g_ptr + row_i + rows, mask=ok, other=0.0)
-    zi = tl.load(same_ptr + row_i + rows, mask=ok, other=0) != 0
-    return gi, tl.load(g_ptr + row_i + i), zi
+def _angle_u(a_s, a_t, rj, rk):
+    """h'(A_s - A_t), 0 on j = k."""
+    u = tl.minimum(tl.maximum(a_s - a_t, -1.0), 1.0)
+    return tl.where(rj[:, None] == rk[None, :], 0.0, u)
 
 
 @triton.jit
-def _diagonal(g_ptr, rows, N):
-    return tl.load(g_ptr + rows.to(tl.int64) * (N + 1), mask=rows < N, other=0.0)
+def _store_angle_stats(out, plane, ok, u_inv, u_a, u_dead, inv, dead):
+    """w1, s / c, q / c (see the section's header) for anchor i and these rows j, at
+    out + k plane."""
+    tl.store(out, inv * u_inv - inv * inv * u_a, mask=ok)
+    tl.store(out + plane, dead * u_inv, mask=ok)
+    tl.store(out + 2 * plane, inv * u_dead, mask=ok)
 
 
 @triton.jit
-def _rkd_angle_fwd_kernel(gs_ptr, ss_ptr, gt_ptr, st_ptr, part_ptr, stats_ptr, N,
+def _rkd_angle_fwd_kernel(es_ptr, et_ptr, part_ptr, stats_ptr, N,
                           STATS: tl.constexpr, BLOCK: tl.constexpr):
-    """Anchor i, rows j of one block, all k: part = sum h(A_s - A_t).
+    """Anchor i = program 0, rows j of one block, all k: part = sum h(A_s - A_t).
 
-    With STATS, per side (u = h'(A_s - A_t) for the student, -u for the teacher) and row j:
-    q_j = -sum_k u A_jk / |v_j|^2 (0 where clamped), f_j = 2/n_j sum_k u / n_k and
-    t_j = 2/n_j sum_k u / n_k [k live], stored at [stat, i, j] of stats (6, N, N).
-    """
+    With STATS, per side and row j the row sums sum_k u inv_k, sum_k u A and sum_k u dead_k,
+    stored as w1, s, q at [stat, i, j] of stats (6, N, N): student 0-2, teacher 3-5."""
     i = tl.program_id(0)
     rj = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     row_i = i.to(tl.int64) * N
-    gij_s, gii_s, zij_s = _anchor_row(gs_ptr, ss_ptr, i, row_i, rj, N)
-    gij_t, gii_t, zij_t = _anchor_row(gt_ptr, st_ptr, i, row_i, rj, N)
-    sqj_s, invj_s, livej_s = _anchor_terms(gij_s, gii_s, _diagonal(gs_ptr, rj, N), zij_s)
-    sqj_t, invj_t, livej_t = _anchor_terms(gij_t, gii_t, _diagonal(gt_ptr, rj, N), zij_t)
-    loss = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
-    s_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
-    f_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
-    t_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
-    s_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
-    f_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
-    t_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    eij_s, invj_s, deadj_s = _directions(es_ptr, row_i, rj, N)
+    eij_t, invj_t, deadj_t = _directions(et_ptr, row_i, rj, N)
+    loss = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
+    ui_s = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
+    ua_s = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
+    ud_s = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
+    ui_t = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
+    ua_t = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
+    ud_t = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rk = start + tl.arange(0, BLOCK)
         ok = (rj[:, None] < N) & (rk[None, :] < N)
-        gik_s, _, zik_s = _anchor_row(gs_ptr, ss_ptr, i, row_i, rk, N)
-        gik_t, _, zik_t = _anchor_row(gt_ptr, st_ptr, i, row_i, rk, N)
-        _, invk_s, livek_s = _anchor_terms(gik_s, gii_s, _diagonal(gs_ptr, rk, N), zik_s)
-        _, invk_t, livek_t = _anchor_terms(gik_t, gii_t, _diagonal(gt_ptr, rk, N), zik_t)
-        a_s = _angle_tile(_load_tile(gs_ptr, rj, rk, N), gij_s, gik_s, gii_s, invj_s, invk_s,
-                          zij_s, zik_s, rj, rk, ok)
-        a_t = _angle_tile(_load_tile(gt_ptr, rj, rk, N), gij_t, gik_t, gii_t, invj_t, invk_t,
-                          zij_t, zik_t, rj, rk, ok)
-        diff = a_s - a_t
-        loss += tl.sum(_smooth_l1(diff), 1)
+        eik_s, invk_s, deadk_s = _directions(es_ptr, row_i, rk, N)
+        eik_t, invk_t, deadk_t = _directions(et_ptr, row_i, rk, N)
+        a_s = _angle_tile(_load_tile(es_ptr, rj, rk, N), eij_s, eik_s, invj_s, invk_s, rj, rk, ok)
+        a_t = _angle_tile(_load_tile(et_ptr, rj, rk, N), eij_t, eik_t, invj_t, invk_t, rj, rk, ok)
+        loss += tl.sum(_smooth_l1(a_s - a_t), 1)
         if STATS:
-            u = tl.minimum(tl.maximum(diff, -1.0), 1.0)
-            s_s += tl.sum(u * a_s, 1)
-            f_s += tl.sum(u * invk_s[None, :], 1)
-            t_s += tl.sum(u * tl.where(livek_s, invk_s, 0.0)[None, :], 1)
-            s_t += tl.sum(u * a_t, 1)
-            f_t += tl.sum(u * invk_t[None, :], 1)
-            t_t += tl.sum(u * tl.where(livek_t, invk_t, 0.0)[None, :], 1)
-    tl.store(part_ptr + i * tl.num_programs(1) + tl.program_id(1), tl.sum(loss, 0))
+            u = _angle_u(a_s, a_t, rj, rk)
+            ui_s += tl.sum(u * invk_s[None, :], 1)
+            ua_s += tl.sum(u * a_s, 1)
+            ud_s += tl.sum(u * deadk_s[None, :], 1)
+            ui_t -= tl.sum(u * invk_t[None, :], 1)
+            ua_t -= tl.sum(u * a_t, 1)
+            ud_t -= tl.sum(u * deadk_t[None, :], 1)
+    tl.store(part_ptr + i.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), tl.sum(loss, 0))
     if STATS:
+        plane = N.to(tl.int64) * N
         out = stats_ptr + row_i + rj
-        plane = N * N
-        row_ok = rj < N
-        tl.store(out, tl.where(livej_s, -s_s / tl.where(livej_s, sqj_s, 1.0), 0.0), mask=row_ok)
-        tl.store(out + plane, 2 * invj_s * f_s, mask=row_ok)
-        tl.store(out + 2 * plane, 2 * invj_s * t_s, mask=row_ok)
-        tl.store(out + 3 * plane, tl.where(livej_t, s_t / tl.where(livej_t, sqj_t, 1.0), 0.0),
-                 mask=row_ok)
-        tl.store(out + 4 * plane, -2 * invj_t * f_t, mask=row_ok)
-        tl.store(out + 5 * plane, -2 * invj_t * t_t, mask=row_ok)
+        _store_angle_stats(out, plane, rj < N, ui_s, ua_s, ud_s, invj_s, deadj_s)
+        _store_angle_stats(out + 3 * plane, plane, rj < N, ui_t, ua_t, ud_t, invj_t, deadj_t)
 
 
 @triton.jit
-def _angle_side_grad(m, gab, zab, diag_a, diag_b, stats_ptr, ra, rb, N):
-    """The (a, b) tile of M for one side, as described at _rkd_angle_grad_kernel."""
-    plane = N * N
-    q_ab = _load_tile(stats_ptr, ra, rb, N)
-    f_ab = _load_tile(stats_ptr + plane, ra, rb, N)
-    q_ba = _load_tile(stats_ptr, rb, ra, N)
-    t_ba = _load_tile(stats_ptr + 2 * plane, rb, ra, N)
-    # live^(a)_b: x_b - x_a not clamped; symmetric in (a, b).
-    _, _, live = _anchor_terms(gab, diag_a[:, None], diag_b[None, :], zab)
-    return 2 * m - (tl.trans(t_ba) + 2 * tl.trans(q_ba)) - (tl.where(live, f_ab, 0.0) + 2 * q_ab)
-
-
-@triton.jit
-def _rkd_angle_grad_kernel(gs_ptr, ss_ptr, gt_ptr, st_ptr, stats_ptr, ms_ptr, mt_ptr, N,
-                           BLOCK: tl.constexpr):
-    """The (a, b) tile of M with N^3 dL/dX = M X + r * X on each side.
-
-    With v_j = x_j - x_i for anchor i, P = u / (n_j n_k), q, f, t from the forward:
-    dL/dv_j = sum_k 2 P_jk v_k [k live] + 2 q_j v_j; x_j gets +dL/dv_j and x_i gets
-    -sum_j dL/dv_j. A clamped v_k is exactly 0 (k = i or a duplicate row): its terms are
-    left out instead of being summed as huge numbers that cancel. So
-    M_ab = sum_i 2 P^(i)_ab [b live] - (t^(b)_a + 2 q^(b)_a) - ([b live] f^(a)_b + 2 q^(a)_b).
-    """
-    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = (ra[:, None] < N) & (rb[None, :] < N)
-    gab_s = _load_tile(gs_ptr, ra, rb, N)
-    gab_t = _load_tile(gt_ptr, ra, rb, N)
-    diag_as, diag_bs = _diagonal(gs_ptr, ra, N), _diagonal(gs_ptr, rb, N)
-    diag_at, diag_bt = _diagonal(gt_ptr, ra, N), _diagonal(gt_ptr, rb, N)
-    m_s = tl.zeros([BLOCK, BLOCK], dtype=gs_ptr.dtype.element_ty)
-    m_t = tl.zeros([BLOCK, BLOCK], dtype=gs_ptr.dtype.element_ty)
+def _rkd_angle_grad_kernel(es_ptr, et_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    """The (j, k) tile of w2 and z2 / c (see the section's header) on each side, summed over
+    all anchors i; out (4, N, N) = (w2_s, z2_s / c, w2_t, z2_t / c)."""
+    rj = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = (rj[:, None] < N) & (rk[None, :] < N)
+    ejk_s = _load_tile(es_ptr, rj, rk, N)
+    ejk_t = _load_tile(et_ptr, rj, rk, N)
+    w_s = tl.zeros([BLOCK, BLOCK], dtype=es_ptr.dtype.element_ty)
+    z_s = tl.zeros([BLOCK, BLOCK], dtype=es_ptr.dtype.element_ty)
+    w_t = tl.zeros([BLOCK, BLOCK], dtype=es_ptr.dtype.element_ty)
+    z_t = tl.zeros([BLOCK, BLOCK], dtype=es_ptr.dtype.element_ty)
     for i in range(0, N):
         row_i = tl.cast(i, tl.int64) * N
-        gia_s, gii_s, zia_s = _anchor_row(gs_ptr, ss_ptr, i, row_i, ra, N)
-        gib_s, _, zib_s = _anchor_row(gs_ptr, ss_ptr, i, row_i, rb, N)
-        gia_t, gii_t, zia_t = _anchor_row(gt_ptr, st_ptr, i, row_i, ra, N)
-        gib_t, _, zib_t = _anchor_row(gt_ptr, st_ptr, i, row_i, rb, N)
-        _, inva_s, _ = _anchor_terms(gia_s, gii_s, diag_as, zia_s)
-        _, invb_s, liveb_s = _anchor_terms(gib_s, gii_s, diag_bs, zib_s)
-        _, inva_t, _ = _anchor_terms(gia_t, gii_t, diag_at, zia_t)
-        _, invb_t, liveb_t = _anchor_terms(gib_t, gii_t, diag_bt, zib_t)
-        a_s = _angle_tile(gab_s, gia_s, gib_s, gii_s, inva_s, invb_s, zia_s, zib_s, ra, rb, ok)
-        a_t = _angle_tile(gab_t, gia_t, gib_t, gii_t, inva_t, invb_t, zia_t, zib_t, ra, rb, ok)
-        u = tl.minimum(tl.maximum(a_s - a_t, -1.0), 1.0)
-        m_s += u * inva_s[:, None] * tl.where(liveb_s, invb_s, 0.0)[None, :]
-        m_t -= u * inva_t[:, None] * tl.where(liveb_t, invb_t, 0.0)[None, :]
-    m_s = _angle_side_grad(m_s, gab_s, _load_tile(ss_ptr, ra, rb, N) != 0, diag_as, diag_bs,
-                           stats_ptr, ra, rb, N)
-    m_t = _angle_side_grad(m_t, gab_t, _load_tile(st_ptr, ra, rb, N) != 0, diag_at, diag_bt,
-                           stats_ptr + 3 * N * N, ra, rb, N)
-    tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], m_s, mask=ok)
-    tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], m_t, mask=ok)
+        eij_s, invj_s, deadj_s = _directions(es_ptr, row_i, rj, N)
+        eik_s, invk_s, _ = _directions(es_ptr, row_i, rk, N)
+        eij_t, invj_t, deadj_t = _directions(et_ptr, row_i, rj, N)
+        eik_t, invk_t, _ = _directions(et_ptr, row_i, rk, N)
+        a_s = _angle_tile(ejk_s, eij_s, eik_s, invj_s, invk_s, rj, rk, ok)
+        a_t = _angle_tile(ejk_t, eij_t, eik_t, invj_t, invk_t, rj, rk, ok)
+        u = _angle_u(a_s, a_t, rj, rk)
+        w_s += u * invj_s[:, None] * invk_s[None, :]
+        z_s += u * deadj_s[:, None] * invk_s[None, :]
+        w_t -= u * invj_t[:, None] * invk_t[None, :]
+        z_t -= u * deadj_t[:, None] * invk_t[None, :]
+    plane = N.to(tl.int64) * N
+    out = out_ptr + rj[:, None].to(tl.int64) * N + rk[None, :]
+    tl.store(out, -0.5 * w_s, mask=ok)
+    tl.store(out + plane, z_s, mask=ok)
+    tl.store(out + 2 * plane, -0.5 * w_t, mask=ok)
+    tl.store(out + 3 * plane, z_t, mask=ok)
 
 
-@triton.jit
-def _rkd_angle_r_kernel(stats_ptr, rs_ptr, rt_ptr, N, BLOCK: tl.constexpr):
-    """r_a = sum_b (2 q^(b)_a + t^(a)_b + 2 q^(a)_b) for a block of rows, on each side."""
-    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    plane = N * N
-    r_s = tl.zeros([BLOCK], dtype=stats_ptr.dtype.element_ty)
-    r_t = tl.zeros([BLOCK], dtype=stats_ptr.dtype.element_ty)
-    for start in range(0, N, BLOCK):
-        rb = start + tl.arange(0, BLOCK)
-        r_s += tl.sum(2 * tl.trans(_load_tile(stats_ptr, rb, ra, N))
-                      + _load_tile(stats_ptr + 2 * plane, ra, rb, N)
-                      + 2 * _load_tile(stats_ptr, ra, rb, N), 1)
-        r_t += tl.sum(2 * tl.trans(_load_tile(stats_ptr + 3 * plane, rb, ra, N))
-                      + _load_tile(stats_ptr + 5 * plane, ra, rb, N)
-                      + 2 * _load_tile(stats_ptr + 3 * plane, ra, rb, N), 1)
-    tl.store(rs_ptr + ra, r_s, mask=ra < N)
-    tl.store(rt_ptr + ra, r_t, mask=ra < N)
-
-
-def rkd_angle_forward(g_s, same_s, g_t, same_t, with_stats):
-    """(N^3 * loss, stats (6, N, N) for backward, or None)."""
-    n = len(g_s)
+def rkd_angle_forward(e_s, e_t, with_stats):
+    """(N^3 * loss, stats (6, N, N) for backward, or None); e_* the squared distances."""
+    n = len(e_s)
     nb = triton.cdiv(n, BLOCK)
-    part = torch.empty(n * nb, dtype=g_s.dtype, device=g_s.device)
-    stats = torch.empty((6, n, n) if with_stats else (1,), dtype=g_s.dtype, device=g_s.device)
-    _rkd_angle_fwd_kernel[(n, nb)](g_s, same_s, g_t, same_t, part, stats, n, STATS=with_stats, BLOCK=BLOCK)
+    part = torch.empty(n * nb, dtype=e_s.dtype, device=e_s.device)
+    stats = torch.empty((6, n, n) if with_stats else (1,), dtype=e_s.dtype, device=e_s.device)
+    _rkd_angle_fwd_kernel[(n, nb)](e_s, e_t, part, stats, n, STATS=with_stats, BLOCK=BLOCK)
     return part.sum(), (stats if with_stats else None)
 
 
-def rkd_angle_backward(g_s, same_s, g_t, same_t, stats):
-    """(M_s, r_s, M_t, r_t) with N^3 dL/dX = M X + r * X on each side."""
-    n = len(g_s)
+def rkd_angle_backward(e_s, e_t, stats):
+    """(M_s, r_s, M_t, r_t) with N^3 dL/dX = M X + r * X on each side: M = Z - 2 S,
+    r = 2 rowsum(S), from the forward's per-anchor stats and the tile kernel's sums."""
+    n = len(e_s)
     nb = triton.cdiv(n, BLOCK)
-    m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
-    r_s = torch.empty(n, dtype=g_s.dtype, device=g_s.device)
-    r_t = torch.empty_like(r_s)
-    _rkd_angle_grad_kernel[(nb, nb)](g_s, same_s, g_t, same_t, stats, m_s, m_t, n,
-                                     BLOCK=BLOCK)
-    _rkd_angle_r_kernel[(nb,)](stats, r_s, r_t, n, BLOCK=BLOCK)
-    return m_s, r_s, m_t, r_t
+    tiles = torch.empty((4, n, n), dtype=e_s.dtype, device=e_s.device)
+    _rkd_angle_grad_kernel[(nb, nb)](e_s, e_t, tiles, n, BLOCK=BLOCK)
+    out = []
+    for (w1, s, q), (w2, z2) in ((stats[:3], tiles[:2]), (stats[3:], tiles[2:])):
+        w = w1 + w2
+        sym = w + w.t()
+        # c scales here, in float64: a kernel's Python float constant is a float32 there.
+        z = (z2 - s.t() - q) * (2.0 / NORM_EPS)
+        # Z_ii = -(the rest of row i), which is sum_j s_ij exactly: every row of Z sums to 0,
+        # so Z X is a sum of differences x_k - x_i whatever the rounding of Z's entries.
+        z.diagonal().sub_(z.sum(1))
+        out += [z - 2 * sym, 2 * sym.sum(1)]
+    return tuple(out)
 
 
 # --- SP -----------------------------------------------------------------------
@@ -660,7 +678,9 @@ def _pkt_loss_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, part_ptr, dots_ptr, N
         ok = (ra[:, None] < N) & (rb[None, :] < N)
         wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps)
         wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps)
-        _, _, kl, a_s, a_t, p_s, p_t = _pkt_terms(
+        # Named, not `_`: a loop-carried name must keep one type, and `_` is a (BLOCK,) vector
+        # above.
+        c_s, c_t, kl, a_s, a_t, p_s, p_t = _pkt_terms(
             _load_tile(gs_ptr, ra, rb, N), _load_tile(gt_ptr, ra, rb, N), wa_s[:, None],
             wb_s[None, :], wa_t[:, None], wb_t[None, :], sa_s, sa_t, eps)
         loss += tl.sum(tl.where(ok, kl, 0.0), 1)
@@ -709,7 +729,7 @@ def _pkt_grad_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, dots_ptr, ms_ptr, rs_
                                         da_s[:, None], da_t[:, None], eps)
         # G is exactly symmetric: V at (b, a), transposed, is _pkt_v on this tile with b's
         # stats as the rows'.
-        vba_s, vba_t, _, _ = _pkt_v(g_s, g_t, wb_s[None, :], wa_s[:, None], wb_t[None, :],
+        vba_s, vba_t, c_ba_s, c_ba_t = _pkt_v(g_s, g_t, wb_s[None, :], wa_s[:, None], wb_t[None, :],
                                     wa_t[:, None], sb_s[None, :], sb_t[None, :],
                                     db_s[None, :], db_t[None, :], eps)
         v_s = tl.where(ok, vab_s + vba_s, 0.0)
@@ -842,48 +862,33 @@ def cc_backward(g_s, g_t, norms_s, norms_t, params, p_order):
 
 
 # --- IRG edge -----------------------------------------------------------------
-# E = pdist2 / max(pdist2) from the centred Gram matrix, loss = mean (E_s - E_t)^2. The max is
-# a reduction over tiles kept on the device; its gradient is shared evenly among the entries
-# equal to it, as torch's max() does.
-
-def _firsts_of(same):
-    """For each row, the first row equal to it (N,) int32: a max over equal distances must
-    see them bit-equal to share its gradient as torch does, whatever the rounding of G."""
-    return same.argmax(dim=1).to(torch.int32)
-
+# E' = pdist2 / max(pdist2), pdist2 = max(E, 1e-12) off the diagonal, loss = mean (E'_s -
+# E'_t)^2. The max is a reduction over tiles kept on the device; its gradient is shared evenly
+# among the entries equal to it, as torch's max() does (equal rows give bit-equal E).
 
 @triton.jit
-def _edge_tile(g_ptr, same_ptr, rep_ptr, ra, rb, N):
-    """pdist2 and where its clamp lets the gradient through, read at the first equal rows."""
-    ia = tl.load(rep_ptr + ra, mask=ra < N, other=0)
-    ib = tl.load(rep_ptr + rb, mask=rb < N, other=0)
-    return _squared_distance_tile(g_ptr, same_ptr, ra, rb, N, ia, ib)
-
-
-@triton.jit
-def _irg_edge_max_kernel(gs_ptr, ss_ptr, reps_ptr, gt_ptr, st_ptr, rept_ptr, part_ptr, N, BLOCK: tl.constexpr):
+def _irg_edge_max_kernel(es_ptr, et_ptr, part_ptr, N, BLOCK: tl.constexpr):
     """part[tile] = (max pdist2_s, max pdist2_t) over one tile."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    d_s, _ = _edge_tile(gs_ptr, ss_ptr, reps_ptr, ra, rb, N)
-    d_t, _ = _edge_tile(gt_ptr, st_ptr, rept_ptr, ra, rb, N)
+    tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    d_s, _ = _squared_distance_tile(es_ptr, ra, rb, N)
+    d_t, _ = _squared_distance_tile(et_ptr, ra, rb, N)
     tl.store(part_ptr + 2 * tile, tl.max(tl.max(d_s, 1), 0))
     tl.store(part_ptr + 2 * tile + 1, tl.max(tl.max(d_t, 1), 0))
 
 
 @triton.jit
-def _irg_edge_loss_kernel(gs_ptr, ss_ptr, reps_ptr, gt_ptr, st_ptr, rept_ptr, max_ptr, part_ptr, N,
-                          BLOCK: tl.constexpr):
+def _irg_edge_loss_kernel(es_ptr, et_ptr, max_ptr, part_ptr, N, BLOCK: tl.constexpr):
     """part[tile] = (sum diff^2, sum diff d_s, sum diff d_t, count of d_s = max_s, count of
     d_t = max_t) over one tile, diff = d_s / max_s - d_t / max_t."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     m_s = tl.load(max_ptr)
     m_t = tl.load(max_ptr + 1)
-    d_s, _ = _edge_tile(gs_ptr, ss_ptr, reps_ptr, ra, rb, N)
-    d_t, _ = _edge_tile(gt_ptr, st_ptr, rept_ptr, ra, rb, N)
+    d_s, _ = _squared_distance_tile(es_ptr, ra, rb, N)
+    d_t, _ = _squared_distance_tile(et_ptr, ra, rb, N)
     diff = d_s / m_s - d_t / m_t
     out = part_ptr + 5 * tile
     tl.store(out, tl.sum(tl.sum(diff * diff, 1), 0))
@@ -895,8 +900,8 @@ def _irg_edge_loss_kernel(gs_ptr, ss_ptr, reps_ptr, gt_ptr, st_ptr, rept_ptr, ma
 
 
 @triton.jit
-def _irg_edge_grad_kernel(gs_ptr, ss_ptr, reps_ptr, gt_ptr, st_ptr, rept_ptr, stats_ptr, ms_ptr, rs_ptr, mt_ptr,
-                          rt_ptr, N, BLOCK: tl.constexpr):
+def _irg_edge_grad_kernel(es_ptr, et_ptr, stats_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr, N,
+                          BLOCK: tl.constexpr):
     """M = -4 W, r = 4 rowsum(W) for a block of rows, W = N^2 dL/dp (p the squared distances):
     W_s = 2 diff / m_s + [d_s = m_s] (-2 sum(diff d_s) / m_s^2) / count_s where the clamp lets
     the gradient through; the teacher's with -diff."""
@@ -905,12 +910,12 @@ def _irg_edge_grad_kernel(gs_ptr, ss_ptr, reps_ptr, gt_ptr, st_ptr, rept_ptr, st
     m_t = tl.load(stats_ptr + 1)
     top_s = -2 * tl.load(stats_ptr + 2) / (m_s * m_s) / tl.load(stats_ptr + 4)
     top_t = 2 * tl.load(stats_ptr + 3) / (m_t * m_t) / tl.load(stats_ptr + 5)
-    r_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
-    r_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    r_s = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
+    r_t = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        d_s, live_s = _edge_tile(gs_ptr, ss_ptr, reps_ptr, ra, rb, N)
-        d_t, live_t = _edge_tile(gt_ptr, st_ptr, rept_ptr, ra, rb, N)
+        d_s, live_s = _squared_distance_tile(es_ptr, ra, rb, N)
+        d_t, live_t = _squared_distance_tile(et_ptr, ra, rb, N)
         diff = d_s / m_s - d_t / m_t
         w_s = tl.where(live_s, 2 * diff / m_s + tl.where(d_s == m_s, top_s, 0.0), 0.0)
         w_t = tl.where(live_t, -2 * diff / m_t + tl.where(d_t == m_t, top_t, 0.0), 0.0)
@@ -923,29 +928,28 @@ def _irg_edge_grad_kernel(gs_ptr, ss_ptr, reps_ptr, gt_ptr, st_ptr, rept_ptr, st
     tl.store(rt_ptr + ra, 4 * r_t, mask=ra < N)
 
 
-def irg_edge_forward(g_s, same_s, g_t, same_t):
-    """(N^2 * loss, stats): stats = (max_s, max_t, sum diff d_s, sum diff d_t, count_s, count_t)."""
-    n = len(g_s)
+def irg_edge_forward(e_s, e_t):
+    """(N^2 * loss, stats): stats = (max_s, max_t, sum diff d_s, sum diff d_t, count_s, count_t);
+    e_* the squared distances."""
+    n = len(e_s)
     nb = triton.cdiv(n, BLOCK)
-    sides = (g_s, same_s, _firsts_of(same_s), g_t, same_t, _firsts_of(same_t))
-    part = torch.empty((nb * nb, 2), dtype=g_s.dtype, device=g_s.device)
-    _irg_edge_max_kernel[(nb, nb)](*sides, part, n, BLOCK=BLOCK)
+    part = torch.empty((nb * nb, 2), dtype=e_s.dtype, device=e_s.device)
+    _irg_edge_max_kernel[(nb, nb)](e_s, e_t, part, n, BLOCK=BLOCK)
     maxima = part.amax(0)
-    part = torch.empty((nb * nb, 5), dtype=g_s.dtype, device=g_s.device)
-    _irg_edge_loss_kernel[(nb, nb)](*sides, maxima, part, n, BLOCK=BLOCK)
+    part = torch.empty((nb * nb, 5), dtype=e_s.dtype, device=e_s.device)
+    _irg_edge_loss_kernel[(nb, nb)](e_s, e_t, maxima, part, n, BLOCK=BLOCK)
     part = part.sum(0)
     return part[0], torch.cat([maxima, part[1:]])
 
 
-def irg_edge_backward(g_s, same_s, g_t, same_t, stats):
+def irg_edge_backward(e_s, e_t, stats):
     """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
-    n = len(g_s)
-    m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
-    r_s = torch.empty(n, dtype=g_s.dtype, device=g_s.device)
+    n = len(e_s)
+    m_s, m_t = torch.empty_like(e_s), torch.empty_like(e_t)
+    r_s = torch.empty(n, dtype=e_s.dtype, device=e_s.device)
     r_t = torch.empty_like(r_s)
-    _irg_edge_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, same_s, _firsts_of(same_s), g_t, same_t,
-                                                    _firsts_of(same_t), stats,
-                                                    m_s, r_s, m_t, r_t, n, BLOCK=BLOCK)
+    _irg_edge_grad_kernel[(triton.cdiv(n, BLOCK),)](e_s, e_t, stats, m_s, r_s, m_t, r_t, n,
+                                                    BLOCK=BLOCK)
     return m_s, r_s, m_t, r_t
 
 
@@ -1018,16 +1022,16 @@ def _transformation_grad_kernel(a_ptr, sa_n, sa_c, sa_h, sa_w, hw_a, w_a,
                                       i, f, ok, HALVE, acc_type)
     da = 2 * diff * tl.load(dd_ptr + i)
     if A_GRAD:
-        tl.store(da_ptr + i * V + f, da.to(da_ptr.dtype.element_ty), mask=ok)
+        tl.store(da_ptr + i * V + f, _cast(da, da_ptr.dtype.element_ty), mask=ok)
     if B_GRAD:
         if HALVE:
             c = f // hw_b
             even = db_ptr + i * 2 * V + 2 * c * hw_b + (f - c * hw_b)
-            db = (-0.5 * da).to(db_ptr.dtype.element_ty)
+            db = _cast(-0.5 * da, db_ptr.dtype.element_ty)
             tl.store(even, db, mask=ok)
             tl.store(even + hw_b, db, mask=ok)
         else:
-            tl.store(db_ptr + i * V + f, (-da).to(db_ptr.dtype.element_ty), mask=ok)
+            tl.store(db_ptr + i * V + f, _cast(-da, db_ptr.dtype.element_ty), mask=ok)
 
 
 def _map_args(x):

@@ -40,8 +40,11 @@ _NORM_EPS = 1e-12
 
 
 def acc_dtype(x):
-    """float64 stays float64; float32, bfloat16 and float16 are summed in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    """Every pairwise loss sums in float64, whatever the input dtype: its losses are
+    differences of nearly equal quantities (student against teacher, one Gram entry against
+    another), which float32 sums leave with errors far above the float32 reference's on
+    near-zero losses. Products of float32 values are exact in float64."""
+    return torch.float64
 
 
 def centred64(x):
@@ -150,7 +153,15 @@ def _angle_grad_block(a, inv, dead, u, lo, hi, w, z):
         z += c.sum(dim=0)
         z[:, lo:hi] -= s.t()
         z[lo:hi] -= c.sum(dim=1)
-        z[range(lo, hi), range(lo, hi)] += s.sum(dim=1)
+        # Z_ii += sum_j s_ij: left to _zero_row_sums.
+
+
+def _zero_row_sums(z):
+    """z with its diagonal set so that every row sums to 0, as the exact Z's rows do: Z X is
+    then sum_k Z_jk (x_k - x_j), a sum of differences, and the rounding of Z's entries is not
+    multiplied by |x| (a near-duplicate pair's gap can be far smaller)."""
+    z.diagonal().sub_(z.sum(dim=1))
+    return z
 
 
 class RKDAngle(torch.autograd.Function):
@@ -163,7 +174,10 @@ class RKDAngle(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feat_s, feat_t):
         n = feat_s.size(0)
-        dtype = torch.promote_types(acc_dtype(feat_s), acc_dtype(feat_t))
+        # The angles themselves lie in [-1, 1] and cancel nothing once V is formed in float64:
+        # float32 blocks (for any but float64 inputs) halve the N^3 work's memory traffic.
+        dtype = torch.promote_types(*(x.dtype if x.dtype == torch.float64 else torch.float32
+                                      for x in (feat_s, feat_t)))
         e_s, e_t = squared_distances(feat_s), squared_distances(feat_t)
         total = e_s.new_zeros(())
         # Per side that needs a gradient: (E, W, Z or None when no pair of rows is closer than
@@ -196,7 +210,7 @@ class RKDAngle(torch.autograd.Function):
                 grads.append(None)
                 continue
             xc = centred64(x)
-            g = distance_grad(xc, w) if z is None else distance_grad(xc, w) + z @ xc
+            g = distance_grad(xc, w) if z is None else distance_grad(xc, w) + _zero_row_sums(z) @ xc
             grads.append((g * scale).reshape(x.shape).to(x.dtype))
         return tuple(grads)
 
