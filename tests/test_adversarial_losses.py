@@ -12,7 +12,7 @@ result is finite; KL-type losses never negative; no input modified.
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fastkd.backend import IMPLEMENTATIONS
@@ -176,9 +176,8 @@ OPS = {
     "ab": make_ab, "ofd": make_maps(), "vid": make_vid, "afd": make_afd,
     "sobolev": make_sobolev, "lwm": make_lwm, "crd_contrast": make_crd,
 }
-# Ops that run several kernels or a double backward per example get fewer examples on the
-# interpreter, so that the module stays within CI's time.
-SLOW = {"sobolev", "lwm", "nst", "fsp", "at", "afd", "ofd", "vid", "ft"}
+# Losses of rows normalised over H W (AT, AFD, LwM's CAM) or over a whole sample (FT, Sobolev).
+NORMALISED = {"at", "afd", "lwm", "ft", "sobolev"}
 
 
 def _kl_terms(T, scale):
@@ -236,6 +235,10 @@ def finite(x):
 
 
 def check(op, backend, case):
+    if case["H"] * case["W"] * (case["C"] if op in ("ft", "sobolev") else 1) == 1 and op in NORMALISED:
+        # One value per normalised row: normalize gives +-1, the exact loss or gradient is 0
+        # and a result can only be compared by its rounding noise. Two values instead.
+        case = dict(case, W=2)
     g = torch.Generator().manual_seed(case["seed"])
     tensors, cast, need, call = OPS[op](g, case)
     # The exact answer is the fp64 reference on the very values the low dtype holds.
@@ -263,7 +266,6 @@ def test_torch_backend(op, case):
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
-@settings(max_examples=12)
 @given(case=cases())
 def test_triton_backend(op, case):
     check(op, "triton", case)

@@ -80,13 +80,20 @@ def _flat_grad_kernel(s, t, grad_out, ds, dt, N, margin, scale, LOSS: tl.constex
         tl.store(dt + offs, (-g).to(dt.dtype.element_ty), mask=mask)
 
 
+def _flat(x):
+    """x as a contiguous 1-D tensor in its logical element order. reshape alone can return
+    a strided 1-D view (a (1, 1, 1, W) slice with last stride 2), which the flat kernels,
+    indexing base + offs, would misread."""
+    return x.reshape(-1).contiguous()
+
+
 def flat_loss(s, t, loss, margin=0.0):
     """sum over all elements of the MSE or AB term, in the accumulation dtype (a 0-d tensor).
 
-    s, t of one shape, read in their common element order (reshape copies only when a
-    flat view does not exist).
+    s, t of one shape, read in their common element order (copied only where no contiguous
+    flat view exists).
     """
-    x, y = s.reshape(-1), t.reshape(-1)
+    x, y = _flat(s), _flat(t)
     acc = acc_dtype(s, t)
     grid = (triton.cdiv(x.numel(), _BLOCK),)
     partial = torch.empty(grid[0], dtype=acc, device=s.device)
@@ -96,7 +103,7 @@ def flat_loss(s, t, loss, margin=0.0):
 
 def flat_grad(s, t, grad_out, loss, margin, need_s, need_t):
     """(ds, dt) of grad_out * (MSE or AB loss), None where not needed (AB's dt is zero)."""
-    x, y = s.reshape(-1), t.reshape(-1)
+    x, y = _flat(s), _flat(t)
     ds = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_s else None
     dt = torch.empty(t.shape, dtype=t.dtype, device=t.device) if need_t else None
     grid = (triton.cdiv(x.numel(), _BLOCK),)
