@@ -10,6 +10,14 @@ normalised  AFD (rows (b, c), f / (||f|| + eps), squared distance), FT and LwM
             (rows b, f / max(||f||, eps), L1 distance) and Sobolev (the same, squared).
 
 Accumulation is in fp32, or fp64 for fp64 inputs (the compile-time switch ACC).
+
+Error analysis: a flat program sums one block with tl.sum (a tree) and torch sums the
+per-block partials, so no fp32 sum runs long. A row program instead walks its row in
+BLOCK-wide steps, each lane adding L / BLOCK terms in sequence; on long rows (HW = 9e4:
+350 steps) that serial run put OFD's loss at 5e-7 relative to fp64 where the reference's
+own fp32 error is 9e-8. The row sums therefore carry a Kahan compensation per lane
+(_kahan_add), which makes each lane's error independent of the row length, and then one
+tl.sum tree over the lanes.
 """
 import torch
 import triton
@@ -72,13 +80,20 @@ def _flat_grad_kernel(s, t, grad_out, ds, dt, N, margin, scale, LOSS: tl.constex
         tl.store(dt + offs, (-g).to(dt.dtype.element_ty), mask=mask)
 
 
+def _flat(x):
+    """x as a contiguous 1-D tensor in its logical element order. reshape alone can return
+    a strided 1-D view (a (1, 1, 1, W) slice with last stride 2), which the flat kernels,
+    indexing base + offs, would misread."""
+    return x.reshape(-1).contiguous()
+
+
 def flat_loss(s, t, loss, margin=0.0):
     """sum over all elements of the MSE or AB term, in the accumulation dtype (a 0-d tensor).
 
-    s, t of one shape, read in their common element order (reshape copies only when a
-    flat view does not exist).
+    s, t of one shape, read in their common element order (copied only where no contiguous
+    flat view exists).
     """
-    x, y = s.reshape(-1), t.reshape(-1)
+    x, y = _flat(s), _flat(t)
     acc = acc_dtype(s, t)
     grid = (triton.cdiv(x.numel(), _BLOCK),)
     partial = torch.empty(grid[0], dtype=acc, device=s.device)
@@ -88,7 +103,7 @@ def flat_loss(s, t, loss, margin=0.0):
 
 def flat_grad(s, t, grad_out, loss, margin, need_s, need_t):
     """(ds, dt) of grad_out * (MSE or AB loss), None where not needed (AB's dt is zero)."""
-    x, y = s.reshape(-1), t.reshape(-1)
+    x, y = _flat(s), _flat(t)
     ds = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_s else None
     dt = torch.empty(t.shape, dtype=t.dtype, device=t.device) if need_t else None
     grid = (triton.cdiv(x.numel(), _BLOCK),)
@@ -101,16 +116,25 @@ def flat_grad(s, t, grad_out, loss, margin, need_s, need_t):
 # --- rows (b, c) of (B, C, HW) maps: OFD, VID ---------------------------------------------
 
 @triton.jit
+def _kahan_add(acc, comp, v):
+    # Compensated acc += v: comp holds the low-order bits that acc's rounding dropped.
+    y = v - comp
+    total = acc + y
+    return total, (total - acc) - y
+
+
+@triton.jit
 def _ofd_margin_kernel(t, stats, C, L, stb, stc, stk, ACC: tl.constexpr, BLOCK: tl.constexpr):
     # stats[r] = (sum of t [t < 0], count of t < 0) over row r = (b, c).
     r = tl.program_id(0).to(tl.int64)
     base = t + (r // C) * stb + (r % C) * stc
     neg = tl.zeros([BLOCK], dtype=ACC)
-    cnt = tl.zeros([BLOCK], dtype=ACC)
+    neg_c = tl.zeros([BLOCK], dtype=ACC)
+    cnt = tl.zeros([BLOCK], dtype=ACC)  # exact: whole numbers below 2^24
     for k0 in range(0, L, BLOCK):
         k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
         y = tl.load(base + k * stk, mask=k < L, other=0.0).to(ACC)
-        neg += tl.where(y < 0, y, 0.0)
+        neg, neg_c = _kahan_add(neg, neg_c, tl.where(y < 0, y, 0.0))
         cnt += tl.where(y < 0, 1.0, 0.0)
     tl.store(stats + 2 * r, tl.sum(neg, axis=0))
     tl.store(stats + 2 * r + 1, tl.sum(cnt, axis=0))
@@ -126,7 +150,9 @@ def _ofd_loss_kernel(s, t, margin, stats, C, L, ssb, ssc, ssk, stb, stc, stk,
     b, c = r // C, r % C
     m = tl.load(margin + c).to(ACC)
     sq = tl.zeros([BLOCK], dtype=ACC)
+    sq_c = tl.zeros([BLOCK], dtype=ACC)
     through = tl.zeros([BLOCK], dtype=ACC)
+    through_c = tl.zeros([BLOCK], dtype=ACC)
     for k0 in range(0, L, BLOCK):
         k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
         km = k < L
@@ -135,8 +161,8 @@ def _ofd_loss_kernel(s, t, margin, stats, C, L, ssb, ssc, ssk, stb, stc, stk,
         yp = tl.maximum(y, m)
         e = tl.where((x <= yp) & (yp <= 0), 0.0, x - yp)
         e = tl.where(km, e, 0.0)
-        sq += e * e
-        through += e * tl.where(m > y, 1.0, tl.where(m == y, 0.5, 0.0))
+        sq, sq_c = _kahan_add(sq, sq_c, e * e)
+        through, through_c = _kahan_add(through, through_c, e * tl.where(m > y, 1.0, tl.where(m == y, 0.5, 0.0)))
     tl.store(stats + 2 * r, tl.sum(sq, axis=0))
     tl.store(stats + 2 * r + 1, tl.sum(through, axis=0))
 
@@ -172,12 +198,13 @@ def _row_sq_diff_kernel(s, t, out, C, L, ssb, ssc, ssk, stb, stc, stk, ACC: tl.c
     r = tl.program_id(0).to(tl.int64)
     b, c = r // C, r % C
     acc = tl.zeros([BLOCK], dtype=ACC)
+    acc_c = tl.zeros([BLOCK], dtype=ACC)
     for k0 in range(0, L, BLOCK):
         k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
         km = k < L
         d = (tl.load(s + b * ssb + c * ssc + k * ssk, mask=km, other=0.0).to(ACC)
              - tl.load(t + b * stb + c * stc + k * stk, mask=km, other=0.0).to(ACC))
-        acc += d * d
+        acc, acc_c = _kahan_add(acc, acc_c, d * d)
     tl.store(out + r, tl.sum(acc, axis=0))
 
 

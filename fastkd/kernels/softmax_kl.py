@@ -12,6 +12,10 @@ an online softmax, so any class count works without holding a row in registers.
 
 Element rule, as torch's kl_div(log q, p) = xlogy(p, p) - p log q: a class with p = 0
 adds 0, except where log q = -inf too (NaN, as in the reference).
+
+KL_row is clamped at 0 (the reference's fp32 sum can round below 0 when q ~ p): the exact
+KL_row is >= 0, so |max(x, 0) - KL| <= |x - KL| and the clamp never adds error; the
+gradients are those of the unclamped formula.
 """
 import torch
 import triton
@@ -93,7 +97,10 @@ def _softmax_kl_forward_kernel(
     tl.store(stats_ptr + 2 * R + rows, _shift(m_t), mask=row_ok)
     tl.store(stats_ptr + 3 * R + rows, log_z_t, mask=row_ok)
     # log(z_s / z_t) rounds once where log z_s - log z_t would round two larger numbers.
-    tl.store(stats_ptr + 4 * R + rows, d / z_t + tl.log(z_s / z_t), mask=row_ok)
+    # KL_row >= 0, but when q ~ p its rounding can fall below 0; 0 is then nearer the exact
+    # value, so the clamp only ever lowers the error (where keeps a NaN row NaN).
+    kl = d / z_t + tl.log(z_s / z_t)
+    tl.store(stats_ptr + 4 * R + rows, tl.where(kl < 0, 0.0, kl), mask=row_ok)
 
 
 @triton.jit

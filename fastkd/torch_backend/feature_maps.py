@@ -32,15 +32,18 @@ def nst(fm_s, fm_t):
     Gram blocks by the inverse row norms; the (HW x HW) form is used when it is cheaper (HW small
     compared with the channels).
     """
-    xs = fm_s.reshape(fm_s.shape[0], fm_s.shape[1], -1)
-    xt = fm_t.reshape(fm_t.shape[0], fm_t.shape[1], -1)
+    # bf16/fp16 in fp32: a raw Gram entry of maps near 1e3 (2e6 at HW = 2) overflows fp16.
+    acc = torch.promote_types(torch.result_type(fm_s, fm_t), torch.float32)
+    out = torch.result_type(fm_s, fm_t)
+    xs = fm_s.reshape(fm_s.shape[0], fm_s.shape[1], -1).to(acc)
+    xt = fm_t.reshape(fm_t.shape[0], fm_t.shape[1], -1).to(acc)
     B, c_s, hw = xs.shape
     c_t = xt.shape[1]
     if hw * (c_s + c_t) < c_s * c_s + c_t * c_t + c_s * c_t:
         zs, zt = F.normalize(xs, dim=2), F.normalize(xt, dim=2)
         p = torch.baddbmm(torch.bmm(zs.transpose(1, 2), zs), zt.transpose(1, 2), zt,
                           beta=1.0 / c_s, alpha=-1.0 / c_t)
-        return p.square().sum() / B
+        return (p.square().sum() / B).to(out)
     r_s = 1.0 / torch.linalg.vector_norm(xs, dim=2).clamp_min(1e-12)
     r_t = 1.0 / torch.linalg.vector_norm(xt, dim=2).clamp_min(1e-12)
 
@@ -48,8 +51,8 @@ def nst(fm_s, fm_t):
         k = torch.bmm(x, y.transpose(1, 2)) * r_x[:, :, None] * r_y[:, None, :]
         return k.square().sum() / (x.shape[1] * y.shape[1])
 
-    return (block_mean(xt, r_t, xt, r_t) + block_mean(xs, r_s, xs, r_s)
-            - 2 * block_mean(xs, r_s, xt, r_t)) / B
+    return ((block_mean(xt, r_t, xt, r_t) + block_mean(xs, r_s, xs, r_s)
+             - 2 * block_mean(xs, r_s, xt, r_t)) / B).to(out)
 
 
 def _flow(fm1, fm2):

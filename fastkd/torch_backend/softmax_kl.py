@@ -8,10 +8,12 @@ The reference holds about six (B, K, ...) copies at once (scaled logits, log_sof
 softmax, kl_div's terms and their autograd buffers). Here each chunk of samples is
 processed while it sits in cache and only KL_row is kept; backward recomputes the two
 softmaxes chunk by chunk and writes the gradients straight into their outputs.
+
+KL_row is clamped at 0 (see _clamp_rows): never negative, and never further from the exact
+value than the unclamped sum; the gradients are those of the unclamped formula.
 """
 import torch
-
-from ..reference.st import kl_batchmean
+import torch.nn.functional as F
 
 # Elements per chunk: large enough to keep both threads of an op busy, small enough to
 # stay in cache.
@@ -60,6 +62,7 @@ class SoftmaxKL(torch.autograd.Function):
             d = u.clamp_min_(torch.finfo(acc).min).sub_(v)
             torch.sum(p.mul_(d), dim=1, keepdim=True, out=kl[c])
             kl[c] += z_s.div_(z_t).log_()
+            kl[c] = _clamp_rows(kl[c])
         ctx.save_for_backward(out_s, out_t, stats)
         ctx.T, ctx.coef = T, scale / (out_s.shape[0] * T)
         return (kl.sum() * (scale / out_s.shape[0])).to(torch.result_type(out_s, out_t))
@@ -88,6 +91,21 @@ class SoftmaxKL(torch.autograd.Function):
         return grad_s, grad_t, None, None
 
 
+def _clamp_rows(kl):
+    """max(KL_row, 0), NaN kept: an exact KL_row is >= 0, so this never moves a rounded value
+    away from it; a sum of p (log p - log q) rounds below 0 when q ~ p."""
+    return torch.where(kl < 0, torch.zeros_like(kl), kl)
+
+
+def _small_softmax_kl(out_s, out_t, T, scale):
+    """The reference's few torch calls (kl_div of log_softmax, softmax), with each row's sum
+    clamped at 0 in value only: the gradient stays that of the unclamped KL (q - p)."""
+    rows = F.kl_div(F.log_softmax(out_s / T, dim=1), F.softmax(out_t / T, dim=1),
+                    reduction="none").sum(1)
+    rows = rows + (_clamp_rows(rows.detach()) - rows.detach())
+    return rows.sum() * (scale / out_s.shape[0])
+
+
 def _softmax_kl(out_s, out_t, T, scale):
     # An input that fits in one chunk gains nothing from chunking, and its temporaries are
     # small: there the reference's few torch calls cost less than this Function's bookkeeping.
@@ -95,7 +113,7 @@ def _softmax_kl(out_s, out_t, T, scale):
     # probability underflows to 0), nor for bf16/fp16 (the reference does not compute in fp32).
     if (out_s.numel() <= CHUNK_ELEMENTS and not out_t.requires_grad
             and out_s.dtype == out_t.dtype and out_s.dtype in (torch.float32, torch.float64)):
-        return kl_batchmean(out_s / T, out_t / T) * scale
+        return _small_softmax_kl(out_s, out_t, T, scale)
     return SoftmaxKL.apply(out_s, out_t, T, scale)
 
 
