@@ -98,7 +98,7 @@ CASE = dict(case=st.sampled_from(CASES), gap_exp=st.integers(2, 7), near=st.bool
 
 
 @pytest.mark.parametrize("op", OPS)
-@settings(max_examples=30)
+@settings(max_examples=60)
 @given(n=st.integers(2, 40), d=st.integers(1, 48), **CASE)
 def test_torch_path(op, n, d, case, gap_exp, near, dtype, seed):
     check(op, "torch", n, d, case, gap_exp, near, dtype, seed)

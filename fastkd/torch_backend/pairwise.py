@@ -113,15 +113,15 @@ def rkd_distance(feat_s, feat_t):
 
 # --- RKD angle ----------------------------------------------------------------
 
-def _angle_block(e, lo, hi, dtype):
-    """(A, inv) for anchors i in [lo, hi): A[i, j, k] = V_jk / (n_j n_k) (c, N, N) in dtype,
-    V formed from E in float64 by polarisation (module docstring), and inv = 1 / n_j (c, N),
-    0 for a zero direction. A_jj = 1 exactly for a live direction; A = 0 wherever j or k is
-    a zero direction."""
+def _angle_block(e, lo, hi):
+    """(A, inv) for anchors i in [lo, hi): A[i, j, k] = V_jk / (n_j n_k) (c, N, N) from E by
+    polarisation (module docstring), and inv = 1 / n_j (c, N), 0 for a zero direction; in
+    float64, as E: A_s - A_t of a near-zero loss keeps its digits. A_jj = 1 exactly for a
+    live direction; A = 0 wherever j or k is a zero direction."""
     ei = e[lo:hi]
     live = ei >= _NORM_EPS ** 2
-    inv = (torch.where(live, ei, 1.0).rsqrt_() * live).to(dtype)
-    a = (ei.unsqueeze(2) + ei.unsqueeze(1)).sub_(e).to(dtype)
+    inv = torch.where(live, ei, 1.0).rsqrt_() * live
+    a = (ei.unsqueeze(2) + ei.unsqueeze(1)).sub_(e)
     a.mul_(0.5 * inv.unsqueeze(2)).mul_(inv.unsqueeze(1))
     torch.diagonal(a, dim1=1, dim2=2).copy_(live)
     return a, inv
@@ -132,9 +132,10 @@ def _anchor_blocks(n):
     return [(lo, min(lo + c, n)) for lo in range(0, n, c)]
 
 
-def _angle_grad_block(a, inv, dead, u, lo, hi, w, z):
+def _angle_grad_block(a, inv, dead, u, sign, lo, hi, w, z):
     """Add one anchor block's share of the gradient into w and z (N, N): dL/dX = 2 sum_b
-    (W_ab + W_ba)(x_a - x_b) + Z X. u = dL/dA (c, N, N), symmetric in (j, k), 0 on j = k.
+    (W_ab + W_ba)(x_a - x_b) + Z X. sign * u = dL/dA (c, N, N), u symmetric in (j, k) and
+    0 on j = k (A_jj is constant); the sign (+1 student, -1 teacher) is folded into inv.
 
     Live directions, through E (W = dL/dE), with P = u inv_j inv_k:
     dL/dE_ij = sum_k P_ijk - inv_j^2 sum_k u_ijk A_ijk (E_ij enters V and n_j; E_ik alike),
@@ -143,15 +144,15 @@ def _angle_grad_block(a, inv, dead, u, lo, hi, w, z):
     its clamp 1e-12, so A_ijk = v_j . e_k / 1e-12 has dL/dv_j = 2e12 sum_k u_ijk e_k (both
     (j, k) and (k, j) entries), e_k = (x_k - x_i) inv_k; x_j gets it and x_i its negative.
     """
-    ua = torch.einsum("cjk,cjk->cj", u, a)
-    p = (u * inv.unsqueeze(2)).mul_(inv.unsqueeze(1))
+    ua = torch.einsum("cjk,cjk->cj", u, a).mul_(sign)
+    signed = inv * sign
+    p = (u * signed.unsqueeze(2)).mul_(inv.unsqueeze(1))
     w[lo:hi] += p.sum(dim=2) - inv * inv * ua
     w -= 0.5 * p.sum(dim=0)
     if dead is not None:
-        c = (u * inv.unsqueeze(1)).mul_((2 / _NORM_EPS) * dead.unsqueeze(2))  # c_ijk
-        s = c.sum(dim=2)                                                      # s_ij
+        c = (u * signed.unsqueeze(1)).mul_((2 / _NORM_EPS) * dead.unsqueeze(2))  # c_ijk
         z += c.sum(dim=0)
-        z[:, lo:hi] -= s.t()
+        z[:, lo:hi] -= c.sum(dim=2).t()  # s_ij
         z[lo:hi] -= c.sum(dim=1)
         # Z_ii += sum_j s_ij: left to _zero_row_sums.
 
@@ -174,10 +175,6 @@ class RKDAngle(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feat_s, feat_t):
         n = feat_s.size(0)
-        # The angles themselves lie in [-1, 1] and cancel nothing once V is formed in float64:
-        # float32 blocks (for any but float64 inputs) halve the N^3 work's memory traffic.
-        dtype = torch.promote_types(*(x.dtype if x.dtype == torch.float64 else torch.float32
-                                      for x in (feat_s, feat_t)))
         e_s, e_t = squared_distances(feat_s), squared_distances(feat_t)
         total = e_s.new_zeros(())
         # Per side that needs a gradient: (E, W, Z or None when no pair of rows is closer than
@@ -186,17 +183,18 @@ class RKDAngle(torch.autograd.Function):
                   torch.zeros_like(e) if int((e < _NORM_EPS ** 2).sum()) > n else None)
                  if needed else None for e, needed in zip((e_s, e_t), ctx.needs_input_grad)]
         for lo, hi in _anchor_blocks(n):
-            a_s, inv_s = _angle_block(e_s, lo, hi, dtype)
-            a_t, inv_t = _angle_block(e_t, lo, hi, dtype)
-            diff = a_s - a_t
-            total += F.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="sum")
-            u = diff.clamp_(-1, 1)  # smooth_l1's derivative, beta = 1
+            a_s, inv_s = _angle_block(e_s, lo, hi)
+            a_t, inv_t = _angle_block(e_t, lo, hi)
+            total += F.smooth_l1_loss(a_s, a_t, reduction="sum")
+            if not any(ctx.needs_input_grad):
+                continue
+            u = (a_s - a_t).clamp_(-1, 1)  # smooth_l1's derivative, beta = 1
             torch.diagonal(u, dim1=1, dim2=2).zero_()
-            for side, a, inv, sign in ((sides[0], a_s, inv_s, 1), (sides[1], a_t, inv_t, -1)):
+            for side, a, inv, sign in ((sides[0], a_s, inv_s, 1.0), (sides[1], a_t, inv_t, -1.0)):
                 if side is not None:
                     e, w, z = side
-                    dead = (e[lo:hi] < _NORM_EPS ** 2).to(dtype) if z is not None else None
-                    _angle_grad_block(a, inv, dead, u * sign, lo, hi, w, z)
+                    dead = (e[lo:hi] < _NORM_EPS ** 2).double() if z is not None else None
+                    _angle_grad_block(a, inv, dead, u, sign, lo, hi, w, z)
         ctx.save_for_backward(feat_s, feat_t, *(t for side in sides for t in (side or (None,) * 3)[1:]))
         return (total / n ** 3).to(feat_s.dtype)
 
