@@ -8,7 +8,7 @@
 # resource check, and the full benchmark sweep with JSON, CSV, plots and the floor
 # (roofline) columns; everything goes under OUT_DIR, with summary.txt listing each step's
 # exit status and time. Each step has a time limit so the whole fits in about 8 minutes on
-# an H100. FASTKD_GPU_DRY_RUN=1 runs only the steps that need no GPU.
+# an H100. FASTKD_GPU_DRY_RUN=1 runs only the compile check (no install, no GPU steps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=${FASTKD_GPU_DRY_RUN:-0}
@@ -29,13 +29,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 
 { nvidia-smi || true; python -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print('triton', triton.__version__)"; git rev-parse HEAD 2>/dev/null; } > "$OUT/environment.txt" 2>&1
 
-step install 120 python -m pip install --no-deps --no-build-isolation -e .
-# The compile check: every launched specialization for this GPU's arch and sm_80/sm_90.
+# The compile check (sm_90 and sm_80), from the working tree: python -m puts it first on sys.path.
 step resources 150 python -m fastkd.kernels.resources --arch 90 --arch 80 --check
-if [ "$DRY" = 1 ]; then
-    echo "dry run: GPU steps skipped" | tee -a "$OUT/summary.txt"
+if [ "$DRY" = 1 ]; then  # the install would repoint this machine's fastkd: skipped too
+    echo "dry run: install and GPU steps skipped" | tee -a "$OUT/summary.txt"
     exit 0
 fi
+step install 120 python -m pip install --no-deps --no-build-isolation -e .
 step tests 150 python -m pytest -q -p no:cacheprovider tests --junitxml="$OUT/tests.xml"
 # memcheck is slow: the kernel tests only, with few hypothesis examples.
 step memcheck 90 env HYPOTHESIS_PROFILE=fastkd-sanitizer compute-sanitizer --tool memcheck \
