@@ -5,11 +5,13 @@ arguments, attributes, helper methods, submodules and state_dict keys are the
 reference's, and replaces only forward with a call to fastkd.functional, which
 checks the inputs and dispatches to the fastest implementation.
 """
+import torch
+
 from . import checks
 from . import functional as F
 from . import reference
 from .reference.bss import BSSAttacker
-from .reference.crd import contrast_scores, normalizer
+from .reference.crd import contrast_scores
 from .reference.ft import Paraphraser, Translator
 
 __all__ = [
@@ -162,6 +164,13 @@ class IRG(reference.IRG):
         return F.irg(irg_s, irg_t, self.w_irg_vert, self.w_irg_edge, self.w_irg_tran)
 
 
+@torch.no_grad()
+def _normalizer(embed, memory, sample_idx, nce_t, n_data):
+    """Z = mean(scores) * n_data as a 0-d tensor on the embeddings' device (the reference's
+    .item() would wait for the GPU)."""
+    return contrast_scores(embed, memory, sample_idx, nce_t).mean() * n_data
+
+
 class CRD(reference.CRD):
     """Contrastive loss of both embeddings against the other side's memory bank.
 
@@ -184,9 +193,9 @@ class CRD(reference.CRD):
         checks.indices(sample_idx, "sample_idx", (feat_s.shape[0], mem.N + 1), n_data)
         e_s, e_t = self.embed_s(feat_s), self.embed_t(feat_t)
         if mem.Z_t is None:
-            mem.Z_t = normalizer(contrast_scores(e_t, mem.memory_s, sample_idx, mem.T), n_data)
+            mem.Z_t = _normalizer(e_t, mem.memory_s, sample_idx, mem.T, n_data)
         if mem.Z_s is None:
-            mem.Z_s = normalizer(contrast_scores(e_s, mem.memory_t, sample_idx, mem.T), n_data)
+            mem.Z_s = _normalizer(e_s, mem.memory_t, sample_idx, mem.T, n_data)
         loss = (F.crd_contrast(e_s, mem.memory_t, sample_idx, mem.T, mem.Z_s, n_data, self.criterion_s.eps)
                 + F.crd_contrast(e_t, mem.memory_s, sample_idx, mem.T, mem.Z_t, n_data, self.criterion_t.eps))
         mem.update(e_s, e_t, idx)

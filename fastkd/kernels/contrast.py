@@ -14,8 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements per (memory rows x feat_dim) tile, and about how many programs to launch.
+from .common import num_warps
+
+# Elements per (memory rows x feat_dim) tile, the widest feat_dim chunk (wider feat_dims
+# are looped over: a whole 16384-wide row spilled), and about how many programs to launch.
 TILE = 4096
+MAX_BLOCK_D = 256
 TARGET_PROGRAMS = 1024
 
 
@@ -29,8 +33,11 @@ def _crd_contrast_forward_kernel(
     """loss (B, splits): sum of this split's log terms; direction (B, splits, D): sum_k w_bk m_k / nce_t.
 
     params (5,) in the accumulation dtype: nce_t, z, N / M, eps, 1 / B.
+    feat_dim is read in chunks of BLOCK_D, so any feat_dim fits in registers; the gradient
+    direction is accumulated in this program's own row of direction (each chunk of the
+    memory rows is read a second time for it, from cache).
     """
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     acc_t = loss_ptr.dtype.element_ty
@@ -40,30 +47,38 @@ def _crd_contrast_forward_kernel(
     c = noise + tl.load(params_ptr + 3)
     inv_b = tl.load(params_ptr + 4)
 
-    dims = tl.arange(0, BLOCK_D)
-    d_ok = dims < D
-    e = tl.load(embed_ptr + b.to(tl.int64) * e_sb + dims * e_sd, mask=d_ok, other=0.0).to(acc_t)
+    out = b * splits + split
     loss = tl.zeros((BLOCK_K,), acc_t)
-    direction = tl.zeros((BLOCK_D,), acc_t)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K1)
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < k_end
-        rows = tl.load(idx_ptr + b.to(tl.int64) * i_sb + ks * i_sk, mask=k_ok, other=0).to(tl.int64)
-        m = tl.load(memory_ptr + rows[:, None] * m_sn + dims[None, :] * m_sd,
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(acc_t)
-        x = tl.exp(tl.sum(m * e[None, :], axis=1) / nce_t) / z
+        rows = tl.load(idx_ptr + b * i_sb + ks * i_sk, mask=k_ok, other=0).to(tl.int64)
+        dot = tl.zeros((BLOCK_K,), acc_t)
+        for d0 in range(0, D, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dims < D
+            e = tl.load(embed_ptr + b * e_sb + dims * e_sd, mask=d_ok, other=0.0).to(acc_t)
+            m = tl.load(memory_ptr + rows[:, None] * m_sn + dims[None, :] * m_sd,
+                        mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(acc_t)
+            dot += tl.sum(m * e[None, :], axis=1)
+        x = tl.exp(dot / nce_t) / z
         positive = ks == 0
         term = tl.where(positive, tl.log(x / (x + c)), tl.log(noise / (x + c)))
         loss += tl.where(k_ok, term, 0.0)
         if GRAD:
-            w = tl.where(positive, -c, x) / (x + c) * (inv_b / nce_t)
-            direction += tl.sum(tl.where(k_ok, w, 0.0)[:, None] * m, axis=0)
-    out = b.to(tl.int64) * splits + split
+            w = tl.where(k_ok, tl.where(positive, -c, x) / (x + c) * (inv_b / nce_t), 0.0)
+            for d0 in range(0, D, BLOCK_D):
+                dims = d0 + tl.arange(0, BLOCK_D)
+                d_ok = dims < D
+                m = tl.load(memory_ptr + rows[:, None] * m_sn + dims[None, :] * m_sd,
+                            mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(acc_t)
+                # The first block overwrites the row; later ones add to it (no zero-fill launch).
+                prev = tl.load(direction_ptr + out * D + dims, mask=d_ok, other=0.0)
+                prev = tl.where(k0 > k_start, prev, 0.0)
+                tl.store(direction_ptr + out * D + dims, prev + tl.sum(w[:, None] * m, axis=0), mask=d_ok)
     tl.store(loss_ptr + out, tl.sum(loss, axis=0))
-    if GRAD:
-        tl.store(direction_ptr + out * D + dims, direction, mask=d_ok)
 
 
 def accumulation_dtype(*tensors):
@@ -76,7 +91,7 @@ def crd_contrast_forward(embed, memory, sample_idx, params, grad):
     (B, feat_dim) in params' dtype (else None). params as the kernel's."""
     B, D = embed.shape
     K1 = sample_idx.shape[1]
-    block_d = triton.next_power_of_2(D)
+    block_d = min(triton.next_power_of_2(D), MAX_BLOCK_D, TILE)
     block_k = max(1, min(TILE // block_d, triton.next_power_of_2(K1)))
     blocks = triton.cdiv(K1, block_k)
     splits = max(1, min(blocks, TARGET_PROGRAMS // B))
@@ -87,5 +102,5 @@ def crd_contrast_forward(embed, memory, sample_idx, params, grad):
     _crd_contrast_forward_kernel[(B, splits)](
         embed, memory, sample_idx, params, loss, direction, K1, D, k_per_split,
         *embed.stride(), *memory.stride(), *sample_idx.stride(),
-        BLOCK_K=block_k, BLOCK_D=block_d, GRAD=grad)
+        BLOCK_K=block_k, BLOCK_D=block_d, GRAD=grad, num_warps=num_warps(block_k * block_d))
     return -loss.sum() / B, (direction.sum(dim=1) if grad else None)

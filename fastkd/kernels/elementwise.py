@@ -9,7 +9,9 @@ rows        OFD (per-channel margin) and VID (per-channel variance) over the row
 normalised  AFD (rows (b, c), f / (||f|| + eps), squared distance), FT and LwM
             (rows b, f / max(||f||, eps), L1 distance) and Sobolev (the same, squared).
 
-Accumulation is in fp32, or fp64 for fp64 inputs (the compile-time switch ACC).
+Accumulation is in fp32, or fp64 for fp64 inputs (the compile-time switch ACC). Float
+arguments are fp64 (``tl.float64``, converted to ACC by ``to_acc``): Triton would make a
+Python float fp32 and fp64 runs would lose digits.
 
 Error analysis: a flat program sums one block with tl.sum (a tree) and torch sums the
 per-block partials, so no fp32 sum runs long. A row program instead walks its row in
@@ -22,6 +24,8 @@ tl.sum tree over the lanes.
 import torch
 import triton
 import triton.language as tl
+
+from .common import to_acc
 
 MSE = tl.constexpr(0)
 AB = tl.constexpr(1)
@@ -42,12 +46,14 @@ def _tl(dtype):
 # --- flat: Hint, Logits (MSE) and AB ----------------------------------------------------
 
 @triton.jit
-def _flat_loss_kernel(s, t, partial, N, margin, LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _flat_loss_kernel(s, t, partial, N, margin: tl.float64, LOSS: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK: tl.constexpr):
     # partial[block] = sum over the block of (s - t)^2 (MSE) or
     # (s + m)^2 [s > -m, t <= 0] + (s - m)^2 [s <= m, t > 0] (AB).
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
+    margin = to_acc(margin, ACC)
     x = tl.load(s + offs, mask=mask, other=0.0).to(ACC)
     y = tl.load(t + offs, mask=mask, other=0.0).to(ACC)
     if LOSS == MSE:
@@ -59,13 +65,15 @@ def _flat_loss_kernel(s, t, partial, N, margin, LOSS: tl.constexpr, ACC: tl.cons
 
 
 @triton.jit
-def _flat_grad_kernel(s, t, grad_out, ds, dt, N, margin, scale, LOSS: tl.constexpr, ACC: tl.constexpr,
+def _flat_grad_kernel(s, t, grad_out, ds, dt, N, margin: tl.float64, scale: tl.float64, LOSS: tl.constexpr,
+                      ACC: tl.constexpr,
                       WRITE_S: tl.constexpr, WRITE_T: tl.constexpr, BLOCK: tl.constexpr):
     # k = grad_out * scale (scale = 1 / N). MSE: ds = 2k (s - t), dt = -ds.
     # AB: ds = 2k ((s + m) [s > -m, t <= 0] + (s - m) [s <= m, t > 0]) (t only enters masks).
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    k = tl.load(grad_out).to(ACC) * scale
+    margin = to_acc(margin, ACC)
+    k = tl.load(grad_out).to(ACC) * to_acc(scale, ACC)
     x = tl.load(s + offs, mask=mask, other=0.0).to(ACC)
     y = tl.load(t + offs, mask=mask, other=0.0).to(ACC)
     if LOSS == MSE:
@@ -168,7 +176,7 @@ def _ofd_loss_kernel(s, t, margin, stats, C, L, ssb, ssc, ssk, stb, stc, stk,
 
 
 @triton.jit
-def _ofd_grad_kernel(s, t, margin, through, grad_out, ds, dt, C, L, scale,
+def _ofd_grad_kernel(s, t, margin, through, grad_out, ds, dt, C, L, scale: tl.float64,
                      ssb, ssc, ssk, stb, stc, stk,
                      ACC: tl.constexpr, WRITE_S: tl.constexpr, WRITE_T: tl.constexpr, BLOCK: tl.constexpr):
     # k = 2 grad_out scale; ds = k e; dt = -k (e ([t > m] + [t == m] / 2) + [t < 0] through_c),
@@ -177,7 +185,7 @@ def _ofd_grad_kernel(s, t, margin, through, grad_out, ds, dt, C, L, scale,
     b, c = r // C, r % C
     m = tl.load(margin + c).to(ACC)
     q = tl.load(through + c).to(ACC)
-    k2 = 2.0 * tl.load(grad_out).to(ACC) * scale
+    k2 = 2.0 * tl.load(grad_out).to(ACC) * to_acc(scale, ACC)
     for k0 in range(0, L, BLOCK):
         k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
         km = k < L
@@ -307,7 +315,7 @@ def _inverse_norm(n, eps, ADD_EPS: tl.constexpr):
 
 
 @triton.jit
-def _normalized_distance_kernel(s, t, stats, C, L, eps, ssb, ssc, ssk, stb, stc, stk,
+def _normalized_distance_kernel(s, t, stats, C, L, eps: tl.float64, ssb, ssc, ssk, stb, stc, stk,
                                 ADD_EPS: tl.constexpr, L1: tl.constexpr, ACC: tl.constexpr,
                                 BLOCK: tl.constexpr):
     # Row r: s' = s r_s, t' = t r_t, d = s' - t'; stats[r] = (||s||, ||t||, sum phi(d),
@@ -316,6 +324,7 @@ def _normalized_distance_kernel(s, t, stats, C, L, eps, ssb, ssc, ssk, stb, stc,
     b, c = r // C, r % C
     ps = s + b * ssb + c * ssc
     pt = t + b * stb + c * stc
+    eps = to_acc(eps, ACC)
     ss = tl.zeros([BLOCK], dtype=ACC)
     tt = tl.zeros([BLOCK], dtype=ACC)
     for k0 in range(0, L, BLOCK):
@@ -351,7 +360,7 @@ def _normalized_distance_kernel(s, t, stats, C, L, eps, ssb, ssc, ssk, stb, stc,
 
 
 @triton.jit
-def _normalized_distance_grad_kernel(s, t, stats, weight, ds, dt, C, L, eps,
+def _normalized_distance_grad_kernel(s, t, stats, weight, ds, dt, C, L, eps: tl.float64,
                                      ssb, ssc, ssk, stb, stc, stk,
                                      ADD_EPS: tl.constexpr, L1: tl.constexpr, ACC: tl.constexpr,
                                      WRITE_S: tl.constexpr, WRITE_T: tl.constexpr, BLOCK: tl.constexpr):
@@ -362,6 +371,7 @@ def _normalized_distance_grad_kernel(s, t, stats, weight, ds, dt, C, L, eps,
     ps = s + b * ssb + c * ssc
     pt = t + b * stb + c * stc
     w = tl.load(weight + r).to(ACC)
+    eps = to_acc(eps, ACC)
     r_s, slope_s = _inverse_norm(tl.load(stats + 5 * r).to(ACC), eps, ADD_EPS)
     r_t, slope_t = _inverse_norm(tl.load(stats + 5 * r + 1).to(ACC), eps, ADD_EPS)
     c_s = slope_s * tl.load(stats + 5 * r + 3).to(ACC)

@@ -3,18 +3,26 @@
 Every map is handled as (B, C, HW) through its strides (any layout whose H and W
 merge into one stride, e.g. contiguous or channels_last, is read in place).
 Accumulation is in fp32, or fp64 for fp64 inputs: the dtype of the fp32/fp64
-buffer a kernel writes decides it.
+buffer a kernel writes decides it. Float arguments are fp64 (``tl.float64``) so that
+fp64 runs keep every digit; grids are 1-d (axis 0 allows 2^31 - 1 programs, axes 1
+and 2 only 65535), each program finding its (sample, tile) from its id.
 
 AT   A = sum_c |f|^p per (b, hw): one pass over each map (``at_maps``), then a small
      kernel over the (B, HW) maps for the norms and the squared difference
      (``at_loss``). Backward: ``at_grad_maps`` on the small maps, then one pass over
      each feature map (``at_grad_features``).
-NST  and FSP start from batched Gram products S = X Y^T (``gram``, tl.dot in IEEE
-     fp32); their backward is a (C x C) matrix times the maps (``matrix_times_maps``).
+NST  and FSP start from batched Gram products S = X Y^T (``gram``); their backward is a
+     (C x C) matrix times the maps (``matrix_times_maps``). tl.dot takes bf16/fp16
+     operands of one dtype as they are (tensor cores, fp32 accumulation: the products
+     are exact), anything else in the accumulation dtype (IEEE fp32, or fp64).
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+from .common import to_acc
 
 
 def acc_dtype(*tensors):
@@ -30,11 +38,12 @@ def as_bc_hw(x):
 # --- AT ----------------------------------------------------------------------------
 
 @triton.jit
-def _at_map_kernel(f, a, C, HW, sfb, sfc, sfk, p, P_IS_2: tl.constexpr,
+def _at_map_kernel(f, a, C, HW, sfb, sfc, sfk, p: tl.float64, P_IS_2: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     # a[b, hw] = sum_c |f[b, c, hw]|^p, one program per (b, block of hw).
-    b = tl.program_id(0).to(tl.int64)
-    hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    tiles = tl.cdiv(HW, BLOCK_HW)
+    b = (tl.program_id(0) // tiles).to(tl.int64)
+    hw = (tl.program_id(0) % tiles) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_mask = hw < HW
     base = f + b * sfb + hw.to(tl.int64)[None, :] * sfk
     acc = tl.zeros([BLOCK_HW], dtype=a.dtype.element_ty)
@@ -53,9 +62,10 @@ def _at_map_kernel(f, a, C, HW, sfb, sfc, sfk, p, P_IS_2: tl.constexpr,
 
 
 @triton.jit
-def _at_loss_kernel(a_s, a_t, norms, partial, HW, eps, BLOCK_HW: tl.constexpr):
+def _at_loss_kernel(a_s, a_t, norms, partial, HW, eps: tl.float64, BLOCK_HW: tl.constexpr):
     # Per sample b: n = ||A||_2 over hw for s and t, then sum_hw (A_s/(n_s+eps) - A_t/(n_t+eps))^2.
     b = tl.program_id(0).to(tl.int64)
+    eps = to_acc(eps, partial.dtype.element_ty)
     ss = tl.zeros([BLOCK_HW], dtype=partial.dtype.element_ty)
     tt = tl.zeros([BLOCK_HW], dtype=partial.dtype.element_ty)
     for k0 in range(0, HW, BLOCK_HW):
@@ -81,12 +91,14 @@ def _at_loss_kernel(a_s, a_t, norms, partial, HW, eps, BLOCK_HW: tl.constexpr):
 
 
 @triton.jit
-def _at_grad_map_kernel(a_s, a_t, norms, grad_out, ga_s, ga_t, HW, eps, scale,
+def _at_grad_map_kernel(a_s, a_t, norms, grad_out, ga_s, ga_t, HW, eps: tl.float64, scale: tl.float64,
                         BLOCK_HW: tl.constexpr):
     # With G = am_s - am_t and k = grad_out * scale (scale = 2 / (B HW)):
     #   dA_s = k (G / (n_s + eps) - A_s (G . A_s) / (n_s (n_s + eps)^2)), the second term 0 when n_s = 0;
     #   dA_t = -k (G / (n_t + eps) - A_t (G . A_t) / (n_t (n_t + eps)^2)).
     b = tl.program_id(0).to(tl.int64)
+    eps = to_acc(eps, ga_s.dtype.element_ty)
+    scale = to_acc(scale, ga_s.dtype.element_ty)
     n_s = tl.load(norms + 2 * b)
     n_t = tl.load(norms + 2 * b + 1)
     inv_s = 1.0 / (n_s + eps)
@@ -115,11 +127,12 @@ def _at_grad_map_kernel(a_s, a_t, norms, grad_out, ga_s, ga_t, HW, eps, scale,
 
 
 @triton.jit
-def _at_grad_feature_kernel(f, ga, df, C, HW, sfb, sfc, sfk, p, P_IS_2: tl.constexpr,
+def _at_grad_feature_kernel(f, ga, df, C, HW, sfb, sfc, sfk, p: tl.float64, P_IS_2: tl.constexpr,
                             BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     # df = dA * d|f|^p/df = dA * p |f|^(p-1) sign(f) (0 where f = 0); df is contiguous (B, C, HW).
-    b = tl.program_id(0).to(tl.int64)
-    hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    tiles = tl.cdiv(HW, BLOCK_HW)
+    b = (tl.program_id(0) // tiles).to(tl.int64)
+    hw = (tl.program_id(0) % tiles) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_mask = hw < HW
     g = tl.load(ga + b * HW + hw, mask=hw_mask, other=0.0)
     for c0 in range(0, C, BLOCK_C):
@@ -146,7 +159,7 @@ def at_maps(fm, p, dtype):
     x = as_bc_hw(fm)
     B, C, HW = x.shape
     a = torch.empty((B, HW), dtype=dtype, device=fm.device)
-    grid = (B, triton.cdiv(HW, _AT_BLOCK_HW))
+    grid = (B * triton.cdiv(HW, _AT_BLOCK_HW),)
     _at_map_kernel[grid](x, a, C, HW, *x.stride(), float(p), P_IS_2=(p == 2),
                          BLOCK_C=_AT_BLOCK_C, BLOCK_HW=_AT_BLOCK_HW)
     return a
@@ -176,7 +189,7 @@ def at_grad_features(fm, ga, p):
     x = as_bc_hw(fm)
     B, C, HW = x.shape
     df = torch.empty((B, C, HW), dtype=fm.dtype, device=fm.device)
-    grid = (B, triton.cdiv(HW, _AT_BLOCK_HW))
+    grid = (B * triton.cdiv(HW, _AT_BLOCK_HW),)
     _at_grad_feature_kernel[grid](x, ga, df, C, HW, *x.stride(), float(p), P_IS_2=(p == 2),
                                   BLOCK_C=_AT_BLOCK_C, BLOCK_HW=_AT_BLOCK_HW)
     return df.view(fm.shape)
@@ -185,9 +198,11 @@ def at_grad_features(fm, ga, p):
 # --- batched Gram products (NST, FSP) ---------------------------------------------------
 
 @triton.jit
-def _mat_tile(acc, m, x, b, i, k, CI, CJ, K, smb, smi, smj, sxb, sxj, sxk, BLOCK_J: tl.constexpr):
+def _mat_tile(acc, m, x, b, i, k, CI, CJ, K, smb, smi, smj, sxb, sxj, sxk, BLOCK_J: tl.constexpr,
+              DIRECT: tl.constexpr):
     # acc[i, k] += sum_j m[b, i, j] x[b, j, k]. With x's two strides swapped it is the Gram
-    # tile acc[i, k] += sum_j m[b, i, j] x[b, k, j].
+    # tile acc[i, k] += sum_j m[b, i, j] x[b, k, j]. DIRECT: m and x are bf16/fp16 of one dtype
+    # and acc fp32, so they go to tl.dot as they are (tensor cores; the products are exact).
     mb = m + b * smb + i.to(tl.int64)[:, None] * smi
     xb = x + b * sxb + k.to(tl.int64)[None, :] * sxk
     for j0 in range(0, CJ, BLOCK_J):
@@ -195,34 +210,52 @@ def _mat_tile(acc, m, x, b, i, k, CI, CJ, K, smb, smi, smj, sxb, sxj, sxk, BLOCK
         jm = j < CJ
         mt = tl.load(mb + j[None, :] * smj, mask=(i < CI)[:, None] & jm[None, :], other=0.0)
         xt = tl.load(xb + j[:, None] * sxj, mask=jm[:, None] & (k < K)[None, :], other=0.0)
-        acc += tl.dot(mt.to(acc.dtype), xt.to(acc.dtype), input_precision="ieee")
+        if DIRECT:
+            acc = tl.dot(mt, xt, acc)
+        else:
+            acc += tl.dot(mt.to(acc.dtype), xt.to(acc.dtype), input_precision="ieee")
     return acc
 
 
 @triton.jit
-def _gram_kernel(x1, y1, x2, y2, out, partial, CX, CY, K1, K2, scale1, scale2,
+def _gram_kernel(x1, y1, x2, y2, out, partial, CX, CY, K1, K2, scale1: tl.float64, scale2: tl.float64,
                  sx1b, sx1c, sx1k, sy1b, sy1c, sy1k, sx2b, sx2c, sx2k, sy2b, sy2c, sy2k,
-                 TWO: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
+                 TWO: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DIRECT: tl.constexpr):
     # out[b] = scale1 x1[b] y1[b]^T (+ scale2 x2[b] y2[b]^T when TWO), out contiguous (B, CX, CY);
     # partial[b, tile] = the sum of out^2 over the tile (FSP's fused squared error).
-    b = tl.program_id(0).to(tl.int64)
-    pi = tl.program_id(1)
-    pj = tl.program_id(2)
-    i = pi * BLOCK_I + tl.arange(0, BLOCK_I)
-    j = pj * BLOCK_J + tl.arange(0, BLOCK_J)
-    acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=out.dtype.element_ty)
-    acc = _mat_tile(acc, x1, y1, b, i, j, CX, K1, CY, sx1b, sx1c, sx1k, sy1b, sy1k, sy1c, BLOCK_K) * scale1
+    tiles_j = tl.cdiv(CY, BLOCK_J)
+    tiles = tl.cdiv(CX, BLOCK_I) * tiles_j
+    b = (tl.program_id(0) // tiles).to(tl.int64)
+    tile = tl.program_id(0) % tiles
+    i = (tile // tiles_j) * BLOCK_I + tl.arange(0, BLOCK_I)
+    j = (tile % tiles_j) * BLOCK_J + tl.arange(0, BLOCK_J)
+    acc_t = out.dtype.element_ty
+    acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=acc_t)
+    acc = _mat_tile(acc, x1, y1, b, i, j, CX, K1, CY, sx1b, sx1c, sx1k, sy1b, sy1k, sy1c, BLOCK_K, DIRECT) * to_acc(
+        scale1, acc_t)
     if TWO:
-        acc2 = tl.zeros([BLOCK_I, BLOCK_J], dtype=out.dtype.element_ty)
-        acc += _mat_tile(acc2, x2, y2, b, i, j, CX, K2, CY, sx2b, sx2c, sx2k, sy2b, sy2k, sy2c, BLOCK_K) * scale2
+        acc2 = tl.zeros([BLOCK_I, BLOCK_J], dtype=acc_t)
+        acc += _mat_tile(acc2, x2, y2, b, i, j, CX, K2, CY, sx2b, sx2c, sx2k, sy2b, sy2k, sy2c, BLOCK_K, DIRECT) * to_acc(
+            scale2, acc_t)
     mask = (i < CX)[:, None] & (j < CY)[None, :]
     tl.store(out + (b * CX + i.to(tl.int64)[:, None]) * CY + j[None, :], acc, mask=mask)
-    tiles = tl.num_programs(1) * tl.num_programs(2)
-    tl.store(partial + b * tiles + pi * tl.num_programs(2) + pj, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+    tl.store(partial + b * tiles + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
 _GRAM_BLOCK = 32
 _GRAM_BLOCK_K = 32
+
+
+def _direct_dot(dtype, *maps):
+    """Whether bf16/fp16 maps of one dtype go to tl.dot as they are (fp32 accumulation).
+    Not bf16 under the interpreter, whose tl.dot multiplies bf16 bit patterns as integers."""
+    first = maps[0].dtype
+    if dtype != torch.float32 or first not in (torch.float16, torch.bfloat16):
+        return False
+    if first == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return all(x.dtype == first for x in maps)
 
 
 def gram(dtype, x1, y1, scale1=1.0, x2=None, y2=None, scale2=0.0):
@@ -236,11 +269,12 @@ def gram(dtype, x1, y1, scale1=1.0, x2=None, y2=None, scale2=0.0):
     if not two:
         x2, y2 = x1, y1
     out = torch.empty((B, CX, CY), dtype=dtype, device=x1.device)
-    grid = (B, triton.cdiv(CX, _GRAM_BLOCK), triton.cdiv(CY, _GRAM_BLOCK))
-    partial = torch.empty((B, grid[1] * grid[2]), dtype=out.dtype, device=x1.device)
-    _gram_kernel[grid](x1, y1, x2, y2, out, partial, CX, CY, K1, x2.shape[2], float(scale1), float(scale2),
+    tiles = triton.cdiv(CX, _GRAM_BLOCK) * triton.cdiv(CY, _GRAM_BLOCK)
+    partial = torch.empty((B, tiles), dtype=out.dtype, device=x1.device)
+    _gram_kernel[(B * tiles,)](x1, y1, x2, y2, out, partial, CX, CY, K1, x2.shape[2], float(scale1), float(scale2),
                        *x1.stride(), *y1.stride(), *x2.stride(), *y2.stride(), TWO=two,
-                       BLOCK_I=_GRAM_BLOCK, BLOCK_J=_GRAM_BLOCK, BLOCK_K=_GRAM_BLOCK_K)
+                       BLOCK_I=_GRAM_BLOCK, BLOCK_J=_GRAM_BLOCK, BLOCK_K=_GRAM_BLOCK_K,
+                       DIRECT=_direct_dot(dtype, x1, y1, x2, y2))
     return out, partial.sum(1)
 
 
@@ -251,13 +285,17 @@ def _mat_map_kernel(m1, x1, m2, x2, diag, y, out, CI, CJ1, CJ2, K,
                     TWO: tl.constexpr, HAS_DIAG: tl.constexpr,
                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     # out[b] = m1[b] x1[b] (+ m2[b] x2[b]) (+ diag[b, :, None] * y[b]); out contiguous (B, CI, K).
-    b = tl.program_id(0).to(tl.int64)
-    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    tiles = tl.cdiv(CI, BLOCK_I) * tiles_k
+    b = (tl.program_id(0) // tiles).to(tl.int64)
+    tile = tl.program_id(0) % tiles
+    i = (tile // tiles_k) * BLOCK_I + tl.arange(0, BLOCK_I)
+    k = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_I, BLOCK_K], dtype=m1.dtype.element_ty)
-    acc = _mat_tile(acc, m1, x1, b, i, k, CI, CJ1, K, sm1b, sm1i, sm1j, sx1b, sx1j, sx1k, BLOCK_J)
+    # m is fp32/fp64 (computed from the Gram blocks): x is brought to its dtype.
+    acc = _mat_tile(acc, m1, x1, b, i, k, CI, CJ1, K, sm1b, sm1i, sm1j, sx1b, sx1j, sx1k, BLOCK_J, False)
     if TWO:
-        acc = _mat_tile(acc, m2, x2, b, i, k, CI, CJ2, K, sm2b, sm2i, sm2j, sx2b, sx2j, sx2k, BLOCK_J)
+        acc = _mat_tile(acc, m2, x2, b, i, k, CI, CJ2, K, sm2b, sm2i, sm2j, sx2b, sx2j, sx2k, BLOCK_J, False)
     mask = (i < CI)[:, None] & (k < K)[None, :]
     if HAS_DIAG:
         d = tl.load(diag + b * CI + i, mask=i < CI, other=0.0)
@@ -285,7 +323,7 @@ def matrix_times_maps(m1, x1, m2=None, x2=None, diag=None, y=None, out_dtype=Non
     if not has_diag:
         diag, y = m1, x1
     out = torch.empty((B, CI, K), dtype=out_dtype or x1.dtype, device=x1.device)
-    grid = (B, triton.cdiv(CI, _MAT_BLOCK_I), triton.cdiv(K, _MAT_BLOCK_K))
+    grid = (B * triton.cdiv(CI, _MAT_BLOCK_I) * triton.cdiv(K, _MAT_BLOCK_K),)
     _mat_map_kernel[grid](m1, x1, m2, x2, diag, y, out, CI, CJ1, m2.shape[2], K,
                           *m1.stride(), *x1.stride(), *m2.stride(), *x2.stride(), *y.stride(),
                           TWO=two, HAS_DIAG=has_diag,

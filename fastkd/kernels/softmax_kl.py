@@ -21,9 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements per program tile: rows x classes.
-TILE = 4096
-MAX_BLOCK_K = 4096
+from .common import num_warps
+
+# Elements per program tile (rows x classes) and widest class block. 2048 fp32 values per
+# operand over 8 warps is 8 per thread: 4096 over 4 warps spilled at class counts <= 128.
+TILE = 2048
+MAX_BLOCK_K = 2048
 
 
 @triton.jit
@@ -56,7 +59,7 @@ def _softmax_kl_forward_kernel(
     """
     acc_t = stats_ptr.dtype.element_ty
     T = tl.load(T_ptr)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     s_row = _row_offsets(rows, S, s_sb, s_ss)
     t_row = _row_offsets(rows, S, t_sb, t_ss)
@@ -92,15 +95,21 @@ def _softmax_kl_forward_kernel(
 
     log_z_s = tl.log(z_s)
     log_z_t = tl.log(z_t)
-    tl.store(stats_ptr + rows, _shift(m_s), mask=row_ok)
-    tl.store(stats_ptr + R + rows, log_z_s, mask=row_ok)
-    tl.store(stats_ptr + 2 * R + rows, _shift(m_t), mask=row_ok)
-    tl.store(stats_ptr + 3 * R + rows, log_z_t, mask=row_ok)
+    # Row j of stats (5, R) is reached by adding R j times: j * R in int32 overflows past 2^31.
+    out = stats_ptr + rows
+    tl.store(out, _shift(m_s), mask=row_ok)
+    out += R
+    tl.store(out, log_z_s, mask=row_ok)
+    out += R
+    tl.store(out, _shift(m_t), mask=row_ok)
+    out += R
+    tl.store(out, log_z_t, mask=row_ok)
+    out += R
     # log(z_s / z_t) rounds once where log z_s - log z_t would round two larger numbers.
     # KL_row >= 0, but when q ~ p its rounding can fall below 0; 0 is then nearer the exact
     # value, so the clamp only ever lowers the error (where keeps a NaN row NaN).
     kl = d / z_t + tl.log(z_s / z_t)
-    tl.store(stats_ptr + 4 * R + rows, tl.where(kl < 0, 0.0, kl), mask=row_ok)
+    tl.store(out, tl.where(kl < 0, 0.0, kl), mask=row_ok)
 
 
 @triton.jit
@@ -114,16 +123,22 @@ def _softmax_kl_backward_kernel(
     acc_t = stats_ptr.dtype.element_ty
     T = tl.load(T_ptr)
     g = tl.load(g_ptr)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     s_row = _row_offsets(rows, S, s_sb, s_ss)
     t_row = _row_offsets(rows, S, t_sb, t_ss)
-    g_row = _row_offsets(rows, S, K * S, 1)
-    c_s = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-    log_z_s = tl.load(stats_ptr + R + rows, mask=row_ok, other=0.0)
-    c_t = tl.load(stats_ptr + 2 * R + rows, mask=row_ok, other=0.0)
-    log_z_t = tl.load(stats_ptr + 3 * R + rows, mask=row_ok, other=0.0)
-    kl = tl.load(stats_ptr + 4 * R + rows, mask=row_ok, other=0.0)
+    # (b, s) -> b K S + s, multiplied left to right in int64 (K * S alone is int32).
+    g_row = (rows // S) * K * S + rows % S
+    stat = stats_ptr + rows  # row j of stats (5, R): R added j times, as in forward
+    c_s = tl.load(stat, mask=row_ok, other=0.0)
+    stat += R
+    log_z_s = tl.load(stat, mask=row_ok, other=0.0)
+    stat += R
+    c_t = tl.load(stat, mask=row_ok, other=0.0)
+    stat += R
+    log_z_t = tl.load(stat, mask=row_ok, other=0.0)
+    stat += R
+    kl = tl.load(stat, mask=row_ok, other=0.0)
     for k0 in range(0, K, BLOCK_K):
         cols = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask = row_ok[:, None] & (cols < K)[None, :]
@@ -153,10 +168,13 @@ def accumulation_dtype(*tensors):
     return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
 
 
-def _blocks(R, K):
-    block_k = min(triton.next_power_of_2(K), MAX_BLOCK_K)
-    block_r = max(1, min(TILE // block_k, triton.next_power_of_2(R)))
-    return block_r, block_k
+def _blocks(R, K, dtype):
+    """(BLOCK_R, BLOCK_K, num_warps): a tile of about TILE values (half that in fp64,
+    whose values take two registers each)."""
+    tile = TILE // 2 if dtype == torch.float64 else TILE
+    block_k = min(triton.next_power_of_2(K), MAX_BLOCK_K, tile)
+    block_r = max(1, min(tile // block_k, triton.next_power_of_2(R)))
+    return block_r, block_k, num_warps(block_r * block_k)
 
 
 def softmax_kl_forward(out_s, out_t, T):
@@ -168,10 +186,10 @@ def softmax_kl_forward(out_s, out_t, T):
     B, K, S = s.shape
     R = B * S
     stats = torch.empty((5, R), device=s.device, dtype=T.dtype)
-    block_r, block_k = _blocks(R, K)
+    block_r, block_k, warps = _blocks(R, K, T.dtype)
     _softmax_kl_forward_kernel[(triton.cdiv(R, block_r),)](
         s, t, stats, T, R, K, S, *s.stride(), *t.stride(),
-        BLOCK_R=block_r, BLOCK_K=block_k)
+        BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps)
     return stats
 
 
@@ -182,9 +200,9 @@ def softmax_kl_backward(out_s, out_t, T, stats, g, student, teacher):
     R = B * S
     grad_s = torch.empty(s.shape, device=s.device, dtype=out_s.dtype) if student else None
     grad_t = torch.empty(t.shape, device=t.device, dtype=out_t.dtype) if teacher else None
-    block_r, block_k = _blocks(R, K)
+    block_r, block_k, warps = _blocks(R, K, T.dtype)
     _softmax_kl_backward_kernel[(triton.cdiv(R, block_r),)](
         s, t, stats, T, g, grad_s, grad_t, R, K, S, *s.stride(), *t.stride(),
-        BLOCK_R=block_r, BLOCK_K=block_k, STUDENT=student, TEACHER=teacher)
+        BLOCK_R=block_r, BLOCK_K=block_k, STUDENT=student, TEACHER=teacher, num_warps=warps)
     return (grad_s.view(out_s.shape) if student else None,
             grad_t.view(out_t.shape) if teacher else None)

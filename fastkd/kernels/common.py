@@ -1,0 +1,21 @@
+"""Small pieces shared by the kernel modules."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def to_acc(x, ACC: tl.constexpr):
+    """A scalar kernel argument in the accumulation dtype ACC, without an fp32 detour.
+
+    Triton types a Python float argument as fp32, so float arguments are annotated
+    ``tl.float64`` (fp64 on the GPU) and converted here once: fp64 kernels keep every
+    digit and fp32 ones do their arithmetic in fp32. Adding to a zero of ACC (rather
+    than x.to(ACC)) also works in the interpreter, where x is a plain Python float.
+    """
+    return (tl.zeros((), ACC) + x).to(ACC)
+
+
+def num_warps(elements):
+    """Warps for a program holding `elements` values per operand: about 8 per thread
+    (more spills past 255 registers; fewer leaves the memory system idle), 1 to 8 warps."""
+    return max(1, min(8, elements // 256))
