@@ -31,8 +31,12 @@ import triton.language as tl
 BLOCK = 32  # side of the (N, N) tiles
 BLOCK_D = 32  # feature columns per step of a dot product
 BLOCK_D_DIFF = 4  # feature columns per step of a (BLOCK, BLOCK, columns) difference tile
+# Warps of the kernels that hold several float64 (BLOCK, BLOCK) tiles at once (both sides,
+# both orientations): with four, sm_80/sm_90 spill their registers.
+TILE_WARPS = 8
 # Directions shorter than this (E below its square) count as zero; F.normalize's clamp.
 NORM_EPS = 1e-12
+_NORM_EPS_SQ = tl.constexpr(NORM_EPS * NORM_EPS)  # kernels read only constexpr globals
 
 
 def acc_dtype(x):
@@ -371,7 +375,7 @@ def _directions(e_ptr, row_i, rows, N):
     outside) for anchor i; row_i = i * N in int64."""
     ok = rows < N
     e = tl.load(e_ptr + row_i + rows, mask=ok, other=0.0)
-    live = e >= NORM_EPS * NORM_EPS
+    live = e >= _NORM_EPS_SQ
     inv = tl.where(live, 1.0 / tl.sqrt(tl.where(live, e, 1.0)), 0.0)
     return e, inv, (ok & ~live).to(e.dtype)
 
@@ -483,7 +487,8 @@ def rkd_angle_forward(e_s, e_t, with_stats):
     nb = triton.cdiv(n, BLOCK)
     part = torch.empty(n * nb, dtype=e_s.dtype, device=e_s.device)
     stats = torch.empty((6, n, n) if with_stats else (1,), dtype=e_s.dtype, device=e_s.device)
-    _rkd_angle_fwd_kernel[(n, nb)](e_s, e_t, part, stats, n, STATS=with_stats, BLOCK=BLOCK)
+    _rkd_angle_fwd_kernel[(n, nb)](e_s, e_t, part, stats, n, STATS=with_stats, BLOCK=BLOCK,
+                                   num_warps=TILE_WARPS)
     return part.sum(), (stats if with_stats else None)
 
 
@@ -493,7 +498,7 @@ def rkd_angle_backward(e_s, e_t, stats):
     n = len(e_s)
     nb = triton.cdiv(n, BLOCK)
     tiles = torch.empty((4, n, n), dtype=e_s.dtype, device=e_s.device)
-    _rkd_angle_grad_kernel[(nb, nb)](e_s, e_t, tiles, n, BLOCK=BLOCK)
+    _rkd_angle_grad_kernel[(nb, nb)](e_s, e_t, tiles, n, BLOCK=BLOCK, num_warps=TILE_WARPS)
     out = []
     for (w1, s, q), (w2, z2) in ((stats[:3], tiles[:2]), (stats[3:], tiles[2:])):
         w = w1 + w2
@@ -751,7 +756,8 @@ def pkt_forward(g_s, g_t, params):
     stats = torch.empty((2, 2, n), dtype=g_s.dtype, device=g_s.device)
     _pkt_sums_kernel[(nb,)](g_s, g_t, params, stats[0], n, BLOCK=BLOCK)
     part = torch.empty(nb, dtype=g_s.dtype, device=g_s.device)
-    _pkt_loss_kernel[(nb,)](g_s, g_t, params, stats[0], part, stats[1], n, BLOCK=BLOCK)
+    _pkt_loss_kernel[(nb,)](g_s, g_t, params, stats[0], part, stats[1], n, BLOCK=BLOCK,
+                            num_warps=TILE_WARPS)
     return part.sum(), stats
 
 
@@ -762,7 +768,8 @@ def pkt_backward(g_s, g_t, params, stats):
     r_s = torch.empty(n, dtype=g_s.dtype, device=g_s.device)
     r_t = torch.empty_like(r_s)
     _pkt_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, params, stats[0], stats[1],
-                                               m_s, r_s, m_t, r_t, n, BLOCK=BLOCK)
+                                               m_s, r_s, m_t, r_t, n, BLOCK=BLOCK,
+                                               num_warps=TILE_WARPS)
     return m_s, r_s, m_t, r_t
 
 
@@ -857,7 +864,7 @@ def cc_backward(g_s, g_t, norms_s, norms_t, params, p_order):
     r_s = torch.empty(n, dtype=g_s.dtype, device=g_s.device)
     r_t = torch.empty_like(r_s)
     _cc_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, norms_s, norms_t, params, m_s, r_s, m_t,
-                                              r_t, n, p_order, BLOCK=BLOCK)
+                                              r_t, n, p_order, BLOCK=BLOCK, num_warps=TILE_WARPS)
     return m_s, r_s, m_t, r_t
 
 
