@@ -491,7 +491,8 @@ class PKTFunction(torch.autograd.Function):
     def forward(ctx, feat_s, feat_t, eps):
         x_s, x_t = _pw.prepare(feat_s, centre=False), _pw.prepare(feat_t, centre=False)
         g_s, g_t = _pw.gram(x_s), _pw.gram(x_t)
-        params = torch.tensor([eps], dtype=g_s.dtype, device=g_s.device)
+        # A fill on the device, not a host-to-device copy.
+        params = torch.full((1,), eps, dtype=g_s.dtype, device=g_s.device)
         total, stats = _pw.pkt_forward(g_s, g_t, params)
         ctx.save_for_backward(feat_s, feat_t, x_s, x_t, g_s, g_t, params, stats)
         return (total / len(g_s) ** 2).to(feat_s.dtype)
@@ -518,7 +519,9 @@ class CCFunction(torch.autograd.Function):
     def forward(ctx, feat_s, feat_t, gamma, p_order):
         (x_s, n_s), (x_t, n_t) = (_pw.prepare(f, centre=False, normalise=True) for f in (feat_s, feat_t))
         g_s, g_t = _pw.gram(x_s), _pw.gram(x_t)
-        params = torch.tensor([math.exp(-2 * gamma), 2 * gamma], dtype=g_s.dtype, device=g_s.device)
+        # Fills on the device, not a host-to-device copy.
+        params = torch.full((2,), 2 * gamma, dtype=g_s.dtype, device=g_s.device)
+        params[0] = math.exp(-2 * gamma)
         total = _pw.cc_forward(g_s, g_t, params, p_order)
         ctx.save_for_backward(feat_s, feat_t, x_s, x_t, n_s, n_t, g_s, g_t, params)
         ctx.p_order = p_order
@@ -538,11 +541,13 @@ def cc(feat_s, feat_t, gamma, P_order):
 
 
 class IRGEdgeFunction(torch.autograd.Function):
-    """mse(E'_s, E'_t), E' = pdist2 / max(pdist2) of flat(x), from the exact E."""
+    """mse(E'_s, E'_t), E' = pdist2 / max(pdist2) of flat(x), E from the centred float64
+    Gram matrix (see squared_distances_from_gram)."""
 
     @staticmethod
     def forward(ctx, x_s, x_t):
-        e_s, e_t, c_s, c_t = _distance_sides(x_s, x_t)
+        c_s, c_t = (_pw.prepare(x, centre=True, dtype=torch.float64) for x in (x_s, x_t))
+        e_s, e_t = (_pw.squared_distances_from_gram(_pw.gram(c)) for c in (c_s, c_t))
         total, stats = _pw.irg_edge_forward(e_s, e_t)
         ctx.save_for_backward(x_s, x_t, c_s, c_t, e_s, e_t, stats)
         return (total / len(e_s) ** 2).to(x_s.dtype)

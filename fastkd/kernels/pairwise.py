@@ -8,21 +8,25 @@ and `gram_grad` (dL/dX = scale * (M X + r * X) from an (N, N) matrix M and an op
 r). Each loss then has its kernels over (N, N) tiles of the student's and the teacher's
 matrices, both read by the same launch.
 
-Numerics. RKD's distances and angles and IRG's edges are functions of E. Formed from a Gram
-matrix, E_ab = G_aa + G_bb - 2 G_ab carries an absolute error of about u |x|^2, which is all
-of E_ab for a pair much closer than the rows' norms (float32 features spread over 5000 with two
-rows 0.3 apart gave RKD 5e9 for 0.66; centring does not help when the spread itself is large).
-So E is summed over the difference vectors themselves in float64: for float32, bfloat16 and
-float16 inputs each difference is exact, E_ab has a relative error of about D u64 whatever
-the gap, and equal rows give exactly 0. RKD's angle at anchor i is read from E by
-polarisation, V_jk = (x_j - x_i).(x_k - x_i) = (E_ij + E_ik - E_jk) / 2, whose error is
-about u64 (E_ij + E_ik + E_jk) <= 3 u64 max(n_j, n_k)^2: relative to n_j n_k, 1e-9 at a
-gap/spread ratio of 1e-7 (the float32 reference: 1e-7 on every angle). Their gradients
-M X + r X are formed in float64 from the centred rows, whose rounding (u64 |M| |x|) stays
-below the |M| gap of a near-duplicate pair down to gaps of about 1e-8 of the spread.
-SP, PKT and CC read cosine-type similarities, which subtract nothing: G is summed in float32
-(float64 for float64 inputs) with IEEE-precision dot products. Buffers are (N, N) at most:
-the angle term of RKD reads its N^3 angles from E one anchor at a time.
+Numerics (the CPU path, fastkd/torch_backend/pairwise.py, follows the same rules; its
+docstring has the error analysis). Everything here sums in float64, whatever the input dtype.
+RKD's distances and angles and IRG's edges are functions of E. Formed from a Gram matrix,
+E_ab = G_aa + G_bb - 2 G_ab carries an absolute error of about u |x|^2, which is all of E_ab
+for a pair much closer than the rows' norms (float32 features spread over 5000 with two rows
+0.3 apart gave RKD 5e9 for 0.66; centring does not help when the spread itself is large).
+So RKD's E is summed over the difference vectors themselves (`squared_distances`): for
+float32, bfloat16 and float16 inputs each difference is exact, E_ab has a relative error of
+about D u64 whatever the gap, and equal rows give exactly 0. RKD's angle at anchor i is read
+from E by polarisation, V_jk = (x_j - x_i).(x_k - x_i) = (E_ij + E_ik - E_jk) / 2, whose
+error is about u64 (E_ij + E_ik + E_jk) <= 3 u64 max(n_j, n_k)^2: relative to n_j n_k, 1e-9
+at a gap/spread ratio of 1e-7 (the float32 reference: 1e-7 on every angle). IRG reads E only
+through E / max(E): the centred float64 Gram matrix is accurate enough there
+(`squared_distances_from_gram`) and far cheaper on wide maps. Gradients M X + r X are formed
+in float64 from the centred rows, whose rounding (u64 |M| |x|) stays below the |M| gap of a
+near-duplicate pair down to gaps of about 1e-8 of the spread. SP, PKT and CC read cosine
+similarities, which subtract nothing, but their losses are near 0 exactly when student and
+teacher agree, where float32 sums would leave errors of the size of the loss. Buffers are
+(N, N) at most: the angle term of RKD reads its N^3 angles from E one anchor at a time.
 """
 import torch
 import triton
@@ -136,6 +140,17 @@ def _squared_distances_kernel(x_ptr, stride_n, stride_d, e_ptr, N, D,
         tl.store(e_ptr + rb[None, :].to(tl.int64) * N + ra[:, None], acc, mask=ok)
 
 
+def squared_distances_from_gram(g):
+    """E = G_aa + G_bb - 2 G_ab (N, N), 0 on the diagonal, from an exactly symmetric G of
+    centred rows (gram(prepare(x, centre=True, dtype=float64))): for IRG's edges, which read
+    E only through E / max(E), an absolute error of about D u64 |x - mean|^2 is enough, and
+    a Gram matrix is far cheaper than difference tiles on wide feature maps."""
+    sq = torch.diagonal(g)
+    e = (sq.unsqueeze(0) + sq.unsqueeze(1)) - 2 * g
+    torch.diagonal(e).zero_()
+    return e
+
+
 def squared_distances(x):
     """E (N, N) float64, E_ab = |flat(x)_a - flat(x)_b|^2 from the difference vectors (see the
     module docstring); x read through its strides in any float dtype."""
@@ -184,8 +199,10 @@ def gram(x):
 def _gram_grad_kernel(m_ptr, r_ptr, x_ptr, scale_ptr, out_ptr, N, D,
                       HAS_R: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """out = scale * (M X + r * X) for a (BLOCK, BLOCK_D) tile of out (r = 0 without HAS_R)."""
-    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    # Column blocks on grid axis 0 (up to 2^31 - 1): flattened maps reach D > 2 M, past the
+    # 65,535 of axis 1.
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ra = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < D
     acc = tl.zeros([BLOCK, BLOCK_D], dtype=x_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
@@ -210,7 +227,7 @@ def gram_grad(m, r, x, scale, like):
     loss's count)."""
     n, d = x.shape
     out = torch.empty((n, d), dtype=like.dtype, device=x.device)
-    _gram_grad_kernel[(triton.cdiv(n, BLOCK), triton.cdiv(d, BLOCK_D))](
+    _gram_grad_kernel[(triton.cdiv(d, BLOCK_D), triton.cdiv(n, BLOCK))](
         m, m if r is None else r, x, scale, out, n, d, HAS_R=r is not None, BLOCK=BLOCK,
         BLOCK_D=BLOCK_D)
     return out.reshape(like.shape)
@@ -1020,8 +1037,8 @@ def _transformation_grad_kernel(a_ptr, sa_n, sa_c, sa_h, sa_w, hw_a, w_a,
                                 BLOCK_V: tl.constexpr):
     """da_i[f] = 2 (a_i[f] - b'_i[f]) dd_i, and db = -da through b' (halved onto both of
     b's channels with HALVE), for one block of sample i's values; da, db contiguous."""
-    i = tl.program_id(0).to(tl.int64)
-    f = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    i = tl.program_id(1).to(tl.int64)
+    f = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     ok = f < V
     acc_type = dd_ptr.dtype.element_ty
     diff = _transformation_difference(a_ptr, (sa_n, sa_c, sa_h, sa_w), (hw_a, w_a),
@@ -1059,10 +1076,13 @@ def transformation_distances(a, b, dtype):
 
 def transformation_grads(a, b, dd, a_grad, b_grad):
     """(dL/da or None, dL/db or None) from dd = dL/dd (N,), shaped and typed like a and b."""
+    if not (a_grad or b_grad):
+        return None, None
     n, v = a.size(0), a[0].numel()
     da = torch.empty(a.shape, dtype=a.dtype, device=a.device) if a_grad else None
     db = torch.empty(b.shape, dtype=b.dtype, device=b.device) if b_grad else None
-    _transformation_grad_kernel[(n, triton.cdiv(v, BLOCK_V))](
+    # Value blocks on grid axis 0 (up to 2^31 - 1), samples on axis 1 (65,535).
+    _transformation_grad_kernel[(triton.cdiv(v, BLOCK_V), n)](
         *_map_args(a), *_map_args(b), dd, dd if da is None else da, dd if db is None else db, v,
         HALVE=a.size(1) < b.size(1), A_GRAD=a_grad, B_GRAD=b_grad, BLOCK_V=BLOCK_V)
     return da, db

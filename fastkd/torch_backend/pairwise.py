@@ -5,27 +5,35 @@ E_ab = |x_a - x_b|^2 (N, N). Formed from a Gram matrix, E_ab = G_aa + G_bb - 2 G
 an absolute error of about u |x|^2 (u the unit roundoff), which is all of E_ab for a pair much
 closer than the rows' norms: float32 features spread over 5000 with two rows 0.3 apart give a
 negative squared distance, a clamped norm of 1e-6 and angles of 1e9. Centring does not help
-when the spread itself is large. So E is built from the difference vectors themselves, in
-float64 (`squared_distances`): for float32 (and bfloat16/float16) inputs every difference is
-then exact and E_ab has a relative error of about D u64, whatever the pair's gap, and equal
-rows give exactly 0.
+when the spread itself is large.
 
-RKD's angle at anchor i comes from E by the law of cosines (polarisation):
+RKD reads E from the difference vectors themselves, in float64 (`squared_distances`): for
+float32 (and bfloat16/float16) inputs every difference is then exact and E_ab has a relative
+error of about D u64, whatever the pair's gap, and equal rows give exactly 0. Its angle at
+anchor i comes from E by the law of cosines (polarisation):
     V_jk = (x_j - x_i).(x_k - x_i) = (E_ij + E_ik - E_jk) / 2,   A_jk = V_jk / (n_j n_k),
 n_j = sqrt(E_ij). Each E carries a relative error of about u64, so A_jk carries about
 u64 (E_ij + E_ik + E_jk) / (n_j n_k) <= 3 u64 max(n_j, n_k) / min(n_j, n_k): 1e-9 at a
-gap/spread ratio of 1e-7, against the float32 reference's 1e-7 on every angle. A direction
+gap/spread ratio of 1e-7, against the float32 reference's 1e-7 on every angle. The angles
+are kept in float64, so that A_s - A_t of a near-zero loss keeps its digits. A direction
 shorter than 1e-12 (E < 1e-24; exactly the equal rows for float32 features of ordinary
-size) is taken as zero, as F.normalize makes a zero difference vector.
+size) is taken as zero, as F.normalize makes a zero difference vector, with F.normalize's
+gradient through its clamp.
+
+IRG reads E only through E / max(E), so an absolute error far below max(E) is all it needs:
+there E comes from the Gram matrix of the centred float64 rows (`gram_squared_distances`, a
+matrix product, where wide feature maps make difference vectors slow).
 
 Gradients: with W = dL/dE (N, N), dL/dx_a = 2 sum_b (W_ab + W_ba)(x_a - x_b), formed as
 S x_a - (S X)_a in float64 from the centred rows: its rounding, u64 |S| |x|, is small next
 to the |S| gap of a near-duplicate pair down to gaps of about 1e-8 of the spread.
 
-SP, PKT and CC read cosine-type similarities, which subtract nothing; they run in float32
-(float64 for float64 inputs). RKD's angle term reads its N^3 angles one block of anchors at
-a time, so nothing of size (N, N, D) or (N, N, N) is held; the loss comes back in the input
-dtype.
+SP, PKT and CC read cosine-type similarities, which subtract nothing, but their losses are
+near 0 exactly when student and teacher agree, where a float32 sum of the terms leaves
+errors of the size of the loss: PKT and CC run in float64. SP runs the reference's own
+float32 operations, so its rounding is the reference's. RKD's angle term reads its N^3
+angles one block of anchors at a time, so nothing of size (N, N, D) or (N, N, N) is held;
+the loss comes back in the input dtype.
 """
 import functools
 import math
@@ -61,6 +69,21 @@ def squared_distances(x):
     return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").square_()
 
 
+def gram_squared_distances(x):
+    """E (N, N) float64 as G_aa + G_bb - 2 G_ab from the Gram matrix of the centred float64
+    rows, exactly symmetric, 0 on the diagonal: a matrix product, far faster than
+    squared_distances for wide rows, with an absolute error of about D u64 |x - mean|^2.
+    For IRG's edges, which read E only through E / max(E), that is an error of about D u64
+    on every entry, where the reference's float32 Gram (uncentred) gives D u32 |x|^2 / max(E)."""
+    xc = centred64(x)
+    g = xc @ xc.t()
+    g = (g + g.t()) * 0.5
+    sq = torch.diagonal(g)
+    e = (sq.unsqueeze(0) + sq.unsqueeze(1)) - 2 * g
+    torch.diagonal(e).zero_()
+    return e
+
+
 def distance_grad(xc, w):
     """dL/dX (N, D) float64 from W = dL/dE (N, N): 2 sum_b (W_ab + W_ba)(x_a - x_b)."""
     s = w + w.t()
@@ -69,12 +92,12 @@ def distance_grad(xc, w):
 
 class SquaredDistanceLoss(torch.autograd.Function):
     """loss_of(E_s, E_t) (float64) for a loss of the two squared-distance matrices (N, N): E
-    built by squared_distances, dL/dE by autograd on the (N, N) matrices, dL/dX by
-    distance_grad."""
+    built by `distances` (squared_distances or gram_squared_distances), dL/dE by autograd on
+    the (N, N) matrices, dL/dX by distance_grad."""
 
     @staticmethod
-    def forward(ctx, x_s, x_t, loss_of):
-        e_s, e_t = squared_distances(x_s), squared_distances(x_t)
+    def forward(ctx, x_s, x_t, loss_of, distances):
+        e_s, e_t = distances(x_s), distances(x_t)
         ctx.save_for_backward(x_s, x_t, e_s, e_t)
         ctx.loss_of = loss_of
         return loss_of(e_s, e_t)
@@ -87,7 +110,7 @@ class SquaredDistanceLoss(torch.autograd.Function):
             loss = ctx.loss_of(*e)
             w = torch.autograd.grad(loss, e, grad_out.to(loss.dtype))
         return (*(distance_grad(centred64(x), g).reshape(x.shape).to(x.dtype) if needed else None
-                  for x, g, needed in zip((x_s, x_t), w, ctx.needs_input_grad)), None)
+                  for x, g, needed in zip((x_s, x_t), w, ctx.needs_input_grad)), None, None)
 
 
 def _off_diagonal(p):
@@ -108,7 +131,8 @@ def _rkd_distance_of(e_s, e_t):
 
 def rkd_distance(feat_s, feat_t):
     """smooth_l1(d_s / mean(d_s), d_t / mean(d_t)) over the N^2 pairwise distances."""
-    return SquaredDistanceLoss.apply(feat_s, feat_t, _rkd_distance_of).to(feat_s.dtype)
+    return SquaredDistanceLoss.apply(feat_s, feat_t, _rkd_distance_of, squared_distances).to(
+        feat_s.dtype)
 
 
 # --- RKD angle ----------------------------------------------------------------
@@ -221,10 +245,13 @@ def rkd_angle(feat_s, feat_t):
 # --- SP -----------------------------------------------------------------------
 
 def sp(fm_s, fm_t):
-    """mse(normalize(G_s, dim=1), normalize(G_t, dim=1)), G = flat(f) flat(f)^T, summed in
-    acc_dtype."""
+    """mse(normalize(G_s, dim=1), normalize(G_t, dim=1)), G = flat(f) flat(f)^T: the
+    reference's own operations, in float32 for 16-bit inputs (float64 for float64). Exactly
+    the reference's rounding, so exactly its error; a float64 version costs twice the time
+    on CPU and gains nothing against that yardstick."""
     h = [F.normalize(g @ g.t(), dim=1) for g in
-         (f.reshape(f.size(0), -1).to(acc_dtype(f)) for f in (fm_s, fm_t))]
+         (f.reshape(f.size(0), -1).to(torch.promote_types(f.dtype, torch.float32))
+          for f in (fm_s, fm_t))]
     return F.mse_loss(h[0], h[1]).to(fm_s.dtype)
 
 
@@ -277,8 +304,8 @@ def _edge_of(e_s, e_t):
 
 def irg_edge(irg_s, irg_t):
     """The mean over feat, fm1 and fm2 of mse(E_s, E_t); irg_* = (fm1, fm2, feat, out)."""
-    return (sum(SquaredDistanceLoss.apply(irg_s[i], irg_t[i], _edge_of) for i in (2, 0, 1)) / 3.0
-            ).to(irg_s[2].dtype)
+    return (sum(SquaredDistanceLoss.apply(irg_s[i], irg_t[i], _edge_of, gram_squared_distances)
+                for i in (2, 0, 1)) / 3.0).to(irg_s[2].dtype)
 
 
 # --- IRG transformation -----------------------------------------------------------------
