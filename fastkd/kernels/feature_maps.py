@@ -218,18 +218,26 @@ def _mat_tile(acc, m, x, b, i, k, CI, CJ, K, smb, smi, smj, sxb, sxj, sxk, BLOCK
 
 
 @triton.jit
+def _batch_tile(R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(b, rows, cols) of the program's output tile on a 1-D grid over B x (R, C) tiles: one
+    grid axis, whose 2^31 - 1 programs lift the 65,535 limit of axes 1 and 2."""
+    tiles_c = tl.cdiv(C, BLOCK_C)
+    tiles = tl.cdiv(R, BLOCK_R) * tiles_c
+    b = (tl.program_id(0) // tiles).to(tl.int64)
+    tile = tl.program_id(0) % tiles
+    rows = (tile // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (tile % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return b, rows, cols
+
+
+@triton.jit
 def _gram_kernel(x1, y1, x2, y2, out, partial, CX, CY, K1, K2, scale1: tl.float64, scale2: tl.float64,
                  sx1b, sx1c, sx1k, sy1b, sy1c, sy1k, sx2b, sx2c, sx2k, sy2b, sy2c, sy2k,
                  TWO: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
                  DIRECT: tl.constexpr):
     # out[b] = scale1 x1[b] y1[b]^T (+ scale2 x2[b] y2[b]^T when TWO), out contiguous (B, CX, CY);
     # partial[b, tile] = the sum of out^2 over the tile (FSP's fused squared error).
-    tiles_j = tl.cdiv(CY, BLOCK_J)
-    tiles = tl.cdiv(CX, BLOCK_I) * tiles_j
-    b = (tl.program_id(0) // tiles).to(tl.int64)
-    tile = tl.program_id(0) % tiles
-    i = (tile // tiles_j) * BLOCK_I + tl.arange(0, BLOCK_I)
-    j = (tile % tiles_j) * BLOCK_J + tl.arange(0, BLOCK_J)
+    b, i, j = _batch_tile(CX, CY, BLOCK_I, BLOCK_J)
     acc_t = out.dtype.element_ty
     acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=acc_t)
     acc = _mat_tile(acc, x1, y1, b, i, j, CX, K1, CY, sx1b, sx1c, sx1k, sy1b, sy1k, sy1c, BLOCK_K, DIRECT) * to_acc(
@@ -240,7 +248,8 @@ def _gram_kernel(x1, y1, x2, y2, out, partial, CX, CY, K1, K2, scale1: tl.float6
             scale2, acc_t)
     mask = (i < CX)[:, None] & (j < CY)[None, :]
     tl.store(out + (b * CX + i.to(tl.int64)[:, None]) * CY + j[None, :], acc, mask=mask)
-    tl.store(partial + b * tiles + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+    # partial is (B, tiles): entry b * tiles + tile is this program's id.
+    tl.store(partial + tl.program_id(0), tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
 _GRAM_BLOCK = 32
@@ -285,12 +294,7 @@ def _mat_map_kernel(m1, x1, m2, x2, diag, y, out, CI, CJ1, CJ2, K,
                     TWO: tl.constexpr, HAS_DIAG: tl.constexpr,
                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     # out[b] = m1[b] x1[b] (+ m2[b] x2[b]) (+ diag[b, :, None] * y[b]); out contiguous (B, CI, K).
-    tiles_k = tl.cdiv(K, BLOCK_K)
-    tiles = tl.cdiv(CI, BLOCK_I) * tiles_k
-    b = (tl.program_id(0) // tiles).to(tl.int64)
-    tile = tl.program_id(0) % tiles
-    i = (tile // tiles_k) * BLOCK_I + tl.arange(0, BLOCK_I)
-    k = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    b, i, k = _batch_tile(CI, K, BLOCK_I, BLOCK_K)
     acc = tl.zeros([BLOCK_I, BLOCK_K], dtype=m1.dtype.element_ty)
     # m is fp32/fp64 (computed from the Gram blocks): x is brought to its dtype.
     acc = _mat_tile(acc, m1, x1, b, i, k, CI, CJ1, K, sm1b, sm1i, sm1j, sx1b, sx1j, sx1k, BLOCK_J, False)
