@@ -412,8 +412,8 @@ def _distance_sides(x_s, x_t):
     """(E_s, E_t, X_s, X_t): the exact squared distances and the centred float64 rows their
     gradients are formed from (see fastkd.kernels.pairwise)."""
     return (_pw.squared_distances(x_s), _pw.squared_distances(x_t),
-            _pw.prepare(x_s, centre=True, dtype=torch.float64),
-            _pw.prepare(x_t, centre=True, dtype=torch.float64))
+            _pw.prepare(x_s, centre=True),
+            _pw.prepare(x_t, centre=True))
 
 
 class RKDDistanceFunction(torch.autograd.Function):
@@ -546,7 +546,7 @@ class IRGEdgeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_s, x_t):
-        c_s, c_t = (_pw.prepare(x, centre=True, dtype=torch.float64) for x in (x_s, x_t))
+        c_s, c_t = (_pw.prepare(x, centre=True) for x in (x_s, x_t))
         e_s, e_t = (_pw.squared_distances_from_gram(_pw.gram(c)) for c in (c_s, c_t))
         total, stats = _pw.irg_edge_forward(e_s, e_t)
         ctx.save_for_backward(x_s, x_t, c_s, c_t, e_s, e_t, stats)

@@ -43,14 +43,6 @@ NORM_EPS = 1e-12
 _NORM_EPS_SQ = tl.constexpr(NORM_EPS * NORM_EPS)  # kernels read only constexpr globals
 
 
-def acc_dtype(x):
-    """Every pairwise loss sums in float64, whatever the input dtype: its losses are
-    differences of nearly equal quantities (student against teacher, one Gram entry against
-    another), which float32 sums leave with errors far above the float32 reference's on
-    near-zero losses. Products of float32 values are exact in float64."""
-    return torch.float64
-
-
 # --- shared building blocks ---------------------------------------------------
 
 @triton.jit
@@ -97,13 +89,12 @@ def _prepare_kernel(x_ptr, stride_n, stride_d, norms_ptr, out_ptr, N, D,
         tl.store(out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], x, mask=ok)
 
 
-def prepare(x, centre, normalise=False, dtype=None):
-    """x as a contiguous (N, D) tensor in dtype (default acc_dtype(x)), centred (column means
-    0) if asked. With normalise (and not centre): (x^, norms), x^ = x / max(||x||, 1e-12) row
+def prepare(x, centre, normalise=False):
+    """x as a contiguous (N, D) float64 tensor, centred (column means 0) if asked. With normalise (and not centre): (x^, norms), x^ = x / max(||x||, 1e-12) row
     by row as F.normalize does, and norms (N,) the rows' norms, unclamped."""
     x = x.reshape(x.size(0), -1)
     n, d = x.shape
-    out = torch.empty((n, d), dtype=dtype or acc_dtype(x), device=x.device)
+    out = torch.empty((n, d), dtype=torch.float64, device=x.device)
     norms = torch.empty(n if normalise else 1, dtype=out.dtype, device=x.device)
     if normalise:
         _row_norms_kernel[(triton.cdiv(n, BLOCK),)](x, x.stride(0), x.stride(1), norms, n, d,

@@ -47,14 +47,6 @@ _ANGLE_BLOCK_ENTRIES = 1 << 20
 _NORM_EPS = 1e-12
 
 
-def acc_dtype(x):
-    """Every pairwise loss sums in float64, whatever the input dtype: its losses are
-    differences of nearly equal quantities (student against teacher, one Gram entry against
-    another), which float32 sums leave with errors far above the float32 reference's on
-    near-zero losses. Products of float32 values are exact in float64."""
-    return torch.float64
-
-
 def centred64(x):
     """flat(x) (N, D) in float64 minus its column means: the distances' gradients are formed
     from these rows (translation changes no distance)."""
@@ -258,10 +250,10 @@ def sp(fm_s, fm_t):
 # --- PKT and CC: cosine similarities from the Gram matrix ------------------------------
 
 def _cosine(x, divisor):
-    """C = X^ X^^T, x^ = x / divisor(||x||) row by row, in acc_dtype. The rows are scaled
+    """C = X^ X^^T, x^ = x / divisor(||x||) row by row, in float64. The rows are scaled
     before the product, as the reference does, and the norms come from vector_norm, whose
     gradient at a zero row is 0 (sqrt of a zero Gram diagonal would give NaN)."""
-    x = x.to(acc_dtype(x))
+    x = x.to(torch.float64)
     x = x / divisor(torch.linalg.vector_norm(x, dim=1, keepdim=True))
     return x @ x.t()
 
@@ -324,13 +316,13 @@ def transformation_pool(fm1, fm2):
 def _transformation(fm1, fm2):
     """T = d' / max(d') (N,), d' = max(d, 1e-12), d_i = |a_i - b'_i|^2: a = fm1 pooled to
     fm2's (H, W) when larger, b' = fm2's channels averaged in pairs when a has fewer,
-    paired by flat index. One reduction over each sample's values, summed in acc_dtype."""
+    paired by flat index. One reduction over each sample's values, summed in float64."""
     fm1 = transformation_pool(fm1, fm2)
     if fm1.size(1) < fm2.size(1):
         # In place on the sum: one (N, C2 / 2, H, W) temporary instead of two.
         fm2 = torch.add(fm2[:, 0::2], fm2[:, 1::2]).mul_(0.5)
-    n, dtype = fm1.size(0), torch.promote_types(acc_dtype(fm1), acc_dtype(fm2))
-    diff = fm1.reshape(n, -1).to(dtype) - fm2.reshape(n, -1).to(dtype)
+    n = fm1.size(0)
+    diff = fm1.reshape(n, -1).to(torch.float64) - fm2.reshape(n, -1).to(torch.float64)
     d = torch.linalg.vecdot(diff, diff).clamp(min=1e-12)
     return d / d.max()
 
