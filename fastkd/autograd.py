@@ -590,9 +590,10 @@ class IRGTransformationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a_s, b_s, a_t, b_t):
         dtype = _loss_dtype(a_s, b_s, a_t, b_t)
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        d_s = _pw.transformation_distances(a_s, b_s, acc)
-        d_t = _pw.transformation_distances(a_t, b_t, acc)
+        # float64, as every pairwise sum (fastkd.kernels.pairwise): a near-zero loss is a
+        # difference of nearly equal T_s, T_t.
+        d_s = _pw.transformation_distances(a_s, b_s, torch.float64)
+        d_t = _pw.transformation_distances(a_t, b_t, torch.float64)
         ctx.save_for_backward(a_s, b_s, a_t, b_t, d_s, d_t)
         diff = _normalised_distances(d_s)[0] - _normalised_distances(d_t)[0]
         return (diff * diff).mean().to(dtype)
