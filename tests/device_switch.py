@@ -74,7 +74,9 @@ def _copy(x, device):
 
 
 def _same_bits(a, b):
-    as_bytes = lambda x: x.detach().reshape(-1).contiguous().view(torch.uint8)  # noqa: E731
+    # A fresh copy: contiguous() keeps a stride of 2 on a one-element tensor.
+    as_bytes = lambda x: (x.detach().reshape(-1).clone(memory_format=torch.contiguous_format)  # noqa: E731
+                          .view(torch.uint8))
     return torch.equal(as_bytes(a), as_bytes(b.to(a.device)))
 
 
