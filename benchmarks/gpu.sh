@@ -5,9 +5,9 @@
 #
 # installs fastkd without dependencies, runs the test suite on the GPU (compiled kernels,
 # not the interpreter; FASTKD_TEST_DEVICE=cuda), compute-sanitizer memcheck over the kernel
-# tests, the compile and resource check, and the full benchmark sweep with JSON, CSV, plots and the floor
-# (roofline) columns; everything goes under OUT_DIR, with summary.txt listing each step's
-# exit status and time. Each step has a time limit so the whole fits in about 8 minutes on
+# tests, the compile and resource check, and the full benchmark sweep with JSON, CSV, plots
+# and the floor (roofline) columns; everything goes under OUT_DIR, with summary.txt listing
+# each step's exit status and time. Each step has a time limit so the whole fits in about 8 minutes on
 # an H100. FASTKD_GPU_DRY_RUN=1 runs only the compile check (no install, no GPU steps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
