@@ -4,10 +4,10 @@
 #     bash benchmarks/gpu.sh [OUT_DIR]        # default benchmarks/results/gpu-<gpu>-<date>
 #
 # installs fastkd without dependencies, runs the test suite on the GPU (compiled kernels,
-# not the interpreter), compute-sanitizer memcheck over the kernel tests, the compile and
-# resource check, and the full benchmark sweep with JSON, CSV, plots and the floor
-# (roofline) columns; everything goes under OUT_DIR, with summary.txt listing each step's
-# exit status and time. Each step has a time limit so the whole fits in about 8 minutes on
+# not the interpreter; FASTKD_TEST_DEVICE=cuda), compute-sanitizer memcheck over the kernel
+# tests, the compile and resource check, and the full benchmark sweep with JSON, CSV, plots
+# and the floor (roofline) columns; everything goes under OUT_DIR, with summary.txt listing
+# each step's exit status and time. Each step has a time limit so the whole fits in about 8 minutes on
 # an H100. FASTKD_GPU_DRY_RUN=1 runs only the compile check (no install, no GPU steps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,9 +36,11 @@ if [ "$DRY" = 1 ]; then  # the install would repoint this machine's fastkd: skip
     exit 0
 fi
 step install 120 python -m pip install --no-deps --no-build-isolation -e .
-step tests 150 python -m pytest -q -p no:cacheprovider tests --junitxml="$OUT/tests.xml"
+# The tests build CPU tensors: FASTKD_TEST_DEVICE=cuda runs their fastkd.autograd Functions
+# (every Triton launch) on the GPU and returns the results (see tests/device_switch.py).
+step tests 150 env FASTKD_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests --junitxml="$OUT/tests.xml"
 # memcheck is slow: the kernel tests only, with few hypothesis examples.
-step memcheck 90 env HYPOTHESIS_PROFILE=fastkd-sanitizer compute-sanitizer --tool memcheck \
+step memcheck 90 env FASTKD_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=fastkd-sanitizer compute-sanitizer --tool memcheck \
     --error-exitcode 1 --target-processes all python -m pytest -q -x -p no:cacheprovider \
     tests/test_softmax_kl_kernels.py tests/test_elementwise_kernels.py tests/test_feature_map_kernels.py \
     tests/test_contrast_kernels.py tests/test_pairwise_kernels.py
