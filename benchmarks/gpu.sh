@@ -43,7 +43,7 @@ step tests 150 env FASTKD_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovid
 step memcheck 90 env FASTKD_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=fastkd-sanitizer compute-sanitizer --tool memcheck \
     --error-exitcode 1 --target-processes all python -m pytest -q -x -p no:cacheprovider \
     tests/test_softmax_kl_kernels.py tests/test_elementwise_kernels.py tests/test_feature_map_kernels.py \
-    tests/test_contrast_kernels.py tests/test_pairwise_kernels.py
+    tests/test_contrast_kernels.py tests/test_pairwise_kernels.py tests/test_pairwise_relations_kernels.py
 step bench 240 python -m fastkd.bench --sweep full --device cuda --budget 0.3 --min-reps 3 \
     --max-call-seconds 5 --no-progress --json "$OUT/bench.json" --csv "$OUT/bench.csv" --plot "$OUT/plots"
 cp "$OUT/bench.log" "$OUT/bench.txt" 2>/dev/null || true
