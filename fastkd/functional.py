@@ -2,8 +2,9 @@
 
 Each function checks its inputs (raising before any computation, naming the
 argument), then runs the implementation that ``fastkd.backend`` picks for the
-tensors' device. Notation as in SPEC.md: s student, t teacher, B or N the
-batch, mse/l1 means over all elements, KLbm the batch-mean KL divergence.
+tensors' device. Each docstring states its loss's math and shapes. Notation: s student,
+t teacher, B or N the batch, mse/l1 means over all elements, KLbm the batch-mean KL
+divergence (torch's kl_div with reduction="batchmean"), normalize as F.normalize.
 """
 import torch
 
@@ -336,7 +337,8 @@ def irg(irg_s, irg_t, w_irg_vert, w_irg_edge, w_irg_tran):
 
     irg_s, irg_t: sequences (fm1, fm2, feat, out) of the student and the teacher, batch N >= 2.
     edge = mean over (feat, fm1, fm2) of mse(E_s, E_t), E(x) = pdist2(flat x) / max;
-    transformation = mse(T_s, T_t), T_i = |fm1_i - fm2_i|^2 / max (see SPEC.md). A term
+    transformation = mse(T_s, T_t), T_i = |fm1_i - fm2_i|^2 / max
+    (fastkd.reference.irg.transformation: pooling and channel pairing). A term
     whose weight is 0 is skipped.
     """
     _irg_check(irg_s, "irg_s")

@@ -1,7 +1,7 @@
 """Opt-in parity check: ``fastkd.reference`` against the original collection.
 
 fastkd promises to be a drop-in for the public "Knowledge-Distillation-Zoo"
-collection (see SPEC.md).  This module compares every plain-PyTorch reference
+collection (see the README).  This module compares every plain-PyTorch reference
 in ``fastkd.reference`` with the collection's own code, in float64: the loss,
 the gradient of every input that requires grad, and for modules with
 parameters the parameter gradients, buffers and initialisation as well.
@@ -13,7 +13,7 @@ into fastkd: its files are loaded by path at test time.
 
     KDZOO_PATH=/path/to/Knowledge-Distillation-Zoo python -m pytest tests/test_collection_parity.py
 
-Places where fastkd deliberately differs (marked **fastkd:** in SPEC.md: AFD
+Places where fastkd deliberately differs (listed in the README: AFD
 and CRD at batch size 1, RKD with N < 2) are not compared against the
 collection; the fastkd behaviour there is asserted on its own terms.
 """
@@ -129,7 +129,7 @@ ORIG["Paraphraser"], ORIG["Translator"] = _net["paraphraser"], _net["translator"
 # denominator `count(t < 0) + 1e-6` (the 1e-6 is mostly lost), and in
 # BSSAttacker the step size `step_alpha * [prediction == target]` (0.3 becomes
 # 0.30000001192...).  That is float32 rounding of the collection, not its math
-# (SPEC.md), and shows up as relative differences of ~1e-6 in float64.  So the
+# (fastkd.reference), and shows up as relative differences of ~1e-6 in float64.  So the
 # float64 comparisons for these two use the same files with `.float()` read as
 # `.double()` (ORIG64), and the unmodified files are compared in float32, the
 # dtype they were written for, where the casts change nothing

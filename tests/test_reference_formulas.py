@@ -1,6 +1,6 @@
 """fastkd.reference checked against independent float64 formulas.
 
-Each reference loss is compared with a numpy version of the SPEC.md formula
+Each reference loss is compared with a numpy version of the formula in its docstring
 that takes a deliberately different route (explicit loops, explicit sums,
 direct differences instead of Gram matrices), and where feasible with a
 small case worked out by hand (the answer is derived in the comment).

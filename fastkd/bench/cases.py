@@ -35,7 +35,7 @@ SWEEPS = ("tiny", "quick", "full")
 # Method name -> accepted spellings of --losses (case-insensitive).
 ALIASES = {"PKT": "PKTCosSim", "FitNet": "Hint", "FitNets": "Hint", "ST": "SoftTarget", "KD": "SoftTarget"}
 
-# Every method of SPEC.md except Baseline (torch's cross_entropy), in SPEC.md's order.
+# Every method of the collection except Baseline (torch's cross_entropy), in the README's order.
 LOSSES = ("Logits", "SoftTarget", "AT", "Hint", "NST", "PKTCosSim", "FSP", "FT", "RKD", "AB", "SP",
           "Sobolev", "BSS", "CC", "LwM", "IRG", "VID", "OFD", "AFD", "CRD", "DML")
 

@@ -1,4 +1,4 @@
-"""fastkd.reference: every method of SPEC.md in plain PyTorch.
+"""fastkd.reference: every method of the collection in plain PyTorch, its math one line per formula.
 
 The oracle the fast paths are tested against: written for clarity, one line
 per formula, never optimised. Class names, constructor and forward arguments,
