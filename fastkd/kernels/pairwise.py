@@ -8,8 +8,9 @@ and `gram_grad` (dL/dX = scale * (M X + r * X) from an (N, N) matrix M and an op
 r). Each loss then has its kernels over (N, N) tiles of the student's and the teacher's
 matrices, both read by the same launch.
 
-Numerics (the CPU path, fastkd/torch_backend/pairwise.py, follows the same rules; its
-docstring has the error analysis). Everything here sums in float64, whatever the input dtype.
+Numerics (the CPU path, fastkd/torch_backend/pairwise.py, follows the same rules for RKD and
+IRG, and runs the reference's own operations for SP, PKT and CC; its docstring has the error
+analysis). Everything here sums in float64, whatever the input dtype.
 RKD's distances and angles and IRG's edges are functions of E. Formed from a Gram matrix,
 E_ab = G_aa + G_bb - 2 G_ab carries an absolute error of about u |x|^2, which is all of E_ab
 for a pair much closer than the rows' norms (float32 features spread over 5000 with two rows

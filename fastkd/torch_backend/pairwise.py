@@ -29,11 +29,13 @@ S x_a - (S X)_a in float64 from the centred rows: its rounding, u64 |S| |x|, is 
 to the |S| gap of a near-duplicate pair down to gaps of about 1e-8 of the spread.
 
 SP, PKT and CC read cosine-type similarities, which subtract nothing, but their losses are
-near 0 exactly when student and teacher agree, where a float32 sum of the terms leaves
-errors of the size of the loss: PKT and CC run in float64. SP runs the reference's own
-float32 operations, so its rounding is the reference's. RKD's angle term reads its N^3
-angles one block of anchors at a time, so nothing of size (N, N, D) or (N, N, N) is held;
-the loss comes back in the input dtype.
+near 0 exactly when student and teacher agree, where any float32 order of operations other
+than the reference's leaves rounding of the loss's own size (the reference's rounds alike
+on both sides). They are a few torch calls with nothing better to do on CPU, so they run the
+reference's own operations (16-bit inputs in float32): their error is the reference's, at
+its speed, with a finite gradient at a zero row. RKD's angle term reads its N^3 angles one
+block of anchors at a time, so nothing of size (N, N, D) or (N, N, N) is held; the loss
+comes back in the input dtype.
 """
 import functools
 import math
@@ -234,33 +236,36 @@ def rkd_angle(feat_s, feat_t):
     return RKDAngle.apply(feat_s, feat_t)
 
 
-# --- SP -----------------------------------------------------------------------
+# --- SP, PKT and CC: similarities, with the reference's own operations ----------------
+# A few torch calls in the reference already, with nothing to gain from another algorithm on
+# CPU. Their losses are near 0 exactly when student and teacher agree, where any other order
+# of operations leaves rounding of the loss's own size that the reference's, alike on both
+# sides, does not: so these are the reference's operations (bfloat16/float16 in float32),
+# and their error is the reference's. Only a zero row differs: its gradient is finite.
+
+def _working(x):
+    """float32 for 16-bit inputs, else the input's dtype."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
 
 def sp(fm_s, fm_t):
-    """mse(normalize(G_s, dim=1), normalize(G_t, dim=1)), G = flat(f) flat(f)^T: the
-    reference's own operations, in float32 for 16-bit inputs (float64 for float64). Exactly
-    the reference's rounding, so exactly its error; a float64 version costs twice the time
-    on CPU and gains nothing against that yardstick."""
+    """mse(normalize(G_s, dim=1), normalize(G_t, dim=1)), G = flat(f) flat(f)^T, with the
+    reference's operations."""
     h = [F.normalize(g @ g.t(), dim=1) for g in
-         (f.reshape(f.size(0), -1).to(torch.promote_types(f.dtype, torch.float32))
-          for f in (fm_s, fm_t))]
+         (_working(f.reshape(f.size(0), -1)) for f in (fm_s, fm_t))]
     return F.mse_loss(h[0], h[1]).to(fm_s.dtype)
 
 
-# --- PKT and CC: cosine similarities from the Gram matrix ------------------------------
-
-def _cosine(x, divisor):
-    """C = X^ X^^T, x^ = x / divisor(||x||) row by row, in float64. The rows are scaled
-    before the product, as the reference does, and the norms come from vector_norm, whose
-    gradient at a zero row is 0 (sqrt of a zero Gram diagonal would give NaN)."""
-    x = x.to(torch.float64)
-    x = x / divisor(torch.linalg.vector_norm(x, dim=1, keepdim=True))
-    return x @ x.t()
-
-
 def _pkt_cond_prob(x, eps):
-    c = (_cosine(x, lambda n: n + eps) + 1) / 2
-    return c / c.sum(dim=1, keepdim=True)
+    """P = C' / rowsum(C'), C' = (x^ x^T + 1) / 2, x^ = x / (||x|| + eps), NaN -> 0 as the
+    reference; the norm's square is clamped at the smallest normal number, so a zero row has
+    the same x^ = 0 but a finite gradient (the reference's sqrt at 0 gives an infinite one)."""
+    x = _working(x)
+    sq = torch.sum(x ** 2, dim=1, keepdim=True)
+    x = x / (torch.sqrt(sq.clamp(min=torch.finfo(sq.dtype).tiny)) + eps)
+    x = torch.where(torch.isnan(x), torch.zeros_like(x), x)
+    cos = (x @ x.t() + 1.0) / 2.0
+    return cos / cos.sum(dim=1, keepdim=True)
 
 
 def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
@@ -271,13 +276,14 @@ def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
 
 
 def _cc_correlation(x, gamma, P_order):
-    """K = e^{-2 gamma} sum_{p<=P} y^p / p!, y = 2 gamma S, by Horner: 1 + y (1 + y/2 (...))."""
-    y = _cosine(x, lambda n: n.clamp(min=1e-12)) * (2 * gamma)
-    # From y, not a fresh tensor of ones, so that P = 0 still gives a (zero) gradient.
-    k = 1 + y / P_order if P_order > 0 else 1 + 0 * y
-    for p in range(P_order - 1, 0, -1):
-        k = 1 + k * y / p
-    return k * math.exp(-2 * gamma)
+    """K = sum_{p<=P} e^{-2 gamma} (2 gamma)^p / p! S^p, S the cosines of F.normalize'd rows
+    (finite gradient at a zero row)."""
+    x = F.normalize(_working(x), p=2, dim=-1)
+    sim = x @ x.t()
+    corr = torch.zeros_like(sim)
+    for p in range(P_order + 1):
+        corr = corr + math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * torch.pow(sim, p)
+    return corr
 
 
 def cc(feat_s, feat_t, gamma, P_order):
