@@ -10,8 +10,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
+from .common import first_order
 from .kernels import contrast as _contrast
 from .kernels import elementwise as _ew
 from .kernels import feature_maps as _fm
@@ -50,6 +50,7 @@ class ATFunction(torch.autograd.Function):
         return (partial.sum() / a_s.numel()).to(_loss_dtype(fm_s, fm_t))
 
     @staticmethod
+    @first_order
     def backward(ctx, grad):
         fm_s, fm_t, a_s, a_t, norms = ctx.saved_tensors
         ga_s, ga_t = _fm.at_grad_maps(a_s, a_t, norms, grad, 2.0 / a_s.numel())
@@ -97,6 +98,7 @@ class NSTFunction(torch.autograd.Function):
         return loss.to(_loss_dtype(fm_s, fm_t))
 
     @staticmethod
+    @first_order
     def backward(ctx, grad):
         fm_s, fm_t, k_ss, k_tt, k_st, r_s, r_t, keep_s, keep_t = ctx.saved_tensors
         xs, xt = _fm.as_bc_hw(fm_s), _fm.as_bc_hw(fm_t)
@@ -140,6 +142,7 @@ class NSTSpatialFunction(torch.autograd.Function):
         return (sq.sum() / xs.shape[0]).to(_loss_dtype(fm_s, fm_t))
 
     @staticmethod
+    @first_order
     def backward(ctx, grad):
         fm_s, fm_t, r_s, r_t, p = ctx.saved_tensors
         grads = []
@@ -183,6 +186,7 @@ class FSPFunction(torch.autograd.Function):
         return (sq.sum() / d.numel()).to(_loss_dtype(a_s, b_s, a_t, b_t))
 
     @staticmethod
+    @first_order
     def backward(ctx, grad):
         a_s, b_s, a_t, b_t, d = ctx.saved_tensors
         m = d * (grad.to(d.dtype) * (2.0 / d.numel()))
@@ -221,7 +225,7 @@ class MSEFunction(torch.autograd.Function):
         return (_ew.flat_loss(s, t, _ew.MSE) / s.numel()).to(_loss_dtype(s, t))
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         s, t = ctx.saved_tensors
         return _ew.flat_grad(s, t, grad, _ew.MSE, 0.0, *ctx.needs_input_grad)
@@ -246,7 +250,7 @@ class ABFunction(torch.autograd.Function):
         return (_ew.flat_loss(fm_s, fm_t, _ew.AB, margin) / fm_s.numel()).to(_loss_dtype(fm_s, fm_t))
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         s, t = ctx.saved_tensors
         ds, _ = _ew.flat_grad(s, t, grad, _ew.AB, ctx.margin, ctx.needs_input_grad[0], False)
@@ -274,7 +278,7 @@ class OFDFunction(torch.autograd.Function):
         return (stats[..., 0].sum() / fm_s.numel()).to(_loss_dtype(fm_s, fm_t))
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         fm_s, fm_t, margin, through = ctx.saved_tensors
         return _ew.ofd_grad(fm_s, fm_t, margin, through, grad, *ctx.needs_input_grad)
@@ -301,7 +305,7 @@ class VIDFunction(torch.autograd.Function):
         return (0.5 * (torch.log(var).mean() + (sq / var).sum() / n)).to(_loss_dtype(pred_mean, fm_t, alpha))
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         pred_mean, fm_t, alpha, var, sq = ctx.saved_tensors
         n, g = pred_mean.numel(), grad.to(var.dtype)
@@ -335,7 +339,7 @@ class AFDFunction(torch.autograd.Function):
         return ((rho.detach().to(q.dtype) * q).sum() / (B * L)).to(_loss_dtype(fm_s, fm_t, rho))
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         fm_s, fm_t, rho, stats = ctx.saved_tensors
         xs, xt = _ew.as_rows(fm_s), _ew.as_rows(fm_t)
@@ -357,7 +361,7 @@ class NormalizedRowsFunction(torch.autograd.Function):
     """mean(phi(normalize(flat(s)) - normalize(flat(t)))), normalize = x / max(||x_row||, 1e-12),
     phi = |.| (FT, LwM) or (.)^2 (Sobolev); s, t (B, ...) of equal size per sample.
 
-    Its backward is first order only (once_differentiable): Sobolev's and LwM's inputs are
+    Its backward is first order only (first_order): Sobolev's and LwM's inputs are
     gradients built with create_graph=True, and the loss's gradient flows back through them
     by torch's own double backward.
     """
@@ -371,7 +375,7 @@ class NormalizedRowsFunction(torch.autograd.Function):
         return (stats[:, 2].sum() / s.numel()).to(_loss_dtype(s, t))
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         s, t, stats = ctx.saved_tensors
         xs, xt = s.reshape(s.shape[0], 1, -1), t.reshape(t.shape[0], 1, -1)
@@ -427,6 +431,7 @@ class RKDDistanceFunction(torch.autograd.Function):
         return (total / len(e_s) ** 2).to(feat_s.dtype)
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_out):
         feat_s, feat_t, x_s, x_t, e_s, e_t, stats = ctx.saved_tensors
         m_s, r_s, m_t, r_t = _pw.rkd_distance_backward(e_s, e_t, stats)
@@ -445,6 +450,7 @@ class RKDAngleFunction(torch.autograd.Function):
         return (total / len(e_s) ** 3).to(feat_s.dtype)
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_out):
         feat_s, feat_t, x_s, x_t, e_s, e_t, stats = ctx.saved_tensors
         m_s, r_s, m_t, r_t = _pw.rkd_angle_backward(e_s, e_t, stats)
@@ -472,6 +478,7 @@ class SPFunction(torch.autograd.Function):
         return (total / len(g_s) ** 2).to(fm_s.dtype)
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_out):
         fm_s, fm_t, x_s, x_t, g_s, g_t, stats = ctx.saved_tensors
         m_s, m_t = _pw.sp_backward(g_s, g_t, stats)
@@ -498,6 +505,7 @@ class PKTFunction(torch.autograd.Function):
         return (total / len(g_s) ** 2).to(feat_s.dtype)
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_out):
         feat_s, feat_t, x_s, x_t, g_s, g_t, params, stats = ctx.saved_tensors
         m_s, r_s, m_t, r_t = _pw.pkt_backward(g_s, g_t, params, stats)
@@ -528,6 +536,7 @@ class CCFunction(torch.autograd.Function):
         return (total / len(g_s) ** 2).to(feat_s.dtype)
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_out):
         feat_s, feat_t, x_s, x_t, n_s, n_t, g_s, g_t, params = ctx.saved_tensors
         m_s, r_s, m_t, r_t = _pw.cc_backward(g_s, g_t, n_s, n_t, params, ctx.p_order)
@@ -553,6 +562,7 @@ class IRGEdgeFunction(torch.autograd.Function):
         return (total / len(e_s) ** 2).to(x_s.dtype)
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_out):
         x_s, x_t, c_s, c_t, e_s, e_t, stats = ctx.saved_tensors
         m_s, r_s, m_t, r_t = _pw.irg_edge_backward(e_s, e_t, stats)
@@ -599,6 +609,7 @@ class IRGTransformationFunction(torch.autograd.Function):
         return (diff * diff).mean().to(dtype)
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_out):
         a_s, b_s, a_t, b_t, d_s, d_t = ctx.saved_tensors
         grad_T = (_normalised_distances(d_s)[0] - _normalised_distances(d_t)[0]) * (
@@ -639,6 +650,7 @@ class SoftmaxKLFunction(torch.autograd.Function):
         return loss.to(torch.result_type(out_s, out_t))
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_output):
         out_s, out_t, stats, T_t = ctx.saved_tensors
         student, teacher = ctx.needs_input_grad[:2]

@@ -12,6 +12,8 @@ then dropped.
 """
 import torch
 
+from ..common import first_order
+
 # Gathered elements per chunk (rows x feat_dim).
 CHUNK_ELEMENTS = 1 << 18
 
@@ -55,6 +57,7 @@ class CRDContrast(torch.autograd.Function):
         return (loss / B).to(embed.dtype)
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_output):
         direction, = ctx.saved_tensors
         grad_embed = None

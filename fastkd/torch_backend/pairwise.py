@@ -43,6 +43,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..common import first_order
+
 # (anchors per block) * N^2 entries of the angle term held at once.
 _ANGLE_BLOCK_ENTRIES = 1 << 20
 # Directions shorter than this (E below its square) count as zero; F.normalize's clamp.
@@ -97,6 +99,7 @@ class SquaredDistanceLoss(torch.autograd.Function):
         return loss_of(e_s, e_t)
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_out):
         x_s, x_t, e_s, e_t = ctx.saved_tensors
         with torch.enable_grad():
@@ -217,6 +220,7 @@ class RKDAngle(torch.autograd.Function):
         return (total / n ** 3).to(feat_s.dtype)
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_out):
         feat_s, feat_t, w_s, z_s, w_t, z_t = ctx.saved_tensors
         scale = grad_out.to(torch.float64) / len(feat_s) ** 3

@@ -15,6 +15,8 @@ value than the unclamped sum; the gradients are those of the unclamped formula.
 import torch
 import torch.nn.functional as F
 
+from ..common import first_order
+
 # Elements per chunk: large enough to keep both threads of an op busy, small enough to
 # stay in cache.
 CHUNK_ELEMENTS = 1 << 17
@@ -68,6 +70,7 @@ class SoftmaxKL(torch.autograd.Function):
         return (kl.sum() * (scale / out_s.shape[0])).to(torch.result_type(out_s, out_t))
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_output):
         out_s, out_t, stats = ctx.saved_tensors
         student, teacher = ctx.needs_input_grad[:2]
