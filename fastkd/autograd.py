@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import first_order
+from .common import first_order, squared_distances_from_gram
 from .kernels import contrast as _contrast
 from .kernels import elementwise as _ew
 from .kernels import feature_maps as _fm
@@ -551,12 +551,12 @@ def cc(feat_s, feat_t, gamma, P_order):
 
 class IRGEdgeFunction(torch.autograd.Function):
     """mse(E'_s, E'_t), E' = pdist2 / max(pdist2) of flat(x), E from the centred float64
-    Gram matrix (see squared_distances_from_gram)."""
+    Gram matrix (fastkd.common.squared_distances_from_gram)."""
 
     @staticmethod
     def forward(ctx, x_s, x_t):
         c_s, c_t = (_pw.prepare(x, centre=True) for x in (x_s, x_t))
-        e_s, e_t = (_pw.squared_distances_from_gram(_pw.gram(c)) for c in (c_s, c_t))
+        e_s, e_t = (squared_distances_from_gram(_pw.gram(c)) for c in (c_s, c_t))
         total, stats = _pw.irg_edge_forward(e_s, e_t)
         ctx.save_for_backward(x_s, x_t, c_s, c_t, e_s, e_t, stats)
         return (total / len(e_s) ** 2).to(x_s.dtype)

@@ -23,3 +23,23 @@ def first_order(backward):
                 f"derivatives.")
         return backward(ctx, *grads)
     return wrapper
+
+
+def squared_distances_from_gram(g):
+    """E = G_aa + G_bb - 2 G_ab (N, N), 0 on the diagonal, from an exactly symmetric Gram
+    matrix G of centred float64 rows. Its absolute error, about D u64 |x - mean|^2, is all
+    of E for a pair much closer than the spread: enough for IRG's edges, which read E only
+    through E / max(E) (RKD needs the difference vectors themselves)."""
+    sq = torch.diagonal(g)
+    e = (sq.unsqueeze(0) + sq.unsqueeze(1)) - 2 * g
+    torch.diagonal(e).zero_()
+    return e
+
+
+def zero_row_sums(z):
+    """z (N, N) with its diagonal set, in place, so that every row sums to 0, as the exact
+    matrix's rows do when Z X is a sum of differences (the gradient through F.normalize's
+    clamp in RKD's angles): Z X is then sum_k Z_jk (x_k - x_j), and the rounding of Z's
+    entries is not multiplied by |x| (a near-duplicate pair's gap can be far smaller)."""
+    z.diagonal().sub_(z.sum(dim=1))
+    return z

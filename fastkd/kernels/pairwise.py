@@ -22,9 +22,9 @@ from E by polarisation, V_jk = (x_j - x_i).(x_k - x_i) = (E_ij + E_ik - E_jk) / 
 error is about u64 (E_ij + E_ik + E_jk) <= 3 u64 max(n_j, n_k)^2: relative to n_j n_k, 1e-9
 at a gap/spread ratio of 1e-7 (the float32 reference: 1e-7 on every angle). IRG reads E only
 through E / max(E): the centred float64 Gram matrix is accurate enough there
-(`squared_distances_from_gram`) and far cheaper on wide maps. Gradients M X + r X are formed
-in float64 from the centred rows, whose rounding (u64 |M| |x|) stays below the |M| gap of a
-near-duplicate pair down to gaps of about 1e-8 of the spread. SP, PKT and CC read cosine
+(fastkd.common.squared_distances_from_gram) and far cheaper on wide maps. Gradients
+M X + r X are formed in float64 from the centred rows, whose rounding (u64 |M| |x|) stays
+below the |M| gap of a near-duplicate pair down to gaps of about 1e-8 of the spread. SP, PKT and CC read cosine
 similarities, which subtract nothing, but their losses are near 0 exactly when student and
 teacher agree, where float32 sums would leave errors of the size of the loss. Buffers are
 (N, N) at most: the angle term of RKD reads its N^3 angles from E one anchor at a time.
@@ -32,6 +32,8 @@ teacher agree, where float32 sums would leave errors of the size of the loss. Bu
 import torch
 import triton
 import triton.language as tl
+
+from ..common import zero_row_sums
 
 BLOCK = 32  # side of the (N, N) tiles
 BLOCK_D = 32  # feature columns per step of a dot product
@@ -130,17 +132,6 @@ def _squared_distances_kernel(x_ptr, stride_n, stride_d, e_ptr, N, D,
         ok = (ra[:, None] < N) & (rb[None, :] < N)
         tl.store(e_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], acc, mask=ok)
         tl.store(e_ptr + rb[None, :].to(tl.int64) * N + ra[:, None], acc, mask=ok)
-
-
-def squared_distances_from_gram(g):
-    """E = G_aa + G_bb - 2 G_ab (N, N), 0 on the diagonal, from an exactly symmetric G of
-    centred rows (gram(prepare(x, centre=True, dtype=float64))): for IRG's edges, which read
-    E only through E / max(E), an absolute error of about D u64 |x - mean|^2 is enough, and
-    a Gram matrix is far cheaper than difference tiles on wide feature maps."""
-    sq = torch.diagonal(g)
-    e = (sq.unsqueeze(0) + sq.unsqueeze(1)) - 2 * g
-    torch.diagonal(e).zero_()
-    return e
 
 
 def squared_distances(x):
@@ -514,10 +505,8 @@ def rkd_angle_backward(e_s, e_t, stats):
         sym = w + w.t()
         # c scales here, in float64: a kernel's Python float constant is a float32 there.
         z = (z2 - s.t() - q) * (2.0 / NORM_EPS)
-        # Z_ii = -(the rest of row i), which is sum_j s_ij exactly: every row of Z sums to 0,
-        # so Z X is a sum of differences x_k - x_i whatever the rounding of Z's entries.
-        z.diagonal().sub_(z.sum(1))
-        out += [z - 2 * sym, 2 * sym.sum(1)]
+        # Z_ii = sum_j s_ij, set as minus the rest of row i (see zero_row_sums).
+        out += [zero_row_sums(z) - 2 * sym, 2 * sym.sum(1)]
     return tuple(out)
 
 

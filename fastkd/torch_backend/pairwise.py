@@ -43,7 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..common import first_order
+from ..common import first_order, squared_distances_from_gram, zero_row_sums
 
 # (anchors per block) * N^2 entries of the angle term held at once.
 _ANGLE_BLOCK_ENTRIES = 1 << 20
@@ -66,18 +66,12 @@ def squared_distances(x):
 
 
 def gram_squared_distances(x):
-    """E (N, N) float64 as G_aa + G_bb - 2 G_ab from the Gram matrix of the centred float64
-    rows, exactly symmetric, 0 on the diagonal: a matrix product, far faster than
-    squared_distances for wide rows, with an absolute error of about D u64 |x - mean|^2.
-    For IRG's edges, which read E only through E / max(E), that is an error of about D u64
-    on every entry, where the reference's float32 Gram (uncentred) gives D u32 |x|^2 / max(E)."""
+    """E (N, N) float64 from the Gram matrix of the centred float64 rows (a matrix product,
+    far faster than squared_distances for wide rows): for IRG's edges, see
+    fastkd.common.squared_distances_from_gram."""
     xc = centred64(x)
     g = xc @ xc.t()
-    g = (g + g.t()) * 0.5
-    sq = torch.diagonal(g)
-    e = (sq.unsqueeze(0) + sq.unsqueeze(1)) - 2 * g
-    torch.diagonal(e).zero_()
-    return e
+    return squared_distances_from_gram((g + g.t()) * 0.5)
 
 
 def distance_grad(xc, w):
@@ -175,15 +169,7 @@ def _angle_grad_block(a, inv, dead, u, sign, lo, hi, w, z):
         z += c.sum(dim=0)
         z[:, lo:hi] -= c.sum(dim=2).t()  # s_ij
         z[lo:hi] -= c.sum(dim=1)
-        # Z_ii += sum_j s_ij: left to _zero_row_sums.
-
-
-def _zero_row_sums(z):
-    """z with its diagonal set so that every row sums to 0, as the exact Z's rows do: Z X is
-    then sum_k Z_jk (x_k - x_j), a sum of differences, and the rounding of Z's entries is not
-    multiplied by |x| (a near-duplicate pair's gap can be far smaller)."""
-    z.diagonal().sub_(z.sum(dim=1))
-    return z
+        # Z_ii += sum_j s_ij: left to zero_row_sums.
 
 
 class RKDAngle(torch.autograd.Function):
@@ -230,7 +216,7 @@ class RKDAngle(torch.autograd.Function):
                 grads.append(None)
                 continue
             xc = centred64(x)
-            g = distance_grad(xc, w) if z is None else distance_grad(xc, w) + _zero_row_sums(z) @ xc
+            g = distance_grad(xc, w) if z is None else distance_grad(xc, w) + zero_row_sums(z) @ xc
             grads.append((g * scale).reshape(x.shape).to(x.dtype))
         return tuple(grads)
 
