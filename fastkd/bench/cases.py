@@ -10,7 +10,7 @@ Sweeps (``cases(sweep, device_type)``):
   tiny   a few small shapes for the tests of the bench code itself.
   quick  two smaller shapes per loss (CIFAR layers at B=32, 256 rows of logits, CRD at
          nce_n=4096): a first look, minutes on 2 CPU cores.
-  full   the realistic sweep: pairwise losses at batch 64..8192 of 512-d features
+  full   the realistic sweep: pairwise losses at batch 64..16384 of 512-d features
          (64..2048 on CPU), feature-map losses at CIFAR (B=128, C=16..64, 32x32..8x8)
          and ImageNet (B=256, or 32 on CPU, C=64..2048, 56x56..7x7) layer shapes,
          logit losses over vocabularies 10..128k with 8192 rows (1024 on CPU),
@@ -103,7 +103,7 @@ def _pair(shape_s, shape_t=None):
 # Pairwise losses: batch sizes of D-dimensional features.
 _PAIRWISE = {"tiny": ([8, 16], 32), "quick": ([64, 128], 512),
              "full": {"cpu": ([64, 128, 256, 512, 1024, 2048], 512),
-                      "cuda": ([64, 128, 256, 512, 1024, 2048, 4096, 8192], 512)}}
+                      "cuda": ([64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384], 512)}}
 
 # Feature maps: (B, C, H, W) layers of CIFAR ResNets and an ImageNet ResNet-50.
 _CIFAR = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)]

@@ -142,6 +142,8 @@ def parser():
     p = argparse.ArgumentParser(
         prog="python -m fastkd.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--losses", help="comma-separated losses (default: all 21), e.g. RKD,SP,PKT")
+    p.add_argument("--cases", metavar="REGEX", help="keep only the cases whose name (e.g. 'RKD N=1024 D=512') "
+                   "matches this regular expression")
     p.add_argument("--quick", action="store_true", help="the quick sweep: a first look, minutes on a CPU")
     p.add_argument("--sweep", choices=cases_mod.SWEEPS, help="tiny, quick or full (default full; --quick = quick)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -189,8 +191,13 @@ def settings_from(args):
         losses = None if not args.losses else [cases_mod.canonical(n) for n in args.losses.split(",") if n.strip()]
     except ValueError as err:
         raise SystemExit(f"fastkd.bench: {err}") from None
+    if args.cases:
+        try:
+            re.compile(args.cases)
+        except re.error as err:
+            raise SystemExit(f"fastkd.bench: --cases is not a regular expression: {err}") from None
     return {
-        "sweep": sweep, "device": str(device), "dtype": args.dtype, "variants": variants, "losses": losses,
+        "sweep": sweep, "cases": args.cases, "device": str(device), "dtype": args.dtype, "variants": variants, "losses": losses,
         "max_memory": max_memory,
         "max_call_s": args.max_call_seconds or (5.0 if quick else 30.0),
         "budget_s": args.budget or (0.5 if quick else 3.0),
@@ -199,18 +206,24 @@ def settings_from(args):
     }
 
 
-def run(settings, machine=None, variants=None, progress=True, cases=None):
+def run(settings, machine=None, variants=None, progress=True, cases=None, on_record=None):
     """Run the benchmark; returns the run dict that report.* print and write.
 
     variants: {name: builder} overriding measure.VARIANTS (the tests use this); cases:
-    the list of cases (default: the sweep's).
+    the list of cases (default: the sweep's, those whose name matches settings["cases"]);
+    on_record(run): called with the run so far after each case, so that a run stopped
+    part-way (a time limit) leaves what it measured.
     """
     device = torch.device(settings["device"])
     dtype = DTYPES[settings["dtype"]]
     torch.set_num_threads(settings["threads"])
     builders = variants or {v: measure.VARIANTS[v] for v in settings["variants"]}
     settings = dict(settings, variants=list(builders))
-    todo = cases if cases is not None else cases_mod.cases(settings["sweep"], device.type, settings["losses"])
+    if cases is None:
+        cases = cases_mod.cases(settings["sweep"], device.type, settings["losses"])
+        if settings.get("cases"):
+            cases = [c for c in cases if re.search(settings["cases"], c.name)]
+    todo = cases
     info = describe_device(device)
     if machine:
         info["description"] = machine
@@ -244,6 +257,8 @@ def run(settings, machine=None, variants=None, progress=True, cases=None):
         if device.type == "cuda" and case.floor:
             record["floor"] = _floor(case, device, dtype, info, results.get("fastkd"))
         out["results"].append(record)
+        if on_record is not None:
+            on_record(out)
         bar.advance(case.name)
     bar.close()
     out["run_seconds"] = time.monotonic() - start
@@ -268,7 +283,20 @@ def main(argv=None):
     args = parser().parse_args(argv)
     settings = settings_from(args)
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break notices are expected here
-    result = run(settings, machine=args.machine, progress=not args.no_progress)
+
+
+    def save(partial):  # after every case, so a run stopped part-way keeps what it measured
+        if args.json:
+            report.write_json(partial, args.json)
+        if args.csv:
+            report.write_csv(partial, args.csv)
+        if args.no_progress:
+            last = partial["results"][-1]
+            times = ", ".join(f"{v} {r['time_s'] * 1e3:.3g} ms" if r.get("time_s") else f"{v} {r['status']}"
+                              for v, r in last["variants"].items())
+            print(f"[{len(partial['results'])}] {last['loss']} {last['shape']}: {times}", flush=True)
+
+    result = run(settings, machine=args.machine, progress=not args.no_progress, on_record=save)
     print(report.header(result))
     print()
     print(report.table(result))
