@@ -161,7 +161,7 @@ def _gram_kernel(x_ptr, g_ptr, N, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr)
                          mask=(ra[:, None] < N) & (cols[None, :] < D), other=0.0)
             xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * D + cols[None, :],
                          mask=(rb[:, None] < N) & (cols[None, :] < D), other=0.0)
-            acc = tl.dot(xa, tl.trans(xb), acc, input_precision="ieee")
+            acc = tl.dot(xa, tl.trans(xb), acc, input_precision="ieee", out_dtype=acc.dtype)
         # A diagonal tile is made exactly symmetric too: (a + b) / 2 does not depend on order.
         acc = tl.where(pid_a == pid_b, (acc + tl.trans(acc)) * 0.5, acc)
         ok = (ra[:, None] < N) & (rb[None, :] < N)
@@ -194,7 +194,7 @@ def _gram_grad_kernel(m_ptr, r_ptr, x_ptr, scale_ptr, out_ptr, N, D,
                     mask=(ra[:, None] < N) & (rb[None, :] < N), other=0.0)
         xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * D + cols[None, :],
                      mask=(rb[:, None] < N) & col_ok[None, :], other=0.0)
-        acc = tl.dot(m, xb, acc, input_precision="ieee")
+        acc = tl.dot(m, xb, acc, input_precision="ieee", out_dtype=acc.dtype)
     ok = (ra[:, None] < N) & col_ok[None, :]
     if HAS_R:
         xa = tl.load(x_ptr + ra[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0)

@@ -241,8 +241,10 @@ def _compile(i):
         src = ASTSource(spec.kernel, spec.signature, spec.constexprs, spec.attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", spec.arch, 32), options=spec.options)
     except Exception as e:  # noqa: BLE001 - a compile error is a finding
-        msg = str(e).strip().splitlines()
-        return {"error": f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]}
+        # The first line gives the kernel line and column, the last the cause.
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        where_why = " ... ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else ""
+        return {"error": f"{type(e).__name__}: {where_why}"[:400]}
     usage = _cuobjdump(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     has_dot = "tt.dot" in str(compiled.asm.get("ttir", ""))
