@@ -4,14 +4,15 @@
 #     bash benchmarks/gpu.sh [RESULTS_DIR]     # default benchmarks/results/gpu-<gpu>-<date>
 #
 # installs fastkd without dependencies, runs the test suite on the GPU (compiled kernels,
-# not the interpreter; FASTKD_TEST_DEVICE=cuda; parallel when pytest-xdist is there),
-# compute-sanitizer memcheck over the kernel tests, and the benchmark: the full sweep of
-# eager reference against fastkd, with JSON, CSV, plots and the floor (roofline) columns,
-# then the reference under torch.compile against fastkd at one realistic shape per loss
-# (torch.compile takes seconds per case, too long for every shape of the sweep).
-# Everything goes under RESULTS_DIR, with summary.txt listing each step's exit status and
-# time. Each step has a time limit; the whole fits in about 9 minutes. The benchmark writes
-# its JSON and CSV after every case, so a step stopped at its limit keeps what it measured.
+# not the interpreter; FASTKD_TEST_DEVICE=cuda; parallel when pytest-xdist is there), then
+# the benchmark: the full sweep of the eager reference against fastkd, with JSON, CSV,
+# plots and the floor (roofline) columns; the reference under torch.compile against fastkd
+# at one realistic shape per loss (torch.compile takes seconds per case, too long for every
+# shape of the sweep); and compute-sanitizer memcheck over every loss's kernels at small
+# shapes. Everything goes under RESULTS_DIR, with summary.txt listing each step's exit
+# status and time. Each step has a time limit; the whole fits in about 9.5 minutes (a lease
+# is 15). The benchmark writes its JSON and CSV after every case, so a step stopped at its
+# limit keeps what it measured.
 # FASTKD_GPU_RESOURCES=1 adds the compile and resource check (about 2.5 minutes, CPU only;
 # CI runs it too). FASTKD_GPU_DRY_RUN=1 runs only that check (no install, no GPU steps).
 set -uo pipefail
@@ -49,22 +50,24 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the working tree's fastkd e
 
 # The tests build CPU tensors: FASTKD_TEST_DEVICE=cuda runs their fastkd.autograd Functions
 # (every Triton launch) on the GPU and returns the results (see tests/device_switch.py).
-PARALLEL=()
-python -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
 # tests/test_compile_kernels.py compiles for sm_90/sm_80 on the CPU (minutes, cold): CI and
 # the optional resources step above run it, not this one.
-step tests 170 env FASTKD_TEST_DEVICE=cuda python -m pytest -q -rfE --tb=short -p no:cacheprovider "${PARALLEL[@]}" \
+# -v names every test as it ends (pytest's summary comes only at the end, which a time limit
+# can cut off); loadfile keeps a file's tests, and so the kernels they compile, on one worker.
+PARALLEL=()
+python -c "import xdist" 2>/dev/null && PARALLEL=(-n 14 --dist loadfile)
+step tests 180 env FASTKD_TEST_DEVICE=cuda python -m pytest -v -rfE --tb=short -p no:cacheprovider "${PARALLEL[@]}" \
     tests --deselect tests/test_compile_kernels.py --durations=15 --junitxml="$RESULTS/tests.xml"
-# memcheck is slow: the kernel tests only, with few hypothesis examples; -v shows how far it got.
-step memcheck 60 env FASTKD_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=fastkd-sanitizer compute-sanitizer --tool memcheck \
-    --error-exitcode 1 --target-processes all python -m pytest -v -x -p no:cacheprovider \
-    tests/test_pairwise_kernels.py tests/test_softmax_kl_kernels.py tests/test_feature_map_kernels.py \
-    tests/test_contrast_kernels.py tests/test_elementwise_kernels.py tests/test_pairwise_relations_kernels.py
-step bench 170 python -m fastkd.bench --sweep full --device cuda --variants eager,fastkd --budget 0.1 --min-reps 3 \
+grep -E "(FAILED|ERROR) tests/" "$RESULTS/tests.log" | sed 's/^.*\(FAILED\|ERROR\) /\1 /' | sort -u > "$RESULTS/tests-failed.txt"
+step bench 170 python -m fastkd.bench --sweep full --device cuda --variants eager,fastkd --budget 0.05 --min-reps 3 \
     --max-call-seconds 3 --no-progress --json "$RESULTS/bench.json" --csv "$RESULTS/bench.csv" --plot "$RESULTS/plots"
 # One realistic shape per loss, in the sweep's order of losses.
 ONE_SHAPE='x32000$|C=512 28x28|N=1024 D=512|256x56x56>512x28x28|CRD B=256 |^(Sobolev|LwM) B=256 '
-step bench-compile 110 python -m fastkd.bench --sweep full --device cuda --variants compile,fastkd --cases "$ONE_SHAPE" \
-    --budget 0.1 --min-reps 3 --max-call-seconds 3 --no-progress --json "$RESULTS/bench-compile.json" \
+step bench-compile 100 python -m fastkd.bench --sweep full --device cuda --variants compile,fastkd --cases "$ONE_SHAPE" \
+    --budget 0.05 --min-reps 3 --max-call-seconds 3 --no-progress --json "$RESULTS/bench-compile.json" \
     --csv "$RESULTS/bench-compile.csv"
+# Last, as the slowest to start: every loss of fastkd once at the tiny shapes, forward and
+# backward, under memcheck (the whole test suite under it takes far longer than a lease).
+step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 python -m fastkd.bench --sweep tiny \
+    --device cuda --variants fastkd --budget 0.001 --min-reps 1 --max-reps 1 --warmup 0 --no-progress
 echo "results in $RESULTS"

@@ -69,7 +69,7 @@ def test_sweeps_cover_every_loss_once_per_shape():
 
 def test_full_sweeps_have_the_issue_shapes():
     gpu = cases.cases("full", "cuda")
-    assert [c.x for c in gpu if c.loss == "RKD"] == [64, 128, 256, 512, 1024, 2048, 4096, 8192]
+    assert [c.x for c in gpu if c.loss == "RKD"] == [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
     assert {c.params["D"] for c in gpu if c.loss in ("RKD", "SP", "PKTCosSim", "CC", "IRG")} == {512}
     assert {c.x for c in gpu if c.loss == "SoftTarget"} == {10, 100, 1000, 32000, 128000}
     assert {c.params["rows"] for c in gpu if c.loss == "DML"} == {8192}
@@ -78,6 +78,40 @@ def test_full_sweeps_have_the_issue_shapes():
     at = {(c.params["B"], c.params["C"], c.params["H"]) for c in gpu if c.loss == "AT"}
     assert {(128, 16, 32), (128, 64, 8), (256, 64, 56), (256, 2048, 7)} <= at
     assert max(c.x for c in cases.cases("full", "cpu") if c.loss == "RKD") < 8192
+
+
+def test_cases_option_keeps_the_matching_cases_and_rejects_a_bad_pattern():
+    settings = _settings(cases="^SP N=16|^Hint")
+    names = [c.name for c in cases.cases("tiny", "cpu")]
+    kept = [n for n in names if n.startswith("SP N=16") or n.startswith("Hint")]
+    assert 1 < len(kept) < len(names)
+    seen = []
+    cli.run(settings, variants={"fastkd": measure.fastkd_auto}, progress=False,
+            on_record=lambda run: seen.append([f"{r['loss']} {r['shape']}" for r in run["results"]]))
+    assert seen == [kept[:i + 1] for i in range(len(kept))]
+    with pytest.raises(SystemExit, match="--cases"):
+        cli.settings_from(cli.parser().parse_args(["--cases", "SP("]))
+
+
+def test_a_run_stopped_part_way_leaves_the_cases_it_measured(tmp_path, monkeypatch):
+    json_path, csv_path = tmp_path / "bench.json", tmp_path / "bench.csv"
+    real, calls = measure.run_case, []
+
+    def stop_at_the_second_case(case, *args, **kwargs):  # a time limit's signal, say
+        calls.append(case.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(case, *args, **kwargs)
+    monkeypatch.setattr(measure, "run_case", stop_at_the_second_case)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--sweep", "tiny", "--losses", "SP", "--variants", "fastkd", "--min-reps", "1", "--max-reps", "1",
+                  "--budget", "0.001", "--threads", "1", "--no-progress", "--json", str(json_path),
+                  "--csv", str(csv_path)])
+    run = json.loads(json_path.read_text())
+    assert [f"{r['loss']} {r['shape']}" for r in run["results"]] == calls[:1]
+    assert run["results"][0]["variants"]["fastkd"]["status"] == "ok"
+    with open(csv_path, newline="") as f:
+        assert len(list(csv.DictReader(f))) == 1
 
 
 def test_losses_option_takes_aliases_and_rejects_unknown_names():

@@ -53,7 +53,9 @@ class Case:
     args      the module's constructor arguments.
     inputs    inputs(device, dtype, generator) -> fresh tuple of forward arguments.
     flops     the matrix-product work fastkd's algorithm cannot avoid (forward + backward),
-              for the floor on CUDA; memory traffic is counted from the inputs themselves.
+              for the floor on CUDA at the measured IEEE fp32 rate; memory traffic is counted
+              from the inputs themselves.
+    tf32_flops  such work done by torch's convolutions, at the TF32 rate (cuDNN's default).
     extra_bytes  traffic beyond reading the inputs and writing their gradients.
     floor     False where no floor is meaningful (the time is the network's, not the loss's).
     """
@@ -66,6 +68,7 @@ class Case:
     inputs: Callable
     monotone: bool = True
     flops: int = 0
+    tf32_flops: int = 0
     extra_bytes: int = 0
     floor: bool = True
     params: dict = field(default_factory=dict)
@@ -185,17 +188,19 @@ def _map_cases(sweep, device_type):
         label, elems = _map_label(shape), b * c * h * w
         params = {"B": b, "C": c, "H": h, "W": w}
 
-        def case(loss, args=(), flops=0, make=None):
+        def case(loss, args=(), flops=0, tf32_flops=0, make=None):
             return Case(loss, label, c * h * w, "values per sample", elems, args, make or _pair(shape),
-                        monotone=False, flops=flops, params=params)
+                        monotone=False, flops=flops, tf32_flops=tf32_flops, params=params)
         conv = 2 * b * h * w * c * c  # one 1x1 conv C -> C
+        # NST's three Grams, forward and backward twice, each (C x C) or (HW x HW), the smaller.
+        nst = 3 * 3 * 2 * b * c * h * w * min(c, h * w)
         out += [case("AT", (2.0,)),
                 case("Hint"),
-                case("NST", flops=3 * 3 * 2 * b * c * c * h * w),  # three C x C Grams, backward twice
+                case("NST", flops=nst),
                 case("FT"),
                 case("AB", (1.0,)),
-                case("VID", (c, c, c, 5.0), flops=3 * 3 * conv),  # three convs, forward + 2 backward
-                case("OFD", (c, c), flops=3 * conv),
+                case("VID", (c, c, c, 5.0), tf32_flops=3 * 3 * conv),  # three convs, forward + 2 backward
+                case("OFD", (c, c), tf32_flops=3 * conv),
                 case("AFD", (c, 1.0))]
     # FSP: consecutive layers (the first pooled to the second's size when larger).
     for first, second in ((a, b) for layers in networks for a, b in zip(layers, layers[1:])):

@@ -115,14 +115,16 @@ def device_peaks(device, reps=10):
     n = 8192
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # IEEE fp32, the precision the losses use
     try:
+        torch.backends.cuda.matmul.allow_tf32 = False  # IEEE fp32, the precision the losses use
         peak = 2 * n ** 3 / median_seconds(lambda: a @ b)
+        torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's default for the convolutions of VID, OFD
+        peak_tf32 = 2 * n ** 3 / median_seconds(lambda: a @ b)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     del a, b
     torch.cuda.empty_cache()
-    return bandwidth, peak
+    return bandwidth, peak, peak_tf32
 
 
 def fastkd_path(loss, device):
@@ -231,7 +233,7 @@ def run(settings, machine=None, variants=None, progress=True, cases=None, on_rec
         if settings["max_memory"]:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, settings["max_memory"] / total), device)
-        info["bandwidth_Bps"], info["peak_flops"] = device_peaks(device)
+        info["bandwidth_Bps"], info["peak_flops"], info["peak_tf32_flops"] = device_peaks(device)
     out = {"fastkd": fastkd.__version__, "torch": torch.__version__, "triton": _triton_version(),
            "python": platform.python_version(), "git_commit": git_commit(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -274,7 +276,8 @@ def _floor(case, device, dtype, info, fast):
         if not measure.is_out_of_memory(err):
             raise
         return None
-    seconds = max(nbytes / info["bandwidth_Bps"], case.flops / info["peak_flops"])
+    seconds = max(nbytes / info["bandwidth_Bps"],
+                  case.flops / info["peak_flops"] + case.tf32_flops / info["peak_tf32_flops"])
     fraction = seconds / fast["time_s"] if fast and fast["time_s"] else None
     return {"bytes": nbytes, "flops": case.flops, "time_s": seconds, "fraction": fraction}
 

@@ -171,7 +171,8 @@ def header(run):
              + (f"{run['settings']['max_memory'] / 2 ** 30:.1f} GiB" if run["settings"]["max_memory"] else "none")]
     if dev.get("bandwidth_Bps"):
         lines.append(f"measured copy bandwidth {dev['bandwidth_Bps'] / 1e9:.0f} GB/s, "
-                     f"fp32 matmul peak {dev['peak_flops'] / 1e12:.1f} TFLOP/s")
+                     f"fp32 matmul peak {dev['peak_flops'] / 1e12:.1f} TFLOP/s"
+                     + (f" ({dev['peak_tf32_flops'] / 1e12:.0f} in TF32)" if dev.get("peak_tf32_flops") else ""))
     return "\n".join(lines)
 
 
