@@ -11,7 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import first_order, squared_distances_from_gram
+from . import ops as _ops
+from .common import first_order, result_dtype, squared_distances_from_gram
 from .kernels import contrast as _contrast
 from .kernels import elementwise as _ew
 from .kernels import feature_maps as _fm
@@ -24,13 +25,6 @@ from .torch_backend.pairwise import transformation_pool as _pool
 
 
 # --- feature maps: AT, NST, FSP (fastkd.kernels.feature_maps) ------------------------------
-
-
-def _loss_dtype(*tensors):
-    out = tensors[0].dtype
-    for t in tensors[1:]:
-        out = torch.promote_types(out, t.dtype)
-    return out
 
 
 class ATFunction(torch.autograd.Function):
@@ -47,7 +41,7 @@ class ATFunction(torch.autograd.Function):
         partial, norms = _fm.at_loss(a_s, a_t)
         ctx.save_for_backward(fm_s, fm_t, a_s, a_t, norms)
         ctx.p = p
-        return (partial.sum() / a_s.numel()).to(_loss_dtype(fm_s, fm_t))
+        return (partial.sum() / a_s.numel()).to(result_dtype(fm_s, fm_t))
 
     @staticmethod
     @first_order
@@ -60,7 +54,7 @@ class ATFunction(torch.autograd.Function):
 
 
 def at(fm_s, fm_t, p):
-    return ATFunction.apply(fm_s, fm_t, p)
+    return _ops.apply("ATFunction", fm_s, fm_t, p)
 
 
 def _inverse_norms(gram_diag, eps=1e-12):
@@ -95,7 +89,7 @@ class NSTFunction(torch.autograd.Function):
         loss = (k_ss.square().sum() / c_s ** 2 + k_tt.square().sum() / c_t ** 2
                 - 2 * k_st.square().sum() / (c_s * c_t)) / B
         ctx.save_for_backward(fm_s, fm_t, k_ss, k_tt, k_st, r_s, r_t, keep_s, keep_t)
-        return loss.to(_loss_dtype(fm_s, fm_t))
+        return loss.to(result_dtype(fm_s, fm_t))
 
     @staticmethod
     @first_order
@@ -139,7 +133,7 @@ class NSTSpatialFunction(torch.autograd.Function):
         p, sq = _fm.gram(acc, z_s.transpose(1, 2), z_s.transpose(1, 2), 1.0 / xs.shape[1],
                          z_t.transpose(1, 2), z_t.transpose(1, 2), -1.0 / xt.shape[1])
         ctx.save_for_backward(fm_s, fm_t, r_s, r_t, p)
-        return (sq.sum() / xs.shape[0]).to(_loss_dtype(fm_s, fm_t))
+        return (sq.sum() / xs.shape[0]).to(result_dtype(fm_s, fm_t))
 
     @staticmethod
     @first_order
@@ -165,8 +159,8 @@ def nst(fm_s, fm_t):
     """The (C x C) form, or the (HW x HW) form where its Gram matrices are smaller."""
     c_s, c_t, hw = fm_s.shape[1], fm_t.shape[1], fm_s.shape[2] * fm_s.shape[3]
     if hw * hw < c_s * c_s + c_t * c_t + c_s * c_t:
-        return NSTSpatialFunction.apply(fm_s, fm_t)
-    return NSTFunction.apply(fm_s, fm_t)
+        return _ops.apply("NSTSpatialFunction", fm_s, fm_t)
+    return _ops.apply("NSTFunction", fm_s, fm_t)
 
 
 class FSPFunction(torch.autograd.Function):
@@ -183,7 +177,7 @@ class FSPFunction(torch.autograd.Function):
         hw_s, hw_t = xs1.shape[2], xt1.shape[2]
         d, sq = _fm.gram(_fm.acc_dtype(a_s, b_s, a_t, b_t), xs1, xs2, 1.0 / hw_s, xt1, xt2, -1.0 / hw_t)
         ctx.save_for_backward(a_s, b_s, a_t, b_t, d)
-        return (sq.sum() / d.numel()).to(_loss_dtype(a_s, b_s, a_t, b_t))
+        return (sq.sum() / d.numel()).to(result_dtype(a_s, b_s, a_t, b_t))
 
     @staticmethod
     @first_order
@@ -209,7 +203,7 @@ def fsp(fm_s1, fm_s2, fm_t1, fm_t2):
         fm_s1 = F.adaptive_avg_pool2d(fm_s1, fm_s2.shape[2:])
     if fm_t1.size(2) > fm_t2.size(2):
         fm_t1 = F.adaptive_avg_pool2d(fm_t1, fm_t2.shape[2:])
-    return FSPFunction.apply(fm_s1, fm_s2, fm_t1, fm_t2)
+    return _ops.apply("FSPFunction", fm_s1, fm_s2, fm_t1, fm_t2)
 
 
 # --- elementwise: Hint, Logits, AB, FT, OFD, VID, AFD, Sobolev, LwM (fastkd.kernels.elementwise)
@@ -222,7 +216,7 @@ class MSEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t):
         ctx.save_for_backward(s, t)
-        return (_ew.flat_loss(s, t, _ew.MSE) / s.numel()).to(_loss_dtype(s, t))
+        return (_ew.flat_loss(s, t, _ew.MSE) / s.numel()).to(result_dtype(s, t))
 
     @staticmethod
     @first_order
@@ -232,11 +226,11 @@ class MSEFunction(torch.autograd.Function):
 
 
 def hint(fm_s, fm_t):
-    return MSEFunction.apply(fm_s, fm_t)
+    return _ops.apply("MSEFunction", fm_s, fm_t)
 
 
 def logits(out_s, out_t):
-    return MSEFunction.apply(out_s, out_t)
+    return _ops.apply("MSEFunction", out_s, out_t)
 
 
 class ABFunction(torch.autograd.Function):
@@ -247,7 +241,8 @@ class ABFunction(torch.autograd.Function):
     def forward(ctx, fm_s, fm_t, margin):
         ctx.save_for_backward(fm_s, fm_t)
         ctx.margin = margin
-        return (_ew.flat_loss(fm_s, fm_t, _ew.AB, margin) / fm_s.numel()).to(_loss_dtype(fm_s, fm_t))
+        # The teacher enters only through masks: the student's dtype, as in the reference.
+        return (_ew.flat_loss(fm_s, fm_t, _ew.AB, margin) / fm_s.numel()).to(fm_s.dtype)
 
     @staticmethod
     @first_order
@@ -258,7 +253,7 @@ class ABFunction(torch.autograd.Function):
 
 
 def ab(fm_s, fm_t, margin):
-    return ABFunction.apply(fm_s, fm_t, margin)
+    return _ops.apply("ABFunction", fm_s, fm_t, margin)
 
 
 class OFDFunction(torch.autograd.Function):
@@ -275,7 +270,7 @@ class OFDFunction(torch.autograd.Function):
         stats = _ew.ofd_loss(fm_s, fm_t, margin)
         through = stats[..., 1].sum(0) / (cnt + 1e-6)
         ctx.save_for_backward(fm_s, fm_t, margin, through)
-        return (stats[..., 0].sum() / fm_s.numel()).to(_loss_dtype(fm_s, fm_t))
+        return (stats[..., 0].sum() / fm_s.numel()).to(result_dtype(fm_s, fm_t))
 
     @staticmethod
     @first_order
@@ -285,7 +280,7 @@ class OFDFunction(torch.autograd.Function):
 
 
 def ofd(fm_s, fm_t):
-    return OFDFunction.apply(fm_s, fm_t)
+    return _ops.apply("OFDFunction", fm_s, fm_t)
 
 
 class VIDFunction(torch.autograd.Function):
@@ -302,7 +297,7 @@ class VIDFunction(torch.autograd.Function):
         var = torch.log(1.0 + torch.exp(a)) + eps
         n = pred_mean.numel()
         ctx.save_for_backward(pred_mean, fm_t, alpha, var, sq)
-        return (0.5 * (torch.log(var).mean() + (sq / var).sum() / n)).to(_loss_dtype(pred_mean, fm_t, alpha))
+        return (0.5 * (torch.log(var).mean() + (sq / var).sum() / n)).to(result_dtype(pred_mean, fm_t, alpha))
 
     @staticmethod
     @first_order
@@ -318,7 +313,7 @@ class VIDFunction(torch.autograd.Function):
 
 
 def vid(pred_mean, fm_t, alpha, eps=1e-6):
-    return VIDFunction.apply(pred_mean, fm_t, alpha, eps)
+    return _ops.apply("VIDFunction", pred_mean, fm_t, alpha, eps)
 
 
 class AFDFunction(torch.autograd.Function):
@@ -336,7 +331,7 @@ class AFDFunction(torch.autograd.Function):
         q = stats[:, 2].view(B, C)
         ctx.save_for_backward(fm_s, fm_t, rho, stats)
         ctx.eps = eps
-        return ((rho.detach().to(q.dtype) * q).sum() / (B * L)).to(_loss_dtype(fm_s, fm_t, rho))
+        return ((rho.detach().to(q.dtype) * q).sum() / (B * L)).to(result_dtype(fm_s, fm_t, rho))
 
     @staticmethod
     @first_order
@@ -354,7 +349,7 @@ class AFDFunction(torch.autograd.Function):
 
 
 def afd(fm_s, fm_t, rho, eps=1e-6):
-    return AFDFunction.apply(fm_s, fm_t, rho, eps)
+    return _ops.apply("AFDFunction", fm_s, fm_t, rho, eps)
 
 
 class NormalizedRowsFunction(torch.autograd.Function):
@@ -372,7 +367,7 @@ class NormalizedRowsFunction(torch.autograd.Function):
         stats = _ew.normalized_distance(xs, xt, 1e-12, add_eps=False, l1=l1)
         ctx.save_for_backward(s, t, stats)
         ctx.l1 = l1
-        return (stats[:, 2].sum() / s.numel()).to(_loss_dtype(s, t))
+        return (stats[:, 2].sum() / s.numel()).to(result_dtype(s, t))
 
     @staticmethod
     @first_order
@@ -386,20 +381,20 @@ class NormalizedRowsFunction(torch.autograd.Function):
 
 
 def ft(factor_s, factor_t):
-    return NormalizedRowsFunction.apply(factor_s, factor_t, True)
+    return _ops.apply("NormalizedRowsFunction", factor_s, factor_t, True)
 
 
 def sobolev(out_s, out_t, img, target):
     # The input gradients come from torch autograd (create_graph=True), as in the reference.
     g_s = _target_gradient(out_s, target, img)
     g_t = _target_gradient(out_t, target, img)
-    return NormalizedRowsFunction.apply(g_s, g_t.detach(), False)
+    return _ops.apply("NormalizedRowsFunction", g_s, g_t.detach(), False)
 
 
 def lwm(out_s, fm_s, out_t, fm_t, target):
     cam_t = _grad_cam(out_t, fm_t, target)
     cam_s = _grad_cam(out_s, fm_s, target)
-    return NormalizedRowsFunction.apply(cam_s, cam_t.detach(), True)
+    return _ops.apply("NormalizedRowsFunction", cam_s, cam_t.detach(), True)
 
 
 # --- pairwise: RKD, SP, PKT, CC, IRG (fastkd.kernels.pairwise) -------------------------------
@@ -428,7 +423,7 @@ class RKDDistanceFunction(torch.autograd.Function):
         e_s, e_t, x_s, x_t = _distance_sides(feat_s, feat_t)
         total, stats = _pw.rkd_distance_forward(e_s, e_t)
         ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats)
-        return (total / len(e_s) ** 2).to(feat_s.dtype)
+        return (total / len(e_s) ** 2).to(result_dtype(feat_s, feat_t))
 
     @staticmethod
     @first_order
@@ -447,7 +442,7 @@ class RKDAngleFunction(torch.autograd.Function):
         e_s, e_t, x_s, x_t = _distance_sides(feat_s, feat_t)
         total, stats = _pw.rkd_angle_forward(e_s, e_t, with_stats=any(ctx.needs_input_grad))
         ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats)
-        return (total / len(e_s) ** 3).to(feat_s.dtype)
+        return (total / len(e_s) ** 3).to(result_dtype(feat_s, feat_t))
 
     @staticmethod
     @first_order
@@ -459,11 +454,11 @@ class RKDAngleFunction(torch.autograd.Function):
 
 
 def rkd_distance(feat_s, feat_t):
-    return RKDDistanceFunction.apply(feat_s, feat_t)
+    return _ops.apply("RKDDistanceFunction", feat_s, feat_t)
 
 
 def rkd_angle(feat_s, feat_t):
-    return RKDAngleFunction.apply(feat_s, feat_t)
+    return _ops.apply("RKDAngleFunction", feat_s, feat_t)
 
 
 class SPFunction(torch.autograd.Function):
@@ -475,7 +470,7 @@ class SPFunction(torch.autograd.Function):
         g_s, g_t = _pw.gram(x_s), _pw.gram(x_t)
         total, stats = _pw.sp_forward(g_s, g_t)
         ctx.save_for_backward(fm_s, fm_t, x_s, x_t, g_s, g_t, stats)
-        return (total / len(g_s) ** 2).to(fm_s.dtype)
+        return (total / len(g_s) ** 2).to(result_dtype(fm_s, fm_t))
 
     @staticmethod
     @first_order
@@ -487,7 +482,7 @@ class SPFunction(torch.autograd.Function):
 
 
 def sp(fm_s, fm_t):
-    return SPFunction.apply(fm_s, fm_t)
+    return _ops.apply("SPFunction", fm_s, fm_t)
 
 
 class PKTFunction(torch.autograd.Function):
@@ -502,7 +497,7 @@ class PKTFunction(torch.autograd.Function):
         params = torch.full((1,), eps, dtype=g_s.dtype, device=g_s.device)
         total, stats = _pw.pkt_forward(g_s, g_t, params)
         ctx.save_for_backward(feat_s, feat_t, x_s, x_t, g_s, g_t, params, stats)
-        return (total / len(g_s) ** 2).to(feat_s.dtype)
+        return (total / len(g_s) ** 2).to(result_dtype(feat_s, feat_t))
 
     @staticmethod
     @first_order
@@ -515,7 +510,7 @@ class PKTFunction(torch.autograd.Function):
 
 
 def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
-    return PKTFunction.apply(feat_s, feat_t, eps)
+    return _ops.apply("PKTFunction", feat_s, feat_t, eps)
 
 
 class CCFunction(torch.autograd.Function):
@@ -533,7 +528,7 @@ class CCFunction(torch.autograd.Function):
         total = _pw.cc_forward(g_s, g_t, params, p_order)
         ctx.save_for_backward(feat_s, feat_t, x_s, x_t, n_s, n_t, g_s, g_t, params)
         ctx.p_order = p_order
-        return (total / len(g_s) ** 2).to(feat_s.dtype)
+        return (total / len(g_s) ** 2).to(result_dtype(feat_s, feat_t))
 
     @staticmethod
     @first_order
@@ -546,7 +541,7 @@ class CCFunction(torch.autograd.Function):
 
 
 def cc(feat_s, feat_t, gamma, P_order):
-    return CCFunction.apply(feat_s, feat_t, gamma, P_order)
+    return _ops.apply("CCFunction", feat_s, feat_t, gamma, P_order)
 
 
 class IRGEdgeFunction(torch.autograd.Function):
@@ -572,7 +567,7 @@ class IRGEdgeFunction(torch.autograd.Function):
 
 def irg_edge(irg_s, irg_t):
     """The mean of the edge terms of feat, fm1 and fm2; irg_* = (fm1, fm2, feat, out)."""
-    return sum(IRGEdgeFunction.apply(irg_s[i], irg_t[i]) for i in (2, 0, 1)) / 3.0
+    return sum(_ops.apply("IRGEdgeFunction", irg_s[i], irg_t[i]) for i in (2, 0, 1)) / 3.0
 
 
 def _normalised_distances(d):
@@ -599,7 +594,7 @@ class IRGTransformationFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a_s, b_s, a_t, b_t):
-        dtype = _loss_dtype(a_s, b_s, a_t, b_t)
+        dtype = result_dtype(a_s, b_s, a_t, b_t)
         # float64, as every pairwise sum (fastkd.kernels.pairwise): a near-zero loss is a
         # difference of nearly equal T_s, T_t.
         d_s = _pw.transformation_distances(a_s, b_s, torch.float64)
@@ -621,7 +616,7 @@ class IRGTransformationFunction(torch.autograd.Function):
 
 def irg_transformation(irg_s, irg_t):
     """mse(T(fm1_s, fm2_s), T(fm1_t, fm2_t)); irg_* = (fm1, fm2, feat, out)."""
-    return IRGTransformationFunction.apply(_pool(irg_s[0], irg_s[1]), irg_s[1],
+    return _ops.apply("IRGTransformationFunction", _pool(irg_s[0], irg_s[1]), irg_s[1],
                                            _pool(irg_t[0], irg_t[1]), irg_t[1])
 
 
@@ -647,7 +642,7 @@ class SoftmaxKLFunction(torch.autograd.Function):
         ctx.save_for_backward(out_s, out_t, stats, T_t)
         ctx.coef = scale / (out_s.shape[0] * T)
         loss = stats[4].sum() * (scale / out_s.shape[0])
-        return loss.to(torch.result_type(out_s, out_t))
+        return loss.to(result_dtype(out_s, out_t))
 
     @staticmethod
     @first_order
@@ -661,17 +656,17 @@ class SoftmaxKLFunction(torch.autograd.Function):
 
 def soft_target(out_s, out_t, T):
     """KLbm(softmax(out_t / T) || softmax(out_s / T)) * T^2."""
-    return SoftmaxKLFunction.apply(out_s, out_t, T, T * T)
+    return _ops.apply("SoftmaxKLFunction", out_s, out_t, T, T * T)
 
 
 def dml(out1, out2):
     """KLbm(softmax(out2) || softmax(out1))."""
-    return SoftmaxKLFunction.apply(out1, out2, 1.0, 1.0)
+    return _ops.apply("SoftmaxKLFunction", out1, out2, 1.0, 1.0)
 
 
 def bss(attacked_out_s, attacked_out_t, T):
     """KLbm(softmax(out_t / T) || softmax(out_s / T)), no T^2 factor."""
-    return SoftmaxKLFunction.apply(attacked_out_s, attacked_out_t, T, 1.0)
+    return _ops.apply("SoftmaxKLFunction", attacked_out_s, attacked_out_t, T, 1.0)
 
 
 # --- contrast: CRD (fastkd.kernels.contrast) -------------------------------------------------
@@ -705,4 +700,12 @@ class CRDContrastFunction(_torch_contrast.CRDContrast):
 
 def crd_contrast(embed, memory, sample_idx, nce_t, z, n_data, eps=1e-7):
     """One side of CRD: contrast_loss(exp(memory[sample_idx] . embed / nce_t) / z)."""
-    return CRDContrastFunction.apply(embed, memory, sample_idx, nce_t, z, n_data, eps)
+    return _ops.apply("CRDContrastFunction", embed, memory, sample_idx, nce_t, z, n_data, eps)
+
+
+# Each Function above as a torch.library custom operator for torch.compile (fastkd.ops).
+for _function in (ATFunction, NSTFunction, NSTSpatialFunction, FSPFunction, MSEFunction, ABFunction,
+                  OFDFunction, VIDFunction, AFDFunction, NormalizedRowsFunction, RKDDistanceFunction,
+                  RKDAngleFunction, SPFunction, PKTFunction, CCFunction, IRGEdgeFunction,
+                  IRGTransformationFunction, SoftmaxKLFunction, CRDContrastFunction):
+    _ops.register(_function)

@@ -12,7 +12,6 @@ The choice is read at call time: the innermost ``fastkd.use_backend(name)``
 block, else the environment variable FASTKD_BACKEND, else ``auto``.
 """
 import contextlib
-import contextvars
 import os
 
 from .reference import (ab, afd, at, bss, cc, crd, dml, fitnet, fsp, ft, irg, logits, lwm, nst,
@@ -68,7 +67,10 @@ IMPLEMENTATIONS = {
                      "triton": autograd.crd_contrast},
 }
 
-_override = contextvars.ContextVar("fastkd_backend", default=None)
+# The innermost use_backend() block's choice. A plain module global, read at every call:
+# torch.compile traces the read and guards on the value (a different backend recompiles),
+# where a ContextVar cannot be traced at all. Process-wide, like torch.backends' flags.
+_override = None
 
 
 class BackendUnavailableError(RuntimeError):
@@ -83,20 +85,28 @@ def _checked(name, source):
 
 def current_backend():
     """The backend asked for right now: use_backend() block, else $FASTKD_BACKEND, else auto."""
-    name = _override.get()
-    if name is not None:
-        return name
+    if _override is not None:
+        return _override
     return _checked(os.environ.get(ENV_VAR, "auto") or "auto", f"${ENV_VAR}")
 
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Run the losses inside the block with this backend (overrides $FASTKD_BACKEND)."""
-    token = _override.set(_checked(name, "backend"))
+    """Run the losses inside the block with this backend (overrides $FASTKD_BACKEND).
+
+    The setting is process-wide for the duration of the block, like torch.backends'
+    flags: every thread sees it, also one started inside the block, and a generator
+    suspended inside the block leaves it in force until the generator resumes and leaves
+    the block (blocks nest: leaving one restores the setting it found). Under
+    torch.compile the backend is read while tracing and guarded, so a compiled function
+    called under another backend recompiles for it.
+    """
+    global _override
+    previous, _override = _override, _checked(name, "backend")
     try:
         yield
     finally:
-        _override.reset(token)
+        _override = previous
 
 
 def triton_runs_on(device):

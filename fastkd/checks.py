@@ -100,7 +100,10 @@ def indices(idx, name, shape, upper):
         raise TypeError(f"{name} must have an integer dtype, got {idx.dtype}")
     if tuple(idx.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(idx.shape)}")
-    if idx.device.type == "cpu" and idx.numel() > 0:
+    if idx.device.type == "cpu" and idx.numel() > 0 and torch.compiler.is_compiling():
+        # A compiled graph cannot branch on the values: the check runs inside it instead.
+        torch._assert_async(((idx >= 0) & (idx < upper)).all(), f"{name} values must lie in [0, {upper})")
+    elif idx.device.type == "cpu" and idx.numel() > 0:
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= upper:
             raise ValueError(f"{name} values must lie in [0, {upper}), got values from {lo} to {hi}")

@@ -25,6 +25,15 @@ def first_order(backward):
     return wrapper
 
 
+def result_dtype(*tensors):
+    """The dtype of a loss of these tensors, for every backend: torch's promotion of their
+    dtypes, which is what the reference's arithmetic gives when they are mixed (float32
+    student, float64 teacher -> float64). Pass the tensors whose values enter the loss, not
+    those used only as masks or indices (AB's teacher, CRD's indices). A fold of
+    torch.promote_types, which torch.compile traces (torch.result_type it cannot)."""
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+
+
 def squared_distances_from_gram(g):
     """E = G_aa + G_bb - 2 G_ab (N, N), 0 on the diagonal, from an exactly symmetric Gram
     matrix G of centred float64 rows. Its absolute error, about D u64 |x - mean|^2, is all

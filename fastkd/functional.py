@@ -9,11 +9,61 @@ divergence (torch's kl_div with reduction="batchmean"), normalize as F.normalize
 import torch
 
 from . import checks
-from .backend import implementation
+from .backend import IMPLEMENTATIONS, implementation
+
+# Losses of the gradients of a network's outputs: their reference needs the network's graph,
+# which a fake run does not have. Both end in float32 operations under autocast anyway.
+_NO_FAKE_REFERENCE = {"sobolev", "lwm"}
+_AUTOCAST_DTYPES = {}  # (op, device type, autocast dtype, input dtypes) -> the reference's result dtype
+
+
+def _dtypes(args):
+    return tuple(_dtypes(a) if isinstance(a, (tuple, list)) else a.dtype if isinstance(a, torch.Tensor)
+                 else None for a in args)
+
+
+def _reference_dtype_under_autocast(op, args, device_type):
+    """The dtype of the reference's result for these arguments under the autocast in force.
+
+    Autocast runs some of the reference's operations (matrix products) in 16 bits and others
+    in float32, so its result dtype depends on the loss; the fast paths compute in float32
+    (or wider) whatever autocast says, and take this dtype at the end. Found by running the
+    reference on fake tensors (no memory, no arithmetic), once per dtypes; under
+    torch.compile by tracing the reference, whose unused result the compiler drops.
+    """
+    reference = IMPLEMENTATIONS[op]["reference"]
+    if torch.compiler.is_compiling():
+        return reference(*args).dtype
+    key = (op, device_type, torch.get_autocast_dtype(device_type), _dtypes(args))
+    if key not in _AUTOCAST_DTYPES:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+        mode = FakeTensorMode(shape_env=ShapeEnv())  # sizes that depend on values (RKD's d[d > 0])
+
+        def fake(a):
+            if isinstance(a, (tuple, list)):
+                return type(a)(fake(x) for x in a)
+            return mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+        with mode:
+            _AUTOCAST_DTYPES[key] = reference(*(fake(a) for a in args)).dtype
+    return _AUTOCAST_DTYPES[key]
+
+
+def _call(op, device, *args):
+    """The implementation fastkd.backend picks. Under torch.autocast it computes on the
+    inputs as they come (its own precision rules, float32 accumulation at least), with
+    autocast off inside, and returns the result in the dtype the reference gives there."""
+    if not torch.is_autocast_enabled(device.type):
+        return implementation(op, device)(*args)
+    with torch.autocast(device.type, enabled=False):
+        out = implementation(op, device)(*args)
+    if op not in _NO_FAKE_REFERENCE:
+        out = out.to(_reference_dtype_under_autocast(op, args, device.type))
+    return out
 
 
 def _run(op, *args):
-    return implementation(op, args[0].device)(*args)
+    return _call(op, args[0].device, *args)
 
 
 def _pair(s, t, name_s, name_t, **kw):
@@ -355,7 +405,7 @@ def irg(irg_s, irg_t, w_irg_vert, w_irg_edge, w_irg_tran):
     loss = 0.0
     for name, (op, args) in parts.items():
         if weights[name] != 0:
-            loss = loss + weights[name] * implementation(op, irg_s[0].device)(*args)
+            loss = loss + weights[name] * _call(op, irg_s[0].device, *args)
     if not isinstance(loss, torch.Tensor):
         loss = sum(x.sum() for x in (*irg_s, *irg_t)) * 0.0
     return loss

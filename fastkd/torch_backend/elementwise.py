@@ -13,6 +13,7 @@ one temporary the size of the input; bf16/fp16 are squared and summed in fp32.
 import torch
 import torch.nn.functional as F
 
+from ..common import result_dtype
 from ..reference.lwm import grad_cam
 from ..reference.sobolev import target_gradient
 
@@ -64,7 +65,7 @@ def vid(pred_mean, fm_t, alpha, eps=1e-6):
     var = torch.log(1.0 + torch.exp(alpha)) + eps
     sq = _sum_sq(pred_mean - fm_t, dim=(0, 2, 3))
     loss = 0.5 * (torch.log(var).mean() + (sq / var).sum() / pred_mean.numel())
-    return loss.to(torch.result_type(pred_mean, var))
+    return loss.to(result_dtype(pred_mean, fm_t, alpha))
 
 
 def afd(fm_s, fm_t, rho, eps=1e-6):
@@ -73,7 +74,7 @@ def afd(fm_s, fm_t, rho, eps=1e-6):
     t = fm_t / (torch.linalg.vector_norm(fm_t, dim=(2, 3), keepdim=True) + eps)
     q = _sum_sq(s - t, dim=(2, 3))
     loss = (rho * q).sum() / (q.shape[0] * fm_s.shape[2] * fm_s.shape[3])
-    return loss.to(torch.result_type(s, rho))
+    return loss.to(result_dtype(fm_s, fm_t, rho))
 
 
 def sobolev(out_s, out_t, img, target):

@@ -7,6 +7,8 @@ p = 2, no (B, C_s, C_t, HW) broadcast for NST. FSP is the reference's own bmm fo
 import torch
 import torch.nn.functional as F
 
+from ..common import result_dtype
+
 
 def _attention(fm, p, eps=1e-6):
     """A / (||A||_2 + eps), A = sum_c |f|^p, as (B, HW)."""
@@ -33,8 +35,8 @@ def nst(fm_s, fm_t):
     compared with the channels).
     """
     # bf16/fp16 in fp32: a raw Gram entry of maps near 1e3 (2e6 at HW = 2) overflows fp16.
-    acc = torch.promote_types(torch.result_type(fm_s, fm_t), torch.float32)
-    out = torch.result_type(fm_s, fm_t)
+    out = result_dtype(fm_s, fm_t)
+    acc = torch.promote_types(out, torch.float32)
     xs = fm_s.reshape(fm_s.shape[0], fm_s.shape[1], -1).to(acc)
     xt = fm_t.reshape(fm_t.shape[0], fm_t.shape[1], -1).to(acc)
     B, c_s, hw = xs.shape

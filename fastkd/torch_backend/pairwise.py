@@ -43,7 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..common import first_order, squared_distances_from_gram, zero_row_sums
+from ..common import first_order, result_dtype, squared_distances_from_gram, zero_row_sums
 
 # (anchors per block) * N^2 entries of the angle term held at once.
 _ANGLE_BLOCK_ENTRIES = 1 << 20
@@ -96,10 +96,9 @@ class SquaredDistanceLoss(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_out):
         x_s, x_t, e_s, e_t = ctx.saved_tensors
-        with torch.enable_grad():
-            e = [e_s.detach().requires_grad_(), e_t.detach().requires_grad_()]
-            loss = ctx.loss_of(*e)
-            w = torch.autograd.grad(loss, e, grad_out.to(loss.dtype))
+        # torch.func.vjp rather than torch.autograd.grad: torch.compile traces it.
+        loss, vjp = torch.func.vjp(ctx.loss_of, e_s, e_t)
+        w = vjp(grad_out.to(loss.dtype))
         return (*(distance_grad(centred64(x), g).reshape(x.shape).to(x.dtype) if needed else None
                   for x, g, needed in zip((x_s, x_t), w, ctx.needs_input_grad)), None, None)
 
@@ -185,9 +184,12 @@ class RKDAngle(torch.autograd.Function):
         e_s, e_t = squared_distances(feat_s), squared_distances(feat_t)
         total = e_s.new_zeros(())
         # Per side that needs a gradient: (E, W, Z or None when no pair of rows is closer than
-        # the clamp, i.e. no equal rows).
+        # the clamp, i.e. no equal rows). Under torch.compile a branch cannot depend on the
+        # data (nor sync on it): Z is always formed there, exact either way (zero without
+        # equal rows), at the cost of the equal-row terms.
         sides = [(e, torch.zeros_like(e),
-                  torch.zeros_like(e) if int((e < _NORM_EPS ** 2).sum()) > n else None)
+                  torch.zeros_like(e) if torch.compiler.is_compiling()
+                  or int((e < _NORM_EPS ** 2).sum()) > n else None)
                  if needed else None for e, needed in zip((e_s, e_t), ctx.needs_input_grad)]
         for lo, hi in _anchor_blocks(n):
             a_s, inv_s = _angle_block(e_s, lo, hi)
@@ -203,7 +205,7 @@ class RKDAngle(torch.autograd.Function):
                     dead = (e[lo:hi] < _NORM_EPS ** 2).double() if z is not None else None
                     _angle_grad_block(a, inv, dead, u, sign, lo, hi, w, z)
         ctx.save_for_backward(feat_s, feat_t, *(t for side in sides for t in (side or (None,) * 3)[1:]))
-        return (total / n ** 3).to(feat_s.dtype)
+        return (total / n ** 3).to(result_dtype(feat_s, feat_t))
 
     @staticmethod
     @first_order
@@ -243,7 +245,7 @@ def sp(fm_s, fm_t):
     reference's operations."""
     h = [F.normalize(g @ g.t(), dim=1) for g in
          (_working(f.reshape(f.size(0), -1)) for f in (fm_s, fm_t))]
-    return F.mse_loss(h[0], h[1]).to(fm_s.dtype)
+    return F.mse_loss(h[0], h[1]).to(result_dtype(fm_s, fm_t))
 
 
 def _pkt_cond_prob(x, eps):
@@ -262,7 +264,7 @@ def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
     """mean P_t log((P_t + eps) / (P_s + eps)), P = C' / rowsum(C'), C' = (C + 1) / 2 and
     C the cosine similarities with the norms' eps added."""
     p_s, p_t = _pkt_cond_prob(feat_s, eps), _pkt_cond_prob(feat_t, eps)
-    return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps))).to(feat_s.dtype)
+    return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps))).to(result_dtype(feat_s, feat_t))
 
 
 def _cc_correlation(x, gamma, P_order):
@@ -279,7 +281,7 @@ def _cc_correlation(x, gamma, P_order):
 def cc(feat_s, feat_t, gamma, P_order):
     """mse(K_s, K_t), K the P-order Taylor Gaussian kernel of the cosine similarities."""
     return F.mse_loss(_cc_correlation(feat_s, gamma, P_order),
-                      _cc_correlation(feat_t, gamma, P_order)).to(feat_s.dtype)
+                      _cc_correlation(feat_t, gamma, P_order)).to(result_dtype(feat_s, feat_t))
 
 
 # --- IRG edge -----------------------------------------------------------------
@@ -326,5 +328,4 @@ def _transformation(fm1, fm2):
 def irg_transformation(irg_s, irg_t):
     """mse(T(fm1_s, fm2_s), T(fm1_t, fm2_t)); irg_* = (fm1, fm2, feat, out)."""
     loss = F.mse_loss(_transformation(irg_s[0], irg_s[1]), _transformation(irg_t[0], irg_t[1]))
-    dtypes = [x.dtype for x in (*irg_s[:2], *irg_t[:2])]
-    return loss.to(functools.reduce(torch.promote_types, dtypes))
+    return loss.to(result_dtype(*irg_s[:2], *irg_t[:2]))

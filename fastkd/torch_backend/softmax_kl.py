@@ -15,7 +15,7 @@ value than the unclamped sum; the gradients are those of the unclamped formula.
 import torch
 import torch.nn.functional as F
 
-from ..common import first_order
+from ..common import first_order, result_dtype
 
 # Elements per chunk: large enough to keep both threads of an op busy, small enough to
 # stay in cache.
@@ -67,7 +67,7 @@ class SoftmaxKL(torch.autograd.Function):
             kl[c] = _clamp_rows(kl[c])
         ctx.save_for_backward(out_s, out_t, stats)
         ctx.T, ctx.coef = T, scale / (out_s.shape[0] * T)
-        return (kl.sum() * (scale / out_s.shape[0])).to(torch.result_type(out_s, out_t))
+        return (kl.sum() * (scale / out_s.shape[0])).to(result_dtype(out_s, out_t))
 
     @staticmethod
     @first_order

@@ -1,0 +1,153 @@
+"""The Triton Functions of fastkd.autograd as torch.library custom operators, for torch.compile.
+
+Eagerly, ``apply("XFunction", *args)`` is ``XFunction.apply(*args)``. While torch.compile
+traces, it calls the operator ``fastkd::<XFunction>`` instead: the compiler treats it as
+one opaque node (it cannot trace Triton launches, nor the interpreter on CPU), with
+
+  forward    fastkd::<X>(tensors, floats, ints, layout, needs) -> the loss: X.forward run
+             with a plain context object;
+  backward   fastkd::<X>_backward(grad, same arguments) -> one gradient per tensor
+             argument: X.forward then X.backward with such a context, so the forward is
+             computed again in backward (as activation checkpointing does), and nothing
+             but the inputs is saved between the two;
+  fake       X.forward on meta tensors with every Triton launch skipped, for the result's
+             dtype (the launchers allocate their outputs with torch, so dtypes come out
+             right; fastkd.kernels.resources runs them on meta tensors the same way).
+
+The arguments of a Function call are flattened into tensors, floats and ints, with
+``layout`` naming each position's kind ("t", "f", "i", "b" for a bool, "n" for None) and
+``needs`` whether it needs a gradient (X.backward reads ctx.needs_input_grad).
+"""
+import contextlib
+
+import torch
+
+# Function name -> (the autograd.Function, its forward custom op). Looked up by name: under
+# torch.compile neither a dict keyed by class nor an attribute of a Function class is traced.
+_REGISTRY = {}
+
+class _Ctx:
+    """What fastkd's Functions use of torch's autograd context."""
+
+    def __init__(self, needs):
+        self.needs_input_grad = tuple(needs)
+        self.saved_tensors = ()
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def _flatten(args):
+    tensors, floats, ints, layout = [], [], [], []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            tensors.append(a)
+            layout.append("t")
+        elif a is None:
+            layout.append("n")
+        elif isinstance(a, bool):
+            ints.append(int(a))
+            layout.append("b")
+        elif isinstance(a, int):
+            ints.append(a)
+            layout.append("i")
+        else:
+            floats.append(float(a))
+            layout.append("f")
+    return tensors, floats, ints, "".join(layout)
+
+
+def _unflatten(tensors, floats, ints, layout):
+    it = {"t": iter(tensors), "f": iter(floats), "i": iter(ints), "b": iter(ints)}
+    return [None if k == "n" else bool(next(it[k])) if k == "b" else next(it[k]) for k in layout]
+
+
+@contextlib.contextmanager
+def _no_launches():
+    """Triton launches do nothing inside the block (for fake tensors, which hold no memory)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    kinds = (JITFunction, InterpretedFunction)  # compiled, and TRITON_INTERPRET=1
+    runs = [kind.run for kind in kinds]
+    for kind in kinds:
+        kind.run = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for kind, run in zip(kinds, runs):
+            kind.run = run
+
+
+def _hint(n):
+    """The size a symbolic size stands for in the call being traced (its hint)."""
+    return n.node.hint if isinstance(n, torch.SymInt) else n
+
+
+def register(function):
+    """Define fastkd::<Function name> and its backward for an autograd.Function of
+    fastkd.autograd (forward(ctx, *args) -> one tensor)."""
+    name = function.__name__
+    schema = "(Tensor[] tensors, float[] floats, int[] ints, str layout, bool[] needs)"
+
+    def forward(tensors, floats, ints, layout, needs):
+        with torch.no_grad():
+            return function.forward(_Ctx(needs), *_unflatten(tensors, floats, ints, layout)).clone()
+
+    def backward(grad, tensors, floats, ints, layout, needs):
+        ctx = _Ctx(needs)
+        with torch.no_grad():
+            function.forward(ctx, *_unflatten(tensors, floats, ints, layout))
+            grads = function.backward(ctx, grad)
+        grads = grads if isinstance(grads, tuple) else (grads,)
+        tensor_grads = [g for g, kind in zip(grads, layout) if kind == "t"]
+        # A gradient for every tensor argument, zeros where none is needed: a custom operator
+        # returns no None. Contiguous, in the input's dtype, as the fake below promises.
+        return [torch.zeros_like(x, memory_format=torch.contiguous_format) if g is None
+                else g.to(x.dtype).contiguous() for x, g in zip(tensors, tensor_grads)]
+
+    fwd_op = torch.library.custom_op(f"fastkd::{name}", forward, mutates_args=(),
+                                     schema=f"{schema} -> Tensor")
+    bwd_op = torch.library.custom_op(f"fastkd::{name}_backward", backward, mutates_args=(),
+                                     schema=f"(Tensor grad, {schema[1:]} -> Tensor[]")
+
+    @fwd_op.register_fake
+    def _(tensors, floats, ints, layout, needs):
+        # X.forward on meta tensors of the sizes at hand, outside the compiler's fake mode:
+        # its launchers' arithmetic on the sizes (block sizes, grids) then adds no guard on
+        # the batch size, which stays dynamic. Every fastkd loss is a 0-d tensor.
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        with unset_fake_temporarily(), _no_launches(), torch.no_grad():
+            metas = [torch.empty([_hint(n) for n in x.shape], dtype=x.dtype, device="meta") for x in tensors]
+            out = function.forward(_Ctx(needs), *_unflatten(metas, floats, ints, layout))
+        return tensors[0].new_empty((), dtype=out.dtype)
+
+    @bwd_op.register_fake
+    def _(grad, tensors, floats, ints, layout, needs):
+        return [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in tensors]
+
+    def setup_context(ctx, inputs, output):
+        ctx.inputs = inputs
+
+    def autograd_backward(ctx, grad):
+        tensors, floats, ints, layout, needs = ctx.inputs
+        grads = bwd_op(grad, tensors, floats, ints, layout, needs)
+        tensor_needs = [n for n, kind in zip(needs, layout) if kind == "t"]
+        # One entry per input: torch.library wants None for a list of numbers, but [] for an
+        # empty list (which it cannot tell from an empty list of tensors).
+        return ([g if n else None for g, n in zip(grads, tensor_needs)],
+                *[[] if isinstance(x, list) and not x else None for x in ctx.inputs[1:]])
+
+    fwd_op.register_autograd(autograd_backward, setup_context=setup_context)
+    _REGISTRY[name] = (function, fwd_op)
+    return fwd_op
+
+
+def apply(name, *args):
+    """The registered Function called name: Function.apply(*args); while torch.compile
+    traces, its custom operator instead."""
+    function, op = _REGISTRY[name]
+    if not torch.compiler.is_compiling():
+        return function.apply(*args)
+    tensors, floats, ints, layout = _flatten(args)
+    needs = [isinstance(a, torch.Tensor) and a.requires_grad and torch.is_grad_enabled() for a in args]
+    return op(tensors, floats, ints, layout, needs)

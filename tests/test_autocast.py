@@ -1,0 +1,63 @@
+"""Every loss under torch.autocast on the CPU (bfloat16), forward and backward, on both fast
+backends: the result has the dtype the reference's result has under autocast, and the loss
+and gradients are within 10x the reference's own error there (both measured against the
+reference without autocast, in float64 where the inputs allow)."""
+import pytest
+import torch
+
+import fastkd
+from fastkd.bench import cases
+
+CPU = torch.device("cpu")
+ONE_CASE_PER_LOSS = {c.loss: c for c in reversed(cases.cases("tiny", "cpu"))}
+NEEDS_THE_NETWORK = {"Sobolev", "LwM"}  # their inputs come out of a network's graph
+
+
+def _leaves(inputs):
+    for x in inputs:
+        if isinstance(x, (tuple, list)):
+            yield from _leaves(x)
+        elif isinstance(x, torch.Tensor) and x.requires_grad:
+            yield x
+
+
+def _to64(inputs):
+    return [type(x)(_to64(x)) if isinstance(x, (tuple, list)) else
+            x.detach().double().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor)
+            and x.is_floating_point() else x for x in inputs]
+
+
+def _run(case, impl, backend, autocast, wide=False):
+    """(loss, gradients) of a fresh module on fresh inputs (seed 0)."""
+    dtype = torch.float64 if wide else torch.float32
+    inputs = case.inputs(CPU, torch.float32, torch.Generator().manual_seed(0))
+    if wide:
+        inputs = _to64(inputs)
+    module = case.build(impl, CPU, dtype)
+    with fastkd.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = module(*inputs)
+    grads = torch.autograd.grad(loss, list(_leaves(inputs)), allow_unused=True, materialize_grads=True)
+    return loss, grads
+
+
+def _error(got, exact):
+    loss, grads = got
+    loss_e, grads_e = exact
+    # Relative, but not to a loss that is zero up to float32 rounding (LwM's tiny case: 7e-9).
+    errs = [abs(loss.double() - loss_e.double()).item() / max(abs(loss_e.double()).item(), 1e-3)]
+    for g, g_e in zip(grads, grads_e):
+        errs.append(((g.double() - g_e.double()).norm() / g_e.double().norm().clamp_min(1e-30)).item())
+    return errs
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss", sorted(ONE_CASE_PER_LOSS))
+def test_autocast_bfloat16_gives_the_reference_dtype_and_error(loss, backend):
+    case = ONE_CASE_PER_LOSS[loss]
+    exact = _run(case, "reference", "reference", autocast=False, wide=loss not in NEEDS_THE_NETWORK)
+    expected = _run(case, "reference", "reference", autocast=True)
+    got = _run(case, "fastkd", backend, autocast=True)
+    assert got[0].dtype == expected[0].dtype
+    for err, err_ref in zip(_error(got, exact), _error(expected, exact)):
+        # A floor of a few float32 ulps: where the reference is exact to float32, so are we.
+        assert err <= 10 * err_ref + 1e-5, (err, err_ref)

@@ -1,0 +1,145 @@
+"""torch.compile and torch.export of the losses, on both fast backends.
+
+torch.compile(fullgraph=True) of a call of each loss: no graph break, the eager loss and
+gradients, and no recompilation on the next call with new inputs of the same shapes. The
+Triton backend runs as fastkd.ops custom operators there (here through the interpreter).
+"aot_eager" runs TorchDynamo and AOTAutograd (fake tensors, the operators' fake and autograd
+formulas) without generating code; one test per backend goes through inductor too.
+
+Sobolev and LwM differentiate the network's outputs with respect to its input inside the
+loss (torch.autograd.grad, create_graph=True), which TorchDynamo does not trace: compiled,
+they run with graph breaks, as the reference does.
+"""
+import pytest
+import torch
+
+import fastkd
+from fastkd.bench import cases
+
+CPU = torch.device("cpu")
+ONE_CASE_PER_LOSS = {c.loss: c for c in reversed(cases.cases("tiny", "cpu"))}
+NEEDS_THE_NETWORK = {"Sobolev", "LwM"}  # torch.autograd.grad inside the loss
+WHOLE_GRAPH = sorted(set(ONE_CASE_PER_LOSS) - NEEDS_THE_NETWORK)
+
+
+def _inputs(case, seed):
+    return case.inputs(CPU, torch.float32, torch.Generator().manual_seed(seed))
+
+
+def _leaves(inputs):
+    for x in inputs:
+        if isinstance(x, (tuple, list)):  # IRG's (fm1, fm2, feat, out)
+            yield from _leaves(x)
+        elif isinstance(x, torch.Tensor) and x.requires_grad:
+            yield x
+
+
+def _loss_and_grads(fn, inputs):
+    loss = fn(*inputs)
+    return loss.detach(), torch.autograd.grad(loss, list(_leaves(inputs)), allow_unused=True,
+                                              materialize_grads=True)
+
+
+def _assert_same(got, expected):
+    (loss, grads), (loss_e, grads_e) = got, expected
+    torch.testing.assert_close(loss, loss_e, rtol=1e-5, atol=1e-7)
+    assert len(grads) == len(grads_e)
+    for g, g_e in zip(grads, grads_e):
+        torch.testing.assert_close(g, g_e, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss", WHOLE_GRAPH)
+def test_fullgraph_compile_gives_the_eager_loss_and_does_not_recompile(loss, backend):
+    case = ONE_CASE_PER_LOSS[loss]
+    module = case.build("fastkd", CPU, torch.float32)
+    torch._dynamo.reset()
+    with fastkd.use_backend(backend):
+        compiled = torch.compile(lambda *x: module(*x), fullgraph=True, backend="aot_eager")
+        for seed in (0, 1):
+            inputs = _inputs(case, seed)
+            if seed == 1:  # same shapes: the graph of the first call serves
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    got = _loss_and_grads(compiled, inputs)
+            else:
+                got = _loss_and_grads(compiled, inputs)
+            _assert_same(got, _loss_and_grads(module, inputs))
+
+
+def _batch(loss, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"features": ((n, 16), (n, 24)), "logits": ((n, 10), (n, 10)), "maps": ((n, 8, 4, 4), (n, 8, 4, 4))}
+    kind = ("features" if loss in ("RKD", "SP", "PKTCosSim", "CC") else
+            "logits" if loss in ("Logits", "SoftTarget", "DML", "BSS") else "maps")
+    (s, t) = shapes[kind]
+    return torch.randn(s, generator=g, requires_grad=True), torch.randn(t, generator=g)
+
+
+DYNAMIC = {"RKD": (25.0, 50.0), "SP": (), "PKTCosSim": (), "CC": (0.4, 2), "Logits": (), "SoftTarget": (4.0,),
+           "DML": (), "BSS": (2.0,), "AT": (2.0,), "Hint": (), "NST": (), "FT": (), "AB": (1.0,)}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss", sorted(DYNAMIC))
+def test_a_new_batch_size_compiles_once_with_a_dynamic_batch(loss, backend):
+    """torch.compile's default: a second batch size recompiles with the batch dynamic, and
+    later sizes reuse that graph. RKD's torch path walks its anchors in Python blocks sized
+    by the batch, so it compiles per batch size."""
+    if (loss, backend) == ("RKD", "torch"):
+        pytest.skip("RKD's torch path specializes on the batch size (see the docstring)")
+    module = getattr(fastkd, loss)(*DYNAMIC[loss])
+    torch._dynamo.reset()
+    with fastkd.use_backend(backend):
+        compiled = torch.compile(lambda *x: module(*x), fullgraph=True, backend="aot_eager")
+        for n in (5, 13):
+            compiled(*_batch(loss, n, n)).backward()
+        inputs = _batch(loss, 21, 21)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            got = _loss_and_grads(compiled, inputs)
+        _assert_same(got, _loss_and_grads(module, inputs))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inductor_compiles_a_pairwise_and_a_logit_loss(backend):
+    for loss in ("RKD", "SoftTarget"):
+        case = ONE_CASE_PER_LOSS[loss]
+        module = case.build("fastkd", CPU, torch.float32)
+        torch._dynamo.reset()
+        with fastkd.use_backend(backend):
+            compiled = torch.compile(lambda *x: module(*x), fullgraph=True)
+            inputs = _inputs(case, 0)
+            _assert_same(_loss_and_grads(compiled, inputs), _loss_and_grads(module, inputs))
+
+
+@pytest.mark.parametrize("loss", sorted(NEEDS_THE_NETWORK))
+def test_losses_of_input_gradients_compile_with_graph_breaks(loss):
+    case = ONE_CASE_PER_LOSS[loss]
+    module = case.build("fastkd", CPU, torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *x: module(*x), backend="aot_eager")
+    _assert_same(_loss_and_grads(compiled, _inputs(case, 0)), _loss_and_grads(module, _inputs(case, 0)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss", WHOLE_GRAPH)
+def test_export_gives_the_eager_loss(loss, backend):
+    case = ONE_CASE_PER_LOSS[loss]
+    module = case.build("fastkd", CPU, torch.float32)
+    inputs = tuple(_inputs(case, 0))
+    with fastkd.use_backend(backend):
+        exported = torch.export.export(module, inputs)
+        torch.testing.assert_close(exported.module()(*inputs), module(*inputs), rtol=1e-5, atol=1e-7)
+
+
+def test_a_compiled_call_follows_use_backend():
+    """The backend is read while tracing and guarded: another backend recompiles for it."""
+    case = ONE_CASE_PER_LOSS["RKD"]
+    module = case.build("fastkd", CPU, torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *x: module(*x), fullgraph=True, backend="aot_eager")
+    inputs = _inputs(case, 0)
+    with fastkd.use_backend("torch"):
+        compiled(*inputs)
+    with fastkd.use_backend("reference"), torch.compiler.set_stance("fail_on_recompile"):
+        with pytest.raises(RuntimeError, match="recompil"):
+            compiled(*inputs)
