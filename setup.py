@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fastkd", "fastkd.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "triton>=3.0", "numpy"],
+    install_requires=["torch>=2.1", "triton>=3.0; platform_system == 'Linux'", "numpy"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],

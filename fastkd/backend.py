@@ -16,12 +16,27 @@ import os
 
 from .reference import (ab, afd, at, bss, cc, crd, dml, fitnet, fsp, ft, irg, logits, lwm, nst,
                         ofd, pkt, rkd, sobolev, sp, st, vid)
-from . import autograd
+
+try:  # Triton has wheels for Linux only: elsewhere fastkd runs its torch and reference paths.
+    import triton  # noqa: F401
+except ImportError:
+    autograd = None
+else:
+    from . import autograd
 from .torch_backend import contrast as torch_contrast
 from .torch_backend import elementwise as torch_elementwise
 from .torch_backend import feature_maps as torch_feature_maps
 from .torch_backend import pairwise as torch_pairwise
 from .torch_backend import softmax_kl as torch_softmax_kl
+
+class _NoTriton:
+    """Stands for fastkd.autograd where triton is not installed: every entry None."""
+
+    def __getattr__(self, name):
+        return None
+
+
+_triton = autograd if autograd is not None else _NoTriton()
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 ENV_VAR = "FASTKD_BACKEND"
@@ -31,46 +46,51 @@ ENV_VAR = "FASTKD_BACKEND"
 # fastkd/autograd.py over fastkd/kernels/<family>.py.
 IMPLEMENTATIONS = {
     "logits": {"reference": logits.logits, "torch": torch_elementwise.logits,
-               "triton": autograd.logits},
+               "triton": _triton.logits},
     "soft_target": {"reference": st.soft_target, "torch": torch_softmax_kl.soft_target,
-                    "triton": autograd.soft_target},
-    "dml": {"reference": dml.dml, "torch": torch_softmax_kl.dml, "triton": autograd.dml},
-    "bss": {"reference": bss.bss, "torch": torch_softmax_kl.bss, "triton": autograd.bss},
-    "at": {"reference": at.at, "torch": torch_feature_maps.at, "triton": autograd.at},
-    "hint": {"reference": fitnet.hint, "torch": torch_elementwise.hint, "triton": autograd.hint},
-    "nst": {"reference": nst.nst, "torch": torch_feature_maps.nst, "triton": autograd.nst},
-    "fsp": {"reference": fsp.fsp, "torch": torch_feature_maps.fsp, "triton": autograd.fsp},
-    "ft": {"reference": ft.ft, "torch": torch_elementwise.ft, "triton": autograd.ft},
-    "ab": {"reference": ab.ab, "torch": torch_elementwise.ab, "triton": autograd.ab},
-    "vid": {"reference": vid.vid, "torch": torch_elementwise.vid, "triton": autograd.vid},
-    "ofd": {"reference": ofd.ofd, "torch": torch_elementwise.ofd, "triton": autograd.ofd},
-    "afd": {"reference": afd.afd, "torch": torch_elementwise.afd, "triton": autograd.afd},
+                    "triton": _triton.soft_target},
+    "dml": {"reference": dml.dml, "torch": torch_softmax_kl.dml, "triton": _triton.dml},
+    "bss": {"reference": bss.bss, "torch": torch_softmax_kl.bss, "triton": _triton.bss},
+    "at": {"reference": at.at, "torch": torch_feature_maps.at, "triton": _triton.at},
+    "hint": {"reference": fitnet.hint, "torch": torch_elementwise.hint, "triton": _triton.hint},
+    "nst": {"reference": nst.nst, "torch": torch_feature_maps.nst, "triton": _triton.nst},
+    "fsp": {"reference": fsp.fsp, "torch": torch_feature_maps.fsp, "triton": _triton.fsp},
+    "ft": {"reference": ft.ft, "torch": torch_elementwise.ft, "triton": _triton.ft},
+    "ab": {"reference": ab.ab, "torch": torch_elementwise.ab, "triton": _triton.ab},
+    "vid": {"reference": vid.vid, "torch": torch_elementwise.vid, "triton": _triton.vid},
+    "ofd": {"reference": ofd.ofd, "torch": torch_elementwise.ofd, "triton": _triton.ofd},
+    "afd": {"reference": afd.afd, "torch": torch_elementwise.afd, "triton": _triton.afd},
     "sobolev": {"reference": sobolev.sobolev, "torch": torch_elementwise.sobolev,
-                "triton": autograd.sobolev},
-    "lwm": {"reference": lwm.lwm, "torch": torch_elementwise.lwm, "triton": autograd.lwm},
+                "triton": _triton.sobolev},
+    "lwm": {"reference": lwm.lwm, "torch": torch_elementwise.lwm, "triton": _triton.lwm},
     "pkt_cos_sim": {"reference": pkt.pkt_cos_sim, "torch": torch_pairwise.pkt_cos_sim,
-                    "triton": autograd.pkt_cos_sim},
+                    "triton": _triton.pkt_cos_sim},
     "rkd_distance": {"reference": rkd.rkd_distance, "torch": torch_pairwise.rkd_distance,
-                     "triton": autograd.rkd_distance},
+                     "triton": _triton.rkd_distance},
     "rkd_angle": {"reference": rkd.rkd_angle, "torch": torch_pairwise.rkd_angle,
-                  "triton": autograd.rkd_angle},
-    "sp": {"reference": sp.sp, "torch": torch_pairwise.sp, "triton": autograd.sp},
-    "cc": {"reference": cc.cc, "torch": torch_pairwise.cc, "triton": autograd.cc},
+                  "triton": _triton.rkd_angle},
+    "sp": {"reference": sp.sp, "torch": torch_pairwise.sp, "triton": _triton.sp},
+    "cc": {"reference": cc.cc, "torch": torch_pairwise.cc, "triton": _triton.cc},
     "irg_vertex": {"reference": irg.irg_vertex, "torch": torch_elementwise.hint,
-                   "triton": autograd.hint},
+                   "triton": _triton.hint},
     "irg_edge": {"reference": irg.irg_edge, "torch": torch_pairwise.irg_edge,
-                 "triton": autograd.irg_edge},
+                 "triton": _triton.irg_edge},
     "irg_transformation": {"reference": irg.irg_transformation,
                            "torch": torch_pairwise.irg_transformation,
-                           "triton": autograd.irg_transformation},
+                           "triton": _triton.irg_transformation},
     "crd_contrast": {"reference": crd.crd_contrast, "torch": torch_contrast.crd_contrast,
-                     "triton": autograd.crd_contrast},
+                     "triton": _triton.crd_contrast},
 }
 
 # The innermost use_backend() block's choice. A plain module global, read at every call:
 # torch.compile traces the read and guards on the value (a different backend recompiles),
 # where a ContextVar cannot be traced at all. Process-wide, like torch.backends' flags.
 _override = None
+
+if autograd is None:  # no triton: no "triton" entries
+    for _impls in IMPLEMENTATIONS.values():
+        del _impls["triton"]
+del _triton
 
 
 class BackendUnavailableError(RuntimeError):
@@ -126,6 +146,9 @@ def resolve(op, device, backend=None):
     name = _checked(backend, "backend") if backend is not None else current_backend()
     if name == "auto":
         return available(op, device)[0]
+    if name == "triton" and autograd is None:
+        raise BackendUnavailableError(f"the triton backend needs the triton package, which is not "
+                                      f"installed (Triton has wheels for Linux only)")
     if name not in IMPLEMENTATIONS[op]:
         have = ", ".join(b for b in BACKENDS[1:] if b in IMPLEMENTATIONS[op])
         raise BackendUnavailableError(f"fastkd has no {name} implementation of {op} yet (it has: {have})")

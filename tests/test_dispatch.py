@@ -109,3 +109,48 @@ def test_listing_command_prints_every_method(capsys):
     out = capsys.readouterr().out
     for method in list(METHODS) + ["Baseline"]:
         assert f"\n{method} " in out
+
+
+def test_use_backend_is_process_wide_and_restored_on_errors():
+    """The documented semantics: a thread started inside the block sees its backend."""
+    import threading
+    seen = []
+    with fastkd.use_backend("reference"):
+        thread = threading.Thread(target=lambda: seen.append(fastkd.current_backend()))
+        thread.start()
+        thread.join()
+    assert seen == ["reference"]
+    with pytest.raises(ZeroDivisionError):
+        with fastkd.use_backend("torch"):
+            1 / 0
+    assert fastkd.current_backend() == "auto"
+
+
+def test_every_loss_runs_on_cpu_without_triton():
+    """import fastkd and every CPU loss work where triton is not installed (macOS, Windows):
+    here a child interpreter in which importing triton fails."""
+    import subprocess
+    import sys
+    code = """
+import sys
+sys.modules["triton"] = None  # import triton raises ImportError
+import torch, fastkd
+from fastkd.bench import cases
+cpu = torch.device("cpu")
+for case in cases.cases("tiny", "cpu"):
+    loss = case.build("fastkd", cpu, torch.float32)(*case.inputs(cpu, torch.float32, torch.Generator().manual_seed(0)))
+    loss.backward()
+    assert torch.isfinite(loss), case.name
+assert not any(b == "triton" for impls in fastkd.backend.IMPLEMENTATIONS.values() for b in impls)
+try:
+    with fastkd.use_backend("triton"):
+        fastkd.RKD(25, 50)(torch.randn(4, 3), torch.randn(4, 3))
+except fastkd.BackendUnavailableError as err:
+    assert "not installed" in str(err), err
+else:
+    raise AssertionError("the triton backend ran without triton")
+print("ok")
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
