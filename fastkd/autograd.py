@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops as _ops
-from .common import first_order, result_dtype, squared_distances_from_gram
+from .common import first_order, nst_spatial_form, result_dtype, squared_distances_from_gram
 from .kernels import contrast as _contrast
 from .kernels import elementwise as _ew
 from .kernels import feature_maps as _fm
@@ -68,7 +68,8 @@ class NSTFunction(torch.autograd.Function):
 
     With z the L2-normalised rows, K = z_x z_y^T = r_x S r_y and w = 1/C_s on student rows,
     -1/C_t on teacher rows: loss = (1/B) sum_b sum_ij w_i w_j K_ij^2. The per-sample
-    (C x C) blocks are small statistics; the maps are read once forward, once backward.
+    (C x C) blocks are small statistics: forward reads the maps in three Gram products
+    (S_ss, S_tt, S_st), backward in one matrix-times-maps pass per side.
     Backward: dz = (4/B) W K W z, df_i = r_i (dz_i - z_i (z_i . dz_i)) (no projection where
     ||f_i|| < 1e-12), written as one (C x C) matrix times the maps per side.
     """
@@ -156,9 +157,10 @@ class NSTSpatialFunction(torch.autograd.Function):
 
 
 def nst(fm_s, fm_t):
-    """The (C x C) form, or the (HW x HW) form where its Gram matrices are smaller."""
+    """The (C x C) form, or the (HW x HW) form where its products cost less
+    (fastkd.common.nst_spatial_form)."""
     c_s, c_t, hw = fm_s.shape[1], fm_t.shape[1], fm_s.shape[2] * fm_s.shape[3]
-    if hw * hw < c_s * c_s + c_t * c_t + c_s * c_t:
+    if nst_spatial_form(c_s, c_t, hw):
         return _ops.apply("NSTSpatialFunction", fm_s, fm_t)
     return _ops.apply("NSTFunction", fm_s, fm_t)
 

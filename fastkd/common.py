@@ -34,6 +34,12 @@ def result_dtype(*tensors):
     return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
 
 
+def nst_spatial_form(c_s, c_t, hw):
+    """Whether NST takes its (HW x HW) form: the Gram products of that form cost
+    HW^2 (C_s + C_t), those of the (C x C) form HW (C_s^2 + C_t^2 + C_s C_t), both backends."""
+    return hw * (c_s + c_t) < c_s * c_s + c_t * c_t + c_s * c_t
+
+
 def squared_distances_from_gram(g):
     """E = G_aa + G_bb - 2 G_ab (N, N), 0 on the diagonal, from an exactly symmetric Gram
     matrix G of centred float64 rows. Its absolute error, about D u64 |x - mean|^2, is all

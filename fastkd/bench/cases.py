@@ -29,6 +29,7 @@ import torch.nn as nn
 
 import fastkd
 from fastkd import reference
+from fastkd.common import nst_spatial_form
 
 SWEEPS = ("tiny", "quick", "full")
 
@@ -192,8 +193,8 @@ def _map_cases(sweep, device_type):
             return Case(loss, label, c * h * w, "values per sample", elems, args, make or _pair(shape),
                         monotone=False, flops=flops, tf32_flops=tf32_flops, params=params)
         conv = 2 * b * h * w * c * c  # one 1x1 conv C -> C
-        # NST's three Grams, forward and backward twice, each (C x C) or (HW x HW), the smaller.
-        nst = 3 * 3 * 2 * b * c * h * w * min(c, h * w)
+        # NST's three Grams, forward and backward twice, in the form fastkd takes.
+        nst = 3 * 3 * 2 * b * c * h * w * (h * w if nst_spatial_form(c, c, h * w) else c)
         out += [case("AT", (2.0,)),
                 case("Hint"),
                 case("NST", flops=nst),

@@ -12,7 +12,9 @@ AT   A = sum_c |f|^p per (b, hw): one pass over each map (``at_maps``), then a s
      (``at_loss``). Backward: ``at_grad_maps`` on the small maps, then one pass over
      each feature map (``at_grad_features``).
 NST  and FSP start from batched Gram products S = X Y^T (``gram``); their backward is a
-     (C x C) matrix times the maps (``matrix_times_maps``). tl.dot takes bf16/fp16
+     batched product out = M X (``matrix_times_maps``): a (C x C) matrix times the maps
+     for FSP and NST's (C x C) form, while NST's (HW x HW) form passes the normalised
+     maps z (B, C, HW) as M and P (B, HW, HW) as X, for u = z P. tl.dot takes bf16/fp16
      operands of one dtype as they are (tensor cores, fp32 accumulation: the products
      are exact), anything else in the accumulation dtype (IEEE fp32, or fp64).
 """

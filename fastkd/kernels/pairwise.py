@@ -655,8 +655,8 @@ def _pkt_sums_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, N, BLOCK: tl.constexp
 
 @triton.jit
 def _pkt_terms(g_s, g_t, ws_row, ws_col, wt_row, wt_col, sums_s, sums_t, eps):
-    """(C_s, C_t, kl, A_s, A_t) at a tile: kl = P_t log((P_t + eps) / (P_s + eps)) and
-    A = N^2 dL/dP on each side."""
+    """(C_s, C_t, kl, A_s, A_t, P_s, P_t) at a tile: kl = P_t log((P_t + eps) / (P_s + eps)),
+    A = N^2 dL/dP on each side, and the probabilities P."""
     c_s, p_s = _pkt_probs(g_s, ws_row, ws_col, sums_s, eps)
     c_t, p_t = _pkt_probs(g_t, wt_row, wt_col, sums_t, eps)
     log_ratio = tl.log((p_t + eps) / (p_s + eps))

@@ -7,7 +7,7 @@ p = 2, no (B, C_s, C_t, HW) broadcast for NST. FSP is the reference's own bmm fo
 import torch
 import torch.nn.functional as F
 
-from ..common import result_dtype
+from ..common import nst_spatial_form, result_dtype
 
 
 def _attention(fm, p, eps=1e-6):
@@ -31,8 +31,8 @@ def nst(fm_s, fm_t):
     With z the L2-normalised rows of f (B, C, HW): mean_{j,i} (y_j . x_i)^2 = ||Y X^T||_F^2 / (C_y C_x),
     so per sample loss_b = ||Z_s Z_s^T||^2 / C_s^2 + ||Z_t Z_t^T||^2 / C_t^2 - 2 ||Z_s Z_t^T||^2 / (C_s C_t)
     = ||Z_s^T Z_s / C_s - Z_t^T Z_t / C_t||_F^2. The (C x C) form runs on the raw maps and scales the
-    Gram blocks by the inverse row norms; the (HW x HW) form is used when it is cheaper (HW small
-    compared with the channels).
+    Gram blocks by the inverse row norms; the (HW x HW) form is used when it is cheaper
+    (fastkd.common.nst_spatial_form: HW small compared with the channels).
     """
     # bf16/fp16 in fp32: a raw Gram entry of maps near 1e3 (2e6 at HW = 2) overflows fp16.
     out = result_dtype(fm_s, fm_t)
@@ -41,7 +41,7 @@ def nst(fm_s, fm_t):
     xt = fm_t.reshape(fm_t.shape[0], fm_t.shape[1], -1).to(acc)
     B, c_s, hw = xs.shape
     c_t = xt.shape[1]
-    if hw * (c_s + c_t) < c_s * c_s + c_t * c_t + c_s * c_t:
+    if nst_spatial_form(c_s, c_t, hw):
         zs, zt = F.normalize(xs, dim=2), F.normalize(xt, dim=2)
         p = torch.baddbmm(torch.bmm(zs.transpose(1, 2), zs), zt.transpose(1, 2), zt,
                           beta=1.0 / c_s, alpha=-1.0 / c_t)
