@@ -9,7 +9,7 @@ from . import backend
 METHODS = {
     "Logits": ["logits"], "SoftTarget": ["soft_target"], "AT": ["at"], "Hint": ["hint"],
     "NST": ["nst"], "PKTCosSim": ["pkt_cos_sim"], "FSP": ["fsp"], "FT": ["ft"],
-    "RKD": ["rkd_distance", "rkd_angle"], "AB": ["ab"], "SP": ["sp"], "Sobolev": ["sobolev"],
+    "RKD": ["rkd", "rkd_distance", "rkd_angle"], "AB": ["ab"], "SP": ["sp"], "Sobolev": ["sobolev"],
     "BSS": ["bss"], "CC": ["cc"], "LwM": ["lwm"],
     "IRG": ["irg_vertex", "irg_edge", "irg_transformation"], "VID": ["vid"], "OFD": ["ofd"],
     "AFD": ["afd"], "CRD": ["crd_contrast"], "DML": ["dml"],

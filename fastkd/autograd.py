@@ -455,6 +455,39 @@ class RKDAngleFunction(torch.autograd.Function):
         return _pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale)
 
 
+class RKDFunction(torch.autograd.Function):
+    """w_dist * distance term + w_angle * angle term from one E and one set of centred rows
+    per side, and one gradient map onto the rows per side (each term alone would build and
+    save them again)."""
+
+    @staticmethod
+    def forward(ctx, feat_s, feat_t, w_dist, w_angle):
+        e_s, e_t, x_s, x_t = _distance_sides(feat_s, feat_t)
+        n = len(e_s)
+        total_d, stats_d = _pw.rkd_distance_forward(e_s, e_t)
+        total_a, stats_a = _pw.rkd_angle_forward(e_s, e_t, with_stats=any(ctx.needs_input_grad))
+        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats_d, stats_a)
+        ctx.weights = (w_dist, w_angle)
+        return (w_dist * total_d / n ** 2 + w_angle * total_a / n ** 3).to(result_dtype(feat_s, feat_t))
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_out):
+        feat_s, feat_t, x_s, x_t, e_s, e_t, stats_d, stats_a = ctx.saved_tensors
+        w_dist, w_angle = ctx.weights
+        n = len(e_s)
+        dist = _pw.rkd_distance_backward(e_s, e_t, stats_d)
+        angle = _pw.rkd_angle_backward(e_s, e_t, stats_a)
+        # dL/dX = M X + r * X for each term: their weighted sum, one gram_grad per side.
+        m_s, r_s, m_t, r_t = (w_dist / n ** 2 * d + w_angle / n ** 3 * a for d, a in zip(dist, angle))
+        return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)),
+                                 grad_out.to(e_s.dtype)), None, None)
+
+
+def rkd(feat_s, feat_t, w_dist, w_angle):
+    return _ops.apply("RKDFunction", feat_s, feat_t, w_dist, w_angle)
+
+
 def rkd_distance(feat_s, feat_t):
     return _ops.apply("RKDDistanceFunction", feat_s, feat_t)
 
@@ -707,7 +740,7 @@ def crd_contrast(embed, memory, sample_idx, nce_t, z, n_data, eps=1e-7):
 
 # Each Function above as a torch.library custom operator for torch.compile (fastkd.ops).
 for _function in (ATFunction, NSTFunction, NSTSpatialFunction, FSPFunction, MSEFunction, ABFunction,
-                  OFDFunction, VIDFunction, AFDFunction, NormalizedRowsFunction, RKDDistanceFunction,
-                  RKDAngleFunction, SPFunction, PKTFunction, CCFunction, IRGEdgeFunction,
+                  OFDFunction, VIDFunction, AFDFunction, NormalizedRowsFunction, RKDFunction,
+                  RKDDistanceFunction, RKDAngleFunction, SPFunction, PKTFunction, CCFunction, IRGEdgeFunction,
                   IRGTransformationFunction, SoftmaxKLFunction, CRDContrastFunction):
     _ops.register(_function)

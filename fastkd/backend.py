@@ -65,6 +65,7 @@ IMPLEMENTATIONS = {
     "lwm": {"reference": lwm.lwm, "torch": torch_elementwise.lwm, "triton": _triton.lwm},
     "pkt_cos_sim": {"reference": pkt.pkt_cos_sim, "torch": torch_pairwise.pkt_cos_sim,
                     "triton": _triton.pkt_cos_sim},
+    "rkd": {"reference": rkd.rkd, "torch": torch_pairwise.rkd, "triton": _triton.rkd},
     "rkd_distance": {"reference": rkd.rkd_distance, "torch": torch_pairwise.rkd_distance,
                      "triton": _triton.rkd_distance},
     "rkd_angle": {"reference": rkd.rkd_angle, "torch": torch_pairwise.rkd_angle,

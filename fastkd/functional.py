@@ -324,6 +324,8 @@ def rkd(feat_s, feat_t, w_dist, w_angle):
     _relational_pair(feat_s, feat_t, "feat_s", "feat_t", ndim=2)
     w_dist = checks.number(w_dist, "w_dist")
     w_angle = checks.number(w_angle, "w_angle")
+    if w_dist != 0 and w_angle != 0:  # one op: both terms from one set of squared distances
+        return _run("rkd", feat_s, feat_t, w_dist, w_angle)
     loss = 0.0
     if w_dist != 0:
         loss = loss + w_dist * _run("rkd_distance", feat_s, feat_t)

@@ -43,6 +43,7 @@ def _transformation(f, x_s, x_t):
 
 # op -> how to call one of its implementations f on (x_s, x_t).
 OPS = {
+    "rkd": lambda f, s, t: f(s, t, 25.0, 50.0),  # both terms from one set of distances
     "rkd_distance": lambda f, s, t: f(s, t),
     "rkd_angle": lambda f, s, t: f(s, t),
     "sp": lambda f, s, t: f(s, t),
@@ -71,7 +72,7 @@ def inputs(n, d, case, gap_exp, near, dtype, seed):
 
 
 def check(op, impl, n, d, case, gap_exp, near, dtype, seed):
-    if op == "rkd_angle":
+    if op in ("rkd", "rkd_angle"):
         # With D = 1 every angle is exactly +-1 and its gradient exactly 0 in the reference;
         # angles read from distances meet that only to rounding (about 1e-10 here), which no
         # relative criterion at 0 admits.
@@ -116,8 +117,8 @@ def test_triton(op, n, d, case, gap_exp, near, dtype, seed):
 def test_rkd_on_a_spread_batch_with_a_near_duplicate_pair(impl, gap_exp):
     """The case that diverged a training run: post-ReLU rows spread over ~5000, two of them
     close; float32 Gram arithmetic gave an angle loss of 1e9 here."""
-    for op in ("rkd_distance", "rkd_angle"):
+    for op in ("rkd_distance", "rkd_angle", "rkd"):
         check(op, impl, 9, 16, "spread", gap_exp, False, torch.float32, 3)
         s, t = inputs(9, 16, "spread", gap_exp, False, torch.float32, 3)
         loss = loss_and_grads(op, impl, s, t, torch.tensor(1.0))[0]
-        assert loss < 2, f"{op}: {loss}"  # smooth_l1 of unit-scale relations
+        assert loss < 2 * (1 if op != "rkd" else 75), f"{op}: {loss}"  # smooth_l1 of unit-scale relations

@@ -282,7 +282,7 @@ def test_ratios_ignore_missing_and_noise_level_figures():
 
 def test_fastkd_path_follows_the_dispatcher(monkeypatch):
     from fastkd import backend
-    assert cli.fastkd_path("RKD", CPU) == {op: backend.resolve(op, CPU, "auto") for op in ("rkd_distance", "rkd_angle")}
+    assert cli.fastkd_path("RKD", CPU) == {op: backend.resolve(op, CPU, "auto") for op in ("rkd", "rkd_distance", "rkd_angle")}
     calls = []
 
     def fast_sp(fm_s, fm_t):

@@ -171,61 +171,103 @@ def _angle_grad_block(a, inv, dead, u, sign, lo, hi, w, z):
         # Z_ii += sum_j s_ij: left to zero_row_sums.
 
 
+def _angle_term(e_s, e_t, needs):
+    """(N^3 * loss, sides) of the angle term from E: sides[i] = (W, Z or None) (N, N) for a
+    side that needs a gradient (else None), with N^3 dL/dX = 2 sum_b (W_ab + W_ba)(x_a - x_b)
+    + Z X (_angle_grad_block)."""
+    n = len(e_s)
+    total = e_s.new_zeros(())
+    # Per side that needs a gradient: (E, W, Z or None when no pair of rows is closer than
+    # the clamp, i.e. no equal rows). Under torch.compile a branch cannot depend on the
+    # data (nor sync on it): Z is always formed there, exact either way (zero without
+    # equal rows), at the cost of the equal-row terms.
+    sides = [(e, torch.zeros_like(e),
+              torch.zeros_like(e) if torch.compiler.is_compiling()
+              or int((e < _NORM_EPS ** 2).sum()) > n else None)
+             if needed else None for e, needed in zip((e_s, e_t), needs)]
+    for lo, hi in _anchor_blocks(n):
+        a_s, inv_s = _angle_block(e_s, lo, hi)
+        a_t, inv_t = _angle_block(e_t, lo, hi)
+        total += F.smooth_l1_loss(a_s, a_t, reduction="sum")
+        if not any(needs):
+            continue
+        u = (a_s - a_t).clamp_(-1, 1)  # smooth_l1's derivative, beta = 1
+        torch.diagonal(u, dim1=1, dim2=2).zero_()
+        for side, a, inv, sign in ((sides[0], a_s, inv_s, 1.0), (sides[1], a_t, inv_t, -1.0)):
+            if side is not None:
+                e, w, z = side
+                dead = (e[lo:hi] < _NORM_EPS ** 2).double() if z is not None else None
+                _angle_grad_block(a, inv, dead, u, sign, lo, hi, w, z)
+    return total, [side[1:] if side is not None else None for side in sides]
+
+
+def _rows_grad(x, w, z):
+    """2 sum_b (W_ab + W_ba)(x_a - x_b) + Z X (N, D) float64 (Z None for 0; its diagonal is
+    set in place, zero_row_sums)."""
+    xc = centred64(x)
+    return distance_grad(xc, w) if z is None else distance_grad(xc, w) + zero_row_sums(z) @ xc
+
+
 class RKDAngle(torch.autograd.Function):
     """smooth_l1(A_s, A_t) over N^3 entries, block by block of anchors, from exact E.
 
     The gradient is formed in forward, where the angles are at hand, as W = dL/dE and Z
-    (N, N) per side (_angle_grad_block): backward then only scales them and maps them onto
+    (N, N) per side (_angle_term): backward then only scales them and maps them onto
     the rows, instead of building every angle again."""
 
     @staticmethod
     def forward(ctx, feat_s, feat_t):
-        n = feat_s.size(0)
         e_s, e_t = squared_distances(feat_s), squared_distances(feat_t)
-        total = e_s.new_zeros(())
-        # Per side that needs a gradient: (E, W, Z or None when no pair of rows is closer than
-        # the clamp, i.e. no equal rows). Under torch.compile a branch cannot depend on the
-        # data (nor sync on it): Z is always formed there, exact either way (zero without
-        # equal rows), at the cost of the equal-row terms.
-        sides = [(e, torch.zeros_like(e),
-                  torch.zeros_like(e) if torch.compiler.is_compiling()
-                  or int((e < _NORM_EPS ** 2).sum()) > n else None)
-                 if needed else None for e, needed in zip((e_s, e_t), ctx.needs_input_grad)]
-        for lo, hi in _anchor_blocks(n):
-            a_s, inv_s = _angle_block(e_s, lo, hi)
-            a_t, inv_t = _angle_block(e_t, lo, hi)
-            total += F.smooth_l1_loss(a_s, a_t, reduction="sum")
-            if not any(ctx.needs_input_grad):
-                continue
-            u = (a_s - a_t).clamp_(-1, 1)  # smooth_l1's derivative, beta = 1
-            torch.diagonal(u, dim1=1, dim2=2).zero_()
-            for side, a, inv, sign in ((sides[0], a_s, inv_s, 1.0), (sides[1], a_t, inv_t, -1.0)):
-                if side is not None:
-                    e, w, z = side
-                    dead = (e[lo:hi] < _NORM_EPS ** 2).double() if z is not None else None
-                    _angle_grad_block(a, inv, dead, u, sign, lo, hi, w, z)
-        ctx.save_for_backward(feat_s, feat_t, *(t for side in sides for t in (side or (None,) * 3)[1:]))
-        return (total / n ** 3).to(result_dtype(feat_s, feat_t))
+        total, sides = _angle_term(e_s, e_t, ctx.needs_input_grad)
+        ctx.save_for_backward(feat_s, feat_t, *(t for side in sides for t in (side or (None, None))))
+        return (total / len(e_s) ** 3).to(result_dtype(feat_s, feat_t))
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
         feat_s, feat_t, w_s, z_s, w_t, z_t = ctx.saved_tensors
         scale = grad_out.to(torch.float64) / len(feat_s) ** 3
-        grads = []
-        for x, w, z in ((feat_s, w_s, z_s), (feat_t, w_t, z_t)):
-            if w is None:
-                grads.append(None)
-                continue
-            xc = centred64(x)
-            g = distance_grad(xc, w) if z is None else distance_grad(xc, w) + zero_row_sums(z) @ xc
-            grads.append((g * scale).reshape(x.shape).to(x.dtype))
-        return tuple(grads)
+        return tuple(None if w is None else (_rows_grad(x, w, z) * scale).reshape(x.shape).to(x.dtype)
+                     for x, w, z in ((feat_s, w_s, z_s), (feat_t, w_t, z_t)))
 
 
 def rkd_angle(feat_s, feat_t):
     """smooth_l1(A_s, A_t) over the N^3 angles, A[i, j, k] = e_ij . e_ik, without (N, N, N)."""
     return RKDAngle.apply(feat_s, feat_t)
+
+
+class RKDBoth(torch.autograd.Function):
+    """w_dist * distance term + w_angle * angle term from one E per side (each term alone
+    would build it again)."""
+
+    @staticmethod
+    def forward(ctx, feat_s, feat_t, w_dist, w_angle):
+        n = feat_s.size(0)
+        e_s, e_t = squared_distances(feat_s), squared_distances(feat_t)
+        total, sides = _angle_term(e_s, e_t, ctx.needs_input_grad[:2])
+        ctx.save_for_backward(feat_s, feat_t, e_s, e_t, *(t for side in sides for t in (side or (None, None))))
+        ctx.weights = (w_dist, w_angle)
+        loss = w_dist * _rkd_distance_of(e_s, e_t) + w_angle * (total / n ** 3)
+        return loss.to(result_dtype(feat_s, feat_t))
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_out):
+        feat_s, feat_t, e_s, e_t, w_s, z_s, w_t, z_t = ctx.saved_tensors
+        w_dist, w_angle = ctx.weights
+        grad = grad_out.to(torch.float64)
+        _, vjp = torch.func.vjp(_rkd_distance_of, e_s, e_t)  # the distance term's dL/dE
+        wd_s, wd_t = vjp(grad * w_dist)
+        scale = grad * w_angle / len(feat_s) ** 3
+        # Both terms are 2 sum_b (W_ab + W_ba)(x_a - x_b) (+ Z X): one map onto the rows.
+        return (*(None if w is None else
+                  _rows_grad(x, w * scale + wd, None if z is None else z * scale).reshape(x.shape).to(x.dtype)
+                  for x, w, z, wd in ((feat_s, w_s, z_s, wd_s), (feat_t, w_t, z_t, wd_t))), None, None)
+
+
+def rkd(feat_s, feat_t, w_dist, w_angle):
+    """w_dist * rkd_distance + w_angle * rkd_angle, both weights nonzero."""
+    return RKDBoth.apply(feat_s, feat_t, w_dist, w_angle)
 
 
 # --- SP, PKT and CC: similarities, with the reference's own operations ----------------
