@@ -2,8 +2,9 @@
 
 Each class subclasses its reference in fastkd.reference, so constructor
 arguments, attributes, helper methods, submodules and state_dict keys are the
-reference's, and replaces only forward with a call to fastkd.functional, which
-checks the inputs and dispatches to the fastest implementation.
+reference's (CRD adds its normalisers Z once its first call has fixed them), and
+replaces only forward with a call to fastkd.functional, which checks the inputs and
+dispatches to the fastest implementation.
 """
 import torch
 
@@ -171,15 +172,60 @@ def _normalizer(embed, memory, sample_idx, nce_t, n_data):
     return contrast_scores(embed, memory, sample_idx, nce_t).mean() * n_data
 
 
+@torch.no_grad()
+def _momentum_rows(memory, embed, idx, momentum):
+    """The reference's update, not yet written: normalize(mom * memory[idx] + (1 - mom) * embed)."""
+    rows = memory[idx] * momentum + embed.detach() * (1 - momentum)
+    # In the bank's dtype, so that writing it cannot fail after another part is written.
+    return torch.nn.functional.normalize(rows, p=2, dim=1).to(memory.dtype)
+
+
+def _all_true(flag):
+    """bool(flag): on CUDA a host sync, CRD's one per call, on purpose (a failing call must
+    raise before anything is written). fastkd.kernels.resources, which fails on host syncs,
+    stands in for this one."""
+    return bool(flag)
+
+
 class CRD(reference.CRD):
     """Contrastive loss of both embeddings against the other side's memory bank.
 
     forward(feat_s (B, ...), feat_t (B, ...), idx (B,), sample_idx (B, nce_n + 1)):
     the loss of this batch, from the memory as it was before the batch; then the
     memory rows idx are updated with the batch's embeddings (no grad).
+
+    State: the memory banks and the normalisers contrast.Z_s, contrast.Z_t (buffers,
+    None until the first call fixes them from its batch). state_dict holds Z once set,
+    so a resumed run computes the same loss; a state_dict without Z (the collection's,
+    or one saved before the first call) loads with strict=True and leaves Z to the next
+    call, as in the collection. A call that raises (a bad input, or NaN/Inf in the
+    features, the embeddings or what would be written) leaves all of it unchanged.
     """
 
+    def __init__(self, s_dim, t_dim, feat_dim, nce_n, nce_t, nce_mom, n_data):
+        super().__init__(s_dim, t_dim, feat_dim, nce_n, nce_t, nce_mom, n_data)
+        # Plain attributes in the collection; as buffers they move with .to() and are saved
+        # (a None buffer is left out of state_dict, so a fresh module's keys stay the collection's).
+        mem = self.contrast
+        del mem.Z_s, mem.Z_t
+        mem.register_buffer("Z_s", None)
+        mem.register_buffer("Z_t", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Z_s was computed against memory_t and Z_t against memory_s. A state_dict that
+        # brings a bank without its Z unsets that Z; one with Z gets a slot to load into.
+        mem = self.contrast
+        for z, bank in (("Z_s", "memory_t"), ("Z_t", "memory_s")):
+            if f"{prefix}contrast.{z}" in state_dict:
+                if getattr(mem, z) is None:
+                    setattr(mem, z, getattr(mem, bank).new_empty(()))
+            elif f"{prefix}contrast.{bank}" in state_dict:
+                setattr(mem, z, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, feat_s, feat_t, idx, sample_idx):
+        mem = self.contrast
+        n_data = mem.memory_s.shape[0]
         checks.tensor(feat_s, "feat_s", min_ndim=2)
         checks.tensor(feat_t, "feat_t", min_ndim=2)
         checks.same_batch(feat_s, feat_t, "feat_s", "feat_t")
@@ -187,16 +233,56 @@ class CRD(reference.CRD):
                              (feat_t, "feat_t", self.embed_t.linear.in_features)):
             if x[0].numel() != dim:
                 raise ValueError(f"{name} must hold {dim} values per sample, got shape {tuple(x.shape)}")
-        mem = self.contrast
-        n_data = mem.memory_s.shape[0]
         checks.indices(idx, "idx", (feat_s.shape[0],), n_data)
         checks.indices(sample_idx, "sample_idx", (feat_s.shape[0], mem.N + 1), n_data)
+        checks.same_device(feat_s=feat_s, feat_t=feat_t, idx=idx, sample_idx=sample_idx,
+                           memory=mem.memory_s)
+        checks.number(mem.T, "nce_t", positive=True)
+        idx = idx.long()  # index_copy_ takes int64 only
+        if sample_idx.dtype not in (torch.int32, torch.int64):
+            sample_idx = sample_idx.long()  # indexing would read uint8 as a mask
         e_s, e_t = self.embed_s(feat_s), self.embed_t(feat_t)
-        if mem.Z_t is None:
-            mem.Z_t = _normalizer(e_t, mem.memory_s, sample_idx, mem.T, n_data)
+
+        # All this call would write, computed first and committed only once it is known to
+        # be finite: a failing call leaves the banks and Z exactly as they were.
+        rows_s = _momentum_rows(mem.memory_s, e_s, idx, mem.momentum)
+        rows_t = _momentum_rows(mem.memory_t, e_t, idx, mem.momentum)
+        ok = torch.cat([rows_s, rows_t]).isfinite().all()
+        z_s, z_t = mem.Z_s, mem.Z_t
+        if z_s is None:  # fixed by the first call
+            z_s = _normalizer(e_s, mem.memory_t, sample_idx, mem.T, n_data)
+            ok &= z_s.isfinite() & (z_s > 0)
+        if z_t is None:
+            z_t = _normalizer(e_t, mem.memory_s, sample_idx, mem.T, n_data)
+            ok &= z_t.isfinite() & (z_t > 0)
+        if not _all_true(ok):
+            self._raise_non_finite(feat_s, feat_t, e_s, e_t, idx, z_s, z_t)
+
+        loss = (F.crd_contrast(e_s, mem.memory_t, sample_idx, mem.T, z_s, n_data, self.criterion_s.eps)
+                + F.crd_contrast(e_t, mem.memory_s, sample_idx, mem.T, z_t, n_data, self.criterion_t.eps))
+        # The loss has read the banks as they were before this batch; now commit.
         if mem.Z_s is None:
-            mem.Z_s = _normalizer(e_s, mem.memory_t, sample_idx, mem.T, n_data)
-        loss = (F.crd_contrast(e_s, mem.memory_t, sample_idx, mem.T, mem.Z_s, n_data, self.criterion_s.eps)
-                + F.crd_contrast(e_t, mem.memory_s, sample_idx, mem.T, mem.Z_t, n_data, self.criterion_t.eps))
-        mem.update(e_s, e_t, idx)
+            mem.Z_s = z_s
+        if mem.Z_t is None:
+            mem.Z_t = z_t
+        mem.memory_s.index_copy_(0, idx, rows_s)
+        mem.memory_t.index_copy_(0, idx, rows_t)
         return loss
+
+    @torch.no_grad()
+    def _raise_non_finite(self, feat_s, feat_t, e_s, e_t, idx, z_s, z_t):
+        """Names the cause of a non-finite update (only a failing call looks)."""
+        mem = self.contrast
+        unchanged = "CRD's memory banks and Z were left unchanged"
+        weights = " (its weights are not finite, or it overflows)"
+        for x, what, hint in ((feat_s, "feat_s", ""), (feat_t, "feat_t", ""),
+                              (e_s, "embed_s(feat_s)", weights), (e_t, "embed_t(feat_t)", weights),
+                              (mem.memory_s[idx], "memory_s at rows idx", ""),
+                              (mem.memory_t[idx], "memory_t at rows idx", "")):
+            if not x.isfinite().all():
+                raise ValueError(f"{what} has NaN or Inf values{hint}; {unchanged}")
+        for name, z, bank in (("Z_s", z_s, "memory_t"), ("Z_t", z_t, "memory_s")):
+            if not (z.isfinite() & (z > 0)):
+                raise ValueError(f"{name} = mean(exp({bank}[sample_idx] . embed / nce_t)) * n_data "
+                                 f"is {z.item()}, not a positive finite number (nce_t={mem.T}); {unchanged}")
+        raise ValueError(f"CRD's memory update is not finite (nce_mom={mem.momentum}); {unchanged}")
