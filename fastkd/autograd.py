@@ -728,8 +728,7 @@ class CRDContrastFunction(_torch_contrast.CRDContrast):
             params[i] = value
         loss, direction = _contrast.crd_contrast_forward(embed, memory, sample_idx, params,
                                                          grad=ctx.needs_input_grad[0])
-        ctx.save_for_backward(direction)
-        ctx.embed_dtype = embed.dtype
+        ctx.save_for_backward(direction, embed.new_empty(0))
         return loss.to(embed.dtype)
 
 
@@ -742,5 +741,8 @@ def crd_contrast(embed, memory, sample_idx, nce_t, z, n_data, eps=1e-7):
 for _function in (ATFunction, NSTFunction, NSTSpatialFunction, FSPFunction, MSEFunction, ABFunction,
                   OFDFunction, VIDFunction, AFDFunction, NormalizedRowsFunction, RKDFunction,
                   RKDDistanceFunction, RKDAngleFunction, SPFunction, PKTFunction, CCFunction, IRGEdgeFunction,
-                  IRGTransformationFunction, SoftmaxKLFunction, CRDContrastFunction):
+                  IRGTransformationFunction, SoftmaxKLFunction):
     _ops.register(_function)
+# CRD's memory bank changes between forward and backward: its operator keeps what forward saved.
+_ops.register(CRDContrastFunction, saved=lambda embed, memory, *_: [
+    (embed.shape, _contrast.accumulation_dtype(embed, memory)), ((0,), embed.dtype)])

@@ -238,6 +238,10 @@ class CRD(reference.CRD):
         checks.same_device(feat_s=feat_s, feat_t=feat_t, idx=idx, sample_idx=sample_idx,
                            memory=mem.memory_s)
         checks.number(mem.T, "nce_t", positive=True)
+        if torch.compiler.is_exporting() and (mem.Z_s is None or mem.Z_t is None):
+            raise RuntimeError("CRD fixes its normalisers Z_s, Z_t from the data of its first call, "
+                               "which torch.export cannot express: call it once (or load a state_dict "
+                               "that has them) before exporting")
         idx = idx.long()  # index_copy_ takes int64 only
         if sample_idx.dtype not in (torch.int32, torch.int64):
             sample_idx = sample_idx.long()  # indexing would read uint8 as a mask
@@ -255,7 +259,10 @@ class CRD(reference.CRD):
         if z_t is None:
             z_t = _normalizer(e_t, mem.memory_s, sample_idx, mem.T, n_data)
             ok &= z_t.isfinite() & (z_t > 0)
-        if not _all_true(ok):
+        if torch.compiler.is_compiling():  # a compiled graph cannot branch on it: asserts instead
+            torch._assert_async(ok, "CRD: NaN or Inf in feat_s, feat_t, their embeddings or the memory "
+                                    "update; CRD's memory banks and Z were left unchanged")
+        elif not _all_true(ok):
             self._raise_non_finite(feat_s, feat_t, e_s, e_t, idx, z_s, z_t)
 
         loss = (F.crd_contrast(e_s, mem.memory_t, sample_idx, mem.T, z_s, n_data, self.criterion_s.eps)

@@ -6,10 +6,13 @@ one opaque node (it cannot trace Triton launches, nor the interpreter on CPU), w
 
   forward    fastkd::<X>(tensors, floats, ints, layout, needs) -> the loss: X.forward run
              with a plain context object;
-  backward   fastkd::<X>_backward(grad, same arguments) -> one gradient per tensor
+  backward   fastkd::<X>_backward(grad, kept, same arguments) -> one gradient per tensor
              argument: X.forward then X.backward with such a context, so the forward is
              computed again in backward (as activation checkpointing does), and nothing
-             but the inputs is saved between the two;
+             but the inputs is saved between the two (autograd raises if one of them is
+             changed in place before backward). CRD's memory bank is changed in place
+             after its loss, so its forward operator also returns what X.forward saved
+             (``kept``), and its backward reads that instead (register's ``saved``);
   fake       X.forward on meta tensors with every Triton launch skipped, for the result's
              dtype (the launchers allocate their outputs with torch, so dtypes come out
              right; fastkd.kernels.resources runs them on meta tensors the same way).
@@ -83,20 +86,40 @@ def _hint(n):
     return n.node.hint if isinstance(n, torch.SymInt) else n
 
 
-def register(function):
+def register(function, saved=None):
     """Define fastkd::<Function name> and its backward for an autograd.Function of
-    fastkd.autograd (forward(ctx, *args) -> one tensor)."""
+    fastkd.autograd (forward(ctx, *args) -> one tensor).
+
+    saved: for a Function whose backward must read what its forward saved, because an
+    input changes in place between the two (CRD's memory bank): saved(*args) -> the
+    (shape, dtype) of each tensor its forward saves (a None saved is returned as zeros).
+    Its forward operator then returns those tensors too, and the backward operator runs
+    X.backward on them instead of computing the forward again.
+    """
     name = function.__name__
     schema = "(Tensor[] tensors, float[] floats, int[] ints, str layout, bool[] needs)"
 
-    def forward(tensors, floats, ints, layout, needs):
-        with torch.no_grad():
-            return function.forward(_Ctx(needs), *_unflatten(tensors, floats, ints, layout)).clone()
-
-    def backward(grad, tensors, floats, ints, layout, needs):
+    def run_forward(tensors, floats, ints, layout, needs):
         ctx = _Ctx(needs)
         with torch.no_grad():
-            function.forward(ctx, *_unflatten(tensors, floats, ints, layout))
+            out = function.forward(ctx, *_unflatten(tensors, floats, ints, layout))
+        return out.clone(), ctx
+
+    def forward(tensors, floats, ints, layout, needs):
+        out, ctx = run_forward(tensors, floats, ints, layout, needs)
+        if saved is None:
+            return [out]
+        shapes = saved(*_unflatten(tensors, floats, ints, layout))
+        return [out, *(torch.zeros(shape, dtype=dtype, device=out.device) if k is None else k.clone()
+                       for k, (shape, dtype) in zip(ctx.saved_tensors, shapes))]
+
+    def backward(grad, kept, tensors, floats, ints, layout, needs):
+        if saved is None:  # the forward again, for what its backward reads (saved tensors, attributes)
+            _, ctx = run_forward(tensors, floats, ints, layout, needs)
+        else:
+            ctx = _Ctx(needs)
+            ctx.saved_tensors = tuple(kept)
+        with torch.no_grad():
             grads = function.backward(ctx, grad)
         grads = grads if isinstance(grads, tuple) else (grads,)
         tensor_grads = [g for g, kind in zip(grads, layout) if kind == "t"]
@@ -106,9 +129,9 @@ def register(function):
                 else g.to(x.dtype).contiguous() for x, g in zip(tensors, tensor_grads)]
 
     fwd_op = torch.library.custom_op(f"fastkd::{name}", forward, mutates_args=(),
-                                     schema=f"{schema} -> Tensor")
+                                     schema=f"{schema} -> Tensor[]")
     bwd_op = torch.library.custom_op(f"fastkd::{name}_backward", backward, mutates_args=(),
-                                     schema=f"(Tensor grad, {schema[1:]} -> Tensor[]")
+                                     schema=f"(Tensor grad, Tensor[] kept, {schema[1:]} -> Tensor[]")
 
     @fwd_op.register_fake
     def _(tensors, floats, ints, layout, needs):
@@ -119,23 +142,41 @@ def register(function):
         with unset_fake_temporarily(), _no_launches(), torch.no_grad():
             metas = [torch.empty([_hint(n) for n in x.shape], dtype=x.dtype, device="meta") for x in tensors]
             out = function.forward(_Ctx(needs), *_unflatten(metas, floats, ints, layout))
-        return tensors[0].new_empty((), dtype=out.dtype)
+        result = [tensors[0].new_empty((), dtype=out.dtype)]
+        if saved is not None:
+            shapes = saved(*_unflatten(tensors, floats, ints, layout))
+            result += [tensors[0].new_empty(shape, dtype=dtype) for shape, dtype in shapes]
+        return result
 
     @bwd_op.register_fake
-    def _(grad, tensors, floats, ints, layout, needs):
+    def _(grad, kept, tensors, floats, ints, layout, needs):
         return [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in tensors]
 
     def setup_context(ctx, inputs, output):
-        ctx.inputs = inputs
+        tensors, floats, ints, layout, needs = inputs
+        ctx.rest = (floats, ints, layout, needs)
+        if saved is None:
+            # Through autograd, which raises if an input is changed in place before backward
+            # (the forward computed again would read the change).
+            ctx.save_for_backward(*tensors)
+        else:
+            # Backward reads only what forward saved, and the inputs' shapes and dtypes.
+            ctx.tensors = tensors
+            ctx.save_for_backward(*output[1:])
 
-    def autograd_backward(ctx, grad):
-        tensors, floats, ints, layout, needs = ctx.inputs
-        grads = bwd_op(grad, tensors, floats, ints, layout, needs)
+    def autograd_backward(ctx, grads):
+        floats, ints, layout, needs = ctx.rest
+        if saved is None:
+            tensors, kept = ctx.saved_tensors, ()
+        else:
+            tensors, kept = ctx.tensors, ctx.saved_tensors
+        grad = grads[0]
+        result = bwd_op(grad, list(kept), list(tensors), floats, ints, layout, needs)
         tensor_needs = [n for n, kind in zip(needs, layout) if kind == "t"]
         # One entry per input: torch.library wants None for a list of numbers, but [] for an
         # empty list (which it cannot tell from an empty list of tensors).
-        return ([g if n else None for g, n in zip(grads, tensor_needs)],
-                *[[] if isinstance(x, list) and not x else None for x in ctx.inputs[1:]])
+        return ([g if n else None for g, n in zip(result, tensor_needs)],
+                *[[] if isinstance(x, list) and not x else None for x in (floats, ints, layout, needs)])
 
     fwd_op.register_autograd(autograd_backward, setup_context=setup_context)
     _REGISTRY[name] = (function, fwd_op)
@@ -150,4 +191,4 @@ def apply(name, *args):
         return function.apply(*args)
     tensors, floats, ints, layout = _flatten(args)
     needs = [isinstance(a, torch.Tensor) and a.requires_grad and torch.is_grad_enabled() for a in args]
-    return op(tensors, floats, ints, layout, needs)
+    return op(tensors, floats, ints, layout, needs)[0]

@@ -19,7 +19,8 @@ from fastkd.bench import cases
 CPU = torch.device("cpu")
 ONE_CASE_PER_LOSS = {c.loss: c for c in reversed(cases.cases("tiny", "cpu"))}
 NEEDS_THE_NETWORK = {"Sobolev", "LwM"}  # torch.autograd.grad inside the loss
-WHOLE_GRAPH = sorted(set(ONE_CASE_PER_LOSS) - NEEDS_THE_NETWORK)
+STATEFUL = {"CRD"}  # its memory banks change with every call, and Z with the first
+WHOLE_GRAPH = sorted(set(ONE_CASE_PER_LOSS) - NEEDS_THE_NETWORK - STATEFUL)
 
 
 def _inputs(case, seed):
@@ -143,3 +144,38 @@ def test_a_compiled_call_follows_use_backend():
     with fastkd.use_backend("reference"), torch.compiler.set_stance("fail_on_recompile"):
         with pytest.raises(RuntimeError, match="recompil"):
             compiled(*inputs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_crd_compiles_whole_and_keeps_its_state_as_eagerly(backend):
+    """The first call fixes Z (one graph), later calls read it (a second graph, then no
+    more); the compiled module's losses, gradients, banks and Z follow the eager twin's."""
+    import copy
+    case = ONE_CASE_PER_LOSS["CRD"]
+    module = case.build("fastkd", CPU, torch.float32)
+    twin = copy.deepcopy(module)
+    torch._dynamo.reset()
+    with fastkd.use_backend(backend):
+        compiled = torch.compile(lambda *x: module(*x), fullgraph=True, backend="aot_eager")
+        for call in range(3):
+            inputs = _inputs(case, call)
+            stance = "fail_on_recompile" if call == 2 else "default"
+            with torch.compiler.set_stance(stance):
+                got = _loss_and_grads(compiled, inputs)
+            _assert_same(got, _loss_and_grads(twin, inputs))
+            for (name, a), (_, b) in zip(module.state_dict().items(), twin.state_dict().items()):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_crd_exports_once_its_normalisers_are_fixed():
+    import copy
+    case = ONE_CASE_PER_LOSS["CRD"]
+    module = case.build("fastkd", CPU, torch.float32)
+    inputs = tuple(_inputs(case, 0))
+    with pytest.raises(RuntimeError, match="call it once"):
+        torch.export.export(module, inputs)
+    assert module.contrast.Z_s is None  # the refused export changed nothing
+    module(*inputs)
+    twin = copy.deepcopy(module)
+    exported = torch.export.export(module, inputs)
+    torch.testing.assert_close(exported.module()(*inputs), twin(*inputs), rtol=1e-6, atol=1e-7)

@@ -52,17 +52,17 @@ class CRDContrast(torch.autograd.Function):
                 if k0 == 0:
                     w[:, 0] = -c / denom[:, 0]
                 direction.unsqueeze(1).baddbmm_(w.unsqueeze(1), rows, alpha=1 / (B * nce_t))
-        ctx.save_for_backward(direction)
-        ctx.embed_dtype = embed.dtype
+        # An empty tensor carries embed's dtype (what backward reads is all saved tensors).
+        ctx.save_for_backward(direction, embed.new_empty(0))
         return (loss / B).to(embed.dtype)
 
     @staticmethod
     @first_order
     def backward(ctx, grad_output):
-        direction, = ctx.saved_tensors
+        direction, like = ctx.saved_tensors
         grad_embed = None
         if ctx.needs_input_grad[0]:
-            grad_embed = (direction * grad_output.to(direction.dtype)).to(ctx.embed_dtype)
+            grad_embed = (direction * grad_output.to(direction.dtype)).to(like.dtype)
         return grad_embed, None, None, None, None, None, None
 
 
