@@ -1,5 +1,7 @@
-"""python -m fastkd: each method, its ops, and the backend each op runs on here."""
+"""The fastkd command (or python -m fastkd): each method, its ops, and the backend each op runs on here."""
 import argparse
+import os
+import sys
 
 import torch
 
@@ -16,11 +18,42 @@ METHODS = {
 }
 
 
+def program_name(module, script):
+    """The name a command was started by, for its usage line: the console script's name
+    (setup.py's entry points) when run as one, else 'python -m <module>'."""
+    started = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return script if started == script else f"python -m {module}"
+
+
+def device_from(text):
+    """The torch.device of a --device value: cpu, cuda or cuda:N, where N is a CUDA device
+    torch sees. Raises ValueError with a one-line message naming --device otherwise."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device takes cpu, cuda or cuda:N (N a GPU index); got {text!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {text}: torch sees no CUDA device here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {text}: torch sees {count} CUDA device(s), "
+                             f"so N in cuda:N goes from 0 to {count - 1}")
+    return device
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastkd", description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    prog = program_name("fastkd", "fastkd")
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when there is one)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = device_from(args.device)
+    except ValueError as err:
+        raise SystemExit(f"{prog}: {err}") from None
     print(f"fastkd on {device} (requested backend: {backend.current_backend()})")
     print(f"{'method':<12} {'op':<20} {'runs on':<10} available")
     print(f"{'Baseline':<12} {'cross_entropy':<20} {'torch':<10} torch")

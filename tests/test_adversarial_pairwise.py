@@ -16,7 +16,7 @@ helpers.ERROR_FACTOR times the reference's own error in that dtype
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
 from fastkd import backend
@@ -80,7 +80,8 @@ def check(op, impl, n, d, case, gap_exp, near, dtype, seed):
     if op == "irg_transformation":
         d = max(d, 8)  # the two maps are cut from 4 + 8 values of each row
     s, t = inputs(n, d, case, gap_exp, near, dtype, seed)
-    assume(bool(torch.isfinite(s).all() and torch.isfinite(t).all()))  # huge values in float16
+    if not (torch.isfinite(s).all() and torch.isfinite(t).all()):
+        reject()  # huge values in float16 (drawn only by the property tests)
     grad_out = torch.tensor(0.25 + seed % 7 / 4, dtype=torch.float64)
     exact = loss_and_grads(op, "reference", s.double(), t.double(), grad_out)
     ref = loss_and_grads(op, "reference", s, t, grad_out)

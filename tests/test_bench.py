@@ -93,6 +93,27 @@ def test_cases_option_keeps_the_matching_cases_and_rejects_a_bad_pattern():
         cli.settings_from(cli.parser().parse_args(["--cases", "SP("]))
 
 
+def test_device_option_is_checked_before_the_run(monkeypatch):
+    for bad in ("foo", "meta", "cuda:x"):
+        with pytest.raises(SystemExit, match=r"^fastkd.bench: --device takes cpu, cuda or cuda:N"):
+            cli.settings_from(cli.parser().parse_args(["--device", bad]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("cuda", "cuda:7"):
+        with pytest.raises(SystemExit, match=f"--device {name}: torch sees no CUDA device"):
+            cli.settings_from(cli.parser().parse_args(["--device", name]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit, match=r"--device cuda:7: torch sees 1 CUDA device\(s\)"):
+        cli.settings_from(cli.parser().parse_args(["--device", "cuda:7"]))
+
+
+def test_usage_line_names_the_command_as_started(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/fastkd-bench"])
+    assert cli.parser().format_usage().startswith("usage: fastkd-bench [-h]")
+    monkeypatch.setattr(sys, "argv", ["/src/fastkd/bench/__main__.py"])
+    assert cli.parser().format_usage().startswith("usage: python -m fastkd.bench [-h]")
+
+
 def test_a_run_stopped_part_way_leaves_the_cases_it_measured(tmp_path, monkeypatch):
     json_path, csv_path = tmp_path / "bench.json", tmp_path / "bench.csv"
     real, calls = measure.run_case, []
@@ -246,9 +267,28 @@ def test_plots_need_matplotlib(tmp_path, monkeypatch):
 
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
-    files = report.write_plots(_small_run(), tmp_path)
+    run = _small_run()
+    # The larger SP case: eager out of memory, fastkd too slow (marked at the top of the axes).
+    run["results"][1]["variants"]["eager"].update(status=measure.OOM, time_s=None, peak_bytes=None)
+    run["results"][1]["variants"]["fastkd"].update(status=measure.TOO_SLOW, time_s=None, peak_bytes=None)
+    files = report.write_plots(run, tmp_path)
     assert sorted(p.split("/")[-1] for p in files) == ["AT.png", "SP.png"]
     assert all((tmp_path / name).read_bytes()[:4] == b"\x89PNG" for name in ("AT.png", "SP.png"))
+
+
+def test_plot_subtitle_gives_dtype_threads_and_the_fixed_dimensions():
+    run = _small_run()
+    by_loss = {loss: [r for r in run["results"] if r["loss"] == loss] for loss in ("SP", "AT")}
+    assert report.plot_subtitle(run, by_loss["SP"]) == "dtype float32; 1 CPU thread; fixed: D=32"
+    assert report.plot_subtitle(run, by_loss["AT"]).startswith("dtype float32; 1 CPU thread; fixed: B=4")
+    cuda_run = dict(run, device=dict(run["device"], type="cuda"))
+    assert report.plot_subtitle(cuda_run, by_loss["SP"]) == "dtype float32; fixed: D=32"
+
+
+def test_legend_explains_every_status_of_the_table():
+    legend = " ".join(report.notes({"device": {"type": "cpu"}, "results": []}))
+    for mark in ("OOM:", "too slow:", "OOM*/too slow*:", "no compile:", "failed:"):
+        assert mark in legend
 
 
 def test_progress_bar_writes_a_line_per_case_off_a_terminal():

@@ -1,10 +1,12 @@
 """The one dispatch point: backend names, precedence, availability, errors."""
+import sys
+
 import pytest
 import torch
 
 import fastkd
 from fastkd import backend
-from fastkd.__main__ import METHODS, main
+from fastkd.__main__ import METHODS, device_from, main
 
 
 def test_default_is_auto(monkeypatch):
@@ -154,3 +156,25 @@ print("ok")
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_listing_command_names_itself_as_started(monkeypatch, capsys):
+    for argv0, name in (("/usr/local/bin/fastkd", "fastkd"), ("/src/fastkd/__main__.py", "python -m fastkd")):
+        monkeypatch.setattr(sys, "argv", [argv0])
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        assert capsys.readouterr().out.startswith(f"usage: {name} [-h]")
+
+
+def test_device_option_says_what_it_takes(monkeypatch):
+    for bad in ("foo", "meta", "cuda:-1", ""):
+        with pytest.raises(SystemExit, match=r"^(fastkd|python -m fastkd): --device takes cpu, cuda or cuda:N"):
+            main(["--device", bad])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: torch sees no CUDA device here; use --device cpu"):
+        main(["--device", "cuda"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"--device cuda:7: torch sees 2 CUDA device\(s\), so N in cuda:N goes from 0 to 1"):
+        device_from("cuda:7")
+    assert device_from("cuda:1") == torch.device("cuda", 1) and device_from("cpu") == torch.device("cpu")

@@ -97,6 +97,9 @@ def test_command_line_runs_every_method(tmp_path, capsys):
         out_png = None
     digits.main(argv)
     table = capsys.readouterr().out
+    assert f"wrote {out_json}\n" in table
+    if out_png is not None:
+        assert f"wrote {out_png}\n" in table
     names = ["Teacher", "Baseline"] + list(digits.METHODS)
     for name in names:
         assert f"\n{name} " in table

@@ -1,4 +1,4 @@
-"""python -m fastkd.bench: time and peak memory of every loss, reference vs fastkd.
+"""fastkd-bench (or python -m fastkd.bench): time and peak memory of every loss, reference vs fastkd.
 
 For each loss at a sweep of realistic shapes it runs forward+backward of the
 reference eagerly, the reference under torch.compile, and fastkd (the auto
@@ -20,7 +20,7 @@ import torch
 import fastkd
 
 from .. import backend
-from ..__main__ import METHODS
+from ..__main__ import METHODS, device_from, program_name
 from . import cases as cases_mod
 from . import measure, report
 
@@ -141,15 +141,15 @@ def _triton_version():
 
 
 def parser():
-    p = argparse.ArgumentParser(
-        prog="python -m fastkd.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=program_name("fastkd.bench", "fastkd-bench"), description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--losses", help="comma-separated losses (default: all 21), e.g. RKD,SP,PKT")
     p.add_argument("--cases", metavar="REGEX", help="keep only the cases whose name (e.g. 'RKD N=1024 D=512') "
                    "matches this regular expression")
     p.add_argument("--quick", action="store_true", help="the quick sweep: a first look, minutes on a CPU")
     p.add_argument("--sweep", choices=cases_mod.SWEEPS, help="tiny, quick or full (default full; --quick = quick)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda[:i] (default: cuda when there is one)")
+                   help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--variants", default=",".join(measure.VARIANT_NAMES),
                    help="comma-separated subset of eager,compile,fastkd (default: all three)")
@@ -175,9 +175,10 @@ def parser():
 def settings_from(args):
     """The run's settings from parsed arguments, defaults filled in by sweep and device."""
     sweep = args.sweep or ("quick" if args.quick else "full")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fastkd.bench: --device cuda, but torch sees no CUDA device")
+    try:
+        device = device_from(args.device)
+    except ValueError as err:
+        raise SystemExit(f"fastkd.bench: {err}") from None
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in measure.VARIANTS]
     if unknown or not variants:

@@ -146,8 +146,10 @@ def notes(run):
         "ms: median forward+backward time; MiB: peak memory above the inputs; x vs eager/compile: the "
         "reference's figure over fastkd's, measured side by side (above 1 = fastkd faster / lighter).",
         "fastkd path: what the auto backend ran (ref = no fast path yet, so fastkd ~ the reference).",
-        "OOM: out of memory (above --max-memory on CPU); OOM*/too slow*: not run, it ran out at a "
-        "smaller shape of the same loss; no compile: torch.compile failed on this loss.",
+        "OOM: out of memory (above --max-memory on CPU); too slow: a call took longer than "
+        "--max-call-seconds; OOM*/too slow*: not run, it ran out of memory / was too slow at a smaller "
+        "shape of the same loss; no compile: torch.compile failed on this loss; failed: the variant raised an "
+        "error (its message is in the JSON and CSV).",
     ]
     if run["device"]["type"] == "cuda":
         out.append("floor: max(bytes to move / measured copy bandwidth, matmul flops / measured peak); "
@@ -228,11 +230,41 @@ class MissingMatplotlib(RuntimeError):
     """--plot needs matplotlib."""
 
 
+def _fixed(recs):
+    """'D=512, fm1=32x16x16': the case parameters that are the same in every record."""
+    params = [r.get("params") or {} for r in recs]
+    out = []
+    for key, value in params[0].items() if params else ():
+        if all(p.get(key) == value for p in params):
+            out.append(f"{key}=" + ("x".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)))
+    return ", ".join(out)
+
+
+def plot_subtitle(run, recs):
+    """dtype, CPU threads (on CPU) and the dimensions held fixed across the loss's sweep."""
+    settings = run["settings"]
+    parts = [f"dtype {settings['dtype']}"]
+    if run["device"]["type"] == "cpu":
+        threads = settings["threads"]
+        parts.append(f"{threads} CPU thread{'s' if threads != 1 else ''}")
+    fixed = _fixed(recs)
+    if fixed:
+        parts.append(f"fixed: {fixed}")
+    return "; ".join(parts)
+
+
+# Markers at the top of a plot's axes for sizes where a variant has no figure.
+_FAILED_MARKS = {OOM: ("x", "out of memory"), TOO_SLOW: (">", "too slow")}
+
+
 def write_plots(run, folder):
     """One PNG per loss: time and peak memory of each variant against the sweep variable.
 
     Losses swept over batch or classes get a log-log axis; feature-map losses, swept over
-    layer shapes, one point per shape. Returns the files written.
+    layer shapes, one point per shape. Sizes where a variant ran out of memory or was too
+    slow (or was not run after that) are marked at the top of the axes in its colour.
+    The subtitle gives the dtype, the CPU threads and the fixed dimensions. Returns the
+    files written.
     """
     try:
         import matplotlib
@@ -252,11 +284,18 @@ def write_plots(run, folder):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, key, scale, unit in ((axes[0], "time_s", 1e3, "forward+backward time (ms)"),
                                      (axes[1], "peak_bytes", 2.0 ** -20, "peak memory above inputs (MiB)")):
-            for v in run["settings"]["variants"]:
+            for k, v in enumerate(run["settings"]["variants"]):
+                color = f"C{k}"
                 pts = [(r["x"] if numeric else i, r["variants"][v][key] * scale) for i, r in enumerate(recs)
                        if r["variants"][v]["status"] == OK and r["variants"][v][key] is not None]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=v)
+                    ax.plot(*zip(*pts), marker="o", label=v, color=color)
+                for status, (marker, text) in _FAILED_MARKS.items():
+                    xs = [r["x"] if numeric else i for i, r in enumerate(recs) if r["variants"][v]["status"] == status]
+                    if xs:  # x in data coordinates, y in axes coordinates: at the top, one row per variant
+                        ax.plot(xs, [0.96 - 0.05 * k] * len(xs), transform=ax.get_xaxis_transform(),
+                                linestyle="none", marker=marker, markersize=8, color=color, clip_on=False,
+                                label=f"{v}: {text}")
             ax.set_ylabel(unit)
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -270,8 +309,8 @@ def write_plots(run, folder):
                 ax.set_xticks(range(len(recs)))
                 ax.set_xticklabels([r["shape"] for r in recs], rotation=30, ha="right", fontsize=7)
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
-        fig.suptitle(f"{loss} on {run['device']['description']}")
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{loss} on {run['device']['description']}\n{plot_subtitle(run, recs)}", fontsize=10)
         fig.tight_layout()
         path = os.path.join(folder, f"{loss}.png")
         fig.savefig(path, dpi=100)
