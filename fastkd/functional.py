@@ -53,7 +53,8 @@ def _call(op, device, *args):
     """The implementation fastkd.backend picks. Under torch.autocast it computes on the
     inputs as they come (its own precision rules, float32 accumulation at least), with
     autocast off inside, and returns the result in the dtype the reference gives there."""
-    if not torch.is_autocast_enabled(device.type):
+    # Autocast exists for the CPU and CUDA (and refuses other device types, such as meta).
+    if device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device.type):
         return implementation(op, device)(*args)
     with torch.autocast(device.type, enabled=False):
         out = implementation(op, device)(*args)
