@@ -11,7 +11,7 @@ fastkd.functional   one function per loss
 fastkd.reference    the plain PyTorch oracle
 fastkd.use_backend  context manager choosing reference / torch / triton / auto
 """
-from . import functional, reference
+from . import functional, reference, registry
 from .backend import BACKENDS, BackendUnavailableError, current_backend, use_backend
 from .modules import (AB, AFD, AT, BSS, CC, CRD, DML, FSP, FT, IRG, NST, OFD, RKD, SP, VID,
                       BSSAttacker, Hint, Logits, LwM, Paraphraser, PKTCosSim, SoftTarget, Sobolev,
@@ -19,10 +19,5 @@ from .modules import (AB, AFD, AT, BSS, CC, CRD, DML, FSP, FT, IRG, NST, OFD, RK
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Logits", "SoftTarget", "AT", "Hint", "NST", "PKTCosSim", "FSP", "FT", "RKD", "AB", "SP",
-    "Sobolev", "BSS", "CC", "LwM", "IRG", "VID", "OFD", "AFD", "CRD", "DML",
-    "BSSAttacker", "Paraphraser", "Translator",
-    "functional", "reference", "use_backend", "current_backend", "BACKENDS",
-    "BackendUnavailableError",
-]
+__all__ = [*registry.LOSSES, *registry.HELPERS, "functional", "reference", "registry", "use_backend",
+           "current_backend", "BACKENDS", "BackendUnavailableError"]

@@ -6,16 +6,7 @@ import sys
 import torch
 
 from . import backend
-
-# Method -> the ops its loss runs through (Baseline is torch's cross_entropy).
-METHODS = {
-    "Logits": ["logits"], "SoftTarget": ["soft_target"], "AT": ["at"], "Hint": ["hint"],
-    "NST": ["nst"], "PKTCosSim": ["pkt_cos_sim"], "FSP": ["fsp"], "FT": ["ft"],
-    "RKD": ["rkd", "rkd_distance", "rkd_angle"], "AB": ["ab"], "SP": ["sp"], "Sobolev": ["sobolev"],
-    "BSS": ["bss"], "CC": ["cc"], "LwM": ["lwm"],
-    "IRG": ["irg_vertex", "irg_edge", "irg_transformation"], "VID": ["vid"], "OFD": ["ofd"],
-    "AFD": ["afd"], "CRD": ["crd_contrast"], "DML": ["dml"],
-}
+from .registry import METHODS
 
 
 def program_name(module, script):

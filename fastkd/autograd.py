@@ -12,16 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from . import ops as _ops
-from .common import first_order, nst_spatial_form, result_dtype, squared_distances_from_gram
+from .common import (direction_grad, first_order, grad_cam, nst_spatial_form, output_gradient,
+                     result_dtype, squared_distances_from_gram, transformation_pool)
 from .kernels import contrast as _contrast
 from .kernels import elementwise as _ew
 from .kernels import feature_maps as _fm
 from .kernels import pairwise as _pw
 from .kernels import softmax_kl as _softmax_kl
-from .reference.lwm import grad_cam as _grad_cam
-from .reference.sobolev import target_gradient as _target_gradient
-from .torch_backend import contrast as _torch_contrast
-from .torch_backend.pairwise import transformation_pool as _pool
 
 
 # --- feature maps: AT, NST, FSP (fastkd.kernels.feature_maps) ------------------------------
@@ -388,14 +385,14 @@ def ft(factor_s, factor_t):
 
 def sobolev(out_s, out_t, img, target):
     # The input gradients come from torch autograd (create_graph=True), as in the reference.
-    g_s = _target_gradient(out_s, target, img)
-    g_t = _target_gradient(out_t, target, img)
+    g_s = output_gradient(out_s, target, img)
+    g_t = output_gradient(out_t, target, img)
     return _ops.apply("NormalizedRowsFunction", g_s, g_t.detach(), False)
 
 
 def lwm(out_s, fm_s, out_t, fm_t, target):
-    cam_t = _grad_cam(out_t, fm_t, target)
-    cam_s = _grad_cam(out_s, fm_s, target)
+    cam_t = grad_cam(out_t, fm_t, target)
+    cam_s = grad_cam(out_s, fm_s, target)
     return _ops.apply("NormalizedRowsFunction", cam_s, cam_t.detach(), True)
 
 
@@ -651,8 +648,8 @@ class IRGTransformationFunction(torch.autograd.Function):
 
 def irg_transformation(irg_s, irg_t):
     """mse(T(fm1_s, fm2_s), T(fm1_t, fm2_t)); irg_* = (fm1, fm2, feat, out)."""
-    return _ops.apply("IRGTransformationFunction", _pool(irg_s[0], irg_s[1]), irg_s[1],
-                                           _pool(irg_t[0], irg_t[1]), irg_t[1])
+    return _ops.apply("IRGTransformationFunction", transformation_pool(irg_s[0], irg_s[1]), irg_s[1],
+                                           transformation_pool(irg_t[0], irg_t[1]), irg_t[1])
 
 
 # --- softmax-KL over logits: SoftTarget, DML, BSS (fastkd.kernels.softmax_kl) ---------------
@@ -707,12 +704,12 @@ def bss(attacked_out_s, attacked_out_t, T):
 # --- contrast: CRD (fastkd.kernels.contrast) -------------------------------------------------
 
 
-class CRDContrastFunction(_torch_contrast.CRDContrast):
+class CRDContrastFunction(torch.autograd.Function):
     """contrast_loss(exp(memory[sample_idx] . embed / nce_t) / z); memory is a constant.
 
     The gradient direction d loss / d embed (B, feat_dim) is computed in forward, by the
-    same kernel pass that computes the loss, and backward (the CPU path's, inherited) only
-    scales it by grad_output.
+    same kernel pass that computes the loss, and backward only scales it by grad_output
+    (fastkd.common.direction_grad, as the CPU path's).
     Recomputing it in backward would need the memory rows as they were in forward, but
     CRD updates its memory in place right after the loss (before backward); saving the
     gathered rows instead would be the (B, nce_n + 1, feat_dim) tensor this avoids.
@@ -728,8 +725,15 @@ class CRDContrastFunction(_torch_contrast.CRDContrast):
             params[i] = value
         loss, direction = _contrast.crd_contrast_forward(embed, memory, sample_idx, params,
                                                          grad=ctx.needs_input_grad[0])
-        ctx.save_for_backward(direction, embed.new_empty(0))
+        ctx.save_for_backward(direction, embed.new_empty(0))  # the empty one carries embed's dtype
         return loss.to(embed.dtype)
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_output):
+        direction, like = ctx.saved_tensors
+        grad_embed = direction_grad(direction, like, grad_output) if ctx.needs_input_grad[0] else None
+        return grad_embed, None, None, None, None, None, None
 
 
 def crd_contrast(embed, memory, sample_idx, nce_t, z, n_data, eps=1e-7):

@@ -40,6 +40,38 @@ def nst_spatial_form(c_s, c_t, hw):
     return hw * (c_s + c_t) < c_s * c_s + c_t * c_t + c_s * c_t
 
 
+def output_gradient(out, target, wrt):
+    """d(sum_i out[i, target_i]) / d wrt, kept in the graph (create_graph=True): Sobolev's
+    input gradients and LwM's map gradients (the reference computes its own, with gather)."""
+    pick = torch.nn.functional.one_hot(target.long(), out.shape[1]).to(out.dtype)
+    return torch.autograd.grad(out, wrt, grad_outputs=pick, create_graph=True, retain_graph=True)[0]
+
+
+def grad_cam(out, fm, target):
+    """relu(sum_c mean_hw(g) g) (B, 1, H, W), g = output_gradient(out, target, fm) (B, C, H, W):
+    LwM's class activation map (weighted by the gradient, as the collection's)."""
+    g = output_gradient(out, target, fm)
+    return torch.relu((g.mean(dim=(2, 3), keepdim=True) * g).sum(dim=1, keepdim=True))
+
+
+def transformation_pool(fm1, fm2):
+    """IRG's transformation: fm1 average-pooled to fm2's (H, W) when it is larger, as
+    adaptive_avg_pool2d does; with whole windows (the sizes divide) that is avg_pool2d,
+    which runs faster."""
+    if fm1.size(2) <= fm2.size(2):
+        return fm1
+    (h1, w1), (h2, w2) = fm1.shape[2:], fm2.shape[2:]
+    if h1 % h2 == 0 and w1 % w2 == 0:
+        return torch.nn.functional.avg_pool2d(fm1, (h1 // h2, w1 // w2))
+    return torch.nn.functional.adaptive_avg_pool2d(fm1, (h2, w2))
+
+
+def direction_grad(direction, like, grad_output):
+    """CRD's dL/dembed: the gradient direction its forward formed (the memory bank changes
+    before backward), scaled by the upstream gradient, in like's dtype."""
+    return (direction * grad_output.to(direction.dtype)).to(like.dtype)
+
+
 def squared_distances_from_gram(g):
     """E = G_aa + G_bb - 2 G_ab (N, N), 0 on the diagonal, from an exactly symmetric Gram
     matrix G of centred float64 rows. Its absolute error, about D u64 |x - mean|^2, is all

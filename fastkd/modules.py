@@ -10,16 +10,12 @@ import torch
 
 from . import checks
 from . import functional as F
-from . import reference
+from . import reference, registry
 from .reference.bss import BSSAttacker
 from .reference.crd import contrast_scores
 from .reference.ft import Paraphraser, Translator
 
-__all__ = [
-    "Logits", "SoftTarget", "AT", "Hint", "NST", "PKTCosSim", "FSP", "FT", "RKD", "AB", "SP",
-    "Sobolev", "BSS", "CC", "LwM", "IRG", "VID", "OFD", "AFD", "CRD", "DML",
-    "BSSAttacker", "Paraphraser", "Translator",
-]
+__all__ = [*registry.LOSSES, *registry.HELPERS]
 
 
 class Logits(reference.Logits):

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 import fastkd
-from fastkd import reference
+from fastkd import reference, registry
 from fastkd.common import nst_spatial_form
 
 SWEEPS = ("tiny", "quick", "full")
@@ -36,9 +36,8 @@ SWEEPS = ("tiny", "quick", "full")
 # Method name -> accepted spellings of --losses (case-insensitive).
 ALIASES = {"PKT": "PKTCosSim", "FitNet": "Hint", "FitNets": "Hint", "ST": "SoftTarget", "KD": "SoftTarget"}
 
-# Every method of the collection except Baseline (torch's cross_entropy), in the README's order.
-LOSSES = ("Logits", "SoftTarget", "AT", "Hint", "NST", "PKTCosSim", "FSP", "FT", "RKD", "AB", "SP",
-          "Sobolev", "BSS", "CC", "LwM", "IRG", "VID", "OFD", "AFD", "CRD", "DML")
+# Every method of the collection except Baseline, in the README's order (fastkd.registry).
+LOSSES = registry.LOSSES
 
 
 @dataclass

@@ -12,7 +12,7 @@ then dropped.
 """
 import torch
 
-from ..common import first_order
+from ..common import direction_grad, first_order
 
 # Gathered elements per chunk (rows x feat_dim).
 CHUNK_ELEMENTS = 1 << 18
@@ -60,9 +60,7 @@ class CRDContrast(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_output):
         direction, like = ctx.saved_tensors
-        grad_embed = None
-        if ctx.needs_input_grad[0]:
-            grad_embed = (direction * grad_output.to(direction.dtype)).to(like.dtype)
+        grad_embed = direction_grad(direction, like, grad_output) if ctx.needs_input_grad[0] else None
         return grad_embed, None, None, None, None, None, None
 
 

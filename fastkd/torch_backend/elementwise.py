@@ -13,9 +13,7 @@ one temporary the size of the input; bf16/fp16 are squared and summed in fp32.
 import torch
 import torch.nn.functional as F
 
-from ..common import result_dtype
-from ..reference.lwm import grad_cam
-from ..reference.sobolev import target_gradient
+from ..common import grad_cam, output_gradient, result_dtype
 
 
 def _sum_sq(x, dim=None):
@@ -78,8 +76,8 @@ def afd(fm_s, fm_t, rho, eps=1e-6):
 
 
 def sobolev(out_s, out_t, img, target):
-    g_s = _normalized_rows(target_gradient(out_s, target, img))
-    g_t = _normalized_rows(target_gradient(out_t, target, img))
+    g_s = _normalized_rows(output_gradient(out_s, target, img))
+    g_t = _normalized_rows(output_gradient(out_t, target, img))
     return F.mse_loss(g_s, g_t.detach())
 
 

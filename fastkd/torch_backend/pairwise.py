@@ -43,7 +43,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..common import first_order, result_dtype, squared_distances_from_gram, zero_row_sums
+from ..common import (first_order, result_dtype, squared_distances_from_gram, transformation_pool,
+                      zero_row_sums)
 
 # (anchors per block) * N^2 entries of the angle term held at once.
 _ANGLE_BLOCK_ENTRIES = 1 << 20
@@ -341,17 +342,6 @@ def irg_edge(irg_s, irg_t):
 
 
 # --- IRG transformation -----------------------------------------------------------------
-
-def transformation_pool(fm1, fm2):
-    """fm1 average-pooled to fm2's (H, W) when it is larger, as adaptive_avg_pool2d does;
-    with whole windows (the sizes divide) that is avg_pool2d, which runs faster."""
-    if fm1.size(2) <= fm2.size(2):
-        return fm1
-    (h1, w1), (h2, w2) = fm1.shape[2:], fm2.shape[2:]
-    if h1 % h2 == 0 and w1 % w2 == 0:
-        return F.avg_pool2d(fm1, (h1 // h2, w1 // w2))
-    return F.adaptive_avg_pool2d(fm1, (h2, w2))
-
 
 def _transformation(fm1, fm2):
     """T = d' / max(d') (N,), d' = max(d, 1e-12), d_i = |a_i - b'_i|^2: a = fm1 pooled to

@@ -1,0 +1,21 @@
+"""The losses of fastkd: one table, read by the listing command (python -m fastkd), the
+benchmark, the package's exports and the tests.
+
+METHODS: every method of the collection except Baseline (torch's cross_entropy), in the
+README's order, by its class name in fastkd and fastkd.reference -> the ops of
+fastkd.backend its loss runs through (RKD with both weights runs "rkd", one term alone
+"rkd_distance" or "rkd_angle").
+"""
+METHODS = {
+    "Logits": ["logits"], "SoftTarget": ["soft_target"], "AT": ["at"], "Hint": ["hint"],
+    "NST": ["nst"], "PKTCosSim": ["pkt_cos_sim"], "FSP": ["fsp"], "FT": ["ft"],
+    "RKD": ["rkd", "rkd_distance", "rkd_angle"], "AB": ["ab"], "SP": ["sp"], "Sobolev": ["sobolev"],
+    "BSS": ["bss"], "CC": ["cc"], "LwM": ["lwm"],
+    "IRG": ["irg_vertex", "irg_edge", "irg_transformation"], "VID": ["vid"], "OFD": ["ofd"],
+    "AFD": ["afd"], "CRD": ["crd_contrast"], "DML": ["dml"],
+}
+
+LOSSES = tuple(METHODS)
+
+# The collection's helper modules that fastkd exports too.
+HELPERS = ("BSSAttacker", "Paraphraser", "Translator")
