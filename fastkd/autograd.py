@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from . import ops as _ops
-from .common import (direction_grad, first_order, grad_cam, nst_spatial_form, output_gradient,
-                     result_dtype, squared_distances_from_gram, transformation_pool)
+from .common import (accumulation_dtype, direction_grad, first_order, grad_cam, nst_spatial_form,
+                     output_gradient, result_dtype, squared_distances_from_gram, transformation_pool)
 from .kernels import contrast as _contrast
 from .kernels import elementwise as _ew
 from .kernels import feature_maps as _fm
@@ -33,7 +33,7 @@ class ATFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fm_s, fm_t, p):
-        acc = _fm.acc_dtype(fm_s, fm_t)
+        acc = accumulation_dtype(fm_s, fm_t)
         a_s, a_t = _fm.at_maps(fm_s, p, acc), _fm.at_maps(fm_t, p, acc)
         partial, norms = _fm.at_loss(a_s, a_t)
         ctx.save_for_backward(fm_s, fm_t, a_s, a_t, norms)
@@ -73,7 +73,7 @@ class NSTFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fm_s, fm_t):
-        acc = _fm.acc_dtype(fm_s, fm_t)
+        acc = accumulation_dtype(fm_s, fm_t)
         xs, xt = _fm.as_bc_hw(fm_s), _fm.as_bc_hw(fm_t)
         s_ss, _ = _fm.gram(acc, xs, xs)
         s_tt, _ = _fm.gram(acc, xt, xt)
@@ -123,7 +123,7 @@ class NSTSpatialFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fm_s, fm_t):
-        acc = _fm.acc_dtype(fm_s, fm_t)
+        acc = accumulation_dtype(fm_s, fm_t)
         xs, xt = _fm.as_bc_hw(fm_s), _fm.as_bc_hw(fm_t)
         r_s, r_t = (1.0 / torch.linalg.vector_norm(x, dim=2, dtype=acc).clamp_min(1e-12) for x in (xs, xt))
         z_s, z_t = xs * r_s[:, :, None], xt * r_t[:, :, None]
@@ -174,7 +174,7 @@ class FSPFunction(torch.autograd.Function):
     def forward(ctx, a_s, b_s, a_t, b_t):
         xs1, xs2, xt1, xt2 = (_fm.as_bc_hw(x) for x in (a_s, b_s, a_t, b_t))
         hw_s, hw_t = xs1.shape[2], xt1.shape[2]
-        d, sq = _fm.gram(_fm.acc_dtype(a_s, b_s, a_t, b_t), xs1, xs2, 1.0 / hw_s, xt1, xt2, -1.0 / hw_t)
+        d, sq = _fm.gram(accumulation_dtype(a_s, b_s, a_t, b_t), xs1, xs2, 1.0 / hw_s, xt1, xt2, -1.0 / hw_t)
         ctx.save_for_backward(a_s, b_s, a_t, b_t, d)
         return (sq.sum() / d.numel()).to(result_dtype(a_s, b_s, a_t, b_t))
 
@@ -668,7 +668,7 @@ class SoftmaxKLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out_s, out_t, T, scale):
-        acc = _softmax_kl.accumulation_dtype(out_s, out_t)
+        acc = accumulation_dtype(out_s, out_t)
         T_t = torch.full((1,), T, dtype=acc, device=out_s.device)
         stats = _softmax_kl.softmax_kl_forward(out_s, out_t, T_t)
         ctx.save_for_backward(out_s, out_t, stats, T_t)
@@ -717,7 +717,7 @@ class CRDContrastFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, embed, memory, sample_idx, nce_t, z, n_data, eps):
-        acc = _contrast.accumulation_dtype(embed, memory)
+        acc = accumulation_dtype(embed, memory)
         noise = (sample_idx.shape[1] - 1) / n_data
         # Filled on the device (a copy from host memory would wait for the stream).
         params = torch.empty(5, dtype=acc, device=embed.device)
@@ -749,4 +749,4 @@ for _function in (ATFunction, NSTFunction, NSTSpatialFunction, FSPFunction, MSEF
     _ops.register(_function)
 # CRD's memory bank changes between forward and backward: its operator keeps what forward saved.
 _ops.register(CRDContrastFunction, saved=lambda embed, memory, *_: [
-    (embed.shape, _contrast.accumulation_dtype(embed, memory)), ((0,), embed.dtype)])
+    (embed.shape, accumulation_dtype(embed, memory)), ((0,), embed.dtype)])

@@ -25,6 +25,13 @@ def first_order(backward):
     return wrapper
 
 
+def accumulation_dtype(*tensors):
+    """The dtype sums run in: float64 when an input is float64, else float32 (bfloat16 and
+    float16 inputs accumulate in float32). The pairwise losses' exact parts use float64
+    whatever the input (their module docstrings say why)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def result_dtype(*tensors):
     """The dtype of a loss of these tensors, for every backend: torch's promotion of their
     dtypes, which is what the reference's arithmetic gives when they are mixed (float32

@@ -81,9 +81,6 @@ def _crd_contrast_forward_kernel(
     tl.store(loss_ptr + out, tl.sum(loss, axis=0))
 
 
-def accumulation_dtype(*tensors):
-    """float64 when any input is float64, else float32 (bf16 and fp16 accumulate in fp32)."""
-    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
 
 
 def crd_contrast_forward(embed, memory, sample_idx, params, grad):

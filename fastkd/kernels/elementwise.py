@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import accumulation_dtype
 from .common import to_acc
 
 MSE = tl.constexpr(0)
@@ -34,9 +35,6 @@ _BLOCK = 1024
 _ROW_BLOCK = 256
 
 
-def acc_dtype(*tensors):
-    """fp64 stays fp64; everything else accumulates in fp32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _tl(dtype):
@@ -102,7 +100,7 @@ def flat_loss(s, t, loss, margin=0.0):
     flat view exists).
     """
     x, y = _flat(s), _flat(t)
-    acc = acc_dtype(s, t)
+    acc = accumulation_dtype(s, t)
     grid = (triton.cdiv(x.numel(), _BLOCK),)
     partial = torch.empty(grid[0], dtype=acc, device=s.device)
     _flat_loss_kernel[grid](x, y, partial, x.numel(), float(margin), LOSS=loss, ACC=_tl(acc), BLOCK=_BLOCK)
@@ -116,7 +114,7 @@ def flat_grad(s, t, grad_out, loss, margin, need_s, need_t):
     dt = torch.empty(t.shape, dtype=t.dtype, device=t.device) if need_t else None
     grid = (triton.cdiv(x.numel(), _BLOCK),)
     _flat_grad_kernel[grid](x, y, grad_out, x if ds is None else ds, x if dt is None else dt, x.numel(),
-                            float(margin), 1.0 / x.numel(), LOSS=loss, ACC=_tl(acc_dtype(s, t)),
+                            float(margin), 1.0 / x.numel(), LOSS=loss, ACC=_tl(accumulation_dtype(s, t)),
                             WRITE_S=need_s, WRITE_T=need_t, BLOCK=_BLOCK)
     return ds, dt
 
@@ -250,7 +248,7 @@ def ofd_margin(fm_t, eps=1e-6):
     """m_c = sum t [t < 0] / (count(t < 0) + eps) (C,), and count(t < 0) (C,)."""
     y = as_rows(fm_t)
     B, C, L = y.shape
-    acc = acc_dtype(fm_t)
+    acc = accumulation_dtype(fm_t)
     stats = torch.empty((B, C, 2), dtype=acc, device=fm_t.device)
     _ofd_margin_kernel[(B * C,)](y, stats, C, L, *y.stride(), ACC=_tl(acc), BLOCK=_ROW_BLOCK)
     neg, cnt = stats.sum(0).unbind(1)
@@ -282,7 +280,7 @@ def row_sq_diff(s, t):
     """sum over HW of (s - t)^2 per (b, c), (B, C) in the accumulation dtype."""
     x, y = as_rows(s), as_rows(t)
     B, C, L = x.shape
-    acc = acc_dtype(s, t)
+    acc = accumulation_dtype(s, t)
     out = torch.empty((B, C), dtype=acc, device=s.device)
     _row_sq_diff_kernel[(B * C,)](x, y, out, C, L, *x.stride(), *y.stride(), ACC=_tl(acc), BLOCK=_ROW_BLOCK)
     return out
@@ -397,7 +395,7 @@ def normalized_distance(s, t, eps, add_eps, l1):
     else with max(n, eps); phi = |.| when l1, else (.)^2.
     """
     B, C, L = s.shape
-    acc = acc_dtype(s, t)
+    acc = accumulation_dtype(s, t)
     stats = torch.empty((B * C, 5), dtype=acc, device=s.device)
     _normalized_distance_kernel[(B * C,)](s, t, stats, C, L, float(eps), *s.stride(), *t.stride(),
                                           ADD_EPS=add_eps, L1=l1, ACC=_tl(acc), BLOCK=_ROW_BLOCK)

@@ -27,9 +27,6 @@ import triton.language as tl
 from .common import to_acc
 
 
-def acc_dtype(*tensors):
-    """fp64 stays fp64; everything else accumulates in fp32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def as_bc_hw(x):

@@ -163,9 +163,6 @@ def _as_bks(x):
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
-def accumulation_dtype(*tensors):
-    """float64 when any input is float64, else float32 (bf16 and fp16 accumulate in fp32)."""
-    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
 
 
 def _blocks(R, K, dtype):

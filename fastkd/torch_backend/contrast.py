@@ -12,7 +12,7 @@ then dropped.
 """
 import torch
 
-from ..common import direction_grad, first_order
+from ..common import accumulation_dtype, direction_grad, first_order
 
 # Gathered elements per chunk (rows x feat_dim).
 CHUNK_ELEMENTS = 1 << 18
@@ -28,7 +28,7 @@ class CRDContrast(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, embed, memory, sample_idx, nce_t, z, n_data, eps):
-        acc = torch.float64 if torch.float64 in (embed.dtype, memory.dtype) else torch.float32
+        acc = accumulation_dtype(embed, memory)
         B, D = embed.shape
         K1 = sample_idx.shape[1]
         noise = (K1 - 1) / n_data

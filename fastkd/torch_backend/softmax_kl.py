@@ -15,7 +15,7 @@ value than the unclamped sum; the gradients are those of the unclamped formula.
 import torch
 import torch.nn.functional as F
 
-from ..common import first_order, result_dtype
+from ..common import accumulation_dtype, first_order, result_dtype
 
 # Elements per chunk: large enough to keep both threads of an op busy, small enough to
 # stay in cache.
@@ -42,7 +42,7 @@ class SoftmaxKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out_s, out_t, T, scale):
-        acc = torch.float64 if torch.float64 in (out_s.dtype, out_t.dtype) else torch.float32
+        acc = accumulation_dtype(out_s, out_t)
         stats = torch.empty((5, out_s.shape[0], 1) + out_s.shape[2:], dtype=acc, device=out_s.device)
         max_s, log_z_s, max_t, log_z_t, kl = stats
         for c in _chunks(out_s):
