@@ -19,6 +19,7 @@ from .kernels import elementwise as _ew
 from .kernels import feature_maps as _fm
 from .kernels import pairwise as _pw
 from .kernels import softmax_kl as _softmax_kl
+from .kernels.common import as_3d
 
 
 # --- feature maps: AT, NST, FSP (fastkd.kernels.feature_maps) ------------------------------
@@ -74,7 +75,7 @@ class NSTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fm_s, fm_t):
         acc = accumulation_dtype(fm_s, fm_t)
-        xs, xt = _fm.as_bc_hw(fm_s), _fm.as_bc_hw(fm_t)
+        xs, xt = as_3d(fm_s), as_3d(fm_t)
         s_ss, _ = _fm.gram(acc, xs, xs)
         s_tt, _ = _fm.gram(acc, xt, xt)
         s_st, _ = _fm.gram(acc, xs, xt)
@@ -93,7 +94,7 @@ class NSTFunction(torch.autograd.Function):
     @first_order
     def backward(ctx, grad):
         fm_s, fm_t, k_ss, k_tt, k_st, r_s, r_t, keep_s, keep_t = ctx.saved_tensors
-        xs, xt = _fm.as_bc_hw(fm_s), _fm.as_bc_hw(fm_t)
+        xs, xt = as_3d(fm_s), as_3d(fm_t)
         B, c_s, c_t = xs.shape[0], xs.shape[1], xt.shape[1]
         c = grad.to(k_ss.dtype) * (4.0 / B)
         h_ss, h_tt, h_st = c * k_ss / c_s ** 2, c * k_tt / c_t ** 2, -c * k_st / (c_s * c_t)
@@ -124,7 +125,7 @@ class NSTSpatialFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fm_s, fm_t):
         acc = accumulation_dtype(fm_s, fm_t)
-        xs, xt = _fm.as_bc_hw(fm_s), _fm.as_bc_hw(fm_t)
+        xs, xt = as_3d(fm_s), as_3d(fm_t)
         r_s, r_t = (1.0 / torch.linalg.vector_norm(x, dim=2, dtype=acc).clamp_min(1e-12) for x in (xs, xt))
         z_s, z_t = xs * r_s[:, :, None], xt * r_t[:, :, None]
         # The Gram kernel reduces over the last dim: z^T as (B, HW, C) views, no copies.
@@ -143,7 +144,7 @@ class NSTSpatialFunction(torch.autograd.Function):
             if not needed:
                 grads.append(None)
                 continue
-            xf = _fm.as_bc_hw(x)
+            xf = as_3d(x)
             z = xf.to(p.dtype) * r[:, :, None]
             u = _fm.matrix_times_maps(z, p, out_dtype=p.dtype)
             k = grad.to(p.dtype) * (sign * 4.0 / (xf.shape[0] * xf.shape[1]))
@@ -172,7 +173,7 @@ class FSPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a_s, b_s, a_t, b_t):
-        xs1, xs2, xt1, xt2 = (_fm.as_bc_hw(x) for x in (a_s, b_s, a_t, b_t))
+        xs1, xs2, xt1, xt2 = (as_3d(x) for x in (a_s, b_s, a_t, b_t))
         hw_s, hw_t = xs1.shape[2], xt1.shape[2]
         d, sq = _fm.gram(accumulation_dtype(a_s, b_s, a_t, b_t), xs1, xs2, 1.0 / hw_s, xt1, xt2, -1.0 / hw_t)
         ctx.save_for_backward(a_s, b_s, a_t, b_t, d)
@@ -185,7 +186,7 @@ class FSPFunction(torch.autograd.Function):
         m = d * (grad.to(d.dtype) * (2.0 / d.numel()))
         grads = [None] * 4
         for side, (a, b, sign) in enumerate(((a_s, b_s, 1.0), (a_t, b_t, -1.0))):
-            xa, xb = _fm.as_bc_hw(a), _fm.as_bc_hw(b)
+            xa, xb = as_3d(a), as_3d(b)
             ms = m * (sign / xa.shape[2])
             if ctx.needs_input_grad[2 * side]:
                 grads[2 * side] = _fm.matrix_times_maps(ms, xb, out_dtype=a.dtype).view(a.shape)
@@ -324,7 +325,7 @@ class AFDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fm_s, fm_t, rho, eps):
-        xs, xt = _ew.as_rows(fm_s), _ew.as_rows(fm_t)
+        xs, xt = as_3d(fm_s), as_3d(fm_t)
         B, C, L = xs.shape
         stats = _ew.normalized_distance(xs, xt, eps, add_eps=True, l1=False)
         q = stats[:, 2].view(B, C)
@@ -336,7 +337,7 @@ class AFDFunction(torch.autograd.Function):
     @first_order
     def backward(ctx, grad):
         fm_s, fm_t, rho, stats = ctx.saved_tensors
-        xs, xt = _ew.as_rows(fm_s), _ew.as_rows(fm_t)
+        xs, xt = as_3d(fm_s), as_3d(fm_t)
         B, C, L = xs.shape
         g = grad.to(stats.dtype)
         weight = (2.0 / (B * L)) * g * rho.to(stats.dtype).reshape(-1)

@@ -19,3 +19,10 @@ def num_warps(elements):
     """Warps for a program holding `elements` values per operand: about 8 per thread
     (more spills past 255 registers; fewer leaves the memory system idle), 1 to 8 warps."""
     return max(1, min(8, elements // 256))
+
+
+def as_3d(x):
+    """(B, C, ...) -> (B, C, L), a view where the trailing dims merge into one stride
+    (contiguous, channels_last), else a copy: how every map and logit tensor reaches a
+    kernel."""
+    return x.reshape(x.shape[0], x.shape[1], -1)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..common import accumulation_dtype
-from .common import to_acc
+from .common import as_3d, to_acc
 
 MSE = tl.constexpr(0)
 AB = tl.constexpr(1)
@@ -233,10 +233,6 @@ def _row_scaled_diff_kernel(s, t, weight, grad_out, ds, dt, C, L, ssb, ssc, ssk,
             tl.store(dt + r * L + k, (-g).to(dt.dtype.element_ty), mask=km)
 
 
-def as_rows(x):
-    """(B, C, ...) -> a (B, C, L) view where possible (contiguous, channels_last)."""
-    return x.reshape(x.shape[0], x.shape[1], -1)
-
 
 def _grads_like(s, t, need_s, need_t):
     ds = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_s else None
@@ -246,7 +242,7 @@ def _grads_like(s, t, need_s, need_t):
 
 def ofd_margin(fm_t, eps=1e-6):
     """m_c = sum t [t < 0] / (count(t < 0) + eps) (C,), and count(t < 0) (C,)."""
-    y = as_rows(fm_t)
+    y = as_3d(fm_t)
     B, C, L = y.shape
     acc = accumulation_dtype(fm_t)
     stats = torch.empty((B, C, 2), dtype=acc, device=fm_t.device)
@@ -257,7 +253,7 @@ def ofd_margin(fm_t, eps=1e-6):
 
 def ofd_loss(fm_s, fm_t, margin):
     """Per-row (sum e^2, sum e [m > t] (1/2 at m = t)) (B, C, 2) of OFD's masked difference e."""
-    x, y = as_rows(fm_s), as_rows(fm_t)
+    x, y = as_3d(fm_s), as_3d(fm_t)
     B, C, L = x.shape
     stats = torch.empty((B, C, 2), dtype=margin.dtype, device=fm_s.device)
     _ofd_loss_kernel[(B * C,)](x, y, margin, stats, C, L, *x.stride(), *y.stride(),
@@ -267,7 +263,7 @@ def ofd_loss(fm_s, fm_t, margin):
 
 def ofd_grad(fm_s, fm_t, margin, through, grad_out, need_s, need_t):
     """(ds, dt) of grad_out * OFD; through (C,) as in _ofd_grad_kernel."""
-    x, y = as_rows(fm_s), as_rows(fm_t)
+    x, y = as_3d(fm_s), as_3d(fm_t)
     B, C, L = x.shape
     ds, dt = _grads_like(fm_s, fm_t, need_s, need_t)
     _ofd_grad_kernel[(B * C,)](x, y, margin, through, grad_out, x if ds is None else ds, x if dt is None else dt,
@@ -278,7 +274,7 @@ def ofd_grad(fm_s, fm_t, margin, through, grad_out, need_s, need_t):
 
 def row_sq_diff(s, t):
     """sum over HW of (s - t)^2 per (b, c), (B, C) in the accumulation dtype."""
-    x, y = as_rows(s), as_rows(t)
+    x, y = as_3d(s), as_3d(t)
     B, C, L = x.shape
     acc = accumulation_dtype(s, t)
     out = torch.empty((B, C), dtype=acc, device=s.device)
@@ -288,7 +284,7 @@ def row_sq_diff(s, t):
 
 def row_scaled_diff(s, t, weight, grad_out, need_s, need_t):
     """ds = grad_out weight_c (s - t), dt = -ds; weight (C,) in the accumulation dtype."""
-    x, y = as_rows(s), as_rows(t)
+    x, y = as_3d(s), as_3d(t)
     B, C, L = x.shape
     ds, dt = _grads_like(s, t, need_s, need_t)
     _row_scaled_diff_kernel[(B * C,)](x, y, weight, grad_out, x if ds is None else ds, x if dt is None else dt,

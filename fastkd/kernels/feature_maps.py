@@ -24,14 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import to_acc
+from .common import as_3d, to_acc
 
 
 
-
-def as_bc_hw(x):
-    """(B, C, H, W) -> a (B, C, HW) view where possible (contiguous, channels_last)."""
-    return x.reshape(x.shape[0], x.shape[1], -1)
 
 
 # --- AT ----------------------------------------------------------------------------
@@ -155,7 +151,7 @@ _AT_BLOCK_HW = 64
 
 def at_maps(fm, p, dtype):
     """A = sum_c |fm|^p as a (B, HW) tensor of dtype (fp32 or fp64); fm (B, C, H, W)."""
-    x = as_bc_hw(fm)
+    x = as_3d(fm)
     B, C, HW = x.shape
     a = torch.empty((B, HW), dtype=dtype, device=fm.device)
     grid = (B * triton.cdiv(HW, _AT_BLOCK_HW),)
@@ -185,7 +181,7 @@ def at_grad_maps(a_s, a_t, norms, grad_out, scale, eps=1e-6):
 
 def at_grad_features(fm, ga, p):
     """dL/dfm (B, C, H, W) from dL/dA (B, HW)."""
-    x = as_bc_hw(fm)
+    x = as_3d(fm)
     B, C, HW = x.shape
     df = torch.empty((B, C, HW), dtype=fm.dtype, device=fm.device)
     grid = (B * triton.cdiv(HW, _AT_BLOCK_HW),)

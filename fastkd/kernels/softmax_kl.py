@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import num_warps
+from .common import as_3d, num_warps
 
 # Elements per program tile (rows x classes) and widest class block. 2048 fp32 values per
 # operand over 8 warps is 8 per thread: 4096 over 4 warps spilled at class counts <= 128.
@@ -158,10 +158,6 @@ def _softmax_kl_backward_kernel(
             tl.store(gt_ptr + g_offs, (g * grad_t).to(gt_ptr.dtype.element_ty), mask=mask)
 
 
-def _as_bks(x):
-    """(B, K, ...) -> a (B, K, S) view (a copy only where the trailing dims cannot merge)."""
-    return x.reshape(x.shape[0], x.shape[1], -1)
-
 
 
 
@@ -179,7 +175,7 @@ def softmax_kl_forward(out_s, out_t, T):
 
     T is a 1-element tensor in the accumulation dtype (so float64 inputs keep every digit).
     """
-    s, t = _as_bks(out_s), _as_bks(out_t)
+    s, t = as_3d(out_s), as_3d(out_t)
     B, K, S = s.shape
     R = B * S
     stats = torch.empty((5, R), device=s.device, dtype=T.dtype)
@@ -192,7 +188,7 @@ def softmax_kl_forward(out_s, out_t, T):
 
 def softmax_kl_backward(out_s, out_t, T, stats, g, student, teacher):
     """(grad_s, grad_t) of g * sum of KL_row, g a 1-element tensor like T; None where not asked."""
-    s, t = _as_bks(out_s), _as_bks(out_t)
+    s, t = as_3d(out_s), as_3d(out_t)
     B, K, S = s.shape
     R = B * S
     grad_s = torch.empty(s.shape, device=s.device, dtype=out_s.dtype) if student else None
