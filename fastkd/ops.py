@@ -40,6 +40,13 @@ class _Ctx:
         self.saved_tensors = tensors
 
 
+def _on_device_of(tensors):
+    """The CUDA device of the tensors made current (Triton launches on the current device;
+    under DistributedDataParallel a process may hold tensors of another); nothing on CPU."""
+    device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), None)
+    return torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
+
+
 def _flatten(args):
     tensors, floats, ints, layout = [], [], [], []
     for a in args:
@@ -101,7 +108,7 @@ def register(function, saved=None):
 
     def run_forward(tensors, floats, ints, layout, needs):
         ctx = _Ctx(needs)
-        with torch.no_grad():
+        with torch.no_grad(), _on_device_of(tensors):
             out = function.forward(ctx, *_unflatten(tensors, floats, ints, layout))
         return out.clone(), ctx
 
@@ -119,7 +126,7 @@ def register(function, saved=None):
         else:
             ctx = _Ctx(needs)
             ctx.saved_tensors = tuple(kept)
-        with torch.no_grad():
+        with torch.no_grad(), _on_device_of(tensors):
             grads = function.backward(ctx, grad)
         grads = grads if isinstance(grads, tuple) else (grads,)
         tensor_grads = [g for g, kind in zip(grads, layout) if kind == "t"]
@@ -184,11 +191,13 @@ def register(function, saved=None):
 
 
 def apply(name, *args):
-    """The registered Function called name: Function.apply(*args); while torch.compile
-    traces, its custom operator instead."""
+    """The registered Function called name: Function.apply(*args), on the device of its
+    tensor arguments; while torch.compile traces, its custom operator instead."""
     function, op = _REGISTRY[name]
     if not torch.compiler.is_compiling():
-        return function.apply(*args)
+        # Backward runs on the autograd engine's thread for the device of the graph.
+        with _on_device_of(args):
+            return function.apply(*args)
     tensors, floats, ints, layout = _flatten(args)
     needs = [isinstance(a, torch.Tensor) and a.requires_grad and torch.is_grad_enabled() for a in args]
     return op(tensors, floats, ints, layout, needs)[0]
