@@ -16,7 +16,7 @@ import triton.language as tl
 from .gram import BLOCK, _smooth_l1, grad_buffers
 
 
-# --- RKD distance -------------------------------------------------------------
+# --- shared: the clamped tiles and the gradient loop ---------------------------
 
 @triton.jit
 def _squared_distance_tile(e_ptr, ra, rb, N):
@@ -34,6 +34,47 @@ def _distance_tile(e_ptr, ra, rb, N):
     d2, live = _squared_distance_tile(e_ptr, ra, rb, N)
     return tl.sqrt(d2), live
 
+
+@triton.jit
+def _distance_grad_kernel(es_ptr, et_ptr, stats_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr, N,
+                          TILE_W: tl.constexpr, BLOCK: tl.constexpr):
+    """M = -4 W, r = 4 rowsum(W) for a block of rows on each side, W = N^2 dL/dp (p the
+    squared distances) from (W_s, W_t) = TILE_W(es_ptr, et_ptr, stats_ptr, ra, rb, N) at each
+    tile (a jit function: _rkd_distance_w, _irg_edge_w)."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    r_s = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
+    r_t = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        w_s, w_t = TILE_W(es_ptr, et_ptr, stats_ptr, ra, rb, N)
+        r_s += tl.sum(w_s, 1)
+        r_t += tl.sum(w_t, 1)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], -4 * w_s, mask=ok)
+        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], -4 * w_t, mask=ok)
+    tl.store(rs_ptr + ra, 4 * r_s, mask=ra < N)
+    tl.store(rt_ptr + ra, 4 * r_t, mask=ra < N)
+
+
+def _distance_backward(e_s, e_t, stats, tile_w):
+    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side, W from tile_w."""
+    m_s, r_s, m_t, r_t = grad_buffers(e_s, e_t)
+    _distance_grad_kernel[(triton.cdiv(len(e_s), BLOCK),)](e_s, e_t, stats, m_s, r_s, m_t, r_t,
+                                                           len(e_s), TILE_W=tile_w, BLOCK=BLOCK)
+    return m_s, r_s, m_t, r_t
+
+
+def _tile_parts(kernel, width, e_s, e_t, *stats):
+    """part (tiles, width) in E's dtype: kernel(e_s, e_t, *stats, part, N) over the (N, N)
+    tiles, each writing its row of part."""
+    n = len(e_s)
+    nb = triton.cdiv(n, BLOCK)
+    part = torch.empty((nb * nb, width), dtype=e_s.dtype, device=e_s.device)
+    kernel[(nb, nb)](e_s, e_t, *stats, part, n, BLOCK=BLOCK)
+    return part
+
+
+# --- RKD distance -------------------------------------------------------------
 
 @triton.jit
 def _rkd_distance_sum_kernel(es_ptr, et_ptr, part_ptr, N, BLOCK: tl.constexpr):
@@ -65,58 +106,36 @@ def _rkd_distance_loss_kernel(es_ptr, et_ptr, sums_ptr, part_ptr, N, BLOCK: tl.c
 
 
 @triton.jit
-def _rkd_distance_grad_kernel(es_ptr, et_ptr, sums_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr, N,
-                              BLOCK: tl.constexpr):
-    """M = -4 W, r = 4 rowsum(W) for a block of rows, W = N^2 dL/dp (p the squared distances).
+def _rkd_distance_w(es_ptr, et_ptr, sums_ptr, ra, rb, N):
+    """(W_s, W_t) at the tile (a, b), W = N^2 dL/dp (p the squared distances).
 
     With a = d / m, m = sum(d) / count, u = h'(a_s - a_t):
     N^2 dL/dd_s = (u - sum(u d_s) / sum(d_s)) / m_s; the teacher's with -u. dL/dp = dL/dd / (2 d).
     """
-    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     count = N * (N - 1.0)
     sum_s = tl.load(sums_ptr)
     sum_t = tl.load(sums_ptr + 1)
     ud_s = tl.load(sums_ptr + 2)
     ud_t = tl.load(sums_ptr + 3)
-    r_s = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
-    r_t = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
-    for start in range(0, N, BLOCK):
-        rb = start + tl.arange(0, BLOCK)
-        d_s, live_s = _distance_tile(es_ptr, ra, rb, N)
-        d_t, live_t = _distance_tile(et_ptr, ra, rb, N)
-        u = tl.minimum(tl.maximum(d_s / (sum_s / count) - d_t / (sum_t / count), -1.0), 1.0)
-        w_s = tl.where(live_s, (u - ud_s / sum_s) / (sum_s / count) / (2 * tl.where(live_s, d_s, 1.0)), 0.0)
-        w_t = tl.where(live_t, (ud_t / sum_t - u) / (sum_t / count) / (2 * tl.where(live_t, d_t, 1.0)), 0.0)
-        r_s += tl.sum(w_s, 1)
-        r_t += tl.sum(w_t, 1)
-        ok = (ra[:, None] < N) & (rb[None, :] < N)
-        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], -4 * w_s, mask=ok)
-        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], -4 * w_t, mask=ok)
-    tl.store(rs_ptr + ra, 4 * r_s, mask=ra < N)
-    tl.store(rt_ptr + ra, 4 * r_t, mask=ra < N)
+    d_s, live_s = _distance_tile(es_ptr, ra, rb, N)
+    d_t, live_t = _distance_tile(et_ptr, ra, rb, N)
+    u = tl.minimum(tl.maximum(d_s / (sum_s / count) - d_t / (sum_t / count), -1.0), 1.0)
+    w_s = tl.where(live_s, (u - ud_s / sum_s) / (sum_s / count) / (2 * tl.where(live_s, d_s, 1.0)), 0.0)
+    w_t = tl.where(live_t, (ud_t / sum_t - u) / (sum_t / count) / (2 * tl.where(live_t, d_t, 1.0)), 0.0)
+    return w_s, w_t
 
 
 def rkd_distance_forward(e_s, e_t):
     """(N^2 * loss, stats): stats = (sum d_s, sum d_t, sum h' d_s, sum h' d_t) for backward;
     e_* the squared distances."""
-    n = len(e_s)
-    nb = triton.cdiv(n, BLOCK)
-    part = torch.empty((nb * nb, 2), dtype=e_s.dtype, device=e_s.device)
-    _rkd_distance_sum_kernel[(nb, nb)](e_s, e_t, part, n, BLOCK=BLOCK)
-    sums = part.sum(0)
-    part = torch.empty((nb * nb, 3), dtype=e_s.dtype, device=e_s.device)
-    _rkd_distance_loss_kernel[(nb, nb)](e_s, e_t, sums, part, n, BLOCK=BLOCK)
-    part = part.sum(0)
+    sums = _tile_parts(_rkd_distance_sum_kernel, 2, e_s, e_t).sum(0)
+    part = _tile_parts(_rkd_distance_loss_kernel, 3, e_s, e_t, sums).sum(0)
     return part[0], torch.cat([sums, part[1:]])
 
 
 def rkd_distance_backward(e_s, e_t, stats):
     """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
-    n = len(e_s)
-    m_s, r_s, m_t, r_t = grad_buffers(e_s, e_t)
-    _rkd_distance_grad_kernel[(triton.cdiv(n, BLOCK),)](e_s, e_t, stats, m_s, r_s, m_t, r_t, n,
-                                                        BLOCK=BLOCK)
-    return m_s, r_s, m_t, r_t
+    return _distance_backward(e_s, e_t, stats, _rkd_distance_w)
 
 
 # --- IRG edge -----------------------------------------------------------------
@@ -158,53 +177,30 @@ def _irg_edge_loss_kernel(es_ptr, et_ptr, max_ptr, part_ptr, N, BLOCK: tl.conste
 
 
 @triton.jit
-def _irg_edge_grad_kernel(es_ptr, et_ptr, stats_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr, N,
-                          BLOCK: tl.constexpr):
-    """M = -4 W, r = 4 rowsum(W) for a block of rows, W = N^2 dL/dp (p the squared distances):
+def _irg_edge_w(es_ptr, et_ptr, stats_ptr, ra, rb, N):
+    """(W_s, W_t) at the tile (a, b), W = N^2 dL/dp (p the squared distances):
     W_s = 2 diff / m_s + [d_s = m_s] (-2 sum(diff d_s) / m_s^2) / count_s where the clamp lets
     the gradient through; the teacher's with -diff."""
-    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m_s = tl.load(stats_ptr)
     m_t = tl.load(stats_ptr + 1)
     top_s = -2 * tl.load(stats_ptr + 2) / (m_s * m_s) / tl.load(stats_ptr + 4)
     top_t = 2 * tl.load(stats_ptr + 3) / (m_t * m_t) / tl.load(stats_ptr + 5)
-    r_s = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
-    r_t = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
-    for start in range(0, N, BLOCK):
-        rb = start + tl.arange(0, BLOCK)
-        d_s, live_s = _squared_distance_tile(es_ptr, ra, rb, N)
-        d_t, live_t = _squared_distance_tile(et_ptr, ra, rb, N)
-        diff = d_s / m_s - d_t / m_t
-        w_s = tl.where(live_s, 2 * diff / m_s + tl.where(d_s == m_s, top_s, 0.0), 0.0)
-        w_t = tl.where(live_t, -2 * diff / m_t + tl.where(d_t == m_t, top_t, 0.0), 0.0)
-        r_s += tl.sum(w_s, 1)
-        r_t += tl.sum(w_t, 1)
-        ok = (ra[:, None] < N) & (rb[None, :] < N)
-        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], -4 * w_s, mask=ok)
-        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], -4 * w_t, mask=ok)
-    tl.store(rs_ptr + ra, 4 * r_s, mask=ra < N)
-    tl.store(rt_ptr + ra, 4 * r_t, mask=ra < N)
+    d_s, live_s = _squared_distance_tile(es_ptr, ra, rb, N)
+    d_t, live_t = _squared_distance_tile(et_ptr, ra, rb, N)
+    diff = d_s / m_s - d_t / m_t
+    w_s = tl.where(live_s, 2 * diff / m_s + tl.where(d_s == m_s, top_s, 0.0), 0.0)
+    w_t = tl.where(live_t, -2 * diff / m_t + tl.where(d_t == m_t, top_t, 0.0), 0.0)
+    return w_s, w_t
 
 
 def irg_edge_forward(e_s, e_t):
     """(N^2 * loss, stats): stats = (max_s, max_t, sum diff d_s, sum diff d_t, count_s, count_t);
     e_* the squared distances."""
-    n = len(e_s)
-    nb = triton.cdiv(n, BLOCK)
-    part = torch.empty((nb * nb, 2), dtype=e_s.dtype, device=e_s.device)
-    _irg_edge_max_kernel[(nb, nb)](e_s, e_t, part, n, BLOCK=BLOCK)
-    maxima = part.amax(0)
-    part = torch.empty((nb * nb, 5), dtype=e_s.dtype, device=e_s.device)
-    _irg_edge_loss_kernel[(nb, nb)](e_s, e_t, maxima, part, n, BLOCK=BLOCK)
-    part = part.sum(0)
+    maxima = _tile_parts(_irg_edge_max_kernel, 2, e_s, e_t).amax(0)
+    part = _tile_parts(_irg_edge_loss_kernel, 5, e_s, e_t, maxima).sum(0)
     return part[0], torch.cat([maxima, part[1:]])
 
 
 def irg_edge_backward(e_s, e_t, stats):
     """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
-    n = len(e_s)
-    m_s, r_s, m_t, r_t = grad_buffers(e_s, e_t)
-    _irg_edge_grad_kernel[(triton.cdiv(n, BLOCK),)](e_s, e_t, stats, m_s, r_s, m_t, r_t, n,
-                                                    BLOCK=BLOCK)
-    return m_s, r_s, m_t, r_t
-
+    return _distance_backward(e_s, e_t, stats, _irg_edge_w)
