@@ -14,10 +14,14 @@ import torch.nn.functional as F
 from . import ops as _ops
 from .common import (accumulation_dtype, direction_grad, first_order, grad_cam, nst_spatial_form,
                      output_gradient, result_dtype, squared_distances_from_gram, transformation_pool)
+from .kernels import angle as _angle
 from .kernels import contrast as _contrast
+from .kernels import cosine as _cosine
+from .kernels import distance as _dist
 from .kernels import elementwise as _ew
 from .kernels import feature_maps as _fm
-from .kernels import pairwise as _pw
+from .kernels import gram as _gram
+from .kernels import irg_transformation as _irg_t
 from .kernels import softmax_kl as _softmax_kl
 from .kernels.common import as_3d
 
@@ -397,22 +401,22 @@ def lwm(out_s, fm_s, out_t, fm_t, target):
     return _ops.apply("NormalizedRowsFunction", cam_s, cam_t.detach(), True)
 
 
-# --- pairwise: RKD, SP, PKT, CC, IRG (fastkd.kernels.pairwise) -------------------------------
+# --- pairwise: RKD, SP, PKT, CC, IRG (fastkd.kernels: gram, distance, angle, cosine, irg_transformation)
 # IRG's fm1 pooling stays torch (with its autograd), before the kernels.
 
 
 def _pairwise_grads(ctx, sides, scale):
     """dL/dX per side that needs it: sides = ((M, r, X prepared, input), ...)."""
-    return tuple(_pw.gram_grad(m, r, x, scale, like) if needed else None
+    return tuple(_gram.gram_grad(m, r, x, scale, like) if needed else None
                  for (m, r, x, like), needed in zip(sides, ctx.needs_input_grad))
 
 
 def _distance_sides(x_s, x_t):
     """(E_s, E_t, X_s, X_t): the exact squared distances and the centred float64 rows their
-    gradients are formed from (see fastkd.kernels.pairwise)."""
-    return (_pw.squared_distances(x_s), _pw.squared_distances(x_t),
-            _pw.prepare(x_s, centre=True),
-            _pw.prepare(x_t, centre=True))
+    gradients are formed from (see fastkd.kernels.gram)."""
+    return (_gram.squared_distances(x_s), _gram.squared_distances(x_t),
+            _gram.prepare(x_s, centre=True),
+            _gram.prepare(x_t, centre=True))
 
 
 class RKDDistanceFunction(torch.autograd.Function):
@@ -421,7 +425,7 @@ class RKDDistanceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feat_s, feat_t):
         e_s, e_t, x_s, x_t = _distance_sides(feat_s, feat_t)
-        total, stats = _pw.rkd_distance_forward(e_s, e_t)
+        total, stats = _dist.rkd_distance_forward(e_s, e_t)
         ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats)
         return (total / len(e_s) ** 2).to(result_dtype(feat_s, feat_t))
 
@@ -429,7 +433,7 @@ class RKDDistanceFunction(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_out):
         feat_s, feat_t, x_s, x_t, e_s, e_t, stats = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _pw.rkd_distance_backward(e_s, e_t, stats)
+        m_s, r_s, m_t, r_t = _dist.rkd_distance_backward(e_s, e_t, stats)
         scale = grad_out.to(e_s.dtype) / len(e_s) ** 2
         return _pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale)
 
@@ -440,7 +444,7 @@ class RKDAngleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feat_s, feat_t):
         e_s, e_t, x_s, x_t = _distance_sides(feat_s, feat_t)
-        total, stats = _pw.rkd_angle_forward(e_s, e_t, with_stats=any(ctx.needs_input_grad))
+        total, stats = _angle.rkd_angle_forward(e_s, e_t, with_stats=any(ctx.needs_input_grad))
         ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats)
         return (total / len(e_s) ** 3).to(result_dtype(feat_s, feat_t))
 
@@ -448,7 +452,7 @@ class RKDAngleFunction(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_out):
         feat_s, feat_t, x_s, x_t, e_s, e_t, stats = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _pw.rkd_angle_backward(e_s, e_t, stats)
+        m_s, r_s, m_t, r_t = _angle.rkd_angle_backward(e_s, e_t, stats)
         scale = grad_out.to(e_s.dtype) / len(e_s) ** 3
         return _pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale)
 
@@ -462,8 +466,8 @@ class RKDFunction(torch.autograd.Function):
     def forward(ctx, feat_s, feat_t, w_dist, w_angle):
         e_s, e_t, x_s, x_t = _distance_sides(feat_s, feat_t)
         n = len(e_s)
-        total_d, stats_d = _pw.rkd_distance_forward(e_s, e_t)
-        total_a, stats_a = _pw.rkd_angle_forward(e_s, e_t, with_stats=any(ctx.needs_input_grad))
+        total_d, stats_d = _dist.rkd_distance_forward(e_s, e_t)
+        total_a, stats_a = _angle.rkd_angle_forward(e_s, e_t, with_stats=any(ctx.needs_input_grad))
         ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats_d, stats_a)
         ctx.weights = (w_dist, w_angle)
         return (w_dist * total_d / n ** 2 + w_angle * total_a / n ** 3).to(result_dtype(feat_s, feat_t))
@@ -474,8 +478,8 @@ class RKDFunction(torch.autograd.Function):
         feat_s, feat_t, x_s, x_t, e_s, e_t, stats_d, stats_a = ctx.saved_tensors
         w_dist, w_angle = ctx.weights
         n = len(e_s)
-        dist = _pw.rkd_distance_backward(e_s, e_t, stats_d)
-        angle = _pw.rkd_angle_backward(e_s, e_t, stats_a)
+        dist = _dist.rkd_distance_backward(e_s, e_t, stats_d)
+        angle = _angle.rkd_angle_backward(e_s, e_t, stats_a)
         # dL/dX = M X + r * X for each term: their weighted sum, one gram_grad per side.
         m_s, r_s, m_t, r_t = (w_dist / n ** 2 * d + w_angle / n ** 3 * a for d, a in zip(dist, angle))
         return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)),
@@ -499,9 +503,9 @@ class SPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fm_s, fm_t):
-        x_s, x_t = _pw.prepare(fm_s, centre=False), _pw.prepare(fm_t, centre=False)
-        g_s, g_t = _pw.gram(x_s), _pw.gram(x_t)
-        total, stats = _pw.sp_forward(g_s, g_t)
+        x_s, x_t = _gram.prepare(fm_s, centre=False), _gram.prepare(fm_t, centre=False)
+        g_s, g_t = _gram.gram(x_s), _gram.gram(x_t)
+        total, stats = _cosine.sp_forward(g_s, g_t)
         ctx.save_for_backward(fm_s, fm_t, x_s, x_t, g_s, g_t, stats)
         return (total / len(g_s) ** 2).to(result_dtype(fm_s, fm_t))
 
@@ -509,7 +513,7 @@ class SPFunction(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_out):
         fm_s, fm_t, x_s, x_t, g_s, g_t, stats = ctx.saved_tensors
-        m_s, m_t = _pw.sp_backward(g_s, g_t, stats)
+        m_s, m_t = _cosine.sp_backward(g_s, g_t, stats)
         scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
         return _pairwise_grads(ctx, ((m_s, None, x_s, fm_s), (m_t, None, x_t, fm_t)), scale)
 
@@ -524,11 +528,11 @@ class PKTFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feat_s, feat_t, eps):
-        x_s, x_t = _pw.prepare(feat_s, centre=False), _pw.prepare(feat_t, centre=False)
-        g_s, g_t = _pw.gram(x_s), _pw.gram(x_t)
+        x_s, x_t = _gram.prepare(feat_s, centre=False), _gram.prepare(feat_t, centre=False)
+        g_s, g_t = _gram.gram(x_s), _gram.gram(x_t)
         # A fill on the device, not a host-to-device copy.
         params = torch.full((1,), eps, dtype=g_s.dtype, device=g_s.device)
-        total, stats = _pw.pkt_forward(g_s, g_t, params)
+        total, stats = _cosine.pkt_forward(g_s, g_t, params)
         ctx.save_for_backward(feat_s, feat_t, x_s, x_t, g_s, g_t, params, stats)
         return (total / len(g_s) ** 2).to(result_dtype(feat_s, feat_t))
 
@@ -536,7 +540,7 @@ class PKTFunction(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_out):
         feat_s, feat_t, x_s, x_t, g_s, g_t, params, stats = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _pw.pkt_backward(g_s, g_t, params, stats)
+        m_s, r_s, m_t, r_t = _cosine.pkt_backward(g_s, g_t, params, stats)
         scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
         return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale),
                 None)
@@ -553,12 +557,12 @@ class CCFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feat_s, feat_t, gamma, p_order):
-        (x_s, n_s), (x_t, n_t) = (_pw.prepare(f, centre=False, normalise=True) for f in (feat_s, feat_t))
-        g_s, g_t = _pw.gram(x_s), _pw.gram(x_t)
+        (x_s, n_s), (x_t, n_t) = (_gram.prepare(f, centre=False, normalise=True) for f in (feat_s, feat_t))
+        g_s, g_t = _gram.gram(x_s), _gram.gram(x_t)
         # Fills on the device, not a host-to-device copy.
         params = torch.full((2,), 2 * gamma, dtype=g_s.dtype, device=g_s.device)
         params[0] = math.exp(-2 * gamma)
-        total = _pw.cc_forward(g_s, g_t, params, p_order)
+        total = _cosine.cc_forward(g_s, g_t, params, p_order)
         ctx.save_for_backward(feat_s, feat_t, x_s, x_t, n_s, n_t, g_s, g_t, params)
         ctx.p_order = p_order
         return (total / len(g_s) ** 2).to(result_dtype(feat_s, feat_t))
@@ -567,7 +571,7 @@ class CCFunction(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_out):
         feat_s, feat_t, x_s, x_t, n_s, n_t, g_s, g_t, params = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _pw.cc_backward(g_s, g_t, n_s, n_t, params, ctx.p_order)
+        m_s, r_s, m_t, r_t = _cosine.cc_backward(g_s, g_t, n_s, n_t, params, ctx.p_order)
         scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
         return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale),
                 None, None)
@@ -583,9 +587,9 @@ class IRGEdgeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_s, x_t):
-        c_s, c_t = (_pw.prepare(x, centre=True) for x in (x_s, x_t))
-        e_s, e_t = (squared_distances_from_gram(_pw.gram(c)) for c in (c_s, c_t))
-        total, stats = _pw.irg_edge_forward(e_s, e_t)
+        c_s, c_t = (_gram.prepare(x, centre=True) for x in (x_s, x_t))
+        e_s, e_t = (squared_distances_from_gram(_gram.gram(c)) for c in (c_s, c_t))
+        total, stats = _dist.irg_edge_forward(e_s, e_t)
         ctx.save_for_backward(x_s, x_t, c_s, c_t, e_s, e_t, stats)
         return (total / len(e_s) ** 2).to(x_s.dtype)
 
@@ -593,7 +597,7 @@ class IRGEdgeFunction(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_out):
         x_s, x_t, c_s, c_t, e_s, e_t, stats = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _pw.irg_edge_backward(e_s, e_t, stats)
+        m_s, r_s, m_t, r_t = _dist.irg_edge_backward(e_s, e_t, stats)
         scale = grad_out.to(e_s.dtype) / len(e_s) ** 2
         return _pairwise_grads(ctx, ((m_s, r_s, c_s, x_s), (m_t, r_t, c_t, x_t)), scale)
 
@@ -628,10 +632,10 @@ class IRGTransformationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a_s, b_s, a_t, b_t):
         dtype = result_dtype(a_s, b_s, a_t, b_t)
-        # float64, as every pairwise sum (fastkd.kernels.pairwise): a near-zero loss is a
+        # float64, as every pairwise sum (fastkd.kernels.gram): a near-zero loss is a
         # difference of nearly equal T_s, T_t.
-        d_s = _pw.transformation_distances(a_s, b_s, torch.float64)
-        d_t = _pw.transformation_distances(a_t, b_t, torch.float64)
+        d_s = _irg_t.transformation_distances(a_s, b_s, torch.float64)
+        d_t = _irg_t.transformation_distances(a_t, b_t, torch.float64)
         ctx.save_for_backward(a_s, b_s, a_t, b_t, d_s, d_t)
         diff = _normalised_distances(d_s)[0] - _normalised_distances(d_t)[0]
         return (diff * diff).mean().to(dtype)
@@ -643,8 +647,8 @@ class IRGTransformationFunction(torch.autograd.Function):
         grad_T = (_normalised_distances(d_s)[0] - _normalised_distances(d_t)[0]) * (
             2 * grad_out.to(d_s.dtype) / len(d_s))
         need = ctx.needs_input_grad
-        return (*_pw.transformation_grads(a_s, b_s, _distance_grad(grad_T, d_s), need[0], need[1]),
-                *_pw.transformation_grads(a_t, b_t, _distance_grad(-grad_T, d_t), need[2], need[3]))
+        return (*_irg_t.transformation_grads(a_s, b_s, _distance_grad(grad_T, d_s), need[0], need[1]),
+                *_irg_t.transformation_grads(a_t, b_t, _distance_grad(-grad_T, d_t), need[2], need[3]))
 
 
 def irg_transformation(irg_s, irg_t):

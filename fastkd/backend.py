@@ -43,7 +43,8 @@ ENV_VAR = "FASTKD_BACKEND"
 
 # op name -> {backend: function}, each with the reference's signature. Every op has a
 # reference; "torch" is fastkd/torch_backend/<family>.py, "triton" the Function wrapper in
-# fastkd/autograd.py over fastkd/kernels/<family>.py.
+# fastkd/autograd.py over fastkd/kernels/<family>.py (the pairwise family's over gram.py,
+# distance.py, angle.py, cosine.py and irg_transformation.py).
 IMPLEMENTATIONS = {
     "logits": {"reference": logits.logits, "torch": torch_elementwise.logits,
                "triton": _triton.logits},

@@ -292,7 +292,7 @@ def test_triton_transformation_on_each_pairing(shapes):
 
 
 def test_triton_transformation_past_one_block():
-    # 1200 values a sample: a second, partly masked block of _pw.BLOCK_V = 1024 values.
+    # 1200 values a sample: a second, partly masked block of irg_transformation.BLOCK_V = 1024 values.
     gen = torch.Generator().manual_seed(8)
     irg_s = [torch.randn(3, 12, 20, 10, generator=gen, dtype=torch.float64),
              torch.randn(3, 24, 10, 5, generator=gen, dtype=torch.float64)]

@@ -1,0 +1,372 @@
+"""Triton kernels of the losses on similarities of the Gram matrix: SP (G itself, row
+normalised), PKT (cosine similarities read from G) and CC (G of normalised rows), from
+G (N, N) float64 of the student's and the teacher's rows (`gram`, fastkd/kernels/gram.py).
+
+Numerics: cosine similarities subtract nothing, but these losses are near 0 exactly when
+student and teacher agree, where float32 sums would leave errors of the size of the loss:
+everything sums in float64.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .gram import BLOCK, TILE_WARPS, _load_tile, grad_buffers
+
+
+@triton.jit
+def _diagonal(g_ptr, rows, N):
+    """G[rows, rows] of an (N, N) matrix, 0 outside."""
+    return tl.load(g_ptr + rows.to(tl.int64) * (N + 1), mask=rows < N, other=0.0)
+
+
+# --- SP -----------------------------------------------------------------------
+# G from the raw features (SP is not translation-invariant); n_i = max(||G_i||, 1e-12),
+# G^ = G / n (rows), loss = mean (G^_s - G^_t)^2.
+
+@triton.jit
+def _sp_norms_kernel(gs_ptr, gt_ptr, norms_ptr, N, BLOCK: tl.constexpr):
+    """norms (2, N) = the clamped row norms of G_s and G_t for a block of rows."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    sq_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    sq_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        g_s = _load_tile(gs_ptr, ra, rb, N)
+        g_t = _load_tile(gt_ptr, ra, rb, N)
+        sq_s += tl.sum(g_s * g_s, 1)
+        sq_t += tl.sum(g_t * g_t, 1)
+    tl.store(norms_ptr + ra, tl.maximum(tl.sqrt(sq_s), 1e-12), mask=ra < N)
+    tl.store(norms_ptr + N + ra, tl.maximum(tl.sqrt(sq_t), 1e-12), mask=ra < N)
+
+
+@triton.jit
+def _sp_loss_kernel(gs_ptr, gt_ptr, norms_ptr, part_ptr, dots_ptr, N, BLOCK: tl.constexpr):
+    """For a block of rows: part = sum (G^_s - G^_t)^2 and dots (2, N) = sum_j (G^_s - G^_t) G^
+    on each side (the norms' share of the gradient)."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n_s = tl.load(norms_ptr + ra, mask=ra < N, other=1.0)
+    n_t = tl.load(norms_ptr + N + ra, mask=ra < N, other=1.0)
+    loss = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    dot_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    dot_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        h_s = _load_tile(gs_ptr, ra, rb, N) / n_s[:, None]
+        h_t = _load_tile(gt_ptr, ra, rb, N) / n_t[:, None]
+        diff = h_s - h_t
+        loss += tl.sum(diff * diff, 1)
+        dot_s += tl.sum(diff * h_s, 1)
+        dot_t += tl.sum(diff * h_t, 1)
+    tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
+    tl.store(dots_ptr + ra, dot_s, mask=ra < N)
+    tl.store(dots_ptr + N + ra, dot_t, mask=ra < N)
+
+
+@triton.jit
+def _sp_w(g_s, g_t, n_s, n_t, dot_s, dot_t):
+    """N^2 dL/dG on each side at one tile, from the stats of its rows (broadcast shapes):
+    W = +-2 (diff - G^ dot [n not clamped]) / n, diff = G^_s - G^_t."""
+    h_s = g_s / n_s
+    h_t = g_t / n_t
+    diff = h_s - h_t
+    w_s = 2 * (diff - tl.where(n_s > 1e-12, h_s * dot_s, 0.0)) / n_s
+    w_t = -2 * (diff - tl.where(n_t > 1e-12, h_t * dot_t, 0.0)) / n_t
+    return w_s, w_t
+
+
+@triton.jit
+def _sp_grad_kernel(gs_ptr, gt_ptr, norms_ptr, dots_ptr, ms_ptr, mt_ptr, N, BLOCK: tl.constexpr):
+    """M = W + W^T at the tile (a, b) on each side, so that N^2 dL/dX = M X."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    na_s = tl.load(norms_ptr + ra, mask=ra < N, other=1.0)[:, None]
+    na_t = tl.load(norms_ptr + N + ra, mask=ra < N, other=1.0)[:, None]
+    nb_s = tl.load(norms_ptr + rb, mask=rb < N, other=1.0)[None, :]
+    nb_t = tl.load(norms_ptr + N + rb, mask=rb < N, other=1.0)[None, :]
+    da_s = tl.load(dots_ptr + ra, mask=ra < N, other=0.0)[:, None]
+    da_t = tl.load(dots_ptr + N + ra, mask=ra < N, other=0.0)[:, None]
+    db_s = tl.load(dots_ptr + rb, mask=rb < N, other=0.0)[None, :]
+    db_t = tl.load(dots_ptr + N + rb, mask=rb < N, other=0.0)[None, :]
+    g_s = _load_tile(gs_ptr, ra, rb, N)
+    g_t = _load_tile(gt_ptr, ra, rb, N)
+    # G is exactly symmetric: W at (b, a), transposed, is _sp_w on this tile with b's stats.
+    wab_s, wab_t = _sp_w(g_s, g_t, na_s, na_t, da_s, da_t)
+    wba_s, wba_t = _sp_w(g_s, g_t, nb_s, nb_t, db_s, db_t)
+    ok = (ra[:, None] < N) & (rb[None, :] < N)
+    tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], wab_s + wba_s, mask=ok)
+    tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], wab_t + wba_t, mask=ok)
+
+
+def sp_forward(g_s, g_t):
+    """(N^2 * loss, stats (2, 2, N): the row norms and dots) from the raw Gram matrices."""
+    n = len(g_s)
+    nb = triton.cdiv(n, BLOCK)
+    stats = torch.empty((2, 2, n), dtype=g_s.dtype, device=g_s.device)
+    _sp_norms_kernel[(nb,)](g_s, g_t, stats[0], n, BLOCK=BLOCK)
+    part = torch.empty(nb, dtype=g_s.dtype, device=g_s.device)
+    _sp_loss_kernel[(nb,)](g_s, g_t, stats[0], part, stats[1], n, BLOCK=BLOCK)
+    return part.sum(), stats
+
+
+def sp_backward(g_s, g_t, stats):
+    """(M_s, M_t) with N^2 dL/dX = M X on each side."""
+    n = len(g_s)
+    nb = triton.cdiv(n, BLOCK)
+    m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
+    _sp_grad_kernel[(nb, nb)](g_s, g_t, stats[0], stats[1], m_s, m_t, n, BLOCK=BLOCK)
+    return m_s, m_t
+
+
+# --- PKT and CC: cosine similarities -----------------------------------------------------
+# PKT: C = G w w^T from the raw Gram matrix, x^ = w x with w_i = 1 / (n_i + eps), n_i = sqrt(G_ii).
+# With V = N^2 dL/dC: N^2 dL/dX = M X + r * X, M = (V + V^T) w w^T (G enters C directly)
+# and r_a = -(w_a / n_a) sum_b (V + V^T)_ab C_ab (G_aa enters w_a; 0 where w is constant).
+# CC: S = G of the rows normalised first by prepare() (x^ = x / max(n, 1e-12) as the
+# reference does), and the same M and r written on X^ (see _cc_grad_kernel).
+
+@triton.jit
+def _cosine_rows(g_ptr, rows, N, eps):
+    """(w, rw) for these rows: w = 1 / (n + eps), rw = -w / n (0 where n = 0)."""
+    n = tl.sqrt(_diagonal(g_ptr, rows, N))
+    live = n > 0
+    w = 1.0 / (n + eps)
+    return w, tl.where(live, -w / tl.where(live, n, 1.0), 0.0)
+
+
+@triton.jit
+def _pkt_probs(g, w_row, w_col, sums_row, eps):
+    """C and P = ((C + 1) / 2) / rowsum at a tile, with the stats of its rows and columns."""
+    c = g * w_row * w_col
+    return c, (c + 1) * 0.5 / sums_row
+
+
+@triton.jit
+def _pkt_sums_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, N, BLOCK: tl.constexpr):
+    """sums (2, N) = the row sums of C' = (C + 1) / 2 on each side, for a block of rows."""
+    eps = tl.load(params_ptr)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, _ = _cosine_rows(gs_ptr, ra, N, eps)
+    wa_t, _ = _cosine_rows(gt_ptr, ra, N, eps)
+    sum_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    sum_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps)
+        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps)
+        c_s = _load_tile(gs_ptr, ra, rb, N) * wa_s[:, None] * wb_s[None, :]
+        c_t = _load_tile(gt_ptr, ra, rb, N) * wa_t[:, None] * wb_t[None, :]
+        sum_s += tl.sum(tl.where(ok, (c_s + 1) * 0.5, 0.0), 1)
+        sum_t += tl.sum(tl.where(ok, (c_t + 1) * 0.5, 0.0), 1)
+    tl.store(sums_ptr + ra, sum_s, mask=ra < N)
+    tl.store(sums_ptr + N + ra, sum_t, mask=ra < N)
+
+
+@triton.jit
+def _pkt_terms(g_s, g_t, ws_row, ws_col, wt_row, wt_col, sums_s, sums_t, eps):
+    """(C_s, C_t, kl, A_s, A_t, P_s, P_t) at a tile: kl = P_t log((P_t + eps) / (P_s + eps)),
+    A = N^2 dL/dP on each side, and the probabilities P."""
+    c_s, p_s = _pkt_probs(g_s, ws_row, ws_col, sums_s, eps)
+    c_t, p_t = _pkt_probs(g_t, wt_row, wt_col, sums_t, eps)
+    log_ratio = tl.log((p_t + eps) / (p_s + eps))
+    return c_s, c_t, p_t * log_ratio, -p_t / (p_s + eps), log_ratio + p_t / (p_t + eps), p_s, p_t
+
+
+@triton.jit
+def _pkt_loss_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, part_ptr, dots_ptr, N,
+                     BLOCK: tl.constexpr):
+    """For a block of rows: part = sum kl and dots (2, N) = sum_j A P on each side."""
+    eps = tl.load(params_ptr)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, _ = _cosine_rows(gs_ptr, ra, N, eps)
+    wa_t, _ = _cosine_rows(gt_ptr, ra, N, eps)
+    sa_s = tl.load(sums_ptr + ra, mask=ra < N, other=1.0)[:, None]
+    sa_t = tl.load(sums_ptr + N + ra, mask=ra < N, other=1.0)[:, None]
+    loss = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    dot_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    dot_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps)
+        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps)
+        # Named, not `_`: a loop-carried name must keep one type, and `_` is a (BLOCK,) vector
+        # above.
+        c_s, c_t, kl, a_s, a_t, p_s, p_t = _pkt_terms(
+            _load_tile(gs_ptr, ra, rb, N), _load_tile(gt_ptr, ra, rb, N), wa_s[:, None],
+            wb_s[None, :], wa_t[:, None], wb_t[None, :], sa_s, sa_t, eps)
+        loss += tl.sum(tl.where(ok, kl, 0.0), 1)
+        dot_s += tl.sum(tl.where(ok, a_s * p_s, 0.0), 1)
+        dot_t += tl.sum(tl.where(ok, a_t * p_t, 0.0), 1)
+    tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
+    tl.store(dots_ptr + ra, dot_s, mask=ra < N)
+    tl.store(dots_ptr + N + ra, dot_t, mask=ra < N)
+
+
+@triton.jit
+def _pkt_v(g_s, g_t, ws_row, ws_col, wt_row, wt_col, sums_s, sums_t, dots_s, dots_t, eps):
+    """(V_s, V_t, C_s, C_t) at a tile, V = N^2 dL/dC = (A - dot) / (2 rowsum)."""
+    c_s, c_t, _, a_s, a_t, _, _ = _pkt_terms(g_s, g_t, ws_row, ws_col, wt_row, wt_col,
+                                             sums_s, sums_t, eps)
+    return (a_s - dots_s) * 0.5 / sums_s, (a_t - dots_t) * 0.5 / sums_t, c_s, c_t
+
+
+@triton.jit
+def _pkt_grad_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, dots_ptr, ms_ptr, rs_ptr, mt_ptr,
+                     rt_ptr, N, BLOCK: tl.constexpr):
+    """M and r (see the section's header) for a block of rows, on each side."""
+    eps = tl.load(params_ptr)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, rwa_s = _cosine_rows(gs_ptr, ra, N, eps)
+    wa_t, rwa_t = _cosine_rows(gt_ptr, ra, N, eps)
+    sa_s = tl.load(sums_ptr + ra, mask=ra < N, other=1.0)
+    sa_t = tl.load(sums_ptr + N + ra, mask=ra < N, other=1.0)
+    da_s = tl.load(dots_ptr + ra, mask=ra < N, other=0.0)
+    da_t = tl.load(dots_ptr + N + ra, mask=ra < N, other=0.0)
+    r_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    r_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps)
+        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps)
+        sb_s = tl.load(sums_ptr + rb, mask=rb < N, other=1.0)
+        sb_t = tl.load(sums_ptr + N + rb, mask=rb < N, other=1.0)
+        db_s = tl.load(dots_ptr + rb, mask=rb < N, other=0.0)
+        db_t = tl.load(dots_ptr + N + rb, mask=rb < N, other=0.0)
+        g_s = _load_tile(gs_ptr, ra, rb, N)
+        g_t = _load_tile(gt_ptr, ra, rb, N)
+        vab_s, vab_t, c_s, c_t = _pkt_v(g_s, g_t, wa_s[:, None], wb_s[None, :], wa_t[:, None],
+                                        wb_t[None, :], sa_s[:, None], sa_t[:, None],
+                                        da_s[:, None], da_t[:, None], eps)
+        # G is exactly symmetric: V at (b, a), transposed, is _pkt_v on this tile with b's
+        # stats as the rows'.
+        vba_s, vba_t, c_ba_s, c_ba_t = _pkt_v(g_s, g_t, wb_s[None, :], wa_s[:, None], wb_t[None, :],
+                                    wa_t[:, None], sb_s[None, :], sb_t[None, :],
+                                    db_s[None, :], db_t[None, :], eps)
+        v_s = tl.where(ok, vab_s + vba_s, 0.0)
+        v_t = tl.where(ok, vab_t + vba_t, 0.0)
+        r_s += tl.sum(v_s * c_s, 1)
+        r_t += tl.sum(v_t * c_t, 1)
+        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
+                 v_s * wa_s[:, None] * wb_s[None, :], mask=ok)
+        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
+                 v_t * wa_t[:, None] * wb_t[None, :], mask=ok)
+    tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < N)
+    tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < N)
+
+
+def pkt_forward(g_s, g_t, params):
+    """(N^2 * loss, stats (2, 2, N): the row sums of C' and the dots); params = [eps]."""
+    n = len(g_s)
+    nb = triton.cdiv(n, BLOCK)
+    stats = torch.empty((2, 2, n), dtype=g_s.dtype, device=g_s.device)
+    _pkt_sums_kernel[(nb,)](g_s, g_t, params, stats[0], n, BLOCK=BLOCK)
+    part = torch.empty(nb, dtype=g_s.dtype, device=g_s.device)
+    _pkt_loss_kernel[(nb,)](g_s, g_t, params, stats[0], part, stats[1], n, BLOCK=BLOCK,
+                            num_warps=TILE_WARPS)
+    return part.sum(), stats
+
+
+def pkt_backward(g_s, g_t, params, stats):
+    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
+    n = len(g_s)
+    m_s, r_s, m_t, r_t = grad_buffers(g_s, g_t)
+    _pkt_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, params, stats[0], stats[1],
+                                               m_s, r_s, m_t, r_t, n, BLOCK=BLOCK,
+                                               num_warps=TILE_WARPS)
+    return m_s, r_s, m_t, r_t
+
+
+@triton.jit
+def _cc_kernel_values(s, two_gamma, P):
+    """(K / e^{-2 gamma}, dK/dS / e^{-2 gamma}) with K = e^{-2 gamma} sum_{p<=P} y^p / p!,
+    y = 2 gamma S, by Horner: 1 + y (1 + y/2 (... (1 + y/P))); the derivative is 2 gamma
+    times the same sum to P - 1."""
+    y = two_gamma * s
+    k = tl.full(s.shape, 1.0, s.dtype)
+    dk = tl.full(s.shape, 1.0, s.dtype)
+    for q in range(0, P):
+        p = (P - q).to(s.dtype)
+        k = 1 + k * y / p
+        dk = tl.where(q > 0, 1 + dk * y / p, dk)
+    return k, tl.where(P > 0, two_gamma * dk, 0.0)
+
+
+@triton.jit
+def _normalised_rows(norms_ptr, rows, N):
+    """(w, rw) for these rows of x^ = w x: w = 1 / max(n, 1e-12) and rw = -w where
+    n >= 1e-12 (the norm's share of the gradient), else 0."""
+    n = tl.load(norms_ptr + rows, mask=rows < N, other=1.0)
+    w = 1.0 / tl.maximum(n, 1e-12)
+    return w, tl.where(n >= 1e-12, -w, 0.0)
+
+
+@triton.jit
+def _cc_tile(gs_ptr, gt_ptr, ra, rb, N, two_gamma, P):
+    """(K_s - K_t, K'_s, K'_t, S_s, S_t) over e^{-2 gamma}, at the tile (a, b); S = G of the
+    normalised rows."""
+    s_s = _load_tile(gs_ptr, ra, rb, N)
+    s_t = _load_tile(gt_ptr, ra, rb, N)
+    k_s, dk_s = _cc_kernel_values(s_s, two_gamma, P)
+    k_t, dk_t = _cc_kernel_values(s_t, two_gamma, P)
+    ok = (ra[:, None] < N) & (rb[None, :] < N)
+    return tl.where(ok, k_s - k_t, 0.0), dk_s, dk_t, s_s, s_t
+
+
+@triton.jit
+def _cc_loss_kernel(gs_ptr, gt_ptr, params_ptr, part_ptr, N, P, BLOCK: tl.constexpr):
+    """part = sum (K_s - K_t)^2 over one tile; params = [e^{-2 gamma}, 2 gamma]."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    diff, _, _, _, _ = _cc_tile(gs_ptr, gt_ptr, ra, rb, N, tl.load(params_ptr + 1), P)
+    diff = diff * tl.load(params_ptr)
+    tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+             tl.sum(tl.sum(diff * diff, 1), 0))
+
+
+@triton.jit
+def _cc_grad_kernel(gs_ptr, gt_ptr, ns_ptr, nt_ptr, params_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr,
+                    N, P, BLOCK: tl.constexpr):
+    """M and r with N^2 dL/dX = M X^ + r * X^ on each side, X^ the normalised rows, for a block
+    of rows: V = 2 (K_s - K_t) K' is symmetric, so V + V^T = 2 V; M = 2 V w_a (x^ = w x) and
+    r_a = rw_a sum_b 2 V_ab S_ab (the norm's share, see _normalised_rows)."""
+    c0 = tl.load(params_ptr)
+    two_gamma = tl.load(params_ptr + 1)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, rwa_s = _normalised_rows(ns_ptr, ra, N)
+    wa_t, rwa_t = _normalised_rows(nt_ptr, ra, N)
+    r_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    r_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        diff, dk_s, dk_t, s_s, s_t = _cc_tile(gs_ptr, gt_ptr, ra, rb, N, two_gamma, P)
+        v_s = 4 * c0 * c0 * diff * dk_s
+        v_t = -4 * c0 * c0 * diff * dk_t
+        r_s += tl.sum(v_s * s_s, 1)
+        r_t += tl.sum(v_t * s_t, 1)
+        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], v_s * wa_s[:, None], mask=ok)
+        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], v_t * wa_t[:, None], mask=ok)
+    tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < N)
+    tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < N)
+
+
+def cc_forward(g_s, g_t, params, p_order):
+    """N^2 * loss from the Gram matrices of the normalised rows; params = [e^{-2 gamma}, 2 gamma]."""
+    n = len(g_s)
+    nb = triton.cdiv(n, BLOCK)
+    part = torch.empty(nb * nb, dtype=g_s.dtype, device=g_s.device)
+    _cc_loss_kernel[(nb, nb)](g_s, g_t, params, part, n, p_order, BLOCK=BLOCK)
+    return part.sum()
+
+
+def cc_backward(g_s, g_t, norms_s, norms_t, params, p_order):
+    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X^ + r * X^ on each side, X^ the normalised
+    rows and norms the rows' norms before."""
+    n = len(g_s)
+    m_s, r_s, m_t, r_t = grad_buffers(g_s, g_t)
+    _cc_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, norms_s, norms_t, params, m_s, r_s, m_t,
+                                              r_t, n, p_order, BLOCK=BLOCK, num_warps=TILE_WARPS)
+    return m_s, r_s, m_t, r_t
+

@@ -1,0 +1,235 @@
+"""Shared building blocks of the Triton kernels of the pairwise losses (RKD, SP, PKT, CC,
+IRG edge: fastkd/kernels/distance.py, angle.py and cosine.py), built on (N, N) matrices of
+the student's and the teacher's rows.
+
+`prepare` (centre and convert the features), `squared_distances` (E_ab = |x_a - x_b|^2,
+float64), `gram` (G = X X^T, exactly symmetric) and `gram_grad` (dL/dX = scale * (M X + r * X)
+from an (N, N) matrix M and an optional vector r), with `grad_buffers` for the (M, r) each
+loss's gradient kernel writes, and the small @triton.jit helpers several losses use. Each
+loss then has its kernels over (N, N) tiles of the student's and the teacher's matrices,
+both read by the same launch.
+
+Numerics (the CPU path, fastkd/torch_backend/pairwise.py, follows the same rules for RKD and
+IRG, and runs the reference's own operations for SP, PKT and CC; its docstring has the error
+analysis). Everything here and in the losses' modules sums in float64, whatever the input
+dtype. Formed from a Gram matrix, E_ab = G_aa + G_bb - 2 G_ab carries an absolute error of
+about u |x|^2, which is all of E_ab for a pair much closer than the rows' norms (float32
+features spread over 5000 with two rows 0.3 apart gave RKD 5e9 for 0.66; centring does not
+help when the spread itself is large). So `squared_distances` sums E over the difference
+vectors themselves: for float32, bfloat16 and float16 inputs each difference is exact, E_ab
+has a relative error of about D u64 whatever the gap, and equal rows give exactly 0.
+Gradients M X + r X are formed in float64 from the centred rows, whose rounding (u64 |M| |x|)
+stays below the |M| gap of a near-duplicate pair down to gaps of about 1e-8 of the spread.
+Buffers are (N, N) at most.
+"""
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 32  # side of the (N, N) tiles
+BLOCK_D = 32  # feature columns per step of a dot product
+BLOCK_D_DIFF = 4  # feature columns per step of a (BLOCK, BLOCK, columns) difference tile
+# Warps of the kernels that hold several float64 (BLOCK, BLOCK) tiles at once (both sides,
+# both orientations): with four, sm_80/sm_90 spill their registers.
+TILE_WARPS = 8
+
+
+# --- shared building blocks ---------------------------------------------------
+
+@triton.jit
+def _row_norms_kernel(x_ptr, stride_n, stride_d, norms_ptr, N, D,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """norms[i] = ||x_i|| (N,) in norms' dtype, for a block of rows."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    sq = tl.zeros([BLOCK_N, BLOCK_D], dtype=norms_ptr.dtype.element_ty)
+    for start in range(0, D, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_n + cols[None, :] * stride_d,
+                    mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0)
+        x = x.to(norms_ptr.dtype.element_ty)
+        sq += x * x
+    tl.store(norms_ptr + rows, tl.sqrt(tl.sum(sq, 1)), mask=rows < N)
+
+
+@triton.jit
+def _prepare_kernel(x_ptr, stride_n, stride_d, norms_ptr, out_ptr, N, D,
+                    CENTRE: tl.constexpr, NORMALISE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """out (N, D) contiguous, out's dtype = x, minus its column means when CENTRE, or its rows
+    divided by max(norms, 1e-12) when NORMALISE."""
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    mean = tl.zeros([BLOCK_D], dtype=out_ptr.dtype.element_ty)
+    if CENTRE:
+        for start in range(0, N, BLOCK_N):
+            rows = start + tl.arange(0, BLOCK_N)
+            ok = (rows[:, None] < N) & col_ok[None, :]
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_n + cols[None, :] * stride_d,
+                        mask=ok, other=0.0)
+            mean += tl.sum(x.to(out_ptr.dtype.element_ty), axis=0)
+        mean = mean / N
+    for start in range(0, N, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        ok = (rows[:, None] < N) & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_n + cols[None, :] * stride_d,
+                    mask=ok, other=0.0)
+        x = x.to(out_ptr.dtype.element_ty) - mean[None, :]
+        if NORMALISE:
+            # As F.normalize: the division itself, not a product with a reciprocal.
+            x = x / tl.maximum(tl.load(norms_ptr + rows, mask=rows < N, other=1.0), 1e-12)[:, None]
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], x, mask=ok)
+
+
+def prepare(x, centre, normalise=False):
+    """x as a contiguous (N, D) float64 tensor, centred (column means 0) if asked. With normalise (and not centre): (x^, norms), x^ = x / max(||x||, 1e-12) row
+    by row as F.normalize does, and norms (N,) the rows' norms, unclamped."""
+    x = x.reshape(x.size(0), -1)
+    n, d = x.shape
+    out = torch.empty((n, d), dtype=torch.float64, device=x.device)
+    norms = torch.empty(n if normalise else 1, dtype=out.dtype, device=x.device)
+    if normalise:
+        _row_norms_kernel[(triton.cdiv(n, BLOCK),)](x, x.stride(0), x.stride(1), norms, n, d,
+                                                    BLOCK_N=BLOCK, BLOCK_D=BLOCK_D)
+    _prepare_kernel[(triton.cdiv(d, BLOCK_D),)](x, x.stride(0), x.stride(1), norms, out, n, d,
+                                                CENTRE=centre, NORMALISE=normalise,
+                                                BLOCK_N=BLOCK, BLOCK_D=BLOCK_D)
+    return (out, norms) if normalise else out
+
+
+@triton.jit
+def _squared_distances_kernel(x_ptr, stride_n, stride_d, e_ptr, N, D,
+                              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """E_ab = sum_f (x_a[f] - x_b[f])^2 in float64 for the tile (a, b) with b <= a, stored at
+    (a, b) and transposed at (b, a). Each difference is taken in float64 (exact for
+    float32/bfloat16/float16 rows), so E does not cancel; (x_a - x_b)^2 = (x_b - x_a)^2 bit
+    for bit, so E is exactly symmetric with an exactly zero diagonal."""
+    pid_a = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    if pid_b <= pid_a:
+        ra = pid_a * BLOCK + tl.arange(0, BLOCK)
+        rb = pid_b * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float64)
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            xa = tl.load(x_ptr + ra[:, None].to(tl.int64) * stride_n + cols[None, :] * stride_d,
+                         mask=(ra[:, None] < N) & (cols[None, :] < D), other=0.0).to(tl.float64)
+            xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * stride_n + cols[None, :] * stride_d,
+                         mask=(rb[:, None] < N) & (cols[None, :] < D), other=0.0).to(tl.float64)
+            diff = xa[:, None, :] - xb[None, :, :]
+            acc += tl.sum(diff * diff, axis=2)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        tl.store(e_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], acc, mask=ok)
+        tl.store(e_ptr + rb[None, :].to(tl.int64) * N + ra[:, None], acc, mask=ok)
+
+
+def squared_distances(x):
+    """E (N, N) float64, E_ab = |flat(x)_a - flat(x)_b|^2 from the difference vectors (see the
+    module docstring); x read through its strides in any float dtype."""
+    x = x.reshape(x.size(0), -1)
+    n, d = x.shape
+    e = torch.empty((n, n), dtype=torch.float64, device=x.device)
+    nb = triton.cdiv(n, BLOCK)
+    _squared_distances_kernel[(nb, nb)](x, x.stride(0), x.stride(1), e, n, d, BLOCK=BLOCK,
+                                        BLOCK_D=BLOCK_D_DIFF)
+    return e
+
+
+@triton.jit
+def _gram_kernel(x_ptr, g_ptr, N, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """G = X X^T for the tile (a, b) with b <= a, stored at (a, b) and transposed at (b, a)."""
+    pid_a = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    if pid_b <= pid_a:
+        ra = pid_a * BLOCK + tl.arange(0, BLOCK)
+        rb = pid_b * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK, BLOCK], dtype=g_ptr.dtype.element_ty)
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            xa = tl.load(x_ptr + ra[:, None].to(tl.int64) * D + cols[None, :],
+                         mask=(ra[:, None] < N) & (cols[None, :] < D), other=0.0)
+            xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * D + cols[None, :],
+                         mask=(rb[:, None] < N) & (cols[None, :] < D), other=0.0)
+            acc = tl.dot(xa, tl.trans(xb), acc, input_precision="ieee", out_dtype=acc.dtype)
+        # A diagonal tile is made exactly symmetric too: (a + b) / 2 does not depend on order.
+        acc = tl.where(pid_a == pid_b, (acc + tl.trans(acc)) * 0.5, acc)
+        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        tl.store(g_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], acc, mask=ok)
+        tl.store(g_ptr + rb[None, :].to(tl.int64) * N + ra[:, None], acc, mask=ok)
+
+
+def gram(x):
+    """G = X X^T (N, N), exactly symmetric; x from prepare()."""
+    n, d = x.shape
+    g = torch.empty((n, n), dtype=x.dtype, device=x.device)
+    nb = triton.cdiv(n, BLOCK)
+    _gram_kernel[(nb, nb)](x, g, n, d, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
+    return g
+
+
+@triton.jit
+def _gram_grad_kernel(m_ptr, r_ptr, x_ptr, scale_ptr, out_ptr, N, D,
+                      HAS_R: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = scale * (M X + r * X) for a (BLOCK, BLOCK_D) tile of out (r = 0 without HAS_R)."""
+    # Column blocks on grid axis 0 (up to 2^31 - 1): flattened maps reach D > 2 M, past the
+    # 65,535 of axis 1.
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ra = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < D
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=x_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        m = tl.load(m_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
+                    mask=(ra[:, None] < N) & (rb[None, :] < N), other=0.0)
+        xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * D + cols[None, :],
+                     mask=(rb[:, None] < N) & col_ok[None, :], other=0.0)
+        acc = tl.dot(m, xb, acc, input_precision="ieee", out_dtype=acc.dtype)
+    ok = (ra[:, None] < N) & col_ok[None, :]
+    if HAS_R:
+        xa = tl.load(x_ptr + ra[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0)
+        acc += tl.load(r_ptr + ra, mask=ra < N, other=0.0)[:, None] * xa
+    out = acc * tl.load(scale_ptr)
+    tl.store(out_ptr + ra[:, None].to(tl.int64) * D + cols[None, :],
+             _cast(out, out_ptr.dtype.element_ty), mask=ok)
+
+
+def gram_grad(m, r, x, scale, like):
+    """dL/dX = scale * (M X + r * X) shaped and typed like `like`; x (N, D) from prepare(),
+    M (N, N), r (N,) or None for 0, scale a 0-dim tensor (the upstream gradient over the
+    loss's count)."""
+    n, d = x.shape
+    out = torch.empty((n, d), dtype=like.dtype, device=x.device)
+    _gram_grad_kernel[(triton.cdiv(d, BLOCK_D), triton.cdiv(n, BLOCK))](
+        m, m if r is None else r, x, scale, out, n, d, HAS_R=r is not None, BLOCK=BLOCK,
+        BLOCK_D=BLOCK_D)
+    return out.reshape(like.shape)
+
+
+@triton.jit
+def _cast(x, ty: tl.constexpr):
+    """x in ty, through float32 when ty is a 16-bit type: float64 does not convert to bfloat16
+    or float16 directly everywhere (Triton's interpreter gives 0)."""
+    if ty == tl.float64:
+        return x.to(ty)
+    return x.to(tl.float32).to(ty)
+
+
+@triton.jit
+def _smooth_l1(d):
+    """h(d) = 0.5 d^2 if |d| < 1 else |d| - 0.5 (beta = 1)."""
+    ad = tl.abs(d)
+    return tl.where(ad < 1.0, 0.5 * d * d, ad - 0.5)
+
+
+@triton.jit
+def _load_tile(ptr, ra, rb, N):
+    """The (ra, rb) tile of an (N, N) matrix, 0 outside."""
+    return tl.load(ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
+                   mask=(ra[:, None] < N) & (rb[None, :] < N), other=0.0)
+
+
+def grad_buffers(a_s, a_t):
+    """Empty (M_s, r_s, M_t, r_t) for a gradient kernel: M like the (N, N) matrices a_s and
+    a_t, r (N,) in their dtype."""
+    m_s, m_t = torch.empty_like(a_s), torch.empty_like(a_t)
+    r_s = torch.empty(len(a_s), dtype=a_s.dtype, device=a_s.device)
+    return m_s, r_s, m_t, torch.empty_like(r_s)
