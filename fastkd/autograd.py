@@ -5,9 +5,6 @@ small statistics; backward launches the hand-derived gradient kernels. The
 dispatcher (fastkd.backend) lists each op's plain function below as its
 ``triton`` entry.
 """
-
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -530,17 +527,16 @@ class PKTFunction(torch.autograd.Function):
     def forward(ctx, feat_s, feat_t, eps):
         x_s, x_t = _gram.prepare(feat_s, centre=False), _gram.prepare(feat_t, centre=False)
         g_s, g_t = _gram.gram(x_s), _gram.gram(x_t)
-        # A fill on the device, not a host-to-device copy.
-        params = torch.full((1,), eps, dtype=g_s.dtype, device=g_s.device)
-        total, stats = _cosine.pkt_forward(g_s, g_t, params)
-        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, g_s, g_t, params, stats)
+        total, stats = _cosine.pkt_forward(g_s, g_t, eps)
+        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, g_s, g_t, stats)
+        ctx.eps = eps
         return (total / len(g_s) ** 2).to(result_dtype(feat_s, feat_t))
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        feat_s, feat_t, x_s, x_t, g_s, g_t, params, stats = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _cosine.pkt_backward(g_s, g_t, params, stats)
+        feat_s, feat_t, x_s, x_t, g_s, g_t, stats = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _cosine.pkt_backward(g_s, g_t, ctx.eps, stats)
         scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
         return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale),
                 None)
@@ -559,19 +555,16 @@ class CCFunction(torch.autograd.Function):
     def forward(ctx, feat_s, feat_t, gamma, p_order):
         (x_s, n_s), (x_t, n_t) = (_gram.prepare(f, centre=False, normalise=True) for f in (feat_s, feat_t))
         g_s, g_t = _gram.gram(x_s), _gram.gram(x_t)
-        # Fills on the device, not a host-to-device copy.
-        params = torch.full((2,), 2 * gamma, dtype=g_s.dtype, device=g_s.device)
-        params[0] = math.exp(-2 * gamma)
-        total = _cosine.cc_forward(g_s, g_t, params, p_order)
-        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, n_s, n_t, g_s, g_t, params)
-        ctx.p_order = p_order
+        total = _cosine.cc_forward(g_s, g_t, gamma, p_order)
+        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, n_s, n_t, g_s, g_t)
+        ctx.gamma, ctx.p_order = gamma, p_order
         return (total / len(g_s) ** 2).to(result_dtype(feat_s, feat_t))
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        feat_s, feat_t, x_s, x_t, n_s, n_t, g_s, g_t, params = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _cosine.cc_backward(g_s, g_t, n_s, n_t, params, ctx.p_order)
+        feat_s, feat_t, x_s, x_t, n_s, n_t, g_s, g_t = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _cosine.cc_backward(g_s, g_t, n_s, n_t, ctx.gamma, ctx.p_order)
         scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
         return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale),
                 None, None)

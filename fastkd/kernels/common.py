@@ -1,4 +1,14 @@
-"""Small pieces shared by the kernel modules."""
+"""Small pieces shared by the kernel modules.
+
+How a number reaches a kernel, in every family:
+  * a Python number known on the host (PKT's eps, CC's gamma, AT's p, AB's margin, scales):
+    a ``tl.float64`` argument, converted once by ``to_acc`` (a float argument would be a
+    float32 on the GPU and lose float64 runs' digits);
+  * a number that lives on the device (the upstream gradient; CRD's normaliser Z, with
+    CRD's other numbers in the same small tensor): a tensor filled on the device and read
+    in the kernel, so no host sync and no host-to-device copy;
+  * ``tl.constexpr`` only for what changes the code: block sizes and flags (P_IS_2, GRAD).
+"""
 import triton
 import triton.language as tl
 

@@ -6,10 +6,13 @@ Numerics: cosine similarities subtract nothing, but these losses are near 0 exac
 student and teacher agree, where float32 sums would leave errors of the size of the loss:
 everything sums in float64.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
+from .common import to_acc
 from .gram import BLOCK, TILE_WARPS, _load_tile, grad_buffers
 
 
@@ -141,9 +144,9 @@ def _pkt_probs(g, w_row, w_col, sums_row, eps):
 
 
 @triton.jit
-def _pkt_sums_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, N, BLOCK: tl.constexpr):
+def _pkt_sums_kernel(gs_ptr, gt_ptr, eps: tl.float64, sums_ptr, N, BLOCK: tl.constexpr):
     """sums (2, N) = the row sums of C' = (C + 1) / 2 on each side, for a block of rows."""
-    eps = tl.load(params_ptr)
+    eps = to_acc(eps, gs_ptr.dtype.element_ty)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     wa_s, _ = _cosine_rows(gs_ptr, ra, N, eps)
     wa_t, _ = _cosine_rows(gt_ptr, ra, N, eps)
@@ -173,10 +176,10 @@ def _pkt_terms(g_s, g_t, ws_row, ws_col, wt_row, wt_col, sums_s, sums_t, eps):
 
 
 @triton.jit
-def _pkt_loss_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, part_ptr, dots_ptr, N,
+def _pkt_loss_kernel(gs_ptr, gt_ptr, eps: tl.float64, sums_ptr, part_ptr, dots_ptr, N,
                      BLOCK: tl.constexpr):
     """For a block of rows: part = sum kl and dots (2, N) = sum_j A P on each side."""
-    eps = tl.load(params_ptr)
+    eps = to_acc(eps, gs_ptr.dtype.element_ty)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     wa_s, _ = _cosine_rows(gs_ptr, ra, N, eps)
     wa_t, _ = _cosine_rows(gt_ptr, ra, N, eps)
@@ -212,10 +215,10 @@ def _pkt_v(g_s, g_t, ws_row, ws_col, wt_row, wt_col, sums_s, sums_t, dots_s, dot
 
 
 @triton.jit
-def _pkt_grad_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, dots_ptr, ms_ptr, rs_ptr, mt_ptr,
+def _pkt_grad_kernel(gs_ptr, gt_ptr, eps: tl.float64, sums_ptr, dots_ptr, ms_ptr, rs_ptr, mt_ptr,
                      rt_ptr, N, BLOCK: tl.constexpr):
     """M and r (see the section's header) for a block of rows, on each side."""
-    eps = tl.load(params_ptr)
+    eps = to_acc(eps, gs_ptr.dtype.element_ty)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     wa_s, rwa_s = _cosine_rows(gs_ptr, ra, N, eps)
     wa_t, rwa_t = _cosine_rows(gt_ptr, ra, N, eps)
@@ -256,23 +259,23 @@ def _pkt_grad_kernel(gs_ptr, gt_ptr, params_ptr, sums_ptr, dots_ptr, ms_ptr, rs_
     tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < N)
 
 
-def pkt_forward(g_s, g_t, params):
-    """(N^2 * loss, stats (2, 2, N): the row sums of C' and the dots); params = [eps]."""
+def pkt_forward(g_s, g_t, eps):
+    """(N^2 * loss, stats (2, 2, N): the row sums of C' and the dots)."""
     n = len(g_s)
     nb = triton.cdiv(n, BLOCK)
     stats = torch.empty((2, 2, n), dtype=g_s.dtype, device=g_s.device)
-    _pkt_sums_kernel[(nb,)](g_s, g_t, params, stats[0], n, BLOCK=BLOCK)
+    _pkt_sums_kernel[(nb,)](g_s, g_t, eps, stats[0], n, BLOCK=BLOCK)
     part = torch.empty(nb, dtype=g_s.dtype, device=g_s.device)
-    _pkt_loss_kernel[(nb,)](g_s, g_t, params, stats[0], part, stats[1], n, BLOCK=BLOCK,
+    _pkt_loss_kernel[(nb,)](g_s, g_t, eps, stats[0], part, stats[1], n, BLOCK=BLOCK,
                             num_warps=TILE_WARPS)
     return part.sum(), stats
 
 
-def pkt_backward(g_s, g_t, params, stats):
+def pkt_backward(g_s, g_t, eps, stats):
     """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
     n = len(g_s)
     m_s, r_s, m_t, r_t = grad_buffers(g_s, g_t)
-    _pkt_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, params, stats[0], stats[1],
+    _pkt_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, eps, stats[0], stats[1],
                                                m_s, r_s, m_t, r_t, n, BLOCK=BLOCK,
                                                num_warps=TILE_WARPS)
     return m_s, r_s, m_t, r_t
@@ -315,24 +318,27 @@ def _cc_tile(gs_ptr, gt_ptr, ra, rb, N, two_gamma, P):
 
 
 @triton.jit
-def _cc_loss_kernel(gs_ptr, gt_ptr, params_ptr, part_ptr, N, P, BLOCK: tl.constexpr):
-    """part = sum (K_s - K_t)^2 over one tile; params = [e^{-2 gamma}, 2 gamma]."""
+def _cc_loss_kernel(gs_ptr, gt_ptr, c0: tl.float64, two_gamma: tl.float64, part_ptr, N, P,
+                    BLOCK: tl.constexpr):
+    """part = sum (K_s - K_t)^2 over one tile; c0 = e^{-2 gamma}."""
+    c0 = to_acc(c0, gs_ptr.dtype.element_ty)
+    two_gamma = to_acc(two_gamma, gs_ptr.dtype.element_ty)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    diff, _, _, _, _ = _cc_tile(gs_ptr, gt_ptr, ra, rb, N, tl.load(params_ptr + 1), P)
-    diff = diff * tl.load(params_ptr)
+    diff, _, _, _, _ = _cc_tile(gs_ptr, gt_ptr, ra, rb, N, two_gamma, P)
+    diff = diff * c0
     tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
              tl.sum(tl.sum(diff * diff, 1), 0))
 
 
 @triton.jit
-def _cc_grad_kernel(gs_ptr, gt_ptr, ns_ptr, nt_ptr, params_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr,
-                    N, P, BLOCK: tl.constexpr):
+def _cc_grad_kernel(gs_ptr, gt_ptr, ns_ptr, nt_ptr, c0: tl.float64, two_gamma: tl.float64, ms_ptr, rs_ptr,
+                    mt_ptr, rt_ptr, N, P, BLOCK: tl.constexpr):
     """M and r with N^2 dL/dX = M X^ + r * X^ on each side, X^ the normalised rows, for a block
     of rows: V = 2 (K_s - K_t) K' is symmetric, so V + V^T = 2 V; M = 2 V w_a (x^ = w x) and
     r_a = rw_a sum_b 2 V_ab S_ab (the norm's share, see _normalised_rows)."""
-    c0 = tl.load(params_ptr)
-    two_gamma = tl.load(params_ptr + 1)
+    c0 = to_acc(c0, gs_ptr.dtype.element_ty)
+    two_gamma = to_acc(two_gamma, gs_ptr.dtype.element_ty)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     wa_s, rwa_s = _normalised_rows(ns_ptr, ra, N)
     wa_t, rwa_t = _normalised_rows(nt_ptr, ra, N)
@@ -352,21 +358,22 @@ def _cc_grad_kernel(gs_ptr, gt_ptr, ns_ptr, nt_ptr, params_ptr, ms_ptr, rs_ptr, 
     tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < N)
 
 
-def cc_forward(g_s, g_t, params, p_order):
-    """N^2 * loss from the Gram matrices of the normalised rows; params = [e^{-2 gamma}, 2 gamma]."""
+def cc_forward(g_s, g_t, gamma, p_order):
+    """N^2 * loss from the Gram matrices of the normalised rows."""
     n = len(g_s)
     nb = triton.cdiv(n, BLOCK)
     part = torch.empty(nb * nb, dtype=g_s.dtype, device=g_s.device)
-    _cc_loss_kernel[(nb, nb)](g_s, g_t, params, part, n, p_order, BLOCK=BLOCK)
+    _cc_loss_kernel[(nb, nb)](g_s, g_t, math.exp(-2 * gamma), 2 * gamma, part, n, p_order, BLOCK=BLOCK)
     return part.sum()
 
 
-def cc_backward(g_s, g_t, norms_s, norms_t, params, p_order):
+def cc_backward(g_s, g_t, norms_s, norms_t, gamma, p_order):
     """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X^ + r * X^ on each side, X^ the normalised
     rows and norms the rows' norms before."""
     n = len(g_s)
     m_s, r_s, m_t, r_t = grad_buffers(g_s, g_t)
-    _cc_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, norms_s, norms_t, params, m_s, r_s, m_t,
-                                              r_t, n, p_order, BLOCK=BLOCK, num_warps=TILE_WARPS)
+    _cc_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, norms_s, norms_t, math.exp(-2 * gamma), 2 * gamma,
+                                              m_s, r_s, m_t, r_t, n, p_order, BLOCK=BLOCK,
+                                              num_warps=TILE_WARPS)
     return m_s, r_s, m_t, r_t
 
