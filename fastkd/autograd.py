@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops as _ops
-from .common import (accumulation_dtype, direction_grad, first_order, grad_cam, nst_spatial_form,
+from .common import (accumulation_dtype, direction_backward, first_order, grad_cam, nst_spatial_form,
                      output_gradient, result_dtype, squared_distances_from_gram, transformation_pool)
 from .kernels import angle as _angle
 from .kernels import contrast as _contrast
@@ -707,7 +707,7 @@ class CRDContrastFunction(torch.autograd.Function):
 
     The gradient direction d loss / d embed (B, feat_dim) is computed in forward, by the
     same kernel pass that computes the loss, and backward only scales it by grad_output
-    (fastkd.common.direction_grad, as the CPU path's).
+    (fastkd.common.direction_backward, as the CPU path's).
     Recomputing it in backward would need the memory rows as they were in forward, but
     CRD updates its memory in place right after the loss (before backward); saving the
     gathered rows instead would be the (B, nce_n + 1, feat_dim) tensor this avoids.
@@ -726,12 +726,7 @@ class CRDContrastFunction(torch.autograd.Function):
         ctx.save_for_backward(direction, embed.new_empty(0))  # the empty one carries embed's dtype
         return loss.to(embed.dtype)
 
-    @staticmethod
-    @first_order
-    def backward(ctx, grad_output):
-        direction, like = ctx.saved_tensors
-        grad_embed = direction_grad(direction, like, grad_output) if ctx.needs_input_grad[0] else None
-        return grad_embed, None, None, None, None, None, None
+    backward = staticmethod(direction_backward)
 
 
 def crd_contrast(embed, memory, sample_idx, nce_t, z, n_data, eps=1e-7):

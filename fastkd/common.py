@@ -73,10 +73,16 @@ def transformation_pool(fm1, fm2):
     return torch.nn.functional.adaptive_avg_pool2d(fm1, (h2, w2))
 
 
-def direction_grad(direction, like, grad_output):
-    """CRD's dL/dembed: the gradient direction its forward formed (the memory bank changes
-    before backward), scaled by the upstream gradient, in like's dtype."""
-    return (direction * grad_output.to(direction.dtype)).to(like.dtype)
+@first_order
+def direction_backward(ctx, grad_output):
+    """The backward of CRD's contrast Function on both fast backends: forward saved the
+    gradient direction dL/dembed (the memory bank changes before backward, so it cannot be
+    formed then) and an empty tensor of embed's dtype; this scales the one by grad_output."""
+    direction, like = ctx.saved_tensors
+    grad_embed = None
+    if ctx.needs_input_grad[0]:
+        grad_embed = (direction * grad_output.to(direction.dtype)).to(like.dtype)
+    return grad_embed, None, None, None, None, None, None
 
 
 def squared_distances_from_gram(g):

@@ -12,7 +12,7 @@ then dropped.
 """
 import torch
 
-from ..common import accumulation_dtype, direction_grad, first_order
+from ..common import accumulation_dtype, direction_backward
 
 # Gathered elements per chunk (rows x feat_dim).
 CHUNK_ELEMENTS = 1 << 18
@@ -56,12 +56,7 @@ class CRDContrast(torch.autograd.Function):
         ctx.save_for_backward(direction, embed.new_empty(0))
         return (loss / B).to(embed.dtype)
 
-    @staticmethod
-    @first_order
-    def backward(ctx, grad_output):
-        direction, like = ctx.saved_tensors
-        grad_embed = direction_grad(direction, like, grad_output) if ctx.needs_input_grad[0] else None
-        return grad_embed, None, None, None, None, None, None
+    backward = staticmethod(direction_backward)
 
 
 def crd_contrast(embed, memory, sample_idx, nce_t, z, n_data, eps=1e-7):
