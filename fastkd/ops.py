@@ -4,8 +4,8 @@ Eagerly, ``apply("XFunction", *args)`` is ``XFunction.apply(*args)``. While torc
 traces, it calls the operator ``fastkd::<XFunction>`` instead: the compiler treats it as
 one opaque node (it cannot trace Triton launches, nor the interpreter on CPU), with
 
-  forward    fastkd::<X>(tensors, floats, ints, layout, needs) -> the loss: X.forward run
-             with a plain context object;
+  forward    fastkd::<X>(tensors, floats, ints, layout, needs) -> [the loss]: X.forward
+             run with a plain context object;
   backward   fastkd::<X>_backward(grad, kept, same arguments) -> one gradient per tensor
              argument: X.forward then X.backward with such a context, so the forward is
              computed again in backward (as activation checkpointing does), and nothing
@@ -28,6 +28,7 @@ import torch
 # Function name -> (the autograd.Function, its forward custom op). Looked up by name: under
 # torch.compile neither a dict keyed by class nor an attribute of a Function class is traced.
 _REGISTRY = {}
+
 
 class _Ctx:
     """What fastkd's Functions use of torch's autograd context."""
