@@ -1,6 +1,7 @@
-"""Every loss under torch.autocast on the CPU (bfloat16), forward and backward, on both fast
-backends: the result has the dtype the reference's result has under autocast, and the loss
-and gradients are within 10x the reference's own error there (both measured against the
+"""Every loss under torch.autocast, forward and backward, on both fast backends: on the CPU
+in bfloat16, and on CUDA in float16 and bfloat16 where there is a GPU (benchmarks/gpu.sh).
+The result has the dtype the reference's result has under autocast, and the loss and
+gradients are within 10x the reference's own error there (both measured against the
 reference without autocast, in float64 where the inputs allow)."""
 import pytest
 import torch
@@ -27,14 +28,14 @@ def _to64(inputs):
             and x.is_floating_point() else x for x in inputs]
 
 
-def _run(case, impl, backend, autocast, wide=False):
-    """(loss, gradients) of a fresh module on fresh inputs (seed 0)."""
+def _run(case, impl, backend, autocast, wide=False, device=CPU, low=torch.bfloat16):
+    """(loss, gradients) of a fresh module on fresh inputs (seed 0), autocast to low."""
     dtype = torch.float64 if wide else torch.float32
-    inputs = case.inputs(CPU, torch.float32, torch.Generator().manual_seed(0))
+    inputs = case.inputs(device, torch.float32, torch.Generator(device=device).manual_seed(0))
     if wide:
         inputs = _to64(inputs)
-    module = case.build(impl, CPU, dtype)
-    with fastkd.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    module = case.build(impl, device, dtype)
+    with fastkd.use_backend(backend), torch.autocast(device.type, dtype=low, enabled=autocast):
         loss = module(*inputs)
     grads = torch.autograd.grad(loss, list(_leaves(inputs)), allow_unused=True, materialize_grads=True)
     return loss, grads
@@ -50,13 +51,22 @@ def _error(got, exact):
     return errs
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+SETTINGS = [pytest.param("cpu", torch.bfloat16, id="cpu-bfloat16"),
+            pytest.param("cuda", torch.float16, id="cuda-float16", marks=CUDA),
+            pytest.param("cuda", torch.bfloat16, id="cuda-bfloat16", marks=CUDA)]
+
+
+@pytest.mark.parametrize("device,low", SETTINGS)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("loss", sorted(ONE_CASE_PER_LOSS))
-def test_autocast_bfloat16_gives_the_reference_dtype_and_error(loss, backend):
+def test_autocast_gives_the_reference_dtype_and_error(loss, backend, device, low):
     case = ONE_CASE_PER_LOSS[loss]
-    exact = _run(case, "reference", "reference", autocast=False, wide=loss not in NEEDS_THE_NETWORK)
-    expected = _run(case, "reference", "reference", autocast=True)
-    got = _run(case, "fastkd", backend, autocast=True)
+    device = torch.device(device)
+    exact = _run(case, "reference", "reference", autocast=False, wide=loss not in NEEDS_THE_NETWORK,
+                 device=device)
+    expected = _run(case, "reference", "reference", autocast=True, device=device, low=low)
+    got = _run(case, "fastkd", backend, autocast=True, device=device, low=low)
     assert got[0].dtype == expected[0].dtype
     for err, err_ref in zip(_error(got, exact), _error(expected, exact)):
         # A floor of a few float32 ulps: where the reference is exact to float32, so are we.

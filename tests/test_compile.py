@@ -23,8 +23,8 @@ STATEFUL = {"CRD"}  # its memory banks change with every call, and Z with the fi
 WHOLE_GRAPH = sorted(set(ONE_CASE_PER_LOSS) - NEEDS_THE_NETWORK - STATEFUL)
 
 
-def _inputs(case, seed):
-    return case.inputs(CPU, torch.float32, torch.Generator().manual_seed(seed))
+def _inputs(case, seed, device=CPU):
+    return case.inputs(device, torch.float32, torch.Generator(device=device).manual_seed(seed))
 
 
 def _leaves(inputs):
@@ -41,12 +41,12 @@ def _loss_and_grads(fn, inputs):
                                               materialize_grads=True)
 
 
-def _assert_same(got, expected):
+def _assert_same(got, expected, rtol=1e-5, atol=1e-7):
     (loss, grads), (loss_e, grads_e) = got, expected
-    torch.testing.assert_close(loss, loss_e, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss, loss_e, rtol=rtol, atol=atol)
     assert len(grads) == len(grads_e)
     for g, g_e in zip(grads, grads_e):
-        torch.testing.assert_close(g, g_e, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g, g_e, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -98,6 +98,23 @@ def test_a_new_batch_size_compiles_once_with_a_dynamic_batch(loss, backend):
         with torch.compiler.set_stance("fail_on_recompile"):
             got = _loss_and_grads(compiled, inputs)
         _assert_same(got, _loss_and_grads(module, inputs))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh)")
+@pytest.mark.parametrize("loss", WHOLE_GRAPH)
+def test_fullgraph_compile_on_cuda_with_inductor(loss):
+    """The Triton kernels compiled for the GPU, inside a graph inductor compiles."""
+    case = ONE_CASE_PER_LOSS[loss]
+    cuda = torch.device("cuda")
+    module = case.build("fastkd", cuda, torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *x: module(*x), fullgraph=True)
+    for seed in (0, 1):
+        inputs = _inputs(case, seed, cuda)
+        with torch.compiler.set_stance("fail_on_recompile" if seed else "default"):
+            got = _loss_and_grads(compiled, inputs)
+        # Inductor's fused torch code sums in another order than eager's kernels.
+        _assert_same(got, _loss_and_grads(module, inputs), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
