@@ -27,8 +27,9 @@ def one_thread():
 
 
 def _settings(**kw):
-    args = cli.parser().parse_args(["--sweep", "tiny", "--variants", "eager,fastkd", "--max-reps", "3",
-                                    "--min-reps", "2", "--budget", "0.001", "--threads", "1"])
+    # On the CPU also on a machine with a GPU: these tests are of the benchmark's machinery.
+    args = cli.parser().parse_args(["--sweep", "tiny", "--device", "cpu", "--variants", "eager,fastkd",
+                                    "--max-reps", "3", "--min-reps", "2", "--budget", "0.001", "--threads", "1"])
     return dict(cli.settings_from(args), **kw)
 
 
@@ -125,7 +126,7 @@ def test_a_run_stopped_part_way_leaves_the_cases_it_measured(tmp_path, monkeypat
         return real(case, *args, **kwargs)
     monkeypatch.setattr(measure, "run_case", stop_at_the_second_case)
     with pytest.raises(KeyboardInterrupt):
-        cli.main(["--sweep", "tiny", "--losses", "SP", "--variants", "fastkd", "--min-reps", "1", "--max-reps", "1",
+        cli.main(["--sweep", "tiny", "--device", "cpu", "--losses", "SP", "--variants", "fastkd", "--min-reps", "1", "--max-reps", "1",
                   "--budget", "0.001", "--threads", "1", "--no-progress", "--json", str(json_path),
                   "--csv", str(csv_path)])
     run = json.loads(json_path.read_text())
@@ -217,7 +218,7 @@ def test_compile_errors_and_slow_variants_are_reported():
 
 def test_main_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
     json_path, csv_path = tmp_path / "out" / "bench.json", tmp_path / "bench.csv"
-    code = cli.main(["--sweep", "tiny", "--losses", "SP,Hint,CRD", "--variants", "eager,fastkd", "--min-reps", "2",
+    code = cli.main(["--sweep", "tiny", "--device", "cpu", "--losses", "SP,Hint,CRD", "--variants", "eager,fastkd", "--min-reps", "2",
                      "--max-reps", "2", "--budget", "0.001", "--threads", "1", "--no-progress",
                      "--json", str(json_path), "--csv", str(csv_path), "--machine", "test machine"])
     assert code == 0
