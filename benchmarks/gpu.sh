@@ -10,7 +10,7 @@
 # at one realistic shape per loss (torch.compile takes seconds per case, too long for every
 # shape of the sweep); and compute-sanitizer memcheck over every loss's kernels at small
 # shapes. Everything goes under RESULTS_DIR, with summary.txt listing each step's exit
-# status and time. Each step has a time limit; the whole fits in about 9.5 minutes (a lease
+# status and time. Each step has a time limit; the whole fits in about 10 minutes (a lease
 # is 15). The benchmark writes its JSON and CSV after every case, so a step stopped at its
 # limit keeps what it measured.
 # FASTKD_GPU_RESOURCES=1 adds the compile and resource check (about 2.5 minutes, CPU only;
@@ -56,10 +56,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the working tree's fastkd e
 # can cut off); loadfile keeps a file's tests, and so the kernels they compile, on one worker.
 PARALLEL=()
 python -c "import xdist" 2>/dev/null && PARALLEL=(-n 14 --dist loadfile)
-step tests 180 env FASTKD_TEST_DEVICE=cuda python -m pytest -v -rfE --tb=short -p no:cacheprovider "${PARALLEL[@]}" \
+step tests 240 env FASTKD_TEST_DEVICE=cuda python -m pytest -v -rfE --tb=short -p no:cacheprovider "${PARALLEL[@]}" \
     tests --deselect tests/test_compile_kernels.py --durations=15 --junitxml="$RESULTS/tests.xml"
 grep -E "(FAILED|ERROR) tests/" "$RESULTS/tests.log" | sed 's/^.*\(FAILED\|ERROR\) /\1 /' | sort -u > "$RESULTS/tests-failed.txt"
-step bench 170 python -m fastkd.bench --sweep full --device cuda --variants eager,fastkd --budget 0.05 --min-reps 3 \
+step bench 150 python -m fastkd.bench --sweep full --device cuda --variants eager,fastkd --budget 0.05 --min-reps 3 \
     --max-call-seconds 3 --no-progress --json "$RESULTS/bench.json" --csv "$RESULTS/bench.csv" --plot "$RESULTS/plots"
 # One realistic shape per loss, in the sweep's order of losses.
 ONE_SHAPE='x32000$|C=512 28x28|N=1024 D=512|256x56x56>512x28x28|CRD B=256 |^(Sobolev|LwM) B=256 '
