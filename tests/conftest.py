@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("fastkd", deadline=None, max_examples=25, derandomize=True)
-# For slow runs such as compute-sanitizer's (benchmarks/gpu.sh).
+# For slow runs, e.g. the kernel tests under compute-sanitizer by hand.
 settings.register_profile("fastkd-sanitizer", deadline=None, max_examples=3, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fastkd"))
 
