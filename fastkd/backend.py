@@ -149,8 +149,8 @@ def resolve(op, device, backend=None):
     if name == "auto":
         return available(op, device)[0]
     if name == "triton" and autograd is None:
-        raise BackendUnavailableError(f"the triton backend needs the triton package, which is not "
-                                      f"installed (Triton has wheels for Linux only)")
+        raise BackendUnavailableError("the triton backend needs the triton package, which is not "
+                                      "installed (Triton has wheels for Linux only)")
     if name not in IMPLEMENTATIONS[op]:
         have = ", ".join(b for b in BACKENDS[1:] if b in IMPLEMENTATIONS[op])
         raise BackendUnavailableError(f"fastkd has no {name} implementation of {op} yet (it has: {have})")

@@ -37,7 +37,6 @@ its speed, with a finite gradient at a zero row. RKD's angle term reads its N^3 
 block of anchors at a time, so nothing of size (N, N, D) or (N, N, N) is held; the loss
 comes back in the input dtype.
 """
-import functools
 import math
 
 import torch
