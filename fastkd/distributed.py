@@ -1,0 +1,98 @@
+"""Differentiable collectives for global-batch losses over torch.distributed.
+
+A global-batch loss on W ranks is one loss L on the concatenation of every rank's batch
+(in rank order). Each rank computes a part L_r of it (the relation rows of its own
+samples) and returns ``all_reduce_sum(L_r) = L``. Autograd then sees, summed over ranks,
+the objective W * L; DistributedDataParallel averages the parameter gradients over the
+W ranks, which leaves exactly dL/dtheta, the single-process gradient.
+
+The backward of each collective is the collective that makes this hold:
+  all_gather_rows  y = cat(x_0, ..., x_{W-1}):  dx_r = sum over ranks of dy[rows of r]
+  all_reduce_sum   y = sum_r x_r (on every rank): dx_r = sum over ranks of dy
+Both work with gloo (CPU) and nccl (CUDA); local batch sizes may differ between ranks.
+"""
+import torch
+import torch.distributed as dist
+
+
+def _group(group):
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("global_batch=True needs torch.distributed initialised "
+                           "(torch.distributed.init_process_group) in every process")
+    return group if group is not None else dist.group.WORLD
+
+
+def rank_and_size(group=None):
+    """(this process's rank in group, the group's size)."""
+    group = _group(group)
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def batch_sizes(n, device, group=None):
+    """Every rank's local batch size, in rank order (one small all_gather)."""
+    group = _group(group)
+    world = dist.get_world_size(group)
+    local = torch.tensor([n], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(sizes, local, group=group)
+    return [int(s) for s in torch.cat(sizes).tolist()]
+
+
+def _gather_padded(x, sizes, group):
+    """all_gather of row blocks of unequal sizes: pad each to the largest, drop the padding."""
+    most = max(sizes)
+    padded = x.new_zeros((most,) + tuple(x.shape[1:]))
+    padded[: x.shape[0]] = x
+    blocks = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(blocks, padded.contiguous(), group=group)
+    return torch.cat([b[:n] for b, n in zip(blocks, sizes)])
+
+
+class _AllGatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sizes, group):
+        ctx.sizes, ctx.group = sizes, group
+        ctx.rank = dist.get_rank(group)
+        return _gather_padded(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank's loss part depends on every rank's rows: sum the gradients over ranks
+        # (gloo has no reduce_scatter), then keep this rank's rows.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start: start + ctx.sizes[ctx.rank]], None, None
+
+
+def all_gather_rows(x, group=None, sizes=None):
+    """cat over ranks (rank order) of each rank's x (n_r, ...), differentiable.
+
+    sizes: every rank's n_r when already known (saves one collective). Returns
+    (sum n_r, ...) on every rank, and the offset of this rank's rows in it.
+    """
+    group = _group(group)
+    if sizes is None:
+        sizes = batch_sizes(x.shape[0], x.device, group)
+    rank = dist.get_rank(group)
+    return _AllGatherRows.apply(x, list(sizes), group), sum(sizes[:rank])
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        y = x.contiguous().clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(x, group=None):
+    """sum over ranks of x, on every rank, differentiable (see the module docstring)."""
+    return _AllReduceSum.apply(x, _group(group))
