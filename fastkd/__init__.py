@@ -7,6 +7,7 @@ implementation for the tensors' device.
     loss = criterion(feat_s, feat_t)
 
 fastkd.<Name>       nn.Module losses, same names and arguments as the collection
+fastkd.FusedLinearSoftTarget  SoftTarget over an LM head's logits, never materialised
 fastkd.functional   one function per loss
 fastkd.reference    the plain PyTorch oracle
 fastkd.use_backend  context manager choosing reference / torch / triton / auto
@@ -14,10 +15,10 @@ fastkd.use_backend  context manager choosing reference / torch / triton / auto
 from . import functional, reference, registry
 from .backend import BACKENDS, BackendUnavailableError, current_backend, use_backend
 from .modules import (AB, AFD, AT, BSS, CC, CRD, DML, FSP, FT, IRG, NST, OFD, RKD, SP, VID,
-                      BSSAttacker, Hint, Logits, LwM, Paraphraser, PKTCosSim, SoftTarget, Sobolev,
-                      Translator)
+                      BSSAttacker, FusedLinearSoftTarget, Hint, Logits, LwM, Paraphraser, PKTCosSim,
+                      SoftTarget, Sobolev, Translator)
 
 __version__ = "0.1.0"
 
-__all__ = [*registry.LOSSES, *registry.HELPERS, "functional", "reference", "registry", "use_backend",
+__all__ = [*registry.LOSSES, *registry.EXTENSIONS, *registry.HELPERS, "functional", "reference", "registry", "use_backend",
            "current_backend", "BACKENDS", "BackendUnavailableError"]

@@ -8,6 +8,7 @@ dispatcher (fastkd.backend) lists each op's plain function below as its
 import torch
 import torch.nn.functional as F
 
+from . import chunked_linear as _chunked_linear
 from . import ops as _ops
 from .common import (accumulation_dtype, direction_backward, first_order, grad_cam, nst_spatial_form,
                      output_gradient, result_dtype, squared_distances_from_gram, transformation_pool)
@@ -17,6 +18,7 @@ from .kernels import cosine as _cosine
 from .kernels import distance as _dist
 from .kernels import elementwise as _ew
 from .kernels import feature_maps as _fm
+from .kernels import fused_linear as _fused_linear
 from .kernels import gram as _gram
 from .kernels import irg_transformation as _irg_t
 from .kernels import softmax_kl as _softmax_kl
@@ -732,6 +734,16 @@ class CRDContrastFunction(torch.autograd.Function):
 def crd_contrast(embed, memory, sample_idx, nce_t, z, n_data, eps=1e-7):
     """One side of CRD: contrast_loss(exp(memory[sample_idx] . embed / nce_t) / z)."""
     return _ops.apply("CRDContrastFunction", embed, memory, sample_idx, nce_t, z, n_data, eps)
+
+
+# --- LLM-scale logits: FusedLinearSoftTarget (fastkd.kernels.fused_linear) ------------------
+
+
+def fused_linear_soft_target(*args):
+    """The chunk loop of fastkd.chunked_linear over the Triton rows kernel (a plain autograd
+    Function, run eagerly under torch.compile)."""
+    with _ops.on_device_of(args):
+        return _chunked_linear.run(_fused_linear.linear_kl_rows, *args)
 
 
 # Each Function above as a torch.library custom operator for torch.compile (fastkd.ops).

@@ -16,6 +16,7 @@ import os
 
 from .reference import (ab, afd, at, bss, cc, crd, dml, fitnet, fsp, ft, irg, logits, lwm, nst,
                         ofd, pkt, rkd, sobolev, sp, st, vid)
+from .reference import fused_linear_soft_target as fused_linear
 
 try:  # Triton has wheels for Linux only: elsewhere fastkd runs its torch and reference paths.
     import triton  # noqa: F401
@@ -26,6 +27,7 @@ else:
 from .torch_backend import contrast as torch_contrast
 from .torch_backend import elementwise as torch_elementwise
 from .torch_backend import feature_maps as torch_feature_maps
+from .torch_backend import fused_linear as torch_fused_linear
 from .torch_backend import pairwise as torch_pairwise
 from .torch_backend import softmax_kl as torch_softmax_kl
 
@@ -82,6 +84,9 @@ IMPLEMENTATIONS = {
                            "triton": _triton.irg_transformation},
     "crd_contrast": {"reference": crd.crd_contrast, "torch": torch_contrast.crd_contrast,
                      "triton": _triton.crd_contrast},
+    "fused_linear_soft_target": {"reference": fused_linear.fused_linear_soft_target,
+                                 "torch": torch_fused_linear.fused_linear_soft_target,
+                                 "triton": _triton.fused_linear_soft_target},
 }
 
 # The innermost use_backend() block's choice. A plain module global, read at every call:

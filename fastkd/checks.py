@@ -120,3 +120,19 @@ def requires_grad(x, name):
     if not x.requires_grad:
         raise ValueError(f"{name} must require grad and be part of the graph of the outputs "
                          f"(its gradient is what this loss compares)")
+
+
+def values_in_range(idx, name, upper, allowed=None):
+    """Integer values in [0, upper) (or equal to ``allowed``, e.g. an ignore_index): read on
+    the host on CPU; on other devices an asynchronous device assert (no host sync), which
+    fails the next synchronising call rather than letting a kernel read out of bounds."""
+    ok = (idx >= 0) & (idx < upper)
+    if allowed is not None:
+        ok |= idx == allowed
+    also = f" or equal to {allowed}" if allowed is not None else ""
+    if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+        if idx.numel() and not bool(ok.all()):
+            bad = idx[~ok]
+            raise ValueError(f"{name} values must lie in [0, {upper}){also}, got {int(bad[0])}")
+    elif idx.numel():
+        torch._assert_async(ok.all(), f"{name} values must lie in [0, {upper}){also}")

@@ -441,3 +441,137 @@ def crd_contrast(embed, memory, sample_idx, nce_t, z, n_data, eps=1e-7):
         z = checks.number(z, "z", positive=True)
     n_data = checks.integer(n_data, "n_data", least=1)
     return _run("crd_contrast", embed, memory, sample_idx, nce_t, z, n_data, eps)
+
+
+# --- LLM-scale logits ----------------------------------------------------------
+
+_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def _integer_tensor(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
+
+
+def _rows_like(x, name, lead, last=None):
+    if tuple(x.shape[:-1]) != tuple(lead) or (last is not None and x.shape[-1] != last):
+        want = (*lead, last if last is not None else "k")
+        raise ValueError(f"{name} must have shape {want} (student_hidden's leading dims), got {tuple(x.shape)}")
+
+
+def _linear(hidden, weight, bias, names):
+    name_h, name_w, name_b = names
+    checks.tensor(hidden, name_h, min_ndim=2)
+    checks.tensor(weight, name_w, ndim=2)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{name_w} must be (V, {hidden.shape[-1]}) for {name_h} of hidden size "
+                         f"{hidden.shape[-1]}, got {tuple(weight.shape)}")
+    tensors = {name_h: hidden, name_w: weight}
+    if bias is not None:
+        checks.tensor(bias, name_b, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{name_b} must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+        tensors[name_b] = bias
+    if len({t.dtype for t in tensors.values()}) > 1:
+        listing = ", ".join(f"{n} {t.dtype}" for n, t in tensors.items())
+        raise TypeError(f"{listing} must have one dtype (a linear layer's)")
+    return tensors
+
+
+def fused_linear_soft_target(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
+                             labels=None, *, student_bias=None, teacher_bias=None, teacher_logits=None,
+                             teacher_topk_indices=None, teacher_topk_logprobs=None, T=1.0,
+                             reduction="batchmean", ignore_index=-100, hard_weight=0.0, chunk_size=None):
+    """SoftTarget on an LM head's logits, without materialising them.
+
+    z_s = student_hidden student_weight^T (+ student_bias), (N, V) over the N = prod(...)
+    tokens of student_hidden (..., H). The teacher, fixed (it gets no gradient), is given one
+    way: teacher_hidden (..., H_t) with teacher_weight (V, H_t) (+ teacher_bias), its logits
+    teacher_logits (..., V), or a top-k: teacher_topk_indices (..., k) int and
+    teacher_topk_logprobs (..., k) float, log-probabilities at temperature 1. Teacher
+    probabilities at T: p_t = softmax(z_t / T), or for a top-k softmax(logp_k / T) over its k
+    classes and 0 elsewhere (the top-k mass renormalised; repeated indices add up).
+
+    Per kept token (labels (...) int, a token is kept unless its label is ignore_index; all
+    are kept without labels):
+        T^2 * sum_c p_t(c) (log p_t(c) - log_softmax(z_s / T)(c)) + hard_weight * CE(z_s, label)
+    reduction: "batchmean" sum / n_kept; "sum"; "mean" KL part / (n_kept V) (torch's kl_div
+    "mean") + hard part / n_kept; "none" (...) per token, 0 where ignored. n_kept is clamped
+    at 1: when every token is ignored the loss is 0 with zero gradients (not NaN).
+
+    With a dense teacher and no labels it equals fastkd.soft_target(z_s, z_t, T). Memory:
+    the logits exist one chunk of chunk_size tokens at a time (default: about 2^27 logits per
+    chunk), so beyond the inputs and gradients it needs O(chunk_size x V). Float32
+    accumulation for 16-bit inputs. Runs eagerly under torch.compile.
+    """
+    if torch.is_autocast_enabled(student_hidden.device.type):
+        # As F.linear under autocast: the head's matrix products in the autocast dtype.
+        cast = torch.get_autocast_dtype(student_hidden.device.type)
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = (
+            x.to(cast) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+            for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias))
+    student = _linear(student_hidden, student_weight, student_bias,
+                      ("student_hidden", "student_weight", "student_bias"))
+    lead, v = tuple(student_hidden.shape[:-1]), student_weight.shape[0]
+    tensors = dict(student)
+    given = {"teacher_hidden/teacher_weight": teacher_hidden is not None or teacher_weight is not None,
+             "teacher_logits": teacher_logits is not None,
+             "teacher_topk_indices/teacher_topk_logprobs":
+                 teacher_topk_indices is not None or teacher_topk_logprobs is not None}
+    if sum(given.values()) != 1:
+        have = ", ".join(n for n, g in given.items() if g) or "none"
+        raise ValueError(f"give the teacher exactly one way: teacher_hidden with teacher_weight, "
+                         f"teacher_logits, or teacher_topk_indices with teacher_topk_logprobs; got {have}")
+    if given["teacher_hidden/teacher_weight"]:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("teacher_hidden and teacher_weight come together (a dense teacher)")
+        tensors.update(_linear(teacher_hidden, teacher_weight, teacher_bias,
+                               ("teacher_hidden", "teacher_weight", "teacher_bias")))
+        _rows_like(teacher_hidden, "teacher_hidden", lead, teacher_hidden.shape[-1])
+        if teacher_weight.shape[0] != v:
+            raise ValueError(f"teacher_weight has {teacher_weight.shape[0]} classes, student_weight {v}: "
+                             f"the vocabularies must match")
+    elif teacher_bias is not None:
+        raise ValueError("teacher_bias goes with teacher_hidden and teacher_weight")
+    if given["teacher_logits"]:
+        checks.tensor(teacher_logits, "teacher_logits")
+        _rows_like(teacher_logits, "teacher_logits", lead, v)
+        tensors["teacher_logits"] = teacher_logits
+    if given["teacher_topk_indices/teacher_topk_logprobs"]:
+        if teacher_topk_indices is None or teacher_topk_logprobs is None:
+            raise ValueError("teacher_topk_indices and teacher_topk_logprobs come together (a top-k teacher)")
+        _integer_tensor(teacher_topk_indices, "teacher_topk_indices")
+        checks.tensor(teacher_topk_logprobs, "teacher_topk_logprobs")
+        _rows_like(teacher_topk_indices, "teacher_topk_indices", lead)
+        checks.same_shape(teacher_topk_indices, teacher_topk_logprobs, "teacher_topk_indices",
+                          "teacher_topk_logprobs")
+        if teacher_topk_indices.shape[-1] > v:
+            raise ValueError(f"teacher_topk_indices has k={teacher_topk_indices.shape[-1]} classes, "
+                             f"more than the vocabulary V={v} of student_weight")
+        tensors["teacher_topk_indices"] = teacher_topk_indices
+        tensors["teacher_topk_logprobs"] = teacher_topk_logprobs
+    T = checks.number(T, "T", positive=True)
+    hard_weight = checks.number(hard_weight, "hard_weight", non_negative=True)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}; got {reduction!r}")
+    ignore_index = checks.integer(ignore_index, "ignore_index", least=-(2 ** 63))
+    if chunk_size is not None:
+        chunk_size = checks.integer(chunk_size, "chunk_size", least=1)
+    if labels is not None:
+        _integer_tensor(labels, "labels")
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"labels must have shape {lead} (student_hidden's leading dims), "
+                             f"got {tuple(labels.shape)}")
+        tensors["labels"] = labels
+    elif hard_weight:
+        raise ValueError("hard_weight > 0 needs labels (the hard term's targets)")
+    checks.same_device(**tensors)
+    if labels is not None:
+        checks.values_in_range(labels, "labels", v, allowed=ignore_index)
+    if teacher_topk_indices is not None:
+        checks.values_in_range(teacher_topk_indices, "teacher_topk_indices", v)
+    return _run("fused_linear_soft_target", student_hidden, student_weight, teacher_hidden, teacher_weight,
+                labels, student_bias, teacher_bias, teacher_logits, teacher_topk_indices,
+                teacher_topk_logprobs, T, reduction, ignore_index, hard_weight, chunk_size)

@@ -15,7 +15,7 @@ from .reference.bss import BSSAttacker
 from .reference.crd import contrast_scores
 from .reference.ft import Paraphraser, Translator
 
-__all__ = [*registry.LOSSES, *registry.HELPERS]
+__all__ = [*registry.LOSSES, *registry.EXTENSIONS, *registry.HELPERS]
 
 
 class Logits(reference.Logits):
@@ -289,3 +289,23 @@ class CRD(reference.CRD):
                 raise ValueError(f"{name} = mean(exp({bank}[sample_idx] . embed / nce_t)) * n_data "
                                  f"is {z.item()}, not a positive finite number (nce_t={mem.T}); {unchanged}")
         raise ValueError(f"CRD's memory update is not finite (nce_mom={mem.momentum}); {unchanged}")
+
+
+class FusedLinearSoftTarget(reference.FusedLinearSoftTarget):
+    """SoftTarget on LM-head logits that are never materialised (fastkd.functional.
+    fused_linear_soft_target has the math): T^2 KL(p_t^T || p_s^T) over the kept tokens,
+    plus hard_weight x cross-entropy, from hidden states (..., H) and the head's weight (V, H).
+
+        loss_fn = fastkd.FusedLinearSoftTarget(T=2.0, hard_weight=0.5)
+        loss = loss_fn(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, labels)
+    """
+
+    def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
+                *, student_bias=None, teacher_bias=None, teacher_logits=None, teacher_topk_indices=None,
+                teacher_topk_logprobs=None):
+        return F.fused_linear_soft_target(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+            student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits,
+            teacher_topk_indices=teacher_topk_indices, teacher_topk_logprobs=teacher_topk_logprobs,
+            T=self.T, reduction=self.reduction, ignore_index=self.ignore_index,
+            hard_weight=self.hard_weight, chunk_size=self.chunk_size)

@@ -41,7 +41,7 @@ class _Ctx:
         self.saved_tensors = tensors
 
 
-def _on_device_of(tensors):
+def on_device_of(tensors):
     """The CUDA device of the tensors made current (Triton launches on the current device;
     under DistributedDataParallel a process may hold tensors of another); nothing on CPU."""
     device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), None)
@@ -109,7 +109,7 @@ def register(function, saved=None):
 
     def run_forward(tensors, floats, ints, layout, needs):
         ctx = _Ctx(needs)
-        with torch.no_grad(), _on_device_of(tensors):
+        with torch.no_grad(), on_device_of(tensors):
             out = function.forward(ctx, *_unflatten(tensors, floats, ints, layout))
         return out.clone(), ctx
 
@@ -127,7 +127,7 @@ def register(function, saved=None):
         else:
             ctx = _Ctx(needs)
             ctx.saved_tensors = tuple(kept)
-        with torch.no_grad(), _on_device_of(tensors):
+        with torch.no_grad(), on_device_of(tensors):
             grads = function.backward(ctx, grad)
         grads = grads if isinstance(grads, tuple) else (grads,)
         tensor_grads = [g for g, kind in zip(grads, layout) if kind == "t"]
@@ -197,7 +197,7 @@ def apply(name, *args):
     function, op = _REGISTRY[name]
     if not torch.compiler.is_compiling():
         # Backward runs on the autograd engine's thread for the device of the graph.
-        with _on_device_of(args):
+        with on_device_of(args):
             return function.apply(*args)
     tensors, floats, ints, layout = _flatten(args)
     needs = [isinstance(a, torch.Tensor) and a.requires_grad and torch.is_grad_enabled() for a in args]

@@ -17,5 +17,9 @@ METHODS = {
 
 LOSSES = tuple(METHODS)
 
+# Losses beyond the collection, by class name -> their ops (their references live in
+# fastkd.reference too, but the collection has no module to be a drop-in for).
+EXTENSIONS = {"FusedLinearSoftTarget": ["fused_linear_soft_target"]}
+
 # The collection's helper modules that fastkd exports too.
 HELPERS = ("BSSAttacker", "Paraphraser", "Translator")

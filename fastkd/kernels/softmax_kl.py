@@ -44,18 +44,40 @@ def _shift(m):
 
 
 @triton.jit
+def online_kl_step(xs, xt, mask, m_s, m_t, z_s, z_t, d):
+    """One block of classes (BLOCK_R, BLOCK_K) into the running row sums of the online
+    softmax-KL: maxes m, normalisers z = sum exp(x - shift(m)), and d = sum w (u - v) with
+    u = x_t - shift(m_t), v = x_s - shift(m_s), w = exp(u); KL_row = d / z_t + log(z_s / z_t).
+    Like log_softmax, every log-probability is taken relative to the row max, so KL_row is
+    summed from small differences; when a block raises a max, the sums move to the new
+    shifts. Masked classes are -inf in both."""
+    neg_inf = float("-inf")
+    m_s_new = tl.maximum(m_s, tl.max(xs, axis=1))
+    m_t_new = tl.maximum(m_t, tl.max(xt, axis=1))
+    c_s, c_s_new = _shift(m_s), _shift(m_s_new)
+    c_t, c_t_new = _shift(m_t), _shift(m_t_new)
+    v = xs - c_s_new[:, None]
+    u = xt - c_t_new[:, None]
+    w = tl.exp(u)
+    # kl_div's p = 0 rule: 0, or NaN where log q = -inf too (padding classes add 0).
+    zero_p = tl.where(mask & (xs == neg_inf), float("nan"), 0.0)
+    term = tl.where(w > 0, w * (u - v), zero_p)
+    alpha_t = tl.exp(m_t - c_t_new)
+    d = alpha_t * (d + z_t * ((c_t - c_t_new) - (c_s - c_s_new))) + tl.sum(term, axis=1)
+    z_t = z_t * alpha_t + tl.sum(w, axis=1)
+    z_s = z_s * tl.exp(m_s - c_s_new) + tl.sum(tl.exp(v), axis=1)
+    m_s, m_t = m_s_new, m_t_new
+    return m_s, m_t, z_s, z_t, d
+
+
+@triton.jit
 def _softmax_kl_forward_kernel(
     s_ptr, t_ptr, stats_ptr, T_ptr, R, K, S,
     s_sb, s_sk, s_ss, t_sb, t_sk, t_ss,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """stats (5, R) in stats' dtype: shift_s, log z_s, shift_t, log z_t, KL_row, where
-    log softmax(x) = (x - shift) - log z.
-
-    Like log_softmax, every log-probability is taken relative to the row max, so KL_row
-    is summed from small differences: with u = x_t - shift_t, v = x_s - shift_s, w = exp(u),
-    KL_row = sum w (u - v) / z_t + log(z_s / z_t). When a block raises a max, the
-    running sums are moved to the new shifts.
+    log softmax(x) = (x - shift) - log z; the sums as online_kl_step keeps them.
     """
     acc_t = stats_ptr.dtype.element_ty
     T = tl.load(T_ptr)
@@ -76,22 +98,7 @@ def _softmax_kl_forward_kernel(
         xt = tl.load(t_ptr + t_row[:, None] + cols[None, :] * t_sk, mask=mask, other=neg_inf)
         xs = xs.to(acc_t) / T
         xt = xt.to(acc_t) / T
-
-        m_s_new = tl.maximum(m_s, tl.max(xs, axis=1))
-        m_t_new = tl.maximum(m_t, tl.max(xt, axis=1))
-        c_s, c_s_new = _shift(m_s), _shift(m_s_new)
-        c_t, c_t_new = _shift(m_t), _shift(m_t_new)
-        v = xs - c_s_new[:, None]
-        u = xt - c_t_new[:, None]
-        w = tl.exp(u)
-        # kl_div's p = 0 rule: 0, or NaN where log q = -inf too (padding classes add 0).
-        zero_p = tl.where(mask & (xs == neg_inf), float("nan"), 0.0)
-        term = tl.where(w > 0, w * (u - v), zero_p)
-        alpha_t = tl.exp(m_t - c_t_new)
-        d = alpha_t * (d + z_t * ((c_t - c_t_new) - (c_s - c_s_new))) + tl.sum(term, axis=1)
-        z_t = z_t * alpha_t + tl.sum(w, axis=1)
-        z_s = z_s * tl.exp(m_s - c_s_new) + tl.sum(tl.exp(v), axis=1)
-        m_s, m_t = m_s_new, m_t_new
+        m_s, m_t, z_s, z_t, d = online_kl_step(xs, xt, mask, m_s, m_t, z_s, z_t, d)
 
     log_z_s = tl.log(z_s)
     log_z_t = tl.log(z_t)

@@ -17,6 +17,7 @@ from .dml import DML
 from .fitnet import Hint
 from .fsp import FSP
 from .ft import FT, Paraphraser, Translator
+from .fused_linear_soft_target import FusedLinearSoftTarget
 from .irg import IRG
 from .logits import Logits
 from .lwm import LwM

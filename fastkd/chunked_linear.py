@@ -1,0 +1,172 @@
+"""The token-chunk loop of FusedLinearSoftTarget, shared by its torch and Triton paths.
+
+Neither model's (N, V) logits exist at once: for each chunk of rows [r0, r1),
+
+    z = h[r0:r1] W^T + b                      (chunk, V), the student's logits
+    t = h_t[r0:r1] W_t^T + b_t, or the given logits' rows, or the top-k (indices, q)
+    stats, dz = rows(z, t, ...)               the chunk's losses; dz written over z
+    top-k: KL_row = sum_j q_j (log q_j - (z[idx_j] / T - lse_s)),  dz[idx_j] -= w_kl T q_j
+    dh[r0:r1] = dz W,   dW += dz^T h[r0:r1],   db += sum over rows of dz
+
+with q = softmax(logp_k / T) over the k given classes. ``rows`` is the backend's: the
+Triton kernel (fastkd/kernels/fused_linear.py) or torch ops (fastkd/torch_backend/
+fused_linear.py), both with the contract of ``linear_kl_rows`` there.
+
+Gradients: with a scalar reduction they are computed during the forward (the logits are
+made once) for a unit upstream gradient and scaled in backward; with reduction="none" the
+upstream gradient differs by row, so backward runs the loop again with it in the weights.
+dW accumulates in W's dtype (one rounding per chunk, of a sum whose terms were rounded
+once); the teacher is a fixed target and gets no gradient.
+"""
+import torch
+
+from .common import accumulation_dtype, first_order, result_dtype
+
+# Rows per chunk by default: about 2^27 logits per chunk (256 MB in bfloat16 at any V).
+CHUNK_ELEMENTS = 1 << 27
+
+
+def default_chunk(n, v):
+    return max(1, min(n, CHUNK_ELEMENTS // v))
+
+
+def row_weights(kept, n_rows, v, reduction, device, dtype):
+    """(w_kl, w_ce) (N,) in the accumulation dtype: each row's weight in the reduced loss of the KL and hard
+    terms. batchmean: 1/n_kept; mean: 1/(n_kept V) for KL (torch's kl_div 'mean'), 1/n_kept
+    for the hard term; sum and none: 1. 0 on ignored rows (kept False). n_kept is clamped
+    at 1, so a batch of ignored tokens gives a loss of 0 and zero gradients, not NaN.
+    """
+    if kept is None:
+        keep = torch.ones(n_rows, dtype=dtype, device=device)
+    else:
+        keep = kept.to(dtype)
+    n = keep.sum().clamp(min=1)
+    if reduction == "batchmean":
+        return keep / n, keep / n
+    if reduction == "mean":
+        return keep / (n * v), keep / n
+    return keep, keep
+
+
+class ChunkedLinearSoftTarget(torch.autograd.Function):
+    """(student_hidden (N, H), student_weight (V, H), student_bias (V,) or None, teacher,
+    labels (N,) int64 or None, kept (N,) bool or None) -> loss: a scalar or (N,).
+
+    teacher: ("dense", h_t, W_t, b_t), ("logits", t) or ("topk", idx, logp), all fixed.
+    rows: the backend's linear_kl_rows. T, hard_weight floats; reduction as the loss's.
+    """
+
+    @staticmethod
+    def forward(ctx, h, W, b, rows, teacher, labels, kept, T, hard_weight, reduction, chunk, out_dtype):
+        n, v = h.shape[0], W.shape[0]
+        w_kl, w_ce = row_weights(kept, n, v, reduction, h.device, _acc(h, W, teacher))
+        need = ctx.needs_input_grad[:3]
+        early = any(need) and reduction != "none"
+        per_row, grads = _loop(h, W, b, rows, teacher, labels, w_kl, w_ce, T, hard_weight, chunk,
+                               need if early else (False, False, False))
+        ctx.rows, ctx.teacher, ctx.labels, ctx.T, ctx.hard_weight = rows, teacher, labels, T, hard_weight
+        ctx.reduction, ctx.chunk, ctx.kept = reduction, chunk, kept
+        ctx.grads = grads
+        if not early:
+            ctx.save_for_backward(h, W, b)
+        if reduction == "none":
+            return per_row.to(out_dtype)
+        return per_row.sum().to(out_dtype)
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad):
+        if ctx.reduction != "none":
+            return tuple(None if g is None else g * grad.to(g.dtype) for g in ctx.grads) + (None,) * 9
+        h, W, b = ctx.saved_tensors
+        w_kl, w_ce = row_weights(ctx.kept, h.shape[0], W.shape[0], "none", h.device, _acc(h, W, ctx.teacher))
+        g = grad.to(w_kl.dtype)
+        _, grads = _loop(h, W, b, ctx.rows, ctx.teacher, ctx.labels, w_kl * g, w_ce * g, ctx.T, ctx.hard_weight, ctx.chunk, ctx.needs_input_grad[:3])
+        return grads + (None,) * 9
+
+
+def _acc(h, W, teacher):
+    """Float64 sums for float64 inputs, else float32 (fastkd.common.accumulation_dtype)."""
+    return accumulation_dtype(h, W, *(x for x in teacher[1:] if isinstance(x, torch.Tensor)
+                                      and x.is_floating_point()))
+
+
+def _teacher_rows(teacher, r0, r1):
+    kind = teacher[0]
+    if kind == "dense":
+        _, h_t, W_t, b_t = teacher
+        t = h_t[r0:r1] @ W_t.t()
+        return t + b_t if b_t is not None else t
+    return teacher[1][r0:r1]
+
+
+def _loop(h, W, b, rows, teacher, labels, w_kl, w_ce, T, hard_weight, chunk, need):
+    """The per-row losses (N,) in w_kl's dtype (the accumulation dtype) of T^2 w KL + w hard CE, weighted as w_kl, w_ce say
+    (unweighted where they are 1), and (dh, dW, db) where ``need`` asks (None elsewhere)."""
+    n = h.shape[0]
+    grad = any(need)
+    per_row = torch.empty(n, device=h.device, dtype=w_kl.dtype)
+    dh = torch.empty_like(h) if need[0] else None
+    dW = torch.zeros_like(W) if need[1] else None
+    db = torch.zeros(W.shape[0], device=h.device, dtype=w_kl.dtype) if need[2] else None
+    topk = teacher[0] == "topk"
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        hc = h[r0:r1]
+        z = hc @ W.t()
+        if b is not None:
+            z += b
+        t = None if topk else _teacher_rows(teacher, r0, r1)
+        if topk:
+            idx = teacher[1][r0:r1]
+            q = torch.softmax(teacher[2][r0:r1].to(w_kl.dtype) / T, dim=1)
+            z_idx = z.gather(1, idx).to(w_kl.dtype)  # before rows() writes dz over z
+        w_k, w_c = w_kl[r0:r1], w_ce[r0:r1]
+        stats = rows(z, t, labels[r0:r1] if labels is not None else None, w_k, w_c, T, hard_weight, grad)
+        lse_s, kl, ce = stats[0], stats[1], stats[2]
+        if topk:
+            kl = (torch.xlogy(q, q) - q * (z_idx / T - lse_s[:, None])).sum(1).clamp(min=0)
+            if grad:
+                z.scatter_add_(1, idx, (-(w_k * T)[:, None] * q).to(z.dtype))
+        # An ignored row adds 0 even where its logits are not finite.
+        per_row[r0:r1] = torch.where((w_k != 0) | (w_c != 0), w_k * (T * T) * kl + w_c * hard_weight * ce, 0.0)
+        if grad:
+            if dh is not None:
+                dh[r0:r1] = z @ W
+            if dW is not None:
+                dW.addmm_(z.t(), hc)
+            if db is not None:
+                db += z.sum(0, dtype=db.dtype)
+    return per_row, (dh, dW, db.to(b.dtype) if db is not None else None)
+
+
+@torch.compiler.disable  # a Python loop of launches: runs eagerly, a graph break under torch.compile
+def run(rows, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+        teacher_bias, teacher_logits, teacher_topk_indices, teacher_topk_logprobs, T, reduction,
+        ignore_index, hard_weight, chunk_size):
+    """The loss with the reference's arguments (fastkd/reference/fused_linear_soft_target.py),
+    checked by fastkd.functional, over the backend's ``rows``."""
+    lead = student_hidden.shape[:-1]
+    h = student_hidden.reshape(-1, student_hidden.shape[-1])
+    n, v = h.shape[0], student_weight.shape[0]
+    if teacher_topk_indices is not None:
+        k = teacher_topk_indices.shape[-1]
+        teacher = ("topk", teacher_topk_indices.reshape(n, k).long(), teacher_topk_logprobs.reshape(n, k).detach())
+        teacher_dtype = teacher_topk_logprobs.dtype
+    elif teacher_logits is not None:
+        t = teacher_logits.detach().reshape(n, v)
+        teacher = ("logits", t if t.stride(1) == 1 else t.contiguous())
+        teacher_dtype = t.dtype
+    else:
+        b_t = teacher_bias.detach() if teacher_bias is not None else None
+        teacher = ("dense", teacher_hidden.detach().reshape(n, -1), teacher_weight.detach(), b_t)
+        teacher_dtype = result_dtype(*(x for x in teacher[1:] if x is not None))
+    kept = labels.reshape(n) != ignore_index if labels is not None else None
+    # Rows whose label is ignored get label -1, which no class matches (ignore_index may be one).
+    row_labels = torch.where(kept, labels.reshape(n).long(), -1) if hard_weight else None
+    student = [x for x in (h, student_weight, student_bias) if x is not None]
+    out_dtype = torch.promote_types(result_dtype(*student), teacher_dtype)
+    loss = ChunkedLinearSoftTarget.apply(h, student_weight, student_bias, rows, teacher, row_labels, kept,
+                                         float(T), float(hard_weight), reduction,
+                                         chunk_size or default_chunk(n, v), out_dtype)
+    return loss.reshape(lead) if reduction == "none" else loss
