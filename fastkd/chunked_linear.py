@@ -85,6 +85,12 @@ class ChunkedLinearSoftTarget(torch.autograd.Function):
         return grads + (None,) * 9
 
 
+def _linear(h, W, b):
+    """h W^T + b as F.linear computes it: the bias added before the one rounding of the
+    product (adding it after would round the logits twice)."""
+    return torch.addmm(b, h, W.t()) if b is not None else h @ W.t()
+
+
 def _acc(h, W, teacher):
     """Float64 sums for float64 inputs, else float32 (fastkd.common.accumulation_dtype)."""
     return accumulation_dtype(h, W, *(x for x in teacher[1:] if isinstance(x, torch.Tensor)
@@ -95,8 +101,7 @@ def _teacher_rows(teacher, r0, r1):
     kind = teacher[0]
     if kind == "dense":
         _, h_t, W_t, b_t = teacher
-        t = h_t[r0:r1] @ W_t.t()
-        return t + b_t if b_t is not None else t
+        return _linear(h_t[r0:r1], W_t, b_t)
     return teacher[1][r0:r1]
 
 
@@ -113,9 +118,7 @@ def _loop(h, W, b, rows, teacher, labels, w_kl, w_ce, T, hard_weight, chunk, nee
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
         hc = h[r0:r1]
-        z = hc @ W.t()
-        if b is not None:
-            z += b
+        z = _linear(hc, W, b)
         t = None if topk else _teacher_rows(teacher, r0, r1)
         if topk:
             idx = teacher[1][r0:r1]
