@@ -13,10 +13,10 @@ from fastkd.bench import cli, measure
 def test_loss(benchmark, case, variant, device, rounds, max_memory):
     benchmark.group = case.name
     benchmark.extra_info["fastkd_path"] = cli.fastkd_path(case.loss, device)
-    runner = measure.Runner(case, device, torch.float32)
+    runner = measure.Runner(case, device, case.dtype or torch.float32)
     with measure.memory_cap(device, max_memory):
         try:
-            step, module = measure.VARIANTS[variant](case, device, torch.float32)
+            step, module = measure.VARIANTS[variant](case, device, case.dtype or torch.float32)
             runner.time_call(step, module)  # warm-up (compiles, for the compile variant)
         except Exception as err:
             status = measure.OOM if measure.is_out_of_memory(err) else (

@@ -22,12 +22,14 @@ import torch
 
 from .common import accumulation_dtype, first_order, result_dtype
 
-# Rows per chunk by default: about 2^27 logits per chunk (256 MB in bfloat16 at any V).
-CHUNK_ELEMENTS = 1 << 27
+# Logits per chunk by default. On CUDA the Triton kernel holds no buffer beyond the chunk's
+# logits (256 MB in bfloat16), and fewer, larger chunks mean fewer passes over dW; the
+# torch path's float32 temporaries take several chunk-sized buffers, so the CPU's is smaller.
+CHUNK_ELEMENTS = {"cuda": 1 << 27, "cpu": 1 << 22}
 
 
-def default_chunk(n, v):
-    return max(1, min(n, CHUNK_ELEMENTS // v))
+def default_chunk(n, v, device):
+    return max(1, min(n, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cpu"]) // v))
 
 
 def row_weights(kept, n_rows, v, reduction, device, dtype):
@@ -171,5 +173,5 @@ def run(rows, student_hidden, student_weight, teacher_hidden, teacher_weight, la
     out_dtype = torch.promote_types(result_dtype(*student), teacher_dtype)
     loss = ChunkedLinearSoftTarget.apply(h, student_weight, student_bias, rows, teacher, row_labels, kept,
                                          float(T), float(hard_weight), reduction,
-                                         chunk_size or default_chunk(n, v), out_dtype)
+                                         chunk_size or default_chunk(n, v, h.device), out_dtype)
     return loss.reshape(lead) if reduction == "none" else loss

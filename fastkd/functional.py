@@ -503,12 +503,13 @@ def fused_linear_soft_target(student_hidden, student_weight, teacher_hidden=None
 
     With a dense teacher and no labels it equals fastkd.soft_target(z_s, z_t, T). Memory:
     the logits exist one chunk of chunk_size tokens at a time (default: about 2^27 logits per
-    chunk), so beyond the inputs and gradients it needs O(chunk_size x V). Float32
+    chunk on CUDA, 2^22 on CPU), so beyond the inputs and gradients it needs O(chunk_size x V). Float32
     accumulation for 16-bit inputs. Runs eagerly under torch.compile.
     """
-    if torch.is_autocast_enabled(student_hidden.device.type):
+    device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else None
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         # As F.linear under autocast: the head's matrix products in the autocast dtype.
-        cast = torch.get_autocast_dtype(student_hidden.device.type)
+        cast = torch.get_autocast_dtype(device_type)
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = (
             x.to(cast) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
             for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias))

@@ -15,6 +15,9 @@ Sweeps (``cases(sweep, device_type)``):
          and ImageNet (B=256, or 32 on CPU, C=64..2048, 56x56..7x7) layer shapes,
          logit losses over vocabularies 10..128k with 8192 rows (1024 on CPU),
          CRD at nce_n=16384, feat_dim=128.
+  FusedLinearSoftTarget (beyond the collection; --losses FusedLinearSoftTarget): an LM
+  head's distillation, tokens x hidden x vocabulary, in bfloat16 on CUDA at 1024 and 8192
+  tokens, H=4096, V=32k and 128k (float32 with smaller shapes on CPU).
 
 The student's inputs require grad and the teacher's do not, as in training.
 Sobolev and LwM need the gradients of a network's outputs, so their cases run
@@ -36,8 +39,9 @@ SWEEPS = ("tiny", "quick", "full")
 # Method name -> accepted spellings of --losses (case-insensitive).
 ALIASES = {"PKT": "PKTCosSim", "FitNet": "Hint", "FitNets": "Hint", "ST": "SoftTarget", "KD": "SoftTarget"}
 
-# Every method of the collection except Baseline, in the README's order (fastkd.registry).
-LOSSES = registry.LOSSES
+# Every method of the collection except Baseline, in the README's order (fastkd.registry),
+# then the losses beyond it.
+LOSSES = registry.LOSSES + tuple(registry.EXTENSIONS)
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Case:
     tf32_flops  such work done by torch's convolutions, at the TF32 rate (cuDNN's default).
     extra_bytes  traffic beyond reading the inputs and writing their gradients.
     floor     False where no floor is meaningful (the time is the network's, not the loss's).
+    dtype     the case's own dtype, overriding the run's (None: the run's --dtype).
     """
     loss: str
     shape: str
@@ -72,6 +77,7 @@ class Case:
     extra_bytes: int = 0
     floor: bool = True
     params: dict = field(default_factory=dict)
+    dtype: torch.dtype = None
 
     @property
     def name(self):
@@ -130,6 +136,11 @@ _LOGITS = {"tiny": [(8, 10), (8, 100)], "quick": [(256, 100), (256, 32000)],
 _CRD = {"tiny": ([4, 8], (64, 16, 500, 32, 32)), "quick": ([8, 32], (4096, 128, 50000, 256, 256)),
         "full": {"cpu": ([16, 32, 64, 128], (16384, 128, 50000, 256, 256)),
                  "cuda": ([64, 128, 256, 512, 1024], (16384, 128, 50000, 256, 256))}}
+
+# FusedLinearSoftTarget: (tokens, hidden, vocabulary), and the dtype where it is fixed.
+_LM_HEAD = {"tiny": [(16, 32, 100)], "quick": [(256, 256, 8000)],
+            "full": {"cpu": [(1024, 1024, 32000)],
+                     "cuda": [(bt, 4096, v) for bt in (1024, 8192) for v in (32000, 128000)]}}
 
 # Sobolev and LwM: batch sizes of (3, S, S) images through a tiny conv net of width C.
 _NET = {"tiny": ([4, 8], 8, 8), "quick": ([32, 64], 32, 16),
@@ -245,6 +256,23 @@ def _crd_cases(sweep, device_type):
     return out
 
 
+def _lm_head_cases(sweep, device_type):
+    """FusedLinearSoftTarget(T=2) with a dense teacher (hidden states and head weight): the
+    student's hidden states and head weight train, the teacher's are fixed. bfloat16 on
+    CUDA, as LM training runs; the floor is left out (it counts float32 rates)."""
+    out = []
+    dtype = torch.bfloat16 if device_type == "cuda" else None
+    for bt, h, v in _pick(_LM_HEAD, sweep, device_type):
+        def make(device, dtype, gen, bt=bt, h=h, v=v):
+            return (_randn((bt, h), device, dtype, gen, grad=True),
+                    (_randn((v, h), device, dtype, gen) / h ** 0.5).requires_grad_(),
+                    _randn((bt, h), device, dtype, gen), _randn((v, h), device, dtype, gen) / h ** 0.5)
+        out.append(Case("FusedLinearSoftTarget", f"BT={bt} H={h} V={v}", v, "vocabulary", bt * v, (2.0,),
+                        make, flops=4 * 2 * bt * v * h, floor=False, dtype=dtype,
+                        params={"BT": bt, "H": h, "V": v}))
+    return out
+
+
 class TinyNet(nn.Module):
     """conv3x3(3 -> C) ReLU, conv3x3 stride 2 (C -> C) ReLU -> feature map, then pool and a
     linear layer to 10 classes. forward returns (feature map, logits)."""
@@ -305,14 +333,15 @@ def cases(sweep="quick", device_type="cpu", losses=None):
     """The cases of a sweep for a device type ("cpu" or "cuda"): by loss in LOSSES order,
     then in sweep order (batch or classes ascending; feature maps layer by layer).
 
-    losses: method names (or aliases) to keep; None keeps all 21.
+    losses: method names (or aliases) to keep; None keeps the collection's 21 (the losses
+    beyond it, FusedLinearSoftTarget, run when named).
     """
     if sweep not in SWEEPS:
         raise ValueError(f"sweep must be one of {', '.join(SWEEPS)}; got {sweep!r}")
-    keep = None if losses is None else {canonical(n) for n in losses}
+    keep = set(registry.LOSSES) if losses is None else {canonical(n) for n in losses}
     every = (_logit_cases(sweep, device_type) + _pairwise_cases(sweep, device_type)
              + _map_cases(sweep, device_type) + _crd_cases(sweep, device_type)
-             + _net_cases(sweep, device_type))
+             + _net_cases(sweep, device_type) + _lm_head_cases(sweep, device_type))
     order = {n: i for i, n in enumerate(LOSSES)}
-    picked = [c for c in every if keep is None or c.loss in keep]
+    picked = [c for c in every if c.loss in keep]
     return sorted(picked, key=lambda c: order[c.loss])

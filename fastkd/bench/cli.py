@@ -21,6 +21,7 @@ import fastkd
 
 from .. import backend
 from ..__main__ import METHODS, device_from, program_name
+from ..registry import EXTENSIONS
 from . import cases as cases_mod
 from . import measure, report
 
@@ -129,7 +130,8 @@ def device_peaks(device, reps=10):
 
 def fastkd_path(loss, device):
     """{op: backend} that fastkd's auto backend runs for the loss's ops on device."""
-    return {op: backend.resolve(op, device, "auto") for op in METHODS[loss]}
+    ops = METHODS[loss] if loss in METHODS else EXTENSIONS[loss]
+    return {op: backend.resolve(op, device, "auto") for op in ops}
 
 
 def _triton_version():
@@ -152,7 +154,8 @@ def parser():
                    help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--variants", default=",".join(measure.VARIANT_NAMES),
-                   help="comma-separated subset of eager,compile,fastkd (default: all three)")
+                   help="comma-separated subset of eager,compile,fastkd (default: all three), and liger: "
+                   "Liger-Kernel's fused linear JSD for FusedLinearSoftTarget, where liger_kernel is installed")
     p.add_argument("--max-memory", help="memory a variant may use before it is reported out of memory: "
                    "8G, 512M, or a percentage of available memory (default: 50%% of available RAM on CPU, "
                    "the whole GPU on CUDA)")
@@ -182,7 +185,7 @@ def settings_from(args):
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in measure.VARIANTS]
     if unknown or not variants:
-        raise SystemExit(f"fastkd.bench: --variants takes eager, compile, fastkd; got {args.variants!r}")
+        raise SystemExit(f"fastkd.bench: --variants takes eager, compile, fastkd, liger; got {args.variants!r}")
     quick = sweep != "full"
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
@@ -247,7 +250,7 @@ def run(settings, machine=None, variants=None, progress=True, cases=None, on_rec
                 for size, status in [failed_at.get((case.loss, v), (None, None))]
                 if case.monotone and size is not None and case.size >= size}
         results = measure.run_case(
-            case, device, dtype, builders, warmup=settings["warmup"], min_reps=settings["min_reps"],
+            case, device, case.dtype or dtype, builders, warmup=settings["warmup"], min_reps=settings["min_reps"],
             max_reps=settings["max_reps"], budget_s=settings["budget_s"], max_call_s=settings["max_call_s"],
             max_memory=settings["max_memory"] if device.type == "cpu" else None, skip=skip, progress=bar.show)
         for v, res in results.items():
@@ -255,7 +258,7 @@ def run(settings, machine=None, variants=None, progress=True, cases=None, on_rec
                 failed_at.setdefault((case.loss, v), (case.size, res["status"]))
         record = {"loss": case.loss, "shape": case.shape, "x": case.x, "x_name": case.x_name, "size": case.size,
                   "monotone": case.monotone, "params": case.params, "fastkd_path": fastkd_path(case.loss, device),
-                  "variants": results, "floor": None}
+                  "variants": results, "floor": None, "dtype": str(case.dtype or dtype).removeprefix("torch.")}
         report.add_ratios(record, min_memory_bytes=2 ** 20 if device.type == "cpu" else 0)
         if device.type == "cuda" and case.floor:
             record["floor"] = _floor(case, device, dtype, info, results.get("fastkd"))

@@ -75,7 +75,18 @@ def fastkd_auto(case, device, dtype):
     return step, module
 
 
-VARIANTS = {"eager": eager, "compile": compiled, "fastkd": fastkd_auto}
+def liger(case, device, dtype):
+    """Liger-Kernel's fused linear JSD at beta = 0 (a KL at temperature T, with its own
+    reduction), for FusedLinearSoftTarget's cases: the time and memory of another fused
+    linear distillation, not the same numbers."""
+    if case.loss != "FusedLinearSoftTarget":
+        raise NotImplementedError(f"Liger-Kernel has no fused op for {case.loss}")
+    from liger_kernel.transformers import LigerFusedLinearJSD
+    module = LigerFusedLinearJSD(jsd_beta=0.0, temperature=case.args[0])
+    return module, module
+
+
+VARIANTS = {"eager": eager, "compile": compiled, "fastkd": fastkd_auto, "liger": liger}
 
 
 def is_out_of_memory(err):

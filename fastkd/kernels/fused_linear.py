@@ -98,11 +98,15 @@ def _linear_kl_rows_kernel(
             tl.store(z_row[:, None] + cols[None, :], dz.to(z_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(R, V):
-    """(BLOCK_R, BLOCK_V, num_warps): a tile of about TILE values, as SoftTarget's."""
-    block_v = min(triton.next_power_of_2(V), MAX_BLOCK_K, TILE)
-    block_r = max(1, min(TILE // block_v, triton.next_power_of_2(R)))
-    return block_r, block_v, num_warps(block_r * block_v)
+def _blocks(R, V, dtype):
+    """(BLOCK_R, BLOCK_V, num_warps): a tile of TILE / 2 values, TILE / 4 in float64 (whose
+    values take two registers each): half SoftTarget's, as the hard term keeps more of the
+    tile live (at TILE, float64 spilled and float32 used 247 registers at sm_80)."""
+    tile = TILE // 4 if dtype == torch.float64 else TILE // 2
+    block_v = min(triton.next_power_of_2(V), MAX_BLOCK_K, tile)
+    block_r = max(1, min(tile // block_v, triton.next_power_of_2(R)))
+    width = 2 if dtype == torch.float64 else 1  # registers per value
+    return block_r, block_v, num_warps(block_r * block_v * width)
 
 
 def linear_kl_rows(z, t, labels, w_kl, w_ce, T, hard_weight, grad):
@@ -115,7 +119,7 @@ def linear_kl_rows(z, t, labels, w_kl, w_ce, T, hard_weight, grad):
     """
     R, V = z.shape
     stats = torch.empty((3, R), device=z.device, dtype=w_kl.dtype)
-    block_r, block_v, warps = _blocks(R, V)
+    block_r, block_v, warps = _blocks(R, V, w_kl.dtype)
     _linear_kl_rows_kernel[(triton.cdiv(R, block_r),)](
         z, t if t is not None else z, labels if labels is not None else z, w_kl, w_ce, stats,
         float(T), float(hard_weight), R, V, z.stride(0), t.stride(0) if t is not None else 0,

@@ -132,6 +132,15 @@ def _extra_calls(dtype):
     s2 = torch.empty((40, 6), device=meta, dtype=dtype).t().requires_grad_()
     t2 = torch.empty((6, 80), device=meta, dtype=dtype)[:, ::2].requires_grad_()
     yield lambda: F.dml(s2, t2)
+    # FusedLinearSoftTarget's other specializations: the hard term, and a top-k teacher.
+    h = torch.empty((37, 16), device=meta, dtype=dtype, requires_grad=True)
+    W = torch.empty((50, 16), device=meta, dtype=dtype, requires_grad=True)
+    labels = torch.empty((37,), device=meta, dtype=torch.long)
+    yield lambda: F.fused_linear_soft_target(h, W, labels=labels, teacher_logits=torch.empty((37, 50), device=meta,
+                                             dtype=dtype), hard_weight=0.5, chunk_size=8)
+    yield lambda: F.fused_linear_soft_target(h, W, teacher_topk_indices=torch.empty((37, 5), device=meta,
+                                             dtype=torch.long),
+                                             teacher_topk_logprobs=torch.empty((37, 5), device=meta, dtype=dtype))
 
 
 class Recorder:
@@ -194,7 +203,7 @@ def record(archs=ARCHS, dtypes=tuple(DTYPES)):
             with contextlib.ExitStack() as tables:
                 for name, value in patches.items():
                     tables.enter_context(mock.patch.dict(getattr(cases, name), value))
-                todo = cases.cases(**kwargs)
+                todo = cases.cases(**kwargs, losses=cases.LOSSES)
             for dtype_name in dtypes:
                 dtype = DTYPES[dtype_name]
                 for case in todo:
@@ -214,7 +223,7 @@ def record(archs=ARCHS, dtypes=tuple(DTYPES)):
                                 errors.append(f"{rec.context[0]} {dtype_name}: {type(e).__name__}: {e}")
                 if label == "test":
                     for call in _extra_calls(dtype):
-                        rec.context = ("test logits (2, 7, 37, 3) / strided", False, dtype_name)
+                        rec.context = ("test logits (2, 7, 37, 3) / strided / LM head", False, dtype_name)
                         call().backward()
     return list(rec.specs.values()), errors
 
