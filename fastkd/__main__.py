@@ -6,7 +6,7 @@ import sys
 import torch
 
 from . import backend
-from .registry import METHODS
+from .registry import EXTENSIONS, METHODS
 
 
 def program_name(module, script):
@@ -46,15 +46,15 @@ def main(argv=None):
     except ValueError as err:
         raise SystemExit(f"{prog}: {err}") from None
     print(f"fastkd on {device} (requested backend: {backend.current_backend()})")
-    print(f"{'method':<12} {'op':<20} {'runs on':<10} available")
-    print(f"{'Baseline':<12} {'cross_entropy':<20} {'torch':<10} torch")
-    for method, ops in METHODS.items():
+    print(f"{'method':<22} {'op':<25} {'runs on':<10} available")
+    print(f"{'Baseline':<22} {'cross_entropy':<25} {'torch':<10} torch")
+    for method, ops in {**METHODS, **EXTENSIONS}.items():
         for op in ops:
             try:
                 chosen = backend.resolve(op, device)
             except backend.BackendUnavailableError:
                 chosen = "-"
-            print(f"{method:<12} {op:<20} {chosen:<10} {', '.join(backend.available(op, device))}")
+            print(f"{method:<22} {op:<25} {chosen:<10} {', '.join(backend.available(op, device))}")
 
 
 if __name__ == "__main__":

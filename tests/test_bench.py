@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastkd
+from fastkd import registry
 from fastkd.bench import cases, cli, measure, report
 
 CPU = torch.device("cpu")
@@ -62,10 +63,12 @@ def test_sweeps_cover_every_loss_once_per_shape():
     for sweep in cases.SWEEPS:
         for device_type in ("cpu", "cuda"):
             got = cases.cases(sweep, device_type)
-            assert {c.loss for c in got} == set(cases.LOSSES), (sweep, device_type)
-            names = [c.name for c in got]
+            assert {c.loss for c in got} == set(registry.LOSSES), (sweep, device_type)
+            every = cases.cases(sweep, device_type, cases.LOSSES)
+            assert {c.loss for c in every} == set(cases.LOSSES) == set(registry.LOSSES) | {"FusedLinearSoftTarget"}
+            names = [c.name for c in every]
             assert len(names) == len(set(names))
-    assert len(cases.LOSSES) == 21 and "Baseline" not in cases.LOSSES
+    assert len(registry.LOSSES) == 21 and "Baseline" not in cases.LOSSES
 
 
 def test_full_sweeps_have_the_issue_shapes():
@@ -79,6 +82,10 @@ def test_full_sweeps_have_the_issue_shapes():
     at = {(c.params["B"], c.params["C"], c.params["H"]) for c in gpu if c.loss == "AT"}
     assert {(128, 16, 32), (128, 64, 8), (256, 64, 56), (256, 2048, 7)} <= at
     assert max(c.x for c in cases.cases("full", "cpu") if c.loss == "RKD") < 8192
+    lm = cases.cases("full", "cuda", ["FusedLinearSoftTarget"])
+    assert {(c.params["BT"], c.params["H"], c.params["V"]) for c in lm} == {
+        (bt, 4096, v) for bt in (1024, 8192) for v in (32000, 128000)}
+    assert {c.dtype for c in lm} == {torch.bfloat16}
 
 
 def test_cases_option_keeps_the_matching_cases_and_rejects_a_bad_pattern():

@@ -7,6 +7,7 @@ import torch
 import fastkd
 from fastkd import backend
 from fastkd.__main__ import METHODS, device_from, main
+from fastkd.registry import EXTENSIONS
 
 
 def test_default_is_auto(monkeypatch):
@@ -55,7 +56,7 @@ def test_every_op_has_a_reference_and_only_known_backends():
 
 
 def test_method_listing_covers_every_op_once():
-    listed = [op for ops in METHODS.values() for op in ops]
+    listed = [op for ops in (*METHODS.values(), *EXTENSIONS.values()) for op in ops]
     assert sorted(listed) == sorted(backend.IMPLEMENTATIONS)
     assert len(METHODS) == 21
 
