@@ -9,9 +9,9 @@
 # plots and the floor (roofline) columns; the reference under torch.compile against fastkd
 # at one realistic shape per loss (torch.compile takes seconds per case, too long for every
 # shape of the sweep); and compute-sanitizer memcheck over every loss's kernels at small
-# shapes. Everything goes under RESULTS_DIR, with summary.txt listing each step's exit
-# status and time. Each step has a time limit; the whole fits in about 10 minutes (a lease
-# is 15). The benchmark writes its JSON and CSV after every case, so a step stopped at its
+# shapes; and FusedLinearSoftTarget's LM-head cases in bfloat16. Everything goes under
+# RESULTS_DIR, with summary.txt listing each step's exit status and time. Each step has a
+# time limit; the whole fits in about 11.5 minutes (a lease is 15). The benchmark writes its JSON and CSV after every case, so a step stopped at its
 # limit keeps what it measured.
 # FASTKD_GPU_RESOURCES=1 adds the compile and resource check (about 2.5 minutes, CPU only;
 # CI runs it too). FASTKD_GPU_DRY_RUN=1 runs only that check (no install, no GPU steps).
@@ -66,6 +66,13 @@ ONE_SHAPE='x32000$|C=512 28x28|N=1024 D=512|256x56x56>512x28x28|CRD B=256 |^(Sob
 step bench-compile 100 python -m fastkd.bench --sweep full --device cuda --variants compile,fastkd --cases "$ONE_SHAPE" \
     --budget 0.05 --min-reps 3 --max-call-seconds 3 --no-progress --json "$RESULTS/bench-compile.json" \
     --csv "$RESULTS/bench-compile.csv"
+# The LM head (bfloat16, 1,024 and 8,192 tokens, H=4096, V=32k/128k): eager, compiled and
+# fastkd, and Liger-Kernel's fused linear JSD beside them where liger_kernel imports.
+LM_VARIANTS=eager,compile,fastkd
+python -c "import liger_kernel" 2>/dev/null && LM_VARIANTS=$LM_VARIANTS,liger
+step bench-lm 90 python -m fastkd.bench --sweep full --device cuda --losses FusedLinearSoftTarget \
+    --variants "$LM_VARIANTS" --budget 0.2 --min-reps 3 --max-call-seconds 5 --no-progress \
+    --json "$RESULTS/bench-lm.json" --csv "$RESULTS/bench-lm.csv"
 # Last, as the slowest to start: every loss of fastkd once at the tiny shapes, forward and
 # backward, under memcheck (the whole test suite under it takes far longer than a lease).
 step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 python -m fastkd.bench --sweep tiny \

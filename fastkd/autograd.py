@@ -739,11 +739,16 @@ def crd_contrast(embed, memory, sample_idx, nce_t, z, n_data, eps=1e-7):
 # --- LLM-scale logits: FusedLinearSoftTarget (fastkd.kernels.fused_linear) ------------------
 
 
+class FusedLinearSoftTargetFunction(_chunked_linear.ChunkedLinearSoftTarget):
+    """The chunk loop of fastkd.chunked_linear (forward and backward there), called with
+    the Triton rows kernel of fastkd.kernels.fused_linear: a plain autograd Function, run
+    eagerly under torch.compile."""
+
+
 def fused_linear_soft_target(*args):
-    """The chunk loop of fastkd.chunked_linear over the Triton rows kernel (a plain autograd
-    Function, run eagerly under torch.compile)."""
+    """FusedLinearSoftTarget with the reference's arguments (checked by fastkd.functional)."""
     with _ops.on_device_of(args):
-        return _chunked_linear.run(_fused_linear.linear_kl_rows, *args)
+        return _chunked_linear.run(FusedLinearSoftTargetFunction, _fused_linear.linear_kl_rows, *args)
 
 
 # Each Function above as a torch.library custom operator for torch.compile (fastkd.ops).

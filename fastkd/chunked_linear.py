@@ -146,11 +146,12 @@ def _loop(h, W, b, rows, teacher, labels, w_kl, w_ce, T, hard_weight, chunk, nee
 
 
 @torch.compiler.disable  # a Python loop of launches: runs eagerly, a graph break under torch.compile
-def run(rows, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+def run(function, rows, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
         teacher_bias, teacher_logits, teacher_topk_indices, teacher_topk_logprobs, T, reduction,
         ignore_index, hard_weight, chunk_size):
     """The loss with the reference's arguments (fastkd/reference/fused_linear_soft_target.py),
-    checked by fastkd.functional, over the backend's ``rows``."""
+    checked by fastkd.functional, over the backend's ``rows``; ``function`` is
+    ChunkedLinearSoftTarget or the backend's subclass of it."""
     lead = student_hidden.shape[:-1]
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
     n, v = h.shape[0], student_weight.shape[0]
@@ -171,7 +172,6 @@ def run(rows, student_hidden, student_weight, teacher_hidden, teacher_weight, la
     row_labels = torch.where(kept, labels.reshape(n).long(), -1) if hard_weight else None
     student = [x for x in (h, student_weight, student_bias) if x is not None]
     out_dtype = torch.promote_types(result_dtype(*student), teacher_dtype)
-    loss = ChunkedLinearSoftTarget.apply(h, student_weight, student_bias, rows, teacher, row_labels, kept,
-                                         float(T), float(hard_weight), reduction,
-                                         chunk_size or default_chunk(n, v, h.device), out_dtype)
+    loss = function.apply(h, student_weight, student_bias, rows, teacher, row_labels, kept, float(T),
+                          float(hard_weight), reduction, chunk_size or default_chunk(n, v, h.device), out_dtype)
     return loss.reshape(lead) if reduction == "none" else loss

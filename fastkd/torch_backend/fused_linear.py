@@ -43,4 +43,4 @@ def linear_kl_rows(z, t, labels, w_kl, w_ce, T, hard_weight, grad):
 
 def fused_linear_soft_target(*args):
     """The loss with the reference's arguments (checked by fastkd.functional)."""
-    return chunked_linear.run(linear_kl_rows, *args)
+    return chunked_linear.run(chunked_linear.ChunkedLinearSoftTarget, linear_kl_rows, *args)
