@@ -55,14 +55,16 @@ class ChunkedLinearSoftTarget(torch.autograd.Function):
     labels (N,) int64 or None, kept (N,) bool or None) -> loss: a scalar or (N,).
 
     teacher: ("dense", h_t, W_t, b_t), ("logits", t) or ("topk", idx, logp), all fixed.
-    rows: the backend's linear_kl_rows. T, hard_weight floats; reduction as the loss's.
+    rows: the backend's linear_kl_rows. T, hard_weight floats; reduction as the loss's;
+    grad_mode: torch.is_grad_enabled() at the call (no gradients are made without it).
     """
 
     @staticmethod
-    def forward(ctx, h, W, b, rows, teacher, labels, kept, T, hard_weight, reduction, chunk, out_dtype):
+    def forward(ctx, h, W, b, rows, teacher, labels, kept, T, hard_weight, reduction, chunk, out_dtype, grad_mode):
         n, v = h.shape[0], W.shape[0]
         w_kl, w_ce = row_weights(kept, n, v, reduction, h.device, _acc(h, W, teacher))
-        need = ctx.needs_input_grad[:3]
+        # needs_input_grad is True under torch.no_grad too: the caller says if grad mode is on.
+        need = ctx.needs_input_grad[:3] if grad_mode else (False, False, False)
         early = any(need) and reduction != "none"
         per_row, grads = _loop(h, W, b, rows, teacher, labels, w_kl, w_ce, T, hard_weight, chunk,
                                need if early else (False, False, False))
@@ -79,12 +81,12 @@ class ChunkedLinearSoftTarget(torch.autograd.Function):
     @first_order
     def backward(ctx, grad):
         if ctx.reduction != "none":
-            return tuple(None if g is None else g * grad.to(g.dtype) for g in ctx.grads) + (None,) * 9
+            return tuple(None if g is None else g * grad.to(g.dtype) for g in ctx.grads) + (None,) * 10
         h, W, b = ctx.saved_tensors
         w_kl, w_ce = row_weights(ctx.kept, h.shape[0], W.shape[0], "none", h.device, _acc(h, W, ctx.teacher))
         g = grad.to(w_kl.dtype)
         _, grads = _loop(h, W, b, ctx.rows, ctx.teacher, ctx.labels, w_kl * g, w_ce * g, ctx.T, ctx.hard_weight, ctx.chunk, ctx.needs_input_grad[:3])
-        return grads + (None,) * 9
+        return grads + (None,) * 10
 
 
 def _linear(h, W, b):
@@ -173,5 +175,6 @@ def run(function, rows, student_hidden, student_weight, teacher_hidden, teacher_
     student = [x for x in (h, student_weight, student_bias) if x is not None]
     out_dtype = torch.promote_types(result_dtype(*student), teacher_dtype)
     loss = function.apply(h, student_weight, student_bias, rows, teacher, row_labels, kept, float(T),
-                          float(hard_weight), reduction, chunk_size or default_chunk(n, v, h.device), out_dtype)
+                          float(hard_weight), reduction, chunk_size or default_chunk(n, v, h.device), out_dtype,
+                          torch.is_grad_enabled())
     return loss.reshape(lead) if reduction == "none" else loss

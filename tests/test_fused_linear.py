@@ -292,3 +292,24 @@ def _call(**changes):
 def test_bad_input_is_refused_clearly(changes, error, match):
     with pytest.raises(error, match=match):
         _call(**changes)
+
+
+class _MatrixProducts(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_gradient_work_without_grad_mode():
+    args, kw = make_problem(12, 4, 9, "dense")
+    counts = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), fastkd.use_backend("torch"), _MatrixProducts() as seen:
+            F.fused_linear_soft_target(*args, **kw, chunk_size=4)
+        counts.append(seen.count)
+    assert counts == [3 * 4, 3 * 2]  # per chunk: both logits, then dh and dW only with grad
