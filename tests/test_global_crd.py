@@ -85,6 +85,14 @@ def _check_bad_inputs(rank, world, sizes, sharded):
         assert (crd.contrast.Z_s is None) is not fixed_z
         crd(feat_s, feat_t, idx, sample_idx)  # no rank is left behind in a collective
         assert crd.contrast.Z_s is not None and crd.contrast.Z_t is not None
+    # Z fixed on one rank only (its state_dict loaded there alone): every rank refuses.
+    other = _crd(global_batch=True, bank_sharding=sharded)
+    if rank == 0:
+        other.load_state_dict(crd.state_dict())
+    before = _state(other)
+    with pytest.raises(RuntimeError, match="fixed on some ranks and not on others"):
+        other(feat_s, feat_t, idx, sample_idx)
+    _assert_unchanged(other, before)
 
 
 def _check_against_one_process(rank, world, sizes, sharded):
