@@ -141,11 +141,13 @@ def forward(crd, feat_s, feat_t, idx, sample_idx):
     error = None
     try:
         idx, sample_idx = crd._checked(feat_s, feat_t, idx, sample_idx, n_data)
+        # Inside too: the embedding heads can refuse an input the checks pass (a dtype
+        # other than their weights'), and a rank must not fail alone after this point.
+        e_s, e_t = crd.embed_s(feat_s), crd.embed_t(feat_t)
     except (TypeError, ValueError, RuntimeError) as e:
         error = e
     sizes = _agree(crd, error, feat_s.shape[0] if error is None else 0, device, group)
     batch = sum(sizes)
-    e_s, e_t = crd.embed_s(feat_s), crd.embed_t(feat_t)
     if crd.bank_sharding:
         return _sharded(crd, feat_s, feat_t, e_s, e_t, idx, sample_idx, sizes, batch, rank, world, device)
 

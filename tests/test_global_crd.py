@@ -85,6 +85,11 @@ def _check_bad_inputs(rank, world, sizes, sharded):
         assert (crd.contrast.Z_s is None) is not fixed_z
         crd(feat_s, feat_t, idx, sample_idx)  # no rank is left behind in a collective
         assert crd.contrast.Z_s is not None and crd.contrast.Z_t is not None
+    # An input the embedding heads refuse (float32 into float64 weights) on the last rank.
+    before = _state(crd)
+    with pytest.raises((RuntimeError, ValueError), match="dtype" if rank == world - 1 else r"rank\(s\)"):
+        crd(feat_s.float() if rank == world - 1 else feat_s, feat_t, idx, sample_idx)
+    _assert_unchanged(crd, before)
     # Z fixed on one rank only (its state_dict loaded there alone): every rank refuses.
     other = _crd(global_batch=True, bank_sharding=sharded)
     if rank == 0:
