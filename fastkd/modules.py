@@ -227,6 +227,8 @@ class CRD(reference.CRD):
             raise ValueError("group is used only with global_batch=True")
         if global_batch:
             rank, world = distributed.rank_and_size(group)  # raises unless initialised
+            if rank < 0:
+                raise ValueError("group must be a process group this process belongs to")
         super().__init__(s_dim, t_dim, feat_dim, nce_n, nce_t, nce_mom, n_data)
         # Plain attributes in the collection; as buffers they move with .to() and are saved
         # (a None buffer is left out of state_dict, so a fresh module's keys stay the collection's).

@@ -102,7 +102,9 @@ def _check_bad_inputs(rank, world, sizes, sharded):
 
 def _check_against_one_process(rank, world, sizes, sharded):
     one = _crd()
-    crd = _crd(global_batch=True, bank_sharding=sharded)
+    # The sharded run goes through an explicit process group (of every rank).
+    group = dist.new_group(list(range(world))) if sharded else None
+    crd = _crd(global_batch=True, bank_sharding=sharded, group=group)
     # Sharded banks differ between ranks: DDP must not broadcast rank 0's.
     ddp = DistributedDataParallel(crd, broadcast_buffers=not sharded)
     opt_one = torch.optim.SGD(one.parameters(), lr=0.5)
@@ -148,6 +150,10 @@ def _worker(rank, world, port, sizes):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
+    first_two = dist.new_group([0, 1])  # every rank takes part in making it
+    if rank >= 2:
+        with pytest.raises(ValueError, match="group must be a process group this process belongs to"):
+            fastkd.CRD(*ARGS, global_batch=True, group=first_two)
     for sharded in (False, True):
         _check_bad_inputs(rank, world, sizes, sharded)
         _check_against_one_process(rank, world, sizes, sharded)
