@@ -28,14 +28,20 @@ def rank_and_size(group=None):
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def batch_sizes(n, device, group=None):
-    """Every rank's local batch size, in rank order (one small all_gather)."""
+def all_gather_ints(values, device, group=None):
+    """Every rank's list of Python ints (the same length on every rank), in rank order:
+    one small all_gather, for sizes and flags the ranks must agree on."""
     group = _group(group)
     world = dist.get_world_size(group)
-    local = torch.tensor([n], dtype=torch.int64, device=device)
-    sizes = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(sizes, local, group=group)
-    return [int(s) for s in torch.cat(sizes).tolist()]
+    local = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
+    out = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(out, local, group=group)
+    return torch.stack(out).tolist()
+
+
+def batch_sizes(n, device, group=None):
+    """Every rank's local batch size, in rank order (one small all_gather)."""
+    return [row[0] for row in all_gather_ints([n], device, group)]
 
 
 def _gather_padded(x, sizes, group):

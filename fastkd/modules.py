@@ -8,7 +8,7 @@ dispatches to the fastest implementation.
 """
 import torch
 
-from . import checks
+from . import checks, distributed, global_crd
 from . import functional as F
 from . import reference, registry
 from .reference.bss import BSSAttacker
@@ -196,9 +196,39 @@ class CRD(reference.CRD):
     or one saved before the first call) loads with strict=True and leaves Z to the next
     call, as in the collection. A call that raises (a bad input, or NaN/Inf in the
     features, the embeddings or what would be written) leaves all of it unchanged.
+
+    Across processes (keyword-only; fastkd.global_crd has the math):
+    global_batch=True: in a job of W ranks (torch.distributed initialised; group, a
+      process group, defaults to the world), every rank's call is one call on the
+      concatenation of all ranks' batches in rank order (local batch sizes may differ):
+      the same loss on every rank, each rank's gradient W times the single process's for
+      its rows (DistributedDataParallel's mean over ranks makes it the single process's),
+      and the banks and Z the single process's, identical on every rank. Every rank must
+      call it at every step. A bad input on any rank raises on every rank and changes
+      nothing anywhere.
+    bank_sharding=True (with global_batch=True): rank r holds only rows
+      [r C, min((r + 1) C, n_data)), C = ceil(n_data / W), of each bank (their union is
+      the single process's banks); state_dict then holds this rank's shard, and loads
+      only into a module built for the same rank and W. The banks are built whole at
+      construction (as the collection's, so that a seed gives the same banks) and then
+      cut. Wrap the module in DistributedDataParallel with broadcast_buffers=False: its
+      shards differ from rank to rank.
     """
 
-    def __init__(self, s_dim, t_dim, feat_dim, nce_n, nce_t, nce_mom, n_data):
+    def __init__(self, s_dim, t_dim, feat_dim, nce_n, nce_t, nce_mom, n_data, *,
+                 global_batch=False, group=None, bank_sharding=False):
+        for name, flag in (("global_batch", global_batch), ("bank_sharding", bank_sharding)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if bank_sharding and not global_batch:
+            raise ValueError("bank_sharding=True needs global_batch=True: the banks are shared by "
+                             "the ranks' global batch")
+        if group is not None and not global_batch:
+            raise ValueError("group is used only with global_batch=True")
+        if global_batch:
+            rank, world = distributed.rank_and_size(group)  # raises unless initialised
+            if rank < 0:
+                raise ValueError("group must be a process group this process belongs to")
         super().__init__(s_dim, t_dim, feat_dim, nce_n, nce_t, nce_mom, n_data)
         # Plain attributes in the collection; as buffers they move with .to() and are saved
         # (a None buffer is left out of state_dict, so a fresh module's keys stay the collection's).
@@ -206,6 +236,11 @@ class CRD(reference.CRD):
         del mem.Z_s, mem.Z_t
         mem.register_buffer("Z_s", None)
         mem.register_buffer("Z_t", None)
+        self.global_batch, self.group, self.bank_sharding = global_batch, group, bank_sharding
+        if bank_sharding:
+            start, stop = global_crd.shard_range(n_data, rank, world)
+            mem.memory_s = mem.memory_s[start:stop].clone()
+            mem.memory_t = mem.memory_t[start:stop].clone()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Z_s was computed against memory_t and Z_t against memory_s. A state_dict that
@@ -220,27 +255,11 @@ class CRD(reference.CRD):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, feat_s, feat_t, idx, sample_idx):
+        if self.global_batch:
+            return global_crd.forward(self, feat_s, feat_t, idx, sample_idx)
         mem = self.contrast
         n_data = mem.memory_s.shape[0]
-        checks.tensor(feat_s, "feat_s", min_ndim=2)
-        checks.tensor(feat_t, "feat_t", min_ndim=2)
-        checks.same_batch(feat_s, feat_t, "feat_s", "feat_t")
-        for x, name, dim in ((feat_s, "feat_s", self.embed_s.linear.in_features),
-                             (feat_t, "feat_t", self.embed_t.linear.in_features)):
-            if x[0].numel() != dim:
-                raise ValueError(f"{name} must hold {dim} values per sample, got shape {tuple(x.shape)}")
-        checks.indices(idx, "idx", (feat_s.shape[0],), n_data)
-        checks.indices(sample_idx, "sample_idx", (feat_s.shape[0], mem.N + 1), n_data)
-        checks.same_device(feat_s=feat_s, feat_t=feat_t, idx=idx, sample_idx=sample_idx,
-                           memory=mem.memory_s)
-        checks.number(mem.T, "nce_t", positive=True)
-        if torch.compiler.is_exporting() and (mem.Z_s is None or mem.Z_t is None):
-            raise RuntimeError("CRD fixes its normalisers Z_s, Z_t from the data of its first call, "
-                               "which torch.export cannot express: call it once (or load a state_dict "
-                               "that has them) before exporting")
-        idx = idx.long()  # index_copy_ takes int64 only
-        if sample_idx.dtype not in (torch.int32, torch.int64):
-            sample_idx = sample_idx.long()  # indexing would read uint8 as a mask
+        idx, sample_idx = self._checked(feat_s, feat_t, idx, sample_idx, n_data)
         e_s, e_t = self.embed_s(feat_s), self.embed_t(feat_t)
 
         # All this call would write, computed first and committed only once it is known to
@@ -272,16 +291,44 @@ class CRD(reference.CRD):
         mem.memory_t.index_copy_(0, idx, rows_t)
         return loss
 
+    def _checked(self, feat_s, feat_t, idx, sample_idx, n_data):
+        """The inputs checked (raising before anything is computed), and idx, sample_idx as
+        the call uses them."""
+        mem = self.contrast
+        checks.tensor(feat_s, "feat_s", min_ndim=2)
+        checks.tensor(feat_t, "feat_t", min_ndim=2)
+        checks.same_batch(feat_s, feat_t, "feat_s", "feat_t")
+        for x, name, dim in ((feat_s, "feat_s", self.embed_s.linear.in_features),
+                             (feat_t, "feat_t", self.embed_t.linear.in_features)):
+            if x[0].numel() != dim:
+                raise ValueError(f"{name} must hold {dim} values per sample, got shape {tuple(x.shape)}")
+        checks.indices(idx, "idx", (feat_s.shape[0],), n_data)
+        checks.indices(sample_idx, "sample_idx", (feat_s.shape[0], mem.N + 1), n_data)
+        checks.same_device(feat_s=feat_s, feat_t=feat_t, idx=idx, sample_idx=sample_idx,
+                           memory=mem.memory_s)
+        checks.number(mem.T, "nce_t", positive=True)
+        if torch.compiler.is_exporting() and (mem.Z_s is None or mem.Z_t is None):
+            raise RuntimeError("CRD fixes its normalisers Z_s, Z_t from the data of its first call, "
+                               "which torch.export cannot express: call it once (or load a state_dict "
+                               "that has them) before exporting")
+        idx = idx.long()  # index_copy_ takes int64 only
+        if sample_idx.dtype not in (torch.int32, torch.int64):
+            sample_idx = sample_idx.long()  # indexing would read uint8 as a mask
+        return idx, sample_idx
+
     @torch.no_grad()
-    def _raise_non_finite(self, feat_s, feat_t, e_s, e_t, idx, z_s, z_t):
-        """Names the cause of a non-finite update (only a failing call looks)."""
+    def _raise_non_finite(self, feat_s, feat_t, e_s, e_t, idx, z_s, z_t, banks=True):
+        """Names the cause of a non-finite update (only a failing call looks); banks=False
+        leaves out the bank rows at idx (a sharded bank does not hold them)."""
         mem = self.contrast
         unchanged = "CRD's memory banks and Z were left unchanged"
         weights = " (its weights are not finite, or it overflows)"
-        for x, what, hint in ((feat_s, "feat_s", ""), (feat_t, "feat_t", ""),
-                              (e_s, "embed_s(feat_s)", weights), (e_t, "embed_t(feat_t)", weights),
-                              (mem.memory_s[idx], "memory_s at rows idx", ""),
-                              (mem.memory_t[idx], "memory_t at rows idx", "")):
+        suspects = [(feat_s, "feat_s", ""), (feat_t, "feat_t", ""),
+                    (e_s, "embed_s(feat_s)", weights), (e_t, "embed_t(feat_t)", weights)]
+        if banks:
+            suspects += [(mem.memory_s[idx], "memory_s at rows idx", ""),
+                         (mem.memory_t[idx], "memory_t at rows idx", "")]
+        for x, what, hint in suspects:
             if not x.isfinite().all():
                 raise ValueError(f"{what} has NaN or Inf values{hint}; {unchanged}")
         for name, z, bank in (("Z_s", z_s, "memory_t"), ("Z_t", z_t, "memory_s")):
