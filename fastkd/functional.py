@@ -6,16 +6,17 @@ tensors' device. Each docstring states its loss's math and shapes. Notation: s s
 t teacher, B or N the batch, mse/l1 means over all elements, KLbm the batch-mean KL
 divergence (torch's kl_div with reduction="batchmean"), normalize as F.normalize.
 
-Global batch. The relational losses (pkt_cos_sim, rkd*, sp, cc, irg) take keyword-only
-``global_batch=False, group=None``. With global_batch=True, in every process of a
-torch.distributed job (group: a process group, None for the default one of W ranks), the
-batch is the concatenation of every rank's batch in rank order (local batches may differ,
-and be 1, as long as the global one is >= 2): every rank returns the loss of that whole
-batch, and rank r's gradient of its own inputs is W times the whole loss's gradient of
-them, so that DistributedDataParallel's average over the ranks gives the single-process
-parameter gradients (fastkd/distributed.py). The torch and triton backends shard the
-work: each rank computes the relation rows of its own samples (fastkd/torch_backend/
-pairwise.py, for both); the reference backend computes the whole loss on every rank.
+Global batch. The relational losses (pkt_cos_sim, rkd, rkd_distance, rkd_angle, sp, cc,
+irg) take keyword-only ``global_batch=False, group=None``. With global_batch=True, called
+in every process of a torch.distributed job of W ranks (group: a process group, None for
+the default one), the batch is the concatenation of every rank's batch in rank order
+(local batches may differ, and be 1, as long as the global one is >= 2): every rank
+returns the loss of that whole batch, and rank r's gradient of its own inputs is W times
+the whole loss's gradient of them, so that DistributedDataParallel's average over the
+ranks gives the single-process parameter gradients (fastkd/distributed.py). The torch and
+triton backends shard the work: each rank computes the relation rows of its own samples
+with the torch algorithm (fastkd/torch_backend/pairwise.py, for both backends); the
+reference backend gathers every rank's inputs and computes the whole loss on each rank.
 """
 import torch
 
@@ -322,7 +323,9 @@ def pkt_cos_sim(feat_s, feat_t, eps=1e-6, *, global_batch=False, group=None):
     """PKT: mean P_t log((P_t + eps) / (P_s + eps)), P = C' / rowsum(C'),
     C' = (x^ x^T + 1) / 2, x^ = x / (||x_row|| + eps).
 
-    feat_s (N, D_s), feat_t (N, D_t), N >= 2.
+    feat_s (N, D_s), feat_t (N, D_t), N >= 2. global_batch=True: feat_* (n_r, D_*) on rank r,
+    N = sum n_r; rank r computes the rows of P of its samples, (n_r, N), each normalised
+    over all N columns.
     """
     shard = _relational_pair(feat_s, feat_t, "feat_s", "feat_t", global_batch, group, ndim=2)
     eps = checks.number(eps, "eps", positive=True)
@@ -332,7 +335,9 @@ def pkt_cos_sim(feat_s, feat_t, eps=1e-6, *, global_batch=False, group=None):
 def rkd_distance(feat_s, feat_t, *, global_batch=False, group=None):
     """RKD distance term: smooth_l1(d_s, d_t) over N^2 entries, d = pdist(x) / mean(d[d > 0]).
 
-    feat_s (N, D_s), feat_t (N, D_t), N >= 2.
+    feat_s (N, D_s), feat_t (N, D_t), N >= 2. global_batch=True: feat_* (n_r, D_*) on rank r,
+    N = sum n_r; rank r computes its rows of d, (n_r, N); the mean over the N(N-1)
+    distances off the diagonal is all-reduced.
     """
     shard = _relational_pair(feat_s, feat_t, "feat_s", "feat_t", global_batch, group, ndim=2)
     return _run("rkd_distance", feat_s, feat_t, shard=shard)
@@ -342,7 +347,9 @@ def rkd_angle(feat_s, feat_t, *, global_batch=False, group=None):
     """RKD angle term: smooth_l1(A_s, A_t) over N^3 entries, A[i, j, k] = e_ij . e_ik,
     e_ij = normalize(x_j - x_i) (0 when x_j = x_i).
 
-    feat_s (N, D_s), feat_t (N, D_t), N >= 2.
+    feat_s (N, D_s), feat_t (N, D_t), N >= 2. global_batch=True: feat_* (n_r, D_*) on rank r,
+    N = sum n_r; rank r computes the angles at its own anchors i, (n_r, N, N) a block at a
+    time, from the squared distances (N, N) gathered from every rank's rows.
     """
     shard = _relational_pair(feat_s, feat_t, "feat_s", "feat_t", global_batch, group, ndim=2)
     return _run("rkd_angle", feat_s, feat_t, shard=shard)
@@ -351,7 +358,8 @@ def rkd_angle(feat_s, feat_t, *, global_batch=False, group=None):
 def rkd(feat_s, feat_t, w_dist, w_angle, *, global_batch=False, group=None):
     """RKD: w_dist * rkd_distance + w_angle * rkd_angle; a term whose weight is 0 is skipped.
 
-    feat_s (N, D_s), feat_t (N, D_t), N >= 2.
+    feat_s (N, D_s), feat_t (N, D_t), N >= 2. global_batch=True: each term as its function
+    says.
     """
     shard = _relational_pair(feat_s, feat_t, "feat_s", "feat_t", global_batch, group, ndim=2)
     w_dist = checks.number(w_dist, "w_dist")
@@ -372,7 +380,9 @@ def rkd(feat_s, feat_t, w_dist, w_angle, *, global_batch=False, group=None):
 def sp(fm_s, fm_t, *, global_batch=False, group=None):
     """SP: mse(G^_s, G^_t), G^ = normalize(flat(f) flat(f)^T, dim=1) (N, N).
 
-    fm_s (N, ...), fm_t (N, ...), N >= 2.
+    fm_s (N, ...), fm_t (N, ...), N >= 2. global_batch=True: fm_* (n_r, ...) on rank r,
+    N = sum n_r; rank r computes the rows of G^ of its samples, (n_r, N) (each row is
+    normalised by itself).
     """
     shard = _relational_pair(fm_s, fm_t, "fm_s", "fm_t", global_batch, group, min_ndim=2)
     return _run("sp", fm_s, fm_t, shard=shard)
@@ -383,6 +393,8 @@ def cc(feat_s, feat_t, gamma, P_order, *, global_batch=False, group=None):
     with x^ the L2-normalised rows.
 
     feat_s (N, D_s), feat_t (N, D_t), N >= 2; gamma a number, P_order >= 0.
+    global_batch=True: feat_* (n_r, D_*) on rank r, N = sum n_r; rank r computes the rows of
+    K of its samples, (n_r, N).
     """
     shard = _relational_pair(feat_s, feat_t, "feat_s", "feat_t", global_batch, group, ndim=2)
     gamma = checks.number(gamma, "gamma")
@@ -422,7 +434,9 @@ def irg(irg_s, irg_t, w_irg_vert, w_irg_edge, w_irg_tran, *, global_batch=False,
     edge = mean over (feat, fm1, fm2) of mse(E_s, E_t), E(x) = pdist2(flat x) / max;
     transformation = mse(T_s, T_t), T_i = |fm1_i - fm2_i|^2 / max
     (fastkd.reference.irg.transformation: pooling and channel pairing). A term
-    whose weight is 0 is skipped.
+    whose weight is 0 is skipped. global_batch=True: every tensor (n_r, ...) on rank r,
+    N = sum n_r; rank r computes its rows of each E, (n_r, N), and T of its samples, with
+    each max(pdist2) and max(d) all-reduced; the vertex mse is a mean over all N samples.
     """
     _irg_check(irg_s, "irg_s")
     _irg_check(irg_t, "irg_t")
