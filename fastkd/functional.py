@@ -17,6 +17,7 @@ ranks gives the single-process parameter gradients (fastkd/distributed.py). The 
 triton backends shard the work: each rank computes the relation rows of its own samples
 with the torch algorithm (fastkd/torch_backend/pairwise.py, for both backends); the
 reference backend gathers every rank's inputs and computes the whole loss on each rank.
+Under torch.compile a global-batch call runs eagerly, behind a graph break.
 """
 import torch
 
@@ -66,7 +67,19 @@ def _call(op, device, *args, shard=None):
     see _shard). Under torch.autocast it computes on the inputs as they come (its own
     precision rules, float32 accumulation at least), with autocast off inside, and returns
     the result in the dtype the reference gives there."""
-    impl = implementation(op, device) if shard is None else global_implementation(op, device, *shard)
+    if shard is not None:
+        return _call_global(op, device, shard, *args)
+    return _autocast_call(op, device, implementation(op, device), args)
+
+
+@torch.compiler.disable
+def _call_global(op, device, shard, *args):
+    """_call over every rank's batch, always eager: inside a compiled function, a graph break
+    (TorchDynamo would trace the collectives and the Python loop over the ranks' sizes)."""
+    return _autocast_call(op, device, global_implementation(op, device, *shard), args)
+
+
+def _autocast_call(op, device, impl, args):
     # Autocast exists for the CPU and CUDA (and refuses other device types, such as meta).
     if device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device.type):
         return impl(*args)
@@ -99,7 +112,7 @@ def _shard(x, name, global_batch, group):
     if not checks.flag(global_batch, "global_batch"):
         checks.min_batch(x, name)
         return None
-    sizes = distributed.batch_sizes(x.shape[0], x.device, group)
+    sizes = torch.compiler.disable(distributed.batch_sizes)(x.shape[0], x.device, group)
     if sum(sizes) < 2:
         raise ValueError(f"{name} needs a global batch of at least 2 samples for a relational loss "
                          f"(global_batch=True), got {sum(sizes)} (local batches {sizes})")

@@ -95,6 +95,28 @@ def _check(name, sizes, rank, backend, group=None, seed=0):
                                    msg=lambda m: f"{msg}: gradient of input {i}\n{m}")
 
 
+def _check_float32_and_compiled(name, sizes, rank):
+    """float32 inputs: the loss's dtype and value of one process's float32 loss (the sharded sums
+    round otherwise); and the same call inside torch.compile, where it runs eagerly behind a
+    graph break, gives the eager numbers."""
+    run, make = CASES[name]
+    full = [x.float().requires_grad_() for x in make(sum(sizes), 5)]
+    with fastkd.use_backend("torch"):
+        expected = run(full)
+    expected_grads = _grads(expected, full)
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    local = [x.detach()[lo:hi].clone().requires_grad_() for x in full]
+    eager = run(local, global_batch=True)
+    assert eager.dtype == torch.float32
+    torch.testing.assert_close(eager, expected, rtol=1e-5, atol=1e-6)
+    for g, e in zip(_grads(eager, local), expected_grads):
+        torch.testing.assert_close(g / len(sizes), e[lo:hi], rtol=1e-4, atol=1e-6)
+    compiled = torch.compile(lambda *a: run(list(a), global_batch=True), backend="aot_eager")(*local)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    for g, e in zip(_grads(compiled, local), _grads(run(local, global_batch=True), local)):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
 def _check_ddp(sizes, rank, name):
     """A Linear student under DistributedDataParallel: its .grad after backward equals the
     single-process gradient of the loss on the whole batch."""
@@ -129,6 +151,8 @@ def _job(rank, world, init_file, error_dir):
         sizes = layouts[0]
         for name in ("RKD", "SP", "IRG"):  # triton resolves to the same sharded torch path
             _check(name, sizes, rank, "triton")
+        for name in ("RKD", "SP", "IRG"):
+            _check_float32_and_compiled(name, sizes, rank)
         for name in ("RKD", "PKTCosSim", "CC"):
             _check_ddp(sizes, rank, name)
         # A subgroup: ranks 0 and 1 alone, the others not taking part.

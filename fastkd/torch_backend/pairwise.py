@@ -241,10 +241,15 @@ class RKDAngle(torch.autograd.Function):
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        feat_s, feat_t, w_s, z_s, w_t, z_t = ctx.saved_tensors
-        scale = grad_out.to(torch.float64) / len(feat_s) ** 3
-        return tuple(None if w is None else (_rows_grad(x, w, z) * scale).reshape(x.shape).to(x.dtype)
-                     for x, w, z in ((feat_s, w_s, z_s), (feat_t, w_t, z_t)))
+        return _angle_grads(ctx.saved_tensors, grad_out)
+
+
+def _angle_grads(saved, grad_out):
+    """RKDAngle's input gradients from what its forward saved: (X_s, X_t, W_s, Z_s, W_t, Z_t)."""
+    feat_s, feat_t, w_s, z_s, w_t, z_t = saved
+    scale = grad_out.to(torch.float64) / len(feat_s) ** 3
+    return tuple(None if w is None else (_rows_grad(x, w, z) * scale).reshape(x.shape).to(x.dtype)
+                 for x, w, z in ((feat_s, w_s, z_s), (feat_t, w_t, z_t)))
 
 
 def rkd_angle(feat_s, feat_t):
@@ -456,7 +461,7 @@ def _rkd_distance_part(feat_s, feat_t, group, sizes):
 class RKDAngleRows(torch.autograd.Function):
     """This rank's part of RKDAngle: the N^2 angles at each anchor lo:hi of X (N, D) over N^3,
     from E (N, N) gathered from every rank's rows; float64. The gradient (W, Z) reaches
-    every row of X; backward is RKDAngle's."""
+    every row of X; backward as RKDAngle's."""
 
     @staticmethod
     def forward(ctx, x_s, x_t, lo, hi, group, sizes):
@@ -468,8 +473,9 @@ class RKDAngleRows(torch.autograd.Function):
         return total / len(e_s) ** 3
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_out):
-        return (*RKDAngle.backward(ctx, grad_out), None, None, None, None)
+        return (*_angle_grads(ctx.saved_tensors, grad_out), None, None, None, None)
 
 
 def _rkd_angle_part(feat_s, feat_t, group, sizes):
