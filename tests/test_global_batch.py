@@ -84,9 +84,12 @@ def _check(name, sizes, rank, backend, group=None, seed=0):
     torch.testing.assert_close(single, expected, **TOL)
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     local = [x.detach()[lo:hi].clone().requires_grad_() for x in full]
+    before = [x.detach().clone() for x in local]
     with fastkd.use_backend(backend):
         loss = run(local, global_batch=True, group=group)
     msg = f"{name} {backend} sizes {sizes} rank {rank}"
+    for x, b in zip(local, before):
+        assert torch.equal(x, b), f"{msg}: an input was modified"
     assert loss.dtype == expected.dtype, msg
     torch.testing.assert_close(loss, expected, **TOL, msg=lambda m: f"{msg}: loss\n{m}")
     grads = _grads(loss, local)
@@ -111,6 +114,8 @@ def _check_float32_and_compiled(name, sizes, rank):
     torch.testing.assert_close(eager, expected, rtol=1e-5, atol=1e-6)
     for g, e in zip(_grads(eager, local), expected_grads):
         torch.testing.assert_close(g / len(sizes), e[lo:hi], rtol=1e-4, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the dtype one process gets there
+        assert run(local, global_batch=True).dtype == run(full).dtype
     compiled = torch.compile(lambda *a: run(list(a), global_batch=True), backend="aot_eager")(*local)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     for g, e in zip(_grads(compiled, local), _grads(run(local, global_batch=True), local)):
