@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from .distributed import all_gather_rows
 from .reference import (ab, afd, at, bss, cc, crd, dml, fitnet, fsp, ft, irg, logits, lwm, nst,
                         ofd, pkt, rkd, sobolev, sp, st, vid)
 
@@ -36,7 +37,6 @@ from .torch_backend import elementwise as torch_elementwise
 from .torch_backend import feature_maps as torch_feature_maps
 from .torch_backend import pairwise as torch_pairwise
 from .torch_backend import softmax_kl as torch_softmax_kl
-from .distributed import all_gather_rows
 
 class _NoTriton:
     """Stands for fastkd.autograd where triton is not installed: every entry None."""
@@ -187,7 +187,6 @@ def resolve(op, device, backend=None):
 def implementation(op, device, backend=None):
     """The function that computes op for tensors on device."""
     return IMPLEMENTATIONS[op][resolve(op, device, backend)]
-
 
 
 def _gathered(x, group, sizes):

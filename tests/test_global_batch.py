@@ -4,7 +4,6 @@ on the concatenated batch, and DDP's averaged gradients equal that process's gra
 One gloo job per world size (CPU processes spawned from the test) checks every loss inside it.
 """
 import os
-import socket
 import traceback
 
 import pytest
