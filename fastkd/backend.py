@@ -10,10 +10,19 @@ Backends:
 
 The choice is read at call time: the innermost ``fastkd.use_backend(name)``
 block, else the environment variable FASTKD_BACKEND, else ``auto``.
+
+With global_batch=True (the relational losses, over torch.distributed) the choice is
+``global_implementation``'s: the reference backend gathers every rank's batch and computes
+the whole loss on each rank; torch and triton both run the sharded torch algorithm of
+fastkd/torch_backend/pairwise.py (the Triton kernels take whole square batches).
 """
 import contextlib
+import functools
 import os
 
+import torch
+
+from .distributed import all_gather_rows
 from .reference import (ab, afd, at, bss, cc, crd, dml, fitnet, fsp, ft, irg, logits, lwm, nst,
                         ofd, pkt, rkd, sobolev, sp, st, vid)
 from .reference import fused_linear_soft_target as fused_linear
@@ -87,6 +96,20 @@ IMPLEMENTATIONS = {
     "fused_linear_soft_target": {"reference": fused_linear.fused_linear_soft_target,
                                  "torch": torch_fused_linear.fused_linear_soft_target,
                                  "triton": _triton.fused_linear_soft_target},
+}
+
+# op -> its sharded implementation with global_batch=True: the reference's arguments, then
+# keyword-only group and sizes (every rank's local batch size).
+SHARDED = {
+    "pkt_cos_sim": torch_pairwise.pkt_cos_sim_global,
+    "rkd": torch_pairwise.rkd_global,
+    "rkd_distance": torch_pairwise.rkd_distance_global,
+    "rkd_angle": torch_pairwise.rkd_angle_global,
+    "sp": torch_pairwise.sp_global,
+    "cc": torch_pairwise.cc_global,
+    "irg_vertex": torch_pairwise.irg_vertex_global,
+    "irg_edge": torch_pairwise.irg_edge_global,
+    "irg_transformation": torch_pairwise.irg_transformation_global,
 }
 
 # The innermost use_backend() block's choice. A plain module global, read at every call:
@@ -170,3 +193,28 @@ def implementation(op, device, backend=None):
     """The function that computes op for tensors on device."""
     return IMPLEMENTATIONS[op][resolve(op, device, backend)]
 
+
+def _gathered(x, group, sizes):
+    """x with every tensor in it (a tensor, or a sequence of them) replaced by the
+    concatenation over ranks (differentiable, fastkd.distributed.all_gather_rows)."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(_gathered(a, group, sizes) for a in x)
+    return all_gather_rows(x, group, sizes)[0] if isinstance(x, torch.Tensor) else x
+
+
+def _reference_on_gathered(reference, *args, group, sizes):
+    """The reference loss of every rank's batch, on each rank. Each rank's gradient of the
+    gathered rows is dL/dX; all_gather_rows' backward sums them over ranks, so this rank's
+    rows get W dL/dx_r, fastkd.distributed's convention."""
+    return reference(*_gathered(args, group, sizes))
+
+
+def global_implementation(op, device, group, sizes, backend=None):
+    """The function that computes op over every rank's batch (global_batch=True) for
+    tensors on device: the reference's signature, group and sizes bound. The reference
+    backend gathers everything (each rank computes the whole loss); torch and triton run
+    SHARDED."""
+    if resolve(op, device, backend) == "reference":
+        return functools.partial(_reference_on_gathered, IMPLEMENTATIONS[op]["reference"],
+                                 group=group, sizes=sizes)
+    return functools.partial(SHARDED[op], group=group, sizes=sizes)

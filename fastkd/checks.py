@@ -80,6 +80,13 @@ def number(value, name, positive=False, non_negative=False):
     return value
 
 
+def flag(value, name):
+    """A Python bool (a tensor or a number would be read as one without a word)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return value
+
+
 def integer(value, name, least=0):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")

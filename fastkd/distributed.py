@@ -102,3 +102,17 @@ class _AllReduceSum(torch.autograd.Function):
 def all_reduce_sum(x, group=None):
     """sum over ranks of x, on every rank, differentiable (see the module docstring)."""
     return _AllReduceSum.apply(x, _group(group))
+
+
+def all_reduce_max(x, group=None):
+    """max over ranks of all entries of x (n, ...), on every rank, differentiable: its
+    gradient is shared evenly among the entries that attain it, on whichever ranks they are,
+    as torch's max() over one tensor shares it. n may be 0 on a rank."""
+    group = _group(group)
+    m = x.detach().amax() if x.numel() else x.new_full((), float("-inf"))
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    hit = x.detach() == m
+    count = hit.sum().to(x.dtype)
+    dist.all_reduce(count, group=group)
+    # (x - m) is exactly 0 at every hit: the value is m itself, the gradient hit / count.
+    return m + all_reduce_sum(((x - m) * hit).sum(), group) / count

@@ -5,11 +5,24 @@ argument), then runs the implementation that ``fastkd.backend`` picks for the
 tensors' device. Each docstring states its loss's math and shapes. Notation: s student,
 t teacher, B or N the batch, mse/l1 means over all elements, KLbm the batch-mean KL
 divergence (torch's kl_div with reduction="batchmean"), normalize as F.normalize.
+
+Global batch. The relational losses (pkt_cos_sim, rkd, rkd_distance, rkd_angle, sp, cc,
+irg) take keyword-only ``global_batch=False, group=None``. With global_batch=True, called
+in every process of a torch.distributed job of W ranks (group: a process group, None for
+the default one), the batch is the concatenation of every rank's batch in rank order
+(local batches may differ, and be 1, as long as the global one is >= 2): every rank
+returns the loss of that whole batch, and rank r's gradient of its own inputs is W times
+the whole loss's gradient of them, so that DistributedDataParallel's average over the
+ranks gives the single-process parameter gradients (fastkd/distributed.py). The torch and
+triton backends shard the work: each rank computes the relation rows of its own samples
+with the torch algorithm (fastkd/torch_backend/pairwise.py, for both backends); the
+reference backend gathers every rank's inputs and computes the whole loss on each rank.
+Under torch.compile a global-batch call runs eagerly, behind a graph break.
 """
 import torch
 
-from . import checks
-from .backend import IMPLEMENTATIONS, implementation
+from . import checks, distributed
+from .backend import IMPLEMENTATIONS, global_implementation, implementation
 
 # Losses of the gradients of a network's outputs: their reference needs the network's graph,
 # which a fake run does not have. Both end in float32 operations under autocast anyway.
@@ -49,22 +62,36 @@ def _reference_dtype_under_autocast(op, args, device_type):
     return _AUTOCAST_DTYPES[key]
 
 
-def _call(op, device, *args):
-    """The implementation fastkd.backend picks. Under torch.autocast it computes on the
-    inputs as they come (its own precision rules, float32 accumulation at least), with
-    autocast off inside, and returns the result in the dtype the reference gives there."""
+def _call(op, device, *args, shard=None):
+    """The implementation fastkd.backend picks (shard: (group, sizes) for a global batch,
+    see _shard). Under torch.autocast it computes on the inputs as they come (its own
+    precision rules, float32 accumulation at least), with autocast off inside, and returns
+    the result in the dtype the reference gives there."""
+    if shard is not None:
+        return _call_global(op, device, shard, *args)
+    return _autocast_call(op, device, implementation(op, device), args)
+
+
+@torch.compiler.disable
+def _call_global(op, device, shard, *args):
+    """_call over every rank's batch, always eager: inside a compiled function, a graph break
+    (TorchDynamo would trace the collectives and the Python loop over the ranks' sizes)."""
+    return _autocast_call(op, device, global_implementation(op, device, *shard), args)
+
+
+def _autocast_call(op, device, impl, args):
     # Autocast exists for the CPU and CUDA (and refuses other device types, such as meta).
     if device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device.type):
-        return implementation(op, device)(*args)
+        return impl(*args)
     with torch.autocast(device.type, enabled=False):
-        out = implementation(op, device)(*args)
+        out = impl(*args)
     if op not in _NO_FAKE_REFERENCE:
         out = out.to(_reference_dtype_under_autocast(op, args, device.type))
     return out
 
 
-def _run(op, *args):
-    return _call(op, args[0].device, *args)
+def _run(op, *args, shard=None):
+    return _call(op, args[0].device, *args, shard=shard)
 
 
 def _pair(s, t, name_s, name_t, **kw):
@@ -78,10 +105,25 @@ def _same_pair(s, t, name_s, name_t, **kw):
     checks.same_shape(s, t, name_s, name_t)
 
 
-def _relational_pair(s, t, name_s, name_t, **kw):
+def _shard(x, name, global_batch, group):
+    """None for a loss of this batch alone, once x (N, ...) has N >= 2. For global_batch=True,
+    (group, every rank's batch size) once torch.distributed is initialised and the global
+    batch is >= 2 (one small all_gather; every rank raises alike)."""
+    if not checks.flag(global_batch, "global_batch"):
+        checks.min_batch(x, name)
+        return None
+    sizes = torch.compiler.disable(distributed.batch_sizes)(x.shape[0], x.device, group)
+    if sum(sizes) < 2:
+        raise ValueError(f"{name} needs a global batch of at least 2 samples for a relational loss "
+                         f"(global_batch=True), got {sum(sizes)} (local batches {sizes})")
+    return group, sizes
+
+
+def _relational_pair(s, t, name_s, name_t, global_batch=False, group=None, **kw):
+    """Checks a pair of relational inputs; returns _shard's (group, sizes) or None."""
     _pair(s, t, name_s, name_t, **kw)
     checks.same_batch(s, t, name_s, name_t)
-    checks.min_batch(s, name_s)
+    return _shard(s, name_s, global_batch, group)
 
 
 def _maps_same_spatial(fm_s, fm_t):
@@ -290,73 +332,87 @@ def lwm(out_s, fm_s, out_t, fm_t, target):
 
 # --- relations between samples ------------------------------------------------
 
-def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
+def pkt_cos_sim(feat_s, feat_t, eps=1e-6, *, global_batch=False, group=None):
     """PKT: mean P_t log((P_t + eps) / (P_s + eps)), P = C' / rowsum(C'),
     C' = (x^ x^T + 1) / 2, x^ = x / (||x_row|| + eps).
 
-    feat_s (N, D_s), feat_t (N, D_t), N >= 2.
+    feat_s (N, D_s), feat_t (N, D_t), N >= 2. global_batch=True: feat_* (n_r, D_*) on rank r,
+    N = sum n_r; rank r computes the rows of P of its samples, (n_r, N), each normalised
+    over all N columns.
     """
-    _relational_pair(feat_s, feat_t, "feat_s", "feat_t", ndim=2)
+    shard = _relational_pair(feat_s, feat_t, "feat_s", "feat_t", global_batch, group, ndim=2)
     eps = checks.number(eps, "eps", positive=True)
-    return _run("pkt_cos_sim", feat_s, feat_t, eps)
+    return _run("pkt_cos_sim", feat_s, feat_t, eps, shard=shard)
 
 
-def rkd_distance(feat_s, feat_t):
+def rkd_distance(feat_s, feat_t, *, global_batch=False, group=None):
     """RKD distance term: smooth_l1(d_s, d_t) over N^2 entries, d = pdist(x) / mean(d[d > 0]).
 
-    feat_s (N, D_s), feat_t (N, D_t), N >= 2.
+    feat_s (N, D_s), feat_t (N, D_t), N >= 2. global_batch=True: feat_* (n_r, D_*) on rank r,
+    N = sum n_r; rank r computes its rows of d, (n_r, N); the mean over the N(N-1)
+    distances off the diagonal is all-reduced.
     """
-    _relational_pair(feat_s, feat_t, "feat_s", "feat_t", ndim=2)
-    return _run("rkd_distance", feat_s, feat_t)
+    shard = _relational_pair(feat_s, feat_t, "feat_s", "feat_t", global_batch, group, ndim=2)
+    return _run("rkd_distance", feat_s, feat_t, shard=shard)
 
 
-def rkd_angle(feat_s, feat_t):
+def rkd_angle(feat_s, feat_t, *, global_batch=False, group=None):
     """RKD angle term: smooth_l1(A_s, A_t) over N^3 entries, A[i, j, k] = e_ij . e_ik,
     e_ij = normalize(x_j - x_i) (0 when x_j = x_i).
 
-    feat_s (N, D_s), feat_t (N, D_t), N >= 2.
+    feat_s (N, D_s), feat_t (N, D_t), N >= 2. global_batch=True: feat_* (n_r, D_*) on rank r,
+    N = sum n_r; rank r computes the angles at its own anchors i, (n_r, N, N) a block at a
+    time, from the squared distances (N, N) gathered from every rank's rows.
     """
-    _relational_pair(feat_s, feat_t, "feat_s", "feat_t", ndim=2)
-    return _run("rkd_angle", feat_s, feat_t)
+    shard = _relational_pair(feat_s, feat_t, "feat_s", "feat_t", global_batch, group, ndim=2)
+    return _run("rkd_angle", feat_s, feat_t, shard=shard)
 
 
-def rkd(feat_s, feat_t, w_dist, w_angle):
-    """RKD: w_dist * rkd_distance + w_angle * rkd_angle; a term whose weight is 0 is skipped."""
-    _relational_pair(feat_s, feat_t, "feat_s", "feat_t", ndim=2)
+def rkd(feat_s, feat_t, w_dist, w_angle, *, global_batch=False, group=None):
+    """RKD: w_dist * rkd_distance + w_angle * rkd_angle; a term whose weight is 0 is skipped.
+
+    feat_s (N, D_s), feat_t (N, D_t), N >= 2. global_batch=True: each term as its function
+    says.
+    """
+    shard = _relational_pair(feat_s, feat_t, "feat_s", "feat_t", global_batch, group, ndim=2)
     w_dist = checks.number(w_dist, "w_dist")
     w_angle = checks.number(w_angle, "w_angle")
     if w_dist != 0 and w_angle != 0:  # one op: both terms from one set of squared distances
-        return _run("rkd", feat_s, feat_t, w_dist, w_angle)
+        return _run("rkd", feat_s, feat_t, w_dist, w_angle, shard=shard)
     loss = 0.0
     if w_dist != 0:
-        loss = loss + w_dist * _run("rkd_distance", feat_s, feat_t)
+        loss = loss + w_dist * _run("rkd_distance", feat_s, feat_t, shard=shard)
     if w_angle != 0:
-        loss = loss + w_angle * _run("rkd_angle", feat_s, feat_t)
+        loss = loss + w_angle * _run("rkd_angle", feat_s, feat_t, shard=shard)
     if not isinstance(loss, torch.Tensor):
         # Both weights 0: a zero that still belongs to both graphs.
         loss = (feat_s.sum() + feat_t.sum()) * 0.0
     return loss
 
 
-def sp(fm_s, fm_t):
+def sp(fm_s, fm_t, *, global_batch=False, group=None):
     """SP: mse(G^_s, G^_t), G^ = normalize(flat(f) flat(f)^T, dim=1) (N, N).
 
-    fm_s (N, ...), fm_t (N, ...), N >= 2.
+    fm_s (N, ...), fm_t (N, ...), N >= 2. global_batch=True: fm_* (n_r, ...) on rank r,
+    N = sum n_r; rank r computes the rows of G^ of its samples, (n_r, N) (each row is
+    normalised by itself).
     """
-    _relational_pair(fm_s, fm_t, "fm_s", "fm_t", min_ndim=2)
-    return _run("sp", fm_s, fm_t)
+    shard = _relational_pair(fm_s, fm_t, "fm_s", "fm_t", global_batch, group, min_ndim=2)
+    return _run("sp", fm_s, fm_t, shard=shard)
 
 
-def cc(feat_s, feat_t, gamma, P_order):
+def cc(feat_s, feat_t, gamma, P_order, *, global_batch=False, group=None):
     """CC: mse(K_s, K_t), K = sum_{p=0..P} e^{-2 gamma} (2 gamma)^p / p! S^p, S = x^ x^T
     with x^ the L2-normalised rows.
 
     feat_s (N, D_s), feat_t (N, D_t), N >= 2; gamma a number, P_order >= 0.
+    global_batch=True: feat_* (n_r, D_*) on rank r, N = sum n_r; rank r computes the rows of
+    K of its samples, (n_r, N).
     """
-    _relational_pair(feat_s, feat_t, "feat_s", "feat_t", ndim=2)
+    shard = _relational_pair(feat_s, feat_t, "feat_s", "feat_t", global_batch, group, ndim=2)
     gamma = checks.number(gamma, "gamma")
     P_order = checks.integer(P_order, "P_order")
-    return _run("cc", feat_s, feat_t, gamma, P_order)
+    return _run("cc", feat_s, feat_t, gamma, P_order, shard=shard)
 
 
 def _irg_check(irg_x, name):
@@ -370,7 +426,6 @@ def _irg_check(irg_x, name):
     checks.tensor(out, f"{name}[3] (out)", min_ndim=2)
     for i, x in enumerate(irg_x[1:], 1):
         checks.same_batch(fm1, x, f"{name}[0]", f"{name}[{i}]")
-    checks.min_batch(fm1, f"{name}[0] (fm1)")
     # The transformation pools fm1 to fm2's (H, W) when larger, and averages fm2's channels
     # in pairs when fm1 has fewer; then both must hold as many values per sample.
     c1, (h1, w1) = fm1.shape[1], (fm2.shape[2:] if fm1.shape[2] > fm2.shape[2] else fm1.shape[2:])
@@ -385,14 +440,16 @@ def _irg_check(irg_x, name):
                          f"hold as many values per sample after pooling fm1 and halving fm2's channels")
 
 
-def irg(irg_s, irg_t, w_irg_vert, w_irg_edge, w_irg_tran):
+def irg(irg_s, irg_t, w_irg_vert, w_irg_edge, w_irg_tran, *, global_batch=False, group=None):
     """IRG: w_vert * mse(out_s, out_t) + w_edge * edge + w_tran * transformation.
 
     irg_s, irg_t: sequences (fm1, fm2, feat, out) of the student and the teacher, batch N >= 2.
     edge = mean over (feat, fm1, fm2) of mse(E_s, E_t), E(x) = pdist2(flat x) / max;
     transformation = mse(T_s, T_t), T_i = |fm1_i - fm2_i|^2 / max
     (fastkd.reference.irg.transformation: pooling and channel pairing). A term
-    whose weight is 0 is skipped.
+    whose weight is 0 is skipped. global_batch=True: every tensor (n_r, ...) on rank r,
+    N = sum n_r; rank r computes its rows of each E, (n_r, N), and T of its samples, with
+    each max(pdist2) and max(d) all-reduced; the vertex mse is a mean over all N samples.
     """
     _irg_check(irg_s, "irg_s")
     _irg_check(irg_t, "irg_t")
@@ -400,6 +457,7 @@ def irg(irg_s, irg_t, w_irg_vert, w_irg_edge, w_irg_tran):
                           for i, x in enumerate(seq)})
     checks.same_batch(irg_s[0], irg_t[0], "irg_s[0]", "irg_t[0]")
     checks.same_shape(irg_s[3], irg_t[3], "irg_s[3] (out)", "irg_t[3] (out)")
+    shard = _shard(irg_s[0], "irg_s[0] (fm1)", global_batch, group)
     weights = {name: checks.number(w, name) for name, w in
                (("w_irg_vert", w_irg_vert), ("w_irg_edge", w_irg_edge), ("w_irg_tran", w_irg_tran))}
     parts = {"w_irg_vert": ("irg_vertex", (irg_s[3], irg_t[3])),
@@ -408,7 +466,7 @@ def irg(irg_s, irg_t, w_irg_vert, w_irg_edge, w_irg_tran):
     loss = 0.0
     for name, (op, args) in parts.items():
         if weights[name] != 0:
-            loss = loss + weights[name] * _call(op, irg_s[0].device, *args)
+            loss = loss + weights[name] * _call(op, irg_s[0].device, *args, shard=shard)
     if not isinstance(loss, torch.Tensor):
         loss = sum(x.sum() for x in (*irg_s, *irg_t)) * 0.0
     return loss

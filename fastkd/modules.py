@@ -5,6 +5,11 @@ arguments, attributes, helper methods, submodules and state_dict keys are the
 reference's (CRD adds its normalisers Z once its first call has fixed them), and
 replaces only forward with a call to fastkd.functional, which checks the inputs and
 dispatches to the fastest implementation.
+
+The relational losses (PKTCosSim, RKD, SP, CC, IRG) take keyword-only constructor arguments
+``global_batch=False, group=None`` besides the collection's, kept as attributes: with
+global_batch=True each call is the loss of every rank's batch of a torch.distributed job
+(fastkd.functional's module docstring).
 """
 import torch
 
@@ -129,36 +134,59 @@ class LwM(reference.LwM):
 class PKTCosSim(reference.PKTCosSim):
     """KL between the cosine-similarity conditional probabilities; feat_* (N, D_*)."""
 
+    def __init__(self, *, global_batch=False, group=None):
+        super().__init__()
+        self.global_batch, self.group = global_batch, group
+
     def forward(self, feat_s, feat_t, eps=1e-6):
-        return F.pkt_cos_sim(feat_s, feat_t, eps)
+        return F.pkt_cos_sim(feat_s, feat_t, eps, global_batch=self.global_batch, group=self.group)
 
 
 class RKD(reference.RKD):
     """w_dist * distance term + w_angle * angle term; feat_* (N, D_*), N >= 2."""
 
+    def __init__(self, w_dist, w_angle, *, global_batch=False, group=None):
+        super().__init__(w_dist, w_angle)
+        self.global_batch, self.group = global_batch, group
+
     def forward(self, feat_s, feat_t):
-        return F.rkd(feat_s, feat_t, self.w_dist, self.w_angle)
+        return F.rkd(feat_s, feat_t, self.w_dist, self.w_angle, global_batch=self.global_batch,
+                     group=self.group)
 
 
 class SP(reference.SP):
     """mse of the row-normalised batch similarity matrices; fm_* (N, ...)."""
 
+    def __init__(self, *, global_batch=False, group=None):
+        super().__init__()
+        self.global_batch, self.group = global_batch, group
+
     def forward(self, fm_s, fm_t):
-        return F.sp(fm_s, fm_t)
+        return F.sp(fm_s, fm_t, global_batch=self.global_batch, group=self.group)
 
 
 class CC(reference.CC):
     """mse of the Taylor-expanded RBF correlation matrices; feat_* (N, D_*)."""
 
+    def __init__(self, gamma, P_order, *, global_batch=False, group=None):
+        super().__init__(gamma, P_order)
+        self.global_batch, self.group = global_batch, group
+
     def forward(self, feat_s, feat_t):
-        return F.cc(feat_s, feat_t, self.gamma, self.P_order)
+        return F.cc(feat_s, feat_t, self.gamma, self.P_order, global_batch=self.global_batch,
+                    group=self.group)
 
 
 class IRG(reference.IRG):
     """Vertex, edge and transformation terms; irg_* = (fm1, fm2, feat, out)."""
 
+    def __init__(self, w_irg_vert, w_irg_edge, w_irg_tran, *, global_batch=False, group=None):
+        super().__init__(w_irg_vert, w_irg_edge, w_irg_tran)
+        self.global_batch, self.group = global_batch, group
+
     def forward(self, irg_s, irg_t):
-        return F.irg(irg_s, irg_t, self.w_irg_vert, self.w_irg_edge, self.w_irg_tran)
+        return F.irg(irg_s, irg_t, self.w_irg_vert, self.w_irg_edge, self.w_irg_tran,
+                     global_batch=self.global_batch, group=self.group)
 
 
 @torch.no_grad()

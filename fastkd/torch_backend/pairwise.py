@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from ..common import (first_order, result_dtype, squared_distances_from_gram, transformation_pool,
                       zero_row_sums)
+from ..distributed import all_gather_rows, all_reduce_max, all_reduce_sum
 
 # (anchors per block) * N^2 entries of the angle term held at once.
 _ANGLE_BLOCK_ENTRIES = 1 << 20
@@ -58,20 +59,27 @@ def centred64(x):
     return x - x.mean(dim=0)
 
 
-def squared_distances(x):
+def squared_distances(x, rows=None):
     """E (N, N) float64, E_ab = |x_a - x_b|^2 summed over the difference vector itself (never
-    G_aa + G_bb - 2 G_ab); exactly symmetric, exactly 0 on the diagonal and for equal rows."""
+    G_aa + G_bb - 2 G_ab); exactly symmetric, exactly 0 on the diagonal and for equal rows.
+    rows (a slice): only those rows of E, (n, N), each entry as in the whole matrix."""
     x = x.reshape(x.size(0), -1).to(torch.float64)
-    return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").square_()
+    return torch.cdist(x if rows is None else x[rows], x,
+                       compute_mode="donot_use_mm_for_euclid_dist").square_()
 
 
-def gram_squared_distances(x):
+def gram_squared_distances(x, rows=None):
     """E (N, N) float64 from the Gram matrix of the centred float64 rows (a matrix product,
     far faster than squared_distances for wide rows): for IRG's edges, see
-    fastkd.common.squared_distances_from_gram."""
+    fastkd.common.squared_distances_from_gram. rows (a slice lo:hi): only those rows of E,
+    (n, N), E_ab = |x_a|^2 + |x_b|^2 - 2 x_a.x_b alike, 0 at b = a."""
     xc = centred64(x)
-    g = xc @ xc.t()
-    return squared_distances_from_gram((g + g.t()) * 0.5)
+    if rows is None:
+        g = xc @ xc.t()
+        return squared_distances_from_gram((g + g.t()) * 0.5)
+    sq = torch.linalg.vecdot(xc, xc)
+    e = (sq[rows].unsqueeze(1) + sq.unsqueeze(0)) - 2 * (xc[rows] @ xc.t())
+    return _off_diagonal(e, rows.start)
 
 
 def distance_grad(xc, w):
@@ -103,8 +111,13 @@ class SquaredDistanceLoss(torch.autograd.Function):
                   for x, g, needed in zip((x_s, x_t), w, ctx.needs_input_grad)), None, None)
 
 
-def _off_diagonal(p):
-    return p * (1 - torch.eye(len(p), dtype=p.dtype, device=p.device))
+def _off_diagonal(p, lo=0):
+    """p (n, N) with the entries (i, lo + i) set to 0: the diagonal of the whole (N, N)
+    matrix when p holds its rows lo:lo + n."""
+    eye = torch.eye(*p.shape, dtype=p.dtype, device=p.device)
+    if lo:
+        eye = eye.roll(lo, dims=1)
+    return p * (1 - eye)
 
 
 # --- RKD distance -------------------------------------------------------------
@@ -141,9 +154,11 @@ def _angle_block(e, lo, hi):
     return a, inv
 
 
-def _anchor_blocks(n):
+def _anchor_blocks(n, first=0, end=None):
+    """Blocks (lo, hi) of the anchors first:end (all N by default) of an (N, N) E."""
     c = max(1, _ANGLE_BLOCK_ENTRIES // (n * n))
-    return [(lo, min(lo + c, n)) for lo in range(0, n, c)]
+    end = n if end is None else end
+    return [(lo, min(lo + c, end)) for lo in range(first, end, c)]
 
 
 def _angle_grad_block(a, inv, dead, u, sign, lo, hi, w, z):
@@ -171,10 +186,11 @@ def _angle_grad_block(a, inv, dead, u, sign, lo, hi, w, z):
         # Z_ii += sum_j s_ij: left to zero_row_sums.
 
 
-def _angle_term(e_s, e_t, needs):
+def _angle_term(e_s, e_t, needs, anchors=(0, None)):
     """(N^3 * loss, sides) of the angle term from E: sides[i] = (W, Z or None) (N, N) for a
     side that needs a gradient (else None), with N^3 dL/dX = 2 sum_b (W_ab + W_ba)(x_a - x_b)
-    + Z X (_angle_grad_block)."""
+    + Z X (_angle_grad_block). anchors (first, end): only the angles at those anchors
+    (first:end; end None for N), and their share of the gradient."""
     n = len(e_s)
     total = e_s.new_zeros(())
     # Per side that needs a gradient: (E, W, Z or None when no pair of rows is closer than
@@ -185,7 +201,7 @@ def _angle_term(e_s, e_t, needs):
               torch.zeros_like(e) if torch.compiler.is_compiling()
               or int((e < _NORM_EPS ** 2).sum()) > n else None)
              if needed else None for e, needed in zip((e_s, e_t), needs)]
-    for lo, hi in _anchor_blocks(n):
+    for lo, hi in _anchor_blocks(n, *anchors):
         a_s, inv_s = _angle_block(e_s, lo, hi)
         a_t, inv_t = _angle_block(e_t, lo, hi)
         total += F.smooth_l1_loss(a_s, a_t, reduction="sum")
@@ -225,10 +241,15 @@ class RKDAngle(torch.autograd.Function):
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        feat_s, feat_t, w_s, z_s, w_t, z_t = ctx.saved_tensors
-        scale = grad_out.to(torch.float64) / len(feat_s) ** 3
-        return tuple(None if w is None else (_rows_grad(x, w, z) * scale).reshape(x.shape).to(x.dtype)
-                     for x, w, z in ((feat_s, w_s, z_s), (feat_t, w_t, z_t)))
+        return _angle_grads(ctx.saved_tensors, grad_out)
+
+
+def _angle_grads(saved, grad_out):
+    """RKDAngle's input gradients from what its forward saved: (X_s, X_t, W_s, Z_s, W_t, Z_t)."""
+    feat_s, feat_t, w_s, z_s, w_t, z_t = saved
+    scale = grad_out.to(torch.float64) / len(feat_s) ** 3
+    return tuple(None if w is None else (_rows_grad(x, w, z) * scale).reshape(x.shape).to(x.dtype)
+                 for x, w, z in ((feat_s, w_s, z_s), (feat_t, w_t, z_t)))
 
 
 def rkd_angle(feat_s, feat_t):
@@ -282,23 +303,28 @@ def _working(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _sp_similarity(fm, rows=slice(None)):
+    """normalize(G, dim=1), G = flat(f) flat(f)^T, the rows `rows` of it (all by default)."""
+    g = _working(fm.reshape(fm.size(0), -1))
+    return F.normalize(g[rows] @ g.t(), dim=1)
+
+
 def sp(fm_s, fm_t):
     """mse(normalize(G_s, dim=1), normalize(G_t, dim=1)), G = flat(f) flat(f)^T, with the
     reference's operations."""
-    h = [F.normalize(g @ g.t(), dim=1) for g in
-         (_working(f.reshape(f.size(0), -1)) for f in (fm_s, fm_t))]
-    return F.mse_loss(h[0], h[1]).to(result_dtype(fm_s, fm_t))
+    return F.mse_loss(_sp_similarity(fm_s), _sp_similarity(fm_t)).to(result_dtype(fm_s, fm_t))
 
 
-def _pkt_cond_prob(x, eps):
+def _pkt_cond_prob(x, eps, rows=slice(None)):
     """P = C' / rowsum(C'), C' = (x^ x^T + 1) / 2, x^ = x / (||x|| + eps), NaN -> 0 as the
     reference; the norm's square is clamped at the smallest normal number, so a zero row has
-    the same x^ = 0 but a finite gradient (the reference's sqrt at 0 gives an infinite one)."""
+    the same x^ = 0 but a finite gradient (the reference's sqrt at 0 gives an infinite one).
+    The rows `rows` of P (all by default)."""
     x = _working(x)
     sq = torch.sum(x ** 2, dim=1, keepdim=True)
     x = x / (torch.sqrt(sq.clamp(min=torch.finfo(sq.dtype).tiny)) + eps)
     x = torch.where(torch.isnan(x), torch.zeros_like(x), x)
-    cos = (x @ x.t() + 1.0) / 2.0
+    cos = (x[rows] @ x.t() + 1.0) / 2.0
     return cos / cos.sum(dim=1, keepdim=True)
 
 
@@ -309,11 +335,11 @@ def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
     return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps))).to(result_dtype(feat_s, feat_t))
 
 
-def _cc_correlation(x, gamma, P_order):
+def _cc_correlation(x, gamma, P_order, rows=slice(None)):
     """K = sum_{p<=P} e^{-2 gamma} (2 gamma)^p / p! S^p, S the cosines of F.normalize'd rows
-    (finite gradient at a zero row)."""
+    (finite gradient at a zero row); the rows `rows` of K (all by default)."""
     x = F.normalize(_working(x), p=2, dim=-1)
-    sim = x @ x.t()
+    sim = x[rows] @ x.t()
     corr = torch.zeros_like(sim)
     for p in range(P_order + 1):
         corr = corr + math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * torch.pow(sim, p)
@@ -342,17 +368,22 @@ def irg_edge(irg_s, irg_t):
 
 # --- IRG transformation -----------------------------------------------------------------
 
-def _transformation(fm1, fm2):
-    """T = d' / max(d') (N,), d' = max(d, 1e-12), d_i = |a_i - b'_i|^2: a = fm1 pooled to
-    fm2's (H, W) when larger, b' = fm2's channels averaged in pairs when a has fewer,
-    paired by flat index. One reduction over each sample's values, summed in float64."""
+def _transformation_distances(fm1, fm2):
+    """d' = max(d, 1e-12) (N,) float64, d_i = |a_i - b'_i|^2: a = fm1 pooled to fm2's (H, W)
+    when larger, b' = fm2's channels averaged in pairs when a has fewer, paired by flat
+    index. One reduction over each sample's values, summed in float64."""
     fm1 = transformation_pool(fm1, fm2)
     if fm1.size(1) < fm2.size(1):
         # In place on the sum: one (N, C2 / 2, H, W) temporary instead of two.
         fm2 = torch.add(fm2[:, 0::2], fm2[:, 1::2]).mul_(0.5)
     n = fm1.size(0)
     diff = fm1.reshape(n, -1).to(torch.float64) - fm2.reshape(n, -1).to(torch.float64)
-    d = torch.linalg.vecdot(diff, diff).clamp(min=1e-12)
+    return torch.linalg.vecdot(diff, diff).clamp(min=1e-12)
+
+
+def _transformation(fm1, fm2):
+    """T = d' / max(d') (N,), d' of _transformation_distances."""
+    d = _transformation_distances(fm1, fm2)
     return d / d.max()
 
 
@@ -360,3 +391,163 @@ def irg_transformation(irg_s, irg_t):
     """mse(T(fm1_s, fm2_s), T(fm1_t, fm2_t)); irg_* = (fm1, fm2, feat, out)."""
     loss = F.mse_loss(_transformation(irg_s[0], irg_s[1]), _transformation(irg_t[0], irg_t[1]))
     return loss.to(result_dtype(*irg_s[:2], *irg_t[:2]))
+
+
+# --- Global batch: each rank computes the relation rows of its own samples -------------
+# With global_batch=True (fastkd.functional) the batch is the concatenation X (N, D) of every
+# rank's rows in rank order, and this rank's samples are the rows lo:hi of it. Each function
+# below gathers X (fastkd.distributed.all_gather_rows), computes only the rows lo:hi of the
+# (N, N) relations (for RKD's angle, the anchors lo:hi), combines global statistics (means,
+# maxima) with differentiable all-reduces, and returns all_reduce_sum of its part: the loss
+# of the whole batch on every rank, with W times this rank's share of the gradient
+# (fastkd/distributed.py says why DistributedDataParallel's average then gives the
+# single-process gradient). Work and memory per rank: (n, N) relations, n N^2 angles (the
+# angle term also holds E (N, N), as one anchor's angles do). The same numerics as above:
+# exact squared distances for RKD, centred Gram rows for IRG's edges, the reference's
+# operations for SP, PKT and CC. Used by the torch and triton backends alike (the Triton
+# kernels take whole square batches).
+
+def distance_grad_rows(xc, w, lo):
+    """dL/dX (N, D) float64 from W = dL/dE (n, N) of the rows lo:lo + n of E: row a of them
+    gets 2 sum_b W_ab (x_a - x_b), every row b gets 2 sum_a W_ab (x_b - x_a); xc the centred
+    rows, as in distance_grad (W square, lo 0, is distance_grad's case)."""
+    own = xc[lo:lo + len(w)]
+    g = 2 * (w.sum(dim=0).unsqueeze(1) * xc - w.t() @ own)
+    g[lo:lo + len(w)] += 2 * (w.sum(dim=1, keepdim=True) * own - w @ xc)
+    return g
+
+
+class RowSquaredDistances(torch.autograd.Function):
+    """E[lo:hi] (n, N) float64 of the rows X (N, ...) by `distances` (squared_distances or
+    gram_squared_distances, rows=slice(lo, hi)); backward maps dL/dE onto X with
+    distance_grad_rows, from the centred rows, as SquaredDistanceLoss does."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi, distances):
+        ctx.save_for_backward(x)
+        ctx.lo = lo
+        return distances(x, slice(lo, hi))
+
+    @staticmethod
+    @first_order
+    def backward(ctx, w):
+        x, = ctx.saved_tensors
+        grad = distance_grad_rows(centred64(x), w.to(torch.float64), ctx.lo)
+        return grad.reshape(x.shape).to(x.dtype), None, None, None
+
+
+def _gather(x, group, sizes):
+    """(X, rows): every rank's x concatenated (differentiable), and this rank's rows of it."""
+    full, lo = all_gather_rows(x, group, sizes)
+    return full, slice(lo, lo + x.shape[0])
+
+
+def _rkd_distance_rows(e_s, e_t, lo, group):
+    """This rank's part of _rkd_distance_of from the rows lo:lo + n of E (n, N): the means
+    of the N(N-1) distances off the diagonal all-reduced, smooth_l1 summed over the rows,
+    divided by N^2."""
+    n = e_s.shape[1]
+    d_s, d_t = (_off_diagonal(e.clamp(min=1e-12).sqrt(), lo) for e in (e_s, e_t))
+    means = all_reduce_sum(torch.stack([d_s.sum(), d_t.sum()]), group) / (n * (n - 1))
+    return F.smooth_l1_loss(d_s / means[0], d_t / means[1], reduction="sum") / n ** 2
+
+
+def _rkd_distance_part(feat_s, feat_t, group, sizes):
+    (x_s, rows), (x_t, _) = _gather(feat_s, group, sizes), _gather(feat_t, group, sizes)
+    e_s, e_t = (RowSquaredDistances.apply(x, rows.start, rows.stop, squared_distances) for x in (x_s, x_t))
+    return _rkd_distance_rows(e_s, e_t, rows.start, group)
+
+
+class RKDAngleRows(torch.autograd.Function):
+    """This rank's part of RKDAngle: the N^2 angles at each anchor lo:hi of X (N, D) over N^3,
+    from E (N, N) gathered from every rank's rows; float64. The gradient (W, Z) reaches
+    every row of X; backward as RKDAngle's."""
+
+    @staticmethod
+    def forward(ctx, x_s, x_t, lo, hi, group, sizes):
+        with torch.no_grad():
+            e_s, e_t = (all_gather_rows(squared_distances(x, slice(lo, hi)), group, sizes)[0]
+                        for x in (x_s, x_t))
+        total, sides = _angle_term(e_s, e_t, ctx.needs_input_grad[:2], (lo, hi))
+        ctx.save_for_backward(x_s, x_t, *(t for side in sides for t in (side or (None, None))))
+        return total / len(e_s) ** 3
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_out):
+        return (*_angle_grads(ctx.saved_tensors, grad_out), None, None, None, None)
+
+
+def _rkd_angle_part(feat_s, feat_t, group, sizes):
+    (x_s, rows), (x_t, _) = _gather(feat_s, group, sizes), _gather(feat_t, group, sizes)
+    return RKDAngleRows.apply(x_s, x_t, rows.start, rows.stop, group, sizes)
+
+
+def rkd_distance_global(feat_s, feat_t, *, group, sizes):
+    """rkd_distance over every rank's batch (sizes: their local batch sizes), sharded."""
+    return all_reduce_sum(_rkd_distance_part(feat_s, feat_t, group, sizes), group).to(feat_s.dtype)
+
+
+def rkd_angle_global(feat_s, feat_t, *, group, sizes):
+    """rkd_angle over every rank's batch, the anchors sharded."""
+    loss = all_reduce_sum(_rkd_angle_part(feat_s, feat_t, group, sizes), group)
+    return loss.to(result_dtype(feat_s, feat_t))
+
+
+def rkd_global(feat_s, feat_t, w_dist, w_angle, *, group, sizes):
+    """rkd over every rank's batch, sharded (each term forms this rank's rows of E)."""
+    loss = (w_dist * _rkd_distance_part(feat_s, feat_t, group, sizes)
+            + w_angle * _rkd_angle_part(feat_s, feat_t, group, sizes))
+    return all_reduce_sum(loss, group).to(result_dtype(feat_s, feat_t))
+
+
+def sp_global(fm_s, fm_t, *, group, sizes):
+    """sp over every rank's batch: this rank's rows of G^_s - G^_t."""
+    (f_s, rows), (f_t, _) = (_gather(f.reshape(f.size(0), -1), group, sizes) for f in (fm_s, fm_t))
+    n = f_s.shape[0]
+    part = F.mse_loss(_sp_similarity(f_s, rows), _sp_similarity(f_t, rows), reduction="sum") / n ** 2
+    return all_reduce_sum(part, group).to(result_dtype(fm_s, fm_t))
+
+
+def pkt_cos_sim_global(feat_s, feat_t, eps=1e-6, *, group, sizes):
+    """pkt_cos_sim over every rank's batch: this rank's rows of P (each row sums over all N)."""
+    (x_s, rows), (x_t, _) = _gather(feat_s, group, sizes), _gather(feat_t, group, sizes)
+    p_s, p_t = _pkt_cond_prob(x_s, eps, rows), _pkt_cond_prob(x_t, eps, rows)
+    part = torch.sum(p_t * torch.log((p_t + eps) / (p_s + eps))) / x_s.shape[0] ** 2
+    return all_reduce_sum(part, group).to(result_dtype(feat_s, feat_t))
+
+
+def cc_global(feat_s, feat_t, gamma, P_order, *, group, sizes):
+    """cc over every rank's batch: this rank's rows of K_s - K_t."""
+    (x_s, rows), (x_t, _) = _gather(feat_s, group, sizes), _gather(feat_t, group, sizes)
+    part = F.mse_loss(_cc_correlation(x_s, gamma, P_order, rows),
+                      _cc_correlation(x_t, gamma, P_order, rows), reduction="sum") / x_s.shape[0] ** 2
+    return all_reduce_sum(part, group).to(result_dtype(feat_s, feat_t))
+
+
+def irg_vertex_global(out_s, out_t, *, group, sizes):
+    """mse(out_s, out_t) over every rank's batch (a mean over all ranks' entries)."""
+    diff = _working(out_s) - _working(out_t)
+    part = diff.pow(2).sum() / (sum(sizes) * out_s[0].numel())
+    return all_reduce_sum(part, group).to(result_dtype(out_s, out_t))
+
+
+def irg_edge_global(irg_s, irg_t, *, group, sizes):
+    """irg_edge over every rank's batch: this rank's rows of each E, max(E) all-reduced."""
+    part = 0.0
+    for i in (2, 0, 1):
+        (x_s, rows), (x_t, _) = _gather(irg_s[i], group, sizes), _gather(irg_t[i], group, sizes)
+        p_s, p_t = (_off_diagonal(RowSquaredDistances.apply(x, rows.start, rows.stop, gram_squared_distances)
+                                  .clamp(min=1e-12), rows.start) for x in (x_s, x_t))
+        part = part + F.mse_loss(p_s / all_reduce_max(p_s, group), p_t / all_reduce_max(p_t, group),
+                                 reduction="sum") / x_s.shape[0] ** 2
+    return (all_reduce_sum(part, group) / 3.0).to(irg_s[2].dtype)
+
+
+def irg_transformation_global(irg_s, irg_t, *, group, sizes):
+    """irg_transformation over every rank's batch: per sample, so nothing is gathered; only
+    max(d') and the mean are global."""
+    d_s, d_t = _transformation_distances(irg_s[0], irg_s[1]), _transformation_distances(irg_t[0], irg_t[1])
+    part = F.mse_loss(d_s / all_reduce_max(d_s, group), d_t / all_reduce_max(d_t, group),
+                      reduction="sum") / sum(sizes)
+    return all_reduce_sum(part, group).to(result_dtype(*irg_s[:2], *irg_t[:2]))
