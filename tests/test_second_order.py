@@ -24,6 +24,13 @@ def _inputs(op):
         tensors, _, need, call = losses.OPS[op](torch.Generator().manual_seed(3), CASE)
         leaves = [x.detach().requires_grad_(i in need) for i, x in enumerate(tensors)]
         return leaves, [leaves[i] for i in need], call
+    if op == "fused_linear_soft_target":  # student hidden states and head weight need grad
+        g = torch.Generator().manual_seed(3)
+        h, W = (torch.randn(5, 4, generator=g, dtype=torch.float64).requires_grad_(),
+                torch.randn(7, 4, generator=g, dtype=torch.float64).requires_grad_())
+        z_t, labels = torch.randn(5, 7, generator=g, dtype=torch.float64), torch.tensor([0, 3, -100, 6, 2])
+        return [h, W], [h, W], lambda impl, xs: impl(xs[0], xs[1], None, None, labels, None, None, z_t,
+                                                    None, None, 2.0, "batchmean", -100, 0.5, 2)
     s, t = rows(5, 8, "spread", 3), rows(5, 9, "spread", 4)
     leaves = [s.requires_grad_(), t.requires_grad_()]
     return leaves, leaves, lambda impl, xs: pairwise.OPS[op](impl, *xs)
