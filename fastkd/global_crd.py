@@ -177,7 +177,7 @@ def forward(crd, feat_s, feat_t, idx, sample_idx):
     # The loss has read the banks as they were before this step; now commit everywhere.
     rows, _ = distributed.all_gather_rows(torch.cat([rows_s, rows_t], 1), group, sizes)
     every_idx, _ = distributed.all_gather_rows(idx, group, sizes)
-    _commit(mem, z_s, z_t, every_idx, *rows.split(rows_s.shape[1], 1))
+    modules.commit_state(mem, z_s, z_t, every_idx, *rows.split(rows_s.shape[1], 1))
     return loss
 
 
@@ -224,14 +224,6 @@ def _sharded(crd, feat_s, feat_t, e_s, e_t, idx, sample_idx, sizes, batch, rank,
             + _OwnedContrast.apply(every_t, mem.memory_s, b, cols, positive, mem.T, z_t, noise,
                                    crd.criterion_t.eps, batch))
     loss = distributed.all_reduce_sum(part, group)
-    _commit(mem, z_s, z_t, local_idx, rows_s, rows_t)
+    modules.commit_state(mem, z_s, z_t, local_idx, rows_s, rows_t)
     return loss
 
-
-def _commit(mem, z_s, z_t, idx, rows_s, rows_t):
-    if mem.Z_s is None:
-        mem.Z_s = z_s
-    if mem.Z_t is None:
-        mem.Z_t = z_t
-    mem.memory_s.index_copy_(0, idx, rows_s)
-    mem.memory_t.index_copy_(0, idx, rows_t)

@@ -204,6 +204,16 @@ def _momentum_rows(memory, embed, idx, momentum):
     return torch.nn.functional.normalize(rows, p=2, dim=1).to(memory.dtype)
 
 
+def commit_state(mem, z_s, z_t, idx, rows_s, rows_t):
+    """CRD's one state change, after every check: Z where not yet fixed, then the bank rows."""
+    if mem.Z_s is None:
+        mem.Z_s = z_s
+    if mem.Z_t is None:
+        mem.Z_t = z_t
+    mem.memory_s.index_copy_(0, idx, rows_s)
+    mem.memory_t.index_copy_(0, idx, rows_t)
+
+
 def _all_true(flag):
     """bool(flag): on CUDA a host sync, CRD's one per call, on purpose (a failing call must
     raise before anything is written). fastkd.kernels.resources, which fails on host syncs,
@@ -311,12 +321,7 @@ class CRD(reference.CRD):
         loss = (F.crd_contrast(e_s, mem.memory_t, sample_idx, mem.T, z_s, n_data, self.criterion_s.eps)
                 + F.crd_contrast(e_t, mem.memory_s, sample_idx, mem.T, z_t, n_data, self.criterion_t.eps))
         # The loss has read the banks as they were before this batch; now commit.
-        if mem.Z_s is None:
-            mem.Z_s = z_s
-        if mem.Z_t is None:
-            mem.Z_t = z_t
-        mem.memory_s.index_copy_(0, idx, rows_s)
-        mem.memory_t.index_copy_(0, idx, rows_t)
+        commit_state(mem, z_s, z_t, idx, rows_s, rows_t)
         return loss
 
     def _checked(self, feat_s, feat_t, idx, sample_idx, n_data):
