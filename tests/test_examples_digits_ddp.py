@@ -1,0 +1,106 @@
+"""The digits example data-parallel: 2 gloo processes (CPU) train as one process does.
+
+A spawned job trains the teacher and a few students on 2 ranks, each on its half of every
+global batch; the loss trajectories (each step's loss of the global batch) must be one
+process's on the same batches, to float32 rounding: a plain method (AT, SoftTarget), the
+batch-relational RKD (global_batch=True), CRD (global batch, one memory) and FSP (a staged
+method, some parameters left out of each stage). The command line runs with --nproc 2.
+"""
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytest.importorskip("sklearn")
+
+from fastkd.examples import digits  # noqa: E402
+
+METHODS = ["SoftTarget", "AT", "RKD", "CRD", "FSP"]
+TEACHER_CFG = digits.Config(epochs=2, batch_size=32, steps_per_epoch=4, progress=False)
+STUDENT_CFG = digits.Config(epochs=2, batch_size=32, steps_per_epoch=3, progress=False)
+
+
+def _losses():
+    """{name: loss trajectory} of the teacher and each method, in this process (one process,
+    or a rank of the initialised job)."""
+    data = digits.Digits("cpu")
+    run = digits.setup_seed(data, TEACHER_CFG, seed=0)
+    out = {"Teacher": digits.train_teacher(run).losses}
+    run = dataclasses.replace(run, cfg=STUDENT_CFG)
+    for name in METHODS:
+        out[name] = digits.train_student(run, name).losses
+    return out
+
+
+def _worker(rank, world, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    torch.save(_losses(), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # every rank done before any tears down its connections
+    dist.destroy_process_group()
+
+
+def test_two_processes_train_as_one(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = _losses()
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_worker, args=(2, digits.free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0] == ranks[1]  # every rank records the global batch's losses
+    for name, expected in one.items():
+        got = torch.tensor(ranks[0][name])
+        assert got.shape == (len(expected),) and len(expected) >= 6, name
+        torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_command_line_with_two_processes(tmp_path):
+    out_json = tmp_path / "digits.json"
+    cmd = [sys.executable, "-m", "fastkd.examples.digits", "--nproc", "2", "--device", "cpu",
+           "--methods", "RKD", "SoftTarget", "--epochs", "1", "--steps-per-epoch", "2",
+           "--batch-size", "16", "--no-progress", "--json", str(out_json)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert out.count("digits: ") == 1 and "on 2 processes (cpu)" in out  # rank 0 alone prints
+    for name in ("Teacher", "Baseline", "RKD", "SoftTarget"):
+        assert f"\n{name} " in out
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["Teacher", "Baseline", "RKD", "SoftTarget"]
+    assert all(r["finite_losses"] for r in rows)
+
+
+def test_data_parallel_options(monkeypatch, capsys):
+    for argv, message in (
+            (["--nproc", "0"], "--nproc must be >= 1"),
+            (["--nproc", "3", "--batch-size", "64"], "--batch-size 64 must be divisible"),
+            (["--nproc", "2", "--methods", "RKD", "BSS", "DML"], "BSS (it picks"),
+    ):
+        with pytest.raises(SystemExit):
+            digits.parse_args(argv)
+        assert message in capsys.readouterr().err
+    # 'all' keeps the methods that train data-parallel, and says which it leaves out.
+    args = digits.parse_args(["--nproc", "2"])
+    refused = [n for n in digits.METHODS if digits.METHODS[n].not_data_parallel]
+    assert refused == ["FT", "Sobolev", "BSS", "LwM", "DML"]
+    assert args.methods == [n for n in digits.METHODS if n not in refused]
+    assert "leaving out FT, Sobolev, BSS, LwM, DML" in capsys.readouterr().err
+    # Under torchrun the launcher gives the processes.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        digits.parse_args(["--nproc", "2"])
+    assert "leave --nproc out" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="BSS cannot train data-parallel"):
+        run = digits.Run(None, STUDENT_CFG, 0, None, {}, {}, world=2)
+        digits.train(run, "BSS", digits.BSS, None, {})
