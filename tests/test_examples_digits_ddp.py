@@ -4,7 +4,8 @@ A spawned job trains the teacher and a few students on 2 ranks, each on its half
 global batch; the loss trajectories (each step's loss of the global batch) must be one
 process's on the same batches, to float32 rounding: a plain method (AT, SoftTarget), the
 batch-relational RKD (global_batch=True), CRD (global batch, one memory) and FSP (a staged
-method, some parameters left out of each stage). The command line runs with --nproc 2.
+method, some parameters left out of each stage). The command line runs with --nproc 2
+and under torchrun.
 """
 import dataclasses
 import datetime
@@ -12,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ pytest.importorskip("sklearn")
 
 from fastkd.examples import digits  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]  # where python -m finds this checkout's fastkd
 METHODS = ["SoftTarget", "AT", "RKD", "CRD", "FSP"]
 TEACHER_CFG = digits.Config(epochs=2, batch_size=32, steps_per_epoch=4, progress=False)
 STUDENT_CFG = digits.Config(epochs=2, batch_size=32, steps_per_epoch=3, progress=False)
@@ -65,12 +68,18 @@ def test_two_processes_train_as_one(tmp_path):
                                    msg=lambda m: f"{name}: {m}")
 
 
-def test_command_line_with_two_processes(tmp_path):
+@pytest.mark.parametrize("launch", [["--nproc", "2"], ["torchrun"]], ids=["--nproc 2", "torchrun"])
+def test_command_line_with_two_processes(tmp_path, launch):
     out_json = tmp_path / "digits.json"
-    cmd = [sys.executable, "-m", "fastkd.examples.digits", "--nproc", "2", "--device", "cpu",
-           "--methods", "RKD", "SoftTarget", "--epochs", "1", "--steps-per-epoch", "2",
-           "--batch-size", "16", "--no-progress", "--json", str(out_json)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    example = ["-m", "fastkd.examples.digits", "--device", "cpu", "--methods", "RKD", "SoftTarget",
+               "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "--no-progress",
+               "--json", str(out_json)]
+    if launch == ["torchrun"]:  # torchrun --nproc_per_node 2 -m fastkd.examples.digits ...
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] + example
+    else:
+        cmd = [sys.executable] + example + launch
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert out.count("digits: ") == 1 and "on 2 processes (cpu)" in out  # rank 0 alone prints
