@@ -2,7 +2,8 @@
 
     python -m fastkd.examples.digits [--methods AT RKD ...] [--epochs 30] [--seeds 0 1 2]
                                      [--batch-size 64] [--backend auto] [--device cpu]
-                                     [--json results.json] [--plot accuracy.png]
+                                     [--json results.json] [--plot accuracy.png] [--nproc N]
+    torchrun --nproc_per_node N -m fastkd.examples.digits ...
 
 For each seed: trains the teacher (Baseline), the student alone (Baseline), then
 one student per method from the same initial weights, the same batches and the
@@ -33,6 +34,21 @@ loss weights; the collection's 200-epoch schedules are scaled to --epochs:
 The student is thinner than the teacher, so Hint, AB, FSP and AFD, which
 compare maps channel by channel, read the student's maps through a 1x1 conv +
 BN connector trained with it (the collection pairs equal-width ResNets).
+
+Data-parallel (--nproc N > 1 starts N processes, gloo on CPU or nccl on cuda:0..N-1; or
+torchrun, read from RANK, WORLD_SIZE, LOCAL_RANK): every rank draws the same global batches
+as one process (--batch-size, which N must divide) and trains on its rows, with the student
+and the method's modules in DistributedDataParallel. So that the training is one process's
+on the global batch: batch norm normalises with the global batch's statistics
+(GlobalBatchNorm); RKD, SP, PKTCosSim, CC, IRG and CRD are built with global_batch=True
+(CRD's negatives are drawn for the whole batch, as one process draws them); the recorded
+losses are the global batch's (the mean of the ranks'). The other methods (Logits,
+SoftTarget, AT, Hint, NST, VID, OFD, AFD, and AB and FSP with their initialisation stage)
+are per-sample means and need nothing more. Five are refused: FT (its paraphraser's own
+stage), BSS (attack selection over the whole batch), DML (the peer's own optimizer), and
+Sobolev and LwM (they differentiate through the shared batch-norm statistics, whose
+collectives have no second derivative); named, they are an error, and 'all' leaves them
+out. Only rank 0 prints and writes. Without --nproc, or with 1, nothing of this runs.
 """
 import argparse
 import importlib.util
