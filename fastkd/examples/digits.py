@@ -43,12 +43,12 @@ on the global batch: batch norm normalises with the global batch's statistics
 (GlobalBatchNorm); RKD, SP, PKTCosSim, CC, IRG and CRD are built with global_batch=True
 (CRD's negatives are drawn for the whole batch, as one process draws them); the recorded
 losses are the global batch's (the mean of the ranks'). The other methods (Logits,
-SoftTarget, AT, Hint, NST, VID, OFD, AFD, and AB and FSP with their initialisation stage)
-are per-sample means and need nothing more. Five are refused: FT (its paraphraser's own
-stage), BSS (attack selection over the whole batch), DML (the peer's own optimizer), and
-Sobolev and LwM (they differentiate through the shared batch-norm statistics, whose
-collectives have no second derivative); named, they are an error, and 'all' leaves them
-out. Only rank 0 prints and writes. Without --nproc, or with 1, nothing of this runs.
+SoftTarget, AT, Hint, NST, VID, AFD, and AB and FSP with their initialisation stage) are
+per-sample means and need nothing more. Six are refused: FT (its paraphraser's own stage),
+BSS (attack selection over the whole batch), OFD (its margin is a statistic of the batch's
+teacher map, taken over the local rows), DML (the peer's own optimizer), and Sobolev and
+LwM (they differentiate through the shared batch-norm statistics, whose collectives have
+no second derivative); named, they are an error, and 'all' leaves them out. Only rank 0 prints and writes. Without --nproc, or with 1, nothing of this runs.
 """
 import argparse
 import importlib.util
@@ -625,6 +625,8 @@ class VID(Method):
 @method
 class OFD(Method):
     lambda_kd = 0.5
+    not_data_parallel = ("its margin is a statistic of the teacher's map over the batch, which "
+                         "fastkd.OFD would take over each process's rows alone")
 
     def __init__(self, run, student, teacher_channels):
         super().__init__(run, student, teacher_channels)
@@ -748,17 +750,21 @@ class GlobalBatchNorm(nn.BatchNorm2d):
         if not self.training:
             return super().forward(x)
         per_channel = lambda v: v[None, :, None, None]
-        count = x.new_tensor([x.numel() / x.shape[1]])
-        sums = all_reduce_sum(torch.cat([x.sum(dim=(0, 2, 3)), count]))
+        # float64 statistics, as torch's CPU batch norm accumulates them: float32 sums of
+        # different partial orders would move a channel of small variance visibly.
+        wide = x.double()
+        count = wide.new_tensor([x.numel() / x.shape[1]])
+        sums = all_reduce_sum(torch.cat([wide.sum(dim=(0, 2, 3)), count]))
         n = sums[-1]
         mean = sums[:-1] / n
-        centred = x - per_channel(mean)
+        centred = wide - per_channel(mean)
         var = all_reduce_sum((centred * centred).sum(dim=(0, 2, 3))) / n  # two passes: no cancellation
         with torch.no_grad():  # as nn.BatchNorm2d: momentum 0.1, the unbiased variance
             self.num_batches_tracked.add_(1)
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-        return centred * per_channel(torch.rsqrt(var + self.eps) * self.weight) + per_channel(self.bias)
+            self.running_mean.lerp_(mean.to(x.dtype), self.momentum)
+            self.running_var.lerp_((var * n / (n - 1)).to(x.dtype), self.momentum)
+        normalised = (centred * per_channel(torch.rsqrt(var + self.eps))).to(x.dtype)
+        return normalised * per_channel(self.weight) + per_channel(self.bias)
 
 
 def global_batch_norm(module):
