@@ -48,7 +48,8 @@ per-sample means and need nothing more. Six are refused: FT (its paraphraser's o
 BSS (attack selection over the whole batch), OFD (its margin is a statistic of the batch's
 teacher map, taken over the local rows), DML (the peer's own optimizer), and Sobolev and
 LwM (they differentiate through the shared batch-norm statistics, whose collectives have
-no second derivative); named, they are an error, and 'all' leaves them out. Only rank 0 prints and writes. Without --nproc, or with 1, nothing of this runs.
+no second derivative); named, they are an error, and 'all' leaves them out. Only rank 0
+prints and writes. Without --nproc, or with 1, nothing of this runs.
 """
 import argparse
 import importlib.util
@@ -1059,11 +1060,12 @@ def data_parallel_checks(p, args, world, all_methods):
                 + ". Run them without --nproc / torchrun")
     device = torch.device(args.device)
     if device.type == "cuda":
-        if args.nproc > 1 and device.index is not None:
-            p.error(f"--device {args.device} with --nproc: process r uses cuda:r; give --device cuda")
-        if torch.cuda.device_count() < world and args.nproc > 1:
-            p.error(f"--nproc {args.nproc} with --device cuda needs {args.nproc} GPUs; "
-                    f"torch sees {torch.cuda.device_count()}")
+        if device.index is not None:
+            p.error(f"--device {args.device} on {world} processes: each uses cuda:<its local rank>; "
+                    "give --device cuda")
+        if args.nproc > torch.cuda.device_count():
+            p.error(f"--nproc {args.nproc} with --device cuda needs {args.nproc} GPUs; torch sees "
+                    f"{torch.cuda.device_count()} (or use --device cpu)")
 
 
 def main(argv=None):
@@ -1094,6 +1096,9 @@ def run_rank(args, rank, world, local_rank, init_method):
     runs the example, and leaves it."""
     backend = "gloo"
     if torch.device(args.device).type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"local rank {local_rank} has no GPU: torch sees {torch.cuda.device_count()}; "
+                             "start at most that many processes a node, or use --device cpu")
         args.device = f"cuda:{local_rank}"
         torch.cuda.set_device(args.device)
         backend = "nccl"
