@@ -3,8 +3,8 @@
 A spawned job trains the teacher and a few students on 2 ranks, each on its half of every
 global batch; the loss trajectories (each step's loss of the global batch) must be one
 process's on the same batches, to float32 rounding: a plain method (AT, SoftTarget), the
-batch-relational RKD (global_batch=True), CRD (global batch, one memory) and FSP (a staged
-method, some parameters left out of each stage). The command line runs with --nproc 2
+batch-relational RKD (global_batch=True), CRD (global batch, one memory), FSP (a staged
+method, some parameters left out of each stage) and FT (its paraphraser's own stage). The command line runs with --nproc 2
 and under torchrun.
 """
 import dataclasses
@@ -25,7 +25,7 @@ pytest.importorskip("sklearn")
 from fastkd.examples import digits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]  # where python -m finds this checkout's fastkd
-METHODS = ["SoftTarget", "AT", "RKD", "CRD", "FSP"]
+METHODS = ["SoftTarget", "AT", "RKD", "CRD", "FSP", "FT"]
 TEACHER_CFG = digits.Config(epochs=2, batch_size=32, steps_per_epoch=4, progress=False)
 STUDENT_CFG = digits.Config(epochs=2, batch_size=32, steps_per_epoch=3, progress=False)
 
@@ -106,9 +106,9 @@ def test_data_parallel_options(monkeypatch, capsys):
     # 'all' keeps the methods that train data-parallel, and says which it leaves out.
     args = digits.parse_args(["--nproc", "2"])
     refused = [n for n in digits.METHODS if digits.METHODS[n].not_data_parallel]
-    assert refused == ["FT", "Sobolev", "BSS", "LwM", "OFD", "DML"]
+    assert refused == ["Sobolev", "BSS", "LwM", "OFD", "DML"]
     assert args.methods == [n for n in digits.METHODS if n not in refused]
-    assert "leaving out FT, Sobolev, BSS, LwM, OFD, DML" in capsys.readouterr().err
+    assert "leaving out Sobolev, BSS, LwM, OFD, DML" in capsys.readouterr().err
     # Under torchrun the launcher gives the processes.
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit):

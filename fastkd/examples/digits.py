@@ -44,12 +44,12 @@ on the global batch: batch norm normalises with the global batch's statistics
 (CRD's negatives are drawn for the whole batch, as one process draws them); the recorded
 losses are the global batch's (the mean of the ranks'). The other methods (Logits,
 SoftTarget, AT, Hint, NST, VID, AFD, and AB and FSP with their initialisation stage) are
-per-sample means and need nothing more. Six are refused: FT (its paraphraser's own stage),
-BSS (attack selection over the whole batch), OFD (its margin is a statistic of the batch's
-teacher map, taken over the local rows), DML (the peer's own optimizer), and Sobolev and
-LwM (they differentiate through the shared batch-norm statistics, whose collectives have
-no second derivative); named, they are an error, and 'all' leaves them out. Only rank 0
-prints and writes. Without --nproc, or with 1, nothing of this runs.
+per-sample means and need nothing more; FT's paraphraser trains data-parallel too. Five
+are refused: BSS (attack selection over the whole batch), OFD (its margin is a statistic of
+the batch's teacher map, taken over the local rows), DML (the peer's own optimizer), and
+Sobolev and LwM (they differentiate through the shared batch-norm statistics, whose
+collectives have no second derivative); named, they are an error, and 'all' leaves them
+out. Only rank 0 prints and writes. Without --nproc, or with 1, nothing of this runs.
 """
 import argparse
 import importlib.util
@@ -449,7 +449,6 @@ class FT(Method):
     """Paraphraser (k = 0.5) pre-trained on the teacher's last stage, then frozen; the
     translator trains with the student."""
     lambda_kd = 200.0
-    not_data_parallel = "its paraphraser is pre-trained in a stage of its own"
 
     def __init__(self, run, student, teacher_channels):
         super().__init__(run, student, teacher_channels)
@@ -462,10 +461,13 @@ class FT(Method):
     def prepare(self, run, step, optimizer):
         para_opt = sgd(self.paraphraser.parameters(), run.cfg, run.cfg.lr * 0.1, nesterov=False)
         self.paraphraser.train()
+        paraphraser = self.paraphraser
+        if run.world > 1:  # trained data-parallel, as the student is
+            paraphraser = DistributedDataParallel(global_batch_norm(self.paraphraser), **NO_BUFFER_SYNC)
         for _ in range(self.pre_epochs):
             for batch in run.batches():
                 fm_t = run.teacher_features(batch.img).stage3[1]
-                loss = F.mse_loss(self.paraphraser(fm_t)[1], fm_t)
+                loss = F.mse_loss(paraphraser(fm_t)[1], fm_t)
                 para_opt.zero_grad()
                 loss.backward()
                 para_opt.step()
