@@ -44,12 +44,11 @@ on the global batch: batch norm normalises with the global batch's statistics
 (CRD's negatives are drawn for the whole batch, as one process draws them); the recorded
 losses are the global batch's (the mean of the ranks'). The other methods (Logits,
 SoftTarget, AT, Hint, NST, VID, AFD, and AB and FSP with their initialisation stage) are
-per-sample means and need nothing more; FT's paraphraser trains data-parallel too. Five
-are refused: BSS (attack selection over the whole batch), OFD (its margin is a statistic of
-the batch's teacher map, taken over the local rows), DML (the peer's own optimizer), and
-Sobolev and LwM (they differentiate through the shared batch-norm statistics, whose
-collectives have no second derivative); named, they are an error, and 'all' leaves them
-out. Only rank 0 prints and writes. Without --nproc, or with 1, nothing of this runs.
+per-sample means and need nothing more; FT's paraphraser and DML's peer train data-parallel
+too. Four are refused: BSS (attack selection over the whole batch), OFD (its margin is a
+statistic of the batch's teacher map, taken over the local rows), and Sobolev and LwM
+(they differentiate through the shared batch-norm statistics, whose collectives have no
+second derivative); named, they are an error, and 'all' leaves them out. Only rank 0 prints and writes. Without --nproc, or with 1, nothing of this runs.
 """
 import argparse
 import importlib.util
@@ -682,7 +681,6 @@ class DML(Method):
     """The student and a teacher-shaped peer (from the teacher's initial weights) learn
     together: each step both take CE + DML(own, other.detach())."""
     uses_teacher = False
-    not_data_parallel = "its peer trains with an optimizer of its own"
 
     def __init__(self, run, student, teacher_channels):
         super().__init__(run, student, teacher_channels)
@@ -691,13 +689,18 @@ class DML(Method):
         self.peer.load_state_dict(run.teacher_init)
         self.peer_opt = sgd(self.peer.parameters(), run.cfg, run.cfg.lr)
         self.peer_loss = None
+        # Data-parallel, the peer is a DistributedDataParallel of its own (its loss is
+        # backpropagated apart from the student's).
+        self.peer_step = self.peer
+        if run.world > 1:
+            self.peer_step = DistributedDataParallel(global_batch_norm(self.peer), **NO_BUFFER_SYNC)
 
     def start_epoch(self, lr):
         set_lr(self.peer_opt, lr)
         self.peer.train()
 
     def loss(self, run, student, batch, s, t):
-        out_peer = self.peer(batch.img).out
+        out_peer = self.peer_step(batch.img).out
         self.peer_loss = (F.cross_entropy(out_peer, batch.target)
                           + self.lambda_kd * self.criterion(out_peer, s.out.detach()))
         return self.criterion(s.out, out_peer.detach())
