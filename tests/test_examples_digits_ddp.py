@@ -5,8 +5,7 @@ global batch; the loss trajectories (each step's loss of the global batch) must 
 process's on the same batches, to float32 rounding: a plain method (AT, SoftTarget), the
 batch-relational RKD (global_batch=True), CRD (global batch, one memory), FSP (a staged
 method, some parameters left out of each stage), FT (its paraphraser's own stage) and DML
-(a peer with its own optimizer). The command line runs with --nproc 2
-and under torchrun.
+(a peer with its own optimizer). The command line runs with --nproc 2 and under torchrun.
 """
 import dataclasses
 import datetime
@@ -32,8 +31,8 @@ STUDENT_CFG = digits.Config(epochs=2, batch_size=32, steps_per_epoch=3, progress
 
 
 def _losses(teacher_state=None):
-    """{name: loss trajectory} of the teacher and each method, in this process (one process,
-    or a rank of the initialised job). The students learn from the teacher of teacher_state
+    """({name: loss trajectory} of the teacher and each method, the teacher's state), in this
+    process (one process, or a rank of the initialised job). The students learn from the teacher of teacher_state
     when given: every run then distils the same teacher (the teacher this process trains
     differs from one process's by rounding, which the methods' losses amplify)."""
     data = digits.Digits("cpu")
