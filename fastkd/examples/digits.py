@@ -45,7 +45,8 @@ on the global batch: batch norm normalises with the global batch's statistics
 losses are the global batch's (the mean of the ranks'). The other methods (Logits,
 SoftTarget, AT, Hint, NST, VID, AFD, and AB and FSP with their initialisation stage) are
 per-sample means and need nothing more; FT's paraphraser and DML's peer train data-parallel
-too. Four are refused: BSS (attack selection over the whole batch), OFD (its margin is a
+too, and BSS chooses and attacks among the whole batch on every rank, each rank then
+training on its share of the attacked samples. Three are refused: OFD (its margin is a
 statistic of the batch's teacher map, taken over the local rows), and Sobolev and LwM
 (they differentiate through the shared batch-norm statistics, whose collectives have no
 second derivative); named, they are an error, and 'all' leaves them out. Only rank 0 prints and writes. Without --nproc, or with 1, nothing of this runs.
@@ -537,7 +538,6 @@ class BSS(Method):
     """Boundary supporting samples: T = 3, attack_size 32, attacker (0.3, 10 steps)."""
     lambda_kd = 2.0
     attack_size = 32
-    not_data_parallel = "it picks the samples to attack among the whole batch"
 
     def __init__(self, run, student, teacher_channels):
         super().__init__(run, student, teacher_channels)
@@ -551,8 +551,15 @@ class BSS(Method):
         return max(self.lambda_kd * (1 - 5 / 4 * (epoch - 1) / epochs), 0.0)
 
     def loss(self, run, student, batch, s, t):
-        target = batch.target
+        img, target = batch.img, batch.target
         out_s, out_t = s.out.detach(), t.out
+        if batch.whole is not None:
+            # Data-parallel: every rank chooses and attacks among the whole batch, as one
+            # process does, then trains on its share of the attacked samples.
+            img, target = batch.whole.img, batch.whole.target
+            gathered = [torch.empty_like(out_s) for _ in range(run.world)]
+            dist.all_gather(gathered, out_s)
+            out_s, out_t = torch.cat(gathered), run.teacher_features(img).out
         chosen = torch.nonzero((out_s.argmax(1) == target) & (out_t.argmax(1) == target)).view(-1)
         if chosen.numel() == 0:
             return s.out.new_zeros(())
@@ -567,8 +574,16 @@ class BSS(Method):
         draw = torch.rand(chosen.numel(), generator=run.gen).to(class_score.device) * class_score.sum(1)
         first = (class_score.cumsum(1) >= draw[:, None]).to(torch.int8).argmax(1)
         attack_class = class_idx.gather(1, first[:, None]).squeeze(1)
-        attacked = self.attacker.attack(run.teacher, batch.img[chosen], target[chosen], attack_class)
-        return self.criterion(student(attacked).out, run.teacher_features(attacked).out)
+        attacked = self.attacker.attack(run.teacher, img[chosen], target[chosen], attack_class)
+        if batch.whole is None:
+            return self.criterion(student(attacked).out, run.teacher_features(attacked).out)
+        mine = torch.tensor_split(attacked, run.world)[run.rank]
+        out = student(mine).out  # on every rank, an empty share too: its batch norm is collective
+        if mine.shape[0] == 0:
+            return out.sum()  # 0, and the backward's collectives run here as on the other ranks
+        # The criterion's mean over this rank's share, weighted so that the ranks' mean (after
+        # the mean over ranks of the losses and DDP's of the gradients) is the whole set's.
+        return self.criterion(out, run.teacher_features(mine).out) * (mine.shape[0] * run.world / attacked.shape[0])
 
 
 @method
