@@ -45,11 +45,11 @@ on the global batch: batch norm normalises with the global batch's statistics
 losses are the global batch's (the mean of the ranks'). The other methods (Logits,
 SoftTarget, AT, Hint, NST, VID, AFD, and AB and FSP with their initialisation stage) are
 per-sample means and need nothing more; FT's paraphraser and DML's peer train data-parallel
-too, and BSS chooses and attacks among the whole batch on every rank, each rank then
-training on its share of the attacked samples. Three are refused: OFD (its margin is a
-statistic of the batch's teacher map, taken over the local rows), and Sobolev and LwM
-(they differentiate through the shared batch-norm statistics, whose collectives have no
-second derivative); named, they are an error, and 'all' leaves them out. Only rank 0 prints and writes. Without --nproc, or with 1, nothing of this runs.
+too, BSS chooses and attacks among the whole batch on every rank, each rank then training
+on its share of the attacked samples, and Sobolev's and LwM's input gradients go through
+the global batch norm, which differentiates twice. OFD is refused (its margin is a
+statistic of the batch's teacher map, which fastkd.OFD would take over the local rows):
+named, it is an error, and 'all' leaves it out. Only rank 0 prints and writes. Without --nproc, or with 1, nothing of this runs.
 """
 import argparse
 import importlib.util
@@ -74,7 +74,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import fastkd
-from fastkd.distributed import all_reduce_sum
 
 from ..__main__ import device_from
 from . import models
@@ -522,8 +521,6 @@ class SP(Method):
 class Sobolev(Method):
     lambda_kd = 20.0
     input_grad = True
-    not_data_parallel = ("it differentiates through the input, and the batch-norm statistics "
-                         "shared across processes have no second derivative")
 
     def __init__(self, run, student, teacher_channels):
         super().__init__(run, student, teacher_channels)
@@ -602,8 +599,6 @@ class CC(Method):
 class LwM(Method):
     lambda_kd = 0.4
     input_grad = True
-    not_data_parallel = ("its Grad-CAM differentiates through the batch-norm statistics shared "
-                         "across processes, which have no second derivative")
 
     def __init__(self, run, student, teacher_channels):
         super().__init__(run, student, teacher_channels)
@@ -760,11 +755,28 @@ def accuracy(net, data):
     return (pred == data.test_y).float().mean().item() * 100
 
 
+class SumOverRanks(torch.autograd.Function):
+    """x summed over the ranks, on every rank. Its backward is itself (the gradient reaching
+    each rank's x is the sum over ranks of the output's gradients, as in
+    fastkd.distributed.all_reduce_sum), so it differentiates twice too: Sobolev and LwM
+    backpropagate through input gradients taken through the batch norm."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return SumOverRanks.apply(grad.contiguous())
+
+
 class GlobalBatchNorm(nn.BatchNorm2d):
     """nn.BatchNorm2d that, in training, normalises with the statistics of the global batch:
-    each rank's per-channel sums are added by fastkd.distributed.all_reduce_sum, whose backward
-    carries every rank's gradient back to the rows it came from, so outputs and gradients are
-    one process's on the concatenated batch (torch's SyncBatchNorm does this on GPUs only).
+    each rank's per-channel sums are added by SumOverRanks, whose backward carries every
+    rank's gradient back to the rows it came from, so outputs and gradients are one
+    process's on the concatenated batch (torch's SyncBatchNorm does this on GPUs only).
     In eval mode (running statistics) it is nn.BatchNorm2d and talks to no other process."""
 
     def forward(self, x):
@@ -775,11 +787,11 @@ class GlobalBatchNorm(nn.BatchNorm2d):
         # different partial orders would move a channel of small variance visibly.
         wide = x.double()
         count = wide.new_tensor([x.numel() / x.shape[1]])
-        sums = all_reduce_sum(torch.cat([wide.sum(dim=(0, 2, 3)), count]))
+        sums = SumOverRanks.apply(torch.cat([wide.sum(dim=(0, 2, 3)), count]))
         n = sums[-1]
         mean = sums[:-1] / n
         centred = wide - per_channel(mean)
-        var = all_reduce_sum((centred * centred).sum(dim=(0, 2, 3))) / n  # two passes: no cancellation
+        var = SumOverRanks.apply((centred * centred).sum(dim=(0, 2, 3))) / n  # two passes: no cancellation
         with torch.no_grad():  # as nn.BatchNorm2d: momentum 0.1, the unbiased variance
             self.num_batches_tracked.add_(1)
             self.running_mean.lerp_(mean.to(x.dtype), self.momentum)
