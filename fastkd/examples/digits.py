@@ -49,7 +49,8 @@ too, BSS chooses and attacks among the whole batch on every rank, each rank then
 on its share of the attacked samples, and Sobolev's and LwM's input gradients go through
 the global batch norm, which differentiates twice. OFD is refused (its margin is a
 statistic of the batch's teacher map, which fastkd.OFD would take over the local rows):
-named, it is an error, and 'all' leaves it out. Only rank 0 prints and writes. Without --nproc, or with 1, nothing of this runs.
+named, it is an error, and 'all' leaves it out. Only rank 0 prints and writes. Without
+--nproc, or with 1, nothing of this runs.
 """
 import argparse
 import importlib.util
