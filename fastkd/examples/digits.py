@@ -860,7 +860,8 @@ def train(run, name, method_cls, net, init):
         # Buffers need no broadcast: the global batch norm keeps its running statistics, and
         # CRD's memory, identical on every rank. AB's and FSP's stages leave some parameters
         # out of each stage's loss (the classifier, then the connectors).
-        step = DistributedDataParallel(step, **NO_BUFFER_SYNC, find_unused_parameters=method.pre_epochs > 0)
+        step = DistributedDataParallel(step, **NO_BUFFER_SYNC,
+                                       find_unused_parameters=isinstance(method, FeatureInit))
     run.progress = Progress(f"{name} (seed {run.seed})", method.pre_epochs + cfg.epochs,
                             cfg.progress and run.rank == 0)
     start = time.perf_counter()
@@ -1085,8 +1086,8 @@ def data_parallel_checks(p, args, world, all_methods):
     if refused and all_methods:
         args.methods = [n for n in args.methods if n not in refused]
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"data-parallel: leaving out {', '.join(refused)} (they train with one process only)",
-                  file=sys.stderr)
+            reasons = "; ".join(f"{n} ({METHODS[n].not_data_parallel})" for n in refused)
+            print(f"data-parallel: leaving out {reasons}", file=sys.stderr)
     elif refused:
         p.error("these methods cannot train data-parallel: "
                 + "; ".join(f"{n} ({METHODS[n].not_data_parallel})" for n in refused)
@@ -1115,6 +1116,7 @@ def main(argv=None):
 
 
 def free_port():
+    """A TCP port free on this host now, for the spawned processes to meet on."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
