@@ -2,7 +2,8 @@
 
     python -m fastkd.examples.digits [--methods AT RKD ...] [--epochs 30] [--seeds 0 1 2]
                                      [--batch-size 64] [--backend auto] [--device cpu]
-                                     [--json results.json] [--plot accuracy.png]
+                                     [--json results.json] [--plot accuracy.png] [--nproc N]
+    torchrun --nproc_per_node N -m fastkd.examples.digits ...
 
 For each seed: trains the teacher (Baseline), the student alone (Baseline), then
 one student per method from the same initial weights, the same batches and the
@@ -33,11 +34,31 @@ loss weights; the collection's 200-epoch schedules are scaled to --epochs:
 The student is thinner than the teacher, so Hint, AB, FSP and AFD, which
 compare maps channel by channel, read the student's maps through a 1x1 conv +
 BN connector trained with it (the collection pairs equal-width ResNets).
+
+Data-parallel (--nproc N > 1 starts N processes, gloo on CPU or nccl on cuda:0..N-1; or
+torchrun, read from RANK, WORLD_SIZE, LOCAL_RANK): every rank draws the same global batches
+as one process (--batch-size, which N must divide) and trains on its rows, with the student
+and the method's modules in DistributedDataParallel. So that the training is one process's
+on the global batch: batch norm normalises with the global batch's statistics
+(GlobalBatchNorm); RKD, SP, PKTCosSim, CC, IRG and CRD are built with global_batch=True
+(CRD's negatives are drawn for the whole batch, as one process draws them); the recorded
+losses are the global batch's (the mean of the ranks'). The other methods (Logits,
+SoftTarget, AT, Hint, NST, VID, AFD, and AB and FSP with their initialisation stage) are
+per-sample means and need nothing more; FT's paraphraser and DML's peer train data-parallel
+too, BSS chooses and attacks among the whole batch on every rank, each rank then training
+on its share of the attacked samples, and Sobolev's and LwM's input gradients go through
+the global batch norm, which differentiates twice. OFD is refused (its margin is a
+statistic of the batch's teacher map, which fastkd.OFD would take over the local rows):
+named, it is an error, and 'all' leaves it out. Only rank 0 prints and writes. Without
+--nproc, or with 1, nothing of this runs.
 """
 import argparse
 import importlib.util
+import inspect
 import json
 import math
+import os
+import socket
 import statistics
 import sys
 import time
@@ -47,8 +68,11 @@ from itertools import chain
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import fastkd
 
@@ -128,7 +152,8 @@ class Digits:
         return sample_idx
 
 
-Batch = namedtuple("Batch", "img target idx")
+# whole: under data parallelism, the global batch this rank's rows were cut from (None otherwise).
+Batch = namedtuple("Batch", "img target idx whole", defaults=(None,))
 
 
 # ----------------------------------------------------------------------------- training setup
@@ -172,7 +197,7 @@ def set_lr(optimizer, lr):
 class Run:
     """What one training run sees: data, config, seed, the trained teacher, the initial
     weights, a seeded generator (batch order, augmentation, sampling) and the record
-    of every step's loss."""
+    of every step's loss; under data parallelism, this process's rank among world."""
     data: Digits
     cfg: Config
     seed: int
@@ -182,9 +207,21 @@ class Run:
     gen: torch.Generator = field(default_factory=torch.Generator)
     losses: list = field(default_factory=list)
     progress: Optional["Progress"] = None
+    rank: int = 0
+    world: int = 1
 
     def batches(self):
-        return self.data.batches(self.cfg.batch_size, self.gen, self.cfg.steps_per_epoch)
+        batches = self.data.batches(self.cfg.batch_size, self.gen, self.cfg.steps_per_epoch)
+        if self.world == 1:
+            return batches
+        # Every rank draws the whole global batch (the same generator calls as one process,
+        # so the same batches in the same order) and keeps its rows.
+        return (Batch(self.shard(b.img), self.shard(b.target), self.shard(b.idx), whole=b) for b in batches)
+
+    def shard(self, x):
+        """This rank's rows of a global batch's tensor (cfg.batch_size divides evenly)."""
+        n = x.shape[0] // self.world
+        return x[self.rank * n:(self.rank + 1) * n]
 
     def teacher_features(self, img, grad=False):
         with torch.set_grad_enabled(grad):
@@ -247,13 +284,15 @@ class Method:
     uses_teacher = True
     input_grad = False  # the loss differentiates the nets' outputs w.r.t. the input
     pre_epochs = 0      # epochs of the stage run by prepare()
+    not_data_parallel = None  # why the method cannot train data-parallel (None: it can)
 
     def __init__(self, run, student, teacher_channels):
         self.modules = nn.ModuleList()
         self.lambda_kd = run.cfg.kd_weights.get(type(self).__name__, self.lambda_kd)
 
-    def prepare(self, run, student, optimizer):
-        """A stage before softmax training (AB, FSP, FT)."""
+    def prepare(self, run, step, optimizer):
+        """A stage before softmax training (AB, FSP, FT); step is the run's Step (or its
+        DistributedDataParallel wrapper)."""
 
     def weight(self, epoch, epochs):
         return self.lambda_kd
@@ -358,7 +397,7 @@ class PKTCosSim(Method):
 
     def __init__(self, run, student, teacher_channels):
         super().__init__(run, student, teacher_channels)
-        self.criterion = fastkd.PKTCosSim()
+        self.criterion = fastkd.PKTCosSim(global_batch=run.world > 1)
 
     def loss(self, run, student, batch, s, t):
         return self.criterion(s.feat, t.feat)
@@ -373,15 +412,13 @@ class FeatureInit(Method):
         super().__init__(run, student, teacher_channels)
         self.pre_epochs = scaled(run.cfg.epochs, 50)
 
-    def prepare(self, run, student, optimizer):
+    def prepare(self, run, step, optimizer):
         for epoch in range(1, self.pre_epochs + 1):
             scale = 0.1 if epoch <= 0.6 * self.pre_epochs else (0.01 if epoch <= 0.8 * self.pre_epochs else 0.001)
             set_lr(optimizer, run.cfg.lr * scale)
-            student.train()
-            self.modules.train()
+            step.train()
             for batch in run.batches():
-                loss = self.lambda_kd * self.loss(run, student, batch, student(batch.img),
-                                                  run.teacher_features(batch.img))
+                loss = step(run, batch, self.lambda_kd, ce=False)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -421,13 +458,16 @@ class FT(Method):
                                                         use_bn=True)])
         self.pre_epochs = scaled(run.cfg.epochs, 30)
 
-    def prepare(self, run, student, optimizer):
+    def prepare(self, run, step, optimizer):
         para_opt = sgd(self.paraphraser.parameters(), run.cfg, run.cfg.lr * 0.1, nesterov=False)
         self.paraphraser.train()
+        paraphraser = self.paraphraser
+        if run.world > 1:  # trained data-parallel, as the student is
+            paraphraser = DistributedDataParallel(global_batch_norm(self.paraphraser), **NO_BUFFER_SYNC)
         for _ in range(self.pre_epochs):
             for batch in run.batches():
                 fm_t = run.teacher_features(batch.img).stage3[1]
-                loss = F.mse_loss(self.paraphraser(fm_t)[1], fm_t)
+                loss = F.mse_loss(paraphraser(fm_t)[1], fm_t)
                 para_opt.zero_grad()
                 loss.backward()
                 para_opt.step()
@@ -447,7 +487,7 @@ class RKD(Method):
 
     def __init__(self, run, student, teacher_channels):
         super().__init__(run, student, teacher_channels)
-        self.criterion = fastkd.RKD(25.0, 50.0)
+        self.criterion = fastkd.RKD(25.0, 50.0, global_batch=run.world > 1)
 
     def loss(self, run, student, batch, s, t):
         return self.criterion(s.feat, t.feat)
@@ -472,7 +512,7 @@ class SP(Method):
 
     def __init__(self, run, student, teacher_channels):
         super().__init__(run, student, teacher_channels)
-        self.criterion = fastkd.SP()
+        self.criterion = fastkd.SP(global_batch=run.world > 1)
 
     def loss(self, run, student, batch, s, t):
         return _mean([self.criterion(a[1], b[1]) for a, b in zip(_stages(s), _stages(t))])
@@ -509,8 +549,15 @@ class BSS(Method):
         return max(self.lambda_kd * (1 - 5 / 4 * (epoch - 1) / epochs), 0.0)
 
     def loss(self, run, student, batch, s, t):
-        target = batch.target
+        img, target = batch.img, batch.target
         out_s, out_t = s.out.detach(), t.out
+        if batch.whole is not None:
+            # Data-parallel: every rank chooses and attacks among the whole batch, as one
+            # process does, then trains on its share of the attacked samples.
+            img, target = batch.whole.img, batch.whole.target
+            gathered = [torch.empty_like(out_s) for _ in range(run.world)]
+            dist.all_gather(gathered, out_s)
+            out_s, out_t = torch.cat(gathered), run.teacher_features(img).out
         chosen = torch.nonzero((out_s.argmax(1) == target) & (out_t.argmax(1) == target)).view(-1)
         if chosen.numel() == 0:
             return s.out.new_zeros(())
@@ -525,8 +572,16 @@ class BSS(Method):
         draw = torch.rand(chosen.numel(), generator=run.gen).to(class_score.device) * class_score.sum(1)
         first = (class_score.cumsum(1) >= draw[:, None]).to(torch.int8).argmax(1)
         attack_class = class_idx.gather(1, first[:, None]).squeeze(1)
-        attacked = self.attacker.attack(run.teacher, batch.img[chosen], target[chosen], attack_class)
-        return self.criterion(student(attacked).out, run.teacher_features(attacked).out)
+        attacked = self.attacker.attack(run.teacher, img[chosen], target[chosen], attack_class)
+        if batch.whole is None:
+            return self.criterion(student(attacked).out, run.teacher_features(attacked).out)
+        mine = torch.tensor_split(attacked, run.world)[run.rank]
+        out = student(mine).out  # on every rank, an empty share too: its batch norm is collective
+        if mine.shape[0] == 0:
+            return out.sum()  # 0, and the backward's collectives run here as on the other ranks
+        # The criterion's mean over this rank's share, weighted so that the ranks' mean (after
+        # the mean over ranks of the losses and DDP's of the gradients) is the whole set's.
+        return self.criterion(out, run.teacher_features(mine).out) * (mine.shape[0] * run.world / attacked.shape[0])
 
 
 @method
@@ -535,7 +590,7 @@ class CC(Method):
 
     def __init__(self, run, student, teacher_channels):
         super().__init__(run, student, teacher_channels)
-        self.criterion = fastkd.CC(0.4, 2)
+        self.criterion = fastkd.CC(0.4, 2, global_batch=run.world > 1)
 
     def loss(self, run, student, batch, s, t):
         return self.criterion(s.feat, t.feat)
@@ -560,7 +615,7 @@ class IRG(Method):
 
     def __init__(self, run, student, teacher_channels):
         super().__init__(run, student, teacher_channels)
-        self.criterion = fastkd.IRG(0.1, 5.0, 5.0)
+        self.criterion = fastkd.IRG(0.1, 5.0, 5.0, global_batch=run.world > 1)
 
     def loss(self, run, student, batch, s, t):
         return self.criterion([s.stage2[1], s.stage3[1], s.feat, s.out],
@@ -583,6 +638,8 @@ class VID(Method):
 @method
 class OFD(Method):
     lambda_kd = 0.5
+    not_data_parallel = ("its margin is a statistic of the teacher's map over the batch, which "
+                         "fastkd.OFD would take over each process's rows alone")
 
     def __init__(self, run, student, teacher_channels):
         super().__init__(run, student, teacher_channels)
@@ -618,11 +675,15 @@ class CRD(Method):
     def __init__(self, run, student, teacher_channels):
         super().__init__(run, student, teacher_channels)
         self.criterion = fastkd.CRD(student.channels()[4], teacher_channels[4], 128, self.nce_n, 0.1, 0.5,
-                                    run.data.train_y.shape[0])
+                                    run.data.train_y.shape[0], global_batch=run.world > 1)
         self.modules = nn.ModuleList([self.criterion])
 
     def loss(self, run, student, batch, s, t):
-        sample_idx = run.data.contrast_indices(batch.idx, batch.target, self.nce_n, run.gen)
+        if batch.whole is None:
+            sample_idx = run.data.contrast_indices(batch.idx, batch.target, self.nce_n, run.gen)
+        else:  # the whole batch's negatives, drawn as one process draws them; this rank's rows
+            whole = batch.whole
+            sample_idx = run.shard(run.data.contrast_indices(whole.idx, whole.target, self.nce_n, run.gen))
         return self.criterion(s.feat, t.feat, batch.idx, sample_idx)
 
 
@@ -639,13 +700,18 @@ class DML(Method):
         self.peer.load_state_dict(run.teacher_init)
         self.peer_opt = sgd(self.peer.parameters(), run.cfg, run.cfg.lr)
         self.peer_loss = None
+        # Data-parallel, the peer is a DistributedDataParallel of its own (its loss is
+        # backpropagated apart from the student's).
+        self.peer_step = self.peer
+        if run.world > 1:
+            self.peer_step = DistributedDataParallel(global_batch_norm(self.peer), **NO_BUFFER_SYNC)
 
     def start_epoch(self, lr):
         set_lr(self.peer_opt, lr)
         self.peer.train()
 
     def loss(self, run, student, batch, s, t):
-        out_peer = self.peer(batch.img).out
+        out_peer = self.peer_step(batch.img).out
         self.peer_loss = (F.cross_entropy(out_peer, batch.target)
                           + self.lambda_kd * self.criterion(out_peer, s.out.detach()))
         return self.criterion(s.out, out_peer.detach())
@@ -690,9 +756,96 @@ def accuracy(net, data):
     return (pred == data.test_y).float().mean().item() * 100
 
 
+class SumOverRanks(torch.autograd.Function):
+    """x summed over the ranks, on every rank. Its backward is itself (the gradient reaching
+    each rank's x is the sum over ranks of the output's gradients, as in
+    fastkd.distributed.all_reduce_sum), so it differentiates twice too: Sobolev and LwM
+    backpropagate through input gradients taken through the batch norm."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return SumOverRanks.apply(grad.contiguous())
+
+
+class GlobalBatchNorm(nn.BatchNorm2d):
+    """nn.BatchNorm2d that, in training, normalises with the statistics of the global batch:
+    each rank's per-channel sums are added by SumOverRanks, whose backward carries every
+    rank's gradient back to the rows it came from, so outputs and gradients are one
+    process's on the concatenated batch (torch's SyncBatchNorm does this on GPUs only).
+    In eval mode (running statistics) it is nn.BatchNorm2d and talks to no other process."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        per_channel = lambda v: v[None, :, None, None]
+        # float64 statistics, as torch's CPU batch norm accumulates them: float32 sums of
+        # different partial orders would move a channel of small variance visibly.
+        wide = x.double()
+        count = wide.new_tensor([x.numel() / x.shape[1]])
+        sums = SumOverRanks.apply(torch.cat([wide.sum(dim=(0, 2, 3)), count]))
+        n = sums[-1]
+        mean = sums[:-1] / n
+        centred = wide - per_channel(mean)
+        var = SumOverRanks.apply((centred * centred).sum(dim=(0, 2, 3))) / n  # two passes: no cancellation
+        with torch.no_grad():  # as nn.BatchNorm2d: momentum 0.1, the unbiased variance
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean.to(x.dtype), self.momentum)
+            self.running_var.lerp_((var * n / (n - 1)).to(x.dtype), self.momentum)
+        normalised = (centred * per_channel(torch.rsqrt(var + self.eps))).to(x.dtype)
+        return normalised * per_channel(self.weight) + per_channel(self.bias)
+
+
+def global_batch_norm(module):
+    """Makes every nn.BatchNorm2d in module a GlobalBatchNorm, in place (the same parameters and
+    buffers, so optimizers and the methods' references to submodules stay valid)."""
+    for m in module.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = GlobalBatchNorm
+    return module
+
+
+class Step(nn.Module):
+    """One step's loss as a module: the student and the method's modules (connectors, loss
+    parameters) under one forward, so that DistributedDataParallel averages the gradients of
+    everything the loss trains. forward(run, batch, weight) -> CE + weight * KD loss, or with
+    ce=False (AB's and FSP's initialisation stage) weight * KD loss."""
+
+    def __init__(self, net, method):
+        super().__init__()
+        self.net, self.extras, self.method = net, method.modules, method
+
+    def forward(self, run, batch, weight, ce=True):
+        method = self.method
+        s = self.net(batch.img)
+        if not ce:
+            return weight * method.loss(run, self.net, batch, s, run.teacher_features(batch.img))
+        loss = F.cross_entropy(s.out, batch.target)
+        if weight:
+            t = run.teacher_features(batch.img, method.input_grad) if method.uses_teacher else None
+            loss = loss + weight * method.loss(run, self.net, batch, s, t)
+        return loss
+
+
+# DistributedDataParallel's option for "no buffer broadcast at each forward": broadcast_buffers
+# until torch names it forward_sync_buffers (and warns about the old name).
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                  if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                  else {"broadcast_buffers": False})
+
+
 def train(run, name, method_cls, net, init):
-    """Trains net (from init) with method_cls as the collection does; returns (Result, net)."""
+    """Trains net (from init) with method_cls as the collection does; returns (Result, net).
+    With run.world > 1, this process trains on its rows of every global batch, under
+    DistributedDataParallel, and every rank returns the same Result."""
     cfg = run.cfg
+    if run.world > 1 and method_cls.not_data_parallel:
+        raise ValueError(f"{name} cannot train data-parallel: {method_cls.not_data_parallel}")
     run.gen.manual_seed(run.seed)
     torch.manual_seed(run.seed)
     run.losses = []
@@ -701,9 +854,18 @@ def train(run, name, method_cls, net, init):
     method = method_cls(run, net, teacher_channels)
     method.modules.to(cfg.device)
     optimizer = sgd(chain(net.parameters(), method.modules.parameters()), cfg, cfg.lr)
-    run.progress = Progress(f"{name} (seed {run.seed})", method.pre_epochs + cfg.epochs, cfg.progress)
+    step = Step(net, method)
+    if run.world > 1:
+        global_batch_norm(step)
+        # Buffers need no broadcast: the global batch norm keeps its running statistics, and
+        # CRD's memory, identical on every rank. AB's and FSP's stages leave some parameters
+        # out of each stage's loss (the classifier, then the connectors).
+        step = DistributedDataParallel(step, **NO_BUFFER_SYNC,
+                                       find_unused_parameters=isinstance(method, FeatureInit))
+    run.progress = Progress(f"{name} (seed {run.seed})", method.pre_epochs + cfg.epochs,
+                            cfg.progress and run.rank == 0)
     start = time.perf_counter()
-    method.prepare(run, net, optimizer)
+    method.prepare(run, step, optimizer)
     epoch_times = []
     for epoch in range(1, cfg.epochs + 1):
         lr = main_lr(cfg, epoch)
@@ -715,11 +877,7 @@ def train(run, name, method_cls, net, init):
         for batch in run.batches():
             if weight and method.input_grad:
                 batch = batch._replace(img=batch.img.requires_grad_(True))
-            s = net(batch.img)
-            loss = F.cross_entropy(s.out, batch.target)
-            if weight:
-                t = run.teacher_features(batch.img, method.input_grad) if method.uses_teacher else None
-                loss = loss + weight * method.loss(run, net, batch, s, t)
+            loss = step(run, batch, weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -730,18 +888,31 @@ def train(run, name, method_cls, net, init):
         epoch_times.append(time.perf_counter() - epoch_start)
         run.progress.tick(loss.item())
     run.progress.close()
-    losses = torch.stack(run.losses).tolist()
+    losses = torch.stack(run.losses)
+    if run.world > 1:
+        # Each rank recorded the loss of its rows (a relational term: the global batch's);
+        # their mean is the loss of the global batch.
+        dist.all_reduce(losses)
+        losses = losses / run.world
+    losses = losses.tolist()
     result = Result(name, run.seed, accuracy(net, run.data), sum(epoch_times) / len(epoch_times),
                     time.perf_counter() - start, losses)
     return result, net
 
 
 def setup_seed(data, cfg, seed):
-    """Initial weights of both nets for this seed and the Run, without a teacher yet."""
+    """Initial weights of both nets for this seed and the Run, without a teacher yet. When
+    torch.distributed is initialised, the Run trains data-parallel over its default group."""
     torch.manual_seed(seed)
     teacher_init = {k: v.clone() for k, v in models.teacher().state_dict().items()}
     student_init = {k: v.clone() for k, v in models.student().state_dict().items()}
-    return Run(data, cfg, seed, None, teacher_init, student_init)
+    run = Run(data, cfg, seed, None, teacher_init, student_init)
+    if dist.is_available() and dist.is_initialized():
+        run.rank, run.world = dist.get_rank(), dist.get_world_size()
+        if cfg.batch_size % run.world:
+            raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of "
+                             f"processes, {run.world}")
+    return run
 
 
 def train_teacher(run):
@@ -869,7 +1040,11 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: these nets are too small to gain from more)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train data-parallel on N processes started here (gloo on CPU, nccl on N GPUs); "
+                        "under torchrun, leave it out")
     args = p.parse_args(argv)
+    all_methods = any(n.lower() == "all" for item in args.methods for n in item.split(","))
     try:
         args.methods = method_names(args.methods)
     except ValueError as e:
@@ -886,11 +1061,97 @@ def parse_args(argv):
         device_from(args.device)
     except ValueError as e:
         p.error(str(e))
+    if args.nproc < 1:
+        p.error(f"--nproc must be >= 1; got {args.nproc}")
+    launched = torchrun_world()
+    if launched > 1 and args.nproc > 1:
+        p.error(f"--nproc {args.nproc} under torchrun, which started {launched} processes already: "
+                "leave --nproc out")
+    world = max(launched, args.nproc)
+    if world > 1:
+        data_parallel_checks(p, args, world, all_methods)
     return args
 
 
+def torchrun_world():
+    """The number of processes torchrun (or another launcher setting WORLD_SIZE) started; 1 if none."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def data_parallel_checks(p, args, world, all_methods):
+    """Refuses what cannot train on world processes; 'all' keeps the methods that can."""
+    if args.batch_size % world:
+        p.error(f"--batch-size {args.batch_size} must be divisible by the number of processes, {world}")
+    refused = [n for n in args.methods if METHODS[n].not_data_parallel]
+    if refused and all_methods:
+        args.methods = [n for n in args.methods if n not in refused]
+        if int(os.environ.get("RANK", "0")) == 0:
+            reasons = "; ".join(f"{n} ({METHODS[n].not_data_parallel})" for n in refused)
+            print(f"data-parallel: leaving out {reasons}", file=sys.stderr)
+    elif refused:
+        p.error("these methods cannot train data-parallel: "
+                + "; ".join(f"{n} ({METHODS[n].not_data_parallel})" for n in refused)
+                + ". Run them without --nproc / torchrun")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if device.index is not None:
+            p.error(f"--device {args.device} on {world} processes: each uses cuda:<its local rank>; "
+                    "give --device cuda")
+        if args.nproc > torch.cuda.device_count():
+            p.error(f"--nproc {args.nproc} with --device cuda needs {args.nproc} GPUs; torch sees "
+                    f"{torch.cuda.device_count()} (or use --device cpu)")
+
+
 def main(argv=None):
+    """Runs the example; returns the table's rows (None in the process that --nproc N > 1
+    spawns from: rank 0 prints and writes the results)."""
     args = parse_args(argv)
+    if torchrun_world() > 1:
+        return run_rank(args, int(os.environ["RANK"]), torchrun_world(),
+                        int(os.environ.get("LOCAL_RANK", "0")), "env://")
+    if args.nproc > 1:
+        mp.spawn(_spawned, args=(args, free_port()), nprocs=args.nproc)
+        return None
+    return run_main(args)
+
+
+def free_port():
+    """A TCP port free on this host now, for the spawned processes to meet on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(rank, args, port):
+    run_rank(args, rank, args.nproc, rank, f"tcp://127.0.0.1:{port}")
+
+
+def run_rank(args, rank, world, local_rank, init_method):
+    """One process of a data-parallel run: joins the job (nccl on cuda:local_rank, else gloo),
+    runs the example, and leaves it."""
+    backend = "gloo"
+    if torch.device(args.device).type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"local rank {local_rank} has no GPU: torch sees {torch.cuda.device_count()}; "
+                             "start at most that many processes a node, or use --device cpu")
+        args.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(args.device)
+        backend = "nccl"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+    try:
+        rows = run_main(args)
+        # Every rank done before any tears down its connections (a process that exits while
+        # gloo still talks to it can abort another).
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return rows
+
+
+def run_main(args):
+    """The example in this process: alone, or as one rank of an initialised process group
+    (then only rank 0 prints and writes)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     cfg = Config(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                  steps_per_epoch=args.steps_per_epoch, kd_weights=args.kd_weight, device=args.device,
                  progress=not args.no_progress)
@@ -904,8 +1165,11 @@ def main(argv=None):
         raise SystemExit(f"backend {args.backend!r} cannot run here: {e}")
     elapsed = time.perf_counter() - start
     rows = summarize(results)
+    if rank != 0:
+        return rows
+    on = f"{cfg.device}" if world == 1 else f"{world} processes ({cfg.device.split(':')[0]})"
     header = (f"digits: {data.train_y.shape[0]} train / {data.test_y.shape[0]} test images, "
-              f"{cfg.epochs} epochs, batch {cfg.batch_size}, backend {args.backend} on {cfg.device}, "
+              f"{cfg.epochs} epochs, batch {cfg.batch_size}, backend {args.backend} on {on}, "
               f"seed{'s' if len(args.seeds) > 1 else ''} {' '.join(map(str, args.seeds))}; {elapsed:.0f} s in all")
     print(format_table(rows, header))
     if args.json:
