@@ -1,0 +1,75 @@
+"""python -m fastkd.bench.global_batch: its loopback process group, every loss at a tiny size,
+and the per-rank memory of a relational loss falling with the world size."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fastkd.bench import global_batch, measure
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_loopback_group_collectives():
+    with global_batch.simulated_rank(1, 3):
+        assert (dist.get_rank(), dist.get_world_size()) == (1, 3)
+        x = torch.tensor([[1.0, -2.0]])
+        blocks = [torch.empty_like(x) for _ in range(3)]
+        dist.all_gather(blocks, x)
+        # Its own block exact; the others scaled, so no row of the global batch repeats.
+        assert torch.equal(blocks[1], x)
+        assert torch.equal(blocks[2], x * (1 + 1 / 1024)) and torch.equal(blocks[0], x * (1 + 2 / 1024))
+        sizes = [torch.empty(1, dtype=torch.int64) for _ in range(3)]
+        dist.all_gather(sizes, torch.tensor([5]))
+        assert [int(s) for s in sizes] == [5, 5, 5]
+        total, most = torch.tensor([2.0]), torch.tensor([2.0])
+        dist.all_reduce(total)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        assert (float(total), float(most)) == (6.0, 2.0)
+    assert not dist.is_initialized()
+
+
+def test_every_loss_runs_at_a_tiny_size(capsys):
+    torch.set_num_threads(1)  # the figures are not read here
+    status = global_batch.main(["--N", "8", "--D", "4", "--world", "1,2,4", "--reps", "1", "--memory-calls", "1",
+                                "--nce-n", "8", "--n-data", "40", "--feat-dim", "4"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "simulated ranks" in out
+    for loss in global_batch.LOSSES:
+        assert sum(line.split()[:2] == [loss, "8"] for line in out.splitlines()) == 3, out  # table rows
+
+
+def test_unequal_shares_are_refused():
+    with pytest.raises(SystemExit, match="divisible by every W"):
+        global_batch.main(["--N", "10", "--world", "1,4", "--losses", "SP"])
+    with pytest.raises(ValueError, match="unknown loss 'KD'"):
+        global_batch.main(["--N", "8", "--world", "1", "--losses", "KD"])
+
+
+@pytest.mark.skipif(not measure.cpu_memory_supported(), reason="needs Linux /proc memory accounting")
+def test_relational_memory_per_rank_falls_with_the_world_size(tmp_path):
+    # A fresh process: its resident set holds nothing of the other tests. SP at N=512,
+    # D=32 holds (N / W, N) similarity rows: about 8 MiB at W=1, 4 MiB at W=2.
+    path = tmp_path / "out.json"
+    run = subprocess.run([sys.executable, "-m", "fastkd.bench.global_batch", "--losses", "SP,PKT", "--N", "512",
+                          "--D", "32", "--world", "1,2", "--reps", "2", "--memory-calls", "2", "--json", str(path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "peak MiB" in run.stdout
+    doc = json.loads(path.read_text())
+    assert (doc["mode"], doc["N"], doc["D"]) == ("simulated", 512, 32)
+    rows = {(r["loss"], r["W"]): r for r in doc["results"]}
+    assert set(rows) == {(loss, w) for loss in ("SP", "PKT") for w in (1, 2)}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["rows_per_rank"] == 512 // r["W"]
+        assert r["time_ms"] > 0 and r["min_ms"] <= r["time_ms"] and len(r["times_ms"]) == 2
+        assert r["peak_mib"] is not None and r["state_mib"] == 0
+    assert rows["SP", 1]["peak_ratio"] == 1.0
+    # Half the rows: well under W=1's peak (about half of it), beyond page-level noise.
+    assert rows["SP", 2]["peak_mib"] < 0.8 * rows["SP", 1]["peak_mib"], doc["results"]
+    assert rows["SP", 1]["peak_mib"] > 4, doc["results"]
