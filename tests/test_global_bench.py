@@ -14,6 +14,15 @@ from fastkd.bench import global_batch, measure
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """--threads 1 below sets torch's threads for this process: the suite's setting is
+    restored afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_loopback_group_collectives():
     with global_batch.simulated_rank(1, 3):
         assert (dist.get_rank(), dist.get_world_size()) == (1, 3)
@@ -34,9 +43,8 @@ def test_loopback_group_collectives():
 
 
 def test_every_loss_runs_at_a_tiny_size(capsys):
-    torch.set_num_threads(1)  # the figures are not read here
     status = global_batch.main(["--N", "8", "--D", "4", "--world", "1,2,4", "--reps", "1", "--memory-calls", "1",
-                                "--nce-n", "8", "--n-data", "40", "--feat-dim", "4"])
+                                "--nce-n", "8", "--n-data", "40", "--feat-dim", "4", "--threads", "1"])
     out = capsys.readouterr().out
     assert status == 0, out
     assert "simulated ranks" in out
@@ -57,7 +65,8 @@ def test_relational_memory_per_rank_falls_with_the_world_size(tmp_path):
     # D=32 holds (N / W, N) similarity rows: about 8 MiB at W=1, 4 MiB at W=2.
     path = tmp_path / "out.json"
     run = subprocess.run([sys.executable, "-m", "fastkd.bench.global_batch", "--losses", "SP,PKT", "--N", "512",
-                          "--D", "32", "--world", "1,2", "--reps", "2", "--memory-calls", "2", "--json", str(path)],
+                          "--D", "32", "--world", "1,2", "--reps", "2", "--memory-calls", "2", "--threads", "1",
+                          "--json", str(path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "peak MiB" in run.stdout

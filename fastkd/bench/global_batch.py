@@ -228,9 +228,9 @@ def _simulated(loss, n_global, world, d, device, dtype, crd, reps, memory_calls)
         return measure_rank(spec(loss, n_global // world, d, device, dtype, crd), device, dtype, reps, memory_calls)
 
 
-def _process(rank, world, init_file, result_file, jobs, d, dtype_name, crd, reps, memory_calls):
+def _process(rank, world, init_file, result_file, jobs, d, dtype_name, crd, reps, memory_calls, threads):
     # The machine's cores are shared among the W processes, as ranks on one host share them.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = []
@@ -244,13 +244,13 @@ def _process(rank, world, init_file, result_file, jobs, d, dtype_name, crd, reps
         dist.destroy_process_group()
 
 
-def _processes(jobs, world, d, dtype_name, crd, reps, memory_calls):
+def _processes(jobs, world, d, dtype_name, crd, reps, memory_calls, threads):
     """Rank 0's results for jobs [(loss, N)] from a gloo job of `world` processes."""
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         init_file, result_file = os.path.join(tmp, "init"), os.path.join(tmp, "rank0.json")
-        mp.spawn(_process, args=(world, init_file, result_file, jobs, d, dtype_name, crd, reps, memory_calls),
-                 nprocs=world)
+        mp.spawn(_process, args=(world, init_file, result_file, jobs, d, dtype_name, crd, reps, memory_calls,
+                                 threads), nprocs=world)
         with open(result_file) as f:
             return json.load(f)
 
@@ -279,6 +279,10 @@ def parser():
     p.add_argument("--nce-n", type=int, default=1024, help="CRD's negatives per sample")
     p.add_argument("--feat-dim", type=int, default=128, help="CRD's embedding dimension")
     p.add_argument("--n-data", type=int, default=50000, help="CRD's dataset size (bank rows)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per rank (default: torch's own; with --processes, cores / W). On a "
+                        "machine shared with other jobs pass 1: an OpenMP thread that is not scheduled "
+                        "makes every parallel op wait")
     p.add_argument("--json", help="also write the results here")
     return p
 
@@ -320,14 +324,19 @@ def main(argv=None):
     if args.processes and device.type != "cpu":
         raise SystemExit("--processes runs gloo processes on CPU; use simulated ranks on cuda")
     mode = "processes" if args.processes else "simulated"
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    threads = ("cores / W" if args.threads is None else args.threads) if args.processes else torch.get_num_threads()
     print(f"{mode} ranks, {describe_device(device)['description']}, torch {torch.__version__}, "
-          f"{args.dtype}, N={args.N} D={args.D}; rank 0 of W measured", flush=True)
+          f"{args.dtype}, N={args.N} D={args.D}, {threads} threads per rank; rank 0 of W measured", flush=True)
 
     results = {}
     for world in worlds:
         if args.processes:
             for loss, res in zip(losses, _processes([(loss, args.N) for loss in losses], world, args.D, args.dtype,
-                                                    crd, args.reps, args.memory_calls)):
+                                                    crd, args.reps, args.memory_calls, args.threads)):
                 results[loss, world] = res
         else:
             for loss in losses:
@@ -354,7 +363,7 @@ def main(argv=None):
     if args.json:
         doc = {"mode": mode, "device": describe_device(device), "torch": torch.__version__,
                "python": platform.python_version(), "commit": git_commit(), "dtype": args.dtype, "N": args.N,
-               "D": args.D, "crd": crd, "reps": args.reps, "results": rows}
+               "D": args.D, "crd": crd, "reps": args.reps, "threads": threads, "results": rows}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
     return 0 if all(r["status"] == measure.OK for r in rows) else 1
