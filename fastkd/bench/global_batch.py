@@ -17,14 +17,17 @@ the ranks:
       copies standing in for the collectives, without network or waiting for other
       ranks. Any W fits on one machine.
   processes (--processes)  W real gloo processes on this machine (CPU only), each with
-      cores / W threads; rank 0's figures are reported. Its time includes gloo and
-      waiting for the other ranks, which share the machine's cores.
+      --threads threads (default cores / W) and its own inputs; rank 0's figures are
+      reported. Its time includes gloo and waiting for the other ranks, which share the
+      machine's cores.
 
 Per call: a barrier (so rank 0's time starts with every rank ready), then
 fastkd.bench.measure.Runner's timed call and memory-measured call. Peak memory is that
 of fastkd.bench.measure (CPU: the process's peak resident set; CUDA:
 torch.cuda.max_memory_allocated), above what the rank's inputs hold; the least of
---memory-calls calls is kept, the time is the median of --reps calls. The module's
+--memory-calls calls is kept; of --reps timed calls the median and the least are
+reported, and the time ratio to W = 1 is of the least (the call least disturbed by
+other work on the machine). The module's
 parameters and buffers (CRD's memory banks) are held across steps and are not part
 of that peak: they are reported apart, as "state".
 
@@ -202,7 +205,9 @@ def measure_rank(case, device, dtype, reps, memory_calls, warmup=1):
         step, module = case.build()
         out["state_mib"] = sum(t.numel() * t.element_size()
                                for t in list(module.parameters()) + list(module.buffers())) / MIB
-        runner = measure.Runner(case, device, dtype)
+        # Each rank its own inputs: equal rows on two ranks would send RKD down its
+        # equal-rows branch, which costs more.
+        runner = measure.Runner(case, device, dtype, seed=dist.get_rank())
         for _ in range(warmup):  # CRD fixes its Z on the first call
             dist.barrier()
             runner.time_call(step, module)
@@ -217,7 +222,9 @@ def measure_rank(case, device, dtype, reps, memory_calls, warmup=1):
             dist.barrier()
             out["times_ms"].append(runner.time_call(step, module) * 1e3)
         out["time_ms"], out["min_ms"] = statistics.median(out["times_ms"]), min(out["times_ms"])
-    except Exception as err:  # reported in the table; a simulated run goes on with the next case
+    # Reported in the table; a simulated run goes on with the next case. (In --processes,
+    # the ranks run alike and fail alike; one failing alone would leave the others waiting.)
+    except Exception as err:
         out["status"] = measure.OOM if measure.is_out_of_memory(err) else measure.FAILED
         out["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
     return out
