@@ -8,4 +8,6 @@ measure  how one case is run: warm-up, peak memory, round-robin timing (its docs
          says exactly how time and memory are measured and how memory is capped)
 report   the table, JSON, CSV, plots and the progress bar
 cli      the command line
+global_batch  python -m fastkd.bench.global_batch: one rank's time and peak memory of the
+         global-batch losses (global_batch=True) against the world size, at a fixed global batch
 """
