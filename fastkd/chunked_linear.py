@@ -5,7 +5,7 @@ Neither model's (N, V) logits exist at once: for each chunk of rows [r0, r1),
     z = h[r0:r1] W^T + b                      (chunk, V), the student's logits
     t = h_t[r0:r1] W_t^T + b_t, or the given logits' rows, or the top-k (indices, q)
     stats, dz = rows(z, t, ...)               the chunk's losses; dz written over z
-    top-k: KL_row = sum_j q_j (log q_j - (z[idx_j] / T - lse_s)),  dz[idx_j] -= w_kl T q_j
+    top-k: KL_row = sum_j q_j (log q_j - log_softmax(z / T)[idx_j]),  dz[idx_j] -= w_kl T q_j
     dh[r0:r1] = dz W,   dW += dz^T h[r0:r1],   db += sum over rows of dz
 
 with q = softmax(logp_k / T) over the k given classes. ``rows`` is the backend's: the
@@ -130,9 +130,10 @@ def _loop(h, W, b, rows, teacher, labels, w_kl, w_ce, T, hard_weight, chunk, nee
             z_idx = z.gather(1, idx).to(w_kl.dtype)  # before rows() writes dz over z
         w_k, w_c = w_kl[r0:r1], w_ce[r0:r1]
         stats = rows(z, t, labels[r0:r1] if labels is not None else None, w_k, w_c, T, hard_weight, grad)
-        lse_s, kl, ce = stats[0], stats[1], stats[2]
+        shift_s, log_z_s, kl, ce = stats
         if topk:
-            kl = (torch.xlogy(q, q) - q * (z_idx / T - lse_s[:, None])).sum(1).clamp(min=0)
+            log_q = (z_idx / T - shift_s[:, None]) - log_z_s[:, None]
+            kl = (torch.xlogy(q, q) - q * log_q).sum(1).clamp(min=0)
             if grad:
                 z.scatter_add_(1, idx, (-(w_k * T)[:, None] * q).to(z.dtype))
         # An ignored row adds 0 even where its logits are not finite.

@@ -313,3 +313,39 @@ def test_no_gradient_work_without_grad_mode():
             F.fused_linear_soft_target(*args, **kw, chunk_size=4)
         counts.append(seen.count)
     assert counts == [3 * 4, 3 * 2]  # per chunk: both logits, then dh and dW only with grad
+
+
+@pytest.mark.parametrize("fast", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["offset", "huge", "tiny", "dead", "near-teacher"])
+@pytest.mark.parametrize("teacher", TEACHERS)
+def test_adversarial_logits_within_the_reference_error(fast, dtype, kind, teacher):
+    """Logits with a large common offset (bias 3e3), saturated softmaxes (scale 300), near-
+    uniform ones (scale 1e-3), dead rows (zero hidden states), and a student nearly equal
+    to the teacher (a KL near 0): loss and gradients within the reference's own error."""
+    scale = {"huge": 300.0, "tiny": 1e-3}.get(kind, 4.0)
+    args, kw = make_problem(24, 16, 120, teacher, dtype=torch.float64, seed=5, k=10, scale=scale)
+    h, W, h_t, W_t, labels = args
+    if kind == "offset":
+        kw["student_bias"] = (kw["student_bias"] + 3e3).detach().requires_grad_()
+    if kind == "dead":
+        h = h.detach().clone()
+        h[::3] = 0
+        h.requires_grad_()
+    if kind == "near-teacher" and teacher == "logits":
+        kw["teacher_logits"] = (h @ W.t() + kw["student_bias"] + 1e-3 * torch.randn(24, 120, dtype=torch.float64)).detach()
+    args = (h, W, h_t, W_t, labels)
+    exact = run("reference", args, kw, T=2.0, hard_weight=0.5)
+    low = lambda x: x.detach().to(dtype).requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) \
+        and x.is_floating_point() else x  # noqa: E731
+    args_low, kw_low = [low(a) for a in args], {n: low(a) for n, a in kw.items()}
+    exact = run("reference", [a.double().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+                              and a.is_floating_point() else a for a in args_low],
+                {n: (a.double().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+                     and a.is_floating_point() else a) for n, a in kw_low.items()}, T=2.0, hard_weight=0.5)
+    ref = run("reference", args_low, kw_low, T=2.0, hard_weight=0.5)
+    out = run(fast, args_low, kw_low, T=2.0, hard_weight=0.5, chunk_size=7)
+    assert torch.isfinite(out[0]) or not torch.isfinite(ref[0])
+    assert_within_reference_error(out[0], ref[0], exact[0], msg=f"{kind} loss")
+    for name, a, r, e in zip(("h", "W", "b"), out[1], ref[1], exact[1]):
+        assert_within_reference_error(a, r, e, msg=f"{kind} grad {name}")

@@ -102,7 +102,7 @@ class LoopbackGroup(dist.ProcessGroup):
             for t in tensors:
                 t.mul_(self._world)
         elif kind not in (ReduceOp.RedOpType.MAX, ReduceOp.RedOpType.MIN, ReduceOp.RedOpType.AVG):
-            raise NotImplementedError(f"{LOOPBACK}: all_reduce with {kind} is not simulated")
+            raise ValueError(f"{LOOPBACK}: all_reduce with {kind} is not simulated")
         return _done(tensors)
 
     def barrier(self, opts=None):

@@ -2,9 +2,9 @@
 logits' gradient out.
 
 For a chunk of student logits z (R, V) (and dense teacher logits t, or none for a top-k
-teacher, whose part fastkd.fused_linear adds), with x = z / T:
+teacher, whose part fastkd/chunked_linear.py adds), with x = z / T:
 
-    lse_s = logsumexp(x)                      q = softmax(x)
+    log q = (x - shift_s) - log z_s           shift_s = max(x), z_s = sum exp(x - shift_s)
     KL_row = sum_c p_c (log p_c - log q_c)    p = softmax(t / T)          (dense teacher)
     CE_row = logsumexp(z) - z[label]          (hard term; 0 where the label is ignored)
     dz = w_kl T (q - p) + w_ce hard_weight (softmax(z) - onehot(label))
@@ -29,8 +29,9 @@ def _linear_kl_rows_kernel(
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, DENSE: tl.constexpr, HARD: tl.constexpr,
     GRAD: tl.constexpr,
 ):
-    """stats (3, R) in the accumulation dtype: lse_s, KL_row (0 without a dense teacher),
-    CE_row (0 without HARD)."""
+    """stats (4, R) in the accumulation dtype: shift_s, log z_s (logsumexp(x) = shift_s +
+    log z_s, kept apart so that log q = (x - shift_s) - log z_s loses no digits to a large
+    max), KL_row (0 without a dense teacher), CE_row (0 without HARD)."""
     acc_t = stats_ptr.dtype.element_ty
     T = to_acc(T, acc_t)
     hw = to_acc(hard_weight, acc_t)
@@ -64,18 +65,24 @@ def _linear_kl_rows_kernel(
             z_1 = z_1 * tl.exp(m_1 - c_1_new) + tl.sum(tl.exp(zs - c_1_new[:, None]), axis=1)
             m_1 = m_1_new
     c_s, log_z_s = _shift(m_s), tl.log(z_s)
-    tl.store(stats_ptr + rows, c_s + log_z_s, mask=row_ok)
+    # Row j of stats (4, R) is reached by adding R j times (j * R in int32 could overflow).
+    out = stats_ptr + rows
+    tl.store(out, c_s, mask=row_ok)
+    out += R
+    tl.store(out, log_z_s, mask=row_ok)
+    out += R
     kl = tl.zeros((BLOCK_R,), acc_t)
     if DENSE:
         kl = d / z_t + tl.log(z_s / z_t)
         kl = tl.where(kl < 0, 0.0, kl)  # as SoftTarget's kernel: the exact KL_row is >= 0
-    tl.store(stats_ptr + R + rows, kl, mask=row_ok)
+    tl.store(out, kl, mask=row_ok)
+    out += R
     ce = tl.zeros((BLOCK_R,), acc_t)
     if HARD:
         c_1, log_z_1 = _shift(m_1), tl.log(z_1)
         z_label = tl.load(z_row + label, mask=label_ok, other=0.0).to(acc_t)
-        ce = tl.where(label_ok, (c_1 + log_z_1) - z_label, 0.0)
-    tl.store(stats_ptr + R + R + rows, ce, mask=row_ok)
+        ce = tl.where(label_ok, (c_1 - z_label) + log_z_1, 0.0)  # the small difference first
+    tl.store(out, ce, mask=row_ok)
 
     if GRAD:
         w_kl = tl.load(w_kl_ptr + rows, mask=row_ok, other=0.0).to(acc_t) * T
@@ -110,15 +117,16 @@ def _blocks(R, V, dtype):
 
 
 def linear_kl_rows(z, t, labels, w_kl, w_ce, T, hard_weight, grad):
-    """stats (3, R) [lse_s, KL_row, CE_row] of logits z (R, V), rows contiguous; with grad, z
-    is overwritten by dz (see the module docstring).
+    """stats (4, R) [shift_s, log z_s, KL_row, CE_row] of logits z (R, V), rows contiguous
+    (logsumexp(z / T) = shift_s + log z_s); with grad, z is overwritten by dz (see the
+    module docstring).
 
     t: dense teacher logits (R, V) or None; labels (R,) int64 or None (no hard term);
     w_kl, w_ce: (R,) row weights in the accumulation dtype (float32, float64 for float64
     inputs), which stats take; read only with grad.
     """
     R, V = z.shape
-    stats = torch.empty((3, R), device=z.device, dtype=w_kl.dtype)
+    stats = torch.empty((4, R), device=z.device, dtype=w_kl.dtype)
     block_r, block_v, warps = _blocks(R, V, w_kl.dtype)
     _linear_kl_rows_kernel[(triton.cdiv(R, block_r),)](
         z, t if t is not None else z, labels if labels is not None else z, w_kl, w_ce, stats,

@@ -7,21 +7,24 @@ from .. import chunked_linear
 
 
 def linear_kl_rows(z, t, labels, w_kl, w_ce, T, hard_weight, grad):
-    """stats (3, R) [lse_s, KL_row, CE_row] of logits z (R, V), in w_kl's dtype (the
-    accumulation dtype); with grad, dz over z. In-place steps keep about four chunk-sized
-    buffers alive at once."""
+    """stats (4, R) [shift_s, log z_s, KL_row, CE_row] of logits z (R, V), in w_kl's dtype
+    (the accumulation dtype); with grad, dz over z. In-place steps keep about four
+    chunk-sized buffers alive at once."""
     acc = w_kl.dtype
     log_q = z.to(acc, copy=True).div_(T)
-    lse_s = torch.logsumexp(log_q, dim=1)
-    log_q.sub_(lse_s[:, None])
-    kl = torch.zeros_like(lse_s)
+    shift_s = log_q.amax(dim=1)
+    # As log_softmax: the max off first (exactly), then log z, so a large max costs no digits.
+    log_q.sub_(shift_s[:, None])
+    log_z_s = torch.logsumexp(log_q, dim=1)
+    log_q.sub_(log_z_s[:, None])
+    kl = torch.zeros_like(log_z_s)
     if t is not None:
         p = torch.log_softmax(t.to(acc, copy=True).div_(T), dim=1)  # log p, then p below
         diff = (p - log_q).mul_(p.exp_())
         # kl_div's element rule: p = 0 adds 0 (p log p -> 0); the exact KL_row is >= 0.
         kl = diff.masked_fill_(p == 0, 0.0).sum(1).clamp(min=0)
         del diff
-    ce = torch.zeros_like(lse_s)
+    ce = torch.zeros_like(log_z_s)
     if labels is not None:
         label_ok = (labels >= 0) & (labels < z.shape[1])
         safe = torch.where(label_ok, labels, 0)
@@ -38,7 +41,7 @@ def linear_kl_rows(z, t, labels, w_kl, w_ce, T, hard_weight, grad):
             dz.add_(p1.mul_((w_ce * hard_weight)[:, None]))
         live = (w_kl != 0) | (w_ce != 0)
         z.copy_(dz.masked_fill_(~live[:, None], 0.0))
-    return torch.stack([lse_s, kl, ce])
+    return torch.stack([shift_s, log_z_s, kl, ce])
 
 
 def fused_linear_soft_target(*args):
