@@ -60,7 +60,8 @@ class ChunkedLinearSoftTarget(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, W, b, rows, teacher, labels, kept, T, hard_weight, reduction, chunk, out_dtype, grad_mode):
+    def forward(ctx, h, W, b, rows, teacher, labels, kept, T, hard_weight, reduction, chunk, out_dtype,
+                grad_mode):
         n, v = h.shape[0], W.shape[0]
         w_kl, w_ce = row_weights(kept, n, v, reduction, h.device, _acc(h, W, teacher))
         # needs_input_grad is True under torch.no_grad too: the caller says if grad mode is on.
@@ -85,7 +86,8 @@ class ChunkedLinearSoftTarget(torch.autograd.Function):
         h, W, b = ctx.saved_tensors
         w_kl, w_ce = row_weights(ctx.kept, h.shape[0], W.shape[0], "none", h.device, _acc(h, W, ctx.teacher))
         g = grad.to(w_kl.dtype)
-        _, grads = _loop(h, W, b, ctx.rows, ctx.teacher, ctx.labels, w_kl * g, w_ce * g, ctx.T, ctx.hard_weight, ctx.chunk, ctx.needs_input_grad[:3])
+        _, grads = _loop(h, W, b, ctx.rows, ctx.teacher, ctx.labels, w_kl * g, w_ce * g, ctx.T,
+                         ctx.hard_weight, ctx.chunk, ctx.needs_input_grad[:3])
         return grads + (None,) * 10
 
 
@@ -110,8 +112,8 @@ def _teacher_rows(teacher, r0, r1):
 
 
 def _loop(h, W, b, rows, teacher, labels, w_kl, w_ce, T, hard_weight, chunk, need):
-    """The per-row losses (N,) in w_kl's dtype (the accumulation dtype) of T^2 w KL + w hard CE, weighted as w_kl, w_ce say
-    (unweighted where they are 1), and (dh, dW, db) where ``need`` asks (None elsewhere)."""
+    """The per-row losses (N,), w_kl T^2 KL + w_ce hard_weight CE, in w_kl's dtype (the
+    accumulation dtype), and (dh, dW, db) where ``need`` asks (None elsewhere)."""
     n = h.shape[0]
     grad = any(need)
     per_row = torch.empty(n, device=h.device, dtype=w_kl.dtype)

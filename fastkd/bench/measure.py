@@ -80,7 +80,8 @@ def liger(case, device, dtype):
     reduction), for FusedLinearSoftTarget's cases: the time and memory of another fused
     linear distillation, not the same numbers."""
     if case.loss != "FusedLinearSoftTarget":
-        raise ValueError(f"the liger variant runs FusedLinearSoftTarget only (Liger-Kernel has no fused op for {case.loss})")
+        raise ValueError(f"the liger variant runs FusedLinearSoftTarget only (Liger-Kernel has no "
+                         f"fused op for {case.loss})")
     from liger_kernel.transformers import LigerFusedLinearJSD
     module = LigerFusedLinearJSD(jsd_beta=0.0, temperature=case.args[0])
     return module, module
