@@ -142,7 +142,7 @@ def _loop(h, W, b, rows, teacher, labels, w_kl, w_ce, T, hard_weight, chunk, nee
         per_row[r0:r1] = torch.where((w_k != 0) | (w_c != 0), w_k * (T * T) * kl + w_c * hard_weight * ce, 0.0)
         if grad:
             if dh is not None:
-                dh[r0:r1] = z @ W
+                torch.mm(z, W, out=dh[r0:r1])  # straight into its rows, no temporary
             if dW is not None:
                 dW.addmm_(z.t(), hc)
             if db is not None:
