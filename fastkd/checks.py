@@ -95,25 +95,26 @@ def integer(value, name, least=0):
     return int(value)
 
 
+def integer_tensor(x, name):
+    """A tensor of one of the integer dtypes indices come in."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
+    return x
+
+
 def indices(idx, name, shape, upper):
     """An integer index tensor of a given shape with values in [0, upper).
 
     The range is checked on CPU only: on CUDA it would cost a host sync on
     every call.
     """
-    if not isinstance(idx, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(idx).__name__}")
-    if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"{name} must have an integer dtype, got {idx.dtype}")
+    integer_tensor(idx, name)
     if tuple(idx.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(idx.shape)}")
-    if idx.device.type == "cpu" and idx.numel() > 0 and torch.compiler.is_compiling():
-        # A compiled graph cannot branch on the values: the check runs inside it instead.
-        torch._assert_async(((idx >= 0) & (idx < upper)).all(), f"{name} values must lie in [0, {upper})")
-    elif idx.device.type == "cpu" and idx.numel() > 0:
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= upper:
-            raise ValueError(f"{name} values must lie in [0, {upper}), got values from {lo} to {hi}")
+    if idx.device.type == "cpu":
+        values_in_range(idx, name, upper)
     return idx
 
 
@@ -131,15 +132,20 @@ def requires_grad(x, name):
 
 def values_in_range(idx, name, upper, allowed=None):
     """Integer values in [0, upper) (or equal to ``allowed``, e.g. an ignore_index): read on
-    the host on CPU; on other devices an asynchronous device assert (no host sync), which
-    fails the next synchronising call rather than letting a kernel read out of bounds."""
+    the host on CPU; compiled, or on other devices, an asynchronous device assert (no host
+    sync), which fails the next synchronising call rather than letting a kernel read out of
+    bounds."""
+    if idx.numel() == 0:
+        return
     ok = (idx >= 0) & (idx < upper)
     if allowed is not None:
         ok |= idx == allowed
     also = f" or equal to {allowed}" if allowed is not None else ""
     if idx.device.type == "cpu" and not torch.compiler.is_compiling():
-        if idx.numel() and not bool(ok.all()):
-            bad = idx[~ok]
-            raise ValueError(f"{name} values must lie in [0, {upper}){also}, got {int(bad[0])}")
-    elif idx.numel():
+        if not bool(ok.all()):
+            # Without an allowed value, every value's range; with one, the offending values'.
+            seen = idx if allowed is None else idx[~ok]
+            raise ValueError(f"{name} values must lie in [0, {upper}){also}, got values from "
+                             f"{int(seen.min())} to {int(seen.max())}")
+    else:  # a compiled graph cannot branch on the values: the check runs inside it instead
         torch._assert_async(ok.all(), f"{name} values must lie in [0, {upper}){also}")

@@ -33,10 +33,11 @@ def default_chunk(n, v, device):
 
 
 def row_weights(kept, n_rows, v, reduction, device, dtype):
-    """(w_kl, w_ce) (N,) in the accumulation dtype: each row's weight in the reduced loss of the KL and hard
-    terms. batchmean: 1/n_kept; mean: 1/(n_kept V) for KL (torch's kl_div 'mean'), 1/n_kept
-    for the hard term; sum and none: 1. 0 on ignored rows (kept False). n_kept is clamped
-    at 1, so a batch of ignored tokens gives a loss of 0 and zero gradients, not NaN.
+    """(w_kl, w_ce) (N,) in the accumulation dtype: each row's weight in the reduced loss of
+    the KL and hard terms. batchmean: 1/n_kept; mean: 1/(n_kept V) for KL (torch's kl_div
+    'mean'), 1/n_kept for the hard term; sum and none: 1. 0 on ignored rows (kept False).
+    n_kept is clamped at 1, so a batch of ignored tokens gives a loss of 0 and zero
+    gradients, not NaN.
     """
     if kept is None:
         keep = torch.ones(n_rows, dtype=dtype, device=device)

@@ -506,13 +506,6 @@ def crd_contrast(embed, memory, sample_idx, nce_t, z, n_data, eps=1e-7):
 _REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 
-def _integer_tensor(x, name):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-        raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
-
-
 def _rows_like(x, name, lead, last=None):
     if tuple(x.shape[:-1]) != tuple(lead) or (last is not None and x.shape[-1] != last):
         want = (*lead, last if last is not None else "k")
@@ -601,7 +594,7 @@ def fused_linear_soft_target(student_hidden, student_weight, teacher_hidden=None
     if given["teacher_topk_indices/teacher_topk_logprobs"]:
         if teacher_topk_indices is None or teacher_topk_logprobs is None:
             raise ValueError("teacher_topk_indices and teacher_topk_logprobs come together (a top-k teacher)")
-        _integer_tensor(teacher_topk_indices, "teacher_topk_indices")
+        checks.integer_tensor(teacher_topk_indices, "teacher_topk_indices")
         checks.tensor(teacher_topk_logprobs, "teacher_topk_logprobs")
         _rows_like(teacher_topk_indices, "teacher_topk_indices", lead)
         checks.same_shape(teacher_topk_indices, teacher_topk_logprobs, "teacher_topk_indices",
@@ -619,7 +612,7 @@ def fused_linear_soft_target(student_hidden, student_weight, teacher_hidden=None
     if chunk_size is not None:
         chunk_size = checks.integer(chunk_size, "chunk_size", least=1)
     if labels is not None:
-        _integer_tensor(labels, "labels")
+        checks.integer_tensor(labels, "labels")
         if tuple(labels.shape) != lead:
             raise ValueError(f"labels must have shape {lead} (student_hidden's leading dims), "
                              f"got {tuple(labels.shape)}")

@@ -1,6 +1,6 @@
 """FusedLinearSoftTarget with torch ops: the chunk loop of fastkd/chunked_linear.py over
-``linear_kl_rows`` below, which does in float32 torch ops what the Triton kernel of
-fastkd/kernels/fused_linear.py does (its docstring has the math)."""
+``linear_kl_rows`` below, which does with torch ops, in the accumulation dtype, what the
+Triton kernel of fastkd/kernels/fused_linear.py does (its docstring has the math)."""
 import torch
 
 from .. import chunked_linear
