@@ -11,6 +11,8 @@ The backward of each collective is the collective that makes this hold:
   all_reduce_sum   y = sum_r x_r (on every rank): dx_r = sum over ranks of dy
 Both work with gloo (CPU) and nccl (CUDA); local batch sizes may differ between ranks.
 """
+import socket
+
 import torch
 import torch.distributed as dist
 
@@ -116,3 +118,10 @@ def all_reduce_max(x, group=None):
     dist.all_reduce(count, group=group)
     # (x - m) is exactly 0 at every hit: the value is m itself, the gradient hit / count.
     return m + all_reduce_sum(((x - m) * hit).sum(), group) / count
+
+
+def free_port():
+    """A TCP port free on this host now, for processes spawned here to meet on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

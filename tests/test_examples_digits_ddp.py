@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("sklearn")
 
+from fastkd import distributed  # noqa: E402
 from fastkd.examples import digits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]  # where python -m finds this checkout's fastkd
@@ -65,7 +66,7 @@ def test_two_processes_train_as_one(tmp_path):
         one, teacher_state = _losses()
     finally:
         torch.set_num_threads(threads)
-    mp.spawn(_worker, args=(2, digits.free_port(), str(tmp_path), teacher_state), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, distributed.free_port(), str(tmp_path), teacher_state), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0] == ranks[1]  # every rank records the global batch's losses
     for name, expected in one.items():

@@ -7,7 +7,6 @@ the banks and Z (identical on every rank, and the single process's) over several
 and that a bad input on one rank raises on every rank and changes nothing anywhere.
 """
 import datetime
-import socket
 
 import pytest
 import torch
@@ -164,15 +163,9 @@ def _worker(rank, world, port, sizes):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("sizes", [[4, 4], [3, 1, 4]], ids=["2 ranks", "3 ranks, unequal batches"])
 def test_global_crd_matches_one_process_on_the_concatenated_batch(sizes):
-    mp.spawn(_worker, args=(len(sizes), _free_port(), sizes), nprocs=len(sizes), join=True)
+    mp.spawn(_worker, args=(len(sizes), distributed.free_port(), sizes), nprocs=len(sizes), join=True)
 
 
 def test_global_batch_without_a_process_group_is_a_clear_error():

@@ -58,7 +58,6 @@ import inspect
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import time
@@ -75,6 +74,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import fastkd
+from fastkd import distributed
 
 from ..__main__ import device_from
 from . import models
@@ -1110,16 +1110,9 @@ def main(argv=None):
         return run_rank(args, int(os.environ["RANK"]), torchrun_world(),
                         int(os.environ.get("LOCAL_RANK", "0")), "env://")
     if args.nproc > 1:
-        mp.spawn(_spawned, args=(args, free_port()), nprocs=args.nproc)
+        mp.spawn(_spawned, args=(args, distributed.free_port()), nprocs=args.nproc)
         return None
     return run_main(args)
-
-
-def free_port():
-    """A TCP port free on this host now, for the spawned processes to meet on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawned(rank, args, port):
