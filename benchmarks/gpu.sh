@@ -11,10 +11,15 @@
 # shape of the sweep); and compute-sanitizer memcheck over every loss's kernels at small
 # shapes; and FusedLinearSoftTarget's LM-head cases in bfloat16. Everything goes under
 # RESULTS_DIR, with summary.txt listing each step's exit status and time. Each step has a
-# time limit; the whole fits in about 11.5 minutes (a lease is 15). The benchmark writes its JSON and CSV after every case, so a step stopped at its
-# limit keeps what it measured.
+# time limit; all of them take up to about 13.5 minutes, more than one 10-minute call, so a
+# lease runs them in two calls (FASTKD_GPU_STEPS below). The benchmarks write their JSON
+# after every case, so a step stopped at its limit keeps what it measured.
 # FASTKD_GPU_RESOURCES=1 adds the compile and resource check (about 2.5 minutes, CPU only;
 # CI runs it too). FASTKD_GPU_DRY_RUN=1 runs only that check (no install, no GPU steps).
+# FASTKD_GPU_STEPS="tests bench-lm ..." runs only the steps named (default: every step),
+# for a lease too short for all of them in one call; FASTKD_GPU_TESTS replaces the test
+# step's selection (default: tests, less the CPU-only compile test), e.g. a rerun of failures;
+# FASTKD_GPU_LIMITS="bench=100 tests=200" changes steps' time limits (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=${FASTKD_GPU_DRY_RUN:-0}
@@ -28,6 +33,8 @@ export PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to RESULTS/NAME.log
     local name=$1 limit=$2 start rc
     shift 2
+    if [ -n "${FASTKD_GPU_STEPS:-}" ] && [[ " $FASTKD_GPU_STEPS " != *" $name "* ]]; then return; fi
+    for kv in ${FASTKD_GPU_LIMITS:-}; do [ "${kv%%=*}" = "$name" ] && limit=${kv#*=}; done
     start=$(date +%s)
     timeout "$limit" "$@" > "$RESULTS/$name.log" 2>&1
     rc=$?
@@ -56,9 +63,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the working tree's fastkd e
 # can cut off); loadfile keeps a file's tests, and so the kernels they compile, on one worker.
 PARALLEL=()
 python -c "import xdist" 2>/dev/null && PARALLEL=(-n 14 --dist loadfile)
+read -r -a SELECTION <<< "${FASTKD_GPU_TESTS:-tests --deselect tests/test_compile_kernels.py}"
 step tests 240 env FASTKD_TEST_DEVICE=cuda python -m pytest -v -rfE --tb=short -p no:cacheprovider "${PARALLEL[@]}" \
-    tests --deselect tests/test_compile_kernels.py --durations=15 --junitxml="$RESULTS/tests.xml"
-grep -E "(FAILED|ERROR) tests/" "$RESULTS/tests.log" | sed 's/^.*\(FAILED\|ERROR\) /\1 /' | sort -u > "$RESULTS/tests-failed.txt"
+    "${SELECTION[@]}" --durations=15 --junitxml="$RESULTS/tests.xml"
+[ -f "$RESULTS/tests.log" ] && grep -E "(FAILED|ERROR) tests/" "$RESULTS/tests.log" | sed 's/^.*\(FAILED\|ERROR\) /\1 /' \
+    | sort -u > "$RESULTS/tests-failed.txt"
 step bench 150 python -m fastkd.bench --sweep full --device cuda --variants eager,fastkd --budget 0.05 --min-reps 3 \
     --max-call-seconds 3 --no-progress --json "$RESULTS/bench.json" --csv "$RESULTS/bench.csv" --plot "$RESULTS/plots"
 # One realistic shape per loss, in the sweep's order of losses.
@@ -73,6 +82,13 @@ python -c "import liger_kernel" 2>/dev/null && LM_VARIANTS=$LM_VARIANTS,liger
 step bench-lm 90 python -m fastkd.bench --sweep full --device cuda --losses FusedLinearSoftTarget \
     --variants "$LM_VARIANTS" --budget 0.2 --min-reps 3 --max-call-seconds 5 --no-progress \
     --json "$RESULTS/bench-lm.json" --csv "$RESULTS/bench-lm.csv"
+# The LM head taken apart: the four head products alone (the floor), the rows kernel alone,
+# chunk sizes, both fast paths, and bfloat16 errors against float64.
+step lm-profile 75 python benchmarks/lm_head_profile.py --json "$RESULTS/lm-profile.json"
+# The global-batch losses, one simulated rank of W (fastkd.bench.global_batch): per-rank time
+# and peak memory against W on this GPU.
+step global-bench 60 python -m fastkd.bench.global_batch --device cuda --N 4096 --D 512 --world 1,2,4,8 \
+    --json "$RESULTS/global-bench.json"
 # Last, as the slowest to start: every loss of fastkd once at the tiny shapes, forward and
 # backward, under memcheck (the whole test suite under it takes far longer than a lease).
 step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 python -m fastkd.bench --sweep tiny \
