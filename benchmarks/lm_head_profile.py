@@ -130,6 +130,28 @@ def profile(bt, h, v, chunks, backends=("triton",)):
     return out
 
 
+def rows_sweep(bt=2048, v=128000):
+    """The rows kernel alone over (bt, v) bfloat16 logits at other tiles than its own:
+    {"BLOCK_R x BLOCK_V / warps": ms}, and its own tile without the hard term."""
+    from fastkd.kernels import fused_linear
+    hs, ws, ht, wt, labels = inputs(bt, 64, v, torch.bfloat16, seed=2)
+    with torch.no_grad():
+        z, t = (hs @ ws.t()).contiguous(), (ht @ wt.t()).contiguous()
+    w = torch.full((bt,), 1.0 / bt, device=DEVICE)
+    own = fused_linear._blocks(bt, v, torch.float32)
+    res = {f"own {own[0]}x{own[1]}/{own[2]} no hard": bench(
+        lambda: linear_kl_rows(z, t, None, w, w, T, 0.0, True))}
+    configs = [own, (1, 512, 2), (1, 2048, 4), (1, 2048, 8), (1, 4096, 8), (1, 4096, 16), (2, 1024, 8), (4, 512, 8)]
+    original = fused_linear._blocks
+    try:
+        for cfg in configs:
+            fused_linear._blocks = lambda R, V, dtype, cfg=cfg: cfg
+            res[f"{cfg[0]}x{cfg[1]}/{cfg[2]}"] = bench(lambda: linear_kl_rows(z, t, labels, w, w, T, HARD, True))
+    finally:
+        fused_linear._blocks = original
+    return res
+
+
 def errors(bt=1024, h=1024, v=32000):
     """Relative 2-norm errors against float64 of loss, dh, dW: fastkd bfloat16 and the
     bfloat16 reference."""
@@ -152,6 +174,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true", help="the two 1,024-token shapes only")
+    p.add_argument("--rows-sweep", action="store_true", help="also time the rows kernel at other tiles")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (set TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
     global DEVICE
@@ -163,6 +186,9 @@ def main(argv=None):
     res = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
            "triton": triton.__version__, "errors": errors(*(big if args.smoke else ())), "shapes": []}
     print("errors vs float64 (loss, dh, dW):", json.dumps(res["errors"]), flush=True)
+    if args.rows_sweep:
+        res["rows_sweep"] = rows_sweep(*((128, 1000) if args.smoke else ()))
+        print("rows kernel alone, ms by tile:", json.dumps(res["rows_sweep"]), flush=True)
     for bt, h, v in shapes:
         sweep = bt * v >= (128 * 1000 if args.smoke else 8192 * 128000)
         chunks = ((16, 32) if args.smoke else (256, 512, 2048, 4096)) if sweep else ()

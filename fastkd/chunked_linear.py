@@ -22,10 +22,13 @@ import torch
 
 from .common import accumulation_dtype, first_order, result_dtype
 
-# Logits per chunk by default. On CUDA the Triton kernel holds no buffer beyond the chunk's
-# logits (256 MB in bfloat16), and fewer, larger chunks mean fewer passes over dW; the
-# torch path's float32 temporaries take several chunk-sized buffers, so the CPU's is smaller.
-CHUNK_ELEMENTS = {"cuda": 1 << 27, "cpu": 1 << 22}
+# Logits per chunk by default. On CUDA the Triton kernel holds no buffer beyond the two
+# models' chunk logits (512 MB each in bfloat16), and each chunk reads and writes all of dW
+# once more: on an H100 at 8,192 tokens x 128k classes, 2^27 (1,048 rows) took 61.9 ms, 2^28
+# 58.4 ms at a fifth of eager's peak memory, 2^29 57.6 ms at 0.29 of it
+# (benchmarks/results/gpu-NVIDIA-H100-80GB-HBM3-20261127). The torch path's float32
+# temporaries take several chunk-sized buffers, so the CPU's is smaller.
+CHUNK_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 22}
 
 
 def default_chunk(n, v, device):

@@ -553,7 +553,7 @@ def fused_linear_soft_target(student_hidden, student_weight, teacher_hidden=None
     at 1: when every token is ignored the loss is 0 with zero gradients (not NaN).
 
     With a dense teacher and no labels it equals fastkd.soft_target(z_s, z_t, T). Memory:
-    the logits exist one chunk of chunk_size tokens at a time (default: about 2^27 logits per
+    the logits exist one chunk of chunk_size tokens at a time (default: about 2^28 logits per
     chunk on CUDA, 2^22 on CPU), so beyond the inputs and gradients it needs O(chunk_size x V). Float32
     accumulation for 16-bit inputs. Runs eagerly under torch.compile.
     """

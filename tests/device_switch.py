@@ -37,12 +37,29 @@ import torch
 
 ENV_VAR = "FASTKD_TEST_DEVICE"
 
-# Tests that check exactly what this mode changes: nodeid suffix -> reason.
+# Tests that check exactly what this mode changes: a regular expression matching the end of
+# the nodeid -> reason.
 SKIPPED = {
-    "test_dispatch.py::test_triton_on_cpu_needs_the_interpreter":
+    r"test_dispatch\.py::test_triton_on_cpu_needs_the_interpreter":
         f"{ENV_VAR} makes the triton backend accept CPU tensors (their calls run on the test "
         "device), which this test checks it refuses",
 }
+# And those that need the interpreter, which runs only with FASTKD_TEST_DEVICE=cpu.
+SKIPPED_OFF_CPU = {
+    # Under torch.compile a Triton call is a fastkd.ops custom operator, whose implementation
+    # runs the Function's forward itself, not the apply this mode wraps: CPU tensors would
+    # reach a compiled kernel. test_fullgraph_compile_on_cuda compiles the same operators
+    # with the inputs on the GPU.
+    r"test_compile\.py::test_(fullgraph_compile_gives_the_eager_loss_and_does_not_recompile"
+    r"|a_new_batch_size_compiles_once_with_a_dynamic_batch)\[\w+-triton\]":
+        "CPU inputs through fastkd.ops' custom operators need the interpreter; "
+        "test_fullgraph_compile_on_cuda runs them on the GPU",
+}
+
+
+def skipped(device):
+    """{nodeid-end pattern: reason} of the tests to skip with the tests' calls on device."""
+    return SKIPPED if device.type == "cpu" else {**SKIPPED, **SKIPPED_OFF_CPU}
 
 
 def requested():

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ..common import zero_row_sums
+from .common import sqrt
 from .gram import BLOCK, TILE_WARPS, _load_tile, _smooth_l1
 
 # Directions shorter than this (E below its square) count as zero; F.normalize's clamp.
@@ -45,7 +46,7 @@ def _directions(e_ptr, row_i, rows, N):
     ok = rows < N
     e = tl.load(e_ptr + row_i + rows, mask=ok, other=0.0)
     live = e >= _NORM_EPS_SQ
-    inv = tl.where(live, 1.0 / tl.sqrt(tl.where(live, e, 1.0)), 0.0)
+    inv = tl.where(live, 1.0 / sqrt(tl.where(live, e, 1.0)), 0.0)
     return e, inv, (ok & ~live).to(e.dtype)
 
 

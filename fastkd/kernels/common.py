@@ -36,3 +36,14 @@ def as_3d(x):
     (contiguous, channels_last), else a copy: how every map and logit tensor reaches a
     kernel."""
     return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+@triton.jit
+def sqrt(x):
+    """The correctly rounded square root. For float32 tl.sqrt is sqrt.approx.ftz on the
+    GPU, which flushes a subnormal sum of squares to 0 (the norm of tiny features would
+    come out 0); float64's tl.sqrt is already sqrt.rn, and tl.sqrt_rn takes float32 only."""
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import to_acc
+from .common import sqrt, to_acc
 from .gram import BLOCK, TILE_WARPS, _load_tile, grad_buffers
 
 
@@ -38,8 +38,8 @@ def _sp_norms_kernel(gs_ptr, gt_ptr, norms_ptr, N, BLOCK: tl.constexpr):
         g_t = _load_tile(gt_ptr, ra, rb, N)
         sq_s += tl.sum(g_s * g_s, 1)
         sq_t += tl.sum(g_t * g_t, 1)
-    tl.store(norms_ptr + ra, tl.maximum(tl.sqrt(sq_s), 1e-12), mask=ra < N)
-    tl.store(norms_ptr + N + ra, tl.maximum(tl.sqrt(sq_t), 1e-12), mask=ra < N)
+    tl.store(norms_ptr + ra, tl.maximum(sqrt(sq_s), 1e-12), mask=ra < N)
+    tl.store(norms_ptr + N + ra, tl.maximum(sqrt(sq_t), 1e-12), mask=ra < N)
 
 
 @triton.jit
@@ -130,7 +130,7 @@ def sp_backward(g_s, g_t, stats):
 @triton.jit
 def _cosine_rows(g_ptr, rows, N, eps):
     """(w, rw) for these rows: w = 1 / (n + eps), rw = -w / n (0 where n = 0)."""
-    n = tl.sqrt(_diagonal(g_ptr, rows, N))
+    n = sqrt(_diagonal(g_ptr, rows, N))
     live = n > 0
     w = 1.0 / (n + eps)
     return w, tl.where(live, -w / tl.where(live, n, 1.0), 0.0)

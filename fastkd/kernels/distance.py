@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import sqrt
 from .gram import BLOCK, _smooth_l1, grad_buffers
 
 
@@ -32,7 +33,7 @@ def _distance_tile(e_ptr, ra, rb, N):
     """d = sqrt(pdist2) (0 on the diagonal and outside) and where the clamp lets the gradient
     through, as _squared_distance_tile."""
     d2, live = _squared_distance_tile(e_ptr, ra, rb, N)
-    return tl.sqrt(d2), live
+    return sqrt(d2), live
 
 
 @triton.jit

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..common import accumulation_dtype
-from .common import as_3d, to_acc
+from .common import as_3d, sqrt, to_acc
 
 MSE = tl.constexpr(0)
 AB = tl.constexpr(1)
@@ -327,8 +327,8 @@ def _normalized_distance_kernel(s, t, stats, C, L, eps: tl.float64, ssb, ssc, ss
         y = tl.load(pt + k * stk, mask=k < L, other=0.0).to(ACC)
         ss += x * x
         tt += y * y
-    n_s = tl.sqrt(tl.sum(ss, axis=0))
-    n_t = tl.sqrt(tl.sum(tt, axis=0))
+    n_s = sqrt(tl.sum(ss, axis=0))
+    n_t = sqrt(tl.sum(tt, axis=0))
     r_s, _ = _inverse_norm(n_s, eps, ADD_EPS)
     r_t, _ = _inverse_norm(n_t, eps, ADD_EPS)
     dist = tl.zeros([BLOCK], dtype=ACC)

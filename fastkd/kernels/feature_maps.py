@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import as_3d, to_acc
+from .common import as_3d, sqrt, to_acc
 
 
 
@@ -70,8 +70,8 @@ def _at_loss_kernel(a_s, a_t, norms, partial, HW, eps: tl.float64, BLOCK_HW: tl.
         xt = tl.load(a_t + b * HW + k, mask=m, other=0.0)
         ss += xs * xs
         tt += xt * xt
-    n_s = tl.sqrt(tl.sum(ss, axis=0))
-    n_t = tl.sqrt(tl.sum(tt, axis=0))
+    n_s = sqrt(tl.sum(ss, axis=0))
+    n_t = sqrt(tl.sum(tt, axis=0))
     inv_s = 1.0 / (n_s + eps)
     inv_t = 1.0 / (n_t + eps)
     acc = tl.zeros([BLOCK_HW], dtype=partial.dtype.element_ty)

@@ -34,6 +34,7 @@ def _linear_kl_rows_kernel(
     max), KL_row (0 without a dense teacher), CE_row (0 without HARD)."""
     acc_t = stats_ptr.dtype.element_ty
     T = to_acc(T, acc_t)
+    inv_T = 1.0 / T  # one division per program: a multiply per class instead
     hw = to_acc(hard_weight, acc_t)
     neg_inf = float("-inf")
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -55,10 +56,10 @@ def _linear_kl_rows_kernel(
         mask = row_ok[:, None] & (cols < V)[None, :]
         zs = tl.load(z_row[:, None] + cols[None, :], mask=mask, other=neg_inf).to(acc_t)
         if DENSE:
-            xt = tl.load(t_row[:, None] + cols[None, :], mask=mask, other=neg_inf).to(acc_t) / T
+            xt = tl.load(t_row[:, None] + cols[None, :], mask=mask, other=neg_inf).to(acc_t) * inv_T
         else:  # student sums only: a teacher equal to the student leaves d at 0
-            xt = zs / T
-        m_s, m_t, z_s, z_t, d = online_kl_step(zs / T, xt, mask, m_s, m_t, z_s, z_t, d)
+            xt = zs * inv_T
+        m_s, m_t, z_s, z_t, d = online_kl_step(zs * inv_T, xt, mask, m_s, m_t, z_s, z_t, d)
         if HARD:  # softmax at temperature 1, against its own max
             m_1_new = tl.maximum(m_1, tl.max(zs, axis=1))
             c_1_new = _shift(m_1_new)
@@ -93,9 +94,9 @@ def _linear_kl_rows_kernel(
             cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
             mask = row_ok[:, None] & (cols < V)[None, :]
             zs = tl.load(z_row[:, None] + cols[None, :], mask=mask, other=0.0).to(acc_t)
-            dz = tl.exp((zs / T - c_s[:, None]) - log_z_s[:, None])
+            dz = tl.exp((zs * inv_T - c_s[:, None]) - log_z_s[:, None])
             if DENSE:
-                xt = tl.load(t_row[:, None] + cols[None, :], mask=mask, other=0.0).to(acc_t) / T
+                xt = tl.load(t_row[:, None] + cols[None, :], mask=mask, other=0.0).to(acc_t) * inv_T
                 dz -= tl.exp((xt - c_t[:, None]) - log_z_t[:, None])
             dz *= w_kl[:, None]
             if HARD:

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import sqrt
+
 BLOCK = 32  # side of the (N, N) tiles
 BLOCK_D = 32  # feature columns per step of a dot product
 BLOCK_D_DIFF = 4  # feature columns per step of a (BLOCK, BLOCK, columns) difference tile
@@ -48,7 +50,7 @@ def _row_norms_kernel(x_ptr, stride_n, stride_d, norms_ptr, N, D,
                     mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0)
         x = x.to(norms_ptr.dtype.element_ty)
         sq += x * x
-    tl.store(norms_ptr + rows, tl.sqrt(tl.sum(sq, 1)), mask=rows < N)
+    tl.store(norms_ptr + rows, sqrt(tl.sum(sq, 1)), mask=rows < N)
 
 
 @triton.jit
