@@ -13,7 +13,8 @@ Triton kernel (fastkd/kernels/fused_linear.py) or torch ops (fastkd/torch_backen
 fused_linear.py), both with the contract of ``linear_kl_rows`` there.
 
 Gradients: with a scalar reduction they are computed during the forward (the logits are
-made once) for a unit upstream gradient and scaled in backward; with reduction="none" the
+made once) for a unit upstream gradient and scaled in place in backward (so the graph
+can be backpropagated once, as a second dW would otherwise be held); with reduction="none" the
 upstream gradient differs by row, so backward runs the loop again with it in the weights.
 dW accumulates in W's dtype (one rounding per chunk, of a sum whose terms were rounded
 once); the teacher is a fixed target and gets no gradient.
@@ -86,7 +87,13 @@ class ChunkedLinearSoftTarget(torch.autograd.Function):
     @first_order
     def backward(ctx, grad):
         if ctx.reduction != "none":
-            return tuple(None if g is None else g * grad.to(g.dtype) for g in ctx.grads) + (None,) * 10
+            # Scaled in place: a copy would hold a second dW (V x H) at the peak.
+            if ctx.grads is None:
+                raise RuntimeError("fused_linear_soft_target: its gradients are made during the forward and "
+                                   "scaled in place by the first backward, so its graph can be backpropagated "
+                                   "once (this is a second backward through it; compute the loss again)")
+            grads, ctx.grads = ctx.grads, None
+            return tuple(None if g is None else g.mul_(grad.to(g.dtype)) for g in grads) + (None,) * 10
         h, W, b = ctx.saved_tensors
         w_kl, w_ce = row_weights(ctx.kept, h.shape[0], W.shape[0], "none", h.device, _acc(h, W, ctx.teacher))
         g = grad.to(w_kl.dtype)

@@ -350,3 +350,22 @@ def test_adversarial_logits_within_the_reference_error(fast, dtype, kind, teache
     assert_within_reference_error(out[0], ref[0], exact[0], msg=f"{kind} loss")
     for name, a, r, e in zip(("h", "W", "b"), out[1], ref[1], exact[1]):
         assert_within_reference_error(a, r, e, msg=f"{kind} grad {name}")
+
+
+@pytest.mark.parametrize("fast", FAST)
+def test_gradients_are_scaled_in_place_once_and_a_second_backward_refuses(fast):
+    """The gradients made in the forward are scaled by the upstream gradient in place (no
+    second dW at the peak): the result is the reference's times the upstream gradient, and
+    backpropagating the same graph again raises rather than scaling twice."""
+    args, kw = make_problem(6, 4, 9, "dense")
+    h, W = args[0], args[1]
+    with fastkd.use_backend(fast):
+        loss = F.fused_linear_soft_target(*args, **kw, hard_weight=0.5)
+    ref = reference_loss.fused_linear_soft_target(*args, **kw, hard_weight=0.5)
+    g = torch.tensor(3.0, dtype=loss.dtype)
+    got = torch.autograd.grad(loss, (h, W), g, retain_graph=True)
+    expected = torch.autograd.grad(ref, (h, W), g)
+    for a, b in zip(got, expected):
+        assert_close(a, b)
+    with pytest.raises(RuntimeError, match="backpropagated once"):
+        torch.autograd.grad(loss, (h, W), g)
