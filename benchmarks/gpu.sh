@@ -84,7 +84,7 @@ step bench-lm 90 python -m fastkd.bench --sweep full --device cuda --losses Fuse
     --json "$RESULTS/bench-lm.json" --csv "$RESULTS/bench-lm.csv"
 # The LM head taken apart: the four head products alone (the floor), the rows kernel alone,
 # chunk sizes, both fast paths, and bfloat16 errors against float64.
-step lm-profile 75 python benchmarks/lm_head_profile.py --json "$RESULTS/lm-profile.json"
+step lm-profile 75 python benchmarks/lm_head_profile.py --rows-sweep --json "$RESULTS/lm-profile.json"
 # The global-batch losses, one simulated rank of W (fastkd.bench.global_batch): per-rank time
 # and peak memory against W on this GPU.
 step global-bench 60 python -m fastkd.bench.global_batch --device cuda --N 4096 --D 512 --world 1,2,4,8 \
