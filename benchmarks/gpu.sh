@@ -64,7 +64,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the working tree's fastkd e
 PARALLEL=()
 python -c "import xdist" 2>/dev/null && PARALLEL=(-n 14 --dist loadfile)
 read -r -a SELECTION <<< "${FASTKD_GPU_TESTS:-tests --deselect tests/test_compile_kernels.py}"
-step tests 240 env FASTKD_TEST_DEVICE=cuda python -m pytest -v -rfE --tb=short -p no:cacheprovider "${PARALLEL[@]}" \
+step tests 240 env FASTKD_TEST_DEVICE=cuda FASTKD_TEST_FAILURES="$RESULTS/tests-failures.txt" python -m pytest -v -rfE --tb=short -p no:cacheprovider "${PARALLEL[@]}" \
     "${SELECTION[@]}" --durations=15 --junitxml="$RESULTS/tests.xml"
 [ -f "$RESULTS/tests.log" ] && grep -E "(FAILED|ERROR) tests/" "$RESULTS/tests.log" | sed 's/^.*\(FAILED\|ERROR\) /\1 /' \
     | sort -u > "$RESULTS/tests-failed.txt"

@@ -28,6 +28,17 @@ settings.register_profile("fastkd-sanitizer", deadline=None, max_examples=3, der
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fastkd"))
 
 
+# FASTKD_TEST_FAILURES=PATH appends each failure's report to PATH as it happens, so a run
+# stopped at a time limit (benchmarks/gpu.sh) keeps them: pytest prints its own at the end.
+FAILURES_LOG = os.environ.get("FASTKD_TEST_FAILURES")
+
+
+def pytest_runtest_logreport(report):
+    if FAILURES_LOG and report.failed:
+        with open(FAILURES_LOG, "a") as f:
+            f.write(f"===== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 def pytest_report_header(config):
     if TEST_DEVICE is not None:
         return f"{device_switch.ENV_VAR}={TEST_DEVICE}: fastkd.autograd Functions run there"

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..common import accumulation_dtype
-from .common import as_3d, sqrt, to_acc
+from .common import NO_FMA, as_3d, sqrt, to_acc
 
 MSE = tl.constexpr(0)
 AB = tl.constexpr(1)
@@ -394,7 +394,7 @@ def normalized_distance(s, t, eps, add_eps, l1):
     acc = accumulation_dtype(s, t)
     stats = torch.empty((B * C, 5), dtype=acc, device=s.device)
     _normalized_distance_kernel[(B * C,)](s, t, stats, C, L, float(eps), *s.stride(), *t.stride(),
-                                          ADD_EPS=add_eps, L1=l1, ACC=_tl(acc), BLOCK=_ROW_BLOCK)
+                                          ADD_EPS=add_eps, L1=l1, ACC=_tl(acc), BLOCK=_ROW_BLOCK, **NO_FMA)
     return stats
 
 
@@ -406,5 +406,5 @@ def normalized_distance_grad(s, t, stats, weight, eps, add_eps, l1, need_s, need
     _normalized_distance_grad_kernel[(B * C,)](s, t, stats, weight, s if ds is None else ds, s if dt is None else dt,
                                                C, L, float(eps), *s.stride(), *t.stride(),
                                                ADD_EPS=add_eps, L1=l1, ACC=_tl(stats.dtype),
-                                               WRITE_S=need_s, WRITE_T=need_t, BLOCK=_ROW_BLOCK)
+                                               WRITE_S=need_s, WRITE_T=need_t, BLOCK=_ROW_BLOCK, **NO_FMA)
     return ds, dt

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import as_3d, sqrt, to_acc
+from .common import NO_FMA, as_3d, sqrt, to_acc
 
 
 
@@ -166,7 +166,7 @@ def at_loss(a_s, a_t, eps=1e-6):
     B, HW = a_s.shape
     partial = torch.empty(B, dtype=a_s.dtype, device=a_s.device)
     norms = torch.empty((B, 2), dtype=a_s.dtype, device=a_s.device)
-    _at_loss_kernel[(B,)](a_s, a_t, norms, partial, HW, eps, BLOCK_HW=256)
+    _at_loss_kernel[(B,)](a_s, a_t, norms, partial, HW, eps, BLOCK_HW=256, **NO_FMA)
     return partial, norms
 
 
@@ -175,7 +175,7 @@ def at_grad_maps(a_s, a_t, norms, grad_out, scale, eps=1e-6):
     B, HW = a_s.shape
     ga_s = torch.empty_like(a_s)
     ga_t = torch.empty_like(a_t)
-    _at_grad_map_kernel[(B,)](a_s, a_t, norms, grad_out, ga_s, ga_t, HW, eps, scale, BLOCK_HW=256)
+    _at_grad_map_kernel[(B,)](a_s, a_t, norms, grad_out, ga_s, ga_t, HW, eps, scale, BLOCK_HW=256, **NO_FMA)
     return ga_s, ga_t
 
 
@@ -278,7 +278,7 @@ def gram(dtype, x1, y1, scale1=1.0, x2=None, y2=None, scale2=0.0):
     _gram_kernel[(B * tiles,)](x1, y1, x2, y2, out, partial, CX, CY, K1, x2.shape[2], float(scale1), float(scale2),
                        *x1.stride(), *y1.stride(), *x2.stride(), *y2.stride(), TWO=two,
                        BLOCK_I=_GRAM_BLOCK, BLOCK_J=_GRAM_BLOCK, BLOCK_K=_GRAM_BLOCK_K,
-                       DIRECT=_direct_dot(dtype, x1, y1, x2, y2))
+                       DIRECT=_direct_dot(dtype, x1, y1, x2, y2), **NO_FMA)
     return out, partial.sum(1)
 
 
