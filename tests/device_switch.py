@@ -51,9 +51,9 @@ SKIPPED_OFF_CPU = {
     # reach a compiled kernel. test_fullgraph_compile_on_cuda compiles the same operators
     # with the inputs on the GPU.
     r"test_compile\.py::test_(fullgraph_compile_gives_the_eager_loss_and_does_not_recompile"
-    r"|a_new_batch_size_compiles_once_with_a_dynamic_batch)\[\w+-triton\]":
+    r"|a_new_batch_size_compiles_once_with_a_dynamic_batch|export_gives_the_eager_loss)\[\w+-triton\]":
         "CPU inputs through fastkd.ops' custom operators need the interpreter; "
-        "test_fullgraph_compile_on_cuda runs them on the GPU",
+        "test_fullgraph_compile_on_cuda and test_export_on_cuda run them on the GPU",
 }
 
 

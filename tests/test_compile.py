@@ -152,6 +152,18 @@ def test_export_gives_the_eager_loss(loss, backend):
         torch.testing.assert_close(exported.module()(*inputs), module(*inputs), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh)")
+@pytest.mark.parametrize("loss", WHOLE_GRAPH)
+def test_export_on_cuda(loss):
+    """torch.export of the custom operators over the Triton kernels, run on the GPU."""
+    case = ONE_CASE_PER_LOSS[loss]
+    cuda = torch.device("cuda")
+    module = case.build("fastkd", cuda, torch.float32)
+    inputs = tuple(_inputs(case, 0, cuda))
+    exported = torch.export.export(module, inputs)
+    torch.testing.assert_close(exported.module()(*inputs), module(*inputs), rtol=1e-5, atol=1e-7)
+
+
 def test_a_compiled_call_follows_use_backend():
     """The backend is read while tracing and guarded: another backend recompiles for it."""
     case = ONE_CASE_PER_LOSS["RKD"]
