@@ -130,10 +130,10 @@ def test_ignore_index_that_is_a_class_is_still_ignored(fast):
         assert_close(a, b)
 
 
-def _low_precision_case(dtype, teacher, seed):
+def _low_precision_case(dtype, teacher, seed, n=48, h=32, v=300):
     """The fast path and the reference in dtype, and the exact (float64) answer of the same
     rounded inputs: loss and gradients, each a list."""
-    args, kw = make_problem(48, 32, 300, teacher, dtype=dtype, seed=seed, k=20, scale=4.0)
+    args, kw = make_problem(n, h, v, teacher, dtype=dtype, seed=seed, k=20, scale=4.0)
     exact_args = [a.detach().double().requires_grad_(a.requires_grad) if a is not None and a.is_floating_point()
                   else a for a in args]
     exact_kw = {n: (a.detach().double().requires_grad_(a.requires_grad)
@@ -156,6 +156,19 @@ def test_low_precision_within_the_reference_error(fast, dtype, teacher):
         for name, a, r, e in zip(("h", "W", "b"), out[1], ref[1], exact[1]):
             assert a.dtype == r.dtype
             assert_within_reference_error(a, r, e, msg=f"{teacher} grad {name}")
+
+
+@pytest.mark.parametrize("fast", FAST)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("teacher", TEACHERS)
+def test_a_vocabulary_of_more_than_a_tile_within_the_reference_error(fast, dtype, teacher):
+    """V = 2,500: the Triton kernel's rows of one 2,048-class block per program (the LM-head
+    tile), the second block mostly masked."""
+    exact, ref, args, kw, options = _low_precision_case(dtype, teacher, 0, n=5, h=16, v=2500)
+    out = run(fast, args, kw, chunk_size=3, **options)
+    assert_within_reference_error(out[0], ref[0], exact[0], msg=f"{teacher} loss")
+    for name, a, r, e in zip(("h", "W", "b"), out[1], ref[1], exact[1]):
+        assert_within_reference_error(a, r, e, msg=f"{teacher} grad {name}")
 
 
 class _LargestTensor(TorchDispatchMode):
