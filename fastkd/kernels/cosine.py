@@ -27,42 +27,42 @@ def _diagonal(g_ptr, rows, N):
 # G^ = G / n (rows), loss = mean (G^_s - G^_t)^2.
 
 @triton.jit
-def _sp_norms_kernel(gs_ptr, gt_ptr, norms_ptr, N, BLOCK: tl.constexpr):
-    """norms (2, N) = the clamped row norms of G_s and G_t for a block of rows."""
+def _sp_norms_kernel(gs_ptr, gt_ptr, norms_ptr, R, N, BLOCK: tl.constexpr):
+    """norms (2, R) = the clamped row norms of G_s and G_t (R, N) for a block of rows."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     sq_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     sq_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        g_s = _load_tile(gs_ptr, ra, rb, N)
-        g_t = _load_tile(gt_ptr, ra, rb, N)
+        g_s = _load_tile(gs_ptr, ra, rb, R, N)
+        g_t = _load_tile(gt_ptr, ra, rb, R, N)
         sq_s += tl.sum(g_s * g_s, 1)
         sq_t += tl.sum(g_t * g_t, 1)
-    tl.store(norms_ptr + ra, tl.maximum(tl.sqrt(sq_s), 1e-12), mask=ra < N)
-    tl.store(norms_ptr + N + ra, tl.maximum(tl.sqrt(sq_t), 1e-12), mask=ra < N)
+    tl.store(norms_ptr + ra, tl.maximum(tl.sqrt(sq_s), 1e-12), mask=ra < R)
+    tl.store(norms_ptr + R + ra, tl.maximum(tl.sqrt(sq_t), 1e-12), mask=ra < R)
 
 
 @triton.jit
-def _sp_loss_kernel(gs_ptr, gt_ptr, norms_ptr, part_ptr, dots_ptr, N, BLOCK: tl.constexpr):
-    """For a block of rows: part = sum (G^_s - G^_t)^2 and dots (2, N) = sum_j (G^_s - G^_t) G^
+def _sp_loss_kernel(gs_ptr, gt_ptr, norms_ptr, part_ptr, dots_ptr, R, N, BLOCK: tl.constexpr):
+    """For a block of rows: part = sum (G^_s - G^_t)^2 and dots (2, R) = sum_j (G^_s - G^_t) G^
     on each side (the norms' share of the gradient)."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    n_s = tl.load(norms_ptr + ra, mask=ra < N, other=1.0)
-    n_t = tl.load(norms_ptr + N + ra, mask=ra < N, other=1.0)
+    n_s = tl.load(norms_ptr + ra, mask=ra < R, other=1.0)
+    n_t = tl.load(norms_ptr + R + ra, mask=ra < R, other=1.0)
     loss = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     dot_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     dot_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        h_s = _load_tile(gs_ptr, ra, rb, N) / n_s[:, None]
-        h_t = _load_tile(gt_ptr, ra, rb, N) / n_t[:, None]
+        h_s = _load_tile(gs_ptr, ra, rb, R, N) / n_s[:, None]
+        h_t = _load_tile(gt_ptr, ra, rb, R, N) / n_t[:, None]
         diff = h_s - h_t
         loss += tl.sum(diff * diff, 1)
         dot_s += tl.sum(diff * h_s, 1)
         dot_t += tl.sum(diff * h_t, 1)
     tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
-    tl.store(dots_ptr + ra, dot_s, mask=ra < N)
-    tl.store(dots_ptr + N + ra, dot_t, mask=ra < N)
+    tl.store(dots_ptr + ra, dot_s, mask=ra < R)
+    tl.store(dots_ptr + R + ra, dot_t, mask=ra < R)
 
 
 @triton.jit
@@ -78,45 +78,57 @@ def _sp_w(g_s, g_t, n_s, n_t, dot_s, dot_t):
 
 
 @triton.jit
-def _sp_grad_kernel(gs_ptr, gt_ptr, norms_ptr, dots_ptr, ms_ptr, mt_ptr, N, BLOCK: tl.constexpr):
-    """M = W + W^T at the tile (a, b) on each side, so that N^2 dL/dX = M X."""
+def _sp_grad_kernel(gs_ptr, gt_ptr, norms_ptr, dots_ptr, ms_ptr, mt_ptr, R, N, SQUARE: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """At the tile (a, b) on each side: SQUARE (G (N, N)), M = W + W^T, so that N^2 dL/dX = M X;
+    else W itself, W = N^2 dL/dG on the rows of G (R, N) (a global batch's row block, whose
+    W^T X the caller adds)."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    na_s = tl.load(norms_ptr + ra, mask=ra < N, other=1.0)[:, None]
-    na_t = tl.load(norms_ptr + N + ra, mask=ra < N, other=1.0)[:, None]
-    nb_s = tl.load(norms_ptr + rb, mask=rb < N, other=1.0)[None, :]
-    nb_t = tl.load(norms_ptr + N + rb, mask=rb < N, other=1.0)[None, :]
-    da_s = tl.load(dots_ptr + ra, mask=ra < N, other=0.0)[:, None]
-    da_t = tl.load(dots_ptr + N + ra, mask=ra < N, other=0.0)[:, None]
-    db_s = tl.load(dots_ptr + rb, mask=rb < N, other=0.0)[None, :]
-    db_t = tl.load(dots_ptr + N + rb, mask=rb < N, other=0.0)[None, :]
-    g_s = _load_tile(gs_ptr, ra, rb, N)
-    g_t = _load_tile(gt_ptr, ra, rb, N)
-    # G is exactly symmetric: W at (b, a), transposed, is _sp_w on this tile with b's stats.
-    wab_s, wab_t = _sp_w(g_s, g_t, na_s, na_t, da_s, da_t)
-    wba_s, wba_t = _sp_w(g_s, g_t, nb_s, nb_t, db_s, db_t)
-    ok = (ra[:, None] < N) & (rb[None, :] < N)
-    tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], wab_s + wba_s, mask=ok)
-    tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], wab_t + wba_t, mask=ok)
+    na_s = tl.load(norms_ptr + ra, mask=ra < R, other=1.0)[:, None]
+    na_t = tl.load(norms_ptr + R + ra, mask=ra < R, other=1.0)[:, None]
+    da_s = tl.load(dots_ptr + ra, mask=ra < R, other=0.0)[:, None]
+    da_t = tl.load(dots_ptr + R + ra, mask=ra < R, other=0.0)[:, None]
+    g_s = _load_tile(gs_ptr, ra, rb, R, N)
+    g_t = _load_tile(gt_ptr, ra, rb, R, N)
+    m_s, m_t = _sp_w(g_s, g_t, na_s, na_t, da_s, da_t)
+    if SQUARE:
+        # G is exactly symmetric: W at (b, a), transposed, is _sp_w on this tile with b's stats.
+        nb_s = tl.load(norms_ptr + rb, mask=rb < N, other=1.0)[None, :]
+        nb_t = tl.load(norms_ptr + N + rb, mask=rb < N, other=1.0)[None, :]
+        db_s = tl.load(dots_ptr + rb, mask=rb < N, other=0.0)[None, :]
+        db_t = tl.load(dots_ptr + N + rb, mask=rb < N, other=0.0)[None, :]
+        wba_s, wba_t = _sp_w(g_s, g_t, nb_s, nb_t, db_s, db_t)
+        m_s += wba_s
+        m_t += wba_t
+    ok = (ra[:, None] < R) & (rb[None, :] < N)
+    tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], m_s, mask=ok)
+    tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], m_t, mask=ok)
 
 
 def sp_forward(g_s, g_t):
-    """(N^2 * loss, stats (2, 2, N): the row norms and dots) from the raw Gram matrices."""
-    n = len(g_s)
-    nb = triton.cdiv(n, BLOCK)
-    stats = torch.empty((2, 2, n), dtype=g_s.dtype, device=g_s.device)
-    _sp_norms_kernel[(nb,)](g_s, g_t, stats[0], n, BLOCK=BLOCK)
-    part = torch.empty(nb, dtype=g_s.dtype, device=g_s.device)
-    _sp_loss_kernel[(nb,)](g_s, g_t, stats[0], part, stats[1], n, BLOCK=BLOCK)
+    """(N^2 * loss, stats (2, 2, R): the row norms and dots) from the raw Gram matrices (R, N):
+    all (N, N), or a global batch's rows of them (each row's terms are its own)."""
+    rows = len(g_s)
+    nb = triton.cdiv(rows, BLOCK)
+    stats = torch.empty((2, 2, rows), dtype=g_s.dtype, device=g_s.device)
+    part = (torch.empty if rows else torch.zeros)(max(nb, 1), dtype=g_s.dtype, device=g_s.device)
+    if rows:  # a rank may hold no samples
+        _sp_norms_kernel[(nb,)](g_s, g_t, stats[0], rows, g_s.shape[1], BLOCK=BLOCK)
+        _sp_loss_kernel[(nb,)](g_s, g_t, stats[0], part, stats[1], rows, g_s.shape[1], BLOCK=BLOCK)
     return part.sum(), stats
 
 
-def sp_backward(g_s, g_t, stats):
-    """(M_s, M_t) with N^2 dL/dX = M X on each side."""
-    n = len(g_s)
-    nb = triton.cdiv(n, BLOCK)
+def sp_backward(g_s, g_t, stats, square=True):
+    """(M_s, M_t) with N^2 dL/dX = M X on each side, for G (N, N); for a global batch's rows
+    G (R, N) (square False), M = W = N^2 dL/dG on those rows (N^2 dL/dX = W X on the rows,
+    + W^T X_rows on every row)."""
+    rows, n = g_s.shape
     m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
-    _sp_grad_kernel[(nb, nb)](g_s, g_t, stats[0], stats[1], m_s, m_t, n, BLOCK=BLOCK)
+    if rows:
+        _sp_grad_kernel[(triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))](
+            g_s, g_t, stats[0], stats[1], m_s, m_t, rows, n, SQUARE=square,
+            BLOCK=BLOCK)
     return m_s, m_t
 
 
@@ -157,8 +169,8 @@ def _pkt_sums_kernel(gs_ptr, gt_ptr, eps: tl.float64, sums_ptr, N, BLOCK: tl.con
         ok = (ra[:, None] < N) & (rb[None, :] < N)
         wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps)
         wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps)
-        c_s = _load_tile(gs_ptr, ra, rb, N) * wa_s[:, None] * wb_s[None, :]
-        c_t = _load_tile(gt_ptr, ra, rb, N) * wa_t[:, None] * wb_t[None, :]
+        c_s = _load_tile(gs_ptr, ra, rb, N, N) * wa_s[:, None] * wb_s[None, :]
+        c_t = _load_tile(gt_ptr, ra, rb, N, N) * wa_t[:, None] * wb_t[None, :]
         sum_s += tl.sum(tl.where(ok, (c_s + 1) * 0.5, 0.0), 1)
         sum_t += tl.sum(tl.where(ok, (c_t + 1) * 0.5, 0.0), 1)
     tl.store(sums_ptr + ra, sum_s, mask=ra < N)
@@ -196,7 +208,7 @@ def _pkt_loss_kernel(gs_ptr, gt_ptr, eps: tl.float64, sums_ptr, part_ptr, dots_p
         # Named, not `_`: a loop-carried name must keep one type, and `_` is a (BLOCK,) vector
         # above.
         c_s, c_t, kl, a_s, a_t, p_s, p_t = _pkt_terms(
-            _load_tile(gs_ptr, ra, rb, N), _load_tile(gt_ptr, ra, rb, N), wa_s[:, None],
+            _load_tile(gs_ptr, ra, rb, N, N), _load_tile(gt_ptr, ra, rb, N, N), wa_s[:, None],
             wb_s[None, :], wa_t[:, None], wb_t[None, :], sa_s, sa_t, eps)
         loss += tl.sum(tl.where(ok, kl, 0.0), 1)
         dot_s += tl.sum(tl.where(ok, a_s * p_s, 0.0), 1)
@@ -237,8 +249,8 @@ def _pkt_grad_kernel(gs_ptr, gt_ptr, eps: tl.float64, sums_ptr, dots_ptr, ms_ptr
         sb_t = tl.load(sums_ptr + N + rb, mask=rb < N, other=1.0)
         db_s = tl.load(dots_ptr + rb, mask=rb < N, other=0.0)
         db_t = tl.load(dots_ptr + N + rb, mask=rb < N, other=0.0)
-        g_s = _load_tile(gs_ptr, ra, rb, N)
-        g_t = _load_tile(gt_ptr, ra, rb, N)
+        g_s = _load_tile(gs_ptr, ra, rb, N, N)
+        g_t = _load_tile(gt_ptr, ra, rb, N, N)
         vab_s, vab_t, c_s, c_t = _pkt_v(g_s, g_t, wa_s[:, None], wb_s[None, :], wa_t[:, None],
                                         wb_t[None, :], sa_s[:, None], sa_t[:, None],
                                         da_s[:, None], da_t[:, None], eps)
@@ -306,26 +318,26 @@ def _normalised_rows(norms_ptr, rows, N):
 
 
 @triton.jit
-def _cc_tile(gs_ptr, gt_ptr, ra, rb, N, two_gamma, P):
-    """(K_s - K_t, K'_s, K'_t, S_s, S_t) over e^{-2 gamma}, at the tile (a, b); S = G of the
-    normalised rows."""
-    s_s = _load_tile(gs_ptr, ra, rb, N)
-    s_t = _load_tile(gt_ptr, ra, rb, N)
+def _cc_tile(gs_ptr, gt_ptr, ra, rb, R, N, two_gamma, P):
+    """(K_s - K_t, K'_s, K'_t, S_s, S_t) over e^{-2 gamma}, at the tile (a, b) of S (R, N), the
+    G of the normalised rows (all N, or a global batch's rows of it)."""
+    s_s = _load_tile(gs_ptr, ra, rb, R, N)
+    s_t = _load_tile(gt_ptr, ra, rb, R, N)
     k_s, dk_s = _cc_kernel_values(s_s, two_gamma, P)
     k_t, dk_t = _cc_kernel_values(s_t, two_gamma, P)
-    ok = (ra[:, None] < N) & (rb[None, :] < N)
+    ok = (ra[:, None] < R) & (rb[None, :] < N)
     return tl.where(ok, k_s - k_t, 0.0), dk_s, dk_t, s_s, s_t
 
 
 @triton.jit
-def _cc_loss_kernel(gs_ptr, gt_ptr, c0: tl.float64, two_gamma: tl.float64, part_ptr, N, P,
+def _cc_loss_kernel(gs_ptr, gt_ptr, c0: tl.float64, two_gamma: tl.float64, part_ptr, R, N, P,
                     BLOCK: tl.constexpr):
-    """part = sum (K_s - K_t)^2 over one tile; c0 = e^{-2 gamma}."""
+    """part = sum (K_s - K_t)^2 over one tile of S (R, N); c0 = e^{-2 gamma}."""
     c0 = to_acc(c0, gs_ptr.dtype.element_ty)
     two_gamma = to_acc(two_gamma, gs_ptr.dtype.element_ty)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    diff, _, _, _, _ = _cc_tile(gs_ptr, gt_ptr, ra, rb, N, two_gamma, P)
+    diff, _, _, _, _ = _cc_tile(gs_ptr, gt_ptr, ra, rb, R, N, two_gamma, P)
     diff = diff * c0
     tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
              tl.sum(tl.sum(diff * diff, 1), 0))
@@ -333,47 +345,53 @@ def _cc_loss_kernel(gs_ptr, gt_ptr, c0: tl.float64, two_gamma: tl.float64, part_
 
 @triton.jit
 def _cc_grad_kernel(gs_ptr, gt_ptr, ns_ptr, nt_ptr, c0: tl.float64, two_gamma: tl.float64, ms_ptr, rs_ptr,
-                    mt_ptr, rt_ptr, N, P, BLOCK: tl.constexpr):
+                    mt_ptr, rt_ptr, lo, R, N, P, BLOCK: tl.constexpr):
     """M and r with N^2 dL/dX = M X^ + r * X^ on each side, X^ the normalised rows, for a block
-    of rows: V = 2 (K_s - K_t) K' is symmetric, so V + V^T = 2 V; M = 2 V w_a (x^ = w x) and
-    r_a = rw_a sum_b 2 V_ab S_ab (the norm's share, see _normalised_rows)."""
+    of the rows lo:lo + R of S (R, N) (lo 0, R = N for one process): V = 2 (K_s - K_t) K' is
+    symmetric, so V + V^T = 2 V, and these rows' M = 2 V w_a (x^ = w x) and r_a = rw_a sum_b
+    2 V_ab S_ab (the norm's share, see _normalised_rows) give their whole gradient."""
     c0 = to_acc(c0, gs_ptr.dtype.element_ty)
     two_gamma = to_acc(two_gamma, gs_ptr.dtype.element_ty)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, rwa_s = _normalised_rows(ns_ptr, ra, N)
-    wa_t, rwa_t = _normalised_rows(nt_ptr, ra, N)
+    wa_s, rwa_s = _normalised_rows(ns_ptr, lo + ra, lo + R)
+    wa_t, rwa_t = _normalised_rows(nt_ptr, lo + ra, lo + R)
     r_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     r_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        ok = (ra[:, None] < N) & (rb[None, :] < N)
-        diff, dk_s, dk_t, s_s, s_t = _cc_tile(gs_ptr, gt_ptr, ra, rb, N, two_gamma, P)
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
+        diff, dk_s, dk_t, s_s, s_t = _cc_tile(gs_ptr, gt_ptr, ra, rb, R, N, two_gamma, P)
         v_s = 4 * c0 * c0 * diff * dk_s
         v_t = -4 * c0 * c0 * diff * dk_t
         r_s += tl.sum(v_s * s_s, 1)
         r_t += tl.sum(v_t * s_t, 1)
         tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], v_s * wa_s[:, None], mask=ok)
         tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], v_t * wa_t[:, None], mask=ok)
-    tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < N)
-    tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < N)
+    tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < R)
+    tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < R)
 
 
 def cc_forward(g_s, g_t, gamma, p_order):
-    """N^2 * loss from the Gram matrices of the normalised rows."""
-    n = len(g_s)
-    nb = triton.cdiv(n, BLOCK)
-    part = torch.empty(nb * nb, dtype=g_s.dtype, device=g_s.device)
-    _cc_loss_kernel[(nb, nb)](g_s, g_t, math.exp(-2 * gamma), 2 * gamma, part, n, p_order, BLOCK=BLOCK)
+    """N^2 * loss from the Gram matrices of the normalised rows, S (R, N): all (N, N), or a
+    global batch's rows (their part of the loss)."""
+    rows, n = g_s.shape
+    grid = (triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))
+    if not rows:  # a rank may hold no samples
+        return g_s.new_zeros(())
+    part = torch.empty(grid[0] * grid[1], dtype=g_s.dtype, device=g_s.device)
+    _cc_loss_kernel[grid](g_s, g_t, math.exp(-2 * gamma), 2 * gamma, part, rows, n, p_order, BLOCK=BLOCK)
     return part.sum()
 
 
-def cc_backward(g_s, g_t, norms_s, norms_t, gamma, p_order):
+def cc_backward(g_s, g_t, norms_s, norms_t, gamma, p_order, lo=0):
     """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X^ + r * X^ on each side, X^ the normalised
-    rows and norms the rows' norms before."""
-    n = len(g_s)
+    rows and norms (N,) the rows' norms before; for a global batch's rows lo:lo + R of S
+    (R, N), M (R, N) and r (R,) give those rows' whole gradient."""
+    rows, n = g_s.shape
     m_s, r_s, m_t, r_t = grad_buffers(g_s, g_t)
-    _cc_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, norms_s, norms_t, math.exp(-2 * gamma), 2 * gamma,
-                                              m_s, r_s, m_t, r_t, n, p_order, BLOCK=BLOCK,
-                                              num_warps=TILE_WARPS)
+    if rows:
+        _cc_grad_kernel[(triton.cdiv(rows, BLOCK),)](g_s, g_t, norms_s, norms_t, math.exp(-2 * gamma),
+                                                     2 * gamma, m_s, r_s, m_t, r_t, lo, rows, n, p_order,
+                                                     BLOCK=BLOCK, num_warps=TILE_WARPS)
     return m_s, r_s, m_t, r_t
 
