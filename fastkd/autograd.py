@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from . import chunked_linear as _chunked_linear
 from . import ops as _ops
 from .common import (accumulation_dtype, direction_backward, first_order, grad_cam, nst_spatial_form,
-                     output_gradient, result_dtype, squared_distances_from_gram, transformation_pool)
+                     output_gradient, result_dtype, squared_distances_from_gram,
+                     squared_distances_from_gram_rows, transformation_pool)
 from .kernels import angle as _angle
 from .kernels import contrast as _contrast
 from .kernels import cosine as _cosine
@@ -685,8 +686,7 @@ def _own_rows(part, like, lo):
     """The gradient of X (N, ...) shaped and typed like `like`: part (the gradient of the rows
     lo:lo + n, n = len(part)) there, zeros elsewhere."""
     out = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
-    if len(part):
-        out.view(len(like), -1)[lo:lo + len(part)] = part.reshape(len(part), -1)
+    out.view(len(like), -1)[lo:lo + len(part)] = part.reshape(len(part), -1)
     return out
 
 
@@ -836,6 +836,45 @@ def cc_global(feat_s, feat_t, gamma, P_order, *, group, sizes):
     (x_s, lo, n), (x_t, _, _) = _gathered(feat_s, group, sizes), _gathered(feat_t, group, sizes)
     part = CCRowsFunction.apply(x_s, x_t, gamma, P_order, lo, n)
     return all_reduce_sum(part, group).to(result_dtype(feat_s, feat_t))
+
+
+class IRGEdgeRowsFunction(torch.autograd.Function):
+    """This rank's part of one IRG edge term: the rows lo:lo + n of E'_s - E'_t, E' = pdist2 /
+    max(pdist2), E (n, N) from the Gram rows of the centred float64 X_* (N, ...) (every rank's
+    rows), the maxima and the gradient's sums all-reduced. dL/dE's rows reach every row
+    (W X on these rows, W^T X_rows on all)."""
+
+    @staticmethod
+    def forward(ctx, x_s, x_t, lo, n, group):
+        c_s, c_t = (_gram.prepare(x, centre=True) for x in (x_s, x_t))
+        e_s, e_t = (squared_distances_from_gram_rows(_gram.gram(c, lo, n), torch.linalg.vecdot(c, c), lo)
+                    for c in (c_s, c_t))
+        total, stats = _dist.irg_edge_forward(e_s, e_t, lo, reducer(group))
+        ctx.save_for_backward(x_s, x_t, c_s, c_t, e_s, e_t, stats)
+        ctx.lo = lo
+        return total / len(c_s) ** 2
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_out):
+        x_s, x_t, c_s, c_t, e_s, e_t, stats = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _dist.irg_edge_backward(e_s, e_t, stats, ctx.lo)
+        # M = -4 W, r = 4 rowsum(W) on these rows; with half of each, these rows get
+        # 2 sum_b W_ab (x_a - x_b) and every row b gets 2 sum_a W_ab (x_b - x_a).
+        scale = grad_out.to(torch.float64) / len(c_s) ** 2 * 0.5
+        return (*(_rows_and_transpose_grad(m, c, ctx.lo, scale, z=c, r=r, rt=-m.sum(0))
+                  .reshape(x.shape).to(x.dtype) if needed else None
+                  for m, r, c, x, needed in ((m_s, r_s, c_s, x_s, ctx.needs_input_grad[0]),
+                                             (m_t, r_t, c_t, x_t, ctx.needs_input_grad[1]))), None, None, None)
+
+
+def irg_edge_global(irg_s, irg_t, *, group, sizes):
+    """irg_edge over every rank's batch, sharded: this rank's rows of each E."""
+    part = 0.0
+    for i in (2, 0, 1):
+        (x_s, lo, n), (x_t, _, _) = _gathered(irg_s[i], group, sizes), _gathered(irg_t[i], group, sizes)
+        part = part + IRGEdgeRowsFunction.apply(x_s, x_t, lo, n, group)
+    return (all_reduce_sum(part, group) / 3.0).to(irg_s[2].dtype)
 
 
 # --- softmax-KL over logits: SoftTarget, DML, BSS (fastkd.kernels.softmax_kl) ---------------

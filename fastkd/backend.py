@@ -122,6 +122,7 @@ SHARDED = {
         "rkd_angle": _triton.rkd_angle_global,
         "sp": _triton.sp_global,
         "cc": _triton.cc_global,
+        "irg_edge": _triton.irg_edge_global,
     },
 }
 

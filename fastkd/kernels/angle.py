@@ -162,9 +162,8 @@ def rkd_angle_forward(e_s, e_t, with_stats, lo=0, anchors=None):
     nb = triton.cdiv(n, BLOCK)
     part = torch.empty(anchors * nb, dtype=e_s.dtype, device=e_s.device)
     stats = torch.empty((6, anchors, n) if with_stats else (1,), dtype=e_s.dtype, device=e_s.device)
-    if anchors:  # a rank may hold no samples
-        _rkd_angle_fwd_kernel[(anchors, nb)](e_s, e_t, part, stats, lo, n, STATS=with_stats, BLOCK=BLOCK,
-                                             num_warps=TILE_WARPS)
+    _rkd_angle_fwd_kernel[(anchors, nb)](e_s, e_t, part, stats, lo, n, STATS=with_stats, BLOCK=BLOCK,
+                                         num_warps=TILE_WARPS)
     return part.sum(), (stats if with_stats else None)
 
 

@@ -112,10 +112,9 @@ def sp_forward(g_s, g_t):
     rows = len(g_s)
     nb = triton.cdiv(rows, BLOCK)
     stats = torch.empty((2, 2, rows), dtype=g_s.dtype, device=g_s.device)
-    part = (torch.empty if rows else torch.zeros)(max(nb, 1), dtype=g_s.dtype, device=g_s.device)
-    if rows:  # a rank may hold no samples
-        _sp_norms_kernel[(nb,)](g_s, g_t, stats[0], rows, g_s.shape[1], BLOCK=BLOCK)
-        _sp_loss_kernel[(nb,)](g_s, g_t, stats[0], part, stats[1], rows, g_s.shape[1], BLOCK=BLOCK)
+    part = torch.empty(nb, dtype=g_s.dtype, device=g_s.device)
+    _sp_norms_kernel[(nb,)](g_s, g_t, stats[0], rows, g_s.shape[1], BLOCK=BLOCK)
+    _sp_loss_kernel[(nb,)](g_s, g_t, stats[0], part, stats[1], rows, g_s.shape[1], BLOCK=BLOCK)
     return part.sum(), stats
 
 
@@ -125,10 +124,8 @@ def sp_backward(g_s, g_t, stats, square=True):
     + W^T X_rows on every row)."""
     rows, n = g_s.shape
     m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
-    if rows:
-        _sp_grad_kernel[(triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))](
-            g_s, g_t, stats[0], stats[1], m_s, m_t, rows, n, SQUARE=square,
-            BLOCK=BLOCK)
+    _sp_grad_kernel[(triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))](
+        g_s, g_t, stats[0], stats[1], m_s, m_t, rows, n, SQUARE=square, BLOCK=BLOCK)
     return m_s, m_t
 
 
@@ -376,8 +373,6 @@ def cc_forward(g_s, g_t, gamma, p_order):
     global batch's rows (their part of the loss)."""
     rows, n = g_s.shape
     grid = (triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))
-    if not rows:  # a rank may hold no samples
-        return g_s.new_zeros(())
     part = torch.empty(grid[0] * grid[1], dtype=g_s.dtype, device=g_s.device)
     _cc_loss_kernel[grid](g_s, g_t, math.exp(-2 * gamma), 2 * gamma, part, rows, n, p_order, BLOCK=BLOCK)
     return part.sum()
@@ -389,9 +384,8 @@ def cc_backward(g_s, g_t, norms_s, norms_t, gamma, p_order, lo=0):
     (R, N), M (R, N) and r (R,) give those rows' whole gradient."""
     rows, n = g_s.shape
     m_s, r_s, m_t, r_t = grad_buffers(g_s, g_t)
-    if rows:
-        _cc_grad_kernel[(triton.cdiv(rows, BLOCK),)](g_s, g_t, norms_s, norms_t, math.exp(-2 * gamma),
-                                                     2 * gamma, m_s, r_s, m_t, r_t, lo, rows, n, p_order,
-                                                     BLOCK=BLOCK, num_warps=TILE_WARPS)
+    _cc_grad_kernel[(triton.cdiv(rows, BLOCK),)](g_s, g_t, norms_s, norms_t, math.exp(-2 * gamma),
+                                                 2 * gamma, m_s, r_s, m_t, r_t, lo, rows, n, p_order,
+                                                 BLOCK=BLOCK, num_warps=TILE_WARPS)
     return m_s, r_s, m_t, r_t
 

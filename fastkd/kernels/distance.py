@@ -74,8 +74,6 @@ def _tile_parts(kernel, width, e_s, e_t, *stats, lo=0):
     tiles of e_* (R, N) (the rows lo:lo + R of E), each writing its row of part."""
     rows, n = e_s.shape
     grid = (triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))
-    if not rows:  # a rank without samples: one row of zeros (below every sum and maximum)
-        return torch.zeros((1, width), dtype=e_s.dtype, device=e_s.device)
     part = torch.empty((grid[0] * grid[1], width), dtype=e_s.dtype, device=e_s.device)
     kernel[grid](e_s, e_t, *stats, part, lo, rows, n, BLOCK=BLOCK)
     return part

@@ -138,9 +138,8 @@ def squared_distances(x, lo=0, rows=None):
     square = rows is None
     rows = n if square else rows
     e = torch.empty((rows, n), dtype=torch.float64, device=x.device)
-    if rows:  # a rank may hold no samples
-        _squared_distances_kernel[(triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))](
-            x, x.stride(0), x.stride(1), e, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK, BLOCK_D=BLOCK_D_DIFF)
+    _squared_distances_kernel[(triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))](
+        x, x.stride(0), x.stride(1), e, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK, BLOCK_D=BLOCK_D_DIFF)
     return e
 
 
@@ -181,9 +180,8 @@ def gram(x, lo=0, rows=None):
     square = rows is None
     rows = n if square else rows
     g = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    if rows:
-        _gram_kernel[(triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))](
-            x, g, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
+    _gram_kernel[(triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))](
+        x, g, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
     return g
 
 
@@ -225,10 +223,9 @@ def gram_grad(m, r, x, scale, like, lo=0, z=None):
     d = x.shape[1]
     z = x[lo:] if z is None else z
     out = torch.empty((rows, d), dtype=like.dtype, device=x.device)
-    if rows:
-        _gram_grad_kernel[(triton.cdiv(d, BLOCK_D), triton.cdiv(rows, BLOCK))](
-            m, m.stride(0), m.stride(1), m if r is None else r, x, z, scale, out, rows, k, d,
-            HAS_R=r is not None, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
+    _gram_grad_kernel[(triton.cdiv(d, BLOCK_D), triton.cdiv(rows, BLOCK))](
+        m, m.stride(0), m.stride(1), m if r is None else r, x, z, scale, out, rows, k, d,
+        HAS_R=r is not None, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
     return out.reshape(like.shape) if rows == len(like) else out
 
 
