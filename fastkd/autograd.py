@@ -805,6 +805,42 @@ def sp_global(fm_s, fm_t, *, group, sizes):
     return all_reduce_sum(part, group).to(result_dtype(fm_s, fm_t))
 
 
+class PKTRowsFunction(torch.autograd.Function):
+    """This rank's part of PKT: the rows lo:lo + n of P_t log((P_t + eps) / (P_s + eps)) (n, N),
+    from the raw Gram rows of X_* (N, ...) every rank's rows (each row of P normalised over all
+    N). dL/dC's symmetric part at (a, b) needs row b's sums and dots: those (N,) vectors are
+    gathered from every rank, and these rows' M and r then give their whole gradient."""
+
+    @staticmethod
+    def forward(ctx, f_s, f_t, eps, lo, n, group, sizes):
+        x_s, x_t = _gram.prepare(f_s, centre=False), _gram.prepare(f_t, centre=False)
+        g_s, g_t = _gram.gram(x_s, lo, n), _gram.gram(x_t, lo, n)
+        sq = (torch.linalg.vecdot(x_s, x_s), torch.linalg.vecdot(x_t, x_t))  # G's diagonal
+        total, stats = _cosine.pkt_forward(g_s, g_t, eps, lo, sq)
+        stats = all_gather_rows(stats.permute(2, 0, 1), group, sizes)[0].permute(1, 2, 0).contiguous()
+        ctx.save_for_backward(f_s, f_t, x_s, x_t, g_s, g_t, *sq, stats)
+        ctx.eps, ctx.lo = eps, lo
+        return total / len(x_s) ** 2
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_out):
+        f_s, f_t, x_s, x_t, g_s, g_t, sq_s, sq_t, stats = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _cosine.pkt_backward(g_s, g_t, ctx.eps, stats, ctx.lo, (sq_s, sq_t))
+        scale = grad_out.to(torch.float64) / len(x_s) ** 2
+        return (*(_own_rows(_gram.gram_grad(m, r, x, scale, f, ctx.lo), f, ctx.lo) if needed else None
+                  for m, r, x, f, needed in ((m_s, r_s, x_s, f_s, ctx.needs_input_grad[0]),
+                                             (m_t, r_t, x_t, f_t, ctx.needs_input_grad[1]))),
+                None, None, None, None, None)
+
+
+def pkt_cos_sim_global(feat_s, feat_t, eps=1e-6, *, group, sizes):
+    """pkt_cos_sim over every rank's batch, sharded: this rank's rows of P."""
+    (x_s, lo, n), (x_t, _, _) = _gathered(feat_s, group, sizes), _gathered(feat_t, group, sizes)
+    part = PKTRowsFunction.apply(x_s, x_t, eps, lo, n, group, sizes)
+    return all_reduce_sum(part, group).to(result_dtype(feat_s, feat_t))
+
+
 class CCRowsFunction(torch.autograd.Function):
     """This rank's part of CC: the rows lo:lo + n of K_s - K_t (n, N), S = X^ X^^T from the
     normalised rows of X_* (N, ...) every rank's rows. dL/dS is symmetric: its rows give

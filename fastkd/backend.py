@@ -117,6 +117,7 @@ SHARDED = {
         "irg_transformation": torch_pairwise.irg_transformation_global,
     },
     "triton": {
+        "pkt_cos_sim": _triton.pkt_cos_sim_global,
         "rkd": _triton.rkd_global,
         "rkd_distance": _triton.rkd_distance_global,
         "rkd_angle": _triton.rkd_angle_global,

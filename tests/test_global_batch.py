@@ -71,7 +71,8 @@ REFERENCE = {
 
 
 # The cases whose every op has a Triton sharded function (fastkd.backend.SHARDED["triton"]).
-TRITON_SHARDED = ("RKD", "RKD distance", "RKD angle", "rkd_distance", "rkd_angle", "SP", "CC", "IRG")
+TRITON_SHARDED = ("RKD", "RKD distance", "RKD angle", "rkd_distance", "rkd_angle", "SP", "PKTCosSim", "CC",
+                  "IRG")
 
 
 @contextlib.contextmanager
@@ -83,7 +84,7 @@ def _torch_sharded_refused():
             raise AssertionError(f"the triton backend ran the torch sharded {op}")
         return call
     ops = fastkd.backend.SHARDED["triton"]
-    assert {"rkd", "rkd_distance", "rkd_angle", "sp", "cc", "irg_edge"} <= set(ops)
+    assert {"pkt_cos_sim", "rkd", "rkd_distance", "rkd_angle", "sp", "cc", "irg_edge"} <= set(ops)
     with mock.patch.dict(fastkd.backend.SHARDED["torch"], {op: refuse(op) for op in ops}):
         yield
 
@@ -177,7 +178,6 @@ def _job(rank, world, init_file, error_dir):
         with _torch_sharded_refused():
             for name in TRITON_SHARDED:
                 _check(name, sizes, rank, "triton")
-        _check("PKTCosSim", sizes, rank, "triton")  # the torch sharded function on triton
         for name in ("RKD", "SP", "IRG"):
             _check_float32_and_compiled(name, sizes, rank)
         for name in ("RKD", "PKTCosSim", "CC"):

@@ -16,12 +16,6 @@ from .common import to_acc
 from .gram import BLOCK, TILE_WARPS, _load_tile, grad_buffers
 
 
-@triton.jit
-def _diagonal(g_ptr, rows, N):
-    """G[rows, rows] of an (N, N) matrix, 0 outside."""
-    return tl.load(g_ptr + rows.to(tl.int64) * (N + 1), mask=rows < N, other=0.0)
-
-
 # --- SP -----------------------------------------------------------------------
 # G from the raw features (SP is not translation-invariant); n_i = max(||G_i||, 1e-12),
 # G^ = G / n (rows), loss = mean (G^_s - G^_t)^2.
@@ -137,9 +131,10 @@ def sp_backward(g_s, g_t, stats, square=True):
 # reference does), and the same M and r written on X^ (see _cc_grad_kernel).
 
 @triton.jit
-def _cosine_rows(g_ptr, rows, N, eps):
-    """(w, rw) for these rows: w = 1 / (n + eps), rw = -w / n (0 where n = 0)."""
-    n = tl.sqrt(_diagonal(g_ptr, rows, N))
+def _cosine_rows(d_ptr, d_stride, rows, n_rows, eps):
+    """(w, rw) for these rows (< n_rows): w = 1 / (n + eps), rw = -w / n (0 where n = 0), with
+    n^2 = G_rr read at d_ptr + r d_stride (G's diagonal: G itself with stride N + 1)."""
+    n = tl.sqrt(tl.load(d_ptr + rows.to(tl.int64) * d_stride, mask=rows < n_rows, other=0.0))
     live = n > 0
     w = 1.0 / (n + eps)
     return w, tl.where(live, -w / tl.where(live, n, 1.0), 0.0)
@@ -152,26 +147,30 @@ def _pkt_probs(g, w_row, w_col, sums_row, eps):
     return c, (c + 1) * 0.5 / sums_row
 
 
+# The PKT kernels run on the rows lo:lo + R of G (R, N) (lo 0, R = N for one process), with
+# G's diagonal at ds_ptr / dt_ptr (stride d_stride) for every row.
+
 @triton.jit
-def _pkt_sums_kernel(gs_ptr, gt_ptr, eps: tl.float64, sums_ptr, N, BLOCK: tl.constexpr):
-    """sums (2, N) = the row sums of C' = (C + 1) / 2 on each side, for a block of rows."""
+def _pkt_sums_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, sums_ptr, lo, R, N,
+                     BLOCK: tl.constexpr):
+    """sums (2, R) = the row sums of C' = (C + 1) / 2 on each side, for a block of rows."""
     eps = to_acc(eps, gs_ptr.dtype.element_ty)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, _ = _cosine_rows(gs_ptr, ra, N, eps)
-    wa_t, _ = _cosine_rows(gt_ptr, ra, N, eps)
+    wa_s, _ = _cosine_rows(ds_ptr, d_stride, lo + ra, lo + R, eps)
+    wa_t, _ = _cosine_rows(dt_ptr, d_stride, lo + ra, lo + R, eps)
     sum_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     sum_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        ok = (ra[:, None] < N) & (rb[None, :] < N)
-        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps)
-        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps)
-        c_s = _load_tile(gs_ptr, ra, rb, N, N) * wa_s[:, None] * wb_s[None, :]
-        c_t = _load_tile(gt_ptr, ra, rb, N, N) * wa_t[:, None] * wb_t[None, :]
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(ds_ptr, d_stride, rb, N, eps)
+        wb_t, _ = _cosine_rows(dt_ptr, d_stride, rb, N, eps)
+        c_s = _load_tile(gs_ptr, ra, rb, R, N) * wa_s[:, None] * wb_s[None, :]
+        c_t = _load_tile(gt_ptr, ra, rb, R, N) * wa_t[:, None] * wb_t[None, :]
         sum_s += tl.sum(tl.where(ok, (c_s + 1) * 0.5, 0.0), 1)
         sum_t += tl.sum(tl.where(ok, (c_t + 1) * 0.5, 0.0), 1)
-    tl.store(sums_ptr + ra, sum_s, mask=ra < N)
-    tl.store(sums_ptr + N + ra, sum_t, mask=ra < N)
+    tl.store(sums_ptr + ra, sum_s, mask=ra < R)
+    tl.store(sums_ptr + R + ra, sum_t, mask=ra < R)
 
 
 @triton.jit
@@ -185,34 +184,34 @@ def _pkt_terms(g_s, g_t, ws_row, ws_col, wt_row, wt_col, sums_s, sums_t, eps):
 
 
 @triton.jit
-def _pkt_loss_kernel(gs_ptr, gt_ptr, eps: tl.float64, sums_ptr, part_ptr, dots_ptr, N,
-                     BLOCK: tl.constexpr):
-    """For a block of rows: part = sum kl and dots (2, N) = sum_j A P on each side."""
+def _pkt_loss_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, sums_ptr, part_ptr,
+                     dots_ptr, lo, R, N, BLOCK: tl.constexpr):
+    """For a block of rows: part = sum kl and dots (2, R) = sum_j A P on each side."""
     eps = to_acc(eps, gs_ptr.dtype.element_ty)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, _ = _cosine_rows(gs_ptr, ra, N, eps)
-    wa_t, _ = _cosine_rows(gt_ptr, ra, N, eps)
-    sa_s = tl.load(sums_ptr + ra, mask=ra < N, other=1.0)[:, None]
-    sa_t = tl.load(sums_ptr + N + ra, mask=ra < N, other=1.0)[:, None]
+    wa_s, _ = _cosine_rows(ds_ptr, d_stride, lo + ra, lo + R, eps)
+    wa_t, _ = _cosine_rows(dt_ptr, d_stride, lo + ra, lo + R, eps)
+    sa_s = tl.load(sums_ptr + ra, mask=ra < R, other=1.0)[:, None]
+    sa_t = tl.load(sums_ptr + R + ra, mask=ra < R, other=1.0)[:, None]
     loss = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     dot_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     dot_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        ok = (ra[:, None] < N) & (rb[None, :] < N)
-        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps)
-        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps)
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(ds_ptr, d_stride, rb, N, eps)
+        wb_t, _ = _cosine_rows(dt_ptr, d_stride, rb, N, eps)
         # Named, not `_`: a loop-carried name must keep one type, and `_` is a (BLOCK,) vector
         # above.
         c_s, c_t, kl, a_s, a_t, p_s, p_t = _pkt_terms(
-            _load_tile(gs_ptr, ra, rb, N, N), _load_tile(gt_ptr, ra, rb, N, N), wa_s[:, None],
+            _load_tile(gs_ptr, ra, rb, R, N), _load_tile(gt_ptr, ra, rb, R, N), wa_s[:, None],
             wb_s[None, :], wa_t[:, None], wb_t[None, :], sa_s, sa_t, eps)
         loss += tl.sum(tl.where(ok, kl, 0.0), 1)
         dot_s += tl.sum(tl.where(ok, a_s * p_s, 0.0), 1)
         dot_t += tl.sum(tl.where(ok, a_t * p_t, 0.0), 1)
     tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
-    tl.store(dots_ptr + ra, dot_s, mask=ra < N)
-    tl.store(dots_ptr + N + ra, dot_t, mask=ra < N)
+    tl.store(dots_ptr + ra, dot_s, mask=ra < R)
+    tl.store(dots_ptr + R + ra, dot_t, mask=ra < R)
 
 
 @triton.jit
@@ -224,35 +223,37 @@ def _pkt_v(g_s, g_t, ws_row, ws_col, wt_row, wt_col, sums_s, sums_t, dots_s, dot
 
 
 @triton.jit
-def _pkt_grad_kernel(gs_ptr, gt_ptr, eps: tl.float64, sums_ptr, dots_ptr, ms_ptr, rs_ptr, mt_ptr,
-                     rt_ptr, N, BLOCK: tl.constexpr):
-    """M and r (see the section's header) for a block of rows, on each side."""
+def _pkt_grad_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, sums_ptr, dots_ptr,
+                     ms_ptr, rs_ptr, mt_ptr, rt_ptr, lo, R, N, BLOCK: tl.constexpr):
+    """M and r (see the section's header) for a block of rows, on each side; sums and dots
+    (2, N) of every row (V_ba needs row b's). M and r on these rows give their whole
+    gradient: M holds V + V^T."""
     eps = to_acc(eps, gs_ptr.dtype.element_ty)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, rwa_s = _cosine_rows(gs_ptr, ra, N, eps)
-    wa_t, rwa_t = _cosine_rows(gt_ptr, ra, N, eps)
-    sa_s = tl.load(sums_ptr + ra, mask=ra < N, other=1.0)
-    sa_t = tl.load(sums_ptr + N + ra, mask=ra < N, other=1.0)
-    da_s = tl.load(dots_ptr + ra, mask=ra < N, other=0.0)
-    da_t = tl.load(dots_ptr + N + ra, mask=ra < N, other=0.0)
+    wa_s, rwa_s = _cosine_rows(ds_ptr, d_stride, lo + ra, lo + R, eps)
+    wa_t, rwa_t = _cosine_rows(dt_ptr, d_stride, lo + ra, lo + R, eps)
+    sa_s = tl.load(sums_ptr + lo + ra, mask=ra < R, other=1.0)
+    sa_t = tl.load(sums_ptr + N + lo + ra, mask=ra < R, other=1.0)
+    da_s = tl.load(dots_ptr + lo + ra, mask=ra < R, other=0.0)
+    da_t = tl.load(dots_ptr + N + lo + ra, mask=ra < R, other=0.0)
     r_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     r_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        ok = (ra[:, None] < N) & (rb[None, :] < N)
-        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps)
-        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps)
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(ds_ptr, d_stride, rb, N, eps)
+        wb_t, _ = _cosine_rows(dt_ptr, d_stride, rb, N, eps)
         sb_s = tl.load(sums_ptr + rb, mask=rb < N, other=1.0)
         sb_t = tl.load(sums_ptr + N + rb, mask=rb < N, other=1.0)
         db_s = tl.load(dots_ptr + rb, mask=rb < N, other=0.0)
         db_t = tl.load(dots_ptr + N + rb, mask=rb < N, other=0.0)
-        g_s = _load_tile(gs_ptr, ra, rb, N, N)
-        g_t = _load_tile(gt_ptr, ra, rb, N, N)
+        g_s = _load_tile(gs_ptr, ra, rb, R, N)
+        g_t = _load_tile(gt_ptr, ra, rb, R, N)
         vab_s, vab_t, c_s, c_t = _pkt_v(g_s, g_t, wa_s[:, None], wb_s[None, :], wa_t[:, None],
                                         wb_t[None, :], sa_s[:, None], sa_t[:, None],
                                         da_s[:, None], da_t[:, None], eps)
-        # G is exactly symmetric: V at (b, a), transposed, is _pkt_v on this tile with b's
-        # stats as the rows'.
+        # G is symmetric: V at (b, a), transposed, is _pkt_v on this tile with b's stats as
+        # the rows'.
         vba_s, vba_t, c_ba_s, c_ba_t = _pkt_v(g_s, g_t, wb_s[None, :], wa_s[:, None], wb_t[None, :],
                                     wa_t[:, None], sb_s[None, :], sb_t[None, :],
                                     db_s[None, :], db_t[None, :], eps)
@@ -264,29 +265,42 @@ def _pkt_grad_kernel(gs_ptr, gt_ptr, eps: tl.float64, sums_ptr, dots_ptr, ms_ptr
                  v_s * wa_s[:, None] * wb_s[None, :], mask=ok)
         tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
                  v_t * wa_t[:, None] * wb_t[None, :], mask=ok)
-    tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < N)
-    tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < N)
+    tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < R)
+    tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < R)
 
 
-def pkt_forward(g_s, g_t, eps):
-    """(N^2 * loss, stats (2, 2, N): the row sums of C' and the dots)."""
-    n = len(g_s)
-    nb = triton.cdiv(n, BLOCK)
-    stats = torch.empty((2, 2, n), dtype=g_s.dtype, device=g_s.device)
-    _pkt_sums_kernel[(nb,)](g_s, g_t, eps, stats[0], n, BLOCK=BLOCK)
+def _pkt_diagonals(g_s, g_t, sq):
+    """(d_s, d_t, stride): G's diagonal on each side, from G (N, N) itself, or sq = (sq_s,
+    sq_t) (N,) each: every row's squared norm, for a global batch's rows of G."""
+    if sq is None:
+        return g_s, g_t, g_s.shape[1] + 1
+    return sq[0], sq[1], 1
+
+
+def pkt_forward(g_s, g_t, eps, lo=0, sq=None):
+    """(N^2 * loss, stats (2, 2, R): the row sums of C' and the dots) from the raw Gram
+    matrices (R, N): all (N, N), or a global batch's rows lo:lo + R of them with sq the
+    squared norms of every row on each side (_pkt_diagonals)."""
+    rows, n = g_s.shape
+    nb = triton.cdiv(rows, BLOCK)
+    diag = _pkt_diagonals(g_s, g_t, sq)
+    stats = torch.empty((2, 2, rows), dtype=g_s.dtype, device=g_s.device)
+    _pkt_sums_kernel[(nb,)](g_s, g_t, *diag, eps, stats[0], lo, rows, n, BLOCK=BLOCK)
     part = torch.empty(nb, dtype=g_s.dtype, device=g_s.device)
-    _pkt_loss_kernel[(nb,)](g_s, g_t, eps, stats[0], part, stats[1], n, BLOCK=BLOCK,
+    _pkt_loss_kernel[(nb,)](g_s, g_t, *diag, eps, stats[0], part, stats[1], lo, rows, n, BLOCK=BLOCK,
                             num_warps=TILE_WARPS)
     return part.sum(), stats
 
 
-def pkt_backward(g_s, g_t, eps, stats):
-    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
-    n = len(g_s)
+def pkt_backward(g_s, g_t, eps, stats, lo=0, sq=None):
+    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side, on the rows lo:lo + R
+    of G (R, N) (all N for one process: sq None); stats (2, 2, N) every row's (pkt_forward's,
+    gathered from every rank for a global batch)."""
+    rows, n = g_s.shape
     m_s, r_s, m_t, r_t = grad_buffers(g_s, g_t)
-    _pkt_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, eps, stats[0], stats[1],
-                                               m_s, r_s, m_t, r_t, n, BLOCK=BLOCK,
-                                               num_warps=TILE_WARPS)
+    _pkt_grad_kernel[(triton.cdiv(rows, BLOCK),)](g_s, g_t, *_pkt_diagonals(g_s, g_t, sq), eps, stats[0],
+                                                  stats[1], m_s, r_s, m_t, r_t, lo, rows, n, BLOCK=BLOCK,
+                                                  num_warps=TILE_WARPS)
     return m_s, r_s, m_t, r_t
 
 
