@@ -668,8 +668,8 @@ def irg_transformation(irg_s, irg_t):
 # forward, and all_reduce_sum's backward hands every rank's L_r the same upstream gradient,
 # which all_gather_rows' backward then sums over the ranks (fastkd/distributed.py's
 # convention: rank r's own rows get W dL/dx_r). Where dL/dE is symmetric and continuous
-# (RKD's distances, CC), a rank's rows of it give those rows' whole gradient (one product,
-# (n, N) by (N, D)); elsewhere (SP, IRG's edge, whose maximum's gradient needs both (a, b)
+# (RKD's distances, CC; PKT once every row's sums and dots are gathered), a rank's rows of it
+# give those rows' whole gradient (one product, (n, N) by (N, D)); elsewhere (SP, IRG's edge, whose maximum's gradient needs both (a, b)
 # and (b, a), which two ranks may round apart) W_r X on the rank's rows plus W_r^T X_r on
 # every row; RKD's angle term reaches every row from its anchors. Everything in float64,
 # as above; the loss part in float64, cast by the caller.

@@ -119,10 +119,11 @@ def _rkd_angle_fwd_kernel(es_ptr, et_ptr, part_ptr, stats_ptr, lo, N,
 
 
 @triton.jit
-def _rkd_angle_grad_kernel(es_ptr, et_ptr, out_ptr, lo, R, N, BLOCK: tl.constexpr):
+def _rkd_angle_grad_kernel(es_ptr, et_ptr, out_ptr, lo, R, N, ALL: tl.constexpr, BLOCK: tl.constexpr):
     """The (j, k) tile of w2 and z2 / c (see the section's header) on each side, summed over
-    the anchors i in lo:lo + R (all N for one process); out (4, N, N) = (w2_s, z2_s / c,
-    w2_t, z2_t / c)."""
+    the anchors i in lo:lo + R, or all N with ALL (one process: lo and R unused, its loop
+    the one it had without them);
+    out (4, N, N) = (w2_s, z2_s / c, w2_t, z2_t / c)."""
     rj = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = (rj[:, None] < N) & (rk[None, :] < N)
@@ -132,7 +133,13 @@ def _rkd_angle_grad_kernel(es_ptr, et_ptr, out_ptr, lo, R, N, BLOCK: tl.constexp
     z_s = tl.zeros([BLOCK, BLOCK], dtype=es_ptr.dtype.element_ty)
     w_t = tl.zeros([BLOCK, BLOCK], dtype=es_ptr.dtype.element_ty)
     z_t = tl.zeros([BLOCK, BLOCK], dtype=es_ptr.dtype.element_ty)
-    for i in range(lo, lo + R):
+    if ALL:
+        first = 0
+        end = N
+    else:
+        first = lo
+        end = lo + R
+    for i in range(first, end):
         row_i = tl.cast(i, tl.int64) * N
         eij_s, invj_s, deadj_s = _directions(es_ptr, row_i, rj, N)
         eik_s, invk_s, _ = _directions(es_ptr, row_i, rk, N)
@@ -176,7 +183,11 @@ def rkd_angle_backward(e_s, e_t, stats, lo=0):
     anchors = stats.shape[1]
     nb = triton.cdiv(n, BLOCK)
     tiles = torch.empty((4, n, n), dtype=e_s.dtype, device=e_s.device)
-    _rkd_angle_grad_kernel[(nb, nb)](e_s, e_t, tiles, lo, anchors, n, BLOCK=BLOCK, num_warps=TILE_WARPS)
+    every = anchors == n
+    # The anchors lo:lo + R hold their loop bound in one more register, which spilled at
+    # TILE_WARPS (sm_80, sm_90); twice the warps (half the tile per thread) do not.
+    _rkd_angle_grad_kernel[(nb, nb)](e_s, e_t, tiles, lo, anchors, n, ALL=every, BLOCK=BLOCK,
+                                     num_warps=TILE_WARPS if every else 2 * TILE_WARPS)
     hi = lo + anchors
     out = []
     for (w1, s, q), (w2, z2) in ((stats[:3], tiles[:2]), (stats[3:], tiles[2:])):
