@@ -180,6 +180,9 @@ def _job(rank, world, init_file, error_dir):
                 _check(name, sizes, rank, "triton")
         for name in ("RKD", "SP", "IRG"):
             _check_float32_and_compiled(name, sizes, rank)
+        with fastkd.use_backend("triton"), _torch_sharded_refused():
+            for name in ("RKD", "PKTCosSim"):  # float32 rows through the Triton kernels
+                _check_float32_and_compiled(name, sizes, rank)
         for name in ("RKD", "PKTCosSim", "CC"):
             _check_ddp(sizes, rank, name)
         # A subgroup: ranks 0 and 1 alone, the others not taking part.

@@ -81,20 +81,23 @@ def _sp_grad_kernel(gs_ptr, gt_ptr, norms_ptr, dots_ptr, ms_ptr, mt_ptr, R, N, S
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     na_s = tl.load(norms_ptr + ra, mask=ra < R, other=1.0)[:, None]
     na_t = tl.load(norms_ptr + R + ra, mask=ra < R, other=1.0)[:, None]
+    nb_s = tl.load(norms_ptr + rb, mask=rb < N, other=1.0)[None, :]  # b's stats: SQUARE only
+    nb_t = tl.load(norms_ptr + N + rb, mask=rb < N, other=1.0)[None, :]
     da_s = tl.load(dots_ptr + ra, mask=ra < R, other=0.0)[:, None]
     da_t = tl.load(dots_ptr + R + ra, mask=ra < R, other=0.0)[:, None]
+    db_s = tl.load(dots_ptr + rb, mask=rb < N, other=0.0)[None, :]
+    db_t = tl.load(dots_ptr + N + rb, mask=rb < N, other=0.0)[None, :]
     g_s = _load_tile(gs_ptr, ra, rb, R, N)
     g_t = _load_tile(gt_ptr, ra, rb, R, N)
-    m_s, m_t = _sp_w(g_s, g_t, na_s, na_t, da_s, da_t)
+    wab_s, wab_t = _sp_w(g_s, g_t, na_s, na_t, da_s, da_t)
     if SQUARE:
         # G is exactly symmetric: W at (b, a), transposed, is _sp_w on this tile with b's stats.
-        nb_s = tl.load(norms_ptr + rb, mask=rb < N, other=1.0)[None, :]
-        nb_t = tl.load(norms_ptr + N + rb, mask=rb < N, other=1.0)[None, :]
-        db_s = tl.load(dots_ptr + rb, mask=rb < N, other=0.0)[None, :]
-        db_t = tl.load(dots_ptr + N + rb, mask=rb < N, other=0.0)[None, :]
         wba_s, wba_t = _sp_w(g_s, g_t, nb_s, nb_t, db_s, db_t)
-        m_s += wba_s
-        m_t += wba_t
+        m_s = wab_s + wba_s
+        m_t = wab_t + wba_t
+    else:
+        m_s = wab_s
+        m_t = wab_t
     ok = (ra[:, None] < R) & (rb[None, :] < N)
     tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], m_s, mask=ok)
     tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], m_t, mask=ok)

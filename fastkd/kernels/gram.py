@@ -9,6 +9,11 @@ loss's gradient kernel writes, and the small @triton.jit helpers several losses 
 loss then has its kernels over (N, N) tiles of the student's and the teacher's matrices,
 both read by the same launch.
 
+Global batch (fastkd/autograd.py's *_global): the kernels also run on a row block, the rows
+lo:lo + R of the (N, N) matrices as an (R, N) matrix, given the row offset lo, the row count
+R and the global N (columns, the diagonal at b = lo + a); one process's square case is lo 0,
+R = N, with the code it had (SQUARE, ALL: the symmetric tiles, the loop over all rows).
+
 Numerics (the CPU path, fastkd/torch_backend/pairwise.py, follows the same rules for RKD and
 IRG, and runs the reference's own operations for SP, PKT and CC; its docstring has the error
 analysis). Everything here and in the losses' modules sums in float64, whatever the input
