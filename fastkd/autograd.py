@@ -24,7 +24,7 @@ from .kernels import gram as _gram
 from .kernels import irg_transformation as _irg_t
 from .kernels import softmax_kl as _softmax_kl
 from .kernels.common import as_3d
-from .distributed import all_gather_rows, all_reduce_sum, reducer
+from .distributed import all_gather_rows, all_reduce_max, all_reduce_sum, reducer
 
 
 # --- feature maps: AT, NST, FSP (fastkd.kernels.feature_maps) ------------------------------
@@ -911,6 +911,32 @@ def irg_edge_global(irg_s, irg_t, *, group, sizes):
         (x_s, lo, n), (x_t, _, _) = _gathered(irg_s[i], group, sizes), _gathered(irg_t[i], group, sizes)
         part = part + IRGEdgeRowsFunction.apply(x_s, x_t, lo, n, group)
     return (all_reduce_sum(part, group) / 3.0).to(irg_s[2].dtype)
+
+
+class TransformationDistancesFunction(torch.autograd.Function):
+    """d (N,) float64, d_i = |a_i - b'_i|^2 over sample i's values, unclamped (the kernels of
+    IRGTransformationFunction, for a global batch's own samples)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return _irg_t.transformation_distances(a, b, torch.float64)
+
+    @staticmethod
+    @first_order
+    def backward(ctx, dd):
+        a, b = ctx.saved_tensors
+        return _irg_t.transformation_grads(a, b, dd.contiguous(), *ctx.needs_input_grad)
+
+
+def irg_transformation_global(irg_s, irg_t, *, group, sizes):
+    """irg_transformation over every rank's batch: one distance per sample, so nothing is
+    gathered; max(d') all-reduced (differentiable) and the mean over all N samples."""
+    d_s, d_t = (TransformationDistancesFunction.apply(transformation_pool(x[0], x[1]), x[1]).clamp(min=1e-12)
+                for x in (irg_s, irg_t))
+    part = F.mse_loss(d_s / all_reduce_max(d_s, group), d_t / all_reduce_max(d_t, group),
+                      reduction="sum") / sum(sizes)
+    return all_reduce_sum(part, group).to(result_dtype(*irg_s[:2], *irg_t[:2]))
 
 
 # --- softmax-KL over logits: SoftTarget, DML, BSS (fastkd.kernels.softmax_kl) ---------------

@@ -15,8 +15,8 @@ With global_batch=True (the relational losses, over torch.distributed) the choic
 ``global_implementation``'s: the reference backend gathers every rank's batch and computes
 the whole loss on each rank; torch runs the sharded torch algorithm of
 fastkd/torch_backend/pairwise.py, and triton the same algorithm on the Triton kernels
-(fastkd/autograd.py's *_global: RKD, SP, PKT, CC, IRG's edge term) where SHARDED["triton"]
-has the op, else the torch one (IRG's vertex and transformation terms).
+(fastkd/autograd.py's *_global: RKD, SP, PKT, CC, IRG's edge and transformation terms)
+where SHARDED["triton"] has the op, else the torch one (IRG's vertex term, an mse).
 """
 import contextlib
 import functools
@@ -124,6 +124,7 @@ SHARDED = {
         "sp": _triton.sp_global,
         "cc": _triton.cc_global,
         "irg_edge": _triton.irg_edge_global,
+        "irg_transformation": _triton.irg_transformation_global,
     },
 }
 

@@ -84,7 +84,8 @@ def _torch_sharded_refused():
             raise AssertionError(f"the triton backend ran the torch sharded {op}")
         return call
     ops = fastkd.backend.SHARDED["triton"]
-    assert {"pkt_cos_sim", "rkd", "rkd_distance", "rkd_angle", "sp", "cc", "irg_edge"} <= set(ops)
+    assert {"pkt_cos_sim", "rkd", "rkd_distance", "rkd_angle", "sp", "cc", "irg_edge",
+            "irg_transformation"} <= set(ops)
     with mock.patch.dict(fastkd.backend.SHARDED["torch"], {op: refuse(op) for op in ops}):
         yield
 

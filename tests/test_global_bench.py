@@ -56,12 +56,12 @@ def test_every_loss_runs_at_a_tiny_size(capsys):
 
 def test_cuda_runs_the_triton_sharded_functions(monkeypatch):
     # Where Triton kernels run (CUDA), auto picks the triton backend, and the global batch its
-    # Triton sharded functions; IRG's vertex and transformation terms stay torch.
+    # Triton sharded functions; IRG's vertex term (an mse) stays torch.
     pytest.importorskip("triton")
     monkeypatch.setattr(fastkd.backend, "triton_runs_on", lambda device: True)
     assert global_batch.sharded_paths(torch.device("cuda")) == {
         "rkd": "triton", "sp": "triton", "pkt_cos_sim": "triton", "cc": "triton", "irg_edge": "triton",
-        "irg_vertex": "torch", "irg_transformation": "torch"}
+        "irg_vertex": "torch", "irg_transformation": "triton"}
 
 
 def test_unequal_shares_are_refused():
