@@ -43,7 +43,9 @@ def _distance_grad_kernel(es_ptr, et_ptr, stats_ptr, ms_ptr, rs_ptr, mt_ptr, rt_
     """M = -4 W, r = 4 rowsum(W) (R, N) and (R,) for a block of the rows lo:lo + R on each
     side, W = N^2 dL/dp (p the squared distances) from (W_s, W_t) = TILE_W(es_ptr, et_ptr,
     stats_ptr, ra, rb, lo, R, N) at each tile (a jit function: _rkd_distance_w, _irg_edge_w).
-    W is symmetric, so these rows' M and r give these rows' whole gradient."""
+    W is symmetric, so these rows' M and r give these rows' whole gradient (RKD's distances;
+    IRG's edge, whose maximum's share two ranks may round apart, adds W^T's instead:
+    fastkd/autograd.py)."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     r_s = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
     r_t = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
@@ -216,6 +218,6 @@ def irg_edge_forward(e_s, e_t, lo=0, reduce=_local):
 
 
 def irg_edge_backward(e_s, e_t, stats, lo=0):
-    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side (on the rows lo:lo + R
-    for a global batch's e_* (R, N): their whole gradient)."""
+    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side (for a global batch's
+    e_* (R, N), M and r of the rows lo:lo + R: M = -4 W, r = 4 rowsum(W) there)."""
     return _distance_backward(e_s, e_t, stats, _irg_edge_w, lo)
