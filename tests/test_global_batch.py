@@ -70,7 +70,8 @@ REFERENCE = {
 }
 
 
-# The cases whose every op has a Triton sharded function (fastkd.backend.SHARDED["triton"]).
+# The cases run through the Triton sharded functions (fastkd.backend.SHARDED["triton"]); IRG's
+# vertex mse has none, and runs the torch one.
 TRITON_SHARDED = ("RKD", "RKD distance", "RKD angle", "rkd_distance", "rkd_angle", "SP", "PKTCosSim", "CC",
                   "IRG")
 
