@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from . import chunked_linear as _chunked_linear
 from . import ops as _ops
 from .common import (accumulation_dtype, direction_backward, first_order, grad_cam, nst_spatial_form,
-                     output_gradient, result_dtype, squared_distances_from_gram, transformation_pool)
+                     output_gradient, result_dtype, squared_distances_from_gram,
+                     squared_distances_from_gram_rows, transformation_pool)
 from .kernels import angle as _angle
 from .kernels import contrast as _contrast
 from .kernels import cosine as _cosine
@@ -23,6 +24,7 @@ from .kernels import gram as _gram
 from .kernels import irg_transformation as _irg_t
 from .kernels import softmax_kl as _softmax_kl
 from .kernels.common import as_3d
+from .distributed import all_gather_rows, all_reduce_max, all_reduce_sum, reducer
 
 
 # --- feature maps: AT, NST, FSP (fastkd.kernels.feature_maps) ------------------------------
@@ -650,6 +652,291 @@ def irg_transformation(irg_s, irg_t):
     """mse(T(fm1_s, fm2_s), T(fm1_t, fm2_t)); irg_* = (fm1, fm2, feat, out)."""
     return _ops.apply("IRGTransformationFunction", transformation_pool(irg_s[0], irg_s[1]), irg_s[1],
                                            transformation_pool(irg_t[0], irg_t[1]), irg_t[1])
+
+
+# --- global batch: this rank's rows of the pairwise relations ------------------------------
+# With global_batch=True (fastkd.functional) on the triton backend, as the torch backend's
+# *_global functions (fastkd/torch_backend/pairwise.py) but on the kernels above: each
+# function gathers every rank's rows X (N, ...) (all_gather_rows, differentiable), runs the
+# kernels on this rank's rows lo:lo + n of the (N, N) relations (RKD's angle: its anchors,
+# reading E (N, N) gathered from every rank's rows), all-reduces the global statistics
+# (RKD's mean distances, IRG's maxima) between the kernel passes, and returns
+# all_reduce_sum of its part L_r of L = sum_r L_r.
+#
+# Gradients. Each Function returns L_r, and its backward gives this rank's share of dL/dX,
+# the shares summing over the ranks to dL/dX: the global statistics are every rank's in
+# forward, and all_reduce_sum's backward hands every rank's L_r the same upstream gradient,
+# which all_gather_rows' backward then sums over the ranks (fastkd/distributed.py's
+# convention: rank r's own rows get W dL/dx_r). Where dL/dE is symmetric and continuous
+# (RKD's distances, CC; PKT once every row's sums and dots are gathered), a rank's rows of it
+# give those rows' whole gradient (one product, (n, N) by (N, D)); elsewhere (SP, IRG's edge, whose maximum's gradient needs both (a, b)
+# and (b, a), which two ranks may round apart) W_r X on the rank's rows plus W_r^T X_r on
+# every row; RKD's angle term reaches every row from its anchors. Everything in float64,
+# as above; the loss part in float64, cast by the caller.
+
+
+def _gathered(x, group, sizes):
+    """(X, lo, n): every rank's x (n_r, ...) concatenated (differentiable), the offset of this
+    rank's rows in it and their count."""
+    full, lo = all_gather_rows(x, group, sizes)
+    return full, lo, x.shape[0]
+
+
+def _own_rows(part, like, lo):
+    """The gradient of X (N, ...) shaped and typed like `like`: part (the gradient of the rows
+    lo:lo + n, n = len(part)) there, zeros elsewhere."""
+    out = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+    out.view(len(like), -1)[lo:lo + len(part)] = part.reshape(len(part), -1)
+    return out
+
+
+class RKDRowsFunction(torch.autograd.Function):
+    """This rank's part of w_dist * distance term + w_angle * angle term (either weight may be
+    0): the distances d of the rows lo:lo + n of E (n, N) and the angles at the anchors
+    lo:lo + n, from E (N, N) gathered from every rank's rows; X_* (N, ...) every rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x_s, x_t, lo, n, w_dist, w_angle, group, sizes):
+        big = len(x_s)
+        e_s, e_t = _gram.squared_distances(x_s, lo, n), _gram.squared_distances(x_t, lo, n)
+        loss = e_s.new_zeros(())
+        stats_d = stats_a = full_s = full_t = None
+        if w_dist:
+            total, stats_d = _dist.rkd_distance_forward(e_s, e_t, lo, reducer(group))
+            loss = loss + w_dist * total / big ** 2
+        if w_angle:
+            full_s, full_t = (all_gather_rows(e, group, sizes)[0] for e in (e_s, e_t))
+            total, stats_a = _angle.rkd_angle_forward(full_s, full_t, any(ctx.needs_input_grad), lo, n)
+            loss = loss + w_angle * total / big ** 3
+        ctx.save_for_backward(x_s, x_t, e_s, e_t, full_s, full_t, stats_d, stats_a)
+        ctx.lo, ctx.weights = lo, (w_dist, w_angle)
+        return loss
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_out):
+        x_s, x_t, e_s, e_t, full_s, full_t, stats_d, stats_a = ctx.saved_tensors
+        (w_dist, w_angle), lo, big = ctx.weights, ctx.lo, len(x_s)
+        grad = grad_out.to(torch.float64)
+        dist_terms = (_dist.rkd_distance_backward(e_s, e_t, stats_d, lo) if w_dist
+                      else (None,) * 4)
+        angle_terms = (_angle.rkd_angle_backward(full_s, full_t, stats_a, lo) if w_angle
+                       else (None,) * 4)
+        grads = []
+        for side, x in enumerate((x_s, x_t)):
+            if not ctx.needs_input_grad[side]:
+                grads.append(None)
+                continue
+            xc = _gram.prepare(x, centre=True)
+            m_d, r_d = dist_terms[2 * side:2 * side + 2]
+            m_a, r_a = angle_terms[2 * side:2 * side + 2]
+            if m_a is None:  # the distance term alone: these rows' whole gradient
+                own = _gram.gram_grad(m_d, r_d, xc, grad * (w_dist / big ** 2), x, lo)
+                grads.append(_own_rows(own, x, lo))
+                continue
+            # The angle term reaches every row: M (N, N), r (N,), the distance term's on our rows.
+            m, r = m_a * (w_angle / big ** 3), r_a * (w_angle / big ** 3)
+            if m_d is not None:
+                m[lo:lo + len(m_d)] += m_d * (w_dist / big ** 2)
+                r[lo:lo + len(r_d)] += r_d * (w_dist / big ** 2)
+            grads.append(_gram.gram_grad(m, r, xc, grad, x))
+        return (*grads, None, None, None, None, None, None)
+
+
+def _rkd_global_part(feat_s, feat_t, w_dist, w_angle, group, sizes):
+    (x_s, lo, n), (x_t, _, _) = _gathered(feat_s, group, sizes), _gathered(feat_t, group, sizes)
+    return all_reduce_sum(RKDRowsFunction.apply(x_s, x_t, lo, n, w_dist, w_angle, group, sizes), group)
+
+
+def rkd_global(feat_s, feat_t, w_dist, w_angle, *, group, sizes):
+    """rkd over every rank's batch (sizes: their local batch sizes), sharded: this rank's rows
+    of E and its anchors' angles."""
+    return _rkd_global_part(feat_s, feat_t, w_dist, w_angle, group, sizes).to(result_dtype(feat_s, feat_t))
+
+
+def rkd_distance_global(feat_s, feat_t, *, group, sizes):
+    """rkd_distance over every rank's batch, sharded: this rank's rows of E."""
+    return _rkd_global_part(feat_s, feat_t, 1.0, 0.0, group, sizes).to(feat_s.dtype)
+
+
+def rkd_angle_global(feat_s, feat_t, *, group, sizes):
+    """rkd_angle over every rank's batch, sharded: the angles at this rank's anchors."""
+    return _rkd_global_part(feat_s, feat_t, 0.0, 1.0, group, sizes).to(result_dtype(feat_s, feat_t))
+
+
+def _rows_and_transpose_grad(w, x, lo, scale, z=None, r=None, rt=None):
+    """scale * (W X + r * X_rows on the rows lo:lo + n, + W^T X_rows + rt * Z on every row)
+    (N, D) float64, for W (n, N) = dL/d(rows lo:lo + n of a relation) and X (N, D)."""
+    rows = x[lo:lo + len(w)]
+    out = _gram.gram_grad(w.t(), rt, rows, scale, x, z=z)
+    out[lo:lo + len(w)] += _gram.gram_grad(w, r, x, scale, rows, lo)
+    return out
+
+
+class SPRowsFunction(torch.autograd.Function):
+    """This rank's part of SP: the rows lo:lo + n of G^_s - G^_t, G^ = normalize(G, dim=1) and
+    G = X X^T (n, N) from X_* (N, ...) every rank's rows. Each row's norm is its own, so no
+    statistic is global; dL/dG (n, N) reaches every row as W X + W^T X_rows."""
+
+    @staticmethod
+    def forward(ctx, f_s, f_t, lo, n):
+        x_s, x_t = _gram.prepare(f_s, centre=False), _gram.prepare(f_t, centre=False)
+        g_s, g_t = _gram.gram(x_s, lo, n), _gram.gram(x_t, lo, n)
+        total, stats = _cosine.sp_forward(g_s, g_t)
+        ctx.save_for_backward(f_s, f_t, x_s, x_t, g_s, g_t, stats)
+        ctx.lo = lo
+        return total / len(x_s) ** 2
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_out):
+        f_s, f_t, x_s, x_t, g_s, g_t, stats = ctx.saved_tensors
+        w_s, w_t = _cosine.sp_backward(g_s, g_t, stats, square=False)
+        scale = grad_out.to(torch.float64) / len(x_s) ** 2
+        return (*(_rows_and_transpose_grad(w, x, ctx.lo, scale).reshape(f.shape).to(f.dtype) if needed
+                  else None for w, x, f, needed in ((w_s, x_s, f_s, ctx.needs_input_grad[0]),
+                                                     (w_t, x_t, f_t, ctx.needs_input_grad[1]))), None, None)
+
+
+def sp_global(fm_s, fm_t, *, group, sizes):
+    """sp over every rank's batch, sharded: this rank's rows of G^_s - G^_t."""
+    (x_s, lo, n), (x_t, _, _) = _gathered(fm_s, group, sizes), _gathered(fm_t, group, sizes)
+    part = SPRowsFunction.apply(x_s, x_t, lo, n)
+    return all_reduce_sum(part, group).to(result_dtype(fm_s, fm_t))
+
+
+class PKTRowsFunction(torch.autograd.Function):
+    """This rank's part of PKT: the rows lo:lo + n of P_t log((P_t + eps) / (P_s + eps)) (n, N),
+    from the raw Gram rows of X_* (N, ...) every rank's rows (each row of P normalised over all
+    N). dL/dC's symmetric part at (a, b) needs row b's sums and dots: those (N,) vectors are
+    gathered from every rank, and these rows' M and r then give their whole gradient."""
+
+    @staticmethod
+    def forward(ctx, f_s, f_t, eps, lo, n, group, sizes):
+        x_s, x_t = _gram.prepare(f_s, centre=False), _gram.prepare(f_t, centre=False)
+        g_s, g_t = _gram.gram(x_s, lo, n), _gram.gram(x_t, lo, n)
+        sq = (torch.linalg.vecdot(x_s, x_s), torch.linalg.vecdot(x_t, x_t))  # G's diagonal
+        total, stats = _cosine.pkt_forward(g_s, g_t, eps, lo, sq)
+        stats = all_gather_rows(stats.permute(2, 0, 1), group, sizes)[0].permute(1, 2, 0).contiguous()
+        ctx.save_for_backward(f_s, f_t, x_s, x_t, g_s, g_t, *sq, stats)
+        ctx.eps, ctx.lo = eps, lo
+        return total / len(x_s) ** 2
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_out):
+        f_s, f_t, x_s, x_t, g_s, g_t, sq_s, sq_t, stats = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _cosine.pkt_backward(g_s, g_t, ctx.eps, stats, ctx.lo, (sq_s, sq_t))
+        scale = grad_out.to(torch.float64) / len(x_s) ** 2
+        return (*(_own_rows(_gram.gram_grad(m, r, x, scale, f, ctx.lo), f, ctx.lo) if needed else None
+                  for m, r, x, f, needed in ((m_s, r_s, x_s, f_s, ctx.needs_input_grad[0]),
+                                             (m_t, r_t, x_t, f_t, ctx.needs_input_grad[1]))),
+                None, None, None, None, None)
+
+
+def pkt_cos_sim_global(feat_s, feat_t, eps=1e-6, *, group, sizes):
+    """pkt_cos_sim over every rank's batch, sharded: this rank's rows of P."""
+    (x_s, lo, n), (x_t, _, _) = _gathered(feat_s, group, sizes), _gathered(feat_t, group, sizes)
+    part = PKTRowsFunction.apply(x_s, x_t, eps, lo, n, group, sizes)
+    return all_reduce_sum(part, group).to(result_dtype(feat_s, feat_t))
+
+
+class CCRowsFunction(torch.autograd.Function):
+    """This rank's part of CC: the rows lo:lo + n of K_s - K_t (n, N), S = X^ X^^T from the
+    normalised rows of X_* (N, ...) every rank's rows. dL/dS is symmetric: its rows give
+    these rows' whole gradient."""
+
+    @staticmethod
+    def forward(ctx, f_s, f_t, gamma, p_order, lo, n):
+        (x_s, n_s), (x_t, n_t) = (_gram.prepare(f, centre=False, normalise=True) for f in (f_s, f_t))
+        g_s, g_t = _gram.gram(x_s, lo, n), _gram.gram(x_t, lo, n)
+        total = _cosine.cc_forward(g_s, g_t, gamma, p_order)
+        ctx.save_for_backward(f_s, f_t, x_s, x_t, n_s, n_t, g_s, g_t)
+        ctx.gamma, ctx.p_order, ctx.lo = gamma, p_order, lo
+        return total / len(x_s) ** 2
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_out):
+        f_s, f_t, x_s, x_t, n_s, n_t, g_s, g_t = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _cosine.cc_backward(g_s, g_t, n_s, n_t, ctx.gamma, ctx.p_order, ctx.lo)
+        scale = grad_out.to(torch.float64) / len(x_s) ** 2
+        return (*(_own_rows(_gram.gram_grad(m, r, x, scale, f, ctx.lo), f, ctx.lo) if needed else None
+                  for m, r, x, f, needed in ((m_s, r_s, x_s, f_s, ctx.needs_input_grad[0]),
+                                             (m_t, r_t, x_t, f_t, ctx.needs_input_grad[1]))),
+                None, None, None, None)
+
+
+def cc_global(feat_s, feat_t, gamma, P_order, *, group, sizes):
+    """cc over every rank's batch, sharded: this rank's rows of K_s - K_t."""
+    (x_s, lo, n), (x_t, _, _) = _gathered(feat_s, group, sizes), _gathered(feat_t, group, sizes)
+    part = CCRowsFunction.apply(x_s, x_t, gamma, P_order, lo, n)
+    return all_reduce_sum(part, group).to(result_dtype(feat_s, feat_t))
+
+
+class IRGEdgeRowsFunction(torch.autograd.Function):
+    """This rank's part of one IRG edge term: the rows lo:lo + n of E'_s - E'_t, E' = pdist2 /
+    max(pdist2), E (n, N) from the Gram rows of the centred float64 X_* (N, ...) (every rank's
+    rows), the maxima and the gradient's sums all-reduced. dL/dE's rows reach every row
+    (W X on these rows, W^T X_rows on all)."""
+
+    @staticmethod
+    def forward(ctx, x_s, x_t, lo, n, group):
+        c_s, c_t = (_gram.prepare(x, centre=True) for x in (x_s, x_t))
+        e_s, e_t = (squared_distances_from_gram_rows(_gram.gram(c, lo, n), torch.linalg.vecdot(c, c), lo)
+                    for c in (c_s, c_t))
+        total, stats = _dist.irg_edge_forward(e_s, e_t, lo, reducer(group))
+        ctx.save_for_backward(x_s, x_t, c_s, c_t, e_s, e_t, stats)
+        ctx.lo = lo
+        return total / len(c_s) ** 2
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_out):
+        x_s, x_t, c_s, c_t, e_s, e_t, stats = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _dist.irg_edge_backward(e_s, e_t, stats, ctx.lo)
+        # M = -4 W, r = 4 rowsum(W) on these rows; with half of each, these rows get
+        # 2 sum_b W_ab (x_a - x_b) and every row b gets 2 sum_a W_ab (x_b - x_a).
+        scale = grad_out.to(torch.float64) / len(c_s) ** 2 * 0.5
+        return (*(_rows_and_transpose_grad(m, c, ctx.lo, scale, z=c, r=r, rt=-m.sum(0))
+                  .reshape(x.shape).to(x.dtype) if needed else None
+                  for m, r, c, x, needed in ((m_s, r_s, c_s, x_s, ctx.needs_input_grad[0]),
+                                             (m_t, r_t, c_t, x_t, ctx.needs_input_grad[1]))), None, None, None)
+
+
+def irg_edge_global(irg_s, irg_t, *, group, sizes):
+    """irg_edge over every rank's batch, sharded: this rank's rows of each E."""
+    part = 0.0
+    for i in (2, 0, 1):
+        (x_s, lo, n), (x_t, _, _) = _gathered(irg_s[i], group, sizes), _gathered(irg_t[i], group, sizes)
+        part = part + IRGEdgeRowsFunction.apply(x_s, x_t, lo, n, group)
+    return (all_reduce_sum(part, group) / 3.0).to(irg_s[2].dtype)
+
+
+class TransformationDistancesFunction(torch.autograd.Function):
+    """d (N,) float64, d_i = |a_i - b'_i|^2 over sample i's values, unclamped (the kernels of
+    IRGTransformationFunction, for a global batch's own samples)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return _irg_t.transformation_distances(a, b, torch.float64)
+
+    @staticmethod
+    @first_order
+    def backward(ctx, dd):
+        a, b = ctx.saved_tensors
+        return _irg_t.transformation_grads(a, b, dd.contiguous(), *ctx.needs_input_grad)
+
+
+def irg_transformation_global(irg_s, irg_t, *, group, sizes):
+    """irg_transformation over every rank's batch: one distance per sample, so nothing is
+    gathered; max(d') all-reduced (differentiable) and the mean over all N samples."""
+    d_s, d_t = (TransformationDistancesFunction.apply(transformation_pool(x[0], x[1]), x[1]).clamp(min=1e-12)
+                for x in (irg_s, irg_t))
+    part = F.mse_loss(d_s / all_reduce_max(d_s, group), d_t / all_reduce_max(d_t, group),
+                      reduction="sum") / sum(sizes)
+    return all_reduce_sum(part, group).to(result_dtype(*irg_s[:2], *irg_t[:2]))
 
 
 # --- softmax-KL over logits: SoftTarget, DML, BSS (fastkd.kernels.softmax_kl) ---------------

@@ -13,8 +13,10 @@ block, else the environment variable FASTKD_BACKEND, else ``auto``.
 
 With global_batch=True (the relational losses, over torch.distributed) the choice is
 ``global_implementation``'s: the reference backend gathers every rank's batch and computes
-the whole loss on each rank; torch and triton both run the sharded torch algorithm of
-fastkd/torch_backend/pairwise.py (the Triton kernels take whole square batches).
+the whole loss on each rank; torch runs the sharded torch algorithm of
+fastkd/torch_backend/pairwise.py, and triton the same algorithm on the Triton kernels
+(fastkd/autograd.py's *_global: RKD, SP, PKT, CC, IRG's edge and transformation terms)
+where SHARDED["triton"] has the op, else the torch one (IRG's vertex term, an mse).
 """
 import contextlib
 import functools
@@ -98,18 +100,32 @@ IMPLEMENTATIONS = {
                                  "triton": _triton.fused_linear_soft_target},
 }
 
-# op -> its sharded implementation with global_batch=True: the reference's arguments, then
-# keyword-only group and sizes (every rank's local batch size).
+# backend -> op -> its sharded implementation with global_batch=True: the reference's
+# arguments, then keyword-only group and sizes (every rank's local batch size). "torch":
+# fastkd/torch_backend/pairwise.py; "triton": the Functions of fastkd/autograd.py over the
+# kernels, for the ops that have one (the others run the torch one on the triton backend).
 SHARDED = {
-    "pkt_cos_sim": torch_pairwise.pkt_cos_sim_global,
-    "rkd": torch_pairwise.rkd_global,
-    "rkd_distance": torch_pairwise.rkd_distance_global,
-    "rkd_angle": torch_pairwise.rkd_angle_global,
-    "sp": torch_pairwise.sp_global,
-    "cc": torch_pairwise.cc_global,
-    "irg_vertex": torch_pairwise.irg_vertex_global,
-    "irg_edge": torch_pairwise.irg_edge_global,
-    "irg_transformation": torch_pairwise.irg_transformation_global,
+    "torch": {
+        "pkt_cos_sim": torch_pairwise.pkt_cos_sim_global,
+        "rkd": torch_pairwise.rkd_global,
+        "rkd_distance": torch_pairwise.rkd_distance_global,
+        "rkd_angle": torch_pairwise.rkd_angle_global,
+        "sp": torch_pairwise.sp_global,
+        "cc": torch_pairwise.cc_global,
+        "irg_vertex": torch_pairwise.irg_vertex_global,
+        "irg_edge": torch_pairwise.irg_edge_global,
+        "irg_transformation": torch_pairwise.irg_transformation_global,
+    },
+    "triton": {
+        "pkt_cos_sim": _triton.pkt_cos_sim_global,
+        "rkd": _triton.rkd_global,
+        "rkd_distance": _triton.rkd_distance_global,
+        "rkd_angle": _triton.rkd_angle_global,
+        "sp": _triton.sp_global,
+        "cc": _triton.cc_global,
+        "irg_edge": _triton.irg_edge_global,
+        "irg_transformation": _triton.irg_transformation_global,
+    },
 }
 
 # The innermost use_backend() block's choice. A plain module global, read at every call:
@@ -120,6 +136,7 @@ _override = None
 if autograd is None:  # no triton: no "triton" entries
     for _impls in IMPLEMENTATIONS.values():
         del _impls["triton"]
+    del SHARDED["triton"]
 del _triton
 
 
@@ -213,8 +230,11 @@ def global_implementation(op, device, group, sizes, backend=None):
     """The function that computes op over every rank's batch (global_batch=True) for
     tensors on device: the reference's signature, group and sizes bound. The reference
     backend gathers everything (each rank computes the whole loss); torch and triton run
-    SHARDED."""
-    if resolve(op, device, backend) == "reference":
+    SHARDED, the triton backend its Triton sharded function where the op has one, else the
+    torch one."""
+    name = resolve(op, device, backend)
+    if name == "reference":
         return functools.partial(_reference_on_gathered, IMPLEMENTATIONS[op]["reference"],
                                  group=group, sizes=sizes)
-    return functools.partial(SHARDED[op], group=group, sizes=sizes)
+    sharded = SHARDED.get(name, {}).get(op, SHARDED["torch"][op])
+    return functools.partial(sharded, group=group, sizes=sizes)

@@ -96,6 +96,15 @@ def squared_distances_from_gram(g):
     return e
 
 
+def squared_distances_from_gram_rows(g, sq, lo):
+    """The rows lo:lo + n of squared_distances_from_gram's E, (n, N), from those rows of G
+    (n, N) and sq (N,) every row's squared norm: E_ab = sq_a + sq_b - 2 G_ab, 0 at b = lo + a
+    (a global batch's row block)."""
+    e = (sq.unsqueeze(0) + sq[lo:lo + len(g)].unsqueeze(1)) - 2 * g
+    torch.diagonal(e[:, lo:lo + len(g)]).zero_()
+    return e
+
+
 def zero_row_sums(z):
     """z (N, N) with its diagonal set, in place, so that every row sums to 0, as the exact
     matrix's rows do when Z X is a sum of differences (the gradient through F.normalize's

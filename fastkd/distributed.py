@@ -120,6 +120,24 @@ def all_reduce_max(x, group=None):
     return m + all_reduce_sum(((x - m) * hit).sum(), group) / count
 
 
+def reducer(group=None):
+    """reduce(x, op): x summed (op "sum") or maximised ("max") entry by entry over the ranks
+    of group, on every rank. For the statistics between two kernel passes inside the forward
+    of a global-batch autograd Function (fastkd/autograd.py), which differentiates them
+    itself."""
+    group = _group(group)
+
+    def reduce(x, op):
+        if op == "sum":
+            return all_reduce_sum(x, group)
+        if op != "max":
+            raise ValueError(f"op must be 'sum' or 'max', got {op!r}")
+        y = x.contiguous().clone()
+        dist.all_reduce(y, op=dist.ReduceOp.MAX, group=group)
+        return y
+    return reduce
+
+
 def free_port():
     """A TCP port free on this host now, for processes spawned here to meet on."""
     with socket.socket() as s:

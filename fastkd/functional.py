@@ -14,9 +14,10 @@ the default one), the batch is the concatenation of every rank's batch in rank o
 returns the loss of that whole batch, and rank r's gradient of its own inputs is W times
 the whole loss's gradient of them, so that DistributedDataParallel's average over the
 ranks gives the single-process parameter gradients (fastkd/distributed.py). The torch and
-triton backends shard the work: each rank computes the relation rows of its own samples
-with the torch algorithm (fastkd/torch_backend/pairwise.py, for both backends); the
-reference backend gathers every rank's inputs and computes the whole loss on each rank.
+triton backends shard the work: each rank computes the relation rows of its own samples,
+with torch ops (fastkd/torch_backend/pairwise.py) or with the Triton kernels on the rank's
+row block (fastkd/autograd.py; IRG's vertex term, an mse, with torch ops on both); the reference backend gathers every rank's inputs and computes the whole loss on
+each rank.
 Under torch.compile a global-batch call runs eagerly, behind a graph break.
 """
 import torch

@@ -3,8 +3,10 @@ on the concatenated batch, and DDP's averaged gradients equal that process's gra
 
 One gloo job per world size (CPU processes spawned from the test) checks every loss inside it.
 """
+import contextlib
 import os
 import traceback
+from unittest import mock
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastkd
+import fastkd.backend
 import fastkd.functional as KF
 from fastkd import reference
 
@@ -65,6 +68,27 @@ REFERENCE = {
     "CC": lambda a: reference.CC(0.4, 2)(*a),
     "IRG": lambda a: reference.IRG(0.1, 5, 5)(a[:4], a[4:]),
 }
+
+
+# The cases run through the Triton sharded functions (fastkd.backend.SHARDED["triton"]); IRG's
+# vertex mse has none, and runs the torch one.
+TRITON_SHARDED = ("RKD", "RKD distance", "RKD angle", "rkd_distance", "rkd_angle", "SP", "PKTCosSim", "CC",
+                  "IRG")
+
+
+@contextlib.contextmanager
+def _torch_sharded_refused():
+    """The torch sharded functions of the ops with a Triton one raise inside the block: a
+    triton-backend call that fell back to them fails."""
+    def refuse(op):
+        def call(*args, **kwargs):
+            raise AssertionError(f"the triton backend ran the torch sharded {op}")
+        return call
+    ops = fastkd.backend.SHARDED["triton"]
+    assert {"pkt_cos_sim", "rkd", "rkd_distance", "rkd_angle", "sp", "cc", "irg_edge",
+            "irg_transformation"} <= set(ops)
+    with mock.patch.dict(fastkd.backend.SHARDED["torch"], {op: refuse(op) for op in ops}):
+        yield
 
 
 def _grads(loss, inputs):
@@ -153,10 +177,14 @@ def _job(rank, world, init_file, error_dir):
                 for backend in ("torch", "reference"):
                     _check(name, sizes, rank, backend)
         sizes = layouts[0]
-        for name in ("RKD", "SP", "IRG"):  # triton resolves to the same sharded torch path
-            _check(name, sizes, rank, "triton")
+        with _torch_sharded_refused():
+            for name in TRITON_SHARDED:
+                _check(name, sizes, rank, "triton")
         for name in ("RKD", "SP", "IRG"):
             _check_float32_and_compiled(name, sizes, rank)
+        with fastkd.use_backend("triton"), _torch_sharded_refused():
+            for name in ("RKD", "PKTCosSim"):  # float32 rows through the Triton kernels
+                _check_float32_and_compiled(name, sizes, rank)
         for name in ("RKD", "PKTCosSim", "CC"):
             _check_ddp(sizes, rank, name)
         # A subgroup: ranks 0 and 1 alone, the others not taking part.

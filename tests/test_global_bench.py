@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import fastkd.backend
 from fastkd.bench import global_batch, measure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,8 +49,19 @@ def test_every_loss_runs_at_a_tiny_size(capsys):
     out = capsys.readouterr().out
     assert status == 0, out
     assert "simulated ranks" in out
+    assert "sharded path: rkd torch" in out  # CPU: the torch sharded functions
     for loss in global_batch.LOSSES:
         assert sum(line.split()[:2] == [loss, "8"] for line in out.splitlines()) == 3, out  # table rows
+
+
+def test_cuda_runs_the_triton_sharded_functions(monkeypatch):
+    # Where Triton kernels run (CUDA), auto picks the triton backend, and the global batch its
+    # Triton sharded functions; IRG's vertex term (an mse) stays torch.
+    pytest.importorskip("triton")
+    monkeypatch.setattr(fastkd.backend, "triton_runs_on", lambda device: True)
+    assert global_batch.sharded_paths(torch.device("cuda")) == {
+        "rkd": "triton", "sp": "triton", "pkt_cos_sim": "triton", "cc": "triton", "irg_edge": "triton",
+        "irg_vertex": "torch", "irg_transformation": "triton"}
 
 
 def test_unequal_shares_are_refused():

@@ -193,6 +193,18 @@ def spec(loss, n, d, device, dtype, crd):
 LOSSES = ("RKD", "SP", "PKT", "CC", "IRG", "CRD", "CRD-sharded")
 
 
+def sharded_paths(device):
+    """op -> "triton" or "torch": whose sharded function each relational op runs with
+    global_batch=True on this device (fastkd.backend.global_implementation: the Triton kernels
+    on CUDA where the op has them)."""
+    from .. import backend
+    out = {}
+    for op in ("rkd", "sp", "pkt_cos_sim", "cc", "irg_edge", "irg_vertex", "irg_transformation"):
+        name = backend.resolve(op, device)
+        out[op] = "torch" if name == "triton" and op not in backend.SHARDED["triton"] else name
+    return out
+
+
 # --- one rank's measurement ----------------------------------------------------------
 
 def measure_rank(case, device, dtype, reps, memory_calls, warmup=1):
@@ -338,6 +350,8 @@ def main(argv=None):
     threads = ("cores / W" if args.threads is None else args.threads) if args.processes else torch.get_num_threads()
     print(f"{mode} ranks, {describe_device(device)['description']}, torch {torch.__version__}, "
           f"{args.dtype}, N={args.N} D={args.D}, {threads} threads per rank; rank 0 of W measured", flush=True)
+    sharded = sharded_paths(device)
+    print("sharded path: " + ", ".join(f"{op} {path}" for op, path in sharded.items()), flush=True)
 
     results = {}
     for world in worlds:
@@ -370,7 +384,8 @@ def main(argv=None):
     if args.json:
         doc = {"mode": mode, "device": describe_device(device), "torch": torch.__version__,
                "python": platform.python_version(), "commit": git_commit(), "dtype": args.dtype, "N": args.N,
-               "D": args.D, "crd": crd, "reps": args.reps, "threads": threads, "results": rows}
+               "D": args.D, "crd": crd, "reps": args.reps, "threads": threads, "sharded": sharded,
+               "results": rows}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
     return 0 if all(r["status"] == measure.OK for r in rows) else 1

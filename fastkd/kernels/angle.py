@@ -75,13 +75,14 @@ def _store_angle_stats(out, plane, ok, u_inv, u_a, u_dead, inv, dead):
 
 
 @triton.jit
-def _rkd_angle_fwd_kernel(es_ptr, et_ptr, part_ptr, stats_ptr, N,
+def _rkd_angle_fwd_kernel(es_ptr, et_ptr, part_ptr, stats_ptr, lo, N,
                           STATS: tl.constexpr, BLOCK: tl.constexpr):
-    """Anchor i = program 0, rows j of one block, all k: part = sum h(A_s - A_t).
+    """Anchor i = lo + program 0 (the anchors lo:lo + R, R programs), rows j of one block,
+    all k: part = sum h(A_s - A_t).
 
     With STATS, per side and row j the row sums sum_k u inv_k, sum_k u A and sum_k u dead_k,
-    stored as w1, s, q at [stat, i, j] of stats (6, N, N): student 0-2, teacher 3-5."""
-    i = tl.program_id(0)
+    stored as w1, s, q at [stat, i - lo, j] of stats (6, R, N): student 0-2, teacher 3-5."""
+    i = lo + tl.program_id(0)
     rj = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     row_i = i.to(tl.int64) * N
     eij_s, invj_s, deadj_s = _directions(es_ptr, row_i, rj, N)
@@ -98,8 +99,8 @@ def _rkd_angle_fwd_kernel(es_ptr, et_ptr, part_ptr, stats_ptr, N,
         ok = (rj[:, None] < N) & (rk[None, :] < N)
         eik_s, invk_s, deadk_s = _directions(es_ptr, row_i, rk, N)
         eik_t, invk_t, deadk_t = _directions(et_ptr, row_i, rk, N)
-        a_s = _angle_tile(_load_tile(es_ptr, rj, rk, N), eij_s, eik_s, invj_s, invk_s, rj, rk, ok)
-        a_t = _angle_tile(_load_tile(et_ptr, rj, rk, N), eij_t, eik_t, invj_t, invk_t, rj, rk, ok)
+        a_s = _angle_tile(_load_tile(es_ptr, rj, rk, N, N), eij_s, eik_s, invj_s, invk_s, rj, rk, ok)
+        a_t = _angle_tile(_load_tile(et_ptr, rj, rk, N, N), eij_t, eik_t, invj_t, invk_t, rj, rk, ok)
         loss += tl.sum(_smooth_l1(a_s - a_t), 1)
         if STATS:
             u = _angle_u(a_s, a_t, rj, rk)
@@ -109,28 +110,37 @@ def _rkd_angle_fwd_kernel(es_ptr, et_ptr, part_ptr, stats_ptr, N,
             ui_t -= tl.sum(u * invk_t[None, :], 1)
             ua_t -= tl.sum(u * a_t, 1)
             ud_t -= tl.sum(u * deadk_t[None, :], 1)
-    tl.store(part_ptr + i.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), tl.sum(loss, 0))
+    tl.store(part_ptr + tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1),
+             tl.sum(loss, 0))
     if STATS:
-        plane = N.to(tl.int64) * N
-        out = stats_ptr + row_i + rj
+        plane = tl.num_programs(0).to(tl.int64) * N
+        out = stats_ptr + tl.program_id(0).to(tl.int64) * N + rj
         _store_angle_stats(out, plane, rj < N, ui_s, ua_s, ud_s, invj_s, deadj_s)
         _store_angle_stats(out + 3 * plane, plane, rj < N, ui_t, ua_t, ud_t, invj_t, deadj_t)
 
 
 @triton.jit
-def _rkd_angle_grad_kernel(es_ptr, et_ptr, out_ptr, N, BLOCK: tl.constexpr):
+def _rkd_angle_grad_kernel(es_ptr, et_ptr, out_ptr, lo, R, N, ALL: tl.constexpr, BLOCK: tl.constexpr):
     """The (j, k) tile of w2 and z2 / c (see the section's header) on each side, summed over
-    all anchors i; out (4, N, N) = (w2_s, z2_s / c, w2_t, z2_t / c)."""
+    the anchors i in lo:lo + R, or all N with ALL (one process: lo and R unused, its loop
+    the one it had without them);
+    out (4, N, N) = (w2_s, z2_s / c, w2_t, z2_t / c)."""
     rj = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = (rj[:, None] < N) & (rk[None, :] < N)
-    ejk_s = _load_tile(es_ptr, rj, rk, N)
-    ejk_t = _load_tile(et_ptr, rj, rk, N)
+    ejk_s = _load_tile(es_ptr, rj, rk, N, N)
+    ejk_t = _load_tile(et_ptr, rj, rk, N, N)
     w_s = tl.zeros([BLOCK, BLOCK], dtype=es_ptr.dtype.element_ty)
     z_s = tl.zeros([BLOCK, BLOCK], dtype=es_ptr.dtype.element_ty)
     w_t = tl.zeros([BLOCK, BLOCK], dtype=es_ptr.dtype.element_ty)
     z_t = tl.zeros([BLOCK, BLOCK], dtype=es_ptr.dtype.element_ty)
-    for i in range(0, N):
+    if ALL:
+        first = 0
+        end = N
+    else:
+        first = lo
+        end = lo + R
+    for i in range(first, end):
         row_i = tl.cast(i, tl.int64) * N
         eij_s, invj_s, deadj_s = _directions(es_ptr, row_i, rj, N)
         eik_s, invk_s, _ = _directions(es_ptr, row_i, rk, N)
@@ -151,30 +161,47 @@ def _rkd_angle_grad_kernel(es_ptr, et_ptr, out_ptr, N, BLOCK: tl.constexpr):
     tl.store(out + 3 * plane, z_t, mask=ok)
 
 
-def rkd_angle_forward(e_s, e_t, with_stats):
-    """(N^3 * loss, stats (6, N, N) for backward, or None); e_* the squared distances."""
+def rkd_angle_forward(e_s, e_t, with_stats, lo=0, anchors=None):
+    """(N^3 * loss, stats (6, R, N) for backward, or None); e_* the squared distances (N, N).
+    anchors: only the angles at the anchors lo:lo + anchors (R of them; all N by default),
+    a global batch's share of the loss."""
     n = len(e_s)
+    anchors = n if anchors is None else anchors
     nb = triton.cdiv(n, BLOCK)
-    part = torch.empty(n * nb, dtype=e_s.dtype, device=e_s.device)
-    stats = torch.empty((6, n, n) if with_stats else (1,), dtype=e_s.dtype, device=e_s.device)
-    _rkd_angle_fwd_kernel[(n, nb)](e_s, e_t, part, stats, n, STATS=with_stats, BLOCK=BLOCK,
-                                   num_warps=TILE_WARPS)
+    part = torch.empty(anchors * nb, dtype=e_s.dtype, device=e_s.device)
+    stats = torch.empty((6, anchors, n) if with_stats else (1,), dtype=e_s.dtype, device=e_s.device)
+    _rkd_angle_fwd_kernel[(anchors, nb)](e_s, e_t, part, stats, lo, n, STATS=with_stats, BLOCK=BLOCK,
+                                         num_warps=TILE_WARPS)
     return part.sum(), (stats if with_stats else None)
 
 
-def rkd_angle_backward(e_s, e_t, stats):
+def rkd_angle_backward(e_s, e_t, stats, lo=0):
     """(M_s, r_s, M_t, r_t) with N^3 dL/dX = M X + r * X on each side: M = Z - 2 S,
-    r = 2 rowsum(S), from the forward's per-anchor stats and the tile kernel's sums."""
+    r = 2 rowsum(S), from the forward's per-anchor stats (of the anchors lo:lo + R, R =
+    stats.shape[1]) and the tile kernel's sums over the same anchors; M (N, N) and r (N,)
+    reach every row."""
     n = len(e_s)
+    anchors = stats.shape[1]
     nb = triton.cdiv(n, BLOCK)
     tiles = torch.empty((4, n, n), dtype=e_s.dtype, device=e_s.device)
-    _rkd_angle_grad_kernel[(nb, nb)](e_s, e_t, tiles, n, BLOCK=BLOCK, num_warps=TILE_WARPS)
+    every = anchors == n
+    # The anchors lo:lo + R hold their loop bound in one more register, which spilled at
+    # TILE_WARPS (sm_80, sm_90); twice the warps (half the tile per thread) do not.
+    _rkd_angle_grad_kernel[(nb, nb)](e_s, e_t, tiles, lo, anchors, n, ALL=every, BLOCK=BLOCK,
+                                     num_warps=TILE_WARPS if every else 2 * TILE_WARPS)
+    hi = lo + anchors
     out = []
     for (w1, s, q), (w2, z2) in ((stats[:3], tiles[:2]), (stats[3:], tiles[2:])):
-        w = w1 + w2
+        # In place on the tile kernel's buffers: w = w1 + w2 and z = z2 - s^T - q, with the
+        # per-anchor terms on the anchors' rows (and s^T on their columns).
+        w = w2
+        w[lo:hi] += w1
         sym = w + w.t()
+        z = z2
+        z[:, lo:hi] -= s.t()
+        z[lo:hi] -= q
         # c scales here, in float64: a kernel's Python float constant is a float32 there.
-        z = (z2 - s.t() - q) * (2.0 / NORM_EPS)
+        z *= 2.0 / NORM_EPS
         # Z_ii = sum_j s_ij, set as minus the rest of row i (see zero_row_sums).
         out += [zero_row_sums(z) - 2 * sym, 2 * sym.sum(1)]
     return tuple(out)

@@ -16,53 +16,47 @@ from .common import sqrt, to_acc
 from .gram import BLOCK, TILE_WARPS, _load_tile, grad_buffers
 
 
-@triton.jit
-def _diagonal(g_ptr, rows, N):
-    """G[rows, rows] of an (N, N) matrix, 0 outside."""
-    return tl.load(g_ptr + rows.to(tl.int64) * (N + 1), mask=rows < N, other=0.0)
-
-
 # --- SP -----------------------------------------------------------------------
 # G from the raw features (SP is not translation-invariant); n_i = max(||G_i||, 1e-12),
 # G^ = G / n (rows), loss = mean (G^_s - G^_t)^2.
 
 @triton.jit
-def _sp_norms_kernel(gs_ptr, gt_ptr, norms_ptr, N, BLOCK: tl.constexpr):
-    """norms (2, N) = the clamped row norms of G_s and G_t for a block of rows."""
+def _sp_norms_kernel(gs_ptr, gt_ptr, norms_ptr, R, N, BLOCK: tl.constexpr):
+    """norms (2, R) = the clamped row norms of G_s and G_t (R, N) for a block of rows."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     sq_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     sq_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        g_s = _load_tile(gs_ptr, ra, rb, N)
-        g_t = _load_tile(gt_ptr, ra, rb, N)
+        g_s = _load_tile(gs_ptr, ra, rb, R, N)
+        g_t = _load_tile(gt_ptr, ra, rb, R, N)
         sq_s += tl.sum(g_s * g_s, 1)
         sq_t += tl.sum(g_t * g_t, 1)
-    tl.store(norms_ptr + ra, tl.maximum(sqrt(sq_s), 1e-12), mask=ra < N)
-    tl.store(norms_ptr + N + ra, tl.maximum(sqrt(sq_t), 1e-12), mask=ra < N)
+    tl.store(norms_ptr + ra, tl.maximum(sqrt(sq_s), 1e-12), mask=ra < R)
+    tl.store(norms_ptr + R + ra, tl.maximum(sqrt(sq_t), 1e-12), mask=ra < R)
 
 
 @triton.jit
-def _sp_loss_kernel(gs_ptr, gt_ptr, norms_ptr, part_ptr, dots_ptr, N, BLOCK: tl.constexpr):
-    """For a block of rows: part = sum (G^_s - G^_t)^2 and dots (2, N) = sum_j (G^_s - G^_t) G^
+def _sp_loss_kernel(gs_ptr, gt_ptr, norms_ptr, part_ptr, dots_ptr, R, N, BLOCK: tl.constexpr):
+    """For a block of rows: part = sum (G^_s - G^_t)^2 and dots (2, R) = sum_j (G^_s - G^_t) G^
     on each side (the norms' share of the gradient)."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    n_s = tl.load(norms_ptr + ra, mask=ra < N, other=1.0)
-    n_t = tl.load(norms_ptr + N + ra, mask=ra < N, other=1.0)
+    n_s = tl.load(norms_ptr + ra, mask=ra < R, other=1.0)
+    n_t = tl.load(norms_ptr + R + ra, mask=ra < R, other=1.0)
     loss = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     dot_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     dot_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        h_s = _load_tile(gs_ptr, ra, rb, N) / n_s[:, None]
-        h_t = _load_tile(gt_ptr, ra, rb, N) / n_t[:, None]
+        h_s = _load_tile(gs_ptr, ra, rb, R, N) / n_s[:, None]
+        h_t = _load_tile(gt_ptr, ra, rb, R, N) / n_t[:, None]
         diff = h_s - h_t
         loss += tl.sum(diff * diff, 1)
         dot_s += tl.sum(diff * h_s, 1)
         dot_t += tl.sum(diff * h_t, 1)
     tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
-    tl.store(dots_ptr + ra, dot_s, mask=ra < N)
-    tl.store(dots_ptr + N + ra, dot_t, mask=ra < N)
+    tl.store(dots_ptr + ra, dot_s, mask=ra < R)
+    tl.store(dots_ptr + R + ra, dot_t, mask=ra < R)
 
 
 @triton.jit
@@ -78,45 +72,57 @@ def _sp_w(g_s, g_t, n_s, n_t, dot_s, dot_t):
 
 
 @triton.jit
-def _sp_grad_kernel(gs_ptr, gt_ptr, norms_ptr, dots_ptr, ms_ptr, mt_ptr, N, BLOCK: tl.constexpr):
-    """M = W + W^T at the tile (a, b) on each side, so that N^2 dL/dX = M X."""
+def _sp_grad_kernel(gs_ptr, gt_ptr, norms_ptr, dots_ptr, ms_ptr, mt_ptr, R, N, SQUARE: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """At the tile (a, b) on each side: SQUARE (G (N, N)), M = W + W^T, so that N^2 dL/dX = M X;
+    else W itself, W = N^2 dL/dG on the rows of G (R, N) (a global batch's row block, whose
+    W^T X the caller adds)."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    na_s = tl.load(norms_ptr + ra, mask=ra < N, other=1.0)[:, None]
-    na_t = tl.load(norms_ptr + N + ra, mask=ra < N, other=1.0)[:, None]
-    nb_s = tl.load(norms_ptr + rb, mask=rb < N, other=1.0)[None, :]
+    na_s = tl.load(norms_ptr + ra, mask=ra < R, other=1.0)[:, None]
+    na_t = tl.load(norms_ptr + R + ra, mask=ra < R, other=1.0)[:, None]
+    nb_s = tl.load(norms_ptr + rb, mask=rb < N, other=1.0)[None, :]  # b's stats: SQUARE only
     nb_t = tl.load(norms_ptr + N + rb, mask=rb < N, other=1.0)[None, :]
-    da_s = tl.load(dots_ptr + ra, mask=ra < N, other=0.0)[:, None]
-    da_t = tl.load(dots_ptr + N + ra, mask=ra < N, other=0.0)[:, None]
+    da_s = tl.load(dots_ptr + ra, mask=ra < R, other=0.0)[:, None]
+    da_t = tl.load(dots_ptr + R + ra, mask=ra < R, other=0.0)[:, None]
     db_s = tl.load(dots_ptr + rb, mask=rb < N, other=0.0)[None, :]
     db_t = tl.load(dots_ptr + N + rb, mask=rb < N, other=0.0)[None, :]
-    g_s = _load_tile(gs_ptr, ra, rb, N)
-    g_t = _load_tile(gt_ptr, ra, rb, N)
-    # G is exactly symmetric: W at (b, a), transposed, is _sp_w on this tile with b's stats.
+    g_s = _load_tile(gs_ptr, ra, rb, R, N)
+    g_t = _load_tile(gt_ptr, ra, rb, R, N)
     wab_s, wab_t = _sp_w(g_s, g_t, na_s, na_t, da_s, da_t)
-    wba_s, wba_t = _sp_w(g_s, g_t, nb_s, nb_t, db_s, db_t)
-    ok = (ra[:, None] < N) & (rb[None, :] < N)
-    tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], wab_s + wba_s, mask=ok)
-    tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], wab_t + wba_t, mask=ok)
+    if SQUARE:
+        # G is exactly symmetric: W at (b, a), transposed, is _sp_w on this tile with b's stats.
+        wba_s, wba_t = _sp_w(g_s, g_t, nb_s, nb_t, db_s, db_t)
+        m_s = wab_s + wba_s
+        m_t = wab_t + wba_t
+    else:
+        m_s = wab_s
+        m_t = wab_t
+    ok = (ra[:, None] < R) & (rb[None, :] < N)
+    tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], m_s, mask=ok)
+    tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], m_t, mask=ok)
 
 
 def sp_forward(g_s, g_t):
-    """(N^2 * loss, stats (2, 2, N): the row norms and dots) from the raw Gram matrices."""
-    n = len(g_s)
-    nb = triton.cdiv(n, BLOCK)
-    stats = torch.empty((2, 2, n), dtype=g_s.dtype, device=g_s.device)
-    _sp_norms_kernel[(nb,)](g_s, g_t, stats[0], n, BLOCK=BLOCK)
+    """(N^2 * loss, stats (2, 2, R): the row norms and dots) from the raw Gram matrices (R, N):
+    all (N, N), or a global batch's rows of them (each row's terms are its own)."""
+    rows = len(g_s)
+    nb = triton.cdiv(rows, BLOCK)
+    stats = torch.empty((2, 2, rows), dtype=g_s.dtype, device=g_s.device)
     part = torch.empty(nb, dtype=g_s.dtype, device=g_s.device)
-    _sp_loss_kernel[(nb,)](g_s, g_t, stats[0], part, stats[1], n, BLOCK=BLOCK)
+    _sp_norms_kernel[(nb,)](g_s, g_t, stats[0], rows, g_s.shape[1], BLOCK=BLOCK)
+    _sp_loss_kernel[(nb,)](g_s, g_t, stats[0], part, stats[1], rows, g_s.shape[1], BLOCK=BLOCK)
     return part.sum(), stats
 
 
-def sp_backward(g_s, g_t, stats):
-    """(M_s, M_t) with N^2 dL/dX = M X on each side."""
-    n = len(g_s)
-    nb = triton.cdiv(n, BLOCK)
+def sp_backward(g_s, g_t, stats, square=True):
+    """(M_s, M_t) with N^2 dL/dX = M X on each side, for G (N, N); for a global batch's rows
+    G (R, N) (square False), M = W = N^2 dL/dG on those rows (N^2 dL/dX = W X on the rows,
+    + W^T X_rows on every row)."""
+    rows, n = g_s.shape
     m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
-    _sp_grad_kernel[(nb, nb)](g_s, g_t, stats[0], stats[1], m_s, m_t, n, BLOCK=BLOCK)
+    _sp_grad_kernel[(triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))](
+        g_s, g_t, stats[0], stats[1], m_s, m_t, rows, n, SQUARE=square, BLOCK=BLOCK)
     return m_s, m_t
 
 
@@ -128,9 +134,10 @@ def sp_backward(g_s, g_t, stats):
 # reference does), and the same M and r written on X^ (see _cc_grad_kernel).
 
 @triton.jit
-def _cosine_rows(g_ptr, rows, N, eps):
-    """(w, rw) for these rows: w = 1 / (n + eps), rw = -w / n (0 where n = 0)."""
-    n = sqrt(_diagonal(g_ptr, rows, N))
+def _cosine_rows(d_ptr, d_stride, rows, n_rows, eps):
+    """(w, rw) for these rows (< n_rows): w = 1 / (n + eps), rw = -w / n (0 where n = 0), with
+    n^2 = G_rr read at d_ptr + r d_stride (G's diagonal: G itself with stride N + 1)."""
+    n = sqrt(tl.load(d_ptr + rows.to(tl.int64) * d_stride, mask=rows < n_rows, other=0.0))
     live = n > 0
     w = 1.0 / (n + eps)
     return w, tl.where(live, -w / tl.where(live, n, 1.0), 0.0)
@@ -143,26 +150,30 @@ def _pkt_probs(g, w_row, w_col, sums_row, eps):
     return c, (c + 1) * 0.5 / sums_row
 
 
+# The PKT kernels run on the rows lo:lo + R of G (R, N) (lo 0, R = N for one process), with
+# G's diagonal at ds_ptr / dt_ptr (stride d_stride) for every row.
+
 @triton.jit
-def _pkt_sums_kernel(gs_ptr, gt_ptr, eps: tl.float64, sums_ptr, N, BLOCK: tl.constexpr):
-    """sums (2, N) = the row sums of C' = (C + 1) / 2 on each side, for a block of rows."""
+def _pkt_sums_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, sums_ptr, lo, R, N,
+                     BLOCK: tl.constexpr):
+    """sums (2, R) = the row sums of C' = (C + 1) / 2 on each side, for a block of rows."""
     eps = to_acc(eps, gs_ptr.dtype.element_ty)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, _ = _cosine_rows(gs_ptr, ra, N, eps)
-    wa_t, _ = _cosine_rows(gt_ptr, ra, N, eps)
+    wa_s, _ = _cosine_rows(ds_ptr, d_stride, lo + ra, lo + R, eps)
+    wa_t, _ = _cosine_rows(dt_ptr, d_stride, lo + ra, lo + R, eps)
     sum_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     sum_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        ok = (ra[:, None] < N) & (rb[None, :] < N)
-        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps)
-        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps)
-        c_s = _load_tile(gs_ptr, ra, rb, N) * wa_s[:, None] * wb_s[None, :]
-        c_t = _load_tile(gt_ptr, ra, rb, N) * wa_t[:, None] * wb_t[None, :]
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(ds_ptr, d_stride, rb, N, eps)
+        wb_t, _ = _cosine_rows(dt_ptr, d_stride, rb, N, eps)
+        c_s = _load_tile(gs_ptr, ra, rb, R, N) * wa_s[:, None] * wb_s[None, :]
+        c_t = _load_tile(gt_ptr, ra, rb, R, N) * wa_t[:, None] * wb_t[None, :]
         sum_s += tl.sum(tl.where(ok, (c_s + 1) * 0.5, 0.0), 1)
         sum_t += tl.sum(tl.where(ok, (c_t + 1) * 0.5, 0.0), 1)
-    tl.store(sums_ptr + ra, sum_s, mask=ra < N)
-    tl.store(sums_ptr + N + ra, sum_t, mask=ra < N)
+    tl.store(sums_ptr + ra, sum_s, mask=ra < R)
+    tl.store(sums_ptr + R + ra, sum_t, mask=ra < R)
 
 
 @triton.jit
@@ -176,34 +187,34 @@ def _pkt_terms(g_s, g_t, ws_row, ws_col, wt_row, wt_col, sums_s, sums_t, eps):
 
 
 @triton.jit
-def _pkt_loss_kernel(gs_ptr, gt_ptr, eps: tl.float64, sums_ptr, part_ptr, dots_ptr, N,
-                     BLOCK: tl.constexpr):
-    """For a block of rows: part = sum kl and dots (2, N) = sum_j A P on each side."""
+def _pkt_loss_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, sums_ptr, part_ptr,
+                     dots_ptr, lo, R, N, BLOCK: tl.constexpr):
+    """For a block of rows: part = sum kl and dots (2, R) = sum_j A P on each side."""
     eps = to_acc(eps, gs_ptr.dtype.element_ty)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, _ = _cosine_rows(gs_ptr, ra, N, eps)
-    wa_t, _ = _cosine_rows(gt_ptr, ra, N, eps)
-    sa_s = tl.load(sums_ptr + ra, mask=ra < N, other=1.0)[:, None]
-    sa_t = tl.load(sums_ptr + N + ra, mask=ra < N, other=1.0)[:, None]
+    wa_s, _ = _cosine_rows(ds_ptr, d_stride, lo + ra, lo + R, eps)
+    wa_t, _ = _cosine_rows(dt_ptr, d_stride, lo + ra, lo + R, eps)
+    sa_s = tl.load(sums_ptr + ra, mask=ra < R, other=1.0)[:, None]
+    sa_t = tl.load(sums_ptr + R + ra, mask=ra < R, other=1.0)[:, None]
     loss = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     dot_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     dot_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        ok = (ra[:, None] < N) & (rb[None, :] < N)
-        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps)
-        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps)
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(ds_ptr, d_stride, rb, N, eps)
+        wb_t, _ = _cosine_rows(dt_ptr, d_stride, rb, N, eps)
         # Named, not `_`: a loop-carried name must keep one type, and `_` is a (BLOCK,) vector
         # above.
         c_s, c_t, kl, a_s, a_t, p_s, p_t = _pkt_terms(
-            _load_tile(gs_ptr, ra, rb, N), _load_tile(gt_ptr, ra, rb, N), wa_s[:, None],
+            _load_tile(gs_ptr, ra, rb, R, N), _load_tile(gt_ptr, ra, rb, R, N), wa_s[:, None],
             wb_s[None, :], wa_t[:, None], wb_t[None, :], sa_s, sa_t, eps)
         loss += tl.sum(tl.where(ok, kl, 0.0), 1)
         dot_s += tl.sum(tl.where(ok, a_s * p_s, 0.0), 1)
         dot_t += tl.sum(tl.where(ok, a_t * p_t, 0.0), 1)
     tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
-    tl.store(dots_ptr + ra, dot_s, mask=ra < N)
-    tl.store(dots_ptr + N + ra, dot_t, mask=ra < N)
+    tl.store(dots_ptr + ra, dot_s, mask=ra < R)
+    tl.store(dots_ptr + R + ra, dot_t, mask=ra < R)
 
 
 @triton.jit
@@ -215,35 +226,37 @@ def _pkt_v(g_s, g_t, ws_row, ws_col, wt_row, wt_col, sums_s, sums_t, dots_s, dot
 
 
 @triton.jit
-def _pkt_grad_kernel(gs_ptr, gt_ptr, eps: tl.float64, sums_ptr, dots_ptr, ms_ptr, rs_ptr, mt_ptr,
-                     rt_ptr, N, BLOCK: tl.constexpr):
-    """M and r (see the section's header) for a block of rows, on each side."""
+def _pkt_grad_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, sums_ptr, dots_ptr,
+                     ms_ptr, rs_ptr, mt_ptr, rt_ptr, lo, R, N, BLOCK: tl.constexpr):
+    """M and r (see the section's header) for a block of rows, on each side; sums and dots
+    (2, N) of every row (V_ba needs row b's). M and r on these rows give their whole
+    gradient: M holds V + V^T."""
     eps = to_acc(eps, gs_ptr.dtype.element_ty)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, rwa_s = _cosine_rows(gs_ptr, ra, N, eps)
-    wa_t, rwa_t = _cosine_rows(gt_ptr, ra, N, eps)
-    sa_s = tl.load(sums_ptr + ra, mask=ra < N, other=1.0)
-    sa_t = tl.load(sums_ptr + N + ra, mask=ra < N, other=1.0)
-    da_s = tl.load(dots_ptr + ra, mask=ra < N, other=0.0)
-    da_t = tl.load(dots_ptr + N + ra, mask=ra < N, other=0.0)
+    wa_s, rwa_s = _cosine_rows(ds_ptr, d_stride, lo + ra, lo + R, eps)
+    wa_t, rwa_t = _cosine_rows(dt_ptr, d_stride, lo + ra, lo + R, eps)
+    sa_s = tl.load(sums_ptr + lo + ra, mask=ra < R, other=1.0)
+    sa_t = tl.load(sums_ptr + N + lo + ra, mask=ra < R, other=1.0)
+    da_s = tl.load(dots_ptr + lo + ra, mask=ra < R, other=0.0)
+    da_t = tl.load(dots_ptr + N + lo + ra, mask=ra < R, other=0.0)
     r_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     r_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        ok = (ra[:, None] < N) & (rb[None, :] < N)
-        wb_s, _ = _cosine_rows(gs_ptr, rb, N, eps)
-        wb_t, _ = _cosine_rows(gt_ptr, rb, N, eps)
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(ds_ptr, d_stride, rb, N, eps)
+        wb_t, _ = _cosine_rows(dt_ptr, d_stride, rb, N, eps)
         sb_s = tl.load(sums_ptr + rb, mask=rb < N, other=1.0)
         sb_t = tl.load(sums_ptr + N + rb, mask=rb < N, other=1.0)
         db_s = tl.load(dots_ptr + rb, mask=rb < N, other=0.0)
         db_t = tl.load(dots_ptr + N + rb, mask=rb < N, other=0.0)
-        g_s = _load_tile(gs_ptr, ra, rb, N)
-        g_t = _load_tile(gt_ptr, ra, rb, N)
+        g_s = _load_tile(gs_ptr, ra, rb, R, N)
+        g_t = _load_tile(gt_ptr, ra, rb, R, N)
         vab_s, vab_t, c_s, c_t = _pkt_v(g_s, g_t, wa_s[:, None], wb_s[None, :], wa_t[:, None],
                                         wb_t[None, :], sa_s[:, None], sa_t[:, None],
                                         da_s[:, None], da_t[:, None], eps)
-        # G is exactly symmetric: V at (b, a), transposed, is _pkt_v on this tile with b's
-        # stats as the rows'.
+        # G is symmetric: V at (b, a), transposed, is _pkt_v on this tile with b's stats as
+        # the rows'.
         vba_s, vba_t, c_ba_s, c_ba_t = _pkt_v(g_s, g_t, wb_s[None, :], wa_s[:, None], wb_t[None, :],
                                     wa_t[:, None], sb_s[None, :], sb_t[None, :],
                                     db_s[None, :], db_t[None, :], eps)
@@ -255,29 +268,42 @@ def _pkt_grad_kernel(gs_ptr, gt_ptr, eps: tl.float64, sums_ptr, dots_ptr, ms_ptr
                  v_s * wa_s[:, None] * wb_s[None, :], mask=ok)
         tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
                  v_t * wa_t[:, None] * wb_t[None, :], mask=ok)
-    tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < N)
-    tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < N)
+    tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < R)
+    tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < R)
 
 
-def pkt_forward(g_s, g_t, eps):
-    """(N^2 * loss, stats (2, 2, N): the row sums of C' and the dots)."""
-    n = len(g_s)
-    nb = triton.cdiv(n, BLOCK)
-    stats = torch.empty((2, 2, n), dtype=g_s.dtype, device=g_s.device)
-    _pkt_sums_kernel[(nb,)](g_s, g_t, eps, stats[0], n, BLOCK=BLOCK)
+def _pkt_diagonals(g_s, g_t, sq):
+    """(d_s, d_t, stride): G's diagonal on each side, from G (N, N) itself, or sq = (sq_s,
+    sq_t) (N,) each: every row's squared norm, for a global batch's rows of G."""
+    if sq is None:
+        return g_s, g_t, g_s.shape[1] + 1
+    return sq[0], sq[1], 1
+
+
+def pkt_forward(g_s, g_t, eps, lo=0, sq=None):
+    """(N^2 * loss, stats (2, 2, R): the row sums of C' and the dots) from the raw Gram
+    matrices (R, N): all (N, N), or a global batch's rows lo:lo + R of them with sq the
+    squared norms of every row on each side (_pkt_diagonals)."""
+    rows, n = g_s.shape
+    nb = triton.cdiv(rows, BLOCK)
+    diag = _pkt_diagonals(g_s, g_t, sq)
+    stats = torch.empty((2, 2, rows), dtype=g_s.dtype, device=g_s.device)
+    _pkt_sums_kernel[(nb,)](g_s, g_t, *diag, eps, stats[0], lo, rows, n, BLOCK=BLOCK)
     part = torch.empty(nb, dtype=g_s.dtype, device=g_s.device)
-    _pkt_loss_kernel[(nb,)](g_s, g_t, eps, stats[0], part, stats[1], n, BLOCK=BLOCK,
+    _pkt_loss_kernel[(nb,)](g_s, g_t, *diag, eps, stats[0], part, stats[1], lo, rows, n, BLOCK=BLOCK,
                             num_warps=TILE_WARPS)
     return part.sum(), stats
 
 
-def pkt_backward(g_s, g_t, eps, stats):
-    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
-    n = len(g_s)
+def pkt_backward(g_s, g_t, eps, stats, lo=0, sq=None):
+    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side, on the rows lo:lo + R
+    of G (R, N) (all N for one process: sq None); stats (2, 2, N) every row's (pkt_forward's,
+    gathered from every rank for a global batch)."""
+    rows, n = g_s.shape
     m_s, r_s, m_t, r_t = grad_buffers(g_s, g_t)
-    _pkt_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, eps, stats[0], stats[1],
-                                               m_s, r_s, m_t, r_t, n, BLOCK=BLOCK,
-                                               num_warps=TILE_WARPS)
+    _pkt_grad_kernel[(triton.cdiv(rows, BLOCK),)](g_s, g_t, *_pkt_diagonals(g_s, g_t, sq), eps, stats[0],
+                                                  stats[1], m_s, r_s, m_t, r_t, lo, rows, n, BLOCK=BLOCK,
+                                                  num_warps=TILE_WARPS)
     return m_s, r_s, m_t, r_t
 
 
@@ -306,26 +332,26 @@ def _normalised_rows(norms_ptr, rows, N):
 
 
 @triton.jit
-def _cc_tile(gs_ptr, gt_ptr, ra, rb, N, two_gamma, P):
-    """(K_s - K_t, K'_s, K'_t, S_s, S_t) over e^{-2 gamma}, at the tile (a, b); S = G of the
-    normalised rows."""
-    s_s = _load_tile(gs_ptr, ra, rb, N)
-    s_t = _load_tile(gt_ptr, ra, rb, N)
+def _cc_tile(gs_ptr, gt_ptr, ra, rb, R, N, two_gamma, P):
+    """(K_s - K_t, K'_s, K'_t, S_s, S_t) over e^{-2 gamma}, at the tile (a, b) of S (R, N), the
+    G of the normalised rows (all N, or a global batch's rows of it)."""
+    s_s = _load_tile(gs_ptr, ra, rb, R, N)
+    s_t = _load_tile(gt_ptr, ra, rb, R, N)
     k_s, dk_s = _cc_kernel_values(s_s, two_gamma, P)
     k_t, dk_t = _cc_kernel_values(s_t, two_gamma, P)
-    ok = (ra[:, None] < N) & (rb[None, :] < N)
+    ok = (ra[:, None] < R) & (rb[None, :] < N)
     return tl.where(ok, k_s - k_t, 0.0), dk_s, dk_t, s_s, s_t
 
 
 @triton.jit
-def _cc_loss_kernel(gs_ptr, gt_ptr, c0: tl.float64, two_gamma: tl.float64, part_ptr, N, P,
+def _cc_loss_kernel(gs_ptr, gt_ptr, c0: tl.float64, two_gamma: tl.float64, part_ptr, R, N, P,
                     BLOCK: tl.constexpr):
-    """part = sum (K_s - K_t)^2 over one tile; c0 = e^{-2 gamma}."""
+    """part = sum (K_s - K_t)^2 over one tile of S (R, N); c0 = e^{-2 gamma}."""
     c0 = to_acc(c0, gs_ptr.dtype.element_ty)
     two_gamma = to_acc(two_gamma, gs_ptr.dtype.element_ty)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    diff, _, _, _, _ = _cc_tile(gs_ptr, gt_ptr, ra, rb, N, two_gamma, P)
+    diff, _, _, _, _ = _cc_tile(gs_ptr, gt_ptr, ra, rb, R, N, two_gamma, P)
     diff = diff * c0
     tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
              tl.sum(tl.sum(diff * diff, 1), 0))
@@ -333,47 +359,50 @@ def _cc_loss_kernel(gs_ptr, gt_ptr, c0: tl.float64, two_gamma: tl.float64, part_
 
 @triton.jit
 def _cc_grad_kernel(gs_ptr, gt_ptr, ns_ptr, nt_ptr, c0: tl.float64, two_gamma: tl.float64, ms_ptr, rs_ptr,
-                    mt_ptr, rt_ptr, N, P, BLOCK: tl.constexpr):
+                    mt_ptr, rt_ptr, lo, R, N, P, BLOCK: tl.constexpr):
     """M and r with N^2 dL/dX = M X^ + r * X^ on each side, X^ the normalised rows, for a block
-    of rows: V = 2 (K_s - K_t) K' is symmetric, so V + V^T = 2 V; M = 2 V w_a (x^ = w x) and
-    r_a = rw_a sum_b 2 V_ab S_ab (the norm's share, see _normalised_rows)."""
+    of the rows lo:lo + R of S (R, N) (lo 0, R = N for one process): V = 2 (K_s - K_t) K' is
+    symmetric, so V + V^T = 2 V, and these rows' M = 2 V w_a (x^ = w x) and r_a = rw_a sum_b
+    2 V_ab S_ab (the norm's share, see _normalised_rows) give their whole gradient."""
     c0 = to_acc(c0, gs_ptr.dtype.element_ty)
     two_gamma = to_acc(two_gamma, gs_ptr.dtype.element_ty)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, rwa_s = _normalised_rows(ns_ptr, ra, N)
-    wa_t, rwa_t = _normalised_rows(nt_ptr, ra, N)
+    wa_s, rwa_s = _normalised_rows(ns_ptr, lo + ra, lo + R)
+    wa_t, rwa_t = _normalised_rows(nt_ptr, lo + ra, lo + R)
     r_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     r_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        ok = (ra[:, None] < N) & (rb[None, :] < N)
-        diff, dk_s, dk_t, s_s, s_t = _cc_tile(gs_ptr, gt_ptr, ra, rb, N, two_gamma, P)
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
+        diff, dk_s, dk_t, s_s, s_t = _cc_tile(gs_ptr, gt_ptr, ra, rb, R, N, two_gamma, P)
         v_s = 4 * c0 * c0 * diff * dk_s
         v_t = -4 * c0 * c0 * diff * dk_t
         r_s += tl.sum(v_s * s_s, 1)
         r_t += tl.sum(v_t * s_t, 1)
         tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], v_s * wa_s[:, None], mask=ok)
         tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], v_t * wa_t[:, None], mask=ok)
-    tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < N)
-    tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < N)
+    tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < R)
+    tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < R)
 
 
 def cc_forward(g_s, g_t, gamma, p_order):
-    """N^2 * loss from the Gram matrices of the normalised rows."""
-    n = len(g_s)
-    nb = triton.cdiv(n, BLOCK)
-    part = torch.empty(nb * nb, dtype=g_s.dtype, device=g_s.device)
-    _cc_loss_kernel[(nb, nb)](g_s, g_t, math.exp(-2 * gamma), 2 * gamma, part, n, p_order, BLOCK=BLOCK)
+    """N^2 * loss from the Gram matrices of the normalised rows, S (R, N): all (N, N), or a
+    global batch's rows (their part of the loss)."""
+    rows, n = g_s.shape
+    grid = (triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))
+    part = torch.empty(grid[0] * grid[1], dtype=g_s.dtype, device=g_s.device)
+    _cc_loss_kernel[grid](g_s, g_t, math.exp(-2 * gamma), 2 * gamma, part, rows, n, p_order, BLOCK=BLOCK)
     return part.sum()
 
 
-def cc_backward(g_s, g_t, norms_s, norms_t, gamma, p_order):
+def cc_backward(g_s, g_t, norms_s, norms_t, gamma, p_order, lo=0):
     """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X^ + r * X^ on each side, X^ the normalised
-    rows and norms the rows' norms before."""
-    n = len(g_s)
+    rows and norms (N,) the rows' norms before; for a global batch's rows lo:lo + R of S
+    (R, N), M (R, N) and r (R,) give those rows' whole gradient."""
+    rows, n = g_s.shape
     m_s, r_s, m_t, r_t = grad_buffers(g_s, g_t)
-    _cc_grad_kernel[(triton.cdiv(n, BLOCK),)](g_s, g_t, norms_s, norms_t, math.exp(-2 * gamma), 2 * gamma,
-                                              m_s, r_s, m_t, r_t, n, p_order, BLOCK=BLOCK,
-                                              num_warps=TILE_WARPS)
+    _cc_grad_kernel[(triton.cdiv(rows, BLOCK),)](g_s, g_t, norms_s, norms_t, math.exp(-2 * gamma),
+                                                 2 * gamma, m_s, r_s, m_t, r_t, lo, rows, n, p_order,
+                                                 BLOCK=BLOCK, num_warps=TILE_WARPS)
     return m_s, r_s, m_t, r_t
 

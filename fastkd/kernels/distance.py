@@ -20,85 +20,97 @@ from .gram import BLOCK, _smooth_l1, grad_buffers
 # --- shared: the clamped tiles and the gradient loop ---------------------------
 
 @triton.jit
-def _squared_distance_tile(e_ptr, ra, rb, N):
+def _squared_distance_tile(e_ptr, ra, rb, lo, R, N):
     """pdist2 = max(E, 1e-12) off the diagonal, 0 on it and outside; also whether E >= 1e-12
-    (where the clamp lets the gradient through)."""
-    off = (ra[:, None] < N) & (rb[None, :] < N) & (ra[:, None] != rb[None, :])
+    (where the clamp lets the gradient through). e (R, N) holds the rows lo:lo + R of E (the
+    whole (N, N) E for one process: lo 0, R = N); ra are rows of e, so the diagonal is at
+    b = lo + a."""
+    off = (ra[:, None] < R) & (rb[None, :] < N) & (lo + ra[:, None] != rb[None, :])
     p = tl.load(e_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], mask=off, other=0.0)
     return tl.where(off, tl.maximum(p, 1e-12), 0.0), off & (p >= 1e-12)
 
 
 @triton.jit
-def _distance_tile(e_ptr, ra, rb, N):
+def _distance_tile(e_ptr, ra, rb, lo, R, N):
     """d = sqrt(pdist2) (0 on the diagonal and outside) and where the clamp lets the gradient
     through, as _squared_distance_tile."""
-    d2, live = _squared_distance_tile(e_ptr, ra, rb, N)
+    d2, live = _squared_distance_tile(e_ptr, ra, rb, lo, R, N)
     return sqrt(d2), live
 
 
 @triton.jit
-def _distance_grad_kernel(es_ptr, et_ptr, stats_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr, N,
+def _distance_grad_kernel(es_ptr, et_ptr, stats_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr, lo, R, N,
                           TILE_W: tl.constexpr, BLOCK: tl.constexpr):
-    """M = -4 W, r = 4 rowsum(W) for a block of rows on each side, W = N^2 dL/dp (p the
-    squared distances) from (W_s, W_t) = TILE_W(es_ptr, et_ptr, stats_ptr, ra, rb, N) at each
-    tile (a jit function: _rkd_distance_w, _irg_edge_w)."""
+    """M = -4 W, r = 4 rowsum(W) (R, N) and (R,) for a block of the rows lo:lo + R on each
+    side, W = N^2 dL/dp (p the squared distances) from (W_s, W_t) = TILE_W(es_ptr, et_ptr,
+    stats_ptr, ra, rb, lo, R, N) at each tile (a jit function: _rkd_distance_w, _irg_edge_w).
+    W is symmetric, so these rows' M and r give these rows' whole gradient (RKD's distances;
+    IRG's edge, whose maximum's share two ranks may round apart, adds W^T's instead:
+    fastkd/autograd.py)."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     r_s = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
     r_t = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        w_s, w_t = TILE_W(es_ptr, et_ptr, stats_ptr, ra, rb, N)
+        w_s, w_t = TILE_W(es_ptr, et_ptr, stats_ptr, ra, rb, lo, R, N)
         r_s += tl.sum(w_s, 1)
         r_t += tl.sum(w_t, 1)
-        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
         tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], -4 * w_s, mask=ok)
         tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], -4 * w_t, mask=ok)
-    tl.store(rs_ptr + ra, 4 * r_s, mask=ra < N)
-    tl.store(rt_ptr + ra, 4 * r_t, mask=ra < N)
+    tl.store(rs_ptr + ra, 4 * r_s, mask=ra < R)
+    tl.store(rt_ptr + ra, 4 * r_t, mask=ra < R)
 
 
-def _distance_backward(e_s, e_t, stats, tile_w):
-    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side, W from tile_w."""
+def _distance_backward(e_s, e_t, stats, tile_w, lo):
+    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side (on the rows lo:lo + R
+    of e_* (R, N)), W from tile_w."""
     m_s, r_s, m_t, r_t = grad_buffers(e_s, e_t)
-    _distance_grad_kernel[(triton.cdiv(len(e_s), BLOCK),)](e_s, e_t, stats, m_s, r_s, m_t, r_t,
-                                                           len(e_s), TILE_W=tile_w, BLOCK=BLOCK)
+    rows, n = e_s.shape
+    _distance_grad_kernel[(triton.cdiv(rows, BLOCK),)](e_s, e_t, stats, m_s, r_s, m_t, r_t,
+                                                       lo, rows, n, TILE_W=tile_w, BLOCK=BLOCK)
     return m_s, r_s, m_t, r_t
 
 
-def _tile_parts(kernel, width, e_s, e_t, *stats):
-    """part (tiles, width) in E's dtype: kernel(e_s, e_t, *stats, part, N) over the (N, N)
-    tiles, each writing its row of part."""
-    n = len(e_s)
-    nb = triton.cdiv(n, BLOCK)
-    part = torch.empty((nb * nb, width), dtype=e_s.dtype, device=e_s.device)
-    kernel[(nb, nb)](e_s, e_t, *stats, part, n, BLOCK=BLOCK)
+def _tile_parts(kernel, width, e_s, e_t, *stats, lo=0):
+    """part (tiles, width) in E's dtype: kernel(e_s, e_t, *stats, part, lo, R, N) over the
+    tiles of e_* (R, N) (the rows lo:lo + R of E), each writing its row of part."""
+    rows, n = e_s.shape
+    grid = (triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))
+    part = torch.empty((grid[0] * grid[1], width), dtype=e_s.dtype, device=e_s.device)
+    kernel[grid](e_s, e_t, *stats, part, lo, rows, n, BLOCK=BLOCK)
     return part
+
+
+def _local(x, op):
+    """One process's stand-in for the all-reduce between passes: x itself."""
+    return x
 
 
 # --- RKD distance -------------------------------------------------------------
 
 @triton.jit
-def _rkd_distance_sum_kernel(es_ptr, et_ptr, part_ptr, N, BLOCK: tl.constexpr):
+def _rkd_distance_sum_kernel(es_ptr, et_ptr, part_ptr, lo, R, N, BLOCK: tl.constexpr):
     """part[tile] = (sum of d_s, sum of d_t) over one tile."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
-    d_s, _ = _distance_tile(es_ptr, ra, rb, N)
-    d_t, _ = _distance_tile(et_ptr, ra, rb, N)
+    d_s, _ = _distance_tile(es_ptr, ra, rb, lo, R, N)
+    d_t, _ = _distance_tile(et_ptr, ra, rb, lo, R, N)
     tl.store(part_ptr + 2 * tile, tl.sum(tl.sum(d_s, 1), 0))
     tl.store(part_ptr + 2 * tile + 1, tl.sum(tl.sum(d_t, 1), 0))
 
 
 @triton.jit
-def _rkd_distance_loss_kernel(es_ptr, et_ptr, sums_ptr, part_ptr, N, BLOCK: tl.constexpr):
+def _rkd_distance_loss_kernel(es_ptr, et_ptr, sums_ptr, part_ptr, lo, R, N, BLOCK: tl.constexpr):
     """part[tile] = (sum h(d_s / m_s - d_t / m_t), sum h' d_s, sum h' d_t) over one tile;
     m = sum(d) / (N (N - 1)) from sums = (sum d_s, sum d_t)."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     count = N * (N - 1.0)
-    d_s, _ = _distance_tile(es_ptr, ra, rb, N)
-    d_t, _ = _distance_tile(et_ptr, ra, rb, N)
+    d_s, _ = _distance_tile(es_ptr, ra, rb, lo, R, N)
+    d_t, _ = _distance_tile(et_ptr, ra, rb, lo, R, N)
     diff = d_s / (tl.load(sums_ptr) / count) - d_t / (tl.load(sums_ptr + 1) / count)
     u = tl.minimum(tl.maximum(diff, -1.0), 1.0)
     tl.store(part_ptr + 3 * tile, tl.sum(tl.sum(_smooth_l1(diff), 1), 0))
@@ -107,7 +119,7 @@ def _rkd_distance_loss_kernel(es_ptr, et_ptr, sums_ptr, part_ptr, N, BLOCK: tl.c
 
 
 @triton.jit
-def _rkd_distance_w(es_ptr, et_ptr, sums_ptr, ra, rb, N):
+def _rkd_distance_w(es_ptr, et_ptr, sums_ptr, ra, rb, lo, R, N):
     """(W_s, W_t) at the tile (a, b), W = N^2 dL/dp (p the squared distances).
 
     With a = d / m, m = sum(d) / count, u = h'(a_s - a_t):
@@ -118,25 +130,28 @@ def _rkd_distance_w(es_ptr, et_ptr, sums_ptr, ra, rb, N):
     sum_t = tl.load(sums_ptr + 1)
     ud_s = tl.load(sums_ptr + 2)
     ud_t = tl.load(sums_ptr + 3)
-    d_s, live_s = _distance_tile(es_ptr, ra, rb, N)
-    d_t, live_t = _distance_tile(et_ptr, ra, rb, N)
+    d_s, live_s = _distance_tile(es_ptr, ra, rb, lo, R, N)
+    d_t, live_t = _distance_tile(et_ptr, ra, rb, lo, R, N)
     u = tl.minimum(tl.maximum(d_s / (sum_s / count) - d_t / (sum_t / count), -1.0), 1.0)
     w_s = tl.where(live_s, (u - ud_s / sum_s) / (sum_s / count) / (2 * tl.where(live_s, d_s, 1.0)), 0.0)
     w_t = tl.where(live_t, (ud_t / sum_t - u) / (sum_t / count) / (2 * tl.where(live_t, d_t, 1.0)), 0.0)
     return w_s, w_t
 
 
-def rkd_distance_forward(e_s, e_t):
+def rkd_distance_forward(e_s, e_t, lo=0, reduce=_local):
     """(N^2 * loss, stats): stats = (sum d_s, sum d_t, sum h' d_s, sum h' d_t) for backward;
-    e_* the squared distances."""
-    sums = _tile_parts(_rkd_distance_sum_kernel, 2, e_s, e_t).sum(0)
-    part = _tile_parts(_rkd_distance_loss_kernel, 3, e_s, e_t, sums).sum(0)
-    return part[0], torch.cat([sums, part[1:]])
+    e_* the squared distances (N, N). A global batch's rank passes its rows lo:lo + R of E,
+    (R, N), and reduce(partial, "sum"), an all-reduce over the ranks: the sums of each pass
+    are then every rank's, and the loss this rank's rows' part."""
+    sums = reduce(_tile_parts(_rkd_distance_sum_kernel, 2, e_s, e_t, lo=lo).sum(0), "sum")
+    part = _tile_parts(_rkd_distance_loss_kernel, 3, e_s, e_t, sums, lo=lo).sum(0)
+    return part[0], torch.cat([sums, reduce(part[1:], "sum")])
 
 
-def rkd_distance_backward(e_s, e_t, stats):
-    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
-    return _distance_backward(e_s, e_t, stats, _rkd_distance_w)
+def rkd_distance_backward(e_s, e_t, stats, lo=0):
+    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side (on the rows lo:lo + R
+    for a global batch's e_* (R, N): their whole gradient)."""
+    return _distance_backward(e_s, e_t, stats, _rkd_distance_w, lo)
 
 
 # --- IRG edge -----------------------------------------------------------------
@@ -145,19 +160,19 @@ def rkd_distance_backward(e_s, e_t, stats):
 # among the entries equal to it, as torch's max() does (equal rows give bit-equal E).
 
 @triton.jit
-def _irg_edge_max_kernel(es_ptr, et_ptr, part_ptr, N, BLOCK: tl.constexpr):
+def _irg_edge_max_kernel(es_ptr, et_ptr, part_ptr, lo, R, N, BLOCK: tl.constexpr):
     """part[tile] = (max pdist2_s, max pdist2_t) over one tile."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
-    d_s, _ = _squared_distance_tile(es_ptr, ra, rb, N)
-    d_t, _ = _squared_distance_tile(et_ptr, ra, rb, N)
+    d_s, _ = _squared_distance_tile(es_ptr, ra, rb, lo, R, N)
+    d_t, _ = _squared_distance_tile(et_ptr, ra, rb, lo, R, N)
     tl.store(part_ptr + 2 * tile, tl.max(tl.max(d_s, 1), 0))
     tl.store(part_ptr + 2 * tile + 1, tl.max(tl.max(d_t, 1), 0))
 
 
 @triton.jit
-def _irg_edge_loss_kernel(es_ptr, et_ptr, max_ptr, part_ptr, N, BLOCK: tl.constexpr):
+def _irg_edge_loss_kernel(es_ptr, et_ptr, max_ptr, part_ptr, lo, R, N, BLOCK: tl.constexpr):
     """part[tile] = (sum diff^2, sum diff d_s, sum diff d_t, count of d_s = max_s, count of
     d_t = max_t) over one tile, diff = d_s / max_s - d_t / max_t."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -165,8 +180,8 @@ def _irg_edge_loss_kernel(es_ptr, et_ptr, max_ptr, part_ptr, N, BLOCK: tl.conste
     tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     m_s = tl.load(max_ptr)
     m_t = tl.load(max_ptr + 1)
-    d_s, _ = _squared_distance_tile(es_ptr, ra, rb, N)
-    d_t, _ = _squared_distance_tile(et_ptr, ra, rb, N)
+    d_s, _ = _squared_distance_tile(es_ptr, ra, rb, lo, R, N)
+    d_t, _ = _squared_distance_tile(et_ptr, ra, rb, lo, R, N)
     diff = d_s / m_s - d_t / m_t
     out = part_ptr + 5 * tile
     tl.store(out, tl.sum(tl.sum(diff * diff, 1), 0))
@@ -178,7 +193,7 @@ def _irg_edge_loss_kernel(es_ptr, et_ptr, max_ptr, part_ptr, N, BLOCK: tl.conste
 
 
 @triton.jit
-def _irg_edge_w(es_ptr, et_ptr, stats_ptr, ra, rb, N):
+def _irg_edge_w(es_ptr, et_ptr, stats_ptr, ra, rb, lo, R, N):
     """(W_s, W_t) at the tile (a, b), W = N^2 dL/dp (p the squared distances):
     W_s = 2 diff / m_s + [d_s = m_s] (-2 sum(diff d_s) / m_s^2) / count_s where the clamp lets
     the gradient through; the teacher's with -diff."""
@@ -186,22 +201,24 @@ def _irg_edge_w(es_ptr, et_ptr, stats_ptr, ra, rb, N):
     m_t = tl.load(stats_ptr + 1)
     top_s = -2 * tl.load(stats_ptr + 2) / (m_s * m_s) / tl.load(stats_ptr + 4)
     top_t = 2 * tl.load(stats_ptr + 3) / (m_t * m_t) / tl.load(stats_ptr + 5)
-    d_s, live_s = _squared_distance_tile(es_ptr, ra, rb, N)
-    d_t, live_t = _squared_distance_tile(et_ptr, ra, rb, N)
+    d_s, live_s = _squared_distance_tile(es_ptr, ra, rb, lo, R, N)
+    d_t, live_t = _squared_distance_tile(et_ptr, ra, rb, lo, R, N)
     diff = d_s / m_s - d_t / m_t
     w_s = tl.where(live_s, 2 * diff / m_s + tl.where(d_s == m_s, top_s, 0.0), 0.0)
     w_t = tl.where(live_t, -2 * diff / m_t + tl.where(d_t == m_t, top_t, 0.0), 0.0)
     return w_s, w_t
 
 
-def irg_edge_forward(e_s, e_t):
+def irg_edge_forward(e_s, e_t, lo=0, reduce=_local):
     """(N^2 * loss, stats): stats = (max_s, max_t, sum diff d_s, sum diff d_t, count_s, count_t);
-    e_* the squared distances."""
-    maxima = _tile_parts(_irg_edge_max_kernel, 2, e_s, e_t).amax(0)
-    part = _tile_parts(_irg_edge_loss_kernel, 5, e_s, e_t, maxima).sum(0)
-    return part[0], torch.cat([maxima, part[1:]])
+    e_* the squared distances (N, N), or a global batch's rows lo:lo + R of them with reduce
+    the all-reduce (as rkd_distance_forward; the maxima with "max")."""
+    maxima = reduce(_tile_parts(_irg_edge_max_kernel, 2, e_s, e_t, lo=lo).amax(0), "max")
+    part = _tile_parts(_irg_edge_loss_kernel, 5, e_s, e_t, maxima, lo=lo).sum(0)
+    return part[0], torch.cat([maxima, reduce(part[1:], "sum")])
 
 
-def irg_edge_backward(e_s, e_t, stats):
-    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side."""
-    return _distance_backward(e_s, e_t, stats, _irg_edge_w)
+def irg_edge_backward(e_s, e_t, stats, lo=0):
+    """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side (for a global batch's
+    e_* (R, N), M and r of the rows lo:lo + R: M = -4 W, r = 4 rowsum(W) there)."""
+    return _distance_backward(e_s, e_t, stats, _irg_edge_w, lo)

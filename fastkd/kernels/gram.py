@@ -9,6 +9,11 @@ loss's gradient kernel writes, and the small @triton.jit helpers several losses 
 loss then has its kernels over (N, N) tiles of the student's and the teacher's matrices,
 both read by the same launch.
 
+Global batch (fastkd/autograd.py's *_global): the kernels also run on a row block, the rows
+lo:lo + R of the (N, N) matrices as an (R, N) matrix, given the row offset lo, the row count
+R and the global N (columns, the diagonal at b = lo + a); one process's square case is lo 0,
+R = N, with the code it had (SQUARE, ALL: the symmetric tiles, the loop over all rows).
+
 Numerics (the CPU path, fastkd/torch_backend/pairwise.py, follows the same rules for RKD and
 IRG, and runs the reference's own operations for SP, PKT and CC; its docstring has the error
 analysis). Everything here and in the losses' modules sums in float64, whatever the input
@@ -99,111 +104,136 @@ def prepare(x, centre, normalise=False):
 
 
 @triton.jit
-def _squared_distances_kernel(x_ptr, stride_n, stride_d, e_ptr, N, D,
-                              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """E_ab = sum_f (x_a[f] - x_b[f])^2 in float64 for the tile (a, b) with b <= a, stored at
-    (a, b) and transposed at (b, a). Each difference is taken in float64 (exact for
-    float32/bfloat16/float16 rows), so E does not cancel; (x_a - x_b)^2 = (x_b - x_a)^2 bit
-    for bit, so E is exactly symmetric with an exactly zero diagonal."""
+def _squared_distances_kernel(x_ptr, stride_n, stride_d, e_ptr, lo, R, N, D,
+                              SQUARE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """E_ab = sum_f (x_a[f] - x_b[f])^2 in float64 for the rows a in lo:lo + R of x (N, D) and
+    every b, stored at (a - lo, b) of e (R, N). Each difference is taken in float64 (exact for
+    float32/bfloat16/float16 rows), so E does not cancel; (x_a - x_b)^2 = (x_b - x_a)^2 bit for
+    bit, so E is exactly symmetric with an exactly zero diagonal. SQUARE (lo 0, R = N): only
+    the tiles with b <= a are computed, each stored at (a, b) and transposed at (b, a)."""
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
-    if pid_b <= pid_a:
+    if SQUARE:
+        run = pid_b <= pid_a
+    else:
+        run = pid_b >= 0
+    if run:
         ra = pid_a * BLOCK + tl.arange(0, BLOCK)
         rb = pid_b * BLOCK + tl.arange(0, BLOCK)
         acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float64)
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
-            xa = tl.load(x_ptr + ra[:, None].to(tl.int64) * stride_n + cols[None, :] * stride_d,
-                         mask=(ra[:, None] < N) & (cols[None, :] < D), other=0.0).to(tl.float64)
+            xa = tl.load(x_ptr + (lo + ra[:, None]).to(tl.int64) * stride_n + cols[None, :] * stride_d,
+                         mask=(ra[:, None] < R) & (cols[None, :] < D), other=0.0).to(tl.float64)
             xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * stride_n + cols[None, :] * stride_d,
                          mask=(rb[:, None] < N) & (cols[None, :] < D), other=0.0).to(tl.float64)
             diff = xa[:, None, :] - xb[None, :, :]
             acc += tl.sum(diff * diff, axis=2)
-        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
         tl.store(e_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], acc, mask=ok)
-        tl.store(e_ptr + rb[None, :].to(tl.int64) * N + ra[:, None], acc, mask=ok)
+        if SQUARE:
+            tl.store(e_ptr + rb[None, :].to(tl.int64) * N + ra[:, None], acc, mask=ok)
 
 
-def squared_distances(x):
+def squared_distances(x, lo=0, rows=None):
     """E (N, N) float64, E_ab = |flat(x)_a - flat(x)_b|^2 from the difference vectors (see the
-    module docstring); x read through its strides in any float dtype."""
+    module docstring); x read through its strides in any float dtype. rows: only the rows
+    lo:lo + rows of E, (rows, N), each entry as in the whole matrix (a global batch's
+    row block)."""
     x = x.reshape(x.size(0), -1)
     n, d = x.shape
-    e = torch.empty((n, n), dtype=torch.float64, device=x.device)
-    nb = triton.cdiv(n, BLOCK)
-    _squared_distances_kernel[(nb, nb)](x, x.stride(0), x.stride(1), e, n, d, BLOCK=BLOCK,
-                                        BLOCK_D=BLOCK_D_DIFF)
+    square = rows is None
+    rows = n if square else rows
+    e = torch.empty((rows, n), dtype=torch.float64, device=x.device)
+    _squared_distances_kernel[(triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))](
+        x, x.stride(0), x.stride(1), e, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK, BLOCK_D=BLOCK_D_DIFF)
     return e
 
 
 @triton.jit
-def _gram_kernel(x_ptr, g_ptr, N, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """G = X X^T for the tile (a, b) with b <= a, stored at (a, b) and transposed at (b, a)."""
+def _gram_kernel(x_ptr, g_ptr, lo, R, N, D, SQUARE: tl.constexpr, BLOCK: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """G = X[lo:lo + R] X^T (R, N) for the tile (a, b). SQUARE (lo 0, R = N): only b <= a,
+    stored at (a, b) and transposed at (b, a), a diagonal tile made exactly symmetric."""
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
-    if pid_b <= pid_a:
+    if SQUARE:
+        run = pid_b <= pid_a
+    else:
+        run = pid_b >= 0
+    if run:
         ra = pid_a * BLOCK + tl.arange(0, BLOCK)
         rb = pid_b * BLOCK + tl.arange(0, BLOCK)
         acc = tl.zeros([BLOCK, BLOCK], dtype=g_ptr.dtype.element_ty)
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
-            xa = tl.load(x_ptr + ra[:, None].to(tl.int64) * D + cols[None, :],
-                         mask=(ra[:, None] < N) & (cols[None, :] < D), other=0.0)
+            xa = tl.load(x_ptr + (lo + ra[:, None]).to(tl.int64) * D + cols[None, :],
+                         mask=(ra[:, None] < R) & (cols[None, :] < D), other=0.0)
             xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * D + cols[None, :],
                          mask=(rb[:, None] < N) & (cols[None, :] < D), other=0.0)
             acc = tl.dot(xa, tl.trans(xb), acc, input_precision="ieee", out_dtype=acc.dtype)
-        # A diagonal tile is made exactly symmetric too: (a + b) / 2 does not depend on order.
-        acc = tl.where(pid_a == pid_b, (acc + tl.trans(acc)) * 0.5, acc)
-        ok = (ra[:, None] < N) & (rb[None, :] < N)
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
+        if SQUARE:
+            # A diagonal tile is made exactly symmetric too: (a + b) / 2 does not depend on order.
+            acc = tl.where(pid_a == pid_b, (acc + tl.trans(acc)) * 0.5, acc)
+            tl.store(g_ptr + rb[None, :].to(tl.int64) * N + ra[:, None], acc, mask=ok)
         tl.store(g_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], acc, mask=ok)
-        tl.store(g_ptr + rb[None, :].to(tl.int64) * N + ra[:, None], acc, mask=ok)
 
 
-def gram(x):
-    """G = X X^T (N, N), exactly symmetric; x from prepare()."""
+def gram(x, lo=0, rows=None):
+    """G = X X^T (N, N), exactly symmetric; x from prepare(). rows: only the rows lo:lo + rows
+    of G, (rows, N) (a global batch's row block)."""
     n, d = x.shape
-    g = torch.empty((n, n), dtype=x.dtype, device=x.device)
-    nb = triton.cdiv(n, BLOCK)
-    _gram_kernel[(nb, nb)](x, g, n, d, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
+    square = rows is None
+    rows = n if square else rows
+    g = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    _gram_kernel[(triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))](
+        x, g, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
     return g
 
 
 @triton.jit
-def _gram_grad_kernel(m_ptr, r_ptr, x_ptr, scale_ptr, out_ptr, N, D,
+def _gram_grad_kernel(m_ptr, stride_ma, stride_mb, r_ptr, y_ptr, z_ptr, scale_ptr, out_ptr, R, K, D,
                       HAS_R: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out = scale * (M X + r * X) for a (BLOCK, BLOCK_D) tile of out (r = 0 without HAS_R)."""
+    """out = scale * (M Y + r * Z) for a (BLOCK, BLOCK_D) tile of out (R, D): M (R, K) read
+    through its strides, Y (K, D), Z (R, D) and out contiguous (r = 0 without HAS_R). One
+    process's square case is Y = Z = X, M (N, N)."""
     # Column blocks on grid axis 0 (up to 2^31 - 1): flattened maps reach D > 2 M, past the
     # 65,535 of axis 1.
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     ra = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < D
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=x_ptr.dtype.element_ty)
-    for start in range(0, N, BLOCK):
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=y_ptr.dtype.element_ty)
+    for start in range(0, K, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        m = tl.load(m_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
-                    mask=(ra[:, None] < N) & (rb[None, :] < N), other=0.0)
-        xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * D + cols[None, :],
-                     mask=(rb[:, None] < N) & col_ok[None, :], other=0.0)
-        acc = tl.dot(m, xb, acc, input_precision="ieee", out_dtype=acc.dtype)
-    ok = (ra[:, None] < N) & col_ok[None, :]
+        m = tl.load(m_ptr + ra[:, None].to(tl.int64) * stride_ma + rb[None, :].to(tl.int64) * stride_mb,
+                    mask=(ra[:, None] < R) & (rb[None, :] < K), other=0.0)
+        yb = tl.load(y_ptr + rb[:, None].to(tl.int64) * D + cols[None, :],
+                     mask=(rb[:, None] < K) & col_ok[None, :], other=0.0)
+        acc = tl.dot(m, yb, acc, input_precision="ieee", out_dtype=acc.dtype)
+    ok = (ra[:, None] < R) & col_ok[None, :]
     if HAS_R:
-        xa = tl.load(x_ptr + ra[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0)
-        acc += tl.load(r_ptr + ra, mask=ra < N, other=0.0)[:, None] * xa
+        za = tl.load(z_ptr + ra[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0)
+        acc += tl.load(r_ptr + ra, mask=ra < R, other=0.0)[:, None] * za
     out = acc * tl.load(scale_ptr)
     tl.store(out_ptr + ra[:, None].to(tl.int64) * D + cols[None, :],
              _cast(out, out_ptr.dtype.element_ty), mask=ok)
 
 
-def gram_grad(m, r, x, scale, like):
-    """dL/dX = scale * (M X + r * X) shaped and typed like `like`; x (N, D) from prepare(),
-    M (N, N), r (N,) or None for 0, scale a 0-dim tensor (the upstream gradient over the
-    loss's count)."""
-    n, d = x.shape
-    out = torch.empty((n, d), dtype=like.dtype, device=x.device)
-    _gram_grad_kernel[(triton.cdiv(d, BLOCK_D), triton.cdiv(n, BLOCK))](
-        m, m if r is None else r, x, scale, out, n, d, HAS_R=r is not None, BLOCK=BLOCK,
-        BLOCK_D=BLOCK_D)
-    return out.reshape(like.shape)
+def gram_grad(m, r, x, scale, like, lo=0, z=None):
+    """dL/dX = scale * (M X + r * Z) (R, D) typed like `like`, Z = X[lo:lo + R] unless given
+    (R, D); x (K, D) from prepare(), M (R, K) (any strides: a transposed view is read as
+    such), r (R,) or None for 0, scale a 0-dim tensor (the upstream gradient over the loss's
+    count). Shaped like `like` when R is its batch (one process: M (N, N), lo 0), else (R, D):
+    a global batch's rows lo:lo + R of the gradient, from M's rows."""
+    rows, k = m.shape
+    d = x.shape[1]
+    z = x[lo:] if z is None else z
+    out = torch.empty((rows, d), dtype=like.dtype, device=x.device)
+    _gram_grad_kernel[(triton.cdiv(d, BLOCK_D), triton.cdiv(rows, BLOCK))](
+        m, m.stride(0), m.stride(1), m if r is None else r, x, z, scale, out, rows, k, d,
+        HAS_R=r is not None, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
+    return out.reshape(like.shape) if rows == len(like) else out
 
 
 @triton.jit
@@ -223,15 +253,15 @@ def _smooth_l1(d):
 
 
 @triton.jit
-def _load_tile(ptr, ra, rb, N):
-    """The (ra, rb) tile of an (N, N) matrix, 0 outside."""
+def _load_tile(ptr, ra, rb, R, N):
+    """The (ra, rb) tile of an (R, N) matrix (contiguous rows of N), 0 outside."""
     return tl.load(ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
-                   mask=(ra[:, None] < N) & (rb[None, :] < N), other=0.0)
+                   mask=(ra[:, None] < R) & (rb[None, :] < N), other=0.0)
 
 
 def grad_buffers(a_s, a_t):
-    """Empty (M_s, r_s, M_t, r_t) for a gradient kernel: M like the (N, N) matrices a_s and
-    a_t, r (N,) in their dtype."""
+    """Empty (M_s, r_s, M_t, r_t) for a gradient kernel: M like the (R, N) matrices a_s and
+    a_t (R = N for one process), r (R,) in their dtype."""
     m_s, m_t = torch.empty_like(a_s), torch.empty_like(a_t)
     r_s = torch.empty(len(a_s), dtype=a_s.dtype, device=a_s.device)
     return m_s, r_s, m_t, torch.empty_like(r_s)

@@ -14,8 +14,9 @@ for sm_XX; registers, spills and shared memory come from the cubin (cuobjdump), 
 use from the PTX. Compiles go through Triton's cache (~/.triton/cache or TRITON_CACHE_DIR).
 
 Workloads: the kernel tests' kinds of shapes (odd sizes, channels_last and strided maps,
-teacher gradients) and the benchmark's full CUDA sweep, in float32, bfloat16, float16 and
-float64.
+teacher gradients), the benchmark's full CUDA sweep, and the relational losses with
+global_batch=True (the row-block specializations: a simulated rank, fastkd.bench.global_batch's
+loopback group), in float32, bfloat16, float16 and float64.
 
 Must run in a process where TRITON_INTERPRET is unset (kernels are then JITFunctions).
 """
@@ -143,6 +144,30 @@ def _extra_calls(dtype):
                                              teacher_topk_logprobs=torch.empty((37, 5), device=meta, dtype=dtype))
 
 
+# Global batch: (world, rank, local batch, feature dim) of the simulated ranks, the last
+# rank of each world (a row offset past 0): one of the kernel tests' kind of sizes and one of
+# the benchmark's.
+_GLOBAL = [(3, 2, 5, 33), (4, 3, 256, 512)]
+
+
+def _global_calls(dtype):
+    """Forward and backward of each relational loss with global_batch=True, as rank `rank` of
+    `world` over a loopback group (fastkd.bench.global_batch), on meta tensors."""
+    from .. import distributed
+    from ..bench import global_batch
+    for world, rank, n, d in _GLOBAL:
+        for loss in ("RKD", "SP", "PKT", "CC", "IRG"):
+            case = global_batch.spec(loss, n, d, torch.device("meta"), dtype, None)
+
+            def call(case=case, world=world, rank=rank):
+                # Meta tensors hold no sizes to gather: every rank holds n rows.
+                with global_batch.simulated_rank(rank, world), \
+                        mock.patch.object(distributed, "batch_sizes", lambda m, device, group=None: [m] * world):
+                    module, _ = case.build()
+                    module(*case.inputs(torch.device("meta"), dtype, None)).backward()
+            yield f"global {loss} rank {rank} of {world}, {n} x {d}", n >= 64, call
+
+
 class Recorder:
     """Stands in for JITFunction.run: keeps the specializations and grids, launches nothing."""
 
@@ -225,6 +250,12 @@ def record(archs=ARCHS, dtypes=tuple(DTYPES)):
                     for call in _extra_calls(dtype):
                         rec.context = ("test logits (2, 7, 37, 3) / strided / LM head", False, dtype_name)
                         call().backward()
+                    for where, at_bench, call in _global_calls(dtype):
+                        rec.context = (where, at_bench, dtype_name)
+                        try:
+                            call()
+                        except Exception as e:  # noqa: BLE001 - reported, and fails --check
+                            errors.append(f"{where} {dtype_name}: {type(e).__name__}: {e}")
     return list(rec.specs.values()), errors
 
 

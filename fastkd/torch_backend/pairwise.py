@@ -404,8 +404,9 @@ def irg_transformation(irg_s, irg_t):
 # single-process gradient). Work and memory per rank: (n, N) relations, n N^2 angles (the
 # angle term also holds E (N, N), as one anchor's angles do). The same numerics as above:
 # exact squared distances for RKD, centred Gram rows for IRG's edges, the reference's
-# operations for SP, PKT and CC. Used by the torch and triton backends alike (the Triton
-# kernels take whole square batches).
+# operations for SP, PKT and CC. The torch backend's; the triton backend runs the same
+# algorithm on the Triton kernels (fastkd/autograd.py's *_global), except for IRG's vertex
+# term, which it takes from here.
 
 def distance_grad_rows(xc, w, lo):
     """dL/dX (N, D) float64 from W = dL/dE (n, N) of the rows lo:lo + n of E: row a of them
