@@ -87,7 +87,7 @@ step bench-lm 90 python -m fastkd.bench --sweep full --device cuda --losses Fuse
 step lm-profile 75 python benchmarks/lm_head_profile.py --rows-sweep --json "$RESULTS/lm-profile.json"
 # The global-batch losses, one simulated rank of W (fastkd.bench.global_batch): per-rank time
 # and peak memory against W on this GPU.
-step global-bench 60 python -m fastkd.bench.global_batch --device cuda --N 4096 --D 512 --world 1,2,4,8 \
+step global-bench 60 python -m fastkd.bench.global_batch --device cuda --N 2048 --D 512 --world 1,2,4,8 \
     --json "$RESULTS/global-bench.json"
 # Last, as the slowest to start: every loss of fastkd once at the tiny shapes, forward and
 # backward, under memcheck (the whole test suite under it takes far longer than a lease).
