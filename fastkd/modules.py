@@ -221,6 +221,14 @@ def _all_true(flag):
     return bool(flag)
 
 
+def _exporting():
+    """Whether torch.export is tracing. The flag that torch.export sets is read itself:
+    TorchDynamo before torch 2.13 traced torch.compiler.is_exporting() as True under
+    torch.compile too, which refused CRD's first compiled call (seen with torch 2.11)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else flag
+
+
 class CRD(reference.CRD):
     """Contrastive loss of both embeddings against the other side's memory bank.
 
@@ -340,7 +348,7 @@ class CRD(reference.CRD):
         checks.same_device(feat_s=feat_s, feat_t=feat_t, idx=idx, sample_idx=sample_idx,
                            memory=mem.memory_s)
         checks.number(mem.T, "nce_t", positive=True)
-        if torch.compiler.is_exporting() and (mem.Z_s is None or mem.Z_t is None):
+        if _exporting() and (mem.Z_s is None or mem.Z_t is None):
             raise RuntimeError("CRD fixes its normalisers Z_s, Z_t from the data of its first call, "
                                "which torch.export cannot express: call it once (or load a state_dict "
                                "that has them) before exporting")

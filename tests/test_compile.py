@@ -199,6 +199,20 @@ def test_crd_compiles_whole_and_keeps_its_state_as_eagerly(backend):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_crd_compiles_where_is_exporting_reads_true_under_compile():
+    """TorchDynamo before torch 2.13 traced torch.compiler.is_exporting() as True under
+    torch.compile too (seen on the GPU machine's torch 2.11): CRD's first compiled call must
+    not take that for an export."""
+    from unittest import mock
+    case = ONE_CASE_PER_LOSS["CRD"]
+    module = case.build("fastkd", CPU, torch.float32)
+    torch._dynamo.reset()
+    with mock.patch.object(torch.compiler, "is_exporting", lambda: torch.compiler.is_compiling()):
+        compiled = torch.compile(lambda *x: module(*x), fullgraph=True, backend="aot_eager")
+        compiled(*_inputs(case, 0)).backward()
+    assert module.contrast.Z_s is not None
+
+
 def test_crd_exports_once_its_normalisers_are_fixed():
     import copy
     case = ONE_CASE_PER_LOSS["CRD"]
