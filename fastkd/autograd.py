@@ -1004,23 +1004,51 @@ class CRDContrastFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, embed, memory, sample_idx, nce_t, z, n_data, eps):
-        acc = accumulation_dtype(embed, memory)
-        noise = (sample_idx.shape[1] - 1) / n_data
-        # Filled on the device (a copy from host memory would wait for the stream).
-        params = torch.empty(5, dtype=acc, device=embed.device)
-        for i, value in enumerate((nce_t, z, noise, eps, 1.0 / embed.shape[0])):
-            params[i] = value
-        loss, direction = _contrast.crd_contrast_forward(embed, memory, sample_idx, params,
-                                                         grad=ctx.needs_input_grad[0])
-        ctx.save_for_backward(direction, embed.new_empty(0))  # the empty one carries embed's dtype
-        return loss.to(embed.dtype)
+        return _crd_contrast_forward(ctx, embed, memory, sample_idx, nce_t, z, n_data, eps, 0, memory.shape[0])
 
     backward = staticmethod(direction_backward)
+
+
+def _crd_contrast_forward(ctx, embed, memory, sample_idx, nce_t, z, n_data, eps, lo, hi):
+    acc = accumulation_dtype(embed, memory)
+    noise = (sample_idx.shape[1] - 1) / n_data
+    # Filled on the device (a copy from host memory would wait for the stream).
+    params = torch.empty(5, dtype=acc, device=embed.device)
+    for i, value in enumerate((nce_t, z, noise, eps, 1.0 / embed.shape[0])):
+        params[i] = value
+    loss, direction = _contrast.crd_contrast_forward(embed, memory, sample_idx, params,
+                                                     grad=ctx.needs_input_grad[0], lo=lo, hi=hi)
+    ctx.save_for_backward(direction, embed.new_empty(0))  # the empty one carries embed's dtype
+    return loss.to(embed.dtype)
+
+
+class CRDContrastShardFunction(torch.autograd.Function):
+    """CRDContrastFunction's terms of the entries whose sample index is in [lo, hi) alone,
+    memory (hi - lo, feat_dim) holding bank rows lo..hi-1; still -(1/B) times their sum,
+    B = embed's row count. fastkd.global_crd's sharded banks (eager only: not registered
+    with fastkd.ops, as that path is not compiled)."""
+
+    @staticmethod
+    def forward(ctx, embed, memory, sample_idx, nce_t, z, n_data, eps, lo, hi):
+        return _crd_contrast_forward(ctx, embed, memory, sample_idx, nce_t, z, n_data, eps, lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return direction_backward(ctx, grad_output) + (None, None)
 
 
 def crd_contrast(embed, memory, sample_idx, nce_t, z, n_data, eps=1e-7):
     """One side of CRD: contrast_loss(exp(memory[sample_idx] . embed / nce_t) / z)."""
     return _ops.apply("CRDContrastFunction", embed, memory, sample_idx, nce_t, z, n_data, eps)
+
+
+def crd_contrast_shard(embed, memory, sample_idx, nce_t, z, n_data, eps, lo, hi):
+    """crd_contrast's terms of the entries with lo <= sample_idx < hi, memory the bank rows
+    [lo, hi) (hi - lo rows; sample_idx indexes the whole bank of n_data rows)."""
+    if memory.shape[0] != hi - lo:
+        raise ValueError(f"memory has {memory.shape[0]} rows, the bank rows [{lo}, {hi}) are {hi - lo}")
+    with _ops.on_device_of((embed, memory)):
+        return CRDContrastShardFunction.apply(embed, memory, sample_idx, nce_t, z, n_data, eps, lo, hi)
 
 
 # --- LLM-scale logits: FusedLinearSoftTarget (fastkd.kernels.fused_linear) ------------------

@@ -23,8 +23,11 @@ bank, C = ceil(M / W). The entries go to the rows, not the rows to the entries: 
 embeddings (B x feat_dim, all_gather_rows, differentiable) and the indices (B x (N + 2))
 are all-gathered, and each rank computes the terms of the global batch's entries whose
 bank row it holds (about a W-th of all entries), and the momentum update of the rows it
-holds. A step moves O(B (feat_dim + N)) numbers to each rank instead of the
-B (N + 1) feat_dim of fetched bank rows, with collectives gloo has (no all_to_all).
+holds. The contrast over the shard is fastkd.kernels.contrast's kernel given the shard's
+row range [start, stop) where fastkd.backend resolves crd_contrast to triton for the
+banks' device, else _OwnedContrast's chunked torch gathers. A step moves
+O(B (feat_dim + N)) numbers to each rank instead of the B (N + 1) feat_dim of fetched
+bank rows, with collectives gloo has (no all_to_all).
 
 No rank writes anything until all have agreed that the step is valid: input checks and
 the finiteness of Z and of the rows to be written are all-gathered first, and a bad
@@ -38,11 +41,16 @@ import math
 import torch
 import torch.distributed as dist
 
-from . import distributed
+from . import backend, distributed
 from . import functional as F
 from . import modules  # fastkd.CRD's own helpers; modules imports this file, which is fine
 from .common import accumulation_dtype, first_order
 from .reference.crd import contrast_scores
+
+try:  # Triton has wheels for Linux only (fastkd.backend then never resolves to triton)
+    from . import autograd as _triton
+except ImportError:
+    _triton = None
 
 # Gathered elements per chunk (entries x feat_dim) of the sharded contrast.
 CHUNK_ELEMENTS = 1 << 18
@@ -193,9 +201,12 @@ def _sharded(crd, feat_s, feat_t, e_s, e_t, idx, sample_idx, sizes, batch, rank,
         torch.cat([idx.unsqueeze(1), sample_idx.long()], 1), group, sizes)
     every_idx, every_sample = indices[:, 0], indices[:, 1:]
 
-    # The entries and the updates this rank's rows serve, in global order.
-    b, k = ((every_sample >= start) & (every_sample < stop)).nonzero(as_tuple=True)
-    cols = every_sample[b, k] - start
+    # The entries and the updates this rank's rows serve, in global order (the Triton
+    # kernel finds its entries itself: the list is made for Z's first sums only).
+    triton_path = backend.resolve("crd_contrast", device) == "triton" and stop > start
+    if not triton_path or mem.Z_s is None or mem.Z_t is None:
+        b, k = ((every_sample >= start) & (every_sample < stop)).nonzero(as_tuple=True)
+        cols = every_sample[b, k] - start
     mine = (every_idx >= start) & (every_idx < stop)
     local_idx = every_idx[mine] - start
     rows_s = modules._momentum_rows(mem.memory_s, every_s[mine], local_idx, mem.momentum)
@@ -217,12 +228,20 @@ def _sharded(crd, feat_s, feat_t, e_s, e_t, idx, sample_idx, sizes, batch, rank,
             ok &= z_t.isfinite() & (z_t > 0)
     _agree_finite(crd, ok, feat_s, feat_t, e_s, e_t, idx, z_s, z_t, device, group, sharded=True)
 
-    noise = mem.N / n_data
-    positive = k == 0
-    part = (_OwnedContrast.apply(every_s, mem.memory_t, b, cols, positive, mem.T, z_s, noise,
-                                 crd.criterion_s.eps, batch)
-            + _OwnedContrast.apply(every_t, mem.memory_s, b, cols, positive, mem.T, z_t, noise,
-                                   crd.criterion_t.eps, batch))
+    eps_s, eps_t = crd.criterion_s.eps, crd.criterion_t.eps
+    if triton_path:
+        # The Triton contrast kernel over the shard: it skips the entries of other ranks' rows.
+        part = (_triton.crd_contrast_shard(every_s, mem.memory_t, every_sample, mem.T, z_s, n_data,
+                                           eps_s, start, stop)
+                + _triton.crd_contrast_shard(every_t, mem.memory_s, every_sample, mem.T, z_t, n_data,
+                                             eps_t, start, stop))
+    else:
+        noise = mem.N / n_data
+        positive = k == 0
+        part = (_OwnedContrast.apply(every_s, mem.memory_t, b, cols, positive, mem.T, z_s, noise,
+                                     eps_s, batch)
+                + _OwnedContrast.apply(every_t, mem.memory_s, b, cols, positive, mem.T, z_t, noise,
+                                       eps_t, batch))
     loss = distributed.all_reduce_sum(part, group)
     modules.commit_state(mem, z_s, z_t, local_idx, rows_s, rows_t)
     return loss

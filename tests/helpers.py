@@ -1,4 +1,8 @@
 """Tolerances per dtype, in one place, and the comparisons the equivalence tests use."""
+import os
+import subprocess
+import sys
+
 import torch
 
 # Same-dtype comparisons (for example fp64 fast path against the fp64 reference).
@@ -43,3 +47,23 @@ def assert_within_reference_error(actual, reference, exact, msg="", terms=None):
     err = torch.linalg.vector_norm(a - e)
     assert err <= allowed, (f"{msg}: error {err:.3e} of the {actual.dtype} result exceeds "
                             f"{ERROR_FACTOR} x the reference's own error {ref_err:.3e}")
+
+
+# A Triton loop over a runtime bound, through the interpreter (the spawned ranks' Triton path).
+INTERPRETER_PROBE = """
+import torch, triton, triton.language as tl
+@triton.jit
+def k(x, o, D, B: tl.constexpr):
+    acc = tl.zeros([B], tl.float32)
+    for s in range(0, D, B):
+        acc += tl.load(x + s + tl.arange(0, B))
+    tl.store(o + tl.arange(0, B), acc)
+k[(1,)](torch.ones(8), torch.empty(4), 8, B=4)
+"""
+
+
+def interpreter_runs():
+    """Whether Triton's interpreter runs here. Triton 3.6's (the GPU machine's) fails on any
+    loop over a runtime bound with numpy >= 2.4, whose int() refuses its 1-element arrays."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-c", INTERPRETER_PROBE], env=env, capture_output=True).returncode == 0

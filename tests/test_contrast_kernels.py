@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastkd
-from fastkd import autograd, reference
+from fastkd import autograd, global_crd, reference
 from fastkd.kernels import contrast as kernels
 from fastkd.reference.crd import contrast_scores, normalizer
 from fastkd.torch_backend import contrast as torch_path
@@ -191,3 +191,53 @@ def test_crd_module_matches_reference(backend):
         assert ours.contrast.Z_s == pytest.approx(ref.contrast.Z_s)
         for name in ("memory_s", "memory_t"):
             assert_close(getattr(ours.contrast, name), getattr(ref.contrast, name))
+
+
+def _range_forward(embed, memory, sample_idx, nce_t, z, n_data, lo, hi, eps=1e-7):
+    """The kernel over bank rows [lo, hi) (memory[lo:hi]); an empty range adds nothing."""
+    if hi == lo:
+        return torch.zeros((), dtype=torch.float64), torch.zeros_like(embed)
+    params = torch.tensor([nce_t, float(z), (sample_idx.shape[1] - 1) / n_data, eps, 1 / embed.shape[0]],
+                          dtype=torch.float64)
+    return kernels.crd_contrast_forward(embed, memory[lo:hi], sample_idx, params, True, lo, hi)
+
+
+@BLOCKS
+@given(case=crd_case(), data=st.data())
+def test_shard_and_its_complement_sum_to_the_whole_bank(blocks, case, data):
+    """Bank rows [lo, hi): the kernel's loss and direction over them, plus over [0, lo) and
+    [hi, n_data), are the whole bank's (each entry counted in exactly one range)."""
+    embed, memory, sample_idx, nce_t, z, n_data = case
+    lo = data.draw(st.integers(0, n_data), label="lo")
+    hi = data.draw(st.integers(lo, n_data), label="hi")
+    with mock.patch.multiple(kernels, **blocks):
+        whole = _range_forward(embed, memory, sample_idx, nce_t, z, n_data, 0, n_data)
+        parts = [_range_forward(embed, memory, sample_idx, nce_t, z, n_data, a, b)
+                 for a, b in ((lo, hi), (0, lo), (hi, n_data))]
+    for i, what in enumerate(("loss", "direction")):
+        torch.testing.assert_close(sum(p[i] for p in parts), whole[i], rtol=1e-12, atol=1e-13,
+                                   msg=lambda m: f"{what} over [{lo}, {hi}) and its complement\n{m}")
+    # Only the entries of the range count: a shard holding none of them gives nothing.
+    inside = ((sample_idx >= lo) & (sample_idx < hi)).any()
+    if not inside:
+        assert parts[0][0] == 0 and not parts[0][1].any()
+
+
+@given(case=crd_case(), data=st.data(), g=upstream)
+def test_shard_function_matches_the_torch_shard_contrast(case, data, g):
+    """fastkd.global_crd's sharded-bank contrast, Triton (crd_contrast_shard) against the torch
+    one (_OwnedContrast) on the same shard: loss and embedding gradient, -(1/B) both."""
+    embed, memory, sample_idx, nce_t, z, n_data = case
+    lo = data.draw(st.integers(0, n_data - 1), label="lo")
+    hi = data.draw(st.integers(lo + 1, n_data), label="hi")
+    shard = memory[lo:hi]
+    e = embed.clone().requires_grad_(True)
+    loss = autograd.crd_contrast_shard(e, shard, sample_idx, nce_t, z, n_data, 1e-7, lo, hi)
+    grad, = torch.autograd.grad(loss, e, torch.tensor(g, dtype=loss.dtype))
+    b, k = ((sample_idx >= lo) & (sample_idx < hi)).nonzero(as_tuple=True)
+    e2 = embed.clone().requires_grad_(True)
+    expected = global_crd._OwnedContrast.apply(e2, shard, b, sample_idx[b, k] - lo, k == 0, nce_t, z,
+                                               (sample_idx.shape[1] - 1) / n_data, 1e-7, embed.shape[0])
+    expected_grad, = torch.autograd.grad(expected, e2, torch.tensor(g, dtype=expected.dtype))
+    assert_close(loss, expected, msg="loss")
+    assert_close(grad, expected_grad, msg="embedding gradient")

@@ -5,8 +5,6 @@ One gloo job per world size (CPU processes spawned from the test) checks every l
 """
 import contextlib
 import os
-import subprocess
-import sys
 import traceback
 from unittest import mock
 
@@ -19,6 +17,7 @@ import fastkd
 import fastkd.backend
 import fastkd.functional as KF
 from fastkd import reference
+from helpers import interpreter_runs
 
 # float64 throughout: the sharded sums differ from one process's only by rounding.
 TOL = dict(rtol=1e-9, atol=1e-12)
@@ -169,26 +168,6 @@ def _check_ddp(sizes, rank, name):
     assert world == dist.get_world_size()
 
 
-# A Triton loop over a runtime bound, through the interpreter (the spawned ranks' Triton path).
-_INTERPRETER_PROBE = """
-import torch, triton, triton.language as tl
-@triton.jit
-def k(x, o, D, B: tl.constexpr):
-    acc = tl.zeros([B], tl.float32)
-    for s in range(0, D, B):
-        acc += tl.load(x + s + tl.arange(0, B))
-    tl.store(o + tl.arange(0, B), acc)
-k[(1,)](torch.ones(8), torch.empty(4), 8, B=4)
-"""
-
-
-def _interpreter_runs():
-    """Whether Triton's interpreter runs here. Triton 3.6's (the GPU machine's) fails on any
-    loop over a runtime bound with numpy >= 2.4, whose int() refuses its 1-element arrays."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    return subprocess.run([sys.executable, "-c", _INTERPRETER_PROBE], env=env, capture_output=True).returncode == 0
-
-
 def _job(rank, world, init_file, error_dir, triton_path=True):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -237,7 +216,7 @@ def _job(rank, world, init_file, error_dir, triton_path=True):
 def test_global_batch_matches_one_process(world, tmp_path):
     # The spawned processes run on CPU; the Triton backend there needs the interpreter.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    triton_path = _interpreter_runs()
+    triton_path = interpreter_runs()
     try:
         mp.spawn(_job, args=(world, str(tmp_path / "init"), str(tmp_path), triton_path), nprocs=world)
     except Exception:
@@ -245,7 +224,7 @@ def test_global_batch_matches_one_process(world, tmp_path):
         pytest.fail("\n".join(p.read_text() for p in reports) or traceback.format_exc())
     if not triton_path:
         pytest.skip("the torch and reference paths passed; the Triton path was not run: it needs "
-                    "Triton's interpreter on these CPU ranks, which fails here (_interpreter_runs)")
+                    "Triton's interpreter on these CPU ranks, which fails here (helpers.interpreter_runs)")
 
 
 def test_global_batch_without_a_process_group_is_a_clear_error():

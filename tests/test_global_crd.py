@@ -7,6 +7,8 @@ the banks and Z (identical on every rank, and the single process's) over several
 and that a bad input on one rank raises on every rank and changes nothing anywhere.
 """
 import datetime
+import os
+from unittest import mock
 
 import pytest
 import torch
@@ -15,8 +17,9 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import fastkd
-from fastkd import distributed
+from fastkd import distributed, global_crd
 from fastkd.global_crd import shard_range
+from helpers import interpreter_runs
 
 # s_dim, t_dim, feat_dim, nce_n, nce_t, nce_mom, n_data
 ARGS = (6, 5, 4, 7, 0.1, 0.5, 40)
@@ -145,7 +148,16 @@ def _check_against_one_process(rank, world, sizes, sharded):
     assert saved["contrast.memory_s"].shape == saved["contrast.memory_t"].shape == (hi - lo, ARGS[2])
 
 
-def _worker(rank, world, port, sizes):
+def _check_triton_shards(rank, world, sizes):
+    """Sharded banks on the triton backend: the Triton contrast kernel over the shard's row
+    range, never _OwnedContrast (made to raise), against one process's CRD (also Triton)."""
+    refused = AssertionError("the sharded Triton path ran _OwnedContrast")
+    with fastkd.use_backend("triton"), mock.patch.object(global_crd._OwnedContrast, "apply",
+                                                         side_effect=refused):
+        _check_against_one_process(rank, world, sizes, sharded=True)
+
+
+def _worker(rank, world, port, sizes, triton_path=False):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
@@ -156,6 +168,8 @@ def _worker(rank, world, port, sizes):
     for sharded in (False, True):
         _check_bad_inputs(rank, world, sizes, sharded)
         _check_against_one_process(rank, world, sizes, sharded)
+    if triton_path:
+        _check_triton_shards(rank, world, sizes)
     # Every rank done before any tears down its connections (a process that exits while
     # gloo still talks to it can abort another). A failing rank just exits: the others'
     # collectives then fail too, at the latest after the timeout.
@@ -165,7 +179,14 @@ def _worker(rank, world, port, sizes):
 
 @pytest.mark.parametrize("sizes", [[4, 4], [3, 1, 4]], ids=["2 ranks", "3 ranks, unequal batches"])
 def test_global_crd_matches_one_process_on_the_concatenated_batch(sizes):
-    mp.spawn(_worker, args=(len(sizes), distributed.free_port(), sizes), nprocs=len(sizes), join=True)
+    # The spawned ranks run on CPU: their Triton path (sharded banks) needs the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    triton_path = interpreter_runs()
+    mp.spawn(_worker, args=(len(sizes), distributed.free_port(), sizes, triton_path),
+             nprocs=len(sizes), join=True)
+    if not triton_path:
+        pytest.skip("the torch path passed; the sharded Triton path was not run: it needs Triton's "
+                    "interpreter on these CPU ranks, which fails here (helpers.interpreter_runs)")
 
 
 def test_global_batch_without_a_process_group_is_a_clear_error():

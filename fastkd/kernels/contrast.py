@@ -5,6 +5,11 @@
     d loss / d e_b = sum_k w_bk memory[idx_bk] / nce_t,
         w_b0 = -(1/B) c / (x_b0 + c),  w_bk = (1/B) x_bk / (x_bk + c) for k >= 1
 
+A bank row range [lo, hi) (runtime ints) restricts the sums to the entries whose sample
+index is in it: memory is then rows lo..hi-1 of the bank (hi - lo rows, read at
+idx - lo), and every other entry adds nothing to the loss or to the direction. The whole
+bank is lo = 0, hi = its row count; a sharded bank (fastkd.global_crd) passes its shard.
+
 Program (b, split) reads embedding row b once and streams over its share of the
 N + 1 sampled memory rows in blocks of BLOCK_K, so the (B, N + 1, feat_dim) gather
 the reference builds never exists. Each program writes its partial loss and partial
@@ -23,16 +28,17 @@ MAX_BLOCK_D = 256
 TARGET_PROGRAMS = 1024
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lo", "hi"])
 def _crd_contrast_forward_kernel(
     embed_ptr, memory_ptr, idx_ptr, params_ptr, loss_ptr, direction_ptr,
-    K1, D, k_per_split,
+    K1, D, k_per_split, lo, hi,
     e_sb, e_sd, m_sn, m_sd, i_sb, i_sk,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, GRAD: tl.constexpr,
 ):
     """loss (B, splits): sum of this split's log terms; direction (B, splits, D): sum_k w_bk m_k / nce_t.
 
-    params (5,) in the accumulation dtype: nce_t, z, N / M, eps, 1 / B.
+    params (5,) in the accumulation dtype: nce_t, z, N / M, eps, 1 / B. Only the entries
+    with lo <= idx < hi count; memory row idx - lo is theirs.
     feat_dim is read in chunks of BLOCK_D, so any feat_dim fits in registers; the gradient
     direction is accumulated in this program's own row of direction (each chunk of the
     memory rows is read a second time for it, from cache).
@@ -55,6 +61,8 @@ def _crd_contrast_forward_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < k_end
         rows = tl.load(idx_ptr + b * i_sb + ks * i_sk, mask=k_ok, other=0).to(tl.int64)
+        k_ok = k_ok & (rows >= lo) & (rows < hi)  # outside the bank rows held: nothing
+        rows = rows - lo
         dot = tl.zeros((BLOCK_K,), acc_t)
         for d0 in range(0, D, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
@@ -81,12 +89,14 @@ def _crd_contrast_forward_kernel(
     tl.store(loss_ptr + out, tl.sum(loss, axis=0))
 
 
-
-
-def crd_contrast_forward(embed, memory, sample_idx, params, grad):
+def crd_contrast_forward(embed, memory, sample_idx, params, grad, lo=0, hi=None):
     """(loss, direction): the contrast loss (0-dim, params' dtype) and, when grad, d loss / d embed
-    (B, feat_dim) in params' dtype (else None). params as the kernel's."""
+    (B, feat_dim) in params' dtype (else None). params as the kernel's. memory holds bank rows
+    [lo, hi) (hi: lo + its row count by default); entries of sample_idx outside them add nothing.
+    The loss is still divided by B, embed's row count."""
     B, D = embed.shape
+    if hi is None:
+        hi = lo + memory.shape[0]
     K1 = sample_idx.shape[1]
     block_d = min(triton.next_power_of_2(D), MAX_BLOCK_D, TILE)
     block_k = max(1, min(TILE // block_d, triton.next_power_of_2(K1)))
@@ -97,7 +107,7 @@ def crd_contrast_forward(embed, memory, sample_idx, params, grad):
     loss = torch.empty((B, splits), device=embed.device, dtype=params.dtype)
     direction = torch.empty((B, splits, D), device=embed.device, dtype=params.dtype) if grad else None
     _crd_contrast_forward_kernel[(B, splits)](
-        embed, memory, sample_idx, params, loss, direction, K1, D, k_per_split,
+        embed, memory, sample_idx, params, loss, direction, K1, D, k_per_split, lo, hi,
         *embed.stride(), *memory.stride(), *sample_idx.stride(),
         BLOCK_K=block_k, BLOCK_D=block_d, GRAD=grad, num_warps=num_warps(block_k * block_d))
     return -loss.sum() / B, (direction.sum(dim=1) if grad else None)
