@@ -90,10 +90,7 @@ def squared_distances_from_gram(g):
     matrix G of centred float64 rows. Its absolute error, about D u64 |x - mean|^2, is all
     of E for a pair much closer than the spread: enough for IRG's edges, which read E only
     through E / max(E) (RKD needs the difference vectors themselves)."""
-    sq = torch.diagonal(g)
-    e = (sq.unsqueeze(0) + sq.unsqueeze(1)) - 2 * g
-    torch.diagonal(e).zero_()
-    return e
+    return squared_distances_from_gram_rows(g, torch.diagonal(g), 0)
 
 
 def squared_distances_from_gram_rows(g, sq, lo):
