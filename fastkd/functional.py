@@ -20,10 +20,12 @@ row block (fastkd/autograd.py; IRG's vertex term, an mse, with torch ops on both
 each rank.
 Under torch.compile a global-batch call runs eagerly, behind a graph break.
 """
+import functools
+
 import torch
 
-from . import checks, distributed
-from .backend import IMPLEMENTATIONS, global_implementation, implementation
+from . import checks, device_ops, distributed
+from .backend import IMPLEMENTATIONS, current_backend, global_implementation, resolve
 
 # Losses of the gradients of a network's outputs: their reference needs the network's graph,
 # which a fake run does not have. Both end in float32 operations under autocast anyway.
@@ -65,12 +67,17 @@ def _reference_dtype_under_autocast(op, args, device_type):
 
 def _call(op, device, *args, shard=None):
     """The implementation fastkd.backend picks (shard: (group, sizes) for a global batch,
-    see _shard). Under torch.autocast it computes on the inputs as they come (its own
-    precision rules, float32 accumulation at least), with autocast off inside, and returns
-    the result in the dtype the reference gives there."""
+    see _shard): for the auto backend, the op's custom operator where it has one
+    (fastkd.device_ops: PyTorch's dispatcher runs the kernel of the tensors' device),
+    else the chosen backend's function. Under torch.autocast it computes on the inputs as
+    they come (its own precision rules, float32 accumulation at least), with autocast off
+    inside, and returns the result in the dtype the reference gives there."""
     if shard is not None:
         return _call_global(op, device, shard, *args)
-    return _autocast_call(op, device, implementation(op, device), args)
+    name = resolve(op, device)
+    if current_backend() == "auto" and device_ops.routes(op, device, name):
+        return _autocast_call(op, device, functools.partial(device_ops.call, op), args)
+    return _autocast_call(op, device, IMPLEMENTATIONS[op][name], args)
 
 
 @torch.compiler.disable

@@ -48,14 +48,23 @@ def on_device_of(tensors):
     return torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
 
 
-def _flatten(args):
+def flatten(args):
+    """(tensors, floats, ints, layout) of a call's arguments: layout names each position's
+    kind ("t" tensor, "f" float, "i" int, "b" bool, "n" None, "(...)" a tuple or list of
+    such, IRG's (fm1, fm2, feat, out)), the values go to the list of their kind."""
     tensors, floats, ints, layout = [], [], [], []
-    for a in args:
+
+    def walk(a):
         if isinstance(a, torch.Tensor):
             tensors.append(a)
             layout.append("t")
         elif a is None:
             layout.append("n")
+        elif isinstance(a, (tuple, list)):
+            layout.append("(")
+            for x in a:
+                walk(x)
+            layout.append(")")
         elif isinstance(a, bool):
             ints.append(int(a))
             layout.append("b")
@@ -65,12 +74,24 @@ def _flatten(args):
         else:
             floats.append(float(a))
             layout.append("f")
+    for a in args:
+        walk(a)
     return tensors, floats, ints, "".join(layout)
 
 
-def _unflatten(tensors, floats, ints, layout):
+def unflatten(tensors, floats, ints, layout):
+    """The arguments flatten() took apart (tuples as tuples)."""
     it = {"t": iter(tensors), "f": iter(floats), "i": iter(ints), "b": iter(ints)}
-    return [None if k == "n" else bool(next(it[k])) if k == "b" else next(it[k]) for k in layout]
+    stack = [[]]
+    for k in layout:
+        if k == "(":
+            stack.append([])
+        elif k == ")":
+            done = tuple(stack.pop())
+            stack[-1].append(done)
+        else:
+            stack[-1].append(None if k == "n" else bool(next(it[k])) if k == "b" else next(it[k]))
+    return stack[0]
 
 
 @contextlib.contextmanager
@@ -110,14 +131,14 @@ def register(function, saved=None):
     def run_forward(tensors, floats, ints, layout, needs):
         ctx = _Ctx(needs)
         with torch.no_grad(), on_device_of(tensors):
-            out = function.forward(ctx, *_unflatten(tensors, floats, ints, layout))
+            out = function.forward(ctx, *unflatten(tensors, floats, ints, layout))
         return out.clone(), ctx
 
     def forward(tensors, floats, ints, layout, needs):
         out, ctx = run_forward(tensors, floats, ints, layout, needs)
         if saved is None:
             return [out]
-        shapes = saved(*_unflatten(tensors, floats, ints, layout))
+        shapes = saved(*unflatten(tensors, floats, ints, layout))
         return [out, *(torch.zeros(shape, dtype=dtype, device=out.device) if k is None else k.clone()
                        for k, (shape, dtype) in zip(ctx.saved_tensors, shapes))]
 
@@ -149,10 +170,10 @@ def register(function, saved=None):
         from torch._subclasses.fake_tensor import unset_fake_temporarily
         with unset_fake_temporarily(), _no_launches(), torch.no_grad():
             metas = [torch.empty([_hint(n) for n in x.shape], dtype=x.dtype, device="meta") for x in tensors]
-            out = function.forward(_Ctx(needs), *_unflatten(metas, floats, ints, layout))
+            out = function.forward(_Ctx(needs), *unflatten(metas, floats, ints, layout))
         result = [tensors[0].new_empty((), dtype=out.dtype)]
         if saved is not None:
-            shapes = saved(*_unflatten(tensors, floats, ints, layout))
+            shapes = saved(*unflatten(tensors, floats, ints, layout))
             result += [tensors[0].new_empty(shape, dtype=dtype) for shape, dtype in shapes]
         return result
 
@@ -199,6 +220,6 @@ def apply(name, *args):
         # Backward runs on the autograd engine's thread for the device of the graph.
         with on_device_of(args):
             return function.apply(*args)
-    tensors, floats, ints, layout = _flatten(args)
+    tensors, floats, ints, layout = flatten(args)
     needs = [isinstance(a, torch.Tensor) and a.requires_grad and torch.is_grad_enabled() for a in args]
     return op(tensors, floats, ints, layout, needs)[0]

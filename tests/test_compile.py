@@ -3,7 +3,8 @@
 torch.compile(fullgraph=True) of a call of each loss: no graph break, the eager loss and
 gradients, and no recompilation on the next call with new inputs of the same shapes. The
 Triton backend runs as fastkd.ops custom operators there (here through the interpreter).
-"aot_eager" runs TorchDynamo and AOTAutograd (fake tensors, the operators' fake and autograd
+The auto backend (the default) calls fastkd.device_ops' operators, opaque nodes whose cpu
+kernel runs the torch path. "aot_eager" runs TorchDynamo and AOTAutograd (fake tensors, the operators' fake and autograd
 formulas) without generating code; one test per backend goes through inductor too.
 
 Sobolev and LwM differentiate the network's outputs with respect to its input inside the
@@ -49,7 +50,7 @@ def _assert_same(got, expected, rtol=1e-5, atol=1e-7):
         torch.testing.assert_close(g, g_e, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 @pytest.mark.parametrize("loss", WHOLE_GRAPH)
 def test_fullgraph_compile_gives_the_eager_loss_and_does_not_recompile(loss, backend):
     case = ONE_CASE_PER_LOSS[loss]
@@ -80,7 +81,7 @@ DYNAMIC = {"RKD": (25.0, 50.0), "SP": (), "PKTCosSim": (), "CC": (0.4, 2), "Logi
            "DML": (), "BSS": (2.0,), "AT": (2.0,), "Hint": (), "NST": (), "FT": (), "AB": (1.0,)}
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 @pytest.mark.parametrize("loss", sorted(DYNAMIC))
 def test_a_new_batch_size_compiles_once_with_a_dynamic_batch(loss, backend):
     """torch.compile's default: a second batch size recompiles with the batch dynamic, and
@@ -120,7 +121,7 @@ def test_fullgraph_compile_on_cuda(loss):
         _assert_same(got, _loss_and_grads(module, inputs), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_inductor_compiles_a_pairwise_and_a_logit_loss(backend):
     for loss in ("RKD", "SoftTarget"):
         case = ONE_CASE_PER_LOSS[loss]
@@ -141,7 +142,7 @@ def test_losses_of_input_gradients_compile_with_graph_breaks(loss):
     _assert_same(_loss_and_grads(compiled, _inputs(case, 0)), _loss_and_grads(module, _inputs(case, 0)))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 @pytest.mark.parametrize("loss", WHOLE_GRAPH)
 def test_export_gives_the_eager_loss(loss, backend):
     case = ONE_CASE_PER_LOSS[loss]

@@ -1,0 +1,204 @@
+"""Each fused loss as one PyTorch custom operator, ``torch.ops.fastkd.<op>``, whose
+implementation PyTorch's dispatcher picks by the tensors' device.
+
+For every op of fastkd.backend.IMPLEMENTATIONS except EXCEPTIONS, ``fastkd::<op>`` has
+
+  cpu kernel   the ``torch`` backend (fastkd/torch_backend);
+  cuda kernel  the ``triton`` backend (fastkd.autograd's Functions over fastkd/kernels), or
+               the torch one where triton is not installed;
+  fake         the result's dtype (the reference's, found on fake tensors once per dtypes),
+               and the gradients' shapes: for torch.compile and torch.export;
+  autograd     dL/dx = grad * G_x, with G_x computed by the kernel (below).
+
+Signature: fastkd::<op>(x0, ..., x(n-1), floats, ints, layout, needs) -> (L, G_x0, ...,
+G_x(n-1)): the op's arguments flattened (fastkd.ops.flatten; IRG's tuples too), the
+tensors one argument each (None after the last one given), needs[i] whether xi needs a
+gradient, G_xi an empty tensor where it does not. Every loss L is a 0-d tensor, so its
+gradient is G_x = dL/dx at grad_output 1 times the grad_output: the kernel runs the
+implementation's forward and its backward (torch.autograd.grad, so the Triton Functions'
+hand-written backwards on CUDA) in one call, and backward only scales G_x. Nothing is
+computed twice; G_x is held from forward to backward instead of what the implementation
+would save (inputs and statistics), and is computed even if no backward follows. The
+gradient formula is first order: differentiated again (create_graph=True, eagerly), the
+backward differentiates the implementation itself, which gives its second derivatives or
+its own clear refusal (fastkd.common.first_order).
+
+fastkd.functional calls the operator for the ``auto`` backend (the default), eagerly and
+under torch.compile, where it is one opaque node. A named backend
+(``use_backend("torch" | "triton" | "reference")``) calls that backend's function
+directly, so tests and benchmarks can run the Triton kernels on CPU tensors (Triton's
+interpreter) and the torch path on CUDA tensors; compiled, the torch path is traced and
+the Triton Functions become fastkd.ops' per-Function operators.
+"""
+import contextlib
+
+import torch
+
+from . import backend
+from .ops import flatten, unflatten
+
+# Not operators: Sobolev and LwM differentiate the network inside the loss
+# (torch.autograd.grad of its outputs, create_graph=True), which an operator's inputs
+# cannot carry; CRD's memory bank changes in place between its loss and backward (the
+# module's state, fastkd.ops keeps what its forward saved); FusedLinearSoftTarget's chunk
+# loop runs eagerly under torch.compile (fastkd.chunked_linear).
+EXCEPTIONS = ("sobolev", "lwm", "crd_contrast", "fused_linear_soft_target")
+
+# op -> how many tensors its arguments hold at most (IRG's edge and transformation take two
+# (fm1, fm2, feat, out)): the ops with an operator.
+TENSOR_ARGUMENTS = {op: 2 for op in backend.IMPLEMENTATIONS if op not in EXCEPTIONS}
+TENSOR_ARGUMENTS.update(fsp=4, vid=3, afd=3, irg_edge=8, irg_transformation=8)
+
+# Device type -> the backend its kernel runs.
+KERNEL_BACKENDS = {"cpu": "torch", "cuda": "triton" if backend.autograd is not None else "torch"}
+
+_OPERATORS = {}  # op -> its custom operator
+_DTYPES = {}  # (op, layout, input dtypes) -> the loss's dtype
+
+
+def operator(op):
+    """torch.ops.fastkd.<op>, or None for an op that has none."""
+    return _OPERATORS.get(op)
+
+
+def routes(op, device, name):
+    """Whether the auto backend's choice name for op on device is the operator's kernel."""
+    return op in _OPERATORS and KERNEL_BACKENDS.get(device.type) == name
+
+
+def call(op, *args):
+    """The loss op(*args) through its operator: L, with autograd's gradient formula."""
+    tensors, floats, ints, layout = flatten(args)
+    grad = torch.is_grad_enabled()
+    needs = [grad and x.requires_grad for x in tensors]
+    unused = [None] * (TENSOR_ARGUMENTS[op] - len(tensors))
+    return _OPERATORS[op](*tensors, *unused, floats, ints, layout, needs)[0]
+
+
+_AUTOCAST_KEYS = [getattr(torch._C.DispatchKey, k) for k in dir(torch._C.DispatchKey) if k.startswith("Autocast")]
+
+
+@contextlib.contextmanager
+def _autograd_on():
+    """torch.autograd inside a kernel. The dispatcher calls an operator's device kernels
+    below autograd (autograd's dispatch keys, and under a dispatch mode such as the one a
+    compiled graph's first call runs in, every key above the device's, are excluded in
+    this thread), so the implementation's ops would record no graph. In the block, no
+    key is excluded but autocast's (kept as they are: excluded where autocast is off), as
+    in a call from Python, and grad mode is on."""
+    current = torch._C._dispatch_tls_local_exclude_set()
+    exclude = torch._C.DispatchKeySet(torch._C.DispatchKey.Undefined)
+    for key in _AUTOCAST_KEYS:
+        if current.has(key):
+            exclude = exclude.add(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), \
+            torch.enable_grad():
+        yield
+
+
+def _loss_and_gradients(impl, n, tensors, floats, ints, layout, needs):
+    """(L, then for each of the n tensor arguments: dL/dx where x needs a gradient, else an
+    empty tensor) of impl; no graph is kept."""
+    if not any(needs):
+        with torch.no_grad():
+            loss = impl(*unflatten(tensors, floats, ints, layout)).detach()
+        return (loss, *(loss.new_empty(0) for _ in range(n)))
+    with _autograd_on():
+        leaves = [x.detach().requires_grad_(need) for x, need in zip(tensors, needs)]
+        loss = impl(*unflatten(leaves, floats, ints, layout))
+        grads = iter(torch.autograd.grad(loss, [x for x, need in zip(leaves, needs) if need], allow_unused=True,
+                                         materialize_grads=True))
+    # Contiguous, as the fake promises (the identity where a gradient is contiguous already).
+    return (loss.detach(), *(next(grads).contiguous() if need else x.new_empty(0) for x, need in zip(tensors, needs)),
+            *(loss.new_empty(0) for _ in range(n - len(tensors))))
+
+
+def _split(args):
+    """(tensors, floats, ints, layout, needs) of an operator call's arguments: the tensors
+    given (those after them are None: IRG's terms called with fewer)."""
+    *tensors, floats, ints, layout, needs = args
+    return tensors[:len(needs)], floats, ints, layout, needs
+
+
+def _kernel(op, n, device_type):
+    name = KERNEL_BACKENDS[device_type]
+
+    def kernel(*args):
+        # Looked up at each call, so that a test's replacement of the entry runs.
+        return _loss_and_gradients(backend.IMPLEMENTATIONS[op][name], n, *_split(args))
+    return kernel
+
+
+def _hint(n):
+    """The size a symbolic size stands for in the call being traced (its hint)."""
+    return n.node.hint if isinstance(n, torch.SymInt) else n
+
+
+def _loss_dtype(op, tensors, floats, ints, layout):
+    """The reference's result dtype for these inputs (every backend's, tests/test_result_dtype.py),
+    found by running it on fake tensors of the sizes at hand, outside the compiler's fake
+    mode (so it adds no guard on the sizes); once per input dtypes."""
+    key = (op, layout, tuple(x.dtype for x in tensors))
+    if key not in _DTYPES:
+        from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+        with unset_fake_temporarily(), FakeTensorMode(shape_env=ShapeEnv()), torch.no_grad():
+            fakes = [torch.empty([_hint(n) for n in x.shape], dtype=x.dtype) for x in tensors]
+            _DTYPES[key] = backend.IMPLEMENTATIONS[op]["reference"](*unflatten(fakes, floats, ints, layout)).dtype
+    return _DTYPES[key]
+
+
+def _register(op, n):
+    """fastkd::<op> for an op of n tensor arguments. Each tensor is an argument of its own
+    (not a Tensor[]): torch.library's autograd wrapper walks lists with pytree, several
+    times the cost of a small loss."""
+    tensors = ", ".join(f"Tensor? x{i}" for i in range(n))
+    schema = (f"({tensors}, float[] floats, int[] ints, str layout, bool[] needs) -> "
+              f"({', '.join(['Tensor'] * (n + 1))})")
+    operator = torch.library.custom_op(f"fastkd::{op}", _kernel(op, n, "cpu"), mutates_args=(),
+                                       device_types="cpu", schema=schema)
+    operator.register_kernel("cuda", _kernel(op, n, "cuda"))
+
+    @operator.register_fake
+    def _(*args):
+        tensors, floats, ints, layout, needs = _split(args)
+        loss = tensors[0].new_empty((), dtype=_loss_dtype(op, tensors, floats, ints, layout))
+        return (loss, *(x.new_empty(x.shape if need else (0,)) for x, need in zip(tensors, needs)),
+                *(loss.new_empty(0) for _ in range(n - len(tensors))))
+
+    def setup_context(ctx, inputs, output):
+        tensors, floats, ints, layout, needs = _split(inputs)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.rest = (floats, ints, layout, needs)
+        ctx.save_for_backward(*tensors, *output[1:len(tensors) + 1])
+
+    def backward(ctx, grad, *_):
+        floats, ints, layout, needs = ctx.rest
+        saved, m = ctx.saved_tensors, len(needs)
+        tensors, gradients = saved[:m], saved[m:]
+        if grad is None:
+            result = [None] * m
+        elif torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            result = _differentiable_gradients(op, tensors, floats, ints, layout, needs, grad)
+        else:
+            result = [(g * grad).to(x.dtype) if need else None for x, g, need in zip(tensors, gradients, needs)]
+        return (*result, *[None] * (n - m + 4))
+
+    operator.register_autograd(backward, setup_context=setup_context)
+    _OPERATORS[op] = operator
+
+
+def _differentiable_gradients(op, tensors, floats, ints, layout, needs, grad):
+    """grad * dL/dx with a graph (create_graph=True): the implementation the kernel runs,
+    differentiated again on the inputs as saved (connected to their graphs)."""
+    impl = backend.IMPLEMENTATIONS[op][KERNEL_BACKENDS[tensors[0].device.type]]
+    loss = impl(*unflatten(list(tensors), floats, ints, layout))
+    wrt = [x for x, n in zip(tensors, needs) if n]
+    grads = iter(torch.autograd.grad(loss, wrt, grad, create_graph=True, allow_unused=True,
+                                     materialize_grads=True))
+    return [next(grads) if n else None for n in needs]
+
+
+for _op, _n in TENSOR_ARGUMENTS.items():
+    _register(_op, _n)
