@@ -74,8 +74,9 @@ def _call(op, device, *args, shard=None):
     inside, and returns the result in the dtype the reference gives there."""
     if shard is not None:
         return _call_global(op, device, shard, *args)
-    name = resolve(op, device)
-    if current_backend() == "auto" and device_ops.routes(op, device, name):
+    requested = current_backend()
+    name = resolve(op, device, requested)
+    if requested == "auto" and device_ops.routes(op, device, name):
         return _autocast_call(op, device, functools.partial(device_ops.call, op), args)
     return _autocast_call(op, device, IMPLEMENTATIONS[op][name], args)
 

@@ -1,4 +1,6 @@
-"""The Triton Functions of fastkd.autograd as torch.library custom operators, for torch.compile.
+"""The Triton Functions of fastkd.autograd as torch.library custom operators, for torch.compile
+of the ``triton`` backend called by name (the ``auto`` backend calls the losses' device-keyed
+operators of fastkd.device_ops instead, whose cuda kernels run these Functions eagerly).
 
 Eagerly, ``apply("XFunction", *args)`` is ``XFunction.apply(*args)``. While torch.compile
 traces, it calls the operator ``fastkd::<XFunction>`` instead: the compiler treats it as
@@ -18,8 +20,9 @@ one opaque node (it cannot trace Triton launches, nor the interpreter on CPU), w
              right; fastkd.kernels.resources runs them on meta tensors the same way).
 
 The arguments of a Function call are flattened into tensors, floats and ints, with
-``layout`` naming each position's kind ("t", "f", "i", "b" for a bool, "n" for None) and
-``needs`` whether it needs a gradient (X.backward reads ctx.needs_input_grad).
+``layout`` naming each position's kind ("t", "f", "i", "b" for a bool, "n" for None; "(...)"
+a tuple, for fastkd.device_ops) and ``needs`` whether it needs a gradient (X.backward reads
+ctx.needs_input_grad).
 """
 import contextlib
 
