@@ -31,6 +31,7 @@ interpreter) and the torch path on CUDA tensors; compiled, the torch path is tra
 the Triton Functions become fastkd.ops' per-Function operators.
 """
 import contextlib
+import functools
 
 import torch
 
@@ -75,7 +76,11 @@ def call(op, *args):
     return _OPERATORS[op](*tensors, *unused, floats, ints, layout, needs)[0]
 
 
-_AUTOCAST_KEYS = [getattr(torch._C.DispatchKey, k) for k in dir(torch._C.DispatchKey) if k.startswith("Autocast")]
+# The dispatch keys of autocast (one per device type), as the bits of a DispatchKeySet.
+_AUTOCAST_KEYS = functools.reduce(
+    lambda keys, name: keys.add(getattr(torch._C.DispatchKey, name)),
+    [k for k in dir(torch._C.DispatchKey) if k.startswith("Autocast")],
+    torch._C.DispatchKeySet(torch._C.DispatchKey.Undefined)).raw_repr()
 
 
 @contextlib.contextmanager
@@ -86,12 +91,9 @@ def _autograd_on():
     this thread), so the implementation's ops would record no graph. In the block, no
     key is excluded but autocast's (kept as they are: excluded where autocast is off), as
     in a call from Python, and grad mode is on."""
-    current = torch._C._dispatch_tls_local_exclude_set()
-    exclude = torch._C.DispatchKeySet(torch._C.DispatchKey.Undefined)
-    for key in _AUTOCAST_KEYS:
-        if current.has(key):
-            exclude = exclude.add(key)
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), \
+    exclude = torch._C._dispatch_tls_local_exclude_set().raw_repr() & _AUTOCAST_KEYS
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                         torch._C.DispatchKeySet.from_raw_repr(exclude)), \
             torch.enable_grad():
         yield
 
@@ -177,10 +179,15 @@ def _register(op, n):
         floats, ints, layout, needs = ctx.rest
         saved, m = ctx.saved_tensors, len(needs)
         tensors, gradients = saved[:m], saved[m:]
+        eager = not torch.compiler.is_compiling()
         if grad is None:
             result = [None] * m
-        elif torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        elif torch.is_grad_enabled() and eager:
             result = _differentiable_gradients(op, tensors, floats, ints, layout, needs, grad)
+        elif eager and grad.device.type == "cpu" and grad.item() == 1:
+            # loss.backward(), or a sum of losses: no pass over the gradients, which on the
+            # CPU costs as much as a small loss (a number read from CPU memory waits for nothing).
+            result = [g if need else None for g, need in zip(gradients, needs)]
         else:
             result = [(g * grad).to(x.dtype) if need else None for x, g, need in zip(tensors, gradients, needs)]
         return (*result, *[None] * (n - m + 4))

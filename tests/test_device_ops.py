@@ -181,3 +181,20 @@ def test_second_derivative_through_the_operator_is_the_reference_s_or_refused(op
     assert (fast is None) == (exact is None), f"{op}: second derivative dropped"
     for a, e in zip(fast or (), exact or ()):
         torch.testing.assert_close(a, e, rtol=1e-7, atol=1e-10, msg=op)
+
+
+def test_the_gradient_formula_scales_by_the_incoming_gradient_and_survives_retain_graph():
+    """Backward scales the kernel's dL/dx by grad_output (as is where that is 1, on the CPU):
+    weighted, retained and repeated backwards give the torch path's gradients."""
+    s, t = torch.randn(6, 5, dtype=torch.float64, requires_grad=True), torch.randn(6, 5, dtype=torch.float64)
+    with fastkd.use_backend("torch"):
+        expected, = torch.autograd.grad(functional.soft_target(s, t, 4.0), s)
+    loss = functional.soft_target(s, t, 4.0)
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(s.grad, expected)
+    s.grad.zero_()  # the gradient handed to s must not be what the retained graph reads again
+    (2.5 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(s.grad, 2.5 * expected)
+    s.grad = None
+    loss.backward()
+    torch.testing.assert_close(s.grad, expected)
