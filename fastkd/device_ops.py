@@ -18,7 +18,9 @@ gradient is G_x = dL/dx at grad_output 1 times the grad_output: the kernel runs 
 implementation's forward and its backward (torch.autograd.grad, so the Triton Functions'
 hand-written backwards on CUDA) in one call, and backward only scales G_x. Nothing is
 computed twice; G_x is held from forward to backward instead of what the implementation
-would save (inputs and statistics), and is computed even if no backward follows. The
+would save (its statistics; the inputs are saved too, for a second derivative, so autograd
+raises if one is changed in place before backward), and is computed even if no backward
+follows. The
 gradient formula is first order: differentiated again (create_graph=True, eagerly), the
 backward differentiates the implementation itself, which gives its second derivatives or
 its own clear refusal (fastkd.common.first_order).
@@ -185,8 +187,8 @@ def _register(op, n):
         elif torch.is_grad_enabled() and eager:
             result = _differentiable_gradients(op, tensors, floats, ints, layout, needs, grad)
         elif eager and grad.device.type == "cpu" and grad.item() == 1:
-            # loss.backward(), or a sum of losses: no pass over the gradients, which on the
-            # CPU costs as much as a small loss (a number read from CPU memory waits for nothing).
+            # grad_output 1 (loss.backward(), or a sum of losses): the kernel's gradients as
+            # they are, without a pass over them (reading a CPU number waits for no device).
             result = [g if need else None for g, need in zip(gradients, needs)]
         else:
             result = [(g * grad).to(x.dtype) if need else None for x, g, need in zip(tensors, gradients, needs)]

@@ -1,11 +1,12 @@
-"""torch.compile and torch.export of the losses, on both fast backends.
+"""torch.compile and torch.export of the losses, on the auto backend and both fast backends.
 
 torch.compile(fullgraph=True) of a call of each loss: no graph break, the eager loss and
 gradients, and no recompilation on the next call with new inputs of the same shapes. The
-Triton backend runs as fastkd.ops custom operators there (here through the interpreter).
-The auto backend (the default) calls fastkd.device_ops' operators, opaque nodes whose cpu
-kernel runs the torch path. "aot_eager" runs TorchDynamo and AOTAutograd (fake tensors, the operators' fake and autograd
-formulas) without generating code; one test per backend goes through inductor too.
+auto backend (the default) calls fastkd.device_ops' operators, opaque nodes whose cpu
+kernel runs the torch path; the triton backend runs as fastkd.ops custom operators there
+(here through the interpreter). "aot_eager" runs TorchDynamo and AOTAutograd (fake tensors,
+the operators' fake and autograd formulas) without generating code; one test per backend
+goes through inductor too.
 
 Sobolev and LwM differentiate the network's outputs with respect to its input inside the
 loss (torch.autograd.grad, create_graph=True), which TorchDynamo does not trace: compiled,
