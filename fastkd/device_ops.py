@@ -20,17 +20,22 @@ hand-written backwards on CUDA) in one call, and backward only scales G_x. Nothi
 computed twice; G_x is held from forward to backward instead of what the implementation
 would save (its statistics; the inputs are saved too, for a second derivative, so autograd
 raises if one is changed in place before backward), and is computed even if no backward
-follows. The
-gradient formula is first order: differentiated again (create_graph=True, eagerly), the
-backward differentiates the implementation itself, which gives its second derivatives or
-its own clear refusal (fastkd.common.first_order).
+follows. The gradient formula is first order: differentiated again (create_graph=True,
+eagerly), the backward differentiates the implementation itself, which gives its second
+derivatives or its own clear refusal (fastkd.common.first_order).
 
-fastkd.functional calls the operator for the ``auto`` backend (the default), eagerly and
-under torch.compile, where it is one opaque node. A named backend
-(``use_backend("torch" | "triton" | "reference")``) calls that backend's function
-directly, so tests and benchmarks can run the Triton kernels on CPU tensors (Triton's
-interpreter) and the torch path on CUDA tensors; compiled, the torch path is traced and
-the Triton Functions become fastkd.ops' per-Function operators.
+Where fastkd calls them (fastkd.functional, the ``auto`` backend, the default): compiled
+(torch.compile, torch.export) on CUDA tensors. There the operator is one opaque node that
+runs the Triton kernels' forward and hand-written backward once each (fastkd.ops'
+per-Function operators, which the named ``triton`` backend compiles to, run the forward
+again in backward), and a graph exported on one device runs on the other, the dispatcher
+picking the kernel. Elsewhere the auto backend calls the implementation the operator's
+kernel would run, directly: eagerly, the operator's Python layers and second autograd pass
+cost 0.03-0.2 ms per call on the CPU; compiled on the CPU, the traced torch path is code
+inductor fuses, 1.5-6.5x faster than the operator running it eagerly (README, torch.compile
+and torch.export). OPERATOR_ROUTES holds this choice; tests widen it to run the operators
+on CPU tensors. A named backend
+(``use_backend("torch" | "triton" | "reference")``) always calls that backend's function.
 """
 import contextlib
 import functools
@@ -64,9 +69,15 @@ def operator(op):
     return _OPERATORS.get(op)
 
 
+# (device type, compiling) where the auto backend calls the operators (see above).
+OPERATOR_ROUTES = {("cuda", True)}
+
+
 def routes(op, device, name):
-    """Whether the auto backend's choice name for op on device is the operator's kernel."""
-    return op in _OPERATORS and KERNEL_BACKENDS.get(device.type) == name
+    """Whether the auto backend calls op's operator for tensors on device, name being the
+    backend it resolved to (the operator's kernel there runs that backend)."""
+    return (op in _OPERATORS and (device.type, torch.compiler.is_compiling()) in OPERATOR_ROUTES
+            and KERNEL_BACKENDS.get(device.type) == name)
 
 
 def call(op, *args):
@@ -181,15 +192,10 @@ def _register(op, n):
         floats, ints, layout, needs = ctx.rest
         saved, m = ctx.saved_tensors, len(needs)
         tensors, gradients = saved[:m], saved[m:]
-        eager = not torch.compiler.is_compiling()
         if grad is None:
             result = [None] * m
-        elif torch.is_grad_enabled() and eager:
+        elif torch.is_grad_enabled() and not torch.compiler.is_compiling():
             result = _differentiable_gradients(op, tensors, floats, ints, layout, needs, grad)
-        elif eager and grad.device.type == "cpu" and grad.item() == 1:
-            # grad_output 1 (loss.backward(), or a sum of losses): the kernel's gradients as
-            # they are, without a pass over them (reading a CPU number waits for no device).
-            result = [g if need else None for g, need in zip(gradients, needs)]
         else:
             result = [(g * grad).to(x.dtype) if need else None for x, g, need in zip(tensors, gradients, needs)]
         return (*result, *[None] * (n - m + 4))

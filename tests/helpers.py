@@ -67,3 +67,11 @@ def interpreter_runs():
     loop over a runtime bound with numpy >= 2.4, whose int() refuses its 1-element arrays."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     return subprocess.run([sys.executable, "-c", INTERPRETER_PROBE], env=env, capture_output=True).returncode == 0
+
+
+def route_through_operators(monkeypatch):
+    """The auto backend calls fastkd.device_ops' operators for every device, eagerly and
+    compiled (by default only compiled on CUDA), so that CPU tests run them."""
+    from fastkd import device_ops
+    monkeypatch.setattr(device_ops, "OPERATOR_ROUTES",
+                        {(d, c) for d in ("cpu", "cuda") for c in (False, True)})

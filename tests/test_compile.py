@@ -1,10 +1,11 @@
 """torch.compile and torch.export of the losses, on the auto backend and both fast backends.
 
 torch.compile(fullgraph=True) of a call of each loss: no graph break, the eager loss and
-gradients, and no recompilation on the next call with new inputs of the same shapes. The
-auto backend (the default) calls fastkd.device_ops' operators, opaque nodes whose cpu
-kernel runs the torch path; the triton backend runs as fastkd.ops custom operators there
-(here through the interpreter). "aot_eager" runs TorchDynamo and AOTAutograd (fake tensors,
+gradients, and no recompilation on the next call with new inputs of the same shapes. Three
+ways a loss compiles on CPU tensors: "torch", the torch path traced (what the auto backend
+does on the CPU); "operators", the auto backend through fastkd.device_ops' operators (what
+it does on CUDA, where their kernels run the Triton path; here their cpu kernels run the
+torch path); "triton", fastkd.ops' per-Function operators (here through the interpreter). "aot_eager" runs TorchDynamo and AOTAutograd (fake tensors,
 the operators' fake and autograd formulas) without generating code; one test per backend
 goes through inductor too.
 
@@ -17,6 +18,7 @@ import torch
 
 import fastkd
 from fastkd.bench import cases
+from helpers import route_through_operators
 
 CPU = torch.device("cpu")
 ONE_CASE_PER_LOSS = {c.loss: c for c in reversed(cases.cases("tiny", "cpu"))}
@@ -43,6 +45,17 @@ def _loss_and_grads(fn, inputs):
                                               materialize_grads=True)
 
 
+BACKENDS = ["operators", "torch", "triton"]
+
+
+def _use(backend, monkeypatch):
+    """use_backend(backend), "operators" being the auto backend through the operators."""
+    if backend == "operators":
+        route_through_operators(monkeypatch)
+        return fastkd.use_backend("auto")
+    return fastkd.use_backend(backend)
+
+
 def _assert_same(got, expected, rtol=1e-5, atol=1e-7):
     (loss, grads), (loss_e, grads_e) = got, expected
     torch.testing.assert_close(loss, loss_e, rtol=rtol, atol=atol)
@@ -51,13 +64,13 @@ def _assert_same(got, expected, rtol=1e-5, atol=1e-7):
         torch.testing.assert_close(g, g_e, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", WHOLE_GRAPH)
-def test_fullgraph_compile_gives_the_eager_loss_and_does_not_recompile(loss, backend):
+def test_fullgraph_compile_gives_the_eager_loss_and_does_not_recompile(loss, backend, monkeypatch):
     case = ONE_CASE_PER_LOSS[loss]
     module = case.build("fastkd", CPU, torch.float32)
     torch._dynamo.reset()
-    with fastkd.use_backend(backend):
+    with _use(backend, monkeypatch):
         compiled = torch.compile(lambda *x: module(*x), fullgraph=True, backend="aot_eager")
         for seed in (0, 1):
             inputs = _inputs(case, seed)
@@ -82,9 +95,9 @@ DYNAMIC = {"RKD": (25.0, 50.0), "SP": (), "PKTCosSim": (), "CC": (0.4, 2), "Logi
            "DML": (), "BSS": (2.0,), "AT": (2.0,), "Hint": (), "NST": (), "FT": (), "AB": (1.0,)}
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", sorted(DYNAMIC))
-def test_a_new_batch_size_compiles_once_with_a_dynamic_batch(loss, backend):
+def test_a_new_batch_size_compiles_once_with_a_dynamic_batch(loss, backend, monkeypatch):
     """torch.compile's default: a second batch size recompiles with the batch dynamic, and
     later sizes reuse that graph. RKD's torch path walks its anchors in Python blocks sized
     by the batch, so it compiles per batch size."""
@@ -92,7 +105,7 @@ def test_a_new_batch_size_compiles_once_with_a_dynamic_batch(loss, backend):
         pytest.skip("RKD's torch path specializes on the batch size (see the docstring)")
     module = getattr(fastkd, loss)(*DYNAMIC[loss])
     torch._dynamo.reset()
-    with fastkd.use_backend(backend):
+    with _use(backend, monkeypatch):
         compiled = torch.compile(lambda *x: module(*x), fullgraph=True, backend="aot_eager")
         for n in (5, 13):
             compiled(*_batch(loss, n, n)).backward()
@@ -103,32 +116,35 @@ def test_a_new_batch_size_compiles_once_with_a_dynamic_batch(loss, backend):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh)")
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("loss", WHOLE_GRAPH)
-def test_fullgraph_compile_on_cuda(loss):
-    """The custom operators over the Triton kernels compiled for the GPU; inductor on the
+def test_fullgraph_compile_on_cuda(loss, backend):
+    """The custom operators over the Triton kernels compiled for the GPU (auto: the losses'
+    fastkd.device_ops operators; triton: fastkd.ops' per-Function ones); inductor on the
     two losses of the inductor test below (a minute of code generation for all would not
     fit gpu.sh's time)."""
     case = ONE_CASE_PER_LOSS[loss]
     cuda = torch.device("cuda")
     module = case.build("fastkd", cuda, torch.float32)
     torch._dynamo.reset()
-    compiled = torch.compile(lambda *x: module(*x), fullgraph=True,
-                             backend="inductor" if loss in ("RKD", "SoftTarget") else "aot_eager")
-    for seed in (0, 1):
-        inputs = _inputs(case, seed, cuda)
-        with torch.compiler.set_stance("fail_on_recompile" if seed else "default"):
-            got = _loss_and_grads(compiled, inputs)
-        # Inductor's fused torch code sums in another order than eager's kernels.
-        _assert_same(got, _loss_and_grads(module, inputs), rtol=1e-4, atol=1e-6)
+    with fastkd.use_backend(backend):
+        compiled = torch.compile(lambda *x: module(*x), fullgraph=True,
+                                 backend="inductor" if loss in ("RKD", "SoftTarget") else "aot_eager")
+        for seed in (0, 1):
+            inputs = _inputs(case, seed, cuda)
+            with torch.compiler.set_stance("fail_on_recompile" if seed else "default"):
+                got = _loss_and_grads(compiled, inputs)
+            # Inductor's fused torch code sums in another order than eager's kernels.
+            _assert_same(got, _loss_and_grads(module, inputs), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
-def test_inductor_compiles_a_pairwise_and_a_logit_loss(backend):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inductor_compiles_a_pairwise_and_a_logit_loss(backend, monkeypatch):
     for loss in ("RKD", "SoftTarget"):
         case = ONE_CASE_PER_LOSS[loss]
         module = case.build("fastkd", CPU, torch.float32)
         torch._dynamo.reset()
-        with fastkd.use_backend(backend):
+        with _use(backend, monkeypatch):
             compiled = torch.compile(lambda *x: module(*x), fullgraph=True)
             inputs = _inputs(case, 0)
             _assert_same(_loss_and_grads(compiled, inputs), _loss_and_grads(module, inputs))
@@ -143,27 +159,33 @@ def test_losses_of_input_gradients_compile_with_graph_breaks(loss):
     _assert_same(_loss_and_grads(compiled, _inputs(case, 0)), _loss_and_grads(module, _inputs(case, 0)))
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", WHOLE_GRAPH)
-def test_export_gives_the_eager_loss(loss, backend):
+def test_export_gives_the_eager_loss(loss, backend, monkeypatch):
     case = ONE_CASE_PER_LOSS[loss]
     module = case.build("fastkd", CPU, torch.float32)
     inputs = tuple(_inputs(case, 0))
-    with fastkd.use_backend(backend):
+    with _use(backend, monkeypatch):
         exported = torch.export.export(module, inputs)
         torch.testing.assert_close(exported.module()(*inputs), module(*inputs), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh)")
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("loss", WHOLE_GRAPH)
-def test_export_on_cuda(loss):
-    """torch.export of the custom operators over the Triton kernels, run on the GPU."""
+def test_export_on_cuda(loss, backend):
+    """torch.export of the custom operators over the Triton kernels, run on the GPU; the
+    auto backend's graph (the losses' device-keyed operators) on the CPU too."""
     case = ONE_CASE_PER_LOSS[loss]
     cuda = torch.device("cuda")
     module = case.build("fastkd", cuda, torch.float32)
     inputs = tuple(_inputs(case, 0, cuda))
-    exported = torch.export.export(module, inputs)
-    torch.testing.assert_close(exported.module()(*inputs), module(*inputs), rtol=1e-5, atol=1e-7)
+    with fastkd.use_backend(backend):
+        exported = torch.export.export(module, inputs)
+        torch.testing.assert_close(exported.module()(*inputs), module(*inputs), rtol=1e-5, atol=1e-7)
+    if backend == "auto":  # the dispatcher runs the operators' cpu kernels (the torch path)
+        on_cpu = tuple(x.cpu() for x in inputs)
+        torch.testing.assert_close(exported.module().cpu()(*on_cpu), module.cpu()(*on_cpu), rtol=1e-5, atol=1e-7)
 
 
 def test_a_compiled_call_follows_use_backend():

@@ -1,7 +1,8 @@
 """The losses as PyTorch custom operators (fastkd.device_ops): torch.ops.fastkd.<op> exists
-for every op with a torch and a triton path, the auto backend calls it (its cpu kernel runs
-the torch path, its cuda kernel the Triton one), its fake gives the result's shape and
-dtype, and a named backend still calls that backend's function directly."""
+for every op with a torch and a triton path; its cpu kernel runs the torch path, its cuda
+kernel the Triton one; its fake gives the result's shape and dtype; the auto backend calls
+it compiled on CUDA (and, with helpers.route_through_operators, on CPU tensors: the tests
+here), and a named backend still calls that backend's function directly."""
 import functools
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import fastkd
 from fastkd import backend, device_ops, functional
 from fastkd.bench import cases
+from helpers import route_through_operators
 
 CPU = torch.device("cpu")
 ONE_CASE_PER_LOSS = {c.loss: c for c in reversed(cases.cases("tiny", "cpu"))}
@@ -63,8 +65,26 @@ def _operators_called(fn):
     return {e.name for e in prof.events() if e.name.startswith("fastkd::")}
 
 
+def test_by_default_the_auto_backend_calls_the_operators_compiled_on_cuda_only():
+    """Eagerly, and compiled on the CPU, it calls the torch path itself (module docstring)."""
+    assert device_ops.OPERATOR_ROUTES == {("cuda", True)}
+    case = ONE_CASE_PER_LOSS["RKD"]
+    module = case.build("fastkd", CPU, torch.float32)
+    inputs = _inputs(case)
+    assert _operators_called(lambda: module(*inputs)) == set()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *x: module(*x), fullgraph=True, backend="aot_eager")
+    compiled(*inputs)
+    assert _operators_called(lambda: compiled(*inputs)) == set()
+    route = functools.partial(device_ops.routes, "rkd", name="triton")
+    with torch.device("meta"):
+        assert not route(torch.empty(0).device)
+    assert not route(torch.device("cuda")) and not route(CPU)
+
+
 @pytest.mark.parametrize("loss", WITH_OPERATORS)
 def test_auto_on_cpu_goes_through_the_operator_to_the_torch_path(loss, monkeypatch):
+    route_through_operators(monkeypatch)
     case = ONE_CASE_PER_LOSS[loss]
     module = case.build("fastkd", CPU, torch.float32)
     inputs = _inputs(case)
@@ -84,6 +104,7 @@ def test_auto_on_cpu_goes_through_the_operator_to_the_torch_path(loss, monkeypat
 
 
 def test_a_named_backend_calls_its_function_directly(monkeypatch):
+    route_through_operators(monkeypatch)
     case = ONE_CASE_PER_LOSS["RKD"]
     module = case.build("fastkd", CPU, torch.float32)
     inputs = _inputs(case)
@@ -96,6 +117,7 @@ def test_a_named_backend_calls_its_function_directly(monkeypatch):
 
 
 def test_the_loss_s_graph_is_the_operator_s_and_no_grad_computes_no_gradient(monkeypatch):
+    route_through_operators(monkeypatch)
     s, t = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5)
     loss = functional.soft_target(s, t, 4.0)
     assert "fastkd_soft_target" in type(loss.grad_fn).__name__
@@ -135,7 +157,7 @@ def test_the_argument_layout_round_trips():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh)")
 @pytest.mark.parametrize("loss", WITH_OPERATORS)
-def test_auto_on_cuda_goes_through_the_operator_to_the_triton_path(loss, monkeypatch):
+def test_compiled_on_cuda_auto_goes_through_the_operator_to_the_triton_path(loss, monkeypatch):
     case = ONE_CASE_PER_LOSS[loss]
     cuda = torch.device("cuda")
     module = case.build("fastkd", cuda, torch.float32)
@@ -143,10 +165,13 @@ def test_auto_on_cuda_goes_through_the_operator_to_the_triton_path(loss, monkeyp
     with fastkd.use_backend("triton"):
         expected = module(*inputs)
         expected_grads = torch.autograd.grad(expected, list(_leaves(inputs)))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *x: module(*x), fullgraph=True, backend="aot_eager")
+    compiled(*inputs)
     torch_calls = _counting(monkeypatch, "torch")
     triton_calls = _counting(monkeypatch, "triton")
     got = {}
-    called = _operators_called(lambda: got.update(loss=module(*inputs)))
+    called = _operators_called(lambda: got.update(loss=compiled(*inputs)))
     ops = sorted(set(triton_calls))
     assert ops and torch_calls == [], (torch_calls, triton_calls)
     assert called == {f"fastkd::{op}" for op in ops}
@@ -156,9 +181,10 @@ def test_auto_on_cuda_goes_through_the_operator_to_the_triton_path(loss, monkeyp
 
 
 @pytest.mark.parametrize("op", sorted(device_ops.TENSOR_ARGUMENTS))
-def test_second_derivative_through_the_operator_is_the_reference_s_or_refused(op):
-    """create_graph=True through the auto path: the operator's backward differentiates
-    the torch path again (its second derivatives, or its own refusal)."""
+def test_second_derivative_through_the_operator_is_the_reference_s_or_refused(op, monkeypatch):
+    """create_graph=True through the operator: its backward differentiates the torch path
+    again (its second derivatives, or its own refusal)."""
+    route_through_operators(monkeypatch)
     from test_second_order import _inputs as second_order_inputs
     leaves, need, call = second_order_inputs(op)
     auto = functools.partial(functional._call, op, CPU)
@@ -183,9 +209,10 @@ def test_second_derivative_through_the_operator_is_the_reference_s_or_refused(op
         torch.testing.assert_close(a, e, rtol=1e-7, atol=1e-10, msg=op)
 
 
-def test_the_gradient_formula_scales_by_the_incoming_gradient_and_survives_retain_graph():
-    """Backward scales the kernel's dL/dx by grad_output (as is where that is 1, on the CPU):
-    weighted, retained and repeated backwards give the torch path's gradients."""
+def test_the_gradient_formula_scales_by_the_incoming_gradient_and_survives_retain_graph(monkeypatch):
+    """Backward scales the kernel's dL/dx by grad_output: weighted, retained and repeated
+    backwards give the torch path's gradients."""
+    route_through_operators(monkeypatch)
     s, t = torch.randn(6, 5, dtype=torch.float64, requires_grad=True), torch.randn(6, 5, dtype=torch.float64)
     with fastkd.use_backend("torch"):
         expected, = torch.autograd.grad(functional.soft_target(s, t, 4.0), s)
