@@ -136,11 +136,10 @@ def _split(args):
 
 
 def _kernel(op, n, device_type):
-    name = KERNEL_BACKENDS[device_type]
-
     def kernel(*args):
-        # Looked up at each call, so that a test's replacement of the entry runs.
-        return _loss_and_gradients(backend.IMPLEMENTATIONS[op][name], n, *_split(args))
+        # Looked up at each call, so that a test's replacement of either entry runs.
+        impl = backend.IMPLEMENTATIONS[op][KERNEL_BACKENDS[device_type]]
+        return _loss_and_gradients(impl, n, *_split(args))
     return kernel
 
 

@@ -225,3 +225,32 @@ def test_the_gradient_formula_scales_by_the_incoming_gradient_and_survives_retai
     s.grad = None
     loss.backward()
     torch.testing.assert_close(s.grad, expected)
+
+
+TRITON_CALLS = {  # op -> a call of it: one op of each kernel family
+    "soft_target": lambda g: ((torch.randn(6, 10, generator=g, requires_grad=True), torch.randn(6, 10, generator=g)), 4.0),
+    "rkd": lambda g: ((torch.randn(7, 16, generator=g, requires_grad=True), torch.randn(7, 24, generator=g)), 25.0, 50.0),
+    "at": lambda g: ((torch.randn(3, 4, 5, 5, generator=g, requires_grad=True), torch.randn(3, 4, 5, 5, generator=g)), 2.0),
+}
+
+
+@pytest.mark.skipif(backend.autograd is None, reason="needs triton")
+@pytest.mark.parametrize("op", sorted(TRITON_CALLS))
+def test_the_cuda_kernel_s_triton_path_inside_the_operator(op, monkeypatch):
+    """What the cuda kernel runs (the Triton Functions and their hand-written backwards,
+    under the operator's autograd), here on CPU tensors through Triton's interpreter:
+    eagerly and compiled, the loss and gradients of the triton backend called directly."""
+    monkeypatch.setitem(device_ops.KERNEL_BACKENDS, "cpu", "triton")
+    (s, t), *rest = TRITON_CALLS[op](torch.Generator().manual_seed(0))
+    with fastkd.use_backend("triton"):
+        expected = backend.IMPLEMENTATIONS[op]["triton"](s, t, *rest)
+        expected_grad, = torch.autograd.grad(expected, s)
+    triton_calls = _counting(monkeypatch, "triton")
+    torch._dynamo.reset()
+    def call(a, b):
+        return device_ops.call(op, a, b, *rest)
+    for fn in (call, torch.compile(call, fullgraph=True, backend="aot_eager")):
+        loss = fn(s, t)
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(torch.autograd.grad(loss, s)[0], expected_grad, rtol=1e-6, atol=1e-7)
+    assert triton_calls == [op, op]
