@@ -72,7 +72,7 @@ step bench 150 python -m fastkd.bench --sweep full --device cuda --variants eage
     --max-call-seconds 3 --no-progress --json "$RESULTS/bench.json" --csv "$RESULTS/bench.csv" --plot "$RESULTS/plots"
 # One realistic shape per loss, in the sweep's order of losses.
 ONE_SHAPE='x32000$|C=512 28x28|N=1024 D=512|256x56x56>512x28x28|CRD B=256 |^(Sobolev|LwM) B=256 '
-step bench-compile 100 python -m fastkd.bench --sweep full --device cuda --variants compile,fastkd --cases "$ONE_SHAPE" \
+step bench-compile 130 python -m fastkd.bench --sweep full --device cuda --variants compile,fastkd,fastkd-compile --cases "$ONE_SHAPE" \
     --budget 0.05 --min-reps 3 --max-call-seconds 3 --no-progress --json "$RESULTS/bench-compile.json" \
     --csv "$RESULTS/bench-compile.csv"
 # The LM head (bfloat16, 1,024 and 8,192 tokens, H=4096, V=32k/128k): eager, compiled and

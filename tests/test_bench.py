@@ -165,7 +165,10 @@ def test_every_tiny_case_runs_with_the_same_state_dict_in_both_modules():
 
 def test_run_case_measures_each_variant():
     case = cases.cases("tiny", "cpu", ["SP"])[0]
-    results = measure.run_case(case, CPU, variants={"eager": measure.eager, "fastkd": measure.fastkd_auto}, **FAST)
+    torch._dynamo.reset()
+    results = measure.run_case(case, CPU, variants={"eager": measure.eager, "fastkd": measure.fastkd_auto,
+                                                    "fastkd-compile": measure.fastkd_compiled}, **FAST)
+    assert set(results) == {"eager", "fastkd", "fastkd-compile"}
     for res in results.values():
         assert res["status"] == measure.OK and res["error"] is None and not res["skipped"]
         assert res["reps"] == len(res["times_s"]) >= 2

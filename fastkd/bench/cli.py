@@ -154,8 +154,9 @@ def parser():
                    help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--variants", default=",".join(measure.VARIANT_NAMES),
-                   help="comma-separated subset of eager,compile,fastkd (default: all three), and liger: "
-                   "Liger-Kernel's fused linear JSD for FusedLinearSoftTarget, where liger_kernel is installed")
+                   help="comma-separated subset of eager,compile,fastkd (default: all three), and fastkd-compile: "
+                   "fastkd under torch.compile; liger: Liger-Kernel's fused linear JSD for "
+                   "FusedLinearSoftTarget, where liger_kernel is installed")
     p.add_argument("--max-memory", help="memory a variant may use before it is reported out of memory: "
                    "8G, 512M, or a percentage of available memory (default: 50%% of available RAM on CPU, "
                    "the whole GPU on CUDA)")
@@ -185,7 +186,7 @@ def settings_from(args):
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in measure.VARIANTS]
     if unknown or not variants:
-        raise SystemExit(f"fastkd.bench: --variants takes eager, compile, fastkd, liger; got {args.variants!r}")
+        raise SystemExit(f"fastkd.bench: --variants takes {', '.join(measure.VARIANTS)}; got {args.variants!r}")
     quick = sweep != "full"
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory

@@ -2,7 +2,8 @@
 
 Variants (VARIANTS): ``eager`` the reference module, ``compile`` the reference
 module under torch.compile, ``fastkd`` the fastkd module under the ``auto``
-backend. A variant is a function (case, device, dtype) -> (step, module):
+backend; on request, ``fastkd-compile`` that under torch.compile (on CUDA, the losses'
+custom operators of fastkd.device_ops; on the CPU, the torch path traced). A variant is a function (case, device, dtype) -> (step, module):
 step(*inputs) returns the loss, module is what holds the parameters.
 
 Per case (run_case):
@@ -75,6 +76,11 @@ def fastkd_auto(case, device, dtype):
     return step, module
 
 
+def fastkd_compiled(case, device, dtype):
+    step, module = fastkd_auto(case, device, dtype)
+    return torch.compile(step), module
+
+
 def liger(case, device, dtype):
     """Liger-Kernel's fused linear JSD at beta = 0 (a KL at temperature T, with its own
     reduction), for FusedLinearSoftTarget's cases: the time and memory of another fused
@@ -90,7 +96,8 @@ def liger(case, device, dtype):
     return step, module
 
 
-VARIANTS = {"eager": eager, "compile": compiled, "fastkd": fastkd_auto, "liger": liger}
+VARIANTS = {"eager": eager, "compile": compiled, "fastkd": fastkd_auto, "fastkd-compile": fastkd_compiled,
+            "liger": liger}
 
 
 def is_out_of_memory(err):
