@@ -67,13 +67,11 @@ class ChunkedLinearSoftTarget(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, b, rows, teacher, labels, kept, T, hard_weight, reduction, chunk, out_dtype,
                 grad_mode):
-        n, v = h.shape[0], W.shape[0]
-        w_kl, w_ce = row_weights(kept, n, v, reduction, h.device, _acc(h, W, teacher))
         # needs_input_grad is True under torch.no_grad too: the caller says if grad mode is on.
         need = ctx.needs_input_grad[:3] if grad_mode else (False, False, False)
         early = any(need) and reduction != "none"
-        per_row, grads = _loop(h, W, b, rows, teacher, labels, w_kl, w_ce, T, hard_weight, chunk,
-                               need if early else (False, False, False))
+        per_row, grads = losses_and_gradients(h, W, b, rows, teacher, labels, kept, T, hard_weight, reduction,
+                                              chunk, need)
         ctx.rows, ctx.teacher, ctx.labels, ctx.T, ctx.hard_weight = rows, teacher, labels, T, hard_weight
         ctx.reduction, ctx.chunk, ctx.kept = reduction, chunk, kept
         ctx.grads = grads
@@ -95,11 +93,27 @@ class ChunkedLinearSoftTarget(torch.autograd.Function):
             grads, ctx.grads = ctx.grads, None
             return tuple(None if g is None else g.mul_(grad.to(g.dtype)) for g in grads) + (None,) * 10
         h, W, b = ctx.saved_tensors
-        w_kl, w_ce = row_weights(ctx.kept, h.shape[0], W.shape[0], "none", h.device, _acc(h, W, ctx.teacher))
-        g = grad.to(w_kl.dtype)
-        _, grads = _loop(h, W, b, ctx.rows, ctx.teacher, ctx.labels, w_kl * g, w_ce * g, ctx.T,
-                         ctx.hard_weight, ctx.chunk, ctx.needs_input_grad[:3])
-        return grads + (None,) * 10
+        return weighted_gradients(h, W, b, ctx.rows, ctx.teacher, ctx.labels, ctx.kept, ctx.T, ctx.hard_weight,
+                                  ctx.chunk, grad, ctx.needs_input_grad[:3]) + (None,) * 10
+
+
+def losses_and_gradients(h, W, b, rows, teacher, labels, kept, T, hard_weight, reduction, chunk, need):
+    """The per-row losses (N,) in the accumulation dtype, each with its weight in the
+    reduction, and (dh, dW, db) of their sum (the reduced loss at a unit upstream gradient)
+    where need asks, with a scalar reduction (None elsewhere: with "none" the upstream
+    gradient weighs each row, weighted_gradients)."""
+    w_kl, w_ce = row_weights(kept, h.shape[0], W.shape[0], reduction, h.device, _acc(h, W, teacher))
+    early = any(need) and reduction != "none"
+    return _loop(h, W, b, rows, teacher, labels, w_kl, w_ce, T, hard_weight, chunk,
+                 need if early else (False, False, False))
+
+
+def weighted_gradients(h, W, b, rows, teacher, labels, kept, T, hard_weight, chunk, grad, need):
+    """(dh, dW, db) of sum over rows of grad (N,) times the row's loss (reduction "none"),
+    where need asks (None elsewhere): the chunk loop again, the weights scaled by grad."""
+    w_kl, w_ce = row_weights(kept, h.shape[0], W.shape[0], "none", h.device, _acc(h, W, teacher))
+    g = grad.to(w_kl.dtype)
+    return _loop(h, W, b, rows, teacher, labels, w_kl * g, w_ce * g, T, hard_weight, chunk, need)[1]
 
 
 def _linear(h, W, b):
@@ -161,13 +175,10 @@ def _loop(h, W, b, rows, teacher, labels, w_kl, w_ce, T, hard_weight, chunk, nee
     return per_row, (dh, dW, db.to(b.dtype) if db is not None else None)
 
 
-@torch.compiler.disable  # a Python loop of launches: runs eagerly, a graph break under torch.compile
-def run(function, rows, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-        teacher_bias, teacher_logits, teacher_topk_indices, teacher_topk_logprobs, T, reduction,
-        ignore_index, hard_weight, chunk_size):
-    """The loss with the reference's arguments (fastkd/reference/fused_linear_soft_target.py),
-    checked by fastkd.functional, over the backend's ``rows``; ``function`` is
-    ChunkedLinearSoftTarget or the backend's subclass of it."""
+def prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+            teacher_bias, teacher_logits, teacher_topk_indices, teacher_topk_logprobs, ignore_index, hard_weight):
+    """What the chunk loop takes, from the reference's arguments: (h (N, H), teacher, row
+    labels (N,) int64 or None, kept (N,) bool or None, the loss's dtype, the leading dims)."""
     lead = student_hidden.shape[:-1]
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
     n, v = h.shape[0], student_weight.shape[0]
@@ -188,6 +199,21 @@ def run(function, rows, student_hidden, student_weight, teacher_hidden, teacher_
     row_labels = torch.where(kept, labels.reshape(n).long(), -1) if hard_weight else None
     student = [x for x in (h, student_weight, student_bias) if x is not None]
     out_dtype = torch.promote_types(result_dtype(*student), teacher_dtype)
+    return h, teacher, row_labels, kept, out_dtype, lead
+
+
+@torch.compiler.disable  # a Python loop of launches: runs eagerly, a graph break under torch.compile
+def run(function, rows, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+        teacher_bias, teacher_logits, teacher_topk_indices, teacher_topk_logprobs, T, reduction,
+        ignore_index, hard_weight, chunk_size):
+    """The loss with the reference's arguments (fastkd/reference/fused_linear_soft_target.py),
+    checked by fastkd.functional, over the backend's ``rows``; ``function`` is
+    ChunkedLinearSoftTarget or the backend's subclass of it. (Compiled, the auto backend
+    calls fastkd.device_ops' operator instead, which runs the same loop.)"""
+    h, teacher, row_labels, kept, out_dtype, lead = prepare(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
+        teacher_logits, teacher_topk_indices, teacher_topk_logprobs, ignore_index, hard_weight)
+    n, v = h.shape[0], student_weight.shape[0]
     loss = function.apply(h, student_weight, student_bias, rows, teacher, row_labels, kept, float(T),
                           float(hard_weight), reduction, chunk_size or default_chunk(n, v, h.device), out_dtype,
                           torch.is_grad_enabled())
