@@ -1056,8 +1056,9 @@ def crd_contrast_shard(embed, memory, sample_idx, nce_t, z, n_data, eps, lo, hi)
 
 class FusedLinearSoftTargetFunction(_chunked_linear.ChunkedLinearSoftTarget):
     """The chunk loop of fastkd.chunked_linear (forward and backward there), called with
-    the Triton rows kernel of fastkd.kernels.fused_linear: a plain autograd Function, run
-    eagerly under torch.compile."""
+    the Triton rows kernel of fastkd.kernels.fused_linear: a plain autograd Function, called
+    eagerly (compiled, the auto backend calls fastkd.device_ops' operator, whose cuda
+    kernel runs the same loop over the same kernel)."""
 
 
 def fused_linear_soft_target(*args):

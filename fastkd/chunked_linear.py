@@ -202,7 +202,9 @@ def prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, labe
     return h, teacher, row_labels, kept, out_dtype, lead
 
 
-@torch.compiler.disable  # a Python loop of launches: runs eagerly, a graph break under torch.compile
+# A Python loop of launches: a graph break under torch.compile, where the auto backend calls
+# fastkd.device_ops' operator instead (a named backend comes here).
+@torch.compiler.disable
 def run(function, rows, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
         teacher_bias, teacher_logits, teacher_topk_indices, teacher_topk_logprobs, T, reduction,
         ignore_index, hard_weight, chunk_size):

@@ -1,7 +1,8 @@
 """Each fused loss as one PyTorch custom operator, ``torch.ops.fastkd.<op>``, whose
 implementation PyTorch's dispatcher picks by the tensors' device.
 
-For every op of fastkd.backend.IMPLEMENTATIONS except EXCEPTIONS, ``fastkd::<op>`` has
+For every op of fastkd.backend.IMPLEMENTATIONS except EXCEPTIONS and FusedLinearSoftTarget
+(whose operator, at the end of this file, has its own signature), ``fastkd::<op>`` has
 
   cpu kernel   the ``torch`` backend (fastkd/torch_backend);
   cuda kernel  the ``triton`` backend (fastkd.autograd's Functions over fastkd/kernels), or
@@ -34,7 +35,8 @@ kernel would run, directly: eagerly, the operator's Python layers and second aut
 cost 0.03-0.2 ms per call on the CPU; compiled on the CPU, the traced torch path is code
 inductor fuses, 1.5-6.5x faster than the operator running it eagerly (README, torch.compile
 and torch.export). OPERATOR_ROUTES holds this choice; tests widen it to run the operators
-on CPU tensors. A named backend
+on CPU tensors. FusedLinearSoftTarget's operator (the end of this file) is called compiled
+on either device (FUSED_LINEAR_ROUTES): its chunk loop, called directly, is a graph break. A named backend
 (``use_backend("torch" | "triton" | "reference")``) always calls that backend's function.
 """
 import contextlib
@@ -42,19 +44,23 @@ import functools
 
 import torch
 
-from . import backend
-from .ops import flatten, unflatten
+from . import backend, chunked_linear
+from .ops import flatten, on_device_of, unflatten
+from .torch_backend import fused_linear as torch_fused_linear
 
 # Not operators: Sobolev and LwM differentiate the network inside the loss
 # (torch.autograd.grad of its outputs, create_graph=True), which an operator's inputs
 # cannot carry; CRD's memory bank changes in place between its loss and backward (the
-# module's state, fastkd.ops keeps what its forward saved); FusedLinearSoftTarget's chunk
-# loop runs eagerly under torch.compile (fastkd.chunked_linear).
-EXCEPTIONS = ("sobolev", "lwm", "crd_contrast", "fused_linear_soft_target")
+# module's state, fastkd.ops keeps what its forward saved).
+EXCEPTIONS = ("sobolev", "lwm", "crd_contrast")
+
+# FusedLinearSoftTarget has an operator of its own (the end of this file): a loss per token
+# with reduction="none", gradients it makes itself, and the reference's arguments as they are.
+FUSED_LINEAR = "fused_linear_soft_target"
 
 # op -> how many tensors its arguments hold at most (IRG's edge and transformation take two
-# (fm1, fm2, feat, out)): the ops with an operator.
-TENSOR_ARGUMENTS = {op: 2 for op in backend.IMPLEMENTATIONS if op not in EXCEPTIONS}
+# (fm1, fm2, feat, out)): the ops with the operator of _register.
+TENSOR_ARGUMENTS = {op: 2 for op in backend.IMPLEMENTATIONS if op not in EXCEPTIONS and op != FUSED_LINEAR}
 TENSOR_ARGUMENTS.update(fsp=4, vid=3, afd=3, irg_edge=8, irg_transformation=8)
 
 # Device type -> the backend its kernel runs.
@@ -71,17 +77,23 @@ def operator(op):
 
 # (device type, compiling) where the auto backend calls the operators (see above).
 OPERATOR_ROUTES = {("cuda", True)}
+# And FusedLinearSoftTarget's: compiled on every device. Called directly, its chunk loop
+# runs eagerly behind a graph break; its operator is one node, the loop inside it.
+FUSED_LINEAR_ROUTES = {("cpu", True), ("cuda", True)}
 
 
 def routes(op, device, name):
     """Whether the auto backend calls op's operator for tensors on device, name being the
     backend it resolved to (the operator's kernel there runs that backend)."""
-    return (op in _OPERATORS and (device.type, torch.compiler.is_compiling()) in OPERATOR_ROUTES
+    where = FUSED_LINEAR_ROUTES if op == FUSED_LINEAR else OPERATOR_ROUTES
+    return (op in _OPERATORS and (device.type, torch.compiler.is_compiling()) in where
             and KERNEL_BACKENDS.get(device.type) == name)
 
 
 def call(op, *args):
     """The loss op(*args) through its operator: L, with autograd's gradient formula."""
+    if op == FUSED_LINEAR:
+        return _call_fused_linear(*args)
     tensors, floats, ints, layout = flatten(args)
     grad = torch.is_grad_enabled()
     needs = [grad and x.requires_grad for x in tensors]
@@ -216,3 +228,145 @@ def _differentiable_gradients(op, tensors, floats, ints, layout, needs, grad):
 
 for _op, _n in TENSOR_ARGUMENTS.items():
     _register(_op, _n)
+
+
+# --- FusedLinearSoftTarget ------------------------------------------------------------
+#
+# fastkd::fused_linear_soft_target(the reference's arguments, chunk_size 0 for the default,
+# needs) -> (L, G_hidden, G_weight, G_bias): the chunk loop of fastkd.chunked_linear over
+# the rows function of the kernel's backend (fastkd/torch_backend/fused_linear.py on the
+# cpu, fastkd/kernels/fused_linear.py on cuda). needs: whether student_hidden,
+# student_weight and student_bias need a gradient. With a scalar reduction the loop makes
+# the gradients of L (for a unit upstream gradient) as it goes, and backward scales them,
+# as the loss's Function does eagerly, but out of place: compiled, a backward holds a second
+# copy of each gradient (dW, V x H) while it scales it. With reduction="none" the upstream
+# gradient weighs each token, and backward runs the loop again with it,
+# fastkd::fused_linear_soft_target_backward(grad, the same arguments) -> (G_hidden,
+# G_weight, G_bias). First order only, as the Function.
+
+_FUSED_LINEAR_ARGUMENTS = (
+    "Tensor student_hidden, Tensor student_weight, Tensor? teacher_hidden, Tensor? teacher_weight, "
+    "Tensor? labels, Tensor? student_bias, Tensor? teacher_bias, Tensor? teacher_logits, "
+    "Tensor? teacher_topk_indices, Tensor? teacher_topk_logprobs, float T, str reduction, "
+    "int ignore_index, float hard_weight, int chunk_size, bool[] needs")
+_FUSED_LINEAR_TENSORS = 10  # the arguments before T
+_STUDENT = (0, 1, 5)  # student_hidden, student_weight, student_bias: the arguments with a gradient
+
+_ROWS = {"torch": torch_fused_linear.linear_kl_rows}
+if backend.autograd is not None:
+    from .kernels import fused_linear as _kernels_fused_linear
+    _ROWS["triton"] = _kernels_fused_linear.linear_kl_rows
+
+
+def _call_fused_linear(*args):
+    """fused_linear_soft_target(the reference's arguments) through its operator."""
+    *tensors, T, reduction, ignore_index, hard_weight, chunk_size = args
+    grad = torch.is_grad_enabled()
+    needs = [grad and tensors[i] is not None and tensors[i].requires_grad for i in _STUDENT]
+    return _OPERATORS[FUSED_LINEAR](*tensors, T, reduction, ignore_index, hard_weight, chunk_size or 0, needs)[0]
+
+
+def _prepared(args):
+    """(h, W, b, teacher, row labels, kept, the loss's dtype, the leading dims, T, reduction,
+    hard_weight, chunk) of an operator call's arguments, for fastkd.chunked_linear's loop."""
+    (student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
+     teacher_logits, topk_indices, topk_logprobs, T, reduction, ignore_index, hard_weight, chunk_size) = args
+    h, teacher, row_labels, kept, out_dtype, lead = chunked_linear.prepare(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
+        teacher_logits, topk_indices, topk_logprobs, ignore_index, hard_weight)
+    chunk = chunk_size or chunked_linear.default_chunk(h.shape[0], student_weight.shape[0], h.device)
+    return h, student_weight, student_bias, teacher, row_labels, kept, out_dtype, lead, T, reduction, hard_weight, chunk
+
+
+def _gradients_out(args, grads, needs):
+    """The operator's gradient outputs: G_hidden shaped like student_hidden, an empty tensor
+    for an argument that needs none."""
+    out = []
+    for i, g, need in zip(_STUDENT, grads, needs):
+        out.append(g.reshape(args[i].shape) if need and g is not None else args[0].new_empty(0))
+    return out
+
+
+def _fused_linear_kernel(device_type):
+    def kernel(*args):
+        *args, needs = args
+        rows = _ROWS[KERNEL_BACKENDS[device_type]]
+        with on_device_of(args):
+            h, W, b, teacher, labels, kept, out_dtype, lead, T, reduction, hard_weight, chunk = _prepared(args)
+            per_row, grads = chunked_linear.losses_and_gradients(h, W, b, rows, teacher, labels, kept, T,
+                                                                 hard_weight, reduction, chunk, needs)
+        loss = per_row.to(out_dtype).reshape(lead) if reduction == "none" else per_row.sum().to(out_dtype)
+        return (loss, *_gradients_out(args, grads, needs if reduction != "none" else (False,) * 3))
+    return kernel
+
+
+def _fused_linear_backward_kernel(device_type):
+    def kernel(grad, *args):
+        *args, needs = args
+        rows = _ROWS[KERNEL_BACKENDS[device_type]]
+        with on_device_of(args):
+            h, W, b, teacher, labels, kept, _, _, T, _, hard_weight, chunk = _prepared(args)
+            grads = chunked_linear.weighted_gradients(h, W, b, rows, teacher, labels, kept, T, hard_weight, chunk,
+                                                      grad.reshape(-1), needs)
+        return tuple(_gradients_out(args, grads, needs))
+    return kernel
+
+
+def _register_fused_linear():
+    forward = torch.library.custom_op(
+        f"fastkd::{FUSED_LINEAR}", _fused_linear_kernel("cpu"), mutates_args=(), device_types="cpu",
+        schema=f"({_FUSED_LINEAR_ARGUMENTS}) -> (Tensor, Tensor, Tensor, Tensor)")
+    forward.register_kernel("cuda", _fused_linear_kernel("cuda"))
+    backward_op = torch.library.custom_op(
+        f"fastkd::{FUSED_LINEAR}_backward", _fused_linear_backward_kernel("cpu"), mutates_args=(),
+        device_types="cpu", schema=f"(Tensor grad, {_FUSED_LINEAR_ARGUMENTS}) -> (Tensor, Tensor, Tensor)")
+    backward_op.register_kernel("cuda", _fused_linear_backward_kernel("cuda"))
+
+    def fake_gradients(args, needs):
+        return [args[i].new_empty(args[i].shape) if need else args[0].new_empty(0) for i, need in zip(_STUDENT, needs)]
+
+    @forward.register_fake
+    def _(*args):
+        *args, needs = args
+        _, _, _, _, _, _, out_dtype, lead, _, reduction, _, _ = _prepared(args)
+        loss = args[0].new_empty(lead if reduction == "none" else (), dtype=out_dtype)
+        return (loss, *fake_gradients(args, needs if reduction != "none" else (False,) * 3))
+
+    @backward_op.register_fake
+    def _(grad, *args):
+        *args, needs = args
+        return tuple(fake_gradients(args, needs))
+
+    def setup_context(ctx, inputs, output):
+        *args, needs = inputs
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.rest = (args[_FUSED_LINEAR_TENSORS:], needs)
+        ctx.save_for_backward(*args[:_FUSED_LINEAR_TENSORS], *output[1:])
+
+    def backward(ctx, grad, *_):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(
+                "fastkd's fused_linear_soft_target has a first-order backward only: it cannot be "
+                "differentiated twice (create_graph=True). Use fastkd.use_backend('reference') for "
+                "higher derivatives.")
+        rest, needs = ctx.rest
+        saved = ctx.saved_tensors
+        tensors, gradients = saved[:_FUSED_LINEAR_TENSORS], saved[_FUSED_LINEAR_TENSORS:]
+        if grad is None:
+            result = [None] * 3
+        elif rest[1] != "none":  # reduction
+            result = [(g * grad).to(g.dtype) if need else None for g, need in zip(gradients, needs)]
+        else:
+            out = backward_op(grad, *tensors, *rest, needs)
+            result = [g if need else None for g, need in zip(out, needs)]
+        grads = [None] * (len(tensors) + len(rest) + 1)
+        for i, g in zip(_STUDENT, result):
+            grads[i] = g
+        return tuple(grads)
+
+    forward.register_autograd(backward, setup_context=setup_context)
+    _OPERATORS[FUSED_LINEAR] = forward
+
+
+_register_fused_linear()

@@ -24,7 +24,7 @@ def _both_paths():
 
 
 def test_every_op_with_both_paths_is_an_operator_but_the_documented_exceptions():
-    assert set(device_ops.EXCEPTIONS) == {"sobolev", "lwm", "crd_contrast", "fused_linear_soft_target"}
+    assert set(device_ops.EXCEPTIONS) == {"sobolev", "lwm", "crd_contrast"}
     for op in _both_paths():
         if op in device_ops.EXCEPTIONS:
             assert device_ops.operator(op) is None

@@ -267,6 +267,90 @@ def test_compiled_function_gives_the_eager_result():
     assert_close(compiled(args[0], args[1]), f(args[0], args[1]))
 
 
+def _operator_calls(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("fastkd::fused_linear")}
+
+
+@pytest.mark.parametrize("teacher", TEACHERS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fullgraph_compile_through_the_operator_gives_the_eager_loss_and_gradients(teacher, reduction):
+    """Compiled, the auto backend calls fastkd::fused_linear_soft_target (fastkd.device_ops):
+    one node, no graph break, the eager loss and gradients (reduction "none" through its
+    backward operator); a new token count compiles once more, dynamic, and then no more."""
+    torch._dynamo.reset()
+
+    def f(args, kw):
+        return F.fused_linear_soft_target(*args, **kw, T=2.0, reduction=reduction, hard_weight=0.5, chunk_size=4)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for n, stance in ((7, "default"), (11, "default"), (9, "fail_on_recompile")):
+        args, kw = make_problem(n, 4, 9, teacher, dtype=torch.float32, seed=n)
+        expected = f(args, kw)
+        expected_grads = student_grads(expected, args, kw)
+        with torch.compiler.set_stance(stance):
+            got = {}
+            called = _operator_calls(lambda: got.update(loss=compiled(args, kw)))
+        assert "fastkd::fused_linear_soft_target" in called
+        assert_close(got["loss"], expected)
+        for a, b in zip(student_grads(got["loss"], args, kw), expected_grads):
+            assert_close(a, b)
+
+
+def test_inductor_compiles_a_training_step_with_the_loss():
+    """A bfloat16 LM head and its loss compiled whole by inductor, then an optimizer step."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 23, bias=True)
+    twin = torch.nn.Linear(8, 23, bias=True)
+    twin.load_state_dict(head.state_dict())
+    loss_fn = fastkd.FusedLinearSoftTarget(T=2.0, hard_weight=0.5)
+    h, teacher = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 23)
+    labels = torch.randint(0, 23, (2, 5))
+
+    def step(module, hidden):
+        return loss_fn(hidden, module.weight, labels=labels, student_bias=module.bias, teacher_logits=teacher)
+    compiled = torch.compile(step, fullgraph=True)
+    for module, fn in ((head, compiled), (twin, step)):
+        fn(module, h).backward()
+    for p, q in zip(head.parameters(), twin.parameters()):
+        assert_close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("fast", FAST)
+def test_the_operator_runs_each_backend_s_loop_and_refuses_a_second_derivative(fast, monkeypatch):
+    """The operator's cpu kernel here runs the named backend's rows (on cuda it runs the
+    Triton ones): the loss and gradients of calling that backend directly; differentiated
+    twice it refuses, as the Function does."""
+    from fastkd import device_ops
+    monkeypatch.setitem(device_ops.KERNEL_BACKENDS, "cpu", fast)
+    args, kw = make_problem(6, 4, 9, "topk", dtype=torch.float32)
+    options = {"T": 2.0, "hard_weight": 0.5, "chunk_size": 4}
+    for reduction in ("batchmean", "none"):
+        expected, expected_grads = run(fast, args, kw, reduction=reduction, **options)
+        loss = device_ops.call("fused_linear_soft_target", *args, kw["student_bias"], None, None,
+                               kw["teacher_topk_indices"], kw["teacher_topk_logprobs"], 2.0, reduction, -100, 0.5, 4)
+        assert _operator_calls(lambda: device_ops.call(
+            "fused_linear_soft_target", *args, kw["student_bias"], None, None, kw["teacher_topk_indices"],
+            kw["teacher_topk_logprobs"], 2.0, reduction, -100, 0.5, 4)) == {"fastkd::fused_linear_soft_target"}
+        assert_close(loss, expected)
+        for a, b in zip(student_grads(loss, args, kw), expected_grads):
+            assert_close(a, b)
+    with pytest.raises(RuntimeError, match="first-order"):
+        torch.autograd.grad(loss.sum(), args[0], create_graph=True)
+
+
+def test_export_through_the_operator():
+    args, kw = make_problem(6, 4, 9, "dense", dtype=torch.float32)
+
+    class Loss(torch.nn.Module):
+        def forward(self, h, W, h_t, W_t, labels):
+            return F.fused_linear_soft_target(h, W, h_t, W_t, labels, T=2.0, hard_weight=0.5)
+    exported = torch.export.export(Loss(), tuple(args))
+    assert "fastkd.fused_linear_soft_target" in str(exported.graph)
+    assert_close(exported.module()(*args), Loss()(*args))
+
+
 # --- refused inputs ---------------------------------------------------------------
 
 def _call(**changes):
