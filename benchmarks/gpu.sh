@@ -75,11 +75,12 @@ ONE_SHAPE='x32000$|C=512 28x28|N=1024 D=512|256x56x56>512x28x28|CRD B=256 |^(Sob
 step bench-compile 130 python -m fastkd.bench --sweep full --device cuda --variants compile,fastkd,fastkd-compile --cases "$ONE_SHAPE" \
     --budget 0.05 --min-reps 3 --max-call-seconds 3 --no-progress --json "$RESULTS/bench-compile.json" \
     --csv "$RESULTS/bench-compile.csv"
-# The LM head (bfloat16, 1,024 and 8,192 tokens, H=4096, V=32k/128k): eager, compiled and
-# fastkd, and Liger-Kernel's fused linear JSD beside them where liger_kernel imports.
-LM_VARIANTS=eager,compile,fastkd
+# The LM head (bfloat16, 1,024 and 8,192 tokens, H=4096, V=32k/128k): eager, compiled,
+# fastkd eager and compiled (its operator), and Liger-Kernel's fused linear JSD beside them
+# where liger_kernel imports.
+LM_VARIANTS=eager,compile,fastkd,fastkd-compile
 python -c "import liger_kernel" 2>/dev/null && LM_VARIANTS=$LM_VARIANTS,liger
-step bench-lm 90 python -m fastkd.bench --sweep full --device cuda --losses FusedLinearSoftTarget \
+step bench-lm 110 python -m fastkd.bench --sweep full --device cuda --losses FusedLinearSoftTarget \
     --variants "$LM_VARIANTS" --budget 0.2 --min-reps 3 --max-call-seconds 5 --no-progress \
     --json "$RESULTS/bench-lm.json" --csv "$RESULTS/bench-lm.csv"
 # The LM head taken apart: the four head products alone (the floor), the rows kernel alone,
