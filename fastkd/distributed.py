@@ -56,6 +56,12 @@ def _gather_padded(x, sizes, group):
     return torch.cat([b[:n] for b, n in zip(blocks, sizes)])
 
 
+def gather_rows(x, sizes, group=None):
+    """cat over ranks (rank order) of each rank's x (sizes[r], ...), not differentiable:
+    for state such as CRD's bank shards."""
+    return _gather_padded(x, sizes, _group(group))
+
+
 class _AllGatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, sizes, group):

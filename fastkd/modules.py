@@ -255,7 +255,9 @@ class CRD(reference.CRD):
     bank_sharding=True (with global_batch=True): rank r holds only rows
       [r C, min((r + 1) C, n_data)), C = ceil(n_data / W), of each bank (their union is
       the single process's banks); state_dict then holds this rank's shard, and loads
-      only into a module built for the same rank and W. The banks are built whole at
+      only into a module built for the same rank and W; full_state_dict() gathers the
+      whole banks (a collective), which load anywhere: into a sharded module (it keeps
+      its rows) of any W, or an unsharded one. The banks are built whole at
       construction (as the collection's, so that a seed gives the same banks) and then
       cut. Wrap the module in DistributedDataParallel with broadcast_buffers=False: its
       shards differ from rank to rank.
@@ -283,12 +285,50 @@ class CRD(reference.CRD):
         mem.register_buffer("Z_s", None)
         mem.register_buffer("Z_t", None)
         self.global_batch, self.group, self.bank_sharding = global_batch, group, bank_sharding
+        # The bank rows this module holds, [start, stop) of n_data.
+        start, stop = global_crd.shard_range(n_data, rank, world) if bank_sharding else (0, n_data)
+        self._bank_rows = (start, stop, n_data)
         if bank_sharding:
-            start, stop = global_crd.shard_range(n_data, rank, world)
             mem.memory_s = mem.memory_s[start:stop].clone()
             mem.memory_t = mem.memory_t[start:stop].clone()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def full_state_dict(self):
+        """state_dict() with whole banks (n_data rows each), which loads into a CRD of any
+        world size, sharded or not. With bank_sharding=True every rank's shard is gathered:
+        a collective, which every rank of the group calls (each gets the whole dict);
+        otherwise it is state_dict() itself."""
+        state = self.state_dict()
+        if self.bank_sharding:
+            _, world = distributed.rank_and_size(self.group)
+            n_data = self._bank_rows[2]
+            sizes = [stop - start for start, stop in (global_crd.shard_range(n_data, r, world)
+                                                      for r in range(world))]
+            for bank in ("memory_s", "memory_t"):
+                with torch.no_grad():
+                    state[f"contrast.{bank}"] = distributed.gather_rows(state[f"contrast.{bank}"], sizes,
+                                                                        self.group)
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Banks: whole ones (full_state_dict, or a single process's) load into a shard as
+        # its rows; a shard loads only where it was saved (same rank and world size).
+        # state_dict is load_state_dict's own copy of the caller's: replacing an entry
+        # changes nothing of the caller's.
+        start, stop, n_data = self._bank_rows
+        for bank in ("memory_s", "memory_t"):
+            key = f"{prefix}contrast.{bank}"
+            rows = state_dict[key].shape[0] if isinstance(state_dict.get(key), torch.Tensor) else None
+            if rows is None or rows == stop - start:
+                continue
+            if rows == n_data:
+                state_dict[key] = state_dict[key][start:stop]
+            else:
+                error_msgs.append(
+                    f"{key} has {rows} rows, neither the whole bank ({n_data}) nor the {stop - start} rows "
+                    f"[{start}, {stop}) this module holds: a state_dict of sharded banks loads only into "
+                    f"the rank and world size that saved it; save it with full_state_dict() to load it "
+                    f"elsewhere")
         # Z_s was computed against memory_t and Z_t against memory_s. A state_dict that
         # brings a bank without its Z unsets that Z; one with Z gets a slot to load into.
         mem = self.contrast
@@ -298,7 +338,8 @@ class CRD(reference.CRD):
                     setattr(mem, z, getattr(mem, bank).new_empty(()))
             elif f"{prefix}contrast.{bank}" in state_dict:
                 setattr(mem, z, None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def forward(self, feat_s, feat_t, idx, sample_idx):
         if self.global_batch:

@@ -4,7 +4,8 @@
 One spawned job per world size checks everything inside it: the loss on every rank, the
 feature gradients (x.grad / W), the parameter gradients under DistributedDataParallel,
 the banks and Z (identical on every rank, and the single process's) over several steps,
-and that a bad input on one rank raises on every rank and changes nothing anywhere.
+that a bad input on one rank raises on every rank and changes nothing anywhere, and that
+the sharded banks' full_state_dict() loads into any world size.
 """
 import datetime
 import os
@@ -146,6 +147,35 @@ def _check_against_one_process(rank, world, sizes, sharded):
     saved = crd.state_dict()  # a sharded module saves its shard
     assert saved.keys() == one.state_dict().keys()
     assert saved["contrast.memory_s"].shape == saved["contrast.memory_t"].shape == (hi - lo, ARGS[2])
+    return crd, one
+
+
+def _check_full_state(rank, world, crd, one, first_two):
+    """full_state_dict() gathers whole banks, which load anywhere (strict): into a fresh
+    sharded module (its rows), an unsharded one, and a sharded one over the first two
+    ranks (another world size); a shard loads only where it was saved, and says why."""
+    full = crd.full_state_dict()
+    assert full.keys() == one.state_dict().keys()
+    for key, value in one.state_dict().items():
+        _close(full[key], value, f"full_state_dict()[{key!r}], rank {rank}")
+    sharded = _crd(global_batch=True, bank_sharding=True)
+    sharded.load_state_dict(full)
+    plain = _crd()
+    plain.load_state_dict(full)
+    for module, expected in ((sharded, crd), (plain, one)):
+        for key, value in expected.state_dict().items():
+            _close(module.state_dict()[key], value, f"{key} loaded from full_state_dict(), rank {rank}")
+    assert full["contrast.memory_s"].shape[0] == N_DATA  # the caller's dict as it was
+    with pytest.raises(RuntimeError, match=r"loads only into the rank and world size that saved it"):
+        plain.load_state_dict(crd.state_dict())
+    if world == 3 and rank < 2:
+        two = _crd(global_batch=True, bank_sharding=True, group=first_two)
+        two.load_state_dict(full)
+        lo, hi = shard_range(N_DATA, rank, 2)
+        for name in ("memory_s", "memory_t"):
+            _close(getattr(two.contrast, name), getattr(one.contrast, name)[lo:hi], f"{name} over 2 ranks")
+        with pytest.raises(RuntimeError, match="full_state_dict"):
+            two.load_state_dict(crd.state_dict())  # a shard of three
 
 
 def _check_triton_shards(rank, world, sizes):
@@ -167,7 +197,8 @@ def _worker(rank, world, port, sizes, triton_path=False):
             fastkd.CRD(*ARGS, global_batch=True, group=first_two)
     for sharded in (False, True):
         _check_bad_inputs(rank, world, sizes, sharded)
-        _check_against_one_process(rank, world, sizes, sharded)
+        crd, one = _check_against_one_process(rank, world, sizes, sharded)
+    _check_full_state(rank, world, crd, one, first_two)
     if triton_path:
         _check_triton_shards(rank, world, sizes)
     # Every rank done before any tears down its connections (a process that exits while
