@@ -328,7 +328,9 @@ def _register_fused_linear():
     @forward.register_fake
     def _(*args):
         *args, needs = args
-        _, _, _, _, _, _, out_dtype, lead, _, reduction, _, _ = _prepared(args)
+        # The loss's dtype and leading dims (the chunk size, which would guard on the tokens, not).
+        *_, out_dtype, lead = chunked_linear.prepare(*args[:_FUSED_LINEAR_TENSORS], args[12], args[13])
+        reduction = args[11]
         loss = args[0].new_empty(lead if reduction == "none" else (), dtype=out_dtype)
         return (loss, *fake_gradients(args, needs if reduction != "none" else (False,) * 3))
 
