@@ -43,3 +43,33 @@ def test_matches_the_models_own_logits(backend):
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_distillation_step_compiles_whole():
+    """Both GPT-2 models and the loss in one torch.compile(fullgraph=True) graph (the auto
+    backend's operator, fastkd.device_ops): the eager loss and student gradients."""
+    torch.manual_seed(0)
+    V = 300
+
+    def model(width):
+        cfg = transformers.GPT2Config(vocab_size=V, n_embd=width, n_layer=2, n_head=4, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    teacher, student = model(64), model(32)
+    ids = torch.randint(0, V, (3, 16))
+    labels = ids[:, 1:].clone()
+    labels[1, 9:] = -100
+    loss_fn = fastkd.FusedLinearSoftTarget(2.0, hard_weight=0.5, chunk_size=8)
+
+    def step(ids, labels):
+        with torch.no_grad():
+            h_t = teacher.transformer(ids).last_hidden_state
+        h_s = student.transformer(ids).last_hidden_state
+        return loss_fn(h_s[:, :-1], student.lm_head.weight, h_t[:, :-1], teacher.lm_head.weight, labels)
+    expected = step(ids, labels)
+    expected_grads = torch.autograd.grad(expected, list(student.parameters()))
+    torch._dynamo.reset()
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(ids, labels)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(loss, list(student.parameters())), expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
