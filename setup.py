@@ -13,6 +13,7 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "examples": ["scikit-learn", "matplotlib"],
+        "hf": ["transformers>=4.46"],
     },
     entry_points={"console_scripts": ["fastkd=fastkd.__main__:main", "fastkd-bench=fastkd.bench.cli:entry_point"]},
 )
