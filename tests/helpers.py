@@ -75,3 +75,13 @@ def route_through_operators(monkeypatch):
     from fastkd import device_ops
     monkeypatch.setattr(device_ops, "OPERATOR_ROUTES",
                         {(d, c) for d in ("cpu", "cuda") for c in (False, True)})
+
+
+def grad_leaves(inputs):
+    """The tensors that require grad among a loss's inputs, IRG's (fm1, fm2, feat, out) and
+    other sequences walked through, in order."""
+    for x in inputs:
+        if isinstance(x, (tuple, list)):
+            yield from grad_leaves(x)
+        elif isinstance(x, torch.Tensor) and x.requires_grad:
+            yield x

@@ -8,18 +8,11 @@ import torch
 
 import fastkd
 from fastkd.bench import cases
+from helpers import grad_leaves
 
 CPU = torch.device("cpu")
 ONE_CASE_PER_LOSS = {c.loss: c for c in reversed(cases.cases("tiny", "cpu"))}
 NEEDS_THE_NETWORK = {"Sobolev", "LwM"}  # their inputs come out of a network's graph
-
-
-def _leaves(inputs):
-    for x in inputs:
-        if isinstance(x, (tuple, list)):
-            yield from _leaves(x)
-        elif isinstance(x, torch.Tensor) and x.requires_grad:
-            yield x
 
 
 def _to64(inputs):
@@ -37,7 +30,7 @@ def _run(case, impl, backend, autocast, wide=False, device=CPU, low=torch.bfloat
     module = case.build(impl, device, dtype)
     with fastkd.use_backend(backend), torch.autocast(device.type, dtype=low, enabled=autocast):
         loss = module(*inputs)
-    grads = torch.autograd.grad(loss, list(_leaves(inputs)), allow_unused=True, materialize_grads=True)
+    grads = torch.autograd.grad(loss, list(grad_leaves(inputs)), allow_unused=True, materialize_grads=True)
     return loss, grads
 
 

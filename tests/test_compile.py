@@ -18,7 +18,7 @@ import torch
 
 import fastkd
 from fastkd.bench import cases
-from helpers import route_through_operators
+from helpers import grad_leaves, route_through_operators
 
 CPU = torch.device("cpu")
 ONE_CASE_PER_LOSS = {c.loss: c for c in reversed(cases.cases("tiny", "cpu"))}
@@ -31,17 +31,9 @@ def _inputs(case, seed, device=CPU):
     return case.inputs(device, torch.float32, torch.Generator(device=device).manual_seed(seed))
 
 
-def _leaves(inputs):
-    for x in inputs:
-        if isinstance(x, (tuple, list)):  # IRG's (fm1, fm2, feat, out)
-            yield from _leaves(x)
-        elif isinstance(x, torch.Tensor) and x.requires_grad:
-            yield x
-
-
 def _loss_and_grads(fn, inputs):
     loss = fn(*inputs)
-    return loss.detach(), torch.autograd.grad(loss, list(_leaves(inputs)), allow_unused=True,
+    return loss.detach(), torch.autograd.grad(loss, list(grad_leaves(inputs)), allow_unused=True,
                                               materialize_grads=True)
 
 

@@ -11,7 +11,7 @@ import torch
 import fastkd
 from fastkd import backend, device_ops, functional
 from fastkd.bench import cases
-from helpers import route_through_operators
+from helpers import grad_leaves, route_through_operators
 
 CPU = torch.device("cpu")
 ONE_CASE_PER_LOSS = {c.loss: c for c in reversed(cases.cases("tiny", "cpu"))}
@@ -36,14 +36,6 @@ def test_every_op_with_both_paths_is_an_operator_but_the_documented_exceptions()
 
 def _inputs(case, seed=0, device=CPU):
     return case.inputs(device, torch.float32, torch.Generator(device=device).manual_seed(seed))
-
-
-def _leaves(inputs):
-    for x in inputs:
-        if isinstance(x, (tuple, list)):
-            yield from _leaves(x)
-        elif isinstance(x, torch.Tensor) and x.requires_grad:
-            yield x
 
 
 def _counting(monkeypatch, name):
@@ -82,6 +74,23 @@ def test_by_default_the_auto_backend_calls_the_operators_compiled_on_cuda_only()
     assert not route(torch.device("cuda")) and not route(CPU)
 
 
+def _assert_through_the_operator(monkeypatch, run, inputs, expected, expected_grads, kernel_backend):
+    """run() dispatches the operators of the ops it computes, and their kernels run
+    kernel_backend's implementations (never the other fast backend's): the loss and
+    gradients expected."""
+    other = {"torch": "triton", "triton": "torch"}[kernel_backend]
+    kernel_calls = _counting(monkeypatch, kernel_backend)
+    other_calls = _counting(monkeypatch, other)
+    got = {}
+    called = _operators_called(lambda: got.update(loss=run()))
+    ops = sorted(set(kernel_calls))
+    assert ops and other_calls == [], (kernel_calls, other_calls)
+    assert called == {f"fastkd::{op}" for op in ops}
+    torch.testing.assert_close(got["loss"], expected, rtol=1e-6, atol=1e-7)
+    for g, e in zip(torch.autograd.grad(got["loss"], list(grad_leaves(inputs))), expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("loss", WITH_OPERATORS)
 def test_auto_on_cpu_goes_through_the_operator_to_the_torch_path(loss, monkeypatch):
     route_through_operators(monkeypatch)
@@ -90,17 +99,8 @@ def test_auto_on_cpu_goes_through_the_operator_to_the_torch_path(loss, monkeypat
     inputs = _inputs(case)
     with fastkd.use_backend("torch"):
         expected = module(*inputs)
-        expected_grads = torch.autograd.grad(expected, list(_leaves(inputs)))
-    torch_calls = _counting(monkeypatch, "torch")
-    triton_calls = _counting(monkeypatch, "triton")
-    got = {}
-    called = _operators_called(lambda: got.update(loss=module(*inputs)))
-    ops = sorted(set(torch_calls))
-    assert ops and triton_calls == [], (torch_calls, triton_calls)
-    assert called == {f"fastkd::{op}" for op in ops}
-    torch.testing.assert_close(got["loss"], expected, rtol=1e-6, atol=1e-7)
-    for g, e in zip(torch.autograd.grad(got["loss"], list(_leaves(inputs))), expected_grads):
-        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
+        expected_grads = torch.autograd.grad(expected, list(grad_leaves(inputs)))
+    _assert_through_the_operator(monkeypatch, lambda: module(*inputs), inputs, expected, expected_grads, "torch")
 
 
 def test_a_named_backend_calls_its_function_directly(monkeypatch):
@@ -164,20 +164,11 @@ def test_compiled_on_cuda_auto_goes_through_the_operator_to_the_triton_path(loss
     inputs = _inputs(case, device=cuda)
     with fastkd.use_backend("triton"):
         expected = module(*inputs)
-        expected_grads = torch.autograd.grad(expected, list(_leaves(inputs)))
+        expected_grads = torch.autograd.grad(expected, list(grad_leaves(inputs)))
     torch._dynamo.reset()
     compiled = torch.compile(lambda *x: module(*x), fullgraph=True, backend="aot_eager")
     compiled(*inputs)
-    torch_calls = _counting(monkeypatch, "torch")
-    triton_calls = _counting(monkeypatch, "triton")
-    got = {}
-    called = _operators_called(lambda: got.update(loss=compiled(*inputs)))
-    ops = sorted(set(triton_calls))
-    assert ops and torch_calls == [], (torch_calls, triton_calls)
-    assert called == {f"fastkd::{op}" for op in ops}
-    torch.testing.assert_close(got["loss"], expected, rtol=1e-6, atol=1e-7)
-    for g, e in zip(torch.autograd.grad(got["loss"], list(_leaves(inputs))), expected_grads):
-        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
+    _assert_through_the_operator(monkeypatch, lambda: compiled(*inputs), inputs, expected, expected_grads, "triton")
 
 
 @pytest.mark.parametrize("op", sorted(device_ops.TENSOR_ARGUMENTS))
