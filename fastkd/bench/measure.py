@@ -98,6 +98,7 @@ def liger(case, device, dtype):
 
 VARIANTS = {"eager": eager, "compile": compiled, "fastkd": fastkd_auto, "fastkd-compile": fastkd_compiled,
             "liger": liger}
+COMPILED = ("compile", "fastkd-compile")  # the variants under torch.compile
 
 
 def is_out_of_memory(err):
@@ -282,7 +283,7 @@ def _message(err):
 def _failure(name, err):
     if is_out_of_memory(err):
         return OOM
-    return COMPILE_FAILED if name == "compile" else FAILED
+    return COMPILE_FAILED if name in COMPILED else FAILED
 
 
 def new_result():
@@ -294,7 +295,7 @@ def _prepare(name, build, runner, warmup, max_call_s, memory_calls=3):
     """Build and warm up one variant, then measure its peak memory (timed calls too).
 
     Returns (result, (step, module) or None when it cannot be timed). Every variant
-    gets at least one warm-up call, the compile variant two: a module whose second call
+    gets at least one warm-up call, the compiled variants two: a module whose second call
     takes another branch (CRD fixes its normaliser on the first) compiles again then.
     A call slower than max_call_s makes the variant "too slow", except those warm-up
     calls. Peak memory is the least over up to memory_calls calls (one when a call
@@ -302,7 +303,7 @@ def _prepare(name, build, runner, warmup, max_call_s, memory_calls=3):
     call's time, the estimate for the budget.
     """
     res = new_result()
-    unjudged = 2 if name == "compile" else 1
+    unjudged = 2 if name in COMPILED else 1
     warmup = max(warmup, unjudged)
     try:
         step, module = build(runner.case, runner.device, runner.dtype)
