@@ -91,10 +91,8 @@ DYNAMIC = {"RKD": (25.0, 50.0), "SP": (), "PKTCosSim": (), "CC": (0.4, 2), "Logi
 @pytest.mark.parametrize("loss", sorted(DYNAMIC))
 def test_a_new_batch_size_compiles_once_with_a_dynamic_batch(loss, backend, monkeypatch):
     """torch.compile's default: a second batch size recompiles with the batch dynamic, and
-    later sizes reuse that graph. RKD's torch path walks its anchors in Python blocks sized
-    by the batch, so it compiles per batch size."""
-    if (loss, backend) == ("RKD", "torch"):
-        pytest.skip("RKD's torch path specializes on the batch size (see the docstring)")
+    later sizes reuse that graph (RKD's torch path: those with as many blocks of anchors,
+    test_rkd_compiles_once_per_number_of_anchor_blocks)."""
     module = getattr(fastkd, loss)(*DYNAMIC[loss])
     torch._dynamo.reset()
     with _use(backend, monkeypatch):
@@ -105,6 +103,24 @@ def test_a_new_batch_size_compiles_once_with_a_dynamic_batch(loss, backend, monk
         with torch.compiler.set_stance("fail_on_recompile"):
             got = _loss_and_grads(compiled, inputs)
         _assert_same(got, _loss_and_grads(module, inputs))
+
+
+def test_rkd_compiles_once_per_number_of_anchor_blocks():
+    """RKD's torch path reads its N^3 angles in blocks of 2^20 (one block up to N = 101):
+    with the batch dynamic, a graph serves every N with the same number of blocks, and is
+    exact (float64) at every one."""
+    module = fastkd.RKD(25.0, 50.0)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *x: module(*x), fullgraph=True, backend="aot_eager")
+    with fastkd.use_backend("torch"):
+        for n, stance in ((5, "default"), (13, "default"), (101, "fail_on_recompile"), (102, "default"),
+                          (110, "fail_on_recompile")):
+            g = torch.Generator().manual_seed(n)
+            s = torch.randn(n, 16, generator=g, dtype=torch.float64, requires_grad=True)
+            t = torch.randn(n, 24, generator=g, dtype=torch.float64)
+            with torch.compiler.set_stance(stance):
+                got = _loss_and_grads(compiled, (s, t))
+            _assert_same(got, _loss_and_grads(module, (s, t)), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh)")

@@ -158,7 +158,13 @@ def _anchor_blocks(n, first=0, end=None):
     """Blocks (lo, hi) of the anchors first:end (all N by default) of an (N, N) E."""
     c = max(1, _ANGLE_BLOCK_ENTRIES // (n * n))
     end = n if end is None else end
-    return [(lo, min(lo + c, end)) for lo in range(first, end, c)]
+    # A while loop, not range(): traced with a dynamic batch (torch.compile), each test is a
+    # bound on N, where range() would fix N's value (a graph per batch size).
+    blocks, lo = [], first
+    while lo < end:
+        blocks.append((lo, min(lo + c, end)))
+        lo = lo + c
+    return blocks
 
 
 def _angle_grad_block(a, inv, dead, u, sign, lo, hi, w, z):
