@@ -7,6 +7,7 @@ import torch
 import fastkd
 from fastkd.bench import cases
 from fastkd.common import result_dtype
+from helpers import route_through_operators
 
 CPU = torch.device("cpu")
 ONE_CASE_PER_LOSS = {c.loss: c for c in reversed(cases.cases("tiny", "cpu"))}
@@ -21,18 +22,26 @@ def _mixed(case, side, dtype):
             for i, x in enumerate(inputs)]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "operators"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
 @pytest.mark.parametrize("side", [0, 1], ids=["student", "teacher"])
 @pytest.mark.parametrize("loss", sorted(ONE_CASE_PER_LOSS))
-def test_mixed_precision_result_has_the_reference_dtype(loss, side, dtype, backend):
+def test_mixed_precision_result_has_the_reference_dtype(loss, side, dtype, backend, monkeypatch):
+    """"operators": compiled through fastkd.device_ops' operators (on CPU tensors here),
+    whose fakes must give the dtype their kernels return."""
     case = ONE_CASE_PER_LOSS[loss]
     try:
         expected = case.build("reference", CPU, torch.float32)(*_mixed(case, side, dtype))
     except RuntimeError:
         pytest.skip("the reference itself refuses these mixed dtypes (its parameters are float32)")
-    with fastkd.use_backend(backend):
-        got = case.build("fastkd", CPU, torch.float32)(*_mixed(case, side, dtype))
+    module = case.build("fastkd", CPU, torch.float32)
+    if backend == "operators":
+        route_through_operators(monkeypatch)
+        torch._dynamo.reset()
+        got = torch.compile(lambda *x: module(*x), backend="aot_eager")(*_mixed(case, side, dtype))
+    else:
+        with fastkd.use_backend(backend):
+            got = module(*_mixed(case, side, dtype))
     assert got.dtype == expected.dtype
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(got.double(), expected.double(), rtol=tol, atol=tol)
