@@ -47,7 +47,7 @@ def make_problem(n, h, v, teacher, dtype=torch.float64, seed=0, k=3, ignore=0.3,
 def student_grads(loss, args, kw, upstream=None):
     wrt = [args[0], args[1]] + ([kw["student_bias"]] if kw.get("student_bias") is not None else [])
     if upstream is None:
-        upstream = torch.linspace(-1.0, 2.0, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+        upstream = torch.linspace(-1.0, 2.0, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
     return torch.autograd.grad(loss, wrt, upstream)
 
 
@@ -338,6 +338,31 @@ def test_the_operator_runs_each_backend_s_loop_and_refuses_a_second_derivative(f
             assert_close(a, b)
     with pytest.raises(RuntimeError, match="first-order"):
         torch.autograd.grad(loss.sum(), args[0], create_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh)")
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_compiled_on_cuda_through_the_operator(reduction):
+    """Compiled on CUDA the operator's cuda kernel runs the Triton rows kernel: the loss and
+    gradients of the eager Triton path, bfloat16 inputs included."""
+    for dtype in (torch.float32, torch.bfloat16):
+        args, kw = make_problem(37, 16, 300, "dense", dtype=dtype)
+        args = [x.detach().cuda().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
+                for x in args]
+        kw = {k: x.detach().cuda().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
+              for k, x in kw.items()}
+
+        def f(args, kw):
+            return F.fused_linear_soft_target(*args, **kw, T=2.0, reduction=reduction, hard_weight=0.5,
+                                              chunk_size=8)
+        expected = f(args, kw)
+        expected_grads = student_grads(expected, args, kw)
+        torch._dynamo.reset()
+        got = torch.compile(f, fullgraph=True)(args, kw)
+        assert got.dtype == expected.dtype
+        assert_close(got, expected)
+        for a, b in zip(student_grads(got, args, kw), expected_grads):
+            assert_close(a, b)
 
 
 def test_export_through_the_operator():
