@@ -85,8 +85,14 @@ FUSED_LINEAR_ROUTES = {("cpu", True), ("cuda", True)}
 def routes(op, device, name):
     """Whether the auto backend calls op's operator for tensors on device, name being the
     backend it resolved to (the operator's kernel there runs that backend)."""
+    compiling = torch.compiler.is_compiling()
     where = FUSED_LINEAR_ROUTES if op == FUSED_LINEAR else OPERATOR_ROUTES
-    return (op in _OPERATORS and (device.type, torch.compiler.is_compiling()) in where
+    # Compiled inside an autocast block, AOTAutograd traces the backward of the traced torch
+    # path with autocast on (the forward's ambient state, though that forward ran with it
+    # off), so its matrix products would be cast down; the operator's kernel computes the
+    # gradients with autocast off.
+    autocast = compiling and device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+    return (op in _OPERATORS and ((device.type, compiling) in where or autocast)
             and KERNEL_BACKENDS.get(device.type) == name)
 
 
