@@ -35,8 +35,9 @@ kernel would run, directly: eagerly, the operator's Python layers and second aut
 cost 0.03-0.2 ms per call on the CPU; compiled on the CPU, the traced torch path is code
 inductor fuses, 1.5-6.5x faster than the operator running it eagerly (README, torch.compile
 and torch.export). OPERATOR_ROUTES holds this choice; tests widen it to run the operators
-on CPU tensors. FusedLinearSoftTarget's operator (the end of this file) is called compiled
-on either device (FUSED_LINEAR_ROUTES): its chunk loop, called directly, is a graph break. A named backend
+on CPU tensors. Compiled inside an autocast block the operators serve on the CPU too (see
+routes). FusedLinearSoftTarget's operator (the end of this file) is called compiled on either
+device (FUSED_LINEAR_ROUTES): its chunk loop, called directly, is a graph break. A named backend
 (``use_backend("torch" | "triton" | "reference")``) always calls that backend's function.
 """
 import contextlib
