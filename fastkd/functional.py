@@ -67,11 +67,12 @@ def _reference_dtype_under_autocast(op, args, device_type):
 
 def _call(op, device, *args, shard=None):
     """The implementation fastkd.backend picks (shard: (group, sizes) for a global batch,
-    see _shard): for the auto backend compiled on CUDA, the op's custom operator where it
-    has one (fastkd.device_ops.routes: PyTorch's dispatcher runs the kernel of the
-    tensors' device), else the chosen backend's function. Under torch.autocast it computes on the inputs as
-    they come (its own precision rules, float32 accumulation at least), with autocast off
-    inside, and returns the result in the dtype the reference gives there."""
+    see _shard): for the auto backend where fastkd.device_ops.routes says (compiled on
+    CUDA, or inside autocast), the op's custom operator, whose kernel PyTorch's dispatcher
+    picks by the tensors' device; else the chosen backend's function. Under torch.autocast
+    it computes on the inputs as they come (its own precision rules, float32 accumulation
+    at least), with autocast off inside, and returns the result in the dtype the reference
+    gives there."""
     if shard is not None:
         return _call_global(op, device, shard, *args)
     requested = current_backend()

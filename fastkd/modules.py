@@ -274,7 +274,7 @@ class CRD(reference.CRD):
         if group is not None and not global_batch:
             raise ValueError("group is used only with global_batch=True")
         if global_batch:
-            rank, world = distributed.rank_and_size(group)  # raises unless initialised
+            rank, _ = distributed.rank_and_size(group)  # raises unless initialised
             if rank < 0:
                 raise ValueError("group must be a process group this process belongs to")
         super().__init__(s_dim, t_dim, feat_dim, nce_n, nce_t, nce_mom, n_data)
@@ -285,12 +285,17 @@ class CRD(reference.CRD):
         mem.register_buffer("Z_s", None)
         mem.register_buffer("Z_t", None)
         self.global_batch, self.group, self.bank_sharding = global_batch, group, bank_sharding
-        # The bank rows this module holds, [start, stop) of n_data.
-        start, stop = global_crd.shard_range(n_data, rank, world) if bank_sharding else (0, n_data)
-        self._bank_rows = (start, stop, n_data)
         if bank_sharding:
+            start, stop = self._held_rows()
             mem.memory_s = mem.memory_s[start:stop].clone()
             mem.memory_t = mem.memory_t[start:stop].clone()
+
+    def _held_rows(self):
+        """[start, stop): the rows of the n_data bank rows this module holds."""
+        n_data = self.criterion_s.n_data
+        if not self.bank_sharding:
+            return 0, n_data
+        return global_crd.shard_range(n_data, *distributed.rank_and_size(self.group))
 
     def full_state_dict(self):
         """state_dict() with whole banks (n_data rows each), which loads into a CRD of any
@@ -300,13 +305,11 @@ class CRD(reference.CRD):
         state = self.state_dict()
         if self.bank_sharding:
             _, world = distributed.rank_and_size(self.group)
-            n_data = self._bank_rows[2]
+            n_data = self.criterion_s.n_data
             sizes = [stop - start for start, stop in (global_crd.shard_range(n_data, r, world)
                                                       for r in range(world))]
             for bank in ("memory_s", "memory_t"):
-                with torch.no_grad():
-                    state[f"contrast.{bank}"] = distributed.gather_rows(state[f"contrast.{bank}"], sizes,
-                                                                        self.group)
+                state[f"contrast.{bank}"] = distributed.gather_rows(state[f"contrast.{bank}"], sizes, self.group)
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -315,7 +318,7 @@ class CRD(reference.CRD):
         # its rows; a shard loads only where it was saved (same rank and world size).
         # state_dict is load_state_dict's own copy of the caller's: replacing an entry
         # changes nothing of the caller's.
-        start, stop, n_data = self._bank_rows
+        (start, stop), n_data = self._held_rows(), self.criterion_s.n_data
         for bank in ("memory_s", "memory_t"):
             key = f"{prefix}contrast.{bank}"
             rows = state_dict[key].shape[0] if isinstance(state_dict.get(key), torch.Tensor) else None

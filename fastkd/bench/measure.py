@@ -3,8 +3,9 @@
 Variants (VARIANTS): ``eager`` the reference module, ``compile`` the reference
 module under torch.compile, ``fastkd`` the fastkd module under the ``auto``
 backend; on request, ``fastkd-compile`` that under torch.compile (on CUDA, the losses'
-custom operators of fastkd.device_ops; on the CPU, the torch path traced). A variant is a function (case, device, dtype) -> (step, module):
-step(*inputs) returns the loss, module is what holds the parameters.
+custom operators of fastkd.device_ops; on the CPU, the torch path traced). A variant is a
+function (case, device, dtype) -> (step, module): step(*inputs) returns the loss, module
+is what holds the parameters.
 
 Per case (run_case):
 1. Each variant alone: build, warm up (compiling, for ``compile``), then up to
