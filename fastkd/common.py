@@ -16,13 +16,16 @@ def first_order(backward):
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         if torch.is_grad_enabled():
-            name = type(ctx).__name__.removesuffix("Backward")
-            raise RuntimeError(
-                f"fastkd's {name} has a first-order backward only: it cannot be differentiated "
-                f"twice (create_graph=True). Use fastkd.use_backend('reference') for higher "
-                f"derivatives.")
+            raise second_order_error(type(ctx).__name__.removesuffix("Backward"))
         return backward(ctx, *grads)
     return wrapper
+
+
+def second_order_error(name):
+    """The error of differentiating twice (create_graph=True) a backward that is first order."""
+    return RuntimeError(f"fastkd's {name} has a first-order backward only: it cannot be differentiated "
+                        f"twice (create_graph=True). Use fastkd.use_backend('reference') for higher "
+                        f"derivatives.")
 
 
 def accumulation_dtype(*tensors):

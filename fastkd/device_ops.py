@@ -46,6 +46,7 @@ import functools
 import torch
 
 from . import backend, chunked_linear
+from .common import second_order_error
 from .ops import flatten, on_device_of, unflatten
 from .torch_backend import fused_linear as torch_fused_linear
 
@@ -336,8 +337,8 @@ def _register_fused_linear():
     def _(*args):
         *args, needs = args
         # The loss's dtype and leading dims (the chunk size, which would guard on the tokens, not).
-        *_, out_dtype, lead = chunked_linear.prepare(*args[:_FUSED_LINEAR_TENSORS], args[12], args[13])
-        reduction = args[11]
+        *tensors, _, reduction, ignore_index, hard_weight, _ = args
+        *_, out_dtype, lead = chunked_linear.prepare(*tensors, ignore_index, hard_weight)
         loss = args[0].new_empty(lead if reduction == "none" else (), dtype=out_dtype)
         return (loss, *fake_gradients(args, needs if reduction != "none" else (False,) * 3))
 
@@ -355,10 +356,7 @@ def _register_fused_linear():
 
     def backward(ctx, grad, *_):
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            raise RuntimeError(
-                "fastkd's fused_linear_soft_target has a first-order backward only: it cannot be "
-                "differentiated twice (create_graph=True). Use fastkd.use_backend('reference') for "
-                "higher derivatives.")
+            raise second_order_error(FUSED_LINEAR)
         rest, needs = ctx.rest
         saved = ctx.saved_tensors
         tensors, gradients = saved[:_FUSED_LINEAR_TENSORS], saved[_FUSED_LINEAR_TENSORS:]
