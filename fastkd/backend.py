@@ -6,7 +6,8 @@ Backends:
   triton     fastkd.autograd Functions over fastkd.kernels (CUDA tensors, or CPU
              tensors when TRITON_INTERPRET=1 runs Triton's interpreter).
   auto       the fastest one that exists for the op and the tensors' device:
-             triton on CUDA, then torch, then reference.
+             triton on CUDA, then torch, then reference; on CUDA the torch path below
+             the sizes of CUDA_TORCH_BELOW, where a fused kernel cannot pay for its launch.
 
 The choice is read at call time: the innermost ``fastkd.use_backend(name)``
 block, else the environment variable FASTKD_BACKEND, else ``auto``.
@@ -128,6 +129,23 @@ SHARDED = {
     },
 }
 
+# CUDA: op -> the element count of its first input below which the auto backend runs the
+# torch path rather than the Triton kernels. Measured on an H200 (torch 2.11, Triton 3.6;
+# benchmarks/results/gpu-NVIDIA-H200-20261127, run1-bench.txt, forward+backward, float32):
+# below these sizes the Triton path's fixed cost per call (host work and launches, about
+# 0.3 ms there) was more than the reference's whole call, and the torch path is the
+# reference's own fused ATen calls (mse_loss) or a few torch ops as lean:
+#   Logits  8192x1000 (8.2M): eager 0.199 ms, Triton 0.437; 8192x32000 (262M): 2.07 vs 1.19.
+#   Hint    (128,64,8,8) (0.5M): 0.282 vs 0.538; (256,64,56,56) (51M): 0.432 vs 0.257.
+#   VID     (128,16,32,32) (2.1M): 1.26 vs 1.54; (256,64,56,56) (51M): 3.75 vs 2.24.
+#   OFD     (128,16,32,32) (2.1M): 1.10 vs 1.17; (256,64,56,56) (51M): 4.24 vs 2.37.
+#   AFD     (128,16,32,32) (2.1M): 1.73 vs 1.85; (256,64,56,56) (51M): 2.91 vs 1.72.
+# 2^24 (16.8M) lies between the sizes where each lost and won. FSP's Triton kernels lost at
+# every size of that sweep (0.38x-0.78x eager: their Gram products reach no tensor core,
+# where the torch path's bmm does), so FSP runs the torch path on CUDA at every size.
+CUDA_TORCH_BELOW = {"logits": 2 ** 24, "hint": 2 ** 24, "irg_vertex": 2 ** 24, "vid": 2 ** 24,
+                    "ofd": 2 ** 24, "afd": 2 ** 24, "fsp": 2 ** 62}
+
 # The innermost use_backend() block's choice. A plain module global, read at every call:
 # torch.compile traces the read and guards on the value (a different backend recompiles),
 # where a ContextVar cannot be traced at all. Process-wide, like torch.backends' flags.
@@ -181,18 +199,25 @@ def triton_runs_on(device):
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def available(op, device):
-    """The backends that can run op on tensors of this device, fastest first."""
+def available(op, device, numel=None):
+    """The backends that can run op on tensors of this device, fastest first (for inputs of
+    numel elements, the first one's, where given: see CUDA_TORCH_BELOW)."""
     impls = IMPLEMENTATIONS[op]
-    order = ("triton", "torch", "reference") if device.type == "cuda" else ("torch", "reference", "triton")
+    if device.type != "cuda":
+        order = ("torch", "reference", "triton")
+    elif numel is not None and numel < CUDA_TORCH_BELOW.get(op, 0):
+        order = ("torch", "triton", "reference")
+    else:
+        order = ("triton", "torch", "reference")
     return [b for b in order if b in impls and (b != "triton" or triton_runs_on(device))]
 
 
-def resolve(op, device, backend=None):
-    """The backend that will run op for tensors on device."""
+def resolve(op, device, backend=None, numel=None):
+    """The backend that will run op for tensors on device (numel: the first input's
+    element count, which the auto backend's choice on CUDA depends on)."""
     name = _checked(backend, "backend") if backend is not None else current_backend()
     if name == "auto":
-        return available(op, device)[0]
+        return available(op, device, numel)[0]
     if name == "triton" and autograd is None:
         raise BackendUnavailableError("the triton backend needs the triton package, which is not "
                                       "installed (Triton has wheels for Linux only)")
@@ -209,6 +234,46 @@ def resolve(op, device, backend=None):
 def implementation(op, device, backend=None):
     """The function that computes op for tensors on device."""
     return IMPLEMENTATIONS[op][resolve(op, device, backend)]
+
+
+# os.environ keeps its values in a dict of encoded keys; reading it directly costs a tenth of
+# os.environ.get (which encodes the key on every call), a saving on every loss's call.
+_ENVIRON = getattr(os.environ, "_data", None)
+_ENCODE = getattr(os.environ, "encodekey", None)
+
+
+def _environ(name, _keys={}):
+    """os.environ.get(name), decoded as os.environ would."""
+    if _ENVIRON is None or _ENCODE is None:
+        return os.environ.get(name)
+    key = _keys.get(name)
+    if key is None:
+        key = _keys[name] = _ENCODE(name)
+    value = _ENVIRON.get(key)
+    return value if value is None or isinstance(value, str) else os.environ.decodevalue(value)
+
+
+# (op, device type, use_backend's choice, $FASTKD_BACKEND, small on CUDA, $TRITON_INTERPRET
+# where it matters) -> (the op's implementations, the backend resolve() chose).
+_RESOLVED = {}
+
+
+def eager_implementation(op, x, kind):
+    """implementation(op, x.device) for a call outside torch.compile and autocast, with x the
+    op's first input and kind its device's type: what every eager call asks, so resolve()'s
+    answer is kept per setting and only the settings are read per call (the environment
+    too, which may change between calls)."""
+    impls = IMPLEMENTATIONS[op]
+    requested = _override if _override is not None else _environ(ENV_VAR)
+    small = kind == "cuda" and op in CUDA_TORCH_BELOW and x.numel() < CUDA_TORCH_BELOW[op]
+    # The interpreter decides only whether the triton backend may run on CPU tensors.
+    interpret = (_environ("TRITON_INTERPRET")
+                 if kind == "cpu" and requested is not None and requested.lower() == "triton" else None)
+    key = (op, kind, _override, requested, small, interpret)
+    hit = _RESOLVED.get(key)
+    if hit is None or hit[0] is not impls:  # a test may swap an op's implementations
+        hit = _RESOLVED[key] = (impls, resolve(op, torch.device(kind), numel=x.numel()))
+    return impls[hit[1]]
 
 
 def _gathered(x, group, sizes):

@@ -25,7 +25,7 @@ import functools
 import torch
 
 from . import checks, device_ops, distributed
-from .backend import IMPLEMENTATIONS, current_backend, global_implementation, resolve
+from .backend import IMPLEMENTATIONS, current_backend, eager_implementation, global_implementation, resolve
 
 # Losses of the gradients of a network's outputs: their reference needs the network's graph,
 # which a fake run does not have. Both end in float32 operations under autocast anyway.
@@ -65,6 +65,19 @@ def _reference_dtype_under_autocast(op, args, device_type):
     return _AUTOCAST_DTYPES[key]
 
 
+def _short_way(first):
+    """The device type of first, the op's first tensor, where the call may go straight to the
+    implementation: eagerly, outside autocast, where no test routes eager calls through the
+    operators (fastkd.device_ops.OPERATOR_ROUTES); else None. is_cuda and is_cpu cost a
+    sixth of device.type."""
+    if torch.compiler.is_compiling():
+        return None
+    kind = "cuda" if first.is_cuda else "cpu" if first.is_cpu else first.device.type
+    if (kind in _AUTOCAST_DEVICES and torch.is_autocast_enabled(kind)) or (kind, False) in device_ops.OPERATOR_ROUTES:
+        return None
+    return kind
+
+
 def _call(op, device, *args, shard=None):
     """The implementation fastkd.backend picks (shard: (group, sizes) for a global batch,
     see _shard): for the auto backend where fastkd.device_ops.routes says (compiled on
@@ -72,11 +85,16 @@ def _call(op, device, *args, shard=None):
     picks by the tensors' device; else the chosen backend's function. Under torch.autocast
     it computes on the inputs as they come (its own precision rules, float32 accumulation
     at least), with autocast off inside, and returns the result in the dtype the reference
-    gives there."""
+    gives there. An eager call outside autocast, the common case, takes the short way: the
+    implementation fastkd.backend.eager_implementation keeps for its settings, called."""
     if shard is not None:
         return _call_global(op, device, shard, *args)
+    first = args[0] if isinstance(args[0], torch.Tensor) else args[0][0]  # IRG's are tuples
+    kind = _short_way(first)
+    if kind is not None:
+        return eager_implementation(op, first, kind)(*args)
     requested = current_backend()
-    name = resolve(op, device, requested)
+    name = resolve(op, device, requested, first.numel())
     if requested == "auto" and device_ops.routes(op, device, name):
         return _autocast_call(op, device, functools.partial(device_ops.call, op), args)
     return _autocast_call(op, device, IMPLEMENTATIONS[op][name], args)
@@ -89,9 +107,11 @@ def _call_global(op, device, shard, *args):
     return _autocast_call(op, device, global_implementation(op, device, *shard), args)
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")  # autocast refuses other device types, such as meta
+
+
 def _autocast_call(op, device, impl, args):
-    # Autocast exists for the CPU and CUDA (and refuses other device types, such as meta).
-    if device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device.type):
+    if device.type not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device.type):
         return impl(*args)
     with torch.autocast(device.type, enabled=False):
         out = impl(*args)
@@ -101,13 +121,20 @@ def _autocast_call(op, device, impl, args):
 
 
 def _run(op, *args, shard=None):
-    return _call(op, args[0].device, *args, shard=shard)
+    """_call for an op whose first argument is a tensor, with the short way taken first (one
+    call less on every loss's path)."""
+    first = args[0]
+    kind = _short_way(first) if shard is None else None
+    if kind is not None:
+        return eager_implementation(op, first, kind)(*args)
+    return _call(op, first.device, *args, shard=shard)
 
 
 def _pair(s, t, name_s, name_t, **kw):
     checks.tensor(s, name_s, **kw)
     checks.tensor(t, name_t, **kw)
-    checks.same_device(**{name_s: s, name_t: t})
+    if s.device != t.device:
+        checks.same_device(**{name_s: s, name_t: t})
 
 
 def _same_pair(s, t, name_s, name_t, **kw):

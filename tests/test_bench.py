@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import math
 import statistics
 import sys
 import time
@@ -73,7 +74,8 @@ def test_sweeps_cover_every_loss_once_per_shape():
 
 
 def test_full_sweeps_have_the_issue_shapes():
-    gpu = cases.cases("full", "cuda")
+    every = cases.cases("full", "cuda")
+    gpu = [c for c in every if "call" not in c.params]  # the sweeps beyond the collection's calls
     assert [c.x for c in gpu if c.loss == "RKD"] == [64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
     assert {c.params["D"] for c in gpu if c.loss in ("RKD", "SP", "PKTCosSim", "CC", "IRG")} == {512}
     assert {c.x for c in gpu if c.loss == "SoftTarget"} == {10, 100, 1000, 32000, 128000}
@@ -87,6 +89,38 @@ def test_full_sweeps_have_the_issue_shapes():
     assert {(c.params["BT"], c.params["H"], c.params["V"]) for c in lm} == {
         (bt, 4096, v) for bt in (1024, 8192) for v in (32000, 128000)}
     assert {c.dtype for c in lm} == {torch.bfloat16}
+
+
+def test_full_sweeps_start_with_the_collections_calls():
+    """Each call of the collection's CIFAR-100 training scripts, at its shapes (batch 128,
+    100 classes, the resnet20/110 blocks and features), in both full sweeps."""
+    collection = cases.cases("collection", "cpu")
+    assert {c.loss for c in collection} == set(registry.LOSSES)
+    shapes = {(c.loss, c.params["call"]): tuple(c.params["shape"]) for c in collection}
+    assert shapes[("SoftTarget", "out")] == (128, 100) and shapes[("BSS", "attacked out")] == (32, 100)
+    assert [shapes[("AT", b)] for b in ("rb1", "rb2", "rb3")] == [(128, 16, 32, 32), (128, 32, 16, 16),
+                                                                  (128, 64, 8, 8)]
+    assert shapes[("RKD", "feat")] == (128, 64) and shapes[("NST", "rb3")] == (128, 64, 8, 8)
+    assert len([c for c in collection if c.loss == "FSP"]) == 3
+    for device_type in ("cpu", "cuda"):
+        names = [c.name for c in cases.cases("full", device_type)]
+        assert {c.name for c in collection} <= set(names)
+
+
+def test_collection_twins_take_the_cases_path():
+    """The host harness measures each collection case on a small twin: the same losses and
+    calls, the same backend on CUDA, NST's same form."""
+    from fastkd.bench import host
+    from fastkd.common import nst_spatial_form
+    real, twins = cases.collection_cases(), cases.collection_cases(twin=True)
+    assert [(c.loss, c.params["call"]) for c in real] == [(c.loss, c.params["call"]) for c in twins]
+    for case, twin in zip(real, twins):
+        assert host.cuda_choice(case) == host.cuda_choice(twin), case.name
+        assert math.prod(twin.params["shape"]) < math.prod(case.params["shape"]), case.name
+    nst = [(c, t) for c, t in zip(real, twins) if c.loss == "NST"]
+    for case, twin in nst:
+        forms = [nst_spatial_form(s[1], s[1], s[2] * s[3]) for s in (case.params["shape"], twin.params["shape"])]
+        assert forms[0] == forms[1]
 
 
 def test_cases_option_keeps_the_matching_cases_and_rejects_a_bad_pattern():

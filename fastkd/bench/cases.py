@@ -8,9 +8,14 @@ What is timed is ``module(*inputs).backward()``: forward and backward.
 
 Sweeps (``cases(sweep, device_type)``):
   tiny   a few small shapes for the tests of the bench code itself.
+  collection  each call the collection's training scripts make (train_kd.py and its
+         siblings on CIFAR-100: batch 128, 100 classes, resnet20/110 maps (128, 16, 32, 32),
+         (128, 32, 16, 16), (128, 64, 8, 8), features (128, 64); CRD at nce_n=16384,
+         feat_dim=128; BSS on the 32 attacked samples): what its users run. Named by the
+         tensors the script passes (rb1..rb3 the residual blocks, feat, out).
   quick  two smaller shapes per loss (CIFAR layers at B=32, 256 rows of logits, CRD at
          nce_n=4096): a first look, minutes on 2 CPU cores.
-  full   the realistic sweep: pairwise losses at batch 64..16384 of 512-d features
+  full   the collection's calls, then the realistic sweep: pairwise losses at batch 64..16384 of 512-d features
          (64..2048 on CPU), feature-map losses at CIFAR (B=128, C=16..64, 32x32..8x8)
          and ImageNet (B=256, or 32 on CPU, C=64..2048, 56x56..7x7) layer shapes,
          logit losses over vocabularies 10..128k with 8192 rows (1024 on CPU),
@@ -24,6 +29,7 @@ Sobolev and LwM need the gradients of a network's outputs, so their cases run
 a tiny conv net forward when making inputs; the loss's double backward through
 that net is part of what is timed, alike for every variant.
 """
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,7 +40,7 @@ import fastkd
 from fastkd import reference, registry
 from fastkd.common import nst_spatial_form
 
-SWEEPS = ("tiny", "quick", "full")
+SWEEPS = ("tiny", "collection", "quick", "full")
 
 # Method name -> accepted spellings of --losses (case-insensitive).
 ALIASES = {"PKT": "PKTCosSim", "FitNet": "Hint", "FitNets": "Hint", "ST": "SoftTarget", "KD": "SoftTarget"}
@@ -63,6 +69,8 @@ class Case:
     extra_bytes  traffic beyond reading the inputs and writing their gradients.
     floor     False where no floor is meaningful (the time is the network's, not the loss's).
     dtype     the case's own dtype, overriding the run's (None: the run's --dtype).
+    numel     element count of the first input of each of the loss's ops (fastkd.registry),
+              what the auto backend's choice on CUDA depends on (fastkd.backend.CUDA_TORCH_BELOW).
     """
     loss: str
     shape: str
@@ -78,6 +86,7 @@ class Case:
     floor: bool = True
     params: dict = field(default_factory=dict)
     dtype: torch.dtype = None
+    numel: dict = field(default_factory=dict)
 
     @property
     def name(self):
@@ -138,7 +147,7 @@ _CRD = {"tiny": ([4, 8], (64, 16, 500, 32, 32)), "quick": ([8, 32], (4096, 128, 
                  "cuda": ([64, 128, 256, 512, 1024], (16384, 128, 50000, 256, 256))}}
 
 # FusedLinearSoftTarget: (tokens, hidden, vocabulary), and the dtype where it is fixed.
-_LM_HEAD = {"tiny": [(16, 32, 100)], "quick": [(256, 256, 8000)],
+_LM_HEAD = {"tiny": [(16, 32, 100)], "collection": [(256, 256, 8000)], "quick": [(256, 256, 8000)],
             "full": {"cpu": [(1024, 1024, 32000)],
                      "cuda": [(bt, 4096, v) for bt in (1024, 8192) for v in (32000, 128000)]}}
 
@@ -183,7 +192,7 @@ def _irg_case(n, d, sweep):
     values = d + c * 4 * s * s + 2 * c * s * s  # per sample, the three Gram inputs
     return Case("IRG", f"N={n} D={d}", n, "batch", n, (0.1, 5.0, 5.0), make,
                 params={"N": n, "D": d, "fm1": list(shapes[0][1:]), "fm2": list(shapes[1][1:])},
-                flops=3 * 2 * n * n * values)
+                flops=3 * 2 * n * n * values, numel={"irg_vertex": n * 100})
 
 
 def _map_label(shape):
@@ -201,7 +210,8 @@ def _map_cases(sweep, device_type):
 
         def case(loss, args=(), flops=0, tf32_flops=0, make=None):
             return Case(loss, label, c * h * w, "values per sample", elems, args, make or _pair(shape),
-                        monotone=False, flops=flops, tf32_flops=tf32_flops, params=params)
+                        monotone=False, flops=flops, tf32_flops=tf32_flops, params=params,
+                        numel={op: elems for op in registry.METHODS[loss]})
         conv = 2 * b * h * w * c * c  # one 1x1 conv C -> C
         # NST's three Grams, forward and backward twice, in the form fastkd takes.
         nst = 3 * 3 * 2 * b * c * h * w * (h * w if nst_spatial_form(c, c, h * w) else c)
@@ -224,7 +234,8 @@ def _map_cases(sweep, device_type):
         out.append(Case("FSP", f"B={b} {c1}x{h1}x{w1}>{c2}x{h2}x{w2}", c1 * h1 * w1 + c2 * h2 * w2,
                         "values per sample", b * (c1 * h1 * w1 + c2 * h2 * w2), (), make, monotone=False,
                         flops=3 * 2 * 2 * b * c1 * c2 * h2 * w2,
-                        params={"B": b, "fm1": [c1, h1, w1], "fm2": [c2, h2, w2]}))
+                        params={"B": b, "fm1": [c1, h1, w1], "fm2": [c2, h2, w2]},
+                        numel={"fsp": b * c1 * h1 * w1}))
     return out
 
 
@@ -233,7 +244,8 @@ def _logit_cases(sweep, device_type):
     for rows, k in _pick(_LOGITS, sweep, device_type):
         label, params = f"{rows}x{k}", {"rows": rows, "classes": k}
         for loss, args in (("Logits", ()), ("SoftTarget", (4.0,)), ("BSS", (4.0,)), ("DML", ())):
-            out.append(Case(loss, label, k, "classes", rows * k, args, _pair((rows, k)), params=params))
+            out.append(Case(loss, label, k, "classes", rows * k, args, _pair((rows, k)), params=params,
+                            numel={op: rows * k for op in registry.METHODS[loss]}))
     return out
 
 
@@ -319,6 +331,80 @@ def _net_cases(sweep, device_type):
     return out
 
 
+# --- the collection's own calls ---------------------------------------------------
+
+def collection_cases(twin=False):
+    """Every call of a loss that the collection's training scripts make on CIFAR-100 (batch
+    128, 100 classes, resnet20 student / resnet110 teacher, the scripts' default arguments).
+
+    twin=True: each case's small twin, for fastkd.bench.host: batch 8, channels / 4, height
+    and width / 2 (NST's choice between its two forms, which compares H W with C, holds),
+    feature width / 4, CRD's negatives and bank cut down. Its code path is the case's (the
+    host harness checks the backend choice); its arithmetic is a few microseconds.
+    """
+    b, k, div, hw_div = (8, 100, 4, 2) if twin else (128, 100, 1, 1)
+
+    def fm(c, h):
+        return (b, c // div, h // hw_div, h // hw_div)
+    stem, rb1, rb2, rb3 = fm(16, 32), fm(16, 32), fm(32, 16), fm(64, 8)
+    feat, out = (b, 64 // div), (b, k)
+    blocks = (("rb1", rb1), ("rb2", rb2), ("rb3", rb3))
+
+    def case(loss, call, args, make, size, shape=None, **kw):
+        numel = {op: math.prod(size) for op in registry.METHODS[loss]}
+        return Case(loss, f"{call} {shape or _map_label(size)}", size[0], "batch", math.prod(size), args, make,
+                    monotone=False, params={"call": call, "shape": list(size)}, numel=numel, **kw)
+
+    out_cases = [case("Logits", "out", (), _pair(out), out, f"{b}x{k}"),
+                 case("SoftTarget", "out", (4.0,), _pair(out), out, f"{b}x{k}"),
+                 case("BSS", "attacked out", (3.0,), _pair((b // 4, k)), (b // 4, k), f"{b // 4}x{k}"),
+                 case("DML", "out", (), _pair(out), out, f"{b}x{k}")]
+    for name, shape in blocks:
+        c = shape[1]
+        out_cases += [case("AT", name, (2.0,), _pair(shape), shape),
+                      case("SP", name, (), _pair(shape), shape),
+                      case("AB", name, (2.0,), _pair(shape), shape),
+                      case("VID", name, (c, c, c, 5.0), _pair(shape), shape),
+                      case("OFD", name, (c, c), _pair(shape), shape),
+                      case("AFD", name, (c, 1.0), _pair(shape), shape)]
+    for first, second, label in ((stem, rb1, "stem>rb1"), (rb1, rb2, "rb1>rb2"), (rb2, rb3, "rb2>rb3")):
+        def make(device, dtype, gen, first=first, second=second):
+            return (_randn(first, device, dtype, gen, grad=True), _randn(second, device, dtype, gen, grad=True),
+                    _randn(first, device, dtype, gen), _randn(second, device, dtype, gen))
+        out_cases.append(case("FSP", label, (), make, first,
+                              f"B={b} {'x'.join(map(str, first[1:]))}>{'x'.join(map(str, second[1:]))}"))
+    out_cases += [case("Hint", "rb3", (), _pair(rb3), rb3), case("NST", "rb3", (), _pair(rb3), rb3)]
+    # FT: the paraphraser's and translator's factors at rb3, k = 0.5 (train_ft.py).
+    factor = (b, rb3[1] // 2, rb3[2], rb3[3])
+    out_cases.append(case("FT", "factor", (), _pair(factor), factor))
+    for loss, args in (("PKTCosSim", ()), ("RKD", (25.0, 50.0)), ("CC", (0.4, 2))):
+        out_cases.append(case(loss, "feat", args, _pair(feat), feat, f"N={b} D={feat[1]}"))
+    irg = [rb2, rb3, feat, out]
+
+    def make_irg(device, dtype, gen):
+        return ([_randn(sh, device, dtype, gen, grad=True) for sh in irg], [_randn(sh, device, dtype, gen) for sh in irg])
+    out_cases.append(case("IRG", "rb2,rb3,feat,out", (0.1, 5.0, 5.0), make_irg, rb2, f"N={b}"))
+    out_cases[-1].numel["irg_vertex"] = math.prod(out)
+    # CRD (train_crd.py): feat (B, 64) of both nets, 16384 negatives, 50000 CIFAR images.
+    nce_n, feat_dim, n_data = (64, 16, 1000) if twin else (16384, 128, 50000)
+
+    def make_crd(device, dtype, gen):
+        idx = torch.randint(0, n_data, (b,), device=device, generator=gen)
+        sample_idx = torch.randint(0, n_data, (b, nce_n + 1), device=device, generator=gen)
+        sample_idx[:, 0] = idx
+        return _randn(feat, device, dtype, gen, grad=True), _randn(feat, device, dtype, gen), idx, sample_idx
+    out_cases.append(case("CRD", "feat", (feat[1], feat[1], feat_dim, nce_n, 0.1, 0.5, n_data), make_crd, feat,
+                          f"B={b} n={nce_n} d={feat_dim}"))
+    # Sobolev (the image gradients) and LwM (rb2's Grad-CAM) through a network: a tiny one.
+    size, width = (8, 4) if twin else (32, 16)
+    net = f"B={b} 3x{size}x{size}"
+    out_cases += [case("Sobolev", "out,img", (), _net_inputs(b, size, width, lwm=False), (b, 3, size, size), net,
+                       floor=False),
+                  case("LwM", "out,fm", (), _net_inputs(b, size, width, lwm=True), (b, 3, size, size), net,
+                       floor=False)]
+    return out_cases
+
+
 def canonical(name):
     """The method name for a spelling given to --losses; ValueError if unknown."""
     lookup = {n.lower(): n for n in LOSSES}
@@ -339,9 +425,12 @@ def cases(sweep="quick", device_type="cpu", losses=None):
     if sweep not in SWEEPS:
         raise ValueError(f"sweep must be one of {', '.join(SWEEPS)}; got {sweep!r}")
     keep = set(registry.LOSSES) if losses is None else {canonical(n) for n in losses}
-    every = (_logit_cases(sweep, device_type) + _pairwise_cases(sweep, device_type)
-             + _map_cases(sweep, device_type) + _crd_cases(sweep, device_type)
-             + _net_cases(sweep, device_type) + _lm_head_cases(sweep, device_type))
+    every = collection_cases() if sweep in ("collection", "full") else []
+    if sweep != "collection":
+        every += (_logit_cases(sweep, device_type) + _pairwise_cases(sweep, device_type)
+                  + _map_cases(sweep, device_type) + _crd_cases(sweep, device_type)
+                  + _net_cases(sweep, device_type))
+    every += _lm_head_cases(sweep, device_type)
     order = {n: i for i, n in enumerate(LOSSES)}
     picked = [c for c in every if c.loss in keep]
     return sorted(picked, key=lambda c: order[c.loss])

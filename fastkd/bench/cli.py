@@ -128,10 +128,11 @@ def device_peaks(device, reps=10):
     return bandwidth, peak, peak_tf32
 
 
-def fastkd_path(loss, device):
-    """{op: backend} that fastkd's auto backend runs for the loss's ops on device."""
+def fastkd_path(loss, device, numel=None):
+    """{op: backend} that fastkd's auto backend runs for the loss's ops on device (numel:
+    {op: its first input's element count}, which the choice on CUDA depends on)."""
     ops = METHODS[loss] if loss in METHODS else EXTENSIONS[loss]
-    return {op: backend.resolve(op, device, "auto") for op in ops}
+    return {op: backend.resolve(op, device, "auto", (numel or {}).get(op)) for op in ops}
 
 
 def _triton_version():
@@ -258,7 +259,7 @@ def run(settings, machine=None, variants=None, progress=True, cases=None, on_rec
             if res["status"] in (measure.OOM, measure.TOO_SLOW) and not res["skipped"] and case.monotone:
                 failed_at.setdefault((case.loss, v), (case.size, res["status"]))
         record = {"loss": case.loss, "shape": case.shape, "x": case.x, "x_name": case.x_name, "size": case.size,
-                  "monotone": case.monotone, "params": case.params, "fastkd_path": fastkd_path(case.loss, device),
+                  "monotone": case.monotone, "params": case.params, "fastkd_path": fastkd_path(case.loss, device, case.numel),
                   "variants": results, "floor": None, "dtype": str(case.dtype or dtype).removeprefix("torch.")}
         report.add_ratios(record, min_memory_bytes=2 ** 20 if device.type == "cpu" else 0)
         if device.type == "cuda" and case.floor:
