@@ -27,6 +27,29 @@ from .kernels.common import as_3d
 from .distributed import all_gather_rows, all_reduce_max, all_reduce_sum, reducer
 
 
+# --- gradients written in forward ---------------------------------------------------------
+# At small sizes a launch costs more than its work: a Function whose loss is one number can
+# write dL/dx at grad_output 1 in the pass that computes the loss, save it instead of what
+# a backward kernel would read, and have backward scale it by grad_output (one multiply,
+# no launch of its own). Autograd runs forward without grad mode, and its needs_input_grad
+# holds without it too: the callers pass grad, torch.is_grad_enabled() at the call.
+
+
+def _forward_grads(ctx, grad, n):
+    """Whether forward writes the gradient of each of the first n inputs: it needs one and a
+    backward can follow (grad mode at the call, or fastkd.ops' operator, whose needs count it)."""
+    grad = grad or isinstance(ctx, _ops._Ctx)
+    return [grad and need for need in ctx.needs_input_grad[:n]]
+
+
+def saved_gradients(ctx, grad_output):
+    """Backward of a Function that saved its first inputs' gradients at grad_output 1 (None
+    where not written): each scaled by the 0-d grad_output, in its own dtype; None for the
+    rest of the inputs."""
+    grads = tuple(None if g is None else g * grad_output for g in ctx.saved_tensors)
+    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
+
+
 # --- feature maps: AT, NST, FSP (fastkd.kernels.feature_maps) ------------------------------
 
 
@@ -945,47 +968,54 @@ def irg_transformation_global(irg_s, irg_t, *, group, sizes):
 class SoftmaxKLFunction(torch.autograd.Function):
     """scale / B * sum over rows of KL(softmax(t / T) || softmax(s / T)); classes on dim 1.
 
-    Forward is one streaming pass that keeps five numbers per row (the two softmaxes'
-    shifts and log-normalisers, and KL_row); backward recomputes the softmaxes from them. Writing the
-    gradient during forward instead would cost a second pass over the logits in forward
-    anyway (it needs the final log-sum-exps), a (rows x classes) buffer held until
-    backward, and a third pass to scale it by grad_output; recomputing reads the logits
-    once in each direction and does no gradient work when forward runs without grad.
+    Logits of at most FUSED_MAX values per input (fastkd.kernels.softmax_kl), where a launch
+    costs more than the work: one program writes the loss and the gradients at
+    grad_output 1, and backward only scales them (fastkd.autograd.saved_gradients).
+    Larger ones: forward is one streaming pass that keeps five numbers per row (the two
+    softmaxes' shifts and log-normalisers, and KL_row), and backward recomputes the softmaxes
+    from them: the gradient written in forward would cost a second pass over the logits
+    there, a (rows x classes) buffer held until backward and a third pass to scale it.
+    grad: whether a backward can follow (grad mode at the call; forward runs without it).
     """
 
     @staticmethod
-    def forward(ctx, out_s, out_t, T, scale):
+    def forward(ctx, out_s, out_t, T, scale, grad=True):
         acc = accumulation_dtype(out_s, out_t)
-        T_t = torch.full((1,), T, dtype=acc, device=out_s.device)
-        stats = _softmax_kl.softmax_kl_forward(out_s, out_t, T_t)
-        ctx.save_for_backward(out_s, out_t, stats, T_t)
-        ctx.coef = scale / (out_s.shape[0] * T)
-        loss = stats[4].sum() * (scale / out_s.shape[0])
-        return loss.to(result_dtype(out_s, out_t))
+        dtype = result_dtype(out_s, out_t)
+        ctx.fused = out_s.numel() <= _softmax_kl.FUSED_MAX
+        if ctx.fused:
+            loss, *grads = _softmax_kl.softmax_kl_fused(out_s, out_t, T, scale, acc, dtype,
+                                                        *_forward_grads(ctx, grad, 2))
+            ctx.save_for_backward(*grads)
+            return loss
+        loss, stats = _softmax_kl.softmax_kl_forward(out_s, out_t, T, scale, acc)
+        ctx.save_for_backward(out_s, out_t, stats)
+        ctx.T, ctx.scale = T, scale
+        return loss.to(dtype)
 
     @staticmethod
     @first_order
     def backward(ctx, grad_output):
-        out_s, out_t, stats, T_t = ctx.saved_tensors
-        student, teacher = ctx.needs_input_grad[:2]
-        g = grad_output.reshape(1).to(stats.dtype) * ctx.coef
-        grad_s, grad_t = _softmax_kl.softmax_kl_backward(out_s, out_t, T_t, stats, g, student, teacher)
-        return grad_s, grad_t, None, None
+        if ctx.fused:
+            return saved_gradients(ctx, grad_output)
+        out_s, out_t, stats = ctx.saved_tensors
+        return (*_softmax_kl.softmax_kl_backward(out_s, out_t, ctx.T, ctx.scale, stats, grad_output,
+                                                 *ctx.needs_input_grad[:2]), None, None, None)
 
 
 def soft_target(out_s, out_t, T):
     """KLbm(softmax(out_t / T) || softmax(out_s / T)) * T^2."""
-    return _ops.apply("SoftmaxKLFunction", out_s, out_t, T, T * T)
+    return _ops.apply("SoftmaxKLFunction", out_s, out_t, T, T * T, torch.is_grad_enabled())
 
 
 def dml(out1, out2):
     """KLbm(softmax(out2) || softmax(out1))."""
-    return _ops.apply("SoftmaxKLFunction", out1, out2, 1.0, 1.0)
+    return _ops.apply("SoftmaxKLFunction", out1, out2, 1.0, 1.0, torch.is_grad_enabled())
 
 
 def bss(attacked_out_s, attacked_out_t, T):
     """KLbm(softmax(out_t / T) || softmax(out_s / T)), no T^2 factor."""
-    return _ops.apply("SoftmaxKLFunction", attacked_out_s, attacked_out_t, T, 1.0)
+    return _ops.apply("SoftmaxKLFunction", attacked_out_s, attacked_out_t, T, 1.0, torch.is_grad_enabled())
 
 
 # --- contrast: CRD (fastkd.kernels.contrast) -------------------------------------------------

@@ -22,7 +22,15 @@ OPS = {
     "dml": (reference.dml.dml, autograd.dml, torch_path.dml, False),
     "bss": (reference.bss.bss, autograd.bss, torch_path.bss, True),
 }
-PATHS = {"triton": 1, "torch": 2}
+# "streaming": the Triton path of logits larger than FUSED_MAX (stats in forward, a
+# backward kernel), taken at the tests' sizes with FUSED_MAX=0 (the fixture below).
+PATHS = {"triton": 1, "streaming": 1, "torch": 2}
+
+
+@pytest.fixture(autouse=True)
+def streaming_path(request, monkeypatch):
+    if getattr(request.node, "callspec", None) and request.node.callspec.params.get("path") == "streaming":
+        monkeypatch.setattr(kernels, "FUSED_MAX", 0)
 
 
 def _call(op, path, s, t, T):
@@ -57,9 +65,12 @@ def _loss_and_grads(fn, s, t, g):
     return loss.detach(), gs, gt
 
 
-# Small tiles make the kernels stream over several class blocks and row blocks.
+# Small tiles make the kernels stream over several class blocks and row blocks; FUSED_MAX=0
+# takes the larger logits' path (stats in forward, a backward kernel) at the tests' sizes.
 BLOCKS = pytest.mark.parametrize("blocks", [dict(TILE=64, MAX_BLOCK_K=16),
-                                                dict(TILE=kernels.TILE, MAX_BLOCK_K=kernels.MAX_BLOCK_K)], ids=["small-blocks", "default-blocks"])
+                                            dict(TILE=kernels.TILE, MAX_BLOCK_K=kernels.MAX_BLOCK_K),
+                                            dict(TILE=64, MAX_BLOCK_K=16, FUSED_MAX=0)],
+                                 ids=["small-blocks", "default-blocks", "streaming"])
 
 
 @st.composite
@@ -261,16 +272,18 @@ def test_teacher_without_grad(path):
     assert_close(gs, ref)
 
 
-@pytest.mark.parametrize("fn", [autograd.SoftmaxKLFunction.apply, torch_path.SoftmaxKL.apply], ids=PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape", [(3, 5), (2, 4, 3)])
-def test_gradcheck(fn, shape):
+def test_gradcheck(path, shape):
+    fn = torch_path.SoftmaxKL.apply if path == "torch" else autograd.SoftmaxKLFunction.apply
     gen = torch.Generator().manual_seed(3)
     s = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
     t = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: fn(a, b, 1.7, 1.7 ** 2), (s, t))
 
 
-def test_poisoned_outputs(monkeypatch):
+@pytest.mark.parametrize("path", ["triton", "streaming"])
+def test_poisoned_outputs(monkeypatch, path):
     """Every torch.empty the kernels allocate is fully written (NaN-filled here)."""
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(math.nan))
@@ -278,7 +291,7 @@ def test_poisoned_outputs(monkeypatch):
     monkeypatch.setattr(kernels, "MAX_BLOCK_K", 16)
     gen = torch.Generator().manual_seed(4)
     s, t = torch.randn(2, 7, 37, 3, generator=gen, dtype=torch.float64).unbind(0)
-    _check_fp64("soft_target", "triton", s, t, 1.5, 0.9)
+    _check_fp64("soft_target", path, s, t, 1.5, 0.9)
 
 
 @pytest.mark.parametrize("name, args", [("SoftTarget", (4.0,)), ("DML", ()), ("BSS", (2.0,))])

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..common import zero_row_sums
-from .common import sqrt
+from .common import cdiv, sqrt
 from .gram import BLOCK, TILE_WARPS, _load_tile, _smooth_l1
 
 # Directions shorter than this (E below its square) count as zero; F.normalize's clamp.
@@ -167,7 +167,7 @@ def rkd_angle_forward(e_s, e_t, with_stats, lo=0, anchors=None):
     a global batch's share of the loss."""
     n = len(e_s)
     anchors = n if anchors is None else anchors
-    nb = triton.cdiv(n, BLOCK)
+    nb = cdiv(n, BLOCK)
     part = torch.empty(anchors * nb, dtype=e_s.dtype, device=e_s.device)
     stats = torch.empty((6, anchors, n) if with_stats else (1,), dtype=e_s.dtype, device=e_s.device)
     _rkd_angle_fwd_kernel[(anchors, nb)](e_s, e_t, part, stats, lo, n, STATS=with_stats, BLOCK=BLOCK,
@@ -182,7 +182,7 @@ def rkd_angle_backward(e_s, e_t, stats, lo=0):
     reach every row."""
     n = len(e_s)
     anchors = stats.shape[1]
-    nb = triton.cdiv(n, BLOCK)
+    nb = cdiv(n, BLOCK)
     tiles = torch.empty((4, n, n), dtype=e_s.dtype, device=e_s.device)
     every = anchors == n
     # The anchors lo:lo + R hold their loop bound in one more register, which spilled at

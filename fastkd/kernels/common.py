@@ -9,6 +9,7 @@ How a number reaches a kernel, in every family:
     in the kernel, so no host sync and no host-to-device copy;
   * ``tl.constexpr`` only for what changes the code: block sizes and flags (P_IS_2, GRAD).
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -30,6 +31,22 @@ def to_acc(x, ACC: tl.constexpr):
 # nonzero difference, and an L1 loss's sign() a gradient of +-1 where it is 0. Triton's
 # interpreter, which the CPU tests run, never contracts; with this the GPU rounds alike.
 NO_FMA = {"enable_fp_fusion": False}
+
+
+def cdiv(a, b):
+    """ceil(a / b) of two non-negative ints. The launchers' own: triton.cdiv and
+    triton.next_power_of_2 are constexpr functions, ~1.5 us of host time per call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The smallest power of 2 >= n for n >= 1 (0 for 0, as triton's)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def tl_acc(dtype):
+    """The Triton type of an accumulation dtype (fastkd.common.accumulation_dtype): a kernel's ACC."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def num_warps(elements):

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import num_warps
+from .common import cdiv, next_power_of_2, num_warps
 
 # Elements per (memory rows x feat_dim) tile, the widest feat_dim chunk (wider feat_dims
 # are looped over: a whole 16384-wide row spilled), and about how many programs to launch.
@@ -98,12 +98,12 @@ def crd_contrast_forward(embed, memory, sample_idx, params, grad, lo=0, hi=None)
     if hi is None:
         hi = lo + memory.shape[0]
     K1 = sample_idx.shape[1]
-    block_d = min(triton.next_power_of_2(D), MAX_BLOCK_D, TILE)
-    block_k = max(1, min(TILE // block_d, triton.next_power_of_2(K1)))
-    blocks = triton.cdiv(K1, block_k)
+    block_d = min(next_power_of_2(D), MAX_BLOCK_D, TILE)
+    block_k = max(1, min(TILE // block_d, next_power_of_2(K1)))
+    blocks = cdiv(K1, block_k)
     splits = max(1, min(blocks, TARGET_PROGRAMS // B))
-    k_per_split = triton.cdiv(blocks, splits) * block_k
-    splits = triton.cdiv(K1, k_per_split)
+    k_per_split = cdiv(blocks, splits) * block_k
+    splits = cdiv(K1, k_per_split)
     loss = torch.empty((B, splits), device=embed.device, dtype=params.dtype)
     direction = torch.empty((B, splits, D), device=embed.device, dtype=params.dtype) if grad else None
     _crd_contrast_forward_kernel[(B, splits)](

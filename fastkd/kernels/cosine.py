@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import sqrt, to_acc
+from .common import cdiv, sqrt, to_acc
 from .gram import BLOCK, TILE_WARPS, _load_tile, grad_buffers
 
 
@@ -107,7 +107,7 @@ def sp_forward(g_s, g_t):
     """(N^2 * loss, stats (2, 2, R): the row norms and dots) from the raw Gram matrices (R, N):
     all (N, N), or a global batch's rows of them (each row's terms are its own)."""
     rows = len(g_s)
-    nb = triton.cdiv(rows, BLOCK)
+    nb = cdiv(rows, BLOCK)
     stats = torch.empty((2, 2, rows), dtype=g_s.dtype, device=g_s.device)
     part = torch.empty(nb, dtype=g_s.dtype, device=g_s.device)
     _sp_norms_kernel[(nb,)](g_s, g_t, stats[0], rows, g_s.shape[1], BLOCK=BLOCK)
@@ -121,7 +121,7 @@ def sp_backward(g_s, g_t, stats, square=True):
     + W^T X_rows on every row)."""
     rows, n = g_s.shape
     m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
-    _sp_grad_kernel[(triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))](
+    _sp_grad_kernel[(cdiv(rows, BLOCK), cdiv(n, BLOCK))](
         g_s, g_t, stats[0], stats[1], m_s, m_t, rows, n, SQUARE=square, BLOCK=BLOCK)
     return m_s, m_t
 
@@ -285,7 +285,7 @@ def pkt_forward(g_s, g_t, eps, lo=0, sq=None):
     matrices (R, N): all (N, N), or a global batch's rows lo:lo + R of them with sq the
     squared norms of every row on each side (_pkt_diagonals)."""
     rows, n = g_s.shape
-    nb = triton.cdiv(rows, BLOCK)
+    nb = cdiv(rows, BLOCK)
     diag = _pkt_diagonals(g_s, g_t, sq)
     stats = torch.empty((2, 2, rows), dtype=g_s.dtype, device=g_s.device)
     _pkt_sums_kernel[(nb,)](g_s, g_t, *diag, eps, stats[0], lo, rows, n, BLOCK=BLOCK)
@@ -301,7 +301,7 @@ def pkt_backward(g_s, g_t, eps, stats, lo=0, sq=None):
     gathered from every rank for a global batch)."""
     rows, n = g_s.shape
     m_s, r_s, m_t, r_t = grad_buffers(g_s, g_t)
-    _pkt_grad_kernel[(triton.cdiv(rows, BLOCK),)](g_s, g_t, *_pkt_diagonals(g_s, g_t, sq), eps, stats[0],
+    _pkt_grad_kernel[(cdiv(rows, BLOCK),)](g_s, g_t, *_pkt_diagonals(g_s, g_t, sq), eps, stats[0],
                                                   stats[1], m_s, r_s, m_t, r_t, lo, rows, n, BLOCK=BLOCK,
                                                   num_warps=TILE_WARPS)
     return m_s, r_s, m_t, r_t
@@ -389,7 +389,7 @@ def cc_forward(g_s, g_t, gamma, p_order):
     """N^2 * loss from the Gram matrices of the normalised rows, S (R, N): all (N, N), or a
     global batch's rows (their part of the loss)."""
     rows, n = g_s.shape
-    grid = (triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))
+    grid = (cdiv(rows, BLOCK), cdiv(n, BLOCK))
     part = torch.empty(grid[0] * grid[1], dtype=g_s.dtype, device=g_s.device)
     _cc_loss_kernel[grid](g_s, g_t, math.exp(-2 * gamma), 2 * gamma, part, rows, n, p_order, BLOCK=BLOCK)
     return part.sum()
@@ -401,7 +401,7 @@ def cc_backward(g_s, g_t, norms_s, norms_t, gamma, p_order, lo=0):
     (R, N), M (R, N) and r (R,) give those rows' whole gradient."""
     rows, n = g_s.shape
     m_s, r_s, m_t, r_t = grad_buffers(g_s, g_t)
-    _cc_grad_kernel[(triton.cdiv(rows, BLOCK),)](g_s, g_t, norms_s, norms_t, math.exp(-2 * gamma),
+    _cc_grad_kernel[(cdiv(rows, BLOCK),)](g_s, g_t, norms_s, norms_t, math.exp(-2 * gamma),
                                                  2 * gamma, m_s, r_s, m_t, r_t, lo, rows, n, p_order,
                                                  BLOCK=BLOCK, num_warps=TILE_WARPS)
     return m_s, r_s, m_t, r_t

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import sqrt
+from .common import cdiv, sqrt
 from .gram import BLOCK, _smooth_l1, grad_buffers
 
 
@@ -67,7 +67,7 @@ def _distance_backward(e_s, e_t, stats, tile_w, lo):
     of e_* (R, N)), W from tile_w."""
     m_s, r_s, m_t, r_t = grad_buffers(e_s, e_t)
     rows, n = e_s.shape
-    _distance_grad_kernel[(triton.cdiv(rows, BLOCK),)](e_s, e_t, stats, m_s, r_s, m_t, r_t,
+    _distance_grad_kernel[(cdiv(rows, BLOCK),)](e_s, e_t, stats, m_s, r_s, m_t, r_t,
                                                        lo, rows, n, TILE_W=tile_w, BLOCK=BLOCK)
     return m_s, r_s, m_t, r_t
 
@@ -76,7 +76,7 @@ def _tile_parts(kernel, width, e_s, e_t, *stats, lo=0):
     """part (tiles, width) in E's dtype: kernel(e_s, e_t, *stats, part, lo, R, N) over the
     tiles of e_* (R, N) (the rows lo:lo + R of E), each writing its row of part."""
     rows, n = e_s.shape
-    grid = (triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))
+    grid = (cdiv(rows, BLOCK), cdiv(n, BLOCK))
     part = torch.empty((grid[0] * grid[1], width), dtype=e_s.dtype, device=e_s.device)
     kernel[grid](e_s, e_t, *stats, part, lo, rows, n, BLOCK=BLOCK)
     return part

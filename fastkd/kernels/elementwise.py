@@ -26,19 +26,13 @@ import triton
 import triton.language as tl
 
 from ..common import accumulation_dtype
-from .common import NO_FMA, as_3d, sqrt, to_acc
+from .common import NO_FMA, as_3d, cdiv, sqrt, tl_acc, to_acc
 
 MSE = tl.constexpr(0)
 AB = tl.constexpr(1)
 
 _BLOCK = 1024
 _ROW_BLOCK = 256
-
-
-
-
-def _tl(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 # --- flat: Hint, Logits (MSE) and AB ----------------------------------------------------
@@ -101,9 +95,9 @@ def flat_loss(s, t, loss, margin=0.0):
     """
     x, y = _flat(s), _flat(t)
     acc = accumulation_dtype(s, t)
-    grid = (triton.cdiv(x.numel(), _BLOCK),)
+    grid = (cdiv(x.numel(), _BLOCK),)
     partial = torch.empty(grid[0], dtype=acc, device=s.device)
-    _flat_loss_kernel[grid](x, y, partial, x.numel(), float(margin), LOSS=loss, ACC=_tl(acc), BLOCK=_BLOCK)
+    _flat_loss_kernel[grid](x, y, partial, x.numel(), float(margin), LOSS=loss, ACC=tl_acc(acc), BLOCK=_BLOCK)
     return partial.sum()
 
 
@@ -112,9 +106,9 @@ def flat_grad(s, t, grad_out, loss, margin, need_s, need_t):
     x, y = _flat(s), _flat(t)
     ds = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_s else None
     dt = torch.empty(t.shape, dtype=t.dtype, device=t.device) if need_t else None
-    grid = (triton.cdiv(x.numel(), _BLOCK),)
+    grid = (cdiv(x.numel(), _BLOCK),)
     _flat_grad_kernel[grid](x, y, grad_out, x if ds is None else ds, x if dt is None else dt, x.numel(),
-                            float(margin), 1.0 / x.numel(), LOSS=loss, ACC=_tl(accumulation_dtype(s, t)),
+                            float(margin), 1.0 / x.numel(), LOSS=loss, ACC=tl_acc(accumulation_dtype(s, t)),
                             WRITE_S=need_s, WRITE_T=need_t, BLOCK=_BLOCK)
     return ds, dt
 
@@ -246,7 +240,7 @@ def ofd_margin(fm_t, eps=1e-6):
     B, C, L = y.shape
     acc = accumulation_dtype(fm_t)
     stats = torch.empty((B, C, 2), dtype=acc, device=fm_t.device)
-    _ofd_margin_kernel[(B * C,)](y, stats, C, L, *y.stride(), ACC=_tl(acc), BLOCK=_ROW_BLOCK)
+    _ofd_margin_kernel[(B * C,)](y, stats, C, L, *y.stride(), ACC=tl_acc(acc), BLOCK=_ROW_BLOCK)
     neg, cnt = stats.sum(0).unbind(1)
     return neg / (cnt + eps), cnt
 
@@ -257,7 +251,7 @@ def ofd_loss(fm_s, fm_t, margin):
     B, C, L = x.shape
     stats = torch.empty((B, C, 2), dtype=margin.dtype, device=fm_s.device)
     _ofd_loss_kernel[(B * C,)](x, y, margin, stats, C, L, *x.stride(), *y.stride(),
-                               ACC=_tl(margin.dtype), BLOCK=_ROW_BLOCK)
+                               ACC=tl_acc(margin.dtype), BLOCK=_ROW_BLOCK)
     return stats
 
 
@@ -267,7 +261,7 @@ def ofd_grad(fm_s, fm_t, margin, through, grad_out, need_s, need_t):
     B, C, L = x.shape
     ds, dt = _grads_like(fm_s, fm_t, need_s, need_t)
     _ofd_grad_kernel[(B * C,)](x, y, margin, through, grad_out, x if ds is None else ds, x if dt is None else dt,
-                               C, L, 1.0 / fm_s.numel(), *x.stride(), *y.stride(), ACC=_tl(margin.dtype),
+                               C, L, 1.0 / fm_s.numel(), *x.stride(), *y.stride(), ACC=tl_acc(margin.dtype),
                                WRITE_S=need_s, WRITE_T=need_t, BLOCK=_ROW_BLOCK)
     return ds, dt
 
@@ -278,7 +272,7 @@ def row_sq_diff(s, t):
     B, C, L = x.shape
     acc = accumulation_dtype(s, t)
     out = torch.empty((B, C), dtype=acc, device=s.device)
-    _row_sq_diff_kernel[(B * C,)](x, y, out, C, L, *x.stride(), *y.stride(), ACC=_tl(acc), BLOCK=_ROW_BLOCK)
+    _row_sq_diff_kernel[(B * C,)](x, y, out, C, L, *x.stride(), *y.stride(), ACC=tl_acc(acc), BLOCK=_ROW_BLOCK)
     return out
 
 
@@ -288,7 +282,7 @@ def row_scaled_diff(s, t, weight, grad_out, need_s, need_t):
     B, C, L = x.shape
     ds, dt = _grads_like(s, t, need_s, need_t)
     _row_scaled_diff_kernel[(B * C,)](x, y, weight, grad_out, x if ds is None else ds, x if dt is None else dt,
-                                      C, L, *x.stride(), *y.stride(), ACC=_tl(weight.dtype),
+                                      C, L, *x.stride(), *y.stride(), ACC=tl_acc(weight.dtype),
                                       WRITE_S=need_s, WRITE_T=need_t, BLOCK=_ROW_BLOCK)
     return ds, dt
 
@@ -394,7 +388,7 @@ def normalized_distance(s, t, eps, add_eps, l1):
     acc = accumulation_dtype(s, t)
     stats = torch.empty((B * C, 5), dtype=acc, device=s.device)
     _normalized_distance_kernel[(B * C,)](s, t, stats, C, L, float(eps), *s.stride(), *t.stride(),
-                                          ADD_EPS=add_eps, L1=l1, ACC=_tl(acc), BLOCK=_ROW_BLOCK, **NO_FMA)
+                                          ADD_EPS=add_eps, L1=l1, ACC=tl_acc(acc), BLOCK=_ROW_BLOCK, **NO_FMA)
     return stats
 
 
@@ -405,6 +399,6 @@ def normalized_distance_grad(s, t, stats, weight, eps, add_eps, l1, need_s, need
     ds, dt = _grads_like(s, t, need_s, need_t)
     _normalized_distance_grad_kernel[(B * C,)](s, t, stats, weight, s if ds is None else ds, s if dt is None else dt,
                                                C, L, float(eps), *s.stride(), *t.stride(),
-                                               ADD_EPS=add_eps, L1=l1, ACC=_tl(stats.dtype),
+                                               ADD_EPS=add_eps, L1=l1, ACC=tl_acc(stats.dtype),
                                                WRITE_S=need_s, WRITE_T=need_t, BLOCK=_ROW_BLOCK, **NO_FMA)
     return ds, dt

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import NO_FMA, as_3d, sqrt, to_acc
+from .common import NO_FMA, as_3d, cdiv, sqrt, to_acc
 
 
 
@@ -154,7 +154,7 @@ def at_maps(fm, p, dtype):
     x = as_3d(fm)
     B, C, HW = x.shape
     a = torch.empty((B, HW), dtype=dtype, device=fm.device)
-    grid = (B * triton.cdiv(HW, _AT_BLOCK_HW),)
+    grid = (B * cdiv(HW, _AT_BLOCK_HW),)
     _at_map_kernel[grid](x, a, C, HW, *x.stride(), float(p), P_IS_2=(p == 2),
                          BLOCK_C=_AT_BLOCK_C, BLOCK_HW=_AT_BLOCK_HW)
     return a
@@ -184,7 +184,7 @@ def at_grad_features(fm, ga, p):
     x = as_3d(fm)
     B, C, HW = x.shape
     df = torch.empty((B, C, HW), dtype=fm.dtype, device=fm.device)
-    grid = (B * triton.cdiv(HW, _AT_BLOCK_HW),)
+    grid = (B * cdiv(HW, _AT_BLOCK_HW),)
     _at_grad_feature_kernel[grid](x, ga, df, C, HW, *x.stride(), float(p), P_IS_2=(p == 2),
                                   BLOCK_C=_AT_BLOCK_C, BLOCK_HW=_AT_BLOCK_HW)
     return df.view(fm.shape)
@@ -273,7 +273,7 @@ def gram(dtype, x1, y1, scale1=1.0, x2=None, y2=None, scale2=0.0):
     if not two:
         x2, y2 = x1, y1
     out = torch.empty((B, CX, CY), dtype=dtype, device=x1.device)
-    tiles = triton.cdiv(CX, _GRAM_BLOCK) * triton.cdiv(CY, _GRAM_BLOCK)
+    tiles = cdiv(CX, _GRAM_BLOCK) * cdiv(CY, _GRAM_BLOCK)
     partial = torch.empty((B, tiles), dtype=out.dtype, device=x1.device)
     _gram_kernel[(B * tiles,)](x1, y1, x2, y2, out, partial, CX, CY, K1, x2.shape[2], float(scale1), float(scale2),
                        *x1.stride(), *y1.stride(), *x2.stride(), *y2.stride(), TWO=two,
@@ -322,7 +322,7 @@ def matrix_times_maps(m1, x1, m2=None, x2=None, diag=None, y=None, out_dtype=Non
     if not has_diag:
         diag, y = m1, x1
     out = torch.empty((B, CI, K), dtype=out_dtype or x1.dtype, device=x1.device)
-    grid = (B * triton.cdiv(CI, _MAT_BLOCK_I) * triton.cdiv(K, _MAT_BLOCK_K),)
+    grid = (B * cdiv(CI, _MAT_BLOCK_I) * cdiv(K, _MAT_BLOCK_K),)
     _mat_map_kernel[grid](m1, x1, m2, x2, diag, y, out, CI, CJ1, m2.shape[2], K,
                           *m1.stride(), *x1.stride(), *m2.stride(), *x2.stride(), *y.stride(),
                           TWO=two, HAS_DIAG=has_diag,

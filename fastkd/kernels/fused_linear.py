@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import num_warps, to_acc
+from .common import cdiv, next_power_of_2, num_warps, to_acc
 from .softmax_kl import MAX_BLOCK_K, TILE, _shift, online_kl_step
 
 
@@ -116,8 +116,8 @@ def _blocks(R, V, dtype):
     if dtype != torch.float64 and V >= TILE:
         return 1, TILE, 4
     tile = TILE // 4 if dtype == torch.float64 else TILE // 2
-    block_v = min(triton.next_power_of_2(V), MAX_BLOCK_K, tile)
-    block_r = max(1, min(tile // block_v, triton.next_power_of_2(R)))
+    block_v = min(next_power_of_2(V), MAX_BLOCK_K, tile)
+    block_r = max(1, min(tile // block_v, next_power_of_2(R)))
     width = 2 if dtype == torch.float64 else 1  # registers per value
     return block_r, block_v, num_warps(block_r * block_v * width)
 
@@ -134,7 +134,7 @@ def linear_kl_rows(z, t, labels, w_kl, w_ce, T, hard_weight, grad):
     R, V = z.shape
     stats = torch.empty((4, R), device=z.device, dtype=w_kl.dtype)
     block_r, block_v, warps = _blocks(R, V, w_kl.dtype)
-    _linear_kl_rows_kernel[(triton.cdiv(R, block_r),)](
+    _linear_kl_rows_kernel[(cdiv(R, block_r),)](
         z, t if t is not None else z, labels if labels is not None else z, w_kl, w_ce, stats,
         float(T), float(hard_weight), R, V, z.stride(0), t.stride(0) if t is not None else 0,
         BLOCK_R=block_r, BLOCK_V=block_v, DENSE=t is not None, HARD=labels is not None, GRAD=grad,

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import sqrt
+from .common import cdiv, sqrt
 
 BLOCK = 32  # side of the (N, N) tiles
 BLOCK_D = 32  # feature columns per step of a dot product
@@ -95,9 +95,9 @@ def prepare(x, centre, normalise=False):
     out = torch.empty((n, d), dtype=torch.float64, device=x.device)
     norms = torch.empty(n if normalise else 1, dtype=out.dtype, device=x.device)
     if normalise:
-        _row_norms_kernel[(triton.cdiv(n, BLOCK),)](x, x.stride(0), x.stride(1), norms, n, d,
+        _row_norms_kernel[(cdiv(n, BLOCK),)](x, x.stride(0), x.stride(1), norms, n, d,
                                                     BLOCK_N=BLOCK, BLOCK_D=BLOCK_D)
-    _prepare_kernel[(triton.cdiv(d, BLOCK_D),)](x, x.stride(0), x.stride(1), norms, out, n, d,
+    _prepare_kernel[(cdiv(d, BLOCK_D),)](x, x.stride(0), x.stride(1), norms, out, n, d,
                                                 CENTRE=centre, NORMALISE=normalise,
                                                 BLOCK_N=BLOCK, BLOCK_D=BLOCK_D)
     return (out, norms) if normalise else out
@@ -145,7 +145,7 @@ def squared_distances(x, lo=0, rows=None):
     square = rows is None
     rows = n if square else rows
     e = torch.empty((rows, n), dtype=torch.float64, device=x.device)
-    _squared_distances_kernel[(triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))](
+    _squared_distances_kernel[(cdiv(rows, BLOCK), cdiv(n, BLOCK))](
         x, x.stride(0), x.stride(1), e, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK, BLOCK_D=BLOCK_D_DIFF)
     return e
 
@@ -187,7 +187,7 @@ def gram(x, lo=0, rows=None):
     square = rows is None
     rows = n if square else rows
     g = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    _gram_kernel[(triton.cdiv(rows, BLOCK), triton.cdiv(n, BLOCK))](
+    _gram_kernel[(cdiv(rows, BLOCK), cdiv(n, BLOCK))](
         x, g, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
     return g
 
@@ -230,7 +230,7 @@ def gram_grad(m, r, x, scale, like, lo=0, z=None):
     d = x.shape[1]
     z = x[lo:] if z is None else z
     out = torch.empty((rows, d), dtype=like.dtype, device=x.device)
-    _gram_grad_kernel[(triton.cdiv(d, BLOCK_D), triton.cdiv(rows, BLOCK))](
+    _gram_grad_kernel[(cdiv(d, BLOCK_D), cdiv(rows, BLOCK))](
         m, m.stride(0), m.stride(1), m if r is None else r, x, z, scale, out, rows, k, d,
         HAS_R=r is not None, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
     return out.reshape(like.shape) if rows == len(like) else out

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cdiv
 from .gram import _cast
 
 
@@ -118,7 +119,7 @@ def transformation_grads(a, b, dd, a_grad, b_grad):
     da = torch.empty(a.shape, dtype=a.dtype, device=a.device) if a_grad else None
     db = torch.empty(b.shape, dtype=b.dtype, device=b.device) if b_grad else None
     # Value blocks on grid axis 0 (up to 2^31 - 1), samples on axis 1 (65,535).
-    _transformation_grad_kernel[(triton.cdiv(v, BLOCK_V), n)](
+    _transformation_grad_kernel[(cdiv(v, BLOCK_V), n)](
         *_map_args(a), *_map_args(b), dd, dd if da is None else da, dd if db is None else db, v,
         HALVE=a.size(1) < b.size(1), A_GRAD=a_grad, B_GRAD=b_grad, BLOCK_V=BLOCK_V)
     return da, db
