@@ -104,6 +104,14 @@ def integer_tensor(x, name):
     return x
 
 
+def host_tensor(x):
+    """Whether x lives in host memory (a CPU tensor), so that reading its values costs no
+    device sync: value checks read such tensors on the host; on a GPU they run on the
+    device (an asynchronous assert) or not at all, so that no call syncs and a CUDA graph
+    can capture it (fastkd.bench.host stands in for a GPU by answering False)."""
+    return x.device.type == "cpu"
+
+
 def indices(idx, name, shape, upper):
     """An integer index tensor of a given shape with values in [0, upper).
 
@@ -113,7 +121,7 @@ def indices(idx, name, shape, upper):
     integer_tensor(idx, name)
     if tuple(idx.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(idx.shape)}")
-    if idx.device.type == "cpu":
+    if host_tensor(idx):
         values_in_range(idx, name, upper)
     return idx
 
@@ -141,7 +149,7 @@ def values_in_range(idx, name, upper, allowed=None):
     if allowed is not None:
         ok |= idx == allowed
     also = f" or equal to {allowed}" if allowed is not None else ""
-    if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+    if host_tensor(idx) and not torch.compiler.is_compiling():
         if not bool(ok.all()):
             # Without an allowed value, every value's range; with one, the offending values'.
             seen = idx if allowed is None else idx[~ok]

@@ -53,7 +53,8 @@ def nst_spatial_form(c_s, c_t, hw):
 def output_gradient(out, target, wrt):
     """d(sum_i out[i, target_i]) / d wrt, kept in the graph (create_graph=True): Sobolev's
     input gradients and LwM's map gradients (the reference computes its own, with gather)."""
-    pick = torch.nn.functional.one_hot(target.long(), out.shape[1]).to(out.dtype)
+    # A scatter rather than one_hot, which reads the targets' range on the host on the CPU.
+    pick = torch.zeros_like(out).scatter_(1, target.long().unsqueeze(1), 1.0)
     return torch.autograd.grad(out, wrt, grad_outputs=pick, create_graph=True, retain_graph=True)[0]
 
 

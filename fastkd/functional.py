@@ -531,7 +531,7 @@ def crd_contrast(embed, memory, sample_idx, nce_t, z, n_data, eps=1e-7):
     checks.indices(sample_idx, "sample_idx", (embed.shape[0], sample_idx.shape[1]), memory.shape[0])
     nce_t = checks.number(nce_t, "nce_t", positive=True)
     if not (isinstance(z, torch.Tensor) and z.dim() == 0
-            and (z.device.type != "cpu" or torch.compiler.is_compiling())):
+            and (not checks.host_tensor(z) or torch.compiler.is_compiling())):
         # On the GPU, checking a tensor z would sync; compiled, it would be a graph break.
         z = checks.number(z, "z", positive=True)
     n_data = checks.integer(n_data, "n_data", least=1)

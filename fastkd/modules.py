@@ -215,7 +215,7 @@ def commit_state(mem, z_s, z_t, idx, rows_s, rows_t):
 
 
 def _all_true(flag):
-    """bool(flag): on CUDA a host sync, CRD's one per call, on purpose (a failing call must
+    """bool(flag): on a GPU a host sync, made by CRD's first call only (which fixes Z, and must
     raise before anything is written). fastkd.kernels.resources, which fails on host syncs,
     stands in for this one."""
     return bool(flag)
@@ -241,7 +241,10 @@ class CRD(reference.CRD):
     so a resumed run computes the same loss; a state_dict without Z (the collection's,
     or one saved before the first call) loads with strict=True and leaves Z to the next
     call, as in the collection. A call that raises (a bad input, or NaN/Inf in the
-    features, the embeddings or what would be written) leaves all of it unchanged.
+    features, the embeddings or what would be written) leaves all of it unchanged. On a
+    GPU, once the first call has fixed Z, a call never waits on the device (so that CUDA
+    graphs and torch.compile's reduce-overhead mode can hold it): NaN/Inf there is not
+    raised but leaves the rows it would have written unchanged, and the loss not finite.
 
     Across processes (keyword-only; fastkd.global_crd has the math):
     global_batch=True: in a job of W ranks (torch.distributed initialised; group, a
@@ -367,8 +370,15 @@ class CRD(reference.CRD):
         if torch.compiler.is_compiling():  # a compiled graph cannot branch on it: asserts instead
             torch._assert_async(ok, "CRD: NaN or Inf in feat_s, feat_t, their embeddings or the memory "
                                     "update; CRD's memory banks and Z were left unchanged")
-        elif not _all_true(ok):
-            self._raise_non_finite(feat_s, feat_t, e_s, e_t, idx, z_s, z_t)
+        elif checks.host_tensor(feat_s) or mem.Z_s is None or mem.Z_t is None:
+            if not _all_true(ok):
+                self._raise_non_finite(feat_s, feat_t, e_s, e_t, idx, z_s, z_t)
+        else:
+            # On a GPU once Z is fixed: no host sync, so that the call can run inside a CUDA
+            # graph. A non-finite update is not written (the rows keep their values); its
+            # cause shows in the loss, which is then not finite.
+            rows_s = torch.where(ok, rows_s, mem.memory_s[idx])
+            rows_t = torch.where(ok, rows_t, mem.memory_t[idx])
 
         loss = (F.crd_contrast(e_s, mem.memory_t, sample_idx, mem.T, z_s, n_data, self.criterion_s.eps)
                 + F.crd_contrast(e_t, mem.memory_s, sample_idx, mem.T, z_t, n_data, self.criterion_t.eps))
