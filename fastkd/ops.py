@@ -98,16 +98,22 @@ def unflatten(tensors, floats, ints, layout):
 
 
 @contextlib.contextmanager
-def _no_launches():
-    """Triton launches do nothing inside the block (for fake tensors, which hold no memory)."""
+def no_launches():
+    """Triton launches do nothing inside the block (for fake tensors, which hold no memory;
+    for fastkd.bench.host, which times the host's part of a call). Yields a list that gets
+    the kernel's name at each launch."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
     kinds = (JITFunction, InterpretedFunction)  # compiled, and TRITON_INTERPRET=1
     runs = [kind.run for kind in kinds]
+    launched = []
+
+    def skip(self, *args, **kwargs):
+        launched.append(getattr(self, "__name__", "kernel"))
     for kind in kinds:
-        kind.run = lambda self, *args, **kwargs: None
+        kind.run = skip
     try:
-        yield
+        yield launched
     finally:
         for kind, run in zip(kinds, runs):
             kind.run = run
@@ -171,7 +177,7 @@ def register(function, saved=None):
         # its launchers' arithmetic on the sizes (block sizes, grids) then adds no guard on
         # the batch size, which stays dynamic. Every fastkd loss is a 0-d tensor.
         from torch._subclasses.fake_tensor import unset_fake_temporarily
-        with unset_fake_temporarily(), _no_launches(), torch.no_grad():
+        with unset_fake_temporarily(), no_launches(), torch.no_grad():
             metas = [torch.empty([_hint(n) for n in x.shape], dtype=x.dtype, device="meta") for x in tensors]
             out = function.forward(_Ctx(needs), *unflatten(metas, floats, ints, layout))
         result = [tensors[0].new_empty((), dtype=out.dtype)]

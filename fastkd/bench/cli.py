@@ -23,7 +23,7 @@ from .. import backend
 from ..__main__ import METHODS, device_from, program_name
 from ..registry import EXTENSIONS
 from . import cases as cases_mod
-from . import measure, report
+from . import host, measure, report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
@@ -150,6 +150,9 @@ def parser():
     p.add_argument("--cases", metavar="REGEX", help="keep only the cases whose name (e.g. 'RKD N=1024 D=512') "
                    "matches this regular expression")
     p.add_argument("--quick", action="store_true", help="the quick sweep: a first look, minutes on a CPU")
+    p.add_argument("--host", action="store_true", help="instead of timing: the per-call cost on a GPU at the "
+                   "collection's shapes, measured on the CPU (launches per call, host microseconds with the "
+                   "launches skipped; fastkd.bench.host), fastkd beside the reference")
     p.add_argument("--sweep", choices=cases_mod.SWEEPS, help="tiny, quick or full (default full; --quick = quick)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default: cuda when there is one)")
@@ -290,6 +293,12 @@ def _floor(case, device, dtype, info, fast):
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    if args.host:
+        try:
+            losses = None if not args.losses else [cases_mod.canonical(n) for n in args.losses.split(",") if n.strip()]
+        except ValueError as err:
+            raise SystemExit(f"fastkd.bench: {err}") from None
+        return host.main(losses, json_path=args.json)
     settings = settings_from(args)
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break notices are expected here
 

@@ -8,7 +8,7 @@ CUDA, beside the eager reference's, on the same footing:
 
   host_us   microseconds of forward+backward (the best of several rounds, the reference's
             and fastkd's alternating) with every Triton launch skipped
-            (JITFunction.run does nothing), on each case's small twin
+            (fastkd.ops.no_launches), on each case's small twin
             (cases.collection_cases(twin=True): the same code path, since the backend the
             auto backend picks at the real shape is the one it runs, checked per op; a few
             microseconds of CPU arithmetic). Real tensors, not meta ones, whose kernels
@@ -41,6 +41,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import backend, checks, functional
+from ..ops import no_launches
 from . import cases as cases_mod
 
 TORCH_LAUNCH_US = 5.0
@@ -76,19 +77,6 @@ class LaunchCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@contextlib.contextmanager
-def skipped_triton_launches():
-    """Every Triton launch inside the block does nothing; yields a list that gets one entry
-    (the kernel's name) per launch."""
-    from triton.runtime.jit import JITFunction
-    launched = []
-
-    def run(self, *args, **kwargs):
-        launched.append(getattr(self, "__name__", "kernel"))
-    with mock.patch.object(JITFunction, "run", run):
-        yield launched
-
-
 def _as_on_cuda(op, x, kind):
     """fastkd.backend.eager_implementation as for a CUDA tensor of x's size."""
     return backend.eager_implementation(op, x, "cuda")
@@ -97,7 +85,7 @@ def _as_on_cuda(op, x, kind):
 @contextlib.contextmanager
 def cuda_path():
     """fastkd's losses take their CUDA path on CPU tensors inside the block (with the Triton
-    launches to be skipped by skipped_triton_launches)."""
+    launches to be skipped by fastkd.ops.no_launches)."""
     with mock.patch.object(functional, "eager_implementation", _as_on_cuda), \
             mock.patch.object(backend, "triton_runs_on", lambda device: True), \
             mock.patch.object(checks, "host_tensor", lambda x: False), backend.use_backend("auto"):
@@ -120,7 +108,7 @@ def _step(module):
 def _count(step, make_inputs):
     """(PyTorch launches, syncs, Triton launches) of one step, with Triton launches skipped."""
     counter = LaunchCounter()
-    with skipped_triton_launches() as launched:
+    with no_launches() as launched:
         step(make_inputs())  # warm-up: caches, lazy imports, a module's first call (CRD's Z)
         inputs = make_inputs()
         launched.clear()
@@ -130,7 +118,7 @@ def _count(step, make_inputs):
 
 
 def _seconds(step, batch):
-    with skipped_triton_launches():
+    with no_launches():
         start = time.perf_counter()
         for inputs in batch:
             step(inputs)
@@ -198,21 +186,21 @@ def _path_label(path):
 
 
 def table(results):
-    """The results as text, one row per case, at most 120 columns."""
-    head = (f"{'loss':<10} {'call':<34} {'path':<12} {'reference':>21}   {'fastkd':>27}  {'x':>5}\n"
-            f"{'':<10} {'':<34} {'':<12} {'host':>6} {'torch':>5} {'model':>8}   "
-            f"{'host':>6} {'torch':>5} {'triton':>6} {'model':>6}  {'':>5}")
-    rows = [head, "-" * 118]
+    """The results as text, one row per case, within 120 columns."""
+    left = f"{'loss':<10} {'call':<34} {'path':<12}"
+    rows = [f"{'':<58} {'reference':-^22}   {'fastkd':-^30}",
+            f"{left} {'host':>6} {'torch':>6} {'model':>8}   {'host':>6} {'torch':>6} {'triton':>6} {'model':>7}  {'x':>6}"]
     for r in results:
         ref, fast = r["reference"], r["fastkd"]
-        sync = "  SYNC" if fast["syncs"] else ""
+        sync = " sync" if fast["syncs"] else ""
         rows.append(f"{r['loss']:<10} {r['call'][:34]:<34} {_path_label(r['path']):<12} {ref['host_us']:>6.0f} "
-                    f"{ref['torch']:>5d} {model_us(ref):>8.0f}   {fast['host_us']:>6.0f} {fast['torch']:>5d} "
-                    f"{fast['triton']:>6d} {model_us(fast):>6.0f}  {r['ratio']:>4.2f}x{sync}")
+                    f"{ref['torch']:>6d} {model_us(ref):>8.0f}   {fast['host_us']:>6.0f} {fast['torch']:>6d} "
+                    f"{fast['triton']:>6d} {model_us(fast):>7.0f}  {r['ratio']:>5.2f}x{sync}")
     slower = [r for r in results if r["ratio"] < 1.0]
     rows.append("")
     rows.append(f"microseconds per forward+backward; model = host + {TORCH_LAUNCH_US:g} us per PyTorch launch + "
                 f"{TRITON_LAUNCH_US:g} us per Triton launch")
+    rows.append("x = the reference's model / fastkd's; path = what fastkd runs on CUDA at the call's shape")
     rows.append(f"{len(results) - len(slower)} of {len(results)} calls cost no more than the reference's"
                 + (f"; dearer: {', '.join(r['loss'] + ' ' + r['call'].split()[0] for r in slower)}" if slower else ""))
     return "\n".join(rows)
