@@ -6,7 +6,8 @@
 # installs fastkd without dependencies, runs the test suite on the GPU (compiled kernels,
 # not the interpreter; FASTKD_TEST_DEVICE=cuda; parallel when pytest-xdist is there), then
 # the benchmark: the full sweep of the eager reference against fastkd, with JSON, CSV,
-# plots and the floor (roofline) columns; the reference under torch.compile against fastkd
+# plots and the floor (roofline) columns; the collection's own calls, also with fastkd in
+# CUDA graphs, and the per-call host cost; the reference under torch.compile against fastkd
 # at one realistic shape per loss (torch.compile takes seconds per case, too long for every
 # shape of the sweep); and compute-sanitizer memcheck over every loss's kernels at small
 # shapes; and FusedLinearSoftTarget's LM-head cases in bfloat16. Everything goes under
@@ -70,6 +71,15 @@ step tests 240 env FASTKD_TEST_DEVICE=cuda FASTKD_TEST_FAILURES="$RESULTS/tests-
     | sort -u > "$RESULTS/tests-failed.txt"
 step bench 150 python -m fastkd.bench --sweep full --device cuda --variants eager,fastkd --budget 0.05 --min-reps 3 \
     --max-call-seconds 3 --no-progress --json "$RESULTS/bench.json" --csv "$RESULTS/bench.csv" --plot "$RESULTS/plots"
+# The collection's own calls (CIFAR-100, batch 128): eager against fastkd, then with fastkd
+# under torch.compile(mode="reduce-overhead") (CUDA graphs) at its rb3/out/feat calls, and the
+# per-call host cost harness (CPU work, the launch counts that the timings above explain).
+step bench-collection 90 python -m fastkd.bench --sweep collection --device cuda --variants eager,fastkd \
+    --budget 0.05 --min-reps 5 --no-progress --json "$RESULTS/bench-collection.json" --csv "$RESULTS/bench-collection.csv"
+step bench-graphs 150 python -m fastkd.bench --sweep collection --device cuda --variants eager,fastkd,fastkd-graphs \
+    --cases ' (out|rb3|feat|attacked out|rb2>rb3|factor|rb2,rb3,feat,out) ' --budget 0.05 --min-reps 5 --no-progress \
+    --json "$RESULTS/bench-graphs.json" --csv "$RESULTS/bench-graphs.csv"
+step host 60 python -m fastkd.bench --host --json "$RESULTS/host.json"
 # One realistic shape per loss, in the sweep's order of losses.
 ONE_SHAPE='x32000$|C=512 28x28|N=1024 D=512|256x56x56>512x28x28|CRD B=256 |^(Sobolev|LwM) B=256 '
 step bench-compile 130 python -m fastkd.bench --sweep full --device cuda --variants compile,fastkd,fastkd-compile --cases "$ONE_SHAPE" \

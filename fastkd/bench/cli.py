@@ -159,7 +159,8 @@ def parser():
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--variants", default=",".join(measure.VARIANT_NAMES),
                    help="comma-separated subset of eager,compile,fastkd (default: all three), and fastkd-compile: "
-                   "fastkd under torch.compile; liger: Liger-Kernel's fused linear JSD for "
+                   "fastkd under torch.compile; fastkd-graphs: under torch.compile(mode='reduce-overhead'), CUDA "
+                   "graphs on CUDA; liger: Liger-Kernel's fused linear JSD for "
                    "FusedLinearSoftTarget, where liger_kernel is installed")
     p.add_argument("--max-memory", help="memory a variant may use before it is reported out of memory: "
                    "8G, 512M, or a percentage of available memory (default: 50%% of available RAM on CPU, "

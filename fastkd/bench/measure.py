@@ -3,7 +3,8 @@
 Variants (VARIANTS): ``eager`` the reference module, ``compile`` the reference
 module under torch.compile, ``fastkd`` the fastkd module under the ``auto``
 backend; on request, ``fastkd-compile`` that under torch.compile (on CUDA, the losses'
-custom operators of fastkd.device_ops; on the CPU, the torch path traced). A variant is a
+custom operators of fastkd.device_ops; on the CPU, the torch path traced), and
+``fastkd-graphs`` under torch.compile(mode="reduce-overhead") (CUDA graphs on CUDA). A variant is a
 function (case, device, dtype) -> (step, module): step(*inputs) returns the loss, module
 is what holds the parameters.
 
@@ -80,6 +81,13 @@ def fastkd_compiled(case, device, dtype):
     return torch.compile(module), module
 
 
+def fastkd_graphs(case, device, dtype):
+    """fastkd under torch.compile(mode="reduce-overhead"): on CUDA the compiled call replayed
+    as a CUDA graph, one launch for the whole forward (and one for the backward)."""
+    module = case.build("fastkd", device, dtype)
+    return torch.compile(module, mode="reduce-overhead"), module
+
+
 def liger(case, device, dtype):
     """Liger-Kernel's fused linear JSD at beta = 0 (a KL at temperature T, with its own
     reduction), for FusedLinearSoftTarget's cases: the time and memory of another fused
@@ -96,8 +104,8 @@ def liger(case, device, dtype):
 
 
 VARIANTS = {"eager": eager, "compile": compiled, "fastkd": fastkd_auto, "fastkd-compile": fastkd_compiled,
-            "liger": liger}
-COMPILED = ("compile", "fastkd-compile")  # the variants under torch.compile
+            "fastkd-graphs": fastkd_graphs, "liger": liger}
+COMPILED = ("compile", "fastkd-compile", "fastkd-graphs")  # the variants under torch.compile
 
 
 def is_out_of_memory(err):
