@@ -314,34 +314,24 @@ def ofd(fm_s, fm_t):
 class VIDFunction(torch.autograd.Function):
     """mean(0.5 (log var_c + (mu - t)^2 / var_c)), var = log(1 + exp(alpha)) + eps (C,).
 
-    Forward reduces (mu - t)^2 per (b, c); backward: dmu = (mu - t) / (var_c N), dt = -dmu,
-    dalpha_c = 0.5 (1 / (C var_c) - sum_c (mu - t)^2 / (N var_c^2)) sigmoid(alpha_c).
+    One kernel pass writes the per-row sums and, at grad_output 1, dmu = (mu - t) / (var_c N),
+    dt = -dmu and the rows' shares of dalpha_c = 0.5 (1 / (C var_c) - sum_c (mu - t)^2 /
+    (N var_c^2)) sigmoid(alpha_c); backward scales them (saved_gradients).
     """
 
     @staticmethod
-    def forward(ctx, pred_mean, fm_t, alpha, eps):
-        sq = _ew.row_sq_diff(pred_mean, fm_t).sum(0)
-        a = alpha.detach().to(sq.dtype)
-        var = torch.log(1.0 + torch.exp(a)) + eps
-        n = pred_mean.numel()
-        ctx.save_for_backward(pred_mean, fm_t, alpha, var, sq)
-        return (0.5 * (torch.log(var).mean() + (sq / var).sum() / n)).to(result_dtype(pred_mean, fm_t, alpha))
+    def forward(ctx, pred_mean, fm_t, alpha, eps, grad=True):
+        need_mu, need_t, need_alpha = _forward_grads(ctx, grad, 3)
+        stats, d_mu, d_t = _ew.vid(pred_mean, fm_t, alpha.detach(), eps, need_mu, need_t)
+        d_alpha = stats[..., 1].sum(0).to(alpha.dtype) if need_alpha else None
+        ctx.save_for_backward(d_mu, d_t, d_alpha)
+        return stats[..., 0].sum().to(result_dtype(pred_mean, fm_t, alpha))
 
-    @staticmethod
-    @first_order
-    def backward(ctx, grad):
-        pred_mean, fm_t, alpha, var, sq = ctx.saved_tensors
-        n, g = pred_mean.numel(), grad.to(var.dtype)
-        d_mu, d_t = _ew.row_scaled_diff(pred_mean, fm_t, 1.0 / (var * n), grad, *ctx.needs_input_grad[:2])
-        d_alpha = None
-        if ctx.needs_input_grad[2]:
-            d_var = 0.5 * (1.0 / (var.numel() * var) - sq / (n * var * var))
-            d_alpha = (g * d_var * torch.sigmoid(alpha.detach().to(var.dtype))).to(alpha.dtype)
-        return d_mu, d_t, d_alpha, None
+    backward = staticmethod(first_order(saved_gradients))
 
 
 def vid(pred_mean, fm_t, alpha, eps=1e-6):
-    return _ops.apply("VIDFunction", pred_mean, fm_t, alpha, eps)
+    return _ops.apply("VIDFunction", pred_mean, fm_t, alpha, eps, torch.is_grad_enabled())
 
 
 class AFDFunction(torch.autograd.Function):

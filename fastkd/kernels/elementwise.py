@@ -193,10 +193,18 @@ def _ofd_grad_kernel(s, t, margin, through, grad_out, ds, dt, C, L, scale: tl.fl
 
 
 @triton.jit
-def _row_sq_diff_kernel(s, t, out, C, L, ssb, ssc, ssk, stb, stc, stk, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    # out[r] = sum over row r = (b, c) of (s - t)^2 (VID).
+def _vid_kernel(s, t, alpha, out, ds, dt, C, L, eps: tl.float64, inv_n: tl.float64,
+                ssb, ssc, ssk, stb, stc, stk, ACC: tl.constexpr, WRITE_S: tl.constexpr,
+                WRITE_T: tl.constexpr, BLOCK: tl.constexpr):
+    # Row r = (b, c), var_c = log(1 + exp(alpha_c)) + eps, w = 1 / (var_c N), q = sum (s - t)^2:
+    # ds = w (s - t), dt = -ds, written in the pass that sums q; out[r] = (the row's share of
+    # the loss, of dL/dalpha_c): (0.5 w q, -0.5 w q sigmoid(alpha_c) / var_c), and row b = 0
+    # adds the channel's own terms (0.5 log var_c / C, 0.5 sigmoid(alpha_c) / (C var_c)).
     r = tl.program_id(0).to(tl.int64)
     b, c = r // C, r % C
+    a = tl.load(alpha + c).to(ACC)
+    var = tl.log(1.0 + tl.exp(a)) + to_acc(eps, ACC)
+    w = to_acc(inv_n, ACC) / var
     acc = tl.zeros([BLOCK], dtype=ACC)
     acc_c = tl.zeros([BLOCK], dtype=ACC)
     for k0 in range(0, L, BLOCK):
@@ -205,27 +213,15 @@ def _row_sq_diff_kernel(s, t, out, C, L, ssb, ssc, ssk, stb, stc, stk, ACC: tl.c
         d = (tl.load(s + b * ssb + c * ssc + k * ssk, mask=km, other=0.0).to(ACC)
              - tl.load(t + b * stb + c * stc + k * stk, mask=km, other=0.0).to(ACC))
         acc, acc_c = _kahan_add(acc, acc_c, d * d)
-    tl.store(out + r, tl.sum(acc, axis=0))
-
-
-@triton.jit
-def _row_scaled_diff_kernel(s, t, weight, grad_out, ds, dt, C, L, ssb, ssc, ssk, stb, stc, stk,
-                            ACC: tl.constexpr, WRITE_S: tl.constexpr, WRITE_T: tl.constexpr,
-                            BLOCK: tl.constexpr):
-    # ds = grad_out weight_c (s - t), dt = -ds (VID: weight_c = 1 / (var_c N)).
-    r = tl.program_id(0).to(tl.int64)
-    b, c = r // C, r % C
-    w = tl.load(grad_out).to(ACC) * tl.load(weight + c).to(ACC)
-    for k0 in range(0, L, BLOCK):
-        k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
-        km = k < L
-        g = w * (tl.load(s + b * ssb + c * ssc + k * ssk, mask=km, other=0.0).to(ACC)
-                 - tl.load(t + b * stb + c * stc + k * stk, mask=km, other=0.0).to(ACC))
         if WRITE_S:
-            tl.store(ds + r * L + k, g.to(ds.dtype.element_ty), mask=km)
+            tl.store(ds + r * L + k, (w * d).to(ds.dtype.element_ty), mask=km)
         if WRITE_T:
-            tl.store(dt + r * L + k, (-g).to(dt.dtype.element_ty), mask=km)
-
+            tl.store(dt + r * L + k, (-w * d).to(dt.dtype.element_ty), mask=km)
+    wq = 0.5 * w * tl.sum(acc, axis=0)
+    sig = tl.sigmoid(a)
+    first = tl.where(b == 0, to_acc(1.0, ACC) / C, 0.0)  # 1 / C on row b = 0, in ACC
+    tl.store(out + 2 * r, wq + first * 0.5 * tl.log(var))
+    tl.store(out + 2 * r + 1, (first * 0.5 / var - wq / var) * sig)
 
 
 def _grads_like(s, t, need_s, need_t):
@@ -266,25 +262,19 @@ def ofd_grad(fm_s, fm_t, margin, through, grad_out, need_s, need_t):
     return ds, dt
 
 
-def row_sq_diff(s, t):
-    """sum over HW of (s - t)^2 per (b, c), (B, C) in the accumulation dtype."""
+def vid(s, t, alpha, eps, need_s, need_t):
+    """(stats (B, C, 2), ds, dt) of VID at grad_output 1 (_vid_kernel): stats[..., 0] sums to
+    the loss and stats[..., 1] over b to dL/dalpha, in the accumulation dtype; ds, dt None
+    where not needed."""
     x, y = as_3d(s), as_3d(t)
     B, C, L = x.shape
-    acc = accumulation_dtype(s, t)
-    out = torch.empty((B, C), dtype=acc, device=s.device)
-    _row_sq_diff_kernel[(B * C,)](x, y, out, C, L, *x.stride(), *y.stride(), ACC=tl_acc(acc), BLOCK=_ROW_BLOCK)
-    return out
-
-
-def row_scaled_diff(s, t, weight, grad_out, need_s, need_t):
-    """ds = grad_out weight_c (s - t), dt = -ds; weight (C,) in the accumulation dtype."""
-    x, y = as_3d(s), as_3d(t)
-    B, C, L = x.shape
+    acc = accumulation_dtype(s, t, alpha)
+    stats = torch.empty((B, C, 2), dtype=acc, device=s.device)
     ds, dt = _grads_like(s, t, need_s, need_t)
-    _row_scaled_diff_kernel[(B * C,)](x, y, weight, grad_out, x if ds is None else ds, x if dt is None else dt,
-                                      C, L, *x.stride(), *y.stride(), ACC=tl_acc(weight.dtype),
-                                      WRITE_S=need_s, WRITE_T=need_t, BLOCK=_ROW_BLOCK)
-    return ds, dt
+    _vid_kernel[(B * C,)](x, y, alpha, stats, x if ds is None else ds, x if dt is None else dt, C, L, float(eps),
+                          1.0 / s.numel(), *x.stride(), *y.stride(), ACC=tl_acc(acc), WRITE_S=need_s,
+                          WRITE_T=need_t, BLOCK=_ROW_BLOCK)
+    return stats, ds, dt
 
 
 # --- normalised rows: AFD, FT, LwM, Sobolev ------------------------------------------------
