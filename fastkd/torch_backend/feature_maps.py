@@ -2,12 +2,13 @@
 
 Same signatures and results as fastkd.reference.at / nst / fsp, without the
 reference's full-size temporaries: one squared copy instead of |f| and |f|^2 for AT at
-p = 2, no (B, C_s, C_t, HW) broadcast for NST. FSP is the reference's own bmm form.
+p = 2, no (B, C_s, C_t, HW) broadcast for NST. FSP is the reference's own bmm form, its
+pooling avg_pool2d where the windows are whole.
 """
 import torch
 import torch.nn.functional as F
 
-from ..common import nst_spatial_form, result_dtype
+from ..common import nst_spatial_form, result_dtype, transformation_pool
 
 
 def _attention(fm, p, eps=1e-6):
@@ -58,9 +59,10 @@ def nst(fm_s, fm_t):
 
 
 def _flow(fm1, fm2):
-    """G = a b^T / HW (B, C_1, C_2), a pooled to b's (H, W) when larger."""
-    if fm1.size(2) > fm2.size(2):
-        fm1 = F.adaptive_avg_pool2d(fm1, fm2.shape[2:])
+    """G = a b^T / HW (B, C_1, C_2), a pooled to b's (H, W) when larger: avg_pool2d where the
+    windows are whole, the same values and gradients as the reference's adaptive_avg_pool2d
+    at less cost (fastkd.common.transformation_pool)."""
+    fm1 = transformation_pool(fm1, fm2)
     a = fm1.reshape(fm1.shape[0], fm1.shape[1], -1)
     return torch.bmm(a, fm2.reshape(fm2.shape[0], fm2.shape[1], -1).transpose(1, 2)) / a.shape[2]
 

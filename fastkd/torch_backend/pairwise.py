@@ -20,13 +20,23 @@ shorter than 1e-12 (E < 1e-24; exactly the equal rows for float32 features of or
 size) is taken as zero, as F.normalize makes a zero difference vector, with F.normalize's
 gradient through its clamp.
 
-IRG reads E only through E / max(E), so an absolute error far below max(E) is all it needs:
-there E comes from the Gram matrix of the centred float64 rows (`gram_squared_distances`, a
-matrix product, where wide feature maps make difference vectors slow).
+IRG reads E only through E / max(E), so an absolute error far below max(E) is all it needs,
+and its E comes from a Gram matrix (`gram_squared_distances`, a matrix product, where wide
+feature maps make difference vectors slow). Float64 products pay at no batch size on CPU
+(1.6-2.6x a float32 product, measured N = 64..2048, D = 512..8192), so E is formed with the
+reference's own float32 operations (16-bit inputs in float32) and rounds as its E does, with
+an absolute error of about u (|x_a|^2 + |x_b|^2): at most about u max|x|^2, which is far
+below max(E) unless the rows share an offset far larger than their spread. There (max|x|^2
+> 16 max(E)) the reference loses the distances, and E comes from the centred float64 rows
+instead, with an absolute error of about D u64 |x - mean|^2. (Float32 centred rows are no
+cure: their errors, u |x - mean|^2, exceed the reference's on small rows beside large ones,
+by up to 400x on a near-zero loss.)
 
-Gradients: with W = dL/dE (N, N), dL/dx_a = 2 sum_b (W_ab + W_ba)(x_a - x_b), formed as
-S x_a - (S X)_a in float64 from the centred rows: its rounding, u64 |S| |x|, is small next
-to the |S| gap of a near-duplicate pair down to gaps of about 1e-8 of the spread.
+Gradients: with W = dL/dE (N, N), dL/dx_a = 2 sum_b (W_ab + W_ba)(x_a - x_b), formed as one
+product L X of the centred rows, L = -2 (W + W^T) with zero row sums, in E's precision
+(`distance_grad`). In float64 (RKD's, IRG's offset rows) its rounding, u64 |L| |x - mean|,
+is small next to the |L| gap of a near-duplicate pair down to gaps of about 1e-8 of the
+spread; in float32 (IRG's) it is the reference's, which sums the same terms.
 
 SP, PKT and CC read cosine-type similarities, which subtract nothing, but their losses are
 near 0 exactly when student and teacher agree, where any float32 order of operations other
@@ -50,13 +60,20 @@ from ..distributed import all_gather_rows, all_reduce_max, all_reduce_sum
 _ANGLE_BLOCK_ENTRIES = 1 << 20
 # Directions shorter than this (E below its square) count as zero; F.normalize's clamp.
 _NORM_EPS = 1e-12
+# IRG's E from the uncentred Gram matrix in the working precision while max|x|^2 is at most
+# this many times max(E); past it (a common offset far larger than the spread) from the
+# centred float64 rows (module docstring).
+_OFFSET_RATIO = 16.0
 
 
-def centred64(x):
-    """flat(x) (N, D) in float64 minus its column means: the distances' gradients are formed
-    from these rows (translation changes no distance)."""
-    x = x.reshape(x.size(0), -1).to(torch.float64)
-    return x - x.mean(dim=0)
+def centred(x, dtype):
+    """flat(x) (N, D) in dtype minus its column means: the distances' Gram matrices and
+    gradients are formed from these rows (translation changes no distance)."""
+    x = x.reshape(x.size(0), -1)
+    # Any common translation keeps every distance exact, so the means may be rounded (taken
+    # in the input's precision, at least float32); a converted copy is centred in place.
+    mean = x.mean(dim=0, dtype=torch.promote_types(x.dtype, torch.float32))
+    return x - mean if x.dtype == dtype else x.to(dtype).sub_(mean)
 
 
 def squared_distances(x, rows=None):
@@ -69,11 +86,20 @@ def squared_distances(x, rows=None):
 
 
 def gram_squared_distances(x, rows=None):
-    """E (N, N) float64 from the Gram matrix of the centred float64 rows (a matrix product,
-    far faster than squared_distances for wide rows): for IRG's edges, see
-    fastkd.common.squared_distances_from_gram. rows (a slice lo:hi): only those rows of E,
-    (n, N), E_ab = |x_a|^2 + |x_b|^2 - 2 x_a.x_b alike, 0 at b = a."""
-    xc = centred64(x)
+    """E (N, N) from a Gram matrix (a matrix product, far faster than squared_distances for
+    wide rows), for IRG's edges (module docstring): the uncentred rows' in the working
+    precision (_working) where that is accurate, else (and under torch.compile, which cannot
+    branch on data) the centred float64 rows' (fastkd.common.squared_distances_from_gram).
+    rows (a slice lo:hi): only those rows of E, (n, N), from the centred float64 rows,
+    E_ab = |x_a|^2 + |x_b|^2 - 2 x_a.x_b alike, 0 at b = a."""
+    if rows is None and not torch.compiler.is_compiling():
+        # The reference's own operations (reference.rkd.pdist), so that E rounds as its E.
+        xw = _working(x.reshape(x.size(0), -1))
+        sq = xw.pow(2).sum(dim=1)
+        e = (sq.unsqueeze(0) + sq.unsqueeze(1)) - 2 * (xw @ xw.t())
+        if sq.max() <= _OFFSET_RATIO * e.max():
+            return e.fill_diagonal_(0)
+    xc = centred(x, torch.float64)
     if rows is None:
         g = xc @ xc.t()
         return squared_distances_from_gram((g + g.t()) * 0.5)
@@ -82,16 +108,24 @@ def gram_squared_distances(x, rows=None):
     return _off_diagonal(e, rows.start)
 
 
-def distance_grad(xc, w):
-    """dL/dX (N, D) float64 from W = dL/dE (N, N): 2 sum_b (W_ab + W_ba)(x_a - x_b)."""
-    s = w + w.t()
-    return 2 * (s.sum(dim=1, keepdim=True) * xc - s @ xc)
+def distance_grad(xc, w, z=None):
+    """dL/dX (N, D) from W = dL/dE (N, N) and the centred rows xc: 2 sum_b (W_ab + W_ba)
+    (x_a - x_b), plus Z X for an (N, N) Z whose diagonal is free (RKD's angles). One
+    product L X, L = zero_row_sums(Z - 2 (W + W^T)): (L X)_a = sum_b L_ab (x_b - x_a), the
+    same sums, with the same rounding bound, as S x_a - (S X)_a, S = 2 (W + W^T)."""
+    lap = (w + w.t()).mul_(-2)
+    return zero_row_sums(lap if z is None else lap.add_(z)) @ xc
+
+
+def _rows_grad(x, w, z=None):
+    """distance_grad from the rows x themselves, in W's precision, shaped and typed like x."""
+    return distance_grad(centred(x, w.dtype), w, z).reshape(x.shape).to(x.dtype)
 
 
 class SquaredDistanceLoss(torch.autograd.Function):
-    """loss_of(E_s, E_t) (float64) for a loss of the two squared-distance matrices (N, N): E
-    built by `distances` (squared_distances or gram_squared_distances), dL/dE by autograd on
-    the (N, N) matrices, dL/dX by distance_grad."""
+    """loss_of(E_s, E_t) for a loss of the two squared-distance matrices (N, N), in their
+    precision: E built by `distances` (squared_distances or gram_squared_distances), dL/dE by
+    autograd on the (N, N) matrices, dL/dX by distance_grad."""
 
     @staticmethod
     def forward(ctx, x_s, x_t, loss_of, distances):
@@ -107,7 +141,7 @@ class SquaredDistanceLoss(torch.autograd.Function):
         # torch.func.vjp rather than torch.autograd.grad: torch.compile traces it.
         loss, vjp = torch.func.vjp(ctx.loss_of, e_s, e_t)
         w = vjp(grad_out.to(loss.dtype))
-        return (*(distance_grad(centred64(x), g).reshape(x.shape).to(x.dtype) if needed else None
+        return (*(_rows_grad(x, g) if needed else None
                   for x, g, needed in zip((x_s, x_t), w, ctx.needs_input_grad)), None, None)
 
 
@@ -223,13 +257,6 @@ def _angle_term(e_s, e_t, needs, anchors=(0, None)):
     return total, [side[1:] if side is not None else None for side in sides]
 
 
-def _rows_grad(x, w, z):
-    """2 sum_b (W_ab + W_ba)(x_a - x_b) + Z X (N, D) float64 (Z None for 0; its diagonal is
-    set in place, zero_row_sums)."""
-    xc = centred64(x)
-    return distance_grad(xc, w) if z is None else distance_grad(xc, w) + zero_row_sums(z) @ xc
-
-
 class RKDAngle(torch.autograd.Function):
     """smooth_l1(A_s, A_t) over N^3 entries, block by block of anchors, from exact E.
 
@@ -254,7 +281,8 @@ def _angle_grads(saved, grad_out):
     """RKDAngle's input gradients from what its forward saved: (X_s, X_t, W_s, Z_s, W_t, Z_t)."""
     feat_s, feat_t, w_s, z_s, w_t, z_t = saved
     scale = grad_out.to(torch.float64) / len(feat_s) ** 3
-    return tuple(None if w is None else (_rows_grad(x, w, z) * scale).reshape(x.shape).to(x.dtype)
+    # Scaled on the (N, N) matrices, not on the (N, D) result.
+    return tuple(None if w is None else _rows_grad(x, w * scale, None if z is None else z * scale)
                  for x, w, z in ((feat_s, w_s, z_s), (feat_t, w_t, z_t)))
 
 
@@ -288,7 +316,7 @@ class RKDBoth(torch.autograd.Function):
         scale = grad * w_angle / len(feat_s) ** 3
         # Both terms are 2 sum_b (W_ab + W_ba)(x_a - x_b) (+ Z X): one map onto the rows.
         return (*(None if w is None else
-                  _rows_grad(x, w * scale + wd, None if z is None else z * scale).reshape(x.shape).to(x.dtype)
+                  _rows_grad(x, w * scale + wd, None if z is None else z * scale)
                   for x, w, z, wd in ((feat_s, w_s, z_s, wd_s), (feat_t, w_t, z_t, wd_t))), None, None)
 
 
@@ -309,10 +337,16 @@ def _working(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _sp_similarity(fm, rows=slice(None)):
+def _own_rows(x, rows):
+    """x[rows], or x itself for rows None: indexing with slice(None) would cost a zero-filled
+    copy of x's size in backward."""
+    return x if rows is None else x[rows]
+
+
+def _sp_similarity(fm, rows=None):
     """normalize(G, dim=1), G = flat(f) flat(f)^T, the rows `rows` of it (all by default)."""
     g = _working(fm.reshape(fm.size(0), -1))
-    return F.normalize(g[rows] @ g.t(), dim=1)
+    return F.normalize(_own_rows(g, rows) @ g.t(), dim=1)
 
 
 def sp(fm_s, fm_t):
@@ -321,7 +355,7 @@ def sp(fm_s, fm_t):
     return F.mse_loss(_sp_similarity(fm_s), _sp_similarity(fm_t)).to(result_dtype(fm_s, fm_t))
 
 
-def _pkt_cond_prob(x, eps, rows=slice(None)):
+def _pkt_cond_prob(x, eps, rows=None):
     """P = C' / rowsum(C'), C' = (x^ x^T + 1) / 2, x^ = x / (||x|| + eps), NaN -> 0 as the
     reference; the norm's square is clamped at the smallest normal number, so a zero row has
     the same x^ = 0 but a finite gradient (the reference's sqrt at 0 gives an infinite one).
@@ -330,7 +364,7 @@ def _pkt_cond_prob(x, eps, rows=slice(None)):
     sq = torch.sum(x ** 2, dim=1, keepdim=True)
     x = x / (torch.sqrt(sq.clamp(min=torch.finfo(sq.dtype).tiny)) + eps)
     x = torch.where(torch.isnan(x), torch.zeros_like(x), x)
-    cos = (x[rows] @ x.t() + 1.0) / 2.0
+    cos = (_own_rows(x, rows) @ x.t() + 1.0) / 2.0
     return cos / cos.sum(dim=1, keepdim=True)
 
 
@@ -341,11 +375,11 @@ def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
     return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps))).to(result_dtype(feat_s, feat_t))
 
 
-def _cc_correlation(x, gamma, P_order, rows=slice(None)):
+def _cc_correlation(x, gamma, P_order, rows=None):
     """K = sum_{p<=P} e^{-2 gamma} (2 gamma)^p / p! S^p, S the cosines of F.normalize'd rows
     (finite gradient at a zero row); the rows `rows` of K (all by default)."""
     x = F.normalize(_working(x), p=2, dim=-1)
-    sim = x[rows] @ x.t()
+    sim = _own_rows(x, rows) @ x.t()
     corr = torch.zeros_like(sim)
     for p in range(P_order + 1):
         corr = corr + math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * torch.pow(sim, p)
@@ -361,8 +395,10 @@ def cc(feat_s, feat_t, gamma, P_order):
 # --- IRG edge -----------------------------------------------------------------
 
 def _edge_of(e_s, e_t):
-    """mse(E_s, E_t), E = pdist2 / max(pdist2), pdist2 = max(E, 1e-12) off the diagonal."""
-    p_s, p_t = (_off_diagonal(e.clamp(min=1e-12)) for e in (e_s, e_t))
+    """mse(E_s, E_t), E = pdist2 / max(pdist2), pdist2 = max(E, 1e-12) off the diagonal; in
+    the wider precision of the two."""
+    dtype = torch.promote_types(e_s.dtype, e_t.dtype)
+    p_s, p_t = (_off_diagonal(e.to(dtype).clamp(min=1e-12)) for e in (e_s, e_t))
     return F.mse_loss(p_s / p_s.max(), p_t / p_t.max())
 
 
@@ -383,7 +419,7 @@ def _transformation_distances(fm1, fm2):
         # In place on the sum: one (N, C2 / 2, H, W) temporary instead of two.
         fm2 = torch.add(fm2[:, 0::2], fm2[:, 1::2]).mul_(0.5)
     n = fm1.size(0)
-    diff = fm1.reshape(n, -1).to(torch.float64) - fm2.reshape(n, -1).to(torch.float64)
+    diff = fm1.reshape(n, -1).to(torch.float64, copy=True).sub_(fm2.reshape(n, -1))  # never on fm1
     return torch.linalg.vecdot(diff, diff).clamp(min=1e-12)
 
 
@@ -415,7 +451,7 @@ def irg_transformation(irg_s, irg_t):
 # term, which it takes from here.
 
 def distance_grad_rows(xc, w, lo):
-    """dL/dX (N, D) float64 from W = dL/dE (n, N) of the rows lo:lo + n of E: row a of them
+    """dL/dX (N, D) from W = dL/dE (n, N) of the rows lo:lo + n of E: row a of them
     gets 2 sum_b W_ab (x_a - x_b), every row b gets 2 sum_a W_ab (x_b - x_a); xc the centred
     rows, as in distance_grad (W square, lo 0, is distance_grad's case)."""
     own = xc[lo:lo + len(w)]
@@ -425,7 +461,7 @@ def distance_grad_rows(xc, w, lo):
 
 
 class RowSquaredDistances(torch.autograd.Function):
-    """E[lo:hi] (n, N) float64 of the rows X (N, ...) by `distances` (squared_distances or
+    """E[lo:hi] (n, N) of the rows X (N, ...) by `distances` (squared_distances or
     gram_squared_distances, rows=slice(lo, hi)); backward maps dL/dE onto X with
     distance_grad_rows, from the centred rows, as SquaredDistanceLoss does."""
 
@@ -439,7 +475,7 @@ class RowSquaredDistances(torch.autograd.Function):
     @first_order
     def backward(ctx, w):
         x, = ctx.saved_tensors
-        grad = distance_grad_rows(centred64(x), w.to(torch.float64), ctx.lo)
+        grad = distance_grad_rows(centred(x, w.dtype), w, ctx.lo)
         return grad.reshape(x.shape).to(x.dtype), None, None, None
 
 
