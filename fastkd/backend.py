@@ -132,19 +132,15 @@ SHARDED = {
 # CUDA: op -> the element count of its first input below which the auto backend runs the
 # torch path rather than the Triton kernels. Measured on an H200 (torch 2.11, Triton 3.6;
 # benchmarks/results/gpu-NVIDIA-H200-20261127, run1-bench.txt, forward+backward, float32):
-# below these sizes the Triton path's fixed cost per call (host work and launches, about
-# 0.3 ms there) was more than the reference's whole call, and the torch path is the
-# reference's own fused ATen calls (mse_loss) or a few torch ops as lean:
 #   Logits  8192x1000 (8.2M): eager 0.199 ms, Triton 0.437; 8192x32000 (262M): 2.07 vs 1.19.
 #   Hint    (128,64,8,8) (0.5M): 0.282 vs 0.538; (256,64,56,56) (51M): 0.432 vs 0.257.
-#   VID     (128,16,32,32) (2.1M): 1.26 vs 1.54; (256,64,56,56) (51M): 3.75 vs 2.24.
-#   OFD     (128,16,32,32) (2.1M): 1.10 vs 1.17; (256,64,56,56) (51M): 4.24 vs 2.37.
-#   AFD     (128,16,32,32) (2.1M): 1.73 vs 1.85; (256,64,56,56) (51M): 2.91 vs 1.72.
-# 2^24 (16.8M) lies between the sizes where each lost and won. FSP's Triton kernels lost at
+# Their torch path is the reference's own ATen mse_loss, three launches per forward+backward
+# where the Triton path needs two of its own, each dearer to launch (python -m fastkd.bench
+# --host): below 2^24 elements (16.8M, between the sizes where each lost and won) the call's
+# fixed cost is all there is. IRG's vertex term is such an mse. FSP's Triton kernels lost at
 # every size of that sweep (0.38x-0.78x eager: their Gram products reach no tensor core,
 # where the torch path's bmm does), so FSP runs the torch path on CUDA at every size.
-CUDA_TORCH_BELOW = {"logits": 2 ** 24, "hint": 2 ** 24, "irg_vertex": 2 ** 24, "vid": 2 ** 24,
-                    "ofd": 2 ** 24, "afd": 2 ** 24, "fsp": 2 ** 62}
+CUDA_TORCH_BELOW = {"logits": 2 ** 24, "hint": 2 ** 24, "irg_vertex": 2 ** 24, "fsp": 2 ** 62}
 
 # The innermost use_backend() block's choice. A plain module global, read at every call:
 # torch.compile traces the read and guards on the value (a different backend recompiles),

@@ -54,7 +54,7 @@ NO_LAUNCH = frozenset({
     "detach", "split", "split_with_sizes", "unbind", "view_as", "unflatten", "flatten", "narrow",
     "movedim", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
     "is_same_size", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "contiguous",
-    "_has_compatible_shallow_copy_type", "set_", "resize_",
+    "_has_compatible_shallow_copy_type", "set_", "resize_", "promote_types", "result_type", "can_cast",
 })
 # ATen operators that read a device value on the host.
 SYNCS = frozenset({"_local_scalar_dense", "is_nonzero", "nonzero", "item", "equal", "unique", "_unique2",
