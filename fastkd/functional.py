@@ -246,15 +246,15 @@ def nst(fm_s, fm_t):
 
 
 def _flow_shape(fm1, fm2, name1, name2):
-    """The (C_1, C_2) of the flow matrix G(fm1, fm2), after checking the pair."""
-    checks.same_batch(fm1, fm2, name1, name2)
-    h, w = fm1.shape[2:]
-    if h > fm2.shape[2]:
-        h, w = fm2.shape[2:]  # fm1 is average-pooled to fm2's size
-    if (h, w) != tuple(fm2.shape[2:]):
-        raise ValueError(f"{name1} (H, W) {tuple(fm1.shape[2:])} must equal {name2}'s "
-                         f"{tuple(fm2.shape[2:])}, or be larger (then it is average-pooled to it)")
-    return fm1.shape[1], fm2.shape[1]
+    """The (C_1, C_2) of the flow matrix G(fm1, fm2), after checking the pair: fm1 is
+    average-pooled to fm2's (H, W) when taller, else has fm2's (H, W)."""
+    s1, s2 = fm1.shape, fm2.shape
+    if s1[0] != s2[0]:
+        checks.same_batch(fm1, fm2, name1, name2)
+    if not (s1[2] > s2[2] or (s1[2] == s2[2] and s1[3] == s2[3])):
+        raise ValueError(f"{name1} (H, W) {tuple(s1[2:])} must equal {name2}'s "
+                         f"{tuple(s2[2:])}, or be larger (then it is average-pooled to it)")
+    return s1[1], s2[1]
 
 
 def fsp(fm_s1, fm_s2, fm_t1, fm_t2):
@@ -266,7 +266,8 @@ def fsp(fm_s1, fm_s2, fm_t1, fm_t2):
     maps = (fm_s1, fm_s2, fm_t1, fm_t2)
     for m, n in zip(maps, names):
         checks.feature_map(m, n)
-    checks.same_device(**dict(zip(names, maps)))
+    if not fm_s1.device == fm_s2.device == fm_t1.device == fm_t2.device:
+        checks.same_device(**dict(zip(names, maps)))
     flow_s = _flow_shape(fm_s1, fm_s2, "fm_s1", "fm_s2")
     flow_t = _flow_shape(fm_t1, fm_t2, "fm_t1", "fm_t2")
     checks.same_batch(fm_s1, fm_t1, "fm_s1", "fm_t1")
