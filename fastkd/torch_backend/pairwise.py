@@ -58,6 +58,8 @@ from ..distributed import all_gather_rows, all_reduce_max, all_reduce_sum
 
 # (anchors per block) * N^2 entries of the angle term held at once.
 _ANGLE_BLOCK_ENTRIES = 1 << 20
+# X X^T with _Gram's one-product backward from N^2 D of this size (_similarities).
+_GRAM_FUNCTION_MIN = 1 << 21
 # Directions shorter than this (E below its square) count as zero; F.normalize's clamp.
 _NORM_EPS = 1e-12
 # IRG's E from the uncentred Gram matrix in the working precision while max|x|^2 is at most
@@ -337,16 +339,34 @@ def _working(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _own_rows(x, rows):
-    """x[rows], or x itself for rows None: indexing with slice(None) would cost a zero-filled
-    copy of x's size in backward."""
-    return x if rows is None else x[rows]
+class _Gram(torch.autograd.Function):
+    """X X^T (N, N), the reference's product, with the backward (dG + dG^T) X: one product
+    where autograd's for x @ x.t() makes two (dG X and dG^T X, then added), the same terms
+    summed. Differentiable again (its backward is torch ops on the saved X)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x @ x.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        return (grad + grad.t()) @ x
+
+
+def _similarities(x, rows):
+    """x[rows] x^T, the rows `rows` of X X^T (all by default: through _Gram where its one
+    product saves more than a Python Function costs, N^2 D >= 2^21, measured)."""
+    if rows is not None:
+        return x[rows] @ x.t()
+    return _Gram.apply(x) if x.shape[0] * x.numel() >= _GRAM_FUNCTION_MIN else x @ x.t()
 
 
 def _sp_similarity(fm, rows=None):
     """normalize(G, dim=1), G = flat(f) flat(f)^T, the rows `rows` of it (all by default)."""
     g = _working(fm.reshape(fm.size(0), -1))
-    return F.normalize(_own_rows(g, rows) @ g.t(), dim=1)
+    return F.normalize(_similarities(g, rows), dim=1)
 
 
 def sp(fm_s, fm_t):
@@ -363,33 +383,122 @@ def _pkt_cond_prob(x, eps, rows=None):
     x = _working(x)
     sq = torch.sum(x ** 2, dim=1, keepdim=True)
     x = x / (torch.sqrt(sq.clamp(min=torch.finfo(sq.dtype).tiny)) + eps)
-    x = torch.where(torch.isnan(x), torch.zeros_like(x), x)
-    cos = (_own_rows(x, rows) @ x.t() + 1.0) / 2.0
+    # NaN (a row with an Inf or a NaN) -> 0 in one pass, as the reference's where(isnan) in
+    # three; no finite row gives an Inf here (its norm is at least eps).
+    x = torch.nan_to_num(x, nan=0.0, posinf=math.inf, neginf=-math.inf)
+    cos = (_similarities(x, rows) + 1.0) / 2.0
     return cos / cos.sum(dim=1, keepdim=True)
 
 
 def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
     """mean P_t log((P_t + eps) / (P_s + eps)), P = C' / rowsum(C'), C' = (C + 1) / 2 and
     C the cosine similarities with the norms' eps added."""
+    if not feat_t.requires_grad or not torch.is_grad_enabled():  # the teacher is a constant
+        return PKTStudent.apply(feat_s, _pkt_cond_prob(feat_t.detach(), eps), eps).to(
+            result_dtype(feat_s, feat_t))
     p_s, p_t = _pkt_cond_prob(feat_s, eps), _pkt_cond_prob(feat_t, eps)
     return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps))).to(result_dtype(feat_s, feat_t))
+
+
+class PKTStudent(torch.autograd.Function):
+    """PKT's loss against a fixed teacher P_t (N, N), with a hand-written backward: the
+    reference's forward operations without an autograd graph (whose bookkeeping is most of
+    the time at the collection's sizes), and dL/dx in a few passes. With G = dL/dP =
+    -P_t / (N^2 (P + eps)), rho the row sums of C', z = x r, r = 1 / (n + eps), n = |x|:
+        dC' = (G - rowsum(G P)) / rho,  dz = (dC + dC^T) z with dC = dC' / 2 (0 on a NaN row),
+        dx = r dz - x r^2 (dz . x) / n  (no second term where n^2 is clamped)."""
+
+    @staticmethod
+    def forward(ctx, x, p_t, eps):
+        xw = _working(x)
+        sq = torch.sum(xw ** 2, dim=1, keepdim=True)
+        n = torch.sqrt(sq.clamp(min=torch.finfo(sq.dtype).tiny))
+        r = 1.0 / (n + eps)
+        z = xw / (n + eps)
+        finite = ~torch.isnan(z)
+        z = torch.nan_to_num(z, nan=0.0, posinf=math.inf, neginf=-math.inf)
+        cos = (z @ z.t() + 1.0) / 2.0
+        rho = cos.sum(dim=1, keepdim=True)
+        p = cos / rho
+        ctx.save_for_backward(x, xw, z, n, r, finite, rho, p, p_t, sq)
+        ctx.eps = eps
+        return torch.mean(p_t * torch.log((p_t + eps) / (p + eps)))
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_out):
+        x, xw, z, n, r, finite, rho, p, p_t, sq = ctx.saved_tensors
+        # In the loss's precision (a float64 teacher's), then P's, as autograd's promotion does.
+        g = (p_t / (p + ctx.eps) * (-grad_out / p.numel())).to(p.dtype)
+        dc = (g - (g * p).sum(dim=1, keepdim=True)) / (2 * rho)
+        dz = ((dc + dc.t()) @ z) * finite
+        # Through the norm only where n^2 is not clamped (as clamp's gradient).
+        dr = (dz * xw).sum(dim=1, keepdim=True) * r * r / n * (sq >= torch.finfo(sq.dtype).tiny)
+        return (dz * r - xw * dr).to(x.dtype), None, None
+
+
+def _cc_coefficients(gamma, P_order):
+    return [math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) for p in range(P_order + 1)]
+
+
+def _cc_kernel(sim, coef):
+    """sum_p c_p S^p, the reference's operations (its sum of powers, in its order: a near-zero
+    loss rounds as the reference's)."""
+    corr = torch.zeros_like(sim)
+    for p, c in enumerate(coef):
+        corr = corr + c * torch.pow(sim, p)
+    return corr
 
 
 def _cc_correlation(x, gamma, P_order, rows=None):
     """K = sum_{p<=P} e^{-2 gamma} (2 gamma)^p / p! S^p, S the cosines of F.normalize'd rows
     (finite gradient at a zero row); the rows `rows` of K (all by default)."""
     x = F.normalize(_working(x), p=2, dim=-1)
-    sim = _own_rows(x, rows) @ x.t()
-    corr = torch.zeros_like(sim)
-    for p in range(P_order + 1):
-        corr = corr + math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * torch.pow(sim, p)
-    return corr
+    return _cc_kernel(_similarities(x, rows), _cc_coefficients(gamma, P_order))
 
 
 def cc(feat_s, feat_t, gamma, P_order):
     """mse(K_s, K_t), K the P-order Taylor Gaussian kernel of the cosine similarities."""
+    if not feat_t.requires_grad or not torch.is_grad_enabled():  # the teacher is a constant
+        with torch.no_grad():
+            k_t = _cc_correlation(feat_t, gamma, P_order)
+        return CCStudent.apply(feat_s, k_t, _cc_coefficients(gamma, P_order)).to(result_dtype(feat_s, feat_t))
     return F.mse_loss(_cc_correlation(feat_s, gamma, P_order),
                       _cc_correlation(feat_t, gamma, P_order)).to(result_dtype(feat_s, feat_t))
+
+
+class CCStudent(torch.autograd.Function):
+    """CC's loss against a fixed teacher kernel K_t (N, N), with a hand-written backward: the
+    reference's forward operations without an autograd graph, and dL/dx in a few passes.
+    With z = x / max(|x|, 1e-12) (F.normalize) and S = z z^T:
+        dK = 2 (K - K_t) / N^2,  dS = dK sum_{p>=1} p c_p S^(p-1),  dz = (dS + dS^T) z,
+        dx = (dz - z (z . dz)) / |x| where |x| > 1e-12, else dz / 1e-12 (F.normalize's clamp)."""
+
+    @staticmethod
+    def forward(ctx, x, k_t, coef):
+        xw = _working(x)
+        norm = torch.linalg.vector_norm(xw, dim=1, keepdim=True)
+        z = xw / norm.clamp_min(1e-12).expand_as(xw)  # F.normalize's operations
+        sim = z @ z.t()
+        k = _cc_kernel(sim, coef)
+        ctx.save_for_backward(x, z, norm, sim, k, k_t)
+        ctx.coef = coef
+        return F.mse_loss(k, k_t)
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_out):
+        x, z, norm, sim, k, k_t = ctx.saved_tensors
+        # In the loss's precision (a float64 teacher's), then K's, as autograd's promotion does.
+        d_k = ((k - k_t) * (2 * grad_out / k.numel())).to(k.dtype)
+        slope = torch.zeros_like(sim)  # d K / d S, by Horner's rule
+        for p in range(len(ctx.coef) - 1, 0, -1):
+            slope = slope * sim + p * ctx.coef[p]
+        d_s = d_k * slope
+        dz = (d_s + d_s.t()) @ z
+        live = norm > 1e-12
+        dx = torch.where(live, (dz - z * (z * dz).sum(dim=1, keepdim=True)) / norm.clamp_min(1e-12), dz / 1e-12)
+        return dx.to(x.dtype), None, None
 
 
 # --- IRG edge -----------------------------------------------------------------
