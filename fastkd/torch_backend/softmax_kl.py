@@ -100,23 +100,35 @@ def _clamp_rows(kl):
     return torch.where(kl < 0, torch.zeros_like(kl), kl)
 
 
-def _small_softmax_kl(out_s, out_t, T, scale):
-    """The reference's few torch calls (kl_div of log_softmax, softmax), with each row's sum
-    clamped at 0 in value only: the gradient stays that of the unclamped KL (q - p)."""
-    rows = F.kl_div(F.log_softmax(out_s / T, dim=1), F.softmax(out_t / T, dim=1),
-                    reduction="none").sum(1)
-    rows = rows + (_clamp_rows(rows.detach()) - rows.detach())
-    return rows.sum() * (scale / out_s.shape[0])
+class SmallSoftmaxKL(torch.autograd.Function):
+    """scale / B * sum of max(KL_row, 0) for inputs that fit in one chunk and a fixed teacher:
+    the reference's few torch calls (kl_div of log_softmax, softmax) without an autograd
+    graph, and the gradient of the unclamped KL written at once, scale / (B T) (q - p)."""
+
+    @staticmethod
+    def forward(ctx, out_s, out_t, T, scale):
+        log_q = F.log_softmax(out_s / T if T != 1 else out_s, dim=1)
+        p = F.softmax(out_t / T if T != 1 else out_t, dim=1)
+        rows = F.kl_div(log_q, p, reduction="none").sum(1).clamp_min_(0)  # _clamp_rows, NaN kept
+        ctx.save_for_backward(log_q, p)
+        ctx.coef = scale / (out_s.shape[0] * T)
+        return rows.sum() * (scale / out_s.shape[0])
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_output):
+        log_q, p = ctx.saved_tensors
+        return (log_q.exp().sub_(p).mul_(grad_output * ctx.coef), None, None, None)
 
 
 def _softmax_kl(out_s, out_t, T, scale):
     # An input that fits in one chunk gains nothing from chunking, and its temporaries are
-    # small: there the reference's few torch calls cost less than this Function's bookkeeping.
-    # Not for a teacher that trains (the reference's teacher gradient is NaN where a teacher
+    # small: there the reference's few torch calls (SmallSoftmaxKL) cost less than
+    # SoftmaxKL's statistics and loops. Not for a teacher that trains (the reference's teacher gradient is NaN where a teacher
     # probability underflows to 0), nor for bf16/fp16 (the reference does not compute in fp32).
     if (out_s.numel() <= CHUNK_ELEMENTS and not out_t.requires_grad
             and out_s.dtype == out_t.dtype and out_s.dtype in (torch.float32, torch.float64)):
-        return _small_softmax_kl(out_s, out_t, T, scale)
+        return SmallSoftmaxKL.apply(out_s, out_t, T, scale)
     return SoftmaxKL.apply(out_s, out_t, T, scale)
 
 
