@@ -145,6 +145,10 @@ def values_in_range(idx, name, upper, allowed=None):
     bounds."""
     if idx.numel() == 0:
         return
+    if host_tensor(idx) and not torch.compiler.is_compiling():
+        lo, hi = torch.stack(torch.aminmax(idx)).tolist()
+        if lo >= 0 and hi < upper:  # one pass (and one read) settles the common case
+            return
     ok = (idx >= 0) & (idx < upper)
     if allowed is not None:
         ok |= idx == allowed

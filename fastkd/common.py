@@ -50,18 +50,20 @@ def nst_spatial_form(c_s, c_t, hw):
     return hw * (c_s + c_t) < c_s * c_s + c_t * c_t + c_s * c_t
 
 
-def output_gradient(out, target, wrt):
-    """d(sum_i out[i, target_i]) / d wrt, kept in the graph (create_graph=True): Sobolev's
-    input gradients and LwM's map gradients (the reference computes its own, with gather)."""
+def output_gradient(out, target, wrt, create_graph=True):
+    """d(sum_i out[i, target_i]) / d wrt: Sobolev's input gradients and LwM's map gradients
+    (the reference computes its own, with gather). Kept in the graph (create_graph=True) for
+    the student; the teacher's, which the loss detaches, without (no double-backward graph
+    recorded for nothing)."""
     # A scatter rather than one_hot, which reads the targets' range on the host on the CPU.
     pick = torch.zeros_like(out).scatter_(1, target.long().unsqueeze(1), 1.0)
-    return torch.autograd.grad(out, wrt, grad_outputs=pick, create_graph=True, retain_graph=True)[0]
+    return torch.autograd.grad(out, wrt, grad_outputs=pick, create_graph=create_graph, retain_graph=True)[0]
 
 
-def grad_cam(out, fm, target):
+def grad_cam(out, fm, target, create_graph=True):
     """relu(sum_c mean_hw(g) g) (B, 1, H, W), g = output_gradient(out, target, fm) (B, C, H, W):
     LwM's class activation map (weighted by the gradient, as the collection's)."""
-    g = output_gradient(out, target, fm)
+    g = output_gradient(out, target, fm, create_graph)
     return torch.relu((g.mean(dim=(2, 3), keepdim=True) * g).sum(dim=1, keepdim=True))
 
 

@@ -13,7 +13,7 @@ one temporary the size of the input; bf16/fp16 are squared and summed in fp32.
 import torch
 import torch.nn.functional as F
 
-from ..common import grad_cam, output_gradient, result_dtype
+from ..common import first_order, grad_cam, output_gradient, result_dtype
 
 
 def _sum_sq(x, dim=None):
@@ -48,7 +48,36 @@ def _normalized_rows(x):
 
 
 def ft(factor_s, factor_t):
+    """l1(normalize(flat(factor_s)), normalize(flat(factor_t)))."""
+    if not factor_t.requires_grad or not torch.is_grad_enabled():  # the teacher is a constant
+        return FTStudent.apply(factor_s, _normalized_rows(factor_t.detach()))
     return F.l1_loss(_normalized_rows(factor_s), _normalized_rows(factor_t))
+
+
+class FTStudent(torch.autograd.Function):
+    """FT against a fixed normalised teacher z_t (B, D), with a hand-written backward: the
+    reference's forward operations (F.normalize, l1) without an autograd graph, and, with
+    z = x / max(|x|, 1e-12) and g = sign(z - z_t) / (B D),
+        dx = (g - z (z . g)) / |x| where |x| > 1e-12, else g / 1e-12 (F.normalize's clamp)."""
+
+    @staticmethod
+    def forward(ctx, x, z_t):
+        flat = x.reshape(x.shape[0], -1)
+        norm = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
+        z = flat / norm.clamp_min(1e-12).expand_as(flat)  # F.normalize's operations
+        diff = z - z_t
+        ctx.save_for_backward(z, norm, diff)
+        ctx.shape = x.shape
+        return diff.abs().mean()
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_output):
+        z, norm, diff = ctx.saved_tensors
+        g = torch.sign(diff).mul_(grad_output / diff.numel())
+        live = norm > 1e-12
+        dx = torch.where(live, (g - z * (z * g).sum(dim=1, keepdim=True)) / norm.clamp_min(1e-12), g / 1e-12)
+        return dx.reshape(ctx.shape), None
 
 
 def ofd(fm_s, fm_t):
@@ -81,11 +110,11 @@ def afd(fm_s, fm_t, rho, eps=1e-6):
 
 def sobolev(out_s, out_t, img, target):
     g_s = _normalized_rows(output_gradient(out_s, target, img))
-    g_t = _normalized_rows(output_gradient(out_t, target, img))
+    g_t = _normalized_rows(output_gradient(out_t, target, img, create_graph=False))
     return F.mse_loss(g_s, g_t.detach())
 
 
 def lwm(out_s, fm_s, out_t, fm_t, target):
-    cam_t = _normalized_rows(grad_cam(out_t, fm_t, target))
+    cam_t = _normalized_rows(grad_cam(out_t, fm_t, target, create_graph=False))
     cam_s = _normalized_rows(grad_cam(out_s, fm_s, target))
     return F.l1_loss(cam_s, cam_t.detach())
