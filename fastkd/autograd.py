@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from . import chunked_linear as _chunked_linear
 from . import ops as _ops
 from .common import (accumulation_dtype, direction_backward, first_order, grad_cam, nst_spatial_form,
-                     output_gradient, result_dtype, squared_distances_from_gram,
-                     squared_distances_from_gram_rows, transformation_pool)
+                     output_gradient, result_dtype, transformation_pool)
 from .kernels import angle as _angle
 from .kernels import contrast as _contrast
 from .kernels import cosine as _cosine
@@ -288,27 +287,30 @@ class OFDFunction(torch.autograd.Function):
     """mean((s - t')^2 (1 - [s <= t' and t' <= 0])), t' = max(t, m_c), m_c the mean of the
     negative values of t in channel c (differentiable in t, as in the reference).
 
-    Forward: one pass over t for the margins, one over s and t for the loss and the per-channel
-    sums the teacher's gradient needs; backward: one pass writing ds (and dt).
+    Forward: one pass over t for the rows' margin sums, one over s and t (each row reduces
+    its channel's sums to m_c) for the loss, the per-row sums the teacher's gradient needs
+    and, at grad_output 1, ds, which backward scales; dt is a backward pass of its own (it
+    needs every row's sums).
     """
 
     @staticmethod
-    def forward(ctx, fm_s, fm_t):
-        margin, cnt = _ew.ofd_margin(fm_t)
-        stats = _ew.ofd_loss(fm_s, fm_t, margin)
-        through = stats[..., 1].sum(0) / (cnt + 1e-6)
-        ctx.save_for_backward(fm_s, fm_t, margin, through)
+    def forward(ctx, fm_s, fm_t, grad=True):
+        need_s, _ = _forward_grads(ctx, grad, 2)
+        mstats = _ew.ofd_margin(fm_t)
+        stats, ds = _ew.ofd_loss(fm_s, fm_t, mstats, need_s)
+        ctx.save_for_backward(ds, fm_s, fm_t, mstats, stats)
         return (stats[..., 0].sum() / fm_s.numel()).to(result_dtype(fm_s, fm_t))
 
     @staticmethod
     @first_order
     def backward(ctx, grad):
-        fm_s, fm_t, margin, through = ctx.saved_tensors
-        return _ew.ofd_grad(fm_s, fm_t, margin, through, grad, *ctx.needs_input_grad)
+        ds, fm_s, fm_t, mstats, stats = ctx.saved_tensors
+        dt = _ew.ofd_grad_t(fm_s, fm_t, mstats, stats, grad) if ctx.needs_input_grad[1] else None
+        return None if ds is None else ds * grad, dt, None
 
 
 def ofd(fm_s, fm_t):
-    return _ops.apply("OFDFunction", fm_s, fm_t)
+    return _ops.apply("OFDFunction", fm_s, fm_t, torch.is_grad_enabled())
 
 
 class VIDFunction(torch.autograd.Function):
@@ -419,9 +421,10 @@ def lwm(out_s, fm_s, out_t, fm_t, target):
 # IRG's fm1 pooling stays torch (with its autograd), before the kernels.
 
 
-def _pairwise_grads(ctx, sides, scale):
-    """dL/dX per side that needs it: sides = ((M, r, X prepared, input), ...)."""
-    return tuple(_gram.gram_grad(m, r, x, scale, like) if needed else None
+def _pairwise_grads(ctx, sides, grad_out, divisor):
+    """dL/dX per side that needs it: sides = ((M, r, X, input), ...), X the raw or prepared
+    rows; grad_out / divisor * (M X + r X) (divisor: the loss's count)."""
+    return tuple(_gram.gram_grad(m, r, x, grad_out, like, divisor=divisor) if needed else None
                  for (m, r, x, like), needed in zip(sides, ctx.needs_input_grad))
 
 
@@ -448,8 +451,7 @@ class RKDDistanceFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         feat_s, feat_t, x_s, x_t, e_s, e_t, stats = ctx.saved_tensors
         m_s, r_s, m_t, r_t = _dist.rkd_distance_backward(e_s, e_t, stats)
-        scale = grad_out.to(e_s.dtype) / len(e_s) ** 2
-        return _pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale)
+        return _pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), grad_out, len(e_s) ** 2)
 
 
 class RKDAngleFunction(torch.autograd.Function):
@@ -467,8 +469,7 @@ class RKDAngleFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         feat_s, feat_t, x_s, x_t, e_s, e_t, stats = ctx.saved_tensors
         m_s, r_s, m_t, r_t = _angle.rkd_angle_backward(e_s, e_t, stats)
-        scale = grad_out.to(e_s.dtype) / len(e_s) ** 3
-        return _pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale)
+        return _pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), grad_out, len(e_s) ** 3)
 
 
 class RKDFunction(torch.autograd.Function):
@@ -496,8 +497,8 @@ class RKDFunction(torch.autograd.Function):
         angle = _angle.rkd_angle_backward(e_s, e_t, stats_a)
         # dL/dX = M X + r * X for each term: their weighted sum, one gram_grad per side.
         m_s, r_s, m_t, r_t = (w_dist / n ** 2 * d + w_angle / n ** 3 * a for d, a in zip(dist, angle))
-        return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)),
-                                 grad_out.to(e_s.dtype)), None, None)
+        return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), grad_out, 1),
+                None, None)
 
 
 def rkd(feat_s, feat_t, w_dist, w_angle):
@@ -513,27 +514,30 @@ def rkd_angle(feat_s, feat_t):
 
 
 class SPFunction(torch.autograd.Function):
-    """mse(G^_s, G^_t), G^ = normalize(G, dim=1), G the raw Gram matrix of flat(fm)."""
+    """mse(G^_s, G^_t), G^ = normalize(G, dim=1), G the raw Gram matrix of flat(fm) (float64,
+    read from the features as they are). With a backward to follow, forward also writes the
+    loss and the gradients at grad_output 1 (M, then dL/dX = M X / N^2), and backward scales
+    them (saved_gradients)."""
 
     @staticmethod
-    def forward(ctx, fm_s, fm_t):
-        x_s, x_t = _gram.prepare(fm_s, centre=False), _gram.prepare(fm_t, centre=False)
-        g_s, g_t = _gram.gram(x_s), _gram.gram(x_t)
-        total, stats = _cosine.sp_forward(g_s, g_t)
-        ctx.save_for_backward(fm_s, fm_t, x_s, x_t, g_s, g_t, stats)
-        return (total / len(g_s) ** 2).to(result_dtype(fm_s, fm_t))
+    def forward(ctx, fm_s, fm_t, grad=True):
+        need = _forward_grads(ctx, grad, 2)
+        g_s, g_t = _gram.gram(fm_s), _gram.gram(fm_t)
+        part, stats = _cosine.sp_forward(g_s, g_t)
+        count, dtype = len(g_s) ** 2, result_dtype(fm_s, fm_t)
+        if not any(need):
+            ctx.save_for_backward(None, None)
+            return (part.sum() / count).to(dtype)
+        m_s, m_t, loss = _cosine.sp_backward(g_s, g_t, stats, part=part, loss_dtype=dtype)
+        ctx.save_for_backward(*(_gram.gram_grad(m, None, f, None, f, divisor=count) if needed else None
+                                for m, f, needed in ((m_s, fm_s, need[0]), (m_t, fm_t, need[1]))))
+        return loss
 
-    @staticmethod
-    @first_order
-    def backward(ctx, grad_out):
-        fm_s, fm_t, x_s, x_t, g_s, g_t, stats = ctx.saved_tensors
-        m_s, m_t = _cosine.sp_backward(g_s, g_t, stats)
-        scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
-        return _pairwise_grads(ctx, ((m_s, None, x_s, fm_s), (m_t, None, x_t, fm_t)), scale)
+    backward = staticmethod(first_order(saved_gradients))
 
 
 def sp(fm_s, fm_t):
-    return _ops.apply("SPFunction", fm_s, fm_t)
+    return _ops.apply("SPFunction", fm_s, fm_t, torch.is_grad_enabled())
 
 
 class PKTFunction(torch.autograd.Function):
@@ -542,21 +546,19 @@ class PKTFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feat_s, feat_t, eps):
-        x_s, x_t = _gram.prepare(feat_s, centre=False), _gram.prepare(feat_t, centre=False)
-        g_s, g_t = _gram.gram(x_s), _gram.gram(x_t)
+        g_s, g_t = _gram.gram(feat_s), _gram.gram(feat_t)
         total, stats = _cosine.pkt_forward(g_s, g_t, eps)
-        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, g_s, g_t, stats)
+        ctx.save_for_backward(feat_s, feat_t, g_s, g_t, stats)
         ctx.eps = eps
         return (total / len(g_s) ** 2).to(result_dtype(feat_s, feat_t))
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        feat_s, feat_t, x_s, x_t, g_s, g_t, stats = ctx.saved_tensors
+        feat_s, feat_t, g_s, g_t, stats = ctx.saved_tensors
         m_s, r_s, m_t, r_t = _cosine.pkt_backward(g_s, g_t, ctx.eps, stats)
-        scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
-        return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale),
-                None)
+        return (*_pairwise_grads(ctx, ((m_s, r_s, feat_s, feat_s), (m_t, r_t, feat_t, feat_t)), grad_out,
+                                 len(g_s) ** 2), None)
 
 
 def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
@@ -582,9 +584,8 @@ class CCFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         feat_s, feat_t, x_s, x_t, n_s, n_t, g_s, g_t = ctx.saved_tensors
         m_s, r_s, m_t, r_t = _cosine.cc_backward(g_s, g_t, n_s, n_t, ctx.gamma, ctx.p_order)
-        scale = grad_out.to(g_s.dtype) / len(g_s) ** 2
-        return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), scale),
-                None, None)
+        return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), grad_out,
+                                 len(g_s) ** 2), None, None)
 
 
 def cc(feat_s, feat_t, gamma, P_order):
@@ -593,23 +594,22 @@ def cc(feat_s, feat_t, gamma, P_order):
 
 class IRGEdgeFunction(torch.autograd.Function):
     """mse(E'_s, E'_t), E' = pdist2 / max(pdist2) of flat(x), E from the centred float64
-    Gram matrix (fastkd.common.squared_distances_from_gram)."""
+    Gram matrix (formed in the kernels as fastkd.common.squared_distances_from_gram does)."""
 
     @staticmethod
     def forward(ctx, x_s, x_t):
         c_s, c_t = (_gram.prepare(x, centre=True) for x in (x_s, x_t))
-        e_s, e_t = (squared_distances_from_gram(_gram.gram(c)) for c in (c_s, c_t))
-        total, stats = _dist.irg_edge_forward(e_s, e_t)
-        ctx.save_for_backward(x_s, x_t, c_s, c_t, e_s, e_t, stats)
-        return (total / len(e_s) ** 2).to(x_s.dtype)
+        g_s, g_t = _gram.gram(c_s), _gram.gram(c_t)
+        total, stats = _dist.irg_edge_forward(g_s, g_t)
+        ctx.save_for_backward(x_s, x_t, c_s, c_t, g_s, g_t, stats)
+        return (total / len(g_s) ** 2).to(x_s.dtype)
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        x_s, x_t, c_s, c_t, e_s, e_t, stats = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _dist.irg_edge_backward(e_s, e_t, stats)
-        scale = grad_out.to(e_s.dtype) / len(e_s) ** 2
-        return _pairwise_grads(ctx, ((m_s, r_s, c_s, x_s), (m_t, r_t, c_t, x_t)), scale)
+        x_s, x_t, c_s, c_t, g_s, g_t, stats = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _dist.irg_edge_backward(g_s, g_t, stats)
+        return _pairwise_grads(ctx, ((m_s, r_s, c_s, x_s), (m_t, r_t, c_t, x_t)), grad_out, len(g_s) ** 2)
 
 
 def irg_edge(irg_s, irg_t):
@@ -617,54 +617,32 @@ def irg_edge(irg_s, irg_t):
     return sum(_ops.apply("IRGEdgeFunction", irg_s[i], irg_t[i]) for i in (2, 0, 1)) / 3.0
 
 
-def _normalised_distances(d):
-    """(T, clamped d, max): T = d' / max(d'), d' = max(d, 1e-12) on the (N,) distances."""
-    clamped = d.clamp(min=1e-12)
-    top = clamped.amax()
-    return clamped / top, clamped, top
-
-
-def _distance_grad(grad_T, d):
-    """dL/dd (N,) from dL/dT: T_j = d'_j / m gives grad_T / m, and m = max(d') adds
-    -sum(grad_T d') / m^2 shared evenly among the entries equal to m (torch's rule for
-    max()); 0 where the clamp of d at 1e-12 holds."""
-    _, clamped, top = _normalised_distances(d)
-    at_top = (clamped == top).to(d.dtype)
-    grad = grad_T / top - at_top * ((grad_T * clamped).sum() / (top * top) / at_top.sum())
-    return grad * (d >= 1e-12)
-
-
 class IRGTransformationFunction(torch.autograd.Function):
     """mse(T_s, T_t), T = d / max(d), d_i = max(|a_i - b'_i|^2, 1e-12) over sample i's values;
     a (N, C, H, W) (fm1, pooled already), b (N, C2, H2, W2) (fm2), b' = b's channels averaged
-    in pairs when C < C2, else b; a and b' paired by flat index."""
+    in pairs when C < C2, else b; a and b' paired by flat index. One launch per side for d,
+    one for the loss and dL/dd at grad_output 1, and with a backward to follow one per side
+    writing da, db, which backward scales (saved_gradients)."""
 
     @staticmethod
-    def forward(ctx, a_s, b_s, a_t, b_t):
-        dtype = result_dtype(a_s, b_s, a_t, b_t)
+    def forward(ctx, a_s, b_s, a_t, b_t, grad=True):
+        need = _forward_grads(ctx, grad, 4)
         # float64, as every pairwise sum (fastkd.kernels.gram): a near-zero loss is a
         # difference of nearly equal T_s, T_t.
         d_s = _irg_t.transformation_distances(a_s, b_s, torch.float64)
         d_t = _irg_t.transformation_distances(a_t, b_t, torch.float64)
-        ctx.save_for_backward(a_s, b_s, a_t, b_t, d_s, d_t)
-        diff = _normalised_distances(d_s)[0] - _normalised_distances(d_t)[0]
-        return (diff * diff).mean().to(dtype)
+        loss, dd_s, dd_t = _irg_t.transformation_loss(d_s, d_t, result_dtype(a_s, b_s, a_t, b_t))
+        ctx.save_for_backward(*_irg_t.transformation_grads(a_s, b_s, dd_s, need[0], need[1]),
+                              *_irg_t.transformation_grads(a_t, b_t, dd_t, need[2], need[3]))
+        return loss
 
-    @staticmethod
-    @first_order
-    def backward(ctx, grad_out):
-        a_s, b_s, a_t, b_t, d_s, d_t = ctx.saved_tensors
-        grad_T = (_normalised_distances(d_s)[0] - _normalised_distances(d_t)[0]) * (
-            2 * grad_out.to(d_s.dtype) / len(d_s))
-        need = ctx.needs_input_grad
-        return (*_irg_t.transformation_grads(a_s, b_s, _distance_grad(grad_T, d_s), need[0], need[1]),
-                *_irg_t.transformation_grads(a_t, b_t, _distance_grad(-grad_T, d_t), need[2], need[3]))
+    backward = staticmethod(first_order(saved_gradients))
 
 
 def irg_transformation(irg_s, irg_t):
     """mse(T(fm1_s, fm2_s), T(fm1_t, fm2_t)); irg_* = (fm1, fm2, feat, out)."""
     return _ops.apply("IRGTransformationFunction", transformation_pool(irg_s[0], irg_s[1]), irg_s[1],
-                                           transformation_pool(irg_t[0], irg_t[1]), irg_t[1])
+                      transformation_pool(irg_t[0], irg_t[1]), irg_t[1], torch.is_grad_enabled())
 
 
 # --- global batch: this rank's rows of the pairwise relations ------------------------------
@@ -795,16 +773,16 @@ class SPRowsFunction(torch.autograd.Function):
     def forward(ctx, f_s, f_t, lo, n):
         x_s, x_t = _gram.prepare(f_s, centre=False), _gram.prepare(f_t, centre=False)
         g_s, g_t = _gram.gram(x_s, lo, n), _gram.gram(x_t, lo, n)
-        total, stats = _cosine.sp_forward(g_s, g_t)
+        part, stats = _cosine.sp_forward(g_s, g_t)
         ctx.save_for_backward(f_s, f_t, x_s, x_t, g_s, g_t, stats)
         ctx.lo = lo
-        return total / len(x_s) ** 2
+        return part.sum() / len(x_s) ** 2
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
         f_s, f_t, x_s, x_t, g_s, g_t, stats = ctx.saved_tensors
-        w_s, w_t = _cosine.sp_backward(g_s, g_t, stats, square=False)
+        w_s, w_t, _ = _cosine.sp_backward(g_s, g_t, stats, square=False)
         scale = grad_out.to(torch.float64) / len(x_s) ** 2
         return (*(_rows_and_transpose_grad(w, x, ctx.lo, scale).reshape(f.shape).to(f.dtype) if needed
                   else None for w, x, f, needed in ((w_s, x_s, f_s, ctx.needs_input_grad[0]),
@@ -896,18 +874,18 @@ class IRGEdgeRowsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_s, x_t, lo, n, group):
         c_s, c_t = (_gram.prepare(x, centre=True) for x in (x_s, x_t))
-        e_s, e_t = (squared_distances_from_gram_rows(_gram.gram(c, lo, n), torch.linalg.vecdot(c, c), lo)
-                    for c in (c_s, c_t))
-        total, stats = _dist.irg_edge_forward(e_s, e_t, lo, reducer(group))
-        ctx.save_for_backward(x_s, x_t, c_s, c_t, e_s, e_t, stats)
+        g_s, g_t = _gram.gram(c_s, lo, n), _gram.gram(c_t, lo, n)
+        sq_s, sq_t = torch.linalg.vecdot(c_s, c_s), torch.linalg.vecdot(c_t, c_t)
+        total, stats = _dist.irg_edge_forward(g_s, g_t, lo, reducer(group), (sq_s, sq_t))
+        ctx.save_for_backward(x_s, x_t, c_s, c_t, g_s, g_t, sq_s, sq_t, stats)
         ctx.lo = lo
         return total / len(c_s) ** 2
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        x_s, x_t, c_s, c_t, e_s, e_t, stats = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _dist.irg_edge_backward(e_s, e_t, stats, ctx.lo)
+        x_s, x_t, c_s, c_t, g_s, g_t, sq_s, sq_t, stats = ctx.saved_tensors
+        m_s, r_s, m_t, r_t = _dist.irg_edge_backward(g_s, g_t, stats, ctx.lo, (sq_s, sq_t))
         # M = -4 W, r = 4 rowsum(W) on these rows; with half of each, these rows get
         # 2 sum_b W_ab (x_a - x_b) and every row b gets 2 sum_a W_ab (x_b - x_a).
         scale = grad_out.to(torch.float64) / len(c_s) ** 2 * 0.5

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .common import cdiv, sqrt, to_acc
-from .gram import BLOCK, TILE_WARPS, _load_tile, grad_buffers
+from .gram import BLOCK, TILE_WARPS, _load_tile, grad_buffers, store_total
 
 
 # --- SP -----------------------------------------------------------------------
@@ -21,8 +21,10 @@ from .gram import BLOCK, TILE_WARPS, _load_tile, grad_buffers
 # G^ = G / n (rows), loss = mean (G^_s - G^_t)^2.
 
 @triton.jit
-def _sp_norms_kernel(gs_ptr, gt_ptr, norms_ptr, R, N, BLOCK: tl.constexpr):
-    """norms (2, R) = the clamped row norms of G_s and G_t (R, N) for a block of rows."""
+def _sp_loss_kernel(gs_ptr, gt_ptr, norms_ptr, part_ptr, dots_ptr, R, N, BLOCK: tl.constexpr):
+    """For a block of rows: norms (2, R) = the clamped row norms n of G_s and G_t (R, N), then
+    part = sum (G^_s - G^_t)^2 and dots (2, R) = sum_j (G^_s - G^_t) G^ on each side (the
+    norms' share of the gradient)."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     sq_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     sq_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
@@ -32,17 +34,10 @@ def _sp_norms_kernel(gs_ptr, gt_ptr, norms_ptr, R, N, BLOCK: tl.constexpr):
         g_t = _load_tile(gt_ptr, ra, rb, R, N)
         sq_s += tl.sum(g_s * g_s, 1)
         sq_t += tl.sum(g_t * g_t, 1)
-    tl.store(norms_ptr + ra, tl.maximum(sqrt(sq_s), 1e-12), mask=ra < R)
-    tl.store(norms_ptr + R + ra, tl.maximum(sqrt(sq_t), 1e-12), mask=ra < R)
-
-
-@triton.jit
-def _sp_loss_kernel(gs_ptr, gt_ptr, norms_ptr, part_ptr, dots_ptr, R, N, BLOCK: tl.constexpr):
-    """For a block of rows: part = sum (G^_s - G^_t)^2 and dots (2, R) = sum_j (G^_s - G^_t) G^
-    on each side (the norms' share of the gradient)."""
-    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    n_s = tl.load(norms_ptr + ra, mask=ra < R, other=1.0)
-    n_t = tl.load(norms_ptr + R + ra, mask=ra < R, other=1.0)
+    n_s = tl.where(ra < R, tl.maximum(sqrt(sq_s), 1e-12), 1.0)
+    n_t = tl.where(ra < R, tl.maximum(sqrt(sq_t), 1e-12), 1.0)
+    tl.store(norms_ptr + ra, n_s, mask=ra < R)
+    tl.store(norms_ptr + R + ra, n_t, mask=ra < R)
     loss = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     dot_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     dot_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
@@ -72,11 +67,16 @@ def _sp_w(g_s, g_t, n_s, n_t, dot_s, dot_t):
 
 
 @triton.jit
-def _sp_grad_kernel(gs_ptr, gt_ptr, norms_ptr, dots_ptr, ms_ptr, mt_ptr, R, N, SQUARE: tl.constexpr,
+def _sp_grad_kernel(gs_ptr, gt_ptr, norms_ptr, dots_ptr, ms_ptr, mt_ptr, part_ptr, n_parts,
+                    divisor: tl.float64, loss_ptr, R, N, SQUARE: tl.constexpr, LOSS: tl.constexpr,
                     BLOCK: tl.constexpr):
     """At the tile (a, b) on each side: SQUARE (G (N, N)), M = W + W^T, so that N^2 dL/dX = M X;
     else W itself, W = N^2 dL/dG on the rows of G (R, N) (a global batch's row block, whose
-    W^T X the caller adds)."""
+    W^T X the caller adds). With LOSS, program (0, 0) also writes the loss, the sum of the
+    n_parts row blocks' parts over divisor (no launch of its own)."""
+    if LOSS:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            store_total(part_ptr, 1, n_parts, divisor, loss_ptr, BLOCK)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     na_s = tl.load(norms_ptr + ra, mask=ra < R, other=1.0)[:, None]
@@ -104,26 +104,29 @@ def _sp_grad_kernel(gs_ptr, gt_ptr, norms_ptr, dots_ptr, ms_ptr, mt_ptr, R, N, S
 
 
 def sp_forward(g_s, g_t):
-    """(N^2 * loss, stats (2, 2, R): the row norms and dots) from the raw Gram matrices (R, N):
-    all (N, N), or a global batch's rows of them (each row's terms are its own)."""
+    """(part, stats) from the raw Gram matrices (R, N): all (N, N), or a global batch's rows
+    of them (each row's terms are its own); part (row blocks,) sums to N^2 * loss, stats
+    (2, 2, R) holds the row norms and dots."""
     rows = len(g_s)
     nb = cdiv(rows, BLOCK)
     stats = torch.empty((2, 2, rows), dtype=g_s.dtype, device=g_s.device)
     part = torch.empty(nb, dtype=g_s.dtype, device=g_s.device)
-    _sp_norms_kernel[(nb,)](g_s, g_t, stats[0], rows, g_s.shape[1], BLOCK=BLOCK)
     _sp_loss_kernel[(nb,)](g_s, g_t, stats[0], part, stats[1], rows, g_s.shape[1], BLOCK=BLOCK)
-    return part.sum(), stats
+    return part, stats
 
 
-def sp_backward(g_s, g_t, stats, square=True):
-    """(M_s, M_t) with N^2 dL/dX = M X on each side, for G (N, N); for a global batch's rows
-    G (R, N) (square False), M = W = N^2 dL/dG on those rows (N^2 dL/dX = W X on the rows,
-    + W^T X_rows on every row)."""
+def sp_backward(g_s, g_t, stats, square=True, part=None, loss_dtype=None):
+    """(M_s, M_t, loss) with N^2 dL/dX = M X on each side, for G (N, N); for a global batch's
+    rows G (R, N) (square False), M = W = N^2 dL/dG on those rows (N^2 dL/dX = W X on the
+    rows, + W^T X_rows on every row). With part (sp_forward's), loss is sp_forward's
+    part.sum() / N^2 in loss_dtype, written by the same launch; else None."""
     rows, n = g_s.shape
     m_s, m_t = torch.empty_like(g_s), torch.empty_like(g_t)
+    loss = None if part is None else torch.empty((), dtype=loss_dtype, device=g_s.device)
     _sp_grad_kernel[(cdiv(rows, BLOCK), cdiv(n, BLOCK))](
-        g_s, g_t, stats[0], stats[1], m_s, m_t, rows, n, SQUARE=square, BLOCK=BLOCK)
-    return m_s, m_t
+        g_s, g_t, stats[0], stats[1], m_s, m_t, m_s if part is None else part, 0 if part is None else len(part),
+        float(n * n), m_s if loss is None else loss, rows, n, SQUARE=square, LOSS=part is not None, BLOCK=BLOCK)
+    return m_s, m_t, loss
 
 
 # --- PKT and CC: cosine similarities -----------------------------------------------------

@@ -1,5 +1,6 @@
 """Triton kernels of the losses on squared distances: RKD's distance term and IRG's edge
-term, from E (N, N) float64 of the student's and the teacher's rows (fastkd/kernels/gram.py).
+term, from E (N, N) float64 of the student's and the teacher's rows (fastkd/kernels/gram.py);
+IRG's E is formed in its tiles from the centred Gram matrix (_gram_distance_tile).
 
 Both read E through the same clamped tile (pdist2 = max(E, 1e-12) off the diagonal) and turn
 W = N^2 dL/dp (p the squared distances) into M = -4 W, r = 4 rowsum(W) with one gradient
@@ -20,6 +21,13 @@ from .gram import BLOCK, _smooth_l1, grad_buffers
 # --- shared: the clamped tiles and the gradient loop ---------------------------
 
 @triton.jit
+def _clamped(p, off):
+    """pdist2 = max(p, 1e-12) where off (off the diagonal, inside), 0 elsewhere; and where the
+    clamp lets the gradient through (off and p >= 1e-12)."""
+    return tl.where(off, tl.maximum(p, 1e-12), 0.0), off & (p >= 1e-12)
+
+
+@triton.jit
 def _squared_distance_tile(e_ptr, ra, rb, lo, R, N):
     """pdist2 = max(E, 1e-12) off the diagonal, 0 on it and outside; also whether E >= 1e-12
     (where the clamp lets the gradient through). e (R, N) holds the rows lo:lo + R of E (the
@@ -27,7 +35,20 @@ def _squared_distance_tile(e_ptr, ra, rb, lo, R, N):
     b = lo + a."""
     off = (ra[:, None] < R) & (rb[None, :] < N) & (lo + ra[:, None] != rb[None, :])
     p = tl.load(e_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], mask=off, other=0.0)
-    return tl.where(off, tl.maximum(p, 1e-12), 0.0), off & (p >= 1e-12)
+    return _clamped(p, off)
+
+
+@triton.jit
+def _gram_distance_tile(g_ptr, sq_ptr, sq_stride, ra, rb, lo, R, N):
+    """_squared_distance_tile of E = (sq_b + sq_a) - 2 G_ab formed here, bit for bit
+    fastkd.common.squared_distances_from_gram_rows: G (R, N) the rows lo:lo + R of a centred
+    Gram matrix, sq_i at sq_ptr + i sq_stride every row's squared norm (G's own diagonal,
+    stride N + 1, for one process)."""
+    off = (ra[:, None] < R) & (rb[None, :] < N) & (lo + ra[:, None] != rb[None, :])
+    g = tl.load(g_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], mask=off, other=0.0)
+    sq_a = tl.load(sq_ptr + (lo + ra).to(tl.int64) * sq_stride, mask=ra < R, other=0.0)
+    sq_b = tl.load(sq_ptr + rb.to(tl.int64) * sq_stride, mask=rb < N, other=0.0)
+    return _clamped((sq_b[None, :] + sq_a[:, None]) - 2 * g, off)
 
 
 @triton.jit
@@ -39,11 +60,12 @@ def _distance_tile(e_ptr, ra, rb, lo, R, N):
 
 
 @triton.jit
-def _distance_grad_kernel(es_ptr, et_ptr, stats_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr, lo, R, N,
-                          TILE_W: tl.constexpr, BLOCK: tl.constexpr):
+def _distance_grad_kernel(es_ptr, et_ptr, sqs_ptr, sqt_ptr, sq_stride, stats_ptr, ms_ptr, rs_ptr, mt_ptr,
+                          rt_ptr, lo, R, N, TILE_W: tl.constexpr, BLOCK: tl.constexpr):
     """M = -4 W, r = 4 rowsum(W) (R, N) and (R,) for a block of the rows lo:lo + R on each
     side, W = N^2 dL/dp (p the squared distances) from (W_s, W_t) = TILE_W(es_ptr, et_ptr,
-    stats_ptr, ra, rb, lo, R, N) at each tile (a jit function: _rkd_distance_w, _irg_edge_w).
+    sqs_ptr, sqt_ptr, sq_stride, stats_ptr, ra, rb, lo, R, N) at each tile (a jit function:
+    _rkd_distance_w, _irg_edge_w; the squared norms for IRG's E formed from G).
     W is symmetric, so these rows' M and r give these rows' whole gradient (RKD's distances;
     IRG's edge, whose maximum's share two ranks may round apart, adds W^T's instead:
     fastkd/autograd.py)."""
@@ -52,7 +74,7 @@ def _distance_grad_kernel(es_ptr, et_ptr, stats_ptr, ms_ptr, rs_ptr, mt_ptr, rt_
     r_t = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        w_s, w_t = TILE_W(es_ptr, et_ptr, stats_ptr, ra, rb, lo, R, N)
+        w_s, w_t = TILE_W(es_ptr, et_ptr, sqs_ptr, sqt_ptr, sq_stride, stats_ptr, ra, rb, lo, R, N)
         r_s += tl.sum(w_s, 1)
         r_t += tl.sum(w_t, 1)
         ok = (ra[:, None] < R) & (rb[None, :] < N)
@@ -62,13 +84,14 @@ def _distance_grad_kernel(es_ptr, et_ptr, stats_ptr, ms_ptr, rs_ptr, mt_ptr, rt_
     tl.store(rt_ptr + ra, 4 * r_t, mask=ra < R)
 
 
-def _distance_backward(e_s, e_t, stats, tile_w, lo):
+def _distance_backward(e_s, e_t, stats, tile_w, lo, sq=None):
     """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side (on the rows lo:lo + R
-    of e_* (R, N)), W from tile_w."""
+    of e_* (R, N)), W from tile_w; sq: IRG's (sq_s, sq_t) (E formed from G = e_*)."""
     m_s, r_s, m_t, r_t = grad_buffers(e_s, e_t)
     rows, n = e_s.shape
-    _distance_grad_kernel[(cdiv(rows, BLOCK),)](e_s, e_t, stats, m_s, r_s, m_t, r_t,
-                                                       lo, rows, n, TILE_W=tile_w, BLOCK=BLOCK)
+    sq_s, sq_t = (e_s, e_t) if sq is None else sq
+    _distance_grad_kernel[(cdiv(rows, BLOCK),)](e_s, e_t, sq_s, sq_t, sq_s.stride(0), stats, m_s, r_s, m_t,
+                                                r_t, lo, rows, n, TILE_W=tile_w, BLOCK=BLOCK)
     return m_s, r_s, m_t, r_t
 
 
@@ -119,8 +142,9 @@ def _rkd_distance_loss_kernel(es_ptr, et_ptr, sums_ptr, part_ptr, lo, R, N, BLOC
 
 
 @triton.jit
-def _rkd_distance_w(es_ptr, et_ptr, sums_ptr, ra, rb, lo, R, N):
-    """(W_s, W_t) at the tile (a, b), W = N^2 dL/dp (p the squared distances).
+def _rkd_distance_w(es_ptr, et_ptr, sqs_ptr, sqt_ptr, sq_stride, sums_ptr, ra, rb, lo, R, N):
+    """(W_s, W_t) at the tile (a, b), W = N^2 dL/dp (p the squared distances); the sq
+    arguments unused.
 
     With a = d / m, m = sum(d) / count, u = h'(a_s - a_t):
     N^2 dL/dd_s = (u - sum(u d_s) / sum(d_s)) / m_s; the teacher's with -u. dL/dp = dL/dd / (2 d).
@@ -157,22 +181,25 @@ def rkd_distance_backward(e_s, e_t, stats, lo=0):
 # --- IRG edge -----------------------------------------------------------------
 # E' = pdist2 / max(pdist2), pdist2 = max(E, 1e-12) off the diagonal, loss = mean (E'_s -
 # E'_t)^2. The max is a reduction over tiles kept on the device; its gradient is shared evenly
-# among the entries equal to it, as torch's max() does (equal rows give bit-equal E).
+# among the entries equal to it, as torch's max() does (equal rows give bit-equal E). E is
+# never stored: each tile forms it from the centred Gram matrix G and the squared norms sq
+# (_gram_distance_tile).
 
 @triton.jit
-def _irg_edge_max_kernel(es_ptr, et_ptr, part_ptr, lo, R, N, BLOCK: tl.constexpr):
+def _irg_edge_max_kernel(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, part_ptr, lo, R, N, BLOCK: tl.constexpr):
     """part[tile] = (max pdist2_s, max pdist2_t) over one tile."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
-    d_s, _ = _squared_distance_tile(es_ptr, ra, rb, lo, R, N)
-    d_t, _ = _squared_distance_tile(et_ptr, ra, rb, lo, R, N)
+    d_s, _ = _gram_distance_tile(gs_ptr, sqs_ptr, sq_stride, ra, rb, lo, R, N)
+    d_t, _ = _gram_distance_tile(gt_ptr, sqt_ptr, sq_stride, ra, rb, lo, R, N)
     tl.store(part_ptr + 2 * tile, tl.max(tl.max(d_s, 1), 0))
     tl.store(part_ptr + 2 * tile + 1, tl.max(tl.max(d_t, 1), 0))
 
 
 @triton.jit
-def _irg_edge_loss_kernel(es_ptr, et_ptr, max_ptr, part_ptr, lo, R, N, BLOCK: tl.constexpr):
+def _irg_edge_loss_kernel(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, max_ptr, part_ptr, lo, R, N,
+                          BLOCK: tl.constexpr):
     """part[tile] = (sum diff^2, sum diff d_s, sum diff d_t, count of d_s = max_s, count of
     d_t = max_t) over one tile, diff = d_s / max_s - d_t / max_t."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -180,8 +207,8 @@ def _irg_edge_loss_kernel(es_ptr, et_ptr, max_ptr, part_ptr, lo, R, N, BLOCK: tl
     tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     m_s = tl.load(max_ptr)
     m_t = tl.load(max_ptr + 1)
-    d_s, _ = _squared_distance_tile(es_ptr, ra, rb, lo, R, N)
-    d_t, _ = _squared_distance_tile(et_ptr, ra, rb, lo, R, N)
+    d_s, _ = _gram_distance_tile(gs_ptr, sqs_ptr, sq_stride, ra, rb, lo, R, N)
+    d_t, _ = _gram_distance_tile(gt_ptr, sqt_ptr, sq_stride, ra, rb, lo, R, N)
     diff = d_s / m_s - d_t / m_t
     out = part_ptr + 5 * tile
     tl.store(out, tl.sum(tl.sum(diff * diff, 1), 0))
@@ -193,7 +220,7 @@ def _irg_edge_loss_kernel(es_ptr, et_ptr, max_ptr, part_ptr, lo, R, N, BLOCK: tl
 
 
 @triton.jit
-def _irg_edge_w(es_ptr, et_ptr, stats_ptr, ra, rb, lo, R, N):
+def _irg_edge_w(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, stats_ptr, ra, rb, lo, R, N):
     """(W_s, W_t) at the tile (a, b), W = N^2 dL/dp (p the squared distances):
     W_s = 2 diff / m_s + [d_s = m_s] (-2 sum(diff d_s) / m_s^2) / count_s where the clamp lets
     the gradient through; the teacher's with -diff."""
@@ -201,24 +228,36 @@ def _irg_edge_w(es_ptr, et_ptr, stats_ptr, ra, rb, lo, R, N):
     m_t = tl.load(stats_ptr + 1)
     top_s = -2 * tl.load(stats_ptr + 2) / (m_s * m_s) / tl.load(stats_ptr + 4)
     top_t = 2 * tl.load(stats_ptr + 3) / (m_t * m_t) / tl.load(stats_ptr + 5)
-    d_s, live_s = _squared_distance_tile(es_ptr, ra, rb, lo, R, N)
-    d_t, live_t = _squared_distance_tile(et_ptr, ra, rb, lo, R, N)
+    d_s, live_s = _gram_distance_tile(gs_ptr, sqs_ptr, sq_stride, ra, rb, lo, R, N)
+    d_t, live_t = _gram_distance_tile(gt_ptr, sqt_ptr, sq_stride, ra, rb, lo, R, N)
     diff = d_s / m_s - d_t / m_t
     w_s = tl.where(live_s, 2 * diff / m_s + tl.where(d_s == m_s, top_s, 0.0), 0.0)
     w_t = tl.where(live_t, -2 * diff / m_t + tl.where(d_t == m_t, top_t, 0.0), 0.0)
     return w_s, w_t
 
 
-def irg_edge_forward(e_s, e_t, lo=0, reduce=_local):
+def _squared_norms(g, sq):
+    """(sq_s, sq_t) as given, or G's diagonals (views: the kernels read them with stride N + 1);
+    both with one stride."""
+    sq = tuple(torch.diagonal(x) for x in g) if sq is None else sq
+    if sq[0].stride(0) != sq[1].stride(0):
+        raise ValueError("the squared norms of both sides need one stride")
+    return sq
+
+
+def irg_edge_forward(g_s, g_t, lo=0, reduce=_local, sq=None):
     """(N^2 * loss, stats): stats = (max_s, max_t, sum diff d_s, sum diff d_t, count_s, count_t);
-    e_* the squared distances (N, N), or a global batch's rows lo:lo + R of them with reduce
-    the all-reduce (as rkd_distance_forward; the maxima with "max")."""
-    maxima = reduce(_tile_parts(_irg_edge_max_kernel, 2, e_s, e_t, lo=lo).amax(0), "max")
-    part = _tile_parts(_irg_edge_loss_kernel, 5, e_s, e_t, maxima, lo=lo).sum(0)
+    g_* the centred Gram matrices (N, N), whose diagonals give sq; or a global batch's rows
+    lo:lo + R of them with sq = (sq_s, sq_t) (N,) every row's squared norm and reduce the
+    all-reduce (as rkd_distance_forward; the maxima with "max")."""
+    sq_s, sq_t = _squared_norms((g_s, g_t), sq)
+    maxima = reduce(_tile_parts(_irg_edge_max_kernel, 2, g_s, g_t, sq_s, sq_t, sq_s.stride(0), lo=lo).amax(0),
+                    "max")
+    part = _tile_parts(_irg_edge_loss_kernel, 5, g_s, g_t, sq_s, sq_t, sq_s.stride(0), maxima, lo=lo).sum(0)
     return part[0], torch.cat([maxima, reduce(part[1:], "sum")])
 
 
-def irg_edge_backward(e_s, e_t, stats, lo=0):
+def irg_edge_backward(g_s, g_t, stats, lo=0, sq=None):
     """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side (for a global batch's
-    e_* (R, N), M and r of the rows lo:lo + R: M = -4 W, r = 4 rowsum(W) there)."""
-    return _distance_backward(e_s, e_t, stats, _irg_edge_w, lo)
+    g_* (R, N), M and r of the rows lo:lo + R: M = -4 W, r = 4 rowsum(W) there)."""
+    return _distance_backward(g_s, g_t, stats, _irg_edge_w, lo, _squared_norms((g_s, g_t), sq))

@@ -141,14 +141,38 @@ def _ofd_margin_kernel(t, stats, C, L, stb, stc, stk, ACC: tl.constexpr, BLOCK: 
 
 
 @triton.jit
-def _ofd_loss_kernel(s, t, margin, stats, C, L, ssb, ssc, ssk, stb, stc, stk,
-                     ACC: tl.constexpr, BLOCK: tl.constexpr):
-    # With t' = max(t, m_c) and e = (s - t') [not (s <= t' and t' <= 0)], row r = (b, c):
-    # stats[r] = (sum e^2, sum e ([m_c > t] + [m_c == t] / 2)); the second is what the
-    # teacher's gradient sends through the margin (it does not depend on grad_out).
+def _ofd_channel(mstats, c, B, C, eps, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # (m_c, count_c): m_c = sum_b neg / (count_c + eps), count_c = sum_b count over channel c's
+    # rows (b, c) of the margin kernel's stats; each program of a channel sums them alike.
+    neg = tl.zeros([BLOCK], dtype=ACC)
+    cnt = tl.zeros([BLOCK], dtype=ACC)
+    for b0 in range(0, B, BLOCK):
+        b = (b0 + tl.arange(0, BLOCK)).to(tl.int64)
+        row = mstats + 2 * (b * C + c)
+        neg += tl.load(row, mask=b < B, other=0.0)
+        cnt += tl.load(row + 1, mask=b < B, other=0.0)
+    cnt_c = tl.sum(cnt, axis=0)
+    return tl.sum(neg, axis=0) / (cnt_c + to_acc(eps, ACC)), cnt_c
+
+
+@triton.jit
+def _ofd_difference(x, y, m):
+    # e = (s - t') [not (s <= t' and t' <= 0)], t' = max(t, m_c).
+    yp = tl.maximum(y, m)
+    return tl.where((x <= yp) & (yp <= 0), 0.0, x - yp)
+
+
+@triton.jit
+def _ofd_loss_kernel(s, t, mstats, stats, ds, B, C, L, eps: tl.float64, scale: tl.float64,
+                     ssb, ssc, ssk, stb, stc, stk,
+                     ACC: tl.constexpr, WRITE_S: tl.constexpr, BLOCK: tl.constexpr):
+    # Row r = (b, c), e as _ofd_difference: stats[r] = (sum e^2, sum e ([m_c > t] + [m_c == t]
+    # / 2)); the second is what the teacher's gradient sends through the margin (it does not
+    # depend on grad_out). WRITE_S: ds = 2 scale e, the student's gradient at grad_output 1.
     r = tl.program_id(0).to(tl.int64)
     b, c = r // C, r % C
-    m = tl.load(margin + c).to(ACC)
+    m, _ = _ofd_channel(mstats, c, B, C, eps, ACC, BLOCK)
+    k2 = 2.0 * to_acc(scale, ACC)
     sq = tl.zeros([BLOCK], dtype=ACC)
     sq_c = tl.zeros([BLOCK], dtype=ACC)
     through = tl.zeros([BLOCK], dtype=ACC)
@@ -158,38 +182,37 @@ def _ofd_loss_kernel(s, t, margin, stats, C, L, ssb, ssc, ssk, stb, stc, stk,
         km = k < L
         x = tl.load(s + b * ssb + c * ssc + k * ssk, mask=km, other=0.0).to(ACC)
         y = tl.load(t + b * stb + c * stc + k * stk, mask=km, other=0.0).to(ACC)
-        yp = tl.maximum(y, m)
-        e = tl.where((x <= yp) & (yp <= 0), 0.0, x - yp)
-        e = tl.where(km, e, 0.0)
+        e = tl.where(km, _ofd_difference(x, y, m), 0.0)
         sq, sq_c = _kahan_add(sq, sq_c, e * e)
         through, through_c = _kahan_add(through, through_c, e * tl.where(m > y, 1.0, tl.where(m == y, 0.5, 0.0)))
+        if WRITE_S:
+            tl.store(ds + r * L + k, (k2 * e).to(ds.dtype.element_ty), mask=km)
     tl.store(stats + 2 * r, tl.sum(sq, axis=0))
     tl.store(stats + 2 * r + 1, tl.sum(through, axis=0))
 
 
 @triton.jit
-def _ofd_grad_kernel(s, t, margin, through, grad_out, ds, dt, C, L, scale: tl.float64,
-                     ssb, ssc, ssk, stb, stc, stk,
-                     ACC: tl.constexpr, WRITE_S: tl.constexpr, WRITE_T: tl.constexpr, BLOCK: tl.constexpr):
-    # k = 2 grad_out scale; ds = k e; dt = -k (e ([t > m] + [t == m] / 2) + [t < 0] through_c),
-    # through_c = sum over the channel of e ([m > t] + [m == t] / 2) / (count(t < 0) + 1e-6).
+def _ofd_grad_kernel(s, t, mstats, stats, grad_out, dt, B, C, L, eps: tl.float64, scale: tl.float64,
+                     ssb, ssc, ssk, stb, stc, stk, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # k = 2 grad_out scale; dt = -k (e ([t > m] + [t == m] / 2) + [t < 0] through_c),
+    # through_c = sum over the channel of e ([m > t] + [m == t] / 2) / (count(t < 0) + eps).
     r = tl.program_id(0).to(tl.int64)
     b, c = r // C, r % C
-    m = tl.load(margin + c).to(ACC)
-    q = tl.load(through + c).to(ACC)
+    m, cnt = _ofd_channel(mstats, c, B, C, eps, ACC, BLOCK)
+    q = tl.zeros([BLOCK], dtype=ACC)
+    for b0 in range(0, B, BLOCK):
+        bb = (b0 + tl.arange(0, BLOCK)).to(tl.int64)
+        q += tl.load(stats + 2 * (bb * C + c) + 1, mask=bb < B, other=0.0)
+    q = tl.sum(q, axis=0) / (cnt + to_acc(eps, ACC))
     k2 = 2.0 * tl.load(grad_out).to(ACC) * to_acc(scale, ACC)
     for k0 in range(0, L, BLOCK):
         k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
         km = k < L
         x = tl.load(s + b * ssb + c * ssc + k * ssk, mask=km, other=0.0).to(ACC)
         y = tl.load(t + b * stb + c * stc + k * stk, mask=km, other=0.0).to(ACC)
-        yp = tl.maximum(y, m)
-        e = tl.where((x <= yp) & (yp <= 0), 0.0, x - yp)
-        if WRITE_S:
-            tl.store(ds + r * L + k, (k2 * e).to(ds.dtype.element_ty), mask=km)
-        if WRITE_T:
-            g = e * tl.where(y > m, 1.0, tl.where(y == m, 0.5, 0.0)) + tl.where(y < 0, q, 0.0)
-            tl.store(dt + r * L + k, (-k2 * g).to(dt.dtype.element_ty), mask=km)
+        e = _ofd_difference(x, y, m)
+        g = e * tl.where(y > m, 1.0, tl.where(y == m, 0.5, 0.0)) + tl.where(y < 0, q, 0.0)
+        tl.store(dt + r * L + k, (-k2 * g).to(dt.dtype.element_ty), mask=km)
 
 
 @triton.jit
@@ -230,36 +253,39 @@ def _grads_like(s, t, need_s, need_t):
     return ds, dt
 
 
-def ofd_margin(fm_t, eps=1e-6):
-    """m_c = sum t [t < 0] / (count(t < 0) + eps) (C,), and count(t < 0) (C,)."""
+def ofd_margin(fm_t):
+    """Per-row (sum t [t < 0], count(t < 0)) (B, C, 2), in the accumulation dtype: the
+    channels' margins m_c = sum_b neg / (sum_b count + eps), which the later kernels form."""
     y = as_3d(fm_t)
     B, C, L = y.shape
     acc = accumulation_dtype(fm_t)
     stats = torch.empty((B, C, 2), dtype=acc, device=fm_t.device)
     _ofd_margin_kernel[(B * C,)](y, stats, C, L, *y.stride(), ACC=tl_acc(acc), BLOCK=_ROW_BLOCK)
-    neg, cnt = stats.sum(0).unbind(1)
-    return neg / (cnt + eps), cnt
-
-
-def ofd_loss(fm_s, fm_t, margin):
-    """Per-row (sum e^2, sum e [m > t] (1/2 at m = t)) (B, C, 2) of OFD's masked difference e."""
-    x, y = as_3d(fm_s), as_3d(fm_t)
-    B, C, L = x.shape
-    stats = torch.empty((B, C, 2), dtype=margin.dtype, device=fm_s.device)
-    _ofd_loss_kernel[(B * C,)](x, y, margin, stats, C, L, *x.stride(), *y.stride(),
-                               ACC=tl_acc(margin.dtype), BLOCK=_ROW_BLOCK)
     return stats
 
 
-def ofd_grad(fm_s, fm_t, margin, through, grad_out, need_s, need_t):
-    """(ds, dt) of grad_out * OFD; through (C,) as in _ofd_grad_kernel."""
+def ofd_loss(fm_s, fm_t, mstats, need_s, eps=1e-6):
+    """(stats, ds): per-row (sum e^2, sum e [m > t] (1/2 at m = t)) (B, C, 2) of OFD's masked
+    difference e, from ofd_margin's mstats; ds the student's gradient at grad_output 1 when
+    need_s, else None."""
     x, y = as_3d(fm_s), as_3d(fm_t)
     B, C, L = x.shape
-    ds, dt = _grads_like(fm_s, fm_t, need_s, need_t)
-    _ofd_grad_kernel[(B * C,)](x, y, margin, through, grad_out, x if ds is None else ds, x if dt is None else dt,
-                               C, L, 1.0 / fm_s.numel(), *x.stride(), *y.stride(), ACC=tl_acc(margin.dtype),
-                               WRITE_S=need_s, WRITE_T=need_t, BLOCK=_ROW_BLOCK)
-    return ds, dt
+    stats = torch.empty((B, C, 2), dtype=mstats.dtype, device=fm_s.device)
+    ds, _ = _grads_like(fm_s, fm_t, need_s, False)
+    _ofd_loss_kernel[(B * C,)](x, y, mstats, stats, x if ds is None else ds, B, C, L, eps, 1.0 / fm_s.numel(),
+                               *x.stride(), *y.stride(), ACC=tl_acc(mstats.dtype), WRITE_S=need_s,
+                               BLOCK=_ROW_BLOCK)
+    return stats, ds
+
+
+def ofd_grad_t(fm_s, fm_t, mstats, stats, grad_out, eps=1e-6):
+    """dt of grad_out * OFD from the two kernels' stats (_ofd_grad_kernel)."""
+    x, y = as_3d(fm_s), as_3d(fm_t)
+    B, C, L = x.shape
+    _, dt = _grads_like(fm_s, fm_t, False, True)
+    _ofd_grad_kernel[(B * C,)](x, y, mstats, stats, grad_out, dt, B, C, L, eps, 1.0 / fm_s.numel(),
+                               *x.stride(), *y.stride(), ACC=tl_acc(mstats.dtype), BLOCK=_ROW_BLOCK)
+    return dt
 
 
 def vid(s, t, alpha, eps, need_s, need_t):

@@ -2,9 +2,11 @@
 IRG edge: fastkd/kernels/distance.py, angle.py and cosine.py), built on (N, N) matrices of
 the student's and the teacher's rows.
 
-`prepare` (centre and convert the features), `squared_distances` (E_ab = |x_a - x_b|^2,
-float64), `gram` (G = X X^T, exactly symmetric) and `gram_grad` (dL/dX = scale * (M X + r * X)
-from an (N, N) matrix M and an optional vector r), with `grad_buffers` for the (M, r) each
+`prepare` (centre or normalise the features, in float64), `squared_distances` (E_ab =
+|x_a - x_b|^2, float64), `gram` (G = X X^T float64, exactly symmetric) and `gram_grad`
+(dL/dX = scale * (M X + r * X) from an (N, N) matrix M and an optional vector r); the last
+three read X through its strides in any float dtype (converted exactly to float64 in the
+kernel, so raw features need no prepare launch), with `grad_buffers` for the (M, r) each
 loss's gradient kernel writes, and the small @triton.jit helpers several losses use. Each
 loss then has its kernels over (N, N) tiles of the student's and the teacher's matrices,
 both read by the same launch.
@@ -31,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, sqrt
+from .common import cdiv, sqrt, to_acc
 
 BLOCK = 32  # side of the (N, N) tiles
 BLOCK_D = 32  # feature columns per step of a dot product
@@ -151,10 +153,12 @@ def squared_distances(x, lo=0, rows=None):
 
 
 @triton.jit
-def _gram_kernel(x_ptr, g_ptr, lo, R, N, D, SQUARE: tl.constexpr, BLOCK: tl.constexpr,
+def _gram_kernel(x_ptr, stride_n, stride_d, g_ptr, lo, R, N, D, SQUARE: tl.constexpr, BLOCK: tl.constexpr,
                  BLOCK_D: tl.constexpr):
-    """G = X[lo:lo + R] X^T (R, N) for the tile (a, b). SQUARE (lo 0, R = N): only b <= a,
-    stored at (a, b) and transposed at (b, a), a diagonal tile made exactly symmetric."""
+    """G = X[lo:lo + R] X^T (R, N) in G's dtype (float64) for the tile (a, b), X (N, D) read
+    through its strides in any float dtype (the conversion is exact). SQUARE (lo 0, R = N):
+    only b <= a, stored at (a, b) and transposed at (b, a), a diagonal tile made exactly
+    symmetric."""
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
     if SQUARE:
@@ -167,10 +171,10 @@ def _gram_kernel(x_ptr, g_ptr, lo, R, N, D, SQUARE: tl.constexpr, BLOCK: tl.cons
         acc = tl.zeros([BLOCK, BLOCK], dtype=g_ptr.dtype.element_ty)
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
-            xa = tl.load(x_ptr + (lo + ra[:, None]).to(tl.int64) * D + cols[None, :],
-                         mask=(ra[:, None] < R) & (cols[None, :] < D), other=0.0)
-            xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * D + cols[None, :],
-                         mask=(rb[:, None] < N) & (cols[None, :] < D), other=0.0)
+            xa = tl.load(x_ptr + (lo + ra[:, None]).to(tl.int64) * stride_n + cols[None, :].to(tl.int64) * stride_d,
+                         mask=(ra[:, None] < R) & (cols[None, :] < D), other=0.0).to(acc.dtype)
+            xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * stride_n + cols[None, :].to(tl.int64) * stride_d,
+                         mask=(rb[:, None] < N) & (cols[None, :] < D), other=0.0).to(acc.dtype)
             acc = tl.dot(xa, tl.trans(xb), acc, input_precision="ieee", out_dtype=acc.dtype)
         ok = (ra[:, None] < R) & (rb[None, :] < N)
         if SQUARE:
@@ -180,59 +184,83 @@ def _gram_kernel(x_ptr, g_ptr, lo, R, N, D, SQUARE: tl.constexpr, BLOCK: tl.cons
         tl.store(g_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], acc, mask=ok)
 
 
+def flat(x):
+    """x as (N, D) rows, a view where its dims merge (the kernels read it through its strides)."""
+    return x.reshape(x.size(0), -1)
+
+
 def gram(x, lo=0, rows=None):
-    """G = X X^T (N, N), exactly symmetric; x from prepare(). rows: only the rows lo:lo + rows
-    of G, (rows, N) (a global batch's row block)."""
+    """G = X X^T (N, N) float64, exactly symmetric, X = flat(x) in any float dtype (the raw
+    features: read and converted in the kernel), or from prepare(). rows: only the rows
+    lo:lo + rows of G, (rows, N) (a global batch's row block)."""
+    x = flat(x)
     n, d = x.shape
     square = rows is None
     rows = n if square else rows
-    g = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    g = torch.empty((rows, n), dtype=torch.float64, device=x.device)
     _gram_kernel[(cdiv(rows, BLOCK), cdiv(n, BLOCK))](
-        x, g, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
+        x, x.stride(0), x.stride(1), g, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
     return g
 
 
 @triton.jit
-def _gram_grad_kernel(m_ptr, stride_ma, stride_mb, r_ptr, y_ptr, z_ptr, scale_ptr, out_ptr, R, K, D,
-                      HAS_R: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out = scale * (M Y + r * Z) for a (BLOCK, BLOCK_D) tile of out (R, D): M (R, K) read
-    through its strides, Y (K, D), Z (R, D) and out contiguous (r = 0 without HAS_R). One
-    process's square case is Y = Z = X, M (N, N)."""
+def _gram_grad_kernel(m_ptr, stride_ma, stride_mb, r_ptr, y_ptr, stride_yk, stride_yd, z_ptr, stride_zr,
+                      stride_zd, scale_ptr, divisor: tl.float64, out_ptr, R, K, D,
+                      HAS_R: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """out = s * (M Y + r * Z) for a (BLOCK, BLOCK_D) tile of out (R, D) (contiguous), in M's
+    dtype: M (R, K), Y (K, D) and Z (R, D) read through their strides, Y and Z in any float
+    dtype; s = scale / divisor, scale a 0-dim tensor (1 without HAS_SCALE: a gradient at
+    grad_output 1, written in forward), r = 0 without HAS_R. One process's square case is
+    Y = Z = X, M (N, N)."""
     # Column blocks on grid axis 0 (up to 2^31 - 1): flattened maps reach D > 2 M, past the
     # 65,535 of axis 1.
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     ra = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < D
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=y_ptr.dtype.element_ty)
+    acc_type = m_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=acc_type)
     for start in range(0, K, BLOCK):
         rb = start + tl.arange(0, BLOCK)
         m = tl.load(m_ptr + ra[:, None].to(tl.int64) * stride_ma + rb[None, :].to(tl.int64) * stride_mb,
                     mask=(ra[:, None] < R) & (rb[None, :] < K), other=0.0)
-        yb = tl.load(y_ptr + rb[:, None].to(tl.int64) * D + cols[None, :],
-                     mask=(rb[:, None] < K) & col_ok[None, :], other=0.0)
-        acc = tl.dot(m, yb, acc, input_precision="ieee", out_dtype=acc.dtype)
+        yb = tl.load(y_ptr + rb[:, None].to(tl.int64) * stride_yk + cols[None, :].to(tl.int64) * stride_yd,
+                     mask=(rb[:, None] < K) & col_ok[None, :], other=0.0).to(acc_type)
+        acc = tl.dot(m, yb, acc, input_precision="ieee", out_dtype=acc_type)
     ok = (ra[:, None] < R) & col_ok[None, :]
     if HAS_R:
-        za = tl.load(z_ptr + ra[:, None].to(tl.int64) * D + cols[None, :], mask=ok, other=0.0)
+        za = tl.load(z_ptr + ra[:, None].to(tl.int64) * stride_zr + cols[None, :].to(tl.int64) * stride_zd,
+                     mask=ok, other=0.0).to(acc_type)
         acc += tl.load(r_ptr + ra, mask=ra < R, other=0.0)[:, None] * za
-    out = acc * tl.load(scale_ptr)
+    # One scalar division, then products: a float64 division per entry costs registers.
+    if HAS_SCALE:
+        acc = acc * (tl.load(scale_ptr).to(acc_type) / to_acc(divisor, acc_type))
+    else:
+        acc = acc * (1.0 / to_acc(divisor, acc_type))
     tl.store(out_ptr + ra[:, None].to(tl.int64) * D + cols[None, :],
-             _cast(out, out_ptr.dtype.element_ty), mask=ok)
+             _cast(acc, out_ptr.dtype.element_ty), mask=ok)
 
 
-def gram_grad(m, r, x, scale, like, lo=0, z=None):
-    """dL/dX = scale * (M X + r * Z) (R, D) typed like `like`, Z = X[lo:lo + R] unless given
-    (R, D); x (K, D) from prepare(), M (R, K) (any strides: a transposed view is read as
-    such), r (R,) or None for 0, scale a 0-dim tensor (the upstream gradient over the loss's
-    count). Shaped like `like` when R is its batch (one process: M (N, N), lo 0), else (R, D):
-    a global batch's rows lo:lo + R of the gradient, from M's rows."""
+def gram_grad(m, r, x, scale, like, lo=0, z=None, divisor=1.0):
+    """dL/dX = scale / divisor * (M X + r * Z) (R, D) typed like `like`, Z = X[lo:lo + R] unless
+    given (R, D); X = flat(x) (K, D) in any float dtype (the raw features, or from prepare()),
+    M (R, K) (any strides: a transposed view is read as such), r (R,) or None for 0, scale
+    a 0-dim tensor (the upstream gradient) or None for 1 (a gradient written in forward),
+    divisor a number (the loss's count). Shaped like `like` when R is its batch (one
+    process: M (N, N), lo 0), else (R, D): a global batch's rows lo:lo + R of the gradient,
+    from M's rows."""
+    x = flat(x)
     rows, k = m.shape
     d = x.shape[1]
-    z = x[lo:] if z is None else z
+    z = x[lo:] if z is None else flat(z)
     out = torch.empty((rows, d), dtype=like.dtype, device=x.device)
+    # 16-bit rows converted to float64 in the loop: with the default three stages sm_90
+    # spills registers at large D.
+    stages = 2 if x.element_size() == 2 else 3
     _gram_grad_kernel[(cdiv(d, BLOCK_D), cdiv(rows, BLOCK))](
-        m, m.stride(0), m.stride(1), m if r is None else r, x, z, scale, out, rows, k, d,
-        HAS_R=r is not None, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
+        m, m.stride(0), m.stride(1), m if r is None else r, x, x.stride(0), x.stride(1), z, z.stride(0),
+        z.stride(1), m if scale is None else scale, float(divisor), out, rows, k, d,
+        HAS_R=r is not None, HAS_SCALE=scale is not None, BLOCK=BLOCK, BLOCK_D=BLOCK_D, num_stages=stages)
     return out.reshape(like.shape) if rows == len(like) else out
 
 
@@ -243,6 +271,18 @@ def _cast(x, ty: tl.constexpr):
     if ty == tl.float64:
         return x.to(ty)
     return x.to(tl.float32).to(ty)
+
+
+@triton.jit
+def store_total(part_ptr, stride, n_parts, divisor, out_ptr, BLOCK: tl.constexpr):
+    """out[0] = (sum of the n_parts float64 values part[i * stride]) / divisor, in out's dtype:
+    a loss written by the program of a later launch that runs anyway (no sum, division and
+    cast of its own)."""
+    acc = tl.zeros([BLOCK], dtype=part_ptr.dtype.element_ty)
+    for start in range(0, n_parts, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        acc += tl.load(part_ptr + i.to(tl.int64) * stride, mask=i < n_parts, other=0.0)
+    tl.store(out_ptr, _cast(tl.sum(acc, 0) / to_acc(divisor, acc.dtype), out_ptr.dtype.element_ty))
 
 
 @triton.jit

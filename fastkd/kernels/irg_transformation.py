@@ -95,6 +95,69 @@ def _transformation_grad_kernel(a_ptr, sa_n, sa_c, sa_h, sa_w, hw_a, w_a,
             tl.store(db_ptr + i * V + f, _cast(-da, db_ptr.dtype.element_ty), mask=ok)
 
 
+BLOCK_N = 1024  # samples per step of the one-program loss kernel
+
+
+@triton.jit
+def _transformation_loss_kernel(ds_ptr, dt_ptr, loss_ptr, dds_ptr, ddt_ptr, N, scale: tl.float64,
+                                BLOCK: tl.constexpr):
+    """One program over the N distances of each side (float64): with c = max(d, 1e-12),
+    top = max(c) and T = c / top, loss = mean (T_s - T_t)^2 in loss's dtype, and at
+    grad_output 1 dd = dL/dd (N,) on each side: with g = +-scale (T_s - T_t) (scale = 2 / N),
+    dd = (g / top - [c = top] sum(g c) / top^2 / count(c = top)) [d >= 1e-12] (max()'s
+    gradient shared evenly among the entries equal to it, as torch's)."""
+    top_s = tl.zeros([BLOCK], dtype=tl.float64)
+    top_t = tl.zeros([BLOCK], dtype=tl.float64)
+    for start in range(0, N, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        top_s = tl.maximum(top_s, tl.maximum(tl.load(ds_ptr + i, mask=i < N, other=0.0), 1e-12))
+        top_t = tl.maximum(top_t, tl.maximum(tl.load(dt_ptr + i, mask=i < N, other=0.0), 1e-12))
+    top_s = tl.max(top_s, 0)
+    top_t = tl.max(top_t, 0)
+    sq = tl.zeros([BLOCK], dtype=tl.float64)
+    gc_s = tl.zeros([BLOCK], dtype=tl.float64)
+    gc_t = tl.zeros([BLOCK], dtype=tl.float64)
+    n_s = tl.zeros([BLOCK], dtype=tl.float64)
+    n_t = tl.zeros([BLOCK], dtype=tl.float64)
+    for start in range(0, N, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        ok = i < N
+        c_s = tl.maximum(tl.load(ds_ptr + i, mask=ok, other=0.0), 1e-12)
+        c_t = tl.maximum(tl.load(dt_ptr + i, mask=ok, other=0.0), 1e-12)
+        diff = tl.where(ok, c_s / top_s - c_t / top_t, 0.0)
+        g = diff * scale
+        sq += diff * diff
+        gc_s += g * c_s
+        gc_t -= g * c_t
+        n_s += tl.where(ok & (c_s == top_s), 1.0, 0.0)
+        n_t += tl.where(ok & (c_t == top_t), 1.0, 0.0)
+    tl.store(loss_ptr, _cast(tl.sum(sq, 0) / N, loss_ptr.dtype.element_ty))
+    share_s = tl.sum(gc_s, 0) / (top_s * top_s) / tl.sum(n_s, 0)
+    share_t = tl.sum(gc_t, 0) / (top_t * top_t) / tl.sum(n_t, 0)
+    for start in range(0, N, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        ok = i < N
+        d_s = tl.load(ds_ptr + i, mask=ok, other=0.0)
+        d_t = tl.load(dt_ptr + i, mask=ok, other=0.0)
+        c_s = tl.maximum(d_s, 1e-12)
+        c_t = tl.maximum(d_t, 1e-12)
+        g = (c_s / top_s - c_t / top_t) * scale
+        dd_s = (g / top_s - tl.where(c_s == top_s, share_s, 0.0)) * (d_s >= 1e-12).to(tl.float64)
+        dd_t = (-g / top_t - tl.where(c_t == top_t, share_t, 0.0)) * (d_t >= 1e-12).to(tl.float64)
+        tl.store(dds_ptr + i, dd_s, mask=ok)
+        tl.store(ddt_ptr + i, dd_t, mask=ok)
+
+
+def transformation_loss(d_s, d_t, dtype):
+    """(loss in dtype, dd_s, dd_t): mse(T_s, T_t), T = max(d, 1e-12) / max(max(d, 1e-12)), from
+    the distances d_* (N,) float64, and its gradients dL/dd_* at grad_output 1 (one launch)."""
+    n = len(d_s)
+    loss = torch.empty((), dtype=dtype, device=d_s.device)
+    dd_s, dd_t = torch.empty_like(d_s), torch.empty_like(d_t)
+    _transformation_loss_kernel[(1,)](d_s, d_t, loss, dd_s, dd_t, n, 2.0 / n, BLOCK=BLOCK_N)
+    return loss, dd_s, dd_t
+
+
 def _map_args(x):
     """(x, its 4 strides, H W, W) for the kernels' strided reads of a (N, C, H, W) map."""
     return (x, *x.stride(), x.size(2) * x.size(3), x.size(3))
