@@ -130,16 +130,22 @@ def _run(op, *args, shard=None):
     return _call(op, first.device, *args, shard=shard)
 
 
-def _pair(s, t, name_s, name_t, **kw):
-    checks.tensor(s, name_s, **kw)
-    checks.tensor(t, name_t, **kw)
-    if s.device != t.device:
+def _pair(s, t, name_s, name_t, ndim=None, min_ndim=None):
+    """Two non-empty floating-point tensors on one device (of ndim, or at least min_ndim,
+    dimensions): one test of the common case, the named checks (which raise) otherwise."""
+    if not (type(s) is torch.Tensor and type(t) is torch.Tensor and s.is_floating_point()
+            and t.is_floating_point() and s.numel() and t.numel() and s.device == t.device
+            and (ndim is None or s.dim() == t.dim() == ndim)
+            and (min_ndim is None or min(s.dim(), t.dim()) >= min_ndim)):
+        checks.tensor(s, name_s, ndim, min_ndim)
+        checks.tensor(t, name_t, ndim, min_ndim)
         checks.same_device(**{name_s: s, name_t: t})
 
 
-def _same_pair(s, t, name_s, name_t, **kw):
-    _pair(s, t, name_s, name_t, **kw)
-    checks.same_shape(s, t, name_s, name_t)
+def _same_pair(s, t, name_s, name_t, ndim=None, min_ndim=None):
+    _pair(s, t, name_s, name_t, ndim, min_ndim)
+    if s.shape != t.shape:
+        checks.same_shape(s, t, name_s, name_t)
 
 
 def _shard(x, name, global_batch, group):
@@ -180,7 +186,7 @@ def logits(out_s, out_t):
 
 
 def _kl_pair(out_s, out_t, name_s, name_t):
-    _same_pair(out_s, out_t, name_s, name_t, min_ndim=2)
+    _same_pair(out_s, out_t, name_s, name_t, None, 2)
 
 
 def soft_target(out_s, out_t, T):
@@ -262,12 +268,10 @@ def fsp(fm_s1, fm_s2, fm_t1, fm_t2):
 
     All (B, C, H, W); a is adaptive-average-pooled to b's (H, W) when larger.
     """
-    names = ("fm_s1", "fm_s2", "fm_t1", "fm_t2")
-    maps = (fm_s1, fm_s2, fm_t1, fm_t2)
-    for m, n in zip(maps, names):
-        checks.feature_map(m, n)
-    if not fm_s1.device == fm_s2.device == fm_t1.device == fm_t2.device:
-        checks.same_device(**dict(zip(names, maps)))
+    _pair(fm_s1, fm_s2, "fm_s1", "fm_s2", 4)
+    _pair(fm_t1, fm_t2, "fm_t1", "fm_t2", 4)
+    if fm_s1.device != fm_t1.device:
+        checks.same_device(fm_s1=fm_s1, fm_s2=fm_s2, fm_t1=fm_t1, fm_t2=fm_t2)
     flow_s = _flow_shape(fm_s1, fm_s2, "fm_s1", "fm_s2")
     flow_t = _flow_shape(fm_t1, fm_t2, "fm_t1", "fm_t2")
     checks.same_batch(fm_s1, fm_t1, "fm_s1", "fm_t1")
