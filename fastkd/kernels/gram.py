@@ -16,9 +16,10 @@ lo:lo + R of the (N, N) matrices as an (R, N) matrix, given the row offset lo, t
 R and the global N (columns, the diagonal at b = lo + a); one process's square case is lo 0,
 R = N, with the code it had (SQUARE, ALL: the symmetric tiles, the loop over all rows).
 
-Numerics (the CPU path, fastkd/torch_backend/pairwise.py, follows the same rules for RKD and
-IRG, and runs the reference's own operations for SP, PKT and CC; its docstring has the error
-analysis). Everything here and in the losses' modules sums in float64, whatever the input
+Numerics (the CPU path, fastkd/torch_backend/pairwise.py, follows the same rules for RKD,
+forms IRG's edges with the reference's own float32 operations unless a common offset would
+swamp them, and runs the reference's own forward operations for SP, PKT and CC; its
+docstring has the error analysis). Everything here and in the losses' modules sums in float64, whatever the input
 dtype. Formed from a Gram matrix, E_ab = G_aa + G_bb - 2 G_ab carries an absolute error of
 about u |x|^2, which is all of E_ab for a pair much closer than the rows' norms (float32
 features spread over 5000 with two rows 0.3 apart gave RKD 5e9 for 0.66; centring does not

@@ -41,11 +41,13 @@ spread; in float32 (IRG's) it is the reference's, which sums the same terms.
 SP, PKT and CC read cosine-type similarities, which subtract nothing, but their losses are
 near 0 exactly when student and teacher agree, where any float32 order of operations other
 than the reference's leaves rounding of the loss's own size (the reference's rounds alike
-on both sides). They are a few torch calls with nothing better to do on CPU, so they run the
-reference's own operations (16-bit inputs in float32): their error is the reference's, at
-its speed, with a finite gradient at a zero row. RKD's angle term reads its N^3 angles one
-block of anchors at a time, so nothing of size (N, N, D) or (N, N, N) is held; the loss
-comes back in the input dtype.
+on both sides). So their forward is the reference's own operations (16-bit inputs in
+float32): their error is the reference's, with a finite gradient at a zero row. What differs
+is the backward: X X^T's is one product, (dG + dG^T) X, where autograd makes two (at
+N^2 D >= 2^21, where that outweighs a Python Function's cost), and against a fixed teacher
+PKT and CC run as Functions (no autograd graph in forward, the gradient in a few passes).
+RKD's angle term reads its N^3 angles one block of anchors at a time, so nothing of size
+(N, N, D) or (N, N, N) is held; the loss comes back in the input dtype.
 """
 import math
 
@@ -332,12 +334,12 @@ def rkd(feat_s, feat_t, w_dist, w_angle):
     return RKDBoth.apply(feat_s, feat_t, w_dist, w_angle)
 
 
-# --- SP, PKT and CC: similarities, with the reference's own operations ----------------
-# A few torch calls in the reference already, with nothing to gain from another algorithm on
-# CPU. Their losses are near 0 exactly when student and teacher agree, where any other order
-# of operations leaves rounding of the loss's own size that the reference's, alike on both
-# sides, does not: so these are the reference's operations (bfloat16/float16 in float32),
-# and their error is the reference's. Only a zero row differs: its gradient is finite.
+# --- SP, PKT and CC: similarities, with the reference's own forward operations ------------
+# Their losses are near 0 exactly when student and teacher agree, where any other order of
+# operations leaves rounding of the loss's own size that the reference's, alike on both
+# sides, does not: so the forward is the reference's operations (bfloat16/float16 in
+# float32), and its error the reference's; a zero row's gradient is finite. The backwards are
+# fastkd's (module docstring).
 
 def _working(x):
     """float32 for 16-bit inputs, else the input's dtype."""
