@@ -50,6 +50,19 @@ def nst_spatial_form(c_s, c_t, hw):
     return hw * (c_s + c_t) < c_s * c_s + c_t * c_t + c_s * c_t
 
 
+def normalized_rows(x, eps=1e-12):
+    """(z, norm): z = x / max(|x_row|, eps), F.normalize(x, dim=1)'s operations without its
+    Python layers (the same values), and the row norms (R, 1), for normalize_grad."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return x / norm.clamp_min(eps).expand_as(x), norm
+
+
+def normalize_grad(z, norm, dz, eps=1e-12):
+    """dL/dx from dL/dz for z = normalized_rows(x): (dz - z (z . dz)) / |x| per row, or
+    dz / eps where |x| <= eps (F.normalize's clamp, which autograd differentiates so)."""
+    return torch.where(norm > eps, (dz - z * (z * dz).sum(dim=1, keepdim=True)) / norm.clamp_min(eps), dz / eps)
+
+
 def output_gradient(out, target, wrt, create_graph=True):
     """d(sum_i out[i, target_i]) / d wrt: Sobolev's input gradients and LwM's map gradients
     (the reference computes its own, with gather). Kept in the graph (create_graph=True) for

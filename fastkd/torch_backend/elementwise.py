@@ -13,7 +13,7 @@ one temporary the size of the input; bf16/fp16 are squared and summed in fp32.
 import torch
 import torch.nn.functional as F
 
-from ..common import first_order, grad_cam, output_gradient, result_dtype
+from ..common import first_order, grad_cam, normalize_grad, normalized_rows, output_gradient, result_dtype
 
 
 def _sum_sq(x, dim=None):
@@ -62,9 +62,7 @@ class FTStudent(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, z_t):
-        flat = x.reshape(x.shape[0], -1)
-        norm = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
-        z = flat / norm.clamp_min(1e-12).expand_as(flat)  # F.normalize's operations
+        z, norm = normalized_rows(x.reshape(x.shape[0], -1))
         diff = z - z_t
         ctx.save_for_backward(z, norm, diff)
         ctx.shape = x.shape
@@ -75,9 +73,7 @@ class FTStudent(torch.autograd.Function):
     def backward(ctx, grad_output):
         z, norm, diff = ctx.saved_tensors
         g = torch.sign(diff).mul_(grad_output / diff.numel())
-        live = norm > 1e-12
-        dx = torch.where(live, (g - z * (z * g).sum(dim=1, keepdim=True)) / norm.clamp_min(1e-12), g / 1e-12)
-        return dx.reshape(ctx.shape), None
+        return normalize_grad(z, norm, g).reshape(ctx.shape), None
 
 
 def ofd(fm_s, fm_t):

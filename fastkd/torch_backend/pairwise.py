@@ -54,8 +54,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..common import (first_order, result_dtype, squared_distances_from_gram, transformation_pool,
-                      zero_row_sums)
+from ..common import (first_order, normalize_grad, normalized_rows, result_dtype, squared_distances_from_gram,
+                      transformation_pool, zero_row_sums)
 from ..distributed import all_gather_rows, all_reduce_max, all_reduce_sum
 
 # (anchors per block) * N^2 entries of the angle term held at once: eagerly, blocks of 512 KiB
@@ -378,8 +378,36 @@ def _sp_similarity(fm, rows=None):
 
 def sp(fm_s, fm_t):
     """mse(normalize(G_s, dim=1), normalize(G_t, dim=1)), G = flat(f) flat(f)^T, with the
-    reference's operations."""
+    reference's operations (SPStudent against a fixed teacher)."""
+    if not fm_t.requires_grad or not torch.is_grad_enabled():  # the teacher is a constant
+        with torch.no_grad():
+            g_t = _sp_similarity(fm_t)
+        return SPStudent.apply(fm_s, g_t).to(result_dtype(fm_s, fm_t))
     return F.mse_loss(_sp_similarity(fm_s), _sp_similarity(fm_t)).to(result_dtype(fm_s, fm_t))
+
+
+class SPStudent(torch.autograd.Function):
+    """SP's loss against a fixed teacher's normalised G_t (N, N), with a hand-written
+    backward: the reference's forward operations without an autograd graph, and with
+    H = normalize(G, dim=1), G = X X^T: dH = 2 (H - H_t) / N^2, dG by normalize's gradient
+    (fastkd.common.normalize_grad), dX = (dG + dG^T) X."""
+
+    @staticmethod
+    def forward(ctx, fm, h_t):
+        x = _working(fm.reshape(fm.size(0), -1))
+        h, norm = normalized_rows(x @ x.t())
+        ctx.save_for_backward(x, h, norm, h_t)
+        ctx.shape, ctx.dtype = fm.shape, fm.dtype
+        return F.mse_loss(h, h_t)
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_out):
+        x, h, norm, h_t = ctx.saved_tensors
+        # In the loss's precision (a float64 teacher's), then H's, as autograd's promotion does.
+        d_h = ((h - h_t) * (2 * grad_out / h.numel())).to(h.dtype)
+        d_g = normalize_grad(h, norm, d_h)
+        return ((d_g + d_g.t()) @ x).reshape(ctx.shape).to(ctx.dtype), None
 
 
 def _pkt_cond_prob(x, eps, rows=None):
@@ -483,9 +511,7 @@ class CCStudent(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, k_t, coef):
-        xw = _working(x)
-        norm = torch.linalg.vector_norm(xw, dim=1, keepdim=True)
-        z = xw / norm.clamp_min(1e-12).expand_as(xw)  # F.normalize's operations
+        z, norm = normalized_rows(_working(x))
         sim = z @ z.t()
         k = _cc_kernel(sim, coef)
         ctx.save_for_backward(x, z, norm, sim, k, k_t)
@@ -502,10 +528,7 @@ class CCStudent(torch.autograd.Function):
         for p in range(len(ctx.coef) - 1, 0, -1):
             slope = slope * sim + p * ctx.coef[p]
         d_s = d_k * slope
-        dz = (d_s + d_s.t()) @ z
-        live = norm > 1e-12
-        dx = torch.where(live, (dz - z * (z * dz).sum(dim=1, keepdim=True)) / norm.clamp_min(1e-12), dz / 1e-12)
-        return dx.to(x.dtype), None, None
+        return normalize_grad(z, norm, (d_s + d_s.t()) @ z).to(x.dtype), None, None
 
 
 # --- IRG edge -----------------------------------------------------------------
