@@ -407,12 +407,12 @@ def ft(factor_s, factor_t):
 def sobolev(out_s, out_t, img, target):
     # The input gradients come from torch autograd (create_graph=True), as in the reference.
     g_s = output_gradient(out_s, target, img)
-    g_t = output_gradient(out_t, target, img)
+    g_t = output_gradient(out_t, target, img, create_graph=False)  # detached by the loss
     return _ops.apply("NormalizedRowsFunction", g_s, g_t.detach(), False)
 
 
 def lwm(out_s, fm_s, out_t, fm_t, target):
-    cam_t = grad_cam(out_t, fm_t, target)
+    cam_t = grad_cam(out_t, fm_t, target, create_graph=False)  # detached by the loss
     cam_s = grad_cam(out_s, fm_s, target)
     return _ops.apply("NormalizedRowsFunction", cam_s, cam_t.detach(), True)
 
