@@ -236,21 +236,22 @@ def implementation(op, device, backend=None):
 # os.environ.get (which encodes the key on every call), a saving on every loss's call.
 _ENVIRON = getattr(os.environ, "_data", None)
 _ENCODE = getattr(os.environ, "encodekey", None)
+_ENCODED = {}  # variable name -> its key in _ENVIRON
 
 
-def _environ(name, _keys={}):
+def _environ(name):
     """os.environ.get(name), decoded as os.environ would."""
     if _ENVIRON is None or _ENCODE is None:
         return os.environ.get(name)
-    key = _keys.get(name)
+    key = _ENCODED.get(name)
     if key is None:
-        key = _keys[name] = _ENCODE(name)
+        key = _ENCODED[name] = _ENCODE(name)
     value = _ENVIRON.get(key)
     return value if value is None or isinstance(value, str) else os.environ.decodevalue(value)
 
 
-# (op, device type, use_backend's choice, $FASTKD_BACKEND, small on CUDA, $TRITON_INTERPRET
-# where it matters) -> (the op's implementations, the backend resolve() chose).
+# (op, device type, the backend asked for (use_backend's, else $FASTKD_BACKEND's), small on
+# CUDA, $TRITON_INTERPRET where it matters) -> (the op's implementations, resolve()'s choice).
 _RESOLVED = {}
 
 
@@ -265,7 +266,7 @@ def eager_implementation(op, x, kind):
     # The interpreter decides only whether the triton backend may run on CPU tensors.
     interpret = (_environ("TRITON_INTERPRET")
                  if kind == "cpu" and requested is not None and requested.lower() == "triton" else None)
-    key = (op, kind, _override, requested, small, interpret)
+    key = (op, kind, requested, small, interpret)
     hit = _RESOLVED.get(key)
     if hit is None or hit[0] is not impls:  # a test may swap an op's implementations
         hit = _RESOLVED[key] = (impls, resolve(op, torch.device(kind), numel=x.numel()))

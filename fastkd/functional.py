@@ -73,7 +73,8 @@ def _short_way(first):
     if torch.compiler.is_compiling():
         return None
     kind = "cuda" if first.is_cuda else "cpu" if first.is_cpu else first.device.type
-    if (kind in _AUTOCAST_DEVICES and torch.is_autocast_enabled(kind)) or (kind, False) in device_ops.OPERATOR_ROUTES:
+    if ((kind in _AUTOCAST_DEVICES and torch.is_autocast_enabled(kind))
+            or (kind, False) in device_ops.OPERATOR_ROUTES):
         return None
     return kind
 

@@ -382,7 +382,8 @@ def collection_cases(twin=False):
     irg = [rb2, rb3, feat, out]
 
     def make_irg(device, dtype, gen):
-        return ([_randn(sh, device, dtype, gen, grad=True) for sh in irg], [_randn(sh, device, dtype, gen) for sh in irg])
+        return ([_randn(sh, device, dtype, gen, grad=True) for sh in irg],
+                [_randn(sh, device, dtype, gen) for sh in irg])
     out_cases.append(case("IRG", "rb2,rb3,feat,out", (0.1, 5.0, 5.0), make_irg, rb2, f"N={b}"))
     out_cases[-1].numel["irg_vertex"] = math.prod(out)
     # CRD (train_crd.py): feat (B, 64) of both nets, 16384 negatives, 50000 CIFAR images.

@@ -189,7 +189,8 @@ def table(results):
     """The results as text, one row per case, within 120 columns."""
     left = f"{'loss':<10} {'call':<34} {'path':<12}"
     rows = [f"{'':<58} {'reference':-^22}   {'fastkd':-^30}",
-            f"{left} {'host':>6} {'torch':>6} {'model':>8}   {'host':>6} {'torch':>6} {'triton':>6} {'model':>7}  {'x':>6}"]
+            f"{left} {'host':>6} {'torch':>6} {'model':>8}   {'host':>6} {'torch':>6} {'triton':>6} "
+            f"{'model':>7}  {'x':>6}"]
     for r in results:
         ref, fast = r["reference"], r["fastkd"]
         sync = " sync" if fast["syncs"] else ""

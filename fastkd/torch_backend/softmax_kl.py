@@ -124,8 +124,9 @@ class SmallSoftmaxKL(torch.autograd.Function):
 def _softmax_kl(out_s, out_t, T, scale):
     # An input that fits in one chunk gains nothing from chunking, and its temporaries are
     # small: there the reference's few torch calls (SmallSoftmaxKL) cost less than
-    # SoftmaxKL's statistics and loops. Not for a teacher that trains (the reference's teacher gradient is NaN where a teacher
-    # probability underflows to 0), nor for bf16/fp16 (the reference does not compute in fp32).
+    # SoftmaxKL's statistics and loops. Not for a teacher that trains (the reference's
+    # teacher gradient is NaN where a teacher probability underflows to 0), nor for
+    # bf16/fp16 (the reference does not compute in fp32).
     if (out_s.numel() <= CHUNK_ELEMENTS and not out_t.requires_grad
             and out_s.dtype == out_t.dtype and out_s.dtype in (torch.float32, torch.float64)):
         return SmallSoftmaxKL.apply(out_s, out_t, T, scale)
