@@ -363,11 +363,14 @@ class _Gram(torch.autograd.Function):
 
 
 def _similarities(x, rows):
-    """x[rows] x^T, the rows `rows` of X X^T (all by default: through _Gram where its one
-    product saves more than a Python Function costs, N^2 D >= 2^21, measured)."""
+    """x[rows] x^T, the rows `rows` of X X^T (all by default: through _Gram where a backward
+    follows and its one product saves more than a Python Function costs, N^2 D >= 2^21,
+    measured)."""
     if rows is not None:
         return x[rows] @ x.t()
-    return _Gram.apply(x) if x.shape[0] * x.numel() >= _GRAM_FUNCTION_MIN else x @ x.t()
+    if x.requires_grad and torch.is_grad_enabled() and x.shape[0] * x.numel() >= _GRAM_FUNCTION_MIN:
+        return _Gram.apply(x)
+    return x @ x.t()  # no backward to save a product in (a teacher's), or too small to pay
 
 
 def _sp_similarity(fm, rows=None):
