@@ -60,3 +60,16 @@ def test_second_derivative_is_the_reference_s_or_refused(op, backend):
     assert (fast is None) == (exact is None), f"{op} {backend}: second derivative dropped"
     for a, e in zip(fast or (), exact or ()):
         torch.testing.assert_close(a, e, rtol=1e-7, atol=1e-10, msg=f"{op} {backend}")
+
+
+@pytest.mark.parametrize("op", ["pkt_cos_sim", "cc", "sp", "ft", "soft_target"])
+def test_cpu_functions_against_a_fixed_teacher_refuse_clearly(op):
+    """Against a teacher that needs no gradient, these CPU paths run Functions with
+    hand-written backwards: their gradient is the reference's, a second one is refused."""
+    s, t = rows(5, 8, "spread", 3).requires_grad_(), rows(5, 8, "spread", 4)
+    args = {"cc": (0.4, 2), "soft_target": (2.0,)}.get(op, ())
+    fast, ref = IMPLEMENTATIONS[op]["torch"](s, t, *args), IMPLEMENTATIONS[op]["reference"](s, t, *args)
+    torch.testing.assert_close(torch.autograd.grad(fast, s)[0], torch.autograd.grad(ref, s)[0],
+                               rtol=1e-9, atol=1e-12)
+    with pytest.raises(RuntimeError, match="first-order backward only"):
+        torch.autograd.grad(IMPLEMENTATIONS[op]["torch"](s, t, *args), s, create_graph=True)
