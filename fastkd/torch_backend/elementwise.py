@@ -76,15 +76,41 @@ class FTStudent(torch.autograd.Function):
         return normalize_grad(z, norm, g).reshape(ctx.shape), None
 
 
-def ofd(fm_s, fm_t):
-    """mean(e^2), e = d [d > 0 or t' > 0], d = s - t', t' = max(t, m_c) (the reference's mask
+def _ofd_excess(fm_s, fm_t):
+    """e = d [d > 0 or t' > 0], d = s - t', t' = max(t, m_c) (the reference's mask
     1 - [s <= t' and t' <= 0] written as a keep mask)."""
     neg = fm_t < 0
     count = neg.sum(dim=(0, 2, 3), keepdim=True, dtype=fm_t.dtype)
     t = torch.maximum(fm_t, (fm_t * neg).sum(dim=(0, 2, 3), keepdim=True) / (count + 1e-6))
     d = fm_s - t
-    e = d * ((d > 0) | (t > 0)).to(d.dtype)
+    return d * ((d > 0) | (t > 0)).to(d.dtype)
+
+
+def ofd(fm_s, fm_t):
+    """mean(e^2), e = _ofd_excess(s, t) (OFDStudent against a fixed teacher)."""
+    if not fm_t.requires_grad or not torch.is_grad_enabled():  # the teacher is a constant
+        return OFDStudent.apply(fm_s, fm_t)
+    e = _ofd_excess(fm_s, fm_t)
     return (_sum_sq(e) / e.numel()).to(e.dtype)
+
+
+class OFDStudent(torch.autograd.Function):
+    """OFD against a fixed teacher map: the loss's operations without an autograd graph, and
+    its gradient 2 e / numel (the mask is 0 or 1 and constant almost everywhere), from the e
+    forward keeps: one pass where autograd's goes back through the mask, the difference and
+    the square."""
+
+    @staticmethod
+    def forward(ctx, fm_s, fm_t):
+        e = _ofd_excess(fm_s, fm_t)
+        ctx.save_for_backward(e)
+        return (_sum_sq(e) / e.numel()).to(e.dtype)
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_output):
+        e, = ctx.saved_tensors
+        return e * (grad_output * (2.0 / e.numel())).to(e.dtype), None
 
 
 def vid(pred_mean, fm_t, alpha, eps=1e-6):
