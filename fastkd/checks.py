@@ -145,7 +145,8 @@ def values_in_range(idx, name, upper, allowed=None):
     bounds."""
     if idx.numel() == 0:
         return
-    if host_tensor(idx) and not torch.compiler.is_compiling():
+    on_host = host_tensor(idx) and not torch.compiler.is_compiling()
+    if on_host:
         lo, hi = torch.stack(torch.aminmax(idx)).tolist()
         if lo >= 0 and hi < upper:  # one pass (and one read) settles the common case
             return
@@ -153,7 +154,7 @@ def values_in_range(idx, name, upper, allowed=None):
     if allowed is not None:
         ok |= idx == allowed
     also = f" or equal to {allowed}" if allowed is not None else ""
-    if host_tensor(idx) and not torch.compiler.is_compiling():
+    if on_host:
         if not bool(ok.all()):
             # Without an allowed value, every value's range; with one, the offending values'.
             seen = idx if allowed is None else idx[~ok]

@@ -44,7 +44,8 @@ def ab(fm_s, fm_t, margin):
 
 
 def _normalized_rows(x):
-    return F.normalize(x.reshape(x.shape[0], -1), dim=1)
+    """F.normalize(flat(x), dim=1)."""
+    return normalized_rows(x.reshape(x.shape[0], -1))[0]
 
 
 def ft(factor_s, factor_t):

@@ -376,7 +376,7 @@ def _similarities(x, rows):
 def _sp_similarity(fm, rows=None):
     """normalize(G, dim=1), G = flat(f) flat(f)^T, the rows `rows` of it (all by default)."""
     g = _working(fm.reshape(fm.size(0), -1))
-    return F.normalize(_similarities(g, rows), dim=1)
+    return normalized_rows(_similarities(g, rows))[0]
 
 
 def sp(fm_s, fm_t):
@@ -413,17 +413,28 @@ class SPStudent(torch.autograd.Function):
         return ((d_g + d_g.t()) @ x).reshape(ctx.shape).to(ctx.dtype), None
 
 
+def _pkt_unit_rows(x, eps):
+    """(xw, sq, n, z): the rows in the working precision, their squared norms (N, 1),
+    n = sqrt(sq) with sq clamped at the smallest normal number, z = xw / (n + eps) (NaN on a
+    row with an Inf or a NaN)."""
+    xw = _working(x)
+    sq = torch.sum(xw ** 2, dim=1, keepdim=True)
+    n = torch.sqrt(sq.clamp(min=torch.finfo(sq.dtype).tiny))
+    return xw, sq, n, xw / (n + eps)
+
+
+def _nan_to_zero(z):
+    """NaN -> 0 in one pass, as the reference's where(isnan) in three; no finite row gives an
+    Inf here (its norm is at least eps)."""
+    return torch.nan_to_num(z, nan=0.0, posinf=math.inf, neginf=-math.inf)
+
+
 def _pkt_cond_prob(x, eps, rows=None):
     """P = C' / rowsum(C'), C' = (x^ x^T + 1) / 2, x^ = x / (||x|| + eps), NaN -> 0 as the
     reference; the norm's square is clamped at the smallest normal number, so a zero row has
     the same x^ = 0 but a finite gradient (the reference's sqrt at 0 gives an infinite one).
     The rows `rows` of P (all by default)."""
-    x = _working(x)
-    sq = torch.sum(x ** 2, dim=1, keepdim=True)
-    x = x / (torch.sqrt(sq.clamp(min=torch.finfo(sq.dtype).tiny)) + eps)
-    # NaN (a row with an Inf or a NaN) -> 0 in one pass, as the reference's where(isnan) in
-    # three; no finite row gives an Inf here (its norm is at least eps).
-    x = torch.nan_to_num(x, nan=0.0, posinf=math.inf, neginf=-math.inf)
+    x = _nan_to_zero(_pkt_unit_rows(x, eps)[3])
     cos = (_similarities(x, rows) + 1.0) / 2.0
     return cos / cos.sum(dim=1, keepdim=True)
 
@@ -448,31 +459,28 @@ class PKTStudent(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p_t, eps):
-        xw = _working(x)
-        sq = torch.sum(xw ** 2, dim=1, keepdim=True)
-        n = torch.sqrt(sq.clamp(min=torch.finfo(sq.dtype).tiny))
-        r = 1.0 / (n + eps)
-        z = xw / (n + eps)
+        xw, sq, n, z = _pkt_unit_rows(x, eps)
         finite = ~torch.isnan(z)
-        z = torch.nan_to_num(z, nan=0.0, posinf=math.inf, neginf=-math.inf)
+        z = _nan_to_zero(z)
         cos = (z @ z.t() + 1.0) / 2.0
         rho = cos.sum(dim=1, keepdim=True)
         p = cos / rho
-        ctx.save_for_backward(x, xw, z, n, r, finite, rho, p, p_t, sq)
-        ctx.eps = eps
+        ctx.save_for_backward(xw, z, n, finite, rho, p, p_t, sq)
+        ctx.eps, ctx.dtype = eps, x.dtype
         return torch.mean(p_t * torch.log((p_t + eps) / (p + eps)))
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        x, xw, z, n, r, finite, rho, p, p_t, sq = ctx.saved_tensors
+        xw, z, n, finite, rho, p, p_t, sq = ctx.saved_tensors
+        r = 1.0 / (n + ctx.eps)
         # In the loss's precision (a float64 teacher's), then P's, as autograd's promotion does.
         g = (p_t / (p + ctx.eps) * (-grad_out / p.numel())).to(p.dtype)
         dc = (g - (g * p).sum(dim=1, keepdim=True)) / (2 * rho)
         dz = ((dc + dc.t()) @ z) * finite
         # Through the norm only where n^2 is not clamped (as clamp's gradient).
         dr = (dz * xw).sum(dim=1, keepdim=True) * r * r / n * (sq >= torch.finfo(sq.dtype).tiny)
-        return (dz * r - xw * dr).to(x.dtype), None, None
+        return (dz * r - xw * dr).to(ctx.dtype), None, None
 
 
 def _cc_coefficients(gamma, P_order):
@@ -491,7 +499,7 @@ def _cc_kernel(sim, coef):
 def _cc_correlation(x, gamma, P_order, rows=None):
     """K = sum_{p<=P} e^{-2 gamma} (2 gamma)^p / p! S^p, S the cosines of F.normalize'd rows
     (finite gradient at a zero row); the rows `rows` of K (all by default)."""
-    x = F.normalize(_working(x), p=2, dim=-1)
+    x = normalized_rows(_working(x))[0]
     return _cc_kernel(_similarities(x, rows), _cc_coefficients(gamma, P_order))
 
 

@@ -97,7 +97,7 @@ class SoftmaxKL(torch.autograd.Function):
 def _clamp_rows(kl):
     """max(KL_row, 0), NaN kept: an exact KL_row is >= 0, so this never moves a rounded value
     away from it; a sum of p (log p - log q) rounds below 0 when q ~ p."""
-    return torch.where(kl < 0, torch.zeros_like(kl), kl)
+    return kl.clamp_min(0)  # clamp keeps NaN
 
 
 class SmallSoftmaxKL(torch.autograd.Function):
@@ -114,7 +114,7 @@ class SmallSoftmaxKL(torch.autograd.Function):
         # reference's operations), and exactly 0 for equal logits. log p = -inf (a class of
         # probability 0) is clamped to the lowest finite value, so that it adds 0, as xlogy's.
         d = log_p.clamp_min_(torch.finfo(log_p.dtype).min).sub_(log_q)
-        rows = d.mul_(p).sum(1).clamp_min_(0)  # _clamp_rows, NaN kept
+        rows = _clamp_rows(d.mul_(p).sum(1))
         ctx.save_for_backward(log_q, p)
         ctx.coef = scale / (out_s.shape[0] * T)
         return rows.sum() * (scale / out_s.shape[0])
