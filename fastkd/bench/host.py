@@ -32,8 +32,6 @@ no host decision reads). The PyTorch launch count is that of the CPU operators, 
 CUDA launch one kernel each, a few (reductions of large tensors) two.
 """
 import contextlib
-import os
-import statistics
 import time
 from unittest import mock
 
@@ -87,7 +85,6 @@ def cuda_path():
     """fastkd's losses take their CUDA path on CPU tensors inside the block (with the Triton
     launches to be skipped by fastkd.ops.no_launches)."""
     with mock.patch.object(functional, "eager_implementation", _as_on_cuda), \
-            mock.patch.object(backend, "triton_runs_on", lambda device: True), \
             mock.patch.object(checks, "host_tensor", lambda x: False), backend.use_backend("auto"):
         yield
 
