@@ -23,7 +23,7 @@ def test_loss(benchmark, case, variant, device, rounds, max_memory):
                 measure.COMPILE_FAILED if variant == "compile" else None)
             if status is None:
                 raise
-            pytest.skip(f"{status}: {err}")
+            pytest.skip(f"{variant} of {case.name}, not timed: {status} ({err})")
 
         def setup():
             for p in module.parameters():

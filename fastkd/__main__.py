@@ -8,6 +8,18 @@ import torch
 from . import backend
 from .registry import EXTENSIONS, METHODS
 
+# The project's other commands, one line each in --help; each takes --help for its options.
+COMMANDS = (
+    ("python -m fastkd.bench", "time and peak memory of every loss, reference vs fastkd (fastkd-bench)"),
+    ("python -m fastkd.bench --host", "per-call cost on a GPU at the collection's shapes, measured on the CPU"),
+    ("python -m fastkd.bench.global_batch",
+     "one rank's time and memory of the global-batch losses vs world size"),
+    ("python -m fastkd.examples.digits", "end-to-end distillation on sklearn's digits, each method vs Baseline"),
+    ("python -m fastkd.examples.lm", "a small language model's logits distilled with FusedLinearSoftTarget"),
+    ("python -m fastkd.kernels.resources",
+     "each Triton kernel compiled for sm_90/sm_80 without a GPU: registers, spills"),
+)
+
 
 def program_name(module, script):
     """The name a command was started by, for its usage line: the console script's name
@@ -37,7 +49,11 @@ def device_from(text):
 
 def main(argv=None):
     prog = program_name("fastkd", "fastkd")
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    width = max(len(command) for command, _ in COMMANDS)
+    epilog = "other commands (each with --help):\n" + "\n".join(
+        f"  {command:<{width}}  {what}" for command, what in COMMANDS)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when there is one)")
     args = parser.parse_args(argv)

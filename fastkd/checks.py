@@ -95,6 +95,41 @@ def integer(value, name, least=0):
     return int(value)
 
 
+def size(value, name, least=1):
+    """A size or count as torch's constructors read one: an integer, or what stands for one
+    exactly (__index__: a numpy integer, a 0-d integer tensor); returned as an int."""
+    index = getattr(type(value), "__index__", None)
+    return integer(value if index is None else index(value), name, least)
+
+
+def one_of(value, name, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+# The losses' arguments by name -> the rule each is checked by: at every call (fastkd.functional)
+# and when a module is built (fastkd.modules), so that both accept the same values.
+ARGUMENTS = {
+    **dict.fromkeys(("T", "p", "eps", "nce_t"), lambda value, name: number(value, name, positive=True)),
+    **dict.fromkeys(("margin", "hard_weight"), lambda value, name: number(value, name, non_negative=True)),
+    **dict.fromkeys(("w_dist", "w_angle", "gamma", "w_irg_vert", "w_irg_edge", "w_irg_tran"), number),
+    "P_order": integer,
+    "ignore_index": lambda value, name: integer(value, name, least=-(2 ** 63)),
+    "chunk_size": lambda value, name: None if value is None else integer(value, name, least=1),
+    "reduction": lambda value, name: one_of(value, name, ("batchmean", "sum", "mean", "none")),
+    # The modules' sizes (a call checks the tensors they shape): none can be 0 in a loss that runs.
+    **dict.fromkeys(("in_channels", "mid_channels", "out_channels", "s_dim", "t_dim", "feat_dim",
+                     "nce_n", "n_data"), size),
+}
+
+
+def argument(name, value):
+    """value checked by the rule for the losses' argument called name; returned as a float or an
+    int (or as given, for reduction and a None chunk_size)."""
+    return ARGUMENTS[name](value, name)
+
+
 def integer_tensor(x, name):
     """A tensor of one of the integer dtypes indices come in."""
     if not isinstance(x, torch.Tensor):

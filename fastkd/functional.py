@@ -197,7 +197,7 @@ def soft_target(out_s, out_t, T):
     divides by B.
     """
     _kl_pair(out_s, out_t, "out_s", "out_t")
-    T = checks.number(T, "T", positive=True)
+    T = checks.argument("T", T)
     return _run("soft_target", out_s, out_t, T)
 
 
@@ -216,7 +216,7 @@ def bss(attacked_out_s, attacked_out_t, T):
     attacked_out_* (B, K) logits of the attacked samples; T > 0.
     """
     _kl_pair(attacked_out_s, attacked_out_t, "attacked_out_s", "attacked_out_t")
-    T = checks.number(T, "T", positive=True)
+    T = checks.argument("T", T)
     return _run("bss", attacked_out_s, attacked_out_t, T)
 
 
@@ -228,7 +228,7 @@ def at(fm_s, fm_t, p):
     fm_s (B, C_s, H, W), fm_t (B, C_t, H, W); p > 0 (typically 2).
     """
     _maps_same_spatial(fm_s, fm_t)
-    p = checks.number(p, "p", positive=True)
+    p = checks.argument("p", p)
     return _run("at", fm_s, fm_t, p)
 
 
@@ -296,7 +296,7 @@ def ab(fm_s, fm_t, margin):
     """AB: mean((s + m)^2 [s > -m, t <= 0] + (s - m)^2 [s <= m, t > 0]); pre-activation maps
     of one shape, margin m >= 0."""
     _same_pair(fm_s, fm_t, "fm_s", "fm_t")
-    margin = checks.number(margin, "margin", non_negative=True)
+    margin = checks.argument("margin", margin)
     return _run("ab", fm_s, fm_t, margin)
 
 
@@ -311,7 +311,7 @@ def vid(pred_mean, fm_t, alpha, eps=1e-6):
     if alpha.shape[0] != fm_t.shape[1]:
         raise ValueError(f"alpha must have one entry per channel of fm_t ({fm_t.shape[1]}), "
                          f"got {alpha.shape[0]}")
-    eps = checks.number(eps, "eps", positive=True)
+    eps = checks.argument("eps", eps)
     return _run("vid", pred_mean, fm_t, alpha, eps)
 
 
@@ -384,7 +384,7 @@ def pkt_cos_sim(feat_s, feat_t, eps=1e-6, *, global_batch=False, group=None):
     over all N columns.
     """
     shard = _relational_pair(feat_s, feat_t, "feat_s", "feat_t", global_batch, group, ndim=2)
-    eps = checks.number(eps, "eps", positive=True)
+    eps = checks.argument("eps", eps)
     return _run("pkt_cos_sim", feat_s, feat_t, eps, shard=shard)
 
 
@@ -418,8 +418,8 @@ def rkd(feat_s, feat_t, w_dist, w_angle, *, global_batch=False, group=None):
     says.
     """
     shard = _relational_pair(feat_s, feat_t, "feat_s", "feat_t", global_batch, group, ndim=2)
-    w_dist = checks.number(w_dist, "w_dist")
-    w_angle = checks.number(w_angle, "w_angle")
+    w_dist = checks.argument("w_dist", w_dist)
+    w_angle = checks.argument("w_angle", w_angle)
     if w_dist != 0 and w_angle != 0:  # one op: both terms from one set of squared distances
         return _run("rkd", feat_s, feat_t, w_dist, w_angle, shard=shard)
     loss = 0.0
@@ -453,8 +453,8 @@ def cc(feat_s, feat_t, gamma, P_order, *, global_batch=False, group=None):
     K of its samples, (n_r, N).
     """
     shard = _relational_pair(feat_s, feat_t, "feat_s", "feat_t", global_batch, group, ndim=2)
-    gamma = checks.number(gamma, "gamma")
-    P_order = checks.integer(P_order, "P_order")
+    gamma = checks.argument("gamma", gamma)
+    P_order = checks.argument("P_order", P_order)
     return _run("cc", feat_s, feat_t, gamma, P_order, shard=shard)
 
 
@@ -501,7 +501,7 @@ def irg(irg_s, irg_t, w_irg_vert, w_irg_edge, w_irg_tran, *, global_batch=False,
     checks.same_batch(irg_s[0], irg_t[0], "irg_s[0]", "irg_t[0]")
     checks.same_shape(irg_s[3], irg_t[3], "irg_s[3] (out)", "irg_t[3] (out)")
     shard = _shard(irg_s[0], "irg_s[0] (fm1)", global_batch, group)
-    weights = {name: checks.number(w, name) for name, w in
+    weights = {name: checks.argument(name, w) for name, w in
                (("w_irg_vert", w_irg_vert), ("w_irg_edge", w_irg_edge), ("w_irg_tran", w_irg_tran))}
     parts = {"w_irg_vert": ("irg_vertex", (irg_s[3], irg_t[3])),
              "w_irg_edge": ("irg_edge", (irg_s, irg_t)),
@@ -535,7 +535,7 @@ def crd_contrast(embed, memory, sample_idx, nce_t, z, n_data, eps=1e-7):
         raise ValueError(f"sample_idx must be a (B, nce_n + 1) tensor with nce_n >= 1, got "
                          f"{tuple(sample_idx.shape) if isinstance(sample_idx, torch.Tensor) else type(sample_idx).__name__}")
     checks.indices(sample_idx, "sample_idx", (embed.shape[0], sample_idx.shape[1]), memory.shape[0])
-    nce_t = checks.number(nce_t, "nce_t", positive=True)
+    nce_t = checks.argument("nce_t", nce_t)
     if not (isinstance(z, torch.Tensor) and z.dim() == 0
             and (not checks.host_tensor(z) or torch.compiler.is_compiling())):
         # On the GPU, checking a tensor z would sync; compiled, it would be a graph break.
@@ -545,9 +545,6 @@ def crd_contrast(embed, memory, sample_idx, nce_t, z, n_data, eps=1e-7):
 
 
 # --- LLM-scale logits ----------------------------------------------------------
-
-_REDUCTIONS = ("batchmean", "sum", "mean", "none")
-
 
 def _rows_like(x, name, lead, last=None):
     if tuple(x.shape[:-1]) != tuple(lead) or (last is not None and x.shape[-1] != last):
@@ -648,13 +645,11 @@ def fused_linear_soft_target(student_hidden, student_weight, teacher_hidden=None
                              f"more than the vocabulary V={v} of student_weight")
         tensors["teacher_topk_indices"] = teacher_topk_indices
         tensors["teacher_topk_logprobs"] = teacher_topk_logprobs
-    T = checks.number(T, "T", positive=True)
-    hard_weight = checks.number(hard_weight, "hard_weight", non_negative=True)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}; got {reduction!r}")
-    ignore_index = checks.integer(ignore_index, "ignore_index", least=-(2 ** 63))
-    if chunk_size is not None:
-        chunk_size = checks.integer(chunk_size, "chunk_size", least=1)
+    T = checks.argument("T", T)
+    hard_weight = checks.argument("hard_weight", hard_weight)
+    checks.argument("reduction", reduction)
+    ignore_index = checks.argument("ignore_index", ignore_index)
+    chunk_size = checks.argument("chunk_size", chunk_size)
     if labels is not None:
         checks.integer_tensor(labels, "labels")
         if tuple(labels.shape) != lead:

@@ -43,7 +43,6 @@ import torch.distributed as dist
 
 from . import backend, distributed
 from . import functional as F
-from . import modules  # fastkd.CRD's own helpers; modules imports this file, which is fine
 from .common import accumulation_dtype, first_order
 from .reference.crd import contrast_scores
 
@@ -159,8 +158,8 @@ def forward(crd, feat_s, feat_t, idx, sample_idx):
     if crd.bank_sharding:
         return _sharded(crd, feat_s, feat_t, e_s, e_t, idx, sample_idx, sizes, batch, rank, world, device)
 
-    rows_s = modules._momentum_rows(mem.memory_s, e_s, idx, mem.momentum)
-    rows_t = modules._momentum_rows(mem.memory_t, e_t, idx, mem.momentum)
+    rows_s = crd._momentum_rows(mem.memory_s, e_s, idx, mem.momentum)
+    rows_t = crd._momentum_rows(mem.memory_t, e_t, idx, mem.momentum)
     ok = torch.cat([rows_s, rows_t]).isfinite().all()
     z_s, z_t = mem.Z_s, mem.Z_t
     if z_s is None or z_t is None:  # the ranks agree on this (_agree)
@@ -185,7 +184,7 @@ def forward(crd, feat_s, feat_t, idx, sample_idx):
     # The loss has read the banks as they were before this step; now commit everywhere.
     rows, _ = distributed.all_gather_rows(torch.cat([rows_s, rows_t], 1), group, sizes)
     every_idx, _ = distributed.all_gather_rows(idx, group, sizes)
-    modules.commit_state(mem, z_s, z_t, every_idx, *rows.split(rows_s.shape[1], 1))
+    crd._commit_state(z_s, z_t, every_idx, *rows.split(rows_s.shape[1], 1))
     return loss
 
 
@@ -209,8 +208,8 @@ def _sharded(crd, feat_s, feat_t, e_s, e_t, idx, sample_idx, sizes, batch, rank,
         cols = every_sample[b, k] - start
     mine = (every_idx >= start) & (every_idx < stop)
     local_idx = every_idx[mine] - start
-    rows_s = modules._momentum_rows(mem.memory_s, every_s[mine], local_idx, mem.momentum)
-    rows_t = modules._momentum_rows(mem.memory_t, every_t[mine], local_idx, mem.momentum)
+    rows_s = crd._momentum_rows(mem.memory_s, every_s[mine], local_idx, mem.momentum)
+    rows_t = crd._momentum_rows(mem.memory_t, every_t[mine], local_idx, mem.momentum)
     ok = torch.cat([rows_s, rows_t, e_s.detach(), e_t.detach()]).isfinite().all()
     z_s, z_t = mem.Z_s, mem.Z_t
     if z_s is None or z_t is None:
@@ -243,6 +242,6 @@ def _sharded(crd, feat_s, feat_t, e_s, e_t, idx, sample_idx, sizes, batch, rank,
                 + _OwnedContrast.apply(every_t, mem.memory_s, b, cols, positive, mem.T, z_t, noise,
                                        eps_t, batch))
     loss = distributed.all_reduce_sum(part, group)
-    modules.commit_state(mem, z_s, z_t, local_idx, rows_s, rows_t)
+    crd._commit_state(z_s, z_t, local_idx, rows_s, rows_t)
     return loss
 

@@ -4,13 +4,16 @@ Each class subclasses its reference in fastkd.reference, so constructor
 arguments, attributes, helper methods, submodules and state_dict keys are the
 reference's (CRD adds its normalisers Z once its first call has fixed them), and
 replaces only forward with a call to fastkd.functional, which checks the inputs and
-dispatches to the fastest implementation.
+dispatches to the fastest implementation. Constructor arguments are checked when the module
+is built, by the rules each call checks them by (fastkd.checks.ARGUMENTS).
 
 The relational losses (PKTCosSim, RKD, SP, CC, IRG) take keyword-only constructor arguments
 ``global_batch=False, group=None`` besides the collection's, kept as attributes: with
 global_batch=True each call is the loss of every rank's batch of a torch.distributed job
 (fastkd.functional's module docstring).
 """
+import inspect
+
 import torch
 
 from . import checks, distributed, global_crd
@@ -23,6 +26,23 @@ from .reference.ft import Paraphraser, Translator
 __all__ = [*registry.LOSSES, *registry.EXTENSIONS, *registry.HELPERS]
 
 
+class _Checked:
+    """Base before the reference: the constructor's arguments that fastkd.checks has a rule for
+    (T, p, margin, the loss weights, sizes, ...) are checked by it before the reference stores
+    them, so that a bad value raises when the module is built, with the message a call gives."""
+
+    def __init__(self, *args, **kwargs):
+        init = super().__init__
+        try:
+            given = inspect.signature(init).bind(*args, **kwargs).arguments
+        except TypeError:  # wrong arguments: the reference's own error, from init below
+            given = {}
+        for name, value in given.items():
+            if name in checks.ARGUMENTS:
+                checks.argument(name, value)
+        init(*args, **kwargs)
+
+
 class Logits(reference.Logits):
     """mse(out_s, out_t); out_s, out_t (B, K)."""
 
@@ -30,7 +50,7 @@ class Logits(reference.Logits):
         return F.logits(out_s, out_t)
 
 
-class SoftTarget(reference.SoftTarget):
+class SoftTarget(_Checked, reference.SoftTarget):
     """KLbm(softmax(out_t / T) || softmax(out_s / T)) * T^2; out_s, out_t (B, K)."""
 
     def forward(self, out_s, out_t):
@@ -44,14 +64,14 @@ class DML(reference.DML):
         return F.dml(out1, out2)
 
 
-class BSS(reference.BSS):
+class BSS(_Checked, reference.BSS):
     """KLbm(softmax(out_t / T) || softmax(out_s / T)) on attacked samples, no T^2."""
 
     def forward(self, attacked_out_s, attacked_out_t):
         return F.bss(attacked_out_s, attacked_out_t, self.T)
 
 
-class AT(reference.AT):
+class AT(_Checked, reference.AT):
     """mse of the normalised attention maps sum_c |f|^p; fm_* (B, C_*, H, W)."""
 
     def forward(self, fm_s, fm_t):
@@ -86,14 +106,14 @@ class FT(reference.FT):
         return F.ft(factor_s, factor_t)
 
 
-class AB(reference.AB):
+class AB(_Checked, reference.AB):
     """Activation-boundary margin loss on pre-activation maps of one shape."""
 
     def forward(self, fm_s, fm_t):
         return F.ab(fm_s, fm_t, self.margin)
 
 
-class VID(reference.VID):
+class VID(_Checked, reference.VID):
     """Gaussian NLL of fm_t under N(regressor(fm_s), softplus(alpha) + eps); learns both."""
 
     def forward(self, fm_s, fm_t):
@@ -101,7 +121,7 @@ class VID(reference.VID):
         return F.vid(self.regressor(fm_s), fm_t, self.alpha, self.eps)
 
 
-class OFD(reference.OFD):
+class OFD(_Checked, reference.OFD):
     """Partial L2 between connector(fm_s) and the margin-clipped pre-ReLU fm_t."""
 
     def forward(self, fm_s, fm_t):
@@ -109,8 +129,13 @@ class OFD(reference.OFD):
         return F.ofd(self.connector(fm_s), fm_t)
 
 
-class AFD(reference.AFD):
+class AFD(_Checked, reference.AFD):
     """Channel-attention-weighted squared difference of spatially normalised maps."""
+
+    def __init__(self, in_channels, att_f):
+        # The attention's hidden width, as the reference computes it: with none, its conv cannot run.
+        checks.size(int(checks.size(in_channels, "in_channels") * att_f), "int(in_channels * att_f)")
+        super().__init__(in_channels, att_f)
 
     def forward(self, fm_s, fm_t, eps=1e-6):
         checks.channels(fm_t, "fm_t", self.attention[0].in_channels)
@@ -136,18 +161,18 @@ class PKTCosSim(reference.PKTCosSim):
 
     def __init__(self, *, global_batch=False, group=None):
         super().__init__()
-        self.global_batch, self.group = global_batch, group
+        self.global_batch, self.group = checks.flag(global_batch, "global_batch"), group
 
     def forward(self, feat_s, feat_t, eps=1e-6):
         return F.pkt_cos_sim(feat_s, feat_t, eps, global_batch=self.global_batch, group=self.group)
 
 
-class RKD(reference.RKD):
+class RKD(_Checked, reference.RKD):
     """w_dist * distance term + w_angle * angle term; feat_* (N, D_*), N >= 2."""
 
     def __init__(self, w_dist, w_angle, *, global_batch=False, group=None):
         super().__init__(w_dist, w_angle)
-        self.global_batch, self.group = global_batch, group
+        self.global_batch, self.group = checks.flag(global_batch, "global_batch"), group
 
     def forward(self, feat_s, feat_t):
         return F.rkd(feat_s, feat_t, self.w_dist, self.w_angle, global_batch=self.global_batch,
@@ -159,30 +184,30 @@ class SP(reference.SP):
 
     def __init__(self, *, global_batch=False, group=None):
         super().__init__()
-        self.global_batch, self.group = global_batch, group
+        self.global_batch, self.group = checks.flag(global_batch, "global_batch"), group
 
     def forward(self, fm_s, fm_t):
         return F.sp(fm_s, fm_t, global_batch=self.global_batch, group=self.group)
 
 
-class CC(reference.CC):
+class CC(_Checked, reference.CC):
     """mse of the Taylor-expanded RBF correlation matrices; feat_* (N, D_*)."""
 
     def __init__(self, gamma, P_order, *, global_batch=False, group=None):
         super().__init__(gamma, P_order)
-        self.global_batch, self.group = global_batch, group
+        self.global_batch, self.group = checks.flag(global_batch, "global_batch"), group
 
     def forward(self, feat_s, feat_t):
         return F.cc(feat_s, feat_t, self.gamma, self.P_order, global_batch=self.global_batch,
                     group=self.group)
 
 
-class IRG(reference.IRG):
+class IRG(_Checked, reference.IRG):
     """Vertex, edge and transformation terms; irg_* = (fm1, fm2, feat, out)."""
 
     def __init__(self, w_irg_vert, w_irg_edge, w_irg_tran, *, global_batch=False, group=None):
         super().__init__(w_irg_vert, w_irg_edge, w_irg_tran)
-        self.global_batch, self.group = global_batch, group
+        self.global_batch, self.group = checks.flag(global_batch, "global_batch"), group
 
     def forward(self, irg_s, irg_t):
         return F.irg(irg_s, irg_t, self.w_irg_vert, self.w_irg_edge, self.w_irg_tran,
@@ -194,24 +219,6 @@ def _normalizer(embed, memory, sample_idx, nce_t, n_data):
     """Z = mean(scores) * n_data as a 0-d tensor on the embeddings' device (the reference's
     .item() would wait for the GPU)."""
     return contrast_scores(embed, memory, sample_idx, nce_t).mean() * n_data
-
-
-@torch.no_grad()
-def _momentum_rows(memory, embed, idx, momentum):
-    """The reference's update, not yet written: normalize(mom * memory[idx] + (1 - mom) * embed)."""
-    rows = memory[idx] * momentum + embed.detach() * (1 - momentum)
-    # In the bank's dtype, so that writing it cannot fail after another part is written.
-    return torch.nn.functional.normalize(rows, p=2, dim=1).to(memory.dtype)
-
-
-def commit_state(mem, z_s, z_t, idx, rows_s, rows_t):
-    """CRD's one state change, after every check: Z where not yet fixed, then the bank rows."""
-    if mem.Z_s is None:
-        mem.Z_s = z_s
-    if mem.Z_t is None:
-        mem.Z_t = z_t
-    mem.memory_s.index_copy_(0, idx, rows_s)
-    mem.memory_t.index_copy_(0, idx, rows_t)
 
 
 def _all_true(flag):
@@ -229,7 +236,7 @@ def _exporting():
     return torch.compiler.is_exporting() if flag is None else flag
 
 
-class CRD(reference.CRD):
+class CRD(_Checked, reference.CRD):
     """Contrastive loss of both embeddings against the other side's memory bank.
 
     forward(feat_s (B, ...), feat_t (B, ...), idx (B,), sample_idx (B, nce_n + 1)):
@@ -268,9 +275,8 @@ class CRD(reference.CRD):
 
     def __init__(self, s_dim, t_dim, feat_dim, nce_n, nce_t, nce_mom, n_data, *,
                  global_batch=False, group=None, bank_sharding=False):
-        for name, flag in (("global_batch", global_batch), ("bank_sharding", bank_sharding)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        checks.flag(global_batch, "global_batch")
+        checks.flag(bank_sharding, "bank_sharding")
         if bank_sharding and not global_batch:
             raise ValueError("bank_sharding=True needs global_batch=True: the banks are shared by "
                              "the ranks' global batch")
@@ -357,8 +363,8 @@ class CRD(reference.CRD):
 
         # All this call would write, computed first and committed only once it is known to
         # be finite: a failing call leaves the banks and Z exactly as they were.
-        rows_s = _momentum_rows(mem.memory_s, e_s, idx, mem.momentum)
-        rows_t = _momentum_rows(mem.memory_t, e_t, idx, mem.momentum)
+        rows_s = self._momentum_rows(mem.memory_s, e_s, idx, mem.momentum)
+        rows_t = self._momentum_rows(mem.memory_t, e_t, idx, mem.momentum)
         ok = torch.cat([rows_s, rows_t]).isfinite().all()
         z_s, z_t = mem.Z_s, mem.Z_t
         if z_s is None:  # fixed by the first call
@@ -383,8 +389,28 @@ class CRD(reference.CRD):
         loss = (F.crd_contrast(e_s, mem.memory_t, sample_idx, mem.T, z_s, n_data, self.criterion_s.eps)
                 + F.crd_contrast(e_t, mem.memory_s, sample_idx, mem.T, z_t, n_data, self.criterion_t.eps))
         # The loss has read the banks as they were before this batch; now commit.
-        commit_state(mem, z_s, z_t, idx, rows_s, rows_t)
+        self._commit_state(z_s, z_t, idx, rows_s, rows_t)
         return loss
+
+    # The memory update's two steps, methods so that fastkd.global_crd reaches them through
+    # the module it is given.
+    @staticmethod
+    @torch.no_grad()
+    def _momentum_rows(memory, embed, idx, momentum):
+        """The reference's update, not yet written: normalize(mom * memory[idx] + (1 - mom) * embed)."""
+        rows = memory[idx] * momentum + embed.detach() * (1 - momentum)
+        # In the bank's dtype, so that writing it cannot fail after another part is written.
+        return torch.nn.functional.normalize(rows, p=2, dim=1).to(memory.dtype)
+
+    def _commit_state(self, z_s, z_t, idx, rows_s, rows_t):
+        """CRD's one state change, after every check: Z where not yet fixed, then the bank rows."""
+        mem = self.contrast
+        if mem.Z_s is None:
+            mem.Z_s = z_s
+        if mem.Z_t is None:
+            mem.Z_t = z_t
+        mem.memory_s.index_copy_(0, idx, rows_s)
+        mem.memory_t.index_copy_(0, idx, rows_t)
 
     def _checked(self, feat_s, feat_t, idx, sample_idx, n_data):
         """The inputs checked (raising before anything is computed), and idx, sample_idx as
@@ -401,7 +427,7 @@ class CRD(reference.CRD):
         checks.indices(sample_idx, "sample_idx", (feat_s.shape[0], mem.N + 1), n_data)
         checks.same_device(feat_s=feat_s, feat_t=feat_t, idx=idx, sample_idx=sample_idx,
                            memory=mem.memory_s)
-        checks.number(mem.T, "nce_t", positive=True)
+        checks.argument("nce_t", mem.T)
         if _exporting() and (mem.Z_s is None or mem.Z_t is None):
             raise RuntimeError("CRD fixes its normalisers Z_s, Z_t from the data of its first call, "
                                "which torch.export cannot express: call it once (or load a state_dict "
@@ -433,7 +459,7 @@ class CRD(reference.CRD):
         raise ValueError(f"CRD's memory update is not finite (nce_mom={mem.momentum}); {unchanged}")
 
 
-class FusedLinearSoftTarget(reference.FusedLinearSoftTarget):
+class FusedLinearSoftTarget(_Checked, reference.FusedLinearSoftTarget):
     """SoftTarget on LM-head logits that are never materialised (fastkd.functional.
     fused_linear_soft_target has the math): T^2 KL(p_t^T || p_s^T) over the kept tokens,
     plus hard_weight x cross-entropy, from hidden states (..., H) and the head's weight (V, H).

@@ -46,7 +46,8 @@ def _error(got, exact):
     return errs
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast on CUDA: torch sees no CUDA GPU here "
+                          "(benchmarks/gpu.sh runs it on one)")
 SETTINGS = [pytest.param("cpu", torch.bfloat16, id="cpu-bfloat16"),
             pytest.param("cuda", torch.float16, id="cuda-float16", marks=CUDA),
             pytest.param("cuda", torch.bfloat16, id="cuda-bfloat16", marks=CUDA)]

@@ -16,7 +16,8 @@ from fastkd.bench import cases, cli, measure, report
 
 CPU = torch.device("cpu")
 FAST = {"warmup": 1, "min_reps": 2, "max_reps": 3, "budget_s": 0.0, "max_call_s": 60.0}
-linux_only = pytest.mark.skipif(not measure.cpu_memory_supported(), reason="needs Linux /proc memory accounting")
+linux_only = pytest.mark.skipif(not measure.cpu_memory_supported(), reason="CPU peak-memory measurement: it "
+                                "reads Linux's /proc, which this platform lacks")
 
 
 @pytest.fixture(autouse=True)
@@ -339,7 +340,7 @@ def test_plots_need_matplotlib(tmp_path, monkeypatch):
 
 
 def test_plots_are_written(tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="the benchmark's plots: matplotlib is not installed")
     run = _small_run()
     # The larger SP case: eager out of memory, fastkd too slow (marked at the top of the axes).
     run["results"][1]["variants"]["eager"].update(status=measure.OOM, time_s=None, peak_bytes=None)

@@ -39,8 +39,8 @@ if not _KDZOO_ENV:
 _ROOT = Path(_KDZOO_ENV).expanduser()
 if not (_ROOT / "kd_losses").is_dir() or not (_ROOT / "network.py").is_file():
     pytest.skip(
-        f"KDZOO_PATH={_KDZOO_ENV!r} is not a Knowledge-Distillation-Zoo checkout "
-        "(expected kd_losses/ and network.py in it)",
+        f"parity check against Knowledge-Distillation-Zoo: KDZOO_PATH={_KDZOO_ENV!r} holds no "
+        "checkout of it (no kd_losses/ and network.py there)",
         allow_module_level=True,
     )
 

@@ -123,7 +123,8 @@ def test_rkd_compiles_once_per_number_of_anchor_blocks():
             _assert_same(got, _loss_and_grads(module, (s, t)), rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fullgraph compile on CUDA: torch sees no CUDA GPU here "
+                    "(benchmarks/gpu.sh runs it on one)")
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("loss", WHOLE_GRAPH)
 def test_fullgraph_compile_on_cuda(loss, backend):
@@ -178,7 +179,8 @@ def test_export_gives_the_eager_loss(loss, backend, monkeypatch):
         torch.testing.assert_close(exported.module()(*inputs), module(*inputs), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.export on CUDA: torch sees no CUDA GPU here "
+                    "(benchmarks/gpu.sh runs it on one)")
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("loss", WHOLE_GRAPH)
 def test_export_on_cuda(loss, backend):

@@ -14,7 +14,8 @@ import torch
 from fastkd.bench import cases
 from helpers import grad_leaves
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh)")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture: torch sees no CUDA GPU "
+                                "here (benchmarks/gpu.sh runs it on one)")
 
 CASES = {c.name: c for c in cases.collection_cases()}
 NETS = {"Sobolev", "LwM"}  # the loss differentiates a network's outputs: the network is in the step

@@ -155,7 +155,8 @@ def test_the_argument_layout_round_trips():
     assert back[2:] == [2.5, 3, True, None] and all(x is y for x, y in zip(back[0] + back[1], args[0] + args[1]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled on CUDA through the operator: torch sees no "
+                    "CUDA GPU here (benchmarks/gpu.sh runs it on one)")
 @pytest.mark.parametrize("loss", WITH_OPERATORS)
 def test_compiled_on_cuda_auto_goes_through_the_operator_to_the_triton_path(loss, monkeypatch):
     case = ONE_CASE_PER_LOSS[loss]
@@ -225,7 +226,8 @@ TRITON_CALLS = {  # op -> a call of it: one op of each kernel family
 }
 
 
-@pytest.mark.skipif(backend.autograd is None, reason="needs triton")
+@pytest.mark.skipif(backend.autograd is None,
+                    reason="the Triton path inside the operator: triton is not installed")
 @pytest.mark.parametrize("op", sorted(TRITON_CALLS))
 def test_the_cuda_kernel_s_triton_path_inside_the_operator(op, monkeypatch):
     """What the cuda kernel runs (the Triton Functions and their hand-written backwards,

@@ -167,6 +167,23 @@ def test_listing_command_names_itself_as_started(monkeypatch, capsys):
         assert capsys.readouterr().out.startswith(f"usage: {name} [-h]")
 
 
+def test_help_lists_every_command_and_each_takes_help():
+    import subprocess
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+
+    done = run("fastkd", "--help")
+    assert done.returncode == 0, done.stderr[-3000:]
+    listed = [line.split()[2] for line in done.stdout.splitlines() if line.startswith("  python -m ")]
+    assert "  python -m fastkd.bench --host " in done.stdout
+    assert {"fastkd.bench", "fastkd.bench.global_batch", "fastkd.examples.digits", "fastkd.examples.lm",
+            "fastkd.kernels.resources"} <= set(listed), listed
+    for module in dict.fromkeys(listed):
+        done = run(module, "--help")
+        assert done.returncode == 0 and done.stdout.startswith("usage: "), (module, done.stderr[-3000:])
+
+
 def test_device_option_says_what_it_takes(monkeypatch):
     for bad in ("foo", "meta", "cuda:-1", ""):
         with pytest.raises(SystemExit, match=r"^(fastkd|python -m fastkd): --device takes cpu, cuda or cuda:N"):

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("sklearn")
+pytest.importorskip("sklearn", reason="the digits example's tests: scikit-learn (its data set) is not installed")
 
 import fastkd  # noqa: E402
 from fastkd.examples import digits, models  # noqa: E402

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-pytest.importorskip("sklearn")
+pytest.importorskip("sklearn", reason="the data-parallel digits example's tests: scikit-learn (its data set) "
+                    "is not installed")
 
 from fastkd import distributed  # noqa: E402
 from fastkd.examples import digits  # noqa: E402

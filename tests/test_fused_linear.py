@@ -340,7 +340,8 @@ def test_the_operator_runs_each_backend_s_loop_and_refuses_a_second_derivative(f
         torch.autograd.grad(loss.sum(), args[0], create_graph=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the operator compiled on CUDA: torch sees no CUDA GPU "
+                    "here (benchmarks/gpu.sh runs it on one)")
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_compiled_on_cuda_through_the_operator(reduction):
     """Compiled on CUDA the operator's cuda kernel runs the Triton rows kernel: the loss and

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import fastkd
 from test_fused_linear import FAST
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="FusedLinearSoftTarget on Hugging Face models: "
+                                   "transformers is not installed")
 
 
 @pytest.mark.parametrize("backend", FAST)

@@ -57,7 +57,7 @@ def test_every_loss_runs_at_a_tiny_size(capsys):
 def test_cuda_runs_the_triton_sharded_functions(monkeypatch):
     # Where Triton kernels run (CUDA), auto picks the triton backend, and the global batch its
     # Triton sharded functions; IRG's vertex term (an mse) stays torch.
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="the Triton sharded functions' choice: triton is not installed")
     monkeypatch.setattr(fastkd.backend, "triton_runs_on", lambda device: True)
     assert global_batch.sharded_paths(torch.device("cuda")) == {
         "rkd": "triton", "sp": "triton", "pkt_cos_sim": "triton", "cc": "triton", "irg_edge": "triton",
@@ -71,7 +71,8 @@ def test_unequal_shares_are_refused():
         global_batch.main(["--N", "8", "--world", "1", "--losses", "KD"])
 
 
-@pytest.mark.skipif(not measure.cpu_memory_supported(), reason="needs Linux /proc memory accounting")
+@pytest.mark.skipif(not measure.cpu_memory_supported(),
+                    reason="CPU peak memory per rank: it reads Linux's /proc, which this platform lacks")
 def test_relational_memory_per_rank_falls_with_the_world_size(tmp_path):
     # A fresh process: its resident set holds nothing of the other tests. SP at N=2048,
     # D=32 holds (N / W, N) similarity rows, 16 MiB each at W=1: about 100 MiB at its peak,

@@ -216,8 +216,9 @@ def test_global_crd_matches_one_process_on_the_concatenated_batch(sizes):
     mp.spawn(_worker, args=(len(sizes), distributed.free_port(), sizes, triton_path),
              nprocs=len(sizes), join=True)
     if not triton_path:
-        pytest.skip("the torch path passed; the sharded Triton path was not run: it needs Triton's "
-                    "interpreter on these CPU ranks, which fails here (helpers.interpreter_runs)")
+        pytest.skip("the sharded Triton path on CPU ranks (the torch path ran and passed): it needs "
+                    "Triton's interpreter, which does not run with this Triton and numpy "
+                    "(helpers.interpreter_runs)")
 
 
 def test_global_batch_without_a_process_group_is_a_clear_error():

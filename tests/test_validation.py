@@ -1,4 +1,5 @@
 """Bad input gets a clear error before any computation; inputs are never modified."""
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -138,28 +139,85 @@ def test_wrong_shapes_and_indices(name, args):
         loss(*args)
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: fastkd.SoftTarget(0.0), "T must be > 0"),
-    (lambda: fastkd.SoftTarget(-1), "T must be > 0"),
-    (lambda: fastkd.BSS(float("nan")), "T must be finite"),
-    (lambda: fastkd.SoftTarget("4"), "T must be a real number"),
-    (lambda: fastkd.AT(0), "p must be > 0"),
-    (lambda: fastkd.AB(-1.0), "margin must be >= 0"),
-    (lambda: fastkd.CC(0.4, 1.5), "P_order must be an integer"),
-    (lambda: fastkd.CC(0.4, -1), "P_order must be >= 0"),
-])
-def test_bad_hyperparameters(make, match):
-    loss = make()
-    if isinstance(loss, fastkd.AT):
-        args = [r(2, 3, 4, 4), r(2, 3, 4, 4)]
-    elif isinstance(loss, fastkd.AB):
-        args = [r(2, 3), r(2, 3)]
-    elif isinstance(loss, fastkd.CC):
-        args = [r(4, 3), r(4, 3)]
-    else:
-        args = [r(4, 10), r(4, 10)]
+# The collection's constructor arguments (the names are the reference's), valid.
+VALID = {
+    "SoftTarget": dict(T=4.0), "BSS": dict(T=2.0), "AT": dict(p=2.0), "AB": dict(margin=1.0),
+    "RKD": dict(w_dist=25, w_angle=50), "CC": dict(gamma=0.4, P_order=2),
+    "IRG": dict(w_irg_vert=0.1, w_irg_edge=5, w_irg_tran=5),
+    "VID": dict(in_channels=3, mid_channels=4, out_channels=5, init_var=5.0),
+    "OFD": dict(in_channels=3, out_channels=5), "AFD": dict(in_channels=3, att_f=0.5),
+    "CRD": dict(s_dim=6, t_dim=7, feat_dim=8, nce_n=5, nce_t=0.1, nce_mom=0.5, n_data=20),
+    "FusedLinearSoftTarget": dict(T=2.0),
+}
+
+# (module, the one argument changed, its message); call=True: the module stores the argument
+# under its name and checks it at each call too, with the same message.
+BAD = [
+    ("SoftTarget", dict(T=0.0), "T must be > 0", True),
+    ("SoftTarget", dict(T=-1), "T must be > 0", True),
+    ("SoftTarget", dict(T="4"), "T must be a real number", True),
+    ("BSS", dict(T=float("nan")), "T must be finite", True),
+    ("AT", dict(p=0), "p must be > 0", True),
+    ("AB", dict(margin=-1.0), "margin must be >= 0", True),
+    ("RKD", dict(w_dist="25"), "w_dist must be a real number", True),
+    ("RKD", dict(w_angle=float("inf")), "w_angle must be finite", True),
+    ("CC", dict(gamma=float("nan")), "gamma must be finite", True),
+    ("CC", dict(P_order=1.5), "P_order must be an integer", True),
+    ("CC", dict(P_order=-1), "P_order must be >= 0", True),
+    ("IRG", dict(w_irg_vert=None), "w_irg_vert must be a real number", True),
+    ("IRG", dict(w_irg_edge=float("inf")), "w_irg_edge must be finite", True),
+    ("IRG", dict(w_irg_tran=float("nan")), "w_irg_tran must be finite", True),
+    ("VID", dict(eps=0.0), "eps must be > 0", True),
+    ("VID", dict(in_channels=0), "in_channels must be >= 1", False),
+    ("VID", dict(mid_channels=0), "mid_channels must be >= 1", False),
+    ("VID", dict(out_channels=2.5), "out_channels must be an integer", False),
+    ("OFD", dict(in_channels=-3), "in_channels must be >= 1", False),
+    ("OFD", dict(out_channels=0), "out_channels must be >= 1", False),
+    ("AFD", dict(in_channels=0), "in_channels must be >= 1", False),
+    ("AFD", dict(att_f=0.25), r"int\(in_channels \* att_f\) must be >= 1, got 0", False),
+    ("CRD", dict(s_dim=0), "s_dim must be >= 1", False),
+    ("CRD", dict(t_dim=6.0), "t_dim must be an integer", False),
+    ("CRD", dict(feat_dim=0), "feat_dim must be >= 1", False),
+    ("CRD", dict(nce_n=0), "nce_n must be >= 1", False),
+    ("CRD", dict(nce_t=0.0), "nce_t must be > 0", False),
+    ("CRD", dict(n_data=0), "n_data must be >= 1", False),
+    ("FusedLinearSoftTarget", dict(T=0.0), "T must be > 0", False),
+    ("FusedLinearSoftTarget", dict(hard_weight=-0.5), "hard_weight must be >= 0", False),
+    ("FusedLinearSoftTarget", dict(reduction="avg"), "reduction must be one of batchmean, sum, mean, none", False),
+    ("FusedLinearSoftTarget", dict(ignore_index=-100.0), "ignore_index must be an integer", False),
+    ("FusedLinearSoftTarget", dict(chunk_size=0), "chunk_size must be >= 1", False),
+]
+
+
+@pytest.mark.parametrize("name,bad,match,call", BAD)
+def test_bad_constructor_arguments_raise_at_construction(name, bad, match, call):
     with pytest.raises((ValueError, TypeError), match=match):
-        loss(*args)
+        getattr(fastkd, name)(**{**VALID[name], **bad})
+    if call:  # the same check, with the same message, at each call
+        loss, args = cases()[name]
+        (key, value), = bad.items()
+        setattr(loss, key, value)
+        with pytest.raises((ValueError, TypeError), match=match):
+            loss(*args)
+
+
+@pytest.mark.parametrize("name", ["PKTCosSim", "RKD", "SP", "CC", "IRG", "CRD"])
+def test_global_batch_must_be_a_bool_at_construction(name):
+    with pytest.raises(TypeError, match="global_batch must be True or False, got int"):
+        getattr(fastkd, name)(**VALID.get(name, {}), global_batch=1)
+
+
+def test_what_a_call_accepts_constructs():
+    for name, kwargs in VALID.items():
+        assert getattr(fastkd, name)(**kwargs) is not None
+    fastkd.SoftTarget(4), fastkd.SoftTarget(torch.tensor(4.0)), fastkd.AT(2)
+    fastkd.AB(0.0), fastkd.CC(0.0, 0), fastkd.RKD(0, -1.5), fastkd.IRG(0, 0, torch.tensor(5.0))
+    fastkd.FusedLinearSoftTarget(2.0, reduction="sum", ignore_index=-1, hard_weight=0.5, chunk_size=8)
+    # Sizes as torch's constructors read them (e.g. numpy or 0-d tensor integers), and
+    # AFD's attention one channel wide.
+    fastkd.VID(np.int64(3), torch.tensor(4), 5, 5.0)
+    fastkd.CRD(torch.tensor(6), 7, 8, np.int64(5), torch.tensor(0.1), 0.5, torch.tensor(20))
+    fastkd.AFD(4, 0.25)
 
 
 def test_target_checks():
