@@ -436,56 +436,31 @@ def _distance_sides(x_s, x_t):
             _gram.prepare(x_t, centre=True))
 
 
-class RKDDistanceFunction(torch.autograd.Function):
-    """smooth_l1(d_s / mean, d_t / mean) over N^2 entries, d = sqrt of the exact E."""
-
-    @staticmethod
-    def forward(ctx, feat_s, feat_t):
-        e_s, e_t, x_s, x_t = _distance_sides(feat_s, feat_t)
-        total, stats = _dist.rkd_distance_forward(e_s, e_t)
-        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats)
-        return (total / len(e_s) ** 2).to(result_dtype(feat_s, feat_t))
-
-    @staticmethod
-    @first_order
-    def backward(ctx, grad_out):
-        feat_s, feat_t, x_s, x_t, e_s, e_t, stats = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _dist.rkd_distance_backward(e_s, e_t, stats)
-        return _pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), grad_out, len(e_s) ** 2)
-
-
-class RKDAngleFunction(torch.autograd.Function):
-    """smooth_l1(A_s, A_t) over the N^3 angles, read from the exact E by polarisation."""
-
-    @staticmethod
-    def forward(ctx, feat_s, feat_t):
-        e_s, e_t, x_s, x_t = _distance_sides(feat_s, feat_t)
-        total, stats = _angle.rkd_angle_forward(e_s, e_t, with_stats=any(ctx.needs_input_grad))
-        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats)
-        return (total / len(e_s) ** 3).to(result_dtype(feat_s, feat_t))
-
-    @staticmethod
-    @first_order
-    def backward(ctx, grad_out):
-        feat_s, feat_t, x_s, x_t, e_s, e_t, stats = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _angle.rkd_angle_backward(e_s, e_t, stats)
-        return _pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), grad_out, len(e_s) ** 3)
-
-
 class RKDFunction(torch.autograd.Function):
-    """w_dist * distance term + w_angle * angle term from one E and one set of centred rows
-    per side, and one gradient map onto the rows per side (each term alone would build and
-    save them again)."""
+    """w_dist * distance term + w_angle * angle term, feat_* (N, D_*), a term whose weight is
+    0 skipped (neither launched nor saved):
+      distance  smooth_l1(d_s / mean(d_s), d_t / mean(d_t)) over N^2 entries, d = sqrt of the
+                exact squared distances E (N, N), the mean over the N(N-1) entries off the
+                diagonal;
+      angle     smooth_l1(A_s, A_t) over the N^3 angles, read from E by polarisation.
+    Both terms from one E and one set of centred rows per side, and one gradient map onto
+    the rows per side."""
 
     @staticmethod
     def forward(ctx, feat_s, feat_t, w_dist, w_angle):
         e_s, e_t, x_s, x_t = _distance_sides(feat_s, feat_t)
         n = len(e_s)
-        total_d, stats_d = _dist.rkd_distance_forward(e_s, e_t)
-        total_a, stats_a = _angle.rkd_angle_forward(e_s, e_t, with_stats=any(ctx.needs_input_grad))
+        loss = e_s.new_zeros(())
+        stats_d = stats_a = None
+        if w_dist:
+            total, stats_d = _dist.rkd_distance_forward(e_s, e_t)
+            loss = loss + w_dist * total / n ** 2
+        if w_angle:
+            total, stats_a = _angle.rkd_angle_forward(e_s, e_t, with_stats=any(ctx.needs_input_grad))
+            loss = loss + w_angle * total / n ** 3
         ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats_d, stats_a)
         ctx.weights = (w_dist, w_angle)
-        return (w_dist * total_d / n ** 2 + w_angle * total_a / n ** 3).to(result_dtype(feat_s, feat_t))
+        return loss.to(result_dtype(feat_s, feat_t))
 
     @staticmethod
     @first_order
@@ -493,11 +468,19 @@ class RKDFunction(torch.autograd.Function):
         feat_s, feat_t, x_s, x_t, e_s, e_t, stats_d, stats_a = ctx.saved_tensors
         w_dist, w_angle = ctx.weights
         n = len(e_s)
-        dist = _dist.rkd_distance_backward(e_s, e_t, stats_d)
-        angle = _angle.rkd_angle_backward(e_s, e_t, stats_a)
-        # dL/dX = M X + r * X for each term: their weighted sum, one gram_grad per side.
-        m_s, r_s, m_t, r_t = (w_dist / n ** 2 * d + w_angle / n ** 3 * a for d, a in zip(dist, angle))
-        return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), grad_out, 1),
+        # Each term's N^k dL/dX is M X + r * X (k = 2, 3), per side (M_s, r_s, M_t, r_t).
+        if w_dist and w_angle:  # their weighted sum: one gram_grad per side
+            dist = _dist.rkd_distance_backward(e_s, e_t, stats_d)
+            angle = _angle.rkd_angle_backward(e_s, e_t, stats_a)
+            terms, divisor = [w_dist / n ** 2 * d + w_angle / n ** 3 * a for d, a in zip(dist, angle)], 1
+        elif w_dist:  # one term: its count and weight divide in gram_grad, nothing is scaled
+            terms, divisor = _dist.rkd_distance_backward(e_s, e_t, stats_d), n ** 2 / w_dist
+        elif w_angle:
+            terms, divisor = _angle.rkd_angle_backward(e_s, e_t, stats_a), n ** 3 / w_angle
+        else:
+            return None, None, None, None
+        m_s, r_s, m_t, r_t = terms
+        return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), grad_out, divisor),
                 None, None)
 
 
@@ -506,11 +489,11 @@ def rkd(feat_s, feat_t, w_dist, w_angle):
 
 
 def rkd_distance(feat_s, feat_t):
-    return _ops.apply("RKDDistanceFunction", feat_s, feat_t)
+    return _ops.apply("RKDFunction", feat_s, feat_t, 1.0, 0.0)
 
 
 def rkd_angle(feat_s, feat_t):
-    return _ops.apply("RKDAngleFunction", feat_s, feat_t)
+    return _ops.apply("RKDFunction", feat_s, feat_t, 0.0, 1.0)
 
 
 class SPFunction(torch.autograd.Function):
@@ -747,7 +730,7 @@ def rkd_global(feat_s, feat_t, w_dist, w_angle, *, group, sizes):
 
 def rkd_distance_global(feat_s, feat_t, *, group, sizes):
     """rkd_distance over every rank's batch, sharded: this rank's rows of E."""
-    return _rkd_global_part(feat_s, feat_t, 1.0, 0.0, group, sizes).to(feat_s.dtype)
+    return _rkd_global_part(feat_s, feat_t, 1.0, 0.0, group, sizes).to(result_dtype(feat_s, feat_t))
 
 
 def rkd_angle_global(feat_s, feat_t, *, group, sizes):
@@ -1067,9 +1050,8 @@ def fused_linear_soft_target(*args):
 
 # Each Function above as a torch.library custom operator for torch.compile (fastkd.ops).
 for _function in (ATFunction, NSTFunction, NSTSpatialFunction, FSPFunction, MSEFunction, ABFunction,
-                  OFDFunction, VIDFunction, AFDFunction, NormalizedRowsFunction, RKDFunction,
-                  RKDDistanceFunction, RKDAngleFunction, SPFunction, PKTFunction, CCFunction, IRGEdgeFunction,
-                  IRGTransformationFunction, SoftmaxKLFunction):
+                  OFDFunction, VIDFunction, AFDFunction, NormalizedRowsFunction, RKDFunction, SPFunction,
+                  PKTFunction, CCFunction, IRGEdgeFunction, IRGTransformationFunction, SoftmaxKLFunction):
     _ops.register(_function)
 # CRD's memory bank changes between forward and backward: its operator keeps what forward saved.
 _ops.register(CRDContrastFunction, saved=lambda embed, memory, *_: [

@@ -109,12 +109,12 @@ def test_triton_matches_reference_past_one_tile(op):
     check_against_reference(op, OPS[op][1], 33, 9, 20, "duplicates", 5)
 
 
-@pytest.mark.parametrize("function", [autograd.RKDDistanceFunction, autograd.RKDAngleFunction])
-def test_gradcheck(function):
+@pytest.mark.parametrize("weights", [(1.0, 0.0), (0.0, 1.0), (25.0, 50.0)], ids=["distance", "angle", "both"])
+def test_gradcheck(weights):
     gen = torch.Generator().manual_seed(0)
     s = torch.randn(5, 3, dtype=torch.float64, generator=gen, requires_grad=True)
     t = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert torch.autograd.gradcheck(function.apply, (s, t))
+    assert torch.autograd.gradcheck(lambda s, t: autograd.RKDFunction.apply(s, t, *weights), (s, t))
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -174,12 +174,6 @@ def _rkd_distance_of(e_s, e_t):
     return F.smooth_l1_loss(d_s / (d_s.sum() / off), d_t / (d_t.sum() / off))
 
 
-def rkd_distance(feat_s, feat_t):
-    """smooth_l1(d_s / mean(d_s), d_t / mean(d_t)) over the N^2 pairwise distances."""
-    return SquaredDistanceLoss.apply(feat_s, feat_t, _rkd_distance_of, squared_distances).to(
-        feat_s.dtype)
-
-
 # --- RKD angle ----------------------------------------------------------------
 
 def _angle_block(e, lo, hi):
@@ -266,72 +260,68 @@ def _angle_term(e_s, e_t, needs, anchors=(0, None)):
     return total, [side[1:] if side is not None else None for side in sides]
 
 
-class RKDAngle(torch.autograd.Function):
-    """smooth_l1(A_s, A_t) over N^3 entries, block by block of anchors, from exact E.
+# --- RKD: both terms ---------------------------------------------------------
 
-    The gradient is formed in forward, where the angles are at hand, as W = dL/dE and Z
-    (N, N) per side (_angle_term): backward then only scales them and maps them onto
-    the rows, instead of building every angle again."""
+class RKDLoss(torch.autograd.Function):
+    """w_dist * distance term + w_angle * angle term, feat_* (N, D_*), a term whose weight is
+    0 skipped: the distance term _rkd_distance_of, the angle term smooth_l1(A_s, A_t) over
+    N^3 entries, block by block of anchors (_angle_term); both from one exact E (N, N) per
+    side.
 
-    @staticmethod
-    def forward(ctx, feat_s, feat_t):
-        e_s, e_t = squared_distances(feat_s), squared_distances(feat_t)
-        total, sides = _angle_term(e_s, e_t, ctx.needs_input_grad)
-        ctx.save_for_backward(feat_s, feat_t, *(t for side in sides for t in (side or (None, None))))
-        return (total / len(e_s) ** 3).to(result_dtype(feat_s, feat_t))
-
-    @staticmethod
-    @first_order
-    def backward(ctx, grad_out):
-        return _angle_grads(ctx.saved_tensors, grad_out)
-
-
-def _angle_grads(saved, grad_out):
-    """RKDAngle's input gradients from what its forward saved: (X_s, X_t, W_s, Z_s, W_t, Z_t)."""
-    feat_s, feat_t, w_s, z_s, w_t, z_t = saved
-    scale = grad_out.to(torch.float64) / len(feat_s) ** 3
-    # Scaled on the (N, N) matrices, not on the (N, D) result.
-    return tuple(None if w is None else _rows_grad(x, w * scale, None if z is None else z * scale)
-                 for x, w, z in ((feat_s, w_s, z_s), (feat_t, w_t, z_t)))
-
-
-def rkd_angle(feat_s, feat_t):
-    """smooth_l1(A_s, A_t) over the N^3 angles, A[i, j, k] = e_ij . e_ik, without (N, N, N)."""
-    return RKDAngle.apply(feat_s, feat_t)
-
-
-class RKDBoth(torch.autograd.Function):
-    """w_dist * distance term + w_angle * angle term from one E per side (each term alone
-    would build it again)."""
+    The angle term's gradient is formed in forward, where the angles are at hand, as W = dL/dE
+    and Z (N, N) per side: backward then only scales them, instead of building every angle
+    again, adds the distance term's dL/dE and maps the sum onto the rows once per side."""
 
     @staticmethod
     def forward(ctx, feat_s, feat_t, w_dist, w_angle):
-        n = feat_s.size(0)
-        e_s, e_t = squared_distances(feat_s), squared_distances(feat_t)
-        total, sides = _angle_term(e_s, e_t, ctx.needs_input_grad[:2])
-        ctx.save_for_backward(feat_s, feat_t, e_s, e_t, *(t for side in sides for t in (side or (None, None))))
         ctx.weights = (w_dist, w_angle)
-        loss = w_dist * _rkd_distance_of(e_s, e_t) + w_angle * (total / n ** 3)
+        e_s, e_t = squared_distances(feat_s), squared_distances(feat_t)
+        loss = e_s.new_zeros(())
+        sides = [None, None]
+        if w_dist:
+            loss = loss + w_dist * _rkd_distance_of(e_s, e_t)
+        if w_angle:
+            total, sides = _angle_term(e_s, e_t, ctx.needs_input_grad[:2])
+            loss = loss + w_angle * (total / len(e_s) ** 3)
+        # E only for the distance term's backward.
+        ctx.save_for_backward(feat_s, feat_t, *((e_s, e_t) if w_dist else (None, None)),
+                              *(t for side in sides for t in (side or (None, None))))
         return loss.to(result_dtype(feat_s, feat_t))
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
         feat_s, feat_t, e_s, e_t, w_s, z_s, w_t, z_t = ctx.saved_tensors
-        w_dist, w_angle = ctx.weights
-        grad = grad_out.to(torch.float64)
-        _, vjp = torch.func.vjp(_rkd_distance_of, e_s, e_t)  # the distance term's dL/dE
-        wd_s, wd_t = vjp(grad * w_dist)
+        (w_dist, w_angle), grad = ctx.weights, grad_out.to(torch.float64)
+        dist = (None, None)
+        if w_dist:  # the distance term's dL/dE
+            _, vjp = torch.func.vjp(_rkd_distance_of, e_s, e_t)
+            dist = vjp(grad * w_dist)
         scale = grad * w_angle / len(feat_s) ** 3
-        # Both terms are 2 sum_b (W_ab + W_ba)(x_a - x_b) (+ Z X): one map onto the rows.
-        return (*(None if w is None else
-                  _rows_grad(x, w * scale + wd, None if z is None else z * scale)
-                  for x, w, z, wd in ((feat_s, w_s, z_s, wd_s), (feat_t, w_t, z_t, wd_t))), None, None)
+        grads = []
+        for x, w_d, w_a, z, needed in zip((feat_s, feat_t), dist, (w_s, w_t), (z_s, z_t), ctx.needs_input_grad):
+            # Both terms are 2 sum_b (W_ab + W_ba)(x_a - x_b) (+ Z X): one map onto the rows.
+            w = w_d
+            if w_a is not None:  # scaled on the (N, N) matrices, not on the (N, D) result
+                w_a, z = w_a * scale, None if z is None else z * scale
+                w = w_a if w_d is None else w_a + w_d
+            grads.append(_rows_grad(x, w, z) if needed and w is not None else None)
+        return (*grads, None, None)
 
 
 def rkd(feat_s, feat_t, w_dist, w_angle):
-    """w_dist * rkd_distance + w_angle * rkd_angle, both weights nonzero."""
-    return RKDBoth.apply(feat_s, feat_t, w_dist, w_angle)
+    """w_dist * rkd_distance + w_angle * rkd_angle, a term whose weight is 0 skipped."""
+    return RKDLoss.apply(feat_s, feat_t, w_dist, w_angle)
+
+
+def rkd_distance(feat_s, feat_t):
+    """smooth_l1(d_s / mean(d_s), d_t / mean(d_t)) over the N^2 pairwise distances."""
+    return RKDLoss.apply(feat_s, feat_t, 1.0, 0.0)
+
+
+def rkd_angle(feat_s, feat_t):
+    """smooth_l1(A_s, A_t) over the N^3 angles, A[i, j, k] = e_ij . e_ik, without (N, N, N)."""
+    return RKDLoss.apply(feat_s, feat_t, 0.0, 1.0)
 
 
 # --- SP, PKT and CC: similarities, with the reference's own forward operations ------------
@@ -651,10 +641,19 @@ def _rkd_distance_part(feat_s, feat_t, group, sizes):
     return _rkd_distance_rows(e_s, e_t, rows.start, group)
 
 
+def _angle_grads(saved, grad_out):
+    """RKDAngleRows' input gradients from what its forward saved: (X_s, X_t, W_s, Z_s, W_t, Z_t)."""
+    feat_s, feat_t, w_s, z_s, w_t, z_t = saved
+    scale = grad_out.to(torch.float64) / len(feat_s) ** 3
+    # Scaled on the (N, N) matrices, not on the (N, D) result.
+    return tuple(None if w is None else _rows_grad(x, w * scale, None if z is None else z * scale)
+                 for x, w, z in ((feat_s, w_s, z_s), (feat_t, w_t, z_t)))
+
+
 class RKDAngleRows(torch.autograd.Function):
-    """This rank's part of RKDAngle: the N^2 angles at each anchor lo:hi of X (N, D) over N^3,
-    from E (N, N) gathered from every rank's rows; float64. The gradient (W, Z) reaches
-    every row of X; backward as RKDAngle's."""
+    """This rank's part of RKDLoss's angle term: the N^2 angles at each anchor lo:hi of X
+    (N, D) over N^3, from E (N, N) gathered from every rank's rows; float64. The gradient
+    (W, Z) reaches every row of X; backward as RKDLoss's."""
 
     @staticmethod
     def forward(ctx, x_s, x_t, lo, hi, group, sizes):
@@ -678,7 +677,8 @@ def _rkd_angle_part(feat_s, feat_t, group, sizes):
 
 def rkd_distance_global(feat_s, feat_t, *, group, sizes):
     """rkd_distance over every rank's batch (sizes: their local batch sizes), sharded."""
-    return all_reduce_sum(_rkd_distance_part(feat_s, feat_t, group, sizes), group).to(feat_s.dtype)
+    return all_reduce_sum(_rkd_distance_part(feat_s, feat_t, group, sizes), group).to(
+        result_dtype(feat_s, feat_t))
 
 
 def rkd_angle_global(feat_s, feat_t, *, group, sizes):
