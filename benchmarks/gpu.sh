@@ -70,7 +70,7 @@ step tests 240 env FASTKD_TEST_DEVICE=cuda FASTKD_TEST_FAILURES="$RESULTS/tests-
 [ -f "$RESULTS/tests.log" ] && grep -E "(FAILED|ERROR) tests/" "$RESULTS/tests.log" | sed 's/^.*\(FAILED\|ERROR\) /\1 /' \
     | sort -u > "$RESULTS/tests-failed.txt"
 step bench 150 python -m fastkd.bench --sweep full --device cuda --variants eager,fastkd --budget 0.05 --min-reps 3 \
-    --max-call-seconds 3 --no-progress --json "$RESULTS/bench.json" --csv "$RESULTS/bench.csv" --plot "$RESULTS/plots"
+    --max-call-seconds 3 --wide --no-progress --json "$RESULTS/bench.json" --csv "$RESULTS/bench.csv" --plot "$RESULTS/plots"
 # The collection's own calls (CIFAR-100, batch 128): eager against fastkd, then with fastkd
 # under torch.compile(mode="reduce-overhead") (CUDA graphs) at its rb3/out/feat calls, and the
 # per-call host cost harness (CPU work, the launch counts that the timings above explain).
@@ -83,7 +83,7 @@ step host 60 python -m fastkd.bench --host --json "$RESULTS/host.json"
 # One realistic shape per loss, in the sweep's order of losses.
 ONE_SHAPE='x32000$|C=512 28x28|N=1024 D=512|256x56x56>512x28x28|CRD B=256 |^(Sobolev|LwM) B=256 '
 step bench-compile 130 python -m fastkd.bench --sweep full --device cuda --variants compile,fastkd,fastkd-compile --cases "$ONE_SHAPE" \
-    --budget 0.05 --min-reps 3 --max-call-seconds 3 --no-progress --json "$RESULTS/bench-compile.json" \
+    --budget 0.05 --min-reps 3 --max-call-seconds 3 --wide --no-progress --json "$RESULTS/bench-compile.json" \
     --csv "$RESULTS/bench-compile.csv"
 # The LM head (bfloat16, 1,024 and 8,192 tokens, H=4096, V=32k/128k): eager, compiled,
 # fastkd eager and compiled (its operator), and Liger-Kernel's fused linear JSD beside them

@@ -289,6 +289,24 @@ def test_the_compiled_variants_get_two_unjudged_warm_up_calls():
     assert results["fastkd"]["status"] == measure.TOO_SLOW
 
 
+def test_main_prints_each_row_as_its_case_ends(monkeypatch, capsys):
+    """The header comes before the first case runs and each row right after its case, so
+    a run written to a file shows its progress; --wide adds each variant's MiB."""
+    seen = []
+    real = measure.run_case
+
+    def run_case(case, *args, **kwargs):
+        seen.append(capsys.readouterr().out)  # what was printed before this case ran
+        return real(case, *args, **kwargs)
+    monkeypatch.setattr(measure, "run_case", run_case)
+    assert cli.main(["--sweep", "tiny", "--device", "cpu", "--losses", "SP", "--variants", "eager,fastkd",
+                     "--min-reps", "1", "--max-reps", "1", "--budget", "0", "--threads", "1", "--wide"]) == 0
+    first, second = seen
+    assert "loss" in first and "eager MiB" in first and "fastkd MiB" in first and "SP " not in first
+    assert [line.split()[:3] for line in second.splitlines()] == [["SP", "N=8", "D=32"]]
+    assert "SP " in capsys.readouterr().out  # the second row, then the legend
+
+
 def test_main_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
     json_path, csv_path = tmp_path / "out" / "bench.json", tmp_path / "bench.csv"
     code = cli.main(["--sweep", "tiny", "--device", "cpu", "--losses", "SP,Hint,CRD", "--variants", "eager,fastkd", "--min-reps", "2",
@@ -296,7 +314,9 @@ def test_main_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
                      "--json", str(json_path), "--csv", str(csv_path), "--machine", "test machine"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "eager ms" in out and "fastkd MiB" in out and "x vs eager" in out and "test machine" in out
+    assert "eager ms" in out and "x eager" in out and "mem x eager" in out and "test machine" in out
+    assert "fastkd MiB" not in out  # the wide table's
+    assert max(len(line) for line in out.splitlines() if not line.startswith("wrote ")) <= 120
     rows = [line.split() for line in out.splitlines()]
     for loss, shape in (("SP", "N=8 D=32"), ("Hint", "B=4 C=8 8x8"), ("CRD", "B=4 n=64 d=16")):
         assert any(r[:1 + len(shape.split())] == [loss, *shape.split()] for r in rows), (loss, shape)

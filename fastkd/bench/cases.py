@@ -13,8 +13,9 @@ Sweeps (``cases(sweep, device_type)``):
          (128, 32, 16, 16), (128, 64, 8, 8), features (128, 64); CRD at nce_n=16384,
          feat_dim=128; BSS on the 32 attacked samples): what its users run. Named by the
          tensors the script passes (rb1..rb3 the residual blocks, feat, out).
-  quick  two smaller shapes per loss (CIFAR layers at B=32, 256 rows of logits, CRD at
-         nce_n=4096): a first look, minutes on 2 CPU cores.
+  quick  one case per loss, the first call the collection's scripts make of it (CRD at
+         nce_n=4096 for a batch of 32, Sobolev and LwM at batch 32): a first look, under two
+         minutes on 2 CPU cores (the README's main command).
   full   the collection's calls, then the realistic sweep: pairwise losses at batch 64..16384 of 512-d features
          (64..2048 on CPU), feature-map losses at CIFAR (B=128, C=16..64, 32x32..8x8)
          and ImageNet (B=256, or 32 on CPU, C=64..2048, 56x56..7x7) layer shapes,
@@ -119,7 +120,7 @@ def _pair(shape_s, shape_t=None):
 # --- shapes of each sweep ----------------------------------------------------------
 
 # Pairwise losses: batch sizes of D-dimensional features.
-_PAIRWISE = {"tiny": ([8, 16], 32), "quick": ([64, 128], 512),
+_PAIRWISE = {"tiny": ([8, 16], 32),
              "full": {"cpu": ([64, 128, 256, 512, 1024, 2048], 512),
                       "cuda": ([64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384], 512)}}
 
@@ -133,16 +134,16 @@ def _imagenet(batch):
 
 
 # Each entry lists networks, each a list of its layers in order (FSP pairs consecutive layers).
-_MAPS = {"tiny": [[(4, 8, 8, 8), (4, 16, 4, 4)]], "quick": [[(32, 16, 32, 32), (32, 64, 8, 8)]],
+_MAPS = {"tiny": [[(4, 8, 8, 8), (4, 16, 4, 4)]],
          "full": {"cpu": [_CIFAR, _imagenet(32)], "cuda": [_CIFAR, _imagenet(256)]}}
 
 # Logit losses: (rows, vocabulary).
 _VOCABS = [10, 100, 1000, 32000, 128000]
-_LOGITS = {"tiny": [(8, 10), (8, 100)], "quick": [(256, 100), (256, 32000)],
+_LOGITS = {"tiny": [(8, 10), (8, 100)],
            "full": {"cpu": [(1024, k) for k in _VOCABS], "cuda": [(8192, k) for k in _VOCABS]}}
 
 # CRD: batch sizes, with (nce_n, feat_dim, n_data, s_dim, t_dim).
-_CRD = {"tiny": ([4, 8], (64, 16, 500, 32, 32)), "quick": ([8, 32], (4096, 128, 50000, 256, 256)),
+_CRD = {"tiny": ([4, 8], (64, 16, 500, 32, 32)), "quick": ([32], (4096, 128, 50000, 256, 256)),
         "full": {"cpu": ([16, 32, 64, 128], (16384, 128, 50000, 256, 256)),
                  "cuda": ([64, 128, 256, 512, 1024], (16384, 128, 50000, 256, 256))}}
 
@@ -152,7 +153,7 @@ _LM_HEAD = {"tiny": [(16, 32, 100)], "collection": [(256, 256, 8000)], "quick": 
                      "cuda": [(bt, 4096, v) for bt in (1024, 8192) for v in (32000, 128000)]}}
 
 # Sobolev and LwM: batch sizes of (3, S, S) images through a tiny conv net of width C.
-_NET = {"tiny": ([4, 8], 8, 8), "quick": ([32, 64], 32, 16),
+_NET = {"tiny": ([4, 8], 8, 8), "quick": ([32], 32, 16),
         "full": {"cpu": ([32, 64, 128, 256], 32, 16), "cuda": ([64, 128, 256, 512, 1024], 32, 32)}}
 
 
@@ -371,8 +372,8 @@ def collection_cases(twin=False):
         def make(device, dtype, gen, first=first, second=second):
             return (_randn(first, device, dtype, gen, grad=True), _randn(second, device, dtype, gen, grad=True),
                     _randn(first, device, dtype, gen), _randn(second, device, dtype, gen))
-        out_cases.append(case("FSP", label, (), make, first,
-                              f"B={b} {'x'.join(map(str, first[1:]))}>{'x'.join(map(str, second[1:]))}"))
+        # The blocks' names give the maps' sizes (rb1 32x32, rb2 16x16, rb3 8x8).
+        out_cases.append(case("FSP", label, (), make, first, f"B={b} C={first[1]}>{second[1]}"))
     out_cases += [case("Hint", "rb3", (), _pair(rb3), rb3), case("NST", "rb3", (), _pair(rb3), rb3)]
     # FT: the paraphraser's and translator's factors at rb3, k = 0.5 (train_ft.py).
     factor = (b, rb3[1] // 2, rb3[2], rb3[3])
@@ -406,6 +407,18 @@ def collection_cases(twin=False):
     return out_cases
 
 
+def _quick_cases(device_type):
+    """One case per loss: its first call in the collection's scripts (collection_cases), except
+    CRD, at 4096 negatives for a batch of 32 (the scripts' 16384 for 128 gather 1 GiB in the
+    reference: seconds per call on a CPU), and Sobolev and LwM, through the tiny net at batch 32."""
+    first = {}
+    for case in collection_cases() + _crd_cases("quick", device_type) + _net_cases("quick", device_type):
+        if case.loss in ("CRD", "Sobolev", "LwM") and case.params.get("call"):
+            continue
+        first.setdefault(case.loss, case)
+    return list(first.values())
+
+
 def canonical(name):
     """The method name for a spelling given to --losses; ValueError if unknown."""
     lookup = {n.lower(): n for n in LOSSES}
@@ -427,7 +440,9 @@ def cases(sweep="quick", device_type="cpu", losses=None):
         raise ValueError(f"sweep must be one of {', '.join(SWEEPS)}; got {sweep!r}")
     keep = set(registry.LOSSES) if losses is None else {canonical(n) for n in losses}
     every = collection_cases() if sweep in ("collection", "full") else []
-    if sweep != "collection":
+    if sweep == "quick":
+        every = _quick_cases(device_type)
+    elif sweep != "collection":
         every += (_logit_cases(sweep, device_type) + _pairwise_cases(sweep, device_type)
                   + _map_cases(sweep, device_type) + _crd_cases(sweep, device_type)
                   + _net_cases(sweep, device_type))

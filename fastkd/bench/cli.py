@@ -167,7 +167,7 @@ def parser():
                    "the whole GPU on CUDA)")
     p.add_argument("--max-call-seconds", type=float, help="a variant whose call takes longer is reported "
                    "too slow and not run at larger shapes (default 5 quick, 30 full)")
-    p.add_argument("--budget", type=float, help="seconds of measured time per case (default 0.5 quick, 3 full)")
+    p.add_argument("--budget", type=float, help="seconds of measured time per case (default 0.3 quick, 3 full)")
     p.add_argument("--min-reps", type=int, help="least timed repetitions per variant (default 3 quick, 5 full)")
     p.add_argument("--max-reps", type=int, default=100, help="most timed repetitions per variant (default 100)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up calls before measuring (default 1; "
@@ -177,6 +177,8 @@ def parser():
     p.add_argument("--csv", metavar="PATH", help="write every number to this CSV file")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots per loss to this folder (needs matplotlib)")
     p.add_argument("--machine", help="text describing the machine, stored in the JSON/CSV (default: detected)")
+    p.add_argument("--wide", action="store_true", help="the wide table: each variant's peak MiB, the memory "
+                   "ratio against torch.compile and, on CUDA, the floor (the JSON and CSV always have them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
@@ -212,19 +214,21 @@ def settings_from(args):
         "sweep": sweep, "cases": args.cases, "device": str(device), "dtype": args.dtype, "variants": variants, "losses": losses,
         "max_memory": max_memory,
         "max_call_s": args.max_call_seconds or (5.0 if quick else 30.0),
-        "budget_s": args.budget or (0.5 if quick else 3.0),
+        "budget_s": args.budget or (0.3 if quick else 3.0),
         "min_reps": args.min_reps or (3 if quick else 5), "max_reps": args.max_reps, "warmup": args.warmup,
         "threads": args.threads or torch.get_num_threads(),
     }
 
 
-def run(settings, machine=None, variants=None, progress=True, cases=None, on_record=None):
+def run(settings, machine=None, variants=None, progress=True, cases=None, on_start=None, on_record=None):
     """Run the benchmark; returns the run dict that report.* print and write.
 
     variants: {name: builder} overriding measure.VARIANTS (the tests use this); cases:
     the list of cases (default: the sweep's, those whose name matches settings["cases"]);
-    on_record(run): called with the run so far after each case, so that a run stopped
-    part-way (a time limit) leaves what it measured.
+    on_start(run, known): called before the first case, with the run's metadata and the
+    (loss, shape, fastkd path) of each case to come; on_record(run): called with the run
+    so far after each case, so that a run stopped part-way (a time limit) leaves what it
+    measured.
     """
     device = torch.device(settings["device"])
     dtype = DTYPES[settings["dtype"]]
@@ -248,10 +252,15 @@ def run(settings, machine=None, variants=None, progress=True, cases=None, on_rec
            "python": platform.python_version(), "git_commit": git_commit(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": info, "settings": settings, "results": []}
+    paths = [fastkd_path(case.loss, device, case.numel) for case in todo]
+    if on_start is not None:
+        on_start(out, [(case.loss, case.shape, report._path_cell(path)) for case, path in zip(todo, paths)])
+    if any(v in measure.COMPILED for v in builders):
+        measure.warm_compiler(device)
     bar = report.Progress(len(todo), enabled=progress)
     failed_at = {}  # (loss, variant) -> (size, status): not tried at larger sizes
     start = time.monotonic()
-    for case in todo:
+    for case, path in zip(todo, paths):
         skip = {v: status for v in builders
                 for size, status in [failed_at.get((case.loss, v), (None, None))]
                 if case.monotone and size is not None and case.size >= size}
@@ -263,7 +272,7 @@ def run(settings, machine=None, variants=None, progress=True, cases=None, on_rec
             if res["status"] in (measure.OOM, measure.TOO_SLOW) and not res["skipped"] and case.monotone:
                 failed_at.setdefault((case.loss, v), (case.size, res["status"]))
         record = {"loss": case.loss, "shape": case.shape, "x": case.x, "x_name": case.x_name, "size": case.size,
-                  "monotone": case.monotone, "params": case.params, "fastkd_path": fastkd_path(case.loss, device, case.numel),
+                  "monotone": case.monotone, "params": case.params, "fastkd_path": path,
                   "variants": results, "floor": None, "dtype": str(case.dtype or dtype).removeprefix("torch.")}
         report.add_ratios(record, min_memory_bytes=2 ** 20 if device.type == "cpu" else 0)
         if device.type == "cuda" and case.floor:
@@ -302,23 +311,26 @@ def main(argv=None):
         return host.main(losses, json_path=args.json)
     settings = settings_from(args)
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break notices are expected here
+    table = None
 
+    def start(partial, known):  # the header at once, then a row per case as it ends
+        nonlocal table
+        print(report.header(partial), end="\n\n", flush=True)
+        table = report.StreamingTable(partial["settings"]["variants"], known, wide=args.wide,
+                                      floor=partial["device"]["type"] == "cuda")
+        table.start()
 
     def save(partial):  # after every case, so a run stopped part-way keeps what it measured
         if args.json:
             report.write_json(partial, args.json)
         if args.csv:
             report.write_csv(partial, args.csv)
-        if args.no_progress:
-            last = partial["results"][-1]
-            times = ", ".join(f"{v} {r['time_s'] * 1e3:.3g} ms" if r.get("time_s") else f"{v} {r['status']}"
-                              for v, r in last["variants"].items())
-            print(f"[{len(partial['results'])}] {last['loss']} {last['shape']}: {times}", flush=True)
+        table.row(partial["results"][-1])
 
-    result = run(settings, machine=args.machine, progress=not args.no_progress, on_record=save)
-    print(report.header(result))
-    print()
-    print(report.table(result))
+    # The rows are the progress off a terminal; on one, a bar says what runs now.
+    result = run(settings, machine=args.machine, progress=not args.no_progress and sys.stderr.isatty(),
+                 on_start=start, on_record=save)
+    print("\n".join(["", *report.legend(result, args.wide)]))
     print(f"\n{len(result['results'])} cases in {result['run_seconds']:.0f} s")
     if args.json:
         report.write_json(result, args.json)

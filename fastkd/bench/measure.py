@@ -38,6 +38,7 @@ more fails its allocation (reported "out of memory") instead of making the
 machine swap or the kernel kill the process; on CUDA the allocator is capped
 with torch.cuda.set_per_process_memory_fraction.
 """
+import concurrent.futures
 import contextlib
 import ctypes
 import gc
@@ -106,6 +107,25 @@ def liger(case, device, dtype):
 VARIANTS = {"eager": eager, "compile": compiled, "fastkd": fastkd_auto, "fastkd-compile": fastkd_compiled,
             "fastkd-graphs": fastkd_graphs, "liger": liger}
 COMPILED = ("compile", "fastkd-compile", "fastkd-graphs")  # the variants under torch.compile
+
+
+def warm_compiler(device):
+    """Before the first torch.compile on the CPU: probe the CPU's vector instruction sets for
+    inductor in parallel threads. Each probe compiles and loads a test program; one after
+    another they take about 8 s of the first compile on 2 cores from an empty cache, and
+    their result is kept for the process. Best effort: it reaches into torch's internals,
+    which vary by release, and does nothing where they differ."""
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor import cpu_vec_isa
+        flags = cpu_vec_isa.x86_isa_checker()
+        isas = [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
+        if isas:
+            with concurrent.futures.ThreadPoolExecutor(len(isas)) as pool:
+                list(pool.map(bool, isas))
+    except Exception:  # noqa: BLE001 - the first compile then probes them itself
+        pass
 
 
 def is_out_of_memory(err):

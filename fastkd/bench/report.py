@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import sys
+import textwrap
 import time
 
 from .measure import COMPILE_FAILED, FAILED, OK, OOM, TOO_SLOW
@@ -95,7 +96,9 @@ def _memory_cell(res):
 
 
 def _ratio_cell(r):
-    return "-" if r is None else f"{r:.2f}x"
+    if r is None:
+        return "-"
+    return f"{r:.0f}x" if r >= 100 else f"{r:.2f}x"
 
 
 def _path_cell(path):
@@ -103,55 +106,110 @@ def _path_cell(path):
     return "+".join("ref" if n == "reference" else n for n in names)
 
 
-def table(run):
+def _floor_cells(rec):
+    floor = rec.get("floor") or {}
+    return ("-" if floor.get("time_s") is None else _num(floor["time_s"] * 1e3),
+            "-" if floor.get("fraction") is None else f"{100 * floor['fraction']:.0f}%")
+
+
+TEXT_COLUMNS = 3  # loss, shape, fastkd path; the rest are numbers, right-aligned
+
+
+def columns(variants, wide=False, floor=False):
+    """[(header, cell)]: the table's columns, cell(record) -> text.
+
+    The default table fits 120 characters: each variant's time, fastkd's speedup over
+    each reference and its memory ratio against the eager one. wide adds each variant's
+    peak MiB, the memory ratio against torch.compile and, where measured (CUDA), the floor.
+    """
+    refs = [r for r in REFERENCES if r in variants] if "fastkd" in variants else []
+    cols = [("loss", lambda rec: rec["loss"]), ("shape", lambda rec: rec["shape"]),
+            ("fastkd path", lambda rec: _path_cell(rec["fastkd_path"]))]
+    cols += [(f"{v} ms", lambda rec, v=v: _time_cell(rec["variants"].get(v))) for v in variants]
+    cols += [(f"x {r}", lambda rec, r=r: _ratio_cell(rec["speedup"].get(r))) for r in refs]
+    if wide:
+        cols += [(f"{v} MiB", lambda rec, v=v: _memory_cell(rec["variants"].get(v))) for v in variants]
+    cols += [(f"mem x {r}", lambda rec, r=r: _ratio_cell(rec["memory_ratio"].get(r)))
+             for r in refs if wide or r == "eager"]
+    if wide and floor:
+        cols += [("floor ms", lambda rec: _floor_cells(rec)[0]), ("of floor", lambda rec: _floor_cells(rec)[1])]
+    return cols
+
+
+def _line(cells, widths):
+    return "  ".join(c.ljust(w) if i < TEXT_COLUMNS else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+
+def _grouped(losses):
+    """A blank line between losses where some loss has several rows."""
+    return len(set(losses)) < len(losses)
+
+
+def table(run, wide=False):
     """The comparison table as text, with its notes and the out-of-memory summary."""
     results = run["results"]
-    variants = run["settings"]["variants"]
-    refs = [r for r in REFERENCES if r in variants]
-    has_floor = any(rec.get("floor") for rec in results)
-    headers = ["loss", "shape", "fastkd path"]
-    headers += [f"{v} ms" for v in variants] + [f"x vs {r}" for r in refs if "fastkd" in variants]
-    headers += [f"{v} MiB" for v in variants] + [f"mem x vs {r}" for r in refs if "fastkd" in variants]
-    if has_floor:
-        headers += ["floor ms", "of floor"]
-    rows = []
-    for rec in results:
-        res = rec["variants"]
-        row = [rec["loss"], rec["shape"], _path_cell(rec["fastkd_path"])]
-        row += [_time_cell(res.get(v)) for v in variants]
-        row += [_ratio_cell(rec["speedup"].get(r)) for r in refs if "fastkd" in variants]
-        row += [_memory_cell(res.get(v)) for v in variants]
-        row += [_ratio_cell(rec["memory_ratio"].get(r)) for r in refs if "fastkd" in variants]
-        if has_floor:
-            floor = rec.get("floor") or {}
-            row += ["-" if floor.get("time_s") is None else _num(floor["time_s"] * 1e3),
-                    "-" if floor.get("fraction") is None else f"{100 * floor['fraction']:.0f}%"]
-        rows.append(row)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    left = 3  # loss, shape, path are text; the rest are numbers
-    lines = ["  ".join(h.ljust(w) if i < left else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
-    lines.append("  ".join("-" * w for w in widths))
-    previous = None
+    cols = columns(run["settings"]["variants"], wide, any(rec.get("floor") for rec in results))
+    rows = [[cell(rec) for _, cell in cols] for rec in results]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, (h, _) in enumerate(cols)]
+    lines = [_line([h for h, _ in cols], widths), "  ".join("-" * w for w in widths)]
+    previous, group = None, _grouped([rec["loss"] for rec in results])
     for rec, row in zip(results, rows):
-        if previous is not None and rec["loss"] != previous:
+        if group and previous is not None and rec["loss"] != previous:
             lines.append("")
         previous = rec["loss"]
-        lines.append("  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    lines += ["", *notes(run)]
-    return "\n".join(lines)
+        lines.append(_line(row, widths))
+    return "\n".join(lines + ["", *legend(run, wide)])
 
 
-def notes(run):
+def legend(run, wide=False):
+    """The notes under the table, wrapped to 120 columns."""
+    return [line for note in notes(run, wide) for line in textwrap.wrap(note, 119, subsequent_indent="  ")]
+
+
+class StreamingTable:
+    """The table printed as the run goes: its header at once, each row as its case ends.
+
+    The widths are fixed before the first row, from the headers and from the labels known
+    in advance (losses, shapes, fastkd paths); numbers get at least NUMBER_WIDTH.
+    """
+    NUMBER_WIDTH = 7
+
+    def __init__(self, variants, known, wide=False, floor=False, stream=None):
+        """known: (loss, shape, fastkd path) of every case to come."""
+        self.cols = columns(variants, wide, floor)
+        self.stream = stream or sys.stdout
+        self.widths = [max(len(h), *(len(k[i]) for k in known)) if i < TEXT_COLUMNS and known
+                       else max(len(h), self.NUMBER_WIDTH) for i, (h, _) in enumerate(self.cols)]
+        self.previous, self.group = None, _grouped([k[0] for k in known])
+
+    def _write(self, text):
+        self.stream.write(text + "\n")
+        self.stream.flush()  # a line per case also when the output is a file
+
+    def start(self):
+        self._write(_line([h for h, _ in self.cols], self.widths))
+        self._write("  ".join("-" * w for w in self.widths))
+
+    def row(self, rec):
+        if self.group and self.previous is not None and rec["loss"] != self.previous:
+            self._write("")
+        self.previous = rec["loss"]
+        self._write(_line([cell(rec) for _, cell in self.cols], self.widths))
+
+
+def notes(run, wide=False):
     out = [
-        "ms: median forward+backward time; MiB: peak memory above the inputs; x vs eager/compile: the "
-        "reference's figure over fastkd's, measured side by side (above 1 = fastkd faster / lighter).",
+        "ms: median forward+backward time; x eager/compile: the reference's time over fastkd's, measured "
+        "side by side (above 1 = fastkd faster); mem x: the same for peak memory above the inputs "
+        + ("(MiB)." if wide else "(each variant's MiB: --wide, and the JSON/CSV)."),
         "fastkd path: what the auto backend ran (ref = no fast path yet, so fastkd ~ the reference).",
         "OOM: out of memory (above --max-memory on CPU); too slow: a call took longer than "
         "--max-call-seconds; OOM*/too slow*: not run, it ran out of memory / was too slow at a smaller "
         "shape of the same loss; no compile: torch.compile failed on this loss; failed: the variant raised an "
         "error (its message is in the JSON and CSV).",
     ]
-    if run["device"]["type"] == "cuda":
+    if wide and run["device"]["type"] == "cuda":
         out.append("floor: max(bytes to move / measured copy bandwidth, matmul flops / measured peak); "
                    "of floor: floor / fastkd time.")
     over = beyond(run["results"])
@@ -166,8 +224,9 @@ def notes(run):
 
 def header(run):
     dev = run["device"]
-    lines = [f"fastkd {run['fastkd']} benchmark on {dev['description']}: torch {run['torch']}, "
-             f"triton {run['triton'] or 'not installed'}, commit {run['git_commit'] or 'unknown'}",
+    lines = [f"fastkd {run['fastkd']} benchmark on {dev['description']}",
+             f"torch {run['torch']}, triton {run['triton'] or 'not installed'}, commit {(run['git_commit'] or 'unknown')[:12]}"
+             + ("-dirty" if (run["git_commit"] or "").endswith("-dirty") else ""),
              f"sweep {run['settings']['sweep']}, dtype {run['settings']['dtype']}, "
              f"{run['settings']['threads']} CPU threads, memory cap "
              + (f"{run['settings']['max_memory'] / 2 ** 30:.1f} GiB" if run["settings"]["max_memory"] else "none")]
