@@ -332,7 +332,7 @@ def write_plots(run, folder):
         from matplotlib import ticker
     except ImportError:
         raise MissingMatplotlib("--plot needs matplotlib: pip install matplotlib "
-                                "(or pip install 'fastkd[bench]')") from None
+                                "(or, in a clone of fastkd: pip install -e '.[bench]')") from None
     os.makedirs(folder, exist_ok=True)
     by_loss = {}
     for rec in run["results"]:

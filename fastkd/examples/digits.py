@@ -97,7 +97,7 @@ class Digits:
     def __init__(self, device):
         if importlib.util.find_spec("sklearn") is None:
             raise SystemExit("the digits example needs scikit-learn: pip install scikit-learn "
-                             "(or pip install fastkd[examples])")
+                             "(or, in a clone of fastkd: pip install -e '.[examples]')")
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
@@ -1054,7 +1054,7 @@ def parse_args(argv):
     except ValueError as e:
         p.error(str(e))
     if args.plot and importlib.util.find_spec("matplotlib") is None:
-        p.error("--plot needs matplotlib: pip install matplotlib (or pip install fastkd[examples])")
+        p.error("--plot needs matplotlib: pip install matplotlib (or, in a clone of fastkd: pip install -e '.[examples]')")
     if args.epochs < 1 or args.batch_size < 2:
         p.error("--epochs must be >= 1 and --batch-size >= 2")
     try:
