@@ -44,7 +44,18 @@ def pytest_report_header(config):
         return f"{device_switch.ENV_VAR}={TEST_DEVICE}: fastkd.autograd Functions run there"
 
 
+COMPILE_CHECK = "test_compile_kernels.py::test_every_launched_kernel_compiles_within_device_limits"
+
+
 def pytest_collection_modifyitems(config, items):
+    # The compile check runs in a subprocess from now on, beside the other tests, and its
+    # test, which collects the result, runs last (see test_compile_kernels.py). An xdist
+    # worker leaves it to the test itself.
+    check = [item for item in items if item.nodeid.endswith(COMPILE_CHECK)]
+    if check and not config.option.collectonly:
+        items[:] = [item for item in items if item not in check] + check
+        if not os.environ.get("PYTEST_XDIST_WORKER"):
+            check[0].module.start_compile_check()
     if TEST_DEVICE is None:
         return
     for item in items:
