@@ -269,13 +269,18 @@ def fsp(fm_s1, fm_s2, fm_t1, fm_t2):
 
     All (B, C, H, W); a is adaptive-average-pooled to b's (H, W) when larger.
     """
-    _pair(fm_s1, fm_s2, "fm_s1", "fm_s2", 4)
-    _pair(fm_t1, fm_t2, "fm_t1", "fm_t2", 4)
-    if fm_s1.device != fm_t1.device:
+    if not (type(fm_s1) is type(fm_s2) is type(fm_t1) is type(fm_t2) is torch.Tensor
+            and fm_s1.device == fm_s2.device == fm_t1.device == fm_t2.device):
+        _pair(fm_s1, fm_s2, "fm_s1", "fm_s2", 4)
+        _pair(fm_t1, fm_t2, "fm_t1", "fm_t2", 4)
         checks.same_device(fm_s1=fm_s1, fm_s2=fm_s2, fm_t1=fm_t1, fm_t2=fm_t2)
+    for x, name in ((fm_s1, "fm_s1"), (fm_s2, "fm_s2"), (fm_t1, "fm_t1"), (fm_t2, "fm_t2")):
+        if not (x.dim() == 4 and x.is_floating_point() and x.numel()):
+            checks.tensor(x, name, 4)
     flow_s = _flow_shape(fm_s1, fm_s2, "fm_s1", "fm_s2")
     flow_t = _flow_shape(fm_t1, fm_t2, "fm_t1", "fm_t2")
-    checks.same_batch(fm_s1, fm_t1, "fm_s1", "fm_t1")
+    if fm_s1.shape[0] != fm_t1.shape[0]:
+        checks.same_batch(fm_s1, fm_t1, "fm_s1", "fm_t1")
     if flow_s != flow_t:
         raise ValueError(f"student and teacher flow matrices must match: channels (fm_s1, fm_s2) = "
                          f"{flow_s}, (fm_t1, fm_t2) = {flow_t}")
