@@ -2,6 +2,7 @@ import atexit
 import os
 import re
 import sys
+import tempfile
 
 import torch
 
@@ -18,6 +19,9 @@ if not torch.cuda.is_available() or (TEST_DEVICE is not None and TEST_DEVICE.typ
 
 if TEST_DEVICE is not None:  # before any test module imports fastkd objects
     device_switch.install(TEST_DEVICE)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # workers side by side: one thread each
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
@@ -47,15 +51,35 @@ def pytest_report_header(config):
 COMPILE_CHECK = "test_compile_kernels.py::test_every_launched_kernel_compiles_within_device_limits"
 
 
+def pytest_configure(config):
+    # The folder where the compile check, started below, leaves its result for its test:
+    # in the environment, so that pytest-xdist's workers, started after this, see it.
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["FASTKD_COMPILE_CHECK_DIR"] = tempfile.mkdtemp(prefix="fastkd-compile-check-")
+
+
+def _start_compile_check():
+    from test_compile_kernels import start_compile_check
+    start_compile_check(os.environ["FASTKD_COMPILE_CHECK_DIR"])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """Under pytest-xdist, in the controller: start the compile check once a worker has
+    collected its test, before any test runs."""
+    if any(i.endswith(COMPILE_CHECK) for i in ids):
+        _start_compile_check()
+
+
+@pytest.hookimpl(trylast=True)  # after -k and --deselect have deselected
 def pytest_collection_modifyitems(config, items):
     # The compile check runs in a subprocess from now on, beside the other tests, and its
-    # test, which collects the result, runs last (see test_compile_kernels.py). An xdist
-    # worker leaves it to the test itself.
+    # test, which collects the result, runs last (see test_compile_kernels.py).
     check = [item for item in items if item.nodeid.endswith(COMPILE_CHECK)]
     if check and not config.option.collectonly:
         items[:] = [item for item in items if item not in check] + check
         if not os.environ.get("PYTEST_XDIST_WORKER"):
-            check[0].module.start_compile_check()
+            _start_compile_check()
     if TEST_DEVICE is None:
         return
     for item in items:

@@ -17,7 +17,7 @@ warm; the suite runs them beside its other tests (start_compile_check).
 import os
 import subprocess
 import sys
-import tempfile
+import time
 
 import pytest
 
@@ -34,40 +34,50 @@ def _compiler_available():
     return None
 
 
-_CHECK = {}
+FOLDER_VAR = "FASTKD_COMPILE_CHECK_DIR"  # tests/conftest.py sets it for the whole run
 
 
-def start_compile_check():
-    """Start the check in a subprocess, once; None where Triton lacks the compile API.
+def start_compile_check(folder):
+    """Start the check in the background, once per folder: its output goes to folder/out and
+    its exit status to folder/rc when it ends. None where Triton lacks the compile API.
 
-    tests/conftest.py starts it as soon as the suite is collected and runs this test last:
-    the check's compiles (minutes on one core from a cold Triton cache) then run beside the
-    rest of the suite, most of which keeps one core of two busy. One compile job, so the
-    suite keeps its core.
+    tests/conftest.py starts it as soon as the suite is collected (in the controller under
+    pytest-xdist) and runs this test last: the check's compiles, minutes on one core from a
+    cold Triton cache, then run beside the other tests. One compile job, so the tests keep
+    their cores.
     """
-    if _compiler_available() is not None:
-        return None
-    if "proc" not in _CHECK:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        out = tempfile.TemporaryFile("w+")  # a file, not a pipe, which a long report would fill
-        _CHECK["out"] = out
-        _CHECK["proc"] = subprocess.Popen(
-            [sys.executable, "-m", "fastkd.kernels.resources", "--arch", "90", "--arch", "80", "--check",
-             "--no-table", "--jobs", "1"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-    return _CHECK["proc"]
+    if _compiler_available() is not None or os.path.exists(os.path.join(folder, "started")):
+        return
+    open(os.path.join(folder, "started"), "w").close()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    check = [sys.executable, "-m", "fastkd.kernels.resources", "--arch", "90", "--arch", "80", "--check",
+             "--no-table", "--jobs", "1"]
+    # A small parent writes the status when the check ends (renamed into place, so a reader
+    # never sees it half written); it outlives this process, as a worker may be the reader.
+    runner = ("import os, subprocess, sys\n"
+              "folder = sys.argv[1]\n"
+              "with open(os.path.join(folder, 'out'), 'w') as out:\n"
+              "    code = subprocess.call(sys.argv[2:], cwd=%r, stdout=out, stderr=subprocess.STDOUT)\n"
+              "with open(os.path.join(folder, 'rc.part'), 'w') as f:\n"
+              "    f.write(str(code))\n"
+              "os.replace(os.path.join(folder, 'rc.part'), os.path.join(folder, 'rc'))\n" % ROOT)
+    subprocess.Popen([sys.executable, "-c", runner, folder, *check], env=env, stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 @pytest.mark.skipif(_compiler_available() is not None,
                     reason=f"compiling the kernels for sm_90/sm_80: this Triton lacks the compile API "
                            f"the check uses ({_compiler_available()})")
-def test_every_launched_kernel_compiles_within_device_limits():
-    proc = start_compile_check()
-    try:
-        returncode = proc.wait(timeout=1800)
-    finally:
-        proc.kill()
-    _CHECK["out"].seek(0)
-    output = _CHECK["out"].read()
+def test_every_launched_kernel_compiles_within_device_limits(tmp_path):
+    folder = os.environ.get(FOLDER_VAR) or str(tmp_path)
+    start_compile_check(folder)  # where the run did not (this test run alone)
+    rc = os.path.join(folder, "rc")
+    deadline = time.monotonic() + 1800
+    while not os.path.exists(rc):
+        assert time.monotonic() < deadline, "the compile check did not end within 30 minutes"
+        time.sleep(0.5)
+    with open(rc) as f, open(os.path.join(folder, "out")) as out:
+        returncode, output = int(f.read()), out.read()
     assert returncode == 0, output[-25000:]
     assert "specializations compiled" in output
