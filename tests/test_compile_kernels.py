@@ -55,7 +55,10 @@ def start_compile_check(folder):
              "--no-table", "--jobs", "1"]
     # A small parent writes the status when the check ends (renamed into place, so a reader
     # never sees it half written); it outlives this process, as a worker may be the reader.
+    # At the lowest priority: the tests, which a spare core does not serve all the time (their
+    # 2- and 3-process jobs), come first, and the check only has to end before the last.
     runner = ("import os, subprocess, sys\n"
+              "os.nice(19)\n"
               "folder = sys.argv[1]\n"
               "with open(os.path.join(folder, 'out'), 'w') as out:\n"
               "    code = subprocess.call(sys.argv[2:], cwd=%r, stdout=out, stderr=subprocess.STDOUT)\n"

@@ -254,7 +254,7 @@ def run(settings, machine=None, variants=None, progress=True, cases=None, on_sta
            "device": info, "settings": settings, "results": []}
     paths = [fastkd_path(case.loss, device, case.numel) for case in todo]
     if on_start is not None:
-        on_start(out, [(case.loss, case.shape, report._path_cell(path)) for case, path in zip(todo, paths)])
+        on_start(out, [(case.loss, case.shape, report.path_cell(path)) for case, path in zip(todo, paths)])
     if any(v in measure.COMPILED for v in builders):
         measure.warm_compiler(device)
     bar = report.Progress(len(todo), enabled=progress)

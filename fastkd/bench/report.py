@@ -101,7 +101,8 @@ def _ratio_cell(r):
     return f"{r:.0f}x" if r >= 100 else f"{r:.2f}x"
 
 
-def _path_cell(path):
+def path_cell(path):
+    """The backends fastkd ran ({op: backend}), as the table's "fastkd path" shows them."""
     names = sorted(set(path.values()), key=["triton", "torch", "reference"].index)
     return "+".join("ref" if n == "reference" else n for n in names)
 
@@ -124,7 +125,7 @@ def columns(variants, wide=False, floor=False):
     """
     refs = [r for r in REFERENCES if r in variants] if "fastkd" in variants else []
     cols = [("loss", lambda rec: rec["loss"]), ("shape", lambda rec: rec["shape"]),
-            ("fastkd path", lambda rec: _path_cell(rec["fastkd_path"]))]
+            ("fastkd path", lambda rec: path_cell(rec["fastkd_path"]))]
     cols += [(f"{v} ms", lambda rec, v=v: _time_cell(rec["variants"].get(v))) for v in variants]
     cols += [(f"x {r}", lambda rec, r=r: _ratio_cell(rec["speedup"].get(r))) for r in refs]
     if wide:
@@ -253,7 +254,7 @@ def csv_rows(run):
             "fastkd": run["fastkd"], "git_commit": run["git_commit"], "dtype": run["settings"]["dtype"]}
     for rec in run["results"]:
         row = {"loss": rec["loss"], "shape": rec["shape"], "x_name": rec["x_name"], "x": rec["x"],
-               "fastkd_path": _path_cell(rec["fastkd_path"])}
+               "fastkd_path": path_cell(rec["fastkd_path"])}
         for v in variants:
             res = rec["variants"][v]
             row.update({f"{v}_status": res["status"], f"{v}_skipped": res["skipped"], f"{v}_time_s": res["time_s"],
