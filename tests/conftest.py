@@ -51,16 +51,24 @@ def pytest_report_header(config):
 COMPILE_CHECK = "test_compile_kernels.py::test_every_launched_kernel_compiles_within_device_limits"
 
 
+def _compile_check_folder():
+    """The folder where the compile check, started below, leaves its result for its test, in
+    the environment for the run."""
+    folder = os.environ.get("FASTKD_COMPILE_CHECK_DIR")
+    if folder is None:
+        folder = os.environ["FASTKD_COMPILE_CHECK_DIR"] = tempfile.mkdtemp(prefix="fastkd-compile-check-")
+    return folder
+
+
 def pytest_configure(config):
-    # The folder where the compile check, started below, leaves its result for its test:
-    # in the environment, so that pytest-xdist's workers, started after this, see it.
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        os.environ["FASTKD_COMPILE_CHECK_DIR"] = tempfile.mkdtemp(prefix="fastkd-compile-check-")
+    # Under pytest-xdist, before the workers start, so that they see the folder.
+    if not os.environ.get("PYTEST_XDIST_WORKER") and getattr(config.option, "numprocesses", None):
+        _compile_check_folder()
 
 
 def _start_compile_check():
     from test_compile_kernels import start_compile_check
-    start_compile_check(os.environ["FASTKD_COMPILE_CHECK_DIR"])
+    start_compile_check(_compile_check_folder())
 
 
 @pytest.hookimpl(optionalhook=True)
