@@ -385,15 +385,22 @@ def test_legend_explains_every_status_of_the_table():
         assert mark in legend
 
 
-def test_progress_bar_writes_a_line_per_case_off_a_terminal():
-    stream = io.StringIO()
-    bar = report.Progress(2, stream=stream)
-    bar.show("SP N=8: eager")
-    bar.advance("SP N=8")
-    bar.advance("SP N=16")
-    bar.close()
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 2 and lines[-1].startswith("[" + "#" * 24 + "] 2/2") and lines[-1].endswith("SP N=16")
+def test_progress_bar_is_drawn_on_a_terminal_only():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    for stream, drawn in ((Terminal(), True), (io.StringIO(), False)):
+        bar = report.Progress(2, stream=stream)
+        bar.show("SP N=8: eager")
+        bar.advance("SP N=8")
+        bar.advance("SP N=16")
+        bar.close()
+        text = stream.getvalue()
+        if drawn:
+            assert text.endswith("\n") and text.splitlines()[-1].rstrip().endswith("SP N=16")
+            assert "[" + "#" * 24 + "] 2/2" in text.split("\r")[-1]
+        else:
+            assert text == ""  # off a terminal the table's rows are the progress
 
 
 def test_parse_memory():

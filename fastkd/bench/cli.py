@@ -327,8 +327,7 @@ def main(argv=None):
             report.write_csv(partial, args.csv)
         table.row(partial["results"][-1])
 
-    # The rows are the progress off a terminal; on one, a bar says what runs now.
-    result = run(settings, machine=args.machine, progress=not args.no_progress and sys.stderr.isatty(),
+    result = run(settings, machine=args.machine, progress=not args.no_progress,
                  on_start=start, on_record=save)
     print("\n".join(["", *report.legend(result, args.wide)]))
     print(f"\n{len(result['results'])} cases in {result['run_seconds']:.0f} s")

@@ -382,15 +382,13 @@ def write_plots(run, folder):
 # --- progress ---------------------------------------------------------------------------
 
 class Progress:
-    """A one-line progress bar on stderr: [####....] done/total elapsed  what runs now.
-
-    On a terminal the line is redrawn in place; elsewhere each case gets one line.
-    """
+    """A one-line progress bar on stderr: [####....] done/total elapsed  what runs now,
+    redrawn in place on a terminal. Elsewhere it writes nothing: the table's rows, printed
+    as each case ends, are the progress there."""
 
     def __init__(self, total, stream=None, enabled=True, width=24):
         self.total, self.done, self.width = total, 0, width
         self.stream = stream or sys.stderr
-        self.enabled = enabled
         self.live = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.start = time.monotonic()
 
@@ -408,11 +406,7 @@ class Progress:
     def advance(self, text=""):
         """One more case done; text says which."""
         self.done += 1
-        if self.live:
-            self.show(text)
-        elif self.enabled:
-            self.stream.write(self._line(text) + "\n")
-            self.stream.flush()
+        self.show(text)
 
     def close(self):
         if self.live:
