@@ -12,6 +12,8 @@ from .registry import EXTENSIONS, METHODS
 COMMANDS = (
     ("python -m fastkd.bench", "time and peak memory of every loss, reference vs fastkd (fastkd-bench)"),
     ("python -m fastkd.bench --host", "per-call cost on a GPU at the collection's shapes, measured on the CPU"),
+    ("python -m fastkd.bench.traffic",
+     "bytes each memory-bound loss's Triton path moves against its floor, without a GPU"),
     ("python -m fastkd.bench.global_batch",
      "one rank's time and memory of the global-batch losses vs world size"),
     ("python -m fastkd.examples.digits", "end-to-end distillation on sklearn's digits, each method vs Baseline"),

@@ -63,11 +63,15 @@ class Case:
               not tried at larger sizes of the same loss.
     args      the module's constructor arguments.
     inputs    inputs(device, dtype, generator) -> fresh tuple of forward arguments.
-    flops     the matrix-product work fastkd's algorithm cannot avoid (forward + backward),
-              for the floor on CUDA at the measured IEEE fp32 rate; memory traffic is counted
-              from the inputs themselves.
-    tf32_flops  such work done by torch's convolutions, at the TF32 rate (cuDNN's default).
-    extra_bytes  traffic beyond reading the inputs and writing their gradients.
+    flops     matrix-product flops fastkd's algorithm cannot avoid (forward + backward): Gram
+              products and the like, which a kernel can run on tensor cores (for float32 at the
+              rate of a float32-accurate split such as tf32x3: fastkd.bench.roofline, the floor).
+    conv_flops  flops of torch's own convolutions in the loss (VID's regressor, OFD's connector),
+              at the rate cuDNN runs them (TF32 for float32 unless torch is told otherwise).
+    vector_ops  float32 vector instructions (an add, a multiply or an FMA each) of elementwise
+              work that no matrix unit can take: RKD's O(N^3) angle term, CRD's gathered dots.
+    extra_values  values of the case's dtype moved beyond reading the inputs and parameters and
+              writing their gradients (CRD's memory-bank rows and their update).
     floor     False where no floor is meaningful (the time is the network's, not the loss's).
     dtype     the case's own dtype, overriding the run's (None: the run's --dtype).
     numel     element count of the first input of each of the loss's ops (fastkd.registry),
@@ -82,8 +86,9 @@ class Case:
     inputs: Callable
     monotone: bool = True
     flops: int = 0
-    tf32_flops: int = 0
-    extra_bytes: int = 0
+    conv_flops: int = 0
+    vector_ops: int = 0
+    extra_values: int = 0
     floor: bool = True
     params: dict = field(default_factory=dict)
     dtype: torch.dtype = None
@@ -162,23 +167,76 @@ def _pick(table, sweep, device_type):
     return value["cuda" if device_type == "cuda" else "cpu"] if isinstance(value, dict) else value
 
 
+# --- the floor's work --------------------------------------------------------------
+
+def work(loss, args, *shapes):
+    """The work a loss cannot avoid, beyond reading its inputs and parameters once and writing
+    their gradients once (which fastkd.bench.measure.floor_bytes counts from the tensors):
+    {flops, conv_flops, vector_ops, extra_values} as Case holds them (forward + backward, the
+    teacher's inputs needing no gradient). shapes: the student's input shapes, in the order
+    the loss takes them; args: the module's constructor arguments."""
+    first = shapes[0]
+    n, per_row = first[0], math.prod(first[1:])
+    gram = 2 * n * n * per_row  # X X^T over a batch of flattened rows
+
+    def spatial(shape):
+        return shape[2] * shape[3] if len(shape) == 4 else 1
+    if loss in ("SP", "PKTCosSim", "CC"):
+        # The Gram (or cosine) matrices of s and t, and dG X for the student's gradient.
+        return {"flops": 3 * gram}
+    if loss == "RKD":
+        return {"flops": 3 * gram, "vector_ops": rkd_angle_ops(n) if args[1] else 0}
+    if loss == "IRG":  # Gram matrices of the first three inputs (maps and features); the logits' term is mse
+        return {"flops": sum(3 * 2 * n * n * math.prod(s[1:]) for s in shapes[:3])}
+    if loss == "NST":
+        # K_ss, K_tt, K_st forward and one product each for the student's gradient from K_ss
+        # and K_st (the teacher needs none), in the form fastkd takes (HW x HW or C x C).
+        b, c, hw = n, first[1], spatial(first)
+        return {"flops": 5 * 2 * b * c * hw * (hw if nst_spatial_form(c, c, hw) else c)}
+    if loss == "FSP":
+        # G = F1 F2^T / HW of s and t (F1 pooled to F2's size), then dF1 = dG F2 and
+        # dF2 = dG^T F1 for the student.
+        c1, (b, c2) = first[1], shapes[1][:2]
+        return {"flops": 4 * 2 * b * c1 * c2 * spatial(shapes[1])}
+    if loss == "VID":
+        # The regressor's three 1x1 convs: forward, and the input's and the weight's gradient
+        # of each (the student's map needs its gradient, so the first conv's input does too).
+        c_in, mid, c_out = args[:3]
+        return {"conv_flops": 3 * 2 * n * spatial(first) * (c_in * mid + mid * mid + mid * c_out)}
+    if loss == "OFD":  # the connector's 1x1 conv, forward and its two gradients
+        return {"conv_flops": 3 * 2 * n * spatial(first) * args[0] * args[1]}
+    if loss == "CRD":
+        _, _, feat_dim, nce_n, _, _, n_data = args
+        return crd_work(n, nce_n, feat_dim, n_data)
+    if loss == "FusedLinearSoftTarget":
+        # Student and teacher logits, then the student's hidden and weight gradients.
+        (bt, h), (v, _) = shapes[:2]
+        return {"flops": 4 * 2 * bt * v * h}
+    # The elementwise, attention-map and logit losses: memory traffic only.
+    return {}
+
+
 # --- families -------------------------------------------------------------------
 
 def _pairwise_cases(sweep, device_type):
     batches, d = _pick(_PAIRWISE, sweep, device_type)
     out = []
     for n in batches:
-        gram = 2 * n * n * d  # one Gram matrix X X^T
         shape = f"N={n} D={d}"
         params = {"N": n, "D": d}
-        # Gram of s and t forward, X^T dG for the student's gradient.
-        out += [Case("RKD", shape, n, "batch", n, (25.0, 50.0), _pair((n, d)), params=params,
-                     flops=3 * gram + 2 * 2 * n ** 3),  # + the N^3 angle products of s and t
-                Case("SP", shape, n, "batch", n, (), _pair((n, d)), params=params, flops=3 * gram),
-                Case("PKTCosSim", shape, n, "batch", n, (), _pair((n, d)), params=params, flops=3 * gram),
-                Case("CC", shape, n, "batch", n, (0.4, 2), _pair((n, d)), params=params, flops=3 * gram),
-                _irg_case(n, d, sweep)]
+        out += [Case(loss, shape, n, "batch", n, args, _pair((n, d)), params=params, **work(loss, args, (n, d)))
+                for loss, args in (("RKD", (25.0, 50.0)), ("SP", ()), ("PKTCosSim", ()), ("CC", (0.4, 2)))]
+        out.append(_irg_case(n, d, sweep))
     return out
+
+
+def rkd_angle_ops(n):
+    """Vector instructions RKD's angle term cannot avoid: per anchor i and unordered pair
+    {j, k} (N^3 / 2 of them; the angle is symmetric in j, k), each side's cosine from the
+    squared distances (two adds, two multiplies), the difference, smooth L1 and its
+    derivative (four), and two gradient sums per side (four): 16, in one fused pass that
+    writes the gradients as it goes (no recomputation in backward)."""
+    return 16 * n ** 3 // 2
 
 
 def _irg_case(n, d, sweep):
@@ -190,10 +248,9 @@ def _irg_case(n, d, sweep):
         s_side = [_randn(sh, device, dtype, gen, grad=True) for sh in shapes]
         t_side = [_randn(sh, device, dtype, gen) for sh in shapes]
         return s_side, t_side
-    values = d + c * 4 * s * s + 2 * c * s * s  # per sample, the three Gram inputs
     return Case("IRG", f"N={n} D={d}", n, "batch", n, (0.1, 5.0, 5.0), make,
                 params={"N": n, "D": d, "fm1": list(shapes[0][1:]), "fm2": list(shapes[1][1:])},
-                flops=3 * 2 * n * n * values, numel={"irg_vertex": n * 100})
+                numel={"irg_vertex": n * 100}, **work("IRG", (0.1, 5.0, 5.0), *shapes))
 
 
 def _map_label(shape):
@@ -209,21 +266,12 @@ def _map_cases(sweep, device_type):
         label, elems = _map_label(shape), b * c * h * w
         params = {"B": b, "C": c, "H": h, "W": w}
 
-        def case(loss, args=(), flops=0, tf32_flops=0, make=None):
-            return Case(loss, label, c * h * w, "values per sample", elems, args, make or _pair(shape),
-                        monotone=False, flops=flops, tf32_flops=tf32_flops, params=params,
-                        numel={op: elems for op in registry.METHODS[loss]})
-        conv = 2 * b * h * w * c * c  # one 1x1 conv C -> C
-        # NST's three Grams, forward and backward twice, in the form fastkd takes.
-        nst = 3 * 3 * 2 * b * c * h * w * (h * w if nst_spatial_form(c, c, h * w) else c)
-        out += [case("AT", (2.0,)),
-                case("Hint"),
-                case("NST", flops=nst),
-                case("FT"),
-                case("AB", (1.0,)),
-                case("VID", (c, c, c, 5.0), tf32_flops=3 * 3 * conv),  # three convs, forward + 2 backward
-                case("OFD", (c, c), tf32_flops=3 * conv),
-                case("AFD", (c, 1.0))]
+        def case(loss, args=()):
+            return Case(loss, label, c * h * w, "values per sample", elems, args, _pair(shape),
+                        monotone=False, params=params, numel={op: elems for op in registry.METHODS[loss]},
+                        **work(loss, args, shape))
+        out += [case("AT", (2.0,)), case("Hint"), case("NST"), case("FT"), case("AB", (1.0,)),
+                case("VID", (c, c, c, 5.0)), case("OFD", (c, c)), case("AFD", (c, 1.0))]
     # FSP: consecutive layers (the first pooled to the second's size when larger).
     for first, second in ((a, b) for layers in networks for a, b in zip(layers, layers[1:])):
         b, c1, h1, w1 = first
@@ -234,9 +282,8 @@ def _map_cases(sweep, device_type):
                     _randn(first, device, dtype, gen), _randn(second, device, dtype, gen))
         out.append(Case("FSP", f"B={b} {c1}x{h1}x{w1}>{c2}x{h2}x{w2}", c1 * h1 * w1 + c2 * h2 * w2,
                         "values per sample", b * (c1 * h1 * w1 + c2 * h2 * w2), (), make, monotone=False,
-                        flops=3 * 2 * 2 * b * c1 * c2 * h2 * w2,
                         params={"B": b, "fm1": [c1, h1, w1], "fm2": [c2, h2, w2]},
-                        numel={"fsp": b * c1 * h1 * w1}))
+                        numel={"fsp": b * c1 * h1 * w1}, **work("FSP", (), first, second)))
     return out
 
 
@@ -250,6 +297,18 @@ def _logit_cases(sweep, device_type):
     return out
 
 
+def crd_work(b, nce_n, feat_dim, n_data):
+    """CRD's floor beyond its inputs and parameters, both sides alike: each of the B (nce_n + 1)
+    gathered rows dotted with its sample's embedding, and the embedding's gradient summed back
+    over them: two FMAs per gathered value, vector work (a batched matrix-vector product, no
+    tensor-core work). Its bytes: the distinct memory rows gathered, once (random rows repeat:
+    their expected number, n_data (1 - exp(-draws / n_data)); a kernel that groups a row's
+    gathers reads it once, and the banks fit in a large L2), and the B updated rows written."""
+    draws = b * (nce_n + 1)
+    distinct = round(n_data * -math.expm1(-draws / n_data))
+    return {"vector_ops": 2 * 2 * draws * feat_dim, "extra_values": 2 * (distinct + b) * feat_dim}
+
+
 def _crd_cases(sweep, device_type):
     batches, (nce_n, feat_dim, n_data, s_dim, t_dim) = _pick(_CRD, sweep, device_type)
     out = []
@@ -260,10 +319,9 @@ def _crd_cases(sweep, device_type):
             sample_idx[:, 0] = idx
             return (_randn((b, s_dim), device, dtype, gen, grad=True), _randn((b, t_dim), device, dtype, gen),
                     idx, sample_idx)
-        gathered = 2 * b * (nce_n + 1) * feat_dim  # memory rows read, both sides
         out.append(Case("CRD", f"B={b} n={nce_n} d={feat_dim}", b, "batch", b,
                         (s_dim, t_dim, feat_dim, nce_n, 0.1, 0.5, n_data), make,
-                        flops=3 * 2 * gathered, extra_bytes=4 * gathered,
+                        **work("CRD", (s_dim, t_dim, feat_dim, nce_n, 0.1, 0.5, n_data), (b, s_dim)),
                         params={"B": b, "nce_n": nce_n, "feat_dim": feat_dim, "n_data": n_data,
                                 "s_dim": s_dim, "t_dim": t_dim}))
     return out
@@ -272,7 +330,7 @@ def _crd_cases(sweep, device_type):
 def _lm_head_cases(sweep, device_type):
     """FusedLinearSoftTarget(T=2) with a dense teacher (hidden states and head weight): the
     student's hidden states and head weight train, the teacher's are fixed. bfloat16 on
-    CUDA, as LM training runs; the floor is left out (it counts float32 rates)."""
+    CUDA, as LM training runs: its floor's products at the bfloat16 tensor-core rate."""
     out = []
     dtype = torch.bfloat16 if device_type == "cuda" else None
     for bt, h, v in _pick(_LM_HEAD, sweep, device_type):
@@ -281,7 +339,7 @@ def _lm_head_cases(sweep, device_type):
                     (_randn((v, h), device, dtype, gen) / h ** 0.5).requires_grad_(),
                     _randn((bt, h), device, dtype, gen), _randn((v, h), device, dtype, gen) / h ** 0.5)
         out.append(Case("FusedLinearSoftTarget", f"BT={bt} H={h} V={v}", v, "vocabulary", bt * v, (2.0,),
-                        make, flops=4 * 2 * bt * v * h, floor=False, dtype=dtype,
+                        make, dtype=dtype, **work("FusedLinearSoftTarget", (2.0,), (bt, h), (v, h)),
                         params={"BT": bt, "H": h, "V": v}))
     return out
 
@@ -351,10 +409,11 @@ def collection_cases(twin=False):
     feat, out = (b, 64 // div), (b, k)
     blocks = (("rb1", rb1), ("rb2", rb2), ("rb3", rb3))
 
-    def case(loss, call, args, make, size, shape=None, **kw):
+    def case(loss, call, args, make, size, shape=None, inputs=None, **kw):
         numel = {op: math.prod(size) for op in registry.METHODS[loss]}
         return Case(loss, f"{call} {shape or _map_label(size)}", size[0], "batch", math.prod(size), args, make,
-                    monotone=False, params={"call": call, "shape": list(size)}, numel=numel, **kw)
+                    monotone=False, params={"call": call, "shape": list(size)}, numel=numel,
+                    **work(loss, args, *(inputs or [size])), **kw)
 
     out_cases = [case("Logits", "out", (), _pair(out), out, f"{b}x{k}"),
                  case("SoftTarget", "out", (4.0,), _pair(out), out, f"{b}x{k}"),
@@ -373,7 +432,8 @@ def collection_cases(twin=False):
             return (_randn(first, device, dtype, gen, grad=True), _randn(second, device, dtype, gen, grad=True),
                     _randn(first, device, dtype, gen), _randn(second, device, dtype, gen))
         # The blocks' names give the maps' sizes (rb1 32x32, rb2 16x16, rb3 8x8).
-        out_cases.append(case("FSP", label, (), make, first, f"B={b} C={first[1]}>{second[1]}"))
+        out_cases.append(case("FSP", label, (), make, first, f"B={b} C={first[1]}>{second[1]}",
+                              inputs=[first, second]))
     out_cases += [case("Hint", "rb3", (), _pair(rb3), rb3), case("NST", "rb3", (), _pair(rb3), rb3)]
     # FT: the paraphraser's and translator's factors at rb3, k = 0.5 (train_ft.py).
     factor = (b, rb3[1] // 2, rb3[2], rb3[3])
@@ -385,7 +445,7 @@ def collection_cases(twin=False):
     def make_irg(device, dtype, gen):
         return ([_randn(sh, device, dtype, gen, grad=True) for sh in irg],
                 [_randn(sh, device, dtype, gen) for sh in irg])
-    out_cases.append(case("IRG", "rb2,rb3,feat,out", (0.1, 5.0, 5.0), make_irg, rb2, f"N={b}"))
+    out_cases.append(case("IRG", "rb2,rb3,feat,out", (0.1, 5.0, 5.0), make_irg, rb2, f"N={b}", inputs=irg))
     out_cases[-1].numel["irg_vertex"] = math.prod(out)
     # CRD (train_crd.py): feat (B, 64) of both nets, 16384 negatives, 50000 CIFAR images.
     nce_n, feat_dim, n_data = (64, 16, 1000) if twin else (16384, 128, 50000)

@@ -23,7 +23,7 @@ from .. import backend
 from ..__main__ import METHODS, device_from, program_name
 from ..registry import EXTENSIONS
 from . import cases as cases_mod
-from . import host, measure, report
+from . import host, measure, report, roofline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
@@ -92,40 +92,6 @@ def describe_device(device):
         info["name"] = cpu
         info["description"] = f"{cores}-core CPU ({cpu}), {gpu}"
     return info
-
-
-def device_peaks(device, reps=10):
-    """Measured copy bandwidth (bytes/s: a 1 GiB device copy) and fp32 matmul peak
-    (flop/s: 8192^3), the floors' denominators on CUDA."""
-    def median_seconds(fn):
-        fn()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return sorted(times)[len(times) // 2]
-
-    src = torch.empty(2 ** 28, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() * 4 / median_seconds(lambda: dst.copy_(src))
-    del src, dst
-    n = 8192
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False  # IEEE fp32, the precision the losses use
-        peak = 2 * n ** 3 / median_seconds(lambda: a @ b)
-        torch.backends.cuda.matmul.allow_tf32 = True  # cuDNN's default for the convolutions of VID, OFD
-        peak_tf32 = 2 * n ** 3 / median_seconds(lambda: a @ b)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    del a, b
-    torch.cuda.empty_cache()
-    return bandwidth, peak, peak_tf32
 
 
 def fastkd_path(loss, device, numel=None):
@@ -247,7 +213,7 @@ def run(settings, machine=None, variants=None, progress=True, cases=None, on_sta
         if settings["max_memory"]:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, settings["max_memory"] / total), device)
-        info["bandwidth_Bps"], info["peak_flops"], info["peak_tf32_flops"] = device_peaks(device)
+        info.update(roofline.device_peaks(device))
     out = {"fastkd": fastkd.__version__, "torch": torch.__version__, "triton": _triton_version(),
            "python": platform.python_version(), "git_commit": git_commit(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -276,7 +242,8 @@ def run(settings, machine=None, variants=None, progress=True, cases=None, on_sta
                   "variants": results, "floor": None, "dtype": str(case.dtype or dtype).removeprefix("torch.")}
         report.add_ratios(record, min_memory_bytes=2 ** 20 if device.type == "cpu" else 0)
         if device.type == "cuda" and case.floor:
-            record["floor"] = _floor(case, device, dtype, info, results.get("fastkd"))
+            fast = results.get("fastkd") or {}
+            record["floor"] = roofline.floor(case, dtype, info, fast.get("time_s"))
         out["results"].append(record)
         if on_record is not None:
             on_record(out)
@@ -285,20 +252,6 @@ def run(settings, machine=None, variants=None, progress=True, cases=None, on_sta
     out["run_seconds"] = time.monotonic() - start
     out["beyond"] = report.beyond(out["results"])
     return out
-
-
-def _floor(case, device, dtype, info, fast):
-    """{bytes, flops, time_s, fraction}: the least time the case can take on this device."""
-    try:
-        nbytes = measure.floor_bytes(case, device, dtype)
-    except Exception as err:
-        if not measure.is_out_of_memory(err):
-            raise
-        return None
-    seconds = max(nbytes / info["bandwidth_Bps"],
-                  case.flops / info["peak_flops"] + case.tf32_flops / info["peak_tf32_flops"])
-    fraction = seconds / fast["time_s"] if fast and fast["time_s"] else None
-    return {"bytes": nbytes, "flops": case.flops, "time_s": seconds, "fraction": fraction}
 
 
 def main(argv=None):

@@ -415,12 +415,16 @@ def run_case(case, device, dtype=torch.float32, variants=None, *, warmup=1, min_
     return results
 
 
-def floor_bytes(case, device, dtype):
-    """Bytes a fused fastkd must move at least for the case: read the inputs and the
-    parameters once, write the gradient of each that requires grad, plus the case's
-    extra traffic (e.g. CRD's gathered memory rows)."""
-    runner = Runner(case, device, dtype)
-    module = case.build("fastkd", device, dtype)
-    flat = [t for x in runner.inputs() for t in (x if isinstance(x, (list, tuple)) else [x])]
-    tensors = flat + list(module.parameters())
-    return sum(t.numel() * t.element_size() * (2 if t.requires_grad else 1) for t in tensors) + case.extra_bytes
+def floor_bytes(case, dtype):
+    """Bytes a fused fastkd must move at least for the case in dtype (the case's own dtype
+    where it has one): read each input and parameter once, write the gradient of each that
+    requires grad once (a teacher's input, which needs none, is only read), plus the case's
+    extra values (CRD's memory-bank rows). Counted on "meta" tensors: shapes only, nothing
+    allocated, the same on every device."""
+    meta = torch.device("meta")
+    dtype = case.dtype or dtype
+    module = case.build("fastkd", meta, dtype)
+    flat = [t for x in case.inputs(meta, dtype, None) for t in (x if isinstance(x, (list, tuple)) else [x])]
+    tensors = [t for t in flat + list(module.parameters()) if isinstance(t, torch.Tensor)]
+    moved = sum(t.numel() * t.element_size() * (2 if t.requires_grad else 1) for t in tensors)
+    return moved + case.extra_values * torch.empty((), dtype=dtype).element_size()

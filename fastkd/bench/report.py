@@ -121,7 +121,8 @@ def columns(variants, wide=False, floor=False):
 
     The default table fits 120 characters: each variant's time, fastkd's speedup over
     each reference and its memory ratio against the eager one. wide adds each variant's
-    peak MiB, the memory ratio against torch.compile and, where measured (CUDA), the floor.
+    peak MiB, the memory ratio against torch.compile and, where measured (CUDA), the floor:
+    its time, the fraction of it fastkd reaches and the unit that bounds it.
     """
     refs = [r for r in REFERENCES if r in variants] if "fastkd" in variants else []
     cols = [("loss", lambda rec: rec["loss"]), ("shape", lambda rec: rec["shape"]),
@@ -133,7 +134,8 @@ def columns(variants, wide=False, floor=False):
     cols += [(f"mem x {r}", lambda rec, r=r: _ratio_cell(rec["memory_ratio"].get(r)))
              for r in refs if wide or r == "eager"]
     if wide and floor:
-        cols += [("floor ms", lambda rec: _floor_cells(rec)[0]), ("of floor", lambda rec: _floor_cells(rec)[1])]
+        cols += [("floor ms", lambda rec: _floor_cells(rec)[0]), ("of floor", lambda rec: _floor_cells(rec)[1]),
+                 ("bound", lambda rec: (rec.get("floor") or {}).get("bound") or "-")]
     return cols
 
 
@@ -211,8 +213,11 @@ def notes(run, wide=False):
         "error (its message is in the JSON and CSV).",
     ]
     if wide and run["device"]["type"] == "cuda":
-        out.append("floor: max(bytes to move / measured copy bandwidth, matmul flops / measured peak); "
-                   "of floor: floor / fastkd time.")
+        out.append("floor: the least time a correct kernel needs, the largest of: the bytes it must move (each "
+                   "input and parameter read once, each gradient written once) over the measured copy bandwidth; "
+                   "its matrix products on tensor cores at float32 accuracy (tf32x3: a third of the measured TF32 "
+                   "rate; bf16/fp16 native) plus torch's convolutions at cuDNN's rate (TF32); its elementwise "
+                   "O(N^3) work at the measured FMA rate. of floor: floor / fastkd time (docs/benchmarks.md).")
     over = beyond(run["results"])
     for loss, per_ref in over.items():
         for ref, entry in per_ref.items():
@@ -232,9 +237,12 @@ def header(run):
              f"{run['settings']['threads']} CPU threads, memory cap "
              + (f"{run['settings']['max_memory'] / 2 ** 30:.1f} GiB" if run["settings"]["max_memory"] else "none")]
     if dev.get("bandwidth_Bps"):
+        rates = [f"{label} {dev[key] / 1e12:.0f}" for label, key in
+                 (("TF32", "peak_tf32_flops"), ("bf16", "peak_bf16_flops"), ("FMA", "fma_flops")) if dev.get(key)]
         lines.append(f"measured copy bandwidth {dev['bandwidth_Bps'] / 1e9:.0f} GB/s, "
                      f"fp32 matmul peak {dev['peak_flops'] / 1e12:.1f} TFLOP/s"
-                     + (f" ({dev['peak_tf32_flops'] / 1e12:.0f} in TF32)" if dev.get("peak_tf32_flops") else ""))
+                     + (f" ({', '.join(rates)})" if rates else "")
+                     + ("" if dev.get("conv_tf32", True) else "; convolutions in IEEE float32"))
     return "\n".join(lines)
 
 
@@ -265,10 +273,13 @@ def csv_rows(run):
                 row[f"speedup_vs_{ref}"] = rec["speedup"].get(ref)
                 row[f"memory_ratio_vs_{ref}"] = rec["memory_ratio"].get(ref)
         floor = rec.get("floor") or {}
-        row.update({"floor_bytes": floor.get("bytes"), "floor_flops": floor.get("flops"),
-                    "floor_time_s": floor.get("time_s"), "floor_fraction": floor.get("fraction")})
+        row.update({f"floor_{key}": floor.get(key) for key in FLOOR_FIELDS})
         row.update(meta)
         yield row
+
+
+FLOOR_FIELDS = ("bytes", "flops", "conv_flops", "vector_ops", "memory_s", "tensor_s", "vector_s", "time_s", "bound",
+                "fraction")  # fastkd.bench.roofline.floor's figures, each a CSV column floor_<name>
 
 
 def write_csv(run, path):
