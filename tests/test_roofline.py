@@ -205,11 +205,18 @@ def test_traffic_of_ab_is_two_passes_over_its_maps():
     assert result["ratio"] == pytest.approx(5 / 3, rel=0.01)
 
 
-def test_full_sweep_cut_keeps_each_maps_size_and_every_vocabulary():
+def test_full_sweep_cut_keeps_each_maps_size_every_vocabulary_and_the_kernels():
     picked = traffic.traffic_cases("full", batch=4, losses=["AT", "SoftTarget"])
     shapes = {c.shape for c in picked}
     assert "B=4 C=2048 7x7" in shapes and "4x128000" in shapes
     assert all(c.params.get("batch_cut_from", 4) >= 4 for c in picked)
+    # 8192 x 10 logits run a forward and a backward kernel; 4 x 10 would be one fused kernel,
+    # so the cut stops where the path is still the GPU sweep's.
+    (full,) = [c for c in cases.cases("full", "cuda", ["SoftTarget"]) if c.shape == "8192x10"]
+    (cut,) = [c for c in picked if c.params.get("batch_cut_from") == 8192 and c.shape.endswith("x10")]
+    assert traffic.launched_kernels(cut) == traffic.launched_kernels(full) == [
+        "_softmax_kl_forward_kernel", "_softmax_kl_backward_kernel"]
+    assert cut.shape == "4096x10"
     at = [c for c in picked if c.shape == "B=4 C=256 56x56"][0]
     s, t = at.inputs(torch.device("meta"), F32, None)
     assert tuple(s.shape) == (4, 256, 56, 56) and s.requires_grad and not t.requires_grad

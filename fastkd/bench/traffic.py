@@ -29,7 +29,8 @@ exceeds the copy floor (1.0 would be a single fused pass). The reference's eager
 counted the same way (ref MB, ref x), for scale. The interpreter runs each program in Python,
 so the shapes are the collection's (--sweep quick, the default: batch 128) or the GPU sweep's
 with the batch cut (--sweep full --batch 8: every map's C, H, W and every vocabulary kept,
-which is what a kernel's passes depend on).
+which is what a kernel's passes depend on, and the batch raised where the cut would change
+the kernels a case launches).
 """
 import argparse
 import contextlib
@@ -46,6 +47,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import backend, checks
+from ..ops import no_launches
 from . import cases as cases_mod
 from . import measure
 from .host import NO_LAUNCH
@@ -211,19 +213,40 @@ def _label(shape):
     return cases_mod._map_label(shape) if len(shape) == 4 else "x".join(map(str, shape))
 
 
-def scaled(case, batch):
-    """The case with its inputs' first dimension (batch, or logit rows) cut to batch."""
-    shapes = [tuple(t.shape) for t in _tensors(case.inputs(torch.device("meta"), torch.float32, None))]
-    if shapes[0][0] <= batch:
-        return case
-    grads = [t.requires_grad for t in _tensors(case.inputs(torch.device("meta"), torch.float32, None))]
-    small = [(batch, *s[1:]) for s in shapes]
+def launched_kernels(case, dtype=torch.float32):
+    """The Triton kernels the case's fastkd module launches in a forward+backward, in order:
+    its path (shapes only, on meta tensors, launches skipped)."""
+    meta = torch.device("meta")
+    with triton_path(), mock.patch.object(backend, "triton_runs_on", lambda device: True), \
+            no_launches() as names:
+        case.build("fastkd", meta, dtype)(*case.inputs(meta, dtype, None)).backward()
+    return list(names)
+
+
+def _with_batch(case, batch):
+    inputs = _tensors(case.inputs(torch.device("meta"), torch.float32, None))
+    small = [(batch, *t.shape[1:]) for t in inputs]
+    grads = [t.requires_grad for t in inputs]
 
     def make(device, dtype, gen):
         return tuple(torch.randn(s, device=device, dtype=dtype, generator=gen).requires_grad_(g)
                      for s, g in zip(small, grads))
     return dataclasses.replace(case, shape=_label(small[0]), inputs=make, size=math.prod(small[0]),
-                               params=dict(case.params, batch_cut_from=shapes[0][0]))
+                               params=dict(case.params, batch_cut_from=inputs[0].shape[0]))
+
+
+def scaled(case, batch):
+    """The case with its inputs' first dimension (batch, or logit rows) cut to batch, or to
+    the least power-of-two multiple of it that keeps the case's Triton path (the kernels a
+    size picks: the logit losses' single fused kernel below 32768 values, for one)."""
+    full = _tensors(case.inputs(torch.device("meta"), torch.float32, None))[0].shape[0]
+    path = launched_kernels(case)
+    while batch < full:
+        small = _with_batch(case, batch)
+        if launched_kernels(small) == path:
+            return small
+        batch *= 2
+    return case
 
 
 def traffic_cases(sweep="quick", batch=8, losses=None):
