@@ -7,6 +7,7 @@ import tempfile
 import torch
 
 import device_switch
+import fast_interpreter
 
 # FASTKD_TEST_DEVICE=cuda runs the Triton-backed calls of the CPU-built tests on the GPU
 # (benchmarks/gpu.sh); =cpu is its self-test under the interpreter. See device_switch.py.
@@ -16,6 +17,7 @@ TEST_DEVICE = device_switch.requested()
 # before any kernel module is imported.
 if not torch.cuda.is_available() or (TEST_DEVICE is not None and TEST_DEVICE.type == "cpu"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+fast_interpreter.install()
 
 if TEST_DEVICE is not None:  # before any test module imports fastkd objects
     device_switch.install(TEST_DEVICE)

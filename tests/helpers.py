@@ -5,6 +5,10 @@ import sys
 
 import torch
 
+import fast_interpreter
+
+fast_interpreter.install()  # also in the processes the multi-process tests spawn
+
 # Same-dtype comparisons (for example fp64 fast path against the fp64 reference).
 TOLERANCE = {
     torch.float64: dict(rtol=1e-7, atol=1e-10),

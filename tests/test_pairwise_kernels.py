@@ -114,7 +114,11 @@ def test_gradcheck(weights):
     gen = torch.Generator().manual_seed(0)
     s = torch.randn(5, 3, dtype=torch.float64, generator=gen, requires_grad=True)
     t = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda s, t: autograd.RKDFunction.apply(s, t, *weights), (s, t))
+    # Each term's full Jacobian is checked alone; their sum (a linear combination of the two)
+    # by gradcheck's random projections, at a tenth of the interpreter's time.
+    fast = 0 not in weights
+    assert torch.autograd.gradcheck(lambda s, t: autograd.RKDFunction.apply(s, t, *weights), (s, t),
+                                    fast_mode=fast)
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -1,0 +1,52 @@
+"""Triton's interpreter, without its repeated patching of triton.language inside a launch.
+
+The interpreter patches triton.language's builtins (inspect.getmembers over the package,
+about a millisecond) once per launch, and again on every call of a @triton.jit device
+function inside the kernel, although the launch's patch is still in place. The kernels call
+their device functions once per program instance and loop iteration, so under the
+interpreter that re-patching was about a quarter of the kernel tests' time. install() makes a
+device function's patch a no-op where the running launch has already patched every
+triton.language module the function sees (triton.language by the launch, triton.language.core
+by the first call of one of its own functions, tl.sum's for instance); the patches themselves,
+and the launch's undoing of its own after the grid, are Triton's. Nothing changes where Triton's interpreter is laid out otherwise.
+"""
+import inspect
+import os
+
+_installed = False
+
+
+def install():
+    global _installed
+    if _installed or os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+        launch, patch_lang, empty_scope = (interpreter.GridExecutor.__call__, interpreter._patch_lang,
+                                           interpreter._LangPatchScope)
+    except (ImportError, AttributeError):
+        return
+    _installed = True
+    langs_of = lambda fn: frozenset(v for v in fn.__globals__.values()  # noqa: E731
+                                    if inspect.ismodule(v) and v in (tl, tl.core))
+    patched = []  # per running launch: None until its own patch, then the modules it patched
+
+    def patch_once(fn):
+        langs = langs_of(fn)
+        if patched and patched[-1] is not None and langs <= patched[-1]:
+            return empty_scope()  # a device function inside the launch: already patched
+        scope = patch_lang(fn)
+        if patched:  # the launch's own patch, or a device function's (which Triton never undoes)
+            patched[-1] = langs | (patched[-1] or frozenset())
+        return scope
+
+    def run(self, *args, **kwargs):
+        patched.append(None)
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            patched.pop()
+
+    interpreter._patch_lang = patch_once
+    interpreter.GridExecutor.__call__ = run
