@@ -21,7 +21,7 @@ once); the teacher is a fixed target and gets no gradient.
 """
 import torch
 
-from .common import accumulation_dtype, first_order, result_dtype
+from .common import accumulation_dtype, eager, first_order, result_dtype
 
 # Logits per chunk by default. On CUDA the Triton kernel holds no buffer beyond the two
 # models' chunk logits (512 MB each in bfloat16), and each chunk reads and writes all of dW
@@ -204,7 +204,7 @@ def prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, labe
 
 # A Python loop of launches: a graph break under torch.compile, where the auto backend calls
 # fastkd.device_ops' operator instead (a named backend comes here).
-@torch.compiler.disable
+@eager
 def run(function, rows, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
         teacher_bias, teacher_logits, teacher_topk_indices, teacher_topk_logprobs, T, reduction,
         ignore_index, hard_weight, chunk_size):

@@ -28,6 +28,22 @@ def second_order_error(name):
                         f"derivatives.")
 
 
+def eager(fn):
+    """fn behind torch.compiler.disable (a graph break under torch.compile: fn runs eagerly),
+    applied at each call rather than at import: the decorator imports TorchDynamo, which would
+    triple the time of ``import fastkd`` in a process that never compiles. Dynamo traces the
+    call of torch.compiler.disable inside a compiled function as it does the decorator's."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+    return call
+
+
 def accumulation_dtype(*tensors):
     """The dtype sums run in: float64 when an input is float64, else float32 (bfloat16 and
     float16 inputs accumulate in float32). The pairwise losses' exact parts use float64

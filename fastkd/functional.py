@@ -26,6 +26,7 @@ import torch
 
 from . import checks, device_ops, distributed
 from .backend import IMPLEMENTATIONS, current_backend, eager_implementation, global_implementation, resolve
+from .common import eager
 
 # Losses of the gradients of a network's outputs: their reference needs the network's graph,
 # which a fake run does not have. Both end in float32 operations under autocast anyway.
@@ -101,7 +102,7 @@ def _call(op, device, *args, shard=None):
     return _autocast_call(op, device, IMPLEMENTATIONS[op][name], args)
 
 
-@torch.compiler.disable
+@eager
 def _call_global(op, device, shard, *args):
     """_call over every rank's batch, always eager: inside a compiled function, a graph break
     (TorchDynamo would trace the collectives and the Python loop over the ranks' sizes)."""

@@ -162,3 +162,13 @@ def test_bss_attacker_is_exported_and_moves_towards_the_boundary():
     gap1 = p1[rows, target] - p1[rows, attack_class]
     assert not attacked.requires_grad and attacked.shape == img.shape
     assert (gap1 < gap0).all()
+
+
+def test_importing_fastkd_leaves_torchdynamo_unimported():
+    # TorchDynamo costs about a second of import (three times the rest of fastkd's): a process
+    # that never compiles, a spawned rank or a script's first line, should not pay it.
+    import subprocess
+    import sys
+    code = "import sys, fastkd; assert 'torch._dynamo' not in sys.modules, 'fastkd imported torch._dynamo'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
