@@ -28,8 +28,13 @@ def install():
     except (ImportError, AttributeError):
         return
     _installed = True
-    langs_of = lambda fn: frozenset(v for v in fn.__globals__.values()  # noqa: E731
-                                    if inspect.ismodule(v) and v in (tl, tl.core))
+    seen = {}  # function -> the triton.language modules its globals hold
+
+    def langs_of(fn):
+        if fn not in seen:
+            seen[fn] = frozenset(v for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+        return seen[fn]
+
     patched = []  # per running launch: None until its own patch, then the modules it patched
 
     def patch_once(fn):
