@@ -1048,6 +1048,18 @@ def fused_linear_soft_target(*args):
         return _chunked_linear.run(FusedLinearSoftTargetFunction, _fused_linear.linear_kl_rows, *args)
 
 
+def divergence_rows(spec):
+    """The Triton rows of FusedLinearDistillation's divergence spec (a chunked_linear.Divergence)."""
+    return _chunked_linear.DivergenceRows(spec, _fused_linear.linear_divergence_rows, _fused_linear.linear_kl_rows)
+
+
+def fused_linear_distillation(spec, *args):
+    """FusedLinearDistillation for spec with FusedLinearSoftTarget's reference arguments
+    (checked by fastkd.functional): its chunk loop over the Triton rows kernels."""
+    with _ops.on_device_of(args):
+        return _chunked_linear.run(FusedLinearSoftTargetFunction, divergence_rows(spec), *args)
+
+
 # Each Function above as a torch.library custom operator for torch.compile (fastkd.ops).
 for _function in (ATFunction, NSTFunction, NSTSpatialFunction, FSPFunction, MSEFunction, ABFunction,
                   OFDFunction, VIDFunction, AFDFunction, NormalizedRowsFunction, RKDFunction, SPFunction,

@@ -19,6 +19,9 @@ upstream gradient differs by row, so backward runs the loop again with it in the
 dW accumulates in W's dtype (one rounding per chunk, of a sum whose terms were rounded
 once); the teacher is a fixed target and gets no gradient.
 """
+import math
+from typing import NamedTuple
+
 import torch
 
 from .common import accumulation_dtype, eager, first_order, result_dtype
@@ -102,7 +105,7 @@ def losses_and_gradients(h, W, b, rows, teacher, labels, kept, T, hard_weight, r
     reduction, and (dh, dW, db) of their sum (the reduced loss at a unit upstream gradient)
     where need asks, with a scalar reduction (None elsewhere: with "none" the upstream
     gradient weighs each row, weighted_gradients)."""
-    w_kl, w_ce = row_weights(kept, h.shape[0], W.shape[0], reduction, h.device, _acc(h, W, teacher))
+    w_kl, w_ce = row_weights(kept, h.shape[0], _vocabulary(h, W), reduction, h.device, _acc(h, W, teacher))
     early = any(need) and reduction != "none"
     return _loop(h, W, b, rows, teacher, labels, w_kl, w_ce, T, hard_weight, chunk,
                  need if early else (False, False, False))
@@ -111,7 +114,7 @@ def losses_and_gradients(h, W, b, rows, teacher, labels, kept, T, hard_weight, r
 def weighted_gradients(h, W, b, rows, teacher, labels, kept, T, hard_weight, chunk, grad, need):
     """(dh, dW, db) of sum over rows of grad (N,) times the row's loss (reduction "none"),
     where need asks (None elsewhere): the chunk loop again, the weights scaled by grad."""
-    w_kl, w_ce = row_weights(kept, h.shape[0], W.shape[0], "none", h.device, _acc(h, W, teacher))
+    w_kl, w_ce = row_weights(kept, h.shape[0], _vocabulary(h, W), "none", h.device, _acc(h, W, teacher))
     g = grad.to(w_kl.dtype)
     return _loop(h, W, b, rows, teacher, labels, w_kl * g, w_ce * g, T, hard_weight, chunk, need)[1]
 
@@ -124,8 +127,13 @@ def _linear(h, W, b):
 
 def _acc(h, W, teacher):
     """Float64 sums for float64 inputs, else float32 (fastkd.common.accumulation_dtype)."""
-    return accumulation_dtype(h, W, *(x for x in teacher[1:] if isinstance(x, torch.Tensor)
-                                      and x.is_floating_point()))
+    return accumulation_dtype(*(x for x in (h, W, *teacher[1:]) if isinstance(x, torch.Tensor)
+                                and x.is_floating_point()))
+
+
+def _vocabulary(h, W):
+    """V: W's rows, or without a head (W None: h holds the student's logits) h's columns."""
+    return W.shape[0] if W is not None else h.shape[1]
 
 
 def _teacher_rows(teacher, r0, r1):
@@ -137,8 +145,9 @@ def _teacher_rows(teacher, r0, r1):
 
 
 def _loop(h, W, b, rows, teacher, labels, w_kl, w_ce, T, hard_weight, chunk, need):
-    """The per-row losses (N,), w_kl T^2 KL + w_ce hard_weight CE, in w_kl's dtype (the
-    accumulation dtype), and (dh, dW, db) where ``need`` asks (None elsewhere)."""
+    """The per-row losses (N,), w_kl T^2 KL + w_ce hard_weight CE (KL: the divergence of
+    ``rows`` where it is a DivergenceRows), in w_kl's dtype (the accumulation dtype), and
+    (dh, dW, db) where ``need`` asks (None elsewhere)."""
     n = h.shape[0]
     grad = any(need)
     per_row = torch.empty(n, device=h.device, dtype=w_kl.dtype)
@@ -146,33 +155,184 @@ def _loop(h, W, b, rows, teacher, labels, w_kl, w_ce, T, hard_weight, chunk, nee
     dW = torch.zeros_like(W) if need[1] else None
     db = torch.zeros(W.shape[0], device=h.device, dtype=w_kl.dtype) if need[2] else None
     topk = teacher[0] == "topk"
+    head = W is not None  # else h holds the student's logits, and dh is theirs
+    general = isinstance(rows, DivergenceRows)
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
         hc = h[r0:r1]
-        z = _linear(hc, W, b)
+        z = _linear(hc, W, b) if head else hc.clone(memory_format=torch.contiguous_format)
         t = None if topk else _teacher_rows(teacher, r0, r1)
-        if topk:
-            idx = teacher[1][r0:r1]
-            q = torch.softmax(teacher[2][r0:r1].to(w_kl.dtype) / T, dim=1)
-            z_idx = z.gather(1, idx).to(w_kl.dtype)  # before rows() writes dz over z
+        chunk_labels = labels[r0:r1] if labels is not None else None
         w_k, w_c = w_kl[r0:r1], w_ce[r0:r1]
-        stats = rows(z, t, labels[r0:r1] if labels is not None else None, w_k, w_c, T, hard_weight, grad)
-        shift_s, log_z_s, kl, ce = stats
-        if topk:
-            log_q = (z_idx / T - shift_s[:, None]) - log_z_s[:, None]
-            kl = (torch.xlogy(q, q) - q * log_q).sum(1).clamp(min=0)
-            if grad:
-                z.scatter_add_(1, idx, (-(w_k * T)[:, None] * q).to(z.dtype))
+        if topk and general:
+            kl, ce = _topk_divergence(z, teacher[1][r0:r1], teacher[2][r0:r1], chunk_labels, w_k, w_c, T,
+                                      hard_weight, grad, rows)
+        else:
+            if topk:
+                idx = teacher[1][r0:r1]
+                q = torch.softmax(teacher[2][r0:r1].to(w_kl.dtype) / T, dim=1)
+                z_idx = z.gather(1, idx).to(w_kl.dtype)  # before rows() writes dz over z
+            stats = rows(z, t, chunk_labels, w_k, w_c, T, hard_weight, grad)
+            shift_s, log_z_s, kl, ce = stats
+            if topk:
+                log_q = (z_idx / T - shift_s[:, None]) - log_z_s[:, None]
+                kl = (torch.xlogy(q, q) - q * log_q).sum(1).clamp(min=0)
+                if grad:
+                    z.scatter_add_(1, idx, (-(w_k * T)[:, None] * q).to(z.dtype))
         # An ignored row adds 0 even where its logits are not finite.
         per_row[r0:r1] = torch.where((w_k != 0) | (w_c != 0), w_k * (T * T) * kl + w_c * hard_weight * ce, 0.0)
         if grad:
-            if dh is not None:
+            if dh is not None and not head:
+                dh[r0:r1] = z
+            elif dh is not None:
                 torch.mm(z, W, out=dh[r0:r1])  # straight into its rows, no temporary
             if dW is not None:
                 dW.addmm_(z.t(), hc)
             if db is not None:
                 db += z.sum(0, dtype=db.dtype)
     return per_row, (dh, dW, db.to(b.dtype) if db is not None else None)
+
+
+# --- The divergences of FusedLinearDistillation beyond KL (fastkd/reference/divergences.py
+# has their math, and the top-k teacher's two conventions) --------------------------------
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+
+class Divergence(NamedTuple):
+    """A divergence D(p, q) of the teacher's p and the student's q, its parameters, and
+    topk_rest, how a top-k teacher's mass outside its k classes is treated. Made by
+    divergence(): jsd at beta 0 or 1 is kl or reverse_kl, skew_kl at alpha 0 is kl,
+    skew_reverse_kl at alpha 0 is reverse_kl."""
+    name: str
+    beta: float
+    alpha: float
+    topk_rest: str
+
+
+def divergence(name, beta=0.5, alpha=0.1, topk_rest="renormalise"):
+    """The Divergence of these (checked) arguments, with its endpoints named as such."""
+    if name == "jsd" and beta in (0, 1):
+        name = "kl" if beta == 0 else "reverse_kl"
+    elif name in ("skew_kl", "skew_reverse_kl") and alpha == 0:
+        name = name.removeprefix("skew_")
+    return Divergence(name, float(beta), float(alpha), topk_rest)
+
+
+def divergence_terms(log_p, log_q, spec, grad):
+    """(D (R,), dD/dx (R, C), g, S (R, 1); the last three None without grad) over the last dim of log-probabilities log_p (teacher)
+    and log_q (student), x the student's logits at T (log_q = log_softmax(x)), in their
+    dtype. Per element, term t_c (D = sum_c t_c, each term >= 0 except tvd's |p - q| / 2)
+    and g_c = dD/dq_c less a constant; then dD/dx_c = q_c (g_c - S), S = sum_j q_j g_j
+    (0 where q_c = 0):
+
+        kl               t = p (log p - log q)            g = -p / q
+        reverse_kl       t = q (log q - log p)            g = log q - log p
+        jsd              t = beta p (log p - log m) + (1 - beta) q (log q - log m),
+                         m = beta p + (1 - beta) q        g = (1 - beta) (log q - log m)
+        skew_kl          t = p (log p - log m), m = alpha p + (1 - alpha) q
+                                                          g = -(1 - alpha) p / m
+        skew_reverse_kl  t = q (log q - log m), m = (1 - alpha) p + alpha q
+                                                          g = log q - log m - alpha q / m
+        tvd              t = |p - q| / 2                  g = sign(q - p) / 2
+
+    A term whose weight (p or q) is 0 adds 0; D is clamped at 0 (the exact D is >= 0)."""
+    name = spec.name
+    p, q = log_p.exp(), log_q.exp()
+
+    def weighted(w, log_w, log_m):  # w (log w - log m), 0 where w = 0
+        return torch.where(w > 0, w * (log_w - log_m), 0.0)
+
+    def ratio(log_a, log_m, a):  # a / m, 0 where a = 0
+        return torch.where(a > 0, (log_a - log_m).exp(), 0.0)
+
+    def mix(log_a, log_b, w):  # log(w a + (1 - w) b)
+        if w == 1:
+            return log_a
+        return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
+    if name == "kl":
+        terms = weighted(p, log_p, log_q)
+        g = -ratio(log_p, log_q, p) if grad else None
+    elif name == "reverse_kl":
+        terms = weighted(q, log_q, log_p)
+        g = log_q - log_p if grad else None
+    elif name == "jsd":
+        log_m = mix(log_p, log_q, spec.beta)
+        terms = spec.beta * weighted(p, log_p, log_m) + (1 - spec.beta) * weighted(q, log_q, log_m)
+        g = (1 - spec.beta) * (log_q - log_m) if grad else None
+    elif name == "skew_kl":
+        log_m = mix(log_p, log_q, spec.alpha)
+        terms = weighted(p, log_p, log_m)
+        g = -(1 - spec.alpha) * ratio(log_p, log_m, p) if grad else None
+    elif name == "skew_reverse_kl":
+        log_m = mix(log_q, log_p, spec.alpha)
+        terms = weighted(q, log_q, log_m)
+        g = (log_q - log_m) - spec.alpha * ratio(log_q, log_m, q) if grad else None
+    else:  # tvd
+        terms = 0.5 * (p - q).abs()
+        g = 0.5 * torch.sign(q - p) if grad else None
+    d = terms.sum(-1).clamp(min=0)
+    if not grad:
+        return d, None, None, None
+    live = q > 0
+    qg = torch.where(live, q * g, 0.0)
+    s = qg.sum(-1, keepdim=True)
+    return d, qg.sub_(torch.where(live, q * s, 0.0)), g, s
+
+
+class DivergenceRows:
+    """A backend's rows for a Divergence (FusedLinearSoftTarget's KL passes the backend's
+    linear_kl_rows itself): called as linear_kl_rows, on a dense teacher, it runs
+    ``dense(..., spec)`` (stats [shift_s, log z_s, D_row, CE_row], dz over z with w_kl T
+    dD/dx in place of the KL's); ``plain`` is the backend's linear_kl_rows, which the chunk
+    loop runs without a teacher for a top-k one (_topk_divergence)."""
+
+    def __init__(self, spec, dense, plain):
+        self.spec, self.dense, self.plain = spec, dense, plain
+
+    def __call__(self, z, t, labels, w_kl, w_ce, T, hard_weight, grad):
+        return self.dense(z, t, labels, w_kl, w_ce, T, hard_weight, grad, self.spec)
+
+
+def topk_log_probs(logp, log_q_k, spec, T):
+    """(log p, log q) (R, k + 1) on a top-k teacher's k classes and the bucket of the rest
+    (fastkd/reference/divergences.py): log_q_k (R, k) the student's log-probabilities at T
+    at the k classes; logp (R, k) the teacher's at temperature 1."""
+    mass_q = log_q_k.exp().sum(1, keepdim=True)
+    # The student's rest, 1 - its top-k mass (at the accumulation dtype's precision).
+    log_q_rest = torch.where(mass_q < 1, torch.log1p(-mass_q.clamp(max=1)), float("-inf"))
+    log_q = torch.cat([log_q_k, log_q_rest], dim=1)
+    if spec.topk_rest == "renormalise":
+        log_p = torch.log_softmax(logp / T, dim=1)
+        return torch.cat([log_p, torch.full_like(log_p[:, :1], float("-inf"))], dim=1), log_q
+    mass_p = logp.exp().sum(1, keepdim=True)
+    log_r = torch.where(mass_p < 1, torch.log1p(-mass_p.clamp(max=1)), float("-inf"))
+    return torch.log_softmax(torch.cat([logp, log_r], dim=1) / T, dim=1), log_q
+
+
+def _topk_divergence(z, idx, logp, labels, w_k, w_c, T, hard_weight, grad, rows):
+    """(D_row, CE_row) of a chunk of student logits z (R, V) against a top-k teacher (idx,
+    logp (R, k)), the divergence over the k + 1 outcomes; with grad, dz over z. The rows
+    kernel runs without a teacher: once for the student's log-normaliser, and with grad once
+    more with the weight w_k (g_rest - S) per row, which makes dz = w_k T q_c (g_rest - S) +
+    the hard term's on every class, right for the rest; the k classes then get w_k T q_j
+    (g_j - g_rest) added, making theirs w_k T q_j (g_j - S) = w_k T dD/dx_j."""
+    acc = w_k.dtype
+    z_idx = z.gather(1, idx).to(acc)  # before rows() writes dz over z
+    shift_s, log_z_s, _, ce = rows.plain(z, None, labels, w_k, w_c, T, hard_weight, False)
+    log_q_k = (z_idx / T - shift_s[:, None]) - log_z_s[:, None]
+    log_p, log_q = topk_log_probs(logp.to(acc), log_q_k, rows.spec, T)
+    if not grad:
+        return divergence_terms(log_p, log_q, rows.spec, False)[0], ce
+    d, _, g, s = divergence_terms(log_p, log_q, rows.spec, True)
+    q = log_q.exp()
+    g_rest = g[:, -1:]
+    a = torch.where(q[:, -1:] > 0, g_rest - s, 0.0)[:, 0]
+    rows.plain(z, None, labels, w_k * a, w_c, T, hard_weight, True)
+    q_k = q[:, :-1]
+    correction = torch.where(q_k > 0, q_k * (g[:, :-1] - g_rest), 0.0) * (w_k * T)[:, None]
+    z.scatter_add_(1, idx, correction.to(z.dtype))
+    return d, ce
 
 
 def prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
@@ -200,6 +360,23 @@ def prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, labe
     student = [x for x in (h, student_weight, student_bias) if x is not None]
     out_dtype = torch.promote_types(result_dtype(*student), teacher_dtype)
     return h, teacher, row_labels, kept, out_dtype, lead
+
+
+@eager
+def run_on_logits(rows, student_logits, teacher_logits, labels, T):
+    """sum over the kept tokens (label != -100; all without labels) of D(p, q) of ``rows``'
+    divergence at T, without the T^2 factor, from both models' logits (..., V): the chunk
+    loop with the student's logits in place of its head (their gradient is dh), a scalar of
+    the logits' promoted dtype."""
+    v = student_logits.shape[-1]
+    z = student_logits.reshape(-1, v)
+    t = teacher_logits.detach().reshape(-1, v)
+    kept = labels.reshape(-1) != -100 if labels is not None else None
+    out_dtype = torch.promote_types(z.dtype, t.dtype)
+    total = ChunkedLinearSoftTarget.apply(
+        z, None, None, rows, ("logits", t if t.stride(1) == 1 else t.contiguous()), None, kept, float(T), 0.0,
+        "sum", default_chunk(z.shape[0], v, z.device), out_dtype, torch.is_grad_enabled())
+    return total / (float(T) * float(T))
 
 
 # A Python loop of launches: a graph break under torch.compile, where the auto backend calls

@@ -20,11 +20,13 @@ row block (fastkd/autograd.py; IRG's vertex term, an mse, with torch ops on both
 each rank.
 Under torch.compile a global-batch call runs eagerly, behind a graph break.
 """
+import contextlib
 import functools
 
 import torch
 
 from . import checks, device_ops, distributed
+from . import chunked_linear as _chunked_linear
 from .backend import IMPLEMENTATIONS, current_backend, eager_implementation, global_implementation, resolve
 from .common import eager
 
@@ -577,33 +579,13 @@ def _linear(hidden, weight, bias, names):
     return tensors
 
 
-def fused_linear_soft_target(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
-                             labels=None, *, student_bias=None, teacher_bias=None, teacher_logits=None,
-                             teacher_topk_indices=None, teacher_topk_logprobs=None, T=1.0,
-                             reduction="batchmean", ignore_index=-100, hard_weight=0.0, chunk_size=None):
-    """SoftTarget on an LM head's logits, without materialising them.
-
-    z_s = student_hidden student_weight^T (+ student_bias), (N, V) over the N = prod(...)
-    tokens of student_hidden (..., H). The teacher, fixed (it gets no gradient), is given one
-    way: teacher_hidden (..., H_t) with teacher_weight (V, H_t) (+ teacher_bias), its logits
-    teacher_logits (..., V), or a top-k: teacher_topk_indices (..., k) int and
-    teacher_topk_logprobs (..., k) float, log-probabilities at temperature 1. Teacher
-    probabilities at T: p_t = softmax(z_t / T), or for a top-k softmax(logp_k / T) over its k
-    classes and 0 elsewhere (the top-k mass renormalised; repeated indices add up).
-
-    Per kept token (labels (...) int, a token is kept unless its label is ignore_index; all
-    are kept without labels):
-        T^2 * sum_c p_t(c) (log p_t(c) - log_softmax(z_s / T)(c)) + hard_weight * CE(z_s, label)
-    reduction: "batchmean" sum / n_kept; "sum"; "mean" KL part / (n_kept V) (torch's kl_div
-    "mean") + hard part / n_kept; "none" (...) per token, 0 where ignored. n_kept is clamped
-    at 1: when every token is ignored the loss is 0 with zero gradients (not NaN).
-
-    With a dense teacher and no labels it equals fastkd.soft_target(z_s, z_t, T). Memory:
-    the logits exist one chunk of chunk_size tokens at a time (default: about 2^28 logits per
-    chunk on CUDA, 2^22 on CPU), so beyond the inputs and gradients it needs O(chunk_size x V). Float32
-    accumulation for 16-bit inputs. Compiled (torch.compile, torch.export), one custom
-    operator node, fastkd::fused_linear_soft_target (fastkd.device_ops), on CPU and CUDA.
-    """
+def _checked_head(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+                  teacher_bias, teacher_logits, teacher_topk_indices, teacher_topk_logprobs, T, reduction,
+                  ignore_index, hard_weight, chunk_size):
+    """FusedLinearSoftTarget's and FusedLinearDistillation's arguments checked (each error
+    names its argument), the head's tensors cast as F.linear under autocast: (student_hidden,
+    student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, T,
+    hard_weight, ignore_index, chunk_size)."""
     device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else None
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         # As F.linear under autocast: the head's matrix products in the autocast dtype.
@@ -669,6 +651,186 @@ def fused_linear_soft_target(student_hidden, student_weight, teacher_hidden=None
         checks.values_in_range(labels, "labels", v, allowed=ignore_index)
     if teacher_topk_indices is not None:
         checks.values_in_range(teacher_topk_indices, "teacher_topk_indices", v)
+    return (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, T,
+            hard_weight, ignore_index, chunk_size)
+
+
+def fused_linear_soft_target(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
+                             labels=None, *, student_bias=None, teacher_bias=None, teacher_logits=None,
+                             teacher_topk_indices=None, teacher_topk_logprobs=None, T=1.0,
+                             reduction="batchmean", ignore_index=-100, hard_weight=0.0, chunk_size=None):
+    """SoftTarget on an LM head's logits, without materialising them.
+
+    z_s = student_hidden student_weight^T (+ student_bias), (N, V) over the N = prod(...)
+    tokens of student_hidden (..., H). The teacher, fixed (it gets no gradient), is given one
+    way: teacher_hidden (..., H_t) with teacher_weight (V, H_t) (+ teacher_bias), its logits
+    teacher_logits (..., V), or a top-k: teacher_topk_indices (..., k) int and
+    teacher_topk_logprobs (..., k) float, log-probabilities at temperature 1. Teacher
+    probabilities at T: p_t = softmax(z_t / T), or for a top-k softmax(logp_k / T) over its k
+    classes and 0 elsewhere (the top-k mass renormalised; repeated indices add up).
+
+    Per kept token (labels (...) int, a token is kept unless its label is ignore_index; all
+    are kept without labels):
+        T^2 * sum_c p_t(c) (log p_t(c) - log_softmax(z_s / T)(c)) + hard_weight * CE(z_s, label)
+    reduction: "batchmean" sum / n_kept; "sum"; "mean" KL part / (n_kept V) (torch's kl_div
+    "mean") + hard part / n_kept; "none" (...) per token, 0 where ignored. n_kept is clamped
+    at 1: when every token is ignored the loss is 0 with zero gradients (not NaN).
+
+    With a dense teacher and no labels it equals fastkd.soft_target(z_s, z_t, T). Memory:
+    the logits exist one chunk of chunk_size tokens at a time (default: about 2^28 logits per
+    chunk on CUDA, 2^22 on CPU), so beyond the inputs and gradients it needs O(chunk_size x V). Float32
+    accumulation for 16-bit inputs. Compiled (torch.compile, torch.export), one custom
+    operator node, fastkd::fused_linear_soft_target (fastkd.device_ops), on CPU and CUDA.
+    """
+    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, T, hard_weight,
+     ignore_index, chunk_size) = _checked_head(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
+        teacher_logits, teacher_topk_indices, teacher_topk_logprobs, T, reduction, ignore_index, hard_weight,
+        chunk_size)
     return _run("fused_linear_soft_target", student_hidden, student_weight, teacher_hidden, teacher_weight,
                 labels, student_bias, teacher_bias, teacher_logits, teacher_topk_indices,
                 teacher_topk_logprobs, T, reduction, ignore_index, hard_weight, chunk_size)
+
+
+# --- FusedLinearDistillation: every divergence LLM distillation uses, on the LM head ------
+
+DIVERGENCES = _chunked_linear.DIVERGENCES
+TOPK_REST = ("renormalise", "bucket")
+
+
+def _divergence(divergence, beta, alpha, topk_rest, topk):
+    """The checked chunked_linear.Divergence (each error names its argument); topk: whether
+    the teacher is a top-k, where a divergence that compares the student's mass outside it
+    against a teacher's 0 is infinite under "renormalise" and refused."""
+    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}; got {divergence!r}")
+    beta = checks.number(beta, "beta")
+    if not 0 <= beta <= 1:
+        raise ValueError(f"beta must be in [0, 1] (the jsd's mixing coefficient), got {beta}")
+    alpha = checks.number(alpha, "alpha")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1] (the skew divergences' mixing coefficient), got {alpha}")
+    checks.one_of(topk_rest, "topk_rest", TOPK_REST)
+    spec = _chunked_linear.divergence(divergence, beta, alpha, topk_rest)
+    if topk and topk_rest == "renormalise" and spec.name == "reverse_kl":
+        what = {"jsd": "jsd at beta=1", "skew_reverse_kl": "skew_reverse_kl at alpha=0"}.get(divergence, divergence)
+        raise ValueError(f"divergence={what} with a top-k teacher and topk_rest='renormalise' is infinite (the "
+                         f"teacher has no mass outside its k classes, the student does); use topk_rest='bucket'")
+    return spec
+
+
+def _reference_distillation(spec, *args):
+    """The reference with FusedLinearSoftTarget's arguments, after spec's."""
+    *tensors, T, reduction, ignore_index, hard_weight, chunk_size = args
+    from .reference import divergences
+    return divergences.fused_linear_distillation(*tensors, spec.name, T, spec.beta, spec.alpha, spec.topk_rest,
+                                                 reduction, ignore_index, hard_weight, chunk_size)
+
+
+def _distillation_implementation(device):
+    """fused_linear_distillation(spec, FusedLinearSoftTarget's reference arguments) of the
+    backend chosen for FusedLinearSoftTarget on this device."""
+    from .backend import autograd as triton_functions
+    from .torch_backend import fused_linear as torch_fused_linear
+    name = resolve("fused_linear_soft_target", device)
+    if name == "triton":
+        return triton_functions.fused_linear_distillation
+    return torch_fused_linear.fused_linear_distillation if name == "torch" else _reference_distillation
+
+
+def fused_linear_distillation(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
+                              labels=None, *, student_bias=None, teacher_bias=None, teacher_logits=None,
+                              teacher_topk_indices=None, teacher_topk_logprobs=None, divergence="kl", T=1.0,
+                              beta=0.5, alpha=0.1, topk_rest="renormalise", reduction="batchmean",
+                              ignore_index=-100, hard_weight=0.0, chunk_size=None):
+    """A divergence between the teacher's and the student's distributions at temperature T
+    on an LM head's logits, without materialising them: fused_linear_soft_target's arguments,
+    teacher forms, reductions, ignore_index and hard term, with
+
+        divergence  "kl"               KL(p || q)                              (forward)
+                    "reverse_kl"       KL(q || p)                              (MiniLLM)
+                    "jsd"              beta KL(p || m) + (1 - beta) KL(q || m),
+                                       m = beta p + (1 - beta) q (TRL's GKD; beta 0: kl, 1: reverse_kl)
+                    "skew_kl"          KL(p || alpha p + (1 - alpha) q)        (DistiLLM)
+                    "skew_reverse_kl"  KL(q || (1 - alpha) p + alpha q)        (DistiLLM)
+                    "tvd"              sum_c |p_c - q_c| / 2
+
+    p the teacher's distribution at T, q = softmax(z_s / T); per kept token
+    T^2 D(p, q) + hard_weight CE(z_s, label). beta, alpha in [0, 1]. A top-k teacher
+    (indices distinct per token) puts both distributions on k + 1 outcomes, its classes and
+    one bucket for the rest: topk_rest="renormalise" gives the teacher's bucket 0 (its top-k
+    renormalised; infinite for reverse_kl, which is refused), "bucket" gives it the
+    teacher's own rest mass 1 - sum exp(logp) (fastkd/reference/divergences.py has the
+    math). divergence="kl" runs fused_linear_soft_target itself (its custom operator under
+    torch.compile); the other divergences run the same chunk loop (O(chunk_size x V) memory,
+    hand-written backward) behind a graph break under torch.compile.
+    """
+    topk = teacher_topk_indices is not None or teacher_topk_logprobs is not None
+    spec = _divergence(divergence, beta, alpha, topk_rest, topk)
+    if spec.name == "kl" and (not topk or topk_rest == "renormalise"):
+        return fused_linear_soft_target(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias=student_bias,
+            teacher_bias=teacher_bias, teacher_logits=teacher_logits, teacher_topk_indices=teacher_topk_indices,
+            teacher_topk_logprobs=teacher_topk_logprobs, T=T, reduction=reduction, ignore_index=ignore_index,
+            hard_weight=hard_weight, chunk_size=chunk_size)
+    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, T, hard_weight,
+     ignore_index, chunk_size) = _checked_head(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
+        teacher_logits, teacher_topk_indices, teacher_topk_logprobs, T, reduction, ignore_index, hard_weight,
+        chunk_size)
+    impl = _distillation_implementation(student_hidden.device)
+    with torch.autocast(student_hidden.device.type, enabled=False) if student_hidden.device.type in (
+            "cpu", "cuda") else contextlib.nullcontext():
+        return impl(spec, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+                    teacher_bias, teacher_logits, teacher_topk_indices, teacher_topk_logprobs, T, reduction,
+                    ignore_index, hard_weight, chunk_size)
+
+
+def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0,
+                         reduction="batchmean", num_items_in_batch=None):
+    """TRL's GKDTrainer.generalized_jsd_loss (same signature, same numbers: no T^2 factor), on
+    logits (B, L, V) (any leading dims): per token the jsd of fused_linear_distillation at
+    T = temperature (beta = 0 forward KL, 1 reverse KL); labels (B, L), -100 ignored.
+    batchmean: sum / kept tokens (clamped at 1), or / B = student_logits.shape[0] without
+    labels (TRL's); sum; mean: sum / (kept tokens x V); none: TRL's elementwise terms,
+    (B, L, V), or (kept tokens, V) with labels (materialised, as TRL's).
+    num_items_in_batch: sum / it. The scalar reductions run fused_linear_distillation's
+    chunk loop on the logits (no softmax copies beyond a chunk's; the gradient is the
+    logits'), the torch rows on the CPU, the Triton kernel on CUDA."""
+    _same_pair(student_logits, teacher_logits, "student_logits", "teacher_logits", min_ndim=2)
+    beta = checks.number(beta, "beta")
+    if not 0 <= beta <= 1:
+        raise ValueError(f"beta must be in [0, 1] (the jsd's mixing coefficient), got {beta}")
+    temperature = checks.number(temperature, "temperature", positive=True)
+    checks.argument("reduction", reduction)
+    lead, v = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
+    if labels is not None:
+        checks.integer_tensor(labels, "labels")
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"labels must have shape {lead} (the logits' leading dims), got {tuple(labels.shape)}")
+        checks.same_device(student_logits=student_logits, labels=labels)
+    name = resolve("fused_linear_soft_target", student_logits.device)
+    if reduction == "none" or name == "reference":
+        from .reference import divergences
+        return divergences.generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature,
+                                                reduction, num_items_in_batch)
+    spec = _chunked_linear.divergence("jsd", beta, 0.0)
+    if name == "triton":
+        from .backend import autograd as triton_functions
+        rows = triton_functions.divergence_rows(spec)
+    else:
+        from .torch_backend import fused_linear as torch_fused_linear
+        rows = _chunked_linear.DivergenceRows(spec, torch_fused_linear.linear_kl_rows,
+                                              torch_fused_linear.linear_kl_rows)
+    total = _chunked_linear.run_on_logits(rows, student_logits, teacher_logits, labels, temperature)
+    if num_items_in_batch is not None:
+        return total / num_items_in_batch
+    if reduction == "sum":
+        return total
+    if labels is not None:
+        count = (labels != -100).sum().clamp(min=1)
+    else:
+        count = student_logits.shape[0]
+    if reduction == "batchmean":
+        return total / count
+    return total / (count * v) if labels is not None else total / student_logits.numel()

@@ -477,3 +477,37 @@ class FusedLinearSoftTarget(_Checked, reference.FusedLinearSoftTarget):
             teacher_topk_indices=teacher_topk_indices, teacher_topk_logprobs=teacher_topk_logprobs,
             T=self.T, reduction=self.reduction, ignore_index=self.ignore_index,
             hard_weight=self.hard_weight, chunk_size=self.chunk_size)
+
+
+class FusedLinearDistillation(_Checked, reference.divergences.FusedLinearDistillation):
+    """A divergence of LLM distillation on LM-head logits that are never materialised
+    (fastkd.functional.fused_linear_distillation has the math): divergence one of "kl",
+    "reverse_kl", "jsd" (beta), "skew_kl", "skew_reverse_kl" (alpha), "tvd", times T^2, over
+    the kept tokens, plus hard_weight x cross-entropy; the forward takes
+    FusedLinearSoftTarget's arguments. topk_rest: "renormalise" or "bucket", a top-k
+    teacher's mass outside its k classes. FusedLinearDistillation("kl", T=T) is
+    FusedLinearSoftTarget(T).
+
+        loss_fn = fastkd.FusedLinearDistillation("jsd", T=2.0, beta=0.5)
+        loss = loss_fn(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, labels)
+    """
+
+    def __init__(self, divergence, *, T=1.0, beta=0.5, alpha=0.1, topk_rest="renormalise", reduction="batchmean",
+                 ignore_index=-100, hard_weight=0.0, chunk_size=None):
+        F._divergence(divergence, beta, alpha, topk_rest, False)
+        super().__init__(divergence, T=T, beta=beta, alpha=alpha, topk_rest=topk_rest, reduction=reduction,
+                         ignore_index=ignore_index, hard_weight=hard_weight, chunk_size=chunk_size)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
+                *, student_bias=None, teacher_bias=None, teacher_logits=None, teacher_topk_indices=None,
+                teacher_topk_logprobs=None):
+        return F.fused_linear_distillation(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+            student_bias=student_bias, teacher_bias=teacher_bias, teacher_logits=teacher_logits,
+            teacher_topk_indices=teacher_topk_indices, teacher_topk_logprobs=teacher_topk_logprobs,
+            divergence=self.divergence, T=self.T, beta=self.beta, alpha=self.alpha, topk_rest=self.topk_rest,
+            reduction=self.reduction, ignore_index=self.ignore_index, hard_weight=self.hard_weight,
+            chunk_size=self.chunk_size)
+
+
+__all__ += ["FusedLinearDistillation"]

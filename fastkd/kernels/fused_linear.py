@@ -14,6 +14,8 @@ One program owns BLOCK_R rows and streams over the vocabulary twice in blocks of
 the first pass keeps the online softmax sums (shared with SoftTarget's kernel through
 online_kl_step), the second writes dz over z, so a chunk needs no buffer of its own.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -138,5 +140,169 @@ def linear_kl_rows(z, t, labels, w_kl, w_ce, T, hard_weight, grad):
         z, t if t is not None else z, labels if labels is not None else z, w_kl, w_ce, stats,
         float(T), float(hard_weight), R, V, z.stride(0), t.stride(0) if t is not None else 0,
         BLOCK_R=block_r, BLOCK_V=block_v, DENSE=t is not None, HARD=labels is not None, GRAD=grad,
+        num_warps=warps)
+    return stats
+
+
+# --- FusedLinearDistillation's divergences (fastkd/chunked_linear.py, divergence_terms, has
+# the table this kernel follows; fastkd/reference/divergences.py the math) ------------------
+
+# Divergence name -> the DIV constant of the kernel below.
+DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "skew_kl": 3, "skew_reverse_kl": 4, "tvd": 5}
+
+
+@triton.jit
+def _online_step(m, s, x):
+    """Running max m and sum s = sum exp(x - shift(m)) of a row, with one more block x."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    c_new = _shift(m_new)
+    return m_new, s * tl.exp(m - c_new) + tl.sum(tl.exp(x - c_new[:, None]), axis=1)
+
+
+@triton.jit
+def _log_mix(la, lb):
+    """log(exp(la) + exp(lb)), -inf where both are."""
+    mx = tl.maximum(la, lb)
+    mn = tl.minimum(la, lb)
+    return tl.where(mx == float("-inf"), mx, mx + tl.log(1.0 + tl.exp(mn - mx)))
+
+
+@triton.jit
+def _divergence_terms(lp, lq, log_w, log_1mw, w, DIV: tl.constexpr):
+    """(t, g) per element of the teacher's and student's log-probabilities lp, lq: the term
+    of D (D = sum t) and dD/dq less a constant (chunked_linear.divergence_terms' table);
+    w the mixing coefficient (beta for jsd, alpha for the skew divergences), log_w and
+    log_1mw its log and log(1 - w)."""
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    if DIV == 0:
+        t = tl.where(p > 0, p * (lp - lq), 0.0)
+        g = -tl.where(p > 0, tl.exp(lp - lq), 0.0)
+    elif DIV == 1:
+        t = tl.where(q > 0, q * (lq - lp), 0.0)
+        g = lq - lp
+    elif DIV == 2:
+        lm = _log_mix(lp + log_w, lq + log_1mw)
+        t = w * tl.where(p > 0, p * (lp - lm), 0.0) + (1.0 - w) * tl.where(q > 0, q * (lq - lm), 0.0)
+        g = (1.0 - w) * (lq - lm)
+    elif DIV == 3:
+        lm = _log_mix(lp + log_w, lq + log_1mw)
+        t = tl.where(p > 0, p * (lp - lm), 0.0)
+        g = -(1.0 - w) * tl.where(p > 0, tl.exp(lp - lm), 0.0)
+    elif DIV == 4:
+        lm = _log_mix(lq + log_w, lp + log_1mw)
+        t = tl.where(q > 0, q * (lq - lm), 0.0)
+        g = (lq - lm) - w * tl.where(q > 0, tl.exp(lq - lm), 0.0)
+    else:
+        t = 0.5 * tl.abs(p - q)
+        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+    return t, g
+
+
+@triton.jit
+def _linear_divergence_rows_kernel(
+    z_ptr, t_ptr, label_ptr, w_kl_ptr, w_ce_ptr, stats_ptr, T: tl.float64, hard_weight: tl.float64,
+    w_mix: tl.float64, log_w: tl.float64, log_1mw: tl.float64, R, V, z_stride, t_stride,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, DIV: tl.constexpr, HARD: tl.constexpr, GRAD: tl.constexpr,
+):
+    """stats (4, R) as _linear_kl_rows_kernel's, D_row in KL_row's place, for a dense teacher
+    t: three passes over the row's classes, the student's and teacher's (and with HARD the
+    temperature-1) log-normalisers online, then D_row and S = sum q g, then (GRAD) dz =
+    w_kl T q (g - S) + w_ce hard_weight (softmax(z) - onehot(label)) written over z."""
+    acc_t = stats_ptr.dtype.element_ty
+    T = to_acc(T, acc_t)
+    inv_T = 1.0 / T
+    hw = to_acc(hard_weight, acc_t)
+    w = to_acc(w_mix, acc_t)
+    lw = to_acc(log_w, acc_t)
+    l1w = to_acc(log_1mw, acc_t)
+    neg_inf = float("-inf")
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    z_row = z_ptr + rows * z_stride
+    t_row = t_ptr + rows * t_stride
+    if HARD:
+        label = tl.load(label_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+        label_ok = row_ok & (label >= 0) & (label < V)
+    m_s = tl.full((BLOCK_R,), neg_inf, acc_t)
+    m_t = tl.full((BLOCK_R,), neg_inf, acc_t)
+    m_1 = tl.full((BLOCK_R,), neg_inf, acc_t)
+    z_s = tl.zeros((BLOCK_R,), acc_t)
+    z_t = tl.zeros((BLOCK_R,), acc_t)
+    z_1 = tl.zeros((BLOCK_R,), acc_t)
+    for v0 in range(0, V, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        mask = row_ok[:, None] & (cols < V)[None, :]
+        zs = tl.load(z_row[:, None] + cols[None, :], mask=mask, other=neg_inf).to(acc_t)
+        xt = tl.load(t_row[:, None] + cols[None, :], mask=mask, other=neg_inf).to(acc_t) * inv_T
+        m_s, z_s = _online_step(m_s, z_s, zs * inv_T)
+        m_t, z_t = _online_step(m_t, z_t, xt)
+        if HARD:
+            m_1, z_1 = _online_step(m_1, z_1, zs)
+    c_s, log_z_s = _shift(m_s), tl.log(z_s)
+    c_t, log_z_t = _shift(m_t), tl.log(z_t)
+    d = tl.zeros((BLOCK_R,), acc_t)
+    s = tl.zeros((BLOCK_R,), acc_t)
+    for v0 in range(0, V, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        mask = row_ok[:, None] & (cols < V)[None, :]
+        zs = tl.load(z_row[:, None] + cols[None, :], mask=mask, other=neg_inf).to(acc_t)
+        xt = tl.load(t_row[:, None] + cols[None, :], mask=mask, other=neg_inf).to(acc_t) * inv_T
+        lq = (zs * inv_T - c_s[:, None]) - log_z_s[:, None]
+        lp = (xt - c_t[:, None]) - log_z_t[:, None]
+        term, g = _divergence_terms(lp, lq, lw, l1w, w, DIV)
+        d += tl.sum(tl.where(mask, term, 0.0), axis=1)
+        if GRAD:
+            q = tl.exp(lq)
+            s += tl.sum(tl.where(mask & (q > 0), q * g, 0.0), axis=1)
+    out = stats_ptr + rows
+    tl.store(out, c_s, mask=row_ok)
+    out += R
+    tl.store(out, log_z_s, mask=row_ok)
+    out += R
+    tl.store(out, tl.where(d < 0, 0.0, d), mask=row_ok)  # the exact D_row is >= 0
+    out += R
+    ce = tl.zeros((BLOCK_R,), acc_t)
+    if HARD:
+        c_1, log_z_1 = _shift(m_1), tl.log(z_1)
+        z_label = tl.load(z_row + label, mask=label_ok, other=0.0).to(acc_t)
+        ce = tl.where(label_ok, (c_1 - z_label) + log_z_1, 0.0)
+    tl.store(out, ce, mask=row_ok)
+
+    if GRAD:
+        w_kl = tl.load(w_kl_ptr + rows, mask=row_ok, other=0.0).to(acc_t) * T
+        w_ce = tl.load(w_ce_ptr + rows, mask=row_ok, other=0.0).to(acc_t) * hw
+        live = (w_kl != 0) | (w_ce != 0)
+        for v0 in range(0, V, BLOCK_V):
+            cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+            mask = row_ok[:, None] & (cols < V)[None, :]
+            zs = tl.load(z_row[:, None] + cols[None, :], mask=mask, other=neg_inf).to(acc_t)
+            xt = tl.load(t_row[:, None] + cols[None, :], mask=mask, other=neg_inf).to(acc_t) * inv_T
+            lq = (zs * inv_T - c_s[:, None]) - log_z_s[:, None]
+            lp = (xt - c_t[:, None]) - log_z_t[:, None]
+            term, g = _divergence_terms(lp, lq, lw, l1w, w, DIV)
+            q = tl.exp(lq)
+            dz = w_kl[:, None] * tl.where(q > 0, q * (g - s[:, None]), 0.0)
+            if HARD:
+                p_1 = tl.exp((zs - c_1[:, None]) - log_z_1[:, None])
+                dz += w_ce[:, None] * (p_1 - tl.where(cols[None, :] == label[:, None], 1.0, 0.0))
+            dz = tl.where(live[:, None], dz, 0.0)
+            tl.store(z_row[:, None] + cols[None, :], dz.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+def linear_divergence_rows(z, t, labels, w_kl, w_ce, T, hard_weight, grad, spec):
+    """linear_kl_rows for a chunked_linear.Divergence spec and a dense teacher t (R, V):
+    stats (4, R) [shift_s, log z_s, D_row, CE_row]; with grad, z is overwritten by
+    w_kl T dD/dx + the hard term's gradient."""
+    R, V = z.shape
+    stats = torch.empty((4, R), device=z.device, dtype=w_kl.dtype)
+    block_r, block_v, warps = _blocks(R, V, w_kl.dtype)
+    w = spec.beta if spec.name == "jsd" else spec.alpha
+    log_w = math.log(w) if w > 0 else float("-inf")
+    log_1mw = math.log1p(-w) if w < 1 else float("-inf")
+    _linear_divergence_rows_kernel[(cdiv(R, block_r),)](
+        z, t, labels if labels is not None else z, w_kl, w_ce, stats, float(T), float(hard_weight), float(w),
+        log_w, log_1mw, R, V, z.stride(0), t.stride(0),
+        BLOCK_R=block_r, BLOCK_V=block_v, DIV=DIVERGENCE_CODES[spec.name], HARD=labels is not None, GRAD=grad,
         num_warps=warps)
     return stats

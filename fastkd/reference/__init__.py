@@ -17,6 +17,8 @@ from .dml import DML
 from .fitnet import Hint
 from .fsp import FSP
 from .ft import FT, Paraphraser, Translator
+from . import divergences
+from .divergences import FusedLinearDistillation
 from .fused_linear_soft_target import FusedLinearSoftTarget
 from .irg import IRG
 from .logits import Logits

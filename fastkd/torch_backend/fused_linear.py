@@ -6,10 +6,12 @@ import torch
 from .. import chunked_linear
 
 
-def linear_kl_rows(z, t, labels, w_kl, w_ce, T, hard_weight, grad):
+def linear_kl_rows(z, t, labels, w_kl, w_ce, T, hard_weight, grad, spec=None):
     """stats (4, R) [shift_s, log z_s, KL_row, CE_row] of logits z (R, V), in w_kl's dtype
     (the accumulation dtype); with grad, dz over z. In-place steps keep about four
-    chunk-sized buffers alive at once."""
+    chunk-sized buffers alive at once. spec: a chunked_linear.Divergence for a dense
+    teacher, whose D_row takes KL_row's place (and w_kl T dD/dx the KL's gradient; about
+    eight chunk-sized buffers), or None for the KL."""
     acc = w_kl.dtype
     log_q = z.to(acc, copy=True).div_(T)
     shift_s = log_q.amax(dim=1)
@@ -18,7 +20,11 @@ def linear_kl_rows(z, t, labels, w_kl, w_ce, T, hard_weight, grad):
     log_z_s = torch.logsumexp(log_q, dim=1)
     log_q.sub_(log_z_s[:, None])
     kl = torch.zeros_like(log_z_s)
-    if t is not None:
+    if t is not None and spec is not None:
+        log_p = torch.log_softmax(t.to(acc, copy=True).div_(T), dim=1)
+        kl, dx, _, _ = chunked_linear.divergence_terms(log_p, log_q, spec, grad)
+        del log_p
+    elif t is not None:
         p = torch.log_softmax(t.to(acc, copy=True).div_(T), dim=1)  # log p, then p below
         diff = (p - log_q).mul_(p.exp_())
         # kl_div's element rule: p = 0 adds 0 (p log p -> 0); the exact KL_row is >= 0.
@@ -31,9 +37,12 @@ def linear_kl_rows(z, t, labels, w_kl, w_ce, T, hard_weight, grad):
         p1 = torch.log_softmax(z.to(acc), dim=1)
         ce = torch.where(label_ok, -p1.gather(1, safe[:, None])[:, 0], 0.0)
     if grad:
-        dz = log_q.exp_()
-        if t is not None:
-            dz.sub_(p)
+        if t is not None and spec is not None:
+            dz = dx
+        else:
+            dz = log_q.exp_()
+            if t is not None:
+                dz.sub_(p)
         dz.mul_((w_kl * T)[:, None])
         if labels is not None:
             p1.exp_()
@@ -47,3 +56,10 @@ def linear_kl_rows(z, t, labels, w_kl, w_ce, T, hard_weight, grad):
 def fused_linear_soft_target(*args):
     """The loss with the reference's arguments (checked by fastkd.functional)."""
     return chunked_linear.run(chunked_linear.ChunkedLinearSoftTarget, linear_kl_rows, *args)
+
+
+def fused_linear_distillation(spec, *args):
+    """FusedLinearDistillation for spec (a chunked_linear.Divergence) with
+    FusedLinearSoftTarget's reference arguments (checked by fastkd.functional)."""
+    rows = chunked_linear.DivergenceRows(spec, linear_kl_rows, linear_kl_rows)
+    return chunked_linear.run(chunked_linear.ChunkedLinearSoftTarget, rows, *args)

@@ -1,0 +1,246 @@
+"""FusedLinearDistillation and generalized_jsd_loss: every divergence x teacher form x
+reduction against the materialised reference (fastkd/reference/divergences.py) in float64,
+loss and gradients; low precision against the reference's own error; "kl" is
+FusedLinearSoftTarget; TRL's own generalized_jsd_loss where trl imports; refused arguments.
+Small shapes throughout: the Triton runs go through the interpreter."""
+import pytest
+import torch
+
+import fastkd
+from fastkd import backend
+from fastkd import functional as F
+from fastkd.reference import divergences as R
+from helpers import assert_close, assert_within_reference_error
+from test_fused_linear import make_problem, student_grads
+
+FAST = [b for b in ("torch", "triton") if b in backend.IMPLEMENTATIONS["fused_linear_soft_target"]]
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+# (teacher form, topk_rest): a dense teacher given by its head or by its logits, a top-k one
+# under each convention for the mass outside its k classes.
+TEACHERS = (("dense", "renormalise"), ("logits", "renormalise"), ("topk", "renormalise"), ("topk", "bucket"))
+OPTIONS = dict(T=2.0, beta=0.3, alpha=0.2, hard_weight=0.5)
+
+
+def _skip_infinite(divergence, teacher, rest):
+    if teacher == "topk" and rest == "renormalise" and divergence == "reverse_kl":
+        pytest.skip("reverse KL against a renormalised top-k teacher is infinite (refused, tested below)")
+
+
+def run(backend_name, args, kw, **options):
+    with fastkd.use_backend(backend_name):
+        loss = F.fused_linear_distillation(*args, **kw, **options)
+    return loss, student_grads(loss, args, kw)
+
+
+def assert_matches(out, grads, ref, ref_grads, msg):
+    assert out.dtype == ref.dtype and out.shape == ref.shape, msg
+    assert_close(out, ref, msg=msg)
+    for a, b in zip(grads, ref_grads):
+        assert_close(a, b, msg=msg)
+
+
+@pytest.mark.parametrize("divergence", R.DIVERGENCES)
+@pytest.mark.parametrize("teacher,rest", TEACHERS)
+def test_torch_path_matches_the_reference_float64(divergence, teacher, rest):
+    _skip_infinite(divergence, teacher, rest)
+    for i, reduction in enumerate(REDUCTIONS):
+        args, kw = make_problem(7, 4, 11, teacher, k=4, seed=i, ignore=0.3 if i % 2 else 0.0)
+        options = dict(OPTIONS, divergence=divergence, topk_rest=rest, reduction=reduction)
+        ref, ref_grads = run("reference", args, kw, **options)
+        out, grads = run("torch", args, kw, chunk_size=3, **options)
+        assert_matches(out, grads, ref, ref_grads, f"{divergence} {teacher} {rest} {reduction}")
+
+
+@pytest.mark.skipif("triton" not in FAST, reason="the triton backend is not installed")
+@pytest.mark.parametrize("divergence", R.DIVERGENCES)
+def test_triton_kernels_match_the_reference_float64(divergence):
+    """Through the interpreter on CPU tensors (a GPU where one runs the suite): the dense
+    rows kernel on a teacher's logits with the hard term, then a top-k teacher (the plain
+    rows kernel and the shared top-k step), tiny shapes."""
+    cases = [("logits", "renormalise", "batchmean"), ("topk", "bucket", "none")]
+    if divergence != "reverse_kl":
+        cases.append(("topk", "renormalise", "mean"))
+    for i, (teacher, rest, reduction) in enumerate(cases):
+        args, kw = make_problem(5, 3, 11, teacher, k=4, seed=i)
+        options = dict(OPTIONS, divergence=divergence, topk_rest=rest, reduction=reduction)
+        ref, ref_grads = run("reference", args, kw, **options)
+        out, grads = run("triton", args, kw, chunk_size=3, **options)
+        assert_matches(out, grads, ref, ref_grads, f"{divergence} {teacher} {rest} {reduction}")
+
+
+@pytest.mark.skipif("triton" not in FAST, reason="the triton backend is not installed")
+def test_generalized_jsd_loss_triton_matches_the_reference():
+    s, t, labels = _logits(5, (2, 3, 9))
+    for beta in (0.0, 0.4):  # 0: the forward KL of the dense divergence kernel
+        ref = R.generalized_jsd_loss(s, t, labels, beta, 2.0)
+        with fastkd.use_backend("triton"):
+            out = F.generalized_jsd_loss(s, t, labels, beta=beta, temperature=2.0)
+        assert_close(out, ref)
+        assert_close(torch.autograd.grad(out, s)[0], torch.autograd.grad(ref, s)[0])
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_jsd_endpoints_are_the_two_kls(beta):
+    args, kw = make_problem(6, 4, 9, "logits")
+    jsd = run("torch", args, kw, divergence="jsd", beta=beta, T=2.0)
+    kl = run("torch", args, kw, divergence="kl" if beta == 0 else "reverse_kl", T=2.0)
+    assert_matches(*jsd, *kl, f"beta={beta}")
+
+
+@pytest.mark.parametrize("teacher", ["dense", "topk"])
+def test_kl_is_fused_linear_soft_target(teacher):
+    args, kw = make_problem(8, 4, 10, teacher, k=3)
+    a = fastkd.FusedLinearDistillation("kl", T=3.0, hard_weight=0.2)(*args, **kw)
+    b = fastkd.FusedLinearSoftTarget(3.0, hard_weight=0.2)(*args, **kw)
+    assert torch.equal(a, b)
+
+
+def test_reference_kl_is_the_soft_target_reference():
+    from fastkd.reference import fused_linear_soft_target as soft_target
+    for teacher in ("dense", "topk"):
+        args, kw = make_problem(8, 4, 10, teacher, k=3)
+        assert_close(R.fused_linear_distillation(*args, **kw, divergence_name="kl", T=2.0),
+                     soft_target.fused_linear_soft_target(*args, **kw, T=2.0))
+
+
+def test_bucket_at_temperature_one_is_the_full_teacher_lumped():
+    """At T = 1 the bucket convention's teacher is its full distribution with the classes
+    outside the top-k lumped: so KL(p || q) over the k + 1 outcomes equals the divergence of
+    the two lumped full distributions, computed here from the full teacher."""
+    g = torch.Generator().manual_seed(1)
+    z_t, z_s = torch.randn(5, 12, generator=g, dtype=torch.float64), torch.randn(5, 12, generator=g, dtype=torch.float64)
+    logp = torch.log_softmax(z_t, -1)
+    values, idx = logp.topk(4, -1)
+    log_q = torch.log_softmax(z_s, -1)
+    log_p_k, log_q_k = R.topk_outcomes(log_q, idx, values, 1.0, "bucket")
+    rest = torch.ones_like(logp, dtype=torch.bool).scatter(1, idx, False)
+    lumped_p = torch.cat([values, torch.logsumexp(logp.masked_fill(~rest, float("-inf")), 1, keepdim=True)], 1)
+    torch.testing.assert_close(log_p_k, lumped_p)
+    for name in R.DIVERGENCES:
+        torch.testing.assert_close(R.divergence(log_p_k, log_q_k, name), R.divergence(lumped_p, log_q_k, name))
+
+
+def test_low_precision_within_the_reference_error():
+    """bfloat16 inputs, float32 accumulation: the torch path's loss and gradients within the
+    materialised reference's own bfloat16 error (both against float64 on the same rounded
+    inputs)."""
+    for divergence, (teacher, rest) in (("reverse_kl", ("dense", "renormalise")), ("jsd", ("logits", "renormalise")),
+                                        ("skew_kl", ("topk", "bucket")), ("tvd", ("topk", "renormalise")),
+                                        ("skew_reverse_kl", ("dense", "renormalise"))):
+        args, kw = make_problem(24, 16, 120, teacher, dtype=torch.bfloat16, k=10, scale=4.0)
+        exact_args = [a.detach().double().requires_grad_(a.requires_grad) if a is not None and a.is_floating_point()
+                      else a for a in args]
+        exact_kw = {n: (a.detach().double().requires_grad_(a.requires_grad)
+                        if isinstance(a, torch.Tensor) and a.is_floating_point() else a) for n, a in kw.items()}
+        options = dict(OPTIONS, divergence=divergence, topk_rest=rest)
+        exact = run("reference", exact_args, exact_kw, **options)
+        ref = run("reference", args, kw, **options)
+        out = run("torch", args, kw, chunk_size=8, **options)
+        assert out[0].dtype == ref[0].dtype
+        assert_within_reference_error(out[0], ref[0], exact[0], msg=f"{divergence} {teacher} loss")
+        for name, a, r, e in zip(("h", "W", "b"), out[1], ref[1], exact[1]):
+            assert_within_reference_error(a, r, e, msg=f"{divergence} {teacher} grad {name}")
+
+
+# --- generalized_jsd_loss: TRL's signature and numbers ------------------------------------
+
+def _logits(seed=0, shape=(2, 5, 9), dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    t = (torch.randn(*shape, generator=g, dtype=torch.float64) * 2).to(dtype)
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    labels[torch.rand(shape[:-1], generator=g) < 0.3] = -100
+    return s, t, labels
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_generalized_jsd_loss_matches_the_reference(reduction, with_labels):
+    s, t, labels = _logits()
+    labels = labels if with_labels else None
+    for beta in (0.0, 0.4, 1.0):
+        ref = R.generalized_jsd_loss(s, t, labels, beta, 2.0, reduction)
+        out = F.generalized_jsd_loss(s, t, labels, beta=beta, temperature=2.0, reduction=reduction)
+        assert out.shape == ref.shape
+        assert_close(out, ref, msg=f"beta={beta}")
+        up = torch.linspace(-1, 2, ref.numel(), dtype=ref.dtype).reshape(ref.shape)
+        assert_close(torch.autograd.grad(out, s, up)[0], torch.autograd.grad(ref, s, up)[0], msg=f"beta={beta}")
+    n = torch.tensor(7)
+    assert_close(F.generalized_jsd_loss(s, t, labels, num_items_in_batch=n),
+                 R.generalized_jsd_loss(s, t, labels, num_items_in_batch=n))
+
+
+def _trl_generalized_jsd_loss():
+    try:
+        from trl.experimental.gkd import GKDTrainer
+    except ImportError:
+        try:
+            from trl import GKDTrainer
+        except ImportError:
+            return None
+    return GKDTrainer.generalized_jsd_loss
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_generalized_jsd_loss_matches_trl(reduction):
+    trl_loss = _trl_generalized_jsd_loss()
+    if trl_loss is None:
+        pytest.skip("trl is not installed here (not a fastkd dependency): fastkd.functional.generalized_jsd_loss "
+                    "is checked against TRL's GKDTrainer.generalized_jsd_loss only where trl imports")
+    s, t, labels = _logits(3)
+    for beta in (0.0, 0.5, 0.9, 1.0):
+        for lab in (None, labels):
+            ref = trl_loss(s, t, labels=lab, beta=beta, temperature=1.5, reduction=reduction)
+            out = F.generalized_jsd_loss(s, t, lab, beta=beta, temperature=1.5, reduction=reduction)
+            assert_close(out, ref, msg=f"beta={beta}")
+            up = torch.ones_like(ref)
+            assert_close(torch.autograd.grad(out, s, up)[0], torch.autograd.grad(ref, s, up)[0])
+
+
+def test_generalized_jsd_loss_bfloat16_within_the_reference_error():
+    s, t, labels = _logits(4, (3, 8, 200), torch.bfloat16)
+    exact_s = s.detach().double().requires_grad_()
+    exact = R.generalized_jsd_loss(exact_s, t.double(), labels, 0.5, 2.0)
+    ref = R.generalized_jsd_loss(s, t, labels, 0.5, 2.0)
+    out = F.generalized_jsd_loss(s, t, labels, beta=0.5, temperature=2.0)
+    assert out.dtype == torch.bfloat16
+    assert_within_reference_error(out, ref, exact, msg="loss")
+    grads = [torch.autograd.grad(x, w)[0] for x, w in ((out, s), (ref, s), (exact, exact_s))]
+    assert_within_reference_error(*grads, msg="grad")
+
+
+# --- refused arguments --------------------------------------------------------------------
+
+@pytest.mark.parametrize("options,message", [
+    (dict(divergence="js"), "divergence must be one of"),
+    (dict(divergence="jsd", beta=1.5), "beta must be in \\[0, 1\\]"),
+    (dict(divergence="skew_kl", alpha=-0.1), "alpha must be in \\[0, 1\\]"),
+    (dict(divergence="tvd", topk_rest="drop"), "topk_rest must be one of"),
+])
+def test_bad_arguments_are_refused_naming_them(options, message):
+    args, kw = make_problem(4, 3, 6, "logits")
+    with pytest.raises(ValueError, match=message):
+        F.fused_linear_distillation(*args, **kw, **options)
+    divergence = options.pop("divergence")
+    with pytest.raises(ValueError, match=message):
+        fastkd.FusedLinearDistillation(divergence, **options)
+
+
+def test_teacher_errors_name_the_arguments():
+    args, kw = make_problem(4, 3, 6, "topk", k=2)
+    h, W, _, _, labels = args
+    with pytest.raises(ValueError, match="topk_rest='bucket'"):
+        F.fused_linear_distillation(*args, **kw, divergence="reverse_kl")
+    with pytest.raises(ValueError, match="jsd at beta=1"):
+        F.fused_linear_distillation(*args, **kw, divergence="jsd", beta=1.0)
+    bad = dict(kw, teacher_topk_indices=kw["teacher_topk_indices"] + 6)
+    with pytest.raises(ValueError, match="teacher_topk_indices"):
+        F.fused_linear_distillation(*args, **bad, divergence="tvd")
+    with pytest.raises(ValueError, match="exactly one way"):
+        F.fused_linear_distillation(h, W, labels=labels, divergence="tvd")
+    with pytest.raises(ValueError, match="exactly one way"):
+        F.fused_linear_distillation(*args, **kw, teacher_logits=torch.randn(4, 6, dtype=torch.float64),
+                                    divergence="tvd")
+    s, t, _ = _logits()
+    with pytest.raises(ValueError, match="beta"):
+        F.generalized_jsd_loss(s, t, beta=-0.5)
