@@ -261,9 +261,18 @@ _FUSED_LINEAR_TENSORS = 10  # the arguments before T
 _STUDENT = (0, 1, 5)  # student_hidden, student_weight, student_bias: the arguments with a gradient
 
 _ROWS = {"torch": torch_fused_linear.linear_kl_rows}
+# The rows of FusedLinearDistillation's divergences on a dense teacher, by backend.
+_DIVERGENCE_ROWS = {"torch": torch_fused_linear.linear_kl_rows}
 if backend.autograd is not None:
     from .kernels import fused_linear as _kernels_fused_linear
     _ROWS["triton"] = _kernels_fused_linear.linear_kl_rows
+    _DIVERGENCE_ROWS["triton"] = _kernels_fused_linear.linear_divergence_rows
+
+# FusedLinearDistillation's operator, fastkd::fused_linear_distillation: FusedLinearSoftTarget's
+# with the divergence's arguments before needs (its backward likewise), the same kernels over
+# the backend's rows for that divergence (chunked_linear.DivergenceRows).
+FUSED_LINEAR_DISTILLATION = "fused_linear_distillation"
+_DIVERGENCE_ARGUMENTS = ("str divergence", "float beta", "float alpha", "str topk_rest")
 
 
 def _call_fused_linear(*args):
@@ -272,6 +281,25 @@ def _call_fused_linear(*args):
     grad = torch.is_grad_enabled()
     needs = [grad and tensors[i] is not None and tensors[i].requires_grad for i in _STUDENT]
     return _OPERATORS[FUSED_LINEAR](*tensors, T, reduction, ignore_index, hard_weight, chunk_size or 0, needs)[0]
+
+
+def call_fused_linear_distillation(spec, *args):
+    """fused_linear_distillation(spec, FusedLinearSoftTarget's reference arguments) through its
+    operator; spec a chunked_linear.Divergence."""
+    *tensors, T, reduction, ignore_index, hard_weight, chunk_size = args
+    grad = torch.is_grad_enabled()
+    needs = [grad and tensors[i] is not None and tensors[i].requires_grad for i in _STUDENT]
+    return _OPERATORS[FUSED_LINEAR_DISTILLATION](*tensors, T, reduction, ignore_index, hard_weight,
+                                                 chunk_size or 0, *spec, needs)[0]
+
+
+def _rows(device_type, divergence):
+    """The rows function of the kernel's backend: FusedLinearSoftTarget's, or with divergence
+    (the operator's divergence arguments, a chunked_linear.Divergence's fields) theirs."""
+    name = KERNEL_BACKENDS[device_type]
+    if not divergence:
+        return _ROWS[name]
+    return chunked_linear.DivergenceRows(chunked_linear.divergence(*divergence), _DIVERGENCE_ROWS[name], _ROWS[name])
 
 
 def _prepared(args):
@@ -295,10 +323,17 @@ def _gradients_out(args, grads, needs):
     return out
 
 
-def _fused_linear_kernel(device_type):
+def _split_divergence(args, extra):
+    """(FusedLinearSoftTarget's arguments, the divergence's, needs) of an operator's arguments
+    with extra divergence arguments."""
+    *args, needs = args
+    return args[:len(args) - extra], args[len(args) - extra:], needs
+
+
+def _fused_linear_kernel(device_type, extra=0):
     def kernel(*args):
-        *args, needs = args
-        rows = _ROWS[KERNEL_BACKENDS[device_type]]
+        args, divergence, needs = _split_divergence(args, extra)
+        rows = _rows(device_type, divergence)
         with on_device_of(args):
             h, W, b, teacher, labels, kept, out_dtype, lead, T, reduction, hard_weight, chunk = _prepared(args)
             per_row, grads = chunked_linear.losses_and_gradients(h, W, b, rows, teacher, labels, kept, T,
@@ -308,10 +343,10 @@ def _fused_linear_kernel(device_type):
     return kernel
 
 
-def _fused_linear_backward_kernel(device_type):
+def _fused_linear_backward_kernel(device_type, extra=0):
     def kernel(grad, *args):
-        *args, needs = args
-        rows = _ROWS[KERNEL_BACKENDS[device_type]]
+        args, divergence, needs = _split_divergence(args, extra)
+        rows = _rows(device_type, divergence)
         with on_device_of(args):
             h, W, b, teacher, labels, kept, _, _, T, _, hard_weight, chunk = _prepared(args)
             grads = chunked_linear.weighted_gradients(h, W, b, rows, teacher, labels, kept, T, hard_weight, chunk,
@@ -320,22 +355,27 @@ def _fused_linear_backward_kernel(device_type):
     return kernel
 
 
-def _register_fused_linear():
+def _register_fused_linear(op=FUSED_LINEAR, divergence=()):
+    """op's forward and backward operators; divergence: the schema of its arguments beyond
+    FusedLinearSoftTarget's, before needs."""
+    extra = len(divergence)
+    arguments = _FUSED_LINEAR_ARGUMENTS.replace(", bool[] needs", "".join(f", {a}" for a in divergence)
+                                                + ", bool[] needs")
     forward = torch.library.custom_op(
-        f"fastkd::{FUSED_LINEAR}", _fused_linear_kernel("cpu"), mutates_args=(), device_types="cpu",
-        schema=f"({_FUSED_LINEAR_ARGUMENTS}) -> (Tensor, Tensor, Tensor, Tensor)")
-    forward.register_kernel("cuda", _fused_linear_kernel("cuda"))
+        f"fastkd::{op}", _fused_linear_kernel("cpu", extra), mutates_args=(), device_types="cpu",
+        schema=f"({arguments}) -> (Tensor, Tensor, Tensor, Tensor)")
+    forward.register_kernel("cuda", _fused_linear_kernel("cuda", extra))
     backward_op = torch.library.custom_op(
-        f"fastkd::{FUSED_LINEAR}_backward", _fused_linear_backward_kernel("cpu"), mutates_args=(),
-        device_types="cpu", schema=f"(Tensor grad, {_FUSED_LINEAR_ARGUMENTS}) -> (Tensor, Tensor, Tensor)")
-    backward_op.register_kernel("cuda", _fused_linear_backward_kernel("cuda"))
+        f"fastkd::{op}_backward", _fused_linear_backward_kernel("cpu", extra), mutates_args=(),
+        device_types="cpu", schema=f"(Tensor grad, {arguments}) -> (Tensor, Tensor, Tensor)")
+    backward_op.register_kernel("cuda", _fused_linear_backward_kernel("cuda", extra))
 
     def fake_gradients(args, needs):
         return [args[i].new_empty(args[i].shape) if need else args[0].new_empty(0) for i, need in zip(_STUDENT, needs)]
 
     @forward.register_fake
     def _(*args):
-        *args, needs = args
+        args, _, needs = _split_divergence(args, extra)
         # The loss's dtype and leading dims (the chunk size, which would guard on the tokens, not).
         *tensors, _, reduction, ignore_index, hard_weight, _ = args
         *_, out_dtype, lead = chunked_linear.prepare(*tensors, ignore_index, hard_weight)
@@ -344,7 +384,7 @@ def _register_fused_linear():
 
     @backward_op.register_fake
     def _(grad, *args):
-        *args, needs = args
+        args, _, needs = _split_divergence(args, extra)
         return tuple(fake_gradients(args, needs))
 
     def setup_context(ctx, inputs, output):
@@ -356,7 +396,7 @@ def _register_fused_linear():
 
     def backward(ctx, grad, *_):
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            raise second_order_error(FUSED_LINEAR)
+            raise second_order_error(op)
         rest, needs = ctx.rest
         saved = ctx.saved_tensors
         tensors, gradients = saved[:_FUSED_LINEAR_TENSORS], saved[_FUSED_LINEAR_TENSORS:]
@@ -373,7 +413,8 @@ def _register_fused_linear():
         return tuple(grads)
 
     forward.register_autograd(backward, setup_context=setup_context)
-    _OPERATORS[FUSED_LINEAR] = forward
+    _OPERATORS[op] = forward
 
 
 _register_fused_linear()
+_register_fused_linear(FUSED_LINEAR_DISTILLATION, _DIVERGENCE_ARGUMENTS)

@@ -761,9 +761,10 @@ def fused_linear_distillation(student_hidden, student_weight, teacher_hidden=Non
     one bucket for the rest: topk_rest="renormalise" gives the teacher's bucket 0 (its top-k
     renormalised; infinite for reverse_kl, which is refused), "bucket" gives it the
     teacher's own rest mass 1 - sum exp(logp) (fastkd/reference/divergences.py has the
-    math). divergence="kl" runs fused_linear_soft_target itself (its custom operator under
-    torch.compile); the other divergences run the same chunk loop (O(chunk_size x V) memory,
-    hand-written backward) behind a graph break under torch.compile.
+    math). divergence="kl" runs fused_linear_soft_target itself; the others the same chunk
+    loop (O(chunk_size x V) memory, hand-written backward), compiled (torch.compile,
+    torch.export) as one custom operator node, fastkd::fused_linear_distillation
+    (fastkd.device_ops), on CPU and CUDA.
     """
     topk = teacher_topk_indices is not None or teacher_topk_logprobs is not None
     spec = _divergence(divergence, beta, alpha, topk_rest, topk)
@@ -778,12 +779,25 @@ def fused_linear_distillation(student_hidden, student_weight, teacher_hidden=Non
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
         teacher_logits, teacher_topk_indices, teacher_topk_logprobs, T, reduction, ignore_index, hard_weight,
         chunk_size)
-    impl = _distillation_implementation(student_hidden.device)
-    with torch.autocast(student_hidden.device.type, enabled=False) if student_hidden.device.type in (
-            "cpu", "cuda") else contextlib.nullcontext():
-        return impl(spec, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-                    teacher_bias, teacher_logits, teacher_topk_indices, teacher_topk_logprobs, T, reduction,
-                    ignore_index, hard_weight, chunk_size)
+    device = student_hidden.device
+    requested = current_backend()
+    if requested == "auto" and device_ops.routes(device_ops.FUSED_LINEAR, device,
+                                                 resolve("fused_linear_soft_target", device, requested)):
+        # Compiled (or in autocast): one node, the operator, its kernel picked by the device.
+        impl = device_ops.call_fused_linear_distillation
+    else:
+        impl = _distillation_implementation(device)
+    autocast = device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type)
+    # The head's products were cast above, as F.linear would; inside, the loss's own precision.
+    args = (student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
+            teacher_logits, teacher_topk_indices, teacher_topk_logprobs, T, reduction, ignore_index, hard_weight,
+            chunk_size)
+    if not autocast:
+        return impl(spec, *args)
+    with torch.autocast(device.type, enabled=False):
+        out = impl(spec, *args)
+    # The dtype the reference gives under autocast, as FusedLinearSoftTarget's.
+    return out.to(_reference_dtype_under_autocast("fused_linear_soft_target", args, device.type))
 
 
 def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0,

@@ -11,7 +11,7 @@ from fastkd import backend
 from fastkd import functional as F
 from fastkd.reference import divergences as R
 from helpers import assert_close, assert_within_reference_error
-from test_fused_linear import make_problem, student_grads
+from test_fused_linear import _LargestTensor, make_problem, student_grads
 
 FAST = [b for b in ("torch", "triton") if b in backend.IMPLEMENTATIONS["fused_linear_soft_target"]]
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -77,6 +77,19 @@ def test_generalized_jsd_loss_triton_matches_the_reference():
             out = F.generalized_jsd_loss(s, t, labels, beta=beta, temperature=2.0)
         assert_close(out, ref)
         assert_close(torch.autograd.grad(out, s)[0], torch.autograd.grad(ref, s)[0])
+
+
+@pytest.mark.parametrize("divergence,teacher,rest", [("jsd", "dense", "renormalise"),
+                                                     ("skew_reverse_kl", "topk", "bucket")])
+def test_torch_path_never_holds_the_logits(divergence, teacher, rest):
+    n, h, v, chunk = 48, 6, 300, 4
+    args, kw = make_problem(n, h, v, teacher, dtype=torch.float32, k=5)
+    with fastkd.use_backend("torch"), _LargestTensor() as seen:
+        loss = F.fused_linear_distillation(*args, **kw, divergence=divergence, topk_rest=rest, hard_weight=0.5,
+                                           chunk_size=chunk)
+        student_grads(loss, args, kw)
+    inputs = max(x.numel() for x in (*args, *kw.values()) if isinstance(x, torch.Tensor))
+    assert seen.most <= max(inputs, chunk * v) < n * v
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])
@@ -244,3 +257,49 @@ def test_teacher_errors_name_the_arguments():
     s, t, _ = _logits()
     with pytest.raises(ValueError, match="beta"):
         F.generalized_jsd_loss(s, t, beta=-0.5)
+
+
+# --- torch.compile and torch.export: one operator node -------------------------------------
+
+@pytest.mark.parametrize("divergence,teacher,rest,reduction", [("jsd", "dense", "renormalise", "none"),
+                                                               ("tvd", "topk", "bucket", "batchmean")])
+def test_fullgraph_compile_through_the_operator(divergence, teacher, rest, reduction):
+    """Compiled, the auto backend calls fastkd::fused_linear_distillation (fastkd.device_ops):
+    no graph break, the eager loss and gradients (reduction "none" through its backward
+    operator)."""
+    torch._dynamo.reset()
+    options = dict(OPTIONS, divergence=divergence, topk_rest=rest, reduction=reduction, chunk_size=4)
+
+    def f(args, kw):
+        return F.fused_linear_distillation(*args, **kw, **options)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    args, kw = make_problem(7, 4, 9, teacher, dtype=torch.float32, k=3)
+    expected = f(args, kw)
+    expected_grads = student_grads(expected, args, kw)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = compiled(args, kw)
+    assert "fastkd::fused_linear_distillation" in {e.name for e in prof.events()}
+    assert_close(got, expected)
+    for a, b in zip(student_grads(got, args, kw), expected_grads):
+        assert_close(a, b)
+
+
+def test_export_through_the_operator():
+    args, kw = make_problem(6, 4, 9, "dense", dtype=torch.float32)
+
+    class Loss(torch.nn.Module):
+        def forward(self, h, W, h_t, W_t, labels):
+            return F.fused_linear_distillation(h, W, h_t, W_t, labels, divergence="skew_kl", T=2.0, hard_weight=0.5)
+    exported = torch.export.export(Loss(), tuple(args))
+    assert "fastkd.fused_linear_distillation" in str(exported.graph)
+    assert_close(exported.module()(*args), Loss()(*args))
+
+
+def test_autocast_cpu_bfloat16_takes_the_reference_dtype():
+    args, kw = make_problem(6, 4, 9, "dense", dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = F.fused_linear_distillation(*args, **kw, divergence="jsd", T=2.0, hard_weight=0.5)
+        with fastkd.use_backend("reference"):
+            ref = F.fused_linear_distillation(*args, **kw, divergence="jsd", T=2.0, hard_weight=0.5)
+    assert out.dtype == ref.dtype == torch.float32
+    assert_close(out, ref, dtype=torch.bfloat16)
