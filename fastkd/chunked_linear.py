@@ -220,11 +220,10 @@ def divergence(name, beta=0.5, alpha=0.1, topk_rest="renormalise"):
 
 
 def divergence_terms(log_p, log_q, spec, grad):
-    """(D (R,), dD/dx (R, C), g, S (R, 1); the last three None without grad) over the last dim of log-probabilities log_p (teacher)
+    """(D (R,), dD/dx (R, C) or None) over the last dim of log-probabilities log_p (teacher)
     and log_q (student), x the student's logits at T (log_q = log_softmax(x)), in their
     dtype. Per element, term t_c (D = sum_c t_c, each term >= 0 except tvd's |p - q| / 2)
-    and g_c = dD/dq_c less a constant; then dD/dx_c = q_c (g_c - S), S = sum_j q_j g_j
-    (0 where q_c = 0):
+    and g_c = dD/dq_c less a constant; then dD/dx_c = q_c g_c - q_c S, S = sum_j q_j g_j:
 
         kl               t = p (log p - log q)            g = -p / q
         reverse_kl       t = q (log q - log p)            g = log q - log p
@@ -236,48 +235,51 @@ def divergence_terms(log_p, log_q, spec, grad):
                                                           g = log q - log m - alpha q / m
         tvd              t = |p - q| / 2                  g = sign(q - p) / 2
 
-    A term whose weight (p or q) is 0 adds 0; D is clamped at 0 (the exact D is >= 0)."""
+    q_c g_c is formed without g where g is singular (kl's is -p, exact where q underflows);
+    a term whose weight (p or q) is 0 adds 0; D is clamped at 0 (the exact D is >= 0)."""
     name = spec.name
     p, q = log_p.exp(), log_q.exp()
 
     def weighted(w, log_w, log_m):  # w (log w - log m), 0 where w = 0
         return torch.where(w > 0, w * (log_w - log_m), 0.0)
 
-    def ratio(log_a, log_m, a):  # a / m, 0 where a = 0
-        return torch.where(a > 0, (log_a - log_m).exp(), 0.0)
-
     def mix(log_a, log_b, w):  # log(w a + (1 - w) b)
         if w == 1:
             return log_a
         return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
+    qg = None
     if name == "kl":
         terms = weighted(p, log_p, log_q)
-        g = -ratio(log_p, log_q, p) if grad else None
+        if grad:
+            qg = -p
     elif name == "reverse_kl":
         terms = weighted(q, log_q, log_p)
-        g = log_q - log_p if grad else None
+        if grad:
+            qg = terms
     elif name == "jsd":
         log_m = mix(log_p, log_q, spec.beta)
-        terms = spec.beta * weighted(p, log_p, log_m) + (1 - spec.beta) * weighted(q, log_q, log_m)
-        g = (1 - spec.beta) * (log_q - log_m) if grad else None
+        q_part = weighted(q, log_q, log_m)
+        terms = spec.beta * weighted(p, log_p, log_m) + (1 - spec.beta) * q_part
+        if grad:
+            qg = (1 - spec.beta) * q_part
     elif name == "skew_kl":
         log_m = mix(log_p, log_q, spec.alpha)
         terms = weighted(p, log_p, log_m)
-        g = -(1 - spec.alpha) * ratio(log_p, log_m, p) if grad else None
+        if grad:
+            qg = -(1 - spec.alpha) * torch.where(p > 0, (log_q + log_p - log_m).exp(), 0.0)
     elif name == "skew_reverse_kl":
         log_m = mix(log_q, log_p, spec.alpha)
         terms = weighted(q, log_q, log_m)
-        g = (log_q - log_m) - spec.alpha * ratio(log_q, log_m, q) if grad else None
+        if grad:
+            qg = terms - spec.alpha * torch.where(q > 0, (2 * log_q - log_m).exp(), 0.0)
     else:  # tvd
         terms = 0.5 * (p - q).abs()
-        g = 0.5 * torch.sign(q - p) if grad else None
+        if grad:
+            qg = 0.5 * q * torch.sign(q - p)
     d = terms.sum(-1).clamp(min=0)
     if not grad:
-        return d, None, None, None
-    live = q > 0
-    qg = torch.where(live, q * g, 0.0)
-    s = qg.sum(-1, keepdim=True)
-    return d, qg.sub_(torch.where(live, q * s, 0.0)), g, s
+        return d, None
+    return d, qg.sub_(q * qg.sum(-1, keepdim=True))
 
 
 class DivergenceRows:
@@ -294,14 +296,12 @@ class DivergenceRows:
         return self.dense(z, t, labels, w_kl, w_ce, T, hard_weight, grad, self.spec)
 
 
-def topk_log_probs(logp, log_q_k, spec, T):
+def topk_log_probs(logp, log_q_k, log_q_rest, spec, T):
     """(log p, log q) (R, k + 1) on a top-k teacher's k classes and the bucket of the rest
-    (fastkd/reference/divergences.py): log_q_k (R, k) the student's log-probabilities at T
-    at the k classes; logp (R, k) the teacher's at temperature 1."""
-    mass_q = log_q_k.exp().sum(1, keepdim=True)
-    # The student's rest, 1 - its top-k mass (at the accumulation dtype's precision).
-    log_q_rest = torch.where(mass_q < 1, torch.log1p(-mass_q.clamp(max=1)), float("-inf"))
-    log_q = torch.cat([log_q_k, log_q_rest], dim=1)
+    (fastkd/reference/divergences.py): log_q_k (R, k) and log_q_rest (R,) the student's
+    log-probabilities at T at the k classes and of the rest; logp (R, k) the teacher's at
+    temperature 1."""
+    log_q = torch.cat([log_q_k, log_q_rest[:, None]], dim=1)
     if spec.topk_rest == "renormalise":
         log_p = torch.log_softmax(logp / T, dim=1)
         return torch.cat([log_p, torch.full_like(log_p[:, :1], float("-inf"))], dim=1), log_q
@@ -312,26 +312,36 @@ def topk_log_probs(logp, log_q_k, spec, T):
 
 def _topk_divergence(z, idx, logp, labels, w_k, w_c, T, hard_weight, grad, rows):
     """(D_row, CE_row) of a chunk of student logits z (R, V) against a top-k teacher (idx,
-    logp (R, k)), the divergence over the k + 1 outcomes; with grad, dz over z. The rows
-    kernel runs without a teacher: once for the student's log-normaliser, and with grad once
-    more with the weight w_k (g_rest - S) per row, which makes dz = w_k T q_c (g_rest - S) +
-    the hard term's on every class, right for the rest; the k classes then get w_k T q_j
-    (g_j - g_rest) added, making theirs w_k T q_j (g_j - S) = w_k T dD/dx_j."""
+    logp (R, k)), the divergence over the k + 1 outcomes (dD/dx_o over them); with grad, dz
+    over z: at the k classes w_k T dD/dx_j, at each other class c its share of the bucket's,
+    w_k T (q_c / q_rest) dD/dx_rest (a softmax over the rest: exact however small q_rest
+    is), plus the hard term's gradient, which the backend's rows kernel writes (run without
+    a teacher, once for the student's statistics, once more for that gradient)."""
     acc = w_k.dtype
     z_idx = z.gather(1, idx).to(acc)  # before rows() writes dz over z
+    # The student's rest exactly, a logsumexp over the other classes (1 - its top-k mass
+    # would lose every digit when the top-k hold almost all of it; a KL against the teacher's
+    # bucket would be infinite): one more chunk-sized buffer, which becomes the gradient.
+    rest = z.scatter(1, idx, float("-inf")).to(acc).div_(T)  # a new tensor, whatever the dtypes
+    log_rest = torch.logsumexp(rest, dim=1)
     shift_s, log_z_s, _, ce = rows.plain(z, None, labels, w_k, w_c, T, hard_weight, False)
     log_q_k = (z_idx / T - shift_s[:, None]) - log_z_s[:, None]
-    log_p, log_q = topk_log_probs(logp.to(acc), log_q_k, rows.spec, T)
+    log_q_rest = (log_rest - shift_s) - log_z_s
+    log_p, log_q = topk_log_probs(logp.to(acc), log_q_k, log_q_rest, rows.spec, T)
+    d, dx = divergence_terms(log_p, log_q, rows.spec, grad)
     if not grad:
-        return divergence_terms(log_p, log_q, rows.spec, False)[0], ce
-    d, _, g, s = divergence_terms(log_p, log_q, rows.spec, True)
-    q = log_q.exp()
-    g_rest = g[:, -1:]
-    a = torch.where(q[:, -1:] > 0, g_rest - s, 0.0)[:, 0]
-    rows.plain(z, None, labels, w_k * a, w_c, T, hard_weight, True)
-    q_k = q[:, :-1]
-    correction = torch.where(q_k > 0, q_k * (g[:, :-1] - g_rest), 0.0) * (w_k * T)[:, None]
-    z.scatter_add_(1, idx, correction.to(z.dtype))
+        return d, ce
+    w = w_k * T
+    # exp(x_c - log_rest) = q_c / q_rest: 0 at the k classes (-inf there), and where every
+    # class is in the top-k (log_rest = -inf).
+    share = rest.sub_(torch.where(log_rest == float("-inf"), 0.0, log_rest)[:, None]).exp_()
+    dz = share.mul_((w * dx[:, -1])[:, None]).scatter_(1, idx, w[:, None] * dx[:, :-1])
+    dz.masked_fill_((w_k == 0)[:, None], 0.0)  # ignored rows: 0, whatever their logits
+    if labels is not None:
+        rows.plain(z, None, labels, torch.zeros_like(w_k), w_c, T, hard_weight, True)  # the hard term's dz
+        z.add_(dz.to(z.dtype))
+    else:
+        z.copy_(dz)
     return d, ce
 
 

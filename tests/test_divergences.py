@@ -305,3 +305,29 @@ def test_autocast_cpu_bfloat16_takes_the_reference_dtype():
             ref = F.fused_linear_distillation(*args, **kw, divergence="jsd", T=2.0, hard_weight=0.5)
     assert out.dtype == ref.dtype == torch.float32
     assert_close(out, ref, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("fast", FAST)
+def test_a_confident_student_keeps_its_tiny_rest_mass(fast):
+    """The student puts all but about 1e-12 of its mass on the teacher's top-k: float32 1 - sum
+    q_j would give 0 and an infinite KL against the teacher's bucket; the exact rest keeps
+    the loss and gradients at the float64 reference's."""
+    args, kw = make_problem(4, 3, 9, "topk", dtype=torch.float32, k=3, bias=False, ignore=0.0)
+    h, W = args[0], args[1]
+    W.data.zero_()
+    b = torch.full((9,), -30.0)
+    b[kw["teacher_topk_indices"][0]] = 0.0
+    kw = dict(kw, student_bias=b.requires_grad_())
+    args = (h, W, *args[2:])
+    kw["teacher_topk_indices"] = kw["teacher_topk_indices"][:1].expand(4, 3).contiguous()
+    exact_args = [a.detach().double().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                  else a for a in args]
+    exact_kw = {n: (a.detach().double().requires_grad_(a.requires_grad)
+                    if isinstance(a, torch.Tensor) and a.is_floating_point() else a) for n, a in kw.items()}
+    options = dict(divergence="kl", topk_rest="bucket", T=1.0)
+    ref, ref_grads = run("reference", exact_args, exact_kw, **options)
+    out, grads = run(fast, args, kw, **options)
+    assert torch.isfinite(ref) and torch.isfinite(out)
+    assert_close(out, ref, dtype=torch.float32)
+    for a, e in zip(grads, ref_grads):
+        assert_close(a, e, dtype=torch.float32)

@@ -169,34 +169,35 @@ def _log_mix(la, lb):
 
 @triton.jit
 def _divergence_terms(lp, lq, log_w, log_1mw, w, DIV: tl.constexpr):
-    """(t, g) per element of the teacher's and student's log-probabilities lp, lq: the term
-    of D (D = sum t) and dD/dq less a constant (chunked_linear.divergence_terms' table);
-    w the mixing coefficient (beta for jsd, alpha for the skew divergences), log_w and
-    log_1mw its log and log(1 - w)."""
+    """(t, q g) per element of the teacher's and student's log-probabilities lp, lq: the
+    term of D (D = sum t) and q times dD/dq (less a constant), formed without g where g is
+    singular (chunked_linear.divergence_terms' table); w the mixing coefficient (beta for
+    jsd, alpha for the skew divergences), log_w and log_1mw its log and log(1 - w)."""
     p = tl.exp(lp)
     q = tl.exp(lq)
     if DIV == 0:
         t = tl.where(p > 0, p * (lp - lq), 0.0)
-        g = -tl.where(p > 0, tl.exp(lp - lq), 0.0)
+        qg = -p
     elif DIV == 1:
         t = tl.where(q > 0, q * (lq - lp), 0.0)
-        g = lq - lp
+        qg = t
     elif DIV == 2:
         lm = _log_mix(lp + log_w, lq + log_1mw)
-        t = w * tl.where(p > 0, p * (lp - lm), 0.0) + (1.0 - w) * tl.where(q > 0, q * (lq - lm), 0.0)
-        g = (1.0 - w) * (lq - lm)
+        q_part = tl.where(q > 0, q * (lq - lm), 0.0)
+        t = w * tl.where(p > 0, p * (lp - lm), 0.0) + (1.0 - w) * q_part
+        qg = (1.0 - w) * q_part
     elif DIV == 3:
         lm = _log_mix(lp + log_w, lq + log_1mw)
         t = tl.where(p > 0, p * (lp - lm), 0.0)
-        g = -(1.0 - w) * tl.where(p > 0, tl.exp(lp - lm), 0.0)
+        qg = -(1.0 - w) * tl.where(p > 0, tl.exp(lq + lp - lm), 0.0)
     elif DIV == 4:
         lm = _log_mix(lq + log_w, lp + log_1mw)
         t = tl.where(q > 0, q * (lq - lm), 0.0)
-        g = (lq - lm) - w * tl.where(q > 0, tl.exp(lq - lm), 0.0)
+        qg = t - w * tl.where(q > 0, tl.exp(2.0 * lq - lm), 0.0)
     else:
         t = 0.5 * tl.abs(p - q)
-        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
-    return t, g
+        qg = q * tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+    return t, qg
 
 
 @triton.jit
@@ -208,7 +209,7 @@ def _linear_divergence_rows_kernel(
     """stats (4, R) as _linear_kl_rows_kernel's, D_row in KL_row's place, for a dense teacher
     t: three passes over the row's classes, the student's and teacher's (and with HARD the
     temperature-1) log-normalisers online, then D_row and S = sum q g, then (GRAD) dz =
-    w_kl T q (g - S) + w_ce hard_weight (softmax(z) - onehot(label)) written over z."""
+    w_kl T (q g - q S) + w_ce hard_weight (softmax(z) - onehot(label)) written over z."""
     acc_t = stats_ptr.dtype.element_ty
     T = to_acc(T, acc_t)
     inv_T = 1.0 / T
@@ -250,11 +251,10 @@ def _linear_divergence_rows_kernel(
         xt = tl.load(t_row[:, None] + cols[None, :], mask=mask, other=neg_inf).to(acc_t) * inv_T
         lq = (zs * inv_T - c_s[:, None]) - log_z_s[:, None]
         lp = (xt - c_t[:, None]) - log_z_t[:, None]
-        term, g = _divergence_terms(lp, lq, lw, l1w, w, DIV)
+        term, qg = _divergence_terms(lp, lq, lw, l1w, w, DIV)
         d += tl.sum(tl.where(mask, term, 0.0), axis=1)
         if GRAD:
-            q = tl.exp(lq)
-            s += tl.sum(tl.where(mask & (q > 0), q * g, 0.0), axis=1)
+            s += tl.sum(tl.where(mask, qg, 0.0), axis=1)
     out = stats_ptr + rows
     tl.store(out, c_s, mask=row_ok)
     out += R
@@ -280,9 +280,8 @@ def _linear_divergence_rows_kernel(
             xt = tl.load(t_row[:, None] + cols[None, :], mask=mask, other=neg_inf).to(acc_t) * inv_T
             lq = (zs * inv_T - c_s[:, None]) - log_z_s[:, None]
             lp = (xt - c_t[:, None]) - log_z_t[:, None]
-            term, g = _divergence_terms(lp, lq, lw, l1w, w, DIV)
-            q = tl.exp(lq)
-            dz = w_kl[:, None] * tl.where(q > 0, q * (g - s[:, None]), 0.0)
+            term, qg = _divergence_terms(lp, lq, lw, l1w, w, DIV)
+            dz = w_kl[:, None] * (qg - tl.exp(lq) * s[:, None])
             if HARD:
                 p_1 = tl.exp((zs - c_1[:, None]) - log_z_1[:, None])
                 dz += w_ce[:, None] * (p_1 - tl.where(cols[None, :] == label[:, None], 1.0, 0.0))

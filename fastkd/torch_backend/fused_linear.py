@@ -22,7 +22,7 @@ def linear_kl_rows(z, t, labels, w_kl, w_ce, T, hard_weight, grad, spec=None):
     kl = torch.zeros_like(log_z_s)
     if t is not None and spec is not None:
         log_p = torch.log_softmax(t.to(acc, copy=True).div_(T), dim=1)
-        kl, dx, _, _ = chunked_linear.divergence_terms(log_p, log_q, spec, grad)
+        kl, dx = chunked_linear.divergence_terms(log_p, log_q, spec, grad)
         del log_p
     elif t is not None:
         p = torch.log_softmax(t.to(acc, copy=True).div_(T), dim=1)  # log p, then p below
