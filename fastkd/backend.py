@@ -138,8 +138,9 @@ SHARDED = {
 # where the Triton path needs two of its own, each dearer to launch (python -m fastkd.bench
 # --host): below 2^24 elements (16.8M, between the sizes where each lost and won) the call's
 # fixed cost is all there is. IRG's vertex term is such an mse. FSP's Triton kernels lost at
-# every size of that sweep (0.38x-0.78x eager: their Gram products reach no tensor core,
-# where the torch path's bmm does), so FSP runs the torch path on CUDA at every size.
+# every size of that sweep (0.38x-0.78x eager: their Gram products ran on FMAs then), so FSP
+# runs the torch path on CUDA at every size. They now run on the tensor cores (tf32x3,
+# docs/numerics.md); the choice stands until a GPU sweep measures them again.
 CUDA_TORCH_BELOW = {"logits": 2 ** 24, "hint": 2 ** 24, "irg_vertex": 2 ** 24, "fsp": 2 ** 62}
 
 # The innermost use_backend() block's choice. A plain module global, read at every call:

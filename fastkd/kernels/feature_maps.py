@@ -14,9 +14,11 @@ AT   A = sum_c |f|^p per (b, hw): one pass over each map (``at_maps``), then a s
 NST  and FSP start from batched Gram products S = X Y^T (``gram``); their backward is a
      batched product out = M X (``matrix_times_maps``): a (C x C) matrix times the maps
      for FSP and NST's (C x C) form, while NST's (HW x HW) form passes the normalised
-     maps z (B, C, HW) as M and P (B, HW, HW) as X, for u = z P. tl.dot takes bf16/fp16
-     operands of one dtype as they are (tensor cores, fp32 accumulation: the products
-     are exact), anything else in the accumulation dtype (IEEE fp32, or fp64).
+     maps z (B, C, HW) as M and P (B, HW, HW) as X, for u = z P. The products run on the
+     tensor cores in every dtype: bf16/fp16 operands of one dtype go to tl.dot as they are
+     (exact products, fp32 sums), fp64 ones as fp64 products (DMMA), and fp32 ones through
+     the tf32x3 split of ``_dot_f32`` (a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi, each part a
+     tf32 value; error <= 3 * 2^-22 |a b| per product, docs/numerics.md).
 """
 import os
 
@@ -193,11 +195,66 @@ def at_grad_features(fm, ga, p):
 # --- batched Gram products (NST, FSP) ---------------------------------------------------
 
 @triton.jit
+def _tf32(x):
+    """x (fp32) rounded to tf32 (11 significant bits), half away from zero as the GPU's
+    cvt.rna.tf32.f32: half a tf32 ulp added to the magnitude's bits, the 13 low bits cleared.
+    Infinities and NaN are kept as they are (their bits would carry into the sign)."""
+    bits = x.to(tl.int32, bitcast=True)
+    r = ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return tl.where((bits & 0x7F800000) == 0x7F800000, x, r)
+
+
+@triton.jit
+def _split(x, EXACT: tl.constexpr):
+    """(hi, lo), both tf32 values: hi = tf32(x), lo = tf32(x - hi) (x - hi is exact), so that
+    |x - hi - lo| <= 2^-22 |x|. EXACT (x converted from bf16/fp16, already a tf32 value): lo
+    is not used."""
+    if EXACT:
+        return x, x
+    else:
+        hi = _tf32(x)
+        return hi, _tf32(x - hi)
+
+
+@triton.jit
+def _dot_f32(a, b, acc, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr):
+    """acc + a b for fp32 tiles a (M, K), b (K, N), acc (M, N), on tensor cores at about fp32
+    accuracy: the tf32x3 split a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi (_split), each term a
+    tf32 product, which the tensor cores form exactly and sum in fp32. The dropped terms
+    (a_lo b_lo and the rounding of the lo parts) are <= 3 * 2^-22 |a| |b| per product, about
+    the 2^-24 of one IEEE fp32 product and well below its rounding in a sum of K of them;
+    single tf32 (2^-11) would lose half the digits (docs/numerics.md,
+    tests/test_tensor_core_precision.py). An operand that is EXACT (bf16/fp16 converted)
+    needs no lo part: two products, or one when both are.
+
+    The three products of one K step go to a fresh tile, added to acc once: the long sum over
+    K is then IEEE fp32 adds, and the tensor cores' own (truncating) sums only span one step.
+    A product of inf and a lo part of 0 is NaN where the IEEE product is inf: NaN in the small
+    terms is dropped (inf or NaN inputs still reach the result through the hi product)."""
+    a_hi, a_lo = _split(a, A_EXACT)
+    b_hi, b_lo = _split(b, B_EXACT)
+    if A_EXACT and B_EXACT:
+        part = tl.dot(a_hi, b_hi, input_precision="tf32")
+    else:
+        if A_EXACT:
+            small = tl.dot(a_hi, b_lo, input_precision="tf32")
+        elif B_EXACT:
+            small = tl.dot(a_lo, b_hi, input_precision="tf32")
+        else:
+            small = tl.dot(a_lo, b_hi, input_precision="tf32")
+            small = tl.dot(a_hi, b_lo, small, input_precision="tf32")
+        part = tl.dot(a_hi, b_hi, tl.where(small == small, small, 0.0), input_precision="tf32")
+    return acc + part
+
+
+@triton.jit
 def _mat_tile(acc, m, x, b, i, k, CI, CJ, K, smb, smi, smj, sxb, sxj, sxk, BLOCK_J: tl.constexpr,
               DIRECT: tl.constexpr):
     # acc[i, k] += sum_j m[b, i, j] x[b, j, k]. With x's two strides swapped it is the Gram
     # tile acc[i, k] += sum_j m[b, i, j] x[b, k, j]. DIRECT: m and x are bf16/fp16 of one dtype
     # and acc fp32, so they go to tl.dot as they are (tensor cores; the products are exact).
+    # Otherwise an fp32 acc takes the tf32x3 products of _dot_f32 (a bf16/fp16 operand, exact
+    # in tf32, without its lo part), an fp64 acc IEEE fp64 products (DMMA on sm_80/sm_90).
     mb = m + b * smb + i.to(tl.int64)[:, None] * smi
     xb = x + b * sxb + k.to(tl.int64)[None, :] * sxk
     for j0 in range(0, CJ, BLOCK_J):
@@ -207,6 +264,9 @@ def _mat_tile(acc, m, x, b, i, k, CI, CJ, K, smb, smi, smj, sxb, sxj, sxk, BLOCK
         xt = tl.load(xb + j[:, None] * sxj, mask=jm[:, None] & (k < K)[None, :], other=0.0)
         if DIRECT:
             acc = tl.dot(mt, xt, acc)
+        elif acc.dtype == tl.float32:
+            acc = _dot_f32(mt.to(tl.float32), xt.to(tl.float32), acc, mt.dtype != tl.float32,
+                           xt.dtype != tl.float32)
         else:
             acc += tl.dot(mt.to(acc.dtype), xt.to(acc.dtype), input_precision="ieee")
     return acc
@@ -247,8 +307,15 @@ def _gram_kernel(x1, y1, x2, y2, out, partial, CX, CY, K1, K2, scale1: tl.float6
     tl.store(partial + tl.program_id(0), tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
-_GRAM_BLOCK = 32
-_GRAM_BLOCK_K = 32
+# Tiles by accumulation dtype: (BLOCK_I, BLOCK_J, BLOCK_K, launch options). fp32 (tf32x3, or
+# bf16/fp16 products): 64-row tiles, which sm_90 runs as wgmma, 32 columns and K steps of 16:
+# the hi and lo operand tiles and the per-step product tile beside the accumulator take up to
+# ~185 registers on sm_80 and sm_90 (Triton 3.6 and 3.9; 64 x 64 tiles reach 255). maxnreg:
+# without a cap ptxas picks a register count of its own, as low as 96 for some
+# specializations, and spills; a cap of 200 leaves it room (at 168 it spilled too).
+# fp64 (DMMA): 32 x 32, whose accumulator and operands already fill the registers.
+_GRAM_TILES = {torch.float32: (64, 32, 16, dict(num_warps=4, num_stages=3, maxnreg=200)),
+               torch.float64: (32, 32, 32, dict(num_warps=4, num_stages=3))}
 
 
 def _direct_dot(dtype, *maps):
@@ -273,12 +340,13 @@ def gram(dtype, x1, y1, scale1=1.0, x2=None, y2=None, scale2=0.0):
     if not two:
         x2, y2 = x1, y1
     out = torch.empty((B, CX, CY), dtype=dtype, device=x1.device)
-    tiles = cdiv(CX, _GRAM_BLOCK) * cdiv(CY, _GRAM_BLOCK)
+    block_i, block_j, block_k, launch = _GRAM_TILES[dtype]
+    tiles = cdiv(CX, block_i) * cdiv(CY, block_j)
     partial = torch.empty((B, tiles), dtype=out.dtype, device=x1.device)
     _gram_kernel[(B * tiles,)](x1, y1, x2, y2, out, partial, CX, CY, K1, x2.shape[2], float(scale1), float(scale2),
                        *x1.stride(), *y1.stride(), *x2.stride(), *y2.stride(), TWO=two,
-                       BLOCK_I=_GRAM_BLOCK, BLOCK_J=_GRAM_BLOCK, BLOCK_K=_GRAM_BLOCK_K,
-                       DIRECT=_direct_dot(dtype, x1, y1, x2, y2), **NO_FMA)
+                       BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k,
+                       DIRECT=_direct_dot(dtype, x1, y1, x2, y2), **launch, **NO_FMA)
     return out, partial.sum(1)
 
 
@@ -304,9 +372,12 @@ def _mat_map_kernel(m1, x1, m2, x2, diag, y, out, CI, CJ1, CJ2, K,
     tl.store(out + (b * CI + i.to(tl.int64)[:, None]) * K + k[None, :], acc.to(out.dtype.element_ty), mask=mask)
 
 
-_MAT_BLOCK_I = 32
-_MAT_BLOCK_J = 32
-_MAT_BLOCK_K = 64
+# (BLOCK_I, BLOCK_J, BLOCK_K, launch options) by m's dtype, as _GRAM_TILES: out tiles of
+# BLOCK_I x BLOCK_K, BLOCK_J the reduction step. fp32: 64 x 32 tiles in steps of 16 (up to
+# ~170 registers on sm_80 and sm_90, NST's two products and diagonal term included; 64 x 64
+# reaches 255); fp64: 32 x 64 in steps of 32.
+_MAT_TILES = {torch.float32: (64, 16, 32, dict(num_warps=4, num_stages=3, maxnreg=200)),
+              torch.float64: (32, 32, 64, dict(num_warps=4, num_stages=3))}
 
 
 def matrix_times_maps(m1, x1, m2=None, x2=None, diag=None, y=None, out_dtype=None):
@@ -322,9 +393,10 @@ def matrix_times_maps(m1, x1, m2=None, x2=None, diag=None, y=None, out_dtype=Non
     if not has_diag:
         diag, y = m1, x1
     out = torch.empty((B, CI, K), dtype=out_dtype or x1.dtype, device=x1.device)
-    grid = (B * cdiv(CI, _MAT_BLOCK_I) * cdiv(K, _MAT_BLOCK_K),)
+    block_i, block_j, block_k, launch = _MAT_TILES[m1.dtype]
+    grid = (B * cdiv(CI, block_i) * cdiv(K, block_k),)
     _mat_map_kernel[grid](m1, x1, m2, x2, diag, y, out, CI, CJ1, m2.shape[2], K,
                           *m1.stride(), *x1.stride(), *m2.stride(), *x2.stride(), *y.stride(),
                           TWO=two, HAS_DIAG=has_diag,
-                          BLOCK_I=_MAT_BLOCK_I, BLOCK_J=_MAT_BLOCK_J, BLOCK_K=_MAT_BLOCK_K)
+                          BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k, **launch)
     return out

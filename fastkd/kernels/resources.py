@@ -10,8 +10,11 @@ while ``JITFunction.run`` is replaced by a recorder: every ``@triton.jit`` kerne
 launches is seen, whatever its name, with the specialization Triton would build (argument
 types, 16-divisibility, constexprs, num_warps/num_stages) and its grid. Each distinct
 specialization is then compiled by Triton's own compiler and ptxas (shipped in the wheel)
-for sm_XX; registers, spills and shared memory come from the cubin (cuobjdump), tensor-core
-use from the PTX. Compiles go through Triton's cache (~/.triton/cache or TRITON_CACHE_DIR).
+for sm_XX; registers, spills and shared memory come from the cubin (cuobjdump). For each
+kernel with a tl.dot, the SASS (cuobjdump -sass) says where its products went: the count of
+tensor-core instructions (HMMA, HGMMA, DMMA, IMMA), or "FMA" where there are none, which
+fails the check in a float32/bfloat16/float16 specialization. Compiles go through Triton's
+cache (~/.triton/cache or TRITON_CACHE_DIR), and so do the SASS counts.
 
 Workloads: the kernel tests' kinds of shapes (odd sizes, channels_last and strided maps,
 teacher gradients), the benchmark's full CUDA sweep, and the relational losses with
@@ -41,7 +44,7 @@ SHARED_LIMIT = {90: 232448, 80: 166912}
 GRID_LIMIT = (2 ** 31 - 1, 65535, 65535)
 
 # Kernels whose findings are known and accepted: name -> the findings to tolerate
-# ("compile", "spill"), each with its reason beside it. None at present.
+# ("compile", "spill", "shared", "grid", "fma"), each with its reason beside it. None at present.
 EXPECTED = {}
 
 
@@ -264,15 +267,52 @@ def record(archs=ARCHS, dtypes=tuple(DTYPES)):
 _SPECS = []  # for the forked compile workers
 
 
-def _cuobjdump(cubin):
+def _tool(name):
     import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _cuobjdump(cubin, sass=False):
+    """Registers, stack, shared and local memory from the cubin; with sass, also the count of
+    each SASS opcode (HMMA, FFMA, ...), else None."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
-    return {k: int(v) for k, v in usage.items()}
+        flags = ["-res-usage", "-sass"] if sass else ["-res-usage"]
+        out = subprocess.run([_tool("cuobjdump"), *flags, f.name], capture_output=True, text=True, check=True).stdout
+    usage = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+    if not sass:
+        return usage, None
+    # "/*0a40*/  @!P0 HMMA.1688.F32.TF32 R24, ..." -> HMMA
+    ops = re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*)", out, re.M)
+    counts = {}
+    for op in ops:
+        counts[op] = counts.get(op, 0) + 1
+    return usage, counts
+
+
+# SASS opcodes of the tensor cores' matrix products: HMMA (mma.sync on f16/bf16/tf32
+# operands), HGMMA (sm_90's wgmma), DMMA (fp64), IMMA (int8). A kernel with a tl.dot whose
+# SASS has none of them forms its products on the FMA pipes (FFMA/DFMA).
+TENSOR_CORE_OPS = ("HMMA", "HGMMA", "DMMA", "IMMA")
+
+
+def _sass_ops(compiled):
+    """The SASS opcode counts of a compiled kernel (tensor-core and FMA ones), kept beside the
+    kernel in Triton's cache: the disassembler costs about 0.35 s per kernel, the compile check
+    runs it only for kernels with a tl.dot, and a warm cache not at all."""
+    import json
+    from triton.runtime.cache import get_cache_manager
+    cache = get_cache_manager(compiled.hash)
+    name = "fastkd-sass-ops.json"
+    path = cache.get_file(name)
+    if path is not None:
+        with open(path) as f:
+            return json.load(f)
+    _, counts = _cuobjdump(compiled.asm["cubin"], sass=True)
+    counts = {op: n for op, n in counts.items() if op in TENSOR_CORE_OPS or op in ("FFMA", "DFMA")}
+    cache.put(json.dumps(counts), name, binary=False)
+    return counts
 
 
 def _compile(i):
@@ -288,17 +328,29 @@ def _compile(i):
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
         where_why = " ... ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else ""
         return {"error": f"{type(e).__name__}: {where_why}"[:400]}
-    usage = _cuobjdump(compiled.asm["cubin"])
-    ptx = compiled.asm["ptx"]
+    usage, _ = _cuobjdump(compiled.asm["cubin"])
     has_dot = "tt.dot" in str(compiled.asm.get("ttir", ""))
-    mma = "wgmma" if "wgmma" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else "fma" if has_dot else "-"
+    # Where the products go, from the SASS of the kernels that have a tl.dot: the tensor-core
+    # instructions by opcode (e.g. {"HMMA": 48}), empty where they all became FMAs.
+    ops = _sass_ops(compiled) if has_dot else {}
+    tc = {op: n for op, n in ops.items() if op in TENSOR_CORE_OPS}
     # Spilled registers live on the stack: a Triton kernel has no other use for it.
     return {"error": None, "regs": usage.get("REG", 0), "spill": usage.get("STACK", 0),
-            "shared": max(compiled.metadata.shared, usage.get("SHARED", 0)), "dot": mma}
+            "shared": max(compiled.metadata.shared, usage.get("SHARED", 0)), "has_dot": has_dot,
+            "tc": tc, "fma": ops.get("FFMA", 0) + ops.get("DFMA", 0)}
+
+
+def _dot_cell(res):
+    """How the kernel's tl.dot products were lowered: tensor-core opcodes and counts
+    (HMMA:48), "FMA" where none, "-" without a tl.dot."""
+    if not res["has_dot"]:
+        return "-"
+    return ",".join(f"{op}:{n}" for op, n in sorted(res["tc"].items())) or "FMA"
 
 
 def compile_all(specs, jobs=None):
-    """Compile each spec; a list of result dicts (error, regs, spill, shared, dot) in order."""
+    """Compile each spec; a list of result dicts (error, regs, spill, shared, has_dot, tc, fma)
+    in order."""
     global _SPECS
     _SPECS = specs
     jobs = jobs or os.cpu_count() or 1
@@ -322,6 +374,8 @@ def problems(specs, results):
                 found.append(("spill", f"{res['spill']} bytes spilled at benchmark shapes"))
             if res["shared"] > SHARED_LIMIT[spec.arch]:
                 found.append(("shared", f"{res['shared']} bytes of shared memory"))
+            if res["has_dot"] and not res["tc"] and not fp64_only:
+                found.append(("fma", f"tl.dot on FMA only ({res['fma']} FFMA/DFMA, no tensor-core instruction)"))
         for dim, (n, limit) in enumerate(zip(spec.grid, GRID_LIMIT)):
             if n > limit:
                 found.append(("grid", f"grid dim {dim} = {n} > {limit}"))
@@ -332,7 +386,7 @@ def problems(specs, results):
 
 
 def table(specs, results):
-    rows = [("arch", "kernel", "dtypes", "regs", "spill B", "smem B", "dot", "grid max", "specialization")]
+    rows = [("arch", "kernel", "dtypes", "regs", "spill B", "smem B", "tensor cores", "grid max", "specialization")]
     order = sorted(range(len(specs)), key=lambda i: (specs[i].arch, specs[i].name, specs[i].label()))
     for i in order:
         spec, res = specs[i], results[i]
@@ -342,7 +396,7 @@ def table(specs, results):
             rows.append((f"sm_{spec.arch}", spec.name, dts, "-", "-", "-", "-", grid, "ERROR " + res["error"]))
         else:
             rows.append((f"sm_{spec.arch}", spec.name, dts, str(res["regs"]), str(res["spill"]),
-                         str(res["shared"]), res["dot"], grid, spec.label()))
+                         str(res["shared"]), _dot_cell(res), grid, spec.label()))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows)
 
@@ -355,7 +409,8 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 on a compile error, a spill at benchmark shapes (fp32/bf16/fp16), "
-                             "shared memory or a grid dimension beyond the device's limit")
+                             "shared memory or a grid dimension beyond the device's limit, or a tl.dot "
+                             "whose fp32/bf16/fp16 products reach no tensor core")
     parser.add_argument("--kernel", help="only kernels whose name matches this regular expression")
     parser.add_argument("--no-table", action="store_true")
     args = parser.parse_args(argv)
