@@ -836,7 +836,8 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
         from .torch_backend import fused_linear as torch_fused_linear
         rows = _chunked_linear.DivergenceRows(spec, torch_fused_linear.linear_kl_rows,
                                               torch_fused_linear.linear_kl_rows)
-    total = _chunked_linear.run_on_logits(rows, student_logits, teacher_logits, labels, temperature)
+    with device_ops.on_device_of((student_logits, teacher_logits)):  # the CUDA device of the logits
+        total = _chunked_linear.run_on_logits(rows, student_logits, teacher_logits, labels, temperature)
     if num_items_in_batch is not None:
         return total / num_items_in_batch
     if reduction == "sum":
