@@ -29,9 +29,6 @@ import triton.language as tl
 from .common import NO_FMA, as_3d, cdiv, sqrt, to_acc
 
 
-
-
-
 # --- AT ----------------------------------------------------------------------------
 
 @triton.jit
