@@ -212,6 +212,28 @@ def test_generalized_jsd_loss_matches_trl(reduction):
             assert_close(torch.autograd.grad(out, s, up)[0], torch.autograd.grad(ref, s, up)[0])
 
 
+def test_generalized_jsd_loss_matches_liger_jsd():
+    """Liger-Kernel's generalized JSD (LigerJSDFunction, on log-probabilities (BT, V), the sum
+    over kept tokens / their count) has TRL's beta: generalized_jsd_loss on 2-D logits equals
+    it on their log_softmax at the temperature (float32, its accumulation), loss and the
+    logits' gradient."""
+    if not torch.cuda.is_available():
+        pytest.skip("Liger-Kernel's kernels run on CUDA: torch sees no CUDA GPU here")
+    try:
+        from liger_kernel.ops.jsd import LigerJSDFunction
+    except ImportError:
+        pytest.skip("liger_kernel is not installed here (not a fastkd dependency): the comparison with "
+                    "Liger-Kernel's JSD runs only where it imports")
+    s, t, labels = _logits(6, (12, 300), torch.float32)
+    s, t, labels = s.detach().cuda().requires_grad_(), t.cuda(), labels.cuda()
+    for beta in (0.0, 0.3, 1.0):
+        ref = LigerJSDFunction.apply(torch.log_softmax(s / 2.0, -1), torch.log_softmax(t / 2.0, -1), labels, beta,
+                                     -100)
+        out = F.generalized_jsd_loss(s, t, labels, beta=beta, temperature=2.0)
+        assert_close(out, ref, msg=f"beta={beta}")
+        assert_close(torch.autograd.grad(out, s)[0], torch.autograd.grad(ref, s)[0], msg=f"beta={beta}")
+
+
 def test_generalized_jsd_loss_bfloat16_within_the_reference_error():
     s, t, labels = _logits(4, (3, 8, 200), torch.bfloat16)
     exact_s = s.detach().double().requires_grad_()
