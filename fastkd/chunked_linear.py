@@ -296,17 +296,19 @@ class DivergenceRows:
         return self.dense(z, t, labels, w_kl, w_ce, T, hard_weight, grad, self.spec)
 
 
-def topk_log_probs(logp, log_q_k, log_q_rest, spec, T):
+def topk_log_probs(logp, log_q_k, log_q_rest, spec, T, empty_rest):
     """(log p, log q) (R, k + 1) on a top-k teacher's k classes and the bucket of the rest
     (fastkd/reference/divergences.py): log_q_k (R, k) and log_q_rest (R,) the student's
     log-probabilities at T at the k classes and of the rest; logp (R, k) the teacher's at
-    temperature 1."""
+    temperature 1; empty_rest: k = V."""
     log_q = torch.cat([log_q_k, log_q_rest[:, None]], dim=1)
     if spec.topk_rest == "renormalise":
         log_p = torch.log_softmax(logp / T, dim=1)
         return torch.cat([log_p, torch.full_like(log_p[:, :1], float("-inf"))], dim=1), log_q
     mass_p = logp.exp().sum(1, keepdim=True)
     log_r = torch.where(mass_p < 1, torch.log1p(-mass_p.clamp(max=1)), float("-inf"))
+    if empty_rest:  # k = V: no class outside, r is rounding only
+        log_r = torch.full_like(log_r, float("-inf"))
     return torch.log_softmax(torch.cat([logp, log_r], dim=1) / T, dim=1), log_q
 
 
@@ -327,7 +329,7 @@ def _topk_divergence(z, idx, logp, labels, w_k, w_c, T, hard_weight, grad, rows)
     shift_s, log_z_s, _, ce = rows.plain(z, None, labels, w_k, w_c, T, hard_weight, False)
     log_q_k = (z_idx / T - shift_s[:, None]) - log_z_s[:, None]
     log_q_rest = (log_rest - shift_s) - log_z_s
-    log_p, log_q = topk_log_probs(logp.to(acc), log_q_k, log_q_rest, rows.spec, T)
+    log_p, log_q = topk_log_probs(logp.to(acc), log_q_k, log_q_rest, rows.spec, T, idx.shape[1] == z.shape[1])
     d, dx = divergence_terms(log_p, log_q, rows.spec, grad)
     if not grad:
         return d, ce

@@ -5,6 +5,8 @@ FusedLinearSoftTarget; TRL's own generalized_jsd_loss where trl imports; refused
 Small shapes throughout: the Triton runs go through the interpreter."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastkd
 from fastkd import backend
@@ -49,6 +51,29 @@ def test_torch_path_matches_the_reference_float64(divergence, teacher, rest):
         ref, ref_grads = run("reference", args, kw, **options)
         out, grads = run("torch", args, kw, chunk_size=3, **options)
         assert_matches(out, grads, ref, ref_grads, f"{divergence} {teacher} {rest} {reduction}")
+
+
+@settings(max_examples=10)
+@given(n=st.integers(1, 9), v=st.integers(1, 12), teacher=st.sampled_from(TEACHERS),
+       divergence=st.sampled_from(R.DIVERGENCES), reduction=st.sampled_from(REDUCTIONS),
+       T=st.sampled_from([0.5, 1.0, 3.0]), k=st.integers(1, 12), ignore=st.sampled_from([0.0, 0.5, 1.0]),
+       chunk=st.sampled_from([None, 1, 4]), bias=st.booleans(), mix=st.sampled_from([0.0, 0.5, 1.0]),
+       seed=st.integers(0, 99))
+def test_torch_path_matches_the_reference_on_random_problems(n, v, teacher, divergence, reduction, T, k, ignore,
+                                                             chunk, bias, mix, seed):
+    """Sizes down to one token and one class, k up to V (an empty bucket), every token
+    ignored, beta and alpha at their ends."""
+    teacher, rest = teacher
+    if teacher == "topk" and rest == "renormalise" and (
+            divergence == "reverse_kl" or (divergence == "jsd" and mix == 1.0)
+            or (divergence == "skew_reverse_kl" and mix == 0.0)):
+        rest = "bucket"
+    args, kw = make_problem(n, 3, v, teacher, k=min(k, v), ignore=ignore, bias=bias, seed=seed)
+    options = dict(divergence=divergence, topk_rest=rest, reduction=reduction, T=T, beta=mix, alpha=mix,
+                   hard_weight=0.5)
+    ref, ref_grads = run("reference", args, kw, **options)
+    out, grads = run("torch", args, kw, chunk_size=chunk, **options)
+    assert_matches(out, grads, ref, ref_grads, f"{options}")
 
 
 @pytest.mark.skipif("triton" not in FAST, reason="the triton backend is not installed")

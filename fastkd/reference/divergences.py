@@ -32,6 +32,7 @@ bucket for the other V - k:
     teacher  topk_rest="renormalise":  p_j = softmax(logp / T)_j,  p_rest = 0
              topk_rest="bucket":       p = softmax([logp_1, ..., logp_k, log r] / T),
                                        r = 1 - sum_j exp(logp_j), the teacher's own rest mass
+                                       (0 where k = V: there is no class outside)
 
 and D is taken over those k + 1 outcomes. The student's bucket is its exact mass outside
 the k classes (at T), so with "renormalise" (the teacher has 0 there) kl, jsd, skew_kl,
@@ -101,6 +102,8 @@ def topk_outcomes(log_q, idx, logp, T, topk_rest):
     else:
         mass = logp.exp().sum(1, keepdim=True)
         log_r = torch.where(mass < 1, torch.log1p(-mass.clamp(max=1)), float("-inf"))
+        if idx.shape[1] == log_q.shape[1]:  # k = V: no class outside, r is rounding only
+            log_r = torch.full_like(log_r, float("-inf"))
         log_p_k = F.log_softmax(torch.cat([logp, log_r], dim=1) / T, dim=1)
     return log_p_k, log_q_k
 
