@@ -8,13 +8,12 @@ the benchmark's full CUDA sweep, in fp32, bf16, fp16 and fp64, with launches rec
 instead of run, and each distinct specialization is compiled with Triton's compiler and
 the ptxas of its wheel. It fails on a compile error, a register spill at the benchmark's
 shapes in fp32/bf16/fp16, shared memory or a grid dimension beyond the device's limit, a
-tl.dot whose fp32/bf16/fp16 products reach no tensor core (no HMMA/HGMMA/DMMA in its SASS),
+tl.dot whose fp32/bf16/fp16 products reach no tensor core (no mma/wgmma in its PTX),
 or a host sync (.item() on a meta tensor raises), except the named EXPECTED findings there
 and CRD's one deliberate sync (its finiteness check, stood in for by record()).
 
-About 1,500 compiles: about 6 minutes on one core from a cold Triton cache (and about 2 more
-to disassemble the ~300 kernels with a tl.dot), tens of seconds warm (the SASS counts are
-cached with the kernels); the suite runs them beside its other tests (start_compile_check).
+About 1,500 compiles: about 7 minutes of one core from a cold Triton cache, tens of seconds
+warm; the suite runs them beside its other tests (start_compile_check).
 """
 import os
 import subprocess

@@ -11,10 +11,10 @@ launches is seen, whatever its name, with the specialization Triton would build 
 types, 16-divisibility, constexprs, num_warps/num_stages) and its grid. Each distinct
 specialization is then compiled by Triton's own compiler and ptxas (shipped in the wheel)
 for sm_XX; registers, spills and shared memory come from the cubin (cuobjdump). For each
-kernel with a tl.dot, the SASS (cuobjdump -sass) says where its products went: the count of
-tensor-core instructions (HMMA, HGMMA, DMMA, IMMA), or "FMA" where there are none, which
-fails the check in a float32/bfloat16/float16 specialization. Compiles go through Triton's
-cache (~/.triton/cache or TRITON_CACHE_DIR), and so do the SASS counts.
+kernel with a tl.dot, the PTX says where its products went: the count of tensor-core
+instructions (mma: sm_80's mma.sync, HMMA/DMMA in SASS; wgmma: sm_90's HGMMA), or "FMA" where
+there are none, which fails the check in a float32/bfloat16/float16 specialization.
+Compiles go through Triton's cache (~/.triton/cache or TRITON_CACHE_DIR).
 
 Workloads: the kernel tests' kinds of shapes (odd sizes, channels_last and strided maps,
 teacher gradients), the benchmark's full CUDA sweep, and the relational losses with
@@ -145,6 +145,13 @@ def _extra_calls(dtype):
     yield lambda: F.fused_linear_soft_target(h, W, teacher_topk_indices=torch.empty((37, 5), device=meta,
                                              dtype=torch.long),
                                              teacher_topk_logprobs=torch.empty((37, 5), device=meta, dtype=dtype))
+    # FusedLinearDistillation's divergence kernel: one specialization per divergence ("kl" is
+    # FusedLinearSoftTarget's, above), with the hard term.
+    for divergence in F.DIVERGENCES:
+        if divergence != "kl":
+            yield lambda divergence=divergence: F.fused_linear_distillation(
+                h, W, labels=labels, teacher_logits=torch.empty((37, 50), device=meta, dtype=dtype),
+                divergence=divergence, T=2.0, hard_weight=0.5, chunk_size=8)
 
 
 # Global batch: (world, rank, local batch, feature dim) of the simulated ranks, the last
@@ -272,46 +279,32 @@ def _tool(name):
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def _cuobjdump(cubin, sass=False):
-    """Registers, stack, shared and local memory from the cubin; with sass, also the count of
-    each SASS opcode (HMMA, FFMA, ...), else None."""
+def _cuobjdump(cubin):
+    """Registers, stack, shared and local memory from the cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        flags = ["-res-usage", "-sass"] if sass else ["-res-usage"]
-        out = subprocess.run([_tool("cuobjdump"), *flags, f.name], capture_output=True, text=True, check=True).stdout
-    usage = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out)}
-    if not sass:
-        return usage, None
-    # "/*0a40*/  @!P0 HMMA.1688.F32.TF32 R24, ..." -> HMMA
-    ops = re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*)", out, re.M)
+        out = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+
+
+# PTX instructions of the tensor cores' matrix products: mma.sync (sm_80's HMMA on
+# tf32/bf16/fp16 operands, DMMA on fp64) and wgmma.mma_async (sm_90's HGMMA). ptxas turns each
+# into its tensor-core SASS and never into FMAs, so the PTX, which the compile already holds,
+# says where a tl.dot's products go without disassembling the cubin. A kernel with a tl.dot
+# and none of them forms its products with fma.rn (FFMA/DFMA).
+TENSOR_CORE_OPS = ("mma", "wgmma")
+_PTX_OPS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(wgmma\.mma_async|mma\.sync|fma\.rn)\.", re.M)
+_PTX_NAMES = {"wgmma.mma_async": "wgmma", "mma.sync": "mma", "fma.rn": "fma"}
+
+
+def _ptx_ops(ptx):
+    """Static counts of the PTX's tensor-core products (mma, wgmma) and FMAs (fma)."""
     counts = {}
-    for op in ops:
-        counts[op] = counts.get(op, 0) + 1
-    return usage, counts
-
-
-# SASS opcodes of the tensor cores' matrix products: HMMA (mma.sync on f16/bf16/tf32
-# operands), HGMMA (sm_90's wgmma), DMMA (fp64), IMMA (int8). A kernel with a tl.dot whose
-# SASS has none of them forms its products on the FMA pipes (FFMA/DFMA).
-TENSOR_CORE_OPS = ("HMMA", "HGMMA", "DMMA", "IMMA")
-
-
-def _sass_ops(compiled):
-    """The SASS opcode counts of a compiled kernel (tensor-core and FMA ones), kept beside the
-    kernel in Triton's cache: the disassembler costs about 0.35 s per kernel, the compile check
-    runs it only for kernels with a tl.dot, and a warm cache not at all."""
-    import json
-    from triton.runtime.cache import get_cache_manager
-    cache = get_cache_manager(compiled.hash)
-    name = "fastkd-sass-ops.json"
-    path = cache.get_file(name)
-    if path is not None:
-        with open(path) as f:
-            return json.load(f)
-    _, counts = _cuobjdump(compiled.asm["cubin"], sass=True)
-    counts = {op: n for op, n in counts.items() if op in TENSOR_CORE_OPS or op in ("FFMA", "DFMA")}
-    cache.put(json.dumps(counts), name, binary=False)
+    for op in _PTX_OPS.findall(ptx):
+        name = _PTX_NAMES[op]
+        counts[name] = counts.get(name, 0) + 1
     return counts
 
 
@@ -328,21 +321,21 @@ def _compile(i):
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
         where_why = " ... ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else ""
         return {"error": f"{type(e).__name__}: {where_why}"[:400]}
-    usage, _ = _cuobjdump(compiled.asm["cubin"])
+    usage = _cuobjdump(compiled.asm["cubin"])
     has_dot = "tt.dot" in str(compiled.asm.get("ttir", ""))
-    # Where the products go, from the SASS of the kernels that have a tl.dot: the tensor-core
-    # instructions by opcode (e.g. {"HMMA": 48}), empty where they all became FMAs.
-    ops = _sass_ops(compiled) if has_dot else {}
+    # Where the products go, for the kernels that have a tl.dot: the tensor-core instructions
+    # by opcode (e.g. {"mma": 48}), empty where they all became FMAs.
+    ops = _ptx_ops(str(compiled.asm.get("ptx", ""))) if has_dot else {}
     tc = {op: n for op, n in ops.items() if op in TENSOR_CORE_OPS}
     # Spilled registers live on the stack: a Triton kernel has no other use for it.
     return {"error": None, "regs": usage.get("REG", 0), "spill": usage.get("STACK", 0),
             "shared": max(compiled.metadata.shared, usage.get("SHARED", 0)), "has_dot": has_dot,
-            "tc": tc, "fma": ops.get("FFMA", 0) + ops.get("DFMA", 0)}
+            "tc": tc, "fma": ops.get("fma", 0)}
 
 
 def _dot_cell(res):
     """How the kernel's tl.dot products were lowered: tensor-core opcodes and counts
-    (HMMA:48), "FMA" where none, "-" without a tl.dot."""
+    (mma:48), "FMA" where none, "-" without a tl.dot."""
     if not res["has_dot"]:
         return "-"
     return ",".join(f"{op}:{n}" for op, n in sorted(res["tc"].items())) or "FMA"
