@@ -44,8 +44,9 @@ def start_compile_check(folder):
 
     tests/conftest.py starts it as soon as the suite is collected (in the controller under
     pytest-xdist) and runs this test last: the check's compiles, minutes on one core from a
-    cold Triton cache, then run beside the other tests. One compile job, so the tests keep
-    their cores.
+    cold Triton cache, then run beside the other tests. Two compile jobs at the lowest
+    priority: the tests keep the cores they use, and the check takes what they leave (a
+    whole core while the tests run in one process, both once they end).
     """
     if _compiler_available() is not None or os.path.exists(os.path.join(folder, "started")):
         return
@@ -53,7 +54,7 @@ def start_compile_check(folder):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     check = [sys.executable, "-m", "fastkd.kernels.resources", "--arch", "90", "--arch", "80", "--check",
-             "--no-table", "--jobs", "1"]
+             "--no-table", "--jobs", "2"]
     # A small parent writes the status when the check ends (renamed into place, so a reader
     # never sees it half written); it outlives this process, as a worker may be the reader.
     # At the lowest priority: the tests, which a spare core does not serve all the time (their
