@@ -48,8 +48,9 @@ bound of the full one (data processing).
 Every (N, V) tensor is materialised, so it is only for checking and small problems.
 """
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+
+from .fused_linear_soft_target import FusedLinearSoftTarget
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 TOPK_REST = ("renormalise", "bucket")
@@ -186,27 +187,20 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
     return elementwise
 
 
-class FusedLinearDistillation(nn.Module):
-    """The module form of fused_linear_distillation (arguments as fastkd.FusedLinearDistillation)."""
+class FusedLinearDistillation(FusedLinearSoftTarget):
+    """The module form of fused_linear_distillation (arguments as fastkd.FusedLinearDistillation);
+    forward takes FusedLinearSoftTarget's inputs."""
 
     def __init__(self, divergence, *, T=1.0, beta=0.5, alpha=0.1, topk_rest="renormalise", reduction="batchmean",
                  ignore_index=-100, hard_weight=0.0, chunk_size=None):
-        super().__init__()
+        super().__init__(T, reduction=reduction, ignore_index=ignore_index, hard_weight=hard_weight,
+                         chunk_size=chunk_size)
         self.divergence = divergence
-        self.T = T
         self.beta = beta
         self.alpha = alpha
         self.topk_rest = topk_rest
-        self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.hard_weight = hard_weight
-        self.chunk_size = chunk_size
 
-    def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
-                *, student_bias=None, teacher_bias=None, teacher_logits=None, teacher_topk_indices=None,
-                teacher_topk_logprobs=None):
-        return fused_linear_distillation(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-            teacher_bias, teacher_logits, teacher_topk_indices, teacher_topk_logprobs, self.divergence, self.T,
-            self.beta, self.alpha, self.topk_rest, self.reduction, self.ignore_index, self.hard_weight,
-            self.chunk_size)
+    def loss(self, *inputs):
+        """The loss of forward's ten inputs, in fused_linear_distillation's order."""
+        return fused_linear_distillation(*inputs, self.divergence, self.T, self.beta, self.alpha, self.topk_rest,
+                                         self.reduction, self.ignore_index, self.hard_weight, self.chunk_size)

@@ -75,7 +75,10 @@ class FusedLinearSoftTarget(nn.Module):
     def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, labels=None,
                 *, student_bias=None, teacher_bias=None, teacher_logits=None, teacher_topk_indices=None,
                 teacher_topk_logprobs=None):
-        return fused_linear_soft_target(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-            teacher_bias, teacher_logits, teacher_topk_indices, teacher_topk_logprobs, self.T,
-            self.reduction, self.ignore_index, self.hard_weight, self.chunk_size)
+        return self.loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+                         teacher_bias, teacher_logits, teacher_topk_indices, teacher_topk_logprobs)
+
+    def loss(self, *inputs):
+        """The loss of forward's ten inputs, in fused_linear_soft_target's order."""
+        return fused_linear_soft_target(*inputs, self.T, self.reduction, self.ignore_index, self.hard_weight,
+                                        self.chunk_size)
