@@ -50,7 +50,7 @@ Every (N, V) tensor is materialised, so it is only for checking and small proble
 import torch
 import torch.nn.functional as F
 
-from .fused_linear_soft_target import FusedLinearSoftTarget
+from .fused_linear_soft_target import FusedLinearSoftTarget, head_logits, reduced
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 TOPK_REST = ("renormalise", "bucket")
@@ -117,38 +117,18 @@ def fused_linear_distillation(student_hidden, student_weight, teacher_hidden=Non
     """student_hidden (..., H), student_weight (V, H); the teacher one way (module docstring)
     with the same leading (...) dims; labels (...) int or None. Returns a scalar, or (...)
     for reduction="none". chunk_size is the fast paths' (this materialises everything)."""
-    lead = student_hidden.shape[:-1]
-    h = student_hidden.reshape(-1, student_hidden.shape[-1])
-    z_s = F.linear(h, student_weight, student_bias)
-    n, v = z_s.shape
+    lead, z_s, z_t = head_logits(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                 teacher_bias, teacher_logits)
+    n = z_s.shape[0]
     log_q = F.log_softmax(z_s / T, dim=1)
-    if teacher_topk_indices is not None:
+    if z_t is None:
         k = teacher_topk_indices.shape[-1]
         log_p, log_q_d = topk_outcomes(log_q, teacher_topk_indices.reshape(n, k).long(),
                                        teacher_topk_logprobs.reshape(n, k), T, topk_rest)
     else:
-        if teacher_logits is not None:
-            z_t = teacher_logits.reshape(n, v)
-        else:
-            z_t = F.linear(teacher_hidden.reshape(n, -1), teacher_weight, teacher_bias)
         log_p, log_q_d = F.log_softmax(z_t / T, dim=1).to(log_q.dtype), log_q
     d = divergence(log_p, log_q_d, divergence_name, beta, alpha) * (T * T)
-    kept = torch.ones(n, dtype=torch.bool) if labels is None else labels.reshape(n) != ignore_index
-    per_token = torch.where(kept, d, 0.0)
-    ce = None
-    if hard_weight:
-        ce = torch.where(kept, F.cross_entropy(z_s, labels.reshape(n), ignore_index=ignore_index,
-                                               reduction="none"), 0.0)
-        per_token = per_token + hard_weight * ce
-    n_kept = kept.sum().clamp(min=1)
-    if reduction == "none":
-        return per_token.reshape(lead)
-    if reduction == "sum":
-        return per_token.sum()
-    if reduction == "batchmean":
-        return per_token.sum() / n_kept
-    part = torch.where(kept, d, 0.0).sum() / (n_kept * v)
-    return part if ce is None else part + hard_weight * ce.sum() / n_kept
+    return reduced(d, z_s, labels, ignore_index, hard_weight, reduction, lead)
 
 
 def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, temperature=1.0,

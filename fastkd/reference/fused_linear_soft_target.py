@@ -24,30 +24,49 @@ def fused_linear_soft_target(student_hidden, student_weight, teacher_hidden=None
     """student_hidden (..., H), student_weight (V, H); the teacher as documented above, with
     the same leading (...) dims; labels (...) int or None. Returns a scalar, or (...) for
     reduction="none". chunk_size is the fast paths' (this materialises everything)."""
-    lead = student_hidden.shape[:-1]
-    h = student_hidden.reshape(-1, student_hidden.shape[-1])
-    z_s = F.linear(h, student_weight, student_bias)
+    lead, z_s, z_t = head_logits(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                 teacher_bias, teacher_logits)
     n, v = z_s.shape
     log_q = F.log_softmax(z_s / T, dim=1)
-    if teacher_topk_indices is not None:
+    if z_t is None:
         k = teacher_topk_indices.shape[-1]
         q = F.softmax(teacher_topk_logprobs.reshape(n, k) / T, dim=1)
         p_t = q.new_zeros(n, v).scatter_add(1, teacher_topk_indices.reshape(n, k), q)
     else:
-        if teacher_logits is not None:
-            z_t = teacher_logits.reshape(n, v)
-        else:
-            z_t = F.linear(teacher_hidden.reshape(n, -1), teacher_weight, teacher_bias)
         p_t = F.softmax(z_t / T, dim=1)
     kl = F.kl_div(log_q, p_t, reduction="none").sum(1) * (T * T)
+    return reduced(kl, z_s, labels, ignore_index, hard_weight, reduction, lead)
+
+
+def head_logits(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                teacher_logits):
+    """(lead, z_s, z_t): the hidden states' leading dims, the student's logits (n, V) and the
+    teacher's (n, V), None for a top-k teacher."""
+    lead = student_hidden.shape[:-1]
+    z_s = F.linear(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias)
+    if teacher_logits is not None:
+        return lead, z_s, teacher_logits.reshape(z_s.shape)
+    if teacher_hidden is not None:
+        return lead, z_s, F.linear(teacher_hidden.reshape(z_s.shape[0], -1), teacher_weight, teacher_bias)
+    return lead, z_s, None
+
+
+def reduced(d, z_s, labels, ignore_index, hard_weight, reduction, lead):
+    """The per-token divergence d (n,) of the student's logits z_s (n, V), over the kept tokens
+    (label != ignore_index), plus hard_weight x cross-entropy(z_s, labels), reduced: none (the
+    terms, shaped lead), sum, batchmean (sum / kept tokens), mean (d's sum / (kept tokens x V),
+    the hard term's / kept tokens); kept tokens clamped at 1."""
+    n, v = z_s.shape
     if labels is None:
         kept = torch.ones(n, dtype=torch.bool, device=z_s.device)
     else:
         kept = labels.reshape(n) != ignore_index
-    per_token = torch.where(kept, kl, 0.0)
+    per_token = torch.where(kept, d, 0.0)
+    ce = None
     if hard_weight:
-        ce = F.cross_entropy(z_s, labels.reshape(n), ignore_index=ignore_index, reduction="none")
-        per_token = per_token + hard_weight * torch.where(kept, ce, 0.0)
+        ce = torch.where(kept, F.cross_entropy(z_s, labels.reshape(n), ignore_index=ignore_index, reduction="none"),
+                         0.0)
+        per_token = per_token + hard_weight * ce
     n_kept = kept.sum().clamp(min=1)
     if reduction == "none":
         return per_token.reshape(lead)
@@ -55,10 +74,8 @@ def fused_linear_soft_target(student_hidden, student_weight, teacher_hidden=None
         return per_token.sum()
     if reduction == "batchmean":
         return per_token.sum() / n_kept
-    kl_part = torch.where(kept, kl, 0.0).sum() / (n_kept * v)
-    if not hard_weight:
-        return kl_part
-    return kl_part + hard_weight * torch.where(kept, ce, 0.0).sum() / n_kept
+    part = torch.where(kept, d, 0.0).sum() / (n_kept * v)
+    return part if ce is None else part + hard_weight * ce.sum() / n_kept
 
 
 class FusedLinearSoftTarget(nn.Module):
