@@ -21,5 +21,5 @@ from .modules import (AB, AFD, AT, BSS, CC, CRD, DML, FSP, FT, IRG, NST, OFD, RK
 
 __version__ = "0.1.0"
 
-__all__ = [*registry.LOSSES, *registry.EXTENSIONS, *registry.HELPERS, "FusedLinearDistillation", "functional", "reference", "registry", "use_backend",
-           "current_backend", "BACKENDS", "BackendUnavailableError"]
+__all__ = [*registry.LOSSES, *registry.EXTENSIONS, *registry.HELPERS, "FusedLinearDistillation", "functional",
+           "reference", "registry", "use_backend", "current_backend", "BACKENDS", "BackendUnavailableError"]
