@@ -542,3 +542,20 @@ def test_parity_report():
     """Prints the measured errors (run with -s)."""
     for key, value in sorted(PARITY_ERRORS.items(), key=str):
         print("parity", key, value)
+
+
+@parity
+@pytest.mark.parametrize("mode", ["kd", "hint", "attention", "similarity", "correlation", "vid", "crd", "kdsvd",
+                                  "fsp", "rkd", "pkt", "abound", "factor", "nst"])
+def test_train_student_with_fastkd(mode, tmp_path):
+    """RepDistiller's train_student.py, unchanged, with its own losses and with fastkd's
+    (benchmarks/repdistiller_train.py): the same losses and final weights in float64, and in
+    float32 the weights as far from RepDistiller's float64 ones as RepDistiller's own."""
+    spec = importlib.util.spec_from_file_location(
+        "_repdistiller_train", Path(__file__).resolve().parents[1] / "benchmarks" / "repdistiller_train.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    [(_, n, loss64, weights64, ours32, theirs32, _, _)] = harness.compare(_RD_ROOT.resolve(), [mode], tmp_path)
+    assert n >= 4
+    assert loss64 <= 1e-12 and weights64 <= 1e-12, (loss64, weights64)
+    assert ours32 <= 2 * theirs32 + 1e-6, (ours32, theirs32)
