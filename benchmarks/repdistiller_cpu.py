@@ -8,7 +8,6 @@ blocks' maps (64, 64, 32, 32), (64, 128, 16, 16), (64, 256, 8, 8). Best of repea
 interleaved runs, float32, after a warm-up; prints a Markdown table.
 """
 import importlib.util
-import statistics
 import sys
 import time
 from pathlib import Path

@@ -90,17 +90,9 @@ sys.modules["dataset.cifar100"] = cifar
 if impl == "fastkd":
     import fastkd.compat.repdistiller as compat
     import crd
-    only = os.environ.get("HARNESS_ONLY")  # diagnostics: swap only "zoo" or only "crd"
-    if only != "crd":
-        sys.modules["distiller_zoo"] = compat
-    if only != "zoo":
-        sys.modules["crd.criterion"] = compat
-    else:
-        import crd.memory
-        crd.memory.AliasMethod.cuda = lambda self: None
+    sys.modules["distiller_zoo"] = compat
+    sys.modules["crd.criterion"] = compat
 else:
-    if os.environ.get("HARNESS_IMPORT_FASTKD") == "1":
-        import fastkd.compat.repdistiller  # noqa: F401  (what importing fastkd alone changes)
     import crd.memory
     crd.memory.AliasMethod.cuda = lambda self: None
 
@@ -114,24 +106,12 @@ if os.environ.get("HARNESS_FLOAT64") == "1":
     import torch.backends.cudnn
 
 losses = []
-perturb = os.environ.get("HARNESS_PERTURB") == "1"
 backward = torch.Tensor.backward
 def recording_backward(self, *a, **k):
     if self.numel() == 1:
         losses.append(self.detach().double().item())
-        if perturb:  # one float32 ulp on the loss: every gradient scaled by 1 + 2^-23
-            return backward(self * (1 + 2 ** -23), *a, **k)
     return backward(self, *a, **k)
 torch.Tensor.backward = recording_backward
-
-grad_log = []
-if os.environ.get("HARNESS_GRADS") == "1":  # diagnostics: every parameter gradient per step
-    step = torch.optim.SGD.step
-    def recording_step(self, *a, **k):
-        grad_log.append([p.grad.double().flatten().tolist() if p.grad is not None else None
-                         for g in self.param_groups for p in g["params"]])
-        return step(self, *a, **k)
-    torch.optim.SGD.step = recording_step
 
 torch.manual_seed(0)
 np.random.seed(0)
@@ -140,8 +120,6 @@ try:
     runpy.run_path(root + "/train_student.py", run_name="__main__")
 finally:
     json.dump(losses, open(out_path, "w"))
-    if grad_log:
-        torch.save(grad_log, out_path + ".grads")
 '''
 
 
