@@ -5,7 +5,8 @@
 At the shapes RepDistiller's CIFAR-100 scripts give (batch 64; resnet32x4 -> resnet8x4):
 RKDLoss on the penultimate features (64, 256) and at larger batches; NSTLoss on the three
 blocks' maps (64, 64, 32, 32), (64, 128, 16, 16), (64, 256, 8, 8). Best of repeated
-interleaved runs, float32, after a warm-up; prints a Markdown table.
+interleaved runs, float32, 1 thread, process CPU time (robust to other jobs on the machine), after a
+warm-up; prints a Markdown table.
 """
 import importlib.util
 import sys
@@ -28,16 +29,16 @@ def _load_zoo(root):
 
 
 def _times(fns, repeat):
-    """Best ms of each function, run interleaved (the machine may be shared: the minimum is
-    the least disturbed run)."""
+    """Best CPU ms (process time, 1 thread) of each function, run interleaved: on a shared
+    machine the wall time counts the other jobs' turns, the process time does not."""
     for fn in fns:
         fn()
     best = [float("inf")] * len(fns)
     for _ in range(repeat):
         for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
+            best[i] = min(best[i], time.process_time() - t0)
     return [b * 1e3 for b in best]
 
 
@@ -51,6 +52,7 @@ def _step(module, make):
 
 
 def main(root, repeat=7):
+    torch.set_num_threads(1)
     zoo = _load_zoo(root)
     torch.manual_seed(0)
     rows = []
@@ -68,7 +70,7 @@ def main(root, repeat=7):
     rows.append(("NSTLoss resnet8x4 blocks 1-3",
                  *_times([_step(zoo.NSTLoss(), make), _step(compat.NSTLoss(), make),
                           _step(lambda gs, gt: [own(s, t) for s, t in zip(gs, gt)], make)], repeat)))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, forward + backward, best-of ms")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, forward + backward, best-of CPU ms")
     print("| loss, shape | RepDistiller ms | fastkd.compat ms | x | fastkd.RKD / fastkd.NST ms |")
     print("|---|---|---|---|---|")
     for name, a, b, c in rows:
