@@ -52,34 +52,48 @@ def saved_gradients(ctx, grad_output):
 # --- feature maps: AT, NST, FSP (fastkd.kernels.feature_maps) ------------------------------
 
 
+NORMALIZE_EPS = 1e-12  # F.normalize's
+
+
+def _at_bounds(fm_s, fm_t, normalize):
+    """(eps, (min_norm_s, min_norm_t)) of am = A / max(||A|| + eps, min_norm), A = sum_c |f|^p:
+    the collection's A / (||A|| + 1e-6), or with normalize F.normalize(A / C) = A / max(||A||, C 1e-12)."""
+    if normalize:
+        return 0.0, (fm_s.shape[1] * NORMALIZE_EPS, fm_t.shape[1] * NORMALIZE_EPS)
+    return 1e-6, (0.0, 0.0)
+
+
 class ATFunction(torch.autograd.Function):
-    """mse(am(fm_s), am(fm_t)), am(f) = A / (||A||_2 + 1e-6), A = sum_c |f|^p (B, HW).
+    """mse(am(fm_s), am(fm_t)) over (B, HW), A = sum_c |f|^p (B, HW):
+    am(f) = A / (||A||_2 + 1e-6), or with normalize am(f) = F.normalize(mean_c |f|^p)
+    = M / max(||M||_2, 1e-12), M = A / C (the gradient through the clamp as autograd's).
 
     Saves the inputs, the two (B, HW) maps A and their norms (B, 2). For p < 1 the
     gradient at an exact zero of f is 0 (the reference's is NaN there).
     """
 
     @staticmethod
-    def forward(ctx, fm_s, fm_t, p):
+    def forward(ctx, fm_s, fm_t, p, normalize=False):
         acc = accumulation_dtype(fm_s, fm_t)
         a_s, a_t = _fm.at_maps(fm_s, p, acc), _fm.at_maps(fm_t, p, acc)
-        partial, norms = _fm.at_loss(a_s, a_t)
+        eps, min_norms = _at_bounds(fm_s, fm_t, normalize)
+        partial, norms = _fm.at_loss(a_s, a_t, eps, min_norms)
         ctx.save_for_backward(fm_s, fm_t, a_s, a_t, norms)
-        ctx.p = p
+        ctx.p, ctx.bounds = p, (eps, min_norms)
         return (partial.sum() / a_s.numel()).to(result_dtype(fm_s, fm_t))
 
     @staticmethod
     @first_order
     def backward(ctx, grad):
         fm_s, fm_t, a_s, a_t, norms = ctx.saved_tensors
-        ga_s, ga_t = _fm.at_grad_maps(a_s, a_t, norms, grad, 2.0 / a_s.numel())
+        ga_s, ga_t = _fm.at_grad_maps(a_s, a_t, norms, grad, 2.0 / a_s.numel(), *ctx.bounds)
         g_s = _fm.at_grad_features(fm_s, ga_s, ctx.p) if ctx.needs_input_grad[0] else None
         g_t = _fm.at_grad_features(fm_t, ga_t, ctx.p) if ctx.needs_input_grad[1] else None
-        return g_s, g_t, None
+        return g_s, g_t, None, None
 
 
-def at(fm_s, fm_t, p):
-    return _ops.apply("ATFunction", fm_s, fm_t, p)
+def at(fm_s, fm_t, p, normalize=False):
+    return _ops.apply("ATFunction", fm_s, fm_t, p, normalize)
 
 
 def _inverse_norms(gram_diag, eps=1e-12):
@@ -436,6 +450,12 @@ def _distance_sides(x_s, x_t):
             _gram.prepare(x_t, centre=True))
 
 
+def _fast_angles(feat_s, feat_t):
+    """Whether RKD's angles may take the float32 path (fastkd/kernels/angle.py): for float32,
+    bfloat16 and float16 inputs; a float64 result keeps float64 throughout."""
+    return result_dtype(feat_s, feat_t) != torch.float64
+
+
 class RKDFunction(torch.autograd.Function):
     """w_dist * distance term + w_angle * angle term, feat_* (N, D_*), a term whose weight is
     0 skipped (neither launched nor saved):
@@ -456,16 +476,17 @@ class RKDFunction(torch.autograd.Function):
             total, stats_d = _dist.rkd_distance_forward(e_s, e_t)
             loss = loss + w_dist * total / n ** 2
         if w_angle:
-            total, stats_a = _angle.rkd_angle_forward(e_s, e_t, with_stats=any(ctx.needs_input_grad))
+            total, stats_a = _angle.rkd_angle_forward(e_s, e_t, with_stats=any(ctx.needs_input_grad),
+                                                      fast=_fast_angles(feat_s, feat_t))
             loss = loss + w_angle * total / n ** 3
-        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats_d, stats_a)
+        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats_d, *(stats_a or (None,) * 3))
         ctx.weights = (w_dist, w_angle)
         return loss.to(result_dtype(feat_s, feat_t))
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        feat_s, feat_t, x_s, x_t, e_s, e_t, stats_d, stats_a = ctx.saved_tensors
+        feat_s, feat_t, x_s, x_t, e_s, e_t, stats_d, *stats_a = ctx.saved_tensors
         w_dist, w_angle = ctx.weights
         n = len(e_s)
         # Each term's N^k dL/dX is M X + r * X (k = 2, 3), per side (M_s, r_s, M_t, r_t).
@@ -680,16 +701,17 @@ class RKDRowsFunction(torch.autograd.Function):
             loss = loss + w_dist * total / big ** 2
         if w_angle:
             full_s, full_t = (all_gather_rows(e, group, sizes)[0] for e in (e_s, e_t))
-            total, stats_a = _angle.rkd_angle_forward(full_s, full_t, any(ctx.needs_input_grad), lo, n)
+            total, stats_a = _angle.rkd_angle_forward(full_s, full_t, any(ctx.needs_input_grad), lo, n,
+                                                      fast=_fast_angles(x_s, x_t))
             loss = loss + w_angle * total / big ** 3
-        ctx.save_for_backward(x_s, x_t, e_s, e_t, full_s, full_t, stats_d, stats_a)
+        ctx.save_for_backward(x_s, x_t, e_s, e_t, full_s, full_t, stats_d, *(stats_a or (None,) * 3))
         ctx.lo, ctx.weights = lo, (w_dist, w_angle)
         return loss
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        x_s, x_t, e_s, e_t, full_s, full_t, stats_d, stats_a = ctx.saved_tensors
+        x_s, x_t, e_s, e_t, full_s, full_t, stats_d, *stats_a = ctx.saved_tensors
         (w_dist, w_angle), lo, big = ctx.weights, ctx.lo, len(x_s)
         grad = grad_out.to(torch.float64)
         dist_terms = (_dist.rkd_distance_backward(e_s, e_t, stats_d, lo) if w_dist

@@ -1,11 +1,27 @@
 """Triton kernels of RKD's angle term, from the squared distances E (N, N) float64 of the
 student's and the teacher's rows (`squared_distances`, fastkd/kernels/gram.py).
 
-Numerics: the angle at anchor i is read from E by polarisation, V_jk = (x_j - x_i).(x_k - x_i)
-= (E_ij + E_ik - E_jk) / 2, whose error is about u64 (E_ij + E_ik + E_jk) <= 3 u64
-max(n_j, n_k)^2: relative to n_j n_k, 1e-9 at a gap/spread ratio of 1e-7 (the float32
-reference: 1e-7 on every angle). Buffers are (N, N) at most: the N^3 angles are read from E
-one anchor at a time.
+The angle at anchor i is read from E by polarisation, V_jk = (x_j - x_i).(x_k - x_i)
+= (E_ij + E_ik - E_jk) / 2, A_jk = V_jk / (n_j n_k), n_j = sqrt(E_ij). Buffers are (N, N) at
+most: the N^3 angles are read from E one anchor at a time.
+
+Two paths, each in kernels of its own:
+  exact  (`_rkd_angle_fwd_kernel`, `_rkd_angle_grad_kernel`) in float64: V's error is about
+         u64 (E_ij + E_ik + E_jk) <= 3 u64 max(n_j, n_k)^2, relative to n_j n_k 1e-9 at a
+         gap/spread ratio of 1e-7 (the float32 reference: about 1e-7 on every angle).
+         Float64 inputs take it for every anchor.
+  fast   (`_rkd_angle_fwd_fast_kernel`, `_rkd_angle_grad_fast_kernel`) in float32 only, for
+         float32, bfloat16 and float16 inputs. E arrives as two float32 matrices, E = hi + lo
+         to 2^-48 (`split`), and V is summed compensated: hi_ij + hi_ik - hi_jk with its
+         rounding errors kept (Knuth's two-sum), plus the lo terms. V's error is then about
+         u32 |V| + 4 u32^2 (E_ij + E_ik + E_jk), relative to n_j n_k about
+         1e-7 + 1e-14 (rho + 1/rho + 1) with rho = n_j / n_k, the ratio of two distances
+         from the anchor. An anchor whose distances (live ones, E >= NORM_EPS^2) spread over
+         more than FAST_RATIO (rho up to 1e5: 1e-9 on an angle) on either side, or whose E
+         could overflow float32, takes the exact path; every other anchor the fast one.
+         A near-duplicate pair flags just its two anchors.
+The anchors are ordered exact first (`anchor_order`): `count` of them, read on the device,
+so choosing a path costs no host sync. Each kernel takes its own anchors from the order.
 """
 import torch
 import triton
@@ -18,6 +34,11 @@ from .gram import BLOCK, TILE_WARPS, _load_tile, _smooth_l1
 # Directions shorter than this (E below its square) count as zero; F.normalize's clamp.
 NORM_EPS = 1e-12
 _NORM_EPS_SQ = tl.constexpr(NORM_EPS * NORM_EPS)  # kernels read only constexpr globals
+# The fast path's limits, per anchor and side: the largest over the smallest live squared
+# distance (rho^2, see the module docstring), and the largest squared distance whose sums
+# of three stay finite in float32.
+FAST_RATIO_SQ = 1e10
+FAST_MAX = 1e37
 
 
 # --- RKD angle ----------------------------------------------------------------
@@ -36,24 +57,57 @@ _NORM_EPS_SQ = tl.constexpr(NORM_EPS * NORM_EPS)  # kernels read only constexpr 
 #   Z_ik -= q_ik = c inv_k sum_j u_ijk dead_j                         (per anchor, u symmetric)
 # with c = 2 / NORM_EPS, applied on the host side in float64 (a Python float constant in a
 # kernel is a float32, 4e-9 off here). The per-anchor terms are row sums over k that the
-# forward kernel takes while the angles are at hand; the rest is one tile kernel over all
-# anchors.
+# forward kernels take while the angles are at hand; the rest is one tile kernel per path
+# over its anchors.
+#
+# A side's E reaches the shared pieces below as (hi, lo) pointers; the exact path passes
+# E twice and never reads lo (EXACT).
 
 @triton.jit
-def _directions(e_ptr, row_i, rows, N):
-    """E[i, rows], inv = 1 / n (0 for a zero direction) and dead = [zero direction] (0
-    outside) for anchor i; row_i = i * N in int64."""
+def _two_sum(a, b):
+    """(s, err) with s = fl(a + b) and a + b = s + err exactly (Knuth; no products, so the
+    compiler's multiply-add contraction cannot change it)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+@triton.jit
+def _directions(h_ptr, l_ptr, row_i, rows, N, EXACT: tl.constexpr):
+    """E[i, rows] as (hi, lo) (lo = hi, unused, for EXACT), inv = 1 / n (0 for a zero
+    direction) and dead = [zero direction] (0 outside) for anchor i; row_i = i * N in int64."""
     ok = rows < N
-    e = tl.load(e_ptr + row_i + rows, mask=ok, other=0.0)
+    e = tl.load(h_ptr + row_i + rows, mask=ok, other=0.0)
+    if EXACT:
+        e_lo = e
+    else:
+        e_lo = tl.load(l_ptr + row_i + rows, mask=ok, other=0.0)
     live = e >= _NORM_EPS_SQ
     inv = tl.where(live, 1.0 / sqrt(tl.where(live, e, 1.0)), 0.0)
-    return e, inv, (ok & ~live).to(e.dtype)
+    return e, e_lo, inv, (ok & ~live).to(e.dtype)
 
 
 @triton.jit
-def _angle_tile(ejk, eij, eik, inv_j, inv_k, rj, rk, ok):
+def _tile(h_ptr, l_ptr, rj, rk, N, EXACT: tl.constexpr):
+    """The (rj, rk) tile of E as (hi, lo), as _directions."""
+    e = _load_tile(h_ptr, rj, rk, N, N)
+    if EXACT:
+        e_lo = e
+    else:
+        e_lo = _load_tile(l_ptr, rj, rk, N, N)
+    return e, e_lo
+
+
+@triton.jit
+def _angle_tile(ejk, ejk_lo, eij, eij_lo, eik, eik_lo, inv_j, inv_k, rj, rk, ok, EXACT: tl.constexpr):
     """A_jk; on j = k exactly 1 for a live direction (inv_j > 0), 0 for a zero one."""
-    a = 0.5 * ((eij[:, None] + eik[None, :]) - ejk) * inv_j[:, None] * inv_k[None, :]
+    if EXACT:
+        v = (eij[:, None] + eik[None, :]) - ejk
+    else:
+        s, err = _two_sum(eij[:, None], eik[None, :])
+        v, err2 = _two_sum(s, -ejk)
+        v = v + ((err + err2) + ((eij_lo[:, None] + eik_lo[None, :]) - ejk_lo))
+    a = 0.5 * v * inv_j[:, None] * inv_k[None, :]
     a = tl.where(rj[:, None] == rk[None, :], (inv_j > 0).to(a.dtype)[:, None], a)
     return tl.where(ok, a, 0.0)
 
@@ -75,79 +129,107 @@ def _store_angle_stats(out, plane, ok, u_inv, u_a, u_dead, inv, dead):
 
 
 @triton.jit
-def _rkd_angle_fwd_kernel(es_ptr, et_ptr, part_ptr, stats_ptr, lo, N,
-                          STATS: tl.constexpr, BLOCK: tl.constexpr):
-    """Anchor i = lo + program 0 (the anchors lo:lo + R, R programs), rows j of one block,
-    all k: part = sum h(A_s - A_t).
-
-    With STATS, per side and row j the row sums sum_k u inv_k, sum_k u A and sum_k u dead_k,
-    stored as w1, s, q at [stat, i - lo, j] of stats (6, R, N): student 0-2, teacher 3-5."""
-    i = lo + tl.program_id(0)
+def _angle_fwd(hs_ptr, ls_ptr, ht_ptr, lt_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
+               EXACT: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr):
+    """The forward kernels' body (see _rkd_angle_fwd_kernel), over this path's anchors."""
+    t = tl.program_id(0)
+    count = tl.load(count_ptr)
     rj = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    row_i = i.to(tl.int64) * N
-    eij_s, invj_s, deadj_s = _directions(es_ptr, row_i, rj, N)
-    eij_t, invj_t, deadj_t = _directions(et_ptr, row_i, rj, N)
-    loss = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
-    ui_s = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
-    ua_s = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
-    ud_s = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
-    ui_t = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
-    ua_t = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
-    ud_t = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
-    for start in range(0, N, BLOCK):
-        rk = start + tl.arange(0, BLOCK)
-        ok = (rj[:, None] < N) & (rk[None, :] < N)
-        eik_s, invk_s, deadk_s = _directions(es_ptr, row_i, rk, N)
-        eik_t, invk_t, deadk_t = _directions(et_ptr, row_i, rk, N)
-        a_s = _angle_tile(_load_tile(es_ptr, rj, rk, N, N), eij_s, eik_s, invj_s, invk_s, rj, rk, ok)
-        a_t = _angle_tile(_load_tile(et_ptr, rj, rk, N, N), eij_t, eik_t, invj_t, invk_t, rj, rk, ok)
-        loss += tl.sum(_smooth_l1(a_s - a_t), 1)
+    part = part_ptr + t.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    if EXACT:
+        mine = t < count
+    else:
+        mine = t >= count
+    if mine:
+        i = tl.load(order_ptr + t)
+        row_i = i.to(tl.int64) * N
+        eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, row_i, rj, N, EXACT)
+        eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, row_i, rj, N, EXACT)
+        loss = tl.zeros([BLOCK], dtype=hs_ptr.dtype.element_ty)
+        ui_s = tl.zeros([BLOCK], dtype=hs_ptr.dtype.element_ty)
+        ua_s = tl.zeros([BLOCK], dtype=hs_ptr.dtype.element_ty)
+        ud_s = tl.zeros([BLOCK], dtype=hs_ptr.dtype.element_ty)
+        ui_t = tl.zeros([BLOCK], dtype=hs_ptr.dtype.element_ty)
+        ua_t = tl.zeros([BLOCK], dtype=hs_ptr.dtype.element_ty)
+        ud_t = tl.zeros([BLOCK], dtype=hs_ptr.dtype.element_ty)
+        for start in range(0, N, BLOCK):
+            rk = start + tl.arange(0, BLOCK)
+            ok = (rj[:, None] < N) & (rk[None, :] < N)
+            eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, row_i, rk, N, EXACT)
+            eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, row_i, rk, N, EXACT)
+            ejk_s, ljk_s = _tile(hs_ptr, ls_ptr, rj, rk, N, EXACT)
+            ejk_t, ljk_t = _tile(ht_ptr, lt_ptr, rj, rk, N, EXACT)
+            a_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, rj, rk, ok, EXACT)
+            a_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, rj, rk, ok, EXACT)
+            loss += tl.sum(_smooth_l1(a_s - a_t), 1)
+            if STATS:
+                u = _angle_u(a_s, a_t, rj, rk)
+                ui_s += tl.sum(u * invk_s[None, :], 1)
+                ua_s += tl.sum(u * a_s, 1)
+                ud_s += tl.sum(u * deadk_s[None, :], 1)
+                ui_t -= tl.sum(u * invk_t[None, :], 1)
+                ua_t -= tl.sum(u * a_t, 1)
+                ud_t -= tl.sum(u * deadk_t[None, :], 1)
+        tl.store(part, tl.sum(loss, 0))
         if STATS:
-            u = _angle_u(a_s, a_t, rj, rk)
-            ui_s += tl.sum(u * invk_s[None, :], 1)
-            ua_s += tl.sum(u * a_s, 1)
-            ud_s += tl.sum(u * deadk_s[None, :], 1)
-            ui_t -= tl.sum(u * invk_t[None, :], 1)
-            ua_t -= tl.sum(u * a_t, 1)
-            ud_t -= tl.sum(u * deadk_t[None, :], 1)
-    tl.store(part_ptr + tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1),
-             tl.sum(loss, 0))
-    if STATS:
-        plane = tl.num_programs(0).to(tl.int64) * N
-        out = stats_ptr + tl.program_id(0).to(tl.int64) * N + rj
-        _store_angle_stats(out, plane, rj < N, ui_s, ua_s, ud_s, invj_s, deadj_s)
-        _store_angle_stats(out + 3 * plane, plane, rj < N, ui_t, ua_t, ud_t, invj_t, deadj_t)
+            plane = tl.num_programs(0).to(tl.int64) * N
+            out = stats_ptr + (i - lo).to(tl.int64) * N + rj
+            _store_angle_stats(out, plane, rj < N, ui_s, ua_s, ud_s, invj_s, deadj_s)
+            _store_angle_stats(out + 3 * plane, plane, rj < N, ui_t, ua_t, ud_t, invj_t, deadj_t)
+    else:
+        tl.store(part, 0.0)
 
 
 @triton.jit
-def _rkd_angle_grad_kernel(es_ptr, et_ptr, out_ptr, lo, R, N, ALL: tl.constexpr, BLOCK: tl.constexpr):
-    """The (j, k) tile of w2 and z2 / c (see the section's header) on each side, summed over
-    the anchors i in lo:lo + R, or all N with ALL (one process: lo and R unused, its loop
-    the one it had without them);
-    out (4, N, N) = (w2_s, z2_s / c, w2_t, z2_t / c)."""
+def _rkd_angle_fwd_kernel(es_ptr, et_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
+                          STATS: tl.constexpr, BLOCK: tl.constexpr):
+    """The exact path (float64 E). Program (t, b): anchor i = order[t] if t < count (else
+    part 0), rows j of block b, all k: part = sum h(A_s - A_t).
+
+    With STATS, per side and row j the row sums sum_k u inv_k, sum_k u A and sum_k u dead_k,
+    stored as w1, s, q at [stat, i - lo, j] of stats (6, R, N) (the anchors lo:lo + R, R
+    programs): student 0-2, teacher 3-5."""
+    _angle_fwd(es_ptr, es_ptr, et_ptr, et_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
+               EXACT=True, STATS=STATS, BLOCK=BLOCK)
+
+
+@triton.jit
+def _rkd_angle_fwd_fast_kernel(hs_ptr, ls_ptr, ht_ptr, lt_ptr, order_ptr, count_ptr, part_ptr, stats_ptr,
+                               lo, N, STATS: tl.constexpr, BLOCK: tl.constexpr):
+    """The fast path (float32, E = hi + lo): _rkd_angle_fwd_kernel for the anchors
+    order[t], t >= count."""
+    _angle_fwd(hs_ptr, ls_ptr, ht_ptr, lt_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
+               EXACT=False, STATS=STATS, BLOCK=BLOCK)
+
+
+@triton.jit
+def _angle_grad(hs_ptr, ls_ptr, ht_ptr, lt_ptr, order_ptr, count_ptr, out_ptr, R, N,
+                EXACT: tl.constexpr, BLOCK: tl.constexpr):
+    """The tile kernels' body (see _rkd_angle_grad_kernel), over this path's anchors."""
     rj = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = (rj[:, None] < N) & (rk[None, :] < N)
-    ejk_s = _load_tile(es_ptr, rj, rk, N, N)
-    ejk_t = _load_tile(et_ptr, rj, rk, N, N)
-    w_s = tl.zeros([BLOCK, BLOCK], dtype=es_ptr.dtype.element_ty)
-    z_s = tl.zeros([BLOCK, BLOCK], dtype=es_ptr.dtype.element_ty)
-    w_t = tl.zeros([BLOCK, BLOCK], dtype=es_ptr.dtype.element_ty)
-    z_t = tl.zeros([BLOCK, BLOCK], dtype=es_ptr.dtype.element_ty)
-    if ALL:
+    ejk_s, ljk_s = _tile(hs_ptr, ls_ptr, rj, rk, N, EXACT)
+    ejk_t, ljk_t = _tile(ht_ptr, lt_ptr, rj, rk, N, EXACT)
+    w_s = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+    z_s = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+    w_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+    z_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+    count = tl.load(count_ptr)
+    if EXACT:
         first = 0
-        end = N
+        end = count
     else:
-        first = lo
-        end = lo + R
-    for i in range(first, end):
-        row_i = tl.cast(i, tl.int64) * N
-        eij_s, invj_s, deadj_s = _directions(es_ptr, row_i, rj, N)
-        eik_s, invk_s, _ = _directions(es_ptr, row_i, rk, N)
-        eij_t, invj_t, deadj_t = _directions(et_ptr, row_i, rj, N)
-        eik_t, invk_t, _ = _directions(et_ptr, row_i, rk, N)
-        a_s = _angle_tile(ejk_s, eij_s, eik_s, invj_s, invk_s, rj, rk, ok)
-        a_t = _angle_tile(ejk_t, eij_t, eik_t, invj_t, invk_t, rj, rk, ok)
+        first = count
+        end = R
+    for t in range(first, end):
+        row_i = tl.load(order_ptr + t).to(tl.int64) * N
+        eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, row_i, rj, N, EXACT)
+        eik_s, lik_s, invk_s, _ = _directions(hs_ptr, ls_ptr, row_i, rk, N, EXACT)
+        eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, row_i, rj, N, EXACT)
+        eik_t, lik_t, invk_t, _ = _directions(ht_ptr, lt_ptr, row_i, rk, N, EXACT)
+        a_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, rj, rk, ok, EXACT)
+        a_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, rj, rk, ok, EXACT)
         u = _angle_u(a_s, a_t, rj, rk)
         w_s += u * invj_s[:, None] * invk_s[None, :]
         z_s += u * deadj_s[:, None] * invk_s[None, :]
@@ -155,40 +237,102 @@ def _rkd_angle_grad_kernel(es_ptr, et_ptr, out_ptr, lo, R, N, ALL: tl.constexpr,
         z_t -= u * deadj_t[:, None] * invk_t[None, :]
     plane = N.to(tl.int64) * N
     out = out_ptr + rj[:, None].to(tl.int64) * N + rk[None, :]
-    tl.store(out, -0.5 * w_s, mask=ok)
+    w_s = -0.5 * w_s
+    w_t = -0.5 * w_t
+    if not EXACT:  # the exact kernel ran first and left its anchors' sums here
+        w_s += tl.load(out, mask=ok, other=0.0)
+        z_s += tl.load(out + plane, mask=ok, other=0.0)
+        w_t += tl.load(out + 2 * plane, mask=ok, other=0.0)
+        z_t += tl.load(out + 3 * plane, mask=ok, other=0.0)
+    tl.store(out, w_s, mask=ok)
     tl.store(out + plane, z_s, mask=ok)
-    tl.store(out + 2 * plane, -0.5 * w_t, mask=ok)
+    tl.store(out + 2 * plane, w_t, mask=ok)
     tl.store(out + 3 * plane, z_t, mask=ok)
 
 
-def rkd_angle_forward(e_s, e_t, with_stats, lo=0, anchors=None):
-    """(N^3 * loss, stats (6, R, N) for backward, or None); e_* the squared distances (N, N).
+@triton.jit
+def _rkd_angle_grad_kernel(es_ptr, et_ptr, order_ptr, count_ptr, out_ptr, R, N, BLOCK: tl.constexpr):
+    """The exact path (float64 E): the (j, k) tile of w2 and z2 / c (see the section's
+    header) on each side, summed over the anchors order[t], t < count;
+    out (4, N, N) = (w2_s, z2_s / c, w2_t, z2_t / c), written whole."""
+    _angle_grad(es_ptr, es_ptr, et_ptr, et_ptr, order_ptr, count_ptr, out_ptr, R, N, EXACT=True, BLOCK=BLOCK)
+
+
+@triton.jit
+def _rkd_angle_grad_fast_kernel(hs_ptr, ls_ptr, ht_ptr, lt_ptr, order_ptr, count_ptr, out_ptr, R, N,
+                                BLOCK: tl.constexpr):
+    """The fast path (float32, E = hi + lo): _rkd_angle_grad_kernel's sums over the anchors
+    order[t], count <= t < R, added to what out holds."""
+    _angle_grad(hs_ptr, ls_ptr, ht_ptr, lt_ptr, order_ptr, count_ptr, out_ptr, R, N, EXACT=False,
+                BLOCK=BLOCK)
+
+
+def split(e):
+    """(hi, lo) float32 with hi + lo = e (float64) to about 2^-48 relative."""
+    hi = e.to(torch.float32)
+    return hi, (e - hi.to(e.dtype)).to(torch.float32)
+
+
+def anchor_order(e_s, e_t, lo, anchors, fast):
+    """(order, count): the anchors lo:lo + anchors, those that take the exact path first
+    (count of them, an int32 tensor on the device). Without fast, every anchor is exact."""
+    device = e_s.device
+    order = torch.arange(lo, lo + anchors, device=device, dtype=torch.int32)
+    if not fast:
+        return order, torch.full((1,), anchors, device=device, dtype=torch.int32)
+    exact = torch.zeros(anchors, dtype=torch.bool, device=device)
+    for e in (e_s, e_t):
+        rows = e[lo:lo + anchors]
+        top = rows.amax(1)
+        low = torch.where(rows >= NORM_EPS ** 2, rows, torch.inf).amin(1)
+        # not (<=): a NaN row takes the exact path, which gives the reference's NaN.
+        exact |= ~((top <= FAST_RATIO_SQ * low) | (top < NORM_EPS ** 2)) | ~(top <= FAST_MAX)
+    first = torch.argsort(~exact, stable=True)
+    return order[first], exact.sum(dtype=torch.int32).reshape(1)
+
+
+def rkd_angle_forward(e_s, e_t, with_stats, lo=0, anchors=None, fast=False):
+    """(N^3 * loss, stats for backward, or None); e_* the squared distances (N, N) float64.
     anchors: only the angles at the anchors lo:lo + anchors (R of them; all N by default),
-    a global batch's share of the loss."""
+    a global batch's share of the loss. fast: float32 arithmetic for the anchors it suits
+    (the module docstring), for inputs that are not float64.
+    stats = (w1, s, q per side (6, R, N), order, count), float32 on the fast path."""
     n = len(e_s)
     anchors = n if anchors is None else anchors
     nb = cdiv(n, BLOCK)
+    order, count = anchor_order(e_s, e_t, lo, anchors, fast)
+    dtype = torch.float32 if fast else e_s.dtype
+    stats = torch.empty((6, anchors, n) if with_stats else (1,), dtype=dtype, device=e_s.device)
     part = torch.empty(anchors * nb, dtype=e_s.dtype, device=e_s.device)
-    stats = torch.empty((6, anchors, n) if with_stats else (1,), dtype=e_s.dtype, device=e_s.device)
-    _rkd_angle_fwd_kernel[(anchors, nb)](e_s, e_t, part, stats, lo, n, STATS=with_stats, BLOCK=BLOCK,
-                                         num_warps=TILE_WARPS)
-    return part.sum(), (stats if with_stats else None)
+    _rkd_angle_fwd_kernel[(anchors, nb)](e_s, e_t, order, count, part, stats, lo, n, STATS=with_stats,
+                                         BLOCK=BLOCK, num_warps=TILE_WARPS)
+    total = part.sum()
+    if fast:
+        part = torch.empty(anchors * nb, dtype=dtype, device=e_s.device)
+        _rkd_angle_fwd_fast_kernel[(anchors, nb)](*split(e_s), *split(e_t), order, count, part, stats, lo, n,
+                                                  STATS=with_stats, BLOCK=BLOCK, num_warps=TILE_WARPS)
+        total = total + part.sum(dtype=e_s.dtype)
+    return total, ((stats, order, count) if with_stats else None)
 
 
-def rkd_angle_backward(e_s, e_t, stats, lo=0):
+def rkd_angle_backward(e_s, e_t, saved, lo=0):
     """(M_s, r_s, M_t, r_t) with N^3 dL/dX = M X + r * X on each side: M = Z - 2 S,
     r = 2 rowsum(S), from the forward's per-anchor stats (of the anchors lo:lo + R, R =
-    stats.shape[1]) and the tile kernel's sums over the same anchors; M (N, N) and r (N,)
-    reach every row."""
+    stats.shape[1]) and the tile kernels' sums over the same anchors; M (N, N) and r (N,)
+    float64 reach every row."""
+    stats, order, count = saved
     n = len(e_s)
     anchors = stats.shape[1]
     nb = cdiv(n, BLOCK)
-    tiles = torch.empty((4, n, n), dtype=e_s.dtype, device=e_s.device)
-    every = anchors == n
-    # The anchors lo:lo + R hold their loop bound in one more register, which spilled at
-    # TILE_WARPS (sm_80, sm_90); twice the warps (half the tile per thread) do not.
-    _rkd_angle_grad_kernel[(nb, nb)](e_s, e_t, tiles, lo, anchors, n, ALL=every, BLOCK=BLOCK,
-                                     num_warps=TILE_WARPS if every else 2 * TILE_WARPS)
+    tiles = torch.empty((4, n, n), dtype=stats.dtype, device=e_s.device)
+    # The anchors' loop bound, read from the device, holds one more register, which spilled at
+    # TILE_WARPS in float64 (sm_80, sm_90); twice the warps (half the tile per thread) do not.
+    _rkd_angle_grad_kernel[(nb, nb)](e_s, e_t, order, count, tiles, anchors, n, BLOCK=BLOCK,
+                                     num_warps=2 * TILE_WARPS)
+    if stats.dtype != e_s.dtype:
+        _rkd_angle_grad_fast_kernel[(nb, nb)](*split(e_s), *split(e_t), order, count, tiles, anchors, n,
+                                              BLOCK=BLOCK, num_warps=TILE_WARPS)
+        stats, tiles = stats.to(e_s.dtype), tiles.to(e_s.dtype)
     hi = lo + anchors
     out = []
     for (w1, s, q), (w2, z2) in ((stats[:3], tiles[:2]), (stats[3:], tiles[2:])):
@@ -205,4 +349,3 @@ def rkd_angle_backward(e_s, e_t, stats, lo=0):
         # Z_ii = sum_j s_ij, set as minus the rest of row i (see zero_row_sums).
         out += [zero_row_sums(z) - 2 * sym, 2 * sym.sum(1)]
     return tuple(out)
-
