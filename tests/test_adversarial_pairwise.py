@@ -123,3 +123,76 @@ def test_rkd_on_a_spread_batch_with_a_near_duplicate_pair(impl, gap_exp):
         s, t = inputs(9, 16, "spread", gap_exp, False, torch.float32, 3)
         loss = loss_and_grads(op, impl, s, t, torch.tensor(1.0))[0]
         assert loss < 2 * (1 if op != "rkd" else 75), f"{op}: {loss}"  # smooth_l1 of unit-scale relations
+
+
+def _planted(n, d, pairs, gap, seed):
+    """Spread rows (n, d) float64 with a near-duplicate of row a at row b for each (a, b) in
+    pairs, gap/spread = gap: the anchors RKD's float32 angle path hands to its exact one."""
+    x = rows(n, d, "spread", seed, gap_exp=2)
+    gen = torch.Generator().manual_seed(seed + 1)
+    spread = x.norm(dim=1).max()
+    for a, b in pairs:
+        x[b] = x[a] + torch.randn(d, generator=gen, dtype=x.dtype) * (spread * gap / d ** 0.5)
+    return x
+
+
+@pytest.mark.parametrize("near", [False, True])
+def test_rkd_angle_exact_anchors_in_many_tiles(near):
+    """Near-duplicate pairs in three of the three row blocks (N = 70, 32-row tiles) and across
+    them: their anchors take the float64 path, every other one the float32 path, and the
+    mix, loss and gradients, stays within the reference's own float32 error."""
+    from fastkd.kernels import angle, gram
+    pairs = ((0, 1), (33, 34), (40, 66))
+    s = _planted(70, 12, pairs, 1e-7, 5)
+    t = s * (1 + 1e-3 * torch.randn(s.shape, generator=torch.Generator().manual_seed(9), dtype=s.dtype)) \
+        if near else _planted(70, 15, pairs[1:], 1e-7, 6)
+    e_s, e_t = (gram.squared_distances(x.float()) for x in (s, t))
+    order, count = angle.anchor_order(e_s, e_t, 0, 70, fast=True)
+    assert sorted(order[:int(count)].tolist()) == [0, 1, 33, 34, 40, 66]
+    assert sorted(order.tolist()) == list(range(70))
+    grad_out = torch.tensor(0.75, dtype=torch.float64)
+    exact = loss_and_grads("rkd_angle", "reference", s, t, grad_out)
+    ref = loss_and_grads("rkd_angle", "reference", s.float(), t.float(), grad_out)
+    fast = loss_and_grads("rkd_angle", "triton", s.float(), t.float(), grad_out)
+    for name, a, r, e in zip(("loss", "grad_s", "grad_t"), fast, ref, exact):
+        assert_within_reference_error(a, r, e, msg=f"near={near} {name}")
+
+
+@pytest.mark.parametrize("near", [False, True])
+def test_rkd_angle_fast_path_on_distances_spread_over_thousands(near):
+    """Every anchor on the float32 path (no close pair), with distances from one anchor
+    spread over three decades: uncompensated float32 polarisation is 1e-4 off on an angle
+    here; the compensated sums keep loss and gradients within the reference's own error."""
+    from fastkd.kernels import angle, gram
+    s = rows(40, 12, "spread", 5, gap_exp=2)
+    t = s * (1 + 1e-3 * torch.randn(s.shape, generator=torch.Generator().manual_seed(9), dtype=s.dtype)) \
+        if near else rows(40, 15, "spread", 6, gap_exp=2)
+    e_s, e_t = (gram.squared_distances(x.float()) for x in (s, t))
+    assert int(angle.anchor_order(e_s, e_t, 0, 40, fast=True)[1]) == 0
+    grad_out = torch.tensor(1.25, dtype=torch.float64)
+    exact = loss_and_grads("rkd_angle", "reference", s, t, grad_out)
+    ref = loss_and_grads("rkd_angle", "reference", s.float(), t.float(), grad_out)
+    fast = loss_and_grads("rkd_angle", "triton", s.float(), t.float(), grad_out)
+    for name, a, r, e in zip(("loss", "grad_s", "grad_t"), fast, ref, exact):
+        assert_within_reference_error(a, r, e, msg=f"near={near} {name}")
+
+
+def test_rkd_angle_paths_by_input():
+    """Float64 inputs take the exact path at every anchor; float32 rows without a close pair
+    the fast one at every anchor; a NaN row's anchor the exact one (the reference's NaN)."""
+    from fastkd.kernels import angle, gram
+    x = rows(20, 8, "offset", 0)
+    e64 = gram.squared_distances(x)
+    assert int(angle.anchor_order(e64, e64, 0, 20, fast=False)[1]) == 20
+    e32 = gram.squared_distances(x.float())
+    assert int(angle.anchor_order(e32, e32, 0, 20, fast=True)[1]) == 0
+    y = x.float().clone()
+    y[3] = float("nan")
+    e_nan = gram.squared_distances(y)
+    order, count = angle.anchor_order(e32, e_nan, 0, 20, fast=True)
+    assert int(count) == 20  # every anchor sees the NaN row
+    # A global batch's share: the anchors 5:12 only, their offsets kept.
+    order, count = angle.anchor_order(e32, e32, 5, 7, fast=True)
+    assert sorted(order.tolist()) == list(range(5, 12)) and int(count) == 0
+    loss = backend.IMPLEMENTATIONS["rkd_angle"]["triton"](x.float(), y)
+    assert torch.isnan(loss)
