@@ -203,51 +203,69 @@ def _rkd_angle_fwd_fast_kernel(hs_ptr, ls_ptr, ht_ptr, lt_ptr, order_ptr, count_
 
 
 @triton.jit
+def _add_tile(out, rows, cols, N, ok, value, ADD: tl.constexpr):
+    """out[rows, cols] = value, or += value with ADD."""
+    ptr = out + rows[:, None].to(tl.int64) * N + cols[None, :]
+    if ADD:
+        value += tl.load(ptr, mask=ok, other=0.0)
+    tl.store(ptr, value, mask=ok)
+
+
+@triton.jit
+def _store_grad_tile(out, plane, rj, rk, N, ok, w, z, z_t, ADD: tl.constexpr):
+    """One side's w2 (symmetric) and z2 at the (j, k) tile and, off the diagonal, at the
+    (k, j) one (z_t: z2's (k, j) entries, indexed (j, k))."""
+    _add_tile(out, rj, rk, N, ok, w, ADD)
+    _add_tile(out + plane, rj, rk, N, ok, z, ADD)
+    if tl.program_id(0) != tl.program_id(1):
+        _add_tile(out, rk, rj, N, tl.trans(ok), tl.trans(w), ADD)
+        _add_tile(out + plane, rk, rj, N, tl.trans(ok), tl.trans(z_t), ADD)
+
+
+@triton.jit
 def _angle_grad(hs_ptr, ls_ptr, ht_ptr, lt_ptr, order_ptr, count_ptr, out_ptr, R, N,
                 EXACT: tl.constexpr, BLOCK: tl.constexpr):
-    """The tile kernels' body (see _rkd_angle_grad_kernel), over this path's anchors."""
-    rj = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    rk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = (rj[:, None] < N) & (rk[None, :] < N)
-    ejk_s, ljk_s = _tile(hs_ptr, ls_ptr, rj, rk, N, EXACT)
-    ejk_t, ljk_t = _tile(ht_ptr, lt_ptr, rj, rk, N, EXACT)
-    w_s = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
-    z_s = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
-    w_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
-    z_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
-    count = tl.load(count_ptr)
-    if EXACT:
-        first = 0
-        end = count
-    else:
-        first = count
-        end = R
-    for t in range(first, end):
-        row_i = tl.load(order_ptr + t).to(tl.int64) * N
-        eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, row_i, rj, N, EXACT)
-        eik_s, lik_s, invk_s, _ = _directions(hs_ptr, ls_ptr, row_i, rk, N, EXACT)
-        eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, row_i, rj, N, EXACT)
-        eik_t, lik_t, invk_t, _ = _directions(ht_ptr, lt_ptr, row_i, rk, N, EXACT)
-        a_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, rj, rk, ok, EXACT)
-        a_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, rj, rk, ok, EXACT)
-        u = _angle_u(a_s, a_t, rj, rk)
-        w_s += u * invj_s[:, None] * invk_s[None, :]
-        z_s += u * deadj_s[:, None] * invk_s[None, :]
-        w_t -= u * invj_t[:, None] * invk_t[None, :]
-        z_t -= u * deadj_t[:, None] * invk_t[None, :]
-    plane = N.to(tl.int64) * N
-    out = out_ptr + rj[:, None].to(tl.int64) * N + rk[None, :]
-    w_s = -0.5 * w_s
-    w_t = -0.5 * w_t
-    if not EXACT:  # the exact kernel ran first and left its anchors' sums here
-        w_s += tl.load(out, mask=ok, other=0.0)
-        z_s += tl.load(out + plane, mask=ok, other=0.0)
-        w_t += tl.load(out + 2 * plane, mask=ok, other=0.0)
-        z_t += tl.load(out + 3 * plane, mask=ok, other=0.0)
-    tl.store(out, w_s, mask=ok)
-    tl.store(out + plane, z_s, mask=ok)
-    tl.store(out + 2 * plane, w_t, mask=ok)
-    tl.store(out + 3 * plane, z_t, mask=ok)
+    """The tile kernels' body (see _rkd_angle_grad_kernel), over this path's anchors.
+    u is symmetric in (j, k), so only the tiles on and above the diagonal are computed, each
+    giving its transpose too: w2 is symmetric, z2's (k, j) entries are sum_i u dead_k inv_j."""
+    if tl.program_id(0) <= tl.program_id(1):
+        rj = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        rk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = (rj[:, None] < N) & (rk[None, :] < N)
+        ejk_s, ljk_s = _tile(hs_ptr, ls_ptr, rj, rk, N, EXACT)
+        ejk_t, ljk_t = _tile(ht_ptr, lt_ptr, rj, rk, N, EXACT)
+        w_s = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+        z_s = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+        zt_s = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+        w_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+        z_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+        zt_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+        count = tl.load(count_ptr)
+        if EXACT:
+            first = 0
+            end = count
+        else:
+            first = count
+            end = R
+        for t in range(first, end):
+            row_i = tl.load(order_ptr + t).to(tl.int64) * N
+            eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, row_i, rj, N, EXACT)
+            eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, row_i, rk, N, EXACT)
+            eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, row_i, rj, N, EXACT)
+            eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, row_i, rk, N, EXACT)
+            a_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, rj, rk, ok, EXACT)
+            a_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, rj, rk, ok, EXACT)
+            u = _angle_u(a_s, a_t, rj, rk)
+            w_s += u * invj_s[:, None] * invk_s[None, :]
+            z_s += u * deadj_s[:, None] * invk_s[None, :]
+            zt_s += u * invj_s[:, None] * deadk_s[None, :]
+            w_t -= u * invj_t[:, None] * invk_t[None, :]
+            z_t -= u * deadj_t[:, None] * invk_t[None, :]
+            zt_t -= u * invj_t[:, None] * deadk_t[None, :]
+        plane = N.to(tl.int64) * N
+        # Not EXACT: the exact kernel ran first and left its anchors' sums in out.
+        _store_grad_tile(out_ptr, plane, rj, rk, N, ok, -0.5 * w_s, z_s, zt_s, not EXACT)
+        _store_grad_tile(out_ptr + 2 * plane, plane, rj, rk, N, ok, -0.5 * w_t, z_t, zt_t, not EXACT)
 
 
 @triton.jit
