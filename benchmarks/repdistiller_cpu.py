@@ -3,8 +3,8 @@
     python benchmarks/repdistiller_cpu.py /path/to/RepDistiller
 
 At the shapes RepDistiller's CIFAR-100 scripts give (batch 64; resnet32x4 -> resnet8x4):
-RKDLoss on the penultimate features (64, 256) and at larger batches; NSTLoss on the three
-blocks' maps (64, 64, 32, 32), (64, 128, 16, 16), (64, 256, 8, 8). Best of repeated
+RKDLoss on the penultimate features (64, 256) and at larger batches; NSTLoss and Attention
+on the three blocks' maps (64, 64, 32, 32), (64, 128, 16, 16), (64, 256, 8, 8). Best of repeated
 interleaved runs, float32, 1 thread, process CPU time (robust to other jobs on the machine), after a
 warm-up; prints a Markdown table.
 """
@@ -70,8 +70,12 @@ def main(root, repeat=7):
     rows.append(("NSTLoss resnet8x4 blocks 1-3",
                  *_times([_step(zoo.NSTLoss(), make), _step(compat.NSTLoss(), make),
                           _step(lambda gs, gt: [own(s, t) for s, t in zip(gs, gt)], make)], repeat)))
+    own_at = fastkd.AT(2)
+    rows.append(("Attention resnet8x4 blocks 1-3",
+                 *_times([_step(zoo.Attention(), make), _step(compat.Attention(), make),
+                          _step(lambda gs, gt: [own_at(s, t) for s, t in zip(gs, gt)], make)], repeat)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, forward + backward, best-of CPU ms")
-    print("| loss, shape | RepDistiller ms | fastkd.compat ms | x | fastkd.RKD / fastkd.NST ms |")
+    print("| loss, shape | RepDistiller ms | fastkd.compat ms | x | fastkd.RKD / fastkd.NST / fastkd.AT ms |")
     print("|---|---|---|---|---|")
     for name, a, b, c in rows:
         print(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.1f}x | {c:.1f} |")

@@ -225,13 +225,18 @@ def bss(attacked_out_s, attacked_out_t, T):
 
 # --- feature maps -----------------------------------------------------------
 
-def at(fm_s, fm_t, p):
+def at(fm_s, fm_t, p, *, normalize=False):
     """AT: mse(am(fm_s), am(fm_t)), am(f) = A / (||A||_2 + 1e-6), A = sum_c |f|^p.
 
     fm_s (B, C_s, H, W), fm_t (B, C_t, H, W); p > 0 (typically 2).
+    normalize=True: am(f) = normalize(mean_c |f|^p) = M / max(||M||_2, 1e-12), M = A / C_*
+    (F.normalize, RepDistiller's Attention map for even p), the gradient through the clamp as
+    autograd's (none to the norm where the clamp holds).
     """
     _maps_same_spatial(fm_s, fm_t)
     p = checks.argument("p", p)
+    if checks.flag(normalize, "normalize"):
+        return _run("at", fm_s, fm_t, p, True)
     return _run("at", fm_s, fm_t, p)
 
 

@@ -1,6 +1,10 @@
 """AT, NST and FSP: the Triton kernels (through the interpreter on CPU) and the torch CPU
 path against fastkd.reference, loss and gradients of every input under a random upstream
-gradient."""
+gradient. AT also with normalize=True (F.normalize's clamp, RepDistiller's Attention map),
+its clamp held by dead and near-1e-7 samples."""
+import functools
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given
@@ -8,9 +12,11 @@ from hypothesis import strategies as st
 
 import fastkd
 import fastkd.autograd as fa
+import test_adversarial_losses as adversarial
 from fastkd import functional as FF
+from fastkd import ops
 from fastkd import reference as R
-from helpers import TOLERANCE, assert_close, assert_within_reference_error
+from helpers import TOLERANCE, assert_close, assert_within_reference_error, route_through_operators
 
 LAYOUTS = ("contiguous", "channels_last", "strided")
 SCALES = (1.0, 1.0, 0.0, 1e3, 1e-3)
@@ -56,6 +62,9 @@ OPS = {
     "at_p2": (FF.at, R.at.at, (2,)),
     "at_p3": (FF.at, R.at.at, (3.0,)),
     "at_p1.5": (FF.at, R.at.at, (1.5,)),
+    # normalize=True: F.normalize(mean_c |f|^p), RepDistiller's Attention map.
+    "at_normalize_p2": (functools.partial(FF.at, normalize=True), functools.partial(R.at.at, normalize=True), (2,)),
+    "at_normalize_p4": (functools.partial(FF.at, normalize=True), functools.partial(R.at.at, normalize=True), (4,)),
     "nst": (FF.nst, R.nst.nst, ()),
     "fsp": (FF.fsp, R.fsp.fsp, ()),
 }
@@ -224,3 +233,135 @@ def test_teacher_without_grad():
     for fn in (lambda: fa.at(s, t, 2), lambda: fa.nst(s, t)):
         (g,) = torch.autograd.grad(fn(), [s])
         assert torch.isfinite(g).all()
+
+
+# --- AT with normalize=True: M / max(||M||, 1e-12), M = mean_c |f|^p (F.normalize) ------------
+# The clamp holds for a map whose channel mean has a norm below 1e-12: a dead (all-zero) sample,
+# or values near 1e-7 (M ~ 1e-14). Such samples sit beside ordinary ones in one batch.
+ROW_SCALES = (1.0, 1.0, 0.0, 1e-7, 3e-8, 1e-3, 1e4)
+
+
+@st.composite
+def clamped_map_pair(draw):
+    """map_pair's student and teacher, each sample scaled by one of ROW_SCALES."""
+    specs = draw(map_pair())
+    for spec in specs:
+        rows = draw(st.lists(st.sampled_from(ROW_SCALES), min_size=spec["shape"][0], max_size=spec["shape"][0]))
+        spec["scale"] = torch.tensor(rows, dtype=torch.float64).view(-1, 1, 1, 1)
+    return specs
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["at_normalize_p2", "at_normalize_p4"])
+@given(specs=map_pair())
+def test_normalized_at_matches_reference(backend, op, specs):
+    check_against_reference(op, specs, backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@given(specs=clamped_map_pair())
+def test_normalized_at_dead_and_sub_clamp_samples(backend, specs):
+    check_against_reference("at_normalize_p2", specs, backend)
+
+
+def test_normalized_at_clamp_gradient_is_autograd_s():
+    # Sample 0 below the clamp (its map is M / 1e-12, no gradient to the norm), sample 1 dead,
+    # sample 2 ordinary: autograd's F.normalize on the same float64 values, to rounding.
+    s = make_map(0, (3, 4, 3, 5), "strided", 1.0)
+    t = make_map(1, (3, 6, 3, 5), "channels_last", 1.0)
+    s[0] *= 1e-7
+    s[1] = 0
+    t[2] *= 1e-7
+    upstream = torch.tensor(0.9, dtype=torch.float64)
+    ref_loss, ref_grads = loss_and_grads(R.at.at, [s, t], (2, True), upstream)
+    assert s[0].square().mean(0).norm() < 0.5e-12  # the clamp holds there
+    for backend in ("torch", "triton"):
+        loss, grads = loss_and_grads(functools.partial(FF.at, normalize=True), [s, t], (2,), upstream, backend)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12 * r.abs().max().item())
+        assert grads[0][1].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@given(case=adversarial.cases())
+def test_normalized_at_adversarial(backend, case):
+    """test_adversarial_losses' inputs (spread, offset, tiny, huge, dead, duplicate rows; strided;
+    float32, bfloat16, float16): within 10x the reference's own error in that dtype."""
+    def make(g, c):
+        tensors, cast, need, _ = adversarial.make_at(g, c)
+        return tensors, cast, need, lambda impl, xs: impl(*xs, 2, True)
+    with mock.patch.dict(adversarial.OPS, at=make):
+        adversarial.check("at", backend, case)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_normalized_at_half_inputs(backend, dtype):
+    fn, ref, extra = OPS["at_normalize_p2"]
+    maps = [make_map(i, s, layout, 1.0) for i, (s, layout) in enumerate([((3, 5, 6, 6), "strided"),
+                                                                         ((3, 7, 6, 6), "channels_last")])]
+    maps[0][2] = 0
+    if dtype == torch.bfloat16:  # bfloat16 has float32's range: a sample below the clamp too
+        maps[1][0] *= 1e-7
+    upstream = torch.tensor(0.7, dtype=torch.float64)
+    low = [m.to(dtype) for m in maps]
+    loss, grads = loss_and_grads(fn, low, extra, upstream, backend)
+    exact, exact_grads = loss_and_grads(ref, [m.double() for m in low], extra, upstream)
+    assert loss.dtype == dtype
+    assert_close(loss, exact, dtype=dtype)
+    for g, e in zip(grads, exact_grads):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), e, rtol=TOLERANCE[dtype]["rtol"],
+                                   atol=TOLERANCE[dtype]["atol"] * e.abs().max().item())
+
+
+def test_normalized_at_gradcheck():
+    g = torch.Generator().manual_seed(2)
+    # Away from the clamp: finite differences across it are meaningless (the clamp's gradient
+    # is held to autograd's in test_normalized_at_clamp_gradient_is_autograd_s).
+    s = torch.randn(3, 2, 3, 2, generator=g, dtype=torch.float64)
+    t = torch.randn(3, 3, 3, 2, generator=g, dtype=torch.float64)
+    inputs = (s.requires_grad_(), t.requires_grad_())
+    assert torch.autograd.gradcheck(lambda a, b: fa.ATFunction.apply(a, b, 2, True), inputs, fast_mode=True)
+    assert torch.autograd.gradcheck(lambda a, b: fa.ATFunction.apply(a, b, 3.0, True), inputs, fast_mode=True)
+
+
+def test_normalized_at_through_the_operators(monkeypatch):
+    # The normalize flag through fastkd.device_ops' operator (the auto backend compiled on CUDA)
+    # and through fastkd.ops' operator of ATFunction (the triton backend compiled).
+    s, t = make_map(0, (2, 3, 4, 4), "contiguous", 1.0), make_map(1, (2, 5, 4, 4), "contiguous", 1.0)
+    s[1] *= 1e-7
+    upstream = torch.tensor(1.1, dtype=torch.float64)
+    ref_loss, ref_grads = loss_and_grads(R.at.at, [s, t], (2, True), upstream)
+    route_through_operators(monkeypatch)
+    loss, grads = loss_and_grads(functools.partial(FF.at, normalize=True), [s, t], (2,), upstream)
+    assert_close(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r)
+    xs = [m.clone().requires_grad_() for m in (s, t)]
+    tensors, floats, ints, layout = ops.flatten((*xs, 2.0, True))
+    loss = ops._REGISTRY["ATFunction"][1](tensors, floats, ints, layout, [True, True, False, False])[0]
+    assert_close(loss, ref_loss)
+    for g, r in zip(torch.autograd.grad(loss, xs, upstream), ref_grads):
+        assert_close(g, r)
+
+
+def test_normalized_at_launches_nothing_new_and_syncs_nothing():
+    # On meta tensors (no values: a host sync would raise) normalize runs the collection's
+    # kernels, with other float arguments only: the compile check's AT specializations.
+    meta = [torch.empty(s, device="meta", requires_grad=True) for s in ((2, 3, 5, 4), (2, 7, 5, 4))]
+    launched = {}
+    for normalize in (False, True):
+        with ops.no_launches() as names:
+            ctx = ops._Ctx([True, True, False, False])
+            fa.ATFunction.forward(ctx, *meta, 2.0, normalize)
+            fa.ATFunction.backward.__wrapped__(ctx, torch.ones((), device="meta"))
+        launched[normalize] = names
+    assert launched[True] == launched[False]
+
+
+def test_normalize_must_be_a_bool():
+    s, t = make_map(0, (2, 3, 4, 4), "contiguous", 1.0), make_map(1, (2, 5, 4, 4), "contiguous", 1.0)
+    with pytest.raises(TypeError, match="normalize must be True or False"):
+        FF.at(s, t, 2, normalize=1)

@@ -22,7 +22,9 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
+import fastkd
 import fastkd.reference as fref
+from fastkd import backend
 from fastkd.compat import repdistiller as rd
 from fastkd.compat.repdistiller import (ABLoss, Attention, Correlation, CRDLoss, DistillKL, FactorTransfer,
                                         FSP, HintLoss, KDSVD, NSTLoss, PKT, RKDLoss, Similarity, VIDLoss)
@@ -173,6 +175,46 @@ def test_factor_transfer(p2):
     want = ref.factor_transfer(f_s, f_t, 2, p2)
     _close(out, want)
     _close(_grads(out, f_s), _grads(want, f_s))
+
+
+def _clamped_maps(seed, dtype=D64):
+    """Attention's maps with samples where F.normalize's clamp holds (norm of the channel mean
+    below 1e-12): a dead student sample, student and teacher samples near 1e-7."""
+    g_s, g_t = _lists(seed, dtype, channels=(4, 8), teacher_channels=(6, 10), spatial=(8, 4))
+    g_t[0] = _randn(3, 6, 16, 16, seed=seed + 20, dtype=dtype, grad=False)  # pooled to 8x8
+    with torch.no_grad():
+        g_s[0][1] *= 1e-7
+        g_s[1][2] = 0
+        g_t[1][0] *= 1e-7
+    return g_s, g_t
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_attention_and_factor_transfer_reach_fastkd_at(backend_name, monkeypatch):
+    """Even powers run fastkd's AT with normalize=True (on either backend); other powers, and
+    FactorTransfer's p2 other than 1 and 2, the reference. Values and gradients are the
+    reference's in float64, with dead and sub-clamp samples."""
+    calls = []
+    impl = backend.IMPLEMENTATIONS["at"][backend_name]
+    monkeypatch.setitem(backend.IMPLEMENTATIONS["at"], backend_name,
+                        lambda *args: calls.append(args[2:]) or impl(*args))
+    g_s, g_t = _clamped_maps(60)
+    with fastkd.use_backend(backend_name):
+        for p, fused in ((2, True), (4, True), (3, False)):
+            calls.clear()
+            out = Attention(p)(g_s, g_t)
+            want = [ref.attention(s, t, p) for s, t in zip(g_s, g_t)]
+            assert calls == ([(float(p), True)] * 2 if fused else []), p
+            _close(out, want)
+            _close(_grads(out, g_s), _grads(want, g_s))
+        f_s, f_t = g_s[0], g_t[0]
+        for p1, p2, fused in ((2, 2, True), (4, 2, True), (3, 2, False), (2, 3, False), (2, 1, False)):
+            calls.clear()
+            out = FactorTransfer(p1, p2)(f_s, f_t)
+            want = ref.factor_transfer(f_s, f_t, p1, p2)
+            assert calls == ([(p1, True)] if fused else []), (p1, p2)
+            _close(out, want)
+            _close(_grads(out, f_s), _grads(want, f_s))
 
 
 def test_vid_state_dict_and_values():
@@ -382,6 +424,9 @@ def _case(name, zoo, dtype, spread):
                       spread=spread)
         t[0] = _randn(3, 6, 16, 16, seed=33, dtype=dtype, grad=False)  # pooled to the student's 8x8
         return getattr(zoo, name)(), (Attention() if name == "Attention" else NSTLoss()), [s, t], 1
+    if name == "Attention_clamped":
+        s, t = _clamped_maps(16, dtype)
+        return zoo.Attention(), Attention(), [s, t], 1
     if name == "NSTLoss_teacher_grad":
         s, t = _lists(4, dtype, channels=(4, 8), teacher_channels=(6, 5), spatial=(8, 4))
         t = [x.detach().requires_grad_() for x in t]
@@ -436,12 +481,13 @@ def _svd_maps(b, c, h, seed, dtype, grad=True):
     return x.transpose(1, 2).reshape(b, c, h, h).to(dtype).requires_grad_(grad)
 
 
-PARITY_CASES = ["DistillKL", "HintLoss", "Attention", "Similarity", "Correlation", "RKDLoss", "PKT",
-                "NSTLoss", "NSTLoss_teacher_grad", "FSP", "FactorTransfer", "FactorTransfer_p2", "ABLoss",
+PARITY_CASES = ["DistillKL", "HintLoss", "Attention", "Attention_clamped", "Similarity", "Correlation", "RKDLoss",
+                "PKT", "NSTLoss", "NSTLoss_teacher_grad", "FSP", "FactorTransfer", "FactorTransfer_p2", "ABLoss",
                 "VIDLoss", "KDSVD"]
-# Cases that have no wide-spread variant (teacher gradient, second FT power, KDSVD's SVD of
-# random maps) run on the ordinary inputs only.
-SPREAD_CASES = [c for c in PARITY_CASES if c not in ("NSTLoss_teacher_grad", "KDSVD", "HintLoss")]
+# Cases that have no wide-spread variant (teacher gradient, clamped attention maps, KDSVD's
+# SVD of random maps) run on the ordinary inputs only.
+SPREAD_CASES = [c for c in PARITY_CASES if c not in ("NSTLoss_teacher_grad", "KDSVD", "HintLoss",
+                                                     "Attention_clamped")]
 PARITY_ERRORS = {}  # (case, dtype, spread) -> (ours, theirs) errors, printed by the last test
 
 
@@ -481,6 +527,21 @@ def test_parity_with_repdistiller(zoo, name, spread):
     assert e64 <= 1e-10, f"{name}: float64 relative error {e64:.3g} against RepDistiller"
     # float32: within RepDistiller's own float32 error against float64 (a small factor and
     # a floor of a few float32 ulps, for where RepDistiller's own rounding happens to be 0).
+    assert our32 <= 8 * their32 + 4e-6, f"{name}: float32 error {our32:.3g}, RepDistiller's {their32:.3g}"
+
+
+@parity
+@pytest.mark.parametrize("spread", [False, True], ids=["random", "spread"])
+@pytest.mark.parametrize("name", ["Attention", "Attention_clamped", "FactorTransfer_p2"])
+def test_attention_parity_on_the_triton_kernels(zoo, name, spread):
+    """Attention and FactorTransfer(p2=2) on the Triton kernels (on CUDA what the auto backend
+    runs; here through the interpreter), against RepDistiller's own code."""
+    if spread and name not in SPREAD_CASES:
+        pytest.skip(f"{name}: no wide-spread variant")
+    with fastkd.use_backend("triton"):
+        e64, our32, their32 = _measure(zoo, name, spread)
+    PARITY_ERRORS[(f"{name} (triton)", spread)] = (e64, our32, their32)
+    assert e64 <= 1e-10, f"{name}: float64 relative error {e64:.3g} against RepDistiller"
     assert our32 <= 8 * their32 + 4e-6, f"{name}: float32 error {our32:.3g}, RepDistiller's {their32:.3g}"
 
 

@@ -14,8 +14,9 @@ math is its own it runs on ``fastkd.reference.repdistiller``:
 ==============  =====================================================================
 DistillKL       fastkd.functional.soft_target(y_s, y_t, T)
 HintLoss        fastkd.functional.hint
-Attention       reference.repdistiller.attention (F.normalize of mean_c f^p; the
-                collection's AT adds 1e-6 to the norm and sums |f|^p)
+Attention       fastkd.functional.at(f_s, f_t, p, normalize=True) for even p (F.normalize of
+                mean_c f^p, as RepDistiller's); other p (f^p keeps f's sign, or is NaN
+                for negative f) reference.repdistiller.attention
 Similarity      fastkd.functional.sp, each loss shaped (1,)
 Correlation     reference.repdistiller.correlation (not the collection's CC)
 RKDLoss         fastkd.functional.rkd(f_s, f_t.detach(), w_d, w_a)
@@ -23,8 +24,9 @@ PKT             fastkd.functional.pkt_cos_sim(f_s, f_t, eps=1e-7)
 NSTLoss         fastkd.functional.nst (teacher without grad; else the reference, whose
                 teacher self-term is detached)
 FSP             fastkd.functional.fsp on consecutive maps
-FactorTransfer  fastkd.functional.ft of the channel means of f^p1 (p2 == 1), else the
-                reference
+FactorTransfer  fastkd.functional.ft of the channel means of f^p1 (p2 == 1); for p2 == 2 and
+                even p1 fastkd.functional.at(f_s, f_t, p1, normalize=True) (Attention's
+                loss); else the reference
 ABLoss          fastkd.functional.ab, summed, weighted 2^(i - feat_num + 1) / B * 3e-3
 VIDLoss         fastkd.functional.vid with eps=1e-5, parameter log_scale
 KDSVD           reference.repdistiller.kdsvd
@@ -58,6 +60,12 @@ __all__ = ["DistillKL", "HintLoss", "Attention", "Similarity", "Correlation", "R
 PKT_EPS = 1e-7
 VID_EPS = 1e-5
 CRD_EPS = 1e-7
+
+
+def _even(p):
+    """Whether f^p is |f|^p, which fastkd's AT computes: p an even integer > 0 (RepDistiller's
+    default 2)."""
+    return isinstance(p, (int, float)) and p > 0 and p % 2 == 0
 
 
 def _pairs(g_s, g_t, ndim=4):
@@ -119,6 +127,9 @@ class Attention(nn.Module):
 
     at_loss = mean((at(f_s) - at(f_t))^2) (B, H W), at(f) = normalize(mean_c f^p) (F.normalize,
     eps 1e-12), after pooling the larger map to the other's (H, H). Channels may differ.
+
+    Even p (f^p = |f|^p): fastkd.functional.at with normalize=True (fastkd's AT kernels, one
+    pass over each map); other p: fastkd.reference.repdistiller.attention.
     """
 
     def __init__(self, p=2):
@@ -129,6 +140,9 @@ class Attention(nn.Module):
         return [self.at_loss(f_s, f_t) for f_s, f_t in _pairs(g_s, g_t)]
 
     def at_loss(self, f_s, f_t):
+        if _even(self.p):
+            f_s, f_t = _pool(f_s, f_t)
+            return F.at(f_s, f_t, self.p, normalize=True)
         _maps(f_s, f_t)
         return ref.attention(f_s, f_t, self.p)
 
@@ -267,7 +281,8 @@ class FactorTransfer(nn.Module):
     factor(f) = normalize(mean_c f^p1) (B, H W), after pooling the larger map to the other's
     (H, H). Not the collection's FT (that compares paraphraser factors).
 
-    p2 == 1 runs fastkd.functional.ft (normalised L1) on the channel means of f^p1.
+    p2 == 1 runs fastkd.functional.ft (normalised L1) on the channel means of f^p1; p2 == 2 with
+    an even p1 is Attention's loss, fastkd.functional.at(f_s, f_t, p1, normalize=True).
     """
 
     def __init__(self, p1=2, p2=1):
@@ -282,6 +297,8 @@ class FactorTransfer(nn.Module):
         f_s, f_t = _pool(f_s, f_t)
         if self.p2 == 1:
             return F.ft(f_s.pow(self.p1).mean(1), f_t.pow(self.p1).mean(1))
+        if self.p2 == 2 and _even(self.p1):
+            return F.at(f_s, f_t, self.p1, normalize=True)
         return ref.factor_transfer(f_s, f_t, self.p1, self.p2)
 
     def factor(self, f):

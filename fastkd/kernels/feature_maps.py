@@ -9,8 +9,11 @@ and 2 only 65535), each program finding its (sample, tile) from its id.
 
 AT   A = sum_c |f|^p per (b, hw): one pass over each map (``at_maps``), then a small
      kernel over the (B, HW) maps for the norms and the squared difference
-     (``at_loss``). Backward: ``at_grad_maps`` on the small maps, then one pass over
-     each feature map (``at_grad_features``).
+     (``at_loss``), each map divided by max(||A|| + eps, min_norm): the collection's
+     ||A|| + 1e-6 (min_norm 0), or F.normalize's max(||A||, 1e-12) of the channel mean
+     A / C, which is A / max(||A||, C 1e-12) (eps 0, min_norm C 1e-12 per side).
+     Backward: ``at_grad_maps`` on the small maps, then one pass over each feature map
+     (``at_grad_features``).
 NST  and FSP start from batched Gram products S = X Y^T (``gram``); their backward is a
      batched product out = M X (``matrix_times_maps``): a (C x C) matrix times the maps
      for FSP and NST's (C x C) form, while NST's (HW x HW) form passes the normalised
@@ -56,10 +59,14 @@ def _at_map_kernel(f, a, C, HW, sfb, sfc, sfk, p: tl.float64, P_IS_2: tl.constex
 
 
 @triton.jit
-def _at_loss_kernel(a_s, a_t, norms, partial, HW, eps: tl.float64, BLOCK_HW: tl.constexpr):
-    # Per sample b: n = ||A||_2 over hw for s and t, then sum_hw (A_s/(n_s+eps) - A_t/(n_t+eps))^2.
+def _at_loss_kernel(a_s, a_t, norms, partial, HW, eps: tl.float64, min_s: tl.float64, min_t: tl.float64,
+                    BLOCK_HW: tl.constexpr):
+    # Per sample b: n = ||A||_2 over hw for s and t, then sum_hw (A_s / d_s - A_t / d_t)^2,
+    # d = max(n + eps, min_norm) (n + eps where min_norm is 0).
     b = tl.program_id(0).to(tl.int64)
     eps = to_acc(eps, partial.dtype.element_ty)
+    min_s = to_acc(min_s, partial.dtype.element_ty)
+    min_t = to_acc(min_t, partial.dtype.element_ty)
     ss = tl.zeros([BLOCK_HW], dtype=partial.dtype.element_ty)
     tt = tl.zeros([BLOCK_HW], dtype=partial.dtype.element_ty)
     for k0 in range(0, HW, BLOCK_HW):
@@ -71,8 +78,10 @@ def _at_loss_kernel(a_s, a_t, norms, partial, HW, eps: tl.float64, BLOCK_HW: tl.
         tt += xt * xt
     n_s = sqrt(tl.sum(ss, axis=0))
     n_t = sqrt(tl.sum(tt, axis=0))
-    inv_s = 1.0 / (n_s + eps)
-    inv_t = 1.0 / (n_t + eps)
+    d_s = n_s + eps
+    d_t = n_t + eps
+    inv_s = 1.0 / tl.where(d_s < min_s, min_s, d_s)  # a NaN norm stays NaN, as clamp_min's
+    inv_t = 1.0 / tl.where(d_t < min_t, min_t, d_t)
     acc = tl.zeros([BLOCK_HW], dtype=partial.dtype.element_ty)
     for k0 in range(0, HW, BLOCK_HW):
         k = k0 + tl.arange(0, BLOCK_HW)
@@ -85,18 +94,25 @@ def _at_loss_kernel(a_s, a_t, norms, partial, HW, eps: tl.float64, BLOCK_HW: tl.
 
 
 @triton.jit
-def _at_grad_map_kernel(a_s, a_t, norms, grad_out, ga_s, ga_t, HW, eps: tl.float64, scale: tl.float64,
-                        BLOCK_HW: tl.constexpr):
-    # With G = am_s - am_t and k = grad_out * scale (scale = 2 / (B HW)):
-    #   dA_s = k (G / (n_s + eps) - A_s (G . A_s) / (n_s (n_s + eps)^2)), the second term 0 when n_s = 0;
-    #   dA_t = -k (G / (n_t + eps) - A_t (G . A_t) / (n_t (n_t + eps)^2)).
+def _at_grad_map_kernel(a_s, a_t, norms, grad_out, ga_s, ga_t, HW, eps: tl.float64, min_s: tl.float64,
+                        min_t: tl.float64, scale: tl.float64, BLOCK_HW: tl.constexpr):
+    # With G = am_s - am_t, d = max(n + eps, min_norm) and k = grad_out * scale (scale = 2 / (B HW)):
+    #   dA_s = k (G / d_s - A_s (G . A_s) / (n_s d_s^2)), the second term 0 when n_s = 0 or the
+    #   clamp holds (n_s + eps < min_s: clamp_min passes no gradient to the norm there);
+    #   dA_t = -k (G / d_t - A_t (G . A_t) / (n_t d_t^2)), likewise.
     b = tl.program_id(0).to(tl.int64)
     eps = to_acc(eps, ga_s.dtype.element_ty)
+    min_s = to_acc(min_s, ga_s.dtype.element_ty)
+    min_t = to_acc(min_t, ga_s.dtype.element_ty)
     scale = to_acc(scale, ga_s.dtype.element_ty)
     n_s = tl.load(norms + 2 * b)
     n_t = tl.load(norms + 2 * b + 1)
-    inv_s = 1.0 / (n_s + eps)
-    inv_t = 1.0 / (n_t + eps)
+    d_s = n_s + eps
+    d_t = n_t + eps
+    inv_s = 1.0 / tl.where(d_s < min_s, min_s, d_s)
+    inv_t = 1.0 / tl.where(d_t < min_t, min_t, d_t)
+    live_s = (n_s > 0) & (d_s >= min_s)
+    live_t = (n_t > 0) & (d_t >= min_t)
     dot_s = tl.zeros([BLOCK_HW], dtype=ga_s.dtype.element_ty)
     dot_t = tl.zeros([BLOCK_HW], dtype=ga_s.dtype.element_ty)
     for k0 in range(0, HW, BLOCK_HW):
@@ -108,8 +124,8 @@ def _at_grad_map_kernel(a_s, a_t, norms, grad_out, ga_s, ga_t, HW, eps: tl.float
         dot_s += g * xs
         dot_t += g * xt
     k_out = tl.load(grad_out).to(ga_s.dtype.element_ty) * scale
-    c_s = tl.where(n_s > 0, tl.sum(dot_s, axis=0) * inv_s * inv_s / tl.where(n_s > 0, n_s, 1.0), 0.0)
-    c_t = tl.where(n_t > 0, tl.sum(dot_t, axis=0) * inv_t * inv_t / tl.where(n_t > 0, n_t, 1.0), 0.0)
+    c_s = tl.where(live_s, tl.sum(dot_s, axis=0) * inv_s * inv_s / tl.where(live_s, n_s, 1.0), 0.0)
+    c_t = tl.where(live_t, tl.sum(dot_t, axis=0) * inv_t * inv_t / tl.where(live_t, n_t, 1.0), 0.0)
     for k0 in range(0, HW, BLOCK_HW):
         k = k0 + tl.arange(0, BLOCK_HW)
         m = k < HW
@@ -159,22 +175,23 @@ def at_maps(fm, p, dtype):
     return a
 
 
-def at_loss(a_s, a_t, eps=1e-6):
-    """Per-sample sums of the squared difference of the normalised maps (B,), and the
-    norms (B, 2) of A_s and A_t."""
+def at_loss(a_s, a_t, eps=1e-6, min_norms=(0.0, 0.0)):
+    """Per-sample sums of the squared difference of the normalised maps am = A / max(||A|| + eps,
+    min_norm) (B,), and the norms (B, 2) of A_s and A_t; min_norms: (student's, teacher's)."""
     B, HW = a_s.shape
     partial = torch.empty(B, dtype=a_s.dtype, device=a_s.device)
     norms = torch.empty((B, 2), dtype=a_s.dtype, device=a_s.device)
-    _at_loss_kernel[(B,)](a_s, a_t, norms, partial, HW, eps, BLOCK_HW=256, **NO_FMA)
+    _at_loss_kernel[(B,)](a_s, a_t, norms, partial, HW, eps, *min_norms, BLOCK_HW=256, **NO_FMA)
     return partial, norms
 
 
-def at_grad_maps(a_s, a_t, norms, grad_out, scale, eps=1e-6):
-    """dL/dA_s and dL/dA_t (B, HW) of L = grad_out * (scale / 2) * sum (am_s - am_t)^2."""
+def at_grad_maps(a_s, a_t, norms, grad_out, scale, eps=1e-6, min_norms=(0.0, 0.0)):
+    """dL/dA_s and dL/dA_t (B, HW) of L = grad_out * (scale / 2) * sum (am_s - am_t)^2 (am as at_loss's)."""
     B, HW = a_s.shape
     ga_s = torch.empty_like(a_s)
     ga_t = torch.empty_like(a_t)
-    _at_grad_map_kernel[(B,)](a_s, a_t, norms, grad_out, ga_s, ga_t, HW, eps, scale, BLOCK_HW=256, **NO_FMA)
+    _at_grad_map_kernel[(B,)](a_s, a_t, norms, grad_out, ga_s, ga_t, HW, eps, *min_norms, scale, BLOCK_HW=256,
+                              **NO_FMA)
     return ga_s, ga_t
 
 

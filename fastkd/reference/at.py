@@ -11,8 +11,16 @@ def attention_map(fm, p, eps=1e-6):
     return am / (norm + eps)
 
 
-def at(fm_s, fm_t, p):
-    """mse(am(fm_s), am(fm_t)); fm_* (B, C_*, H, W)."""
+def normalized_map(fm, p):
+    """F.normalize(mean_c |f|^p as (B, H W)): divided by max(||.||_2, 1e-12) (RepDistiller's
+    Attention.at for even p)."""
+    return F.normalize(torch.mean(torch.abs(fm).pow(p), dim=1).flatten(1))
+
+
+def at(fm_s, fm_t, p, normalize=False):
+    """mse(am(fm_s), am(fm_t)); fm_* (B, C_*, H, W). normalize: am = normalized_map."""
+    if normalize:
+        return F.mse_loss(normalized_map(fm_s, p), normalized_map(fm_t, p))
     return F.mse_loss(attention_map(fm_s, p), attention_map(fm_t, p))
 
 

@@ -12,19 +12,34 @@ from ..common import nst_spatial_form, result_dtype, transformation_pool
 from .elementwise import hint
 
 
-def _attention(fm, p, eps=1e-6):
-    """A / (||A||_2 + eps), A = sum_c |f|^p, as (B, HW)."""
+def _channel_power(fm, p):
+    """A = sum_c |f|^p as (B, HW)."""
     x = fm.reshape(fm.shape[0], fm.shape[1], -1)
     if p == 2:
-        a = x.square().sum(1)  # no |f| copy
-    else:
-        a = x.abs().pow(p).sum(1)
+        return x.square().sum(1)  # no |f| copy
+    return x.abs().pow(p).sum(1)
+
+
+def _attention(fm, p, eps=1e-6):
+    """A / (||A||_2 + eps), as (B, HW)."""
+    a = _channel_power(fm, p)
     return a / (torch.linalg.vector_norm(a, dim=1, keepdim=True) + eps)
 
 
-def at(fm_s, fm_t, p):
-    """mse(am(fm_s), am(fm_t)); fm_* (B, C_*, H, W)."""
-    return F.mse_loss(_attention(fm_s, p), _attention(fm_t, p))
+def _normalized_attention(fm, p):
+    """F.normalize(A / C) = A / max(||A||_2, C 1e-12), as (B, HW), with clamp_min's gradient."""
+    a = _channel_power(fm, p)
+    return a / torch.linalg.vector_norm(a, dim=1, keepdim=True).clamp_min(fm.shape[1] * 1e-12)
+
+
+def at(fm_s, fm_t, p, normalize=False):
+    """mse(am(fm_s), am(fm_t)); fm_* (B, C_*, H, W). normalize: am = _normalized_attention, in
+    float32 at least (C 1e-12 is 0 in float16, where F.normalize gives 0 / 0 on a dead map)."""
+    if not normalize:
+        return F.mse_loss(_attention(fm_s, p), _attention(fm_t, p))
+    out = result_dtype(fm_s, fm_t)
+    acc = torch.promote_types(out, torch.float32)
+    return F.mse_loss(_normalized_attention(fm_s.to(acc), p), _normalized_attention(fm_t.to(acc), p)).to(out)
 
 
 def nst(fm_s, fm_t):
