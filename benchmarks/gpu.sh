@@ -10,10 +10,11 @@
 # CUDA graphs, and the per-call host cost; the reference under torch.compile against fastkd
 # at one realistic shape per loss (torch.compile takes seconds per case, too long for every
 # shape of the sweep); and compute-sanitizer memcheck over every loss's kernels at small
-# shapes; and FusedLinearSoftTarget's LM-head cases in bfloat16. Everything goes under
-# RESULTS_DIR, with summary.txt listing each step's exit status and time. Each step has a
-# time limit; all of them take up to about 13.5 minutes, more than one 10-minute call, so a
-# lease runs them in two calls (FASTKD_GPU_STEPS below). The benchmarks write their JSON
+# shapes; and FusedLinearSoftTarget's LM-head cases in bfloat16, then FusedLinearDistillation's
+# divergences and generalized_jsd_loss at 8,192 x 128k. Everything goes under RESULTS_DIR, with
+# summary.txt listing each step's exit status and time. Each step has a time limit; all of
+# them take up to about 17.5 minutes, more than one 10-minute call, so a lease runs them in
+# two calls (FASTKD_GPU_STEPS below). The benchmarks write their JSON
 # after every case, so a step stopped at its limit keeps what it measured.
 # FASTKD_GPU_RESOURCES=1 adds the compile and resource check (about 2.5 minutes, CPU only;
 # CI runs it too). FASTKD_GPU_DRY_RUN=1 runs only that check (no install, no GPU steps).
@@ -93,6 +94,15 @@ python -c "import liger_kernel" 2>/dev/null && LM_VARIANTS=$LM_VARIANTS,liger
 step bench-lm 110 python -m fastkd.bench --sweep full --device cuda --losses FusedLinearSoftTarget \
     --variants "$LM_VARIANTS" --budget 0.2 --min-reps 3 --max-call-seconds 5 --no-progress \
     --json "$RESULTS/bench-lm.json" --csv "$RESULTS/bench-lm.csv"
+# FusedLinearDistillation's six divergences and generalized_jsd_loss (TRL's GKD loss on logits)
+# at 8,192 tokens, H=4096, V=128k, bfloat16: eager, compiled, fastkd, and Liger-Kernel where it
+# has the divergence (its fused linear JSD: kl, reverse_kl, jsd; its JSD on logits).
+LLM_VARIANTS=eager,compile,fastkd
+python -c "import liger_kernel" 2>/dev/null && LLM_VARIANTS=$LLM_VARIANTS,liger
+step bench-divergences 240 python -m fastkd.bench --sweep full --device cuda \
+    --losses FusedLinearDistillation,generalized_jsd_loss --cases 'BT=8192 H=4096 V=128000|L=4096 V=128000' \
+    --variants "$LLM_VARIANTS" --budget 0.2 --min-reps 3 --max-call-seconds 5 --no-progress \
+    --json "$RESULTS/bench-divergences.json" --csv "$RESULTS/bench-divergences.csv"
 # The LM head taken apart: the four head products alone (the floor), the rows kernel alone,
 # chunk sizes, both fast paths, and bfloat16 errors against float64.
 step lm-profile 75 python benchmarks/lm_head_profile.py --rows-sweep --json "$RESULTS/lm-profile.json"

@@ -374,6 +374,22 @@ def prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, labe
     return h, teacher, row_labels, kept, out_dtype, lead
 
 
+def on_logits(rows, student_logits, teacher_logits, labels, T, need):
+    """(sum over the kept tokens (label != -100; all without labels) of T^2 D(p, q) of ``rows``'
+    divergence at T, a scalar of the logits' promoted dtype; its gradient in the student's
+    logits (..., V) where need asks, else None): the chunk loop with the student's logits in
+    place of its head, from both models' logits (..., V)."""
+    v = student_logits.shape[-1]
+    z = student_logits.reshape(-1, v)
+    t = teacher_logits.detach().reshape(-1, v)
+    kept = labels.reshape(-1) != -100 if labels is not None else None
+    per_row, (dz, _, _) = losses_and_gradients(
+        z, None, None, rows, ("logits", t if t.stride(1) == 1 else t.contiguous()), None, kept, float(T), 0.0, "sum",
+        default_chunk(z.shape[0], v, z.device), (need, False, False))
+    total = per_row.sum().to(torch.promote_types(z.dtype, t.dtype))
+    return total, dz.reshape(student_logits.shape) if need else None
+
+
 @eager
 def run_on_logits(rows, student_logits, teacher_logits, labels, T):
     """sum over the kept tokens (label != -100; all without labels) of D(p, q) of ``rows``'

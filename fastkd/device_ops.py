@@ -36,8 +36,9 @@ cost 0.03-0.2 ms per call on the CPU; compiled on the CPU, the traced torch path
 inductor fuses, 1.5-6.5x faster than the operator running it eagerly (README, torch.compile
 and torch.export). OPERATOR_ROUTES holds this choice; tests widen it to run the operators
 on CPU tensors. Compiled inside an autocast block the operators serve on the CPU too (see
-routes). FusedLinearSoftTarget's operator (the end of this file) is called compiled on either
-device (FUSED_LINEAR_ROUTES): its chunk loop, called directly, is a graph break. A named backend
+routes). FusedLinearSoftTarget's operator (the end of this file), FusedLinearDistillation's and
+generalized_jsd_loss's are called compiled on either device (FUSED_LINEAR_ROUTES): their chunk
+loop, called directly, is a graph break. A named backend
 (``use_backend("torch" | "triton" | "reference")``) always calls that backend's function.
 """
 import contextlib
@@ -418,3 +419,58 @@ def _register_fused_linear(op=FUSED_LINEAR, divergence=()):
 
 _register_fused_linear()
 _register_fused_linear(FUSED_LINEAR_DISTILLATION, _DIVERGENCE_ARGUMENTS)
+
+
+# generalized_jsd_loss's operator: fastkd::generalized_jsd(student_logits, teacher_logits,
+# labels, beta, temperature, need) -> (S, G): S the sum over the kept tokens of T^2 jsd at
+# T = temperature (fastkd.chunked_linear.on_logits over the kernel's backend's rows), G = dS
+# / d student_logits (an empty tensor without need). Its backward scales G; generalized_jsd_loss
+# divides S by T^2 and by its reduction's count outside, as it does eagerly.
+GENERALIZED_JSD = "generalized_jsd"
+
+
+def _generalized_jsd_kernel(device_type):
+    def kernel(student_logits, teacher_logits, labels, beta, temperature, need):
+        rows = _rows(device_type, chunked_linear.divergence("jsd", beta, 0.0))
+        with on_device_of((student_logits, teacher_logits)):
+            total, grad = chunked_linear.on_logits(rows, student_logits, teacher_logits, labels, temperature, need)
+        return total, grad if need else student_logits.new_empty(0)
+    return kernel
+
+
+def _register_generalized_jsd():
+    forward = torch.library.custom_op(
+        f"fastkd::{GENERALIZED_JSD}", _generalized_jsd_kernel("cpu"), mutates_args=(), device_types="cpu",
+        schema="(Tensor student_logits, Tensor teacher_logits, Tensor? labels, float beta, float temperature, "
+               "bool need) -> (Tensor, Tensor)")
+    forward.register_kernel("cuda", _generalized_jsd_kernel("cuda"))
+
+    @forward.register_fake
+    def _(student_logits, teacher_logits, labels, beta, temperature, need):
+        total = student_logits.new_empty((), dtype=torch.promote_types(student_logits.dtype, teacher_logits.dtype))
+        return total, student_logits.new_empty(student_logits.shape if need else (0,))
+
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(output[1])
+
+    def backward(ctx, grad, _):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise second_order_error("generalized_jsd_loss")
+        (g,) = ctx.saved_tensors
+        return None if grad is None else g * grad.to(g.dtype), None, None, None, None, None
+
+    forward.register_autograd(backward, setup_context=setup_context)
+    _OPERATORS[GENERALIZED_JSD] = forward
+
+
+def call_generalized_jsd(student_logits, teacher_logits, labels, beta, temperature):
+    """The sum over the kept tokens of T^2 jsd at T (fastkd.chunked_linear.on_logits) through
+    fastkd::generalized_jsd."""
+    need = torch.is_grad_enabled() and student_logits.requires_grad
+    return _OPERATORS[GENERALIZED_JSD](student_logits, teacher_logits, labels, float(beta), float(temperature),
+                                      need)[0]
+
+
+_register_generalized_jsd()

@@ -815,7 +815,9 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
     (B, L, V), or (kept tokens, V) with labels (materialised, as TRL's).
     num_items_in_batch: sum / it. The scalar reductions run fused_linear_distillation's
     chunk loop on the logits (no softmax copies beyond a chunk's; the gradient is the
-    logits'), the torch rows on the CPU, the Triton kernel on CUDA."""
+    logits'), the torch rows on the CPU, the Triton kernel on CUDA; compiled (torch.compile
+    with fullgraph=True, torch.export), one custom operator node, fastkd::generalized_jsd
+    (fastkd.device_ops), on either device."""
     _same_pair(student_logits, teacher_logits, "student_logits", "teacher_logits", min_ndim=2)
     beta = checks.number(beta, "beta")
     if not 0 <= beta <= 1:
@@ -833,16 +835,21 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
         from .reference import divergences
         return divergences.generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature,
                                                 reduction, num_items_in_batch)
-    spec = _chunked_linear.divergence("jsd", beta, 0.0)
-    if name == "triton":
-        from .backend import autograd as triton_functions
-        rows = triton_functions.divergence_rows(spec)
+    if current_backend() == "auto" and device_ops.routes(device_ops.FUSED_LINEAR, student_logits.device, name):
+        # Compiled: one node, fastkd::generalized_jsd, the chunk loop inside (as T^2 jsd).
+        total = device_ops.call_generalized_jsd(student_logits, teacher_logits, labels, beta, temperature)
+        total = total / (float(temperature) * float(temperature))
     else:
-        from .torch_backend import fused_linear as torch_fused_linear
-        rows = _chunked_linear.DivergenceRows(spec, torch_fused_linear.linear_kl_rows,
-                                              torch_fused_linear.linear_kl_rows)
-    with device_ops.on_device_of((student_logits, teacher_logits)):  # the CUDA device of the logits
-        total = _chunked_linear.run_on_logits(rows, student_logits, teacher_logits, labels, temperature)
+        spec = _chunked_linear.divergence("jsd", beta, 0.0)
+        if name == "triton":
+            from .backend import autograd as triton_functions
+            rows = triton_functions.divergence_rows(spec)
+        else:
+            from .torch_backend import fused_linear as torch_fused_linear
+            rows = _chunked_linear.DivergenceRows(spec, torch_fused_linear.linear_kl_rows,
+                                                  torch_fused_linear.linear_kl_rows)
+        with device_ops.on_device_of((student_logits, teacher_logits)):  # the CUDA device of the logits
+            total = _chunked_linear.run_on_logits(rows, student_logits, teacher_logits, labels, temperature)
     if num_items_in_batch is not None:
         return total / num_items_in_batch
     if reduction == "sum":

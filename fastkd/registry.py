@@ -21,5 +21,11 @@ LOSSES = tuple(METHODS)
 # fastkd.reference too, but the collection has no module to be a drop-in for).
 EXTENSIONS = {"FusedLinearSoftTarget": ["fused_linear_soft_target"]}
 
+# The LM head's other losses, which run through FusedLinearSoftTarget's op and follow its
+# backend choice (the listing shows them under it): FusedLinearDistillation's divergences
+# and fastkd.functional.generalized_jsd_loss, by the name the benchmark gives them -> that op.
+LM_HEAD = {"FusedLinearDistillation": ["fused_linear_soft_target"],
+           "generalized_jsd_loss": ["fused_linear_soft_target"]}
+
 # The collection's helper modules that fastkd exports too.
 HELPERS = ("BSSAttacker", "Paraphraser", "Translator")

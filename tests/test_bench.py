@@ -68,7 +68,8 @@ def test_sweeps_cover_every_loss_once_per_shape():
             got = cases.cases(sweep, device_type)
             assert {c.loss for c in got} == set(registry.LOSSES), (sweep, device_type)
             every = cases.cases(sweep, device_type, cases.LOSSES)
-            assert {c.loss for c in every} == set(cases.LOSSES) == set(registry.LOSSES) | {"FusedLinearSoftTarget"}
+            assert {c.loss for c in every} == set(cases.LOSSES) == (set(registry.LOSSES) | {"FusedLinearSoftTarget"}
+                                                                    | set(registry.LM_HEAD))
             names = [c.name for c in every]
             assert len(names) == len(set(names))
     assert len(registry.LOSSES) == 21 and "Baseline" not in cases.LOSSES
@@ -90,6 +91,13 @@ def test_full_sweeps_have_the_issue_shapes():
     assert {(c.params["BT"], c.params["H"], c.params["V"]) for c in lm} == {
         (bt, 4096, v) for bt in (1024, 8192) for v in (32000, 128000)}
     assert {c.dtype for c in lm} == {torch.bfloat16}
+    divergences = cases.cases("full", "cuda", ["FusedLinearDistillation"])
+    assert {(c.args[0], c.params["BT"], c.params["V"]) for c in divergences} == {
+        (d, bt, v) for d in fastkd.functional.DIVERGENCES for bt in (1024, 8192) for v in (32000, 128000)}
+    gkd = cases.cases("full", "cuda", ["generalized_jsd_loss"])
+    assert {(c.params["B"] * c.params["L"], c.params["V"]) for c in gkd} == {
+        (bt, v) for bt in (1024, 8192) for v in (32000, 128000)}
+    assert {c.dtype for c in divergences + gkd} == {torch.bfloat16}
 
 
 def test_full_sweeps_start_with_the_collections_calls():
@@ -240,6 +248,38 @@ def test_out_of_memory_variant_is_reported_and_not_run_at_larger_sizes(err):
     assert "OOM" in text and "OOM*" in text
     assert (f"RKD: eager ran out of memory at 2 shape(s) from {small['shape']}; fastkd ran 2 of them, "
             f"up to {large['shape']}.") in text
+
+
+def test_lm_head_cases_compute_the_references_loss_and_each_divergence_runs_apart(monkeypatch):
+    """FusedLinearDistillation's cases (one per divergence) and generalized_jsd_loss's: fastkd's
+    module gives the reference's loss; a variant out of memory under one divergence is still
+    run at larger sizes under the others (their references differ)."""
+    picked = cases.cases("tiny", "cpu", ["FusedLinearDistillation", "generalized_jsd_loss"])
+    assert [c.params.get("divergence") for c in picked] == [*fastkd.functional.DIVERGENCES, None]
+    for case in picked:
+        inputs = measure.Runner(case, CPU, torch.float32).inputs()
+        ref, fast = (case.build(impl, CPU, torch.float32)(*inputs) for impl in ("reference", "fastkd"))
+        torch.testing.assert_close(fast, ref, msg=case.name)
+    monkeypatch.setitem(cases._LM_HEAD, "tiny", [(8, 16, 50), (16, 16, 50)])
+    jsd_oom = _raising(MemoryError())
+
+    def eager(case, device, dtype):
+        return (jsd_oom if case.args == ("jsd",) else measure.eager)(case, device, dtype)
+    run = cli.run(_settings(losses=["FusedLinearDistillation"]), variants={"eager": eager}, progress=False)
+    status = {(r["params"]["divergence"], r["params"]["BT"]): r["variants"]["eager"] for r in run["results"]}
+    assert status[("jsd", 8)]["status"] == status[("jsd", 16)]["status"] == measure.OOM
+    assert status[("jsd", 16)]["skipped"] and not status[("jsd", 8)]["skipped"]
+    assert all(res["status"] == measure.OK for (name, _), res in status.items() if name != "jsd")
+
+
+def test_liger_variant_takes_the_divergences_its_fused_jsd_holds():
+    lm = {c.params.get("divergence", c.loss): c for c in cases.cases("tiny", "cpu", cases.LOSSES)
+          if c.loss in ("FusedLinearSoftTarget", "FusedLinearDistillation")}
+    assert {name: measure._liger_beta(c) for name, c in lm.items()} == {
+        "FusedLinearSoftTarget": 0.0, "kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5, "skew_kl": None,
+        "skew_reverse_kl": None, "tvd": None}
+    with pytest.raises(ValueError, match="no fused op for FusedLinearDistillation tvd"):
+        measure.liger(lm["tvd"], CPU, torch.float32)
 
 
 @linux_only

@@ -333,6 +333,37 @@ def test_fullgraph_compile_through_the_operator(divergence, teacher, rest, reduc
         assert_close(a, b)
 
 
+def test_every_divergence_compiles_fullgraph_to_the_eager_losses_and_gradients():
+    """torch.compile(fullgraph=True) of one function calling FusedLinearDistillation for every
+    divergence (a dense teacher by its head, a top-k one under "bucket") and generalized_jsd_loss
+    (beta 0, 0.3 and 1, with labels): one graph, each of its 15 losses and their gradients
+    those of the eager calls (one compile for all: tiny shapes, the aot_eager backend)."""
+    torch._dynamo.reset()
+    modules = [fastkd.FusedLinearDistillation(d, topk_rest="bucket", chunk_size=4, **OPTIONS) for d in R.DIVERGENCES]
+    betas = (0.0, 0.3, 1.0)
+
+    def f(args, kw, topk_kw, s, t, labels):
+        losses = [m(*args, **kw) for m in modules] + [m(*args[:2], labels=args[4], **topk_kw) for m in modules]
+        return losses + [F.generalized_jsd_loss(s, t, labels, beta=b, temperature=2.0) for b in betas]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    args, kw = make_problem(7, 4, 9, "dense", dtype=torch.float32)
+    _, topk_kw = make_problem(7, 4, 9, "topk", dtype=torch.float32, k=3, seed=1)
+    topk_kw = dict(topk_kw, student_bias=kw["student_bias"])
+    s, t, labels = _logits(2, (2, 3, 9), torch.float32)
+    inputs = (args, kw, topk_kw, s, t, labels)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = compiled(*inputs)
+    ran = {e.name for e in prof.events()}
+    assert {"fastkd::fused_linear_soft_target", "fastkd::fused_linear_distillation", "fastkd::generalized_jsd"} <= ran
+    names = [f"{d} {teacher}" for teacher in ("dense", "topk") for d in R.DIVERGENCES]
+    names += [f"jsd beta={b}" for b in betas]
+    for i, (name, expected) in enumerate(zip(names, f(*inputs))):
+        wrt = [args[0], args[1], kw["student_bias"]] if i < 12 else [s]
+        assert_close(got[i], expected, msg=name)
+        for a, b in zip(torch.autograd.grad(got[i], wrt, retain_graph=True), torch.autograd.grad(expected, wrt)):
+            assert_close(a, b, msg=name)
+
+
 def test_export_through_the_operator():
     args, kw = make_problem(6, 4, 9, "dense", dtype=torch.float32)
 

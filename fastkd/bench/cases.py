@@ -24,6 +24,10 @@ Sweeps (``cases(sweep, device_type)``):
   FusedLinearSoftTarget (beyond the collection; --losses FusedLinearSoftTarget): an LM
   head's distillation, tokens x hidden x vocabulary, in bfloat16 on CUDA at 1024 and 8192
   tokens, H=4096, V=32k and 128k (float32 with smaller shapes on CPU).
+  FusedLinearDistillation (--losses FusedLinearDistillation): the same problems under each
+  divergence; generalized_jsd_loss (--losses generalized_jsd_loss): TRL's GKD loss on both
+  models' logits (2, BT / 2, V) of as many tokens. Each is timed only when named: six
+  divergences, each compiled by the compile variant, would take minutes of a CPU run.
 
 The student's inputs require grad and the teacher's do not, as in training.
 Sobolev and LwM need the gradients of a network's outputs, so their cases run
@@ -39,6 +43,7 @@ import torch.nn as nn
 
 import fastkd
 from fastkd import reference, registry
+from fastkd.reference import divergences
 from fastkd.common import nst_spatial_form
 
 SWEEPS = ("tiny", "collection", "quick", "full")
@@ -48,20 +53,21 @@ ALIASES = {"PKT": "PKTCosSim", "FitNet": "Hint", "FitNets": "Hint", "ST": "SoftT
 
 # Every method of the collection except Baseline, in the README's order (fastkd.registry),
 # then the losses beyond it.
-LOSSES = registry.LOSSES + tuple(registry.EXTENSIONS)
+LOSSES = registry.LOSSES + tuple(registry.EXTENSIONS) + tuple(registry.LM_HEAD)
 
 
 @dataclass
 class Case:
     """One loss at one shape.
 
-    loss      method name (class name in fastkd and fastkd.reference).
+    loss      method name (class name in fastkd and fastkd.reference), or a function's name
+              in FUNCTIONS.
     shape     short label of the shape, e.g. "N=512 D=512".
     x, x_name the value of the sweep variable (batch, vocabulary, ...) and its name.
     size      a measure that grows with the memory the reference needs; with
               monotone=True a variant that ran out of memory or time at one size is
               not tried at larger sizes of the same loss.
-    args      the module's constructor arguments.
+    args, kwargs  the module's constructor arguments.
     inputs    inputs(device, dtype, generator) -> fresh tuple of forward arguments.
     flops     matrix-product flops fastkd's algorithm cannot avoid (forward + backward): Gram
               products and the like, which a kernel can run on tensor cores (for float32 at the
@@ -84,6 +90,7 @@ class Case:
     size: int
     args: tuple
     inputs: Callable
+    kwargs: dict = field(default_factory=dict)
     monotone: bool = True
     flops: int = 0
     conv_flops: int = 0
@@ -101,8 +108,10 @@ class Case:
     def build(self, impl, device, dtype):
         """The module of impl ("reference" or "fastkd"), same state_dict for both."""
         torch.manual_seed(0)
-        ref = getattr(reference, self.loss)(*self.args)
-        module = ref if impl == "reference" else getattr(fastkd, self.loss)(*self.args)
+        if self.loss in FUNCTIONS:
+            return FUNCTIONS[self.loss](*self.args, reference=impl == "reference", **self.kwargs).to(device, dtype)
+        ref = getattr(reference, self.loss)(*self.args, **self.kwargs)
+        module = ref if impl == "reference" else getattr(fastkd, self.loss)(*self.args, **self.kwargs)
         if module is not ref:
             module.load_state_dict(ref.state_dict())
         return module.to(device=device, dtype=dtype)
@@ -208,7 +217,7 @@ def work(loss, args, *shapes):
     if loss == "CRD":
         _, _, feat_dim, nce_n, _, _, n_data = args
         return crd_work(n, nce_n, feat_dim, n_data)
-    if loss == "FusedLinearSoftTarget":
+    if loss in ("FusedLinearSoftTarget", "FusedLinearDistillation"):
         # Student and teacher logits, then the student's hidden and weight gradients.
         (bt, h), (v, _) = shapes[:2]
         return {"flops": 4 * 2 * bt * v * h}
@@ -327,20 +336,71 @@ def _crd_cases(sweep, device_type):
     return out
 
 
+# FusedLinearDistillation's settings: T as FusedLinearSoftTarget's case, beta TRL's default,
+# alpha DistiLLM's. generalized_jsd_loss's: TRL's GKDConfig defaults.
+_DIVERGENCE_OPTIONS = {"T": 2.0, "beta": 0.5, "alpha": 0.1}
+_GKD_OPTIONS = {"beta": 0.5, "temperature": 0.9}
+
+
+class GeneralizedJSD(nn.Module):
+    """fastkd.functional.generalized_jsd_loss(student_logits, teacher_logits, labels, beta,
+    temperature) as a module, or with reference=True the materialised one written from TRL's
+    GKDTrainer.generalized_jsd_loss (fastkd.reference.divergences): TRL's own computation."""
+
+    def __init__(self, beta=0.5, temperature=1.0, *, reference=False):
+        super().__init__()
+        self.beta, self.temperature = beta, temperature
+        self.loss = divergences.generalized_jsd_loss if reference else fastkd.functional.generalized_jsd_loss
+
+    def forward(self, student_logits, teacher_logits, labels):
+        return self.loss(student_logits, teacher_logits, labels, beta=self.beta, temperature=self.temperature)
+
+
+# Functions of fastkd.functional that the benchmark times, by name -> their module here.
+FUNCTIONS = {"generalized_jsd_loss": GeneralizedJSD}
+
+
+def _lm_head_inputs(bt, h, v):
+    def make(device, dtype, gen):
+        return (_randn((bt, h), device, dtype, gen, grad=True),
+                (_randn((v, h), device, dtype, gen) / h ** 0.5).requires_grad_(),
+                _randn((bt, h), device, dtype, gen), _randn((v, h), device, dtype, gen) / h ** 0.5)
+    return make
+
+
+def _lm_logits_inputs(bt, v):
+    """Both models' logits (2, BT / 2, V), of the scale of an LM head's, and labels."""
+    shape = (2, bt // 2, v)
+
+    def make(device, dtype, gen):
+        labels = torch.randint(0, v, shape[:2], device=device, generator=gen)
+        return _randn(shape, device, dtype, gen, grad=True), _randn(shape, device, dtype, gen), labels
+    return make
+
+
 def _lm_head_cases(sweep, device_type):
     """FusedLinearSoftTarget(T=2) with a dense teacher (hidden states and head weight): the
     student's hidden states and head weight train, the teacher's are fixed. bfloat16 on
-    CUDA, as LM training runs: its floor's products at the bfloat16 tensor-core rate."""
+    CUDA, as LM training runs: its floor's products at the bfloat16 tensor-core rate. Then
+    FusedLinearDistillation on the same problems, divergence by divergence, and
+    generalized_jsd_loss on logits of as many tokens."""
     out = []
     dtype = torch.bfloat16 if device_type == "cuda" else None
-    for bt, h, v in _pick(_LM_HEAD, sweep, device_type):
-        def make(device, dtype, gen, bt=bt, h=h, v=v):
-            return (_randn((bt, h), device, dtype, gen, grad=True),
-                    (_randn((v, h), device, dtype, gen) / h ** 0.5).requires_grad_(),
-                    _randn((bt, h), device, dtype, gen), _randn((v, h), device, dtype, gen) / h ** 0.5)
+    shapes = _pick(_LM_HEAD, sweep, device_type)
+    for bt, h, v in shapes:
         out.append(Case("FusedLinearSoftTarget", f"BT={bt} H={h} V={v}", v, "vocabulary", bt * v, (2.0,),
-                        make, dtype=dtype, **work("FusedLinearSoftTarget", (2.0,), (bt, h), (v, h)),
-                        params={"BT": bt, "H": h, "V": v}))
+                        _lm_head_inputs(bt, h, v), dtype=dtype,
+                        **work("FusedLinearSoftTarget", (2.0,), (bt, h), (v, h)), params={"BT": bt, "H": h, "V": v}))
+    for name in divergences.DIVERGENCES:
+        for bt, h, v in shapes:
+            out.append(Case("FusedLinearDistillation", f"{name} BT={bt} H={h} V={v}", v, "vocabulary", bt * v,
+                            (name,), _lm_head_inputs(bt, h, v), kwargs=_DIVERGENCE_OPTIONS, dtype=dtype,
+                            **work("FusedLinearDistillation", (name,), (bt, h), (v, h)),
+                            params={"divergence": name, "BT": bt, "H": h, "V": v}))
+    for bt, _, v in shapes:
+        out.append(Case("generalized_jsd_loss", f"B=2 L={bt // 2} V={v}", v, "vocabulary", bt * v, (),
+                        _lm_logits_inputs(bt, v), kwargs=_GKD_OPTIONS, dtype=dtype,
+                        params={"B": 2, "L": bt // 2, "V": v}))
     return out
 
 
@@ -494,7 +554,8 @@ def cases(sweep="quick", device_type="cpu", losses=None):
     then in sweep order (batch or classes ascending; feature maps layer by layer).
 
     losses: method names (or aliases) to keep; None keeps the collection's 21 (the losses
-    beyond it, FusedLinearSoftTarget, run when named).
+    beyond it, FusedLinearSoftTarget, FusedLinearDistillation and generalized_jsd_loss, run
+    when named).
     """
     if sweep not in SWEEPS:
         raise ValueError(f"sweep must be one of {', '.join(SWEEPS)}; got {sweep!r}")

@@ -21,7 +21,7 @@ import fastkd
 
 from .. import backend
 from ..__main__ import METHODS, device_from, program_name
-from ..registry import EXTENSIONS
+from ..registry import EXTENSIONS, LM_HEAD
 from . import cases as cases_mod
 from . import host, measure, report, roofline
 
@@ -97,7 +97,7 @@ def describe_device(device):
 def fastkd_path(loss, device, numel=None):
     """{op: backend} that fastkd's auto backend runs for the loss's ops on device (numel:
     {op: its first input's element count}, which the choice on CUDA depends on)."""
-    ops = METHODS[loss] if loss in METHODS else EXTENSIONS[loss]
+    ops = {**METHODS, **EXTENSIONS, **LM_HEAD}[loss]
     return {op: backend.resolve(op, device, "auto", (numel or {}).get(op)) for op in ops}
 
 
@@ -112,7 +112,9 @@ def _triton_version():
 def parser():
     p = argparse.ArgumentParser(prog=program_name("fastkd.bench", "fastkd-bench"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--losses", help="comma-separated losses (default: all 21), e.g. RKD,SP,PKT")
+    p.add_argument("--losses", help="comma-separated losses (default: all 21), e.g. RKD,SP,PKT; beyond them "
+                   "the LM head's: FusedLinearSoftTarget, FusedLinearDistillation (each divergence), "
+                   "generalized_jsd_loss")
     p.add_argument("--cases", metavar="REGEX", help="keep only the cases whose name (e.g. 'RKD N=1024 D=512') "
                    "matches this regular expression")
     p.add_argument("--quick", action="store_true", help="the quick sweep: a first look, minutes on a CPU")
@@ -126,8 +128,9 @@ def parser():
     p.add_argument("--variants", default=",".join(measure.VARIANT_NAMES),
                    help="comma-separated subset of eager,compile,fastkd (default: all three), and fastkd-compile: "
                    "fastkd under torch.compile; fastkd-graphs: under torch.compile(mode='reduce-overhead'), CUDA "
-                   "graphs on CUDA; liger: Liger-Kernel's fused linear JSD for "
-                   "FusedLinearSoftTarget, where liger_kernel is installed")
+                   "graphs on CUDA; liger: Liger-Kernel's fused linear JSD for FusedLinearSoftTarget and "
+                   "FusedLinearDistillation's kl, reverse_kl and jsd, its JSD for generalized_jsd_loss, where "
+                   "liger_kernel is installed")
     p.add_argument("--max-memory", help="memory a variant may use before it is reported out of memory: "
                    "8G, 512M, or a percentage of available memory (default: 50%% of available RAM on CPU, "
                    "the whole GPU on CUDA)")
@@ -224,11 +227,13 @@ def run(settings, machine=None, variants=None, progress=True, cases=None, on_sta
     if any(v in measure.COMPILED for v in builders):
         measure.warm_compiler(device)
     bar = report.Progress(len(todo), enabled=progress)
-    failed_at = {}  # (loss, variant) -> (size, status): not tried at larger sizes
+    # (loss, its arguments, variant) -> (size, status): not tried at larger sizes (the
+    # arguments tell FusedLinearDistillation's divergences apart, whose references differ).
+    failed_at = {}
     start = time.monotonic()
     for case, path in zip(todo, paths):
         skip = {v: status for v in builders
-                for size, status in [failed_at.get((case.loss, v), (None, None))]
+                for size, status in [failed_at.get((case.loss, case.args, v), (None, None))]
                 if case.monotone and size is not None and case.size >= size}
         results = measure.run_case(
             case, device, case.dtype or dtype, builders, warmup=settings["warmup"], min_reps=settings["min_reps"],
@@ -236,7 +241,7 @@ def run(settings, machine=None, variants=None, progress=True, cases=None, on_sta
             max_memory=settings["max_memory"] if device.type == "cpu" else None, skip=skip, progress=bar.show)
         for v, res in results.items():
             if res["status"] in (measure.OOM, measure.TOO_SLOW) and not res["skipped"] and case.monotone:
-                failed_at.setdefault((case.loss, v), (case.size, res["status"]))
+                failed_at.setdefault((case.loss, case.args, v), (case.size, res["status"]))
         record = {"loss": case.loss, "shape": case.shape, "x": case.x, "x_name": case.x_name, "size": case.size,
                   "monotone": case.monotone, "params": case.params, "fastkd_path": path,
                   "variants": results, "floor": None, "dtype": str(case.dtype or dtype).removeprefix("torch.")}

@@ -89,15 +89,39 @@ def fastkd_graphs(case, device, dtype):
     return torch.compile(module, mode="reduce-overhead"), module
 
 
+def _liger_beta(case):
+    """Liger-Kernel's jsd_beta for an LM-head case its fused linear JSD holds (beta = 0 and 1
+    its forward and reverse KL, as TRL's), None for another."""
+    if case.loss == "FusedLinearSoftTarget":
+        return 0.0
+    if case.loss == "FusedLinearDistillation":
+        return {"kl": 0.0, "reverse_kl": 1.0, "jsd": case.kwargs["beta"]}.get(case.args[0])
+    return None
+
+
 def liger(case, device, dtype):
-    """Liger-Kernel's fused linear JSD at beta = 0 (a KL at temperature T, with its own
-    reduction), for FusedLinearSoftTarget's cases: the time and memory of another fused
-    linear distillation, not the same numbers."""
-    if case.loss != "FusedLinearSoftTarget":
-        raise ValueError(f"the liger variant runs FusedLinearSoftTarget only (Liger-Kernel has no "
-                         f"fused op for {case.loss})")
+    """Liger-Kernel's counterpart, where it has one: its fused linear JSD (with its own
+    reduction) for FusedLinearSoftTarget (beta = 0, a KL at temperature T) and for
+    FusedLinearDistillation's kl, reverse_kl and jsd; its JSD on the log-probabilities at the
+    temperature for generalized_jsd_loss. The time and memory of another implementation,
+    not always the same numbers."""
+    if case.loss == "generalized_jsd_loss":
+        from liger_kernel.ops.jsd import LigerJSDFunction
+        beta, temperature = case.kwargs["beta"], case.kwargs["temperature"]
+
+        def step(student_logits, teacher_logits, labels):
+            v = student_logits.shape[-1]
+            log_q = torch.log_softmax(student_logits.reshape(-1, v) / temperature, -1)
+            log_p = torch.log_softmax(teacher_logits.reshape(-1, v) / temperature, -1)
+            return LigerJSDFunction.apply(log_q, log_p, labels.reshape(-1), beta, -100)
+        return step, torch.nn.Module()
+    beta = _liger_beta(case)
+    if beta is None:
+        raise ValueError(f"the liger variant runs FusedLinearSoftTarget, FusedLinearDistillation's kl, reverse_kl "
+                         f"and jsd, and generalized_jsd_loss (Liger-Kernel has no fused op for {case.name})")
     from liger_kernel.transformers import LigerFusedLinearJSD
-    module = LigerFusedLinearJSD(jsd_beta=0.0, temperature=case.args[0])
+    T = case.args[0] if case.loss == "FusedLinearSoftTarget" else case.kwargs["T"]
+    module = LigerFusedLinearJSD(jsd_beta=beta, temperature=T)
 
     def step(student_hidden, student_weight, teacher_hidden, teacher_weight):  # no labels
         return module(student_hidden, student_weight, teacher_hidden, teacher_weight, None)

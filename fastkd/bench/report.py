@@ -329,7 +329,8 @@ _FAILED_MARKS = {OOM: ("x", "out of memory"), TOO_SLOW: (">", "too slow")}
 
 
 def write_plots(run, folder):
-    """One PNG per loss: time and peak memory of each variant against the sweep variable.
+    """One PNG per loss (per divergence of FusedLinearDistillation): time and peak memory of
+    each variant against the sweep variable.
 
     Losses swept over batch or classes get a log-log axis; feature-map losses, swept over
     layer shapes, one point per shape. Sizes where a variant ran out of memory or was too
@@ -347,8 +348,9 @@ def write_plots(run, folder):
                                 "(or, in a clone of fastkd: pip install -e '.[bench]')") from None
     os.makedirs(folder, exist_ok=True)
     by_loss = {}
-    for rec in run["results"]:
-        by_loss.setdefault(rec["loss"], []).append(rec)
+    for rec in run["results"]:  # FusedLinearDistillation: a plot per divergence
+        divergence = rec["params"].get("divergence")
+        by_loss.setdefault(f"{rec['loss']}-{divergence}" if divergence else rec["loss"], []).append(rec)
     written = []
     for loss, recs in by_loss.items():
         numeric = all(r["monotone"] for r in recs)
