@@ -73,17 +73,21 @@ def _two_sum(a, b):
 
 
 @triton.jit
-def _directions(h_ptr, l_ptr, row_i, rows, N, EXACT: tl.constexpr):
+def _directions(h_ptr, l_ptr, v_ptr, row_i, rows, N, EXACT: tl.constexpr):
     """E[i, rows] as (hi, lo) (lo = hi, unused, for EXACT), inv = 1 / n (0 for a zero
-    direction) and dead = [zero direction] (0 outside) for anchor i; row_i = i * N in int64."""
+    direction) and dead = [zero direction] (0 outside) for anchor i; row_i = i * N in int64.
+    The fast path reads inv from its matrix (`inverse_norms`): a division and a square root
+    per direction and anchor cost more instructions than the angles read from them."""
     ok = rows < N
     e = tl.load(h_ptr + row_i + rows, mask=ok, other=0.0)
     if EXACT:
         e_lo = e
+        live = e >= _NORM_EPS_SQ
+        inv = tl.where(live, 1.0 / sqrt(tl.where(live, e, 1.0)), 0.0)
     else:
         e_lo = tl.load(l_ptr + row_i + rows, mask=ok, other=0.0)
-    live = e >= _NORM_EPS_SQ
-    inv = tl.where(live, 1.0 / sqrt(tl.where(live, e, 1.0)), 0.0)
+        inv = tl.load(v_ptr + row_i + rows, mask=ok, other=0.0)
+        live = inv > 0
     return e, e_lo, inv, (ok & ~live).to(e.dtype)
 
 
@@ -129,7 +133,7 @@ def _store_angle_stats(out, plane, ok, u_inv, u_a, u_dead, inv, dead):
 
 
 @triton.jit
-def _angle_fwd(hs_ptr, ls_ptr, ht_ptr, lt_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
+def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
                EXACT: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr):
     """The forward kernels' body (see _rkd_angle_fwd_kernel), over this path's anchors."""
     t = tl.program_id(0)
@@ -143,39 +147,43 @@ def _angle_fwd(hs_ptr, ls_ptr, ht_ptr, lt_ptr, order_ptr, count_ptr, part_ptr, s
     if mine:
         i = tl.load(order_ptr + t)
         row_i = i.to(tl.int64) * N
-        eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, row_i, rj, N, EXACT)
-        eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, row_i, rj, N, EXACT)
-        loss = tl.zeros([BLOCK], dtype=hs_ptr.dtype.element_ty)
-        ui_s = tl.zeros([BLOCK], dtype=hs_ptr.dtype.element_ty)
-        ua_s = tl.zeros([BLOCK], dtype=hs_ptr.dtype.element_ty)
-        ud_s = tl.zeros([BLOCK], dtype=hs_ptr.dtype.element_ty)
-        ui_t = tl.zeros([BLOCK], dtype=hs_ptr.dtype.element_ty)
-        ua_t = tl.zeros([BLOCK], dtype=hs_ptr.dtype.element_ty)
-        ud_t = tl.zeros([BLOCK], dtype=hs_ptr.dtype.element_ty)
+        eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, rj, N, EXACT)
+        eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, rj, N, EXACT)
+        # Summed elementwise over the k blocks and reduced over k once at the end: a reduction
+        # per block costs cross-thread shuffles, about as many instructions as the angles.
+        loss = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+        ui_s = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+        ua_s = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+        ud_s = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+        ui_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+        ua_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+        ud_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
         for start in range(0, N, BLOCK):
             rk = start + tl.arange(0, BLOCK)
             ok = (rj[:, None] < N) & (rk[None, :] < N)
-            eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, row_i, rk, N, EXACT)
-            eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, row_i, rk, N, EXACT)
+            eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, rk, N, EXACT)
+            eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, rk, N, EXACT)
             ejk_s, ljk_s = _tile(hs_ptr, ls_ptr, rj, rk, N, EXACT)
             ejk_t, ljk_t = _tile(ht_ptr, lt_ptr, rj, rk, N, EXACT)
             a_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, rj, rk, ok, EXACT)
             a_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, rj, rk, ok, EXACT)
-            loss += tl.sum(_smooth_l1(a_s - a_t), 1)
+            loss += _smooth_l1(a_s - a_t)
             if STATS:
                 u = _angle_u(a_s, a_t, rj, rk)
-                ui_s += tl.sum(u * invk_s[None, :], 1)
-                ua_s += tl.sum(u * a_s, 1)
-                ud_s += tl.sum(u * deadk_s[None, :], 1)
-                ui_t -= tl.sum(u * invk_t[None, :], 1)
-                ua_t -= tl.sum(u * a_t, 1)
-                ud_t -= tl.sum(u * deadk_t[None, :], 1)
-        tl.store(part, tl.sum(loss, 0))
+                ui_s += u * invk_s[None, :]
+                ua_s += u * a_s
+                ud_s += u * deadk_s[None, :]
+                ui_t -= u * invk_t[None, :]
+                ua_t -= u * a_t
+                ud_t -= u * deadk_t[None, :]
+        tl.store(part, tl.sum(tl.sum(loss, 1), 0))
         if STATS:
             plane = tl.num_programs(0).to(tl.int64) * N
             out = stats_ptr + (i - lo).to(tl.int64) * N + rj
-            _store_angle_stats(out, plane, rj < N, ui_s, ua_s, ud_s, invj_s, deadj_s)
-            _store_angle_stats(out + 3 * plane, plane, rj < N, ui_t, ua_t, ud_t, invj_t, deadj_t)
+            _store_angle_stats(out, plane, rj < N, tl.sum(ui_s, 1), tl.sum(ua_s, 1), tl.sum(ud_s, 1),
+                               invj_s, deadj_s)
+            _store_angle_stats(out + 3 * plane, plane, rj < N, tl.sum(ui_t, 1), tl.sum(ua_t, 1),
+                               tl.sum(ud_t, 1), invj_t, deadj_t)
     else:
         tl.store(part, 0.0)
 
@@ -189,16 +197,16 @@ def _rkd_angle_fwd_kernel(es_ptr, et_ptr, order_ptr, count_ptr, part_ptr, stats_
     With STATS, per side and row j the row sums sum_k u inv_k, sum_k u A and sum_k u dead_k,
     stored as w1, s, q at [stat, i - lo, j] of stats (6, R, N) (the anchors lo:lo + R, R
     programs): student 0-2, teacher 3-5."""
-    _angle_fwd(es_ptr, es_ptr, et_ptr, et_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
+    _angle_fwd(es_ptr, es_ptr, es_ptr, et_ptr, et_ptr, et_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
                EXACT=True, STATS=STATS, BLOCK=BLOCK)
 
 
 @triton.jit
-def _rkd_angle_fwd_fast_kernel(hs_ptr, ls_ptr, ht_ptr, lt_ptr, order_ptr, count_ptr, part_ptr, stats_ptr,
-                               lo, N, STATS: tl.constexpr, BLOCK: tl.constexpr):
-    """The fast path (float32, E = hi + lo): _rkd_angle_fwd_kernel for the anchors
-    order[t], t >= count."""
-    _angle_fwd(hs_ptr, ls_ptr, ht_ptr, lt_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
+def _rkd_angle_fwd_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, part_ptr,
+                               stats_ptr, lo, N, STATS: tl.constexpr, BLOCK: tl.constexpr):
+    """The fast path (float32, E = hi + lo, v = 1 / sqrt(E)): _rkd_angle_fwd_kernel for the
+    anchors order[t], t >= count."""
+    _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
                EXACT=False, STATS=STATS, BLOCK=BLOCK)
 
 
@@ -223,7 +231,7 @@ def _store_grad_tile(out, plane, rj, rk, N, ok, w, z, z_t, ADD: tl.constexpr):
 
 
 @triton.jit
-def _angle_grad(hs_ptr, ls_ptr, ht_ptr, lt_ptr, order_ptr, count_ptr, out_ptr, R, N,
+def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr, R, N,
                 EXACT: tl.constexpr, BLOCK: tl.constexpr):
     """The tile kernels' body (see _rkd_angle_grad_kernel), over this path's anchors.
     u is symmetric in (j, k), so only the tiles on and above the diagonal are computed, each
@@ -249,10 +257,10 @@ def _angle_grad(hs_ptr, ls_ptr, ht_ptr, lt_ptr, order_ptr, count_ptr, out_ptr, R
             end = R
         for t in range(first, end):
             row_i = tl.load(order_ptr + t).to(tl.int64) * N
-            eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, row_i, rj, N, EXACT)
-            eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, row_i, rk, N, EXACT)
-            eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, row_i, rj, N, EXACT)
-            eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, row_i, rk, N, EXACT)
+            eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, rj, N, EXACT)
+            eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, rk, N, EXACT)
+            eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, rj, N, EXACT)
+            eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, rk, N, EXACT)
             a_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, rj, rk, ok, EXACT)
             a_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, rj, rk, ok, EXACT)
             u = _angle_u(a_s, a_t, rj, rk)
@@ -273,22 +281,24 @@ def _rkd_angle_grad_kernel(es_ptr, et_ptr, order_ptr, count_ptr, out_ptr, R, N, 
     """The exact path (float64 E): the (j, k) tile of w2 and z2 / c (see the section's
     header) on each side, summed over the anchors order[t], t < count;
     out (4, N, N) = (w2_s, z2_s / c, w2_t, z2_t / c), written whole."""
-    _angle_grad(es_ptr, es_ptr, et_ptr, et_ptr, order_ptr, count_ptr, out_ptr, R, N, EXACT=True, BLOCK=BLOCK)
+    _angle_grad(es_ptr, es_ptr, es_ptr, et_ptr, et_ptr, et_ptr, order_ptr, count_ptr, out_ptr, R, N, EXACT=True, BLOCK=BLOCK)
 
 
 @triton.jit
-def _rkd_angle_grad_fast_kernel(hs_ptr, ls_ptr, ht_ptr, lt_ptr, order_ptr, count_ptr, out_ptr, R, N,
-                                BLOCK: tl.constexpr):
-    """The fast path (float32, E = hi + lo): _rkd_angle_grad_kernel's sums over the anchors
-    order[t], count <= t < R, added to what out holds."""
-    _angle_grad(hs_ptr, ls_ptr, ht_ptr, lt_ptr, order_ptr, count_ptr, out_ptr, R, N, EXACT=False,
+def _rkd_angle_grad_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr,
+                                R, N, BLOCK: tl.constexpr):
+    """The fast path (float32, E = hi + lo, v = 1 / sqrt(E)): _rkd_angle_grad_kernel's sums over
+    the anchors order[t], count <= t < R, added to what out holds."""
+    _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr, R, N, EXACT=False,
                 BLOCK=BLOCK)
 
 
 def split(e):
-    """(hi, lo) float32 with hi + lo = e (float64) to about 2^-48 relative."""
+    """The fast path's view of E (float64): (hi, lo, v) float32, hi + lo = E to about 2^-48
+    relative and v = 1 / sqrt(E) correctly rounded, 0 for a zero direction (E < NORM_EPS^2)."""
     hi = e.to(torch.float32)
-    return hi, (e - hi.to(e.dtype)).to(torch.float32)
+    inv = torch.where(e >= NORM_EPS ** 2, e.clamp(min=NORM_EPS ** 2).rsqrt(), 0.0)
+    return hi, (e - hi.to(e.dtype)).to(torch.float32), inv.to(torch.float32)
 
 
 def anchor_order(e_s, e_t, lo, anchors, fast):
