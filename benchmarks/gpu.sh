@@ -13,13 +13,15 @@
 # shapes; and FusedLinearSoftTarget's LM-head cases in bfloat16, then FusedLinearDistillation's
 # divergences and generalized_jsd_loss at 8,192 x 128k. Everything goes under RESULTS_DIR, with
 # summary.txt listing each step's exit status and time. Each step has a time limit; all of
-# them take up to about 17.5 minutes, more than one 10-minute call, so a lease runs them in
-# two calls (FASTKD_GPU_STEPS below). The benchmarks write their JSON
-# after every case, so a step stopped at its limit keeps what it measured.
+# them take up to about 23 minutes, more than a lease's device time, so by default one call
+# runs the core steps (install tests bench bench-collection host: at most 580 s), and
+# FASTKD_GPU_STEPS names the others for the calls a lease has room for (FASTKD_GPU_STEPS=all:
+# every step). The benchmarks write their JSON after every case, so a step stopped at its
+# limit keeps what it measured.
 # FASTKD_GPU_RESOURCES=1 adds the compile and resource check (about 2.5 minutes, CPU only;
 # CI runs it too). FASTKD_GPU_DRY_RUN=1 runs only that check (no install, no GPU steps).
-# FASTKD_GPU_STEPS="tests bench-lm ..." runs only the steps named (default: every step),
-# for a lease too short for all of them in one call; FASTKD_GPU_TESTS replaces the test
+# FASTKD_GPU_STEPS="bench-compile bench-lm ..." runs only the steps named (default: the core
+# steps above; "all": every step); FASTKD_GPU_TESTS replaces the test
 # step's selection (default: tests, less the CPU-only compile test), e.g. a rerun of failures;
 # FASTKD_GPU_LIMITS="bench=100 tests=200" changes steps' time limits (seconds).
 set -uo pipefail
@@ -35,7 +37,8 @@ export PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to RESULTS/NAME.log
     local name=$1 limit=$2 start rc
     shift 2
-    if [ -n "${FASTKD_GPU_STEPS:-}" ] && [[ " $FASTKD_GPU_STEPS " != *" $name "* ]]; then return; fi
+    local steps=${FASTKD_GPU_STEPS:-install tests bench bench-collection host}
+    if [ "$steps" != all ] && [[ " $steps " != *" $name "* ]]; then return; fi
     for kv in ${FASTKD_GPU_LIMITS:-}; do [ "${kv%%=*}" = "$name" ] && limit=${kv#*=}; done
     start=$(date +%s)
     timeout "$limit" "$@" > "$RESULTS/$name.log" 2>&1
