@@ -450,6 +450,15 @@ def _distance_sides(x_s, x_t):
             _gram.prepare(x_t, centre=True))
 
 
+def _rkd_sides(feat_s, feat_t, fast):
+    """RKD's (E_s, E_t, X_s, X_t): _distance_sides, or with fast (_fast_angles) E from float32
+    arithmetic (squared_distances_split) and X the raw rows, whose gradient difference_grad
+    forms in float32."""
+    if not fast:
+        return _distance_sides(feat_s, feat_t)
+    return (_gram.squared_distances_split(feat_s), _gram.squared_distances_split(feat_t), feat_s, feat_t)
+
+
 def _fast_angles(feat_s, feat_t):
     """Whether RKD's angles may take the float32 path (fastkd/kernels/angle.py): for float32,
     bfloat16 and float16 inputs; a float64 result keeps float64 throughout."""
@@ -468,7 +477,8 @@ class RKDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feat_s, feat_t, w_dist, w_angle):
-        e_s, e_t, x_s, x_t = _distance_sides(feat_s, feat_t)
+        fast = ctx.fast = _fast_angles(feat_s, feat_t)
+        e_s, e_t, x_s, x_t = _rkd_sides(feat_s, feat_t, fast)
         n = len(e_s)
         loss = e_s.new_zeros(())
         stats_d = stats_a = None
@@ -477,7 +487,7 @@ class RKDFunction(torch.autograd.Function):
             loss = loss + w_dist * total / n ** 2
         if w_angle:
             total, stats_a = _angle.rkd_angle_forward(e_s, e_t, with_stats=any(ctx.needs_input_grad),
-                                                      fast=_fast_angles(feat_s, feat_t))
+                                                      fast=fast)
             loss = loss + w_angle * total / n ** 3
         ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats_d, *(stats_a or (None,) * 3))
         ctx.weights = (w_dist, w_angle)
@@ -501,6 +511,11 @@ class RKDFunction(torch.autograd.Function):
         else:
             return None, None, None, None
         m_s, r_s, m_t, r_t = terms
+        if ctx.fast:  # each term's r is minus its M's row sums: the difference form
+            return (*(_gram.difference_grad(m, x, grad_out, x, divisor=divisor) if needed else None
+                      for m, x, needed in ((m_s, feat_s, ctx.needs_input_grad[0]),
+                                           (m_t, feat_t, ctx.needs_input_grad[1]))),
+                    None, None)
         return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), grad_out, divisor),
                 None, None)
 

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ..common import zero_row_sums
-from .common import cdiv, sqrt
+from .common import cdiv, sqrt, two_sum
 from .gram import BLOCK, TILE_WARPS, _load_tile, _smooth_l1
 
 # Directions shorter than this (E below its square) count as zero; F.normalize's clamp.
@@ -62,15 +62,6 @@ FAST_MAX = 1e37
 #
 # A side's E reaches the shared pieces below as (hi, lo) pointers; the exact path passes
 # E twice and never reads lo (EXACT).
-
-@triton.jit
-def _two_sum(a, b):
-    """(s, err) with s = fl(a + b) and a + b = s + err exactly (Knuth; no products, so the
-    compiler's multiply-add contraction cannot change it)."""
-    s = a + b
-    bb = s - a
-    return s, (a - (s - bb)) + (b - bb)
-
 
 @triton.jit
 def _directions(h_ptr, l_ptr, v_ptr, row_i, rows, N, EXACT: tl.constexpr):
@@ -108,8 +99,8 @@ def _angle_tile(ejk, ejk_lo, eij, eij_lo, eik, eik_lo, inv_j, inv_k, rj, rk, ok,
     if EXACT:
         v = (eij[:, None] + eik[None, :]) - ejk
     else:
-        s, err = _two_sum(eij[:, None], eik[None, :])
-        v, err2 = _two_sum(s, -ejk)
+        s, err = two_sum(eij[:, None], eik[None, :])
+        v, err2 = two_sum(s, -ejk)
         v = v + ((err + err2) + ((eij_lo[:, None] + eik_lo[None, :]) - ejk_lo))
     a = 0.5 * v * inv_j[:, None] * inv_k[None, :]
     a = tl.where(rj[:, None] == rk[None, :], (inv_j > 0).to(a.dtype)[:, None], a)

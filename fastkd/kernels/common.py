@@ -71,3 +71,12 @@ def sqrt(x):
         return tl.sqrt_rn(x)
     else:
         return tl.sqrt(x)
+
+
+@triton.jit
+def two_sum(a, b):
+    """(s, err) with s = fl(a + b) and a + b = s + err exactly (Knuth; no products, so the
+    compiler's multiply-add contraction cannot change it)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)

@@ -34,11 +34,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, sqrt, to_acc
+from .common import cdiv, sqrt, to_acc, two_sum
 
 BLOCK = 32  # side of the (N, N) tiles
 BLOCK_D = 32  # feature columns per step of a dot product
 BLOCK_D_DIFF = 4  # feature columns per step of a (BLOCK, BLOCK, columns) difference tile
+# difference_grad's (BLOCK, rows b, columns) tiles: 4,096 float32 values per step.
+DIFF_BLOCK_B = 4
+DIFF_BLOCK_D = 32
 # Warps of the kernels that hold several float64 (BLOCK, BLOCK) tiles at once (both sides,
 # both orientations): with four, sm_80/sm_90 spill their registers.
 TILE_WARPS = 8
@@ -154,6 +157,73 @@ def squared_distances(x, lo=0, rows=None):
 
 
 @triton.jit
+def _squared_distances_split_kernel(x_ptr, stride_n, stride_d, scale_ptr, hi_ptr, lo_ptr, lo, R, N, D,
+                                    SQUARE: tl.constexpr, BLOCK: tl.constexpr):
+    """_squared_distances_kernel in float32 arithmetic only: E_ab = hi + lo (two float32 (R, N)
+    matrices) to about 2^-48 relative, of the rows x * scale (scale a power of 2 on the
+    device, 1 unless the rows are large enough for a square to overflow float32). Each
+    difference is split exactly (two_sum), each square exactly (its rounding error by a
+    fused multiply-add), and the sum over the features carried as hi + lo (two_sum): every
+    term is non-negative, so nothing cancels and the error stays about u32^2 E."""
+    pid_a = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    if SQUARE:
+        run = pid_b <= pid_a
+    else:
+        run = pid_b >= 0
+    if run:
+        ra = pid_a * BLOCK + tl.arange(0, BLOCK)
+        rb = pid_b * BLOCK + tl.arange(0, BLOCK)
+        scale = tl.load(scale_ptr)
+        row_a = x_ptr + (lo + ra).to(tl.int64) * stride_n
+        row_b = x_ptr + rb.to(tl.int64) * stride_n
+        e_hi = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        e_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for f in range(0, D):
+            col = tl.cast(f, tl.int64) * stride_d
+            xa = tl.load(row_a + col, mask=ra < R, other=0.0).to(tl.float32) * scale
+            xb = tl.load(row_b + col, mask=rb < N, other=0.0).to(tl.float32) * scale
+            d, d_lo = two_sum(xa[:, None], -xb[None, :])
+            p = d * d
+            e_hi, err = two_sum(e_hi, p)
+            e_lo += err + (tl.fma(d, d, -p) + 2.0 * d * d_lo)
+        e_hi, e_lo = two_sum(e_hi, e_lo)
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
+        out = ra[:, None].to(tl.int64) * N + rb[None, :]
+        tl.store(hi_ptr + out, e_hi, mask=ok)
+        tl.store(lo_ptr + out, e_lo, mask=ok)
+        if SQUARE:
+            out_t = rb[None, :].to(tl.int64) * N + ra[:, None]
+            tl.store(hi_ptr + out_t, e_hi, mask=ok)
+            tl.store(lo_ptr + out_t, e_lo, mask=ok)
+
+
+# Rows whose largest magnitude passes this are scaled down by a power of 2 before squaring
+# (exactly), so that sums of squares stay finite in float32; E is scaled back in float64.
+_SPLIT_MAX = 2.0 ** 50
+
+
+def squared_distances_split(x, lo=0, rows=None):
+    """squared_distances (E float64 (rows, N)) with float32 arithmetic only in its O(N^2 D)
+    part: for float32, bfloat16 and float16 x (each difference and square split exactly,
+    the sums compensated), E = (hi + lo) / scale^2 to about 2^-48 relative, formed in
+    float64 from the two (rows, N) float32 matrices; equal rows give exactly 0."""
+    x = flat(x)
+    n, d = x.shape
+    square = rows is None
+    rows = n if square else rows
+    top = x.detach().abs().amax().to(torch.float32) if x.numel() else x.new_zeros((), dtype=torch.float32)
+    # A power of 2 (exact), on the device: no host sync.
+    scale = torch.where(top > _SPLIT_MAX, torch.exp2(-torch.ceil(torch.log2(top / _SPLIT_MAX))),
+                        torch.ones_like(top)).reshape(1)
+    hi = torch.empty((rows, n), dtype=torch.float32, device=x.device)
+    lo_part = torch.empty_like(hi)
+    _squared_distances_split_kernel[(cdiv(rows, BLOCK), cdiv(n, BLOCK))](
+        x, x.stride(0), x.stride(1), scale, hi, lo_part, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK)
+    return (hi.to(torch.float64) + lo_part.to(torch.float64)) / scale.to(torch.float64).square()
+
+
+@triton.jit
 def _gram_kernel(x_ptr, stride_n, stride_d, g_ptr, lo, R, N, D, SQUARE: tl.constexpr, BLOCK: tl.constexpr,
                  BLOCK_D: tl.constexpr):
     """G = X[lo:lo + R] X^T (R, N) in G's dtype (float64) for the tile (a, b), X (N, D) read
@@ -262,6 +332,50 @@ def gram_grad(m, r, x, scale, like, lo=0, z=None, divisor=1.0):
         m, m.stride(0), m.stride(1), m if r is None else r, x, x.stride(0), x.stride(1), z, z.stride(0),
         z.stride(1), m if scale is None else scale, float(divisor), out, rows, k, d,
         HAS_R=r is not None, HAS_SCALE=scale is not None, BLOCK=BLOCK, BLOCK_D=BLOCK_D, num_stages=stages)
+    return out.reshape(like.shape) if rows == len(like) else out
+
+
+@triton.jit
+def _difference_grad_kernel(m_ptr, stride_ma, stride_mb, x_ptr, stride_n, stride_d, scale_ptr, out_ptr,
+                            lo, R, N, D, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out_a = s * sum_b M_ab (x_b - x_a) in float32 for a (BLOCK, BLOCK_D) tile of out (R, D),
+    rows a in lo:lo + R of X (N, D) (M (R, N)); s a float32 0-dim tensor.
+    Each difference is taken before its product, so the rounding is u32 |M_ab| |x_b - x_a|
+    whatever the rows' offset or a pair's gap."""
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ra = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < D
+    xa = tl.load(x_ptr + (lo + ra[:, None]).to(tl.int64) * stride_n + cols[None, :].to(tl.int64) * stride_d,
+                 mask=(ra[:, None] < R) & col_ok[None, :], other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    for start in range(0, N, BLOCK_B):
+        rb = start + tl.arange(0, BLOCK_B)
+        m = tl.load(m_ptr + ra[:, None].to(tl.int64) * stride_ma + rb[None, :].to(tl.int64) * stride_mb,
+                    mask=(ra[:, None] < R) & (rb[None, :] < N), other=0.0)
+        xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * stride_n + cols[None, :].to(tl.int64) * stride_d,
+                     mask=(rb[:, None] < N) & col_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(m[:, :, None] * (xb[None, :, :] - xa[:, None, :]), axis=1)
+    acc = acc * tl.load(scale_ptr)
+    tl.store(out_ptr + ra[:, None].to(tl.int64) * D + cols[None, :], _cast(acc, out_ptr.dtype.element_ty),
+             mask=(ra[:, None] < R) & col_ok[None, :])
+
+
+def difference_grad(m, x, scale, like, lo=0, divisor=1.0):
+    """dL/dX = scale / divisor * sum_b M_ab (x_b - x_a) (R, D) typed like `like`, in float32
+    arithmetic: the gradient M X + r * X of the losses whose r is minus M's row sums (RKD's
+    terms), in the form that needs no float64 (see _difference_grad_kernel). X = flat(x)
+    (N, D) the raw rows in any float dtype but float64, M (R, N) (cast to float32), scale a
+    0-dim tensor; the rows lo:lo + R (R = N for one process, shaped like `like`)."""
+    x = flat(x)
+    m = m.to(torch.float32)
+    rows = m.shape[0]
+    n, d = x.shape
+    out = torch.empty((rows, d), dtype=like.dtype, device=x.device)
+    # On the device, no host sync; one float32 scalar, so the kernel has no float64 at all.
+    s = scale.to(torch.float32) / divisor
+    _difference_grad_kernel[(cdiv(d, DIFF_BLOCK_D), cdiv(rows, BLOCK))](
+        m, m.stride(0), m.stride(1), x, x.stride(0), x.stride(1), s, out, lo, rows, n, d,
+        BLOCK=BLOCK, BLOCK_B=DIFF_BLOCK_B, BLOCK_D=DIFF_BLOCK_D)
     return out.reshape(like.shape) if rows == len(like) else out
 
 
