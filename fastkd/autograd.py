@@ -5,6 +5,8 @@ small statistics; backward launches the hand-derived gradient kernels. The
 dispatcher (fastkd.backend) lists each op's plain function below as its
 ``triton`` entry.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -512,7 +514,7 @@ class RKDFunction(torch.autograd.Function):
             return None, None, None, None
         m_s, r_s, m_t, r_t = terms
         if ctx.fast:  # each term's r is minus its M's row sums: the difference form
-            return (*(_gram.difference_grad(m, x, grad_out, x, divisor=divisor) if needed else None
+            return (*(_gram.difference_grad(m, None, x, grad_out, x, divisor=divisor) if needed else None
                       for m, x, needed in ((m_s, feat_s, ctx.needs_input_grad[0]),
                                            (m_t, feat_t, ctx.needs_input_grad[1]))),
                     None, None)
@@ -708,7 +710,9 @@ class RKDRowsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_s, x_t, lo, n, w_dist, w_angle, group, sizes):
         big = len(x_s)
-        e_s, e_t = _gram.squared_distances(x_s, lo, n), _gram.squared_distances(x_t, lo, n)
+        fast = ctx.fast = _fast_angles(x_s, x_t)
+        distances = _gram.squared_distances_split if fast else _gram.squared_distances
+        e_s, e_t = distances(x_s, lo, n), distances(x_t, lo, n)
         loss = e_s.new_zeros(())
         stats_d = stats_a = full_s = full_t = None
         if w_dist:
@@ -716,8 +720,7 @@ class RKDRowsFunction(torch.autograd.Function):
             loss = loss + w_dist * total / big ** 2
         if w_angle:
             full_s, full_t = (all_gather_rows(e, group, sizes)[0] for e in (e_s, e_t))
-            total, stats_a = _angle.rkd_angle_forward(full_s, full_t, any(ctx.needs_input_grad), lo, n,
-                                                      fast=_fast_angles(x_s, x_t))
+            total, stats_a = _angle.rkd_angle_forward(full_s, full_t, any(ctx.needs_input_grad), lo, n, fast=fast)
             loss = loss + w_angle * total / big ** 3
         ctx.save_for_backward(x_s, x_t, e_s, e_t, full_s, full_t, stats_d, *(stats_a or (None,) * 3))
         ctx.lo, ctx.weights = lo, (w_dist, w_angle)
@@ -738,19 +741,26 @@ class RKDRowsFunction(torch.autograd.Function):
             if not ctx.needs_input_grad[side]:
                 grads.append(None)
                 continue
-            xc = _gram.prepare(x, centre=True)
             m_d, r_d = dist_terms[2 * side:2 * side + 2]
             m_a, r_a = angle_terms[2 * side:2 * side + 2]
+            if ctx.fast:  # each term's r is minus its M's row sums: the difference form
+                xc, r_d, r_a = x, None, None
+                to_rows = functools.partial(_gram.difference_grad, x=x, like=x)
+            else:
+                xc = _gram.prepare(x, centre=True)
+                to_rows = functools.partial(_gram.gram_grad, x=xc, like=x)
             if m_a is None:  # the distance term alone: these rows' whole gradient
-                own = _gram.gram_grad(m_d, r_d, xc, grad * (w_dist / big ** 2), x, lo)
+                own = to_rows(m_d, r_d, scale=grad * (w_dist / big ** 2), lo=lo)
                 grads.append(_own_rows(own, x, lo))
                 continue
             # The angle term reaches every row: M (N, N), r (N,), the distance term's on our rows.
-            m, r = m_a * (w_angle / big ** 3), r_a * (w_angle / big ** 3)
+            m = m_a * (w_angle / big ** 3)
+            r = None if r_a is None else r_a * (w_angle / big ** 3)
             if m_d is not None:
                 m[lo:lo + len(m_d)] += m_d * (w_dist / big ** 2)
-                r[lo:lo + len(r_d)] += r_d * (w_dist / big ** 2)
-            grads.append(_gram.gram_grad(m, r, xc, grad, x))
+                if r is not None:
+                    r[lo:lo + len(r_d)] += r_d * (w_dist / big ** 2)
+            grads.append(to_rows(m, r, scale=grad))
         return (*grads, None, None, None, None, None, None)
 
 

@@ -360,10 +360,11 @@ def _difference_grad_kernel(m_ptr, stride_ma, stride_mb, x_ptr, stride_n, stride
              mask=(ra[:, None] < R) & col_ok[None, :])
 
 
-def difference_grad(m, x, scale, like, lo=0, divisor=1.0):
+def difference_grad(m, r, x, scale, like, lo=0, divisor=1.0):
     """dL/dX = scale / divisor * sum_b M_ab (x_b - x_a) (R, D) typed like `like`, in float32
     arithmetic: the gradient M X + r * X of the losses whose r is minus M's row sums (RKD's
-    terms), in the form that needs no float64 (see _difference_grad_kernel). X = flat(x)
+    terms; r, gram_grad's argument, is not read), in the form that needs no float64 (see
+    _difference_grad_kernel). X = flat(x)
     (N, D) the raw rows in any float dtype but float64, M (R, N) (cast to float32), scale a
     0-dim tensor; the rows lo:lo + R (R = N for one process, shaped like `like`)."""
     x = flat(x)
