@@ -28,6 +28,10 @@ vectors themselves: for float32, bfloat16 and float16 inputs each difference is 
 has a relative error of about D u64 whatever the gap, and equal rows give exactly 0.
 Gradients M X + r X are formed in float64 from the centred rows, whose rounding (u64 |M| |x|)
 stays below the |M| gap of a near-duplicate pair down to gaps of about 1e-8 of the spread.
+RKD on float32, bfloat16 and float16 inputs does both without float64:
+`squared_distances_split` carries E as two float32 sums (hi + lo, 2^-48) and
+`difference_grad` forms sum_b M_ab (x_b - x_a) from the differences themselves (its terms'
+r is minus M's row sums), whose float32 rounding is relative to each term, not to |x|.
 Buffers are (N, N) at most.
 """
 import torch
