@@ -599,3 +599,32 @@ def test_ofd_float32_unmodified(family):
 def test_bss_attacker_float32_unmodified(family):
     fk, orig = _bss_attacks(10, family, torch.float32, ORIG["BSSAttacker"])
     _close(fk, orig, f"BSSAttacker float32 [{family}]: attacked images", **F32_TOL)
+
+
+# --------------------------------------------------------------------------
+# RKD's float32 kernels on the features the collection's networks produce
+# --------------------------------------------------------------------------
+def test_rkd_float32_kernels_on_the_collections_networks():
+    """The collection's resnet20 student and resnet110 teacher (random initialisation) on a
+    CIFAR-shaped batch of 64, their pooled features into the collection's RKD and into
+    fastkd's Triton RKD (its float32 path for float32 features, not the float64 one): loss
+    and student gradient within 10x the collection's own float32 error against float64."""
+    from fastkd import RKD, use_backend
+    from helpers import assert_within_reference_error
+    nets = _load_network_classes(("resblock", "resnet20", "resnet110"))
+    torch.manual_seed(0)
+    student, teacher = nets["resnet20"](100), nets["resnet110"](100)
+    x = torch.randn(64, 3, 32, 32)
+    with torch.no_grad():
+        feat_t = teacher(x)[-2]
+        feat_s = student(x)[-2]
+    results = []
+    for make, dtype, backend_name in ((ORIG["RKD"], torch.float64, "torch"), (ORIG["RKD"], torch.float32, "torch"),
+                                      (RKD, torch.float32, "triton")):
+        s = feat_s.to(dtype).requires_grad_()
+        with use_backend(backend_name):
+            loss = make(25.0, 50.0)(s, feat_t.to(dtype))
+        results.append((loss, *torch.autograd.grad(loss, s)))
+    exact, own, fast = results
+    for name, a, r, e in zip(("loss", "grad"), fast, own, exact):
+        assert_within_reference_error(a, r, e, msg=f"RKD float32 on resnet20/resnet110 features: {name}")
