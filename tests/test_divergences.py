@@ -1,8 +1,12 @@
 """FusedLinearDistillation and generalized_jsd_loss: every divergence x teacher form x
 reduction against the materialised reference (fastkd/reference/divergences.py) in float64,
 loss and gradients; low precision against the reference's own error; "kl" is
-FusedLinearSoftTarget; TRL's own generalized_jsd_loss where trl imports; refused arguments.
+FusedLinearSoftTarget; TRL's own generalized_jsd_loss where trl imports; Liger-Kernel's JSD,
+fused linear JSD, TVD and KL where liger_kernel imports; refused arguments.
 Small shapes throughout: the Triton runs go through the interpreter."""
+import contextlib
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -237,26 +241,180 @@ def test_generalized_jsd_loss_matches_trl(reduction):
             assert_close(torch.autograd.grad(out, s, up)[0], torch.autograd.grad(ref, s, up)[0])
 
 
-def test_generalized_jsd_loss_matches_liger_jsd():
-    """Liger-Kernel's generalized JSD (LigerJSDFunction, on log-probabilities (BT, V), the sum
-    over kept tokens / their count) has TRL's beta: generalized_jsd_loss on 2-D logits equals
-    it on their log_softmax at the temperature (float32, its accumulation), loss and the
-    logits' gradient."""
-    if not torch.cuda.is_available():
-        pytest.skip("Liger-Kernel's kernels run on CUDA: torch sees no CUDA GPU here")
-    try:
-        from liger_kernel.ops.jsd import LigerJSDFunction
-    except ImportError:
-        pytest.skip("liger_kernel is not installed here (not a fastkd dependency): the comparison with "
-                    "Liger-Kernel's JSD runs only where it imports")
-    s, t, labels = _logits(6, (12, 300), torch.float32)
-    s, t, labels = s.detach().cuda().requires_grad_(), t.cuda(), labels.cuda()
-    for beta in (0.0, 0.3, 1.0):
-        ref = LigerJSDFunction.apply(torch.log_softmax(s / 2.0, -1), torch.log_softmax(t / 2.0, -1), labels, beta,
-                                     -100)
-        out = F.generalized_jsd_loss(s, t, labels, beta=beta, temperature=2.0)
-        assert_close(out, ref, msg=f"beta={beta}")
-        assert_close(torch.autograd.grad(out, s)[0], torch.autograd.grad(ref, s)[0], msg=f"beta={beta}")
+# --- Liger-Kernel as an oracle -----------------------------------------------------------
+# Liger-Kernel's conventions, from its source (liger-kernel 0.8.5): LigerJSD and
+# LigerFusedLinearJSD take TRL's beta (beta KL(p || m) + (1 - beta) KL(q || m), m = beta p +
+# (1 - beta) q; beta = 0 and 1 the forward and reverse KL), no T^2 factor, and the sum over the
+# rows whose label is not ignore_index / their count (labels per row, nothing shifted). LigerJSD
+# takes log-probabilities (the caller applies T); the fused one divides both heads' logits by T.
+# LigerTVDLoss takes probabilities, with ignore_index and the reductions batchmean (/ kept rows),
+# sum, mean (/ kept rows x V) and none ((BT, V) elementwise). LigerKLDIVLoss is torch's
+# KLDivLoss (no ignore_index, batchmean / BT). So each is fastkd's divergence / T^2 on the same
+# tokens. Liger computes in float32 whatever the input dtype (its JSD and KL kernels load
+# float32, the fused JSD projects to float32, TVD stores its loss as float32): its losses and
+# gradients, from float64 or float32 inputs, are held to float32's error against fastkd's in
+# float64 (ERROR_FACTOR x that of fastkd's materialised reference run in float32).
+LIGER_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LIGER_SHAPE = (13, 8, 40)  # tokens, hidden, vocabulary (not a power of 2: the kernels' masks)
+
+
+def _liger(module):
+    if LIGER_DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Liger-Kernel's Triton kernels need a CUDA GPU or Triton's interpreter: "
+                    "fastkd is not compared with Liger-Kernel here")
+    return pytest.importorskip(module, reason="liger_kernel is not installed here (the test extra's, not fastkd's "
+                                              "dependency): fastkd's divergences are compared with Liger-Kernel's "
+                                              "only where it imports")
+
+
+@contextlib.contextmanager
+def _floats_as_compiled_triton():
+    """Compiled Triton passes a non-constexpr Python float argument to a kernel as an fp32
+    scalar; Triton's interpreter passes the float itself, and Liger's TVD and KL kernels call
+    .to(tl.float32) on theirs. Inside this block the interpreter converts it as compiled
+    Triton does (only around Liger's calls: fastkd's kernels are tested as the interpreter is)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+    convert = interpreter._implicit_cvt
+
+    def fp32(arg):
+        if type(arg) is float:
+            return tl.tensor(interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
+        return convert(arg)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(interpreter, "_implicit_cvt", fp32)
+        yield
+
+
+def _liger_problem(seed, labelled=True):
+    """Student hidden (N, H) and head (V, H), which require grad; the teacher's hidden and head;
+    labels with some ignored rows (at least one kept), or None."""
+    n, h, v = LIGER_SHAPE
+    g = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(n, h, generator=g, dtype=torch.float64)
+    W_s = torch.randn(v, h, generator=g, dtype=torch.float64) * 2 / h ** 0.5
+    h_t = torch.randn(n, h + 1, generator=g, dtype=torch.float64)
+    W_t = torch.randn(v, h + 1, generator=g, dtype=torch.float64) * 2 / (h + 1) ** 0.5
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.3] = -100
+    labels[0] = 1
+    return [x.to(LIGER_DEVICE) for x in (h_s, W_s, h_t, W_t)], labels.to(LIGER_DEVICE) if labelled else None
+
+
+def _loss_and_grads(fn, tensors, dtype):
+    """fn's loss on the tensors in dtype, and its gradients with respect to the first two (the
+    student's hidden states and head), for an upstream gradient that is not all ones."""
+    xs = [x.to(dtype).requires_grad_(i < 2) for i, x in enumerate(tensors)]
+    loss = fn(*xs)
+    up = torch.linspace(-1.0, 2.0, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
+    return loss, torch.autograd.grad(loss, xs[:2], up)
+
+
+def _assert_liger_matches(liger_fn, fastkd_fn, reference_fn, tensors, msg):
+    """liger_fn's loss and gradients on float64 and on float32 inputs against fastkd_fn's in
+    float64, within float32's error: ERROR_FACTOR x that of reference_fn in float32."""
+    exact = _loss_and_grads(fastkd_fn, tensors, torch.float64)
+    ref = _loss_and_grads(reference_fn, tensors, torch.float32)
+    for dtype in (torch.float64, torch.float32):
+        with _floats_as_compiled_triton():
+            out = _loss_and_grads(liger_fn, tensors, dtype)
+        assert out[0].shape == exact[0].shape, msg
+        assert_within_reference_error(out[0].float(), ref[0], exact[0], msg=f"{msg} {dtype} loss")
+        for name, a, r, e in zip(("hidden", "head"), out[1], ref[1], exact[1]):
+            assert_within_reference_error(a.float(), r, e, msg=f"{msg} {dtype} {name} grad")
+
+
+def _head(h, W, T):
+    return (h @ W.T) / T
+
+
+def _fastkd(divergence, T, reduction="batchmean", beta=0.5, labels=None, teacher="dense"):
+    """fastkd's divergence / T^2 on the problem's tensors: fused_linear_distillation (the
+    default backend) and its materialised reference, the teacher by its head or its logits."""
+    def call(f, name_key):
+        def fn(h_s, W_s, h_t, W_t):
+            teacher_args = (dict(teacher_hidden=h_t, teacher_weight=W_t) if teacher == "dense"
+                            else dict(teacher_logits=h_t @ W_t.T))
+            return f(h_s, W_s, labels=labels, **teacher_args, **{name_key: divergence}, T=T, beta=beta,
+                     reduction=reduction) / (T * T)
+        return fn
+    return call(F.fused_linear_distillation, "divergence"), call(R.fused_linear_distillation, "divergence_name")
+
+
+@pytest.mark.parametrize("beta,divergence", [(0.0, "kl"), (0.3, "jsd"), (0.8, "jsd"), (1.0, "reverse_kl")])
+def test_liger_jsd_is_fastkd_divergence(beta, divergence):
+    """LigerJSD on log_softmax(logits / T): FusedLinearDistillation(divergence, T, beta) / T^2 on
+    the teacher's logits (kl and reverse_kl at Liger's beta = 0 and 1), kept rows; and
+    generalized_jsd_loss on the 2-D logits, whose beta is the same."""
+    LigerJSD = _liger("liger_kernel.transformers").LigerJSD
+    T = 2.0
+    tensors, labels = _liger_problem(0)
+
+    def liger(h_s, W_s, h_t, W_t):
+        log_q = torch.log_softmax(_head(h_s, W_s, T), -1)
+        return LigerJSD(beta=beta)(log_q, torch.log_softmax(_head(h_t, W_t, T), -1), labels)
+    fast, ref = _fastkd(divergence, T, beta=beta, labels=labels, teacher="logits")
+    _assert_liger_matches(liger, fast, ref, tensors, f"fused_linear_distillation {divergence} beta={beta}")
+
+    def gkd(f):
+        return lambda h_s, W_s, h_t, W_t: f(h_s @ W_s.T, h_t @ W_t.T, labels, beta=beta, temperature=T)
+    _assert_liger_matches(liger, gkd(F.generalized_jsd_loss), gkd(R.generalized_jsd_loss), tensors,
+                          f"generalized_jsd_loss beta={beta}")
+
+
+@pytest.mark.parametrize("beta,divergence", [(0.0, "kl"), (0.3, "jsd"), (1.0, "reverse_kl")])
+def test_liger_fused_linear_jsd_is_fastkd_divergence(beta, divergence):
+    """LigerFusedLinearJSD(beta, T) on both heads: FusedLinearDistillation(divergence, T, beta) /
+    T^2 with the teacher's hidden states and head, gradients of the student's hidden states and
+    head."""
+    LigerFusedLinearJSD = _liger("liger_kernel.transformers").LigerFusedLinearJSD
+    T = 1.5
+    tensors, labels = _liger_problem(1)
+
+    def liger(h_s, W_s, h_t, W_t):
+        return LigerFusedLinearJSD(jsd_beta=beta, temperature=T)(h_s, W_s, h_t, W_t, labels)
+    fast, ref = _fastkd(divergence, T, beta=beta, labels=labels)
+    _assert_liger_matches(liger, fast, ref, tensors, f"{divergence} beta={beta}")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_liger_tvd_is_fastkd_tvd(reduction):
+    """LigerTVDLoss(reduction) on softmax(logits / T), kept rows: FusedLinearDistillation("tvd",
+    T, reduction) / T^2 (Liger's "none" is elementwise: summed over the vocabulary)."""
+    LigerTVDLoss = _liger("liger_kernel.transformers").LigerTVDLoss
+    T = 2.0
+    tensors, labels = _liger_problem(2)
+
+    def liger(h_s, W_s, h_t, W_t):
+        p = torch.softmax(_head(h_s, W_s, T), -1)
+        loss = LigerTVDLoss(reduction=reduction)(p, torch.softmax(_head(h_t, W_t, T), -1), labels)
+        return loss.sum(-1) if reduction == "none" else loss
+    fast, ref = _fastkd("tvd", T, reduction, labels=labels)
+    _assert_liger_matches(liger, fast, ref, tensors, reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("log_target", [True, False])
+def test_liger_kl_div_is_fastkd_kl(reduction, log_target):
+    """LigerKLDIVLoss(reduction, log_target) on log_softmax(student logits / T) and the
+    teacher's at T: FusedLinearDistillation("kl", T, reduction) / T^2 without labels (Liger's KL
+    has no ignore_index; its "none" is elementwise: summed over the vocabulary)."""
+    LigerKLDIVLoss = _liger("liger_kernel.transformers").LigerKLDIVLoss
+    T = 2.0
+    tensors, _ = _liger_problem(3, labelled=False)
+
+    def liger(h_s, W_s, h_t, W_t):
+        log_p = torch.log_softmax(_head(h_t, W_t, T), -1)
+        target = log_p if log_target else log_p.exp()
+        loss = LigerKLDIVLoss(reduction=reduction, log_target=log_target)(
+            torch.log_softmax(_head(h_s, W_s, T), -1), target)
+        return loss.sum(-1) if reduction == "none" else loss
+    fast, ref = _fastkd("kl", T, reduction)
+    _assert_liger_matches(liger, fast, ref, tensors, reduction)
 
 
 def test_generalized_jsd_loss_bfloat16_within_the_reference_error():
