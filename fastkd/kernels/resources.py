@@ -1,7 +1,7 @@
 """Compile every Triton kernel specialization fastkd launches for a CUDA target, without a GPU.
 
     python -m fastkd.kernels.resources --arch 90            # the resource table
-    python -m fastkd.kernels.resources --arch 90 --arch 80 --check
+    python -m fastkd.kernels.resources --check              # sm_90, sm_80, sm_89, sm_86 (ARCHS)
 
 The interpreter (TRITON_INTERPRET=1, what the tests run on a CPU) checks neither the
 compiler's typing rules nor registers, shared memory or grid limits. Here the losses run
@@ -10,11 +10,34 @@ while ``JITFunction.run`` is replaced by a recorder: every ``@triton.jit`` kerne
 launches is seen, whatever its name, with the specialization Triton would build (argument
 types, 16-divisibility, constexprs, num_warps/num_stages) and its grid. Each distinct
 specialization is then compiled by Triton's own compiler and ptxas (shipped in the wheel)
-for sm_XX; registers, spills and shared memory come from the cubin (cuobjdump). For each
-kernel with a tl.dot, the PTX says where its products went: the count of tensor-core
-instructions (mma: sm_80's mma.sync, HMMA/DMMA in SASS; wgmma: sm_90's HGMMA), or "FMA" where
-there are none, which fails the check in a float32/bfloat16/float16 specialization.
-Compiles go through Triton's cache (~/.triton/cache or TRITON_CACHE_DIR).
+for sm_XX; registers, spills and shared memory come from the cubin (cuobjdump).
+
+Archs: sm_90 and sm_80 compile every specialization. sm_89 and sm_86 (Ada and consumer
+Ampere: RTX 4090/3090, L4, A10, where float64 runs at 1/64 of float32's rate) compile the
+relational kernels' float32/bfloat16/float16 specializations (RELATIONAL_MODULES: gram,
+distance, angle, cosine, irg_transformation) at benchmark shapes, the question those parts
+answer (registers, spills, a float64 tl.dot without DMMA); every other specialization's shared
+memory is held to their limit (101376 bytes) from its sm_80 compile, Triton lowering 8.0, 8.6
+and 8.9 alike but for a float64 tl.dot (--every-kernel compiles everything there too).
+
+The PTX says what the code computes in: for each kernel with a tl.dot, the count of
+tensor-core instructions (mma: sm_80's mma.sync, HMMA/DMMA in SASS; wgmma: sm_90's HGMMA), or
+"FMA" where there are none, which fails the check in a float32/bfloat16/float16
+specialization; and for every kernel the float64 arithmetic instructions (F64_ARITH on .f64:
+add, sub, mul, fma, div, rcp, sqrt, min/max, setp, mma; conversions counted apart). A
+relational kernel's float32/bfloat16/float16 specialization with float64 arithmetic fails the
+check ("float64"), unless its module declares it an exact float64 path:
+
+    EXACT_FLOAT64_KERNELS = {"_rkd_angle_exact_kernel"}  # in its module, with the reason
+
+Known findings are listed in EXPECTED, kernel -> {finding: reason}, a finding for every arch
+or for one ("spill@sm_86"); an entry whose finding no longer occurs fails the check (stale),
+so the list stays exact.
+
+Cost: Triton's passes, LLVM and ptxas, ~0.3 s of one core per specialization cold.
+Specializations whose LLVM IR is the same (e.g. a 16-divisibility no access relies on) take
+the first one's PTX and cubin. Compiles go through Triton's cache (~/.triton/cache or
+TRITON_CACHE_DIR): a warm run takes tens of seconds.
 
 Workloads: the kernel tests' kinds of shapes (odd sizes, channels_last and strided maps,
 teacher gradients), the benchmark's full CUDA sweep, and the relational losses with
@@ -38,14 +61,69 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
-ARCHS = (90, 80)
-# Largest dynamic shared memory per block (opt-in) and grid limits on CUDA.
-SHARED_LIMIT = {90: 232448, 80: 166912}
+ARCHS = (90, 80, 89, 86)  # what --check compiles by default (and the test suite)
+# Ada and consumer Ampere (RTX 4090/3090, L4, A10): float64 at 1/64 of float32's rate (1/2 on
+# sm_80/sm_90). For these only the relational kernels' float32/bfloat16/float16
+# specializations at benchmark shapes are compiled (--every-kernel: all), the question these
+# archs answer: their registers and spills where float64 costs most, and their float64
+# tl.dot, which has no DMMA there (Triton takes the FMA path). The rest is sm_80's answer:
+# Triton lowers 8.0, 8.6 and 8.9 alike but for that float64 tl.dot (the same TTGIR in 40
+# specializations sampled across kernels, and in all 56 of the 77 relational ones without a
+# float64 tl.dot; sm_86 and sm_89 the same PTX in all 77), so every other specialization's
+# shared memory is held to these archs' limit from its sm_80 compile (at most 48 KiB today,
+# half the limit); only ptxas's registers differ, and a spill is judged at benchmark shapes.
+CONSUMER_ARCHS = (89, 86)
+# Largest dynamic shared memory per block (opt-in): the SM's shared memory less the 1 KiB
+# the driver reserves per block (NVIDIA CCCL's arch traits; CUDA programming guide: 227, 163,
+# 99 and 99 KB). Grid limits on CUDA.
+SHARED_LIMIT = {90: 232448, 80: 166912, 89: 101376, 86: 101376}
 GRID_LIMIT = (2 ** 31 - 1, 65535, 65535)
 
-# Kernels whose findings are known and accepted: name -> the findings to tolerate
-# ("compile", "spill", "shared", "grid", "fma"), each with its reason beside it. None at present.
-EXPECTED = {}
+# The relational O(N^2 D) / O(N^3) kernels' modules: a float32/bfloat16/float16
+# specialization of one of their kernels that does float64 arithmetic fails the check
+# ("float64"), unless the module declares the kernel an exact float64 path by name in
+# EXACT_FLOAT64_KERNELS, a module-level set of kernel names with the reason beside it:
+#     EXACT_FLOAT64_KERNELS = {"_rkd_angle_exact_kernel"}  # the exact path: float64 on purpose
+RELATIONAL_MODULES = tuple(f"{__package__}.{m}" for m in ("gram", "distance", "angle", "cosine",
+                                                          "irg_transformation"))
+EXACT_DECLARATION = "EXACT_FLOAT64_KERNELS"
+
+# Kernels whose findings are known and accepted: name -> {finding: reason}, findings among
+# "compile", "spill", "shared", "grid", "fma", "float64", each for every arch or for one
+# ("spill@sm_86"). An entry whose finding no longer occurs fails the check (stale) when the
+# run covers every arch of ARCHS and every dtype, so the list says exactly what remains.
+_F64 = "float64 arithmetic whatever the input dtype; float32 path not built yet"
+_F64_DOT = ("its float64 tl.dot has no tensor core on sm_86/sm_89 (DMMA is sm_80/sm_90's): DFMA; "
+            "float32 path not built yet")
+_F64_SPILL = ("its float64 tiles spill on sm_86/sm_89 at benchmark shapes (not on sm_80/sm_90); "
+              "float32 path not built yet")
+_EXACT_ANGLE = ("the exact path (float64 inputs, and anchors whose distances spread past 1e5): float64 on "
+                "purpose, not yet declared in angle.py's EXACT_FLOAT64_KERNELS")
+EXPECTED = {
+    "angle._rkd_angle_fwd_kernel": {"float64": _EXACT_ANGLE},
+    "angle._rkd_angle_grad_kernel": {"float64": _EXACT_ANGLE},
+    "cosine._cc_grad_kernel": {"float64": _F64},
+    "cosine._cc_loss_kernel": {"float64": _F64},
+    "cosine._pkt_grad_kernel": {"float64": _F64},
+    "cosine._pkt_loss_kernel": {"float64": _F64},
+    "cosine._pkt_sums_kernel": {"float64": _F64},
+    "cosine._sp_grad_kernel": {"float64": _F64},
+    "cosine._sp_loss_kernel": {"float64": _F64},
+    "distance._distance_grad_kernel": {"float64": _F64},
+    "distance._irg_edge_loss_kernel": {"float64": _F64},
+    "distance._irg_edge_max_kernel": {"float64": _F64},
+    "distance._rkd_distance_loss_kernel": {"float64": _F64},
+    "distance._rkd_distance_sum_kernel": {"float64": _F64, "spill@sm_86": _F64_SPILL, "spill@sm_89": _F64_SPILL},
+    "gram._gram_grad_kernel": {"float64": _F64, "fma@sm_86": _F64_DOT, "fma@sm_89": _F64_DOT,
+                               "spill@sm_86": _F64_SPILL, "spill@sm_89": _F64_SPILL},
+    "gram._gram_kernel": {"float64": _F64, "fma@sm_86": _F64_DOT, "fma@sm_89": _F64_DOT},
+    "gram._prepare_kernel": {"float64": _F64},
+    "gram._row_norms_kernel": {"float64": _F64},
+    "irg_transformation._transformation_distance_kernel": {"float64": _F64},
+    "irg_transformation._transformation_grad_kernel": {"float64": _F64},
+    "irg_transformation._transformation_loss_kernel": {"float64": _F64, "spill@sm_86": _F64_SPILL,
+                                                       "spill@sm_89": _F64_SPILL},
+}
 
 
 @dataclasses.dataclass
@@ -66,6 +144,22 @@ class Spec:
     def name(self):
         """module.kernel, e.g. softmax_kl._softmax_kl_forward_kernel (names repeat across modules)."""
         return f"{self.kernel.fn.__module__.rsplit('.', 1)[-1]}.{self.kernel.fn.__name__}"
+
+    @property
+    def relational(self):
+        """A kernel of RELATIONAL_MODULES."""
+        return self.kernel.fn.__module__ in RELATIONAL_MODULES
+
+    @property
+    def low_precision(self):
+        """Launched by a float32, bfloat16 or float16 workload (its arguments may still be float64)."""
+        return bool(self.dtypes - {"float64"})
+
+    @property
+    def exact_float64(self):
+        """Declared an exact float64 path by its module (EXACT_FLOAT64_KERNELS)."""
+        module = sys.modules.get(self.kernel.fn.__module__)
+        return self.kernel.fn.__name__ in getattr(module, EXACT_DECLARATION, ())
 
     def label(self):
         """The specialization in short: argument types (D = 16-divisible) and constexprs."""
@@ -213,8 +307,10 @@ class Recorder:
         return None
 
 
-def record(archs=ARCHS, dtypes=tuple(DTYPES)):
-    """Run every workload on meta tensors; the distinct specializations (list of Spec)."""
+def record(archs=ARCHS, dtypes=tuple(DTYPES), every_kernel=False):
+    """Run every workload on meta tensors; the distinct specializations (list of Spec) and the
+    workloads' errors. For CONSUMER_ARCHS only the relational kernels' float32/bfloat16/float16
+    specializations at benchmark shapes, unless every_kernel."""
     import triton.runtime.jit as jit
     from .. import backend as fkd_backend
     from .. import modules
@@ -266,7 +362,9 @@ def record(archs=ARCHS, dtypes=tuple(DTYPES)):
                             call()
                         except Exception as e:  # noqa: BLE001 - reported, and fails --check
                             errors.append(f"{where} {dtype_name}: {type(e).__name__}: {e}")
-    return list(rec.specs.values()), errors
+    specs = [s for s in rec.specs.values()
+             if every_kernel or s.arch not in CONSUMER_ARCHS or (s.relational and s.low_precision and s.bench)]
+    return specs, errors
 
 
 # --- compiling --------------------------------------------------------------------------
@@ -295,27 +393,94 @@ def _cuobjdump(cubin):
 # says where a tl.dot's products go without disassembling the cubin. A kernel with a tl.dot
 # and none of them forms its products with fma.rn (FFMA/DFMA).
 TENSOR_CORE_OPS = ("mma", "wgmma")
-_PTX_OPS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(wgmma\.mma_async|mma\.sync|fma\.rn)\.", re.M)
-_PTX_NAMES = {"wgmma.mma_async": "wgmma", "mma.sync": "mma", "fma.rn": "fma"}
+# float64 arithmetic: the PTX opcodes on .f64 that run on the FP64 units (DADD, DMUL, DFMA,
+# DSETP, DMNMX, and DMMA for mma; div, rcp, sqrt and rsqrt expand into DFMA sequences around
+# an MUFU seed), 1/64 of the float32 rate on sm_86/sm_89. Not counted: neg and abs (a sign
+# bit: an operand modifier or an integer op in SASS), selp, mov, ld, st (no arithmetic) and
+# atom/red (the memory system's). Conversions to or from .f64 (cvt: reading or writing a
+# float64 value, not computing in it) are counted apart. Static counts: a loop's body once.
+F64_ARITH = ("add", "sub", "mul", "fma", "mad", "div", "rcp", "sqrt", "rsqrt", "min", "max", "setp", "testp",
+             "mma")
+_PTX_INSTR = re.compile(r"^\s*(?:@!?%p\d+\s+)?([a-z][a-z0-9_]*)((?:\.[A-Za-z0-9_]+)*)[\s;]", re.M)
 
 
 def _ptx_ops(ptx):
-    """Static counts of the PTX's tensor-core products (mma, wgmma) and FMAs (fma)."""
+    """Static counts of the PTX's tensor-core products (mma, wgmma), FMAs (fma, any type),
+    float64 arithmetic (f64, F64_ARITH on .f64) and conversions to or from float64 (f64cvt)."""
     counts = {}
-    for op in _PTX_OPS.findall(ptx):
-        name = _PTX_NAMES[op]
-        counts[name] = counts.get(name, 0) + 1
+    for op, suffix in _PTX_INSTR.findall(ptx):
+        types = suffix.split(".")
+        names = []
+        if op == "mma" and types[1:2] == ["sync"]:
+            names.append("mma")
+        elif op == "wgmma" and types[1:2] == ["mma_async"]:
+            names.append("wgmma")
+        if op == "fma" and types[1:2] == ["rn"]:
+            names.append("fma")
+        if "f64" in types:
+            if op in F64_ARITH:
+                names.append("f64")
+            elif op == "cvt":
+                names.append("f64cvt")
+        for name in names:
+            counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+# Specializations that compile to the same code: those that differ only where the LLVM IR does
+# not (e.g. a 16-divisibility no access relies on) give the same PTX and cubin; the compile
+# takes each from the first (Triton's cache, keyed by the output's input text, arch and
+# options) rather than running LLVM's code generation and ptxas again.
+_MEMO_STAGES = ("ptx", "cubin")
+_memo_hits = []
+
+
+def _memo_stages(*args):
+    """knobs.runtime.add_stages_inspection_hook: wraps the ptx and cubin stages."""
+    if not args:  # compile() asks for a cache-key suffix: the outputs are the same, none
+        return "", ""
+    backend, stages, options, _language, _capability = args
+    for ext in _MEMO_STAGES:
+        stages[ext] = _memoized(ext, stages[ext], backend, options)
+
+
+def _memoized(ext, stage, backend, options):
+    import hashlib
+
+    from triton.runtime.cache import get_cache_manager
+
+    def run(src, metadata):
+        key = hashlib.sha256(repr(("fastkd stage", ext, backend.hash(), sorted(options.__dict__.items())))
+                             .encode() + src.encode()).hexdigest()
+        cache = get_cache_manager(key)
+        path = cache.get_file("out." + ext)
+        if path is not None:
+            with open(path, "rb") as f:
+                out = f.read()
+            _memo_hits.append(ext)
+            if ext == "ptx":
+                out = out.decode()
+                metadata["name"] = re.findall(r".visible .entry ([a-zA-Z_][a-zA-Z0-9_]*)", out)[0]
+            return out
+        out = stage(src, metadata)
+        cache.put(out, "out." + ext)
+        return out
+    return run
 
 
 def _compile(i):
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     spec = _SPECS[i]
+    del _memo_hits[:]
+    start = _cpu_seconds()
     try:
         src = ASTSource(spec.kernel, spec.signature, spec.constexprs, spec.attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", spec.arch, 32), options=spec.options)
+        with knobs.runtime.scope():
+            knobs.runtime.add_stages_inspection_hook = _memo_stages
+            compiled = triton.compile(src, target=GPUTarget("cuda", spec.arch, 32), options=spec.options)
     except Exception as e:  # noqa: BLE001 - a compile error is a finding
         # The first line gives the kernel line and column, the last the cause.
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
@@ -323,14 +488,22 @@ def _compile(i):
         return {"error": f"{type(e).__name__}: {where_why}"[:400]}
     usage = _cuobjdump(compiled.asm["cubin"])
     has_dot = "tt.dot" in str(compiled.asm.get("ttir", ""))
+    ops = _ptx_ops(str(compiled.asm.get("ptx", "")))
     # Where the products go, for the kernels that have a tl.dot: the tensor-core instructions
     # by opcode (e.g. {"mma": 48}), empty where they all became FMAs.
-    ops = _ptx_ops(str(compiled.asm.get("ptx", ""))) if has_dot else {}
-    tc = {op: n for op, n in ops.items() if op in TENSOR_CORE_OPS}
+    tc = {op: n for op, n in ops.items() if op in TENSOR_CORE_OPS} if has_dot else {}
     # Spilled registers live on the stack: a Triton kernel has no other use for it.
     return {"error": None, "regs": usage.get("REG", 0), "spill": usage.get("STACK", 0),
             "shared": max(compiled.metadata.shared, usage.get("SHARED", 0)), "has_dot": has_dot,
-            "tc": tc, "fma": ops.get("fma", 0)}
+            "tc": tc, "fma": ops.get("fma", 0), "f64": ops.get("f64", 0), "f64cvt": ops.get("f64cvt", 0),
+            "reused": "cubin" in _memo_hits, "cpu": _cpu_seconds() - start}
+
+
+def _cpu_seconds():
+    """CPU time of this process and its waited-for children (ptxas, cuobjdump)."""
+    import resource
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _dot_cell(res):
@@ -342,8 +515,8 @@ def _dot_cell(res):
 
 
 def compile_all(specs, jobs=None):
-    """Compile each spec; a list of result dicts (error, regs, spill, shared, has_dot, tc, fma)
-    in order."""
+    """Compile each spec; a list of result dicts (error, regs, spill, shared, has_dot, tc, fma,
+    f64, f64cvt, reused) in order."""
     global _SPECS
     _SPECS = specs
     jobs = jobs or os.cpu_count() or 1
@@ -353,11 +526,36 @@ def compile_all(specs, jobs=None):
         return pool.map(_compile, range(len(specs)), chunksize=1)
 
 
-def problems(specs, results):
-    """(failures, tolerated): each a list of strings."""
-    failures, tolerated = [], []
+def _twin(spec):
+    """The specialization apart from its arch."""
+    return (spec.name, repr(sorted(spec.signature.items())), repr(sorted(spec.constexprs.items())),
+            repr(sorted(spec.attrs.items())), spec.options["num_warps"], spec.options["num_stages"])
+
+
+def declaration_errors(modules=RELATIONAL_MODULES):
+    """EXACT_FLOAT64_KERNELS entries that name no @triton.jit kernel of their module."""
+    import importlib
+    errors = []
+    for name in modules:
+        module = importlib.import_module(name)
+        for kernel in sorted(getattr(module, EXACT_DECLARATION, ())):
+            if getattr(getattr(module, kernel, None), "fn", None) is None:  # a JITFunction has .fn
+                errors.append(f"{name}.{EXACT_DECLARATION} names {kernel!r}: no @triton.jit kernel of that name")
+    return errors
+
+
+def problems(specs, results, complete=True, kernel_filter=None):
+    """(failures, tolerated): failures a list of strings; tolerated {(kernel, finding): lines}.
+
+    complete: the run covers every arch of ARCHS and every dtype, so an EXPECTED finding that
+    does not occur is stale (a failure); kernel_filter: the --kernel pattern the specs were
+    chosen by (an EXPECTED kernel it excludes is not judged)."""
+    failures, tolerated, seen = [], {}, set()
+    archs = {spec.arch for spec in specs}
+    # Kernels not compiled for a consumer arch: their sm_80 compile's shared memory against its limit.
+    compiled_for = {(_twin(spec), spec.arch) for spec in specs}
     for spec, res in zip(specs, results):
-        allowed = EXPECTED.get(spec.name, ())
+        allowed = EXPECTED.get(spec.name, {})
         found = []
         if res["error"]:
             found.append(("compile", res["error"]))
@@ -367,59 +565,121 @@ def problems(specs, results):
                 found.append(("spill", f"{res['spill']} bytes spilled at benchmark shapes"))
             if res["shared"] > SHARED_LIMIT[spec.arch]:
                 found.append(("shared", f"{res['shared']} bytes of shared memory"))
+            if spec.arch == 80:
+                for arch in sorted(archs & set(CONSUMER_ARCHS)):
+                    if (_twin(spec), arch) not in compiled_for and res["shared"] > SHARED_LIMIT[arch]:
+                        found.append(("shared", f"{res['shared']} bytes of shared memory > sm_{arch}'s "
+                                                f"{SHARED_LIMIT[arch]} (sm_80's compile)"))
             if res["has_dot"] and not res["tc"] and not fp64_only:
                 found.append(("fma", f"tl.dot on FMA only ({res['fma']} FFMA/DFMA, no tensor-core instruction)"))
+            if res["f64"] and spec.relational and spec.low_precision and not spec.exact_float64:
+                found.append(("float64", f"{res['f64']} float64 arithmetic instructions in a "
+                                         f"{'/'.join(sorted(spec.dtypes - {'float64'}))} specialization"))
         for dim, (n, limit) in enumerate(zip(spec.grid, GRID_LIMIT)):
             if n > limit:
                 found.append(("grid", f"grid dim {dim} = {n} > {limit}"))
         for kind, what in found:
             line = f"sm_{spec.arch} {spec.name} [{spec.where}, {'/'.join(sorted(spec.dtypes))}]: {what}"
-            (tolerated if kind in allowed else failures).append(line)
+            key = next((k for k in (kind, f"{kind}@sm_{spec.arch}") if k in allowed), None)
+            if key is not None:
+                tolerated.setdefault((spec.name, key), []).append(line)
+                seen.add((spec.name, key))
+            else:
+                failures.append(line)
+    if complete:
+        launched = {spec.name for spec in specs}
+        for name, kinds in sorted(EXPECTED.items()):
+            if kernel_filter and not re.search(kernel_filter, name):
+                continue
+            for kind in sorted(kinds):
+                if (name, kind) not in seen:
+                    why = "finding" if name in launched else "kernel (not launched)"
+                    failures.append(f"stale EXPECTED entry {name} {kind!r}: no such {why} any more; "
+                                    f"remove it from EXPECTED in fastkd/kernels/resources.py")
     return failures, tolerated
 
 
 def table(specs, results):
-    rows = [("arch", "kernel", "dtypes", "regs", "spill B", "smem B", "tensor cores", "grid max", "specialization")]
+    rows = [("arch", "kernel", "dtypes", "regs", "spill B", "smem B", "tensor cores", "f64 ops", "f64 cvt",
+             "grid max", "specialization")]
     order = sorted(range(len(specs)), key=lambda i: (specs[i].arch, specs[i].name, specs[i].label()))
     for i in order:
         spec, res = specs[i], results[i]
         dts = ",".join(sorted(d.replace("float", "f").replace("bf16", "bf16") for d in spec.dtypes))
         grid = "x".join(str(n) for n in spec.grid)
         if res["error"]:
-            rows.append((f"sm_{spec.arch}", spec.name, dts, "-", "-", "-", "-", grid, "ERROR " + res["error"]))
+            rows.append((f"sm_{spec.arch}", spec.name, dts, "-", "-", "-", "-", "-", "-", grid,
+                         "ERROR " + res["error"]))
         else:
             rows.append((f"sm_{spec.arch}", spec.name, dts, str(res["regs"]), str(res["spill"]),
-                         str(res["shared"]), _dot_cell(res), grid, spec.label()))
+                         str(res["shared"]), _dot_cell(res), str(res["f64"]), str(res["f64cvt"]), grid,
+                         spec.label()))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows)
+
+
+def _summary(specs, results, tolerated):
+    """Specializations per arch (reused: PTX and cubin from an identical one) and each
+    tolerated (kernel, finding) in one line, with the float64 counts where that is the finding."""
+    lines = []
+    for arch in sorted({s.arch for s in specs}, reverse=True):
+        mine = [r for s, r in zip(specs, results) if s.arch == arch]
+        reused = sum(1 for r in mine if r.get("reused"))
+        cpu = sum(r.get("cpu", 0.0) for r in mine)
+        lines.append(f"  sm_{arch}: {len(mine)} specializations ({reused} reused an identical one's PTX and "
+                     f"cubin), {cpu:.0f} s of CPU")
+    f64 = {}
+    for spec, res in zip(specs, results):
+        if not res["error"]:
+            f64.setdefault((spec.name, "float64"), []).append((spec.arch, res["f64"]))
+    for (name, kind), found in sorted(tolerated.items()):
+        archs = "/".join(f"sm_{a}" for a in sorted({int(line.split()[0][3:]) for line in found}))
+        extra = ""
+        if kind == "float64":
+            counts = [n for _, n in f64[(name, kind)] if n]
+            extra = f", {min(counts)}-{max(counts)} float64 ops each"
+        lines.append(f"  expected: {name} {kind} ({len(found)} specializations on {archs}{extra}): "
+                     f"{EXPECTED[name][kind]}")
+    return lines
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastkd.kernels.resources", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT),
-                        help="CUDA compute capability x10 (repeat for several); default 90")
+                        help="CUDA compute capability x10 (repeat for several); default 90, or all of "
+                             f"{', '.join(map(str, ARCHS))} with --check")
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="default: all four")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 on a compile error, a spill at benchmark shapes (fp32/bf16/fp16), "
-                             "shared memory or a grid dimension beyond the device's limit, or a tl.dot "
-                             "whose fp32/bf16/fp16 products reach no tensor core")
+                             "shared memory or a grid dimension beyond the device's limit, a tl.dot "
+                             "whose fp32/bf16/fp16 products reach no tensor core, float64 arithmetic in "
+                             "a relational kernel's fp32/bf16/fp16 specialization, or a stale EXPECTED entry")
+    parser.add_argument("--every-kernel", action="store_true",
+                        help=f"compile every kernel for sm_{'/sm_'.join(map(str, CONSUMER_ARCHS))} too, not "
+                             "only the relational kernels' fp32/bf16/fp16 specializations")
     parser.add_argument("--kernel", help="only kernels whose name matches this regular expression")
     parser.add_argument("--no-table", action="store_true")
     args = parser.parse_args(argv)
-    specs, errors = record(tuple(args.arch or [90]), tuple(args.dtype or DTYPES))
+    archs = tuple(args.arch or (ARCHS if args.check else [90]))
+    dtypes = tuple(args.dtype or DTYPES)
+    start = _cpu_seconds()
+    specs, errors = record(archs, dtypes, args.every_kernel)
+    recording = _cpu_seconds() - start
     if args.kernel:
         specs = [s for s in specs if re.search(args.kernel, s.name)]
     results = compile_all(specs, args.jobs)
     if not args.no_table:
         print(table(specs, results))
-    failures, tolerated = problems(specs, results)
-    failures = errors + failures
+    complete = set(archs) >= set(ARCHS) and set(dtypes) == set(DTYPES)
+    failures, tolerated = problems(specs, results, complete, args.kernel)
+    failures = errors + declaration_errors() + failures
     compiled = sum(1 for r in results if not r["error"])
     print(f"\n{compiled} of {len(specs)} specializations compiled; {len(failures)} failures, "
-          f"{len(tolerated)} expected (EXPECTED in fastkd/kernels/resources.py)")
-    for line in tolerated:
-        print("  expected:", line)
+          f"{sum(map(len, tolerated.values()))} expected (EXPECTED in fastkd/kernels/resources.py)")
+    print(f"  recording the launches: {recording:.0f} s of CPU")
+    for line in _summary(specs, results, tolerated):
+        print(line)
     for line in failures:
         print("  FAIL:", line)
     sys.stdout.flush()
