@@ -447,11 +447,16 @@ def _memo_stages(*args):
 def _memoized(ext, stage, backend, options):
     import hashlib
 
+    import triton
+    from triton._C.libtriton import get_cache_invalidating_env_vars
     from triton.runtime.cache import get_cache_manager
+    # What else decides the output, as in Triton's own key: its version (LLVM's), ptxas's
+    # version and the arch (backend.hash()), the environment variables that change code.
+    salt = repr(("fastkd stage", ext, triton.__version__, backend.hash(), sorted(options.__dict__.items()),
+                 sorted(get_cache_invalidating_env_vars().items())))
 
     def run(src, metadata):
-        key = hashlib.sha256(repr(("fastkd stage", ext, backend.hash(), sorted(options.__dict__.items())))
-                             .encode() + src.encode()).hexdigest()
+        key = hashlib.sha256(salt.encode() + src.encode()).hexdigest()
         cache = get_cache_manager(key)
         path = cache.get_file("out." + ext)
         if path is not None:
