@@ -31,6 +31,10 @@ from ..common import zero_row_sums
 from .common import cdiv, sqrt, two_sum
 from .gram import BLOCK, TILE_WARPS, _load_tile, _smooth_l1
 
+# The exact path's kernels: float64 on purpose, for float64 inputs and the anchors the fast
+# path cannot hold (fastkd.kernels.resources lets them do float64 for any input dtype).
+EXACT_FLOAT64_KERNELS = {"_rkd_angle_fwd_kernel", "_rkd_angle_grad_kernel"}
+
 # Directions shorter than this (E below its square) count as zero; F.normalize's clamp.
 NORM_EPS = 1e-12
 _NORM_EPS_SQ = tl.constexpr(NORM_EPS * NORM_EPS)  # kernels read only constexpr globals

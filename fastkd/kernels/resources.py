@@ -97,11 +97,7 @@ _F64_DOT = ("its float64 tl.dot has no tensor core on sm_86/sm_89 (DMMA is sm_80
             "float32 path not built yet")
 _F64_SPILL = ("its float64 tiles spill on sm_86/sm_89 at benchmark shapes (not on sm_80/sm_90); "
               "float32 path not built yet")
-_EXACT_ANGLE = ("the exact path (float64 inputs, and anchors whose distances spread past 1e5): float64 on "
-                "purpose, not yet declared in angle.py's EXACT_FLOAT64_KERNELS")
 EXPECTED = {
-    "angle._rkd_angle_fwd_kernel": {"float64": _EXACT_ANGLE},
-    "angle._rkd_angle_grad_kernel": {"float64": _EXACT_ANGLE},
     "cosine._cc_grad_kernel": {"float64": _F64},
     "cosine._cc_loss_kernel": {"float64": _F64},
     "cosine._pkt_grad_kernel": {"float64": _F64},
