@@ -453,12 +453,14 @@ def _distance_sides(x_s, x_t):
 
 
 def _rkd_sides(feat_s, feat_t, fast):
-    """RKD's (E_s, E_t, X_s, X_t): _distance_sides, or with fast (_fast_angles) E from float32
-    arithmetic (squared_distances_split) and X the raw rows, whose gradient difference_grad
-    forms in float32."""
+    """RKD's (E_s, E_t, X_s, X_t, parts): _distance_sides and parts None, or with fast
+    (_fast_angles) E from float32 arithmetic (squared_distances_split), parts its float32
+    (hi_s, lo_s, hi_t, lo_t) and X the raw rows, whose gradient difference_grad forms in
+    float32."""
     if not fast:
-        return _distance_sides(feat_s, feat_t)
-    return (_gram.squared_distances_split(feat_s), _gram.squared_distances_split(feat_t), feat_s, feat_t)
+        return (*_distance_sides(feat_s, feat_t), None)
+    (e_s, *parts_s), (e_t, *parts_t) = (_gram.squared_distances_split(x) for x in (feat_s, feat_t))
+    return e_s, e_t, feat_s, feat_t, (*parts_s, *parts_t)
 
 
 def _fast_angles(feat_s, feat_t):
@@ -480,7 +482,7 @@ class RKDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feat_s, feat_t, w_dist, w_angle):
         fast = ctx.fast = _fast_angles(feat_s, feat_t)
-        e_s, e_t, x_s, x_t = _rkd_sides(feat_s, feat_t, fast)
+        e_s, e_t, x_s, x_t, parts = _rkd_sides(feat_s, feat_t, fast)
         n = len(e_s)
         loss = e_s.new_zeros(())
         stats_d = stats_a = None
@@ -489,9 +491,9 @@ class RKDFunction(torch.autograd.Function):
             loss = loss + w_dist * total / n ** 2
         if w_angle:
             total, stats_a = _angle.rkd_angle_forward(e_s, e_t, with_stats=any(ctx.needs_input_grad),
-                                                      fast=fast)
+                                                      parts=parts)
             loss = loss + w_angle * total / n ** 3
-        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats_d, *(stats_a or (None,) * 3))
+        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats_d, *(stats_a or ()))
         ctx.weights = (w_dist, w_angle)
         return loss.to(result_dtype(feat_s, feat_t))
 
@@ -505,7 +507,8 @@ class RKDFunction(torch.autograd.Function):
         if w_dist and w_angle:  # their weighted sum: one gram_grad per side
             dist = _dist.rkd_distance_backward(e_s, e_t, stats_d)
             angle = _angle.rkd_angle_backward(e_s, e_t, stats_a)
-            terms, divisor = [w_dist / n ** 2 * d + w_angle / n ** 3 * a for d, a in zip(dist, angle)], 1
+            terms, divisor = [None if a is None else w_dist / n ** 2 * d + w_angle / n ** 3 * a
+                              for d, a in zip(dist, angle)], 1
         elif w_dist:  # one term: its count and weight divide in gram_grad, nothing is scaled
             terms, divisor = _dist.rkd_distance_backward(e_s, e_t, stats_d), n ** 2 / w_dist
         elif w_angle:
@@ -711,8 +714,10 @@ class RKDRowsFunction(torch.autograd.Function):
     def forward(ctx, x_s, x_t, lo, n, w_dist, w_angle, group, sizes):
         big = len(x_s)
         fast = ctx.fast = _fast_angles(x_s, x_t)
-        distances = _gram.squared_distances_split if fast else _gram.squared_distances
-        e_s, e_t = distances(x_s, lo, n), distances(x_t, lo, n)
+        if fast:
+            e_s, e_t = (_gram.squared_distances_split(x, lo, n)[0] for x in (x_s, x_t))
+        else:
+            e_s, e_t = _gram.squared_distances(x_s, lo, n), _gram.squared_distances(x_t, lo, n)
         loss = e_s.new_zeros(())
         stats_d = stats_a = full_s = full_t = None
         if w_dist:
@@ -720,9 +725,12 @@ class RKDRowsFunction(torch.autograd.Function):
             loss = loss + w_dist * total / big ** 2
         if w_angle:
             full_s, full_t = (all_gather_rows(e, group, sizes)[0] for e in (e_s, e_t))
-            total, stats_a = _angle.rkd_angle_forward(full_s, full_t, any(ctx.needs_input_grad), lo, n, fast=fast)
+            # The gathered E's float32 parts (a rank's rows travel as float64 E).
+            parts = (*_angle.split(full_s), *_angle.split(full_t)) if fast else None
+            total, stats_a = _angle.rkd_angle_forward(full_s, full_t, any(ctx.needs_input_grad), lo, n,
+                                                      parts=parts)
             loss = loss + w_angle * total / big ** 3
-        ctx.save_for_backward(x_s, x_t, e_s, e_t, full_s, full_t, stats_d, *(stats_a or (None,) * 3))
+        ctx.save_for_backward(x_s, x_t, e_s, e_t, full_s, full_t, stats_d, *(stats_a or ()))
         ctx.lo, ctx.weights = lo, (w_dist, w_angle)
         return loss
 

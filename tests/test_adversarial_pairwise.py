@@ -125,6 +125,15 @@ def test_rkd_on_a_spread_batch_with_a_near_duplicate_pair(impl, gap_exp):
         assert loss < 2 * (1 if op != "rkd" else 75), f"{op}: {loss}"  # smooth_l1 of unit-scale relations
 
 
+def _paths(s, t, lo=0, anchors=None):
+    """(order, count) of RKD's float32 angle path on the float32 rows s, t: the anchors
+    (offsets from lo) with the exact ones first, count of them."""
+    from fastkd.kernels import angle, gram
+    parts = [p for x in (s, t) for p in gram.squared_distances_split(x.float())[1:]]
+    n = len(s)
+    return angle.anchor_order(parts, n, lo, n - lo if anchors is None else anchors)[:2]
+
+
 def _planted(n, d, pairs, gap, seed):
     """Spread rows (n, d) float64 with a near-duplicate of row a at row b for each (a, b) in
     pairs, gap/spread = gap: the anchors RKD's float32 angle path hands to its exact one."""
@@ -141,13 +150,11 @@ def test_rkd_angle_exact_anchors_in_many_tiles(near):
     """Near-duplicate pairs in three of the three row blocks (N = 70, 32-row tiles) and across
     them: their anchors take the float64 path, every other one the float32 path, and the
     mix, loss and gradients, stays within the reference's own float32 error."""
-    from fastkd.kernels import angle, gram
     pairs = ((0, 1), (33, 34), (40, 66))
     s = _planted(70, 12, pairs, 1e-7, 5)
     t = s * (1 + 1e-3 * torch.randn(s.shape, generator=torch.Generator().manual_seed(9), dtype=s.dtype)) \
         if near else _planted(70, 15, pairs[1:], 1e-7, 6)
-    e_s, e_t = (gram.squared_distances(x.float()) for x in (s, t))
-    order, count = angle.anchor_order(e_s, e_t, 0, 70, fast=True)
+    order, count = _paths(s, t)
     assert sorted(order[:int(count)].tolist()) == [0, 1, 33, 34, 40, 66]
     assert sorted(order.tolist()) == list(range(70))
     grad_out = torch.tensor(0.75, dtype=torch.float64)
@@ -163,12 +170,10 @@ def test_rkd_angle_fast_path_on_distances_spread_over_thousands(near):
     """Every anchor on the float32 path (no close pair), with distances from one anchor
     spread over three decades: uncompensated float32 polarisation is 1e-4 off on an angle
     here; the compensated sums keep loss and gradients within the reference's own error."""
-    from fastkd.kernels import angle, gram
     s = rows(40, 12, "spread", 5, gap_exp=2)
     t = s * (1 + 1e-3 * torch.randn(s.shape, generator=torch.Generator().manual_seed(9), dtype=s.dtype)) \
         if near else rows(40, 15, "spread", 6, gap_exp=2)
-    e_s, e_t = (gram.squared_distances(x.float()) for x in (s, t))
-    assert int(angle.anchor_order(e_s, e_t, 0, 40, fast=True)[1]) == 0
+    assert int(_paths(s, t)[1]) == 0
     grad_out = torch.tensor(1.25, dtype=torch.float64)
     exact = loss_and_grads("rkd_angle", "reference", s, t, grad_out)
     ref = loss_and_grads("rkd_angle", "reference", s.float(), t.float(), grad_out)
@@ -178,21 +183,17 @@ def test_rkd_angle_fast_path_on_distances_spread_over_thousands(near):
 
 
 def test_rkd_angle_paths_by_input():
-    """Float64 inputs take the exact path at every anchor; float32 rows without a close pair
-    the fast one at every anchor; a NaN row's anchor the exact one (the reference's NaN)."""
-    from fastkd.kernels import angle, gram
+    """Rows without a close pair take the fast path at every anchor, a NaN row's anchors the
+    exact one (the reference's NaN); a global batch's share of the anchors keeps its own."""
     x = rows(20, 8, "offset", 0)
-    e64 = gram.squared_distances(x)
-    assert int(angle.anchor_order(e64, e64, 0, 20, fast=False)[1]) == 20
-    e32 = gram.squared_distances(x.float())
-    assert int(angle.anchor_order(e32, e32, 0, 20, fast=True)[1]) == 0
-    y = x.float().clone()
+    assert int(_paths(x, x)[1]) == 0
+    y = x.clone()
     y[3] = float("nan")
-    e_nan = gram.squared_distances(y)
-    order, count = angle.anchor_order(e32, e_nan, 0, 20, fast=True)
+    order, count = _paths(x, y)
     assert int(count) == 20  # every anchor sees the NaN row
-    # A global batch's share: the anchors 5:12 only, their offsets kept.
-    order, count = angle.anchor_order(e32, e32, 5, 7, fast=True)
-    assert sorted(order.tolist()) == list(range(5, 12)) and int(count) == 0
-    loss = backend.IMPLEMENTATIONS["rkd_angle"]["triton"](x.float(), y)
+    # The anchors 5:12 only, as offsets from 5, with rows 6 and 9 a near-duplicate pair.
+    z = _planted(20, 8, ((6, 9),), 1e-7, 0)
+    order, count = _paths(z, z, lo=5, anchors=7)
+    assert sorted(order.tolist()) == list(range(7)) and sorted(order[:int(count)].tolist()) == [1, 4]
+    loss = backend.IMPLEMENTATIONS["rkd_angle"]["triton"](x.float(), y.float())
     assert torch.isnan(loss)

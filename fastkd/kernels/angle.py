@@ -43,6 +43,8 @@ _NORM_EPS_SQ = tl.constexpr(NORM_EPS * NORM_EPS)  # kernels read only constexpr 
 # of three stay finite in float32.
 FAST_RATIO_SQ = 1e10
 FAST_MAX = 1e37
+_FAST_RATIO_SQ = tl.constexpr(FAST_RATIO_SQ)
+_FAST_MAX = tl.constexpr(FAST_MAX)
 
 
 # --- RKD angle ----------------------------------------------------------------
@@ -68,10 +70,11 @@ FAST_MAX = 1e37
 # E twice and never reads lo (EXACT).
 
 @triton.jit
-def _directions(h_ptr, l_ptr, v_ptr, row_i, rows, N, EXACT: tl.constexpr):
+def _directions(h_ptr, l_ptr, v_ptr, row_i, v_row, rows, N, EXACT: tl.constexpr):
     """E[i, rows] as (hi, lo) (lo = hi, unused, for EXACT), inv = 1 / n (0 for a zero
-    direction) and dead = [zero direction] (0 outside) for anchor i; row_i = i * N in int64.
-    The fast path reads inv from its matrix (`inverse_norms`): a division and a square root
+    direction) and dead = [zero direction] (0 outside) for anchor i; row_i = i * N in int64,
+    v_row = (i - lo) * N its row of the anchors' inverse norms. The fast path reads inv from
+    that matrix (`_fast_rows_kernel`): a division and a square root
     per direction and anchor cost more instructions than the angles read from them."""
     ok = rows < N
     e = tl.load(h_ptr + row_i + rows, mask=ok, other=0.0)
@@ -81,7 +84,7 @@ def _directions(h_ptr, l_ptr, v_ptr, row_i, rows, N, EXACT: tl.constexpr):
         inv = tl.where(live, 1.0 / sqrt(tl.where(live, e, 1.0)), 0.0)
     else:
         e_lo = tl.load(l_ptr + row_i + rows, mask=ok, other=0.0)
-        inv = tl.load(v_ptr + row_i + rows, mask=ok, other=0.0)
+        inv = tl.load(v_ptr + v_row + rows, mask=ok, other=0.0)
         live = inv > 0
     return e, e_lo, inv, (ok & ~live).to(e.dtype)
 
@@ -140,10 +143,11 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_
     else:
         mine = t >= count
     if mine:
-        i = tl.load(order_ptr + t)
+        i = lo + tl.load(order_ptr + t)
         row_i = i.to(tl.int64) * N
-        eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, rj, N, EXACT)
-        eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, rj, N, EXACT)
+        v_row = (i - lo).to(tl.int64) * N
+        eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rj, N, EXACT)
+        eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rj, N, EXACT)
         # Summed elementwise over the k blocks and reduced over k once at the end: a reduction
         # per block costs cross-thread shuffles, about as many instructions as the angles.
         loss = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
@@ -156,8 +160,8 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_
         for start in range(0, N, BLOCK):
             rk = start + tl.arange(0, BLOCK)
             ok = (rj[:, None] < N) & (rk[None, :] < N)
-            eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, rk, N, EXACT)
-            eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, rk, N, EXACT)
+            eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rk, N, EXACT)
+            eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rk, N, EXACT)
             ejk_s, ljk_s = _tile(hs_ptr, ls_ptr, rj, rk, N, EXACT)
             ejk_t, ljk_t = _tile(ht_ptr, lt_ptr, rj, rk, N, EXACT)
             a_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, rj, rk, ok, EXACT)
@@ -179,15 +183,13 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_
                                invj_s, deadj_s)
             _store_angle_stats(out + 3 * plane, plane, rj < N, tl.sum(ui_t, 1), tl.sum(ua_t, 1),
                                tl.sum(ud_t, 1), invj_t, deadj_t)
-    else:
-        tl.store(part, 0.0)
 
 
 @triton.jit
 def _rkd_angle_fwd_kernel(es_ptr, et_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
                           STATS: tl.constexpr, BLOCK: tl.constexpr):
-    """The exact path (float64 E). Program (t, b): anchor i = order[t] if t < count (else
-    part 0), rows j of block b, all k: part = sum h(A_s - A_t).
+    """The exact path (float64 E). Program (t, b): anchor i = lo + order[t] if t < count
+    (else nothing: the fast kernel's), rows j of block b, all k: part = sum h(A_s - A_t).
 
     With STATS, per side and row j the row sums sum_k u inv_k, sum_k u A and sum_k u dead_k,
     stored as w1, s, q at [stat, i - lo, j] of stats (6, R, N) (the anchors lo:lo + R, R
@@ -226,7 +228,7 @@ def _store_grad_tile(out, plane, rj, rk, N, ok, w, z, z_t, ADD: tl.constexpr):
 
 
 @triton.jit
-def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr, R, N,
+def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr, lo, R, N,
                 EXACT: tl.constexpr, BLOCK: tl.constexpr):
     """The tile kernels' body (see _rkd_angle_grad_kernel), over this path's anchors.
     u is symmetric in (j, k), so only the tiles on and above the diagonal are computed, each
@@ -251,11 +253,13 @@ def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count
             first = count
             end = R
         for t in range(first, end):
-            row_i = tl.load(order_ptr + t).to(tl.int64) * N
-            eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, rj, N, EXACT)
-            eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, rk, N, EXACT)
-            eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, rj, N, EXACT)
-            eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, rk, N, EXACT)
+            local = tl.load(order_ptr + t).to(tl.int64)
+            row_i = (lo + local) * N
+            v_row = local * N
+            eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rj, N, EXACT)
+            eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rk, N, EXACT)
+            eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rj, N, EXACT)
+            eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rk, N, EXACT)
             a_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, rj, rk, ok, EXACT)
             a_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, rj, rk, ok, EXACT)
             u = _angle_u(a_s, a_t, rj, rk)
@@ -272,90 +276,130 @@ def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count
 
 
 @triton.jit
-def _rkd_angle_grad_kernel(es_ptr, et_ptr, order_ptr, count_ptr, out_ptr, R, N, BLOCK: tl.constexpr):
+def _rkd_angle_grad_kernel(es_ptr, et_ptr, order_ptr, count_ptr, out_ptr, lo, R, N, BLOCK: tl.constexpr):
     """The exact path (float64 E): the (j, k) tile of w2 and z2 / c (see the section's
     header) on each side, summed over the anchors order[t], t < count;
     out (4, N, N) = (w2_s, z2_s / c, w2_t, z2_t / c), written whole."""
-    _angle_grad(es_ptr, es_ptr, es_ptr, et_ptr, et_ptr, et_ptr, order_ptr, count_ptr, out_ptr, R, N, EXACT=True, BLOCK=BLOCK)
+    _angle_grad(es_ptr, es_ptr, es_ptr, et_ptr, et_ptr, et_ptr, order_ptr, count_ptr, out_ptr, lo, R, N,
+                EXACT=True, BLOCK=BLOCK)
 
 
 @triton.jit
 def _rkd_angle_grad_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr,
-                                R, N, BLOCK: tl.constexpr):
+                                lo, R, N, BLOCK: tl.constexpr):
     """The fast path (float32, E = hi + lo, v = 1 / sqrt(E)): _rkd_angle_grad_kernel's sums over
     the anchors order[t], count <= t < R, added to what out holds."""
-    _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr, R, N, EXACT=False,
+    _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr, lo, R, N, EXACT=False,
                 BLOCK=BLOCK)
 
 
+@triton.jit
+def _side_rows(h_ptr, l_ptr, v_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
+    """_fast_rows_kernel for one side: stores v, returns the rows' flags (int32)."""
+    top = tl.zeros([BLOCK], dtype=tl.float32)
+    low = tl.full([BLOCK], float("inf"), tl.float32)
+    nan = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
+        at = (lo + ra[:, None]).to(tl.int64) * N + rb[None, :]
+        e = tl.load(h_ptr + at, mask=ok, other=0.0)
+        live = e >= _NORM_EPS_SQ
+        # hi + lo rounded once more: within an ulp of 1 / sqrt(E), as the angles need.
+        full = e + tl.load(l_ptr + at, mask=ok, other=0.0)
+        inv = tl.where(live, 1.0 / sqrt(tl.where(live, full, 1.0)), 0.0)
+        tl.store(v_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], inv, mask=ok)
+        top = tl.maximum(top, tl.max(tl.where(ok, e, 0.0), 1))
+        low = tl.minimum(low, tl.min(tl.where(ok & live, e, float("inf")), 1))
+        nan = tl.maximum(nan, tl.max((ok & (e != e)).to(tl.int32), 1))
+    holds = ((top <= _FAST_RATIO_SQ * low) | (top < _NORM_EPS_SQ)) & (top <= _FAST_MAX)
+    return tl.where(holds & (nan == 0), 0, 1)
+
+
+@triton.jit
+def _fast_rows_kernel(hs_ptr, ls_ptr, ht_ptr, lt_ptr, vs_ptr, vt_ptr, flag_ptr, lo, R, N, BLOCK: tl.constexpr):
+    """For a block of the anchors lo:lo + R (rows of E = hi + lo (N, N) float32, each side):
+    their inverse norms v = 1 / sqrt(E) (0 for a zero direction) at (i - lo, :) of v (R, N),
+    and flag[i - lo] = 1 where the fast path cannot hold the anchor (module docstring): on
+    either side its live squared distances spread past FAST_RATIO_SQ, reach FAST_MAX or are
+    NaN."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    flag = _side_rows(hs_ptr, ls_ptr, vs_ptr, ra, lo, R, N, BLOCK)
+    flag = tl.maximum(flag, _side_rows(ht_ptr, lt_ptr, vt_ptr, ra, lo, R, N, BLOCK))
+    tl.store(flag_ptr + ra, flag, mask=ra < R)
+
+
 def split(e):
-    """The fast path's view of E (float64): (hi, lo, v) float32, hi + lo = E to about 2^-48
-    relative and v = 1 / sqrt(E) correctly rounded, 0 for a zero direction (E < NORM_EPS^2)."""
+    """E (float64) as the fast path takes it: (hi, lo) float32, hi + lo = E to about 2^-48."""
     hi = e.to(torch.float32)
-    inv = torch.where(e >= NORM_EPS ** 2, e.clamp(min=NORM_EPS ** 2).rsqrt(), 0.0)
-    return hi, (e - hi.to(e.dtype)).to(torch.float32), inv.to(torch.float32)
+    return hi, (e - hi.to(e.dtype)).to(torch.float32)
 
 
-def anchor_order(e_s, e_t, lo, anchors, fast):
-    """(order, count): the anchors lo:lo + anchors, those that take the exact path first
-    (count of them, an int32 tensor on the device). Without fast, every anchor is exact."""
-    device = e_s.device
-    order = torch.arange(lo, lo + anchors, device=device, dtype=torch.int32)
-    if not fast:
-        return order, torch.full((1,), anchors, device=device, dtype=torch.int32)
-    exact = torch.zeros(anchors, dtype=torch.bool, device=device)
-    for e in (e_s, e_t):
-        rows = e[lo:lo + anchors]
-        top = rows.amax(1)
-        low = torch.where(rows >= NORM_EPS ** 2, rows, torch.inf).amin(1)
-        # not (<=): a NaN row takes the exact path, which gives the reference's NaN.
-        exact |= ~((top <= FAST_RATIO_SQ * low) | (top < NORM_EPS ** 2)) | ~(top <= FAST_MAX)
-    first = torch.argsort(~exact, stable=True)
-    return order[first], exact.sum(dtype=torch.int32).reshape(1)
+def anchor_order(parts, n, lo, anchors):
+    """(order, count, v_s, v_t) of the fast path, parts = (hi_s, lo_s, hi_t, lo_t) (N, N)
+    float32: the anchors lo:lo + anchors as offsets from lo, those that take the exact path
+    first (count of them, a tensor on the device: no host sync), and each side's inverse
+    norms at those anchors' rows (anchors, N)."""
+    hi_s = parts[0]
+    v_s = torch.empty((anchors, n), dtype=torch.float32, device=hi_s.device)
+    v_t = torch.empty_like(v_s)
+    flag = torch.empty(anchors, dtype=torch.int32, device=hi_s.device)
+    _fast_rows_kernel[(cdiv(anchors, BLOCK),)](*parts, v_s, v_t, flag, lo, anchors, n, BLOCK=BLOCK)
+    order = torch.sort(flag, descending=True, stable=True).indices
+    return order, flag.sum(dtype=torch.int32).reshape(1), v_s, v_t
 
 
-def rkd_angle_forward(e_s, e_t, with_stats, lo=0, anchors=None, fast=False):
-    """(N^3 * loss, stats for backward, or None); e_* the squared distances (N, N) float64.
+def rkd_angle_forward(e_s, e_t, with_stats, lo=0, anchors=None, parts=None):
+    """(N^3 * loss, saved for backward, or None); e_* the squared distances (N, N) float64.
     anchors: only the angles at the anchors lo:lo + anchors (R of them; all N by default),
-    a global batch's share of the loss. fast: float32 arithmetic for the anchors it suits
-    (the module docstring), for inputs that are not float64.
-    stats = (w1, s, q per side (6, R, N), order, count), float32 on the fast path."""
+    a global batch's share of the loss. parts: the fast path, for inputs that are not
+    float64: (hi_s, lo_s, hi_t, lo_t) float32 with hi + lo = E (squared_distances_split, or
+    split), float32 arithmetic for the anchors it suits (the module docstring).
+    saved = (stats, order, count[, hi_s, lo_s, v_s, hi_t, lo_t, v_t]): stats (6, R, N) the
+    per-anchor w1, s, q of each side, float32 on the fast path."""
     n = len(e_s)
     anchors = n if anchors is None else anchors
     nb = cdiv(n, BLOCK)
-    order, count = anchor_order(e_s, e_t, lo, anchors, fast)
-    dtype = torch.float32 if fast else e_s.dtype
-    stats = torch.empty((6, anchors, n) if with_stats else (1,), dtype=dtype, device=e_s.device)
-    part = torch.empty(anchors * nb, dtype=e_s.dtype, device=e_s.device)
+    device = e_s.device
+    if parts is None:
+        order = torch.arange(anchors, device=device)
+        count = torch.full((1,), anchors, device=device, dtype=torch.int32)
+    else:
+        order, count, v_s, v_t = anchor_order(parts, n, lo, anchors)
+    stats = torch.empty((6, anchors, n) if with_stats else (1,), dtype=e_s.dtype if parts is None else torch.float32,
+                        device=device)
+    # Each program writes its anchor's partial sum from one of the two kernels.
+    part = torch.empty(anchors * nb, dtype=e_s.dtype, device=device)
     _rkd_angle_fwd_kernel[(anchors, nb)](e_s, e_t, order, count, part, stats, lo, n, STATS=with_stats,
                                          BLOCK=BLOCK, num_warps=TILE_WARPS)
-    total = part.sum()
-    if fast:
-        part = torch.empty(anchors * nb, dtype=dtype, device=e_s.device)
-        _rkd_angle_fwd_fast_kernel[(anchors, nb)](*split(e_s), *split(e_t), order, count, part, stats, lo, n,
+    if parts is not None:
+        fast = (parts[0], parts[1], v_s, parts[2], parts[3], v_t)
+        _rkd_angle_fwd_fast_kernel[(anchors, nb)](*fast, order, count, part, stats, lo, n,
                                                   STATS=with_stats, BLOCK=BLOCK, num_warps=TILE_WARPS)
-        total = total + part.sum(dtype=e_s.dtype)
-    return total, ((stats, order, count) if with_stats else None)
+    if not with_stats:
+        return part.sum(), None
+    return part.sum(), (stats, order, count) + (() if parts is None else fast)
 
 
 def rkd_angle_backward(e_s, e_t, saved, lo=0):
     """(M_s, r_s, M_t, r_t) with N^3 dL/dX = M X + r * X on each side: M = Z - 2 S,
     r = 2 rowsum(S), from the forward's per-anchor stats (of the anchors lo:lo + R, R =
     stats.shape[1]) and the tile kernels' sums over the same anchors; M (N, N) and r (N,)
-    float64 reach every row."""
-    stats, order, count = saved
+    float64 reach every row. On the fast path M is float32 and r None: its gradient is
+    formed as sum_b M_ab (x_b - x_a) (fastkd.kernels.gram.difference_grad), where r is
+    minus M's row sums, so only M's off-diagonal entries count."""
+    stats, order, count, *fast = saved
     n = len(e_s)
     anchors = stats.shape[1]
     nb = cdiv(n, BLOCK)
     tiles = torch.empty((4, n, n), dtype=stats.dtype, device=e_s.device)
     # The anchors' loop bound, read from the device, holds one more register, which spilled at
     # TILE_WARPS in float64 (sm_80, sm_90); twice the warps (half the tile per thread) do not.
-    _rkd_angle_grad_kernel[(nb, nb)](e_s, e_t, order, count, tiles, anchors, n, BLOCK=BLOCK,
+    _rkd_angle_grad_kernel[(nb, nb)](e_s, e_t, order, count, tiles, lo, anchors, n, BLOCK=BLOCK,
                                      num_warps=2 * TILE_WARPS)
-    if stats.dtype != e_s.dtype:
-        _rkd_angle_grad_fast_kernel[(nb, nb)](*split(e_s), *split(e_t), order, count, tiles, anchors, n,
-                                              BLOCK=BLOCK, num_warps=TILE_WARPS)
-        stats, tiles = stats.to(e_s.dtype), tiles.to(e_s.dtype)
+    if fast:
+        _rkd_angle_grad_fast_kernel[(nb, nb)](*fast, order, count, tiles, lo, anchors, n, BLOCK=BLOCK,
+                                              num_warps=TILE_WARPS)
     hi = lo + anchors
     out = []
     for (w1, s, q), (w2, z2) in ((stats[:3], tiles[:2]), (stats[3:], tiles[2:])):
@@ -367,8 +411,11 @@ def rkd_angle_backward(e_s, e_t, saved, lo=0):
         z = z2
         z[:, lo:hi] -= s.t()
         z[lo:hi] -= q
-        # c scales here, in float64: a kernel's Python float constant is a float32 there.
+        # c scales here, in the buffers' dtype: a kernel's Python float constant is a float32.
         z *= 2.0 / NORM_EPS
-        # Z_ii = sum_j s_ij, set as minus the rest of row i (see zero_row_sums).
-        out += [zero_row_sums(z) - 2 * sym, 2 * sym.sum(1)]
+        if fast:  # the difference form: no diagonal, no r
+            out += [z.sub_(sym, alpha=2), None]
+        else:
+            # Z_ii = sum_j s_ij, set as minus the rest of row i (see zero_row_sums).
+            out += [zero_row_sums(z) - 2 * sym, 2 * sym.sum(1)]
     return tuple(out)

@@ -161,11 +161,10 @@ def squared_distances(x, lo=0, rows=None):
 
 
 @triton.jit
-def _squared_distances_split_kernel(x_ptr, stride_n, stride_d, scale_ptr, hi_ptr, lo_ptr, lo, R, N, D,
+def _squared_distances_split_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D,
                                     SQUARE: tl.constexpr, BLOCK: tl.constexpr):
     """_squared_distances_kernel in float32 arithmetic only: E_ab = hi + lo (two float32 (R, N)
-    matrices) to about 2^-48 relative, of the rows x * scale (scale a power of 2 on the
-    device, 1 unless the rows are large enough for a square to overflow float32). Each
+    matrices) to about 2^-48 relative. Each
     difference is split exactly (two_sum), each square exactly (its rounding error by a
     fused multiply-add), and the sum over the features carried as hi + lo (two_sum): every
     term is non-negative, so nothing cancels and the error stays about u32^2 E."""
@@ -178,15 +177,14 @@ def _squared_distances_split_kernel(x_ptr, stride_n, stride_d, scale_ptr, hi_ptr
     if run:
         ra = pid_a * BLOCK + tl.arange(0, BLOCK)
         rb = pid_b * BLOCK + tl.arange(0, BLOCK)
-        scale = tl.load(scale_ptr)
         row_a = x_ptr + (lo + ra).to(tl.int64) * stride_n
         row_b = x_ptr + rb.to(tl.int64) * stride_n
         e_hi = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
         e_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
         for f in range(0, D):
             col = tl.cast(f, tl.int64) * stride_d
-            xa = tl.load(row_a + col, mask=ra < R, other=0.0).to(tl.float32) * scale
-            xb = tl.load(row_b + col, mask=rb < N, other=0.0).to(tl.float32) * scale
+            xa = tl.load(row_a + col, mask=ra < R, other=0.0).to(tl.float32)
+            xb = tl.load(row_b + col, mask=rb < N, other=0.0).to(tl.float32)
             d, d_lo = two_sum(xa[:, None], -xb[None, :])
             p = d * d
             e_hi, err = two_sum(e_hi, p)
@@ -202,29 +200,21 @@ def _squared_distances_split_kernel(x_ptr, stride_n, stride_d, scale_ptr, hi_ptr
             tl.store(lo_ptr + out_t, e_lo, mask=ok)
 
 
-# Rows whose largest magnitude passes this are scaled down by a power of 2 before squaring
-# (exactly), so that sums of squares stay finite in float32; E is scaled back in float64.
-_SPLIT_MAX = 2.0 ** 50
-
-
 def squared_distances_split(x, lo=0, rows=None):
-    """squared_distances (E float64 (rows, N)) with float32 arithmetic only in its O(N^2 D)
-    part: for float32, bfloat16 and float16 x (each difference and square split exactly,
-    the sums compensated), E = (hi + lo) / scale^2 to about 2^-48 relative, formed in
-    float64 from the two (rows, N) float32 matrices; equal rows give exactly 0."""
+    """squared_distances with float32 arithmetic only in its O(N^2 D) part, for float32,
+    bfloat16 and float16 x: (E, hi, lo_part), hi + lo_part = E to about 2^-48 relative
+    (two float32 (rows, N) matrices) and E float64 formed from them; equal rows give exactly
+    0. A difference whose square passes float32's range gives inf there, as the reference's
+    own float32 arithmetic overflows."""
     x = flat(x)
     n, d = x.shape
     square = rows is None
     rows = n if square else rows
-    top = x.detach().abs().amax().to(torch.float32) if x.numel() else x.new_zeros((), dtype=torch.float32)
-    # A power of 2 (exact), on the device: no host sync.
-    scale = torch.where(top > _SPLIT_MAX, torch.exp2(-torch.ceil(torch.log2(top / _SPLIT_MAX))),
-                        torch.ones_like(top)).reshape(1)
     hi = torch.empty((rows, n), dtype=torch.float32, device=x.device)
     lo_part = torch.empty_like(hi)
     _squared_distances_split_kernel[(cdiv(rows, BLOCK), cdiv(n, BLOCK))](
-        x, x.stride(0), x.stride(1), scale, hi, lo_part, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK)
-    return (hi.to(torch.float64) + lo_part.to(torch.float64)) / scale.to(torch.float64).square()
+        x, x.stride(0), x.stride(1), hi, lo_part, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK)
+    return hi.to(torch.float64).add_(lo_part), hi, lo_part
 
 
 @triton.jit
