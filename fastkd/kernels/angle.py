@@ -12,16 +12,17 @@ Two paths, each in kernels of its own:
          Float64 inputs take it for every anchor.
   fast   (`_rkd_angle_fwd_fast_kernel`, `_rkd_angle_grad_fast_kernel`) in float32 only, for
          float32, bfloat16 and float16 inputs. E arrives as two float32 matrices, E = hi + lo
-         to 2^-48 (`split`), and V is summed compensated: hi_ij + hi_ik - hi_jk with its
+         to 2^-48 (gram.squared_distances_split, or `split`), and V is summed compensated: hi_ij + hi_ik - hi_jk with its
          rounding errors kept (Knuth's two-sum), plus the lo terms. V's error is then about
          u32 |V| + 4 u32^2 (E_ij + E_ik + E_jk), relative to n_j n_k about
          1e-7 + 1e-14 (rho + 1/rho + 1) with rho = n_j / n_k, the ratio of two distances
          from the anchor. An anchor whose distances (live ones, E >= NORM_EPS^2) spread over
-         more than FAST_RATIO (rho up to 1e5: 1e-9 on an angle) on either side, or whose E
+         more than FAST_RATIO_SQ (rho up to 1e5: 1e-9 on an angle) on either side, or whose E
          could overflow float32, takes the exact path; every other anchor the fast one.
          A near-duplicate pair flags just its two anchors.
-The anchors are ordered exact first (`anchor_order`): `count` of them, read on the device,
-so choosing a path costs no host sync. Each kernel takes its own anchors from the order.
+The anchors are ordered exact first (`anchor_order`, one kernel that also forms the fast
+path's inverse norms): `count` of them, read on the device, so choosing a path costs no host
+sync. Each kernel takes its own anchors from the order.
 """
 import torch
 import triton
