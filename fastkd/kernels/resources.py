@@ -515,16 +515,75 @@ def _dot_cell(res):
     return ",".join(f"{op}:{n}" for op, n in sorted(res["tc"].items())) or "FMA"
 
 
-def compile_all(specs, jobs=None):
+# Results of earlier compiles, committed beside this module: a specialization whose key holds
+# everything that decides its compile (its kernel's source with its dependencies, as Triton's
+# own cache key; its signature, constexprs, attributes and options; the arch; Triton's and
+# ptxas's versions; the environment variables that change code) takes its recorded result
+# instead of compiling again, as Triton's on-disk cache would, on a machine that has none.
+# A changed kernel changes its keys and compiles; `--write-results` records a full run.
+RESULTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compile_results.json")
+
+
+def result_key(spec, backend_hash):
+    """The key of one specialization's compile (see RESULTS_FILE); backend_hash: its arch's
+    make_backend(...).hash() (ptxas's version and the arch)."""
+    import hashlib
+
+    import triton
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    # Paths (libdevice's) differ between installs; the file's name is what the compile depends on.
+    options = sorted((k, tuple((name, os.path.basename(path)) for name, path in v) if k == "extern_libs" else v)
+                     for k, v in spec.options.items())
+    held = (spec.kernel.cache_key, sorted(spec.signature.items()), sorted(spec.constexprs.items()),
+            sorted(spec.attrs.items()), options, spec.arch, triton.__version__, backend_hash,
+            sorted(get_cache_invalidating_env_vars().items()))
+    return hashlib.sha256(repr(held).encode()).hexdigest()[:32]
+
+
+def _keys(specs):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    hashes = {arch: make_backend(GPUTarget("cuda", arch, 32)).hash() for arch in {s.arch for s in specs}}
+    return [result_key(spec, hashes[spec.arch]) for spec in specs]
+
+
+def load_results(path=RESULTS_FILE):
+    """{key: result} recorded by --write-results, {} where there is no file."""
+    import json
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+
+
+def write_results(specs, results, path=RESULTS_FILE):
+    """Record this run's results by key (the file holds this run's only)."""
+    import json
+    kept = {key: {k: v for k, v in res.items() if k not in ("cpu", "reused")}
+            for key, res in zip(_keys(specs), results)}
+    with open(path, "w") as f:
+        json.dump(kept, f, sort_keys=True, separators=(",", ":"))
+        f.write("\n")
+
+
+def compile_all(specs, jobs=None, recorded=None):
     """Compile each spec; a list of result dicts (error, regs, spill, shared, has_dot, tc, fma,
-    f64, f64cvt, reused) in order."""
+    f64, f64cvt, reused; recorded: taken from `recorded`, {key: result}, instead of compiling)
+    in order."""
     global _SPECS
-    _SPECS = specs
+    keys = _keys(specs) if recorded else [None] * len(specs)
+    results = [dict(recorded[k], recorded=True) if recorded and k in recorded else None for k in keys]
+    todo = [spec for spec, res in zip(specs, results) if res is None]
+    _SPECS = todo
     jobs = jobs or os.cpu_count() or 1
-    if jobs == 1:
-        return [_compile(i) for i in range(len(specs))]
-    with multiprocessing.get_context("fork").Pool(jobs) as pool:
-        return pool.map(_compile, range(len(specs)), chunksize=1)
+    if jobs == 1 or len(todo) < 2:
+        fresh = [_compile(i) for i in range(len(todo))]
+    else:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            fresh = pool.map(_compile, range(len(todo)), chunksize=1)
+    fresh = iter(fresh)
+    return [res if res is not None else next(fresh) for res in results]
 
 
 def _twin(spec):
@@ -661,6 +720,11 @@ def main(argv=None):
                              "only the relational kernels' fp32/bf16/fp16 specializations")
     parser.add_argument("--kernel", help="only kernels whose name matches this regular expression")
     parser.add_argument("--no-table", action="store_true")
+    parser.add_argument("--fresh", action="store_true",
+                        help=f"compile every specialization, not taking recorded results ({os.path.basename(RESULTS_FILE)})")
+    parser.add_argument("--write-results", action="store_true",
+                        help=f"record this run's results in {os.path.basename(RESULTS_FILE)} (a full run: every arch "
+                             "and dtype, no --kernel)")
     args = parser.parse_args(argv)
     archs = tuple(args.arch or (ARCHS if args.check else [90]))
     dtypes = tuple(args.dtype or DTYPES)
@@ -669,15 +733,22 @@ def main(argv=None):
     recording = _cpu_seconds() - start
     if args.kernel:
         specs = [s for s in specs if re.search(args.kernel, s.name)]
-    results = compile_all(specs, args.jobs)
+    results = compile_all(specs, args.jobs, recorded=None if args.fresh else load_results())
     if not args.no_table:
         print(table(specs, results))
     complete = set(archs) >= set(ARCHS) and set(dtypes) == set(DTYPES)
     failures, tolerated = problems(specs, results, complete, args.kernel)
     failures = errors + declaration_errors() + failures
     compiled = sum(1 for r in results if not r["error"])
-    print(f"\n{compiled} of {len(specs)} specializations compiled; {len(failures)} failures, "
+    recorded = sum(1 for r in results if r.get("recorded"))
+    print(f"\n{compiled} of {len(specs)} specializations compiled ({recorded} of them recorded results, "
+          f"{os.path.basename(RESULTS_FILE)}); {len(failures)} failures, "
           f"{sum(map(len, tolerated.values()))} expected (EXPECTED in fastkd/kernels/resources.py)")
+    if args.write_results:
+        if not complete or args.kernel:
+            print("  --write-results: not a full run (every arch and dtype, no --kernel); nothing written")
+        else:
+            write_results(specs, results)
     print(f"  recording the launches: {recording:.0f} s of CPU")
     for line in _summary(specs, results, tolerated):
         print(line)
