@@ -151,6 +151,12 @@ specs += [r.Spec(k.float32_kernel, 86, {"x_ptr": "*fp32", "y_ptr": "*fp32", "s":
           for attrs in ({}, {(3,): [["tt.divisibility", 16]]})]
 print(json.dumps([{key: res.get(key) for key in ("error", "f64", "f64cvt", "reused")}
                   for res in r.compile_all(specs, 1)]))
+# A recorded result is taken for its own key only: the same kernel at another constexpr compiles.
+other = r.Spec(k.float64_kernel, 86, specs[0].signature, {(3,): 64}, {}, specs[0].options)
+fake = {"error": None, "regs": 1, "spill": 0, "shared": 0, "has_dot": False, "tc": {}, "fma": 0, "f64": 99,
+        "f64cvt": 0}
+taken = r.compile_all([specs[0], other], 1, recorded={r._keys(specs[:1])[0]: fake})
+print(json.dumps([(res["f64"], bool(res.get("recorded"))) for res in taken]))
 """
 
 
@@ -164,7 +170,9 @@ def test_float64_counter_on_kernels_compiled_for_sm86(tmp_path):
     out = subprocess.run([sys.executable, str(tmp_path / "compile_f64.py")], env=env, capture_output=True,
                          text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-5000:]
-    f64, widening, f32, f32_twin = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    lines = out.stdout.strip().splitlines()
+    f64, widening, f32, f32_twin = __import__("json").loads(lines[-2])
+    assert __import__("json").loads(lines[-1]) == [[99, True], [2, False]]
     # x * s + 1 (one fma.rn.f64, fused) and sqrt.rn.f64; conversions in and out.
     assert f64["error"] is None and f64["f64"] == 2 and f64["f64cvt"] >= 2 and not f64["reused"], f64
     # A conversion is not float64 arithmetic.

@@ -37,7 +37,11 @@ so the list stays exact.
 Cost: Triton's passes, LLVM and ptxas, ~0.3 s of one core per specialization cold.
 Specializations whose LLVM IR is the same (e.g. a 16-divisibility no access relies on) take
 the first one's PTX and cubin. Compiles go through Triton's cache (~/.triton/cache or
-TRITON_CACHE_DIR): a warm run takes tens of seconds.
+TRITON_CACHE_DIR): a warm run takes tens of seconds. A machine without that cache (CI's clean
+one) takes each specialization's recorded result from compile_results.json beside this file
+where its key matches (RESULTS_FILE: the kernel's source as Triton's own cache key holds it,
+the specialization, the arch, Triton's and ptxas's versions), and compiles the rest: after
+changing a kernel, `--write-results` on a full run (every arch and dtype) records it.
 
 Workloads: the kernel tests' kinds of shapes (odd sizes, channels_last and strided maps,
 teacher gradients), the benchmark's full CUDA sweep, and the relational losses with
