@@ -83,10 +83,16 @@ def check(op, impl, n, d, case, gap_exp, near, dtype, seed):
     if not (torch.isfinite(s).all() and torch.isfinite(t).all()):
         reject()  # huge values in float16 (drawn only by the property tests)
     grad_out = torch.tensor(0.25 + seed % 7 / 4, dtype=torch.float64)
+    compare(op, impl, s, t, grad_out, f"{op} {impl} {case} gap 1e-{gap_exp} near={near} {dtype} n={n} d={d}")
+
+
+def compare(op, impl, s, t, grad_out, label):
+    """op's loss and input gradients by impl on the low-precision s, t against the float64
+    answer on exactly those values: finite where the reference in their dtype is, and within
+    its own error."""
     exact = loss_and_grads(op, "reference", s.double(), t.double(), grad_out)
     ref = loss_and_grads(op, "reference", s, t, grad_out)
     fast = loss_and_grads(op, impl, s, t, grad_out)
-    label = f"{op} {impl} {case} gap 1e-{gap_exp} near={near} {dtype} n={n} d={d}"
     for name, a, r, e in zip(("loss", "grad_s", "grad_t"), fast, ref, exact):
         assert a.dtype == r.dtype, f"{label} {name}: dtype {a.dtype}, reference {r.dtype}"
         finite = torch.isfinite(r)
@@ -157,12 +163,8 @@ def test_rkd_angle_exact_anchors_in_many_tiles(near):
     order, count = _paths(s, t)
     assert sorted(order[:int(count)].tolist()) == [0, 1, 33, 34, 40, 66]
     assert sorted(order.tolist()) == list(range(70))
-    grad_out = torch.tensor(0.75, dtype=torch.float64)
-    exact = loss_and_grads("rkd_angle", "reference", s, t, grad_out)
-    ref = loss_and_grads("rkd_angle", "reference", s.float(), t.float(), grad_out)
-    fast = loss_and_grads("rkd_angle", "triton", s.float(), t.float(), grad_out)
-    for name, a, r, e in zip(("loss", "grad_s", "grad_t"), fast, ref, exact):
-        assert_within_reference_error(a, r, e, msg=f"near={near} {name}")
+    compare("rkd_angle", "triton", s.float(), t.float(), torch.tensor(0.75, dtype=torch.float64),
+            f"exact anchors in many tiles, near={near}")
 
 
 @pytest.mark.parametrize("near", [False, True])
@@ -174,12 +176,8 @@ def test_rkd_angle_fast_path_on_distances_spread_over_thousands(near):
     t = s * (1 + 1e-3 * torch.randn(s.shape, generator=torch.Generator().manual_seed(9), dtype=s.dtype)) \
         if near else rows(40, 15, "spread", 6, gap_exp=2)
     assert int(_paths(s, t)[1]) == 0
-    grad_out = torch.tensor(1.25, dtype=torch.float64)
-    exact = loss_and_grads("rkd_angle", "reference", s, t, grad_out)
-    ref = loss_and_grads("rkd_angle", "reference", s.float(), t.float(), grad_out)
-    fast = loss_and_grads("rkd_angle", "triton", s.float(), t.float(), grad_out)
-    for name, a, r, e in zip(("loss", "grad_s", "grad_t"), fast, ref, exact):
-        assert_within_reference_error(a, r, e, msg=f"near={near} {name}")
+    compare("rkd_angle", "triton", s.float(), t.float(), torch.tensor(1.25, dtype=torch.float64),
+            f"distances over three decades, near={near}")
 
 
 def test_rkd_angle_paths_by_input():
