@@ -114,6 +114,16 @@ def prepare(x, centre, normalise=False):
 
 
 @triton.jit
+def _store_distance_tile(e_ptr, ra, rb, R, N, value, SQUARE: tl.constexpr):
+    """The (a, b) tile of an (R, N) matrix of squared distances, and with SQUARE (one process's
+    (N, N), symmetric) its transpose at (b, a)."""
+    ok = (ra[:, None] < R) & (rb[None, :] < N)
+    tl.store(e_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], value, mask=ok)
+    if SQUARE:
+        tl.store(e_ptr + rb[None, :].to(tl.int64) * N + ra[:, None], value, mask=ok)
+
+
+@triton.jit
 def _squared_distances_kernel(x_ptr, stride_n, stride_d, e_ptr, lo, R, N, D,
                               SQUARE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """E_ab = sum_f (x_a[f] - x_b[f])^2 in float64 for the rows a in lo:lo + R of x (N, D) and
@@ -139,10 +149,7 @@ def _squared_distances_kernel(x_ptr, stride_n, stride_d, e_ptr, lo, R, N, D,
                          mask=(rb[:, None] < N) & (cols[None, :] < D), other=0.0).to(tl.float64)
             diff = xa[:, None, :] - xb[None, :, :]
             acc += tl.sum(diff * diff, axis=2)
-        ok = (ra[:, None] < R) & (rb[None, :] < N)
-        tl.store(e_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], acc, mask=ok)
-        if SQUARE:
-            tl.store(e_ptr + rb[None, :].to(tl.int64) * N + ra[:, None], acc, mask=ok)
+        _store_distance_tile(e_ptr, ra, rb, R, N, acc, SQUARE)
 
 
 def squared_distances(x, lo=0, rows=None):
@@ -190,14 +197,8 @@ def _squared_distances_split_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, l
             e_hi, err = two_sum(e_hi, p)
             e_lo += err + (tl.fma(d, d, -p) + 2.0 * d * d_lo)
         e_hi, e_lo = two_sum(e_hi, e_lo)
-        ok = (ra[:, None] < R) & (rb[None, :] < N)
-        out = ra[:, None].to(tl.int64) * N + rb[None, :]
-        tl.store(hi_ptr + out, e_hi, mask=ok)
-        tl.store(lo_ptr + out, e_lo, mask=ok)
-        if SQUARE:
-            out_t = rb[None, :].to(tl.int64) * N + ra[:, None]
-            tl.store(hi_ptr + out_t, e_hi, mask=ok)
-            tl.store(lo_ptr + out_t, e_lo, mask=ok)
+        _store_distance_tile(hi_ptr, ra, rb, R, N, e_hi, SQUARE)
+        _store_distance_tile(lo_ptr, ra, rb, R, N, e_lo, SQUARE)
 
 
 def squared_distances_split(x, lo=0, rows=None):
