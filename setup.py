@@ -20,7 +20,7 @@ setup(
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
         "triton": [_TRITON],
-        "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", _TRITON, _LIGER],
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "pytest-benchmark>=4", _TRITON, _LIGER],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "examples": ["scikit-learn", "matplotlib"],
         "hf": ["transformers>=4.46"],

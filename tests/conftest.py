@@ -62,7 +62,28 @@ def _compile_check_folder():
     return folder
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """`-n` (pytest-xdist, what the README's test command passes) distributes whole files:
+    a file's module fixtures and the kernels its tests compile stay on one worker."""
+    if getattr(config.option, "numprocesses", None) and config.option.dist == "no":
+        config.option.dist = "loadfile"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 8 (each holds torch and Triton, about 1 GB,
+    and the multi-process tests spawn their own ranks)."""
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark reads its options
 def pytest_configure(config):
+    # The tests time nothing (speed lives in benchmarks/); under -n pytest-benchmark would
+    # warn in every process that it cannot time.
+    if getattr(config.option, "numprocesses", None) or os.environ.get("PYTEST_XDIST_WORKER"):
+        if hasattr(config.option, "benchmark_disable"):
+            config.option.benchmark_disable = True
     # Under pytest-xdist, before the workers start, so that they see the folder.
     if not os.environ.get("PYTEST_XDIST_WORKER") and getattr(config.option, "numprocesses", None):
         _compile_check_folder()
