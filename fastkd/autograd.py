@@ -538,21 +538,30 @@ def rkd_angle(feat_s, feat_t):
 
 
 class SPFunction(torch.autograd.Function):
-    """mse(G^_s, G^_t), G^ = normalize(G, dim=1), G the raw Gram matrix of flat(fm) (float64,
-    read from the features as they are). With a backward to follow, forward also writes the
-    loss and the gradients at grad_output 1 (M, then dL/dX = M X / N^2), and backward scales
-    them (saved_gradients)."""
+    """mse(G^_s, G^_t), G^ = normalize(G, dim=1), G the raw Gram matrix of flat(fm), read from
+    the features as they are: float64 for float64 inputs; otherwise (_float32_path) hi + lo
+    float32 parts (gram_split) and float32 kernels, double-float where G^_s - G^_t cancels
+    (fastkd/kernels/cosine.py). With a backward to follow, forward also writes the loss and
+    the gradients at grad_output 1 (M, then dL/dX = M X / N^2), and backward scales them
+    (saved_gradients)."""
 
     @staticmethod
     def forward(ctx, fm_s, fm_t, grad=True):
         need = _forward_grads(ctx, grad, 2)
-        g_s, g_t = _gram.gram(fm_s), _gram.gram(fm_t)
-        part, stats = _cosine.sp_forward(g_s, g_t)
-        count, dtype = len(g_s) ** 2, result_dtype(fm_s, fm_t)
+        if _float32_path(fm_s, fm_t):
+            g_s, g_t = _gram.gram_split(fm_s), _gram.gram_split(fm_t)
+            count = len(g_s[0]) ** 2
+            forward, backward = _cosine.sp_split_forward, _cosine.sp_split_backward
+        else:
+            g_s, g_t = _gram.gram(fm_s), _gram.gram(fm_t)
+            count = len(g_s) ** 2
+            forward, backward = _cosine.sp_forward, _cosine.sp_backward
+        part, stats = forward(g_s, g_t)
+        dtype = result_dtype(fm_s, fm_t)
         if not any(need):
             ctx.save_for_backward(None, None)
             return (part.sum() / count).to(dtype)
-        m_s, m_t, loss = _cosine.sp_backward(g_s, g_t, stats, part=part, loss_dtype=dtype)
+        m_s, m_t, loss = backward(g_s, g_t, stats, part=part, loss_dtype=dtype)
         ctx.save_for_backward(*(_gram.gram_grad(m, None, f, None, f, divisor=count) if needed else None
                                 for m, f, needed in ((m_s, fm_s, need[0]), (m_t, fm_t, need[1]))))
         return loss
@@ -566,21 +575,29 @@ def sp(fm_s, fm_t):
 
 class PKTFunction(torch.autograd.Function):
     """mean P_t log((P_t + eps) / (P_s + eps)), P the row-normalised (C + 1) / 2 and C the
-    cosine similarities, read from the raw Gram matrices."""
+    cosine similarities, read from the raw Gram matrices: float64 for float64 inputs;
+    otherwise (_float32_path) G's float32 hi part (gram_split) and float32 kernels,
+    double-float where P's rows cancel (fastkd/kernels/cosine.py)."""
 
     @staticmethod
     def forward(ctx, feat_s, feat_t, eps):
-        g_s, g_t = _gram.gram(feat_s), _gram.gram(feat_t)
-        total, stats = _cosine.pkt_forward(g_s, g_t, eps)
-        ctx.save_for_backward(feat_s, feat_t, g_s, g_t, stats)
         ctx.eps = eps
+        ctx.fast = _float32_path(feat_s, feat_t)
+        if ctx.fast:
+            g_s, g_t = _gram.gram_split(feat_s)[0], _gram.gram_split(feat_t)[0]
+            total, stats = _cosine.pkt_split_forward(g_s, g_t, eps)
+        else:
+            g_s, g_t = _gram.gram(feat_s), _gram.gram(feat_t)
+            total, stats = _cosine.pkt_forward(g_s, g_t, eps)
+        ctx.save_for_backward(feat_s, feat_t, g_s, g_t, stats)
         return (total / len(g_s) ** 2).to(result_dtype(feat_s, feat_t))
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
         feat_s, feat_t, g_s, g_t, stats = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _cosine.pkt_backward(g_s, g_t, ctx.eps, stats)
+        backward = _cosine.pkt_split_backward if ctx.fast else _cosine.pkt_backward
+        m_s, r_s, m_t, r_t = backward(g_s, g_t, ctx.eps, stats)
         return (*_pairwise_grads(ctx, ((m_s, r_s, feat_s, feat_s), (m_t, r_t, feat_t, feat_t)), grad_out,
                                  len(g_s) ** 2), None)
 
@@ -591,21 +608,34 @@ def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
 
 class CCFunction(torch.autograd.Function):
     """mse(K_s, K_t), K = sum_{p<=P} e^{-2 gamma} (2 gamma)^p / p! S^p and S = X^ X^^T the
-    cosine similarities, X^ the rows normalised first as the reference does (a Gram matrix of
-    raw rows far from the origin rounds the cosines more)."""
+    cosine similarities. Float64 inputs: X^ the rows normalised first as the reference does
+    (a Gram matrix of raw rows far from the origin rounds the cosines more). Otherwise
+    (_float32_path) S = G / (n_a n_b) double-float from the raw rows' G = hi + lo (gram_split),
+    float32 kernels and the gradient on the raw rows (fastkd/kernels/cosine.py)."""
 
     @staticmethod
     def forward(ctx, feat_s, feat_t, gamma, p_order):
+        ctx.gamma, ctx.p_order = gamma, p_order
+        ctx.fast = _float32_path(feat_s, feat_t)
+        if ctx.fast:
+            (gs, gs_lo), (gt, gt_lo) = _gram.gram_split(feat_s), _gram.gram_split(feat_t)
+            total = _cosine.cc_split_forward((gs, gs_lo), (gt, gt_lo), gamma, p_order)
+            ctx.save_for_backward(feat_s, feat_t, gs, gs_lo, gt, gt_lo)
+            return (total / len(gs) ** 2).to(result_dtype(feat_s, feat_t))
         (x_s, n_s), (x_t, n_t) = (_gram.prepare(f, centre=False, normalise=True) for f in (feat_s, feat_t))
         g_s, g_t = _gram.gram(x_s), _gram.gram(x_t)
         total = _cosine.cc_forward(g_s, g_t, gamma, p_order)
         ctx.save_for_backward(feat_s, feat_t, x_s, x_t, n_s, n_t, g_s, g_t)
-        ctx.gamma, ctx.p_order = gamma, p_order
         return (total / len(g_s) ** 2).to(result_dtype(feat_s, feat_t))
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
+        if ctx.fast:
+            feat_s, feat_t, gs, gs_lo, gt, gt_lo = ctx.saved_tensors
+            m_s, r_s, m_t, r_t = _cosine.cc_split_backward((gs, gs_lo), (gt, gt_lo), ctx.gamma, ctx.p_order)
+            return (*_pairwise_grads(ctx, ((m_s, r_s, feat_s, feat_s), (m_t, r_t, feat_t, feat_t)), grad_out,
+                                     len(gs) ** 2), None, None)
         feat_s, feat_t, x_s, x_t, n_s, n_t, g_s, g_t = ctx.saved_tensors
         m_s, r_s, m_t, r_t = _cosine.cc_backward(g_s, g_t, n_s, n_t, ctx.gamma, ctx.p_order)
         return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), grad_out,
@@ -616,12 +646,28 @@ def cc(feat_s, feat_t, gamma, P_order):
     return _ops.apply("CCFunction", feat_s, feat_t, gamma, P_order)
 
 
+def _float32_path(*xs):
+    """Whether a similarity or IRG edge loss takes its float32 kernels (compensated where
+    cancellation needs it): for float32, bfloat16 and float16 inputs; a float64 result keeps
+    float64 throughout."""
+    return result_dtype(*xs) != torch.float64
+
+
 class IRGEdgeFunction(torch.autograd.Function):
-    """mse(E'_s, E'_t), E' = pdist2 / max(pdist2) of flat(x), E from the centred float64
-    Gram matrix (formed in the kernels as fastkd.common.squared_distances_from_gram does)."""
+    """mse(E'_s, E'_t), E' = pdist2 / max(pdist2) of flat(x). Float64 inputs: E from the
+    centred float64 Gram matrix (formed in the kernels as fastkd.common.squared_distances_from_gram
+    does). Otherwise (_float32_path) E from float32 arithmetic (squared_distances_split's
+    hi + lo parts, hi read as E, lo only to order the maximum), the kernels in float32 and
+    the gradient in the difference form (difference_grad)."""
 
     @staticmethod
     def forward(ctx, x_s, x_t):
+        fast = ctx.fast = _float32_path(x_s, x_t)
+        if fast:
+            (_, e_s, l_s), (_, e_t, l_t) = (_gram.squared_distances_split(x) for x in (x_s, x_t))
+            total, stats = _dist.irg_edge_forward(e_s, e_t, parts_lo=(l_s, l_t))
+            ctx.save_for_backward(x_s, x_t, e_s, e_t, l_s, l_t, stats)
+            return (total / len(e_s) ** 2).to(x_s.dtype)
         c_s, c_t = (_gram.prepare(x, centre=True) for x in (x_s, x_t))
         g_s, g_t = _gram.gram(c_s), _gram.gram(c_t)
         total, stats = _dist.irg_edge_forward(g_s, g_t)
@@ -631,6 +677,12 @@ class IRGEdgeFunction(torch.autograd.Function):
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
+        if ctx.fast:
+            x_s, x_t, e_s, e_t, l_s, l_t, stats = ctx.saved_tensors
+            m_s, _, m_t, _ = _dist.irg_edge_backward(e_s, e_t, stats, parts_lo=(l_s, l_t))
+            return tuple(_gram.difference_grad(m, None, x, grad_out, x, divisor=len(e_s) ** 2) if needed
+                         else None for m, x, needed in ((m_s, x_s, ctx.needs_input_grad[0]),
+                                                        (m_t, x_t, ctx.needs_input_grad[1])))
         x_s, x_t, c_s, c_t, g_s, g_t, stats = ctx.saved_tensors
         m_s, r_s, m_t, r_t = _dist.irg_edge_backward(g_s, g_t, stats)
         return _pairwise_grads(ctx, ((m_s, r_s, c_s, x_s), (m_t, r_t, c_t, x_t)), grad_out, len(g_s) ** 2)
@@ -805,23 +857,34 @@ def _rows_and_transpose_grad(w, x, lo, scale, z=None, r=None, rt=None):
 class SPRowsFunction(torch.autograd.Function):
     """This rank's part of SP: the rows lo:lo + n of G^_s - G^_t, G^ = normalize(G, dim=1) and
     G = X X^T (n, N) from X_* (N, ...) every rank's rows. Each row's norm is its own, so no
-    statistic is global; dL/dG (n, N) reaches every row as W X + W^T X_rows."""
+    statistic is global; dL/dG (n, N) reaches every row as W X + W^T X_rows. Float32 path
+    (_float32_path) as SPFunction's: G's rows as hi + lo, W float32, X the raw rows."""
 
     @staticmethod
     def forward(ctx, f_s, f_t, lo, n):
+        ctx.lo = lo
+        ctx.fast = _float32_path(f_s, f_t)
+        if ctx.fast:
+            (gs, gs_lo), (gt, gt_lo) = _gram.gram_split(f_s, lo, n), _gram.gram_split(f_t, lo, n)
+            part, stats = _cosine.sp_split_forward((gs, gs_lo), (gt, gt_lo))
+            ctx.save_for_backward(f_s, f_t, f_s, f_t, gs, gt, stats, gs_lo, gt_lo)
+            return part.sum() / len(f_s) ** 2
         x_s, x_t = _gram.prepare(f_s, centre=False), _gram.prepare(f_t, centre=False)
         g_s, g_t = _gram.gram(x_s, lo, n), _gram.gram(x_t, lo, n)
         part, stats = _cosine.sp_forward(g_s, g_t)
         ctx.save_for_backward(f_s, f_t, x_s, x_t, g_s, g_t, stats)
-        ctx.lo = lo
         return part.sum() / len(x_s) ** 2
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        f_s, f_t, x_s, x_t, g_s, g_t, stats = ctx.saved_tensors
-        w_s, w_t, _ = _cosine.sp_backward(g_s, g_t, stats, square=False)
-        scale = grad_out.to(torch.float64) / len(x_s) ** 2
+        f_s, f_t, x_s, x_t, g_s, g_t, stats, *parts_lo = ctx.saved_tensors
+        if ctx.fast:
+            w_s, w_t, _ = _cosine.sp_split_backward((g_s, parts_lo[0]), (g_t, parts_lo[1]), stats, square=False)
+            scale = grad_out.to(torch.float32) / len(x_s) ** 2
+        else:
+            w_s, w_t, _ = _cosine.sp_backward(g_s, g_t, stats, square=False)
+            scale = grad_out.to(torch.float64) / len(x_s) ** 2
         return (*(_rows_and_transpose_grad(w, x, ctx.lo, scale).reshape(f.shape).to(f.dtype) if needed
                   else None for w, x, f, needed in ((w_s, x_s, f_s, ctx.needs_input_grad[0]),
                                                      (w_t, x_t, f_t, ctx.needs_input_grad[1]))), None, None)
@@ -838,25 +901,34 @@ class PKTRowsFunction(torch.autograd.Function):
     """This rank's part of PKT: the rows lo:lo + n of P_t log((P_t + eps) / (P_s + eps)) (n, N),
     from the raw Gram rows of X_* (N, ...) every rank's rows (each row of P normalised over all
     N). dL/dC's symmetric part at (a, b) needs row b's sums and dots: those (N,) vectors are
-    gathered from every rank, and these rows' M and r then give their whole gradient."""
+    gathered from every rank, and these rows' M and r then give their whole gradient. Float32
+    path (_float32_path) as PKTFunction's, X the raw rows."""
 
     @staticmethod
     def forward(ctx, f_s, f_t, eps, lo, n, group, sizes):
-        x_s, x_t = _gram.prepare(f_s, centre=False), _gram.prepare(f_t, centre=False)
-        g_s, g_t = _gram.gram(x_s, lo, n), _gram.gram(x_t, lo, n)
-        sq = (torch.linalg.vecdot(x_s, x_s), torch.linalg.vecdot(x_t, x_t))  # G's diagonal
-        total, stats = _cosine.pkt_forward(g_s, g_t, eps, lo, sq)
+        ctx.eps, ctx.lo = eps, lo
+        ctx.fast = _float32_path(f_s, f_t)
+        if ctx.fast:
+            x_s, x_t = f_s, f_t
+            g_s, g_t = _gram.gram_split(x_s, lo, n)[0], _gram.gram_split(x_t, lo, n)[0]
+            sq = tuple(torch.linalg.vecdot(x, x) for x in (_gram.flat(x_s).float(), _gram.flat(x_t).float()))
+            total, stats = _cosine.pkt_split_forward(g_s, g_t, eps, lo, sq)
+        else:
+            x_s, x_t = _gram.prepare(f_s, centre=False), _gram.prepare(f_t, centre=False)
+            g_s, g_t = _gram.gram(x_s, lo, n), _gram.gram(x_t, lo, n)
+            sq = (torch.linalg.vecdot(x_s, x_s), torch.linalg.vecdot(x_t, x_t))  # G's diagonal
+            total, stats = _cosine.pkt_forward(g_s, g_t, eps, lo, sq)
         stats = all_gather_rows(stats.permute(2, 0, 1), group, sizes)[0].permute(1, 2, 0).contiguous()
         ctx.save_for_backward(f_s, f_t, x_s, x_t, g_s, g_t, *sq, stats)
-        ctx.eps, ctx.lo = eps, lo
         return total / len(x_s) ** 2
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
         f_s, f_t, x_s, x_t, g_s, g_t, sq_s, sq_t, stats = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _cosine.pkt_backward(g_s, g_t, ctx.eps, stats, ctx.lo, (sq_s, sq_t))
-        scale = grad_out.to(torch.float64) / len(x_s) ** 2
+        backward = _cosine.pkt_split_backward if ctx.fast else _cosine.pkt_backward
+        m_s, r_s, m_t, r_t = backward(g_s, g_t, ctx.eps, stats, ctx.lo, (sq_s, sq_t))
+        scale = grad_out.to(g_s.dtype) / len(x_s) ** 2
         return (*(_own_rows(_gram.gram_grad(m, r, x, scale, f, ctx.lo), f, ctx.lo) if needed else None
                   for m, r, x, f, needed in ((m_s, r_s, x_s, f_s, ctx.needs_input_grad[0]),
                                              (m_t, r_t, x_t, f_t, ctx.needs_input_grad[1]))),
@@ -873,23 +945,38 @@ def pkt_cos_sim_global(feat_s, feat_t, eps=1e-6, *, group, sizes):
 class CCRowsFunction(torch.autograd.Function):
     """This rank's part of CC: the rows lo:lo + n of K_s - K_t (n, N), S = X^ X^^T from the
     normalised rows of X_* (N, ...) every rank's rows. dL/dS is symmetric: its rows give
-    these rows' whole gradient."""
+    these rows' whole gradient. Float32 path (_float32_path) as CCFunction's, with every
+    row's squared norm as hi + lo (squared_norms_split)."""
 
     @staticmethod
     def forward(ctx, f_s, f_t, gamma, p_order, lo, n):
+        ctx.gamma, ctx.p_order, ctx.lo = gamma, p_order, lo
+        ctx.fast = _float32_path(f_s, f_t)
+        if ctx.fast:
+            (gs, gs_lo), (gt, gt_lo) = _gram.gram_split(f_s, lo, n), _gram.gram_split(f_t, lo, n)
+            (sq_s, sq_s_lo), (sq_t, sq_t_lo) = _gram.squared_norms_split(f_s), _gram.squared_norms_split(f_t)
+            total = _cosine.cc_split_forward((gs, gs_lo), (gt, gt_lo), gamma, p_order, lo,
+                                             ((sq_s, sq_s_lo), (sq_t, sq_t_lo)))
+            ctx.save_for_backward(f_s, f_t, gs, gs_lo, gt, gt_lo, sq_s, sq_s_lo, sq_t, sq_t_lo)
+            return total / len(f_s) ** 2
         (x_s, n_s), (x_t, n_t) = (_gram.prepare(f, centre=False, normalise=True) for f in (f_s, f_t))
         g_s, g_t = _gram.gram(x_s, lo, n), _gram.gram(x_t, lo, n)
         total = _cosine.cc_forward(g_s, g_t, gamma, p_order)
         ctx.save_for_backward(f_s, f_t, x_s, x_t, n_s, n_t, g_s, g_t)
-        ctx.gamma, ctx.p_order, ctx.lo = gamma, p_order, lo
         return total / len(x_s) ** 2
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        f_s, f_t, x_s, x_t, n_s, n_t, g_s, g_t = ctx.saved_tensors
-        m_s, r_s, m_t, r_t = _cosine.cc_backward(g_s, g_t, n_s, n_t, ctx.gamma, ctx.p_order, ctx.lo)
-        scale = grad_out.to(torch.float64) / len(x_s) ** 2
+        if ctx.fast:
+            f_s, f_t, gs, gs_lo, gt, gt_lo, sq_s, sq_s_lo, sq_t, sq_t_lo = ctx.saved_tensors
+            m_s, r_s, m_t, r_t = _cosine.cc_split_backward((gs, gs_lo), (gt, gt_lo), ctx.gamma, ctx.p_order, ctx.lo,
+                                                           ((sq_s, sq_s_lo), (sq_t, sq_t_lo)))
+            x_s, x_t, scale = f_s, f_t, grad_out.to(torch.float32) / len(f_s) ** 2
+        else:
+            f_s, f_t, x_s, x_t, n_s, n_t, g_s, g_t = ctx.saved_tensors
+            m_s, r_s, m_t, r_t = _cosine.cc_backward(g_s, g_t, n_s, n_t, ctx.gamma, ctx.p_order, ctx.lo)
+            scale = grad_out.to(torch.float64) / len(x_s) ** 2
         return (*(_own_rows(_gram.gram_grad(m, r, x, scale, f, ctx.lo), f, ctx.lo) if needed else None
                   for m, r, x, f, needed in ((m_s, r_s, x_s, f_s, ctx.needs_input_grad[0]),
                                              (m_t, r_t, x_t, f_t, ctx.needs_input_grad[1]))),
@@ -907,21 +994,37 @@ class IRGEdgeRowsFunction(torch.autograd.Function):
     """This rank's part of one IRG edge term: the rows lo:lo + n of E'_s - E'_t, E' = pdist2 /
     max(pdist2), E (n, N) from the Gram rows of the centred float64 X_* (N, ...) (every rank's
     rows), the maxima and the gradient's sums all-reduced. dL/dE's rows reach every row
-    (W X on these rows, W^T X_rows on all)."""
+    (W X on these rows, W^T X_rows on all). On the float32 path (_float32_path) E's rows come
+    from squared_distances_split, exactly symmetric across ranks ((x_a - x_b)^2 = (x_b - x_a)^2
+    bit for bit, the statistics all-reduced alike), so W is symmetric and these rows' W gives
+    their whole gradient in the difference form, as RKD's distance term."""
 
     @staticmethod
     def forward(ctx, x_s, x_t, lo, n, group):
+        ctx.lo = lo
+        fast = ctx.fast = _float32_path(x_s, x_t)
+        if fast:
+            (_, e_s, l_s), (_, e_t, l_t) = (_gram.squared_distances_split(x, lo, n) for x in (x_s, x_t))
+            total, stats = _dist.irg_edge_forward(e_s, e_t, lo, reducer(group), parts_lo=(l_s, l_t))
+            ctx.save_for_backward(x_s, x_t, e_s, e_t, l_s, l_t, stats)
+            return total / len(x_s) ** 2
         c_s, c_t = (_gram.prepare(x, centre=True) for x in (x_s, x_t))
         g_s, g_t = _gram.gram(c_s, lo, n), _gram.gram(c_t, lo, n)
         sq_s, sq_t = torch.linalg.vecdot(c_s, c_s), torch.linalg.vecdot(c_t, c_t)
         total, stats = _dist.irg_edge_forward(g_s, g_t, lo, reducer(group), (sq_s, sq_t))
         ctx.save_for_backward(x_s, x_t, c_s, c_t, g_s, g_t, sq_s, sq_t, stats)
-        ctx.lo = lo
         return total / len(c_s) ** 2
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
+        if ctx.fast:
+            x_s, x_t, e_s, e_t, l_s, l_t, stats = ctx.saved_tensors
+            m_s, _, m_t, _ = _dist.irg_edge_backward(e_s, e_t, stats, ctx.lo, parts_lo=(l_s, l_t))
+            return (*(_own_rows(_gram.difference_grad(m, None, x, grad_out, x, ctx.lo, len(x) ** 2), x, ctx.lo)
+                      if needed else None for m, x, needed in ((m_s, x_s, ctx.needs_input_grad[0]),
+                                                               (m_t, x_t, ctx.needs_input_grad[1]))),
+                    None, None, None)
         x_s, x_t, c_s, c_t, g_s, g_t, sq_s, sq_t, stats = ctx.saved_tensors
         m_s, r_s, m_t, r_t = _dist.irg_edge_backward(g_s, g_t, stats, ctx.lo, (sq_s, sq_t))
         # M = -4 W, r = 4 rowsum(W) on these rows; with half of each, these rows get

@@ -186,7 +186,7 @@ def _job(rank, world, init_file, error_dir, triton_path=True):
             _check_float32_and_compiled(name, sizes, rank)
         if triton_path:
             with fastkd.use_backend("triton"), _torch_sharded_refused():
-                for name in ("RKD", "PKTCosSim"):  # float32 rows through the Triton kernels
+                for name in ("RKD", "PKTCosSim", "SP", "CC", "IRG"):  # float32 rows through the Triton kernels
                     _check_float32_and_compiled(name, sizes, rank)
         for name in ("RKD", "PKTCosSim", "CC"):
             _check_ddp(sizes, rank, name)

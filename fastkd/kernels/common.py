@@ -80,3 +80,49 @@ def two_sum(a, b):
     s = a + b
     bb = s - a
     return s, (a - (s - bb)) + (b - bb)
+
+
+# --- double-float arithmetic: a value carried as two float32s, hi + lo (about 2^-48) ------
+# For the float32 paths of the relational losses, where a float32 rounding of an
+# intermediate would be of the size of the loss (fastkd/kernels/gram.py, cosine.py).
+# Launch such kernels with NO_FMA: the error terms are formed explicitly (tl.fma), and a
+# product the compiler fused into a sum would change the sum they correct.
+
+@triton.jit
+def two_prod(a, b):
+    """(p, err) with p = fl(a b) and a b = p + err exactly (the fused multiply-add's)."""
+    p = a * b
+    return p, tl.fma(a, b, -p)
+
+
+@triton.jit
+def dd_add(a_hi, a_lo, b_hi, b_lo):
+    """(a_hi + a_lo) + (b_hi + b_lo) as (hi, lo), hi's rounding kept in lo: the combine of a
+    compensated tl.reduce."""
+    s, err = two_sum(a_hi, b_hi)
+    return s, err + (a_lo + b_lo)
+
+
+@triton.jit
+def dd_sum(hi, lo, axis):
+    """The sum of hi + lo along axis as (hi, lo), hi = fl(hi + lo): a compensated reduction."""
+    s, err = tl.reduce((hi, lo), axis, dd_add)
+    return two_sum(s, err)
+
+
+@triton.jit
+def dd_sqrt(hi, lo):
+    """sqrt(hi + lo) as (s, s_lo) for hi >= 0, hi = fl(hi + lo): s the correctly rounded
+    sqrt(hi), s_lo one Newton step's correction (hi - s^2 + lo) / (2 s), 0 where s = 0."""
+    s = sqrt(hi)
+    live = s > 0
+    return s, tl.where(live, (tl.fma(-s, s, hi) + lo) / (2 * tl.where(live, s, 1.0)), 0.0)
+
+
+@triton.jit
+def dd_div(a_hi, a_lo, b_hi, b_lo):
+    """(a_hi + a_lo) / (b_hi + b_lo) as (q, q_lo), b_hi != 0: q = fl(a_hi / b_hi) and the
+    remainder a - q b (its big part exact by a fused multiply-add) over b_hi."""
+    q = a_hi / b_hi
+    rem = tl.fma(-q, b_hi, a_hi) + (a_lo - q * b_lo)
+    return q, rem / b_hi

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, sqrt, to_acc
+from .common import NO_FMA, cdiv, dd_div, dd_sqrt, dd_sum, sqrt, to_acc, two_prod, two_sum
 from .gram import BLOCK, TILE_WARPS, _load_tile, grad_buffers, store_total
 
 
@@ -126,6 +126,136 @@ def sp_backward(g_s, g_t, stats, square=True, part=None, loss_dtype=None):
     _sp_grad_kernel[(cdiv(rows, BLOCK), cdiv(n, BLOCK))](
         g_s, g_t, stats[0], stats[1], m_s, m_t, m_s if part is None else part, 0 if part is None else len(part),
         float(n * n), m_s if loss is None else loss, rows, n, SQUARE=square, LOSS=part is not None, BLOCK=BLOCK)
+    return m_s, m_t, loss
+
+
+# SP's float32 path (float32, bfloat16 and float16 inputs): G = hi + lo from gram.gram_split
+# (2^-48), and the steps where a float32 rounding would be the size of the loss in
+# double-float: the row norms n = sqrt(sum_j G_ij^2) and the quotients G / n, whose
+# difference G^_s - G^_t is near 0 exactly when the loss is (teacher ~ student). Rounding
+# either side's G^ to float32 first leaves u |G^| in a difference of 1e-3 |G^| (22x the
+# reference's own error in the tests); diff is exact to float32 rounding of itself here, and
+# the rest (diff^2, the dots, W) is plain float32, each term relative to its own size.
+# stats (3, 2, R) float32: the clamped norms' hi and lo parts, and the dots.
+
+@triton.jit
+def _sp_split_norms(hi_ptr, lo_ptr, ra, R, N, BLOCK: tl.constexpr):
+    """(n, n_lo): the row norms of G = hi + lo (R, N) for the rows ra, double-float, clamped
+    at 1e-12 as F.normalize does (lo 0 there); 1 outside."""
+    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        g = _load_tile(hi_ptr, ra, rb, R, N)
+        p, p_err = two_prod(g, g)
+        acc, err = two_sum(acc, p)
+        acc_lo += err + (p_err + 2 * g * _load_tile(lo_ptr, ra, rb, R, N))
+    sq, sq_lo = dd_sum(acc, acc_lo, 1)
+    n, n_lo = dd_sqrt(sq, sq_lo)
+    small = n < 1e-12
+    return tl.where(ra < R, tl.where(small, 1e-12, n), 1.0), tl.where((ra < R) & ~small, n_lo, 0.0)
+
+
+@triton.jit
+def _sp_split_diff(gs, gs_lo, gt, gt_lo, n_s, n_s_lo, n_t, n_t_lo):
+    """(G^_s - G^_t, G^_s, G^_t) at a tile, G^ = G / n: the quotients double-float, their
+    difference rounded once to float32."""
+    h_s, h_s_lo = dd_div(gs, gs_lo, n_s, n_s_lo)
+    h_t, h_t_lo = dd_div(gt, gt_lo, n_t, n_t_lo)
+    d, d_err = two_sum(h_s, -h_t)
+    return d + (d_err + (h_s_lo - h_t_lo)), h_s, h_t
+
+
+@triton.jit
+def _sp_split_loss_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, stats_ptr, part_ptr, R, N,
+                          BLOCK: tl.constexpr):
+    """_sp_loss_kernel on G = hi + lo in float32 arithmetic: stats (3, 2, R) = the norms' hi
+    and lo parts and the dots, part = sum (G^_s - G^_t)^2 for a block of rows."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n_s, n_s_lo = _sp_split_norms(gs_ptr, gs_lo_ptr, ra, R, N, BLOCK)
+    n_t, n_t_lo = _sp_split_norms(gt_ptr, gt_lo_ptr, ra, R, N, BLOCK)
+    tl.store(stats_ptr + ra, n_s, mask=ra < R)
+    tl.store(stats_ptr + R + ra, n_t, mask=ra < R)
+    tl.store(stats_ptr + 2 * R + ra, n_s_lo, mask=ra < R)
+    tl.store(stats_ptr + 3 * R + ra, n_t_lo, mask=ra < R)
+    loss = tl.zeros([BLOCK], dtype=tl.float32)
+    dot_s = tl.zeros([BLOCK], dtype=tl.float32)
+    dot_t = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        diff, h_s, h_t = _sp_split_diff(
+            _load_tile(gs_ptr, ra, rb, R, N), _load_tile(gs_lo_ptr, ra, rb, R, N), _load_tile(gt_ptr, ra, rb, R, N),
+            _load_tile(gt_lo_ptr, ra, rb, R, N), n_s[:, None], n_s_lo[:, None], n_t[:, None], n_t_lo[:, None])
+        loss += tl.sum(diff * diff, 1)
+        dot_s += tl.sum(diff * h_s, 1)
+        dot_t += tl.sum(diff * h_t, 1)
+    tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
+    tl.store(stats_ptr + 4 * R + ra, dot_s, mask=ra < R)
+    tl.store(stats_ptr + 5 * R + ra, dot_t, mask=ra < R)
+
+
+@triton.jit
+def _sp_split_w(gs, gs_lo, gt, gt_lo, stats_ptr, rows, R, n_rows):
+    """_sp_w on G = hi + lo at a tile, the stats of `rows` (< n_rows; broadcast shapes) read
+    from stats (3, 2, R) (see _sp_split_loss_kernel)."""
+    ok = rows < n_rows
+    n_s = tl.load(stats_ptr + rows, mask=ok, other=1.0)
+    n_t = tl.load(stats_ptr + R + rows, mask=ok, other=1.0)
+    diff, h_s, h_t = _sp_split_diff(gs, gs_lo, gt, gt_lo, n_s, tl.load(stats_ptr + 2 * R + rows, mask=ok, other=0.0),
+                                    n_t, tl.load(stats_ptr + 3 * R + rows, mask=ok, other=0.0))
+    dot_s = tl.load(stats_ptr + 4 * R + rows, mask=ok, other=0.0)
+    dot_t = tl.load(stats_ptr + 5 * R + rows, mask=ok, other=0.0)
+    w_s = 2 * (diff - tl.where(n_s > 1e-12, h_s * dot_s, 0.0)) / n_s
+    w_t = -2 * (diff - tl.where(n_t > 1e-12, h_t * dot_t, 0.0)) / n_t
+    return w_s, w_t
+
+
+@triton.jit
+def _sp_split_grad_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, stats_ptr, ms_ptr, mt_ptr, part_ptr, n_parts,
+                          divisor, loss_ptr, R, N, SQUARE: tl.constexpr, LOSS: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """_sp_grad_kernel on G = hi + lo in float32 arithmetic (divisor a float32 argument)."""
+    if LOSS:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            store_total(part_ptr, 1, n_parts, divisor, loss_ptr, BLOCK)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    g_s = _load_tile(gs_ptr, ra, rb, R, N)
+    g_s_lo = _load_tile(gs_lo_ptr, ra, rb, R, N)
+    g_t = _load_tile(gt_ptr, ra, rb, R, N)
+    g_t_lo = _load_tile(gt_lo_ptr, ra, rb, R, N)
+    m_s, m_t = _sp_split_w(g_s, g_s_lo, g_t, g_t_lo, stats_ptr, ra[:, None], R, R)
+    if SQUARE:
+        # G is exactly symmetric: W at (b, a), transposed, is _sp_split_w on this tile with
+        # b's stats.
+        wba_s, wba_t = _sp_split_w(g_s, g_s_lo, g_t, g_t_lo, stats_ptr, rb[None, :], R, N)
+        m_s += wba_s
+        m_t += wba_t
+    ok = (ra[:, None] < R) & (rb[None, :] < N)
+    tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], m_s, mask=ok)
+    tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], m_t, mask=ok)
+
+
+def sp_split_forward(g_s, g_t):
+    """sp_forward on the float32 path: g_* = (hi, lo) (gram.gram_split) each (R, N); part
+    (row blocks,) float32 sums to N^2 * loss, stats (3, 2, R) float32."""
+    rows, n = g_s[0].shape
+    nb = cdiv(rows, BLOCK)
+    stats = torch.empty((3, 2, rows), dtype=torch.float32, device=g_s[0].device)
+    part = torch.empty(nb, dtype=torch.float32, device=g_s[0].device)
+    _sp_split_loss_kernel[(nb,)](*g_s, *g_t, stats, part, rows, n, BLOCK=BLOCK, **NO_FMA)
+    return part, stats
+
+
+def sp_split_backward(g_s, g_t, stats, square=True, part=None, loss_dtype=None):
+    """sp_backward on the float32 path (g_*, stats as sp_split_forward): M_s, M_t float32."""
+    rows, n = g_s[0].shape
+    m_s, m_t = torch.empty_like(g_s[0]), torch.empty_like(g_t[0])
+    loss = None if part is None else torch.empty((), dtype=loss_dtype, device=m_s.device)
+    _sp_split_grad_kernel[(cdiv(rows, BLOCK), cdiv(n, BLOCK))](
+        *g_s, *g_t, stats, m_s, m_t, m_s if part is None else part, 0 if part is None else len(part),
+        float(n * n), m_s if loss is None else loss, rows, n, SQUARE=square, LOSS=part is not None, BLOCK=BLOCK,
+        **NO_FMA)
     return m_s, m_t, loss
 
 
@@ -310,6 +440,189 @@ def pkt_backward(g_s, g_t, eps, stats, lo=0, sq=None):
     return m_s, r_s, m_t, r_t
 
 
+# PKT's float32 path (float32, bfloat16 and float16 inputs), from G's float32 hi part
+# (gram.gram_split): C = G w w^T in float32 (its rounding is not the problem), then the
+# steps whose float32 rounding would be the size of a near-zero loss in double-float. Each
+# row of P sums to 1, so a row's first-order terms P_t log(P_t / P_s) ~ P_t - P_s cancel and
+# the loss is of second order: a float32 row sum S (a common factor of the row) or a float32
+# P leaves errors of u per row, 100-1000x the reference's own. So C' = (C + 1) / 2, S and
+# P = C' / S are double-float, delta = P_t - P_s is rounded once, and
+# log((P_t + eps) / (P_s + eps)) = log1p(delta / (P_s + eps)) (_log1p: no rounding of the
+# ratio near 1). The gradient's A = N^2 dL/dP is shifted by a constant per side (-1 for the
+# student, +1 for the teacher; V = (A - sum_j A P) / (2 S) does not change as sum_j P = 1), so
+# that A - sum_j A P subtracts no two numbers near 1.
+# stats (3, 2, R) float32: the row sums' hi and lo parts and the dots.
+
+@triton.jit
+def _log1p(q):
+    """log(1 + q) for q > -1 to a few float32 ulps of itself, also where 1 + q rounds to
+    near 1: log(v) q / (v - 1) with v = fl(1 + q) (v - 1 exact), q where v = 1."""
+    v = 1.0 + q
+    exact = v == 1.0
+    return tl.where(exact, q, tl.log(v) * q / tl.where(exact, 1.0, v - 1.0))
+
+
+@triton.jit
+def _pkt_split_c(g, w_row, w_col, ok):
+    """(C, C'_hi, C'_lo) at a tile: C = G w w^T float32, C' = (C + 1) / 2 double-float, 0
+    outside (not ok)."""
+    c = g * w_row * w_col
+    hi, lo = two_sum(c, 1.0)
+    return c, tl.where(ok, hi * 0.5, 0.0), tl.where(ok, lo * 0.5, 0.0)
+
+
+@triton.jit
+def _pkt_split_sums_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, stats_ptr, lo, R, N,
+                           BLOCK: tl.constexpr):
+    """_pkt_sums_kernel in float32 arithmetic: the row sums S of C' double-float, their hi
+    and lo parts at stats (3, 2, R)'s [0] and [1]."""
+    eps = tl.cast(eps, tl.float32)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, _ = _cosine_rows(ds_ptr, d_stride, lo + ra, lo + R, eps)
+    wa_t, _ = _cosine_rows(dt_ptr, d_stride, lo + ra, lo + R, eps)
+    acc_s = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    acc_s_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    acc_t_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(ds_ptr, d_stride, rb, N, eps)
+        wb_t, _ = _cosine_rows(dt_ptr, d_stride, rb, N, eps)
+        _, c_s, c_s_lo = _pkt_split_c(_load_tile(gs_ptr, ra, rb, R, N), wa_s[:, None], wb_s[None, :], ok)
+        _, c_t, c_t_lo = _pkt_split_c(_load_tile(gt_ptr, ra, rb, R, N), wa_t[:, None], wb_t[None, :], ok)
+        acc_s, err_s = two_sum(acc_s, c_s)
+        acc_s_lo += err_s + c_s_lo
+        acc_t, err_t = two_sum(acc_t, c_t)
+        acc_t_lo += err_t + c_t_lo
+    sum_s, sum_s_lo = dd_sum(acc_s, acc_s_lo, 1)
+    sum_t, sum_t_lo = dd_sum(acc_t, acc_t_lo, 1)
+    tl.store(stats_ptr + ra, sum_s, mask=ra < R)
+    tl.store(stats_ptr + R + ra, sum_t, mask=ra < R)
+    tl.store(stats_ptr + 2 * R + ra, sum_s_lo, mask=ra < R)
+    tl.store(stats_ptr + 3 * R + ra, sum_t_lo, mask=ra < R)
+
+
+@triton.jit
+def _pkt_split_terms(g_s, g_t, ws_row, ws_col, wt_row, wt_col, stats_ptr, rows, n_rows, stride, ok, eps):
+    """(C_s, C_t, kl, A_s, A_t, P_s, P_t) at a tile as _pkt_terms, on the float32 path: the
+    row sums of `rows` (< n_rows; broadcast shapes) read from stats (3, 2, stride), A shifted
+    (see the section's header); 0 outside (not ok)."""
+    live = rows < n_rows
+    c_s, cp_s, cp_s_lo = _pkt_split_c(g_s, ws_row, ws_col, ok)
+    c_t, cp_t, cp_t_lo = _pkt_split_c(g_t, wt_row, wt_col, ok)
+    p_s, p_s_lo = dd_div(cp_s, cp_s_lo, tl.load(stats_ptr + rows, mask=live, other=1.0),
+                         tl.load(stats_ptr + 2 * stride + rows, mask=live, other=0.0))
+    p_t, p_t_lo = dd_div(cp_t, cp_t_lo, tl.load(stats_ptr + stride + rows, mask=live, other=1.0),
+                         tl.load(stats_ptr + 3 * stride + rows, mask=live, other=0.0))
+    d, d_err = two_sum(p_t, -p_s)
+    delta = d + (d_err + (p_t_lo - p_s_lo))
+    log_ratio = _log1p(delta / (p_s + eps))
+    a_s = tl.where(ok, (eps - delta) / (p_s + eps), 0.0)
+    a_t = tl.where(ok, log_ratio - eps / (p_t + eps), 0.0)
+    return c_s, c_t, tl.where(ok, p_t * log_ratio, 0.0), a_s, a_t, p_s, p_t
+
+
+@triton.jit
+def _pkt_split_loss_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, stats_ptr, part_ptr,
+                           lo, R, N, BLOCK: tl.constexpr):
+    """_pkt_loss_kernel in float32 arithmetic: part = sum kl and the dots sum_j A P (shifted
+    A) at stats (3, 2, R)'s [2], for a block of rows."""
+    eps = tl.cast(eps, tl.float32)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, _ = _cosine_rows(ds_ptr, d_stride, lo + ra, lo + R, eps)
+    wa_t, _ = _cosine_rows(dt_ptr, d_stride, lo + ra, lo + R, eps)
+    loss = tl.zeros([BLOCK], dtype=tl.float32)
+    dot_s = tl.zeros([BLOCK], dtype=tl.float32)
+    dot_t = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(ds_ptr, d_stride, rb, N, eps)
+        wb_t, _ = _cosine_rows(dt_ptr, d_stride, rb, N, eps)
+        c_s, c_t, kl, a_s, a_t, p_s, p_t = _pkt_split_terms(
+            _load_tile(gs_ptr, ra, rb, R, N), _load_tile(gt_ptr, ra, rb, R, N), wa_s[:, None], wb_s[None, :],
+            wa_t[:, None], wb_t[None, :], stats_ptr, ra[:, None], R, R, ok, eps)
+        loss += tl.sum(kl, 1)
+        dot_s += tl.sum(a_s * p_s, 1)
+        dot_t += tl.sum(a_t * p_t, 1)
+    tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
+    tl.store(stats_ptr + 4 * R + ra, dot_s, mask=ra < R)
+    tl.store(stats_ptr + 5 * R + ra, dot_t, mask=ra < R)
+
+
+@triton.jit
+def _pkt_split_v(g_s, g_t, ws_row, ws_col, wt_row, wt_col, stats_ptr, rows, n_rows, stride, ok, eps):
+    """(V_s, V_t, C_s, C_t) at a tile as _pkt_v, on the float32 path (stats (3, 2, stride) of
+    `rows`, see _pkt_split_terms)."""
+    c_s, c_t, _, a_s, a_t, _, _ = _pkt_split_terms(g_s, g_t, ws_row, ws_col, wt_row, wt_col, stats_ptr, rows,
+                                                   n_rows, stride, ok, eps)
+    live = rows < n_rows
+    v_s = (a_s - tl.load(stats_ptr + 4 * stride + rows, mask=live, other=0.0)) * 0.5 \
+        / tl.load(stats_ptr + rows, mask=live, other=1.0)
+    v_t = (a_t - tl.load(stats_ptr + 5 * stride + rows, mask=live, other=0.0)) * 0.5 \
+        / tl.load(stats_ptr + stride + rows, mask=live, other=1.0)
+    return v_s, v_t, c_s, c_t
+
+
+@triton.jit
+def _pkt_split_grad_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, stats_ptr,
+                           ms_ptr, rs_ptr, mt_ptr, rt_ptr, lo, R, N, BLOCK: tl.constexpr):
+    """_pkt_grad_kernel in float32 arithmetic, stats (3, 2, N) of every row."""
+    eps = tl.cast(eps, tl.float32)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, rwa_s = _cosine_rows(ds_ptr, d_stride, lo + ra, lo + R, eps)
+    wa_t, rwa_t = _cosine_rows(dt_ptr, d_stride, lo + ra, lo + R, eps)
+    r_s = tl.zeros([BLOCK], dtype=tl.float32)
+    r_t = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
+        wb_s, _ = _cosine_rows(ds_ptr, d_stride, rb, N, eps)
+        wb_t, _ = _cosine_rows(dt_ptr, d_stride, rb, N, eps)
+        g_s = _load_tile(gs_ptr, ra, rb, R, N)
+        g_t = _load_tile(gt_ptr, ra, rb, R, N)
+        vab_s, vab_t, c_s, c_t = _pkt_split_v(g_s, g_t, wa_s[:, None], wb_s[None, :], wa_t[:, None],
+                                              wb_t[None, :], stats_ptr, lo + ra[:, None], lo + R, N, ok, eps)
+        # G is symmetric: V at (b, a), transposed, is _pkt_split_v on this tile with b's stats.
+        vba_s, vba_t, _, _ = _pkt_split_v(g_s, g_t, wb_s[None, :], wa_s[:, None], wb_t[None, :], wa_t[:, None],
+                                          stats_ptr, rb[None, :], N, N, ok, eps)
+        v_s = tl.where(ok, vab_s + vba_s, 0.0)
+        v_t = tl.where(ok, vab_t + vba_t, 0.0)
+        r_s += tl.sum(v_s * c_s, 1)
+        r_t += tl.sum(v_t * c_t, 1)
+        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
+                 v_s * wa_s[:, None] * wb_s[None, :], mask=ok)
+        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
+                 v_t * wa_t[:, None] * wb_t[None, :], mask=ok)
+    tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < R)
+    tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < R)
+
+
+def pkt_split_forward(g_s, g_t, eps, lo=0, sq=None):
+    """pkt_forward on the float32 path: g_* float32 (R, N) (gram_split's hi parts); (N^2 *
+    loss, stats (3, 2, R)) float32."""
+    rows, n = g_s.shape
+    nb = cdiv(rows, BLOCK)
+    diag = _pkt_diagonals(g_s, g_t, sq)
+    stats = torch.empty((3, 2, rows), dtype=torch.float32, device=g_s.device)
+    _pkt_split_sums_kernel[(nb,)](g_s, g_t, *diag, eps, stats, lo, rows, n, BLOCK=BLOCK, **NO_FMA)
+    part = torch.empty(nb, dtype=torch.float32, device=g_s.device)
+    _pkt_split_loss_kernel[(nb,)](g_s, g_t, *diag, eps, stats, part, lo, rows, n, BLOCK=BLOCK,
+                                  num_warps=TILE_WARPS, **NO_FMA)
+    return part.sum(), stats
+
+
+def pkt_split_backward(g_s, g_t, eps, stats, lo=0, sq=None):
+    """pkt_backward on the float32 path (stats (3, 2, N) of every row): M, r float32."""
+    rows, n = g_s.shape
+    m_s, r_s, m_t, r_t = grad_buffers(g_s, g_t)
+    _pkt_split_grad_kernel[(cdiv(rows, BLOCK),)](g_s, g_t, *_pkt_diagonals(g_s, g_t, sq), eps, stats, m_s, r_s,
+                                                 m_t, r_t, lo, rows, n, BLOCK=BLOCK, num_warps=TILE_WARPS,
+                                                 **NO_FMA)
+    return m_s, r_s, m_t, r_t
+
+
 @triton.jit
 def _cc_kernel_values(s, two_gamma, P):
     """(K / e^{-2 gamma}, dK/dS / e^{-2 gamma}) with K = e^{-2 gamma} sum_{p<=P} y^p / p!,
@@ -409,3 +722,146 @@ def cc_backward(g_s, g_t, norms_s, norms_t, gamma, p_order, lo=0):
                                                  BLOCK=BLOCK, num_warps=TILE_WARPS)
     return m_s, r_s, m_t, r_t
 
+
+
+# CC's float32 path (float32, bfloat16 and float16 inputs), from the raw rows' G = hi + lo
+# (gram.gram_split) and squared norms G_aa = hi + lo: S = G / (n_a n_b) double-float (n =
+# max(sqrt(G_aa), 1e-12) double-float), so that S_s - S_t, near 0 where the loss is, is
+# rounded once; then K_s - K_t = e^{-2 gamma} (S_s - S_t) sum_{p=1..P} (2 gamma)^p / p!
+# h_p(S_s, S_t), h_p = sum_{k<p} S_s^k S_t^(p-1-k), in float32: no difference of two
+# float32 K (each rounded at u |K|, 27x the reference's own error at cosines near 1, where
+# S_s - S_t is tiny). The gradient is written on the raw rows: M = 2 V w_a w_b and
+# r_a = rw_a w_a sum_b 2 V_ab S_ab (rw_a = -w_a where n_a is not clamped), so
+# N^2 dL/dX = M X + r * X with no normalised copy of X.
+
+@triton.jit
+def _cc_split_rows(sq_ptr, sq_lo_ptr, sq_stride, rows, n_rows):
+    """(n, n_lo, w, rw) for these rows (< n_rows): n = max(sqrt(G_rr), 1e-12) double-float
+    (G_rr = hi + lo at sq_ptr, sq_lo_ptr + r sq_stride), w = 1 / n, rw = -w where the clamp
+    lets the gradient through, else 0."""
+    ok = rows < n_rows
+    n, n_lo = dd_sqrt(tl.load(sq_ptr + rows.to(tl.int64) * sq_stride, mask=ok, other=1.0),
+                      tl.load(sq_lo_ptr + rows.to(tl.int64) * sq_stride, mask=ok, other=0.0))
+    live = n >= 1e-12
+    n = tl.where(live, n, 1e-12)
+    w = 1.0 / n
+    return n, tl.where(live, n_lo, 0.0), w, tl.where(live, -w, 0.0)
+
+
+@triton.jit
+def _cc_split_s(g, g_lo, n_a, n_a_lo, n_b, n_b_lo):
+    """S = G / (n_a n_b) double-float at a tile."""
+    nn, nn_lo = two_prod(n_a, n_b)
+    return dd_div(g, g_lo, nn, nn_lo + (n_a * n_b_lo + n_a_lo * n_b))
+
+
+@triton.jit
+def _cc_split_tile(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr, sq_stride,
+                   ra, rb, lo, R, N, two_gamma, P):
+    """(K_s - K_t, K'_s, K'_t, S_s, S_t, w_s, w_t, rw_s, rw_t) over e^{-2 gamma} at the tile
+    (a, b) of the rows lo:lo + R (G (R, N)), in float32 (see the section's header); w and rw
+    of the rows a, (BLOCK,)."""
+    ok = (ra[:, None] < R) & (rb[None, :] < N)
+    na_s, na_s_lo, wa_s, rwa_s = _cc_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, lo + ra, lo + R)
+    na_t, na_t_lo, wa_t, rwa_t = _cc_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, lo + ra, lo + R)
+    nb_s, nb_s_lo, _, _ = _cc_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, rb, N)
+    nb_t, nb_t_lo, _, _ = _cc_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, rb, N)
+    s_s, s_s_lo = _cc_split_s(_load_tile(gs_ptr, ra, rb, R, N), _load_tile(gs_lo_ptr, ra, rb, R, N),
+                              na_s[:, None], na_s_lo[:, None], nb_s[None, :], nb_s_lo[None, :])
+    s_t, s_t_lo = _cc_split_s(_load_tile(gt_ptr, ra, rb, R, N), _load_tile(gt_lo_ptr, ra, rb, R, N),
+                              na_t[:, None], na_t_lo[:, None], nb_t[None, :], nb_t_lo[None, :])
+    d, d_err = two_sum(s_s, -s_t)
+    delta = d + (d_err + (s_s_lo - s_t_lo))
+    # sum_{p=1..P} (2 gamma)^p / p! h_p, h_1 = 1, h_{p+1} = S_s h_p + S_t^p.
+    h = tl.full(s_s.shape, 1.0, tl.float32)
+    t_pow = tl.full(s_s.shape, 1.0, tl.float32)
+    coef = tl.full(s_s.shape, 1.0, tl.float32)
+    fac = tl.zeros(s_s.shape, tl.float32)
+    for q in range(0, P):
+        coef = coef * two_gamma / (q + 1.0)
+        fac += coef * h
+        t_pow = t_pow * s_t
+        h = s_s * h + t_pow
+    _, dk_s = _cc_kernel_values(s_s, two_gamma, P)
+    _, dk_t = _cc_kernel_values(s_t, two_gamma, P)
+    return (tl.where(ok, delta * fac, 0.0), dk_s, dk_t, s_s, s_t, wa_s, wa_t, rwa_s, rwa_t)
+
+
+@triton.jit
+def _cc_split_loss_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr,
+                          sq_stride, c0: tl.float64, two_gamma: tl.float64, part_ptr, lo, R, N, P,
+                          BLOCK: tl.constexpr):
+    """_cc_loss_kernel in float32 arithmetic: part = sum (K_s - K_t)^2 over one tile."""
+    c0 = tl.cast(c0, tl.float32)
+    two_gamma = tl.cast(two_gamma, tl.float32)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    diff, _, _, _, _, _, _, _, _ = _cc_split_tile(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr,
+                                                  sqt_ptr, sqt_lo_ptr, sq_stride, ra, rb, lo, R, N, two_gamma, P)
+    diff = diff * c0
+    tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+             tl.sum(tl.sum(diff * diff, 1), 0))
+
+
+@triton.jit
+def _cc_split_grad_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr,
+                          sq_stride, c0: tl.float64, two_gamma: tl.float64, ms_ptr, rs_ptr, mt_ptr, rt_ptr, lo,
+                          R, N, P, BLOCK: tl.constexpr):
+    """_cc_grad_kernel in float32 arithmetic, M and r on the raw rows (see the section's
+    header): N^2 dL/dX = M X + r * X for a block of the rows lo:lo + R."""
+    c0 = tl.cast(c0, tl.float32)
+    two_gamma = tl.cast(two_gamma, tl.float32)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    r_s = tl.zeros([BLOCK], dtype=tl.float32)
+    r_t = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
+        diff, dk_s, dk_t, s_s, s_t, wa_s, wa_t, rwa_s, rwa_t = _cc_split_tile(
+            gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr, sq_stride, ra, rb, lo,
+            R, N, two_gamma, P)
+        _, _, wb_s, _ = _cc_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, rb, N)
+        _, _, wb_t, _ = _cc_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, rb, N)
+        v_s = 4 * c0 * c0 * diff * dk_s
+        v_t = -4 * c0 * c0 * diff * dk_t
+        r_s += tl.sum(v_s * s_s, 1)
+        r_t += tl.sum(v_t * s_t, 1)
+        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], v_s * wa_s[:, None] * wb_s[None, :],
+                 mask=ok)
+        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], v_t * wa_t[:, None] * wb_t[None, :],
+                 mask=ok)
+    _, _, wa_s, rwa_s = _cc_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, lo + ra, lo + R)
+    _, _, wa_t, rwa_t = _cc_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, lo + ra, lo + R)
+    tl.store(rs_ptr + ra, rwa_s * wa_s * r_s, mask=ra < R)
+    tl.store(rt_ptr + ra, rwa_t * wa_t * r_t, mask=ra < R)
+
+
+def _cc_split_args(g_s, g_t, sq):
+    """The G and squared-norm arguments of the CC float32 kernels: g_* = (hi, lo) (R, N); sq
+    = ((hi, lo) of the student's, of the teacher's) every row's squared norms (N,), or None
+    for G's own diagonals (one process's (N, N))."""
+    if sq is None:
+        sq = tuple(tuple(torch.diagonal(x) for x in g) for g in (g_s, g_t))
+    return (*g_s, *g_t, *sq[0], *sq[1], sq[0][0].stride(0))
+
+
+def cc_split_forward(g_s, g_t, gamma, p_order, lo=0, sq=None):
+    """cc_forward on the float32 path (g_*, sq: _cc_split_args): N^2 * loss float32 (this
+    block of rows' part)."""
+    rows, n = g_s[0].shape
+    grid = (cdiv(rows, BLOCK), cdiv(n, BLOCK))
+    part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=g_s[0].device)
+    _cc_split_loss_kernel[grid](*_cc_split_args(g_s, g_t, sq), math.exp(-2 * gamma), 2 * gamma, part, lo, rows, n,
+                                p_order, BLOCK=BLOCK, **NO_FMA)
+    return part.sum()
+
+
+def cc_split_backward(g_s, g_t, gamma, p_order, lo=0, sq=None):
+    """(M_s, r_s, M_t, r_t) float32 with N^2 dL/dX = M X + r * X on the raw rows, for the
+    rows lo:lo + R (their whole gradient, as cc_backward)."""
+    rows, n = g_s[0].shape
+    m_s, r_s, m_t, r_t = grad_buffers(g_s[0], g_t[0])
+    _cc_split_grad_kernel[(cdiv(rows, BLOCK),)](*_cc_split_args(g_s, g_t, sq), math.exp(-2 * gamma), 2 * gamma,
+                                                m_s, r_s, m_t, r_t, lo, rows, n, p_order, BLOCK=BLOCK,
+                                                num_warps=TILE_WARPS, **NO_FMA)
+    return m_s, r_s, m_t, r_t

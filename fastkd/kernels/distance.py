@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .common import cdiv, sqrt
-from .gram import BLOCK, _smooth_l1, grad_buffers
+from .gram import BLOCK, _load_tile, _smooth_l1, grad_buffers
 
 
 # --- shared: the clamped tiles and the gradient loop ---------------------------
@@ -86,7 +86,8 @@ def _distance_grad_kernel(es_ptr, et_ptr, sqs_ptr, sqt_ptr, sq_stride, stats_ptr
 
 def _distance_backward(e_s, e_t, stats, tile_w, lo, sq=None):
     """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side (on the rows lo:lo + R
-    of e_* (R, N)), W from tile_w; sq: IRG's (sq_s, sq_t) (E formed from G = e_*)."""
+    of e_* (R, N)), W from tile_w; sq: IRG's (sq_s, sq_t) (E formed from G = e_*), or on its
+    float32 path E's lo parts (e_* the hi parts)."""
     m_s, r_s, m_t, r_t = grad_buffers(e_s, e_t)
     rows, n = e_s.shape
     sq_s, sq_t = (e_s, e_t) if sq is None else sq
@@ -95,13 +96,13 @@ def _distance_backward(e_s, e_t, stats, tile_w, lo, sq=None):
     return m_s, r_s, m_t, r_t
 
 
-def _tile_parts(kernel, width, e_s, e_t, *stats, lo=0):
-    """part (tiles, width) in E's dtype: kernel(e_s, e_t, *stats, part, lo, R, N) over the
-    tiles of e_* (R, N) (the rows lo:lo + R of E), each writing its row of part."""
+def _tile_parts(kernel, width, e_s, e_t, *stats, lo=0, **flags):
+    """part (tiles, width) in E's dtype: kernel(e_s, e_t, *stats, part, lo, R, N, **flags) over
+    the tiles of e_* (R, N) (the rows lo:lo + R of E), each writing its row of part."""
     rows, n = e_s.shape
     grid = (cdiv(rows, BLOCK), cdiv(n, BLOCK))
     part = torch.empty((grid[0] * grid[1], width), dtype=e_s.dtype, device=e_s.device)
-    kernel[grid](e_s, e_t, *stats, part, lo, rows, n, BLOCK=BLOCK)
+    kernel[grid](e_s, e_t, *stats, part, lo, rows, n, **flags, BLOCK=BLOCK)
     return part
 
 
@@ -181,59 +182,136 @@ def rkd_distance_backward(e_s, e_t, stats, lo=0):
 # --- IRG edge -----------------------------------------------------------------
 # E' = pdist2 / max(pdist2), pdist2 = max(E, 1e-12) off the diagonal, loss = mean (E'_s -
 # E'_t)^2. The max is a reduction over tiles kept on the device; its gradient is shared evenly
-# among the entries equal to it, as torch's max() does (equal rows give bit-equal E). E is
-# never stored: each tile forms it from the centred Gram matrix G and the squared norms sq
-# (_gram_distance_tile).
+# among the entries equal to it, as torch's max() does (equal rows give bit-equal E). Two
+# forms of E, by the constexpr FROM_GRAM of each kernel (the tile at _irg_edge_tiles):
+#   float64 inputs: E is never stored; each tile forms it from the centred float64 Gram
+#     matrix G and the squared norms sq (_gram_distance_tile), the kernels in float64;
+#   float32, bfloat16, float16 inputs: E itself, float32, the hi part of
+#     gram.squared_distances_split (E to 2^-24 relative whatever a pair's gap), read by
+#     _squared_distance_tile; the kernels then run in float32 (the sq arguments unused).
+#     Nothing downstream cancels: E / max(E) and the difference of the two sides' ratios
+#     carry float32's rounding of each ratio, as the reference's own final steps do, and the
+#     gradient takes the difference form sum_b M_ab (x_b - x_a) (gram.difference_grad).
+
 
 @triton.jit
-def _irg_edge_max_kernel(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, part_ptr, lo, R, N, BLOCK: tl.constexpr):
-    """part[tile] = (max pdist2_s, max pdist2_t) over one tile."""
+def _irg_edge_tiles(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, ra, rb, lo, R, N, FROM_GRAM: tl.constexpr):
+    """(pdist2_s, live_s, l_s, pdist2_t, live_t, l_t) at the tile (a, b): pdist2 from the Gram
+    matrices with FROM_GRAM (_gram_distance_tile; l = 0), else from E's hi parts at gs_ptr,
+    gt_ptr (_squared_distance_tile) with l E's lo parts, read at sqs_ptr, sqt_ptr, where the
+    clamp lets E through (0 elsewhere: clamped entries are all equal)."""
+    if FROM_GRAM:
+        d_s, live_s = _gram_distance_tile(gs_ptr, sqs_ptr, sq_stride, ra, rb, lo, R, N)
+        d_t, live_t = _gram_distance_tile(gt_ptr, sqt_ptr, sq_stride, ra, rb, lo, R, N)
+        l_s = tl.zeros_like(d_s)
+        l_t = tl.zeros_like(d_t)
+    else:
+        d_s, live_s = _squared_distance_tile(gs_ptr, ra, rb, lo, R, N)
+        d_t, live_t = _squared_distance_tile(gt_ptr, ra, rb, lo, R, N)
+        l_s = tl.where(live_s, _load_tile(sqs_ptr, ra, rb, R, N), 0.0)
+        l_t = tl.where(live_t, _load_tile(sqt_ptr, ra, rb, R, N), 0.0)
+    return d_s, live_s, l_s, d_t, live_t, l_t
+
+
+@triton.jit
+def _tile_top(d, l):
+    """(max d, max l where d is max) over a tile: its lexicographic maximum (hi, lo)."""
+    top = tl.max(tl.max(d, 1), 0)
+    return top, tl.max(tl.max(tl.where(d == top, l, -float("inf")), 1), 0)
+
+
+@triton.jit
+def _irg_edge_max_kernel(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, part_ptr, lo, R, N,
+                         FROM_GRAM: tl.constexpr, BLOCK: tl.constexpr):
+    """part[tile] = (max pdist2_s, max pdist2_t) over one tile; without FROM_GRAM the
+    lexicographic maxima of (hi, lo), (max_s, its lo_s, max_t, its lo_t): float32 rounds
+    E's of a near-duplicate pair to one value, whose exact order decides where the max's
+    gradient goes."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
-    d_s, _ = _gram_distance_tile(gs_ptr, sqs_ptr, sq_stride, ra, rb, lo, R, N)
-    d_t, _ = _gram_distance_tile(gt_ptr, sqt_ptr, sq_stride, ra, rb, lo, R, N)
-    tl.store(part_ptr + 2 * tile, tl.max(tl.max(d_s, 1), 0))
-    tl.store(part_ptr + 2 * tile + 1, tl.max(tl.max(d_t, 1), 0))
+    d_s, _, l_s, d_t, _, l_t = _irg_edge_tiles(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, ra, rb, lo, R, N,
+                                               FROM_GRAM)
+    if FROM_GRAM:
+        tl.store(part_ptr + 2 * tile, tl.max(tl.max(d_s, 1), 0))
+        tl.store(part_ptr + 2 * tile + 1, tl.max(tl.max(d_t, 1), 0))
+    else:
+        top_s, top_lo_s = _tile_top(d_s, l_s)
+        top_t, top_lo_t = _tile_top(d_t, l_t)
+        tl.store(part_ptr + 4 * tile, top_s)
+        tl.store(part_ptr + 4 * tile + 1, top_lo_s)
+        tl.store(part_ptr + 4 * tile + 2, top_t)
+        tl.store(part_ptr + 4 * tile + 3, top_lo_t)
+
+
+@triton.jit
+def _irg_edge_is_max(d_s, l_s, d_t, l_t, max_ptr, lo_offset, FROM_GRAM: tl.constexpr):
+    """Where pdist2 equals its maximum on each side (max at max_ptr, max_ptr + 1; without
+    FROM_GRAM the lo parts too, the maxima's at max_ptr + lo_offset, + 1)."""
+    is_s = d_s == tl.load(max_ptr)
+    is_t = d_t == tl.load(max_ptr + 1)
+    if not FROM_GRAM:
+        is_s = is_s & (l_s == tl.load(max_ptr + lo_offset))
+        is_t = is_t & (l_t == tl.load(max_ptr + lo_offset + 1))
+    return is_s, is_t
 
 
 @triton.jit
 def _irg_edge_loss_kernel(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, max_ptr, part_ptr, lo, R, N,
-                          BLOCK: tl.constexpr):
+                          FROM_GRAM: tl.constexpr, BLOCK: tl.constexpr):
     """part[tile] = (sum diff^2, sum diff d_s, sum diff d_t, count of d_s = max_s, count of
-    d_t = max_t) over one tile, diff = d_s / max_s - d_t / max_t."""
+    d_t = max_t) over one tile, diff = d_s / max_s - d_t / max_t; max = (max_s, max_t), and
+    without FROM_GRAM their lo parts after them."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     m_s = tl.load(max_ptr)
     m_t = tl.load(max_ptr + 1)
-    d_s, _ = _gram_distance_tile(gs_ptr, sqs_ptr, sq_stride, ra, rb, lo, R, N)
-    d_t, _ = _gram_distance_tile(gt_ptr, sqt_ptr, sq_stride, ra, rb, lo, R, N)
+    d_s, _, l_s, d_t, _, l_t = _irg_edge_tiles(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, ra, rb, lo, R, N,
+                                               FROM_GRAM)
     diff = d_s / m_s - d_t / m_t
     out = part_ptr + 5 * tile
     tl.store(out, tl.sum(tl.sum(diff * diff, 1), 0))
     tl.store(out + 1, tl.sum(tl.sum(diff * d_s, 1), 0))
     tl.store(out + 2, tl.sum(tl.sum(diff * d_t, 1), 0))
     # Entries outside and on the diagonal are 0 < max (off-diagonal entries are >= 1e-12).
-    tl.store(out + 3, tl.sum(tl.sum((d_s == m_s).to(d_s.dtype), 1), 0))
-    tl.store(out + 4, tl.sum(tl.sum((d_t == m_t).to(d_t.dtype), 1), 0))
+    is_s, is_t = _irg_edge_is_max(d_s, l_s, d_t, l_t, max_ptr, 2, FROM_GRAM)
+    tl.store(out + 3, tl.sum(tl.sum(is_s.to(d_s.dtype), 1), 0))
+    tl.store(out + 4, tl.sum(tl.sum(is_t.to(d_t.dtype), 1), 0))
 
 
 @triton.jit
-def _irg_edge_w(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, stats_ptr, ra, rb, lo, R, N):
-    """(W_s, W_t) at the tile (a, b), W = N^2 dL/dp (p the squared distances):
-    W_s = 2 diff / m_s + [d_s = m_s] (-2 sum(diff d_s) / m_s^2) / count_s where the clamp lets
-    the gradient through; the teacher's with -diff."""
+def _irg_edge_w_at(d_s, live_s, is_s, d_t, live_t, is_t, stats_ptr):
+    """(W_s, W_t) at a tile of pdist2 (see _irg_edge_tiles; is_*: where it is the maximum),
+    W = N^2 dL/dp (p the squared distances): W_s = 2 diff / m_s + [is_s] (-2 sum(diff d_s) /
+    m_s^2) / count_s where the clamp lets the gradient through; the teacher's with -diff."""
     m_s = tl.load(stats_ptr)
     m_t = tl.load(stats_ptr + 1)
     top_s = -2 * tl.load(stats_ptr + 2) / (m_s * m_s) / tl.load(stats_ptr + 4)
     top_t = 2 * tl.load(stats_ptr + 3) / (m_t * m_t) / tl.load(stats_ptr + 5)
-    d_s, live_s = _gram_distance_tile(gs_ptr, sqs_ptr, sq_stride, ra, rb, lo, R, N)
-    d_t, live_t = _gram_distance_tile(gt_ptr, sqt_ptr, sq_stride, ra, rb, lo, R, N)
     diff = d_s / m_s - d_t / m_t
-    w_s = tl.where(live_s, 2 * diff / m_s + tl.where(d_s == m_s, top_s, 0.0), 0.0)
-    w_t = tl.where(live_t, -2 * diff / m_t + tl.where(d_t == m_t, top_t, 0.0), 0.0)
+    w_s = tl.where(live_s, 2 * diff / m_s + tl.where(is_s, top_s, 0.0), 0.0)
+    w_t = tl.where(live_t, -2 * diff / m_t + tl.where(is_t, top_t, 0.0), 0.0)
     return w_s, w_t
+
+
+@triton.jit
+def _irg_edge_w(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, stats_ptr, ra, rb, lo, R, N):
+    """_irg_edge_w_at at the tile (a, b), E formed from the centred Gram matrices."""
+    d_s, live_s, l_s, d_t, live_t, l_t = _irg_edge_tiles(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, ra, rb,
+                                                         lo, R, N, True)
+    is_s, is_t = _irg_edge_is_max(d_s, l_s, d_t, l_t, stats_ptr, 6, True)
+    return _irg_edge_w_at(d_s, live_s, is_s, d_t, live_t, is_t, stats_ptr)
+
+
+@triton.jit
+def _irg_edge_split_w(es_ptr, et_ptr, ls_ptr, lt_ptr, sq_stride, stats_ptr, ra, rb, lo, R, N):
+    """_irg_edge_w_at at the tile (a, b), from E's float32 parts: hi at es_ptr, et_ptr and lo
+    at ls_ptr, lt_ptr (sq_stride unused); the maxima's lo parts at stats_ptr + 6, + 7."""
+    d_s, live_s, l_s, d_t, live_t, l_t = _irg_edge_tiles(es_ptr, et_ptr, ls_ptr, lt_ptr, sq_stride, ra, rb,
+                                                         lo, R, N, False)
+    is_s, is_t = _irg_edge_is_max(d_s, l_s, d_t, l_t, stats_ptr, 6, False)
+    return _irg_edge_w_at(d_s, live_s, is_s, d_t, live_t, is_t, stats_ptr)
 
 
 def _squared_norms(g, sq):
@@ -245,19 +323,34 @@ def _squared_norms(g, sq):
     return sq
 
 
-def irg_edge_forward(g_s, g_t, lo=0, reduce=_local, sq=None):
+def irg_edge_forward(g_s, g_t, lo=0, reduce=_local, sq=None, parts_lo=None):
     """(N^2 * loss, stats): stats = (max_s, max_t, sum diff d_s, sum diff d_t, count_s, count_t);
     g_* the centred Gram matrices (N, N), whose diagonals give sq; or a global batch's rows
     lo:lo + R of them with sq = (sq_s, sq_t) (N,) every row's squared norm and reduce the
-    all-reduce (as rkd_distance_forward; the maxima with "max")."""
-    sq_s, sq_t = _squared_norms((g_s, g_t), sq)
-    maxima = reduce(_tile_parts(_irg_edge_max_kernel, 2, g_s, g_t, sq_s, sq_t, sq_s.stride(0), lo=lo).amax(0),
-                    "max")
-    part = _tile_parts(_irg_edge_loss_kernel, 5, g_s, g_t, sq_s, sq_t, sq_s.stride(0), maxima, lo=lo).sum(0)
-    return part[0], torch.cat([maxima, reduce(part[1:], "sum")])
+    all-reduce (as rkd_distance_forward; the maxima with "max"). With parts_lo = (lo_s, lo_t),
+    g_* are E's float32 hi parts themselves (R, N) and parts_lo their lo parts
+    (gram.squared_distances_split; sq not read): loss and stats float32, the maxima
+    lexicographic in (hi, lo), their lo parts appended to stats."""
+    if parts_lo is None:
+        sq_s, sq_t = _squared_norms((g_s, g_t), sq)
+        maxima = reduce(_tile_parts(_irg_edge_max_kernel, 2, g_s, g_t, sq_s, sq_t, sq_s.stride(0), lo=lo,
+                                    FROM_GRAM=True).amax(0), "max")
+        part = _tile_parts(_irg_edge_loss_kernel, 5, g_s, g_t, sq_s, sq_t, sq_s.stride(0), maxima, lo=lo,
+                           FROM_GRAM=True).sum(0)
+        return part[0], torch.cat([maxima, reduce(part[1:], "sum")])
+    tops = _tile_parts(_irg_edge_max_kernel, 4, g_s, g_t, *parts_lo, 1, lo=lo, FROM_GRAM=False)
+    top = reduce(tops[:, 0::2].amax(0), "max")
+    top_lo = reduce(torch.where(tops[:, 0::2] == top, tops[:, 1::2], -float("inf")).amax(0), "max")
+    part = _tile_parts(_irg_edge_loss_kernel, 5, g_s, g_t, *parts_lo, 1, torch.cat([top, top_lo]), lo=lo,
+                       FROM_GRAM=False).sum(0)
+    return part[0], torch.cat([top, reduce(part[1:], "sum"), top_lo])
 
 
-def irg_edge_backward(g_s, g_t, stats, lo=0, sq=None):
+def irg_edge_backward(g_s, g_t, stats, lo=0, sq=None, parts_lo=None):
     """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side (for a global batch's
-    g_* (R, N), M and r of the rows lo:lo + R: M = -4 W, r = 4 rowsum(W) there)."""
+    g_* (R, N), M and r of the rows lo:lo + R: M = -4 W, r = 4 rowsum(W) there); with
+    parts_lo, from E's float32 parts (as irg_edge_forward): r = -rowsum(M), so the gradient
+    is gram.difference_grad's sum_b M_ab (x_b - x_a)."""
+    if parts_lo is not None:
+        return _distance_backward(g_s, g_t, stats, _irg_edge_split_w, lo, parts_lo)
     return _distance_backward(g_s, g_t, stats, _irg_edge_w, lo, _squared_norms((g_s, g_t), sq))

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, sqrt, to_acc, two_sum
+from .common import NO_FMA, cdiv, dd_sum, sqrt, to_acc, two_prod, two_sum
 
 BLOCK = 32  # side of the (N, N) tiles
 BLOCK_D = 32  # feature columns per step of a dot product
@@ -219,6 +219,88 @@ def squared_distances_split(x, lo=0, rows=None):
 
 
 @triton.jit
+def _gram_split_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D,
+                       SQUARE: tl.constexpr, BLOCK: tl.constexpr):
+    """_gram_kernel in float32 arithmetic only: G = hi + lo (two float32 (R, N) matrices) for
+    the tile (a, b). Each product x_a[f] x_b[f] is split exactly (two_prod: its rounding error
+    by a fused multiply-add) and the sum over the features carried as hi + lo (two_sum), so
+    G's error is about u32^2 sum_f |x_a[f] x_b[f]| (2^-48 relative where nothing cancels).
+    The products commute bit for bit, so a diagonal tile is exactly symmetric; SQUARE: only
+    b <= a, stored at (a, b) and transposed at (b, a)."""
+    pid_a = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    if SQUARE:
+        run = pid_b <= pid_a
+    else:
+        run = pid_b >= 0
+    if run:
+        ra = pid_a * BLOCK + tl.arange(0, BLOCK)
+        rb = pid_b * BLOCK + tl.arange(0, BLOCK)
+        row_a = x_ptr + (lo + ra).to(tl.int64) * stride_n
+        row_b = x_ptr + rb.to(tl.int64) * stride_n
+        g_hi = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        g_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for f in range(0, D):
+            col = tl.cast(f, tl.int64) * stride_d
+            xa = tl.load(row_a + col, mask=ra < R, other=0.0).to(tl.float32)
+            xb = tl.load(row_b + col, mask=rb < N, other=0.0).to(tl.float32)
+            p, p_err = two_prod(xa[:, None], xb[None, :])
+            g_hi, err = two_sum(g_hi, p)
+            g_lo += err + p_err
+        g_hi, g_lo = two_sum(g_hi, g_lo)
+        _store_distance_tile(hi_ptr, ra, rb, R, N, g_hi, SQUARE)
+        _store_distance_tile(lo_ptr, ra, rb, R, N, g_lo, SQUARE)
+
+
+def gram_split(x, lo=0, rows=None):
+    """gram with float32 arithmetic only, for float32, bfloat16 and float16 x: (hi, lo_part),
+    G = hi + lo_part to about 2^-48 (two float32 (rows, N) matrices, exactly symmetric for
+    one process's (N, N)), hi = fl(G). X = flat(x) read through its strides; rows: only the
+    rows lo:lo + rows of G (a global batch's row block)."""
+    x = flat(x)
+    n, d = x.shape
+    square = rows is None
+    rows = n if square else rows
+    hi = torch.empty((rows, n), dtype=torch.float32, device=x.device)
+    lo_part = torch.empty_like(hi)
+    _gram_split_kernel[(cdiv(rows, BLOCK), cdiv(n, BLOCK))](
+        x, x.stride(0), x.stride(1), hi, lo_part, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK, **NO_FMA)
+    return hi, lo_part
+
+
+@triton.jit
+def _squared_norms_split_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, N, D, BLOCK_N: tl.constexpr,
+                                BLOCK_D: tl.constexpr):
+    """|x_i|^2 = hi + lo (N,) each float32 for a block of rows, as _gram_split_kernel's
+    diagonal: each square split exactly, the sums compensated."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start in range(0, D, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_n + cols[None, :].to(tl.int64) * stride_d,
+                    mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0).to(tl.float32)
+        p, p_err = two_prod(x, x)
+        acc, err = two_sum(acc, p)
+        acc_lo += err + p_err
+    hi, lo = dd_sum(acc, acc_lo, 1)
+    tl.store(hi_ptr + rows, hi, mask=rows < N)
+    tl.store(lo_ptr + rows, lo, mask=rows < N)
+
+
+def squared_norms_split(x):
+    """(hi, lo) (N,) float32 each, |flat(x)_i|^2 = hi + lo to about 2^-48, for float32,
+    bfloat16 and float16 x (every row's G_ii of gram_split, for a global batch's rows)."""
+    x = flat(x)
+    n, d = x.shape
+    hi = torch.empty(n, dtype=torch.float32, device=x.device)
+    lo = torch.empty_like(hi)
+    _squared_norms_split_kernel[(cdiv(n, BLOCK),)](x, x.stride(0), x.stride(1), hi, lo, n, d, BLOCK_N=BLOCK,
+                                                  BLOCK_D=BLOCK_D, **NO_FMA)
+    return hi, lo
+
+
+@triton.jit
 def _gram_kernel(x_ptr, stride_n, stride_d, g_ptr, lo, R, N, D, SQUARE: tl.constexpr, BLOCK: tl.constexpr,
                  BLOCK_D: tl.constexpr):
     """G = X[lo:lo + R] X^T (R, N) in G's dtype (float64) for the tile (a, b), X (N, D) read
@@ -314,12 +396,20 @@ def gram_grad(m, r, x, scale, like, lo=0, z=None, divisor=1.0):
     a 0-dim tensor (the upstream gradient) or None for 1 (a gradient written in forward),
     divisor a number (the loss's count). Shaped like `like` when R is its batch (one
     process: M (N, N), lo 0), else (R, D): a global batch's rows lo:lo + R of the gradient,
-    from M's rows."""
+    from M's rows. A float32 M (a float32 path's; r float32 too) takes _product_grad_kernel:
+    float32 arithmetic, no float64."""
     x = flat(x)
     rows, k = m.shape
     d = x.shape[1]
     z = x[lo:] if z is None else flat(z)
     out = torch.empty((rows, d), dtype=like.dtype, device=x.device)
+    if m.dtype == torch.float32:  # a float32 path's M (and r): float32 arithmetic throughout
+        _product_grad_kernel[(cdiv(d, DIFF_BLOCK_D), cdiv(rows, BLOCK))](
+            m, m.stride(0), m.stride(1), m if r is None else r, x, x.stride(0), x.stride(1), z, z.stride(0),
+            z.stride(1), m if scale is None else scale.to(torch.float32), 1.0 / divisor, out, rows, k, d,
+            HAS_R=r is not None, HAS_SCALE=scale is not None, BLOCK=BLOCK, BLOCK_B=DIFF_BLOCK_B,
+            BLOCK_D=DIFF_BLOCK_D)
+        return out.reshape(like.shape) if rows == len(like) else out
     # 16-bit rows converted to float64 in the loop: with the default three stages sm_90
     # spills registers at large D.
     stages = 2 if x.element_size() == 2 else 3
@@ -328,6 +418,39 @@ def gram_grad(m, r, x, scale, like, lo=0, z=None, divisor=1.0):
         z.stride(1), m if scale is None else scale, float(divisor), out, rows, k, d,
         HAS_R=r is not None, HAS_SCALE=scale is not None, BLOCK=BLOCK, BLOCK_D=BLOCK_D, num_stages=stages)
     return out.reshape(like.shape) if rows == len(like) else out
+
+
+@triton.jit
+def _product_grad_kernel(m_ptr, stride_ma, stride_mb, r_ptr, y_ptr, stride_yk, stride_yd, z_ptr, stride_zr,
+                         stride_zd, scale_ptr, inv_divisor, out_ptr, R, K, D, HAS_R: tl.constexpr,
+                         HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """_gram_grad_kernel's out = s * (M Y + r * Z) in float32 arithmetic (IEEE products and
+    sums, no tl.dot: a float32 tl.dot with IEEE precision has no tensor core), for a
+    (BLOCK, BLOCK_D) tile of out (R, D); M (R, K) float32, s = scale * inv_divisor (a float32
+    argument), scale the float32 0-dim tensor at scale_ptr (1 without HAS_SCALE)."""
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ra = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < D
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    for start in range(0, K, BLOCK_B):
+        rb = start + tl.arange(0, BLOCK_B)
+        m = tl.load(m_ptr + ra[:, None].to(tl.int64) * stride_ma + rb[None, :].to(tl.int64) * stride_mb,
+                    mask=(ra[:, None] < R) & (rb[None, :] < K), other=0.0)
+        yb = tl.load(y_ptr + rb[:, None].to(tl.int64) * stride_yk + cols[None, :].to(tl.int64) * stride_yd,
+                     mask=(rb[:, None] < K) & col_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(m[:, :, None] * yb[None, :, :], axis=1)
+    ok = (ra[:, None] < R) & col_ok[None, :]
+    if HAS_R:
+        za = tl.load(z_ptr + ra[:, None].to(tl.int64) * stride_zr + cols[None, :].to(tl.int64) * stride_zd,
+                     mask=ok, other=0.0).to(tl.float32)
+        acc += tl.load(r_ptr + ra, mask=ra < R, other=0.0)[:, None] * za
+    if HAS_SCALE:
+        acc = acc * (tl.load(scale_ptr) * inv_divisor)
+    else:
+        acc = acc * inv_divisor
+    tl.store(out_ptr + ra[:, None].to(tl.int64) * D + cols[None, :], _cast(acc, out_ptr.dtype.element_ty),
+             mask=ok)
 
 
 @triton.jit
