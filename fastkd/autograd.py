@@ -490,8 +490,8 @@ class RKDFunction(torch.autograd.Function):
             total, stats_d = _dist.rkd_distance_forward(e_s, e_t)
             loss = loss + w_dist * total / n ** 2
         if w_angle:
-            total, stats_a = _angle.rkd_angle_forward(e_s, e_t, with_stats=any(ctx.needs_input_grad),
-                                                      parts=parts)
+            total, stats_a = _angle.rkd_angle_forward(e_s, e_t, any(ctx.needs_input_grad),
+                                                      (_gram.flat(feat_s), _gram.flat(feat_t)), parts=parts)
             loss = loss + w_angle * total / n ** 3
         ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats_d, *(stats_a or ()))
         ctx.weights = (w_dist, w_angle)
@@ -517,12 +517,15 @@ class RKDFunction(torch.autograd.Function):
             return None, None, None, None
         m_s, r_s, m_t, r_t = terms
         if ctx.fast:  # each term's r is minus its M's row sums: the difference form
-            return (*(_gram.difference_grad(m, None, x, grad_out, x, divisor=divisor) if needed else None
-                      for m, x, needed in ((m_s, feat_s, ctx.needs_input_grad[0]),
-                                           (m_t, feat_t, ctx.needs_input_grad[1]))),
-                    None, None)
-        return (*_pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), grad_out, divisor),
-                None, None)
+            grads = tuple(_gram.difference_grad(m, None, x, grad_out, x, divisor=divisor) if needed else None
+                          for m, x, needed in ((m_s, feat_s, ctx.needs_input_grad[0]),
+                                               (m_t, feat_t, ctx.needs_input_grad[1])))
+        else:
+            grads = _pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), grad_out, divisor)
+        if w_angle:  # the angle term's direct-path anchors, added to the rows' gradients
+            _angle.rkd_angle_direct_grad((_gram.flat(feat_s), _gram.flat(feat_t)), e_s, e_t, stats_a, grads,
+                                         grad_out.to(torch.float64) * (w_angle / n ** 3))
+        return (*grads, None, None)
 
 
 def rkd(feat_s, feat_t, w_dist, w_angle):
@@ -779,8 +782,8 @@ class RKDRowsFunction(torch.autograd.Function):
             full_s, full_t = (all_gather_rows(e, group, sizes)[0] for e in (e_s, e_t))
             # The gathered E's float32 parts (a rank's rows travel as float64 E).
             parts = (*_angle.split(full_s), *_angle.split(full_t)) if fast else None
-            total, stats_a = _angle.rkd_angle_forward(full_s, full_t, any(ctx.needs_input_grad), lo, n,
-                                                      parts=parts)
+            total, stats_a = _angle.rkd_angle_forward(full_s, full_t, any(ctx.needs_input_grad),
+                                                      (_gram.flat(x_s), _gram.flat(x_t)), lo, n, parts=parts)
             loss = loss + w_angle * total / big ** 3
         ctx.save_for_backward(x_s, x_t, e_s, e_t, full_s, full_t, stats_d, *(stats_a or ()))
         ctx.lo, ctx.weights = lo, (w_dist, w_angle)
@@ -821,6 +824,9 @@ class RKDRowsFunction(torch.autograd.Function):
                 if r is not None:
                     r[lo:lo + len(r_d)] += r_d * (w_dist / big ** 2)
             grads.append(to_rows(m, r, scale=grad))
+        if w_angle:  # the angle term's direct-path anchors, added to every row's gradient
+            _angle.rkd_angle_direct_grad((_gram.flat(x_s), _gram.flat(x_t)), full_s, full_t, stats_a, grads,
+                                         grad * (w_angle / big ** 3), lo)
         return (*grads, None, None, None, None, None, None)
 
 

@@ -133,11 +133,13 @@ def test_rkd_on_a_spread_batch_with_a_near_duplicate_pair(impl, gap_exp):
 
 def _paths(s, t, lo=0, anchors=None):
     """(order, count) of RKD's float32 angle path on the float32 rows s, t: the anchors
-    (offsets from lo) with the exact ones first, count of them."""
+    (offsets from lo) with those it hands over (to the exact or the direct path) first,
+    count of them."""
     from fastkd.kernels import angle, gram
     parts = [p for x in (s, t) for p in gram.squared_distances_split(x.float())[1:]]
     n = len(s)
-    return angle.anchor_order(parts, n, lo, n - lo if anchors is None else anchors)[:2]
+    order, counts = angle.anchor_order(parts, n, lo, n - lo if anchors is None else anchors)[:2]
+    return order, counts[1]
 
 
 def _planted(n, d, pairs, gap, seed):

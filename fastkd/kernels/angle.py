@@ -1,28 +1,55 @@
 """Triton kernels of RKD's angle term, from the squared distances E (N, N) float64 of the
-student's and the teacher's rows (`squared_distances`, fastkd/kernels/gram.py).
+student's and the teacher's rows (`squared_distances`, fastkd/kernels/gram.py), and, at the
+anchors that need it, from the rows themselves.
 
-The angle at anchor i is read from E by polarisation, V_jk = (x_j - x_i).(x_k - x_i)
-= (E_ij + E_ik - E_jk) / 2, A_jk = V_jk / (n_j n_k), n_j = sqrt(E_ij). Buffers are (N, N) at
-most: the N^3 angles are read from E one anchor at a time.
+The angle at anchor i is read from E by polarisation (the law of cosines), V_jk =
+(x_j - x_i).(x_k - x_i) = (E_ij + E_ik - E_jk) / 2, A_jk = V_jk / (n_j n_k), n_j = sqrt(E_ij).
+Buffers are (N, N) at most: the N^3 angles are read from E one anchor at a time. V's
+rounding is relative to E_ij + E_ik + E_jk, so the angle's error is about
+u (rho + 1 + 1/rho), rho = n_j / n_k the ratio of two distances from the anchor: far past the
+reference's own at an anchor with a near-duplicate row (rho = 1e11 for a gap of 1e-9 of the
+spread). And polarisation takes a direction shorter than NORM_EPS as zero, where the
+reference's F.normalize divides it by NORM_EPS: the same only for an exactly zero one.
 
-Two paths, each in kernels of its own:
-  exact  (`_rkd_angle_fwd_kernel`, `_rkd_angle_grad_kernel`) in float64: V's error is about
-         u64 (E_ij + E_ik + E_jk) <= 3 u64 max(n_j, n_k)^2, relative to n_j n_k 1e-9 at a
-         gap/spread ratio of 1e-7 (the float32 reference: about 1e-7 on every angle).
-         Float64 inputs take it for every anchor.
+Three paths, each in kernels of its own:
+  direct (`_rkd_angle_fwd_direct_kernel`, `_rkd_angle_grad_direct_kernel`,
+         `_rkd_angle_grad_direct_anchor_kernel`) in float64 whatever the input dtype: the
+         collection's formula itself, e_j = d_j / max(|d_j|, NORM_EPS) with d_j = x_j - x_i,
+         A_jk = e_j . e_k, V_jk = d_j . d_k summed over the difference vectors, and its
+         gradient autograd's (F.normalize's backward, through the clamp) formed on the same
+         difference vectors (see its section). The error is the reference's own, about
+         u64 per angle whatever rho. O(N^2 D) work per anchor, O(N^2) memory.
+         It takes, for every input dtype, the anchors with a squared distance in
+         (0, NORM_EPS^2); for float64 inputs also those whose live squared distances spread
+         past DIRECT_RATIO_SQ = 16 (rho > 4) on either side. Why 4: polarisation's
+         u64 (rho + 1 + 1/rho) against the reference's few u64 per angle; measured on the
+         gradients (rows 1000 + 50 randn, a pair at distance 1/rho of the others) the
+         law of cosines is about 0.7 rho times the reference's float64 error here and
+         1.7 rho on the CPU path (fastkd/torch_backend/pairwise.py, whose gradient map adds
+         its own), 17x at rho = 10, at most 2.4x and 3.9x with rho <= 4: inside the 10x the
+         tests allow. Float32 (and 16-bit) inputs need no spread criterion: u64 rho stays
+         below the float32 reference's error up to rho = 1e9, past the fast path's limit.
+  exact  (`_rkd_angle_fwd_kernel`, `_rkd_angle_grad_kernel`) in float64 by polarisation: V's
+         error is about u64 (E_ij + E_ik + E_jk) <= 3 u64 max(n_j, n_k)^2, relative to
+         n_j n_k 1e-9 at a gap/spread ratio of 1e-7 (the float32 reference: about 1e-7 on
+         every angle). Float64 inputs take it at every anchor the direct path does not.
   fast   (`_rkd_angle_fwd_fast_kernel`, `_rkd_angle_grad_fast_kernel`) in float32 only, for
          float32, bfloat16 and float16 inputs. E arrives as two float32 matrices, E = hi + lo
-         to 2^-48 (gram.squared_distances_split, or `split`), and V is summed compensated: hi_ij + hi_ik - hi_jk with its
-         rounding errors kept (Knuth's two-sum), plus the lo terms. V's error is then about
-         u32 |V| + 4 u32^2 (E_ij + E_ik + E_jk), relative to n_j n_k about
-         1e-7 + 1e-14 (rho + 1/rho + 1) with rho = n_j / n_k, the ratio of two distances
-         from the anchor. An anchor whose distances (live ones, E >= NORM_EPS^2) spread over
-         more than FAST_RATIO_SQ (rho up to 1e5: 1e-9 on an angle) on either side, or whose E
-         could overflow float32, takes the exact path; every other anchor the fast one.
-         A near-duplicate pair flags just its two anchors.
-The anchors are ordered exact first (`anchor_order`, one kernel that also forms the fast
-path's inverse norms): `count` of them, read on the device, so choosing a path costs no host
-sync. Each kernel takes its own anchors from the order.
+         to 2^-48 (gram.squared_distances_split, or `split`), and V is summed compensated:
+         hi_ij + hi_ik - hi_jk with its rounding errors kept (Knuth's two-sum), plus the lo
+         terms. V's error is then about u32 |V| + 4 u32^2 (E_ij + E_ik + E_jk), relative to
+         n_j n_k about 1e-7 + 1e-14 (rho + 1/rho + 1). An anchor whose distances (live ones,
+         E >= NORM_EPS^2) spread over more than FAST_RATIO_SQ (rho up to 1e5: 1e-9 on an
+         angle) on either side, or whose E could overflow float32, takes the exact path;
+         every other anchor the fast one (but those of the direct path). A near-duplicate
+         pair flags just its two anchors.
+The anchors are ordered direct first, then exact, then fast (`anchor_order`, one kernel that
+also forms the fast path's inverse norms; `exact_anchor_order` for float64 inputs): counts =
+(direct, direct + exact) of them, read on the device, so choosing a path costs no host sync.
+Each kernel takes its own anchors from the order. The direct path's gradient is added to the
+rows' gradient the other paths' M, r give (`rkd_angle_direct_grad`): as an (N, N) M its
+terms would be multiplied by differences between rows other than the anchor, which cancel
+to the very error the path avoids.
 """
 import torch
 import triton
@@ -30,11 +57,12 @@ import triton.language as tl
 
 from ..common import zero_row_sums
 from .common import cdiv, sqrt, two_sum
-from .gram import BLOCK, TILE_WARPS, _load_tile, _smooth_l1
+from .gram import BLOCK, TILE_WARPS, _cast, _load_tile, _smooth_l1
 
-# The exact path's kernels: float64 on purpose, for float64 inputs and the anchors the fast
-# path cannot hold (fastkd.kernels.resources lets them do float64 for any input dtype).
-EXACT_FLOAT64_KERNELS = {"_rkd_angle_fwd_kernel", "_rkd_angle_grad_kernel"}
+# The exact and direct paths' kernels: float64 on purpose, for float64 inputs and the anchors
+# the fast path cannot hold (fastkd.kernels.resources lets them do float64 for any input dtype).
+EXACT_FLOAT64_KERNELS = {"_rkd_angle_fwd_kernel", "_rkd_angle_grad_kernel", "_rkd_angle_fwd_direct_kernel",
+                         "_rkd_angle_grad_direct_kernel", "_rkd_angle_grad_direct_anchor_kernel"}
 
 # Directions shorter than this (E below its square) count as zero; F.normalize's clamp.
 NORM_EPS = 1e-12
@@ -46,6 +74,14 @@ FAST_RATIO_SQ = 1e10
 FAST_MAX = 1e37
 _FAST_RATIO_SQ = tl.constexpr(FAST_RATIO_SQ)
 _FAST_MAX = tl.constexpr(FAST_MAX)
+# Float64 inputs: an anchor whose live squared distances spread past this (rho > 4, see the
+# module docstring) takes the direct path.
+DIRECT_RATIO_SQ = 16.0
+_DIRECT_RATIO_SQ = tl.constexpr(DIRECT_RATIO_SQ)
+# Feature columns per step of the direct path's (BLOCK, BLOCK, columns) difference products.
+DIRECT_BLOCK_F = 4
+# Feature columns per program of the direct path's anchor-row kernel.
+DIRECT_ANCHOR_F = 32
 
 
 # --- RKD angle ----------------------------------------------------------------
@@ -136,11 +172,13 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_
                EXACT: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr):
     """The forward kernels' body (see _rkd_angle_fwd_kernel), over this path's anchors."""
     t = tl.program_id(0)
-    count = tl.load(count_ptr)
+    # counts = (direct anchors, direct and exact anchors): order[:counts[0]] is the direct
+    # path's, order[counts[0]:counts[1]] the exact one's, the rest the fast one's.
+    count = tl.load(count_ptr + 1)
     rj = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     part = part_ptr + t.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     if EXACT:
-        mine = t < count
+        mine = (t >= tl.load(count_ptr)) & (t < count)
     else:
         mine = t >= count
     if mine:
@@ -189,8 +227,9 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_
 @triton.jit
 def _rkd_angle_fwd_kernel(es_ptr, et_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
                           STATS: tl.constexpr, BLOCK: tl.constexpr):
-    """The exact path (float64 E). Program (t, b): anchor i = lo + order[t] if t < count
-    (else nothing: the fast kernel's), rows j of block b, all k: part = sum h(A_s - A_t).
+    """The exact path (float64 E). Program (t, b): anchor i = lo + order[t] if counts[0] <= t <
+    counts[1] (else nothing: the direct or the fast kernel's), rows j of block b, all k:
+    part = sum h(A_s - A_t).
 
     With STATS, per side and row j the row sums sum_k u inv_k, sum_k u A and sum_k u dead_k,
     stored as w1, s, q at [stat, i - lo, j] of stats (6, R, N) (the anchors lo:lo + R, R
@@ -203,7 +242,7 @@ def _rkd_angle_fwd_kernel(es_ptr, et_ptr, order_ptr, count_ptr, part_ptr, stats_
 def _rkd_angle_fwd_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, part_ptr,
                                stats_ptr, lo, N, STATS: tl.constexpr, BLOCK: tl.constexpr):
     """The fast path (float32, E = hi + lo, v = 1 / sqrt(E)): _rkd_angle_fwd_kernel for the
-    anchors order[t], t >= count."""
+    anchors order[t], t >= counts[1]."""
     _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
                EXACT=False, STATS=STATS, BLOCK=BLOCK)
 
@@ -246,9 +285,9 @@ def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count
         w_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
         z_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
         zt_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
-        count = tl.load(count_ptr)
+        count = tl.load(count_ptr + 1)
         if EXACT:
-            first = 0
+            first = tl.load(count_ptr)
             end = count
         else:
             first = count
@@ -279,7 +318,7 @@ def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count
 @triton.jit
 def _rkd_angle_grad_kernel(es_ptr, et_ptr, order_ptr, count_ptr, out_ptr, lo, R, N, BLOCK: tl.constexpr):
     """The exact path (float64 E): the (j, k) tile of w2 and z2 / c (see the section's
-    header) on each side, summed over the anchors order[t], t < count;
+    header) on each side, summed over the anchors order[t], counts[0] <= t < counts[1];
     out (4, N, N) = (w2_s, z2_s / c, w2_t, z2_t / c), written whole."""
     _angle_grad(es_ptr, es_ptr, es_ptr, et_ptr, et_ptr, et_ptr, order_ptr, count_ptr, out_ptr, lo, R, N,
                 EXACT=True, BLOCK=BLOCK)
@@ -289,17 +328,19 @@ def _rkd_angle_grad_kernel(es_ptr, et_ptr, order_ptr, count_ptr, out_ptr, lo, R,
 def _rkd_angle_grad_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr,
                                 lo, R, N, BLOCK: tl.constexpr):
     """The fast path (float32, E = hi + lo, v = 1 / sqrt(E)): _rkd_angle_grad_kernel's sums over
-    the anchors order[t], count <= t < R, added to what out holds."""
+    the anchors order[t], counts[1] <= t < R, added to what out holds."""
     _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr, lo, R, N, EXACT=False,
                 BLOCK=BLOCK)
 
 
 @triton.jit
 def _side_rows(h_ptr, l_ptr, v_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
-    """_fast_rows_kernel for one side: stores v, returns the rows' flags (int32)."""
+    """_fast_rows_kernel for one side: stores v, returns the rows' flags (int32): 2 for the
+    direct path (a direction shorter than NORM_EPS but not zero), 1 for the exact one, 0."""
     top = tl.zeros([BLOCK], dtype=tl.float32)
     low = tl.full([BLOCK], float("inf"), tl.float32)
     nan = tl.zeros([BLOCK], dtype=tl.int32)
+    tiny = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
         ok = (ra[:, None] < R) & (rb[None, :] < N)
@@ -313,8 +354,9 @@ def _side_rows(h_ptr, l_ptr, v_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
         top = tl.maximum(top, tl.max(tl.where(ok, e, 0.0), 1))
         low = tl.minimum(low, tl.min(tl.where(ok & live, e, float("inf")), 1))
         nan = tl.maximum(nan, tl.max((ok & (e != e)).to(tl.int32), 1))
+        tiny = tl.maximum(tiny, tl.max((ok & (e > 0) & ~live).to(tl.int32), 1))
     holds = ((top <= _FAST_RATIO_SQ * low) | (top < _NORM_EPS_SQ)) & (top <= _FAST_MAX)
-    return tl.where(holds & (nan == 0), 0, 1)
+    return tl.where(tiny > 0, 2, tl.where(holds & (nan == 0), 0, 1))
 
 
 @triton.jit
@@ -323,11 +365,229 @@ def _fast_rows_kernel(hs_ptr, ls_ptr, ht_ptr, lt_ptr, vs_ptr, vt_ptr, flag_ptr, 
     their inverse norms v = 1 / sqrt(E) (0 for a zero direction) at (i - lo, :) of v (R, N),
     and flag[i - lo] = 1 where the fast path cannot hold the anchor (module docstring): on
     either side its live squared distances spread past FAST_RATIO_SQ, reach FAST_MAX or are
-    NaN."""
+    NaN; 2 where it needs the direct path (a squared distance in (0, NORM_EPS^2))."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     flag = _side_rows(hs_ptr, ls_ptr, vs_ptr, ra, lo, R, N, BLOCK)
     flag = tl.maximum(flag, _side_rows(ht_ptr, lt_ptr, vt_ptr, ra, lo, R, N, BLOCK))
     tl.store(flag_ptr + ra, flag, mask=ra < R)
+
+
+@triton.jit
+def _direct_flags(e_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
+    """_exact_rows_kernel for one side: 1 where the anchor needs the direct path, else 0."""
+    top = tl.zeros([BLOCK], dtype=tl.float64)
+    low = tl.full([BLOCK], float("inf"), tl.float64)
+    tiny = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        ok = (ra[:, None] < R) & (rb[None, :] < N)
+        e = tl.load(e_ptr + (lo + ra[:, None]).to(tl.int64) * N + rb[None, :], mask=ok, other=0.0)
+        live = e >= _NORM_EPS_SQ
+        top = tl.maximum(top, tl.max(tl.where(ok, e, 0.0), 1))
+        low = tl.minimum(low, tl.min(tl.where(ok & live, e, float("inf")), 1))
+        tiny = tl.maximum(tiny, tl.max((ok & (e > 0) & ~live).to(tl.int32), 1))
+    return ((top > _DIRECT_RATIO_SQ * low) | (tiny > 0)).to(tl.int32)
+
+
+@triton.jit
+def _exact_rows_kernel(es_ptr, et_ptr, flag_ptr, lo, R, N, BLOCK: tl.constexpr):
+    """Float64 inputs: flag[i - lo] = 2 for the anchors lo:lo + R that take the direct path
+    (on either side: live squared distances spread past DIRECT_RATIO_SQ, or one in
+    (0, NORM_EPS^2)), else 1 (the exact path); E (N, N) float64 per side."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    direct = tl.maximum(_direct_flags(es_ptr, ra, lo, R, N, BLOCK), _direct_flags(et_ptr, ra, lo, R, N, BLOCK))
+    tl.store(flag_ptr + ra, 1 + direct, mask=ra < R)
+
+
+# --- the direct path ------------------------------------------------------------
+# For anchor i, d_j = x_j - x_i (the rows' difference vectors, in float64), m_j =
+# max(n_j, NORM_EPS), n_j = sqrt(E_ij), e_j = d_j / m_j (F.normalize) and A_jk = e_j . e_k =
+# (d_j . d_k) inv_j inv_k, inv = 1 / m; A_jj = 1 for a live direction (n_j >= NORM_EPS),
+# n_j^2 / NORM_EPS^2 for a dead one. The gradient is autograd's of that formula: with
+# u = h'(A_s - A_t) (symmetric; 0 on j = k for a live direction, where A_jj is constant) and
+# g_j = dL/de_j = 2 sum_k u_jk e_k, F.normalize's backward gives
+#     dL/dd_j = inv_j (g_j - live_j e_j (e_j . g_j)) = sum_k C_jk d_k + c_j d_j,
+#     C_jk = 2 inv_j u_jk inv_k,   c_j = -2 live_j inv_j^2 sum_k u_jk A_jk,
+# which x_j receives and x_i gives back: dL/dx_i -= sum_j dL/dd_j = sum_k r_k d_k,
+# r_k = sum_j C_jk + c_k. Every product is of a difference vector taken from the anchor, as
+# the reference's are, so nothing cancels that the reference keeps.
+
+@triton.jit
+def _direct_norms(e_ptr, row_i, rows, N):
+    """(inv, live) of anchor i's directions to `rows`: inv = 1 / max(sqrt(E_ij), NORM_EPS),
+    live = [E_ij >= NORM_EPS^2] (0 outside)."""
+    ok = rows < N
+    e = tl.load(e_ptr + row_i + rows, mask=ok, other=0.0)
+    live = e >= _NORM_EPS_SQ
+    # 1 / NORM_EPS = 1e12 exactly: a float constant reaches a kernel as a float32, which 1e12
+    # is not; 1e6 is, and its square in float64 is exact.
+    million = tl.full([1], 1e6, tl.float64)
+    inv = tl.where(live, 1.0 / sqrt(tl.where(live, e, 1.0)), million * million)
+    return inv, (ok & live).to(e.dtype)
+
+
+@triton.jit
+def _differences(x_ptr, sn, sd, i, rows, f, N, D):
+    """x[rows, f] - x[i, f] (len(rows), len(f)) in float64 (0 outside)."""
+    xi = tl.load(x_ptr + i.to(tl.int64) * sn + f.to(tl.int64) * sd, mask=f < D, other=0.0).to(tl.float64)
+    ok = (rows[:, None] < N) & (f[None, :] < D)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sn + f[None, :].to(tl.int64) * sd, mask=ok, other=0.0)
+    return tl.where(ok, x.to(tl.float64) - xi[None, :], 0.0)
+
+
+@triton.jit
+def _direct_angles(x_ptr, sn, sd, D, i, rj, rk, inv_j, live_j, inv_k, N,
+                   BLOCK: tl.constexpr, BLOCK_F: tl.constexpr):
+    """A_jk (BLOCK, BLOCK) float64 of anchor i from the difference vectors (the section's
+    header), 0 outside."""
+    v = tl.zeros([BLOCK, BLOCK], dtype=tl.float64)
+    for start in range(0, D, BLOCK_F):
+        f = start + tl.arange(0, BLOCK_F)
+        dj = _differences(x_ptr, sn, sd, i, rj, f, N, D)
+        dk = _differences(x_ptr, sn, sd, i, rk, f, N, D)
+        v += tl.sum(dj[:, None, :] * dk[None, :, :], axis=2)
+    a = v * inv_j[:, None] * inv_k[None, :]
+    a = tl.where((rj[:, None] == rk[None, :]) & (live_j[:, None] > 0), 1.0, a)
+    return tl.where((rj[:, None] < N) & (rk[None, :] < N), a, 0.0)
+
+
+@triton.jit
+def _rkd_angle_fwd_direct_kernel(xs_ptr, sns, sds, Ds, xt_ptr, snt, sdt, Dt, es_ptr, et_ptr, order_ptr, count_ptr,
+                                 part_ptr, stats_ptr, lo, N, STATS: tl.constexpr, BLOCK: tl.constexpr,
+                                 BLOCK_F: tl.constexpr):
+    """The direct path: program (t, b), anchor i = lo + order[t] if t < counts[0] (else
+    nothing), rows j of block b, all k: part = sum h(A_s - A_t), A from the rows x_* (N, D_*)
+    (any float dtype, read through their strides) and E (N, N) float64 (the norms). With
+    STATS, zeros at the anchor's rows of the other paths' stats (6, R, N): its gradient is
+    _rkd_angle_grad_direct_kernel's."""
+    t = tl.program_id(0)
+    rj = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    if t < tl.load(count_ptr):
+        i = lo + tl.load(order_ptr + t)
+        row_i = i.to(tl.int64) * N
+        invj_s, livej_s = _direct_norms(es_ptr, row_i, rj, N)
+        invj_t, livej_t = _direct_norms(et_ptr, row_i, rj, N)
+        loss = tl.zeros([BLOCK, BLOCK], dtype=tl.float64)
+        for start in range(0, N, BLOCK):
+            rk = start + tl.arange(0, BLOCK)
+            invk_s, _ = _direct_norms(es_ptr, row_i, rk, N)
+            invk_t, _ = _direct_norms(et_ptr, row_i, rk, N)
+            a_s = _direct_angles(xs_ptr, sns, sds, Ds, i, rj, rk, invj_s, livej_s, invk_s, N, BLOCK, BLOCK_F)
+            a_t = _direct_angles(xt_ptr, snt, sdt, Dt, i, rj, rk, invj_t, livej_t, invk_t, N, BLOCK, BLOCK_F)
+            loss += _smooth_l1(a_s - a_t)
+        tl.store(part_ptr + t.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(loss, 1), 0))
+        if STATS:
+            plane = tl.num_programs(0).to(tl.int64) * N
+            out = stats_ptr + (i - lo).to(tl.int64) * N + rj
+            zero = tl.zeros([BLOCK], dtype=stats_ptr.dtype.element_ty)
+            for k in tl.static_range(6):
+                tl.store(out + k * plane, zero, mask=rj < N)
+
+
+@triton.jit
+def _direct_coefficients(u_ptr, rj, rk, N, inv_j, live_j, inv_k):
+    """C_jk = 2 inv_j u_jk inv_k from the stored u tile, 0 on j = k for a live direction."""
+    u = _load_tile(u_ptr, rj, rk, N, N)
+    u = tl.where((rj[:, None] == rk[None, :]) & (live_j[:, None] > 0), 0.0, u)
+    return 2.0 * u * inv_j[:, None] * inv_k[None, :]
+
+
+@triton.jit
+def _direct_rows_grad(x_ptr, sn, sd, D, e_ptr, g_ptr, u_ptr, i, rj, c_j, s, N,
+                      BLOCK: tl.constexpr, BLOCK_F: tl.constexpr):
+    """g[rj] += s * (sum_k C_jk d_k + c_j d_j) for one side, C from the u (N, N) of anchor i
+    (g (N, D) contiguous, in the input's dtype)."""
+    row_i = i.to(tl.int64) * N
+    inv_j, live_j = _direct_norms(e_ptr, row_i, rj, N)
+    for start in range(0, D, BLOCK_F):
+        f = start + tl.arange(0, BLOCK_F)
+        acc = c_j[:, None] * _differences(x_ptr, sn, sd, i, rj, f, N, D)
+        for kstart in range(0, N, BLOCK):
+            rk = kstart + tl.arange(0, BLOCK)
+            inv_k, _ = _direct_norms(e_ptr, row_i, rk, N)
+            c = _direct_coefficients(u_ptr, rj, rk, N, inv_j, live_j, inv_k)
+            dk = _differences(x_ptr, sn, sd, i, rk, f, N, D)
+            acc += tl.sum(c[:, :, None] * dk[None, :, :], axis=1)
+        ok = (rj[:, None] < N) & (f[None, :] < D)
+        ptr = g_ptr + rj[:, None].to(tl.int64) * D + f[None, :]
+        g = tl.load(ptr, mask=ok, other=0.0).to(tl.float64) + s * acc
+        tl.store(ptr, _cast(g, g_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _direct_side_sums(a, u, rj, rk, inv_k, live_j):
+    """sum_k u_jk inv_k and sum_k u_jk A_jk over this k block, u 0 on j = k for a live j."""
+    u = tl.where((rj[:, None] == rk[None, :]) & (live_j[:, None] > 0), 0.0, u)
+    return tl.sum(u * inv_k[None, :], 1), tl.sum(u * a, 1)
+
+
+@triton.jit
+def _rkd_angle_grad_direct_kernel(xs_ptr, sns, sds, Ds, xt_ptr, snt, sdt, Dt, es_ptr, et_ptr, order_ptr, count_ptr,
+                                  u_ptr, rs_ptr, rt_ptr, gs_ptr, gt_ptr, scale_ptr, lo, N, GRAD_S: tl.constexpr,
+                                  GRAD_T: tl.constexpr, BLOCK: tl.constexpr, BLOCK_F: tl.constexpr):
+    """The direct path's gradient on the rows j of block b (program b), summed over its
+    anchors i = lo + order[t], t < counts[0] (the section's header): for each anchor, u
+    (N, N) float64 (scratch, these rows) and each side's r at [t, j] of r_* (R, N);
+    then g_*[j] += scale * dL/dd_j on each side that needs it (g_* (N, D_*) contiguous, in
+    the input's dtype, scale a 0-dim tensor). _rkd_angle_grad_direct_anchor_kernel then
+    adds the anchors' own rows."""
+    rj = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    s = tl.load(scale_ptr).to(tl.float64)
+    for t in range(0, tl.load(count_ptr)):
+        i = lo + tl.load(order_ptr + t)
+        row_i = i.to(tl.int64) * N
+        invj_s, livej_s = _direct_norms(es_ptr, row_i, rj, N)
+        invj_t, livej_t = _direct_norms(et_ptr, row_i, rj, N)
+        ui_s = tl.zeros([BLOCK], dtype=tl.float64)
+        ua_s = tl.zeros([BLOCK], dtype=tl.float64)
+        ui_t = tl.zeros([BLOCK], dtype=tl.float64)
+        ua_t = tl.zeros([BLOCK], dtype=tl.float64)
+        for start in range(0, N, BLOCK):
+            rk = start + tl.arange(0, BLOCK)
+            invk_s, _ = _direct_norms(es_ptr, row_i, rk, N)
+            invk_t, _ = _direct_norms(et_ptr, row_i, rk, N)
+            a_s = _direct_angles(xs_ptr, sns, sds, Ds, i, rj, rk, invj_s, livej_s, invk_s, N, BLOCK, BLOCK_F)
+            a_t = _direct_angles(xt_ptr, snt, sdt, Dt, i, rj, rk, invj_t, livej_t, invk_t, N, BLOCK, BLOCK_F)
+            u = tl.minimum(tl.maximum(a_s - a_t, -1.0), 1.0)
+            tl.store(u_ptr + rj[:, None].to(tl.int64) * N + rk[None, :], u,
+                     mask=(rj[:, None] < N) & (rk[None, :] < N))
+            ui, ua = _direct_side_sums(a_s, u, rj, rk, invk_s, livej_s)
+            ui_s += ui
+            ua_s += ua
+            ui, ua = _direct_side_sums(a_t, u, rj, rk, invk_t, livej_t)
+            ui_t += ui
+            ua_t += ua
+        # C and c of dL/dA = u; the teacher's dL/dA is -u, so its r and scale change sign.
+        c_s = -2.0 * livej_s * invj_s * invj_s * ua_s
+        c_t = -2.0 * livej_t * invj_t * invj_t * ua_t
+        at = tl.cast(t, tl.int64) * N + rj
+        tl.store(rs_ptr + at, 2.0 * invj_s * ui_s + c_s, mask=rj < N)
+        tl.store(rt_ptr + at, -(2.0 * invj_t * ui_t + c_t), mask=rj < N)
+        tl.debug_barrier()  # u's tiles, stored above by other threads, are read below
+        if GRAD_S:
+            _direct_rows_grad(xs_ptr, sns, sds, Ds, es_ptr, gs_ptr, u_ptr, i, rj, c_s, s, N, BLOCK, BLOCK_F)
+        if GRAD_T:
+            _direct_rows_grad(xt_ptr, snt, sdt, Dt, et_ptr, gt_ptr, u_ptr, i, rj, c_t, -s, N, BLOCK, BLOCK_F)
+        tl.debug_barrier()  # the next anchor's u overwrites these rows
+
+
+@triton.jit
+def _rkd_angle_grad_direct_anchor_kernel(x_ptr, sn, sd, D, order_ptr, count_ptr, r_ptr, g_ptr, scale_ptr, lo, N,
+                                         BLOCK: tl.constexpr, BLOCK_F: tl.constexpr):
+    """One side: g[i, f] -= scale * sum_k r_k d_k[f] for the anchor i = lo + order[t] of
+    program (t, f block), t < counts[0]; r (R, N) that side's plane of the row kernel's r."""
+    t = tl.program_id(0)
+    if t < tl.load(count_ptr):
+        i = lo + tl.load(order_ptr + t)
+        f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        acc = tl.zeros([BLOCK, BLOCK_F], dtype=tl.float64)
+        for start in range(0, N, BLOCK):
+            rk = start + tl.arange(0, BLOCK)
+            r = tl.load(r_ptr + t.to(tl.int64) * N + rk, mask=rk < N, other=0.0)
+            acc += r[:, None] * _differences(x_ptr, sn, sd, i, rk, f, N, D)
+        ptr = g_ptr + i.to(tl.int64) * D + f
+        g = tl.load(ptr, mask=f < D, other=0.0).to(tl.float64) - tl.load(scale_ptr).to(tl.float64) * tl.sum(acc, 0)
+        tl.store(ptr, _cast(g, g_ptr.dtype.element_ty), mask=f < D)
 
 
 def split(e):
@@ -336,41 +596,63 @@ def split(e):
     return hi, (e - hi.to(e.dtype)).to(torch.float32)
 
 
+def _ordered(flag):
+    """(order, counts) from the anchors' paths, flag (R,) int32 (2 direct, 1 exact, 0 fast):
+    the anchors sorted direct, exact, fast, and counts (2,) int32 = (direct anchors, direct
+    and exact anchors), on the device: no host sync."""
+    order = torch.sort(flag, descending=True, stable=True).indices
+    levels = torch.arange(2, 0, -1, dtype=flag.dtype, device=flag.device)
+    return order, (flag.unsqueeze(1) >= levels).sum(0, dtype=torch.int32)
+
+
 def anchor_order(parts, n, lo, anchors):
-    """(order, count, v_s, v_t) of the fast path, parts = (hi_s, lo_s, hi_t, lo_t) (N, N)
-    float32: the anchors lo:lo + anchors as offsets from lo, those that take the exact path
-    first (count of them, a tensor on the device: no host sync), and each side's inverse
-    norms at those anchors' rows (anchors, N)."""
+    """(order, counts, v_s, v_t) of the fast path, parts = (hi_s, lo_s, hi_t, lo_t) (N, N)
+    float32: the anchors lo:lo + anchors as offsets from lo, those that take the direct path
+    first, then those of the exact path (_ordered), and each side's inverse norms at those
+    anchors' rows (anchors, N)."""
     hi_s = parts[0]
     v_s = torch.empty((anchors, n), dtype=torch.float32, device=hi_s.device)
     v_t = torch.empty_like(v_s)
     flag = torch.empty(anchors, dtype=torch.int32, device=hi_s.device)
     _fast_rows_kernel[(cdiv(anchors, BLOCK),)](*parts, v_s, v_t, flag, lo, anchors, n, BLOCK=BLOCK)
-    order = torch.sort(flag, descending=True, stable=True).indices
-    return order, flag.sum(dtype=torch.int32).reshape(1), v_s, v_t
+    return (*_ordered(flag), v_s, v_t)
 
 
-def rkd_angle_forward(e_s, e_t, with_stats, lo=0, anchors=None, parts=None):
-    """(N^3 * loss, saved for backward, or None); e_* the squared distances (N, N) float64.
-    anchors: only the angles at the anchors lo:lo + anchors (R of them; all N by default),
-    a global batch's share of the loss. parts: the fast path, for inputs that are not
-    float64: (hi_s, lo_s, hi_t, lo_t) float32 with hi + lo = E (squared_distances_split, or
-    split), float32 arithmetic for the anchors it suits (the module docstring).
-    saved = (stats, order, count[, hi_s, lo_s, v_s, hi_t, lo_t, v_t]): stats (6, R, N) the
-    per-anchor w1, s, q of each side, float32 on the fast path."""
+def exact_anchor_order(e_s, e_t, lo, anchors):
+    """(order, counts) of float64 inputs (E (N, N) float64 per side): the anchors lo:lo + anchors
+    as offsets from lo, the direct path's first (_exact_rows_kernel), the exact path's next."""
+    flag = torch.empty(anchors, dtype=torch.int32, device=e_s.device)
+    _exact_rows_kernel[(cdiv(anchors, BLOCK),)](e_s, e_t, flag, lo, anchors, len(e_s), BLOCK=BLOCK)
+    return _ordered(flag)
+
+
+def rkd_angle_forward(e_s, e_t, with_stats, rows, lo=0, anchors=None, parts=None):
+    """(N^3 * loss, saved for backward, or None); e_* the squared distances (N, N) float64,
+    rows = (x_s, x_t) the rows (N, D_*) in any float dtype (the direct path's difference
+    vectors). anchors: only the angles at the anchors lo:lo + anchors (R of them; all N by
+    default), a global batch's share of the loss. parts: the fast path, for inputs that are
+    not float64: (hi_s, lo_s, hi_t, lo_t) float32 with hi + lo = E (squared_distances_split,
+    or split), float32 arithmetic for the anchors it suits (the module docstring).
+    saved = (stats, order, counts[, hi_s, lo_s, v_s, hi_t, lo_t, v_t]): stats (6, R, N) the
+    per-anchor w1, s, q of each side (0 at the direct path's anchors), float32 on the fast
+    path."""
     n = len(e_s)
     anchors = n if anchors is None else anchors
     nb = cdiv(n, BLOCK)
     device = e_s.device
     if parts is None:
-        order = torch.arange(anchors, device=device)
-        count = torch.full((1,), anchors, device=device, dtype=torch.int32)
+        order, count = exact_anchor_order(e_s, e_t, lo, anchors)
     else:
         order, count, v_s, v_t = anchor_order(parts, n, lo, anchors)
     stats = torch.empty((6, anchors, n) if with_stats else (1,), dtype=e_s.dtype if parts is None else torch.float32,
                         device=device)
-    # Each program writes its anchor's partial sum from one of the two kernels.
+    # Each program writes its anchor's partial sum from one of the kernels.
     part = torch.empty(anchors * nb, dtype=e_s.dtype, device=device)
+    x_s, x_t = rows
+    _rkd_angle_fwd_direct_kernel[(anchors, nb)](x_s, x_s.stride(0), x_s.stride(1), x_s.shape[1], x_t, x_t.stride(0),
+                                                x_t.stride(1), x_t.shape[1], e_s, e_t, order, count, part, stats, lo,
+                                                n, STATS=with_stats, BLOCK=BLOCK, BLOCK_F=DIRECT_BLOCK_F,
+                                                num_warps=TILE_WARPS)
     _rkd_angle_fwd_kernel[(anchors, nb)](e_s, e_t, order, count, part, stats, lo, n, STATS=with_stats,
                                          BLOCK=BLOCK, num_warps=TILE_WARPS)
     if parts is not None:
@@ -380,6 +662,31 @@ def rkd_angle_forward(e_s, e_t, with_stats, lo=0, anchors=None, parts=None):
     if not with_stats:
         return part.sum(), None
     return part.sum(), (stats, order, count) + (() if parts is None else fast)
+
+
+def rkd_angle_direct_grad(rows, e_s, e_t, saved, grads, scale, lo=0):
+    """Adds the direct path's anchors' share, scale * N^3 dL/dX, to the gradients grads =
+    (g_s, g_t) (each (N, ...) contiguous in the rows' dtype, formed from the other paths'
+    M, r; None where not needed), in place: rows, e_*, lo as rkd_angle_forward's, saved its
+    saved, scale a 0-dim tensor (the upstream gradient times the loss's weight over N^3)."""
+    stats, order, count = saved[:3]
+    x_s, x_t = rows
+    g_s, g_t = (None if g is None else g.view(len(g), -1) for g in grads)
+    n = len(e_s)
+    anchors = stats.shape[1]
+    # u of one anchor at a time (each program its rows), each side's r at every direct anchor.
+    u = torch.empty((n, n), dtype=torch.float64, device=e_s.device)
+    r = torch.empty((2, anchors, n), dtype=torch.float64, device=e_s.device)
+    some = g_s if g_s is not None else g_t
+    _rkd_angle_grad_direct_kernel[(cdiv(n, BLOCK),)](
+        x_s, x_s.stride(0), x_s.stride(1), x_s.shape[1], x_t, x_t.stride(0), x_t.stride(1), x_t.shape[1], e_s, e_t,
+        order, count, u, r[0], r[1], some if g_s is None else g_s, some if g_t is None else g_t, scale, lo, n,
+        GRAD_S=g_s is not None, GRAD_T=g_t is not None, BLOCK=BLOCK, BLOCK_F=DIRECT_BLOCK_F, num_warps=TILE_WARPS)
+    for x, plane, g in ((x_s, r[0], g_s), (x_t, r[1], g_t)):
+        if g is not None:
+            _rkd_angle_grad_direct_anchor_kernel[(anchors, cdiv(x.shape[1], DIRECT_ANCHOR_F))](
+                x, x.stride(0), x.stride(1), x.shape[1], order, count, plane, g, scale, lo, n, BLOCK=BLOCK,
+                BLOCK_F=DIRECT_ANCHOR_F)
 
 
 def rkd_angle_backward(e_s, e_t, saved, lo=0):

@@ -20,6 +20,19 @@ shorter than 1e-12 (E < 1e-24; exactly the equal rows for float32 features of or
 size) is taken as zero, as F.normalize makes a zero difference vector, with F.normalize's
 gradient through its clamp.
 
+The law of cosines is not the reference's arithmetic at two kinds of anchor, whose angles
+come from the difference vectors instead (`_direct_term`: the reference's formula,
+F.normalize and a batched product over a block of anchors (c, N, D), in float64, with
+autograd's gradient of it formed on the same difference vectors): an anchor with a
+direction shorter than 1e-12 but not zero (rows of magnitude 1e-15), which F.normalize
+divides by 1e-12 where the law of cosines takes it as zero, for every dtype; and for float64
+inputs, where u64 max(n_j, n_k) / min(n_j, n_k) is no longer small next to the reference's
+own float64 error, an anchor whose live distances spread past a ratio of 4 (the law of
+cosines is then at most 3.9x the reference's float64 gradient error, measured; 17x at 10; see
+fastkd/kernels/angle.py). Which anchors is read on the host (one sync, as the equal-row test
+below makes); compiled, where nothing may branch on the data, every anchor takes the direct
+path.
+
 IRG reads E only through E / max(E), so an absolute error far below max(E) is all it needs,
 and its E comes from a Gram matrix (`gram_squared_distances`, a matrix product, where wide
 feature maps make difference vectors slow). Float64 products pay at no batch size on CPU
@@ -68,6 +81,10 @@ _ANGLE_BLOCK_ENTRIES_COMPILED = 1 << 20
 _GRAM_FUNCTION_MIN = 1 << 21
 # Directions shorter than this (E below its square) count as zero; F.normalize's clamp.
 _NORM_EPS = 1e-12
+# Float64 inputs: an anchor whose live squared distances spread past this (rho > 4) has its
+# angles formed from the difference vectors (_direct_term; module docstring), as the Triton
+# path's (fastkd/kernels/angle.py, DIRECT_RATIO_SQ).
+_DIRECT_RATIO_SQ = 16.0
 # IRG's E from the uncentred Gram matrix in the working precision while max|x|^2 is at most
 # this many times max(E); past it (a common offset far larger than the spread) from the
 # centred float64 rows (module docstring).
@@ -130,6 +147,15 @@ def _rows_grad(x, w, z=None):
     return distance_grad(centred(x, w.dtype), w, z).reshape(x.shape).to(x.dtype)
 
 
+def _angle_rows_grad(x, w, z, direct, scale):
+    """RKD's _rows_grad plus scale * direct (N, D) float64 (the angle term's direct anchors,
+    _direct_term; None for none), added before the cast to x's dtype."""
+    g = distance_grad(centred(x, w.dtype), w, z)
+    if direct is not None:
+        g = g + direct * scale
+    return g.reshape(x.shape).to(x.dtype)
+
+
 class SquaredDistanceLoss(torch.autograd.Function):
     """loss_of(E_s, E_t) for a loss of the two squared-distance matrices (N, N), in their
     precision: E built by `distances` (squared_distances or gram_squared_distances), dL/dE by
@@ -190,10 +216,11 @@ def _angle_block(e, lo, hi):
     return a, inv
 
 
-def _anchor_blocks(n, first=0, end=None):
-    """Blocks (lo, hi) of the anchors first:end (all N by default) of an (N, N) E."""
+def _anchor_blocks(n, first=0, end=None, width=0):
+    """Blocks (lo, hi) of the anchors first:end (all N by default) of an (N, N) E; width: each
+    anchor holds (N, max(N, width)) entries (the direct path's difference vectors, width D)."""
     entries = _ANGLE_BLOCK_ENTRIES_COMPILED if torch.compiler.is_compiling() else _ANGLE_BLOCK_ENTRIES
-    c = max(1, entries // (n * n))
+    c = max(1, entries // (n * max(n, width)))
     end = n if end is None else end
     # A while loop, not range(): traced with a dynamic batch (torch.compile), each test is a
     # bound on N, where range() would fix N's value (a graph per batch size).
@@ -229,24 +256,103 @@ def _angle_grad_block(a, inv, dead, u, sign, lo, hi, w, z):
         # Z_ii += sum_j s_ij: left to zero_row_sums.
 
 
-def _angle_term(e_s, e_t, needs, anchors=(0, None)):
-    """(N^3 * loss, sides) of the angle term from E: sides[i] = (W, Z or None) (N, N) for a
-    side that needs a gradient (else None), with N^3 dL/dX = 2 sum_b (W_ab + W_ba)(x_a - x_b)
-    + Z X (_angle_grad_block). anchors (first, end): only the angles at those anchors
+def _direct_anchors(e_s, e_t, first, end, spread):
+    """(end - first,) bool: the anchors first:end whose angles need the difference vectors:
+    on either side a squared distance in (0, NORM_EPS^2) (a direction F.normalize scales by
+    1 / NORM_EPS, not a zero one), or with spread (float64 inputs) live squared distances
+    spread past _DIRECT_RATIO_SQ."""
+    flags = None
+    for e in (e_s, e_t):
+        ei = e[first:end]
+        live = ei >= _NORM_EPS ** 2
+        f = ((ei > 0) & ~live).any(dim=1)
+        if spread:
+            low = torch.where(live, ei, math.inf).amin(dim=1)
+            f |= ei.amax(dim=1) > _DIRECT_RATIO_SQ * low
+        flags = f if flags is None else flags | f
+    return flags
+
+
+def _direct_block(x, idx):
+    """(A, e, m, live) of the anchors idx (c,) from the rows x (N, D) float64, as the reference
+    forms them: d = x_j - x_i (c, N, D), m = max(|d|, NORM_EPS) (c, N), e = d / m,
+    A = e e^T (c, N, N), live = [|d| >= NORM_EPS]."""
+    d = x.unsqueeze(0) - x[idx].unsqueeze(1)
+    norm = torch.linalg.vector_norm(d, dim=2)
+    m = norm.clamp(min=_NORM_EPS)
+    e = d / m.unsqueeze(2)
+    return torch.bmm(e, e.transpose(1, 2)), e, m, norm >= _NORM_EPS
+
+
+def _direct_term(rows, needs, blocks):
+    """(N^3 * loss, grads) of the angles at the anchors of each block (an index tensor) from
+    the difference vectors, the reference's formula: grads[i] (N, D) float64 the N^3 dL/dX of
+    a side that needs it (else None), by F.normalize's and bmm's backward: with
+    g_j = dL/de_j = 2 sum_k U_jk e_k (U = dL/dA, symmetric; 0 on j = k for a live direction,
+    where A_jj is constant), dL/dd_j = (g_j - live_j e_j (e_j . g_j)) / m_j, which x_j
+    receives and x_i gives back. Every product is of a difference vector taken from the
+    anchor, so nothing cancels that the reference keeps. No blocks: (0, [None, None])."""
+    if not blocks:
+        return 0.0, [None, None]
+    x_s, x_t = (x.reshape(x.size(0), -1).to(torch.float64) for x in rows)
+    total = x_s.new_zeros(())
+    grads = [torch.zeros_like(x) if needed else None for x, needed in zip((x_s, x_t), needs)]
+    for idx in blocks:
+        a_s, e_s, m_s, live_s = _direct_block(x_s, idx)
+        a_t, e_t, m_t, live_t = _direct_block(x_t, idx)
+        total = total + F.smooth_l1_loss(a_s, a_t, reduction="sum")
+        if not any(needs):
+            continue
+        u = (a_s - a_t).clamp_(-1, 1)  # smooth_l1's derivative, beta = 1
+        for g, e, m, live, sign in ((grads[0], e_s, m_s, live_s, 2.0), (grads[1], e_t, m_t, live_t, -2.0)):
+            if g is None:
+                continue
+            uj = u.clone()
+            torch.diagonal(uj, dim1=1, dim2=2).mul_(~live)
+            gj = torch.bmm(uj, e).mul_(sign)
+            proj = torch.linalg.vecdot(e, gj).mul_(live)
+            dd = gj.sub_(e * proj.unsqueeze(2)).div_(m.unsqueeze(2))
+            g += dd.sum(dim=0)
+            g.index_add_(0, idx, dd.sum(dim=1), alpha=-1)
+    return total, grads
+
+
+def _angle_term(e_s, e_t, needs, rows, anchors=(0, None)):
+    """(N^3 * loss, sides, direct) of the angle term from E: sides[i] = (W, Z or None) (N, N)
+    for a side that needs a gradient (else None), with N^3 dL/dX = 2 sum_b (W_ab + W_ba)
+    (x_a - x_b) + Z X (_angle_grad_block) + direct[i], direct[i] (N, D) float64 the share of
+    the anchors whose angles come from the difference vectors of rows = (x_s, x_t) (N, D_*)
+    (_direct_anchors, _direct_term). anchors (first, end): only the angles at those anchors
     (first:end; end None for N), and their share of the gradient."""
     n = len(e_s)
-    total = e_s.new_zeros(())
+    first, end = anchors[0], n if anchors[1] is None else anchors[1]
+    width = max(x[0].numel() for x in rows)
+    spread = rows[0].dtype == torch.float64 or rows[1].dtype == torch.float64
+    if torch.compiler.is_compiling():
+        # No branch on the data (nor a sync): every anchor from the difference vectors.
+        total, direct = _direct_term(rows, needs, [torch.arange(lo, hi, device=e_s.device)
+                                                   for lo, hi in _anchor_blocks(n, first, end, width)])
+        return total, [(torch.zeros_like(e_s), None) if needed else None for needed in needs], direct
+    # The anchors for the difference vectors, read on the host: a sync (the CPU path's; on
+    # CUDA, fastkd's Triton path decides on the device).
+    flags = _direct_anchors(e_s, e_t, first, end, spread)
+    chosen = (torch.nonzero(flags).flatten() + first).tolist()
+    c = _anchor_blocks(n, 0, 1, width)[0][1]  # anchors per block
+    total, direct = _direct_term(rows, needs, [torch.tensor(chosen[k:k + c], device=e_s.device)
+                                               for k in range(0, len(chosen), c)])
+    chosen = set(chosen)
     # Per side that needs a gradient: (E, W, Z or None when no pair of rows is closer than
-    # the clamp, i.e. no equal rows). Under torch.compile a branch cannot depend on the
-    # data (nor sync on it): Z is always formed there, exact either way (zero without
-    # equal rows), at the cost of the equal-row terms.
+    # the clamp, i.e. no equal rows: the direct anchors took the short, nonzero directions).
     sides = [(e, torch.zeros_like(e),
-              torch.zeros_like(e) if torch.compiler.is_compiling()
-              or int((e < _NORM_EPS ** 2).sum()) > n else None)
+              torch.zeros_like(e) if int((e < _NORM_EPS ** 2).sum()) > n else None)
              if needed else None for e, needed in zip((e_s, e_t), needs)]
-    for lo, hi in _anchor_blocks(n, *anchors):
+    for lo, hi in _anchor_blocks(n, first, end):
         a_s, inv_s = _angle_block(e_s, lo, hi)
         a_t, inv_t = _angle_block(e_t, lo, hi)
+        mine = [a in chosen for a in range(lo, hi)]
+        if any(mine):  # the direct anchors' angles are counted above: here A_s = A_t, u = 0
+            keep = torch.tensor(mine, device=e_s.device).view(-1, 1, 1)
+            a_s = torch.where(keep, a_t, a_s)
         total += F.smooth_l1_loss(a_s, a_t, reduction="sum")
         if not any(needs):
             continue
@@ -257,7 +363,7 @@ def _angle_term(e_s, e_t, needs, anchors=(0, None)):
                 e, w, z = side
                 dead = (e[lo:hi] < _NORM_EPS ** 2).double() if z is not None else None
                 _angle_grad_block(a, inv, dead, u, sign, lo, hi, w, z)
-    return total, [side[1:] if side is not None else None for side in sides]
+    return total, [side[1:] if side is not None else None for side in sides], direct
 
 
 # --- RKD: both terms ---------------------------------------------------------
@@ -280,18 +386,19 @@ class RKDLoss(torch.autograd.Function):
         sides = [None, None]
         if w_dist:
             loss = loss + w_dist * _rkd_distance_of(e_s, e_t)
+        direct = [None, None]
         if w_angle:
-            total, sides = _angle_term(e_s, e_t, ctx.needs_input_grad[:2])
+            total, sides, direct = _angle_term(e_s, e_t, ctx.needs_input_grad[:2], (feat_s, feat_t))
             loss = loss + w_angle * (total / len(e_s) ** 3)
         # E only for the distance term's backward.
         ctx.save_for_backward(feat_s, feat_t, *((e_s, e_t) if w_dist else (None, None)),
-                              *(t for side in sides for t in (side or (None, None))))
+                              *(t for side in sides for t in (side or (None, None))), *direct)
         return loss.to(result_dtype(feat_s, feat_t))
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        feat_s, feat_t, e_s, e_t, w_s, z_s, w_t, z_t = ctx.saved_tensors
+        feat_s, feat_t, e_s, e_t, w_s, z_s, w_t, z_t, direct_s, direct_t = ctx.saved_tensors
         (w_dist, w_angle), grad = ctx.weights, grad_out.to(torch.float64)
         dist = (None, None)
         if w_dist:  # the distance term's dL/dE
@@ -299,13 +406,14 @@ class RKDLoss(torch.autograd.Function):
             dist = vjp(grad * w_dist)
         scale = grad * w_angle / len(feat_s) ** 3
         grads = []
-        for x, w_d, w_a, z, needed in zip((feat_s, feat_t), dist, (w_s, w_t), (z_s, z_t), ctx.needs_input_grad):
+        for x, w_d, w_a, z, direct, needed in zip((feat_s, feat_t), dist, (w_s, w_t), (z_s, z_t),
+                                                  (direct_s, direct_t), ctx.needs_input_grad):
             # Both terms are 2 sum_b (W_ab + W_ba)(x_a - x_b) (+ Z X): one map onto the rows.
             w = w_d
             if w_a is not None:  # scaled on the (N, N) matrices, not on the (N, D) result
                 w_a, z = w_a * scale, None if z is None else z * scale
                 w = w_a if w_d is None else w_a + w_d
-            grads.append(_rows_grad(x, w, z) if needed and w is not None else None)
+            grads.append(_angle_rows_grad(x, w, z, direct, scale) if needed and w is not None else None)
         return (*grads, None, None)
 
 
@@ -642,12 +750,13 @@ def _rkd_distance_part(feat_s, feat_t, group, sizes):
 
 
 def _angle_grads(saved, grad_out):
-    """RKDAngleRows' input gradients from what its forward saved: (X_s, X_t, W_s, Z_s, W_t, Z_t)."""
-    feat_s, feat_t, w_s, z_s, w_t, z_t = saved
+    """RKDAngleRows' input gradients from what its forward saved: (X_s, X_t, W_s, Z_s, W_t, Z_t,
+    direct_s, direct_t)."""
+    feat_s, feat_t, w_s, z_s, w_t, z_t, direct_s, direct_t = saved
     scale = grad_out.to(torch.float64) / len(feat_s) ** 3
     # Scaled on the (N, N) matrices, not on the (N, D) result.
-    return tuple(None if w is None else _rows_grad(x, w * scale, None if z is None else z * scale)
-                 for x, w, z in ((feat_s, w_s, z_s), (feat_t, w_t, z_t)))
+    return tuple(None if w is None else _angle_rows_grad(x, w * scale, None if z is None else z * scale, direct, scale)
+                 for x, w, z, direct in ((feat_s, w_s, z_s, direct_s), (feat_t, w_t, z_t, direct_t)))
 
 
 class RKDAngleRows(torch.autograd.Function):
@@ -660,8 +769,8 @@ class RKDAngleRows(torch.autograd.Function):
         with torch.no_grad():
             e_s, e_t = (all_gather_rows(squared_distances(x, slice(lo, hi)), group, sizes)[0]
                         for x in (x_s, x_t))
-        total, sides = _angle_term(e_s, e_t, ctx.needs_input_grad[:2], (lo, hi))
-        ctx.save_for_backward(x_s, x_t, *(t for side in sides for t in (side or (None, None))))
+        total, sides, direct = _angle_term(e_s, e_t, ctx.needs_input_grad[:2], (x_s, x_t), (lo, hi))
+        ctx.save_for_backward(x_s, x_t, *(t for side in sides for t in (side or (None, None))), *direct)
         return total / len(e_s) ** 3
 
     @staticmethod
