@@ -659,15 +659,15 @@ def _float32_path(*xs):
 class IRGEdgeFunction(torch.autograd.Function):
     """mse(E'_s, E'_t), E' = pdist2 / max(pdist2) of flat(x). Float64 inputs: E from the
     centred float64 Gram matrix (formed in the kernels as fastkd.common.squared_distances_from_gram
-    does). Otherwise (_float32_path) E from float32 arithmetic (squared_distances_split's
-    hi + lo parts, hi read as E, lo only to order the maximum), the kernels in float32 and
-    the gradient in the difference form (difference_grad)."""
+    does). Otherwise (_float32_path) E from float32 arithmetic (squared_distances_parts: hi +
+    lo, hi read as E, lo only to order the maximum), the kernels in float32 and the gradient
+    in the difference form (difference_grad)."""
 
     @staticmethod
     def forward(ctx, x_s, x_t):
         fast = ctx.fast = _float32_path(x_s, x_t)
         if fast:
-            (_, e_s, l_s), (_, e_t, l_t) = (_gram.squared_distances_split(x) for x in (x_s, x_t))
+            (e_s, l_s), (e_t, l_t) = (_gram.squared_distances_parts(x) for x in (x_s, x_t))
             total, stats = _dist.irg_edge_forward(e_s, e_t, parts_lo=(l_s, l_t))
             ctx.save_for_backward(x_s, x_t, e_s, e_t, l_s, l_t, stats)
             return (total / len(e_s) ** 2).to(x_s.dtype)
@@ -1001,7 +1001,7 @@ class IRGEdgeRowsFunction(torch.autograd.Function):
     max(pdist2), E (n, N) from the Gram rows of the centred float64 X_* (N, ...) (every rank's
     rows), the maxima and the gradient's sums all-reduced. dL/dE's rows reach every row
     (W X on these rows, W^T X_rows on all). On the float32 path (_float32_path) E's rows come
-    from squared_distances_split, exactly symmetric across ranks ((x_a - x_b)^2 = (x_b - x_a)^2
+    from squared_distances_parts, exactly symmetric across ranks ((x_a - x_b)^2 = (x_b - x_a)^2
     bit for bit, the statistics all-reduced alike), so W is symmetric and these rows' W gives
     their whole gradient in the difference form, as RKD's distance term."""
 
@@ -1010,7 +1010,7 @@ class IRGEdgeRowsFunction(torch.autograd.Function):
         ctx.lo = lo
         fast = ctx.fast = _float32_path(x_s, x_t)
         if fast:
-            (_, e_s, l_s), (_, e_t, l_t) = (_gram.squared_distances_split(x, lo, n) for x in (x_s, x_t))
+            (e_s, l_s), (e_t, l_t) = (_gram.squared_distances_parts(x, lo, n) for x in (x_s, x_t))
             total, stats = _dist.irg_edge_forward(e_s, e_t, lo, reducer(group), parts_lo=(l_s, l_t))
             ctx.save_for_backward(x_s, x_t, e_s, e_t, l_s, l_t, stats)
             return total / len(x_s) ** 2

@@ -489,8 +489,9 @@ def _pkt_split_sums_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.flo
         ok = (ra[:, None] < R) & (rb[None, :] < N)
         wb_s, _ = _cosine_rows(ds_ptr, d_stride, rb, N, eps)
         wb_t, _ = _cosine_rows(dt_ptr, d_stride, rb, N, eps)
-        _, c_s, c_s_lo = _pkt_split_c(_load_tile(gs_ptr, ra, rb, R, N), wa_s[:, None], wb_s[None, :], ok)
-        _, c_t, c_t_lo = _pkt_split_c(_load_tile(gt_ptr, ra, rb, R, N), wa_t[:, None], wb_t[None, :], ok)
+        # Named, not `_`: a loop-carried name keeps one type, and `_` is a (BLOCK,) vector above.
+        cos_s, c_s, c_s_lo = _pkt_split_c(_load_tile(gs_ptr, ra, rb, R, N), wa_s[:, None], wb_s[None, :], ok)
+        cos_t, c_t, c_t_lo = _pkt_split_c(_load_tile(gt_ptr, ra, rb, R, N), wa_t[:, None], wb_t[None, :], ok)
         acc_s, err_s = two_sum(acc_s, c_s)
         acc_s_lo += err_s + c_s_lo
         acc_t, err_t = two_sum(acc_t, c_t)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, sqrt
+from .common import NO_FMA, cdiv, dd_div, sqrt, two_sum
 from .gram import BLOCK, _load_tile, _smooth_l1, grad_buffers
 
 
@@ -84,15 +84,16 @@ def _distance_grad_kernel(es_ptr, et_ptr, sqs_ptr, sqt_ptr, sq_stride, stats_ptr
     tl.store(rt_ptr + ra, 4 * r_t, mask=ra < R)
 
 
-def _distance_backward(e_s, e_t, stats, tile_w, lo, sq=None):
+def _distance_backward(e_s, e_t, stats, tile_w, lo, sq=None, options=None):
     """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side (on the rows lo:lo + R
     of e_* (R, N)), W from tile_w; sq: IRG's (sq_s, sq_t) (E formed from G = e_*), or on its
-    float32 path E's lo parts (e_* the hi parts)."""
+    float32 path E's lo parts (e_* the hi parts); options: launch options (IRG's float32
+    path: NO_FMA, its compensated arithmetic)."""
     m_s, r_s, m_t, r_t = grad_buffers(e_s, e_t)
     rows, n = e_s.shape
     sq_s, sq_t = (e_s, e_t) if sq is None else sq
     _distance_grad_kernel[(cdiv(rows, BLOCK),)](e_s, e_t, sq_s, sq_t, sq_s.stride(0), stats, m_s, r_s, m_t,
-                                                r_t, lo, rows, n, TILE_W=tile_w, BLOCK=BLOCK)
+                                                r_t, lo, rows, n, TILE_W=tile_w, BLOCK=BLOCK, **(options or {}))
     return m_s, r_s, m_t, r_t
 
 
@@ -187,11 +188,14 @@ def rkd_distance_backward(e_s, e_t, stats, lo=0):
 #   float64 inputs: E is never stored; each tile forms it from the centred float64 Gram
 #     matrix G and the squared norms sq (_gram_distance_tile), the kernels in float64;
 #   float32, bfloat16, float16 inputs: E itself, float32, the hi part of
-#     gram.squared_distances_split (E to 2^-24 relative whatever a pair's gap), read by
-#     _squared_distance_tile; the kernels then run in float32 (the sq arguments unused).
-#     Nothing downstream cancels: E / max(E) and the difference of the two sides' ratios
-#     carry float32's rounding of each ratio, as the reference's own final steps do, and the
-#     gradient takes the difference form sum_b M_ab (x_b - x_a) (gram.difference_grad).
+#     gram.squared_distances_parts (E to 2^-24 relative whatever a pair's gap), read by
+#     _squared_distance_tile, and its lo part (at the sq arguments) where it matters: the
+#     kernels run in float32, with E'_s - E'_t from E = hi + lo and the maxima's hi + lo in
+#     double-float (_irg_edge_diff: near a zero loss the two ratios agree to 1e-3, and each
+#     one's float32 rounding is 20x the reference's own error in the loss), and the maximum
+#     ordered by (hi, lo) (a near-duplicate pair's distances to a far row round to one
+#     float32 value). The gradient takes the difference form sum_b M_ab (x_b - x_a)
+#     (gram.difference_grad).
 
 
 @triton.jit
@@ -257,6 +261,24 @@ def _irg_edge_is_max(d_s, l_s, d_t, l_t, max_ptr, lo_offset, FROM_GRAM: tl.const
 
 
 @triton.jit
+def _irg_edge_diff(d_s, l_s, d_t, l_t, max_ptr, lo_offset, FROM_GRAM: tl.constexpr):
+    """diff = pdist2_s / max_s - pdist2_t / max_t at a tile. Without FROM_GRAM from E = hi + lo
+    and the maxima's hi + lo in double-float, rounded once: near a zero loss (teacher ~
+    student) the two ratios agree to 1e-3, and each one's float32 rounding would be 20x the
+    reference's own error in the loss."""
+    m_s = tl.load(max_ptr)
+    m_t = tl.load(max_ptr + 1)
+    if FROM_GRAM:
+        diff = d_s / m_s - d_t / m_t
+    else:
+        q_s, q_s_lo = dd_div(d_s, l_s, m_s, tl.load(max_ptr + lo_offset))
+        q_t, q_t_lo = dd_div(d_t, l_t, m_t, tl.load(max_ptr + lo_offset + 1))
+        q, q_err = two_sum(q_s, -q_t)
+        diff = q + (q_err + (q_s_lo - q_t_lo))
+    return diff
+
+
+@triton.jit
 def _irg_edge_loss_kernel(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, max_ptr, part_ptr, lo, R, N,
                           FROM_GRAM: tl.constexpr, BLOCK: tl.constexpr):
     """part[tile] = (sum diff^2, sum diff d_s, sum diff d_t, count of d_s = max_s, count of
@@ -265,11 +287,9 @@ def _irg_edge_loss_kernel(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, max_ptr, 
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
-    m_s = tl.load(max_ptr)
-    m_t = tl.load(max_ptr + 1)
     d_s, _, l_s, d_t, _, l_t = _irg_edge_tiles(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, ra, rb, lo, R, N,
                                                FROM_GRAM)
-    diff = d_s / m_s - d_t / m_t
+    diff = _irg_edge_diff(d_s, l_s, d_t, l_t, max_ptr, 2, FROM_GRAM)
     out = part_ptr + 5 * tile
     tl.store(out, tl.sum(tl.sum(diff * diff, 1), 0))
     tl.store(out + 1, tl.sum(tl.sum(diff * d_s, 1), 0))
@@ -281,15 +301,15 @@ def _irg_edge_loss_kernel(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, max_ptr, 
 
 
 @triton.jit
-def _irg_edge_w_at(d_s, live_s, is_s, d_t, live_t, is_t, stats_ptr):
-    """(W_s, W_t) at a tile of pdist2 (see _irg_edge_tiles; is_*: where it is the maximum),
-    W = N^2 dL/dp (p the squared distances): W_s = 2 diff / m_s + [is_s] (-2 sum(diff d_s) /
-    m_s^2) / count_s where the clamp lets the gradient through; the teacher's with -diff."""
+def _irg_edge_w_at(d_s, live_s, is_s, d_t, live_t, is_t, diff, stats_ptr):
+    """(W_s, W_t) at a tile of pdist2 (see _irg_edge_tiles; is_*: where it is the maximum;
+    diff: _irg_edge_diff), W = N^2 dL/dp (p the squared distances): W_s = 2 diff / m_s +
+    [is_s] (-2 sum(diff d_s) / m_s^2) / count_s where the clamp lets the gradient through;
+    the teacher's with -diff."""
     m_s = tl.load(stats_ptr)
     m_t = tl.load(stats_ptr + 1)
     top_s = -2 * tl.load(stats_ptr + 2) / (m_s * m_s) / tl.load(stats_ptr + 4)
     top_t = 2 * tl.load(stats_ptr + 3) / (m_t * m_t) / tl.load(stats_ptr + 5)
-    diff = d_s / m_s - d_t / m_t
     w_s = tl.where(live_s, 2 * diff / m_s + tl.where(is_s, top_s, 0.0), 0.0)
     w_t = tl.where(live_t, -2 * diff / m_t + tl.where(is_t, top_t, 0.0), 0.0)
     return w_s, w_t
@@ -301,7 +321,8 @@ def _irg_edge_w(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, stats_ptr, ra, rb, 
     d_s, live_s, l_s, d_t, live_t, l_t = _irg_edge_tiles(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, ra, rb,
                                                          lo, R, N, True)
     is_s, is_t = _irg_edge_is_max(d_s, l_s, d_t, l_t, stats_ptr, 6, True)
-    return _irg_edge_w_at(d_s, live_s, is_s, d_t, live_t, is_t, stats_ptr)
+    diff = _irg_edge_diff(d_s, l_s, d_t, l_t, stats_ptr, 6, True)
+    return _irg_edge_w_at(d_s, live_s, is_s, d_t, live_t, is_t, diff, stats_ptr)
 
 
 @triton.jit
@@ -311,7 +332,8 @@ def _irg_edge_split_w(es_ptr, et_ptr, ls_ptr, lt_ptr, sq_stride, stats_ptr, ra, 
     d_s, live_s, l_s, d_t, live_t, l_t = _irg_edge_tiles(es_ptr, et_ptr, ls_ptr, lt_ptr, sq_stride, ra, rb,
                                                          lo, R, N, False)
     is_s, is_t = _irg_edge_is_max(d_s, l_s, d_t, l_t, stats_ptr, 6, False)
-    return _irg_edge_w_at(d_s, live_s, is_s, d_t, live_t, is_t, stats_ptr)
+    diff = _irg_edge_diff(d_s, l_s, d_t, l_t, stats_ptr, 6, False)
+    return _irg_edge_w_at(d_s, live_s, is_s, d_t, live_t, is_t, diff, stats_ptr)
 
 
 def _squared_norms(g, sq):
@@ -329,7 +351,7 @@ def irg_edge_forward(g_s, g_t, lo=0, reduce=_local, sq=None, parts_lo=None):
     lo:lo + R of them with sq = (sq_s, sq_t) (N,) every row's squared norm and reduce the
     all-reduce (as rkd_distance_forward; the maxima with "max"). With parts_lo = (lo_s, lo_t),
     g_* are E's float32 hi parts themselves (R, N) and parts_lo their lo parts
-    (gram.squared_distances_split; sq not read): loss and stats float32, the maxima
+    (gram.squared_distances_parts; sq not read): loss and stats float32, the maxima
     lexicographic in (hi, lo), their lo parts appended to stats."""
     if parts_lo is None:
         sq_s, sq_t = _squared_norms((g_s, g_t), sq)
@@ -338,11 +360,11 @@ def irg_edge_forward(g_s, g_t, lo=0, reduce=_local, sq=None, parts_lo=None):
         part = _tile_parts(_irg_edge_loss_kernel, 5, g_s, g_t, sq_s, sq_t, sq_s.stride(0), maxima, lo=lo,
                            FROM_GRAM=True).sum(0)
         return part[0], torch.cat([maxima, reduce(part[1:], "sum")])
-    tops = _tile_parts(_irg_edge_max_kernel, 4, g_s, g_t, *parts_lo, 1, lo=lo, FROM_GRAM=False)
+    tops = _tile_parts(_irg_edge_max_kernel, 4, g_s, g_t, *parts_lo, 1, lo=lo, FROM_GRAM=False, **NO_FMA)
     top = reduce(tops[:, 0::2].amax(0), "max")
     top_lo = reduce(torch.where(tops[:, 0::2] == top, tops[:, 1::2], -float("inf")).amax(0), "max")
     part = _tile_parts(_irg_edge_loss_kernel, 5, g_s, g_t, *parts_lo, 1, torch.cat([top, top_lo]), lo=lo,
-                       FROM_GRAM=False).sum(0)
+                       FROM_GRAM=False, **NO_FMA).sum(0)
     return part[0], torch.cat([top, reduce(part[1:], "sum"), top_lo])
 
 
@@ -352,5 +374,5 @@ def irg_edge_backward(g_s, g_t, stats, lo=0, sq=None, parts_lo=None):
     parts_lo, from E's float32 parts (as irg_edge_forward): r = -rowsum(M), so the gradient
     is gram.difference_grad's sum_b M_ab (x_b - x_a)."""
     if parts_lo is not None:
-        return _distance_backward(g_s, g_t, stats, _irg_edge_split_w, lo, parts_lo)
+        return _distance_backward(g_s, g_t, stats, _irg_edge_split_w, lo, parts_lo, NO_FMA)
     return _distance_backward(g_s, g_t, stats, _irg_edge_w, lo, _squared_norms((g_s, g_t), sq))

@@ -207,6 +207,12 @@ def squared_distances_split(x, lo=0, rows=None):
     (two float32 (rows, N) matrices) and E float64 formed from them; equal rows give exactly
     0. A difference whose square passes float32's range gives inf there, as the reference's
     own float32 arithmetic overflows."""
+    hi, lo_part = squared_distances_parts(x, lo, rows)
+    return hi.to(torch.float64).add_(lo_part), hi, lo_part
+
+
+def squared_distances_parts(x, lo=0, rows=None):
+    """squared_distances_split's (hi, lo_part) alone (no float64 E)."""
     x = flat(x)
     n, d = x.shape
     square = rows is None
@@ -215,7 +221,7 @@ def squared_distances_split(x, lo=0, rows=None):
     lo_part = torch.empty_like(hi)
     _squared_distances_split_kernel[(cdiv(rows, BLOCK), cdiv(n, BLOCK))](
         x, x.stride(0), x.stride(1), hi, lo_part, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK)
-    return hi.to(torch.float64).add_(lo_part), hi, lo_part
+    return hi, lo_part
 
 
 @triton.jit
@@ -407,8 +413,7 @@ def gram_grad(m, r, x, scale, like, lo=0, z=None, divisor=1.0):
         _product_grad_kernel[(cdiv(d, DIFF_BLOCK_D), cdiv(rows, BLOCK))](
             m, m.stride(0), m.stride(1), m if r is None else r, x, x.stride(0), x.stride(1), z, z.stride(0),
             z.stride(1), m if scale is None else scale.to(torch.float32), 1.0 / divisor, out, rows, k, d,
-            HAS_R=r is not None, HAS_SCALE=scale is not None, BLOCK=BLOCK, BLOCK_B=DIFF_BLOCK_B,
-            BLOCK_D=DIFF_BLOCK_D)
+            HAS_R=r is not None, HAS_SCALE=scale is not None, BLOCK=BLOCK, BLOCK_D=DIFF_BLOCK_D)
         return out.reshape(like.shape) if rows == len(like) else out
     # 16-bit rows converted to float64 in the loop: with the default three stages sm_90
     # spills registers at large D.
@@ -423,23 +428,23 @@ def gram_grad(m, r, x, scale, like, lo=0, z=None, divisor=1.0):
 @triton.jit
 def _product_grad_kernel(m_ptr, stride_ma, stride_mb, r_ptr, y_ptr, stride_yk, stride_yd, z_ptr, stride_zr,
                          stride_zd, scale_ptr, inv_divisor, out_ptr, R, K, D, HAS_R: tl.constexpr,
-                         HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
-    """_gram_grad_kernel's out = s * (M Y + r * Z) in float32 arithmetic (IEEE products and
-    sums, no tl.dot: a float32 tl.dot with IEEE precision has no tensor core), for a
-    (BLOCK, BLOCK_D) tile of out (R, D); M (R, K) float32, s = scale * inv_divisor (a float32
-    argument), scale the float32 0-dim tensor at scale_ptr (1 without HAS_SCALE)."""
+                         HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """_gram_grad_kernel's out = s * (M Y + r * Z) in float32 arithmetic, for a (BLOCK,
+    BLOCK_D) tile of out (R, D); M (R, K) float32, s = scale * inv_divisor (a float32
+    argument), scale the float32 0-dim tensor at scale_ptr (1 without HAS_SCALE). One outer
+    product per column of M: IEEE float32 products and sums on the CUDA cores (a float32
+    tl.dot with IEEE precision has no tensor core; a broadcast product summed over an axis
+    would be turned into one)."""
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     ra = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < D
+    m_rows = m_ptr + ra.to(tl.int64) * stride_ma
+    y_cols = y_ptr + cols.to(tl.int64) * stride_yd
     acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    for start in range(0, K, BLOCK_B):
-        rb = start + tl.arange(0, BLOCK_B)
-        m = tl.load(m_ptr + ra[:, None].to(tl.int64) * stride_ma + rb[None, :].to(tl.int64) * stride_mb,
-                    mask=(ra[:, None] < R) & (rb[None, :] < K), other=0.0)
-        yb = tl.load(y_ptr + rb[:, None].to(tl.int64) * stride_yk + cols[None, :].to(tl.int64) * stride_yd,
-                     mask=(rb[:, None] < K) & col_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(m[:, :, None] * yb[None, :, :], axis=1)
+    for k in range(0, K):
+        m = tl.load(m_rows + tl.cast(k, tl.int64) * stride_mb, mask=ra < R, other=0.0)
+        y = tl.load(y_cols + tl.cast(k, tl.int64) * stride_yk, mask=col_ok, other=0.0).to(tl.float32)
+        acc += m[:, None] * y[None, :]
     ok = (ra[:, None] < R) & col_ok[None, :]
     if HAS_R:
         za = tl.load(z_ptr + ra[:, None].to(tl.int64) * stride_zr + cols[None, :].to(tl.int64) * stride_zd,

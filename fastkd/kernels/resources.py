@@ -97,28 +97,12 @@ EXACT_DECLARATION = "EXACT_FLOAT64_KERNELS"
 # ("spill@sm_86"). An entry whose finding no longer occurs fails the check (stale) when the
 # run covers every arch of ARCHS and every dtype, so the list says exactly what remains.
 _F64 = "float64 arithmetic whatever the input dtype; float32 path not built yet"
-_F64_DOT = ("its float64 tl.dot has no tensor core on sm_86/sm_89 (DMMA is sm_80/sm_90's): DFMA; "
-            "float32 path not built yet")
 _F64_SPILL = ("its float64 tiles spill on sm_86/sm_89 at benchmark shapes (not on sm_80/sm_90); "
               "float32 path not built yet")
 EXPECTED = {
-    "cosine._cc_grad_kernel": {"float64": _F64},
-    "cosine._cc_loss_kernel": {"float64": _F64},
-    "cosine._pkt_grad_kernel": {"float64": _F64},
-    "cosine._pkt_loss_kernel": {"float64": _F64},
-    "cosine._pkt_sums_kernel": {"float64": _F64},
-    "cosine._sp_grad_kernel": {"float64": _F64},
-    "cosine._sp_loss_kernel": {"float64": _F64},
     "distance._distance_grad_kernel": {"float64": _F64},
-    "distance._irg_edge_loss_kernel": {"float64": _F64},
-    "distance._irg_edge_max_kernel": {"float64": _F64},
     "distance._rkd_distance_loss_kernel": {"float64": _F64},
     "distance._rkd_distance_sum_kernel": {"float64": _F64, "spill@sm_86": _F64_SPILL, "spill@sm_89": _F64_SPILL},
-    "gram._gram_grad_kernel": {"float64": _F64, "fma@sm_86": _F64_DOT, "fma@sm_89": _F64_DOT,
-                               "spill@sm_86": _F64_SPILL, "spill@sm_89": _F64_SPILL},
-    "gram._gram_kernel": {"float64": _F64, "fma@sm_86": _F64_DOT, "fma@sm_89": _F64_DOT},
-    "gram._prepare_kernel": {"float64": _F64},
-    "gram._row_norms_kernel": {"float64": _F64},
     "irg_transformation._transformation_distance_kernel": {"float64": _F64},
     "irg_transformation._transformation_grad_kernel": {"float64": _F64},
     "irg_transformation._transformation_loss_kernel": {"float64": _F64, "spill@sm_86": _F64_SPILL,
