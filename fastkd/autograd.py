@@ -523,6 +523,8 @@ class RKDFunction(torch.autograd.Function):
         else:
             grads = _pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), grad_out, divisor)
         if w_angle:  # the angle term's direct-path anchors, added to the rows' gradients
+            # The (N, N) M buffers go first: the direct path's float64 scratch takes their memory.
+            terms = dist = angle = m_s = r_s = m_t = r_t = None
             _angle.rkd_angle_direct_grad((_gram.flat(feat_s), _gram.flat(feat_t)), e_s, e_t, stats_a, grads,
                                          grad_out.to(torch.float64) * (w_angle / n ** 3))
         return (*grads, None, None)
@@ -825,6 +827,8 @@ class RKDRowsFunction(torch.autograd.Function):
                     r[lo:lo + len(r_d)] += r_d * (w_dist / big ** 2)
             grads.append(to_rows(m, r, scale=grad))
         if w_angle:  # the angle term's direct-path anchors, added to every row's gradient
+            # The (N, N) M buffers go first: the direct path's float64 scratch takes their memory.
+            angle_terms = dist_terms = m = m_a = m_d = None
             _angle.rkd_angle_direct_grad((_gram.flat(x_s), _gram.flat(x_t)), full_s, full_t, stats_a, grads,
                                          grad * (w_angle / big ** 3), lo)
         return (*grads, None, None, None, None, None, None)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastkd import backend
+from helpers import assert_within_reference_error
 from test_adversarial_pairwise import compare, loss_and_grads
 
 LD = np.longdouble
@@ -160,7 +161,12 @@ def _sharded(impl, monkeypatch, s, t, bounds):
     from fastkd import autograd as triton_path
     from fastkd.kernels import gram
     from fastkd.torch_backend import pairwise as torch_path
-    distances = gram.squared_distances if impl == "triton" else torch_path.squared_distances
+    if impl == "torch":
+        distances = torch_path.squared_distances
+    elif s.dtype == torch.float64:
+        distances = gram.squared_distances
+    else:  # as the float32 path forms E
+        distances = lambda x: gram.squared_distances_split(x)[0]  # noqa: E731
     full = [distances(x) for x in (s, t)]
 
     def gather(e, group, sizes):  # E's rows lo:lo + n of one side -> that side's whole E
@@ -196,3 +202,17 @@ def test_float64_sharded_anchors(impl, monkeypatch):
         err, ref_err = np.sqrt(((a - e) ** 2).sum()), np.sqrt(((r - e) ** 2).sum())
         assert err <= 10 * max(ref_err, eps * np.sqrt((e * e).sum()), eps ** 2), (impl, name, float(err),
                                                                                  float(ref_err))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_float32_sharded_short_directions(impl, monkeypatch):
+    """Float32 rows with short directions across two ranks' rows: the sharded float32 path
+    hands those anchors (at lo > 0 too) to the direct path."""
+    s, t = _dead(14, 6, 8, torch.float32), _dead(14, 8, 9, torch.float32)
+    s[11], t[12] = s[2] * 3, t[5] * 0.5  # short directions from rows 11 and 12 (the last rank)
+    got = _sharded(impl, monkeypatch, s, t, (0, 4, 14))
+    grad_out = torch.tensor(GRAD_OUT, dtype=torch.float64)
+    exact = loss_and_grads("rkd_angle", "reference", s.double(), t.double(), grad_out)
+    ref = loss_and_grads("rkd_angle", "reference", s, t, grad_out)
+    for name, a, r, e in zip(("loss", "grad_s", "grad_t"), got, ref, exact):
+        assert_within_reference_error(a, r, e, msg=f"sharded float32 {impl} {name}")

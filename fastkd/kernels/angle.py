@@ -18,7 +18,12 @@ Three paths, each in kernels of its own:
          A_jk = e_j . e_k, V_jk = d_j . d_k summed over the difference vectors, and its
          gradient autograd's (F.normalize's backward, through the clamp) formed on the same
          difference vectors (see its section). The error is the reference's own, about
-         u64 per angle whatever rho. O(N^2 D) work per anchor, O(N^2) memory.
+         u64 per angle whatever rho. O(N^2 D) work per anchor, O(N^2) memory: its backward's
+         scratch, u (N, N) and r (2, R, N) float64, is allocated whether or not an anchor
+         takes the path (their count is on the device), once the other paths' (N, N) M are
+         mapped onto the rows. Its gradient kernel runs a program per 32 rows, each over
+         every direct anchor in turn: ample for the few anchors a near-duplicate pair flags,
+         a small part of the GPU where most anchors of float64 inputs take the path.
          It takes, for every input dtype, the anchors with a squared distance in
          (0, NORM_EPS^2); for float64 inputs also those whose live squared distances spread
          past DIRECT_RATIO_SQ = 16 (rho > 4) on either side. Why 4: polarisation's
