@@ -708,11 +708,19 @@ class IRGTransformationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a_s, b_s, a_t, b_t, grad=True):
         need = _forward_grads(ctx, grad, 4)
-        # float64, as every pairwise sum (fastkd.kernels.gram): a near-zero loss is a
-        # difference of nearly equal T_s, T_t.
-        d_s = _irg_t.transformation_distances(a_s, b_s, torch.float64)
-        d_t = _irg_t.transformation_distances(a_t, b_t, torch.float64)
-        loss, dd_s, dd_t = _irg_t.transformation_loss(d_s, d_t, result_dtype(a_s, b_s, a_t, b_t))
+        dtype = result_dtype(a_s, b_s, a_t, b_t)
+        if _float32_path(a_s, b_s, a_t, b_t):
+            # float32 arithmetic, double-float where a near-zero loss cancels (the distances,
+            # T_s - T_t, the maxima's order: fastkd/kernels/irg_transformation.py).
+            d_s = _irg_t.transformation_distances_split(a_s, b_s)
+            d_t = _irg_t.transformation_distances_split(a_t, b_t)
+            loss, dd_s, dd_t = _irg_t.transformation_split_loss(d_s, d_t, dtype)
+        else:
+            # float64, as every pairwise sum (fastkd.kernels.gram): a near-zero loss is a
+            # difference of nearly equal T_s, T_t.
+            d_s = _irg_t.transformation_distances(a_s, b_s, torch.float64)
+            d_t = _irg_t.transformation_distances(a_t, b_t, torch.float64)
+            loss, dd_s, dd_t = _irg_t.transformation_loss(d_s, d_t, dtype)
         ctx.save_for_backward(*_irg_t.transformation_grads(a_s, b_s, dd_s, need[0], need[1]),
                               *_irg_t.transformation_grads(a_t, b_t, dd_t, need[2], need[3]))
         return loss
@@ -1057,17 +1065,24 @@ def irg_edge_global(irg_s, irg_t, *, group, sizes):
 
 class TransformationDistancesFunction(torch.autograd.Function):
     """d (N,) float64, d_i = |a_i - b'_i|^2 over sample i's values, unclamped (the kernels of
-    IRGTransformationFunction, for a global batch's own samples)."""
+    IRGTransformationFunction, for a global batch's own samples). Float32 path
+    (_float32_path): d from the float32 kernel's hi + lo (exact in float64 to 2^-48), the
+    gradient kernel in float32."""
 
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
+        ctx.fast = _float32_path(a, b)
+        if ctx.fast:
+            hi, lo = _irg_t.transformation_distances_split(a, b)
+            return hi.to(torch.float64).add_(lo)  # (N,): O(N) float64 work in torch
         return _irg_t.transformation_distances(a, b, torch.float64)
 
     @staticmethod
     @first_order
     def backward(ctx, dd):
         a, b = ctx.saved_tensors
+        dd = dd.to(torch.float32) if ctx.fast else dd
         return _irg_t.transformation_grads(a, b, dd.contiguous(), *ctx.needs_input_grad)
 
 

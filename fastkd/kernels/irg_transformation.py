@@ -4,13 +4,14 @@ maps of the same network, d_i = |a_i - b'_i|^2, read through the maps' strides.
 It has a file of its own: it builds no (N, N) matrix (no Gram matrix, no squared distances
 between samples), so it shares none of the tiles of IRG's edge term (fastkd/kernels/
 distance.py) or of the other pairwise losses, only `_cast` (fastkd/kernels/gram.py).
-Its distances sum in float64, as every pairwise sum.
+Float64 maps: the distances and the loss in float64. Float32, bfloat16 and float16 maps:
+float32 arithmetic, double-float where the loss cancels (see the float32 path below).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv
+from .common import NO_FMA, cdiv, dd_div, dd_sum, two_prod, two_sum
 from .gram import _cast
 
 
@@ -95,6 +96,52 @@ def _transformation_grad_kernel(a_ptr, sa_n, sa_c, sa_h, sa_w, hw_a, w_a,
             tl.store(db_ptr + i * V + f, _cast(-da, db_ptr.dtype.element_ty), mask=ok)
 
 
+# The float32 path (float32, bfloat16 and float16 maps): d = hi + lo, each difference
+# a - b' carried exactly as a pair of float32 (b' = (b_even + b_odd) / 2 by two_sum, halved
+# exactly), each square split exactly and the sum compensated (2^-48); then the loss as the
+# float64 one, in float32 with double-float where it cancels (_transformation_split_loss_kernel).
+
+@triton.jit
+def _transformation_difference_split(a_ptr, a_strides, a_dims, b_ptr, b_strides, b_dims, i, f, ok,
+                                     HALVE: tl.constexpr):
+    """a_i[f] - b'_i[f] as (hi, lo) float32, exact but for lo's rounding (0 where not ok)."""
+    sa_n, sa_c, sa_h, sa_w = a_strides
+    sb_n, sb_c, sb_h, sb_w = b_strides
+    a = tl.load(a_ptr + i * sa_n + _map_offset(f, a_dims[0], a_dims[1], sa_c, sa_h, sa_w),
+                mask=ok, other=0.0).to(tl.float32)
+    if HALVE:
+        even = b_ptr + i * sb_n + _map_offset(f, b_dims[0], b_dims[1], 2 * sb_c, sb_h, sb_w)
+        b, b_lo = two_sum(tl.load(even, mask=ok, other=0.0).to(tl.float32),
+                          tl.load(even + sb_c, mask=ok, other=0.0).to(tl.float32))
+        d, d_err = two_sum(a, -0.5 * b)
+        return d, d_err - 0.5 * b_lo
+    else:
+        b = tl.load(b_ptr + i * sb_n + _map_offset(f, b_dims[0], b_dims[1], sb_c, sb_h, sb_w),
+                    mask=ok, other=0.0).to(tl.float32)
+        return two_sum(a, -b)
+
+
+@triton.jit
+def _transformation_split_distance_kernel(a_ptr, sa_n, sa_c, sa_h, sa_w, hw_a, w_a,
+                                          b_ptr, sb_n, sb_c, sb_h, sb_w, hw_b, w_b, hi_ptr, lo_ptr, V,
+                                          HALVE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """d[i] = hi[i] + lo[i] = sum_f (a_i[f] - b'_i[f])^2 for sample i = program 0, in float32
+    arithmetic (see above), unclamped."""
+    i = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in range(0, V, BLOCK_V):
+        f = start + tl.arange(0, BLOCK_V).to(tl.int64)
+        d, d_lo = _transformation_difference_split(a_ptr, (sa_n, sa_c, sa_h, sa_w), (hw_a, w_a),
+                                                   b_ptr, (sb_n, sb_c, sb_h, sb_w), (hw_b, w_b), i, f, f < V, HALVE)
+        p, p_err = two_prod(d, d)
+        acc, err = two_sum(acc, p)
+        acc_lo += err + (p_err + 2 * d * d_lo)
+    hi, lo = dd_sum(acc, acc_lo, 0)
+    tl.store(hi_ptr + i, hi)
+    tl.store(lo_ptr + i, lo)
+
+
 BLOCK_N = 1024  # samples per step of the one-program loss kernel
 
 
@@ -148,6 +195,95 @@ def _transformation_loss_kernel(ds_ptr, dt_ptr, loss_ptr, dds_ptr, ddt_ptr, N, s
         tl.store(ddt_ptr + i, dd_t, mask=ok)
 
 
+@triton.jit
+def _lex_max(a, a_lo, b, b_lo):
+    """The larger of (a, a_lo) and (b, b_lo) by hi, then lo: a tl.reduce combine."""
+    take = (b > a) | ((b == a) & (b_lo > a_lo))
+    return tl.where(take, b, a), tl.where(take, b_lo, a_lo)
+
+
+@triton.jit
+def _clamped_split(hi_ptr, lo_ptr, i, ok):
+    """(c, c_lo, d): c = max(d, 1e-12) for d = hi + lo at the samples i (0 where not ok), lo 0
+    where clamped; d's hi part."""
+    d = tl.load(hi_ptr + i, mask=ok, other=0.0)
+    live = d >= 1e-12
+    return tl.where(live, d, 1e-12), tl.where(live, tl.load(lo_ptr + i, mask=ok, other=0.0), 0.0), d
+
+
+@triton.jit
+def _split_ratio_diff(c_s, c_s_lo, top_s, top_s_lo, c_t, c_t_lo, top_t, top_t_lo):
+    """c_s / top_s - c_t / top_t from double-float values, rounded once."""
+    q_s, q_s_lo = dd_div(c_s, c_s_lo, top_s, top_s_lo)
+    q_t, q_t_lo = dd_div(c_t, c_t_lo, top_t, top_t_lo)
+    q, q_err = two_sum(q_s, -q_t)
+    return q + (q_err + (q_s_lo - q_t_lo))
+
+
+@triton.jit
+def _transformation_split_loss_kernel(ds_ptr, ds_lo_ptr, dt_ptr, dt_lo_ptr, loss_ptr, dds_ptr, ddt_ptr, N,
+                                      scale, BLOCK: tl.constexpr):
+    """_transformation_loss_kernel on the float32 path: d = hi + lo (N,) on each side, dd
+    (N,) float32. The maxima by (hi, lo) (two distances that round to one float32 value are
+    told apart, so the max's gradient goes where the reference's does) and T_s - T_t in
+    double-float, rounded once (near a zero loss the ratios agree to 1e-3, and each one's
+    float32 rounding would be the size of the loss's own error); the rest in float32."""
+    top_s = tl.zeros([BLOCK], dtype=tl.float32)
+    top_s_lo = tl.zeros([BLOCK], dtype=tl.float32)
+    top_t = tl.zeros([BLOCK], dtype=tl.float32)
+    top_t_lo = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, N, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        c_s, c_s_lo, d_s = _clamped_split(ds_ptr, ds_lo_ptr, i, i < N)
+        c_t, c_t_lo, d_t = _clamped_split(dt_ptr, dt_lo_ptr, i, i < N)
+        top_s, top_s_lo = _lex_max(top_s, top_s_lo, c_s, c_s_lo)
+        top_t, top_t_lo = _lex_max(top_t, top_t_lo, c_t, c_t_lo)
+    top_s, top_s_lo = tl.reduce((top_s, top_s_lo), 0, _lex_max)
+    top_t, top_t_lo = tl.reduce((top_t, top_t_lo), 0, _lex_max)
+    sq = tl.zeros([BLOCK], dtype=tl.float32)
+    gc_s = tl.zeros([BLOCK], dtype=tl.float32)
+    gc_t = tl.zeros([BLOCK], dtype=tl.float32)
+    n_s = tl.zeros([BLOCK], dtype=tl.float32)
+    n_t = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, N, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        ok = i < N
+        c_s, c_s_lo, d_s = _clamped_split(ds_ptr, ds_lo_ptr, i, ok)
+        c_t, c_t_lo, d_t = _clamped_split(dt_ptr, dt_lo_ptr, i, ok)
+        diff = tl.where(ok, _split_ratio_diff(c_s, c_s_lo, top_s, top_s_lo, c_t, c_t_lo, top_t, top_t_lo), 0.0)
+        g = diff * scale
+        sq += diff * diff
+        gc_s += tl.where(ok, g * c_s, 0.0)
+        gc_t -= tl.where(ok, g * c_t, 0.0)
+        n_s += tl.where(ok & (c_s == top_s) & (c_s_lo == top_s_lo), 1.0, 0.0)
+        n_t += tl.where(ok & (c_t == top_t) & (c_t_lo == top_t_lo), 1.0, 0.0)
+    tl.store(loss_ptr, _cast(tl.sum(sq, 0) / N, loss_ptr.dtype.element_ty))
+    share_s = tl.sum(gc_s, 0) / (top_s * top_s) / tl.sum(n_s, 0)
+    share_t = tl.sum(gc_t, 0) / (top_t * top_t) / tl.sum(n_t, 0)
+    for start in range(0, N, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        ok = i < N
+        c_s, c_s_lo, d_s = _clamped_split(ds_ptr, ds_lo_ptr, i, ok)
+        c_t, c_t_lo, d_t = _clamped_split(dt_ptr, dt_lo_ptr, i, ok)
+        g = _split_ratio_diff(c_s, c_s_lo, top_s, top_s_lo, c_t, c_t_lo, top_t, top_t_lo) * scale
+        dd_s = (g / top_s - tl.where((c_s == top_s) & (c_s_lo == top_s_lo), share_s, 0.0)) \
+            * (d_s >= 1e-12).to(tl.float32)
+        dd_t = (-g / top_t - tl.where((c_t == top_t) & (c_t_lo == top_t_lo), share_t, 0.0)) \
+            * (d_t >= 1e-12).to(tl.float32)
+        tl.store(dds_ptr + i, dd_s, mask=ok)
+        tl.store(ddt_ptr + i, dd_t, mask=ok)
+
+
+def transformation_split_loss(d_s, d_t, dtype):
+    """transformation_loss on the float32 path: d_* = (hi, lo) (N,) float32 each
+    (transformation_distances_split); dd_* float32."""
+    n = len(d_s[0])
+    loss = torch.empty((), dtype=dtype, device=d_s[0].device)
+    dd_s, dd_t = torch.empty_like(d_s[0]), torch.empty_like(d_t[0])
+    _transformation_split_loss_kernel[(1,)](*d_s, *d_t, loss, dd_s, dd_t, n, 2.0 / n, BLOCK=BLOCK_N, **NO_FMA)
+    return loss, dd_s, dd_t
+
+
 def transformation_loss(d_s, d_t, dtype):
     """(loss in dtype, dd_s, dd_t): mse(T_s, T_t), T = max(d, 1e-12) / max(max(d, 1e-12)), from
     the distances d_* (N,) float64, and its gradients dL/dd_* at grad_output 1 (one launch)."""
@@ -174,8 +310,20 @@ def transformation_distances(a, b, dtype):
     return d
 
 
+def transformation_distances_split(a, b):
+    """transformation_distances in float32 arithmetic, for float32, bfloat16 and float16
+    maps: (hi, lo) (N,) float32 each, d = hi + lo to about 2^-48."""
+    n, v = a.size(0), a[0].numel()
+    hi = torch.empty(n, dtype=torch.float32, device=a.device)
+    lo = torch.empty_like(hi)
+    _transformation_split_distance_kernel[(n,)](*_map_args(a), *_map_args(b), hi, lo, v,
+                                                HALVE=a.size(1) < b.size(1), BLOCK_V=BLOCK_V, **NO_FMA)
+    return hi, lo
+
+
 def transformation_grads(a, b, dd, a_grad, b_grad):
-    """(dL/da or None, dL/db or None) from dd = dL/dd (N,), shaped and typed like a and b."""
+    """(dL/da or None, dL/db or None) from dd = dL/dd (N,), shaped and typed like a and b; in
+    dd's dtype (float32 on the float32 path: float32 arithmetic)."""
     if not (a_grad or b_grad):
         return None, None
     n, v = a.size(0), a[0].numel()

@@ -103,10 +103,6 @@ EXPECTED = {
     "distance._distance_grad_kernel": {"float64": _F64},
     "distance._rkd_distance_loss_kernel": {"float64": _F64},
     "distance._rkd_distance_sum_kernel": {"float64": _F64, "spill@sm_86": _F64_SPILL, "spill@sm_89": _F64_SPILL},
-    "irg_transformation._transformation_distance_kernel": {"float64": _F64},
-    "irg_transformation._transformation_grad_kernel": {"float64": _F64},
-    "irg_transformation._transformation_loss_kernel": {"float64": _F64, "spill@sm_86": _F64_SPILL,
-                                                       "spill@sm_89": _F64_SPILL},
 }
 
 
