@@ -61,8 +61,12 @@ import triton
 import triton.language as tl
 
 from ..common import zero_row_sums
-from .common import cdiv, sqrt, two_sum
+from .common import NO_FMA, cdiv, sqrt, two_sum
 from .gram import BLOCK, TILE_WARPS, _cast, _load_tile, _smooth_l1
+
+# Every kernel here is launched with NO_FMA (fastkd/kernels/common.py): the student's and the
+# teacher's angles round alike, and the fast path's compensated sums stay error-free, as in
+# Triton's interpreter, which never contracts a product into a sum.
 
 # The exact and direct paths' kernels: float64 on purpose, for float64 inputs and the anchors
 # the fast path cannot hold (fastkd.kernels.resources lets them do float64 for any input dtype).
@@ -619,7 +623,7 @@ def anchor_order(parts, n, lo, anchors):
     v_s = torch.empty((anchors, n), dtype=torch.float32, device=hi_s.device)
     v_t = torch.empty_like(v_s)
     flag = torch.empty(anchors, dtype=torch.int32, device=hi_s.device)
-    _fast_rows_kernel[(cdiv(anchors, BLOCK),)](*parts, v_s, v_t, flag, lo, anchors, n, BLOCK=BLOCK)
+    _fast_rows_kernel[(cdiv(anchors, BLOCK),)](*parts, v_s, v_t, flag, lo, anchors, n, BLOCK=BLOCK, **NO_FMA)
     return (*_ordered(flag), v_s, v_t)
 
 
@@ -627,7 +631,7 @@ def exact_anchor_order(e_s, e_t, lo, anchors):
     """(order, counts) of float64 inputs (E (N, N) float64 per side): the anchors lo:lo + anchors
     as offsets from lo, the direct path's first (_exact_rows_kernel), the exact path's next."""
     flag = torch.empty(anchors, dtype=torch.int32, device=e_s.device)
-    _exact_rows_kernel[(cdiv(anchors, BLOCK),)](e_s, e_t, flag, lo, anchors, len(e_s), BLOCK=BLOCK)
+    _exact_rows_kernel[(cdiv(anchors, BLOCK),)](e_s, e_t, flag, lo, anchors, len(e_s), BLOCK=BLOCK, **NO_FMA)
     return _ordered(flag)
 
 
@@ -657,13 +661,13 @@ def rkd_angle_forward(e_s, e_t, with_stats, rows, lo=0, anchors=None, parts=None
     _rkd_angle_fwd_direct_kernel[(anchors, nb)](x_s, x_s.stride(0), x_s.stride(1), x_s.shape[1], x_t, x_t.stride(0),
                                                 x_t.stride(1), x_t.shape[1], e_s, e_t, order, count, part, stats, lo,
                                                 n, STATS=with_stats, BLOCK=BLOCK, BLOCK_F=DIRECT_BLOCK_F,
-                                                num_warps=TILE_WARPS)
+                                                num_warps=TILE_WARPS, **NO_FMA)
     _rkd_angle_fwd_kernel[(anchors, nb)](e_s, e_t, order, count, part, stats, lo, n, STATS=with_stats,
-                                         BLOCK=BLOCK, num_warps=TILE_WARPS)
+                                         BLOCK=BLOCK, num_warps=TILE_WARPS, **NO_FMA)
     if parts is not None:
         fast = (parts[0], parts[1], v_s, parts[2], parts[3], v_t)
         _rkd_angle_fwd_fast_kernel[(anchors, nb)](*fast, order, count, part, stats, lo, n,
-                                                  STATS=with_stats, BLOCK=BLOCK, num_warps=TILE_WARPS)
+                                                  STATS=with_stats, BLOCK=BLOCK, num_warps=TILE_WARPS, **NO_FMA)
     if not with_stats:
         return part.sum(), None
     return part.sum(), (stats, order, count) + (() if parts is None else fast)
@@ -686,12 +690,13 @@ def rkd_angle_direct_grad(rows, e_s, e_t, saved, grads, scale, lo=0):
     _rkd_angle_grad_direct_kernel[(cdiv(n, BLOCK),)](
         x_s, x_s.stride(0), x_s.stride(1), x_s.shape[1], x_t, x_t.stride(0), x_t.stride(1), x_t.shape[1], e_s, e_t,
         order, count, u, r[0], r[1], some if g_s is None else g_s, some if g_t is None else g_t, scale, lo, n,
-        GRAD_S=g_s is not None, GRAD_T=g_t is not None, BLOCK=BLOCK, BLOCK_F=DIRECT_BLOCK_F, num_warps=TILE_WARPS)
+        GRAD_S=g_s is not None, GRAD_T=g_t is not None, BLOCK=BLOCK, BLOCK_F=DIRECT_BLOCK_F, num_warps=TILE_WARPS,
+        **NO_FMA)
     for x, plane, g in ((x_s, r[0], g_s), (x_t, r[1], g_t)):
         if g is not None:
             _rkd_angle_grad_direct_anchor_kernel[(anchors, cdiv(x.shape[1], DIRECT_ANCHOR_F))](
                 x, x.stride(0), x.stride(1), x.shape[1], order, count, plane, g, scale, lo, n, BLOCK=BLOCK,
-                BLOCK_F=DIRECT_ANCHOR_F)
+                BLOCK_F=DIRECT_ANCHOR_F, **NO_FMA)
 
 
 def rkd_angle_backward(e_s, e_t, saved, lo=0):
@@ -709,10 +714,10 @@ def rkd_angle_backward(e_s, e_t, saved, lo=0):
     # The anchors' loop bound, read from the device, holds one more register, which spilled at
     # TILE_WARPS in float64 (sm_80, sm_90); twice the warps (half the tile per thread) do not.
     _rkd_angle_grad_kernel[(nb, nb)](e_s, e_t, order, count, tiles, lo, anchors, n, BLOCK=BLOCK,
-                                     num_warps=2 * TILE_WARPS)
+                                     num_warps=2 * TILE_WARPS, **NO_FMA)
     if fast:
         _rkd_angle_grad_fast_kernel[(nb, nb)](*fast, order, count, tiles, lo, anchors, n, BLOCK=BLOCK,
-                                              num_warps=TILE_WARPS)
+                                              num_warps=TILE_WARPS, **NO_FMA)
     hi = lo + anchors
     out = []
     for (w1, s, q), (w2, z2) in ((stats[:3], tiles[:2]), (stats[3:], tiles[2:])):
