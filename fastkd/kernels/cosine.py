@@ -1,10 +1,13 @@
 """Triton kernels of the losses on similarities of the Gram matrix: SP (G itself, row
 normalised), PKT (cosine similarities read from G) and CC (G of normalised rows), from
-G (N, N) float64 of the student's and the teacher's rows (`gram`, fastkd/kernels/gram.py).
+G (N, N) of the student's and the teacher's rows (fastkd/kernels/gram.py).
 
 Numerics: cosine similarities subtract nothing, but these losses are near 0 exactly when
-student and teacher agree, where float32 sums would leave errors of the size of the loss:
-everything sums in float64.
+student and teacher agree, where plain float32 arithmetic would leave errors of the size of
+the loss. Float64 inputs: G float64 (`gram`), everything in float64. Float32, bfloat16 and
+float16 inputs: each loss's *_split kernels, float32 arithmetic from G = hi + lo
+(`gram_split`), double-float only in the steps where a near-zero loss cancels (each
+section's header says which, and why).
 """
 import math
 

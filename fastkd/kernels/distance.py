@@ -1,14 +1,16 @@
 """Triton kernels of the losses on squared distances: RKD's distance term and IRG's edge
-term, from E (N, N) float64 of the student's and the teacher's rows (fastkd/kernels/gram.py);
-IRG's E is formed in its tiles from the centred Gram matrix (_gram_distance_tile).
+term, from E (N, N) of the student's and the teacher's rows (fastkd/kernels/gram.py); IRG's
+float64 E is formed in its tiles from the centred Gram matrix (_gram_distance_tile).
 
 Both read E through the same clamped tile (pdist2 = max(E, 1e-12) off the diagonal) and turn
 W = N^2 dL/dp (p the squared distances) into M = -4 W, r = 4 rowsum(W) with one gradient
 loop (`_distance_grad_kernel`), each loss giving W at a tile.
 
 Numerics: RKD's E comes from `squared_distances` (the difference vectors, see gram.py).
-IRG reads E only through E / max(E): the centred float64 Gram matrix is accurate enough there
-(fastkd.common.squared_distances_from_gram) and far cheaper on wide maps.
+IRG reads E only through E / max(E): for float64 inputs the centred float64 Gram matrix is
+accurate enough there (fastkd.common.squared_distances_from_gram) and far cheaper on wide
+maps; for float32, bfloat16 and float16 inputs E = hi + lo from the difference vectors in
+float32 arithmetic, the kernels in float32 (see IRG's section).
 """
 import torch
 import triton
@@ -93,7 +95,8 @@ def _distance_backward(e_s, e_t, stats, tile_w, lo, sq=None, options=None):
     rows, n = e_s.shape
     sq_s, sq_t = (e_s, e_t) if sq is None else sq
     _distance_grad_kernel[(cdiv(rows, BLOCK),)](e_s, e_t, sq_s, sq_t, sq_s.stride(0), stats, m_s, r_s, m_t,
-                                                r_t, lo, rows, n, TILE_W=tile_w, BLOCK=BLOCK, **(options or {}))
+                                                r_t, lo, rows, n, TILE_W=tile_w, BLOCK=BLOCK,
+                                                **(options or {}))
     return m_s, r_s, m_t, r_t
 
 

@@ -19,9 +19,9 @@ R = N, with the code it had (SQUARE, ALL: the symmetric tiles, the loop over all
 Numerics (the CPU path, fastkd/torch_backend/pairwise.py, follows the same rules for RKD,
 forms IRG's edges with the reference's own float32 operations unless a common offset would
 swamp them, and runs the reference's own forward operations for SP, PKT and CC; its
-docstring has the error analysis). Everything here and in the losses' modules sums in float64, whatever the input
-dtype. Formed from a Gram matrix, E_ab = G_aa + G_bb - 2 G_ab carries an absolute error of
-about u |x|^2, which is all of E_ab for a pair much closer than the rows' norms (float32
+docstring has the error analysis). For float64 inputs everything here and in the losses'
+modules sums in float64. Formed from a Gram matrix, E_ab = G_aa + G_bb - 2 G_ab carries an
+absolute error of about u |x|^2, which is all of E_ab for a pair much closer than the rows' norms (float32
 features spread over 5000 with two rows 0.3 apart gave RKD 5e9 for 0.66; centring does not
 help when the spread itself is large). So `squared_distances` sums E over the difference
 vectors themselves: for float32, bfloat16 and float16 inputs each difference is exact, E_ab
@@ -32,6 +32,10 @@ RKD on float32, bfloat16 and float16 inputs does both without float64:
 `squared_distances_split` carries E as two float32 sums (hi + lo, 2^-48) and
 `difference_grad` forms sum_b M_ab (x_b - x_a) from the differences themselves (its terms'
 r is minus M's row sums), whose float32 rounding is relative to each term, not to |x|.
+SP, PKT, CC and IRG on those inputs also run without float64: `gram_split` (G = hi + lo,
+exact products and compensated sums), `squared_norms_split` (its diagonal for a global
+batch), `squared_distances_parts` (IRG's E), and `gram_grad` with a float32 M
+(`_product_grad_kernel`, float32 outer products).
 Buffers are (N, N) at most.
 """
 import torch

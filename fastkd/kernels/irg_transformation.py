@@ -133,7 +133,8 @@ def _transformation_split_distance_kernel(a_ptr, sa_n, sa_c, sa_h, sa_w, hw_a, w
     for start in range(0, V, BLOCK_V):
         f = start + tl.arange(0, BLOCK_V).to(tl.int64)
         d, d_lo = _transformation_difference_split(a_ptr, (sa_n, sa_c, sa_h, sa_w), (hw_a, w_a),
-                                                   b_ptr, (sb_n, sb_c, sb_h, sb_w), (hw_b, w_b), i, f, f < V, HALVE)
+                                                   b_ptr, (sb_n, sb_c, sb_h, sb_w), (hw_b, w_b), i, f, f < V,
+                                                   HALVE)
         p, p_err = two_prod(d, d)
         acc, err = two_sum(acc, p)
         acc_lo += err + (p_err + 2 * d * d_lo)
