@@ -13,26 +13,30 @@ from fastkd.kernels import gram, irg_transformation
 from helpers import assert_close
 from test_adversarial_pairwise import compare, inputs, loss_and_grads
 
-# (op, n, d, case, gap_exp, near, seed) where the float32 step named beside it matters.
+# (op, n, d, case, gap_exp, near, seed, upstream gradient) where the float32 step named
+# beside it matters.
 CASES = {
     # G^_s - G^_t in double-float: each side's G / n rounded to float32 first, the loss is
     # 22x the reference's error off.
-    "sp": ("sp", 5, 7, "tiny", 2, True, 2),
+    "sp": ("sp", 5, 7, "tiny", 2, True, 2, 0.75),
     # The row sums S of C' double-float: with S rounded to float32, 560x.
-    "pkt": ("pkt_cos_sim", 12, 24, "tiny", 4, True, 2),
+    "pkt": ("pkt_cos_sim", 12, 24, "tiny", 4, True, 2, 0.75),
     # S = G / (n_a n_b) double-float: S = G w_a w_b in float32, 40x (cosines near 1).
-    "cc": ("cc", 12, 24, "tiny", 7, True, 1),
+    "cc": ("cc", 12, 24, "tiny", 7, True, 1, 0.75),
     # The maximum of E ordered by (hi, lo): a near-duplicate pair's two distances to the
     # farthest row round to one float32 value, and by hi alone the max's gradient goes to
     # both (the teacher's gradient 4e6x).
-    "irg_edge max": ("irg_edge", 12, 20, "spread", 7, False, 1),
+    "irg_edge max": ("irg_edge", 12, 20, "spread", 7, False, 1, 0.75),
     # E'_s - E'_t in double-float: each side's E / max(E) rounded to float32 first, the loss
     # is 23x off (teacher ~ student).
-    "irg_edge near": ("irg_edge", 12, 20, "spread", 7, True, 0),
+    "irg_edge near": ("irg_edge", 12, 20, "spread", 7, True, 0, 0.75),
     # IRG's transformation term (one distance per sample), likewise: its maximum ordered by
-    # (hi, lo) (the teacher's gradient 4e6x by hi alone), T_s - T_t in double-float (11x).
-    "irg_transformation max": ("irg_transformation", 12, 20, "spread", 7, False, 1),
-    "irg_transformation near": ("irg_transformation", 12, 20, "duplicates", 2, True, 0),
+    # (hi, lo) (the teacher's gradient 4e6x by hi alone), T_s - T_t in double-float (11x);
+    # and at the maximum, its own term of the max's share cancelling exactly (16x with the
+    # share summed whole, the student's gradient).
+    "irg_transformation max": ("irg_transformation", 12, 20, "spread", 7, False, 1, 0.75),
+    "irg_transformation near": ("irg_transformation", 12, 20, "duplicates", 2, True, 0, 0.75),
+    "irg_transformation share": ("irg_transformation", 5, 8, "spread", 7, False, 0, 0.25),
 }
 
 
@@ -42,20 +46,20 @@ def _refuse(*args, **kwargs):
 
 @pytest.mark.parametrize("name", CASES)
 def test_float32_path_within_the_reference_error(name, monkeypatch):
-    op, n, d, case, gap_exp, near, seed = CASES[name]
+    op, n, d, case, gap_exp, near, seed, grad_out = CASES[name]
     s, t = inputs(n, d, case, gap_exp, near, torch.float32, seed)
     for name in ("gram", "prepare", "squared_distances"):  # the float64 path's kernels
         monkeypatch.setattr(gram, name, _refuse)
     for name in ("transformation_distances", "transformation_loss"):
         monkeypatch.setattr(irg_transformation, name, _refuse)
-    compare(op, "triton", s, t, torch.tensor(0.75, dtype=torch.float64),
+    compare(op, "triton", s, t, torch.tensor(grad_out, dtype=torch.float64),
             f"{op} float32 path, {case} gap 1e-{gap_exp} near={near}")
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_float64_inputs_keep_the_float64_path(name, monkeypatch):
     """Float64 inputs never reach the float32 kernels."""
-    op, n, d, case, gap_exp, near, seed = CASES[name]
+    op, n, d, case, gap_exp, near, seed, _ = CASES[name]
     s, t = inputs(n, d, case, gap_exp, near, torch.float64, seed)
     for name in ("gram_split", "squared_distances_parts", "squared_norms_split"):
         monkeypatch.setattr(gram, name, _refuse)

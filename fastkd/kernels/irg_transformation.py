@@ -241,7 +241,13 @@ def _transformation_split_loss_kernel(ds_ptr, ds_lo_ptr, dt_ptr, dt_lo_ptr, loss
         top_t, top_t_lo = _lex_max(top_t, top_t_lo, c_t, c_t_lo)
     top_s, top_s_lo = tl.reduce((top_s, top_s_lo), 0, _lex_max)
     top_t, top_t_lo = tl.reduce((top_t, top_t_lo), 0, _lex_max)
+    # The max's share of the gradient, -sum_i g_i c_i / top^2 / count, is summed apart at the
+    # maxima (where c_i / top = 1) and elsewhere, so that at a maximum g / top and the share's
+    # own g / top cancel exactly (as torch's division backward, (c / top) / top, has them),
+    # not to the float32 rounding of their sum.
     sq = tl.zeros([BLOCK], dtype=tl.float32)
+    gm_s = tl.zeros([BLOCK], dtype=tl.float32)
+    gm_t = tl.zeros([BLOCK], dtype=tl.float32)
     gc_s = tl.zeros([BLOCK], dtype=tl.float32)
     gc_t = tl.zeros([BLOCK], dtype=tl.float32)
     n_s = tl.zeros([BLOCK], dtype=tl.float32)
@@ -254,22 +260,30 @@ def _transformation_split_loss_kernel(ds_ptr, ds_lo_ptr, dt_ptr, dt_lo_ptr, loss
         diff = tl.where(ok, _split_ratio_diff(c_s, c_s_lo, top_s, top_s_lo, c_t, c_t_lo, top_t, top_t_lo), 0.0)
         g = diff * scale
         sq += diff * diff
-        gc_s += tl.where(ok, g * c_s, 0.0)
-        gc_t -= tl.where(ok, g * c_t, 0.0)
-        n_s += tl.where(ok & (c_s == top_s) & (c_s_lo == top_s_lo), 1.0, 0.0)
-        n_t += tl.where(ok & (c_t == top_t) & (c_t_lo == top_t_lo), 1.0, 0.0)
+        max_s = ok & (c_s == top_s) & (c_s_lo == top_s_lo)
+        max_t = ok & (c_t == top_t) & (c_t_lo == top_t_lo)
+        gm_s += tl.where(max_s, g, 0.0)
+        gm_t -= tl.where(max_t, g, 0.0)
+        gc_s += tl.where(ok & ~max_s, g * (c_s / top_s), 0.0)
+        gc_t -= tl.where(ok & ~max_t, g * (c_t / top_t), 0.0)
+        n_s += tl.where(max_s, 1.0, 0.0)
+        n_t += tl.where(max_t, 1.0, 0.0)
     tl.store(loss_ptr, _cast(tl.sum(sq, 0) / N, loss_ptr.dtype.element_ty))
-    share_s = tl.sum(gc_s, 0) / (top_s * top_s) / tl.sum(n_s, 0)
-    share_t = tl.sum(gc_t, 0) / (top_t * top_t) / tl.sum(n_t, 0)
+    count_s = tl.sum(n_s, 0)
+    count_t = tl.sum(n_t, 0)
+    mean_s = tl.sum(gm_s, 0) / count_s
+    mean_t = tl.sum(gm_t, 0) / count_t
+    rest_s = tl.sum(gc_s, 0) / top_s / count_s
+    rest_t = tl.sum(gc_t, 0) / top_t / count_t
     for start in range(0, N, BLOCK):
         i = start + tl.arange(0, BLOCK)
         ok = i < N
         c_s, c_s_lo, d_s = _clamped_split(ds_ptr, ds_lo_ptr, i, ok)
         c_t, c_t_lo, d_t = _clamped_split(dt_ptr, dt_lo_ptr, i, ok)
         g = _split_ratio_diff(c_s, c_s_lo, top_s, top_s_lo, c_t, c_t_lo, top_t, top_t_lo) * scale
-        dd_s = (g / top_s - tl.where((c_s == top_s) & (c_s_lo == top_s_lo), share_s, 0.0)) \
+        dd_s = tl.where((c_s == top_s) & (c_s_lo == top_s_lo), (g - mean_s) / top_s - rest_s, g / top_s) \
             * (d_s >= 1e-12).to(tl.float32)
-        dd_t = (-g / top_t - tl.where((c_t == top_t) & (c_t_lo == top_t_lo), share_t, 0.0)) \
+        dd_t = tl.where((c_t == top_t) & (c_t_lo == top_t_lo), (-g - mean_t) / top_t - rest_t, -g / top_t) \
             * (d_t >= 1e-12).to(tl.float32)
         tl.store(dds_ptr + i, dd_s, mask=ok)
         tl.store(ddt_ptr + i, dd_t, mask=ok)
