@@ -224,7 +224,7 @@ def squared_distances_parts(x, lo=0, rows=None):
     hi = torch.empty((rows, n), dtype=torch.float32, device=x.device)
     lo_part = torch.empty_like(hi)
     _squared_distances_split_kernel[(cdiv(rows, BLOCK), cdiv(n, BLOCK))](
-        x, x.stride(0), x.stride(1), hi, lo_part, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK)
+        x, x.stride(0), x.stride(1), hi, lo_part, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK, **NO_FMA)
     return hi, lo_part
 
 
