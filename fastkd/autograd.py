@@ -454,7 +454,7 @@ def _distance_sides(x_s, x_t):
 
 def _rkd_sides(feat_s, feat_t, fast):
     """RKD's (E_s, E_t, X_s, X_t, parts): _distance_sides and parts None, or with fast
-    (_fast_angles) E from float32 arithmetic (squared_distances_split), parts its float32
+    (_float32_path) E from float32 arithmetic (squared_distances_split), parts its float32
     (hi_s, lo_s, hi_t, lo_t) and X the raw rows, whose gradient difference_grad forms in
     float32."""
     if not fast:
@@ -463,10 +463,11 @@ def _rkd_sides(feat_s, feat_t, fast):
     return e_s, e_t, feat_s, feat_t, (*parts_s, *parts_t)
 
 
-def _fast_angles(feat_s, feat_t):
-    """Whether RKD's angles may take the float32 path (fastkd/kernels/angle.py): for float32,
-    bfloat16 and float16 inputs; a float64 result keeps float64 throughout."""
-    return result_dtype(feat_s, feat_t) != torch.float64
+def _float32_path(*xs):
+    """Whether a relational loss takes its float32 kernels (RKD's angles, the similarity and
+    IRG losses; compensated where cancellation needs it): for float32, bfloat16 and float16
+    inputs; a float64 result keeps float64 throughout."""
+    return result_dtype(*xs) != torch.float64
 
 
 class RKDFunction(torch.autograd.Function):
@@ -481,7 +482,7 @@ class RKDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feat_s, feat_t, w_dist, w_angle):
-        fast = ctx.fast = _fast_angles(feat_s, feat_t)
+        fast = ctx.fast = _float32_path(feat_s, feat_t)
         e_s, e_t, x_s, x_t, parts = _rkd_sides(feat_s, feat_t, fast)
         n = len(e_s)
         loss = e_s.new_zeros(())
@@ -651,13 +652,6 @@ def cc(feat_s, feat_t, gamma, P_order):
     return _ops.apply("CCFunction", feat_s, feat_t, gamma, P_order)
 
 
-def _float32_path(*xs):
-    """Whether a similarity or IRG edge loss takes its float32 kernels (compensated where
-    cancellation needs it): for float32, bfloat16 and float16 inputs; a float64 result keeps
-    float64 throughout."""
-    return result_dtype(*xs) != torch.float64
-
-
 class IRGEdgeFunction(torch.autograd.Function):
     """mse(E'_s, E'_t), E' = pdist2 / max(pdist2) of flat(x). Float64 inputs: E from the
     centred float64 Gram matrix (formed in the kernels as fastkd.common.squared_distances_from_gram
@@ -778,7 +772,7 @@ class RKDRowsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_s, x_t, lo, n, w_dist, w_angle, group, sizes):
         big = len(x_s)
-        fast = ctx.fast = _fast_angles(x_s, x_t)
+        fast = ctx.fast = _float32_path(x_s, x_t)
         if fast:
             e_s, e_t = (_gram.squared_distances_split(x, lo, n)[0] for x in (x_s, x_t))
         else:
