@@ -118,6 +118,25 @@ def prepare(x, centre, normalise=False):
 
 
 @triton.jit
+def _tile_runs(pid_a, pid_b, SQUARE: tl.constexpr):
+    """Whether program (a, b) computes its tile: for one process's square matrix (SQUARE)
+    only b <= a, stored with its transpose; for a global batch's row block every tile."""
+    if SQUARE:
+        return pid_b <= pid_a
+    else:
+        return pid_b >= 0
+
+
+@triton.jit
+def _feature_column(row_a, row_b, ra, rb, R, N, f, stride_d):
+    """Feature f of the tile's rows a (R of them) and b (N), float32, 0 past the ends."""
+    col = tl.cast(f, tl.int64) * stride_d
+    xa = tl.load(row_a + col, mask=ra < R, other=0.0).to(tl.float32)
+    xb = tl.load(row_b + col, mask=rb < N, other=0.0).to(tl.float32)
+    return xa, xb
+
+
+@triton.jit
 def _store_distance_tile(e_ptr, ra, rb, R, N, value, SQUARE: tl.constexpr):
     """The (a, b) tile of an (R, N) matrix of squared distances, and with SQUARE (one process's
     (N, N), symmetric) its transpose at (b, a)."""
@@ -137,11 +156,7 @@ def _squared_distances_kernel(x_ptr, stride_n, stride_d, e_ptr, lo, R, N, D,
     the tiles with b <= a are computed, each stored at (a, b) and transposed at (b, a)."""
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
-    if SQUARE:
-        run = pid_b <= pid_a
-    else:
-        run = pid_b >= 0
-    if run:
+    if _tile_runs(pid_a, pid_b, SQUARE):
         ra = pid_a * BLOCK + tl.arange(0, BLOCK)
         rb = pid_b * BLOCK + tl.arange(0, BLOCK)
         acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float64)
@@ -181,11 +196,7 @@ def _squared_distances_split_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, l
     term is non-negative, so nothing cancels and the error stays about u32^2 E."""
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
-    if SQUARE:
-        run = pid_b <= pid_a
-    else:
-        run = pid_b >= 0
-    if run:
+    if _tile_runs(pid_a, pid_b, SQUARE):
         ra = pid_a * BLOCK + tl.arange(0, BLOCK)
         rb = pid_b * BLOCK + tl.arange(0, BLOCK)
         row_a = x_ptr + (lo + ra).to(tl.int64) * stride_n
@@ -193,9 +204,7 @@ def _squared_distances_split_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, l
         e_hi = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
         e_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
         for f in range(0, D):
-            col = tl.cast(f, tl.int64) * stride_d
-            xa = tl.load(row_a + col, mask=ra < R, other=0.0).to(tl.float32)
-            xb = tl.load(row_b + col, mask=rb < N, other=0.0).to(tl.float32)
+            xa, xb = _feature_column(row_a, row_b, ra, rb, R, N, f, stride_d)
             d, d_lo = two_sum(xa[:, None], -xb[None, :])
             p = d * d
             e_hi, err = two_sum(e_hi, p)
@@ -239,11 +248,7 @@ def _gram_split_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D,
     b <= a, stored at (a, b) and transposed at (b, a)."""
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
-    if SQUARE:
-        run = pid_b <= pid_a
-    else:
-        run = pid_b >= 0
-    if run:
+    if _tile_runs(pid_a, pid_b, SQUARE):
         ra = pid_a * BLOCK + tl.arange(0, BLOCK)
         rb = pid_b * BLOCK + tl.arange(0, BLOCK)
         row_a = x_ptr + (lo + ra).to(tl.int64) * stride_n
@@ -251,9 +256,7 @@ def _gram_split_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D,
         g_hi = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
         g_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
         for f in range(0, D):
-            col = tl.cast(f, tl.int64) * stride_d
-            xa = tl.load(row_a + col, mask=ra < R, other=0.0).to(tl.float32)
-            xb = tl.load(row_b + col, mask=rb < N, other=0.0).to(tl.float32)
+            xa, xb = _feature_column(row_a, row_b, ra, rb, R, N, f, stride_d)
             p, p_err = two_prod(xa[:, None], xb[None, :])
             g_hi, err = two_sum(g_hi, p)
             g_lo += err + p_err
@@ -319,11 +322,7 @@ def _gram_kernel(x_ptr, stride_n, stride_d, g_ptr, lo, R, N, D, SQUARE: tl.const
     symmetric."""
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
-    if SQUARE:
-        run = pid_b <= pid_a
-    else:
-        run = pid_b >= 0
-    if run:
+    if _tile_runs(pid_a, pid_b, SQUARE):
         ra = pid_a * BLOCK + tl.arange(0, BLOCK)
         rb = pid_b * BLOCK + tl.arange(0, BLOCK)
         acc = tl.zeros([BLOCK, BLOCK], dtype=g_ptr.dtype.element_ty)
