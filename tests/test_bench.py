@@ -6,13 +6,14 @@ import math
 import statistics
 import sys
 import time
+import types
 
 import pytest
 import torch
 
 import fastkd
 from fastkd import registry
-from fastkd.bench import cases, cli, measure, report
+from fastkd.bench import cases, cli, measure, precompile, report
 
 CPU = torch.device("cpu")
 FAST = {"warmup": 1, "min_reps": 2, "max_reps": 3, "budget_s": 0.0, "max_call_s": 60.0}
@@ -475,3 +476,44 @@ def test_fastkd_path_follows_the_dispatcher(monkeypatch):
     assert calls and all(rec["variants"]["fastkd"]["status"] == measure.OK for rec in run["results"])
     rows = [line.split() for line in report.table(run).splitlines() if line.startswith("SP ")]
     assert len(rows) == 2 and all(row[3] == "torch" for row in rows)
+
+
+# --- compiling ahead in a second process (fastkd.bench.precompile) --------------------
+
+def test_precompile_runs_the_cases_after_the_benchmarks_from_the_last(monkeypatch):
+    calls = []
+
+    def recording(case, device, dtype):
+        module = case.build("reference", device, dtype)
+        return (lambda *xs: (calls.append(case.name), module(*xs))[1]), module
+    monkeypatch.setitem(measure.VARIANTS, "compile", recording)
+    settings = _settings(losses=["Logits", "SP"], variants=["eager", "compile"])
+    names = [c.name for c in cli.sweep_cases(settings, CPU)]
+    assert len(names) >= 4
+    ran = precompile.compile_backwards(settings, ["compile"], types.SimpleNamespace(value=1))
+    assert ran == names[:1:-1]  # the last down to the one after the benchmark's position
+    assert calls == [name for name in ran for _ in range(2)]  # two calls each, the warm-up's
+    assert precompile.compile_backwards(settings, ["compile"], types.SimpleNamespace(value=len(names) - 1)) == []
+
+
+def test_precompile_only_with_compiled_variants_on_a_spare_cpu_core():
+    settings = _settings()
+    assert not precompile.Precompiler(settings, []).active
+    assert not precompile.Precompiler(dict(settings, device="cuda"), ["compile"]).active
+    busy = dict(settings, threads=precompile.spare_cores(0))
+    assert not precompile.Precompiler(busy, ["compile"]).active
+
+
+def test_precompile_process_fills_inductors_cache(tmp_path, monkeypatch):
+    if precompile.spare_cores(1) < 1:
+        pytest.skip("a one-core machine has no core to compile ahead on")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # the second process inherits it
+    settings = _settings(losses=["Logits"], cases="8x10$", variants=["eager", "compile"])
+    ahead = precompile.Precompiler(settings, ["compile"])
+    assert ahead.active
+    try:
+        ahead._proc.join(timeout=300)
+        assert ahead._proc.exitcode == 0
+    finally:
+        ahead.close()
+    assert any((tmp_path / "fxgraph").rglob("*")), "no compiled graph was cached"

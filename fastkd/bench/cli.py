@@ -23,7 +23,7 @@ from .. import backend
 from ..__main__ import METHODS, device_from, program_name
 from ..registry import EXTENSIONS, LM_HEAD
 from . import cases as cases_mod
-from . import host, measure, report, roofline
+from . import host, measure, precompile, report, roofline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
@@ -149,6 +149,8 @@ def parser():
     p.add_argument("--wide", action="store_true", help="the wide table: each variant's peak MiB, the memory "
                    "ratio against torch.compile and, on CUDA, the floor (the JSON and CSV always have them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--no-precompile", action="store_true", help="on the CPU with a core to spare beyond "
+                   "--threads: do not compile the references ahead in a second process (fastkd.bench.precompile)")
     return p
 
 
@@ -186,7 +188,17 @@ def settings_from(args):
         "budget_s": args.budget or (0.3 if quick else 3.0),
         "min_reps": args.min_reps or (3 if quick else 5), "max_reps": args.max_reps, "warmup": args.warmup,
         "threads": args.threads or torch.get_num_threads(),
+        "precompile": not args.no_precompile,
     }
+
+
+def sweep_cases(settings, device):
+    """The cases settings name: the sweep's for the device, those whose name matches
+    settings["cases"]."""
+    todo = cases_mod.cases(settings["sweep"], device.type, settings["losses"])
+    if settings.get("cases"):
+        todo = [c for c in todo if re.search(settings["cases"], c.name)]
+    return todo
 
 
 def run(settings, machine=None, variants=None, progress=True, cases=None, on_start=None, on_record=None):
@@ -204,11 +216,11 @@ def run(settings, machine=None, variants=None, progress=True, cases=None, on_sta
     torch.set_num_threads(settings["threads"])
     builders = variants or {v: measure.VARIANTS[v] for v in settings["variants"]}
     settings = dict(settings, variants=list(builders))
-    if cases is None:
-        cases = cases_mod.cases(settings["sweep"], device.type, settings["losses"])
-        if settings.get("cases"):
-            cases = [c for c in cases if re.search(settings["cases"], c.name)]
-    todo = cases
+    todo = sweep_cases(settings, device) if cases is None else cases
+    compiled = [v for v in builders if v in measure.COMPILED]
+    # The second process rebuilds the sweep's cases, so it runs only for those.
+    ahead = precompile.Precompiler(settings, compiled if settings.get("precompile") and cases is None else [])
+    settings["precompile"] = ahead.active
     info = describe_device(device)
     if machine:
         info["description"] = machine
@@ -224,35 +236,39 @@ def run(settings, machine=None, variants=None, progress=True, cases=None, on_sta
     paths = [fastkd_path(case.loss, device, case.numel) for case in todo]
     if on_start is not None:
         on_start(out, [(case.loss, case.shape, report.path_cell(path)) for case, path in zip(todo, paths)])
-    if any(v in measure.COMPILED for v in builders):
+    if compiled:
         measure.warm_compiler(device)
     bar = report.Progress(len(todo), enabled=progress)
     # (loss, its arguments, variant) -> (size, status): not tried at larger sizes (the
     # arguments tell FusedLinearDistillation's divergences apart, whose references differ).
     failed_at = {}
     start = time.monotonic()
-    for case, path in zip(todo, paths):
-        skip = {v: status for v in builders
-                for size, status in [failed_at.get((case.loss, case.args, v), (None, None))]
-                if case.monotone and size is not None and case.size >= size}
-        results = measure.run_case(
-            case, device, case.dtype or dtype, builders, warmup=settings["warmup"], min_reps=settings["min_reps"],
-            max_reps=settings["max_reps"], budget_s=settings["budget_s"], max_call_s=settings["max_call_s"],
-            max_memory=settings["max_memory"] if device.type == "cpu" else None, skip=skip, progress=bar.show)
-        for v, res in results.items():
-            if res["status"] in (measure.OOM, measure.TOO_SLOW) and not res["skipped"] and case.monotone:
-                failed_at.setdefault((case.loss, case.args, v), (case.size, res["status"]))
-        record = {"loss": case.loss, "shape": case.shape, "x": case.x, "x_name": case.x_name, "size": case.size,
-                  "monotone": case.monotone, "params": case.params, "fastkd_path": path,
-                  "variants": results, "floor": None, "dtype": str(case.dtype or dtype).removeprefix("torch.")}
-        report.add_ratios(record, min_memory_bytes=2 ** 20 if device.type == "cpu" else 0)
-        if device.type == "cuda" and case.floor:
-            fast = results.get("fastkd") or {}
-            record["floor"] = roofline.floor(case, dtype, info, fast.get("time_s"))
-        out["results"].append(record)
-        if on_record is not None:
-            on_record(out)
-        bar.advance(case.name)
+    try:
+        for index, (case, path) in enumerate(zip(todo, paths)):
+            ahead.at(index)
+            skip = {v: status for v in builders
+                    for size, status in [failed_at.get((case.loss, case.args, v), (None, None))]
+                    if case.monotone and size is not None and case.size >= size}
+            results = measure.run_case(
+                case, device, case.dtype or dtype, builders, warmup=settings["warmup"], min_reps=settings["min_reps"],
+                max_reps=settings["max_reps"], budget_s=settings["budget_s"], max_call_s=settings["max_call_s"],
+                max_memory=settings["max_memory"] if device.type == "cpu" else None, skip=skip, progress=bar.show)
+            for v, res in results.items():
+                if res["status"] in (measure.OOM, measure.TOO_SLOW) and not res["skipped"] and case.monotone:
+                    failed_at.setdefault((case.loss, case.args, v), (case.size, res["status"]))
+            record = {"loss": case.loss, "shape": case.shape, "x": case.x, "x_name": case.x_name, "size": case.size,
+                      "monotone": case.monotone, "params": case.params, "fastkd_path": path,
+                      "variants": results, "floor": None, "dtype": str(case.dtype or dtype).removeprefix("torch.")}
+            report.add_ratios(record, min_memory_bytes=2 ** 20 if device.type == "cpu" else 0)
+            if device.type == "cuda" and case.floor:
+                fast = results.get("fastkd") or {}
+                record["floor"] = roofline.floor(case, dtype, info, fast.get("time_s"))
+            out["results"].append(record)
+            if on_record is not None:
+                on_record(out)
+            bar.advance(case.name)
+    finally:
+        ahead.close()
     bar.close()
     out["run_seconds"] = time.monotonic() - start
     out["beyond"] = report.beyond(out["results"])

@@ -235,7 +235,8 @@ def header(run):
              + ("-dirty" if (run["git_commit"] or "").endswith("-dirty") else ""),
              f"sweep {run['settings']['sweep']}, dtype {run['settings']['dtype']}, "
              f"{run['settings']['threads']} CPU threads, memory cap "
-             + (f"{run['settings']['max_memory'] / 2 ** 30:.1f} GiB" if run["settings"]["max_memory"] else "none")]
+             + (f"{run['settings']['max_memory'] / 2 ** 30:.1f} GiB" if run["settings"]["max_memory"] else "none")
+             + ("; references compiled ahead on a spare core" if run["settings"].get("precompile") else "")]
     if dev.get("bandwidth_Bps"):
         rates = [f"{label} {dev[key] / 1e12:.0f}" for label, key in
                  (("TF32", "peak_tf32_flops"), ("bf16", "peak_bf16_flops"), ("FMA", "fma_flops")) if dev.get(key)]

@@ -1,0 +1,105 @@
+"""Compiling the references ahead, on a spare CPU core.
+
+On the CPU most of a quick sweep's time is torch.compile of the references (inductor's
+tracing, lowering and C++ compiles: about 100 of the 110 s on a 2-core machine), while the
+benchmark itself times on one thread. When the machine has a core beyond the benchmark's
+threads, `Precompiler` starts a second process that runs each case's compiled variants once,
+from the last case backwards, into inductor's on-disk caches (FX graph and AOTAutograd),
+which the benchmark's own process reads. The benchmark still compiles every case itself,
+as a user's first call does, from the first case forwards; the two meet in the middle, and
+the second process stops at the case the benchmark has reached. What the benchmark measures
+is unchanged (its timed calls run after compilation either way); only the cache hits make
+its compile step shorter. While the second process runs, the benchmark's timed calls share
+the machine with it (one core each).
+"""
+import contextlib
+import logging
+import multiprocessing
+import os
+
+
+def spare_cores(threads):
+    """Cores this process may run on beyond the benchmark's `threads`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return cores - threads
+
+
+class Precompiler:
+    """The second process (see the module docstring); `at(index)` tells it the case the
+    benchmark has reached, `close()` ends it. Without compiled variants, on a device
+    other than the CPU, or without a spare core, it does nothing."""
+
+    def __init__(self, settings, compiled_variants):
+        self._proc = None
+        self._position = None
+        if not compiled_variants or not settings["device"].startswith("cpu") or spare_cores(settings["threads"]) < 1:
+            return
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
+        self._position = ctx.Value("i", -1)
+        self._proc = ctx.Process(target=_child, args=(settings, list(compiled_variants), self._position),
+                                 daemon=True, name="fastkd-bench-precompile")
+        self._proc.start()
+
+    @property
+    def active(self):
+        return self._proc is not None
+
+    def at(self, index):
+        if self._position is not None:
+            self._position.value = index
+
+    def close(self):
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.join()
+            self._proc = None
+
+
+def _child(settings, variants, position):
+    """The second process's entry: its output silenced (compiler warnings would interleave
+    with the table), then compile_backwards."""
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+    import torch
+    from torch._inductor import config as inductor_config
+
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+    inductor_config.compile_threads = 1  # one core: the other is the benchmark's
+    torch.set_num_threads(settings["threads"])
+    compile_backwards(settings, variants, position)
+
+
+def compile_backwards(settings, variants, position):
+    """Each case's compiled variants, two calls each (as the benchmark's warm-up makes: CRD
+    takes another branch on its second call), from the last case down to the one after
+    position.value, which the benchmark moves on. Best effort: a failure here only leaves
+    that case for the benchmark to compile. Returns the names of the cases it ran."""
+    import torch
+
+    from .. import backend
+    from . import cli, measure
+
+    device = torch.device(settings["device"])
+    todo = cli.sweep_cases(settings, device)
+    cap = settings["max_memory"] // 2 if settings["max_memory"] else None
+    ran = []
+    with measure.memory_cap(device, cap), backend.use_backend("auto"):
+        for index in reversed(range(len(todo))):
+            if index <= position.value:
+                break
+            case = todo[index]
+            dtype = case.dtype or cli.DTYPES[settings["dtype"]]
+            torch._dynamo.reset()
+            ran.append(case.name)
+            for name in variants:
+                with contextlib.suppress(Exception):
+                    step, module = measure.VARIANTS[name](case, device, dtype)
+                    runner = measure.Runner(case, device, dtype)
+                    for _ in range(2):
+                        if runner.time_call(step, module) > settings["max_call_s"]:
+                            break
+    return ran
