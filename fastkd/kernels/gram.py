@@ -154,21 +154,42 @@ def _squared_distances_kernel(x_ptr, stride_n, stride_d, e_ptr, lo, R, N, D,
     float32/bfloat16/float16 rows), so E does not cancel; (x_a - x_b)^2 = (x_b - x_a)^2 bit for
     bit, so E is exactly symmetric with an exactly zero diagonal. SQUARE (lo 0, R = N): only
     the tiles with b <= a are computed, each stored at (a, b) and transposed at (b, a)."""
+    _tile(x_ptr, stride_n, stride_d, e_ptr, lo, R, N, D, DIFF=True, SQUARE=SQUARE, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
+
+
+@triton.jit
+def _tile(x_ptr, stride_n, stride_d, out_ptr, lo, R, N, D, DIFF: tl.constexpr, SQUARE: tl.constexpr,
+          BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The body of _squared_distances_kernel (DIFF: sum_f (x_a[f] - x_b[f])^2) and _gram_kernel
+    (sum_f x_a[f] x_b[f] by tl.dot) at the tile (a, b), in out's dtype; SQUARE: only b <= a,
+    stored at (a, b) and transposed at (b, a)."""
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
     if _tile_runs(pid_a, pid_b, SQUARE):
         ra = pid_a * BLOCK + tl.arange(0, BLOCK)
         rb = pid_b * BLOCK + tl.arange(0, BLOCK)
-        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float64)
+        acc = tl.zeros([BLOCK, BLOCK], dtype=out_ptr.dtype.element_ty)
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
-            xa = tl.load(x_ptr + (lo + ra[:, None]).to(tl.int64) * stride_n + cols[None, :] * stride_d,
-                         mask=(ra[:, None] < R) & (cols[None, :] < D), other=0.0).to(tl.float64)
-            xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * stride_n + cols[None, :] * stride_d,
-                         mask=(rb[:, None] < N) & (cols[None, :] < D), other=0.0).to(tl.float64)
-            diff = xa[:, None, :] - xb[None, :, :]
-            acc += tl.sum(diff * diff, axis=2)
-        _store_distance_tile(e_ptr, ra, rb, R, N, acc, SQUARE)
+            xa = tl.load(x_ptr + (lo + ra[:, None]).to(tl.int64) * stride_n + cols[None, :].to(tl.int64) * stride_d,
+                         mask=(ra[:, None] < R) & (cols[None, :] < D), other=0.0).to(acc.dtype)
+            xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * stride_n + cols[None, :].to(tl.int64) * stride_d,
+                         mask=(rb[:, None] < N) & (cols[None, :] < D), other=0.0).to(acc.dtype)
+            if DIFF:
+                diff = xa[:, None, :] - xb[None, :, :]
+                acc += tl.sum(diff * diff, axis=2)
+            else:
+                acc = tl.dot(xa, tl.trans(xb), acc, input_precision="ieee", out_dtype=acc.dtype)
+        if DIFF:
+            _store_distance_tile(out_ptr, ra, rb, R, N, acc, SQUARE)
+        else:
+            ok = (ra[:, None] < R) & (rb[None, :] < N)
+            if SQUARE:
+                # A diagonal tile of G is made exactly symmetric too: (a + b) / 2 does not
+                # depend on order (a difference's square is symmetric bit for bit already).
+                acc = tl.where(pid_a == pid_b, (acc + tl.trans(acc)) * 0.5, acc)
+                tl.store(out_ptr + rb[None, :].to(tl.int64) * N + ra[:, None], acc, mask=ok)
+            tl.store(out_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], acc, mask=ok)
 
 
 def squared_distances(x, lo=0, rows=None):
@@ -176,14 +197,21 @@ def squared_distances(x, lo=0, rows=None):
     module docstring); x read through its strides in any float dtype. rows: only the rows
     lo:lo + rows of E, (rows, N), each entry as in the whole matrix (a global batch's
     row block)."""
-    x = x.reshape(x.size(0), -1)
+    return _tiles(_squared_distances_kernel, x, lo, rows, torch.float64, 1, BLOCK_D=BLOCK_D_DIFF)[0]
+
+
+def _tiles(kernel, x, lo, rows, dtype, count, **options):
+    """`count` (rows, N) matrices in dtype written by a tile kernel (_tile, _split_tile) over
+    X = flat(x) (N, D): all N rows when rows is None (the square case), else the rows
+    lo:lo + rows."""
+    x = flat(x)
     n, d = x.shape
     square = rows is None
     rows = n if square else rows
-    e = torch.empty((rows, n), dtype=torch.float64, device=x.device)
-    _squared_distances_kernel[(cdiv(rows, BLOCK), cdiv(n, BLOCK))](
-        x, x.stride(0), x.stride(1), e, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK, BLOCK_D=BLOCK_D_DIFF)
-    return e
+    out = tuple(torch.empty((rows, n), dtype=dtype, device=x.device) for _ in range(count))
+    kernel[(cdiv(rows, BLOCK), cdiv(n, BLOCK))](x, x.stride(0), x.stride(1), *out, lo, rows, n, d, SQUARE=square,
+                                               BLOCK=BLOCK, **options)
+    return out
 
 
 @triton.jit
@@ -194,24 +222,7 @@ def _squared_distances_split_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, l
     difference is split exactly (two_sum), each square exactly (its rounding error by a
     fused multiply-add), and the sum over the features carried as hi + lo (two_sum): every
     term is non-negative, so nothing cancels and the error stays about u32^2 E."""
-    pid_a = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    if _tile_runs(pid_a, pid_b, SQUARE):
-        ra = pid_a * BLOCK + tl.arange(0, BLOCK)
-        rb = pid_b * BLOCK + tl.arange(0, BLOCK)
-        row_a = x_ptr + (lo + ra).to(tl.int64) * stride_n
-        row_b = x_ptr + rb.to(tl.int64) * stride_n
-        e_hi = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        e_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        for f in range(0, D):
-            xa, xb = _feature_column(row_a, row_b, ra, rb, R, N, f, stride_d)
-            d, d_lo = two_sum(xa[:, None], -xb[None, :])
-            p = d * d
-            e_hi, err = two_sum(e_hi, p)
-            e_lo += err + (tl.fma(d, d, -p) + 2.0 * d * d_lo)
-        e_hi, e_lo = two_sum(e_hi, e_lo)
-        _store_distance_tile(hi_ptr, ra, rb, R, N, e_hi, SQUARE)
-        _store_distance_tile(lo_ptr, ra, rb, R, N, e_lo, SQUARE)
+    _split_tile(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D, DIFF=True, SQUARE=SQUARE, BLOCK=BLOCK)
 
 
 def squared_distances_split(x, lo=0, rows=None):
@@ -226,15 +237,37 @@ def squared_distances_split(x, lo=0, rows=None):
 
 def squared_distances_parts(x, lo=0, rows=None):
     """squared_distances_split's (hi, lo_part) alone (no float64 E)."""
-    x = flat(x)
-    n, d = x.shape
-    square = rows is None
-    rows = n if square else rows
-    hi = torch.empty((rows, n), dtype=torch.float32, device=x.device)
-    lo_part = torch.empty_like(hi)
-    _squared_distances_split_kernel[(cdiv(rows, BLOCK), cdiv(n, BLOCK))](
-        x, x.stride(0), x.stride(1), hi, lo_part, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK, **NO_FMA)
-    return hi, lo_part
+    return _tiles(_squared_distances_split_kernel, x, lo, rows, torch.float32, 2, **NO_FMA)
+
+
+@triton.jit
+def _split_tile(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D, DIFF: tl.constexpr, SQUARE: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """The body of the two split kernels: hi + lo = sum_f t(x_a[f], x_b[f]) at the tile (a, b),
+    each term t = (x_a - x_b)^2 (DIFF) or x_a x_b carried as an exact pair p + p_err and the
+    sum compensated (two_sum); SQUARE: only b <= a, stored at (a, b) and transposed at (b, a)."""
+    pid_a = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    if _tile_runs(pid_a, pid_b, SQUARE):
+        ra = pid_a * BLOCK + tl.arange(0, BLOCK)
+        rb = pid_b * BLOCK + tl.arange(0, BLOCK)
+        row_a = x_ptr + (lo + ra).to(tl.int64) * stride_n
+        row_b = x_ptr + rb.to(tl.int64) * stride_n
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        acc_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for f in range(0, D):
+            xa, xb = _feature_column(row_a, row_b, ra, rb, R, N, f, stride_d)
+            if DIFF:
+                d, d_lo = two_sum(xa[:, None], -xb[None, :])
+                p = d * d
+                p_err = tl.fma(d, d, -p) + 2.0 * d * d_lo
+            else:
+                p, p_err = two_prod(xa[:, None], xb[None, :])
+            acc, err = two_sum(acc, p)
+            acc_lo += err + p_err
+        acc, acc_lo = two_sum(acc, acc_lo)
+        _store_distance_tile(hi_ptr, ra, rb, R, N, acc, SQUARE)
+        _store_distance_tile(lo_ptr, ra, rb, R, N, acc_lo, SQUARE)
 
 
 @triton.jit
@@ -246,23 +279,7 @@ def _gram_split_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D,
     G's error is about u32^2 sum_f |x_a[f] x_b[f]| (2^-48 relative where nothing cancels).
     The products commute bit for bit, so a diagonal tile is exactly symmetric; SQUARE: only
     b <= a, stored at (a, b) and transposed at (b, a)."""
-    pid_a = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    if _tile_runs(pid_a, pid_b, SQUARE):
-        ra = pid_a * BLOCK + tl.arange(0, BLOCK)
-        rb = pid_b * BLOCK + tl.arange(0, BLOCK)
-        row_a = x_ptr + (lo + ra).to(tl.int64) * stride_n
-        row_b = x_ptr + rb.to(tl.int64) * stride_n
-        g_hi = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        g_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        for f in range(0, D):
-            xa, xb = _feature_column(row_a, row_b, ra, rb, R, N, f, stride_d)
-            p, p_err = two_prod(xa[:, None], xb[None, :])
-            g_hi, err = two_sum(g_hi, p)
-            g_lo += err + p_err
-        g_hi, g_lo = two_sum(g_hi, g_lo)
-        _store_distance_tile(hi_ptr, ra, rb, R, N, g_hi, SQUARE)
-        _store_distance_tile(lo_ptr, ra, rb, R, N, g_lo, SQUARE)
+    _split_tile(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D, DIFF=False, SQUARE=SQUARE, BLOCK=BLOCK)
 
 
 def gram_split(x, lo=0, rows=None):
@@ -270,15 +287,7 @@ def gram_split(x, lo=0, rows=None):
     G = hi + lo_part to about 2^-48 (two float32 (rows, N) matrices, exactly symmetric for
     one process's (N, N)), hi = fl(G). X = flat(x) read through its strides; rows: only the
     rows lo:lo + rows of G (a global batch's row block)."""
-    x = flat(x)
-    n, d = x.shape
-    square = rows is None
-    rows = n if square else rows
-    hi = torch.empty((rows, n), dtype=torch.float32, device=x.device)
-    lo_part = torch.empty_like(hi)
-    _gram_split_kernel[(cdiv(rows, BLOCK), cdiv(n, BLOCK))](
-        x, x.stride(0), x.stride(1), hi, lo_part, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK, **NO_FMA)
-    return hi, lo_part
+    return _tiles(_gram_split_kernel, x, lo, rows, torch.float32, 2, **NO_FMA)
 
 
 @triton.jit
@@ -320,25 +329,7 @@ def _gram_kernel(x_ptr, stride_n, stride_d, g_ptr, lo, R, N, D, SQUARE: tl.const
     through its strides in any float dtype (the conversion is exact). SQUARE (lo 0, R = N):
     only b <= a, stored at (a, b) and transposed at (b, a), a diagonal tile made exactly
     symmetric."""
-    pid_a = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    if _tile_runs(pid_a, pid_b, SQUARE):
-        ra = pid_a * BLOCK + tl.arange(0, BLOCK)
-        rb = pid_b * BLOCK + tl.arange(0, BLOCK)
-        acc = tl.zeros([BLOCK, BLOCK], dtype=g_ptr.dtype.element_ty)
-        for start in range(0, D, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            xa = tl.load(x_ptr + (lo + ra[:, None]).to(tl.int64) * stride_n + cols[None, :].to(tl.int64) * stride_d,
-                         mask=(ra[:, None] < R) & (cols[None, :] < D), other=0.0).to(acc.dtype)
-            xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * stride_n + cols[None, :].to(tl.int64) * stride_d,
-                         mask=(rb[:, None] < N) & (cols[None, :] < D), other=0.0).to(acc.dtype)
-            acc = tl.dot(xa, tl.trans(xb), acc, input_precision="ieee", out_dtype=acc.dtype)
-        ok = (ra[:, None] < R) & (rb[None, :] < N)
-        if SQUARE:
-            # A diagonal tile is made exactly symmetric too: (a + b) / 2 does not depend on order.
-            acc = tl.where(pid_a == pid_b, (acc + tl.trans(acc)) * 0.5, acc)
-            tl.store(g_ptr + rb[None, :].to(tl.int64) * N + ra[:, None], acc, mask=ok)
-        tl.store(g_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], acc, mask=ok)
+    _tile(x_ptr, stride_n, stride_d, g_ptr, lo, R, N, D, DIFF=False, SQUARE=SQUARE, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
 
 
 def flat(x):
@@ -350,14 +341,7 @@ def gram(x, lo=0, rows=None):
     """G = X X^T (N, N) float64, exactly symmetric, X = flat(x) in any float dtype (the raw
     features: read and converted in the kernel), or from prepare(). rows: only the rows
     lo:lo + rows of G, (rows, N) (a global batch's row block)."""
-    x = flat(x)
-    n, d = x.shape
-    square = rows is None
-    rows = n if square else rows
-    g = torch.empty((rows, n), dtype=torch.float64, device=x.device)
-    _gram_kernel[(cdiv(rows, BLOCK), cdiv(n, BLOCK))](
-        x, x.stride(0), x.stride(1), g, lo, rows, n, d, SQUARE=square, BLOCK=BLOCK, BLOCK_D=BLOCK_D)
-    return g
+    return _tiles(_gram_kernel, x, lo, rows, torch.float64, 1, BLOCK_D=BLOCK_D)[0]
 
 
 @triton.jit
