@@ -19,6 +19,15 @@ from .common import NO_FMA, cdiv, dd_div, dd_sqrt, dd_sum, sqrt, to_acc, two_pro
 from .gram import BLOCK, TILE_WARPS, _load_tile, grad_buffers, store_total
 
 
+@triton.jit
+def _store_part_and_dots(part_ptr, dots_ptr, ra, R, loss, dot_s, dot_t):
+    """A forward kernel's results for its block of rows ra (< R): part[program] = the sum of
+    its rows' loss terms, dots (2, R) = each side's per-row dots."""
+    tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
+    tl.store(dots_ptr + ra, dot_s, mask=ra < R)
+    tl.store(dots_ptr + R + ra, dot_t, mask=ra < R)
+
+
 # --- SP -----------------------------------------------------------------------
 # G from the raw features (SP is not translation-invariant); n_i = max(||G_i||, 1e-12),
 # G^ = G / n (rows), loss = mean (G^_s - G^_t)^2.
@@ -52,9 +61,7 @@ def _sp_loss_kernel(gs_ptr, gt_ptr, norms_ptr, part_ptr, dots_ptr, R, N, BLOCK: 
         loss += tl.sum(diff * diff, 1)
         dot_s += tl.sum(diff * h_s, 1)
         dot_t += tl.sum(diff * h_t, 1)
-    tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
-    tl.store(dots_ptr + ra, dot_s, mask=ra < R)
-    tl.store(dots_ptr + R + ra, dot_t, mask=ra < R)
+    _store_part_and_dots(part_ptr, dots_ptr, ra, R, loss, dot_s, dot_t)
 
 
 @triton.jit
@@ -192,9 +199,7 @@ def _sp_split_loss_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, stats_ptr, part_
         loss += tl.sum(diff * diff, 1)
         dot_s += tl.sum(diff * h_s, 1)
         dot_t += tl.sum(diff * h_t, 1)
-    tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
-    tl.store(stats_ptr + 4 * R + ra, dot_s, mask=ra < R)
-    tl.store(stats_ptr + 5 * R + ra, dot_t, mask=ra < R)
+    _store_part_and_dots(part_ptr, stats_ptr + 4 * R, ra, R, loss, dot_s, dot_t)
 
 
 @triton.jit
@@ -280,6 +285,27 @@ def _cosine_rows(d_ptr, d_stride, rows, n_rows, eps):
 
 
 @triton.jit
+def _pkt_rows(ds_ptr, dt_ptr, d_stride, lo, R, eps, BLOCK: tl.constexpr):
+    """(ra, w_s, rw_s, w_t, rw_t): this program's block of the rows lo:lo + R (indices ra from
+    0) and their _cosine_rows on each side."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, rwa_s = _cosine_rows(ds_ptr, d_stride, lo + ra, lo + R, eps)
+    wa_t, rwa_t = _cosine_rows(dt_ptr, d_stride, lo + ra, lo + R, eps)
+    return ra, wa_s, rwa_s, wa_t, rwa_t
+
+
+@triton.jit
+def _pkt_columns(ds_ptr, dt_ptr, d_stride, ra, R, start, N, eps, BLOCK: tl.constexpr):
+    """(rb, ok, w_s, w_t) of the block of columns from start: the tile's mask with the rows ra
+    (< R), and the columns' w on each side."""
+    rb = start + tl.arange(0, BLOCK)
+    ok = (ra[:, None] < R) & (rb[None, :] < N)
+    wb_s, _ = _cosine_rows(ds_ptr, d_stride, rb, N, eps)
+    wb_t, _ = _cosine_rows(dt_ptr, d_stride, rb, N, eps)
+    return rb, ok, wb_s, wb_t
+
+
+@triton.jit
 def _pkt_probs(g, w_row, w_col, sums_row, eps):
     """C and P = ((C + 1) / 2) / rowsum at a tile, with the stats of its rows and columns."""
     c = g * w_row * w_col
@@ -294,16 +320,11 @@ def _pkt_sums_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, 
                      BLOCK: tl.constexpr):
     """sums (2, R) = the row sums of C' = (C + 1) / 2 on each side, for a block of rows."""
     eps = to_acc(eps, gs_ptr.dtype.element_ty)
-    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, _ = _cosine_rows(ds_ptr, d_stride, lo + ra, lo + R, eps)
-    wa_t, _ = _cosine_rows(dt_ptr, d_stride, lo + ra, lo + R, eps)
+    ra, wa_s, _, wa_t, _ = _pkt_rows(ds_ptr, dt_ptr, d_stride, lo, R, eps, BLOCK)
     sum_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     sum_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
-        rb = start + tl.arange(0, BLOCK)
-        ok = (ra[:, None] < R) & (rb[None, :] < N)
-        wb_s, _ = _cosine_rows(ds_ptr, d_stride, rb, N, eps)
-        wb_t, _ = _cosine_rows(dt_ptr, d_stride, rb, N, eps)
+        rb, ok, wb_s, wb_t = _pkt_columns(ds_ptr, dt_ptr, d_stride, ra, R, start, N, eps, BLOCK)
         c_s = _load_tile(gs_ptr, ra, rb, R, N) * wa_s[:, None] * wb_s[None, :]
         c_t = _load_tile(gt_ptr, ra, rb, R, N) * wa_t[:, None] * wb_t[None, :]
         sum_s += tl.sum(tl.where(ok, (c_s + 1) * 0.5, 0.0), 1)
@@ -327,19 +348,14 @@ def _pkt_loss_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, 
                      dots_ptr, lo, R, N, BLOCK: tl.constexpr):
     """For a block of rows: part = sum kl and dots (2, R) = sum_j A P on each side."""
     eps = to_acc(eps, gs_ptr.dtype.element_ty)
-    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, _ = _cosine_rows(ds_ptr, d_stride, lo + ra, lo + R, eps)
-    wa_t, _ = _cosine_rows(dt_ptr, d_stride, lo + ra, lo + R, eps)
+    ra, wa_s, _, wa_t, _ = _pkt_rows(ds_ptr, dt_ptr, d_stride, lo, R, eps, BLOCK)
     sa_s = tl.load(sums_ptr + ra, mask=ra < R, other=1.0)[:, None]
     sa_t = tl.load(sums_ptr + R + ra, mask=ra < R, other=1.0)[:, None]
     loss = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     dot_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     dot_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
-        rb = start + tl.arange(0, BLOCK)
-        ok = (ra[:, None] < R) & (rb[None, :] < N)
-        wb_s, _ = _cosine_rows(ds_ptr, d_stride, rb, N, eps)
-        wb_t, _ = _cosine_rows(dt_ptr, d_stride, rb, N, eps)
+        rb, ok, wb_s, wb_t = _pkt_columns(ds_ptr, dt_ptr, d_stride, ra, R, start, N, eps, BLOCK)
         # Named, not `_`: a loop-carried name must keep one type, and `_` is a (BLOCK,) vector
         # above.
         c_s, c_t, kl, a_s, a_t, p_s, p_t = _pkt_terms(
@@ -348,9 +364,7 @@ def _pkt_loss_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, 
         loss += tl.sum(tl.where(ok, kl, 0.0), 1)
         dot_s += tl.sum(tl.where(ok, a_s * p_s, 0.0), 1)
         dot_t += tl.sum(tl.where(ok, a_t * p_t, 0.0), 1)
-    tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
-    tl.store(dots_ptr + ra, dot_s, mask=ra < R)
-    tl.store(dots_ptr + R + ra, dot_t, mask=ra < R)
+    _store_part_and_dots(part_ptr, dots_ptr, ra, R, loss, dot_s, dot_t)
 
 
 @triton.jit
@@ -362,15 +376,22 @@ def _pkt_v(g_s, g_t, ws_row, ws_col, wt_row, wt_col, sums_s, sums_t, dots_s, dot
 
 
 @triton.jit
+def _pkt_m_tile(m_ptr, ra, rb, N, ok, v_ab, v_ba, c, w_a, w_b):
+    """One side at the tile (a, b): stores M = (V + V^T) w_a w_b and returns r's part before
+    rw_a, sum_b (V + V^T)_ab C_ab over these columns (V_ba: V at (b, a), transposed)."""
+    v = tl.where(ok, v_ab + v_ba, 0.0)
+    tl.store(m_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], v * w_a[:, None] * w_b[None, :], mask=ok)
+    return tl.sum(v * c, 1)
+
+
+@triton.jit
 def _pkt_grad_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, sums_ptr, dots_ptr,
                      ms_ptr, rs_ptr, mt_ptr, rt_ptr, lo, R, N, BLOCK: tl.constexpr):
     """M and r (see the section's header) for a block of rows, on each side; sums and dots
     (2, N) of every row (V_ba needs row b's). M and r on these rows give their whole
     gradient: M holds V + V^T."""
     eps = to_acc(eps, gs_ptr.dtype.element_ty)
-    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, rwa_s = _cosine_rows(ds_ptr, d_stride, lo + ra, lo + R, eps)
-    wa_t, rwa_t = _cosine_rows(dt_ptr, d_stride, lo + ra, lo + R, eps)
+    ra, wa_s, rwa_s, wa_t, rwa_t = _pkt_rows(ds_ptr, dt_ptr, d_stride, lo, R, eps, BLOCK)
     sa_s = tl.load(sums_ptr + lo + ra, mask=ra < R, other=1.0)
     sa_t = tl.load(sums_ptr + N + lo + ra, mask=ra < R, other=1.0)
     da_s = tl.load(dots_ptr + lo + ra, mask=ra < R, other=0.0)
@@ -378,10 +399,7 @@ def _pkt_grad_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, 
     r_s = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     r_t = tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty)
     for start in range(0, N, BLOCK):
-        rb = start + tl.arange(0, BLOCK)
-        ok = (ra[:, None] < R) & (rb[None, :] < N)
-        wb_s, _ = _cosine_rows(ds_ptr, d_stride, rb, N, eps)
-        wb_t, _ = _cosine_rows(dt_ptr, d_stride, rb, N, eps)
+        rb, ok, wb_s, wb_t = _pkt_columns(ds_ptr, dt_ptr, d_stride, ra, R, start, N, eps, BLOCK)
         sb_s = tl.load(sums_ptr + rb, mask=rb < N, other=1.0)
         sb_t = tl.load(sums_ptr + N + rb, mask=rb < N, other=1.0)
         db_s = tl.load(dots_ptr + rb, mask=rb < N, other=0.0)
@@ -396,14 +414,8 @@ def _pkt_grad_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, 
         vba_s, vba_t, c_ba_s, c_ba_t = _pkt_v(g_s, g_t, wb_s[None, :], wa_s[:, None], wb_t[None, :],
                                     wa_t[:, None], sb_s[None, :], sb_t[None, :],
                                     db_s[None, :], db_t[None, :], eps)
-        v_s = tl.where(ok, vab_s + vba_s, 0.0)
-        v_t = tl.where(ok, vab_t + vba_t, 0.0)
-        r_s += tl.sum(v_s * c_s, 1)
-        r_t += tl.sum(v_t * c_t, 1)
-        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
-                 v_s * wa_s[:, None] * wb_s[None, :], mask=ok)
-        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
-                 v_t * wa_t[:, None] * wb_t[None, :], mask=ok)
+        r_s += _pkt_m_tile(ms_ptr, ra, rb, N, ok, vab_s, vba_s, c_s, wa_s, wb_s)
+        r_t += _pkt_m_tile(mt_ptr, ra, rb, N, ok, vab_t, vba_t, c_t, wa_t, wb_t)
     tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < R)
     tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < R)
 
@@ -480,18 +492,13 @@ def _pkt_split_sums_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.flo
     """_pkt_sums_kernel in float32 arithmetic: the row sums S of C' double-float, their hi
     and lo parts at stats (3, 2, R)'s [0] and [1]."""
     eps = tl.cast(eps, tl.float32)
-    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, _ = _cosine_rows(ds_ptr, d_stride, lo + ra, lo + R, eps)
-    wa_t, _ = _cosine_rows(dt_ptr, d_stride, lo + ra, lo + R, eps)
+    ra, wa_s, _, wa_t, _ = _pkt_rows(ds_ptr, dt_ptr, d_stride, lo, R, eps, BLOCK)
     acc_s = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     acc_s_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     acc_t_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     for start in range(0, N, BLOCK):
-        rb = start + tl.arange(0, BLOCK)
-        ok = (ra[:, None] < R) & (rb[None, :] < N)
-        wb_s, _ = _cosine_rows(ds_ptr, d_stride, rb, N, eps)
-        wb_t, _ = _cosine_rows(dt_ptr, d_stride, rb, N, eps)
+        rb, ok, wb_s, wb_t = _pkt_columns(ds_ptr, dt_ptr, d_stride, ra, R, start, N, eps, BLOCK)
         # Named, not `_`: a loop-carried name keeps one type, and `_` is a (BLOCK,) vector above.
         cos_s, c_s, c_s_lo = _pkt_split_c(_load_tile(gs_ptr, ra, rb, R, N), wa_s[:, None], wb_s[None, :], ok)
         cos_t, c_t, c_t_lo = _pkt_split_c(_load_tile(gt_ptr, ra, rb, R, N), wa_t[:, None], wb_t[None, :], ok)
@@ -533,26 +540,19 @@ def _pkt_split_loss_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.flo
     """_pkt_loss_kernel in float32 arithmetic: part = sum kl and the dots sum_j A P (shifted
     A) at stats (3, 2, R)'s [2], for a block of rows."""
     eps = tl.cast(eps, tl.float32)
-    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, _ = _cosine_rows(ds_ptr, d_stride, lo + ra, lo + R, eps)
-    wa_t, _ = _cosine_rows(dt_ptr, d_stride, lo + ra, lo + R, eps)
+    ra, wa_s, _, wa_t, _ = _pkt_rows(ds_ptr, dt_ptr, d_stride, lo, R, eps, BLOCK)
     loss = tl.zeros([BLOCK], dtype=tl.float32)
     dot_s = tl.zeros([BLOCK], dtype=tl.float32)
     dot_t = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, N, BLOCK):
-        rb = start + tl.arange(0, BLOCK)
-        ok = (ra[:, None] < R) & (rb[None, :] < N)
-        wb_s, _ = _cosine_rows(ds_ptr, d_stride, rb, N, eps)
-        wb_t, _ = _cosine_rows(dt_ptr, d_stride, rb, N, eps)
+        rb, ok, wb_s, wb_t = _pkt_columns(ds_ptr, dt_ptr, d_stride, ra, R, start, N, eps, BLOCK)
         c_s, c_t, kl, a_s, a_t, p_s, p_t = _pkt_split_terms(
             _load_tile(gs_ptr, ra, rb, R, N), _load_tile(gt_ptr, ra, rb, R, N), wa_s[:, None], wb_s[None, :],
             wa_t[:, None], wb_t[None, :], stats_ptr, ra[:, None], R, R, ok, eps)
         loss += tl.sum(kl, 1)
         dot_s += tl.sum(a_s * p_s, 1)
         dot_t += tl.sum(a_t * p_t, 1)
-    tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
-    tl.store(stats_ptr + 4 * R + ra, dot_s, mask=ra < R)
-    tl.store(stats_ptr + 5 * R + ra, dot_t, mask=ra < R)
+    _store_part_and_dots(part_ptr, stats_ptr + 4 * R, ra, R, loss, dot_s, dot_t)
 
 
 @triton.jit
@@ -574,16 +574,11 @@ def _pkt_split_grad_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.flo
                            ms_ptr, rs_ptr, mt_ptr, rt_ptr, lo, R, N, BLOCK: tl.constexpr):
     """_pkt_grad_kernel in float32 arithmetic, stats (3, 2, N) of every row."""
     eps = tl.cast(eps, tl.float32)
-    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, rwa_s = _cosine_rows(ds_ptr, d_stride, lo + ra, lo + R, eps)
-    wa_t, rwa_t = _cosine_rows(dt_ptr, d_stride, lo + ra, lo + R, eps)
+    ra, wa_s, rwa_s, wa_t, rwa_t = _pkt_rows(ds_ptr, dt_ptr, d_stride, lo, R, eps, BLOCK)
     r_s = tl.zeros([BLOCK], dtype=tl.float32)
     r_t = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, N, BLOCK):
-        rb = start + tl.arange(0, BLOCK)
-        ok = (ra[:, None] < R) & (rb[None, :] < N)
-        wb_s, _ = _cosine_rows(ds_ptr, d_stride, rb, N, eps)
-        wb_t, _ = _cosine_rows(dt_ptr, d_stride, rb, N, eps)
+        rb, ok, wb_s, wb_t = _pkt_columns(ds_ptr, dt_ptr, d_stride, ra, R, start, N, eps, BLOCK)
         g_s = _load_tile(gs_ptr, ra, rb, R, N)
         g_t = _load_tile(gt_ptr, ra, rb, R, N)
         vab_s, vab_t, c_s, c_t = _pkt_split_v(g_s, g_t, wa_s[:, None], wb_s[None, :], wa_t[:, None],
@@ -591,14 +586,8 @@ def _pkt_split_grad_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.flo
         # G is symmetric: V at (b, a), transposed, is _pkt_split_v on this tile with b's stats.
         vba_s, vba_t, _, _ = _pkt_split_v(g_s, g_t, wb_s[None, :], wa_s[:, None], wb_t[None, :], wa_t[:, None],
                                           stats_ptr, rb[None, :], N, N, ok, eps)
-        v_s = tl.where(ok, vab_s + vba_s, 0.0)
-        v_t = tl.where(ok, vab_t + vba_t, 0.0)
-        r_s += tl.sum(v_s * c_s, 1)
-        r_t += tl.sum(v_t * c_t, 1)
-        tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
-                 v_s * wa_s[:, None] * wb_s[None, :], mask=ok)
-        tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :],
-                 v_t * wa_t[:, None] * wb_t[None, :], mask=ok)
+        r_s += _pkt_m_tile(ms_ptr, ra, rb, N, ok, vab_s, vba_s, c_s, wa_s, wb_s)
+        r_t += _pkt_m_tile(mt_ptr, ra, rb, N, ok, vab_t, vba_t, c_t, wa_t, wb_t)
     tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < R)
     tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < R)
 
