@@ -59,6 +59,14 @@ def _at_map_kernel(f, a, C, HW, sfb, sfc, sfk, p: tl.float64, P_IS_2: tl.constex
 
 
 @triton.jit
+def _at_values(a_s, a_t, b, HW, k0, BLOCK_HW: tl.constexpr):
+    # (k, k < HW, A_s, A_t): sample b's attention-map values k0:k0 + BLOCK_HW (0 past HW).
+    k = k0 + tl.arange(0, BLOCK_HW)
+    m = k < HW
+    return k, m, tl.load(a_s + b * HW + k, mask=m, other=0.0), tl.load(a_t + b * HW + k, mask=m, other=0.0)
+
+
+@triton.jit
 def _at_loss_kernel(a_s, a_t, norms, partial, HW, eps: tl.float64, min_s: tl.float64, min_t: tl.float64,
                     BLOCK_HW: tl.constexpr):
     # Per sample b: n = ||A||_2 over hw for s and t, then sum_hw (A_s / d_s - A_t / d_t)^2,
@@ -70,10 +78,7 @@ def _at_loss_kernel(a_s, a_t, norms, partial, HW, eps: tl.float64, min_s: tl.flo
     ss = tl.zeros([BLOCK_HW], dtype=partial.dtype.element_ty)
     tt = tl.zeros([BLOCK_HW], dtype=partial.dtype.element_ty)
     for k0 in range(0, HW, BLOCK_HW):
-        k = k0 + tl.arange(0, BLOCK_HW)
-        m = k < HW
-        xs = tl.load(a_s + b * HW + k, mask=m, other=0.0)
-        xt = tl.load(a_t + b * HW + k, mask=m, other=0.0)
+        _, _, xs, xt = _at_values(a_s, a_t, b, HW, k0, BLOCK_HW)
         ss += xs * xs
         tt += xt * xt
     n_s = sqrt(tl.sum(ss, axis=0))
@@ -84,9 +89,8 @@ def _at_loss_kernel(a_s, a_t, norms, partial, HW, eps: tl.float64, min_s: tl.flo
     inv_t = 1.0 / tl.where(d_t < min_t, min_t, d_t)
     acc = tl.zeros([BLOCK_HW], dtype=partial.dtype.element_ty)
     for k0 in range(0, HW, BLOCK_HW):
-        k = k0 + tl.arange(0, BLOCK_HW)
-        m = k < HW
-        d = tl.load(a_s + b * HW + k, mask=m, other=0.0) * inv_s - tl.load(a_t + b * HW + k, mask=m, other=0.0) * inv_t
+        _, _, xs, xt = _at_values(a_s, a_t, b, HW, k0, BLOCK_HW)
+        d = xs * inv_s - xt * inv_t
         acc += d * d
     tl.store(partial + b, tl.sum(acc, axis=0))
     tl.store(norms + 2 * b, n_s)
@@ -116,10 +120,7 @@ def _at_grad_map_kernel(a_s, a_t, norms, grad_out, ga_s, ga_t, HW, eps: tl.float
     dot_s = tl.zeros([BLOCK_HW], dtype=ga_s.dtype.element_ty)
     dot_t = tl.zeros([BLOCK_HW], dtype=ga_s.dtype.element_ty)
     for k0 in range(0, HW, BLOCK_HW):
-        k = k0 + tl.arange(0, BLOCK_HW)
-        m = k < HW
-        xs = tl.load(a_s + b * HW + k, mask=m, other=0.0)
-        xt = tl.load(a_t + b * HW + k, mask=m, other=0.0)
+        _, _, xs, xt = _at_values(a_s, a_t, b, HW, k0, BLOCK_HW)
         g = xs * inv_s - xt * inv_t
         dot_s += g * xs
         dot_t += g * xt
@@ -127,10 +128,7 @@ def _at_grad_map_kernel(a_s, a_t, norms, grad_out, ga_s, ga_t, HW, eps: tl.float
     c_s = tl.where(live_s, tl.sum(dot_s, axis=0) * inv_s * inv_s / tl.where(live_s, n_s, 1.0), 0.0)
     c_t = tl.where(live_t, tl.sum(dot_t, axis=0) * inv_t * inv_t / tl.where(live_t, n_t, 1.0), 0.0)
     for k0 in range(0, HW, BLOCK_HW):
-        k = k0 + tl.arange(0, BLOCK_HW)
-        m = k < HW
-        xs = tl.load(a_s + b * HW + k, mask=m, other=0.0)
-        xt = tl.load(a_t + b * HW + k, mask=m, other=0.0)
+        k, m, xs, xt = _at_values(a_s, a_t, b, HW, k0, BLOCK_HW)
         g = xs * inv_s - xt * inv_t
         tl.store(ga_s + b * HW + k, k_out * (g * inv_s - xs * c_s), mask=m)
         tl.store(ga_t + b * HW + k, -k_out * (g * inv_t - xt * c_t), mask=m)
