@@ -319,6 +319,14 @@ def _inverse_norm(n, eps, ADD_EPS: tl.constexpr):
 
 
 @triton.jit
+def _row_values(ps, pt, ssk, stk, k0, L, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # (k, k < L, s, t): a row's values k0:k0 + BLOCK on each side, in ACC (0 past L).
+    k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
+    km = k < L
+    return k, km, tl.load(ps + k * ssk, mask=km, other=0.0).to(ACC), tl.load(pt + k * stk, mask=km, other=0.0).to(ACC)
+
+
+@triton.jit
 def _normalized_distance_kernel(s, t, stats, C, L, eps: tl.float64, ssb, ssc, ssk, stb, stc, stk,
                                 ADD_EPS: tl.constexpr, L1: tl.constexpr, ACC: tl.constexpr,
                                 BLOCK: tl.constexpr):
@@ -332,9 +340,7 @@ def _normalized_distance_kernel(s, t, stats, C, L, eps: tl.float64, ssb, ssc, ss
     ss = tl.zeros([BLOCK], dtype=ACC)
     tt = tl.zeros([BLOCK], dtype=ACC)
     for k0 in range(0, L, BLOCK):
-        k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
-        x = tl.load(ps + k * ssk, mask=k < L, other=0.0).to(ACC)
-        y = tl.load(pt + k * stk, mask=k < L, other=0.0).to(ACC)
+        k, km, x, y = _row_values(ps, pt, ssk, stk, k0, L, ACC, BLOCK)
         ss += x * x
         tt += y * y
     n_s = sqrt(tl.sum(ss, axis=0))
@@ -345,9 +351,8 @@ def _normalized_distance_kernel(s, t, stats, C, L, eps: tl.float64, ssb, ssc, ss
     u_s = tl.zeros([BLOCK], dtype=ACC)
     u_t = tl.zeros([BLOCK], dtype=ACC)
     for k0 in range(0, L, BLOCK):
-        k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
-        x = tl.load(ps + k * ssk, mask=k < L, other=0.0).to(ACC)
-        y = tl.load(pt + k * stk, mask=k < L, other=0.0).to(ACC)
+        # k and km go unused, but not as `_`: that is a scalar here, and a loop-carried name keeps one type.
+        k, km, x, y = _row_values(ps, pt, ssk, stk, k0, L, ACC, BLOCK)
         d = x * r_s - y * r_t
         if L1:
             dist += tl.abs(d)
@@ -381,10 +386,7 @@ def _normalized_distance_grad_kernel(s, t, stats, weight, ds, dt, C, L, eps: tl.
     c_s = slope_s * tl.load(stats + 5 * r + 3).to(ACC)
     c_t = slope_t * tl.load(stats + 5 * r + 4).to(ACC)
     for k0 in range(0, L, BLOCK):
-        k = (k0 + tl.arange(0, BLOCK)).to(tl.int64)
-        km = k < L
-        x = tl.load(ps + k * ssk, mask=km, other=0.0).to(ACC)
-        y = tl.load(pt + k * stk, mask=km, other=0.0).to(ACC)
+        k, km, x, y = _row_values(ps, pt, ssk, stk, k0, L, ACC, BLOCK)
         d = x * r_s - y * r_t
         if L1:
             d = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
