@@ -452,15 +452,35 @@ def _distance_sides(x_s, x_t):
             _gram.prepare(x_t, centre=True))
 
 
-def _rkd_sides(feat_s, feat_t, fast):
+def _split_sides(x_s, x_t, angle, lo=0, rows=None):
+    """(E_s, E_t, (hi_s, lo_s, hi_t, lo_t)) of RKD's float32 path (_float32_path): E's float32
+    parts from float32 arithmetic (squared_distances_parts; the rows lo:lo + rows, all by
+    default), and E float64 formed from them only for the angle term (angle; else None)."""
+    if angle:
+        (e_s, *parts_s), (e_t, *parts_t) = (_gram.squared_distances_split(x, lo, rows) for x in (x_s, x_t))
+    else:
+        e_s = e_t = None
+        parts_s, parts_t = (_gram.squared_distances_parts(x, lo, rows) for x in (x_s, x_t))
+    return e_s, e_t, (*parts_s, *parts_t)
+
+
+def _rkd_sides(feat_s, feat_t, fast, angle):
     """RKD's (E_s, E_t, X_s, X_t, parts): _distance_sides and parts None, or with fast
-    (_float32_path) E from float32 arithmetic (squared_distances_split), parts its float32
-    (hi_s, lo_s, hi_t, lo_t) and X the raw rows, whose gradient difference_grad forms in
-    float32."""
+    (_float32_path) _split_sides' E and parts and X the raw rows, whose gradient
+    difference_grad forms in float32."""
     if not fast:
         return (*_distance_sides(feat_s, feat_t), None)
-    (e_s, *parts_s), (e_t, *parts_t) = (_gram.squared_distances_split(x) for x in (feat_s, feat_t))
-    return e_s, e_t, feat_s, feat_t, (*parts_s, *parts_t)
+    e_s, e_t, parts = _split_sides(feat_s, feat_t, angle)
+    return e_s, e_t, feat_s, feat_t, parts
+
+
+def _rkd_distance_inputs(e_s, e_t, parts):
+    """What RKD's distance term reads, (e_s, e_t, parts_lo) for rkd_distance_forward and
+    backward: E float64, or with parts (the float32 path) E's float32 hi and lo parts."""
+    if parts is None:
+        return e_s, e_t, None
+    hi_s, lo_s, hi_t, lo_t = parts
+    return hi_s, hi_t, (lo_s, lo_t)
 
 
 def _float32_path(*xs):
@@ -478,40 +498,44 @@ class RKDFunction(torch.autograd.Function):
                 diagonal;
       angle     smooth_l1(A_s, A_t) over the N^3 angles, read from E by polarisation.
     Both terms from one E and one set of centred rows per side, and one gradient map onto
-    the rows per side."""
+    the rows per side. On the float32 path (_float32_path) the distance term reads E's
+    float32 parts (_split_sides; no float64 E without the angle term)."""
 
     @staticmethod
     def forward(ctx, feat_s, feat_t, w_dist, w_angle):
         fast = ctx.fast = _float32_path(feat_s, feat_t)
-        e_s, e_t, x_s, x_t, parts = _rkd_sides(feat_s, feat_t, fast)
-        n = len(e_s)
-        loss = e_s.new_zeros(())
+        e_s, e_t, x_s, x_t, parts = _rkd_sides(feat_s, feat_t, fast, bool(w_angle))
+        d_s, d_t, d_lo = _rkd_distance_inputs(e_s, e_t, parts)
+        n = len(feat_s)
+        loss = d_s.new_zeros(())
         stats_d = stats_a = None
         if w_dist:
-            total, stats_d = _dist.rkd_distance_forward(e_s, e_t)
+            total, stats_d = _dist.rkd_distance_forward(d_s, d_t, parts_lo=d_lo)
             loss = loss + w_dist * total / n ** 2
         if w_angle:
             total, stats_a = _angle.rkd_angle_forward(e_s, e_t, any(ctx.needs_input_grad),
                                                       (_gram.flat(feat_s), _gram.flat(feat_t)), parts=parts)
             loss = loss + w_angle * total / n ** 3
-        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, stats_d, *(stats_a or ()))
+        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, d_s, d_t, *(d_lo or (None, None)), stats_d,
+                              *(stats_a or ()))
         ctx.weights = (w_dist, w_angle)
         return loss.to(result_dtype(feat_s, feat_t))
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        feat_s, feat_t, x_s, x_t, e_s, e_t, stats_d, *stats_a = ctx.saved_tensors
+        feat_s, feat_t, x_s, x_t, e_s, e_t, d_s, d_t, l_s, l_t, stats_d, *stats_a = ctx.saved_tensors
+        d_lo = None if l_s is None else (l_s, l_t)
         w_dist, w_angle = ctx.weights
-        n = len(e_s)
+        n = len(feat_s)
         # Each term's N^k dL/dX is M X + r * X (k = 2, 3), per side (M_s, r_s, M_t, r_t).
         if w_dist and w_angle:  # their weighted sum: one gram_grad per side
-            dist = _dist.rkd_distance_backward(e_s, e_t, stats_d)
+            dist = _dist.rkd_distance_backward(d_s, d_t, stats_d, parts_lo=d_lo)
             angle = _angle.rkd_angle_backward(e_s, e_t, stats_a)
             terms, divisor = [None if a is None else w_dist / n ** 2 * d + w_angle / n ** 3 * a
                               for d, a in zip(dist, angle)], 1
         elif w_dist:  # one term: its count and weight divide in gram_grad, nothing is scaled
-            terms, divisor = _dist.rkd_distance_backward(e_s, e_t, stats_d), n ** 2 / w_dist
+            terms, divisor = _dist.rkd_distance_backward(d_s, d_t, stats_d, parts_lo=d_lo), n ** 2 / w_dist
         elif w_angle:
             terms, divisor = _angle.rkd_angle_backward(e_s, e_t, stats_a), n ** 3 / w_angle
         else:
@@ -745,8 +769,9 @@ def irg_transformation(irg_s, irg_t):
 # (RKD's distances, CC; PKT once every row's sums and dots are gathered), a rank's rows of it
 # give those rows' whole gradient (one product, (n, N) by (N, D)); elsewhere (SP, IRG's edge, whose maximum's gradient needs both (a, b)
 # and (b, a), which two ranks may round apart) W_r X on the rank's rows plus W_r^T X_r on
-# every row; RKD's angle term reaches every row from its anchors. Everything in float64,
-# as above; the loss part in float64, cast by the caller.
+# every row; RKD's angle term reaches every row from its anchors. Each in its one-process
+# Function's arithmetic above (float64 inputs in float64, the others on the float32 paths);
+# the loss part cast by the caller.
 
 
 def _gathered(x, group, sizes):
@@ -767,20 +792,23 @@ def _own_rows(part, like, lo):
 class RKDRowsFunction(torch.autograd.Function):
     """This rank's part of w_dist * distance term + w_angle * angle term (either weight may be
     0): the distances d of the rows lo:lo + n of E (n, N) and the angles at the anchors
-    lo:lo + n, from E (N, N) gathered from every rank's rows; X_* (N, ...) every rank's rows."""
+    lo:lo + n, from E (N, N) gathered from every rank's rows; X_* (N, ...) every rank's rows.
+    On the float32 path (_float32_path) the distance term reads these rows' E as float32
+    parts (_split_sides; E float64 only for the angle term's gathered E)."""
 
     @staticmethod
     def forward(ctx, x_s, x_t, lo, n, w_dist, w_angle, group, sizes):
         big = len(x_s)
         fast = ctx.fast = _float32_path(x_s, x_t)
         if fast:
-            e_s, e_t = (_gram.squared_distances_split(x, lo, n)[0] for x in (x_s, x_t))
+            e_s, e_t, own_parts = _split_sides(x_s, x_t, bool(w_angle), lo, n)
         else:
-            e_s, e_t = _gram.squared_distances(x_s, lo, n), _gram.squared_distances(x_t, lo, n)
-        loss = e_s.new_zeros(())
+            e_s, e_t, own_parts = _gram.squared_distances(x_s, lo, n), _gram.squared_distances(x_t, lo, n), None
+        d_s, d_t, d_lo = _rkd_distance_inputs(e_s, e_t, own_parts)
+        loss = d_s.new_zeros(())
         stats_d = stats_a = full_s = full_t = None
         if w_dist:
-            total, stats_d = _dist.rkd_distance_forward(e_s, e_t, lo, reducer(group))
+            total, stats_d = _dist.rkd_distance_forward(d_s, d_t, lo, reducer(group), d_lo)
             loss = loss + w_dist * total / big ** 2
         if w_angle:
             full_s, full_t = (all_gather_rows(e, group, sizes)[0] for e in (e_s, e_t))
@@ -789,18 +817,19 @@ class RKDRowsFunction(torch.autograd.Function):
             total, stats_a = _angle.rkd_angle_forward(full_s, full_t, any(ctx.needs_input_grad),
                                                       (_gram.flat(x_s), _gram.flat(x_t)), lo, n, parts=parts)
             loss = loss + w_angle * total / big ** 3
-        ctx.save_for_backward(x_s, x_t, e_s, e_t, full_s, full_t, stats_d, *(stats_a or ()))
+        ctx.save_for_backward(x_s, x_t, full_s, full_t, d_s, d_t, *(d_lo or (None, None)), stats_d,
+                              *(stats_a or ()))
         ctx.lo, ctx.weights = lo, (w_dist, w_angle)
         return loss
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        x_s, x_t, e_s, e_t, full_s, full_t, stats_d, *stats_a = ctx.saved_tensors
+        x_s, x_t, full_s, full_t, d_s, d_t, l_s, l_t, stats_d, *stats_a = ctx.saved_tensors
         (w_dist, w_angle), lo, big = ctx.weights, ctx.lo, len(x_s)
         grad = grad_out.to(torch.float64)
-        dist_terms = (_dist.rkd_distance_backward(e_s, e_t, stats_d, lo) if w_dist
-                      else (None,) * 4)
+        dist_terms = (_dist.rkd_distance_backward(d_s, d_t, stats_d, lo, None if l_s is None else (l_s, l_t))
+                      if w_dist else (None,) * 4)
         angle_terms = (_angle.rkd_angle_backward(full_s, full_t, stats_a, lo) if w_angle
                        else (None,) * 4)
         grads = []

@@ -1,5 +1,5 @@
-"""SP, PKT, CC and IRG's edge and transformation terms on float32 inputs: the Triton path
-computes in float32 (no float64 building block is called), and its compensated steps keep
+"""SP, PKT, CC, IRG's edge and transformation terms and RKD's distance term on float32 inputs:
+the Triton path computes in float32 (no float64 building block is called), and its compensated steps keep
 these cases within the reference's own float32 error: each case fails (11x to 4e6x the
 reference's error) with the step named beside it done in plain float32 (docs/numerics.md).
 
@@ -9,7 +9,7 @@ The cases come from tests/adversarial_rows.py and are judged as the adversarial 
 import pytest
 import torch
 
-from fastkd.kernels import gram, irg_transformation
+from fastkd.kernels import distance, gram, irg_transformation
 from helpers import assert_close
 from test_adversarial_pairwise import compare, inputs, loss_and_grads
 
@@ -37,6 +37,13 @@ CASES = {
     "irg_transformation max": ("irg_transformation", 12, 20, "spread", 7, False, 1, 0.75),
     "irg_transformation near": ("irg_transformation", 12, 20, "duplicates", 2, True, 0, 0.75),
     "irg_transformation share": ("irg_transformation", 5, 8, "spread", 7, False, 0, 0.25),
+    # RKD's distance term (teacher ~ student): the sums of d double-float (with float32 sums,
+    # so each mean rounded to float32, the loss is 31x the reference's error), and
+    # d_s / m_s - d_t / m_t in double-float (each ratio rounded to float32 first, 16x); with
+    # the angle term beside it, the loss 33x (float32 sums) and 27x (float32 ratios).
+    "rkd_distance mean": ("rkd_distance", 12, 20, "huge", 4, True, 3, 0.75),
+    "rkd_distance near": ("rkd_distance", 5, 7, "tiny", 7, True, 1, 0.75),
+    "rkd both terms": ("rkd", 12, 20, "huge", 4, True, 3, 0.75),
 }
 
 
@@ -68,3 +75,25 @@ def test_float64_inputs_keep_the_float64_path(name, monkeypatch):
     grad_out = torch.tensor(0.75, dtype=torch.float64)
     for a, e in zip(loss_and_grads(op, "triton", s, t, grad_out), loss_and_grads(op, "reference", s, t, grad_out)):
         assert_close(a, e, msg=f"{op} float64")
+
+
+@pytest.mark.parametrize("name", ["rkd_distance mean", "rkd both terms"])
+def test_rkd_distance_kernels_take_float32(name, monkeypatch):
+    """On float32 inputs RKD's distance kernels read E's float32 parts and float32 statistics,
+    and the distance term alone forms no float64 E."""
+    op, n, d, case, gap_exp, near, seed, grad_out = CASES[name]
+    s, t = inputs(n, d, case, gap_exp, near, torch.float32, seed)
+    seen = []
+
+    def recording(f):
+        def run(*args, **kwargs):
+            seen.extend(a.dtype for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+            return f(*args, **kwargs)
+        return run
+
+    for name in ("rkd_distance_forward", "rkd_distance_backward"):
+        monkeypatch.setattr(distance, name, recording(getattr(distance, name)))
+    if op == "rkd_distance":
+        monkeypatch.setattr(gram, "squared_distances_split", _refuse)
+    loss_and_grads(op, "triton", s, t, torch.tensor(grad_out, dtype=torch.float64))
+    assert seen and set(seen) == {torch.float32}

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import NO_FMA, cdiv, dd_div, sqrt, two_sum
+from .common import NO_FMA, cdiv, dd_div, dd_sqrt, dd_sum, sqrt, two_sum
 from .gram import BLOCK, _load_tile, _smooth_l1, grad_buffers
 
 
@@ -51,6 +51,15 @@ def _gram_distance_tile(g_ptr, sq_ptr, sq_stride, ra, rb, lo, R, N):
     sq_a = tl.load(sq_ptr + (lo + ra).to(tl.int64) * sq_stride, mask=ra < R, other=0.0)
     sq_b = tl.load(sq_ptr + rb.to(tl.int64) * sq_stride, mask=rb < N, other=0.0)
     return _clamped((sq_b[None, :] + sq_a[:, None]) - 2 * g, off)
+
+
+@triton.jit
+def _split_squared_distance_tile(e_ptr, l_ptr, ra, rb, lo, R, N):
+    """(pdist2, live, l) from E's float32 parts (gram.squared_distances_parts): pdist2 and live
+    as _squared_distance_tile of the hi part at e_ptr, l the lo part at l_ptr where the clamp
+    lets E through, 0 elsewhere (clamped entries are exactly 1e-12)."""
+    p, live = _squared_distance_tile(e_ptr, ra, rb, lo, R, N)
+    return p, live, tl.where(live, _load_tile(l_ptr, ra, rb, R, N), 0.0)
 
 
 @triton.jit
@@ -116,30 +125,124 @@ def _local(x, op):
 
 
 # --- RKD distance -------------------------------------------------------------
+# d = sqrt(pdist2), m = sum(d) / (N (N - 1)) (the mean off the diagonal), loss = mean over
+# the N^2 entries of h(d_s / m_s - d_t / m_t), h smooth_l1. Two forms of E, by the constexpr
+# SPLIT of each kernel:
+#   float64 inputs: E float64 (gram.squared_distances), the kernels in float64;
+#   float32, bfloat16, float16 inputs: E = hi + lo, two float32 parts
+#     (gram.squared_distances_parts; hi is E to 2^-24 relative whatever a pair's gap, and so
+#     is d from it), the kernels in float32, double-float only where the loss cancels: near a
+#     zero loss (teacher ~ student) d_s / m_s and d_t / m_t agree to 1e-3, and a float32
+#     rounding of either ratio, or of either mean, is up to 10x the reference's own error in
+#     the loss. So the sums of d are double-float (d = sqrt(hi + lo) by dd_sqrt, compensated
+#     tile sums, _dd_total_kernel over the tiles; a global batch's ranks add their hi and lo
+#     parts apart) and the difference of the ratios too (_rkd_distance_diff), rounded once.
+#     The rest, smooth_l1 and its gradient, is plain float32: relative errors, no cancelling.
+
 
 @triton.jit
-def _rkd_distance_sum_kernel(es_ptr, et_ptr, part_ptr, lo, R, N, BLOCK: tl.constexpr):
-    """part[tile] = (sum of d_s, sum of d_t) over one tile."""
-    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
-    d_s, _ = _distance_tile(es_ptr, ra, rb, lo, R, N)
-    d_t, _ = _distance_tile(et_ptr, ra, rb, lo, R, N)
-    tl.store(part_ptr + 2 * tile, tl.sum(tl.sum(d_s, 1), 0))
-    tl.store(part_ptr + 2 * tile + 1, tl.sum(tl.sum(d_t, 1), 0))
-
-
-@triton.jit
-def _rkd_distance_loss_kernel(es_ptr, et_ptr, sums_ptr, part_ptr, lo, R, N, BLOCK: tl.constexpr):
-    """part[tile] = (sum h(d_s / m_s - d_t / m_t), sum h' d_s, sum h' d_t) over one tile;
-    m = sum(d) / (N (N - 1)) from sums = (sum d_s, sum d_t)."""
-    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+def _rkd_distance_diff(d_s, l_s, d_t, l_t, sums_ptr, lo_offset, N, SPLIT: tl.constexpr):
+    """diff = d_s / m_s - d_t / m_t at a tile of d = sqrt(pdist2), m = sum(d) / count from
+    sums = (sum d_s, sum d_t) at sums_ptr. With SPLIT, pdist2 = d + l (E's hi and lo parts)
+    and the sums' lo parts at sums_ptr + lo_offset, + 1: count (d_s / sum_s - d_t / sum_t),
+    the difference in double-float (dd_sqrt, dd_div, two_sum)."""
     count = N * (N - 1.0)
-    d_s, _ = _distance_tile(es_ptr, ra, rb, lo, R, N)
-    d_t, _ = _distance_tile(et_ptr, ra, rb, lo, R, N)
-    diff = d_s / (tl.load(sums_ptr) / count) - d_t / (tl.load(sums_ptr + 1) / count)
+    sum_s = tl.load(sums_ptr)
+    sum_t = tl.load(sums_ptr + 1)
+    if SPLIT:
+        r_s, r_s_lo = dd_sqrt(d_s, l_s)
+        r_t, r_t_lo = dd_sqrt(d_t, l_t)
+        q_s, q_s_lo = dd_div(r_s, r_s_lo, sum_s, tl.load(sums_ptr + lo_offset))
+        q_t, q_t_lo = dd_div(r_t, r_t_lo, sum_t, tl.load(sums_ptr + lo_offset + 1))
+        q, q_err = two_sum(q_s, -q_t)
+        diff = count * (q + (q_err + (q_s_lo - q_t_lo)))
+    else:
+        diff = d_s / (sum_s / count) - d_t / (sum_t / count)
+    return diff
+
+
+@triton.jit
+def _rkd_distance_tiles(es_ptr, et_ptr, ls_ptr, lt_ptr, sums_ptr, lo_offset, ra, rb, lo, R, N,
+                        SPLIT: tl.constexpr):
+    """(d_s, live_s, d_t, live_t, diff) at the tile (a, b): d = sqrt(pdist2) and live as
+    _distance_tile, diff = d_s / m_s - d_t / m_t (_rkd_distance_diff). With SPLIT, E's float32
+    hi parts at es_ptr, et_ptr (d from them) and lo parts at ls_ptr, lt_ptr (diff from hi +
+    lo); without, ls_ptr and lt_ptr unread."""
+    if SPLIT:
+        p_s, live_s, l_s = _split_squared_distance_tile(es_ptr, ls_ptr, ra, rb, lo, R, N)
+        p_t, live_t, l_t = _split_squared_distance_tile(et_ptr, lt_ptr, ra, rb, lo, R, N)
+        diff = _rkd_distance_diff(p_s, l_s, p_t, l_t, sums_ptr, lo_offset, N, True)
+        d_s, d_t = sqrt(p_s), sqrt(p_t)
+    else:
+        d_s, live_s = _distance_tile(es_ptr, ra, rb, lo, R, N)
+        d_t, live_t = _distance_tile(et_ptr, ra, rb, lo, R, N)
+        diff = _rkd_distance_diff(d_s, d_s, d_t, d_t, sums_ptr, lo_offset, N, False)
+    return d_s, live_s, d_t, live_t, diff
+
+
+@triton.jit
+def _split_distance_sum(e_ptr, l_ptr, ra, rb, lo, R, N):
+    """The sum of d = sqrt(pdist2) over the tile (a, b) as (hi, lo), pdist2 = hi + lo from E's
+    float32 parts at e_ptr, l_ptr: d and the sum in double-float (dd_sqrt, dd_sum)."""
+    p, _, l = _split_squared_distance_tile(e_ptr, l_ptr, ra, rb, lo, R, N)
+    d, d_lo = dd_sqrt(p, l)
+    rows, rows_lo = dd_sum(d, d_lo, 1)
+    return dd_sum(rows, rows_lo, 0)
+
+
+@triton.jit
+def _rkd_distance_sum_kernel(es_ptr, et_ptr, ls_ptr, lt_ptr, part_ptr, lo, R, N, SPLIT: tl.constexpr,
+                             BLOCK: tl.constexpr):
+    """part[tile] = (sum of d_s, sum of d_t) over one tile, in E's dtype; with SPLIT (E's hi
+    parts at es_ptr, et_ptr, lo parts at ls_ptr, lt_ptr) d = sqrt(hi + lo) and the sums in
+    double-float: (sum_s, sum_t, their lo parts)."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    if SPLIT:
+        sum_s, sum_s_lo = _split_distance_sum(es_ptr, ls_ptr, ra, rb, lo, R, N)
+        sum_t, sum_t_lo = _split_distance_sum(et_ptr, lt_ptr, ra, rb, lo, R, N)
+        tl.store(part_ptr + 4 * tile, sum_s)
+        tl.store(part_ptr + 4 * tile + 1, sum_t)
+        tl.store(part_ptr + 4 * tile + 2, sum_s_lo)
+        tl.store(part_ptr + 4 * tile + 3, sum_t_lo)
+    else:
+        d_s, _ = _distance_tile(es_ptr, ra, rb, lo, R, N)
+        d_t, _ = _distance_tile(et_ptr, ra, rb, lo, R, N)
+        tl.store(part_ptr + 2 * tile, tl.sum(tl.sum(d_s, 1), 0))
+        tl.store(part_ptr + 2 * tile + 1, tl.sum(tl.sum(d_t, 1), 0))
+
+
+@triton.jit
+def _dd_total_kernel(part_ptr, n_parts, out_ptr, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    """out (2 WIDTH,) = the column sums of part (n_parts, 2 WIDTH), double-float values whose
+    hi parts are the first WIDTH columns and lo parts the rest, as (hi..., lo...): one
+    program, a compensated sum (two_sum, dd_sum)."""
+    col = tl.arange(0, WIDTH)
+    acc = tl.zeros([BLOCK, WIDTH], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK, WIDTH], dtype=tl.float32)
+    for start in range(0, n_parts, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        at = part_ptr + i[:, None].to(tl.int64) * (2 * WIDTH) + col[None, :]
+        ok = (i[:, None] < n_parts) & (col[None, :] < WIDTH)
+        acc, err = two_sum(acc, tl.load(at, mask=ok, other=0.0))
+        acc_lo += err + tl.load(at + WIDTH, mask=ok, other=0.0)
+    total, total_lo = dd_sum(acc, acc_lo, 0)
+    tl.store(out_ptr + col, total)
+    tl.store(out_ptr + WIDTH + col, total_lo)
+
+
+@triton.jit
+def _rkd_distance_loss_kernel(es_ptr, et_ptr, ls_ptr, lt_ptr, sums_ptr, part_ptr, lo, R, N,
+                              SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """part[tile] = (sum h(diff), sum h' d_s, sum h' d_t) over one tile, diff = d_s / m_s -
+    d_t / m_t (_rkd_distance_tiles), m = sum(d) / (N (N - 1)) from sums = (sum d_s, sum d_t),
+    with SPLIT their lo parts after them."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+    d_s, _, d_t, _, diff = _rkd_distance_tiles(es_ptr, et_ptr, ls_ptr, lt_ptr, sums_ptr, 2, ra, rb, lo, R, N,
+                                               SPLIT)
     u = tl.minimum(tl.maximum(diff, -1.0), 1.0)
     tl.store(part_ptr + 3 * tile, tl.sum(tl.sum(_smooth_l1(diff), 1), 0))
     tl.store(part_ptr + 3 * tile + 1, tl.sum(tl.sum(u * d_s, 1), 0))
@@ -147,9 +250,10 @@ def _rkd_distance_loss_kernel(es_ptr, et_ptr, sums_ptr, part_ptr, lo, R, N, BLOC
 
 
 @triton.jit
-def _rkd_distance_w(es_ptr, et_ptr, sqs_ptr, sqt_ptr, sq_stride, sums_ptr, ra, rb, lo, R, N):
-    """(W_s, W_t) at the tile (a, b), W = N^2 dL/dp (p the squared distances); the sq
-    arguments unused.
+def _rkd_distance_w_at(d_s, live_s, d_t, live_t, diff, sums_ptr, N):
+    """(W_s, W_t) at a tile of d (diff: _rkd_distance_diff), W = N^2 dL/dp (p the squared
+    distances), sums_ptr = (sum d_s, sum d_t, sum u d_s, sum u d_t) (on the float32 path the
+    sums' lo parts after them, read by _rkd_distance_diff alone).
 
     With a = d / m, m = sum(d) / count, u = h'(a_s - a_t):
     N^2 dL/dd_s = (u - sum(u d_s) / sum(d_s)) / m_s; the teacher's with -u. dL/dp = dL/dd / (2 d).
@@ -159,27 +263,57 @@ def _rkd_distance_w(es_ptr, et_ptr, sqs_ptr, sqt_ptr, sq_stride, sums_ptr, ra, r
     sum_t = tl.load(sums_ptr + 1)
     ud_s = tl.load(sums_ptr + 2)
     ud_t = tl.load(sums_ptr + 3)
-    d_s, live_s = _distance_tile(es_ptr, ra, rb, lo, R, N)
-    d_t, live_t = _distance_tile(et_ptr, ra, rb, lo, R, N)
-    u = tl.minimum(tl.maximum(d_s / (sum_s / count) - d_t / (sum_t / count), -1.0), 1.0)
+    u = tl.minimum(tl.maximum(diff, -1.0), 1.0)
     w_s = tl.where(live_s, (u - ud_s / sum_s) / (sum_s / count) / (2 * tl.where(live_s, d_s, 1.0)), 0.0)
     w_t = tl.where(live_t, (ud_t / sum_t - u) / (sum_t / count) / (2 * tl.where(live_t, d_t, 1.0)), 0.0)
     return w_s, w_t
 
 
-def rkd_distance_forward(e_s, e_t, lo=0, reduce=_local):
+@triton.jit
+def _rkd_distance_w(es_ptr, et_ptr, sqs_ptr, sqt_ptr, sq_stride, sums_ptr, ra, rb, lo, R, N):
+    """_rkd_distance_w_at at the tile (a, b) of E (float64); the sq arguments unused."""
+    d_s, live_s, d_t, live_t, diff = _rkd_distance_tiles(es_ptr, et_ptr, sqs_ptr, sqt_ptr, sums_ptr, 4, ra, rb,
+                                                         lo, R, N, False)
+    return _rkd_distance_w_at(d_s, live_s, d_t, live_t, diff, sums_ptr, N)
+
+
+@triton.jit
+def _rkd_distance_split_w(es_ptr, et_ptr, ls_ptr, lt_ptr, sq_stride, sums_ptr, ra, rb, lo, R, N):
+    """_rkd_distance_w_at at the tile (a, b), from E's float32 parts: hi at es_ptr, et_ptr and
+    lo at ls_ptr, lt_ptr (sq_stride unused)."""
+    d_s, live_s, d_t, live_t, diff = _rkd_distance_tiles(es_ptr, et_ptr, ls_ptr, lt_ptr, sums_ptr, 4, ra, rb,
+                                                         lo, R, N, True)
+    return _rkd_distance_w_at(d_s, live_s, d_t, live_t, diff, sums_ptr, N)
+
+
+def rkd_distance_forward(e_s, e_t, lo=0, reduce=_local, parts_lo=None):
     """(N^2 * loss, stats): stats = (sum d_s, sum d_t, sum h' d_s, sum h' d_t) for backward;
     e_* the squared distances (N, N). A global batch's rank passes its rows lo:lo + R of E,
     (R, N), and reduce(partial, "sum"), an all-reduce over the ranks: the sums of each pass
-    are then every rank's, and the loss this rank's rows' part."""
-    sums = reduce(_tile_parts(_rkd_distance_sum_kernel, 2, e_s, e_t, lo=lo).sum(0), "sum")
-    part = _tile_parts(_rkd_distance_loss_kernel, 3, e_s, e_t, sums, lo=lo).sum(0)
-    return part[0], torch.cat([sums, reduce(part[1:], "sum")])
+    are then every rank's, and the loss this rank's rows' part. With parts_lo = (lo_s, lo_t),
+    e_* are E's float32 hi parts (gram.squared_distances_parts) and parts_lo their lo parts:
+    loss and stats float32, the sums of d double-float, their lo parts appended to stats."""
+    if parts_lo is None:
+        sums = reduce(_tile_parts(_rkd_distance_sum_kernel, 2, e_s, e_t, e_s, e_t, lo=lo, SPLIT=False).sum(0),
+                      "sum")
+        part = _tile_parts(_rkd_distance_loss_kernel, 3, e_s, e_t, e_s, e_t, sums, lo=lo, SPLIT=False).sum(0)
+        return part[0], torch.cat([sums, reduce(part[1:], "sum")])
+    tiles = _tile_parts(_rkd_distance_sum_kernel, 4, e_s, e_t, *parts_lo, lo=lo, SPLIT=True, **NO_FMA)
+    sums = torch.empty(4, dtype=e_s.dtype, device=e_s.device)
+    _dd_total_kernel[(1,)](tiles, len(tiles), sums, WIDTH=2, BLOCK=BLOCK, **NO_FMA)
+    sums = reduce(sums, "sum")
+    part = _tile_parts(_rkd_distance_loss_kernel, 3, e_s, e_t, *parts_lo, sums, lo=lo, SPLIT=True,
+                       **NO_FMA).sum(0)
+    return part[0], torch.cat([sums[:2], reduce(part[1:], "sum"), sums[2:]])
 
 
-def rkd_distance_backward(e_s, e_t, stats, lo=0):
+def rkd_distance_backward(e_s, e_t, stats, lo=0, parts_lo=None):
     """(M_s, r_s, M_t, r_t) with N^2 dL/dX = M X + r * X on each side (on the rows lo:lo + R
-    for a global batch's e_* (R, N): their whole gradient)."""
+    for a global batch's e_* (R, N): their whole gradient); with parts_lo, from E's float32
+    parts (as rkd_distance_forward), r = -rowsum(M): the gradient is gram.difference_grad's
+    sum_b M_ab (x_b - x_a)."""
+    if parts_lo is not None:
+        return _distance_backward(e_s, e_t, stats, _rkd_distance_split_w, lo, parts_lo, NO_FMA)
     return _distance_backward(e_s, e_t, stats, _rkd_distance_w, lo)
 
 
@@ -205,18 +339,15 @@ def rkd_distance_backward(e_s, e_t, stats, lo=0):
 def _irg_edge_tiles(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, ra, rb, lo, R, N, FROM_GRAM: tl.constexpr):
     """(pdist2_s, live_s, l_s, pdist2_t, live_t, l_t) at the tile (a, b): pdist2 from the Gram
     matrices with FROM_GRAM (_gram_distance_tile; l = 0), else from E's hi parts at gs_ptr,
-    gt_ptr (_squared_distance_tile) with l E's lo parts, read at sqs_ptr, sqt_ptr, where the
-    clamp lets E through (0 elsewhere: clamped entries are all equal)."""
+    gt_ptr with l E's lo parts at sqs_ptr, sqt_ptr (_split_squared_distance_tile)."""
     if FROM_GRAM:
         d_s, live_s = _gram_distance_tile(gs_ptr, sqs_ptr, sq_stride, ra, rb, lo, R, N)
         d_t, live_t = _gram_distance_tile(gt_ptr, sqt_ptr, sq_stride, ra, rb, lo, R, N)
         l_s = tl.zeros_like(d_s)
         l_t = tl.zeros_like(d_t)
     else:
-        d_s, live_s = _squared_distance_tile(gs_ptr, ra, rb, lo, R, N)
-        d_t, live_t = _squared_distance_tile(gt_ptr, ra, rb, lo, R, N)
-        l_s = tl.where(live_s, _load_tile(sqs_ptr, ra, rb, R, N), 0.0)
-        l_t = tl.where(live_t, _load_tile(sqt_ptr, ra, rb, R, N), 0.0)
+        d_s, live_s, l_s = _split_squared_distance_tile(gs_ptr, sqs_ptr, ra, rb, lo, R, N)
+        d_t, live_t, l_t = _split_squared_distance_tile(gt_ptr, sqt_ptr, ra, rb, lo, R, N)
     return d_s, live_s, l_s, d_t, live_t, l_t
 
 

@@ -96,14 +96,7 @@ EXACT_DECLARATION = "EXACT_FLOAT64_KERNELS"
 # "compile", "spill", "shared", "grid", "fma", "float64", each for every arch or for one
 # ("spill@sm_86"). An entry whose finding no longer occurs fails the check (stale) when the
 # run covers every arch of ARCHS and every dtype, so the list says exactly what remains.
-_F64 = "float64 arithmetic whatever the input dtype; float32 path not built yet"
-_F64_SPILL = ("its float64 tiles spill on sm_86/sm_89 at benchmark shapes (not on sm_80/sm_90); "
-              "float32 path not built yet")
-EXPECTED = {
-    "distance._distance_grad_kernel": {"float64": _F64},
-    "distance._rkd_distance_loss_kernel": {"float64": _F64},
-    "distance._rkd_distance_sum_kernel": {"float64": _F64, "spill@sm_86": _F64_SPILL, "spill@sm_89": _F64_SPILL},
-}
+EXPECTED = {}
 
 
 @dataclasses.dataclass
