@@ -260,11 +260,12 @@ def _split_tile(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D, DIFF: tl
             if DIFF:
                 d, d_lo = two_sum(xa[:, None], -xb[None, :])
                 p = d * d
-                p_err = tl.fma(d, d, -p) + 2.0 * d * d_lo
+                acc, err = two_sum(acc, p)
+                acc_lo += err + (tl.fma(d, d, -p) + 2.0 * d * d_lo)
             else:
                 p, p_err = two_prod(xa[:, None], xb[None, :])
-            acc, err = two_sum(acc, p)
-            acc_lo += err + p_err
+                acc, err = two_sum(acc, p)
+                acc_lo += err + p_err
         acc, acc_lo = two_sum(acc, acc_lo)
         _store_distance_tile(hi_ptr, ra, rb, R, N, acc, SQUARE)
         _store_distance_tile(lo_ptr, ra, rb, R, N, acc_lo, SQUARE)
