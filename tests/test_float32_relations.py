@@ -9,6 +9,8 @@ The cases come from tests/adversarial_rows.py and are judged as the adversarial 
 import pytest
 import torch
 
+from adversarial_rows import rows
+from fastkd import backend
 from fastkd.kernels import distance, gram, irg_transformation
 from helpers import assert_close
 from test_adversarial_pairwise import compare, inputs, loss_and_grads
@@ -97,3 +99,16 @@ def test_rkd_distance_kernels_take_float32(name, monkeypatch):
         monkeypatch.setattr(gram, "squared_distances_split", _refuse)
     loss_and_grads(op, "triton", s, t, torch.tensor(grad_out, dtype=torch.float64))
     assert seen and set(seen) == {torch.float32}
+
+
+def test_rkd_distance_not_finite_where_the_reference_is_not():
+    """Rows whose squared distances overflow float32 (|x| ~ 1e22), and a NaN row: the
+    reference's float32 loss is NaN, and so is the float32 path's (its clamp at 1e-12 lets
+    NaN through rather than reading it as a clamped distance)."""
+    s = rows(12, 20, "spread", 3).float()
+    t = rows(12, 25, "spread", 4).float()
+    with_nan = s.clone()
+    with_nan[2] = float("nan")
+    for x in (s * 1e19, with_nan):
+        assert not torch.isfinite(backend.IMPLEMENTATIONS["rkd_distance"]["reference"](x, t))
+        assert not torch.isfinite(backend.IMPLEMENTATIONS["rkd_distance"]["triton"](x, t))

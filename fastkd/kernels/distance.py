@@ -6,8 +6,9 @@ Both read E through the same clamped tile (pdist2 = max(E, 1e-12) off the diagon
 W = N^2 dL/dp (p the squared distances) into M = -4 W, r = 4 rowsum(W) with one gradient
 loop (`_distance_grad_kernel`), each loss giving W at a tile.
 
-Numerics: RKD's E comes from `squared_distances` (the difference vectors, see gram.py).
-IRG reads E only through E / max(E): for float64 inputs the centred float64 Gram matrix is
+Numerics: RKD's E comes from the difference vectors (gram.py): `squared_distances` for
+float64 inputs, for float32, bfloat16 and float16 inputs E = hi + lo in float32 arithmetic,
+the kernels in float32 (see RKD's section). IRG reads E only through E / max(E): for float64 inputs the centred float64 Gram matrix is
 accurate enough there (fastkd.common.squared_distances_from_gram) and far cheaper on wide
 maps; for float32, bfloat16 and float16 inputs E = hi + lo from the difference vectors in
 float32 arithmetic, the kernels in float32 (see IRG's section).
@@ -25,8 +26,10 @@ from .gram import BLOCK, _load_tile, _smooth_l1, grad_buffers
 @triton.jit
 def _clamped(p, off):
     """pdist2 = max(p, 1e-12) where off (off the diagonal, inside), 0 elsewhere; and where the
-    clamp lets the gradient through (off and p >= 1e-12)."""
-    return tl.where(off, tl.maximum(p, 1e-12), 0.0), off & (p >= 1e-12)
+    clamp lets the gradient through (off and p >= 1e-12). A NaN p (a NaN row, or E past
+    float32's range on the float32 path) stays NaN, as through the reference's clamp; the
+    GPU's and the interpreter's plain maximum would read it as a clamped 1e-12."""
+    return tl.where(off, tl.maximum(p, 1e-12, propagate_nan=tl.PropagateNan.ALL), 0.0), off & (p >= 1e-12)
 
 
 @triton.jit
@@ -133,31 +136,33 @@ def _local(x, op):
 #     (gram.squared_distances_parts; hi is E to 2^-24 relative whatever a pair's gap, and so
 #     is d from it), the kernels in float32, double-float only where the loss cancels: near a
 #     zero loss (teacher ~ student) d_s / m_s and d_t / m_t agree to 1e-3, and a float32
-#     rounding of either ratio, or of either mean, is up to 10x the reference's own error in
-#     the loss. So the sums of d are double-float (d = sqrt(hi + lo) by dd_sqrt, compensated
-#     tile sums, _dd_total_kernel over the tiles; a global batch's ranks add their hi and lo
-#     parts apart) and the difference of the ratios too (_rkd_distance_diff), rounded once.
-#     The rest, smooth_l1 and its gradient, is plain float32: relative errors, no cancelling.
+#     rounding of either mean puts the loss 31x the reference's own error off, of either
+#     ratio 16x (tests/test_float32_relations.py). So the sums of d are double-float
+#     (d = sqrt(hi + lo) by dd_sqrt, compensated tile sums, _dd_total_kernel over the tiles;
+#     a global batch's ranks add their hi and lo parts apart) and the difference of the
+#     ratios too (_rkd_distance_diff), rounded once. The rest, smooth_l1, its sums and the
+#     gradient, is plain float32: each term rounded relative to its own size.
 
 
 @triton.jit
-def _rkd_distance_diff(d_s, l_s, d_t, l_t, sums_ptr, lo_offset, N, SPLIT: tl.constexpr):
-    """diff = d_s / m_s - d_t / m_t at a tile of d = sqrt(pdist2), m = sum(d) / count from
-    sums = (sum d_s, sum d_t) at sums_ptr. With SPLIT, pdist2 = d + l (E's hi and lo parts)
-    and the sums' lo parts at sums_ptr + lo_offset, + 1: count (d_s / sum_s - d_t / sum_t),
-    the difference in double-float (dd_sqrt, dd_div, two_sum)."""
+def _rkd_distance_diff(p_s, l_s, p_t, l_t, sums_ptr, lo_offset, N, SPLIT: tl.constexpr):
+    """diff = d_s / m_s - d_t / m_t at a tile, m = sum(d) / count from sums = (sum d_s,
+    sum d_t) at sums_ptr. Without SPLIT p = d (l unread); with SPLIT p and l are the hi and
+    lo parts of pdist2 = d^2, and the sums' lo parts at sums_ptr + lo_offset, + 1: diff =
+    count (d_s / sum_s - d_t / sum_t), d and the difference in double-float (dd_sqrt,
+    dd_div, two_sum), rounded once."""
     count = N * (N - 1.0)
     sum_s = tl.load(sums_ptr)
     sum_t = tl.load(sums_ptr + 1)
     if SPLIT:
-        r_s, r_s_lo = dd_sqrt(d_s, l_s)
-        r_t, r_t_lo = dd_sqrt(d_t, l_t)
-        q_s, q_s_lo = dd_div(r_s, r_s_lo, sum_s, tl.load(sums_ptr + lo_offset))
-        q_t, q_t_lo = dd_div(r_t, r_t_lo, sum_t, tl.load(sums_ptr + lo_offset + 1))
+        d_s, d_s_lo = dd_sqrt(p_s, l_s)
+        d_t, d_t_lo = dd_sqrt(p_t, l_t)
+        q_s, q_s_lo = dd_div(d_s, d_s_lo, sum_s, tl.load(sums_ptr + lo_offset))
+        q_t, q_t_lo = dd_div(d_t, d_t_lo, sum_t, tl.load(sums_ptr + lo_offset + 1))
         q, q_err = two_sum(q_s, -q_t)
         diff = count * (q + (q_err + (q_s_lo - q_t_lo)))
     else:
-        diff = d_s / (sum_s / count) - d_t / (sum_t / count)
+        diff = p_s / (sum_s / count) - p_t / (sum_t / count)
     return diff
 
 
