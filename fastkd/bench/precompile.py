@@ -1,16 +1,16 @@
 """Compiling the references ahead, on a spare CPU core.
 
 On the CPU most of a quick sweep's time is torch.compile of the references (inductor's
-tracing, lowering and C++ compiles: about 100 of the 110 s on a 2-core machine), while the
-benchmark itself times on one thread. When the machine has a core beyond the benchmark's
-threads, `Precompiler` starts a second process that runs each case's compiled variants once,
-from the last case backwards, into inductor's on-disk caches (FX graph and AOTAutograd),
-which the benchmark's own process reads. The benchmark still compiles every case itself,
-as a user's first call does, from the first case forwards; the two meet in the middle, and
-the second process stops at the case the benchmark has reached. What the benchmark measures
-is unchanged (its timed calls run after compilation either way); only the cache hits make
-its compile step shorter. While the second process runs, the benchmark's timed calls share
-the machine with it (one core each).
+tracing, lowering and C++ compiles: about 100 s of one core on a 2-core machine, against
+about 20 s of measuring), while the benchmark itself times on one thread. When the machine
+has a core beyond the benchmark's threads, `Precompiler` starts a second process that calls
+each case's compiled variants twice (as the benchmark's warm-up does), from the last case
+backwards, into inductor's on-disk caches (FX graph and AOTAutograd), which the benchmark's
+own process reads. The benchmark compiles each case as a user's first call does, from the
+first case forwards; the two meet in the middle, where the second process stops, and from
+there the benchmark's compiles are cache hits. What is measured is unchanged (the timed
+calls run after compilation either way); while the second process runs, the benchmark's
+calls share the machine with it (one core each).
 """
 import contextlib
 import logging
