@@ -512,8 +512,22 @@ def test_precompile_process_fills_inductors_cache(tmp_path, monkeypatch):
     ahead = precompile.Precompiler(settings, ["compile"])
     assert ahead.active
     try:
+        deadline = time.monotonic() + 60
+        while ahead._group() is None and ahead._proc.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)  # until it has made its process group
+        if ahead._group() is not None and sys.platform.startswith("linux"):
+            with ahead.paused():
+                time.sleep(0.2)
+                assert _process_state(ahead._proc.pid) == "T"  # stopped while the benchmark times
+            assert _process_state(ahead._proc.pid) != "T"
         ahead._proc.join(timeout=300)
         assert ahead._proc.exitcode == 0
     finally:
         ahead.close()
     assert any((tmp_path / "fxgraph").rglob("*")), "no compiled graph was cached"
+
+
+def _process_state(pid):
+    """The state letter of /proc/<pid>/stat (R running, S sleeping, T stopped, ...)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]

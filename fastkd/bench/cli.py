@@ -252,7 +252,8 @@ def run(settings, machine=None, variants=None, progress=True, cases=None, on_sta
             results = measure.run_case(
                 case, device, case.dtype or dtype, builders, warmup=settings["warmup"], min_reps=settings["min_reps"],
                 max_reps=settings["max_reps"], budget_s=settings["budget_s"], max_call_s=settings["max_call_s"],
-                max_memory=settings["max_memory"] if device.type == "cpu" else None, skip=skip, progress=bar.show)
+                max_memory=settings["max_memory"] if device.type == "cpu" else None, skip=skip, progress=bar.show,
+                quiet=ahead.paused)
             for v, res in results.items():
                 if res["status"] in (measure.OOM, measure.TOO_SLOW) and not res["skipped"] and case.monotone:
                     failed_at.setdefault((case.loss, case.args, v), (case.size, res["status"]))

@@ -400,12 +400,15 @@ def _time_round_robin(results, active, runner, min_reps, max_reps, budget_s):
 
 
 def run_case(case, device, dtype=torch.float32, variants=None, *, warmup=1, min_reps=3, max_reps=50,
-             budget_s=1.0, max_call_s=10.0, max_memory=None, skip=None, progress=None):
+             budget_s=1.0, max_call_s=10.0, max_memory=None, skip=None, progress=None,
+             quiet=contextlib.nullcontext):
     """Measure every variant of a case; returns {variant name: result}.
 
     variants: {name: builder}, default VARIANTS. skip: {name: status} of variants not to
     run (they ran out of memory or time at a smaller size of the same loss); they are
-    reported with that status and skipped=True. progress(text) is told what runs.
+    reported with that status and skipped=True. progress(text) is told what runs. quiet():
+    a context manager the timed calls run in (the benchmark's: its precompiling process
+    stopped, fastkd.bench.precompile).
     A result: status (ok, out of memory, compile failed, too slow, failed), time_s (the
     median), times_s (every sample), reps, peak_bytes, warmup_s (the last warm-up call),
     error (the failure's message), skipped.
@@ -433,7 +436,8 @@ def run_case(case, device, dtype=torch.float32, variants=None, *, warmup=1, min_
         if active:
             if progress:
                 progress(f"{case.name}: timing")
-            _time_round_robin(results, active, runner, min_reps, max_reps, budget_s)
+            with quiet():
+                _time_round_robin(results, active, runner, min_reps, max_reps, budget_s)
         active.clear()
         _release(device)
     return results

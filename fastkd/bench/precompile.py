@@ -10,12 +10,14 @@ own process reads. The benchmark compiles each case as a user's first call does,
 first case forwards; the two meet in the middle, where the second process stops, and from
 there the benchmark's compiles are cache hits. What is measured is unchanged (the timed
 calls run after compilation either way); while the second process runs, the benchmark's
-calls share the machine with it (one core each).
+calls share the machine with it (one core each), but not the timed ones: the benchmark
+stops the second process and its compiler while it times (`paused`).
 """
 import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 
 
 def spare_cores(threads):
@@ -29,7 +31,7 @@ def spare_cores(threads):
 
 class Precompiler:
     """The second process (see the module docstring); `at(index)` tells it the case the
-    benchmark has reached, `close()` ends it. Without compiled variants, on a device
+    benchmark has reached, `paused()` stops it for a block, `close()` ends it. Without compiled variants, on a device
     other than the CPU, or without a spare core, it does nothing."""
 
     def __init__(self, settings, compiled_variants):
@@ -51,16 +53,56 @@ class Precompiler:
         if self._position is not None:
             self._position.value = index
 
+    @contextlib.contextmanager
+    def paused(self):
+        """The block runs with the second process and its compiler subprocesses stopped
+        (SIGSTOP to its process group; where there is none yet, not stopped)."""
+        group = self._group()
+        if group is None or not _signal_group(group, signal.SIGSTOP):
+            yield
+            return
+        try:
+            yield
+        finally:
+            _signal_group(group, signal.SIGCONT)
+
     def close(self):
-        if self._proc is not None:
+        if self._proc is None:
+            return
+        group = self._group()
+        if group is not None:
+            _signal_group(group, signal.SIGCONT)  # a stopped process would hold the SIGTERM
+            _signal_group(group, signal.SIGTERM)  # its compiler subprocesses too
+        else:
             self._proc.terminate()
-            self._proc.join()
-            self._proc = None
+        self._proc.join()
+        self._proc = None
+
+    def _group(self):
+        """The second process's own process group (made at its start), else None."""
+        if self._proc is None or not hasattr(signal, "SIGSTOP"):
+            return None
+        try:
+            group = os.getpgid(self._proc.pid)
+        except OSError:  # it has ended
+            return None
+        return group if group == self._proc.pid else None
+
+
+def _signal_group(group, sig):
+    """Whether sig reached the process group (it may have ended meanwhile)."""
+    try:
+        os.killpg(group, sig)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def _child(settings, variants, position):
     """The second process's entry: its output silenced (compiler warnings would interleave
     with the table), then compile_backwards."""
+    if hasattr(os, "setpgrp"):  # a group of its own, which `paused` stops as one
+        os.setpgrp()
     with open(os.devnull, "w") as null:
         os.dup2(null.fileno(), 1)
         os.dup2(null.fileno(), 2)
