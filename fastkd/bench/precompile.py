@@ -40,10 +40,14 @@ class Precompiler:
         if not compiled_variants or not settings["device"].startswith("cpu") or spare_cores(settings["threads"]) < 1:
             return
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
-        self._position = ctx.Value("i", -1)
-        self._proc = ctx.Process(target=_child, args=(settings, list(compiled_variants), self._position),
-                                 daemon=True, name="fastkd-bench-precompile")
-        self._proc.start()
+        try:
+            self._position = ctx.Value("i", -1)
+            proc = ctx.Process(target=_child, args=(settings, list(compiled_variants), self._position),
+                               daemon=True, name="fastkd-bench-precompile")
+            proc.start()
+        except OSError:  # no shared memory or no process to spare: the benchmark compiles alone
+            return
+        self._proc = proc
 
     @property
     def active(self):
