@@ -1,4 +1,4 @@
-"""SP, PKT, CC, IRG's edge and transformation terms and RKD's distance term on float32 inputs:
+"""SP, PKT, CC, IRG's edge and transformation terms and RKD's two terms on float32 inputs:
 the Triton path computes in float32 (no float64 building block is called), and its compensated steps keep
 these cases within the reference's own float32 error: each case fails (11x to 4e6x the
 reference's error) with the step named beside it done in plain float32 (docs/numerics.md).
@@ -46,6 +46,11 @@ CASES = {
     "rkd_distance mean": ("rkd_distance", 12, 20, "huge", 4, True, 3, 0.75),
     "rkd_distance near": ("rkd_distance", 5, 7, "tiny", 7, True, 1, 0.75),
     "rkd both terms": ("rkd", 12, 20, "huge", 4, True, 3, 0.75),
+    # RKD's angle term (teacher ~ student): A_s - A_t as the difference of each side's angles
+    # in double-float, rounded once; the difference of the angles rounded to float32 leaves
+    # the loss 10x the reference's error, 37x with the distance term beside it.
+    "rkd_angle near": ("rkd_angle", 5, 7, "huge", 2, True, 1, 0.75),
+    "rkd both terms near": ("rkd", 5, 7, "huge", 2, True, 1, 0.75),
 }
 
 

@@ -47,7 +47,12 @@ Three paths, each in kernels of its own:
          E >= NORM_EPS^2) spread over more than FAST_RATIO_SQ (rho up to 1e5: 1e-9 on an
          angle) on either side, or whose E could overflow float32, takes the exact path;
          every other anchor the fast one (but those of the direct path). A near-duplicate
-         pair flags just its two anchors.
+         pair flags just its two anchors. The loss reads A_s - A_t off the diagonal as the
+         difference of each side's angle in double-float (v + v_lo times the double-float
+         inverse norms), rounded once: an error about u32 |A_s - A_t|, where the difference
+         of the rounded angles has u32 |A|, 10x the reference's error on the loss with a
+         teacher near the student (tests/test_float32_relations.py). The gradient's u keeps
+         the rounded angles, as the tile kernel forms it again.
 The anchors are ordered direct first, then exact, then fast (`anchor_order`, one kernel that
 also forms the fast path's inverse norms; `exact_anchor_order` for float64 inputs): counts =
 (direct, direct + exact) of them, read on the device, so choosing a path costs no host sync.
@@ -61,7 +66,7 @@ import triton
 import triton.language as tl
 
 from ..common import zero_row_sums
-from .common import NO_FMA, cdiv, sqrt, two_sum
+from .common import NO_FMA, cdiv, dd_div, dd_sqrt, sqrt, two_prod, two_sum
 from .gram import BLOCK, TILE_WARPS, _cast, _load_tile, _smooth_l1
 
 # Every kernel here is launched with NO_FMA (fastkd/kernels/common.py): the student's and the
@@ -148,16 +153,33 @@ def _tile(h_ptr, l_ptr, rj, rk, N, EXACT: tl.constexpr):
 
 @triton.jit
 def _angle_tile(ejk, ejk_lo, eij, eij_lo, eik, eik_lo, inv_j, inv_k, rj, rk, ok, EXACT: tl.constexpr):
-    """A_jk; on j = k exactly 1 for a live direction (inv_j > 0), 0 for a zero one."""
+    """(A_jk, v, v_lo) with v = 2 V_jk = E_ij + E_ik - E_jk: for EXACT v alone (v_lo = v,
+    unused); else v the rounded sum of the hi parts and v_lo its rounding errors (two-sum)
+    plus the lo parts, v + v_lo = 2 V to about u32^2 (E_ij + E_ik + E_jk). A_jj is exactly 1
+    for a live direction (inv_j > 0), 0 for a zero one."""
     if EXACT:
         v = (eij[:, None] + eik[None, :]) - ejk
+        v_lo = v
+        whole = v
     else:
         s, err = two_sum(eij[:, None], eik[None, :])
         v, err2 = two_sum(s, -ejk)
-        v = v + ((err + err2) + ((eij_lo[:, None] + eik_lo[None, :]) - ejk_lo))
-    a = 0.5 * v * inv_j[:, None] * inv_k[None, :]
+        v_lo = (err + err2) + ((eij_lo[:, None] + eik_lo[None, :]) - ejk_lo)
+        whole = v + v_lo
+    a = 0.5 * whole * inv_j[:, None] * inv_k[None, :]
     a = tl.where(rj[:, None] == rk[None, :], (inv_j > 0).to(a.dtype)[:, None], a)
-    return tl.where(ok, a, 0.0)
+    return tl.where(ok, a, 0.0), v, v_lo
+
+
+@triton.jit
+def _doubled_angle(v, v_lo, inv_j, w_j, inv_k, w_k):
+    """2 A_jk = v inv_j inv_k (fast path) in double-float, (a, a_lo) to about u32^2 |A|, from
+    v + v_lo (_angle_tile) and the inverse norms inv + w; formed as (v inv_j) inv_k, so that
+    no intermediate is as small as 1 / E."""
+    q, q_lo = two_prod(v, inv_j[:, None])
+    q_lo += v * w_j[:, None] + v_lo * inv_j[:, None]
+    a, a_lo = two_prod(q, inv_k[None, :])
+    return a, a_lo + (q * w_k[None, :] + q_lo * inv_k[None, :])
 
 
 @triton.jit
@@ -177,9 +199,10 @@ def _store_angle_stats(out, plane, ok, u_inv, u_a, u_dead, inv, dead):
 
 
 @triton.jit
-def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
-               EXACT: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr):
-    """The forward kernels' body (see _rkd_angle_fwd_kernel), over this path's anchors."""
+def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, order_ptr, count_ptr, part_ptr,
+               stats_ptr, lo, N, EXACT: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr):
+    """The forward kernels' body (see _rkd_angle_fwd_kernel), over this path's anchors; w_*
+    the lo parts of the fast path's inverse norms (not read for EXACT)."""
     t = tl.program_id(0)
     # counts = (direct anchors, direct and exact anchors): order[:counts[0]] is the direct
     # path's, order[counts[0]:counts[1]] the exact one's, the rest the fast one's.
@@ -196,6 +219,9 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_
         v_row = (i - lo).to(tl.int64) * N
         eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rj, N, EXACT)
         eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rj, N, EXACT)
+        if not EXACT:
+            wj_s = tl.load(ws_ptr + v_row + rj, mask=rj < N, other=0.0)
+            wj_t = tl.load(wt_ptr + v_row + rj, mask=rj < N, other=0.0)
         # Summed elementwise over the k blocks and reduced over k once at the end: a reduction
         # per block costs cross-thread shuffles, about as many instructions as the angles.
         loss = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
@@ -212,9 +238,24 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_
             eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rk, N, EXACT)
             ejk_s, ljk_s = _tile(hs_ptr, ls_ptr, rj, rk, N, EXACT)
             ejk_t, ljk_t = _tile(ht_ptr, lt_ptr, rj, rk, N, EXACT)
-            a_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, rj, rk, ok, EXACT)
-            a_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, rj, rk, ok, EXACT)
-            loss += _smooth_l1(a_s - a_t)
+            a_s, v_s, vlo_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, rj, rk, ok,
+                                          EXACT)
+            a_t, v_t, vlo_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, rj, rk, ok,
+                                          EXACT)
+            if EXACT:
+                diff = a_s - a_t
+            else:
+                # Each side's angle rounded to float32 leaves an error of u32 |A| in A_s - A_t,
+                # large next to A_s - A_t itself when the teacher is near the student: the loss
+                # takes the difference of the double-float angles instead, rounded once, off
+                # the diagonal (where A is exactly 0 or 1).
+                as_hi, as_lo = _doubled_angle(v_s, vlo_s, invj_s, wj_s, invk_s,
+                                              tl.load(ws_ptr + v_row + rk, mask=rk < N, other=0.0))
+                at_hi, at_lo = _doubled_angle(v_t, vlo_t, invj_t, wj_t, invk_t,
+                                              tl.load(wt_ptr + v_row + rk, mask=rk < N, other=0.0))
+                diff = tl.where(rj[:, None] == rk[None, :], a_s - a_t,
+                                0.5 * ((as_hi - at_hi) + (as_lo - at_lo)))
+            loss += _smooth_l1(diff)
             if STATS:
                 u = _angle_u(a_s, a_t, rj, rk)
                 ui_s += u * invk_s[None, :]
@@ -243,17 +284,17 @@ def _rkd_angle_fwd_kernel(es_ptr, et_ptr, order_ptr, count_ptr, part_ptr, stats_
     With STATS, per side and row j the row sums sum_k u inv_k, sum_k u A and sum_k u dead_k,
     stored as w1, s, q at [stat, i - lo, j] of stats (6, R, N) (the anchors lo:lo + R, R
     programs): student 0-2, teacher 3-5."""
-    _angle_fwd(es_ptr, es_ptr, es_ptr, et_ptr, et_ptr, et_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
-               EXACT=True, STATS=STATS, BLOCK=BLOCK)
+    _angle_fwd(es_ptr, es_ptr, es_ptr, es_ptr, et_ptr, et_ptr, et_ptr, et_ptr, order_ptr, count_ptr, part_ptr,
+               stats_ptr, lo, N, EXACT=True, STATS=STATS, BLOCK=BLOCK)
 
 
 @triton.jit
-def _rkd_angle_fwd_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, part_ptr,
-                               stats_ptr, lo, N, STATS: tl.constexpr, BLOCK: tl.constexpr):
-    """The fast path (float32, E = hi + lo, v = 1 / sqrt(E)): _rkd_angle_fwd_kernel for the
+def _rkd_angle_fwd_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, order_ptr, count_ptr,
+                               part_ptr, stats_ptr, lo, N, STATS: tl.constexpr, BLOCK: tl.constexpr):
+    """The fast path (float32, E = hi + lo, v + w = 1 / sqrt(E)): _rkd_angle_fwd_kernel for the
     anchors order[t], t >= counts[1]."""
-    _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
-               EXACT=False, STATS=STATS, BLOCK=BLOCK)
+    _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, order_ptr, count_ptr, part_ptr,
+               stats_ptr, lo, N, EXACT=False, STATS=STATS, BLOCK=BLOCK)
 
 
 @triton.jit
@@ -309,8 +350,8 @@ def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count
             eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rk, N, EXACT)
             eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rj, N, EXACT)
             eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rk, N, EXACT)
-            a_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, rj, rk, ok, EXACT)
-            a_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, rj, rk, ok, EXACT)
+            a_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, rj, rk, ok, EXACT)[0]
+            a_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, rj, rk, ok, EXACT)[0]
             u = _angle_u(a_s, a_t, rj, rk)
             w_s += u * invj_s[:, None] * invk_s[None, :]
             z_s += u * deadj_s[:, None] * invk_s[None, :]
@@ -343,9 +384,9 @@ def _rkd_angle_grad_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, 
 
 
 @triton.jit
-def _side_rows(h_ptr, l_ptr, v_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
-    """_fast_rows_kernel for one side: stores v, returns the rows' flags (int32): 2 for the
-    direct path (a direction shorter than NORM_EPS but not zero), 1 for the exact one, 0."""
+def _side_rows(h_ptr, l_ptr, v_ptr, w_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
+    """_fast_rows_kernel for one side: stores v and w, returns the rows' flags (int32): 2 for
+    the direct path (a direction shorter than NORM_EPS but not zero), 1 for the exact one, 0."""
     top = tl.zeros([BLOCK], dtype=tl.float32)
     low = tl.full([BLOCK], float("inf"), tl.float32)
     nan = tl.zeros([BLOCK], dtype=tl.int32)
@@ -356,10 +397,14 @@ def _side_rows(h_ptr, l_ptr, v_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
         at = (lo + ra[:, None]).to(tl.int64) * N + rb[None, :]
         e = tl.load(h_ptr + at, mask=ok, other=0.0)
         live = e >= _NORM_EPS_SQ
-        # hi + lo rounded once more: within an ulp of 1 / sqrt(E), as the angles need.
-        full = e + tl.load(l_ptr + at, mask=ok, other=0.0)
-        inv = tl.where(live, 1.0 / sqrt(tl.where(live, full, 1.0)), 0.0)
-        tl.store(v_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], inv, mask=ok)
+        # 1 / sqrt(E) in double-float: v within an ulp, as the angles need; v + w to about
+        # u32^2, for the loss's double-float angles (_doubled_angle).
+        e_lo = tl.load(l_ptr + at, mask=ok, other=0.0)
+        s, s_lo = dd_sqrt(tl.where(live, e, 1.0), tl.where(live, e_lo, 0.0))
+        inv, inv_lo = dd_div(1.0, 0.0, s, s_lo)
+        out = ra[:, None].to(tl.int64) * N + rb[None, :]
+        tl.store(v_ptr + out, tl.where(live, inv, 0.0), mask=ok)
+        tl.store(w_ptr + out, tl.where(live, inv_lo, 0.0), mask=ok)
         top = tl.maximum(top, tl.max(tl.where(ok, e, 0.0), 1))
         low = tl.minimum(low, tl.min(tl.where(ok & live, e, float("inf")), 1))
         nan = tl.maximum(nan, tl.max((ok & (e != e)).to(tl.int32), 1))
@@ -369,15 +414,17 @@ def _side_rows(h_ptr, l_ptr, v_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fast_rows_kernel(hs_ptr, ls_ptr, ht_ptr, lt_ptr, vs_ptr, vt_ptr, flag_ptr, lo, R, N, BLOCK: tl.constexpr):
+def _fast_rows_kernel(hs_ptr, ls_ptr, ht_ptr, lt_ptr, vs_ptr, vt_ptr, ws_ptr, wt_ptr, flag_ptr, lo, R, N,
+                      BLOCK: tl.constexpr):
     """For a block of the anchors lo:lo + R (rows of E = hi + lo (N, N) float32, each side):
-    their inverse norms v = 1 / sqrt(E) (0 for a zero direction) at (i - lo, :) of v (R, N),
-    and flag[i - lo] = 1 where the fast path cannot hold the anchor (module docstring): on
-    either side its live squared distances spread past FAST_RATIO_SQ, reach FAST_MAX or are
-    NaN; 2 where it needs the direct path (a squared distance in (0, NORM_EPS^2))."""
+    their inverse norms v + w = 1 / sqrt(E) (double-float; 0 for a zero direction) at
+    (i - lo, :) of v and w (R, N), and flag[i - lo] = 1 where the fast path cannot hold the
+    anchor (module docstring): on either side its live squared distances spread past
+    FAST_RATIO_SQ, reach FAST_MAX or are NaN; 2 where it needs the direct path (a squared
+    distance in (0, NORM_EPS^2))."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    flag = _side_rows(hs_ptr, ls_ptr, vs_ptr, ra, lo, R, N, BLOCK)
-    flag = tl.maximum(flag, _side_rows(ht_ptr, lt_ptr, vt_ptr, ra, lo, R, N, BLOCK))
+    flag = _side_rows(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ra, lo, R, N, BLOCK)
+    flag = tl.maximum(flag, _side_rows(ht_ptr, lt_ptr, vt_ptr, wt_ptr, ra, lo, R, N, BLOCK))
     tl.store(flag_ptr + ra, flag, mask=ra < R)
 
 
@@ -615,16 +662,19 @@ def _ordered(flag):
 
 
 def anchor_order(parts, n, lo, anchors):
-    """(order, counts, v_s, v_t) of the fast path, parts = (hi_s, lo_s, hi_t, lo_t) (N, N)
-    float32: the anchors lo:lo + anchors as offsets from lo, those that take the direct path
-    first, then those of the exact path (_ordered), and each side's inverse norms at those
-    anchors' rows (anchors, N)."""
+    """(order, counts, v_s, v_t, w_s, w_t) of the fast path, parts = (hi_s, lo_s, hi_t, lo_t)
+    (N, N) float32: the anchors lo:lo + anchors as offsets from lo, those that take the direct
+    path first, then those of the exact path (_ordered), and each side's inverse norms at those
+    anchors' rows, v + w (anchors, N) float32 (_fast_rows_kernel)."""
     hi_s = parts[0]
     v_s = torch.empty((anchors, n), dtype=torch.float32, device=hi_s.device)
     v_t = torch.empty_like(v_s)
+    w_s = torch.empty_like(v_s)
+    w_t = torch.empty_like(v_s)
     flag = torch.empty(anchors, dtype=torch.int32, device=hi_s.device)
-    _fast_rows_kernel[(cdiv(anchors, BLOCK),)](*parts, v_s, v_t, flag, lo, anchors, n, BLOCK=BLOCK, **NO_FMA)
-    return (*_ordered(flag), v_s, v_t)
+    _fast_rows_kernel[(cdiv(anchors, BLOCK),)](*parts, v_s, v_t, w_s, w_t, flag, lo, anchors, n, BLOCK=BLOCK,
+                                               **NO_FMA)
+    return (*_ordered(flag), v_s, v_t, w_s, w_t)
 
 
 def exact_anchor_order(e_s, e_t, lo, anchors):
@@ -652,7 +702,7 @@ def rkd_angle_forward(e_s, e_t, with_stats, rows, lo=0, anchors=None, parts=None
     if parts is None:
         order, count = exact_anchor_order(e_s, e_t, lo, anchors)
     else:
-        order, count, v_s, v_t = anchor_order(parts, n, lo, anchors)
+        order, count, v_s, v_t, w_s, w_t = anchor_order(parts, n, lo, anchors)
     stats = torch.empty((6, anchors, n) if with_stats else (1,), dtype=e_s.dtype if parts is None else torch.float32,
                         device=device)
     # Each program writes its anchor's partial sum from one of the kernels.
@@ -666,8 +716,9 @@ def rkd_angle_forward(e_s, e_t, with_stats, rows, lo=0, anchors=None, parts=None
                                          BLOCK=BLOCK, num_warps=TILE_WARPS, **NO_FMA)
     if parts is not None:
         fast = (parts[0], parts[1], v_s, parts[2], parts[3], v_t)
-        _rkd_angle_fwd_fast_kernel[(anchors, nb)](*fast, order, count, part, stats, lo, n,
-                                                  STATS=with_stats, BLOCK=BLOCK, num_warps=TILE_WARPS, **NO_FMA)
+        _rkd_angle_fwd_fast_kernel[(anchors, nb)](parts[0], parts[1], v_s, w_s, parts[2], parts[3], v_t, w_t, order,
+                                                  count, part, stats, lo, n, STATS=with_stats, BLOCK=BLOCK,
+                                                  num_warps=TILE_WARPS, **NO_FMA)
     if not with_stats:
         return part.sum(), None
     return part.sum(), (stats, order, count) + (() if parts is None else fast)
