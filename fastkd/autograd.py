@@ -555,7 +555,33 @@ class RKDFunction(torch.autograd.Function):
         return (*grads, None, None)
 
 
+# The float32 path's E is float32, which rows past about 1e19 overflow (NaN), where the
+# reference's angles, from normalised difference vectors, stay finite. With the angle term,
+# each side's rows are brought into range by a power of two first (_in_range): exactly, and
+# no angle or normalised distance changes.
+_ROW_MAX_EXP = 47
+
+
+def _in_range(x_s, x_t):
+    """(x_s 2^-k_s, x_t 2^-k_t), for each side the least k >= 0 with max|x| 2^-k < 2^47, found
+    on the device (no host sync): the squared distances of such rows, below D 2^98, stay
+    within float32 and below the angle kernels' FAST_MAX (1e37) for D up to 2^24. k = 0 (x
+    unchanged) below 2^47 and where max|x| is inf or NaN. Directions shorter than
+    NORM_EPS 2^k then count as zero, which on rows past 2^47 only differences of their small
+    entries can be."""
+    if not (x_s.numel() and x_t.numel()):
+        return x_s, x_t
+    with torch.no_grad():
+        top = torch.stack([torch.linalg.vector_norm(x.detach(), float("inf"), dtype=torch.float32)
+                           for x in (x_s, x_t)])
+        # 2^-k from its bits, exact: the biased exponent 127 - k, with top < 2^exponent.
+        scale = ((127 + _ROW_MAX_EXP - torch.frexp(top).exponent).clamp_(1, 127) << 23).view(torch.float32)
+    return x_s * scale[0], x_t * scale[1]
+
+
 def rkd(feat_s, feat_t, w_dist, w_angle):
+    if w_angle and _float32_path(feat_s, feat_t):
+        feat_s, feat_t = _in_range(feat_s, feat_t)
     return _ops.apply("RKDFunction", feat_s, feat_t, w_dist, w_angle)
 
 
@@ -564,7 +590,7 @@ def rkd_distance(feat_s, feat_t):
 
 
 def rkd_angle(feat_s, feat_t):
-    return _ops.apply("RKDFunction", feat_s, feat_t, 0.0, 1.0)
+    return rkd(feat_s, feat_t, 0.0, 1.0)
 
 
 class SPFunction(torch.autograd.Function):
@@ -867,6 +893,9 @@ class RKDRowsFunction(torch.autograd.Function):
 
 def _rkd_global_part(feat_s, feat_t, w_dist, w_angle, group, sizes):
     (x_s, lo, n), (x_t, _, _) = _gathered(feat_s, group, sizes), _gathered(feat_t, group, sizes)
+    if w_angle and _float32_path(x_s, x_t):
+        # As rkd's (_in_range): every rank scales the same gathered rows alike.
+        x_s, x_t = _in_range(x_s, x_t)
     return all_reduce_sum(RKDRowsFunction.apply(x_s, x_t, lo, n, w_dist, w_angle, group, sizes), group)
 
 

@@ -131,6 +131,23 @@ def test_rkd_on_a_spread_batch_with_a_near_duplicate_pair(impl, gap_exp):
         assert loss < 2 * (1 if op != "rkd" else 75), f"{op}: {loss}"  # smooth_l1 of unit-scale relations
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_rkd_angle_on_rows_whose_squares_pass_float32(impl):
+    """Rows of magnitude 1e22 and 1e33: their squared distances pass float32's range, where the
+    reference's angles, from normalised difference vectors, stay finite (its overflowing norms
+    make some of them 0). The float32 path scales each side's rows by a power of two first
+    (fastkd.autograd._in_range): the angle term, alone or beside the distance term (whose
+    reference is NaN here), within 10 eps of the float64 answer on the same values."""
+    s = rows(12, 20, "spread", 3).float() * 1e19
+    t = rows(12, 25, "spread", 4).float() * 1e30
+    grad_out = torch.tensor(0.75, dtype=torch.float64)
+    compare("rkd_angle", impl, s, t, grad_out, f"rkd_angle {impl} past float32's squares")
+    for op in ("rkd_angle", "rkd"):
+        exact = loss_and_grads(op, "reference", s.double(), t.double(), grad_out)
+        for name, a, e in zip(("loss", "grad_s", "grad_t"), loss_and_grads(op, impl, s, t, grad_out), exact):
+            assert_within_reference_error(a, e, e, msg=f"{op} {impl} past float32's squares {name}")
+
+
 def _paths(s, t, lo=0, anchors=None):
     """(order, count) of RKD's float32 angle path on the float32 rows s, t: the anchors
     (offsets from lo) with those it hands over (to the exact or the direct path) first,

@@ -229,8 +229,9 @@ def squared_distances_split(x, lo=0, rows=None):
     """squared_distances with float32 arithmetic only in its O(N^2 D) part, for float32,
     bfloat16 and float16 x: (E, hi, lo_part), hi + lo_part = E to about 2^-48 relative
     (two float32 (rows, N) matrices) and E float64 formed from them; equal rows give exactly
-    0. A difference whose square passes float32's range gives inf there, as the reference's
-    own float32 arithmetic overflows."""
+    0. A sum of squares past float32's range gives NaN there (hi and lo: the compensated
+    sums meet inf - inf), as the reference's own float32 distances do; RKD's angle term
+    scales such rows into range first (fastkd.autograd._in_range)."""
     hi, lo_part = squared_distances_parts(x, lo, rows)
     return hi.to(torch.float64).add_(lo_part), hi, lo_part
 
