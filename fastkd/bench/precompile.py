@@ -31,8 +31,9 @@ def spare_cores(threads):
 
 class Precompiler:
     """The second process (see the module docstring); `at(index)` tells it the case the
-    benchmark has reached, `paused()` stops it for a block, `close()` ends it. Without compiled variants, on a device
-    other than the CPU, or without a spare core, it does nothing."""
+    benchmark has reached, `paused()` stops it for a block, `close()` ends it. Without
+    compiled variants, on a device other than the CPU, or without a spare core, it does
+    nothing."""
 
     def __init__(self, settings, compiled_variants):
         self._proc = None
