@@ -528,12 +528,13 @@ class RKDFunction(torch.autograd.Function):
         d_lo = None if l_s is None else (l_s, l_t)
         w_dist, w_angle = ctx.weights
         n = len(feat_s)
+        dist = None
         # Each term's N^k dL/dX is M X + r * X (k = 2, 3), per side (M_s, r_s, M_t, r_t).
-        if w_dist and w_angle:  # their weighted sum: one gram_grad per side
+        if w_dist and w_angle:  # their weighted sum, formed with the angle term's M: one map per side
             dist = _dist.rkd_distance_backward(d_s, d_t, stats_d, parts_lo=d_lo)
-            angle = _angle.rkd_angle_backward(e_s, e_t, stats_a)
-            terms, divisor = [None if a is None else w_dist / n ** 2 * d + w_angle / n ** 3 * a
-                              for d, a in zip(dist, angle)], 1
+            terms = _angle.rkd_angle_backward(e_s, e_t, stats_a, weight=w_angle / n ** 3,
+                                              dist=(w_dist / n ** 2, dist))
+            divisor = 1
         elif w_dist:  # one term: its count and weight divide in gram_grad, nothing is scaled
             terms, divisor = _dist.rkd_distance_backward(d_s, d_t, stats_d, parts_lo=d_lo), n ** 2 / w_dist
         elif w_angle:
@@ -549,7 +550,7 @@ class RKDFunction(torch.autograd.Function):
             grads = _pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), grad_out, divisor)
         if w_angle:  # the angle term's direct-path anchors, added to the rows' gradients
             # The (N, N) M buffers go first: the direct path's float64 scratch takes their memory.
-            terms = dist = angle = m_s = r_s = m_t = r_t = None
+            terms = dist = m_s = r_s = m_t = r_t = None
             _angle.rkd_angle_direct_grad((_gram.flat(feat_s), _gram.flat(feat_t)), e_s, e_t, stats_a, grads,
                                          grad_out.to(torch.float64) * (w_angle / n ** 3))
         return (*grads, None, None)
@@ -855,37 +856,30 @@ class RKDRowsFunction(torch.autograd.Function):
         (w_dist, w_angle), lo, big = ctx.weights, ctx.lo, len(x_s)
         grad = grad_out.to(torch.float64)
         dist_terms = (_dist.rkd_distance_backward(d_s, d_t, stats_d, lo, None if l_s is None else (l_s, l_t))
-                      if w_dist else (None,) * 4)
-        angle_terms = (_angle.rkd_angle_backward(full_s, full_t, stats_a, lo) if w_angle
-                       else (None,) * 4)
+                      if w_dist else None)
+        # The angle term reaches every row: M (N, N), r (N,), the distance term's (on our rows) added.
+        terms = (_angle.rkd_angle_backward(full_s, full_t, stats_a, lo, weight=w_angle / big ** 3,
+                                           dist=None if dist_terms is None else (w_dist / big ** 2, dist_terms))
+                 if w_angle
+                 else dist_terms)
         grads = []
         for side, x in enumerate((x_s, x_t)):
             if not ctx.needs_input_grad[side]:
                 grads.append(None)
                 continue
-            m_d, r_d = dist_terms[2 * side:2 * side + 2]
-            m_a, r_a = angle_terms[2 * side:2 * side + 2]
+            m, r = terms[2 * side:2 * side + 2]
             if ctx.fast:  # each term's r is minus its M's row sums: the difference form
-                xc, r_d, r_a = x, None, None
                 to_rows = functools.partial(_gram.difference_grad, x=x, like=x)
+                r = None
             else:
-                xc = _gram.prepare(x, centre=True)
-                to_rows = functools.partial(_gram.gram_grad, x=xc, like=x)
-            if m_a is None:  # the distance term alone: these rows' whole gradient
-                own = to_rows(m_d, r_d, scale=grad * (w_dist / big ** 2), lo=lo)
-                grads.append(_own_rows(own, x, lo))
-                continue
-            # The angle term reaches every row: M (N, N), r (N,), the distance term's on our rows.
-            m = m_a * (w_angle / big ** 3)
-            r = None if r_a is None else r_a * (w_angle / big ** 3)
-            if m_d is not None:
-                m[lo:lo + len(m_d)] += m_d * (w_dist / big ** 2)
-                if r is not None:
-                    r[lo:lo + len(r_d)] += r_d * (w_dist / big ** 2)
-            grads.append(to_rows(m, r, scale=grad))
+                to_rows = functools.partial(_gram.gram_grad, x=_gram.prepare(x, centre=True), like=x)
+            if not w_angle:  # the distance term alone: these rows' whole gradient
+                grads.append(_own_rows(to_rows(m, r, scale=grad * (w_dist / big ** 2), lo=lo), x, lo))
+            else:
+                grads.append(to_rows(m, r, scale=grad))
         if w_angle:  # the angle term's direct-path anchors, added to every row's gradient
             # The (N, N) M buffers go first: the direct path's float64 scratch takes their memory.
-            angle_terms = dist_terms = m = m_a = m_d = None
+            terms = dist_terms = m = r = None
             _angle.rkd_angle_direct_grad((_gram.flat(x_s), _gram.flat(x_t)), full_s, full_t, stats_a, grads,
                                          grad * (w_angle / big ** 3), lo)
         return (*grads, None, None, None, None, None, None)

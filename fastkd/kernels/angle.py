@@ -750,13 +750,51 @@ def rkd_angle_direct_grad(rows, e_s, e_t, saved, grads, scale, lo=0):
                 BLOCK_F=DIRECT_ANCHOR_F, **NO_FMA)
 
 
-def rkd_angle_backward(e_s, e_t, saved, lo=0):
-    """(M_s, r_s, M_t, r_t) with N^3 dL/dX = M X + r * X on each side: M = Z - 2 S,
+@triton.jit
+def _angle_grad_fast_m_kernel(tiles_ptr, stats_ptr, ds_ptr, dt_ptr, c, weight, dist_weight, lo, R, N,
+                              DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """The fast path's M of each side at the tile (a, b), in place of that side's z2 in tiles
+    (4, N, N) = (w2_s, z2_s, w2_t, z2_t), from stats (6, R, N) = (w1, s, q) per side, of the
+    anchors lo:lo + R:
+      M = weight (c (z2 - s^T - q) - 2 (W + W^T)),  W = w2 + w1
+    (s^T on the anchors' columns, q and w1 on their rows), and with DIST + dist_weight M_d,
+    M_d (R, N) per side (ds_ptr, dt_ptr) the distance term's M of the same rows. The element
+    (a, b) reads only its own z2, so writing M over it is safe."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = (ra[:, None] < N) & (rb[None, :] < N)
+    on_a = inside & ((ra[:, None] >= lo) & (ra[:, None] < lo + R))  # (a, b) on an anchor's row
+    on_b = inside & ((rb[None, :] >= lo) & (rb[None, :] < lo + R))  # (b, a) on one
+    at_ab = ra[:, None].to(tl.int64) * N + rb[None, :]
+    at_ba = rb[None, :].to(tl.int64) * N + ra[:, None]
+    anchor_ab = (ra[:, None] - lo).to(tl.int64) * N + rb[None, :]
+    anchor_ba = (rb[None, :] - lo).to(tl.int64) * N + ra[:, None]
+    plane = N.to(tl.int64) * N
+    stat = R.to(tl.int64) * N
+    for side in tl.static_range(2):
+        w2 = tiles_ptr + (2 * side) * plane
+        z2 = w2 + plane
+        w1 = stats_ptr + (3 * side) * stat
+        w_ab = tl.load(w2 + at_ab, mask=inside, other=0.0) + tl.load(w1 + anchor_ab, mask=on_a, other=0.0)
+        w_ba = tl.load(w2 + at_ba, mask=inside, other=0.0) + tl.load(w1 + anchor_ba, mask=on_b, other=0.0)
+        z = tl.load(z2 + at_ab, mask=inside, other=0.0) - tl.load(w1 + stat + anchor_ba, mask=on_b, other=0.0)
+        z = (z - tl.load(w1 + 2 * stat + anchor_ab, mask=on_a, other=0.0)) * c
+        m = weight * (z - 2.0 * (w_ab + w_ba))
+        if DIST:
+            m += dist_weight * tl.load((ds_ptr if side == 0 else dt_ptr) + anchor_ab, mask=on_a, other=0.0)
+        tl.store(z2 + at_ab, m, mask=inside)
+
+
+def rkd_angle_backward(e_s, e_t, saved, lo=0, weight=1.0, dist=None):
+    """(M_s, r_s, M_t, r_t) with N^3 dL/dX = M X + r * X on each side, times weight: M = Z - 2 S,
     r = 2 rowsum(S), from the forward's per-anchor stats (of the anchors lo:lo + R, R =
     stats.shape[1]) and the tile kernels' sums over the same anchors; M (N, N) and r (N,)
-    float64 reach every row. On the fast path M is float32 and r None: its gradient is
+    float64 reach every row. dist = (dist_weight, (M_d_s, r_d_s, M_d_t, r_d_t)): another term's
+    M, r (rkd_distance_backward's, of the rows lo:lo + R) added times dist_weight, so both
+    terms reach the rows in one map. On the fast path M is float32 and r None: its gradient is
     formed as sum_b M_ab (x_b - x_a) (fastkd.kernels.gram.difference_grad), where r is
-    minus M's row sums, so only M's off-diagonal entries count."""
+    minus M's row sums, so only M's off-diagonal entries count; one kernel forms both sides'
+    M from the tile sums (_angle_grad_fast_m_kernel)."""
     stats, order, count, *fast = saved
     n = len(e_s)
     anchors = stats.shape[1]
@@ -769,6 +807,11 @@ def rkd_angle_backward(e_s, e_t, saved, lo=0):
     if fast:
         _rkd_angle_grad_fast_kernel[(nb, nb)](*fast, order, count, tiles, lo, anchors, n, BLOCK=BLOCK,
                                               num_warps=TILE_WARPS, **NO_FMA)
+        dist_weight, (m_d_s, _, m_d_t, _) = dist if dist is not None else (0.0, (tiles,) * 4)
+        # c in float32, as the kernel's float argument: the product stays in the buffers' dtype.
+        _angle_grad_fast_m_kernel[(nb, nb)](tiles, stats, m_d_s, m_d_t, 2.0 / NORM_EPS, weight, dist_weight, lo,
+                                            anchors, n, DIST=dist is not None, BLOCK=BLOCK, **NO_FMA)
+        return tiles[1], None, tiles[3], None
     hi = lo + anchors
     out = []
     for (w1, s, q), (w2, z2) in ((stats[:3], tiles[:2]), (stats[3:], tiles[2:])):
@@ -782,9 +825,12 @@ def rkd_angle_backward(e_s, e_t, saved, lo=0):
         z[lo:hi] -= q
         # c scales here, in the buffers' dtype: a kernel's Python float constant is a float32.
         z *= 2.0 / NORM_EPS
-        if fast:  # the difference form: no diagonal, no r
-            out += [z.sub_(sym, alpha=2), None]
-        else:
-            # Z_ii = sum_j s_ij, set as minus the rest of row i (see zero_row_sums).
-            out += [zero_row_sums(z) - 2 * sym, 2 * sym.sum(1)]
+        # Z_ii = sum_j s_ij, set as minus the rest of row i (see zero_row_sums).
+        out += [zero_row_sums(z) - 2 * sym, 2 * sym.sum(1)]
+    if weight != 1.0:
+        out = [None if t is None else t * weight for t in out]
+    if dist is not None:
+        dist_weight, terms = dist
+        for k, term in enumerate(terms):
+            out[k][lo:lo + len(term)] += term * dist_weight
     return tuple(out)
