@@ -452,26 +452,20 @@ def _distance_sides(x_s, x_t):
             _gram.prepare(x_t, centre=True))
 
 
-def _split_sides(x_s, x_t, angle, lo=0, rows=None):
-    """(E_s, E_t, (hi_s, lo_s, hi_t, lo_t)) of RKD's float32 path (_float32_path): E's float32
-    parts from float32 arithmetic (squared_distances_parts; the rows lo:lo + rows, all by
-    default), and E float64 formed from them only for the angle term (angle; else None)."""
-    if angle:
-        (e_s, *parts_s), (e_t, *parts_t) = (_gram.squared_distances_split(x, lo, rows) for x in (x_s, x_t))
-    else:
-        e_s = e_t = None
-        parts_s, parts_t = (_gram.squared_distances_parts(x, lo, rows) for x in (x_s, x_t))
-    return e_s, e_t, (*parts_s, *parts_t)
+def _split_sides(x_s, x_t, lo=0, rows=None):
+    """(hi_s, lo_s, hi_t, lo_t): E's float32 parts on RKD's float32 path (_float32_path), from
+    float32 arithmetic (squared_distances_parts; the rows lo:lo + rows, all by default). No
+    float64 E is formed: the angle term's exact anchors read E from the parts."""
+    return tuple(p for x in (x_s, x_t) for p in _gram.squared_distances_parts(x, lo, rows))
 
 
-def _rkd_sides(feat_s, feat_t, fast, angle):
+def _rkd_sides(feat_s, feat_t, fast):
     """RKD's (E_s, E_t, X_s, X_t, parts): _distance_sides and parts None, or with fast
-    (_float32_path) _split_sides' E and parts and X the raw rows, whose gradient
+    (_float32_path) E None, _split_sides' parts and X the raw rows, whose gradient
     difference_grad forms in float32."""
     if not fast:
         return (*_distance_sides(feat_s, feat_t), None)
-    e_s, e_t, parts = _split_sides(feat_s, feat_t, angle)
-    return e_s, e_t, feat_s, feat_t, parts
+    return None, None, feat_s, feat_t, _split_sides(feat_s, feat_t)
 
 
 def _rkd_distance_inputs(e_s, e_t, parts):
@@ -498,13 +492,13 @@ class RKDFunction(torch.autograd.Function):
                 diagonal;
       angle     smooth_l1(A_s, A_t) over the N^3 angles, read from E by polarisation.
     Both terms from one E and one set of centred rows per side, and one gradient map onto
-    the rows per side. On the float32 path (_float32_path) the distance term reads E's
-    float32 parts (_split_sides; no float64 E without the angle term)."""
+    the rows per side. On the float32 path (_float32_path) both terms read E's float32 parts
+    (_split_sides; no float64 E)."""
 
     @staticmethod
     def forward(ctx, feat_s, feat_t, w_dist, w_angle):
         fast = ctx.fast = _float32_path(feat_s, feat_t)
-        e_s, e_t, x_s, x_t, parts = _rkd_sides(feat_s, feat_t, fast, bool(w_angle))
+        e_s, e_t, x_s, x_t, parts = _rkd_sides(feat_s, feat_t, fast)
         d_s, d_t, d_lo = _rkd_distance_inputs(e_s, e_t, parts)
         n = len(feat_s)
         loss = d_s.new_zeros(())
@@ -820,27 +814,29 @@ class RKDRowsFunction(torch.autograd.Function):
     """This rank's part of w_dist * distance term + w_angle * angle term (either weight may be
     0): the distances d of the rows lo:lo + n of E (n, N) and the angles at the anchors
     lo:lo + n, from E (N, N) gathered from every rank's rows; X_* (N, ...) every rank's rows.
-    On the float32 path (_float32_path) the distance term reads these rows' E as float32
-    parts (_split_sides; E float64 only for the angle term's gathered E)."""
+    On the float32 path (_float32_path) both terms read E as float32 parts (_split_sides;
+    the angle term every rank's, gathered: no float64 E)."""
 
     @staticmethod
     def forward(ctx, x_s, x_t, lo, n, w_dist, w_angle, group, sizes):
         big = len(x_s)
         fast = ctx.fast = _float32_path(x_s, x_t)
         if fast:
-            e_s, e_t, own_parts = _split_sides(x_s, x_t, bool(w_angle), lo, n)
+            e_s = e_t = None
+            own_parts = _split_sides(x_s, x_t, lo, n)
         else:
             e_s, e_t, own_parts = _gram.squared_distances(x_s, lo, n), _gram.squared_distances(x_t, lo, n), None
         d_s, d_t, d_lo = _rkd_distance_inputs(e_s, e_t, own_parts)
         loss = d_s.new_zeros(())
-        stats_d = stats_a = full_s = full_t = None
+        stats_d = stats_a = full_s = full_t = parts = None
         if w_dist:
             total, stats_d = _dist.rkd_distance_forward(d_s, d_t, lo, reducer(group), d_lo)
             loss = loss + w_dist * total / big ** 2
-        if w_angle:
-            full_s, full_t = (all_gather_rows(e, group, sizes)[0] for e in (e_s, e_t))
-            # The gathered E's float32 parts (a rank's rows travel as float64 E).
-            parts = (*_angle.split(full_s), *_angle.split(full_t)) if fast else None
+        if w_angle:  # every rank's rows of E: float64, or on the float32 path its float32 parts
+            if fast:
+                parts = tuple(all_gather_rows(p, group, sizes)[0] for p in own_parts)
+            else:
+                full_s, full_t = (all_gather_rows(e, group, sizes)[0] for e in (e_s, e_t))
             total, stats_a = _angle.rkd_angle_forward(full_s, full_t, any(ctx.needs_input_grad),
                                                       (_gram.flat(x_s), _gram.flat(x_t)), lo, n, parts=parts)
             loss = loss + w_angle * total / big ** 3

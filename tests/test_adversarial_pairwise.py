@@ -153,7 +153,7 @@ def _paths(s, t, lo=0, anchors=None):
     (offsets from lo) with those it hands over (to the exact or the direct path) first,
     count of them."""
     from fastkd.kernels import angle, gram
-    parts = [p for x in (s, t) for p in gram.squared_distances_split(x.float())[1:]]
+    parts = [p for x in (s, t) for p in gram.squared_distances_parts(x.float())]
     n = len(s)
     order, counts = angle.anchor_order(parts, n, lo, n - lo if anchors is None else anchors)[:2]
     return order, counts[1]

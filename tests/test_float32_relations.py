@@ -11,7 +11,7 @@ import torch
 
 from adversarial_rows import rows
 from fastkd import backend
-from fastkd.kernels import distance, gram, irg_transformation
+from fastkd.kernels import angle, distance, gram, irg_transformation
 from helpers import assert_close
 from test_adversarial_pairwise import compare, inputs, loss_and_grads
 
@@ -85,23 +85,26 @@ def test_float64_inputs_keep_the_float64_path(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["rkd_distance mean", "rkd both terms"])
-def test_rkd_distance_kernels_take_float32(name, monkeypatch):
-    """On float32 inputs RKD's distance kernels read E's float32 parts and float32 statistics,
-    and the distance term alone forms no float64 E."""
+def test_rkd_kernels_take_float32(name, monkeypatch):
+    """On float32 inputs RKD's distance and angle terms read E's float32 parts and float32
+    statistics: no float64 E is formed for either term (the angle term's exact anchors sum
+    the parts in their kernels)."""
     op, n, d, case, gap_exp, near, seed, grad_out = CASES[name]
     s, t = inputs(n, d, case, gap_exp, near, torch.float32, seed)
     seen = []
 
     def recording(f):
         def run(*args, **kwargs):
-            seen.extend(a.dtype for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+            for a in (*args, *kwargs.values()):
+                seen.extend(x.dtype for x in (a if isinstance(a, (tuple, list)) else (a,))
+                            if isinstance(x, torch.Tensor) and x.is_floating_point())
             return f(*args, **kwargs)
         return run
 
-    for name in ("rkd_distance_forward", "rkd_distance_backward"):
-        monkeypatch.setattr(distance, name, recording(getattr(distance, name)))
-    if op == "rkd_distance":
-        monkeypatch.setattr(gram, "squared_distances_split", _refuse)
+    for module, names in ((distance, ("rkd_distance_forward", "rkd_distance_backward")),
+                          (angle, ("rkd_angle_forward", "rkd_angle_backward"))):
+        for f in names:
+            monkeypatch.setattr(module, f, recording(getattr(module, f)))
     loss_and_grads(op, "triton", s, t, torch.tensor(grad_out, dtype=torch.float64))
     assert seen and set(seen) == {torch.float32}
 

@@ -8,6 +8,7 @@ the same formula in numpy's long double (64-bit significand: 2^11 times float64'
 loss and the gradients of both inputs under an upstream gradient; float32 results as
 test_adversarial_pairwise's `compare` holds them (the float64 reference on the same values).
 """
+import itertools
 import numpy as np
 import pytest
 import torch
@@ -149,7 +150,7 @@ def test_paths_by_input():
     order, counts = angle.exact_anchor_order(e, e, 0, 20)
     assert int(counts[0]) >= 3 and {1, 2, 5} <= set(order[:int(counts[0])].tolist())
     # float32 rows: only short directions leave the float32 path for the direct one.
-    parts = [p for z in (y.float(), y.float()) for p in gram.squared_distances_split(z)[1:]]
+    parts = [p for z in (y.float(), y.float()) for p in gram.squared_distances_parts(z)]
     order, counts = angle.anchor_order(parts, 20, 0, 20)[:2]
     assert sorted(order[:int(counts[0])].tolist()) == [1, 2, 5]
 
@@ -165,12 +166,16 @@ def _sharded(impl, monkeypatch, s, t, bounds):
         distances = torch_path.squared_distances
     elif s.dtype == torch.float64:
         distances = gram.squared_distances
-    else:  # as the float32 path forms E
-        distances = lambda x: gram.squared_distances_split(x)[0]  # noqa: E731
-    full = [distances(x) for x in (s, t)]
+    else:  # as the float32 path forms E: float32 parts, gathered hi and lo apart
+        distances = gram.squared_distances_parts
+    full = [part for x in (s, t) for part in ((distances(x),) if impl == "torch" or s.dtype == torch.float64
+                                               else distances(x))]
+    gathered = itertools.cycle(full)  # the gathers come in this order: student first, hi before lo
 
-    def gather(e, group, sizes):  # E's rows lo:lo + n of one side -> that side's whole E
-        return next(f for f in full if f.shape[1] == e.shape[1] and torch.equal(f[lo:lo + len(e)], e)), lo
+    def gather(e, group, sizes):  # E's rows lo:lo + n (of one side, or one part) -> all of them
+        whole = next(gathered)
+        assert torch.equal(whole[lo:lo + len(e)], e)
+        return whole, lo
 
     monkeypatch.setattr(triton_path if impl == "triton" else torch_path, "all_gather_rows", gather)
     total = [0, 0, 0]

@@ -1,6 +1,8 @@
-"""Triton kernels of RKD's angle term, from the squared distances E (N, N) float64 of the
-student's and the teacher's rows (`squared_distances`, fastkd/kernels/gram.py), and, at the
-anchors that need it, from the rows themselves.
+"""Triton kernels of RKD's angle term, from the squared distances E (N, N) of the student's
+and the teacher's rows (fastkd/kernels/gram.py: `squared_distances`, float64, for float64
+inputs; for the others `squared_distances_parts`, E = hi + lo in two float32 matrices, which
+the float64 paths below sum as they load them: no float64 E is stored), and, at the anchors
+that need it, from the rows themselves.
 
 The angle at anchor i is read from E by polarisation (the law of cosines), V_jk =
 (x_j - x_i).(x_k - x_i) = (E_ij + E_ik - E_jk) / 2, A_jk = V_jk / (n_j n_k), n_j = sqrt(E_ij).
@@ -40,7 +42,7 @@ Three paths, each in kernels of its own:
          every angle). Float64 inputs take it at every anchor the direct path does not.
   fast   (`_rkd_angle_fwd_fast_kernel`, `_rkd_angle_grad_fast_kernel`) in float32 only, for
          float32, bfloat16 and float16 inputs. E arrives as two float32 matrices, E = hi + lo
-         to 2^-48 (gram.squared_distances_split, or `split`), and V is summed compensated:
+         to 2^-48 (gram.squared_distances_parts), and V is summed compensated:
          hi_ij + hi_ik - hi_jk with its rounding errors kept (Knuth's two-sum), plus the lo
          terms. V's error is then about u32 |V| + 4 u32^2 (E_ij + E_ik + E_jk), relative to
          n_j n_k about 1e-7 + 1e-14 (rho + 1/rho + 1). An anchor whose distances (live ones,
@@ -117,23 +119,35 @@ DIRECT_ANCHOR_F = 32
 # forward kernels take while the angles are at hand; the rest is one tile kernel per path
 # over its anchors.
 #
-# A side's E reaches the shared pieces below as (hi, lo) pointers; the exact path passes
-# E twice and never reads lo (EXACT).
+# A side's E reaches the shared pieces below as (hi, lo) pointers. The exact and direct
+# paths read E in float64: E itself (float64 inputs; lo = hi, never read) or, for the
+# anchors they take from the fast path (PARTS), hi + lo summed on load (_exact_load), exact
+# in float64 (|lo| <= ulp(hi) / 2: 48 bits at most), so no float64 E is ever stored there.
 
 @triton.jit
-def _directions(h_ptr, l_ptr, v_ptr, row_i, v_row, rows, N, EXACT: tl.constexpr):
-    """E[i, rows] as (hi, lo) (lo = hi, unused, for EXACT), inv = 1 / n (0 for a zero
-    direction) and dead = [zero direction] (0 outside) for anchor i; row_i = i * N in int64,
-    v_row = (i - lo) * N its row of the anchors' inverse norms. The fast path reads inv from
-    that matrix (`_fast_rows_kernel`): a division and a square root
-    per direction and anchor cost more instructions than the angles read from them."""
+def _exact_load(h_ptr, l_ptr, offsets, mask, PARTS: tl.constexpr):
+    """E at offsets in float64 (0 outside mask): E itself, or with PARTS hi + lo."""
+    e = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+    if PARTS:
+        e += tl.load(l_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+    return e
+
+
+@triton.jit
+def _directions(h_ptr, l_ptr, v_ptr, row_i, v_row, rows, N, EXACT: tl.constexpr, PARTS: tl.constexpr):
+    """E[i, rows] as (hi, lo) (for EXACT: E float64 (_exact_load) and lo = E, unused),
+    inv = 1 / n (0 for a zero direction) and dead = [zero direction] (0 outside) for anchor
+    i; row_i = i * N in int64, v_row = (i - lo) * N its row of the anchors' inverse norms.
+    The fast path reads inv from that matrix (`_fast_rows_kernel`): a division and a square
+    root per direction and anchor cost more instructions than the angles read from them."""
     ok = rows < N
-    e = tl.load(h_ptr + row_i + rows, mask=ok, other=0.0)
     if EXACT:
+        e = _exact_load(h_ptr, l_ptr, row_i + rows, ok, PARTS)
         e_lo = e
         live = e >= _NORM_EPS_SQ
         inv = tl.where(live, 1.0 / sqrt(tl.where(live, e, 1.0)), 0.0)
     else:
+        e = tl.load(h_ptr + row_i + rows, mask=ok, other=0.0)
         e_lo = tl.load(l_ptr + row_i + rows, mask=ok, other=0.0)
         inv = tl.load(v_ptr + v_row + rows, mask=ok, other=0.0)
         live = inv > 0
@@ -141,12 +155,14 @@ def _directions(h_ptr, l_ptr, v_ptr, row_i, v_row, rows, N, EXACT: tl.constexpr)
 
 
 @triton.jit
-def _tile(h_ptr, l_ptr, rj, rk, N, EXACT: tl.constexpr):
+def _tile(h_ptr, l_ptr, rj, rk, N, EXACT: tl.constexpr, PARTS: tl.constexpr):
     """The (rj, rk) tile of E as (hi, lo), as _directions."""
-    e = _load_tile(h_ptr, rj, rk, N, N)
     if EXACT:
+        e = _exact_load(h_ptr, l_ptr, rj[:, None].to(tl.int64) * N + rk[None, :],
+                        (rj[:, None] < N) & (rk[None, :] < N), PARTS)
         e_lo = e
     else:
+        e = _load_tile(h_ptr, rj, rk, N, N)
         e_lo = _load_tile(l_ptr, rj, rk, N, N)
     return e, e_lo
 
@@ -200,7 +216,8 @@ def _store_angle_stats(out, plane, ok, u_inv, u_a, u_dead, inv, dead):
 
 @triton.jit
 def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, order_ptr, count_ptr, part_ptr,
-               stats_ptr, lo, N, EXACT: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr):
+               stats_ptr, lo, N, EXACT: tl.constexpr, PARTS: tl.constexpr, STATS: tl.constexpr,
+               BLOCK: tl.constexpr):
     """The forward kernels' body (see _rkd_angle_fwd_kernel), over this path's anchors; w_*
     the lo parts of the fast path's inverse norms (not read for EXACT)."""
     t = tl.program_id(0)
@@ -217,27 +234,27 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, o
         i = lo + tl.load(order_ptr + t)
         row_i = i.to(tl.int64) * N
         v_row = (i - lo).to(tl.int64) * N
-        eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rj, N, EXACT)
-        eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rj, N, EXACT)
+        eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rj, N, EXACT, PARTS)
+        eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rj, N, EXACT, PARTS)
         if not EXACT:
             wj_s = tl.load(ws_ptr + v_row + rj, mask=rj < N, other=0.0)
             wj_t = tl.load(wt_ptr + v_row + rj, mask=rj < N, other=0.0)
         # Summed elementwise over the k blocks and reduced over k once at the end: a reduction
         # per block costs cross-thread shuffles, about as many instructions as the angles.
-        loss = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
-        ui_s = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
-        ua_s = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
-        ud_s = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
-        ui_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
-        ua_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
-        ud_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+        loss = tl.zeros([BLOCK, BLOCK], dtype=eij_s.dtype)
+        ui_s = tl.zeros([BLOCK, BLOCK], dtype=eij_s.dtype)
+        ua_s = tl.zeros([BLOCK, BLOCK], dtype=eij_s.dtype)
+        ud_s = tl.zeros([BLOCK, BLOCK], dtype=eij_s.dtype)
+        ui_t = tl.zeros([BLOCK, BLOCK], dtype=eij_s.dtype)
+        ua_t = tl.zeros([BLOCK, BLOCK], dtype=eij_s.dtype)
+        ud_t = tl.zeros([BLOCK, BLOCK], dtype=eij_s.dtype)
         for start in range(0, N, BLOCK):
             rk = start + tl.arange(0, BLOCK)
             ok = (rj[:, None] < N) & (rk[None, :] < N)
-            eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rk, N, EXACT)
-            eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rk, N, EXACT)
-            ejk_s, ljk_s = _tile(hs_ptr, ls_ptr, rj, rk, N, EXACT)
-            ejk_t, ljk_t = _tile(ht_ptr, lt_ptr, rj, rk, N, EXACT)
+            eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rk, N, EXACT, PARTS)
+            eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rk, N, EXACT, PARTS)
+            ejk_s, ljk_s = _tile(hs_ptr, ls_ptr, rj, rk, N, EXACT, PARTS)
+            ejk_t, ljk_t = _tile(ht_ptr, lt_ptr, rj, rk, N, EXACT, PARTS)
             a_s, v_s, vlo_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, rj, rk, ok,
                                           EXACT)
             a_t, v_t, vlo_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, rj, rk, ok,
@@ -275,17 +292,17 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, o
 
 
 @triton.jit
-def _rkd_angle_fwd_kernel(es_ptr, et_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
-                          STATS: tl.constexpr, BLOCK: tl.constexpr):
-    """The exact path (float64 E). Program (t, b): anchor i = lo + order[t] if counts[0] <= t <
-    counts[1] (else nothing: the direct or the fast kernel's), rows j of block b, all k:
-    part = sum h(A_s - A_t).
+def _rkd_angle_fwd_kernel(es_ptr, ls_ptr, et_ptr, lt_ptr, order_ptr, count_ptr, part_ptr, stats_ptr, lo, N,
+                          PARTS: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr):
+    """The exact path (float64 E: e_* itself, or with PARTS E's float32 parts e_* + l_*).
+    Program (t, b): anchor i = lo + order[t] if counts[0] <= t < counts[1] (else nothing: the
+    direct or the fast kernel's), rows j of block b, all k: part = sum h(A_s - A_t).
 
     With STATS, per side and row j the row sums sum_k u inv_k, sum_k u A and sum_k u dead_k,
     stored as w1, s, q at [stat, i - lo, j] of stats (6, R, N) (the anchors lo:lo + R, R
     programs): student 0-2, teacher 3-5."""
-    _angle_fwd(es_ptr, es_ptr, es_ptr, es_ptr, et_ptr, et_ptr, et_ptr, et_ptr, order_ptr, count_ptr, part_ptr,
-               stats_ptr, lo, N, EXACT=True, STATS=STATS, BLOCK=BLOCK)
+    _angle_fwd(es_ptr, ls_ptr, es_ptr, es_ptr, et_ptr, lt_ptr, et_ptr, et_ptr, order_ptr, count_ptr, part_ptr,
+               stats_ptr, lo, N, EXACT=True, PARTS=PARTS, STATS=STATS, BLOCK=BLOCK)
 
 
 @triton.jit
@@ -294,7 +311,7 @@ def _rkd_angle_fwd_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, v
     """The fast path (float32, E = hi + lo, v + w = 1 / sqrt(E)): _rkd_angle_fwd_kernel for the
     anchors order[t], t >= counts[1]."""
     _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, order_ptr, count_ptr, part_ptr,
-               stats_ptr, lo, N, EXACT=False, STATS=STATS, BLOCK=BLOCK)
+               stats_ptr, lo, N, EXACT=False, PARTS=True, STATS=STATS, BLOCK=BLOCK)
 
 
 @triton.jit
@@ -319,7 +336,7 @@ def _store_grad_tile(out, plane, rj, rk, N, ok, w, z, z_t, ADD: tl.constexpr):
 
 @triton.jit
 def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr, lo, R, N,
-                EXACT: tl.constexpr, BLOCK: tl.constexpr):
+                EXACT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr):
     """The tile kernels' body (see _rkd_angle_grad_kernel), over this path's anchors.
     u is symmetric in (j, k), so only the tiles on and above the diagonal are computed, each
     giving its transpose too: w2 is symmetric, z2's (k, j) entries are sum_i u dead_k inv_j."""
@@ -327,14 +344,14 @@ def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count
         rj = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         rk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = (rj[:, None] < N) & (rk[None, :] < N)
-        ejk_s, ljk_s = _tile(hs_ptr, ls_ptr, rj, rk, N, EXACT)
-        ejk_t, ljk_t = _tile(ht_ptr, lt_ptr, rj, rk, N, EXACT)
-        w_s = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
-        z_s = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
-        zt_s = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
-        w_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
-        z_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
-        zt_t = tl.zeros([BLOCK, BLOCK], dtype=hs_ptr.dtype.element_ty)
+        ejk_s, ljk_s = _tile(hs_ptr, ls_ptr, rj, rk, N, EXACT, PARTS)
+        ejk_t, ljk_t = _tile(ht_ptr, lt_ptr, rj, rk, N, EXACT, PARTS)
+        w_s = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
+        z_s = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
+        zt_s = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
+        w_t = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
+        z_t = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
+        zt_t = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
         count = tl.load(count_ptr + 1)
         if EXACT:
             first = tl.load(count_ptr)
@@ -346,10 +363,10 @@ def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count
             local = tl.load(order_ptr + t).to(tl.int64)
             row_i = (lo + local) * N
             v_row = local * N
-            eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rj, N, EXACT)
-            eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rk, N, EXACT)
-            eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rj, N, EXACT)
-            eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rk, N, EXACT)
+            eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rj, N, EXACT, PARTS)
+            eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rk, N, EXACT, PARTS)
+            eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rj, N, EXACT, PARTS)
+            eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rk, N, EXACT, PARTS)
             a_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, rj, rk, ok, EXACT)[0]
             a_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, rj, rk, ok, EXACT)[0]
             u = _angle_u(a_s, a_t, rj, rk)
@@ -366,12 +383,13 @@ def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count
 
 
 @triton.jit
-def _rkd_angle_grad_kernel(es_ptr, et_ptr, order_ptr, count_ptr, out_ptr, lo, R, N, BLOCK: tl.constexpr):
-    """The exact path (float64 E): the (j, k) tile of w2 and z2 / c (see the section's
-    header) on each side, summed over the anchors order[t], counts[0] <= t < counts[1];
-    out (4, N, N) = (w2_s, z2_s / c, w2_t, z2_t / c), written whole."""
-    _angle_grad(es_ptr, es_ptr, es_ptr, et_ptr, et_ptr, et_ptr, order_ptr, count_ptr, out_ptr, lo, R, N,
-                EXACT=True, BLOCK=BLOCK)
+def _rkd_angle_grad_kernel(es_ptr, ls_ptr, et_ptr, lt_ptr, order_ptr, count_ptr, out_ptr, lo, R, N,
+                           PARTS: tl.constexpr, BLOCK: tl.constexpr):
+    """The exact path (float64 E, as _rkd_angle_fwd_kernel reads it): the (j, k) tile of w2 and
+    z2 / c (see the section's header) on each side, summed over the anchors order[t],
+    counts[0] <= t < counts[1]; out (4, N, N) = (w2_s, z2_s / c, w2_t, z2_t / c), written whole."""
+    _angle_grad(es_ptr, ls_ptr, es_ptr, et_ptr, lt_ptr, et_ptr, order_ptr, count_ptr, out_ptr, lo, R, N,
+                EXACT=True, PARTS=PARTS, BLOCK=BLOCK)
 
 
 @triton.jit
@@ -380,7 +398,7 @@ def _rkd_angle_grad_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, 
     """The fast path (float32, E = hi + lo, v = 1 / sqrt(E)): _rkd_angle_grad_kernel's sums over
     the anchors order[t], counts[1] <= t < R, added to what out holds."""
     _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr, lo, R, N, EXACT=False,
-                BLOCK=BLOCK)
+                PARTS=True, BLOCK=BLOCK)
 
 
 @triton.jit
@@ -469,11 +487,11 @@ def _exact_rows_kernel(es_ptr, et_ptr, flag_ptr, lo, R, N, BLOCK: tl.constexpr):
 # the reference's are, so nothing cancels that the reference keeps.
 
 @triton.jit
-def _direct_norms(e_ptr, row_i, rows, N):
+def _direct_norms(e_ptr, l_ptr, row_i, rows, N, PARTS: tl.constexpr):
     """(inv, live) of anchor i's directions to `rows`: inv = 1 / max(sqrt(E_ij), NORM_EPS),
-    live = [E_ij >= NORM_EPS^2] (0 outside)."""
+    live = [E_ij >= NORM_EPS^2] (0 outside); E float64 as _exact_load reads it."""
     ok = rows < N
-    e = tl.load(e_ptr + row_i + rows, mask=ok, other=0.0)
+    e = _exact_load(e_ptr, l_ptr, row_i + rows, ok, PARTS)
     live = e >= _NORM_EPS_SQ
     # 1 / NORM_EPS = 1e12 exactly: a float constant reaches a kernel as a float32, which 1e12
     # is not; 1e6 is, and its square in float64 is exact.
@@ -508,12 +526,13 @@ def _direct_angles(x_ptr, sn, sd, D, i, rj, rk, inv_j, live_j, inv_k, N,
 
 
 @triton.jit
-def _rkd_angle_fwd_direct_kernel(xs_ptr, sns, sds, Ds, xt_ptr, snt, sdt, Dt, es_ptr, et_ptr, order_ptr, count_ptr,
-                                 part_ptr, stats_ptr, lo, N, STATS: tl.constexpr, BLOCK: tl.constexpr,
-                                 BLOCK_F: tl.constexpr):
+def _rkd_angle_fwd_direct_kernel(xs_ptr, sns, sds, Ds, xt_ptr, snt, sdt, Dt, es_ptr, ls_ptr, et_ptr, lt_ptr,
+                                 order_ptr, count_ptr, part_ptr, stats_ptr, lo, N, PARTS: tl.constexpr,
+                                 STATS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_F: tl.constexpr):
     """The direct path: program (t, b), anchor i = lo + order[t] if t < counts[0] (else
     nothing), rows j of block b, all k: part = sum h(A_s - A_t), A from the rows x_* (N, D_*)
-    (any float dtype, read through their strides) and E (N, N) float64 (the norms). With
+    (any float dtype, read through their strides) and E (N, N) (the norms: float64 E, or
+    with PARTS its float32 parts e_* + l_*, as _exact_load reads them). With
     STATS, zeros at the anchor's rows of the other paths' stats (6, R, N): its gradient is
     _rkd_angle_grad_direct_kernel's."""
     t = tl.program_id(0)
@@ -521,13 +540,13 @@ def _rkd_angle_fwd_direct_kernel(xs_ptr, sns, sds, Ds, xt_ptr, snt, sdt, Dt, es_
     if t < tl.load(count_ptr):
         i = lo + tl.load(order_ptr + t)
         row_i = i.to(tl.int64) * N
-        invj_s, livej_s = _direct_norms(es_ptr, row_i, rj, N)
-        invj_t, livej_t = _direct_norms(et_ptr, row_i, rj, N)
+        invj_s, livej_s = _direct_norms(es_ptr, ls_ptr, row_i, rj, N, PARTS)
+        invj_t, livej_t = _direct_norms(et_ptr, lt_ptr, row_i, rj, N, PARTS)
         loss = tl.zeros([BLOCK, BLOCK], dtype=tl.float64)
         for start in range(0, N, BLOCK):
             rk = start + tl.arange(0, BLOCK)
-            invk_s, _ = _direct_norms(es_ptr, row_i, rk, N)
-            invk_t, _ = _direct_norms(et_ptr, row_i, rk, N)
+            invk_s, _ = _direct_norms(es_ptr, ls_ptr, row_i, rk, N, PARTS)
+            invk_t, _ = _direct_norms(et_ptr, lt_ptr, row_i, rk, N, PARTS)
             a_s = _direct_angles(xs_ptr, sns, sds, Ds, i, rj, rk, invj_s, livej_s, invk_s, N, BLOCK, BLOCK_F)
             a_t = _direct_angles(xt_ptr, snt, sdt, Dt, i, rj, rk, invj_t, livej_t, invk_t, N, BLOCK, BLOCK_F)
             loss += _smooth_l1(a_s - a_t)
@@ -549,18 +568,18 @@ def _direct_coefficients(u_ptr, rj, rk, N, inv_j, live_j, inv_k):
 
 
 @triton.jit
-def _direct_rows_grad(x_ptr, sn, sd, D, e_ptr, g_ptr, u_ptr, i, rj, c_j, s, N,
+def _direct_rows_grad(x_ptr, sn, sd, D, e_ptr, l_ptr, g_ptr, u_ptr, i, rj, c_j, s, N, PARTS: tl.constexpr,
                       BLOCK: tl.constexpr, BLOCK_F: tl.constexpr):
     """g[rj] += s * (sum_k C_jk d_k + c_j d_j) for one side, C from the u (N, N) of anchor i
     (g (N, D) contiguous, in the input's dtype)."""
     row_i = i.to(tl.int64) * N
-    inv_j, live_j = _direct_norms(e_ptr, row_i, rj, N)
+    inv_j, live_j = _direct_norms(e_ptr, l_ptr, row_i, rj, N, PARTS)
     for start in range(0, D, BLOCK_F):
         f = start + tl.arange(0, BLOCK_F)
         acc = c_j[:, None] * _differences(x_ptr, sn, sd, i, rj, f, N, D)
         for kstart in range(0, N, BLOCK):
             rk = kstart + tl.arange(0, BLOCK)
-            inv_k, _ = _direct_norms(e_ptr, row_i, rk, N)
+            inv_k, _ = _direct_norms(e_ptr, l_ptr, row_i, rk, N, PARTS)
             c = _direct_coefficients(u_ptr, rj, rk, N, inv_j, live_j, inv_k)
             dk = _differences(x_ptr, sn, sd, i, rk, f, N, D)
             acc += tl.sum(c[:, :, None] * dk[None, :, :], axis=1)
@@ -578,9 +597,10 @@ def _direct_side_sums(a, u, rj, rk, inv_k, live_j):
 
 
 @triton.jit
-def _rkd_angle_grad_direct_kernel(xs_ptr, sns, sds, Ds, xt_ptr, snt, sdt, Dt, es_ptr, et_ptr, order_ptr, count_ptr,
-                                  u_ptr, rs_ptr, rt_ptr, gs_ptr, gt_ptr, scale_ptr, lo, N, GRAD_S: tl.constexpr,
-                                  GRAD_T: tl.constexpr, BLOCK: tl.constexpr, BLOCK_F: tl.constexpr):
+def _rkd_angle_grad_direct_kernel(xs_ptr, sns, sds, Ds, xt_ptr, snt, sdt, Dt, es_ptr, ls_ptr, et_ptr, lt_ptr,
+                                  order_ptr, count_ptr, u_ptr, rs_ptr, rt_ptr, gs_ptr, gt_ptr, scale_ptr, lo, N,
+                                  PARTS: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+                                  BLOCK: tl.constexpr, BLOCK_F: tl.constexpr):
     """The direct path's gradient on the rows j of block b (program b), summed over its
     anchors i = lo + order[t], t < counts[0] (the section's header): for each anchor, u
     (N, N) float64 (scratch, these rows) and each side's r at [t, j] of r_* (R, N);
@@ -592,16 +612,16 @@ def _rkd_angle_grad_direct_kernel(xs_ptr, sns, sds, Ds, xt_ptr, snt, sdt, Dt, es
     for t in range(0, tl.load(count_ptr)):
         i = lo + tl.load(order_ptr + t)
         row_i = i.to(tl.int64) * N
-        invj_s, livej_s = _direct_norms(es_ptr, row_i, rj, N)
-        invj_t, livej_t = _direct_norms(et_ptr, row_i, rj, N)
+        invj_s, livej_s = _direct_norms(es_ptr, ls_ptr, row_i, rj, N, PARTS)
+        invj_t, livej_t = _direct_norms(et_ptr, lt_ptr, row_i, rj, N, PARTS)
         ui_s = tl.zeros([BLOCK], dtype=tl.float64)
         ua_s = tl.zeros([BLOCK], dtype=tl.float64)
         ui_t = tl.zeros([BLOCK], dtype=tl.float64)
         ua_t = tl.zeros([BLOCK], dtype=tl.float64)
         for start in range(0, N, BLOCK):
             rk = start + tl.arange(0, BLOCK)
-            invk_s, _ = _direct_norms(es_ptr, row_i, rk, N)
-            invk_t, _ = _direct_norms(et_ptr, row_i, rk, N)
+            invk_s, _ = _direct_norms(es_ptr, ls_ptr, row_i, rk, N, PARTS)
+            invk_t, _ = _direct_norms(et_ptr, lt_ptr, row_i, rk, N, PARTS)
             a_s = _direct_angles(xs_ptr, sns, sds, Ds, i, rj, rk, invj_s, livej_s, invk_s, N, BLOCK, BLOCK_F)
             a_t = _direct_angles(xt_ptr, snt, sdt, Dt, i, rj, rk, invj_t, livej_t, invk_t, N, BLOCK, BLOCK_F)
             u = tl.minimum(tl.maximum(a_s - a_t, -1.0), 1.0)
@@ -621,9 +641,11 @@ def _rkd_angle_grad_direct_kernel(xs_ptr, sns, sds, Ds, xt_ptr, snt, sdt, Dt, es
         tl.store(rt_ptr + at, -(2.0 * invj_t * ui_t + c_t), mask=rj < N)
         tl.debug_barrier()  # u's tiles, stored above by other threads, are read below
         if GRAD_S:
-            _direct_rows_grad(xs_ptr, sns, sds, Ds, es_ptr, gs_ptr, u_ptr, i, rj, c_s, s, N, BLOCK, BLOCK_F)
+            _direct_rows_grad(xs_ptr, sns, sds, Ds, es_ptr, ls_ptr, gs_ptr, u_ptr, i, rj, c_s, s, N, PARTS, BLOCK,
+                              BLOCK_F)
         if GRAD_T:
-            _direct_rows_grad(xt_ptr, snt, sdt, Dt, et_ptr, gt_ptr, u_ptr, i, rj, c_t, -s, N, BLOCK, BLOCK_F)
+            _direct_rows_grad(xt_ptr, snt, sdt, Dt, et_ptr, lt_ptr, gt_ptr, u_ptr, i, rj, c_t, -s, N, PARTS, BLOCK,
+                              BLOCK_F)
         tl.debug_barrier()  # the next anchor's u overwrites these rows
 
 
@@ -644,12 +666,6 @@ def _rkd_angle_grad_direct_anchor_kernel(x_ptr, sn, sd, D, order_ptr, count_ptr,
         ptr = g_ptr + i.to(tl.int64) * D + f
         g = tl.load(ptr, mask=f < D, other=0.0).to(tl.float64) - tl.load(scale_ptr).to(tl.float64) * tl.sum(acc, 0)
         tl.store(ptr, _cast(g, g_ptr.dtype.element_ty), mask=f < D)
-
-
-def split(e):
-    """E (float64) as the fast path takes it: (hi, lo) float32, hi + lo = E to about 2^-48."""
-    hi = e.to(torch.float32)
-    return hi, (e - hi.to(e.dtype)).to(torch.float32)
 
 
 def _ordered(flag):
@@ -685,35 +701,52 @@ def exact_anchor_order(e_s, e_t, lo, anchors):
     return _ordered(flag)
 
 
+def _exact_reads(e_s, e_t, parts):
+    """((es, ls, et, lt), PARTS): how the exact and direct kernels read each side's E: float64
+    E (e_*; ls, lt unused), or on the fast path E's float32 parts (hi_s, lo_s, hi_t, lo_t),
+    summed in float64 as they load them (_exact_load)."""
+    if parts is None:
+        return (e_s, e_s, e_t, e_t), False
+    return parts, True
+
+
+def _saved_parts(fast):
+    """The fast path's E parts (hi_s, lo_s, hi_t, lo_t) from rkd_angle_forward's saved fast
+    tensors (hi_s, lo_s, v_s, hi_t, lo_t, v_t); None for float64 inputs (no fast tensors)."""
+    return (fast[0], fast[1], fast[3], fast[4]) if fast else None
+
+
 def rkd_angle_forward(e_s, e_t, with_stats, rows, lo=0, anchors=None, parts=None):
     """(N^3 * loss, saved for backward, or None); e_* the squared distances (N, N) float64,
     rows = (x_s, x_t) the rows (N, D_*) in any float dtype (the direct path's difference
     vectors). anchors: only the angles at the anchors lo:lo + anchors (R of them; all N by
     default), a global batch's share of the loss. parts: the fast path, for inputs that are
-    not float64: (hi_s, lo_s, hi_t, lo_t) float32 with hi + lo = E (squared_distances_split,
-    or split), float32 arithmetic for the anchors it suits (the module docstring).
+    not float64, in place of e_* (None): (hi_s, lo_s, hi_t, lo_t) float32 with hi + lo = E
+    (gram.squared_distances_parts), float32 arithmetic for the anchors it suits and float64
+    read from the parts for the others (the module docstring).
     saved = (stats, order, counts[, hi_s, lo_s, v_s, hi_t, lo_t, v_t]): stats (6, R, N) the
     per-anchor w1, s, q of each side (0 at the direct path's anchors), float32 on the fast
     path."""
-    n = len(e_s)
+    some = e_s if parts is None else parts[0]
+    n = len(some)
     anchors = n if anchors is None else anchors
     nb = cdiv(n, BLOCK)
-    device = e_s.device
+    device = some.device
     if parts is None:
         order, count = exact_anchor_order(e_s, e_t, lo, anchors)
     else:
         order, count, v_s, v_t, w_s, w_t = anchor_order(parts, n, lo, anchors)
-    stats = torch.empty((6, anchors, n) if with_stats else (1,), dtype=e_s.dtype if parts is None else torch.float32,
-                        device=device)
+    exact, in_parts = _exact_reads(e_s, e_t, parts)
+    stats = torch.empty((6, anchors, n) if with_stats else (1,), dtype=some.dtype, device=device)
     # Each program writes its anchor's partial sum from one of the kernels.
-    part = torch.empty(anchors * nb, dtype=e_s.dtype, device=device)
+    part = torch.empty(anchors * nb, dtype=torch.float64, device=device)
     x_s, x_t = rows
     _rkd_angle_fwd_direct_kernel[(anchors, nb)](x_s, x_s.stride(0), x_s.stride(1), x_s.shape[1], x_t, x_t.stride(0),
-                                                x_t.stride(1), x_t.shape[1], e_s, e_t, order, count, part, stats, lo,
-                                                n, STATS=with_stats, BLOCK=BLOCK, BLOCK_F=DIRECT_BLOCK_F,
-                                                num_warps=TILE_WARPS, **NO_FMA)
-    _rkd_angle_fwd_kernel[(anchors, nb)](e_s, e_t, order, count, part, stats, lo, n, STATS=with_stats,
-                                         BLOCK=BLOCK, num_warps=TILE_WARPS, **NO_FMA)
+                                                x_t.stride(1), x_t.shape[1], *exact, order, count, part, stats, lo,
+                                                n, PARTS=in_parts, STATS=with_stats, BLOCK=BLOCK,
+                                                BLOCK_F=DIRECT_BLOCK_F, num_warps=TILE_WARPS, **NO_FMA)
+    _rkd_angle_fwd_kernel[(anchors, nb)](*exact, order, count, part, stats, lo, n, PARTS=in_parts,
+                                         STATS=with_stats, BLOCK=BLOCK, num_warps=TILE_WARPS, **NO_FMA)
     if parts is not None:
         fast = (parts[0], parts[1], v_s, parts[2], parts[3], v_t)
         _rkd_angle_fwd_fast_kernel[(anchors, nb)](parts[0], parts[1], v_s, w_s, parts[2], parts[3], v_t, w_t, order,
@@ -727,22 +760,24 @@ def rkd_angle_forward(e_s, e_t, with_stats, rows, lo=0, anchors=None, parts=None
 def rkd_angle_direct_grad(rows, e_s, e_t, saved, grads, scale, lo=0):
     """Adds the direct path's anchors' share, scale * N^3 dL/dX, to the gradients grads =
     (g_s, g_t) (each (N, ...) contiguous in the rows' dtype, formed from the other paths'
-    M, r; None where not needed), in place: rows, e_*, lo as rkd_angle_forward's, saved its
-    saved, scale a 0-dim tensor (the upstream gradient times the loss's weight over N^3)."""
-    stats, order, count = saved[:3]
+    M, r; None where not needed), in place: rows, e_*, lo as rkd_angle_forward's (e_* None
+    on the fast path), saved its saved, scale a 0-dim tensor (the upstream gradient times
+    the loss's weight over N^3)."""
+    stats, order, count, *fast = saved
+    exact, in_parts = _exact_reads(e_s, e_t, _saved_parts(fast))
     x_s, x_t = rows
     g_s, g_t = (None if g is None else g.view(len(g), -1) for g in grads)
-    n = len(e_s)
+    n = len(exact[0])
     anchors = stats.shape[1]
     # u of one anchor at a time (each program its rows), each side's r at every direct anchor.
-    u = torch.empty((n, n), dtype=torch.float64, device=e_s.device)
-    r = torch.empty((2, anchors, n), dtype=torch.float64, device=e_s.device)
+    u = torch.empty((n, n), dtype=torch.float64, device=stats.device)
+    r = torch.empty((2, anchors, n), dtype=torch.float64, device=stats.device)
     some = g_s if g_s is not None else g_t
     _rkd_angle_grad_direct_kernel[(cdiv(n, BLOCK),)](
-        x_s, x_s.stride(0), x_s.stride(1), x_s.shape[1], x_t, x_t.stride(0), x_t.stride(1), x_t.shape[1], e_s, e_t,
+        x_s, x_s.stride(0), x_s.stride(1), x_s.shape[1], x_t, x_t.stride(0), x_t.stride(1), x_t.shape[1], *exact,
         order, count, u, r[0], r[1], some if g_s is None else g_s, some if g_t is None else g_t, scale, lo, n,
-        GRAD_S=g_s is not None, GRAD_T=g_t is not None, BLOCK=BLOCK, BLOCK_F=DIRECT_BLOCK_F, num_warps=TILE_WARPS,
-        **NO_FMA)
+        PARTS=in_parts, GRAD_S=g_s is not None, GRAD_T=g_t is not None, BLOCK=BLOCK, BLOCK_F=DIRECT_BLOCK_F,
+        num_warps=TILE_WARPS, **NO_FMA)
     for x, plane, g in ((x_s, r[0], g_s), (x_t, r[1], g_t)):
         if g is not None:
             _rkd_angle_grad_direct_anchor_kernel[(anchors, cdiv(x.shape[1], DIRECT_ANCHOR_F))](
@@ -786,7 +821,8 @@ def _angle_grad_fast_m_kernel(tiles_ptr, stats_ptr, ds_ptr, dt_ptr, c, weight, d
 
 
 def rkd_angle_backward(e_s, e_t, saved, lo=0, weight=1.0, dist=None):
-    """(M_s, r_s, M_t, r_t) with N^3 dL/dX = M X + r * X on each side, times weight: M = Z - 2 S,
+    """(M_s, r_s, M_t, r_t) with N^3 dL/dX = M X + r * X on each side, times weight (e_* as
+    rkd_angle_forward's, None on the fast path): M = Z - 2 S,
     r = 2 rowsum(S), from the forward's per-anchor stats (of the anchors lo:lo + R, R =
     stats.shape[1]) and the tile kernels' sums over the same anchors; M (N, N) and r (N,)
     float64 reach every row. dist = (dist_weight, (M_d_s, r_d_s, M_d_t, r_d_t)): another term's
@@ -796,13 +832,14 @@ def rkd_angle_backward(e_s, e_t, saved, lo=0, weight=1.0, dist=None):
     minus M's row sums, so only M's off-diagonal entries count; one kernel forms both sides'
     M from the tile sums (_angle_grad_fast_m_kernel)."""
     stats, order, count, *fast = saved
-    n = len(e_s)
+    exact, in_parts = _exact_reads(e_s, e_t, _saved_parts(fast))
+    n = len(exact[0])
     anchors = stats.shape[1]
     nb = cdiv(n, BLOCK)
-    tiles = torch.empty((4, n, n), dtype=stats.dtype, device=e_s.device)
+    tiles = torch.empty((4, n, n), dtype=stats.dtype, device=stats.device)
     # The anchors' loop bound, read from the device, holds one more register, which spilled at
     # TILE_WARPS in float64 (sm_80, sm_90); twice the warps (half the tile per thread) do not.
-    _rkd_angle_grad_kernel[(nb, nb)](e_s, e_t, order, count, tiles, lo, anchors, n, BLOCK=BLOCK,
+    _rkd_angle_grad_kernel[(nb, nb)](*exact, order, count, tiles, lo, anchors, n, PARTS=in_parts, BLOCK=BLOCK,
                                      num_warps=2 * TILE_WARPS, **NO_FMA)
     if fast:
         _rkd_angle_grad_fast_kernel[(nb, nb)](*fast, order, count, tiles, lo, anchors, n, BLOCK=BLOCK,

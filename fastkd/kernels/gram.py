@@ -29,12 +29,12 @@ has a relative error of about D u64 whatever the gap, and equal rows give exactl
 Gradients M X + r X are formed in float64 from the centred rows, whose rounding (u64 |M| |x|)
 stays below the |M| gap of a near-duplicate pair down to gaps of about 1e-8 of the spread.
 RKD on float32, bfloat16 and float16 inputs does both without float64:
-`squared_distances_split` carries E as two float32 sums (hi + lo, 2^-48) and
+`squared_distances_parts` carries E as two float32 sums (hi + lo, 2^-48) and
 `difference_grad` forms sum_b M_ab (x_b - x_a) from the differences themselves (its terms'
 r is minus M's row sums), whose float32 rounding is relative to each term, not to |x|.
 SP, PKT, CC and IRG on those inputs also run without float64: `gram_split` (G = hi + lo,
 exact products and compensated sums), `squared_norms_split` (its diagonal for a global
-batch), `squared_distances_parts` (IRG's E), and `gram_grad` with a float32 M
+batch), `squared_distances_parts` (IRG's E too), and `gram_grad` with a float32 M
 (`_product_grad_kernel`, float32 outer products).
 Buffers are (N, N) at most.
 """
@@ -225,19 +225,13 @@ def _squared_distances_split_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, l
     _split_tile(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D, DIFF=True, SQUARE=SQUARE, BLOCK=BLOCK)
 
 
-def squared_distances_split(x, lo=0, rows=None):
-    """squared_distances with float32 arithmetic only in its O(N^2 D) part, for float32,
-    bfloat16 and float16 x: (E, hi, lo_part), hi + lo_part = E to about 2^-48 relative
-    (two float32 (rows, N) matrices) and E float64 formed from them; equal rows give exactly
-    0. A sum of squares past float32's range gives NaN there (hi and lo: the compensated
-    sums meet inf - inf), as the reference's own float32 distances do; RKD's angle term
-    scales such rows into range first (fastkd.autograd._in_range)."""
-    hi, lo_part = squared_distances_parts(x, lo, rows)
-    return hi.to(torch.float64).add_(lo_part), hi, lo_part
-
-
 def squared_distances_parts(x, lo=0, rows=None):
-    """squared_distances_split's (hi, lo_part) alone (no float64 E)."""
+    """squared_distances with float32 arithmetic only, for float32, bfloat16 and float16 x:
+    (hi, lo_part), hi + lo_part = E to about 2^-48 relative (two float32 (rows, N) matrices;
+    their sum in float64 is exact); equal rows give exactly 0. A sum of squares past
+    float32's range gives NaN there (hi and lo: the compensated sums meet inf - inf), as the
+    reference's own float32 distances do; RKD's angle term scales such rows into range first
+    (fastkd.autograd._in_range)."""
     return _tiles(_squared_distances_split_kernel, x, lo, rows, torch.float32, 2, **NO_FMA)
 
 
