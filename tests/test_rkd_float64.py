@@ -137,6 +137,23 @@ def test_short_directions_with_both_terms(impl):
     compare("rkd", impl, s, t, torch.tensor(GRAD_OUT, dtype=torch.float64), "rkd, float32 short")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_direct_anchors_in_chunks(dtype, monkeypatch):
+    """The direct path's gradient launched DIRECT_CHUNK anchors at a time (2 here: several
+    launches for these rows' direct anchors, the last ones past the count) gives the
+    gradients one launch gives, to the order of the additions."""
+    from fastkd.kernels import angle
+    s, t = _dead(20, 6, 5, dtype), _dead(20, 8, 6, dtype)
+    grad_out = torch.tensor(GRAD_OUT, dtype=torch.float64)
+    whole = loss_and_grads("rkd_angle", "triton", s, t, grad_out)
+    monkeypatch.setattr(angle, "DIRECT_CHUNK", 2)
+    chunked = loss_and_grads("rkd_angle", "triton", s, t, grad_out)
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    for name, a, b in zip(("loss", "grad_s", "grad_t"), chunked, whole):
+        assert torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max())), name
+    assert not torch.equal(whole[1], torch.zeros_like(whole[1]))
+
+
 def test_paths_by_input():
     """Float64 rows without a close pair or a short direction keep the law of cosines at every
     anchor; the direct path's anchors come first in the order, chosen on the device."""

@@ -21,9 +21,13 @@ Three paths, each in kernels of its own:
          gradient autograd's (F.normalize's backward, through the clamp) formed on the same
          difference vectors (see its section). The error is the reference's own, about
          u64 per angle whatever rho. O(N^2 D) work per anchor, O(N^2) memory: its backward's
-         scratch, u (N, N) and r (2, R, N) float64, is allocated whether or not an anchor
-         takes the path (their count is on the device), once the other paths' (N, N) M are
-         mapped onto the rows. Its gradient kernel runs a program per 32 rows, each over
+         scratch, u (N, N) (float32 for float32, bfloat16 and float16 inputs: its rounding
+         adds about u32 inv_j |g_j| to a direction's gradient, what the float32 reference's
+         own arithmetic carries there; float64 otherwise) and r (2, min(R, DIRECT_CHUNK), N)
+         float64, is allocated whether or not an anchor takes the path (their count is on
+         the device), once the other paths' (N, N) M are mapped onto the rows; past
+         DIRECT_CHUNK anchors the gradient kernels launch once per chunk of them, those past
+         the count returning at once. Its gradient kernel runs a program per 32 rows, each over
          every direct anchor in turn: ample for the few anchors a near-duplicate pair flags,
          a small part of the GPU where most anchors of float64 inputs take the path.
          It takes, for every input dtype, the anchors with a squared distance in
@@ -98,6 +102,9 @@ _DIRECT_RATIO_SQ = tl.constexpr(DIRECT_RATIO_SQ)
 DIRECT_BLOCK_F = 4
 # Feature columns per program of the direct path's anchor-row kernel.
 DIRECT_ANCHOR_F = 32
+# Direct anchors per launch of the direct path's gradient kernels (their r scratch is
+# (2, DIRECT_CHUNK, N) float64): one launch each up to N = DIRECT_CHUNK.
+DIRECT_CHUNK = 1024
 
 
 # --- RKD angle ----------------------------------------------------------------
@@ -598,18 +605,18 @@ def _direct_side_sums(a, u, rj, rk, inv_k, live_j):
 
 @triton.jit
 def _rkd_angle_grad_direct_kernel(xs_ptr, sns, sds, Ds, xt_ptr, snt, sdt, Dt, es_ptr, ls_ptr, et_ptr, lt_ptr,
-                                  order_ptr, count_ptr, u_ptr, rs_ptr, rt_ptr, gs_ptr, gt_ptr, scale_ptr, lo, N,
-                                  PARTS: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+                                  order_ptr, count_ptr, u_ptr, rs_ptr, rt_ptr, gs_ptr, gt_ptr, scale_ptr, first, chunk,
+                                  lo, N, PARTS: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
                                   BLOCK: tl.constexpr, BLOCK_F: tl.constexpr):
     """The direct path's gradient on the rows j of block b (program b), summed over its
-    anchors i = lo + order[t], t < counts[0] (the section's header): for each anchor, u
-    (N, N) float64 (scratch, these rows) and each side's r at [t, j] of r_* (R, N);
-    then g_*[j] += scale * dL/dd_j on each side that needs it (g_* (N, D_*) contiguous, in
-    the input's dtype, scale a 0-dim tensor). _rkd_angle_grad_direct_anchor_kernel then
-    adds the anchors' own rows."""
+    anchors i = lo + order[t], first <= t < min(first + chunk, counts[0]) (the section's
+    header): for each anchor, u (N, N) (scratch, these rows) and each side's r at
+    [t - first, j] of r_* (chunk, N); then g_*[j] += scale * dL/dd_j on each side that needs
+    it (g_* (N, D_*) contiguous, in the input's dtype, scale a 0-dim tensor).
+    _rkd_angle_grad_direct_anchor_kernel then adds the anchors' own rows."""
     rj = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     s = tl.load(scale_ptr).to(tl.float64)
-    for t in range(0, tl.load(count_ptr)):
+    for t in range(first, tl.minimum(first + chunk, tl.load(count_ptr))):
         i = lo + tl.load(order_ptr + t)
         row_i = i.to(tl.int64) * N
         invj_s, livej_s = _direct_norms(es_ptr, ls_ptr, row_i, rj, N, PARTS)
@@ -636,7 +643,7 @@ def _rkd_angle_grad_direct_kernel(xs_ptr, sns, sds, Ds, xt_ptr, snt, sdt, Dt, es
         # C and c of dL/dA = u; the teacher's dL/dA is -u, so its r and scale change sign.
         c_s = -2.0 * livej_s * invj_s * invj_s * ua_s
         c_t = -2.0 * livej_t * invj_t * invj_t * ua_t
-        at = tl.cast(t, tl.int64) * N + rj
+        at = tl.cast(t - first, tl.int64) * N + rj
         tl.store(rs_ptr + at, 2.0 * invj_s * ui_s + c_s, mask=rj < N)
         tl.store(rt_ptr + at, -(2.0 * invj_t * ui_t + c_t), mask=rj < N)
         tl.debug_barrier()  # u's tiles, stored above by other threads, are read below
@@ -650,18 +657,19 @@ def _rkd_angle_grad_direct_kernel(xs_ptr, sns, sds, Ds, xt_ptr, snt, sdt, Dt, es
 
 
 @triton.jit
-def _rkd_angle_grad_direct_anchor_kernel(x_ptr, sn, sd, D, order_ptr, count_ptr, r_ptr, g_ptr, scale_ptr, lo, N,
-                                         BLOCK: tl.constexpr, BLOCK_F: tl.constexpr):
+def _rkd_angle_grad_direct_anchor_kernel(x_ptr, sn, sd, D, order_ptr, count_ptr, r_ptr, g_ptr, scale_ptr, first,
+                                         lo, N, BLOCK: tl.constexpr, BLOCK_F: tl.constexpr):
     """One side: g[i, f] -= scale * sum_k r_k d_k[f] for the anchor i = lo + order[t] of
-    program (t, f block), t < counts[0]; r (R, N) that side's plane of the row kernel's r."""
-    t = tl.program_id(0)
+    program (t - first, f block), t < counts[0]; r (chunk, N) that side's plane of the row
+    kernel's r, from the anchor order[first]."""
+    t = first + tl.program_id(0)
     if t < tl.load(count_ptr):
         i = lo + tl.load(order_ptr + t)
         f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         acc = tl.zeros([BLOCK, BLOCK_F], dtype=tl.float64)
         for start in range(0, N, BLOCK):
             rk = start + tl.arange(0, BLOCK)
-            r = tl.load(r_ptr + t.to(tl.int64) * N + rk, mask=rk < N, other=0.0)
+            r = tl.load(r_ptr + (t - first).to(tl.int64) * N + rk, mask=rk < N, other=0.0)
             acc += r[:, None] * _differences(x_ptr, sn, sd, i, rk, f, N, D)
         ptr = g_ptr + i.to(tl.int64) * D + f
         g = tl.load(ptr, mask=f < D, other=0.0).to(tl.float64) - tl.load(scale_ptr).to(tl.float64) * tl.sum(acc, 0)
@@ -769,20 +777,24 @@ def rkd_angle_direct_grad(rows, e_s, e_t, saved, grads, scale, lo=0):
     g_s, g_t = (None if g is None else g.view(len(g), -1) for g in grads)
     n = len(exact[0])
     anchors = stats.shape[1]
-    # u of one anchor at a time (each program its rows), each side's r at every direct anchor.
-    u = torch.empty((n, n), dtype=torch.float64, device=stats.device)
-    r = torch.empty((2, anchors, n), dtype=torch.float64, device=stats.device)
+    # u of one anchor at a time (each program its rows; float32 on the fast path, see the
+    # module docstring), and each side's r at up to DIRECT_CHUNK direct anchors per launch:
+    # the count is on the device, so the launches cover every anchor the path could take.
+    u = torch.empty((n, n), dtype=torch.float32 if in_parts else torch.float64, device=stats.device)
+    chunk = min(anchors, DIRECT_CHUNK)
+    r = torch.empty((2, chunk, n), dtype=torch.float64, device=stats.device)
     some = g_s if g_s is not None else g_t
-    _rkd_angle_grad_direct_kernel[(cdiv(n, BLOCK),)](
-        x_s, x_s.stride(0), x_s.stride(1), x_s.shape[1], x_t, x_t.stride(0), x_t.stride(1), x_t.shape[1], *exact,
-        order, count, u, r[0], r[1], some if g_s is None else g_s, some if g_t is None else g_t, scale, lo, n,
-        PARTS=in_parts, GRAD_S=g_s is not None, GRAD_T=g_t is not None, BLOCK=BLOCK, BLOCK_F=DIRECT_BLOCK_F,
-        num_warps=TILE_WARPS, **NO_FMA)
-    for x, plane, g in ((x_s, r[0], g_s), (x_t, r[1], g_t)):
-        if g is not None:
-            _rkd_angle_grad_direct_anchor_kernel[(anchors, cdiv(x.shape[1], DIRECT_ANCHOR_F))](
-                x, x.stride(0), x.stride(1), x.shape[1], order, count, plane, g, scale, lo, n, BLOCK=BLOCK,
-                BLOCK_F=DIRECT_ANCHOR_F, **NO_FMA)
+    for first in range(0, anchors, chunk):
+        _rkd_angle_grad_direct_kernel[(cdiv(n, BLOCK),)](
+            x_s, x_s.stride(0), x_s.stride(1), x_s.shape[1], x_t, x_t.stride(0), x_t.stride(1), x_t.shape[1], *exact,
+            order, count, u, r[0], r[1], some if g_s is None else g_s, some if g_t is None else g_t, scale, first,
+            chunk, lo, n, PARTS=in_parts, GRAD_S=g_s is not None, GRAD_T=g_t is not None, BLOCK=BLOCK,
+            BLOCK_F=DIRECT_BLOCK_F, num_warps=TILE_WARPS, **NO_FMA)
+        for x, plane, g in ((x_s, r[0], g_s), (x_t, r[1], g_t)):
+            if g is not None:
+                _rkd_angle_grad_direct_anchor_kernel[(chunk, cdiv(x.shape[1], DIRECT_ANCHOR_F))](
+                    x, x.stride(0), x.stride(1), x.shape[1], order, count, plane, g, scale, first, lo, n, BLOCK=BLOCK,
+                    BLOCK_F=DIRECT_ANCHOR_F, **NO_FMA)
 
 
 @triton.jit
