@@ -123,9 +123,12 @@ def test_float64_short_directions(impl, scale):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("scale", [1.0, 1e-15])
+@pytest.mark.parametrize("scale", [1.0, 1e-15, 1e10])
 def test_float32_short_directions(impl, scale):
-    """The same in float32 (the Triton path's float32 kernels hand these anchors over too)."""
+    """The same in float32 (the Triton path's float32 kernels hand these anchors over too).
+    At scale 1e10 the directions among rows 1, 2 and 5 are live (1e-5 long) but 1e15 times
+    shorter than the others from the same anchor, where the law of cosines in float64 loses
+    every digit: those anchors take the direct path by their spread (DIRECT_RATIO_SQ_FLOAT32)."""
     s, t = _dead(9, 6, 0, torch.float32) * scale, _dead(9, 8, 1, torch.float32) * scale
     compare("rkd_angle", impl, s, t, torch.tensor(GRAD_OUT, dtype=torch.float64), f"float32 short, scale {scale}")
 

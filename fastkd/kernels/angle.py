@@ -38,8 +38,10 @@ Three paths, each in kernels of its own:
          law of cosines is about 0.7 rho times the reference's float64 error here and
          1.7 rho on the CPU path (fastkd/torch_backend/pairwise.py, whose gradient map adds
          its own), 17x at rho = 10, at most 2.4x and 3.9x with rho <= 4: inside the 10x the
-         tests allow. Float32 (and 16-bit) inputs need no spread criterion: u64 rho stays
-         below the float32 reference's error up to rho = 1e9, past the fast path's limit.
+         tests allow. Float32 (and 16-bit) inputs take it past rho = 1e8
+         (DIRECT_RATIO_SQ_FLOAT32 = 1e16): the law of cosines' error, about 1.3e-9 rho times
+         the float32 reference's own on the gradients (0.7 rho u64 / u32), is 0.13x there and
+         grows without bound past it (rows of magnitude 1e-5 among rows of 1e10: 1e6x).
   exact  (`_rkd_angle_fwd_kernel`, `_rkd_angle_grad_kernel`) in float64 by polarisation: V's
          error is about u64 (E_ij + E_ik + E_jk) <= 3 u64 max(n_j, n_k)^2, relative to
          n_j n_k 1e-9 at a gap/spread ratio of 1e-7 (the float32 reference: about 1e-7 on
@@ -94,10 +96,12 @@ FAST_RATIO_SQ = 1e10
 FAST_MAX = 1e37
 _FAST_RATIO_SQ = tl.constexpr(FAST_RATIO_SQ)
 _FAST_MAX = tl.constexpr(FAST_MAX)
-# Float64 inputs: an anchor whose live squared distances spread past this (rho > 4, see the
-# module docstring) takes the direct path.
+# An anchor whose live squared distances spread past this (rho > 4 for float64 inputs, 1e8
+# for the others, see the module docstring) takes the direct path.
 DIRECT_RATIO_SQ = 16.0
+DIRECT_RATIO_SQ_FLOAT32 = 1e16
 _DIRECT_RATIO_SQ = tl.constexpr(DIRECT_RATIO_SQ)
+_DIRECT_RATIO_SQ_FLOAT32 = tl.constexpr(DIRECT_RATIO_SQ_FLOAT32)
 # Feature columns per step of the direct path's (BLOCK, BLOCK, columns) difference products.
 DIRECT_BLOCK_F = 4
 # Feature columns per program of the direct path's anchor-row kernel.
@@ -411,7 +415,8 @@ def _rkd_angle_grad_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, 
 @triton.jit
 def _side_rows(h_ptr, l_ptr, v_ptr, w_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
     """_fast_rows_kernel for one side: stores v and w, returns the rows' flags (int32): 2 for
-    the direct path (a direction shorter than NORM_EPS but not zero), 1 for the exact one, 0."""
+    the direct path (a direction shorter than NORM_EPS but not zero, or live squared
+    distances spread past DIRECT_RATIO_SQ_FLOAT32), 1 for the exact one, 0."""
     top = tl.zeros([BLOCK], dtype=tl.float32)
     low = tl.full([BLOCK], float("inf"), tl.float32)
     nan = tl.zeros([BLOCK], dtype=tl.int32)
@@ -435,7 +440,8 @@ def _side_rows(h_ptr, l_ptr, v_ptr, w_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
         nan = tl.maximum(nan, tl.max((ok & (e != e)).to(tl.int32), 1))
         tiny = tl.maximum(tiny, tl.max((ok & (e > 0) & ~live).to(tl.int32), 1))
     holds = ((top <= _FAST_RATIO_SQ * low) | (top < _NORM_EPS_SQ)) & (top <= _FAST_MAX)
-    return tl.where(tiny > 0, 2, tl.where(holds & (nan == 0), 0, 1))
+    direct = (tiny > 0) | (top > _DIRECT_RATIO_SQ_FLOAT32 * low)
+    return tl.where(direct, 2, tl.where(holds & (nan == 0), 0, 1))
 
 
 @triton.jit
@@ -446,7 +452,7 @@ def _fast_rows_kernel(hs_ptr, ls_ptr, ht_ptr, lt_ptr, vs_ptr, vt_ptr, ws_ptr, wt
     (i - lo, :) of v and w (R, N), and flag[i - lo] = 1 where the fast path cannot hold the
     anchor (module docstring): on either side its live squared distances spread past
     FAST_RATIO_SQ, reach FAST_MAX or are NaN; 2 where it needs the direct path (a squared
-    distance in (0, NORM_EPS^2))."""
+    distance in (0, NORM_EPS^2), or live ones spread past DIRECT_RATIO_SQ_FLOAT32)."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     flag = _side_rows(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ra, lo, R, N, BLOCK)
     flag = tl.maximum(flag, _side_rows(ht_ptr, lt_ptr, vt_ptr, wt_ptr, ra, lo, R, N, BLOCK))

@@ -29,7 +29,8 @@ divides by 1e-12 where the law of cosines takes it as zero, for every dtype; and
 inputs, where u64 max(n_j, n_k) / min(n_j, n_k) is no longer small next to the reference's
 own float64 error, an anchor whose live distances spread past a ratio of 4 (the law of
 cosines is then at most 3.9x the reference's float64 gradient error, measured; 17x at 10; see
-fastkd/kernels/angle.py). Which anchors is read on the host (one sync, as the equal-row test
+fastkd/kernels/angle.py), for the other dtypes past a ratio of 1e8 (rows of magnitude 1e-5
+among rows of 1e10). Which anchors is read on the host (one sync, as the equal-row test
 below makes); compiled, where nothing may branch on the data, every anchor takes the direct
 path.
 
@@ -81,10 +82,12 @@ _ANGLE_BLOCK_ENTRIES_COMPILED = 1 << 20
 _GRAM_FUNCTION_MIN = 1 << 21
 # Directions shorter than this (E below its square) count as zero; F.normalize's clamp.
 _NORM_EPS = 1e-12
-# Float64 inputs: an anchor whose live squared distances spread past this (rho > 4) has its
-# angles formed from the difference vectors (_direct_term; module docstring), as the Triton
-# path's (fastkd/kernels/angle.py, DIRECT_RATIO_SQ).
+# An anchor whose live squared distances spread past this (rho > 4 for float64 inputs, 1e8
+# for the others) has its angles formed from the difference vectors (_direct_term; module
+# docstring), as the Triton path's (fastkd/kernels/angle.py, DIRECT_RATIO_SQ and
+# DIRECT_RATIO_SQ_FLOAT32).
 _DIRECT_RATIO_SQ = 16.0
+_DIRECT_RATIO_SQ_FLOAT32 = 1e16
 # IRG's E from the uncentred Gram matrix in the working precision while max|x|^2 is at most
 # this many times max(E); past it (a common offset far larger than the spread) from the
 # centred float64 rows (module docstring).
@@ -259,16 +262,15 @@ def _angle_grad_block(a, inv, dead, u, sign, lo, hi, w, z):
 def _direct_anchors(e_s, e_t, first, end, spread):
     """(end - first,) bool: the anchors first:end whose angles need the difference vectors:
     on either side a squared distance in (0, NORM_EPS^2) (a direction F.normalize scales by
-    1 / NORM_EPS, not a zero one), or with spread (float64 inputs) live squared distances
-    spread past _DIRECT_RATIO_SQ."""
+    1 / NORM_EPS, not a zero one), or live squared distances spread past `spread`
+    (_DIRECT_RATIO_SQ for float64 inputs, else _DIRECT_RATIO_SQ_FLOAT32)."""
     flags = None
     for e in (e_s, e_t):
         ei = e[first:end]
         live = ei >= _NORM_EPS ** 2
         f = ((ei > 0) & ~live).any(dim=1)
-        if spread:
-            low = torch.where(live, ei, math.inf).amin(dim=1)
-            f |= ei.amax(dim=1) > _DIRECT_RATIO_SQ * low
+        low = torch.where(live, ei, math.inf).amin(dim=1)
+        f |= ei.amax(dim=1) > spread * low
         flags = f if flags is None else flags | f
     return flags
 
@@ -327,7 +329,8 @@ def _angle_term(e_s, e_t, needs, rows, anchors=(0, None)):
     n = len(e_s)
     first, end = anchors[0], n if anchors[1] is None else anchors[1]
     width = max(x[0].numel() for x in rows)
-    spread = rows[0].dtype == torch.float64 or rows[1].dtype == torch.float64
+    spread = (_DIRECT_RATIO_SQ if torch.float64 in (rows[0].dtype, rows[1].dtype)
+              else _DIRECT_RATIO_SQ_FLOAT32)
     if torch.compiler.is_compiling():
         # No branch on the data (nor a sync): every anchor from the difference vectors.
         total, direct = _direct_term(rows, needs, [torch.arange(lo, hi, device=e_s.device)
