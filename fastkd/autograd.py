@@ -5,7 +5,6 @@ small statistics; backward launches the hand-derived gradient kernels. The
 dispatcher (fastkd.backend) lists each op's plain function below as its
 ``triton`` entry.
 """
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -444,14 +443,6 @@ def _pairwise_grads(ctx, sides, grad_out, divisor):
                  for (m, r, x, like), needed in zip(sides, ctx.needs_input_grad))
 
 
-def _distance_sides(x_s, x_t):
-    """(E_s, E_t, X_s, X_t): the exact squared distances and the centred float64 rows their
-    gradients are formed from (see fastkd.kernels.gram)."""
-    return (_gram.squared_distances(x_s), _gram.squared_distances(x_t),
-            _gram.prepare(x_s, centre=True),
-            _gram.prepare(x_t, centre=True))
-
-
 def _split_sides(x_s, x_t, lo=0, rows=None):
     """(hi_s, lo_s, hi_t, lo_t): E's float32 parts on RKD's float32 path (_float32_path), from
     float32 arithmetic (squared_distances_parts; the rows lo:lo + rows, all by default). No
@@ -460,12 +451,11 @@ def _split_sides(x_s, x_t, lo=0, rows=None):
 
 
 def _rkd_sides(feat_s, feat_t, fast):
-    """RKD's (E_s, E_t, X_s, X_t, parts): _distance_sides and parts None, or with fast
-    (_float32_path) E None, _split_sides' parts and X the raw rows, whose gradient
-    difference_grad forms in float32."""
+    """RKD's (E_s, E_t, parts): the exact squared distances (N, N) float64 and parts None, or
+    with fast (_float32_path) E None and _split_sides' parts."""
     if not fast:
-        return (*_distance_sides(feat_s, feat_t), None)
-    return None, None, feat_s, feat_t, _split_sides(feat_s, feat_t)
+        return _gram.squared_distances(feat_s), _gram.squared_distances(feat_t), None
+    return None, None, _split_sides(feat_s, feat_t)
 
 
 def _rkd_distance_inputs(e_s, e_t, parts):
@@ -491,14 +481,15 @@ class RKDFunction(torch.autograd.Function):
                 exact squared distances E (N, N), the mean over the N(N-1) entries off the
                 diagonal;
       angle     smooth_l1(A_s, A_t) over the N^3 angles, read from E by polarisation.
-    Both terms from one E and one set of centred rows per side, and one gradient map onto
-    the rows per side. On the float32 path (_float32_path) both terms read E's float32 parts
-    (_split_sides; no float64 E)."""
+    Both terms from one E per side, and one gradient map onto the rows per side, on their
+    differences (difference_grad: sum_b M_ab (x_b - x_a), exact whatever the rows' offset or
+    magnitudes). On the float32 path (_float32_path) both terms read E's float32 parts
+    (_split_sides; no float64 E) and the map runs in float32."""
 
     @staticmethod
     def forward(ctx, feat_s, feat_t, w_dist, w_angle):
         fast = ctx.fast = _float32_path(feat_s, feat_t)
-        e_s, e_t, x_s, x_t, parts = _rkd_sides(feat_s, feat_t, fast)
+        e_s, e_t, parts = _rkd_sides(feat_s, feat_t, fast)
         d_s, d_t, d_lo = _rkd_distance_inputs(e_s, e_t, parts)
         n = len(feat_s)
         loss = d_s.new_zeros(())
@@ -510,7 +501,7 @@ class RKDFunction(torch.autograd.Function):
             total, stats_a = _angle.rkd_angle_forward(e_s, e_t, any(ctx.needs_input_grad),
                                                       (_gram.flat(feat_s), _gram.flat(feat_t)), parts=parts)
             loss = loss + w_angle * total / n ** 3
-        ctx.save_for_backward(feat_s, feat_t, x_s, x_t, e_s, e_t, d_s, d_t, *(d_lo or (None, None)), stats_d,
+        ctx.save_for_backward(feat_s, feat_t, e_s, e_t, d_s, d_t, *(d_lo or (None, None)), stats_d,
                               *(stats_a or ()))
         ctx.weights = (w_dist, w_angle)
         return loss.to(result_dtype(feat_s, feat_t))
@@ -518,7 +509,7 @@ class RKDFunction(torch.autograd.Function):
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        feat_s, feat_t, x_s, x_t, e_s, e_t, d_s, d_t, l_s, l_t, stats_d, *stats_a = ctx.saved_tensors
+        feat_s, feat_t, e_s, e_t, d_s, d_t, l_s, l_t, stats_d, *stats_a = ctx.saved_tensors
         d_lo = None if l_s is None else (l_s, l_t)
         w_dist, w_angle = ctx.weights
         n = len(feat_s)
@@ -535,16 +526,14 @@ class RKDFunction(torch.autograd.Function):
             terms, divisor = _angle.rkd_angle_backward(e_s, e_t, stats_a), n ** 3 / w_angle
         else:
             return None, None, None, None
-        m_s, r_s, m_t, r_t = terms
-        if ctx.fast:  # each term's r is minus its M's row sums: the difference form
-            grads = tuple(_gram.difference_grad(m, None, x, grad_out, x, divisor=divisor) if needed else None
-                          for m, x, needed in ((m_s, feat_s, ctx.needs_input_grad[0]),
-                                               (m_t, feat_t, ctx.needs_input_grad[1])))
-        else:
-            grads = _pairwise_grads(ctx, ((m_s, r_s, x_s, feat_s), (m_t, r_t, x_t, feat_t)), grad_out, divisor)
+        m_s, _, m_t, _ = terms
+        # Each term's r is minus its M's row sums: the difference form, which reads M alone.
+        grads = tuple(_gram.difference_grad(m, None, x, grad_out, x, divisor=divisor) if needed else None
+                      for m, x, needed in ((m_s, feat_s, ctx.needs_input_grad[0]),
+                                           (m_t, feat_t, ctx.needs_input_grad[1])))
         if w_angle:  # the angle term's direct-path anchors, added to the rows' gradients
             # The (N, N) M buffers go first: the direct path's float64 scratch takes their memory.
-            terms = dist = m_s = r_s = m_t = r_t = None
+            terms = dist = m_s = m_t = None
             _angle.rkd_angle_direct_grad((_gram.flat(feat_s), _gram.flat(feat_t)), e_s, e_t, stats_a, grads,
                                          grad_out.to(torch.float64) * (w_angle / n ** 3))
         return (*grads, None, None)
@@ -863,19 +852,16 @@ class RKDRowsFunction(torch.autograd.Function):
             if not ctx.needs_input_grad[side]:
                 grads.append(None)
                 continue
-            m, r = terms[2 * side:2 * side + 2]
-            if ctx.fast:  # each term's r is minus its M's row sums: the difference form
-                to_rows = functools.partial(_gram.difference_grad, x=x, like=x)
-                r = None
-            else:
-                to_rows = functools.partial(_gram.gram_grad, x=_gram.prepare(x, centre=True), like=x)
+            # Each term's r is minus its M's row sums: the difference form, which reads M alone.
+            m = terms[2 * side]
             if not w_angle:  # the distance term alone: these rows' whole gradient
-                grads.append(_own_rows(to_rows(m, r, scale=grad * (w_dist / big ** 2), lo=lo), x, lo))
+                own = _gram.difference_grad(m, None, x, grad * (w_dist / big ** 2), x, lo=lo)
+                grads.append(_own_rows(own, x, lo))
             else:
-                grads.append(to_rows(m, r, scale=grad))
+                grads.append(_gram.difference_grad(m, None, x, grad, x))
         if w_angle:  # the angle term's direct-path anchors, added to every row's gradient
             # The (N, N) M buffers go first: the direct path's float64 scratch takes their memory.
-            terms = dist_terms = m = r = None
+            terms = dist_terms = m = None
             _angle.rkd_angle_direct_grad((_gram.flat(x_s), _gram.flat(x_t)), full_s, full_t, stats_a, grads,
                                          grad * (w_angle / big ** 3), lo)
         return (*grads, None, None, None, None, None, None)

@@ -241,3 +241,79 @@ def test_float32_sharded_short_directions(impl, monkeypatch):
     ref = loss_and_grads("rkd_angle", "reference", s, t, grad_out)
     for name, a, r, e in zip(("loss", "grad_s", "grad_t"), got, ref, exact):
         assert_within_reference_error(a, r, e, msg=f"sharded float32 {impl} {name}")
+
+
+def _distance_oracle(s, t):
+    """The collection's distance loss and its gradients (s, t) at GRAD_OUT, in long double:
+    d = sqrt(max(E, 1e-12)) off the diagonal (E from the difference vectors), each side over
+    its mean off the diagonal, loss = mean h(d_s / m_s - d_t / m_t); the gradients by hand
+    (the clamp's is 0)."""
+    n = len(s)
+    off = ~np.eye(n, dtype=bool)
+    sides = []
+    for x in (s, t):
+        x = np.asarray(x.detach().numpy(), dtype=LD)
+        diff = x[:, None, :] - x[None, :, :]  # [a, b] = x_a - x_b
+        e = (diff * diff).sum(2)
+        d = np.where(off, np.sqrt(np.maximum(e, LD(1e-12))), 0)
+        sides.append((diff, d, off & (e > LD(1e-12)), d.sum() / LD(off.sum())))
+    q = sides[0][1] / sides[0][3] - sides[1][1] / sides[1][3]
+    loss = np.where(np.abs(q) < 1, q * q / 2, np.abs(q) - LD(0.5)).sum() / LD(n * n)
+    u = np.clip(q, -1, 1) * (LD(GRAD_OUT) / LD(n * n))
+    grads = []
+    for (diff, d, live, m), sign in zip(sides, (1, -1)):
+        gd = sign * (u / m - (u * d).sum() / (m * m * LD(off.sum())) * off)  # dL/dd_ab
+        c = np.where(live, gd / np.where(live, d, 1), 0)
+        grads.append(((c + c.T)[:, :, None] * diff).sum(1))
+    return loss, *grads
+
+
+def _mixed(mags, d, seed, dtype):
+    """Rows (len(mags), d): randn times each row's magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(mags), d, generator=g, dtype=torch.float64)
+    return (x * torch.tensor(mags, dtype=torch.float64)[:, None]).to(dtype)
+
+
+MIXED = ((1e-5, 1e-20, 1e8, 0.0, 1e3, 1e-20, 1e-20, 1e8), (1e8, 1e-20, 1e-5, 1e-20, 1.0))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mags", MIXED)
+def test_distance_term_on_rows_of_mixed_magnitudes(impl, dtype, mags):
+    """Small rows (1e-20..1e-5) beside rows of 1e8: the gradient of a small pair's distance,
+    formed as a product with the centred rows, kept about 1e-8 |x - mean| of absolute
+    rounding: 4e-4 of itself (the CPU path 42x the float32 reference's error, 1e15x the
+    float64 one's; the Triton path on float64 alike). Both backends form such pairs from
+    their differences: within 10x the reference's own error, both against a long-double
+    oracle, loss and gradients."""
+    s, t = _mixed(mags, 5, 1, dtype), _mixed(mags[::-1], 7, 2, dtype)
+    exact = _distance_oracle(s, t)
+    grad_out = torch.tensor(GRAD_OUT, dtype=torch.float64)
+    ref = loss_and_grads("rkd_distance", "reference", s, t, grad_out)
+    fast = loss_and_grads("rkd_distance", impl, s, t, grad_out)
+    eps = LD(np.finfo(np.float64 if dtype == torch.float64 else np.float32).eps)
+    for name, a, r, e in zip(("loss", "grad_s", "grad_t"), fast, ref, exact):
+        a, r = (np.asarray(v.detach().double().numpy(), dtype=LD) for v in (a, r))
+        err, ref_err = np.sqrt(((a - e) ** 2).sum()), np.sqrt(((r - e) ** 2).sum())
+        allowed = 10 * max(ref_err, eps * np.sqrt((e * e).sum()), eps ** 2)
+        assert err <= allowed, f"{impl} {dtype} {name}: error {float(err):.3e}, reference's {float(ref_err):.3e}"
+
+
+def test_distance_grad_by_rows_on_rows_of_mixed_magnitudes():
+    """The CPU path's gradient map, whole (distance_grad) and by a global batch's row blocks
+    (distance_grad_rows, summed over the blocks), on small rows beside large ones: each row's
+    2 sum_b (W_ab + W_ba)(x_a - x_b) to 1e-13 of the sum of its terms' sizes."""
+    from fastkd.torch_backend import pairwise
+    x = _mixed(MIXED[0], 5, 3, torch.float32)
+    e = pairwise.squared_distances(x)
+    w = torch.randn(len(x), len(x), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    xs, ws = np.asarray(x.double().numpy(), dtype=LD), np.asarray(w.numpy(), dtype=LD)
+    terms = 2 * (ws + ws.T)[:, :, None] * (xs[:, None, :] - xs[None, :, :])
+    exact, size = terms.sum(1), np.abs(terms).sum(1)
+    whole = pairwise.distance_grad(x, w, e)
+    blocks = sum(pairwise.distance_grad_rows(x, w[lo:hi], e[lo:hi], lo) for lo, hi in ((0, 3), (3, 8)))
+    for name, g in (("whole", whole), ("row blocks", blocks)):
+        err = np.abs(np.asarray(g.numpy(), dtype=LD) - exact)
+        assert (err <= LD(1e-13) * size).all(), f"{name}: worst {float((err / size).max()):.3e} of its terms"

@@ -444,22 +444,24 @@ def _product_grad_kernel(m_ptr, stride_ma, stride_mb, r_ptr, y_ptr, stride_yk, s
 @triton.jit
 def _difference_grad_kernel(m_ptr, stride_ma, stride_mb, x_ptr, stride_n, stride_d, scale_ptr, out_ptr,
                             lo, R, N, D, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out_a = s * sum_b M_ab (x_b - x_a) in float32 for a (BLOCK, BLOCK_D) tile of out (R, D),
-    rows a in lo:lo + R of X (N, D) (M (R, N)); s a float32 0-dim tensor.
-    Each difference is taken before its product, so the rounding is u32 |M_ab| |x_b - x_a|
-    whatever the rows' offset or a pair's gap."""
+    """out_a = s * sum_b M_ab (x_b - x_a) in M's dtype (float32, or float64 for float64 rows)
+    for a (BLOCK, BLOCK_D) tile of out (R, D), rows a in lo:lo + R of X (N, D) (M (R, N));
+    s a 0-dim tensor in M's dtype. Each difference is taken before its product, so the
+    rounding is u |M_ab| |x_b - x_a| whatever the rows' offset, a pair's gap, or rows of
+    very different magnitudes."""
+    dtype = m_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     ra = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < D
     xa = tl.load(x_ptr + (lo + ra[:, None]).to(tl.int64) * stride_n + cols[None, :].to(tl.int64) * stride_d,
-                 mask=(ra[:, None] < R) & col_ok[None, :], other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+                 mask=(ra[:, None] < R) & col_ok[None, :], other=0.0).to(dtype)
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=dtype)
     for start in range(0, N, BLOCK_B):
         rb = start + tl.arange(0, BLOCK_B)
         m = tl.load(m_ptr + ra[:, None].to(tl.int64) * stride_ma + rb[None, :].to(tl.int64) * stride_mb,
                     mask=(ra[:, None] < R) & (rb[None, :] < N), other=0.0)
         xb = tl.load(x_ptr + rb[:, None].to(tl.int64) * stride_n + cols[None, :].to(tl.int64) * stride_d,
-                     mask=(rb[:, None] < N) & col_ok[None, :], other=0.0).to(tl.float32)
+                     mask=(rb[:, None] < N) & col_ok[None, :], other=0.0).to(dtype)
         acc += tl.sum(m[:, :, None] * (xb[None, :, :] - xa[:, None, :]), axis=1)
     acc = acc * tl.load(scale_ptr)
     tl.store(out_ptr + ra[:, None].to(tl.int64) * D + cols[None, :], _cast(acc, out_ptr.dtype.element_ty),
@@ -467,19 +469,21 @@ def _difference_grad_kernel(m_ptr, stride_ma, stride_mb, x_ptr, stride_n, stride
 
 
 def difference_grad(m, r, x, scale, like, lo=0, divisor=1.0):
-    """dL/dX = scale / divisor * sum_b M_ab (x_b - x_a) (R, D) typed like `like`, in float32
-    arithmetic: the gradient M X + r * X of the losses whose r is minus M's row sums (RKD's
-    terms; r, gram_grad's argument, is not read), in the form that needs no float64 (see
-    _difference_grad_kernel). X = flat(x)
-    (N, D) the raw rows in any float dtype but float64, M (R, N) (cast to float32), scale a
-    0-dim tensor; the rows lo:lo + R (R = N for one process, shaped like `like`)."""
+    """dL/dX = scale / divisor * sum_b M_ab (x_b - x_a) (R, D) typed like `like`: the gradient
+    M X + r * X of the losses whose r is minus M's row sums (RKD's terms; r, gram_grad's
+    argument, is not read), formed on the differences themselves (_difference_grad_kernel):
+    in float32 arithmetic for rows in any float dtype but float64 (no float64 at all), in
+    float64 for float64 rows. X = flat(x) (N, D) the raw rows, M (R, N) (cast to that
+    dtype), scale a 0-dim tensor; the rows lo:lo + R (R = N for one process, shaped like
+    `like`)."""
     x = flat(x)
-    m = m.to(torch.float32)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    m = m.to(dtype)
     rows = m.shape[0]
     n, d = x.shape
     out = torch.empty((rows, d), dtype=like.dtype, device=x.device)
-    # On the device, no host sync; one float32 scalar, so the kernel has no float64 at all.
-    s = scale.to(torch.float32) / divisor
+    # On the device, no host sync; one scalar in M's dtype.
+    s = scale.to(dtype) / divisor
     _difference_grad_kernel[(cdiv(d, DIFF_BLOCK_D), cdiv(rows, BLOCK))](
         m, m.stride(0), m.stride(1), x, x.stride(0), x.stride(1), s, out, lo, rows, n, d,
         BLOCK=BLOCK, BLOCK_B=DIFF_BLOCK_B, BLOCK_D=DIFF_BLOCK_D)

@@ -48,9 +48,12 @@ by up to 400x on a near-zero loss.)
 
 Gradients: with W = dL/dE (N, N), dL/dx_a = 2 sum_b (W_ab + W_ba)(x_a - x_b), formed as one
 product L X of the centred rows, L = -2 (W + W^T) with zero row sums, in E's precision
-(`distance_grad`). In float64 (RKD's, IRG's offset rows) its rounding, u64 |L| |x - mean|,
-is small next to the |L| gap of a near-duplicate pair down to gaps of about 1e-8 of the
-spread; in float32 (IRG's) it is the reference's, which sums the same terms.
+(`distance_grad`). Its rounding on a pair's term is about u |L_ab| (|x_a - mean| +
+|x_b - mean|): in float32 (IRG's) the reference's, which sums the same terms; in float64
+(RKD's, IRG's offset rows) the pairs where that is no longer small next to the term itself
+(closer than 1.6e-8 of those norms for float32 inputs, 1/8 for float64 ones: near-duplicates,
+small rows beside large ones) are left out of the product and formed from their differences
+(`_close_pairs`; under torch.compile every pair is).
 
 SP, PKT and CC read cosine-type similarities, which subtract nothing, but their losses are
 near 0 exactly when student and teacher agree, where any float32 order of operations other
@@ -88,6 +91,14 @@ _NORM_EPS = 1e-12
 # DIRECT_RATIO_SQ_FLOAT32).
 _DIRECT_RATIO_SQ = 16.0
 _DIRECT_RATIO_SQ_FLOAT32 = 1e16
+# distance_grad: a pair closer than this fraction of its centred rows' norms has its gradient
+# term formed from its difference: the product with the centred rows rounds the term by
+# u64 / ratio of itself, 1/8 of float32's epsilon here (float32, bfloat16, float16 inputs);
+# for float64 inputs 8 u64, past which the product's rounding would outgrow the reference's.
+_CLOSE = 1.6e-8
+_CLOSE_FLOAT64 = 0.125
+# Products per block of distance_grad's correction of its close pairs.
+_DIFFERENCE_ELEMENTS = 1 << 22
 # IRG's E from the uncentred Gram matrix in the working precision while max|x|^2 is at most
 # this many times max(E); past it (a common offset far larger than the spread) from the
 # centred float64 rows (module docstring).
@@ -136,24 +147,71 @@ def gram_squared_distances(x, rows=None):
     return _off_diagonal(e, rows.start)
 
 
-def distance_grad(xc, w, z=None):
-    """dL/dX (N, D) from W = dL/dE (N, N) and the centred rows xc: 2 sum_b (W_ab + W_ba)
-    (x_a - x_b), plus Z X for an (N, N) Z whose diagonal is free (RKD's angles). One
-    product L X, L = zero_row_sums(Z - 2 (W + W^T)): (L X)_a = sum_b L_ab (x_b - x_a), the
-    same sums, with the same rounding bound, as S x_a - (S X)_a, S = 2 (W + W^T)."""
+def distance_grad(x, w, e, z=None):
+    """dL/dX (N, D) in W's precision from W = dL/dE (N, N), the rows x (N, ...) and E their
+    squared distances: sum_b L_ab (x_b - x_a), L = Z - 2 (W + W^T) (Z (N, N) optional, its
+    diagonal free: RKD's angles), i.e. 2 sum_b (W_ab + W_ba)(x_a - x_b) + Z X. One product
+    L' X_c with the centred rows X_c, L' = zero_row_sums(L), which rounds a pair's term by
+    about u |L_ab| (|x_a - mean| + |x_b - mean|); with float64 W, the pairs too close for
+    that next to their own term (_close_pairs: near-duplicates, small rows beside large
+    ones) are left out of the product and formed from their differences instead."""
+    xc = centred(x, w.dtype)
     lap = (w + w.t()).mul_(-2)
-    return zero_row_sums(lap if z is None else lap.add_(z)) @ xc
+    if z is not None:
+        lap.add_(z)
+    if w.dtype != torch.float64:  # IRG's float32 edges: the reference's own rounding
+        return zero_row_sums(lap) @ xc
+    # The differences from the rows themselves (exact for float32 inputs; each rounded to
+    # u64 of itself for float64 ones, where the centred rows' would carry u64 |x - mean|).
+    rows = x.reshape(x.size(0), -1).to(torch.float64)
+    if torch.compiler.is_compiling():  # no branch on the data: every pair from its difference
+        return _difference_product(lap, rows)
+    a, b = _close_pairs(xc, e, _CLOSE_FLOAT64 if x.dtype == torch.float64 else _CLOSE)
+    if not len(a):
+        return zero_row_sums(lap) @ xc
+    values = lap[a, b]
+    lap[a, b] = 0
+    g = zero_row_sums(lap) @ xc
+    step = max(1, _DIFFERENCE_ELEMENTS // xc.shape[1])
+    for k in range(0, len(a), step):
+        ka, kb = a[k:k + step], b[k:k + step]
+        g.index_add_(0, ka, values[k:k + step, None] * (rows[kb] - rows[ka]))
+    return g
 
 
-def _rows_grad(x, w, z=None):
-    """distance_grad from the rows x themselves, in W's precision, shaped and typed like x."""
-    return distance_grad(centred(x, w.dtype), w, z).reshape(x.shape).to(x.dtype)
+def _close_pairs(xc, e, ratio, lo=0, rows=None):
+    """(a, b) index tensors of the pairs a != b with sqrt(E_ab) < ratio (|xc_a| + |xc_b|): where
+    the product with the centred rows xc (N, D) rounds their gradient terms by more than
+    u64 / ratio of themselves (distance_grad). E (N, N), or with rows (a global batch's) the
+    rows lo:lo + rows of E (rows, N), a indexing them from lo. One host sync (the CPU path's)."""
+    norms = torch.linalg.vector_norm(xc, dim=1)
+    own = norms if rows is None else norms[lo:lo + rows]
+    close = e < (ratio * (own.unsqueeze(1) + norms.unsqueeze(0))).square_()
+    close.diagonal(lo).fill_(False)  # a = b
+    return close.nonzero(as_tuple=True)
 
 
-def _angle_rows_grad(x, w, z, direct, scale):
+def _difference_product(lap, rows, others=None):
+    """sum_b L_ab (y_b - x_a) (A, D) from the differences of the rows x (A, D) and y (B, D,
+    others; the rows themselves by default), L (A, B), in the angle term's blocks of rows
+    (_anchor_blocks: the same bounds on the batch under torch.compile)."""
+    others = rows if others is None else others
+    out = torch.empty_like(rows)
+    for lo, hi in _anchor_blocks(len(rows), width=max(len(others), rows.shape[1])):
+        diff = others.unsqueeze(0) - rows[lo:hi].unsqueeze(1)  # [a, b] = y_b - x_a
+        out[lo:hi] = torch.bmm(lap[lo:hi].unsqueeze(1), diff).squeeze(1)
+    return out
+
+
+def _rows_grad(x, w, e, z=None):
+    """distance_grad shaped and typed like x."""
+    return distance_grad(x, w, e, z).reshape(x.shape).to(x.dtype)
+
+
+def _angle_rows_grad(x, w, e, z, direct, scale):
     """RKD's _rows_grad plus scale * direct (N, D) float64 (the angle term's direct anchors,
     _direct_term; None for none), added before the cast to x's dtype."""
-    g = distance_grad(centred(x, w.dtype), w, z)
+    g = distance_grad(x, w, e, z)
     if direct is not None:
         g = g + direct * scale
     return g.reshape(x.shape).to(x.dtype)
@@ -178,8 +236,8 @@ class SquaredDistanceLoss(torch.autograd.Function):
         # torch.func.vjp rather than torch.autograd.grad: torch.compile traces it.
         loss, vjp = torch.func.vjp(ctx.loss_of, e_s, e_t)
         w = vjp(grad_out.to(loss.dtype))
-        return (*(_rows_grad(x, g) if needed else None
-                  for x, g, needed in zip((x_s, x_t), w, ctx.needs_input_grad)), None, None)
+        return (*(_rows_grad(x, g, e) if needed else None
+                  for x, g, e, needed in zip((x_s, x_t), w, (e_s, e_t), ctx.needs_input_grad)), None, None)
 
 
 def _off_diagonal(p, lo=0):
@@ -393,8 +451,7 @@ class RKDLoss(torch.autograd.Function):
         if w_angle:
             total, sides, direct = _angle_term(e_s, e_t, ctx.needs_input_grad[:2], (feat_s, feat_t))
             loss = loss + w_angle * (total / len(e_s) ** 3)
-        # E only for the distance term's backward.
-        ctx.save_for_backward(feat_s, feat_t, *((e_s, e_t) if w_dist else (None, None)),
+        ctx.save_for_backward(feat_s, feat_t, e_s, e_t,
                               *(t for side in sides for t in (side or (None, None))), *direct)
         return loss.to(result_dtype(feat_s, feat_t))
 
@@ -409,14 +466,14 @@ class RKDLoss(torch.autograd.Function):
             dist = vjp(grad * w_dist)
         scale = grad * w_angle / len(feat_s) ** 3
         grads = []
-        for x, w_d, w_a, z, direct, needed in zip((feat_s, feat_t), dist, (w_s, w_t), (z_s, z_t),
-                                                  (direct_s, direct_t), ctx.needs_input_grad):
+        for x, e, w_d, w_a, z, direct, needed in zip((feat_s, feat_t), (e_s, e_t), dist, (w_s, w_t), (z_s, z_t),
+                                                     (direct_s, direct_t), ctx.needs_input_grad):
             # Both terms are 2 sum_b (W_ab + W_ba)(x_a - x_b) (+ Z X): one map onto the rows.
             w = w_d
             if w_a is not None:  # scaled on the (N, N) matrices, not on the (N, D) result
                 w_a, z = w_a * scale, None if z is None else z * scale
                 w = w_a if w_d is None else w_a + w_d
-            grads.append(_angle_rows_grad(x, w, z, direct, scale) if needed and w is not None else None)
+            grads.append(_angle_rows_grad(x, w, e, z, direct, scale) if needed and w is not None else None)
         return (*grads, None, None)
 
 
@@ -701,13 +758,35 @@ def irg_transformation(irg_s, irg_t):
 # algorithm on the Triton kernels (fastkd/autograd.py's *_global), except for IRG's vertex
 # term, which it takes from here.
 
-def distance_grad_rows(xc, w, lo):
-    """dL/dX (N, D) from W = dL/dE (n, N) of the rows lo:lo + n of E: row a of them
-    gets 2 sum_b W_ab (x_a - x_b), every row b gets 2 sum_a W_ab (x_b - x_a); xc the centred
-    rows, as in distance_grad (W square, lo 0, is distance_grad's case)."""
-    own = xc[lo:lo + len(w)]
-    g = 2 * (w.sum(dim=0).unsqueeze(1) * xc - w.t() @ own)
-    g[lo:lo + len(w)] += 2 * (w.sum(dim=1, keepdim=True) * own - w @ xc)
+def distance_grad_rows(x, w, e, lo):
+    """dL/dX (N, D) in W's precision from W = dL/dE (n, N) of the rows lo:lo + n of E (e, n, N)
+    and the rows x (N, ...): row a of them gets 2 sum_b W_ab (x_a - x_b), every row b gets
+    2 sum_a W_ab (x_b - x_a); formed as distance_grad forms its sums (W square, lo 0, is its
+    case): products with the centred rows, the close pairs from their differences."""
+    xc = centred(x, w.dtype)
+    own = slice(lo, lo + len(w))
+    if w.dtype == torch.float64 and torch.compiler.is_compiling():
+        rows = x.reshape(x.size(0), -1).to(torch.float64)
+        g = -2 * _difference_product(w.t(), rows, rows[own])
+        g[own] -= 2 * _difference_product(w, rows[own], rows)
+        return g
+    close = None
+    if w.dtype == torch.float64:
+        a, b = _close_pairs(xc, e, _CLOSE_FLOAT64 if x.dtype == torch.float64 else _CLOSE, lo, len(w))
+        if len(a):
+            close, values, w = (a, b), w[a, b], w.clone()
+            w[a, b] = 0
+    g = 2 * (w.sum(dim=0).unsqueeze(1) * xc - w.t() @ xc[own])
+    g[own] += 2 * (w.sum(dim=1, keepdim=True) * xc[own] - w @ xc)
+    if close is not None:
+        a, b = close
+        rows = x.reshape(x.size(0), -1).to(torch.float64)
+        step = max(1, _DIFFERENCE_ELEMENTS // rows.shape[1])
+        for k in range(0, len(a), step):
+            ka, kb = a[k:k + step], b[k:k + step]
+            term = 2 * values[k:k + step, None] * (rows[ka + lo] - rows[kb])  # 2 W_ab (x_a - x_b)
+            g.index_add_(0, ka + lo, term)
+            g.index_add_(0, kb, -term)
     return g
 
 
@@ -718,15 +797,16 @@ class RowSquaredDistances(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lo, hi, distances):
-        ctx.save_for_backward(x)
+        e = distances(x, slice(lo, hi))
+        ctx.save_for_backward(x, e)
         ctx.lo = lo
-        return distances(x, slice(lo, hi))
+        return e
 
     @staticmethod
     @first_order
     def backward(ctx, w):
-        x, = ctx.saved_tensors
-        grad = distance_grad_rows(centred(x, w.dtype), w, ctx.lo)
+        x, e = ctx.saved_tensors
+        grad = distance_grad_rows(x, w, e, ctx.lo)
         return grad.reshape(x.shape).to(x.dtype), None, None, None
 
 
@@ -753,13 +833,14 @@ def _rkd_distance_part(feat_s, feat_t, group, sizes):
 
 
 def _angle_grads(saved, grad_out):
-    """RKDAngleRows' input gradients from what its forward saved: (X_s, X_t, W_s, Z_s, W_t, Z_t,
-    direct_s, direct_t)."""
-    feat_s, feat_t, w_s, z_s, w_t, z_t, direct_s, direct_t = saved
+    """RKDAngleRows' input gradients from what its forward saved: (X_s, X_t, E_s, E_t, W_s,
+    Z_s, W_t, Z_t, direct_s, direct_t)."""
+    feat_s, feat_t, e_s, e_t, w_s, z_s, w_t, z_t, direct_s, direct_t = saved
     scale = grad_out.to(torch.float64) / len(feat_s) ** 3
     # Scaled on the (N, N) matrices, not on the (N, D) result.
-    return tuple(None if w is None else _angle_rows_grad(x, w * scale, None if z is None else z * scale, direct, scale)
-                 for x, w, z, direct in ((feat_s, w_s, z_s, direct_s), (feat_t, w_t, z_t, direct_t)))
+    return tuple(None if w is None else _angle_rows_grad(x, w * scale, e, None if z is None else z * scale, direct,
+                                                          scale)
+                 for x, e, w, z, direct in ((feat_s, e_s, w_s, z_s, direct_s), (feat_t, e_t, w_t, z_t, direct_t)))
 
 
 class RKDAngleRows(torch.autograd.Function):
@@ -773,7 +854,7 @@ class RKDAngleRows(torch.autograd.Function):
             e_s, e_t = (all_gather_rows(squared_distances(x, slice(lo, hi)), group, sizes)[0]
                         for x in (x_s, x_t))
         total, sides, direct = _angle_term(e_s, e_t, ctx.needs_input_grad[:2], (x_s, x_t), (lo, hi))
-        ctx.save_for_backward(x_s, x_t, *(t for side in sides for t in (side or (None, None))), *direct)
+        ctx.save_for_backward(x_s, x_t, e_s, e_t, *(t for side in sides for t in (side or (None, None))), *direct)
         return total / len(e_s) ** 3
 
     @staticmethod
