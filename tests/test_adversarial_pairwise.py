@@ -148,6 +148,18 @@ def test_rkd_angle_on_rows_whose_squares_pass_float32(impl):
             assert_within_reference_error(a, e, e, msg=f"{op} {impl} past float32's squares {name}")
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("scale", [1e12, 1e-13])
+def test_sp_on_gram_rows_whose_squares_leave_float32(impl, scale):
+    """Rows of magnitude 1e12 (G about 1e25, its squares past float32's range) and 1e-13 (G
+    about 1e-25, its squares below it): SP's row norms of G are summed scaled by a power of
+    two per row (the float32 path's _sp_split_norms), where they gave NaN (1e12) where the
+    reference's loss and gradients are finite."""
+    s = rows(12, 20, "spread", 3).float() * scale
+    t = rows(12, 25, "spread", 4).float() * scale
+    compare("sp", impl, s, t, torch.tensor(0.75, dtype=torch.float64), f"sp {impl} at {scale}")
+
+
 def _paths(s, t, lo=0, anchors=None):
     """(order, count) of RKD's float32 angle path on the float32 rows s, t: the anchors
     (offsets from lo) with those it hands over (to the exact or the direct path) first,

@@ -149,19 +149,38 @@ def sp_backward(g_s, g_t, stats, square=True, part=None, loss_dtype=None):
 # stats (3, 2, R) float32: the clamped norms' hi and lo parts, and the dots.
 
 @triton.jit
+def _power_of_two_below(top):
+    """2^-e (float32, exact) with top 2^-e in [1, 2) for a float32 top > 0 (its biased exponent
+    e_b: 2^(127 - (e_b - 127)), clamped into float32's normal range); 1 for top = 0."""
+    biased = (top.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    scale = (tl.minimum(tl.maximum(254 - biased, 1), 254) << 23).to(tl.float32, bitcast=True)
+    return tl.where(top > 0, scale, 1.0)
+
+
+@triton.jit
 def _sp_split_norms(hi_ptr, lo_ptr, ra, R, N, BLOCK: tl.constexpr):
     """(n, n_lo): the row norms of G = hi + lo (R, N) for the rows ra, double-float, clamped
-    at 1e-12 as F.normalize does (lo 0 there); 1 outside."""
+    at 1e-12 as F.normalize does (lo 0 there); 1 outside. Each row is summed scaled by the
+    power of two that brings its largest |G| into [1, 2) (_power_of_two_below, exact): its
+    squares neither overflow float32 (|G| past 1e19, where the reference's own norm is
+    finite) nor underflow (a row of entries below 1e-19, which would read as a zero row)."""
+    top = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, N, BLOCK):
+        rb = start + tl.arange(0, BLOCK)
+        top = tl.maximum(top, tl.max(tl.abs(_load_tile(hi_ptr, ra, rb, R, N)), 1))
+    scale = _power_of_two_below(top)
     acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     acc_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        g = _load_tile(hi_ptr, ra, rb, R, N)
+        g = _load_tile(hi_ptr, ra, rb, R, N) * scale[:, None]
         p, p_err = two_prod(g, g)
         acc, err = two_sum(acc, p)
-        acc_lo += err + (p_err + 2 * g * _load_tile(lo_ptr, ra, rb, R, N))
+        acc_lo += err + (p_err + 2 * g * (_load_tile(lo_ptr, ra, rb, R, N) * scale[:, None]))
     sq, sq_lo = dd_sum(acc, acc_lo, 1)
     n, n_lo = dd_sqrt(sq, sq_lo)
+    n = n / scale
+    n_lo = n_lo / scale
     small = n < 1e-12
     return tl.where(ra < R, tl.where(small, 1e-12, n), 1.0), tl.where((ra < R) & ~small, n_lo, 0.0)
 
