@@ -488,8 +488,7 @@ class RKDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feat_s, feat_t, w_dist, w_angle):
-        fast = ctx.fast = _float32_path(feat_s, feat_t)
-        e_s, e_t, parts = _rkd_sides(feat_s, feat_t, fast)
+        e_s, e_t, parts = _rkd_sides(feat_s, feat_t, _float32_path(feat_s, feat_t))
         d_s, d_t, d_lo = _rkd_distance_inputs(e_s, e_t, parts)
         n = len(feat_s)
         loss = d_s.new_zeros(())
@@ -514,13 +513,13 @@ class RKDFunction(torch.autograd.Function):
         w_dist, w_angle = ctx.weights
         n = len(feat_s)
         dist = None
-        # Each term's N^k dL/dX is M X + r * X (k = 2, 3), per side (M_s, r_s, M_t, r_t).
+        # Each term's N^k dL/dx_a is sum_b M_ab (x_b - x_a) (k = 2, 3), per side (M_s, _, M_t, _).
         if w_dist and w_angle:  # their weighted sum, formed with the angle term's M: one map per side
             dist = _dist.rkd_distance_backward(d_s, d_t, stats_d, parts_lo=d_lo)
             terms = _angle.rkd_angle_backward(e_s, e_t, stats_a, weight=w_angle / n ** 3,
                                               dist=(w_dist / n ** 2, dist))
             divisor = 1
-        elif w_dist:  # one term: its count and weight divide in gram_grad, nothing is scaled
+        elif w_dist:  # one term: its count and weight divide in difference_grad, nothing is scaled
             terms, divisor = _dist.rkd_distance_backward(d_s, d_t, stats_d, parts_lo=d_lo), n ** 2 / w_dist
         elif w_angle:
             terms, divisor = _angle.rkd_angle_backward(e_s, e_t, stats_a), n ** 3 / w_angle
@@ -809,7 +808,7 @@ class RKDRowsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_s, x_t, lo, n, w_dist, w_angle, group, sizes):
         big = len(x_s)
-        fast = ctx.fast = _float32_path(x_s, x_t)
+        fast = _float32_path(x_s, x_t)
         if fast:
             e_s = e_t = None
             own_parts = _split_sides(x_s, x_t, lo, n)

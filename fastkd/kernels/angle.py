@@ -73,7 +73,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import zero_row_sums
 from .common import NO_FMA, cdiv, dd_div, dd_sqrt, sqrt, two_prod, two_sum
 from .gram import BLOCK, TILE_WARPS, _cast, _load_tile, _smooth_l1
 
@@ -839,16 +838,15 @@ def _angle_grad_fast_m_kernel(tiles_ptr, stats_ptr, ds_ptr, dt_ptr, c, weight, d
 
 
 def rkd_angle_backward(e_s, e_t, saved, lo=0, weight=1.0, dist=None):
-    """(M_s, r_s, M_t, r_t) with N^3 dL/dX = M X + r * X on each side, times weight (e_* as
-    rkd_angle_forward's, None on the fast path): M = Z - 2 S,
-    r = 2 rowsum(S), from the forward's per-anchor stats (of the anchors lo:lo + R, R =
-    stats.shape[1]) and the tile kernels' sums over the same anchors; M (N, N) and r (N,)
-    float64 reach every row. dist = (dist_weight, (M_d_s, r_d_s, M_d_t, r_d_t)): another term's
-    M, r (rkd_distance_backward's, of the rows lo:lo + R) added times dist_weight, so both
-    terms reach the rows in one map. On the fast path M is float32 and r None: its gradient is
-    formed as sum_b M_ab (x_b - x_a) (fastkd.kernels.gram.difference_grad), where r is
-    minus M's row sums, so only M's off-diagonal entries count; one kernel forms both sides'
-    M from the tile sums (_angle_grad_fast_m_kernel)."""
+    """(M_s, None, M_t, None) with N^3 dL/dx_a = weight * sum_b M_ab (x_b - x_a) on each side
+    (fastkd.kernels.gram.difference_grad: only M's off-diagonal entries count; the gradient
+    M X + r * X whose r is minus M's row sums), e_* as rkd_angle_forward's (None on the fast
+    path): M = Z - 2 S (N, N) from the forward's per-anchor stats (of the anchors lo:lo + R,
+    R = stats.shape[1]) and the tile kernels' sums over the same anchors, float32 on the fast
+    path (one kernel forms both sides' M from the tile sums: _angle_grad_fast_m_kernel),
+    float64 otherwise. dist = (dist_weight, (M_d_s, r_d_s, M_d_t, r_d_t)): another term's M
+    (rkd_distance_backward's, of the rows lo:lo + R) added times dist_weight, so both terms
+    reach the rows in one map."""
     stats, order, count, *fast = saved
     exact, in_parts = _exact_reads(e_s, e_t, _saved_parts(fast))
     n = len(exact[0])
@@ -880,12 +878,12 @@ def rkd_angle_backward(e_s, e_t, saved, lo=0, weight=1.0, dist=None):
         z[lo:hi] -= q
         # c scales here, in the buffers' dtype: a kernel's Python float constant is a float32.
         z *= 2.0 / NORM_EPS
-        # Z_ii = sum_j s_ij, set as minus the rest of row i (see zero_row_sums).
-        out += [zero_row_sums(z) - 2 * sym, 2 * sym.sum(1)]
-    if weight != 1.0:
-        out = [None if t is None else t * weight for t in out]
+        m = z.sub_(sym, alpha=2)  # the difference form: its diagonal is never read
+        if weight != 1.0:
+            m *= weight
+        out += [m, None]
     if dist is not None:
-        dist_weight, terms = dist
-        for k, term in enumerate(terms):
-            out[k][lo:lo + len(term)] += term * dist_weight
+        dist_weight, (m_d_s, _, m_d_t, _) = dist
+        out[0][lo:lo + len(m_d_s)] += m_d_s * dist_weight
+        out[2][lo:lo + len(m_d_t)] += m_d_t * dist_weight
     return tuple(out)
