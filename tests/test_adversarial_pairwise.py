@@ -160,6 +160,20 @@ def test_sp_on_gram_rows_whose_squares_leave_float32(impl, scale):
     compare("sp", impl, s, t, torch.tensor(0.75, dtype=torch.float64), f"sp {impl} at {scale}")
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("seed", [0, 11, 13, 14])
+def test_sp_small_rows_beside_large_ones(impl, seed):
+    """Rows of magnitude 1e-6 beside rows of 1e6 (and zero rows): a small row's normalised G
+    is near a unit vector, where W = 2 (diff - G^ dot) / n cancels a millionfold: formed in
+    float32 it is 8% off and the gradients 20x the reference's error (seeds 11, 13, 14), so
+    the float32 path forms the dots and W in double-float."""
+    g = torch.Generator().manual_seed(seed)
+    mags = torch.tensor([1.0, 0.0, 1e-6, 1.0, 0.0, 1e6], dtype=torch.float64)
+    s = (torch.randn(6, 8, generator=g, dtype=torch.float64) * mags[:, None]).float()
+    t = (torch.randn(6, 8, generator=g, dtype=torch.float64) * mags.flip(0)[:, None]).float()
+    compare("sp", impl, s, t, torch.tensor(0.75, dtype=torch.float64), f"sp {impl} small beside large, seed {seed}")
+
+
 def _paths(s, t, lo=0, anchors=None):
     """(order, count) of RKD's float32 angle path on the float32 rows s, t: the anchors
     (offsets from lo) with those it hands over (to the exact or the direct path) first,

@@ -145,8 +145,11 @@ def sp_backward(g_s, g_t, stats, square=True, part=None, loss_dtype=None):
 # difference G^_s - G^_t is near 0 exactly when the loss is (teacher ~ student). Rounding
 # either side's G^ to float32 first leaves u |G^| in a difference of 1e-3 |G^| (22x the
 # reference's own error in the tests); diff is exact to float32 rounding of itself here, and
-# the rest (diff^2, the dots, W) is plain float32, each term relative to its own size.
-# stats (3, 2, R) float32: the clamped norms' hi and lo parts, and the dots.
+# diff^2 plain float32, each term relative to its own size. W = 2 (diff - G^ dot) / n cancels
+# where one entry dominates a row (G^ near a unit vector: a small row beside a large one,
+# 1e6-fold for rows of 1e-6 beside rows of 1e6, where float32 left 8% in W and 20x the
+# reference's error in the gradient): the dots and W are double-float, rounded once.
+# stats (4, 2, R) float32: the clamped norms' hi and lo parts, the dots' hi and lo parts.
 
 @triton.jit
 def _power_of_two_below(top):
@@ -187,19 +190,35 @@ def _sp_split_norms(hi_ptr, lo_ptr, ra, R, N, BLOCK: tl.constexpr):
 
 @triton.jit
 def _sp_split_diff(gs, gs_lo, gt, gt_lo, n_s, n_s_lo, n_t, n_t_lo):
-    """(G^_s - G^_t, G^_s, G^_t) at a tile, G^ = G / n: the quotients double-float, their
-    difference rounded once to float32."""
+    """(G^_s - G^_t, G^_s, G^_t) at a tile, each as double-float (hi, lo), G^ = G / n: the
+    quotients double-float, their difference summed from them (hi = its float32 rounding)."""
     h_s, h_s_lo = dd_div(gs, gs_lo, n_s, n_s_lo)
     h_t, h_t_lo = dd_div(gt, gt_lo, n_t, n_t_lo)
     d, d_err = two_sum(h_s, -h_t)
-    return d + (d_err + (h_s_lo - h_t_lo)), h_s, h_t
+    d, d_lo = two_sum(d, d_err + (h_s_lo - h_t_lo))
+    return d, d_lo, h_s, h_s_lo, h_t, h_t_lo
+
+
+@triton.jit
+def _dd_product(a, a_lo, b, b_lo):
+    """(a + a_lo)(b + b_lo) as an unevaluated pair (p, p_lo), to about u32^2."""
+    p, p_err = two_prod(a, b)
+    return p, p_err + (a * b_lo + a_lo * b)
+
+
+@triton.jit
+def _dd_row_sum(acc, acc_lo, p, p_lo):
+    """(acc, acc_lo) (rows,) plus the row sums of the tile p + p_lo, compensated."""
+    s, s_lo = dd_sum(p, p_lo, 1)
+    acc, err = two_sum(acc, s)
+    return acc, acc_lo + (err + s_lo)
 
 
 @triton.jit
 def _sp_split_loss_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, stats_ptr, part_ptr, R, N,
                           BLOCK: tl.constexpr):
-    """_sp_loss_kernel on G = hi + lo in float32 arithmetic: stats (3, 2, R) = the norms' hi
-    and lo parts and the dots, part = sum (G^_s - G^_t)^2 for a block of rows."""
+    """_sp_loss_kernel on G = hi + lo in float32 arithmetic: stats (4, 2, R) = the norms' hi
+    and lo parts, the dots' hi and lo parts, part = sum (G^_s - G^_t)^2 for a block of rows."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     n_s, n_s_lo = _sp_split_norms(gs_ptr, gs_lo_ptr, ra, R, N, BLOCK)
     n_t, n_t_lo = _sp_split_norms(gt_ptr, gt_lo_ptr, ra, R, N, BLOCK)
@@ -209,31 +228,46 @@ def _sp_split_loss_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, stats_ptr, part_
     tl.store(stats_ptr + 3 * R + ra, n_t_lo, mask=ra < R)
     loss = tl.zeros([BLOCK], dtype=tl.float32)
     dot_s = tl.zeros([BLOCK], dtype=tl.float32)
+    dot_s_lo = tl.zeros([BLOCK], dtype=tl.float32)
     dot_t = tl.zeros([BLOCK], dtype=tl.float32)
+    dot_t_lo = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        diff, h_s, h_t = _sp_split_diff(
+        d, d_lo, h_s, h_s_lo, h_t, h_t_lo = _sp_split_diff(
             _load_tile(gs_ptr, ra, rb, R, N), _load_tile(gs_lo_ptr, ra, rb, R, N), _load_tile(gt_ptr, ra, rb, R, N),
             _load_tile(gt_lo_ptr, ra, rb, R, N), n_s[:, None], n_s_lo[:, None], n_t[:, None], n_t_lo[:, None])
-        loss += tl.sum(diff * diff, 1)
-        dot_s += tl.sum(diff * h_s, 1)
-        dot_t += tl.sum(diff * h_t, 1)
+        loss += tl.sum(d * d, 1)
+        dot_s, dot_s_lo = _dd_row_sum(dot_s, dot_s_lo, *_dd_product(d, d_lo, h_s, h_s_lo))
+        dot_t, dot_t_lo = _dd_row_sum(dot_t, dot_t_lo, *_dd_product(d, d_lo, h_t, h_t_lo))
     _store_part_and_dots(part_ptr, stats_ptr + 4 * R, ra, R, loss, dot_s, dot_t)
+    tl.store(stats_ptr + 6 * R + ra, dot_s_lo, mask=ra < R)
+    tl.store(stats_ptr + 7 * R + ra, dot_t_lo, mask=ra < R)
+
+
+@triton.jit
+def _sp_split_side_w(d, d_lo, h, h_lo, n, dot, dot_lo):
+    """2 (diff - G^ dot) / n for one side (G^ dot only where n > 1e-12, F.normalize's clamp),
+    the difference double-float, rounded once."""
+    live = n > 1e-12
+    q, q_lo = _dd_product(h, h_lo, tl.where(live, dot, 0.0), tl.where(live, dot_lo, 0.0))
+    r, r_err = two_sum(d, -q)
+    return 2 * (r + (r_err + (d_lo - q_lo))) / n
 
 
 @triton.jit
 def _sp_split_w(gs, gs_lo, gt, gt_lo, stats_ptr, rows, R, n_rows):
     """_sp_w on G = hi + lo at a tile, the stats of `rows` (< n_rows; broadcast shapes) read
-    from stats (3, 2, R) (see _sp_split_loss_kernel)."""
+    from stats (4, 2, R) (see _sp_split_loss_kernel)."""
     ok = rows < n_rows
     n_s = tl.load(stats_ptr + rows, mask=ok, other=1.0)
     n_t = tl.load(stats_ptr + R + rows, mask=ok, other=1.0)
-    diff, h_s, h_t = _sp_split_diff(gs, gs_lo, gt, gt_lo, n_s, tl.load(stats_ptr + 2 * R + rows, mask=ok, other=0.0),
-                                    n_t, tl.load(stats_ptr + 3 * R + rows, mask=ok, other=0.0))
-    dot_s = tl.load(stats_ptr + 4 * R + rows, mask=ok, other=0.0)
-    dot_t = tl.load(stats_ptr + 5 * R + rows, mask=ok, other=0.0)
-    w_s = 2 * (diff - tl.where(n_s > 1e-12, h_s * dot_s, 0.0)) / n_s
-    w_t = -2 * (diff - tl.where(n_t > 1e-12, h_t * dot_t, 0.0)) / n_t
+    d, d_lo, h_s, h_s_lo, h_t, h_t_lo = _sp_split_diff(
+        gs, gs_lo, gt, gt_lo, n_s, tl.load(stats_ptr + 2 * R + rows, mask=ok, other=0.0),
+        n_t, tl.load(stats_ptr + 3 * R + rows, mask=ok, other=0.0))
+    w_s = _sp_split_side_w(d, d_lo, h_s, h_s_lo, n_s, tl.load(stats_ptr + 4 * R + rows, mask=ok, other=0.0),
+                           tl.load(stats_ptr + 6 * R + rows, mask=ok, other=0.0))
+    w_t = -_sp_split_side_w(d, d_lo, h_t, h_t_lo, n_t, tl.load(stats_ptr + 5 * R + rows, mask=ok, other=0.0),
+                            tl.load(stats_ptr + 7 * R + rows, mask=ok, other=0.0))
     return w_s, w_t
 
 
@@ -265,10 +299,10 @@ def _sp_split_grad_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, stats_ptr, ms_pt
 
 def sp_split_forward(g_s, g_t):
     """sp_forward on the float32 path: g_* = (hi, lo) (gram.gram_split) each (R, N); part
-    (row blocks,) float32 sums to N^2 * loss, stats (3, 2, R) float32."""
+    (row blocks,) float32 sums to N^2 * loss, stats (4, 2, R) float32."""
     rows, n = g_s[0].shape
     nb = cdiv(rows, BLOCK)
-    stats = torch.empty((3, 2, rows), dtype=torch.float32, device=g_s[0].device)
+    stats = torch.empty((4, 2, rows), dtype=torch.float32, device=g_s[0].device)
     part = torch.empty(nb, dtype=torch.float32, device=g_s[0].device)
     _sp_split_loss_kernel[(nb,)](*g_s, *g_t, stats, part, rows, n, BLOCK=BLOCK, **NO_FMA)
     return part, stats
