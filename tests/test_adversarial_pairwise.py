@@ -174,6 +174,19 @@ def test_sp_small_rows_beside_large_ones(impl, seed):
     compare("sp", impl, s, t, torch.tensor(0.75, dtype=torch.float64), f"sp {impl} small beside large, seed {seed}")
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("scale", [1e10, 1e15])
+def test_irg_edge_on_distances_whose_squares_leave_float32(impl, scale):
+    """Rows of magnitude 1e10 and 1e15: max(E) past 1.8e19, whose square overflows float32,
+    and at 1e15 near float32's largest. The maximum's share of IRG's edge gradient,
+    -sum(diff E) / max^2 / count, read 0 at 1e10 on the float32 path (max * max = inf) and
+    was NaN at 1e15 (sum(diff E) = inf), where the reference's division backward, (E / max)
+    / max, keeps it finite: the kernels sum diff E / max instead."""
+    s = rows(12, 20, "spread", 3).float() * scale
+    t = rows(12, 25, "spread", 4).float() * scale
+    compare("irg_edge", impl, s, t, torch.tensor(0.75, dtype=torch.float64), f"irg_edge {impl} at {scale}")
+
+
 def _paths(s, t, lo=0, anchors=None):
     """(order, count) of RKD's float32 angle path on the float32 rows s, t: the anchors
     (offsets from lo) with those it hands over (to the exact or the direct path) first,

@@ -401,38 +401,41 @@ def _irg_edge_is_max(d_s, l_s, d_t, l_t, max_ptr, lo_offset, FROM_GRAM: tl.const
 
 @triton.jit
 def _irg_edge_diff(d_s, l_s, d_t, l_t, max_ptr, lo_offset, FROM_GRAM: tl.constexpr):
-    """diff = pdist2_s / max_s - pdist2_t / max_t at a tile. Without FROM_GRAM from E = hi + lo
-    and the maxima's hi + lo in double-float, rounded once: near a zero loss (teacher ~
-    student) the two ratios agree to 1e-3, and each one's float32 rounding would be 20x the
-    reference's own error in the loss."""
+    """(diff, q_s, q_t) at a tile: the ratios q = pdist2 / max and diff = q_s - q_t. Without
+    FROM_GRAM from E = hi + lo and the maxima's hi + lo in double-float, diff rounded once
+    (q_* the ratios' hi parts): near a zero loss (teacher ~ student) the two ratios agree to
+    1e-3, and each one's float32 rounding would be 20x the reference's own error in the loss."""
     m_s = tl.load(max_ptr)
     m_t = tl.load(max_ptr + 1)
     if FROM_GRAM:
-        diff = d_s / m_s - d_t / m_t
+        q_s = d_s / m_s
+        q_t = d_t / m_t
+        diff = q_s - q_t
     else:
         q_s, q_s_lo = dd_div(d_s, l_s, m_s, tl.load(max_ptr + lo_offset))
         q_t, q_t_lo = dd_div(d_t, l_t, m_t, tl.load(max_ptr + lo_offset + 1))
         q, q_err = two_sum(q_s, -q_t)
         diff = q + (q_err + (q_s_lo - q_t_lo))
-    return diff
+    return diff, q_s, q_t
 
 
 @triton.jit
 def _irg_edge_loss_kernel(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, max_ptr, part_ptr, lo, R, N,
                           FROM_GRAM: tl.constexpr, BLOCK: tl.constexpr):
-    """part[tile] = (sum diff^2, sum diff d_s, sum diff d_t, count of d_s = max_s, count of
-    d_t = max_t) over one tile, diff = d_s / max_s - d_t / max_t; max = (max_s, max_t), and
-    without FROM_GRAM their lo parts after them."""
+    """part[tile] = (sum diff^2, sum diff q_s, sum diff q_t, count of d_s = max_s, count of
+    d_t = max_t) over one tile, q = d / max (at most 1: sums of diff d would overflow float32
+    from E past 1e36), diff = q_s - q_t; max = (max_s, max_t), and without FROM_GRAM their lo
+    parts after them."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rb = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     tile = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     d_s, _, l_s, d_t, _, l_t = _irg_edge_tiles(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, ra, rb, lo, R, N,
                                                FROM_GRAM)
-    diff = _irg_edge_diff(d_s, l_s, d_t, l_t, max_ptr, 2, FROM_GRAM)
+    diff, q_s, q_t = _irg_edge_diff(d_s, l_s, d_t, l_t, max_ptr, 2, FROM_GRAM)
     out = part_ptr + 5 * tile
     tl.store(out, tl.sum(tl.sum(diff * diff, 1), 0))
-    tl.store(out + 1, tl.sum(tl.sum(diff * d_s, 1), 0))
-    tl.store(out + 2, tl.sum(tl.sum(diff * d_t, 1), 0))
+    tl.store(out + 1, tl.sum(tl.sum(diff * q_s, 1), 0))
+    tl.store(out + 2, tl.sum(tl.sum(diff * q_t, 1), 0))
     # Entries outside and on the diagonal are 0 < max (off-diagonal entries are >= 1e-12).
     is_s, is_t = _irg_edge_is_max(d_s, l_s, d_t, l_t, max_ptr, 2, FROM_GRAM)
     tl.store(out + 3, tl.sum(tl.sum(is_s.to(d_s.dtype), 1), 0))
@@ -443,12 +446,13 @@ def _irg_edge_loss_kernel(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, max_ptr, 
 def _irg_edge_w_at(d_s, live_s, is_s, d_t, live_t, is_t, diff, stats_ptr):
     """(W_s, W_t) at a tile of pdist2 (see _irg_edge_tiles; is_*: where it is the maximum;
     diff: _irg_edge_diff), W = N^2 dL/dp (p the squared distances): W_s = 2 diff / m_s +
-    [is_s] (-2 sum(diff d_s) / m_s^2) / count_s where the clamp lets the gradient through;
-    the teacher's with -diff."""
+    [is_s] (-2 sum(diff q_s) / m_s) / count_s where the clamp lets the gradient through
+    (q = d / m); the teacher's with -diff. (Not sum(diff d) / m^2: m^2 overflows float32 from
+    E past 1.8e19, rows of magnitude 1e9, which took the maximum's share to 0.)"""
     m_s = tl.load(stats_ptr)
     m_t = tl.load(stats_ptr + 1)
-    top_s = -2 * tl.load(stats_ptr + 2) / (m_s * m_s) / tl.load(stats_ptr + 4)
-    top_t = 2 * tl.load(stats_ptr + 3) / (m_t * m_t) / tl.load(stats_ptr + 5)
+    top_s = -2 * tl.load(stats_ptr + 2) / m_s / tl.load(stats_ptr + 4)
+    top_t = 2 * tl.load(stats_ptr + 3) / m_t / tl.load(stats_ptr + 5)
     w_s = tl.where(live_s, 2 * diff / m_s + tl.where(is_s, top_s, 0.0), 0.0)
     w_t = tl.where(live_t, -2 * diff / m_t + tl.where(is_t, top_t, 0.0), 0.0)
     return w_s, w_t
@@ -460,7 +464,7 @@ def _irg_edge_w(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, stats_ptr, ra, rb, 
     d_s, live_s, l_s, d_t, live_t, l_t = _irg_edge_tiles(gs_ptr, gt_ptr, sqs_ptr, sqt_ptr, sq_stride, ra, rb,
                                                          lo, R, N, True)
     is_s, is_t = _irg_edge_is_max(d_s, l_s, d_t, l_t, stats_ptr, 6, True)
-    diff = _irg_edge_diff(d_s, l_s, d_t, l_t, stats_ptr, 6, True)
+    diff, _, _ = _irg_edge_diff(d_s, l_s, d_t, l_t, stats_ptr, 6, True)
     return _irg_edge_w_at(d_s, live_s, is_s, d_t, live_t, is_t, diff, stats_ptr)
 
 
@@ -471,7 +475,7 @@ def _irg_edge_split_w(es_ptr, et_ptr, ls_ptr, lt_ptr, sq_stride, stats_ptr, ra, 
     d_s, live_s, l_s, d_t, live_t, l_t = _irg_edge_tiles(es_ptr, et_ptr, ls_ptr, lt_ptr, sq_stride, ra, rb,
                                                          lo, R, N, False)
     is_s, is_t = _irg_edge_is_max(d_s, l_s, d_t, l_t, stats_ptr, 6, False)
-    diff = _irg_edge_diff(d_s, l_s, d_t, l_t, stats_ptr, 6, False)
+    diff, _, _ = _irg_edge_diff(d_s, l_s, d_t, l_t, stats_ptr, 6, False)
     return _irg_edge_w_at(d_s, live_s, is_s, d_t, live_t, is_t, diff, stats_ptr)
 
 
@@ -485,7 +489,8 @@ def _squared_norms(g, sq):
 
 
 def irg_edge_forward(g_s, g_t, lo=0, reduce=_local, sq=None, parts_lo=None):
-    """(N^2 * loss, stats): stats = (max_s, max_t, sum diff d_s, sum diff d_t, count_s, count_t);
+    """(N^2 * loss, stats): stats = (max_s, max_t, sum diff q_s, sum diff q_t, count_s, count_t),
+    q = pdist2 / max;
     g_* the centred Gram matrices (N, N), whose diagonals give sq; or a global batch's rows
     lo:lo + R of them with sq = (sq_s, sq_t) (N,) every row's squared norm and reduce the
     all-reduce (as rkd_distance_forward; the maxima with "max"). With parts_lo = (lo_s, lo_t),
