@@ -841,7 +841,7 @@ class RKDRowsFunction(torch.autograd.Function):
         grad = grad_out.to(torch.float64)
         dist_terms = (_dist.rkd_distance_backward(d_s, d_t, stats_d, lo, None if l_s is None else (l_s, l_t))
                       if w_dist else None)
-        # The angle term reaches every row: M (N, N), r (N,), the distance term's (on our rows) added.
+        # The angle term reaches every row: M (N, N), the distance term's (on our rows) added.
         terms = (_angle.rkd_angle_backward(full_s, full_t, stats_a, lo, weight=w_angle / big ** 3,
                                            dist=None if dist_terms is None else (w_dist / big ** 2, dist_terms))
                  if w_angle

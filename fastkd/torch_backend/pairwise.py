@@ -166,29 +166,41 @@ def distance_grad(x, w, e, z=None):
     rows = x.reshape(x.size(0), -1).to(torch.float64)
     if torch.compiler.is_compiling():  # no branch on the data: every pair from its difference
         return _difference_product(lap, rows)
-    a, b = _close_pairs(xc, e, _CLOSE_FLOAT64 if x.dtype == torch.float64 else _CLOSE)
+    a, b = _close_pairs(x, xc, e)
     if not len(a):
         return zero_row_sums(lap) @ xc
     values = lap[a, b]
     lap[a, b] = 0
     g = zero_row_sums(lap) @ xc
-    step = max(1, _DIFFERENCE_ELEMENTS // xc.shape[1])
-    for k in range(0, len(a), step):
-        ka, kb = a[k:k + step], b[k:k + step]
-        g.index_add_(0, ka, values[k:k + step, None] * (rows[kb] - rows[ka]))
+    _add_pair_terms(g, a, b, values, rows)
     return g
 
 
-def _close_pairs(xc, e, ratio, lo=0, rows=None):
-    """(a, b) index tensors of the pairs a != b with sqrt(E_ab) < ratio (|xc_a| + |xc_b|): where
-    the product with the centred rows xc (N, D) rounds their gradient terms by more than
-    u64 / ratio of themselves (distance_grad). E (N, N), or with rows (a global batch's) the
-    rows lo:lo + rows of E (rows, N), a indexing them from lo. One host sync (the CPU path's)."""
+def _close_pairs(x, xc, e, lo=0, rows=None):
+    """(a, b) index tensors of the pairs a != b with sqrt(E_ab) < ratio (|xc_a| + |xc_b|), ratio
+    _CLOSE_FLOAT64 for float64 rows x, else _CLOSE: where the product with the centred rows xc
+    (N, D) rounds their gradient terms by more than u64 / ratio of themselves (distance_grad).
+    E (N, N), or with rows (a global batch's) the rows lo:lo + rows of E (rows, N), a indexing
+    them from lo. One host sync (the CPU path's)."""
+    ratio = _CLOSE_FLOAT64 if x.dtype == torch.float64 else _CLOSE
     norms = torch.linalg.vector_norm(xc, dim=1)
     own = norms if rows is None else norms[lo:lo + rows]
     close = e < (ratio * (own.unsqueeze(1) + norms.unsqueeze(0))).square_()
     close.diagonal(lo).fill_(False)  # a = b
     return close.nonzero(as_tuple=True)
+
+
+def _add_pair_terms(g, a, b, values, rows, both=False):
+    """g[a] += values (x_b - x_a) for the pairs (a, b) of the rows (N, D) float64, from their
+    differences (and with both g[b] -= the same), in chunks of at most _DIFFERENCE_ELEMENTS
+    products."""
+    step = max(1, _DIFFERENCE_ELEMENTS // rows.shape[1])
+    for k in range(0, len(a), step):
+        ka, kb = a[k:k + step], b[k:k + step]
+        term = values[k:k + step, None] * (rows[kb] - rows[ka])
+        g.index_add_(0, ka, term)
+        if both:
+            g.index_add_(0, kb, -term)
 
 
 def _difference_product(lap, rows, others=None):
@@ -772,21 +784,15 @@ def distance_grad_rows(x, w, e, lo):
         return g
     close = None
     if w.dtype == torch.float64:
-        a, b = _close_pairs(xc, e, _CLOSE_FLOAT64 if x.dtype == torch.float64 else _CLOSE, lo, len(w))
+        a, b = _close_pairs(x, xc, e, lo, len(w))
         if len(a):
-            close, values, w = (a, b), w[a, b], w.clone()
+            # (-2 W_ab)(x_b - x_a) = 2 W_ab (x_a - x_b), the pair's term on row a (and minus it on b).
+            close, values, w = (a + lo, b), w[a, b] * -2, w.clone()
             w[a, b] = 0
     g = 2 * (w.sum(dim=0).unsqueeze(1) * xc - w.t() @ xc[own])
     g[own] += 2 * (w.sum(dim=1, keepdim=True) * xc[own] - w @ xc)
     if close is not None:
-        a, b = close
-        rows = x.reshape(x.size(0), -1).to(torch.float64)
-        step = max(1, _DIFFERENCE_ELEMENTS // rows.shape[1])
-        for k in range(0, len(a), step):
-            ka, kb = a[k:k + step], b[k:k + step]
-            term = 2 * values[k:k + step, None] * (rows[ka + lo] - rows[kb])  # 2 W_ab (x_a - x_b)
-            g.index_add_(0, ka + lo, term)
-            g.index_add_(0, kb, -term)
+        _add_pair_terms(g, *close, values, x.reshape(x.size(0), -1).to(torch.float64), both=True)
     return g
 
 
