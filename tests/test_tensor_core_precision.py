@@ -1,8 +1,9 @@
-"""The tensor-core products of FSP's and NST's Gram kernels keep float32 accuracy: tf32x3
-emulated on the CPU.
+"""The tensor-core products of FSP's and NST's Gram kernels, and the pairwise losses' gradient
+products, keep float32 accuracy: tf32x3 emulated on the CPU.
 
-On a GPU the kernels of fastkd/kernels/feature_maps.py form each float32 product on the tensor
-cores from a split (``_dot_f32``): a = a_hi + a_lo, both tf32 values (11 significant bits), and
+On a GPU the kernels of fastkd/kernels/feature_maps.py (and gram._product_grad_kernel) form
+each float32 product on the tensor cores from a split (``fastkd.kernels.common.dot_f32``):
+a = a_hi + a_lo, both tf32 values (11 significant bits), and
 a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi, each term exact in fp32, summed in fp32. Triton's
 interpreter, which the other tests run, computes a tl.dot in plain fp32 whatever its precision,
 so it cannot show what tf32 rounding does. Here the kernels' two launchers, ``gram`` and
@@ -26,8 +27,11 @@ import pytest
 import torch
 
 import fastkd.autograd as fa
+import test_adversarial_pairwise as pairwise
+from adversarial_rows import CASES
 from fastkd import reference as R
 from fastkd.kernels import feature_maps as fm
+from fastkd.kernels import gram
 from helpers import assert_within_reference_error
 from test_adversarial_losses import F64, _nst_terms, values
 
@@ -57,7 +61,7 @@ def split(x, mode):
 
 def product(a, b, acc, scheme):
     """acc + a @ b (batched, fp32) as the kernels' tensor cores form it, K step by K step: each
-    step's products summed in fp32 into a fresh tile, added to acc (feature_maps._dot_f32).
+    step's products summed in fp32 into a fresh tile, added to acc (common.dot_f32).
     scheme: "ieee" (plain fp32 products), "tf32x3-rna" / "tf32x3-rne" (the split, with that
     rounding), "tf32" (one product of the operands rounded to tf32, half to even)."""
     for k0 in range(0, a.shape[-1], STEP):
@@ -272,3 +276,57 @@ def test_single_tf32_fails_the_bound(monkeypatch, loss):
         if not within(ours["tf32"], ref32, exact, terms):
             failed.append(kind)
     assert failed, f"{loss}: single tf32 products passed the float32 bound on every input"
+
+
+# --- the pairwise losses' gradient products (gram._product_grad_kernel) --------------------
+# SP, PKT and CC on float32 inputs map dL/dG onto the rows as M X (+ r X) with the same tf32x3
+# split, K steps of 16 (gram.PRODUCT_TILES). Their Gram matrices come from int8 slices, whose
+# integer sums the interpreter forms exactly as the GPU does (tests/test_sliced_gram.py).
+
+PAIRWISE = ("sp", "pkt_cos_sim", "cc")
+assert gram.PRODUCT_TILES[1] == STEP
+
+
+def emulated_gram_grad(scheme):
+    """A stand-in for gram.gram_grad whose float32 path (a float32 M) forms M X with `scheme`'s
+    products; a float64 M goes to the kernel as before."""
+    own = gram.gram_grad
+
+    def gram_grad(m, r, x, scale, like, lo=0, z=None, divisor=1.0):
+        if m.dtype != F32:
+            return own(m, r, x, scale, like, lo, z, divisor)
+        x = gram.flat(x)
+        z = x[lo:] if z is None else gram.flat(z)
+        acc = product(m[None], x.to(F32)[None], m.new_zeros((1, len(m), x.shape[1])), scheme)[0]
+        if r is not None:
+            acc = acc + r[:, None] * z.to(F32)
+        out = (acc * ((1.0 if scale is None else scale.to(F32)) * (1.0 / divisor))).to(like.dtype)
+        return out.reshape(like.shape) if len(m) == len(like) else out
+    return gram_grad
+
+
+def pairwise_results(monkeypatch, op, case, near, seed, schemes):
+    """({scheme: fast path's [loss, grads]}, the float32 reference's, float64 on the same values)."""
+    s, t = pairwise.inputs(10, 40, case, 2 + seed % 6, near, F32, seed)
+    upstream = torch.tensor(0.75, dtype=F64)
+    ours = {}
+    for scheme in schemes:
+        with monkeypatch.context() as m:
+            m.setattr(gram, "gram_grad", emulated_gram_grad(scheme))
+            ours[scheme] = pairwise.loss_and_grads(op, "triton", s, t, upstream)
+    return (ours, pairwise.loss_and_grads(op, "reference", s, t, upstream),
+            pairwise.loss_and_grads(op, "reference", s.double(), t.double(), upstream))
+
+
+@pytest.mark.parametrize("op", PAIRWISE)
+def test_pairwise_gradient_products_keep_float32_accuracy(monkeypatch, op):
+    """tf32x3 (either rounding) within 10x the reference's error on every adversarial row case,
+    teacher independent or near; single tf32 products fail it on some (the control)."""
+    single = []
+    for seed, case in enumerate(CASES):
+        for near in (False, True):
+            ours, ref32, exact = pairwise_results(monkeypatch, op, case, near, seed, ("tf32x3-rna", "tf32x3-rne", "tf32"))
+            for scheme in ("tf32x3-rna", "tf32x3-rne"):
+                check(ours[scheme], ref32, exact, msg=f"{op} {case} near={near} {scheme}")
+            single.append(within(ours["tf32"], ref32, exact))
+    assert not all(single), f"{op}: single tf32 products passed the float32 bound on every input"

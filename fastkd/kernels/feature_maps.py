@@ -20,7 +20,7 @@ NST  and FSP start from batched Gram products S = X Y^T (``gram``); their backwa
      maps z (B, C, HW) as M and P (B, HW, HW) as X, for u = z P. The products run on the
      tensor cores in every dtype: bf16/fp16 operands of one dtype go to tl.dot as they are
      (exact products, fp32 sums), fp64 ones as fp64 products (DMMA), and fp32 ones through
-     the tf32x3 split of ``_dot_f32`` (a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi, each part a
+     the tf32x3 split of ``common.dot_f32`` (a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi, each part a
      tf32 value; error <= 3 * 2^-22 |a b| per product, docs/numerics.md).
 """
 import os
@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import NO_FMA, as_3d, cdiv, sqrt, to_acc
+from .common import NO_FMA, as_3d, cdiv, dot_f32, sqrt, to_acc
 
 
 # --- AT ----------------------------------------------------------------------------
@@ -207,65 +207,12 @@ def at_grad_features(fm, ga, p):
 # --- batched Gram products (NST, FSP) ---------------------------------------------------
 
 @triton.jit
-def _tf32(x):
-    """x (fp32) rounded to tf32 (11 significant bits), half away from zero as the GPU's
-    cvt.rna.tf32.f32: half a tf32 ulp added to the magnitude's bits, the 13 low bits cleared.
-    Infinities and NaN are kept as they are (their bits would carry into the sign)."""
-    bits = x.to(tl.int32, bitcast=True)
-    r = ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
-    return tl.where((bits & 0x7F800000) == 0x7F800000, x, r)
-
-
-@triton.jit
-def _split(x, EXACT: tl.constexpr):
-    """(hi, lo), both tf32 values: hi = tf32(x), lo = tf32(x - hi) (x - hi is exact), so that
-    |x - hi - lo| <= 2^-22 |x|. EXACT (x converted from bf16/fp16, already a tf32 value): lo
-    is not used."""
-    if EXACT:
-        return x, x
-    else:
-        hi = _tf32(x)
-        return hi, _tf32(x - hi)
-
-
-@triton.jit
-def _dot_f32(a, b, acc, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr):
-    """acc + a b for fp32 tiles a (M, K), b (K, N), acc (M, N), on tensor cores at about fp32
-    accuracy: the tf32x3 split a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi (_split), each term a
-    tf32 product, which the tensor cores form exactly and sum in fp32. The dropped terms
-    (a_lo b_lo and the rounding of the lo parts) are <= 3 * 2^-22 |a| |b| per product, about
-    the 2^-24 of one IEEE fp32 product and well below its rounding in a sum of K of them;
-    single tf32 (2^-11) would lose half the digits (docs/numerics.md,
-    tests/test_tensor_core_precision.py). An operand that is EXACT (bf16/fp16 converted)
-    needs no lo part: two products, or one when both are.
-
-    The three products of one K step go to a fresh tile, added to acc once: the long sum over
-    K is then IEEE fp32 adds, and the tensor cores' own (truncating) sums only span one step.
-    A product of inf and a lo part of 0 is NaN where the IEEE product is inf: NaN in the small
-    terms is dropped (inf or NaN inputs still reach the result through the hi product)."""
-    a_hi, a_lo = _split(a, A_EXACT)
-    b_hi, b_lo = _split(b, B_EXACT)
-    if A_EXACT and B_EXACT:
-        part = tl.dot(a_hi, b_hi, input_precision="tf32")
-    else:
-        if A_EXACT:
-            small = tl.dot(a_hi, b_lo, input_precision="tf32")
-        elif B_EXACT:
-            small = tl.dot(a_lo, b_hi, input_precision="tf32")
-        else:
-            small = tl.dot(a_lo, b_hi, input_precision="tf32")
-            small = tl.dot(a_hi, b_lo, small, input_precision="tf32")
-        part = tl.dot(a_hi, b_hi, tl.where(small == small, small, 0.0), input_precision="tf32")
-    return acc + part
-
-
-@triton.jit
 def _mat_tile(acc, m, x, b, i, k, CI, CJ, K, smb, smi, smj, sxb, sxj, sxk, BLOCK_J: tl.constexpr,
               DIRECT: tl.constexpr):
     # acc[i, k] += sum_j m[b, i, j] x[b, j, k]. With x's two strides swapped it is the Gram
     # tile acc[i, k] += sum_j m[b, i, j] x[b, k, j]. DIRECT: m and x are bf16/fp16 of one dtype
     # and acc fp32, so they go to tl.dot as they are (tensor cores; the products are exact).
-    # Otherwise an fp32 acc takes the tf32x3 products of _dot_f32 (a bf16/fp16 operand, exact
+    # Otherwise an fp32 acc takes the tf32x3 products of dot_f32 (a bf16/fp16 operand, exact
     # in tf32, without its lo part), an fp64 acc IEEE fp64 products (DMMA on sm_80/sm_90).
     mb = m + b * smb + i.to(tl.int64)[:, None] * smi
     xb = x + b * sxb + k.to(tl.int64)[None, :] * sxk
@@ -277,7 +224,7 @@ def _mat_tile(acc, m, x, b, i, k, CI, CJ, K, smb, smi, smj, sxb, sxj, sxk, BLOCK
         if DIRECT:
             acc = tl.dot(mt, xt, acc)
         elif acc.dtype == tl.float32:
-            acc = _dot_f32(mt.to(tl.float32), xt.to(tl.float32), acc, mt.dtype != tl.float32,
+            acc = dot_f32(mt.to(tl.float32), xt.to(tl.float32), acc, mt.dtype != tl.float32,
                            xt.dtype != tl.float32)
         else:
             acc += tl.dot(mt.to(acc.dtype), xt.to(acc.dtype), input_precision="ieee")

@@ -32,17 +32,17 @@ RKD on float32, bfloat16 and float16 inputs does both without float64:
 `squared_distances_parts` carries E as two float32 sums (hi + lo, 2^-48) and
 `difference_grad` forms sum_b M_ab (x_b - x_a) from the differences themselves (its terms'
 r is minus M's row sums), whose float32 rounding is relative to each term, not to |x|.
-SP, PKT, CC and IRG on those inputs also run without float64: `gram_split` (G = hi + lo,
-exact products and compensated sums), `squared_norms_split` (its diagonal for a global
-batch), `squared_distances_parts` (IRG's E too), and `gram_grad` with a float32 M
-(`_product_grad_kernel`, float32 outer products).
+SP, PKT, CC and IRG on those inputs also run without float64: `gram_split` (G = hi + lo
+from int8 slices of the rows on the tensor cores, exact integer sums), `squared_norms_split`
+(its diagonal for a global batch), `squared_distances_parts` (IRG's E too), and `gram_grad`
+with a float32 M (`_product_grad_kernel`, tf32x3 products on the tensor cores).
 Buffers are (N, N) at most.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .common import NO_FMA, cdiv, dd_sum, sqrt, to_acc, two_prod, two_sum
+from .common import NO_FMA, cdiv, dot_f32, sqrt, to_acc, two_sum
 
 BLOCK = 32  # side of the (N, N) tiles
 BLOCK_D = 32  # feature columns per step of a dot product
@@ -50,6 +50,9 @@ BLOCK_D_DIFF = 4  # feature columns per step of a (BLOCK, BLOCK, columns) differ
 # difference_grad's (BLOCK, rows b, columns) tiles: 4,096 float32 values per step.
 DIFF_BLOCK_B = 4
 DIFF_BLOCK_D = 32
+# _product_grad_kernel's (rows, K step, columns, launch options): feature_maps' float32 tiles
+# for the same tf32x3 product (64-row tiles run as sm_90's wgmma; maxnreg, see there).
+PRODUCT_TILES = (64, 16, 32, dict(num_warps=4, num_stages=3, maxnreg=200))
 # Warps of the kernels that hold several float64 (BLOCK, BLOCK) tiles at once (both sides,
 # both orientations): with four, sm_80/sm_90 spill their registers.
 TILE_WARPS = 8
@@ -201,7 +204,8 @@ def squared_distances(x, lo=0, rows=None):
 
 
 def _tiles(kernel, x, lo, rows, dtype, count, **options):
-    """`count` (rows, N) matrices in dtype written by a tile kernel (_tile, _split_tile) over
+    """`count` (rows, N) matrices in dtype written by a tile kernel (_tile,
+    _squared_distances_split_kernel) over
     X = flat(x) (N, D): all N rows when rows is None (the square case), else the rows
     lo:lo + rows."""
     x = flat(x)
@@ -218,11 +222,29 @@ def _tiles(kernel, x, lo, rows, dtype, count, **options):
 def _squared_distances_split_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D,
                                     SQUARE: tl.constexpr, BLOCK: tl.constexpr):
     """_squared_distances_kernel in float32 arithmetic only: E_ab = hi + lo (two float32 (R, N)
-    matrices) to about 2^-48 relative. Each
-    difference is split exactly (two_sum), each square exactly (its rounding error by a
-    fused multiply-add), and the sum over the features carried as hi + lo (two_sum): every
-    term is non-negative, so nothing cancels and the error stays about u32^2 E."""
-    _split_tile(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D, DIFF=True, SQUARE=SQUARE, BLOCK=BLOCK)
+    matrices) to about 2^-48 relative. Each difference is split exactly (two_sum), each
+    square exactly (its rounding error by a fused multiply-add), and the sum over the
+    features carried as hi + lo (two_sum): every term is non-negative, so nothing cancels
+    and the error stays about u32^2 E. SQUARE: only b <= a, stored at (a, b) and transposed
+    at (b, a)."""
+    pid_a = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    if _tile_runs(pid_a, pid_b, SQUARE):
+        ra = pid_a * BLOCK + tl.arange(0, BLOCK)
+        rb = pid_b * BLOCK + tl.arange(0, BLOCK)
+        row_a = x_ptr + (lo + ra).to(tl.int64) * stride_n
+        row_b = x_ptr + rb.to(tl.int64) * stride_n
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        acc_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for f in range(0, D):
+            xa, xb = _feature_column(row_a, row_b, ra, rb, R, N, f, stride_d)
+            d, d_lo = two_sum(xa[:, None], -xb[None, :])
+            p = d * d
+            acc, err = two_sum(acc, p)
+            acc_lo += err + (tl.fma(d, d, -p) + 2.0 * d * d_lo)
+        acc, acc_lo = two_sum(acc, acc_lo)
+        _store_distance_tile(hi_ptr, ra, rb, R, N, acc, SQUARE)
+        _store_distance_tile(lo_ptr, ra, rb, R, N, acc_lo, SQUARE)
 
 
 def squared_distances_parts(x, lo=0, rows=None):
@@ -235,86 +257,204 @@ def squared_distances_parts(x, lo=0, rows=None):
     return _tiles(_squared_distances_split_kernel, x, lo, rows, torch.float32, 2, **NO_FMA)
 
 
+# --- the float32 path's Gram matrix on integer tensor cores --------------------------------
+# G = X X^T as hi + lo (two float32 matrices, about 2^-48 relative to sum_f |x_a[f] x_b[f]|)
+# for SP, PKT and CC on float32, bfloat16 and float16 rows, by Ozaki's splitting (Ootomo,
+# Ozaki and Yokota, "DGEMM on integer matrix multiplication unit", 2024): each row a is
+# scaled by a power of two s_a with max |x_a| < s_a, and x_a / s_a is cut into SLICES
+# integer slices, x_a / s_a = sum_i q_i 2^(-6 - 7 (i - 1)) + a remainder below
+# 2^(-6 - 7 SLICES), each |q_i| <= 64 (an int8). Every product of two slices is then an
+# integer the int8 tensor cores form and sum exactly in int32 (|q q'| <= 2^12, at most
+# SLICES * SLICE_CHUNK of them per sum: below 2^29), so the only rounding is in combining
+# the levels L = i + j (weight 2^(2 - 7 L)) in double-float (about 2^-46 |G|), and the only
+# truncation the pairs with i + j > SLICES + 1 and the remainders: at most
+# (SLICES + 1) 2^(-7 SLICES) D s_a s_b, 2^-46 D s_a s_b at 7 slices (s_a < 2 max |x_a|; the
+# vector units' double-float sums, which this replaces, had about 2^-48 sum_f |x_a[f] x_b[f]|,
+# and cost about 11 instructions per product). The sums are integers, so order does not matter:
+# G is exactly symmetric, bit for bit the same in the interpreter as on the GPU, and a
+# row's squared norm (`squared_norms_split`) is G's diagonal bit for bit.
+SLICES = 7
+SLICE_CHUNK = 16384  # features per int32 sum
+SLICE_BLOCK_K = 32  # int8 tl.dot steps take K in multiples of 32; the slices' padding
+# (tile side, launch options). Each level re-reads its slices' tiles, so the tile side is the
+# kernel's arithmetic intensity (ops per byte read from L2): 64 x 64 tiles in K steps of 32,
+# eight warps, three stages of the slices' int8 tiles in shared memory: 88 KB, inside
+# sm_86/sm_89's 99 KB; 141-216 registers on sm_90 (wgmma), up to 220 on sm_80 (mma.sync), no
+# spill. ptxas spills below a cap of 240 (at 200: 16 bytes on sm_80). 32 x 32 tiles need 57 KB
+# and half the intensity.
+SLICE_TILE = (64, dict(num_warps=8, num_stages=3, maxnreg=240))
+# Rows with a value past 2^125 (whose squares overflow float32) or not finite: their s is NaN,
+# so G's row and column are NaN, as the reference's float32 products are not finite there.
+_SLICE_MAX_EXP = tl.constexpr(125)
+
+
 @triton.jit
-def _split_tile(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D, DIFF: tl.constexpr, SQUARE: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """The body of the two split kernels: hi + lo = sum_f t(x_a[f], x_b[f]) at the tile (a, b),
-    each term t = (x_a - x_b)^2 (DIFF) or x_a x_b carried as an exact pair p + p_err and the
-    sum compensated (two_sum); SQUARE: only b <= a, stored at (a, b) and transposed at (b, a)."""
+def _slices_kernel(x_ptr, stride_n, stride_d, q_ptr, scale_ptr, N, D, DP, SLICES: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """q (SLICES, N, DP) int8 (0 past D; DP a multiple of BLOCK_D) and s (N,) float32 (see the
+    section's header) for a block of rows of X (N, D), read through its strides in any
+    float dtype. Each step is exact: x / s and
+    the scalings by 2^6 and 2^7 are by powers of two, v - rint(v) is exact, and rint is the
+    float32 add and subtract of 1.5 * 2^23 (|v| <= 64)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_n
+    top = tl.zeros([BLOCK_N], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for start in range(0, D, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        x = tl.load(x_rows + cols[None, :].to(tl.int64) * stride_d, mask=row_ok[:, None] & (cols[None, :] < D),
+                    other=0.0).to(tl.float32)
+        top = tl.maximum(top, tl.max(tl.abs(x), 1))
+        bad = tl.maximum(bad, tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), 1))
+    # top in [2^(E - 127), 2^(E - 126)) for its biased exponent E (subnormal: below 2^-126).
+    e = tl.maximum(((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126, -_SLICE_MAX_EXP)
+    bad = bad | (e > _SLICE_MAX_EXP)
+    e = tl.minimum(e, _SLICE_MAX_EXP)
+    down = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2^-e
+    up = ((127 + e) << 23).to(tl.float32, bitcast=True)
+    tl.store(scale_ptr + rows, tl.where(bad != 0, float("nan"), up), mask=row_ok)
+    plane = N.to(tl.int64) * DP
+    for start in range(0, DP, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        x = tl.load(x_rows + cols[None, :].to(tl.int64) * stride_d, mask=row_ok[:, None] & (cols[None, :] < D),
+                    other=0.0).to(tl.float32)
+        v = tl.where(bad[:, None] != 0, 0.0, x * down[:, None]) * 64.0
+        out = q_ptr + rows[:, None].to(tl.int64) * DP + cols[None, :]
+        for i in tl.static_range(SLICES):
+            q = (v + 12582912.0) - 12582912.0
+            tl.store(out + i * plane, q.to(tl.int8), mask=row_ok[:, None])
+            v = (v - q) * 128.0
+
+
+def slices(x):
+    """(q, s): X = flat(x) (N, D) in any float dtype but float64 as SLICES int8 slices q
+    (SLICES, N, D') and per-row powers of two s (N,) float32 (see the section's header), D'
+    = D rounded up to SLICE_BLOCK_K with zero columns: the products' loads are then aligned
+    and need no column mask."""
+    x = flat(x)
+    n, d = x.shape
+    q = torch.empty((SLICES, n, cdiv(d, SLICE_BLOCK_K) * SLICE_BLOCK_K), dtype=torch.int8, device=x.device)
+    scale = torch.empty(n, dtype=torch.float32, device=x.device)
+    _slices_kernel[(cdiv(n, BLOCK),)](x, x.stride(0), x.stride(1), q, scale, n, d, q.shape[2], SLICES=SLICES,
+                                      BLOCK_N=BLOCK, BLOCK_D=SLICE_BLOCK_K, **NO_FMA)
+    return q, scale
+
+
+@triton.jit
+def _add_level(g, g_lo, acc):
+    """(g, g_lo) + acc in double-float, acc an int32 sum (|acc| < 2^29): acc's float32
+    rounding and its remainder (exact) are both added."""
+    p = acc.to(tl.float32)
+    p_lo = (acc - p.to(tl.int32)).to(tl.float32)
+    g, err = two_sum(g, p)
+    return g, g_lo + (err + p_lo)
+
+
+@triton.jit
+def _scaled(g, g_lo, s_a, s_b):
+    """(g, g_lo) 2^-12 s_a s_b as (hi, lo), the larger power of two first: an intermediate
+    under- or overflows only where G itself does."""
+    g, g_lo = two_sum(g, g_lo)
+    big = tl.maximum(s_a, s_b) * 0.000244140625
+    small = tl.minimum(s_a, s_b)
+    # A NaN s (a row past range) makes G NaN; maximum/minimum would drop it.
+    nan = (s_a != s_a) | (s_b != s_b)
+    return tl.where(nan, float("nan"), (g * big) * small), tl.where(nan, float("nan"), (g_lo * big) * small)
+
+
+@triton.jit
+def _sliced_gram_kernel(q_ptr, scale_ptr, hi_ptr, lo_ptr, lo, R, N, D, SQUARE: tl.constexpr, SLICES: tl.constexpr,
+                        CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """G = hi + lo for the tile (a, b) of the rows lo:lo + R against all N, from the slices q
+    (SLICES, N, D), D a multiple of BLOCK_K (gram_split): level by level, from the smallest (L = SLICES + 1) up, Horner's scheme
+    g = 2^-7 g + P_L with P_L = sum_{i + j = L} q_i(a) . q_j(b) in int32 per CHUNK
+    features; then G = 2^-12 s_a s_b g. SQUARE: only b <= a, stored at (a, b) and
+    transposed at (b, a)."""
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
     if _tile_runs(pid_a, pid_b, SQUARE):
         ra = pid_a * BLOCK + tl.arange(0, BLOCK)
         rb = pid_b * BLOCK + tl.arange(0, BLOCK)
-        row_a = x_ptr + (lo + ra).to(tl.int64) * stride_n
-        row_b = x_ptr + rb.to(tl.int64) * stride_n
-        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        acc_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        for f in range(0, D):
-            xa, xb = _feature_column(row_a, row_b, ra, rb, R, N, f, stride_d)
-            if DIFF:
-                d, d_lo = two_sum(xa[:, None], -xb[None, :])
-                p = d * d
-                acc, err = two_sum(acc, p)
-                acc_lo += err + (tl.fma(d, d, -p) + 2.0 * d * d_lo)
-            else:
-                p, p_err = two_prod(xa[:, None], xb[None, :])
-                acc, err = two_sum(acc, p)
-                acc_lo += err + p_err
-        acc, acc_lo = two_sum(acc, acc_lo)
-        _store_distance_tile(hi_ptr, ra, rb, R, N, acc, SQUARE)
-        _store_distance_tile(lo_ptr, ra, rb, R, N, acc_lo, SQUARE)
+        plane = N.to(tl.int64) * D
+        rows_a = q_ptr + (lo + ra[:, None]).to(tl.int64) * D
+        rows_b = q_ptr + rb[:, None].to(tl.int64) * D
+        g = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        g_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for level in tl.static_range(SLICES + 1, 1, -1):
+            g, g_lo = g * 0.0078125, g_lo * 0.0078125
+            for chunk in range(0, D, CHUNK):
+                acc = tl.zeros([BLOCK, BLOCK], dtype=tl.int32)
+                for start in range(chunk, tl.minimum(chunk + CHUNK, D), BLOCK_K):
+                    cols = (start + tl.arange(0, BLOCK_K))[None, :]
+                    for i in tl.static_range(1, level):
+                        qa = tl.load(rows_a + (i - 1) * plane + cols, mask=ra[:, None] < R, other=0)
+                        qb = tl.load(rows_b + (level - i - 1) * plane + cols, mask=rb[:, None] < N, other=0)
+                        acc = tl.dot(qa, tl.trans(qb), acc, out_dtype=tl.int32)
+                g, g_lo = _add_level(g, g_lo, acc)
+        s_a = tl.load(scale_ptr + lo + ra, mask=ra < R, other=1.0)
+        s_b = tl.load(scale_ptr + rb, mask=rb < N, other=1.0)
+        hi, g_lo = _scaled(g, g_lo, s_a[:, None], s_b[None, :])
+        _store_distance_tile(hi_ptr, ra, rb, R, N, hi, SQUARE)
+        _store_distance_tile(lo_ptr, ra, rb, R, N, g_lo, SQUARE)
+
+
+def gram_split(x, lo=0, rows=None, sliced=None):
+    """G = X X^T as (hi, lo_part), two float32 (rows, N) matrices, G = hi + lo_part to about
+    2^-46 (D s_a s_b + |G|) (hi = fl(G) but where G cancels that far), for float32, bfloat16
+    and float16 x, on the int8 tensor cores (see the section's header): exactly
+    symmetric for one process's (N, N). X = flat(x); rows: only the rows lo:lo + rows of G
+    (a global batch's row block); sliced: slices(x), if already formed."""
+    q, scale = slices(x) if sliced is None else sliced
+    _, n, d = q.shape
+    square = rows is None
+    rows = n if square else rows
+    hi, lo_part = (torch.empty((rows, n), dtype=torch.float32, device=q.device) for _ in range(2))
+    block, launch = SLICE_TILE
+    _sliced_gram_kernel[(cdiv(rows, block), cdiv(n, block))](q, scale, hi, lo_part, lo, rows, n, d, SQUARE=square,
+                                                           SLICES=SLICES, CHUNK=SLICE_CHUNK, BLOCK=block,
+                                                           BLOCK_K=SLICE_BLOCK_K, **launch, **NO_FMA)
+    return hi, lo_part
 
 
 @triton.jit
-def _gram_split_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D,
-                       SQUARE: tl.constexpr, BLOCK: tl.constexpr):
-    """_gram_kernel in float32 arithmetic only: G = hi + lo (two float32 (R, N) matrices) for
-    the tile (a, b). Each product x_a[f] x_b[f] is split exactly (two_prod: its rounding error
-    by a fused multiply-add) and the sum over the features carried as hi + lo (two_sum), so
-    G's error is about u32^2 sum_f |x_a[f] x_b[f]| (2^-48 relative where nothing cancels).
-    The products commute bit for bit, so a diagonal tile is exactly symmetric; SQUARE: only
-    b <= a, stored at (a, b) and transposed at (b, a)."""
-    _split_tile(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D, DIFF=False, SQUARE=SQUARE, BLOCK=BLOCK)
-
-
-def gram_split(x, lo=0, rows=None):
-    """gram with float32 arithmetic only, for float32, bfloat16 and float16 x: (hi, lo_part),
-    G = hi + lo_part to about 2^-48 (two float32 (rows, N) matrices, exactly symmetric for
-    one process's (N, N)), hi = fl(G). X = flat(x) read through its strides; rows: only the
-    rows lo:lo + rows of G (a global batch's row block)."""
-    return _tiles(_gram_split_kernel, x, lo, rows, torch.float32, 2, **NO_FMA)
-
-
-@triton.jit
-def _squared_norms_split_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, N, D, BLOCK_N: tl.constexpr,
-                                BLOCK_D: tl.constexpr):
-    """|x_i|^2 = hi + lo (N,) each float32 for a block of rows, as _gram_split_kernel's
-    diagonal: each square split exactly, the sums compensated."""
+def _sliced_norms_kernel(q_ptr, scale_ptr, hi_ptr, lo_ptr, N, D, SLICES: tl.constexpr, CHUNK: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """G's diagonal |x_a|^2 = hi + lo (N,) for a block of rows, from the slices: the same
+    integer sums as _sliced_gram_kernel's (elementwise, no tensor core) combined by the same
+    steps, so bit for bit its diagonal."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    acc_lo = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start in range(0, D, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_n + cols[None, :].to(tl.int64) * stride_d,
-                    mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0).to(tl.float32)
-        p, p_err = two_prod(x, x)
-        acc, err = two_sum(acc, p)
-        acc_lo += err + p_err
-    hi, lo = dd_sum(acc, acc_lo, 1)
+    plane = N.to(tl.int64) * D
+    base = q_ptr + rows[:, None].to(tl.int64) * D
+    g = tl.zeros([BLOCK_N], dtype=tl.float32)
+    g_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for level in tl.static_range(SLICES + 1, 1, -1):
+        g, g_lo = g * 0.0078125, g_lo * 0.0078125
+        for chunk in range(0, D, CHUNK):
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
+            for start in range(chunk, tl.minimum(chunk + CHUNK, D), BLOCK_K):
+                cols = (start + tl.arange(0, BLOCK_K))[None, :]
+                ok = rows[:, None] < N
+                for i in tl.static_range(1, level):
+                    qa = tl.load(base + (i - 1) * plane + cols, mask=ok, other=0).to(tl.int32)
+                    qb = tl.load(base + (level - i - 1) * plane + cols, mask=ok, other=0).to(tl.int32)
+                    acc += qa * qb
+            g, g_lo = _add_level(g, g_lo, tl.sum(acc, 1))
+    s = tl.load(scale_ptr + rows, mask=rows < N, other=1.0)
+    hi, g_lo = _scaled(g, g_lo, s, s)
     tl.store(hi_ptr + rows, hi, mask=rows < N)
-    tl.store(lo_ptr + rows, lo, mask=rows < N)
+    tl.store(lo_ptr + rows, g_lo, mask=rows < N)
 
 
-def squared_norms_split(x):
-    """(hi, lo) (N,) float32 each, |flat(x)_i|^2 = hi + lo to about 2^-48, for float32,
-    bfloat16 and float16 x (every row's G_ii of gram_split, for a global batch's rows)."""
-    x = flat(x)
-    n, d = x.shape
-    hi = torch.empty(n, dtype=torch.float32, device=x.device)
+def squared_norms_split(x, sliced=None):
+    """(hi, lo) (N,) float32 each, |flat(x)_i|^2 = hi + lo: gram_split's diagonal bit for bit,
+    for every row (a global batch's rows); sliced: slices(x), if already formed."""
+    q, scale = slices(x) if sliced is None else sliced
+    _, n, d = q.shape
+    hi = torch.empty(n, dtype=torch.float32, device=q.device)
     lo = torch.empty_like(hi)
-    _squared_norms_split_kernel[(cdiv(n, BLOCK),)](x, x.stride(0), x.stride(1), hi, lo, n, d, BLOCK_N=BLOCK,
-                                                  BLOCK_D=BLOCK_D, **NO_FMA)
+    _sliced_norms_kernel[(cdiv(n, BLOCK),)](q, scale, hi, lo, n, d, SLICES=SLICES, CHUNK=SLICE_CHUNK,
+                                            BLOCK_N=BLOCK, BLOCK_K=SLICE_BLOCK_K, **NO_FMA)
     return hi, lo
 
 
@@ -393,10 +533,12 @@ def gram_grad(m, r, x, scale, like, lo=0, z=None, divisor=1.0):
     z = x[lo:] if z is None else flat(z)
     out = torch.empty((rows, d), dtype=like.dtype, device=x.device)
     if m.dtype == torch.float32:  # a float32 path's M (and r): float32 arithmetic throughout
-        _product_grad_kernel[(cdiv(d, DIFF_BLOCK_D), cdiv(rows, BLOCK))](
+        block_i, block_k, block_d, launch = PRODUCT_TILES
+        _product_grad_kernel[(cdiv(d, block_d), cdiv(rows, block_i))](
             m, m.stride(0), m.stride(1), m if r is None else r, x, x.stride(0), x.stride(1), z, z.stride(0),
             z.stride(1), m if scale is None else scale.to(torch.float32), 1.0 / divisor, out, rows, k, d,
-            HAS_R=r is not None, HAS_SCALE=scale is not None, BLOCK=BLOCK, BLOCK_D=DIFF_BLOCK_D)
+            HAS_R=r is not None, HAS_SCALE=scale is not None, BLOCK_I=block_i, BLOCK_K=block_k,
+            BLOCK_D=block_d, **launch)
         return out.reshape(like.shape) if rows == len(like) else out
     # 16-bit rows converted to float64 in the loop: with the default three stages sm_90
     # spills registers at large D.
@@ -411,23 +553,24 @@ def gram_grad(m, r, x, scale, like, lo=0, z=None, divisor=1.0):
 @triton.jit
 def _product_grad_kernel(m_ptr, stride_ma, stride_mb, r_ptr, y_ptr, stride_yk, stride_yd, z_ptr, stride_zr,
                          stride_zd, scale_ptr, inv_divisor, out_ptr, R, K, D, HAS_R: tl.constexpr,
-                         HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """_gram_grad_kernel's out = s * (M Y + r * Z) in float32 arithmetic, for a (BLOCK,
+                         HAS_SCALE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """_gram_grad_kernel's out = s * (M Y + r * Z) in float32 arithmetic, for a (BLOCK_I,
     BLOCK_D) tile of out (R, D); M (R, K) float32, s = scale * inv_divisor (a float32
-    argument), scale the float32 0-dim tensor at scale_ptr (1 without HAS_SCALE). One outer
-    product per column of M: IEEE float32 products and sums on the CUDA cores (a float32
-    tl.dot with IEEE precision has no tensor core; a broadcast product summed over an axis
-    would be turned into one)."""
+    argument), scale the float32 0-dim tensor at scale_ptr (1 without HAS_SCALE). M Y on
+    the tensor cores at float32 accuracy (the tf32x3 split, common.dot_f32; a bfloat16 or
+    float16 Y is exact in tf32), K steps of BLOCK_K."""
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ra = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ra = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     col_ok = cols < D
-    m_rows = m_ptr + ra.to(tl.int64) * stride_ma
-    y_cols = y_ptr + cols.to(tl.int64) * stride_yd
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    for k in range(0, K):
-        m = tl.load(m_rows + tl.cast(k, tl.int64) * stride_mb, mask=ra < R, other=0.0)
-        y = tl.load(y_cols + tl.cast(k, tl.int64) * stride_yk, mask=col_ok, other=0.0).to(tl.float32)
-        acc += m[:, None] * y[None, :]
+    m_rows = m_ptr + ra[:, None].to(tl.int64) * stride_ma
+    y_cols = y_ptr + cols[None, :].to(tl.int64) * stride_yd
+    acc = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        k = (start + tl.arange(0, BLOCK_K)).to(tl.int64)
+        m = tl.load(m_rows + k[None, :] * stride_mb, mask=(ra[:, None] < R) & (k[None, :] < K), other=0.0)
+        y = tl.load(y_cols + k[:, None] * stride_yk, mask=(k[:, None] < K) & col_ok[None, :], other=0.0)
+        acc = dot_f32(m, y.to(tl.float32), acc, False, y.dtype != tl.float32)
     ok = (ra[:, None] < R) & col_ok[None, :]
     if HAS_R:
         za = tl.load(z_ptr + ra[:, None].to(tl.int64) * stride_zr + cols[None, :].to(tl.int64) * stride_zd,
