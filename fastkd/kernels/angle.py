@@ -258,7 +258,11 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, o
         ui_t = tl.zeros([BLOCK, BLOCK], dtype=eij_s.dtype)
         ua_t = tl.zeros([BLOCK, BLOCK], dtype=eij_s.dtype)
         ud_t = tl.zeros([BLOCK, BLOCK], dtype=eij_s.dtype)
-        for start in range(0, N, BLOCK):
+        # The angle is symmetric in (j, k), so the loss is summed over the k blocks from this
+        # program's own (j0) on, the blocks past it counted twice; the blocks before it are
+        # read only for the row sums of STATS.
+        j0 = tl.program_id(1) * BLOCK
+        for start in range(0 if STATS else j0, N, BLOCK):
             rk = start + tl.arange(0, BLOCK)
             ok = (rj[:, None] < N) & (rk[None, :] < N)
             eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rk, N, EXACT, PARTS)
@@ -269,20 +273,21 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, o
                                           EXACT)
             a_t, v_t, vlo_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, rj, rk, ok,
                                           EXACT)
-            if EXACT:
-                diff = a_s - a_t
-            else:
-                # Each side's angle rounded to float32 leaves an error of u32 |A| in A_s - A_t,
-                # large next to A_s - A_t itself when the teacher is near the student: the loss
-                # takes the difference of the double-float angles instead, rounded once, off
-                # the diagonal (where A is exactly 0 or 1).
-                as_hi, as_lo = _doubled_angle(v_s, vlo_s, invj_s, wj_s, invk_s,
-                                              tl.load(ws_ptr + v_row + rk, mask=rk < N, other=0.0))
-                at_hi, at_lo = _doubled_angle(v_t, vlo_t, invj_t, wj_t, invk_t,
-                                              tl.load(wt_ptr + v_row + rk, mask=rk < N, other=0.0))
-                diff = tl.where(rj[:, None] == rk[None, :], a_s - a_t,
-                                0.5 * ((as_hi - at_hi) + (as_lo - at_lo)))
-            loss += _smooth_l1(diff)
+            if start >= j0:
+                if EXACT:
+                    diff = a_s - a_t
+                else:
+                    # Each side's angle rounded to float32 leaves an error of u32 |A| in A_s - A_t,
+                    # large next to A_s - A_t itself when the teacher is near the student: the
+                    # loss takes the difference of the double-float angles instead, rounded once,
+                    # off the diagonal (where A is exactly 0 or 1).
+                    as_hi, as_lo = _doubled_angle(v_s, vlo_s, invj_s, wj_s, invk_s,
+                                                  tl.load(ws_ptr + v_row + rk, mask=rk < N, other=0.0))
+                    at_hi, at_lo = _doubled_angle(v_t, vlo_t, invj_t, wj_t, invk_t,
+                                                  tl.load(wt_ptr + v_row + rk, mask=rk < N, other=0.0))
+                    diff = tl.where(rj[:, None] == rk[None, :], a_s - a_t,
+                                    0.5 * ((as_hi - at_hi) + (as_lo - at_lo)))
+                loss += tl.where(start == j0, 1.0, 2.0) * _smooth_l1(diff)
             if STATS:
                 u = _angle_u(a_s, a_t, rj, rk)
                 ui_s += u * invk_s[None, :]
@@ -306,7 +311,9 @@ def _rkd_angle_fwd_kernel(es_ptr, ls_ptr, et_ptr, lt_ptr, order_ptr, count_ptr, 
                           PARTS: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr):
     """The exact path (float64 E: e_* itself, or with PARTS E's float32 parts e_* + l_*).
     Program (t, b): anchor i = lo + order[t] if counts[0] <= t < counts[1] (else nothing: the
-    direct or the fast kernel's), rows j of block b, all k: part = sum h(A_s - A_t).
+    direct or the fast kernel's), rows j of block b: part = sum h(A_s - A_t) over the k of
+    block b once and of the blocks past it twice (A is symmetric in j, k), so that the parts
+    of all b sum over every (j, k).
 
     With STATS, per side and row j the row sums sum_k u inv_k, sum_k u A and sum_k u dead_k,
     stored as w1, s, q at [stat, i - lo, j] of stats (6, R, N) (the anchors lo:lo + R, R
