@@ -75,7 +75,7 @@ def test_float64_inputs_keep_the_float64_path(name, monkeypatch):
     """Float64 inputs never reach the float32 kernels."""
     op, n, d, case, gap_exp, near, seed, _ = CASES[name]
     s, t = inputs(n, d, case, gap_exp, near, torch.float64, seed)
-    for name in ("gram_split", "squared_distances_parts", "squared_norms_split"):
+    for name in ("gram_split", "slices", "squared_distances_parts", "squared_norms_split"):
         monkeypatch.setattr(gram, name, _refuse)
     for name in ("transformation_distances_split", "transformation_split_loss"):
         monkeypatch.setattr(irg_transformation, name, _refuse)

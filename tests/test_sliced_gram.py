@@ -16,11 +16,11 @@ F64 = torch.float64
 def _inputs():
     g = torch.Generator().manual_seed(0)
     randn = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-    wide = randn(19, 70) * 10 ** (torch.rand(19, 70, generator=g) * 6 - 3)  # 1e-3..1e3 in one row
+    wide = randn(40, 70) * 10 ** (torch.rand(40, 70, generator=g) * 6 - 3)  # 1e-3..1e3 in one row
     mixed = randn(21, 33) * torch.tensor([1e-13, 1e-5, 1.0, 1e5, 1e12])[torch.arange(21) % 5][:, None]
-    dead = torch.relu(randn(9, 40)) * 100
+    dead = torch.relu(randn(24, 40)) * 100
     dead[::3] = 0
-    near = randn(1, 50) * 1e3 + randn(12, 50) * 1e-4  # cosines within 1e-14 of 1
+    near = randn(1, 50) * 1e3 + randn(30, 50) * 1e-4  # cosines within 1e-14 of 1
     return {
         "normal": randn(37, 70),
         "wide": wide,
@@ -28,13 +28,15 @@ def _inputs():
         "one feature": randn(5, 1),
         "dead rows": dead,
         "near-duplicate rows": near,
-        "bfloat16": randn(11, 30).to(torch.bfloat16),
-        "float16": randn(11, 30).to(torch.float16),
-        "transposed view": randn(45, 13).t(),
+        "bfloat16": randn(20, 30).to(torch.bfloat16),
+        "float16": randn(20, 30).to(torch.float16),
+        "transposed view": randn(45, 30).t(),
     }
 
 
 INPUTS = _inputs()
+# Every input above takes the int8 path (D <= SLICE_MAX_RATIO N).
+assert all(gram.slices(x) is not None for x in INPUTS.values())
 
 
 def _bound(x):
@@ -75,7 +77,7 @@ def test_slices_reconstruct_the_rows():
     x = INPUTS["wide"]
     q, s = gram.slices(x)
     padded = -(-70 // gram.SLICE_BLOCK_K) * gram.SLICE_BLOCK_K  # zero columns up to a whole K step
-    assert q.shape == (gram.SLICES, 19, padded)
+    assert q.shape == (gram.SLICES, 40, padded)
     assert q.abs().max() <= 64 and (q[:, :, 70:] == 0).all()
     weights = 2.0 ** (1 - 7 * torch.arange(1, gram.SLICES + 1, dtype=F64))
     back = (q[:, :, :70].to(F64) * weights[:, None, None]).sum(0) * s.to(F64)[:, None]
@@ -105,3 +107,15 @@ def test_rows_past_range_or_not_finite_give_nan_rows():
     good = ~bad
     exact = (x[good].to(F64) @ x[good].to(F64).t())
     assert torch.equal(hi[good][:, good], exact.to(torch.float32))
+
+
+def test_gram_split_past_the_slices_ratio_on_the_vector_units():
+    # N = 8 rows of D = 100: slices of 7 N D bytes would outweigh the (N, N) matrices.
+    x = torch.randn(8, 100, generator=torch.Generator().manual_seed(2)) * 10 ** torch.arange(-3.0, 5.0)[:, None]
+    assert gram.slices(x) is None
+    hi, lo = gram.gram_split(x)
+    exact, bound = _bound(x)
+    assert ((hi.to(F64) + lo.to(F64) - exact).abs() <= bound).all()
+    assert torch.equal(hi, exact.to(torch.float32)) and torch.equal(hi, hi.t())
+    sq, sq_lo = gram.squared_norms_split(x)
+    assert ((sq.to(F64) + sq_lo.to(F64) - exact.diagonal()).abs() <= 2.0 ** -46 * exact.diagonal()).all()

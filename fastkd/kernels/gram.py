@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import NO_FMA, cdiv, dot_f32, sqrt, to_acc, two_sum
+from .common import NO_FMA, cdiv, dd_sum, dot_f32, sqrt, to_acc, two_prod, two_sum
 
 BLOCK = 32  # side of the (N, N) tiles
 BLOCK_D = 32  # feature columns per step of a dot product
@@ -204,8 +204,7 @@ def squared_distances(x, lo=0, rows=None):
 
 
 def _tiles(kernel, x, lo, rows, dtype, count, **options):
-    """`count` (rows, N) matrices in dtype written by a tile kernel (_tile,
-    _squared_distances_split_kernel) over
+    """`count` (rows, N) matrices in dtype written by a tile kernel (_tile, _split_tile) over
     X = flat(x) (N, D): all N rows when rows is None (the square case), else the rows
     lo:lo + rows."""
     x = flat(x)
@@ -222,29 +221,11 @@ def _tiles(kernel, x, lo, rows, dtype, count, **options):
 def _squared_distances_split_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D,
                                     SQUARE: tl.constexpr, BLOCK: tl.constexpr):
     """_squared_distances_kernel in float32 arithmetic only: E_ab = hi + lo (two float32 (R, N)
-    matrices) to about 2^-48 relative. Each difference is split exactly (two_sum), each
-    square exactly (its rounding error by a fused multiply-add), and the sum over the
-    features carried as hi + lo (two_sum): every term is non-negative, so nothing cancels
-    and the error stays about u32^2 E. SQUARE: only b <= a, stored at (a, b) and transposed
-    at (b, a)."""
-    pid_a = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    if _tile_runs(pid_a, pid_b, SQUARE):
-        ra = pid_a * BLOCK + tl.arange(0, BLOCK)
-        rb = pid_b * BLOCK + tl.arange(0, BLOCK)
-        row_a = x_ptr + (lo + ra).to(tl.int64) * stride_n
-        row_b = x_ptr + rb.to(tl.int64) * stride_n
-        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        acc_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        for f in range(0, D):
-            xa, xb = _feature_column(row_a, row_b, ra, rb, R, N, f, stride_d)
-            d, d_lo = two_sum(xa[:, None], -xb[None, :])
-            p = d * d
-            acc, err = two_sum(acc, p)
-            acc_lo += err + (tl.fma(d, d, -p) + 2.0 * d * d_lo)
-        acc, acc_lo = two_sum(acc, acc_lo)
-        _store_distance_tile(hi_ptr, ra, rb, R, N, acc, SQUARE)
-        _store_distance_tile(lo_ptr, ra, rb, R, N, acc_lo, SQUARE)
+    matrices) to about 2^-48 relative. Each
+    difference is split exactly (two_sum), each square exactly (its rounding error by a
+    fused multiply-add), and the sum over the features carried as hi + lo (two_sum): every
+    term is non-negative, so nothing cancels and the error stays about u32^2 E."""
+    _split_tile(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D, DIFF=True, SQUARE=SQUARE, BLOCK=BLOCK)
 
 
 def squared_distances_parts(x, lo=0, rows=None):
@@ -257,22 +238,85 @@ def squared_distances_parts(x, lo=0, rows=None):
     return _tiles(_squared_distances_split_kernel, x, lo, rows, torch.float32, 2, **NO_FMA)
 
 
+@triton.jit
+def _split_tile(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D, DIFF: tl.constexpr, SQUARE: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """The body of the two split kernels: hi + lo = sum_f t(x_a[f], x_b[f]) at the tile (a, b),
+    each term t = (x_a - x_b)^2 (DIFF) or x_a x_b carried as an exact pair p + p_err and the
+    sum compensated (two_sum); SQUARE: only b <= a, stored at (a, b) and transposed at (b, a)."""
+    pid_a = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    if _tile_runs(pid_a, pid_b, SQUARE):
+        ra = pid_a * BLOCK + tl.arange(0, BLOCK)
+        rb = pid_b * BLOCK + tl.arange(0, BLOCK)
+        row_a = x_ptr + (lo + ra).to(tl.int64) * stride_n
+        row_b = x_ptr + rb.to(tl.int64) * stride_n
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        acc_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for f in range(0, D):
+            xa, xb = _feature_column(row_a, row_b, ra, rb, R, N, f, stride_d)
+            if DIFF:
+                d, d_lo = two_sum(xa[:, None], -xb[None, :])
+                p = d * d
+                acc, err = two_sum(acc, p)
+                acc_lo += err + (tl.fma(d, d, -p) + 2.0 * d * d_lo)
+            else:
+                p, p_err = two_prod(xa[:, None], xb[None, :])
+                acc, err = two_sum(acc, p)
+                acc_lo += err + p_err
+        acc, acc_lo = two_sum(acc, acc_lo)
+        _store_distance_tile(hi_ptr, ra, rb, R, N, acc, SQUARE)
+        _store_distance_tile(lo_ptr, ra, rb, R, N, acc_lo, SQUARE)
+
+
+@triton.jit
+def _dd_gram_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D,
+                       SQUARE: tl.constexpr, BLOCK: tl.constexpr):
+    """gram_split's vector path, in float32 arithmetic only: G = hi + lo (two float32 (R, N)
+    matrices) for the tile (a, b). Each product x_a[f] x_b[f] is split exactly (two_prod: its rounding error
+    by a fused multiply-add) and the sum over the features carried as hi + lo (two_sum), so
+    G's error is about u32^2 sum_f |x_a[f] x_b[f]| (2^-48 relative where nothing cancels).
+    The products commute bit for bit, so a diagonal tile is exactly symmetric; SQUARE: only
+    b <= a, stored at (a, b) and transposed at (b, a)."""
+    _split_tile(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D, DIFF=False, SQUARE=SQUARE, BLOCK=BLOCK)
+
+
+@triton.jit
+def _dd_norms_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, N, D, BLOCK_N: tl.constexpr,
+                                BLOCK_D: tl.constexpr):
+    """|x_i|^2 = hi + lo (N,) each float32 for a block of rows, as _dd_gram_kernel's diagonal:
+    each square split exactly, the sums compensated."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start in range(0, D, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_n + cols[None, :].to(tl.int64) * stride_d,
+                    mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0).to(tl.float32)
+        p, p_err = two_prod(x, x)
+        acc, err = two_sum(acc, p)
+        acc_lo += err + p_err
+    hi, lo = dd_sum(acc, acc_lo, 1)
+    tl.store(hi_ptr + rows, hi, mask=rows < N)
+    tl.store(lo_ptr + rows, lo, mask=rows < N)
+
+
 # --- the float32 path's Gram matrix on integer tensor cores --------------------------------
-# G = X X^T as hi + lo (two float32 matrices, about 2^-48 relative to sum_f |x_a[f] x_b[f]|)
-# for SP, PKT and CC on float32, bfloat16 and float16 rows, by Ozaki's splitting (Ootomo,
-# Ozaki and Yokota, "DGEMM on integer matrix multiplication unit", 2024): each row a is
-# scaled by a power of two s_a with max |x_a| < s_a, and x_a / s_a is cut into SLICES
-# integer slices, x_a / s_a = sum_i q_i 2^(-6 - 7 (i - 1)) + a remainder below
-# 2^(-6 - 7 SLICES), each |q_i| <= 64 (an int8). Every product of two slices is then an
-# integer the int8 tensor cores form and sum exactly in int32 (|q q'| <= 2^12, at most
-# SLICES * SLICE_CHUNK of them per sum: below 2^29), so the only rounding is in combining
-# the levels L = i + j (weight 2^(2 - 7 L)) in double-float (about 2^-46 |G|), and the only
-# truncation the pairs with i + j > SLICES + 1 and the remainders: at most
-# (SLICES + 1) 2^(-7 SLICES) D s_a s_b, 2^-46 D s_a s_b at 7 slices (s_a < 2 max |x_a|; the
-# vector units' double-float sums, which this replaces, had about 2^-48 sum_f |x_a[f] x_b[f]|,
-# and cost about 11 instructions per product). The sums are integers, so order does not matter:
-# G is exactly symmetric, bit for bit the same in the interpreter as on the GPU, and a
-# row's squared norm (`squared_norms_split`) is G's diagonal bit for bit.
+# G = X X^T as hi + lo (two float32 matrices) for SP, PKT and CC on float32, bfloat16 and
+# float16 rows, by Ozaki's splitting (Ootomo, Ozaki and Yokota, "DGEMM on integer matrix
+# multiplication unit", 2024): each row a is scaled by a power of two s_a with
+# max |x_a| < s_a, and x_a / s_a is cut into SLICES integer slices,
+# x_a / s_a = sum_i q_i 2^(-6 - 7 (i - 1)) + a remainder below 2^(-6 - 7 SLICES), each
+# |q_i| <= 64 (an int8). Every product of two slices is then an integer the int8 tensor
+# cores form and sum exactly in int32 (|q q'| <= 2^12, at most SLICES * SLICE_CHUNK of them
+# per sum: below 2^29), so the only rounding is in combining the levels L = i + j (weight
+# 2^(2 - 7 L)) in double-float (about 2^-46 |G|), and the only truncation the pairs with
+# i + j > SLICES + 1 and the remainders: at most (SLICES + 1) 2^(-7 SLICES) D s_a s_b,
+# 2^-46 D s_a s_b at 7 slices (s_a < 2 max |x_a|). The vector units' double-float sums,
+# kept for D > SLICE_MAX_RATIO N, have about 2^-48 sum_f |x_a[f] x_b[f]| and cost about 11
+# instructions per product. The sums are integers, so order does not matter: G is exactly
+# symmetric, bit for bit the same in the interpreter as on the GPU, and a row's squared
+# norm (`squared_norms_split`) is G's diagonal bit for bit.
 SLICES = 7
 SLICE_CHUNK = 16384  # features per int32 sum
 SLICE_BLOCK_K = 32  # int8 tl.dot steps take K in multiples of 32; the slices' padding
@@ -283,6 +327,12 @@ SLICE_BLOCK_K = 32  # int8 tl.dot steps take K in multiples of 32; the slices' p
 # spill. ptxas spills below a cap of 240 (at 200: 16 bytes on sm_80). 32 x 32 tiles need 57 KB
 # and half the intensity.
 SLICE_TILE = (64, dict(num_warps=8, num_stages=3, maxnreg=240))
+# The slices take 7 N D bytes per side, alive while G is formed: past D = 2 N more than the
+# (N, N) float32 matrices (hi, lo of both sides: 16 N^2 bytes) that the losses form anyway,
+# which would make fastkd's peak memory heavier than the reference's where N is small and D
+# large (SP at the collection's shapes: N = 128, D = 4096..16384). There gram_split forms G
+# on the vector units (_dd_gram_kernel: no scratch; O(N^2 D) with N small).
+SLICE_MAX_RATIO = 2
 # Rows with a value past 2^125 (whose squares overflow float32) or not finite: their s is NaN,
 # so G's row and column are NaN, as the reference's float32 products are not finite there.
 _SLICE_MAX_EXP = tl.constexpr(125)
@@ -331,9 +381,12 @@ def slices(x):
     """(q, s): X = flat(x) (N, D) in any float dtype but float64 as SLICES int8 slices q
     (SLICES, N, D') and per-row powers of two s (N,) float32 (see the section's header), D'
     = D rounded up to SLICE_BLOCK_K with zero columns: the products' loads are then aligned
-    and need no column mask."""
+    and need no column mask. None past D = SLICE_MAX_RATIO N: gram_split takes its vector
+    path there."""
     x = flat(x)
     n, d = x.shape
+    if d > SLICE_MAX_RATIO * n:
+        return None
     q = torch.empty((SLICES, n, cdiv(d, SLICE_BLOCK_K) * SLICE_BLOCK_K), dtype=torch.int8, device=x.device)
     scale = torch.empty(n, dtype=torch.float32, device=x.device)
     _slices_kernel[(cdiv(n, BLOCK),)](x, x.stride(0), x.stride(1), q, scale, n, d, q.shape[2], SLICES=SLICES,
@@ -404,8 +457,13 @@ def gram_split(x, lo=0, rows=None, sliced=None):
     2^-46 (D s_a s_b + |G|) (hi = fl(G) but where G cancels that far), for float32, bfloat16
     and float16 x, on the int8 tensor cores (see the section's header): exactly
     symmetric for one process's (N, N). X = flat(x); rows: only the rows lo:lo + rows of G
-    (a global batch's row block); sliced: slices(x), if already formed."""
-    q, scale = slices(x) if sliced is None else sliced
+    (a global batch's row block); sliced: slices(x), if already formed. Past D = SLICE_MAX_RATIO
+    N on the vector units instead (_dd_gram_kernel: double-float sums, about 2^-48
+    sum_f |x_a[f] x_b[f]|)."""
+    sliced = slices(x) if sliced is None else sliced
+    if sliced is None:
+        return _tiles(_dd_gram_kernel, x, lo, rows, torch.float32, 2, **NO_FMA)
+    q, scale = sliced
     _, n, d = q.shape
     square = rows is None
     rows = n if square else rows
@@ -447,9 +505,19 @@ def _sliced_norms_kernel(q_ptr, scale_ptr, hi_ptr, lo_ptr, N, D, SLICES: tl.cons
 
 
 def squared_norms_split(x, sliced=None):
-    """(hi, lo) (N,) float32 each, |flat(x)_i|^2 = hi + lo: gram_split's diagonal bit for bit,
-    for every row (a global batch's rows); sliced: slices(x), if already formed."""
-    q, scale = slices(x) if sliced is None else sliced
+    """(hi, lo) (N,) float32 each, |flat(x)_i|^2 = hi + lo: gram_split's diagonal (bit for bit
+    on its int8 path), for every row (a global batch's rows); sliced: slices(x), if already
+    formed."""
+    sliced = slices(x) if sliced is None else sliced
+    if sliced is None:
+        x = flat(x)
+        n, d = x.shape
+        hi = torch.empty(n, dtype=torch.float32, device=x.device)
+        lo = torch.empty_like(hi)
+        _dd_norms_kernel[(cdiv(n, BLOCK),)](x, x.stride(0), x.stride(1), hi, lo, n, d, BLOCK_N=BLOCK,
+                                            BLOCK_D=BLOCK_D, **NO_FMA)
+        return hi, lo
+    q, scale = sliced
     _, n, d = q.shape
     hi = torch.empty(n, dtype=torch.float32, device=q.device)
     lo = torch.empty_like(hi)
