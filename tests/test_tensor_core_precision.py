@@ -325,7 +325,8 @@ def test_pairwise_gradient_products_keep_float32_accuracy(monkeypatch, op):
     single = []
     for seed, case in enumerate(CASES):
         for near in (False, True):
-            ours, ref32, exact = pairwise_results(monkeypatch, op, case, near, seed, ("tf32x3-rna", "tf32x3-rne", "tf32"))
+            schemes = ("tf32x3-rna", "tf32x3-rne", "tf32")
+            ours, ref32, exact = pairwise_results(monkeypatch, op, case, near, seed, schemes)
             for scheme in ("tf32x3-rna", "tf32x3-rne"):
                 check(ours[scheme], ref32, exact, msg=f"{op} {case} near={near} {scheme}")
             single.append(within(ours["tf32"], ref32, exact))

@@ -273,11 +273,11 @@ def _split_tile(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D, DIFF: tl
 def _dd_gram_kernel(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D,
                        SQUARE: tl.constexpr, BLOCK: tl.constexpr):
     """gram_split's vector path, in float32 arithmetic only: G = hi + lo (two float32 (R, N)
-    matrices) for the tile (a, b). Each product x_a[f] x_b[f] is split exactly (two_prod: its rounding error
-    by a fused multiply-add) and the sum over the features carried as hi + lo (two_sum), so
-    G's error is about u32^2 sum_f |x_a[f] x_b[f]| (2^-48 relative where nothing cancels).
-    The products commute bit for bit, so a diagonal tile is exactly symmetric; SQUARE: only
-    b <= a, stored at (a, b) and transposed at (b, a)."""
+    matrices) for the tile (a, b). Each product x_a[f] x_b[f] is split exactly (two_prod:
+    its rounding error by a fused multiply-add) and the sum over the features carried as
+    hi + lo (two_sum), so G's error is about u32^2 sum_f |x_a[f] x_b[f]| (2^-48 relative
+    where nothing cancels). The products commute bit for bit, so a diagonal tile is exactly
+    symmetric; SQUARE: only b <= a, stored at (a, b) and transposed at (b, a)."""
     _split_tile(x_ptr, stride_n, stride_d, hi_ptr, lo_ptr, lo, R, N, D, DIFF=False, SQUARE=SQUARE, BLOCK=BLOCK)
 
 
@@ -343,9 +343,9 @@ def _slices_kernel(x_ptr, stride_n, stride_d, q_ptr, scale_ptr, N, D, DP, SLICES
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """q (SLICES, N, DP) int8 (0 past D; DP a multiple of BLOCK_D) and s (N,) float32 (see the
     section's header) for a block of rows of X (N, D), read through its strides in any
-    float dtype. Each step is exact: x / s and
-    the scalings by 2^6 and 2^7 are by powers of two, v - rint(v) is exact, and rint is the
-    float32 add and subtract of 1.5 * 2^23 (|v| <= 64)."""
+    float dtype. Each step is exact: x / s and the scalings by 2^6 and 2^7 are by powers of
+    two, v - rint(v) is exact, and rint is the float32 add and subtract of 1.5 * 2^23
+    (|v| <= 64)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_n
@@ -420,10 +420,10 @@ def _scaled(g, g_lo, s_a, s_b):
 def _sliced_gram_kernel(q_ptr, scale_ptr, hi_ptr, lo_ptr, lo, R, N, D, SQUARE: tl.constexpr, SLICES: tl.constexpr,
                         CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """G = hi + lo for the tile (a, b) of the rows lo:lo + R against all N, from the slices q
-    (SLICES, N, D), D a multiple of BLOCK_K (gram_split): level by level, from the smallest (L = SLICES + 1) up, Horner's scheme
-    g = 2^-7 g + P_L with P_L = sum_{i + j = L} q_i(a) . q_j(b) in int32 per CHUNK
-    features; then G = 2^-12 s_a s_b g. SQUARE: only b <= a, stored at (a, b) and
-    transposed at (b, a)."""
+    (SLICES, N, D), D a multiple of BLOCK_K (gram_split): level by level, from the smallest
+    (L = SLICES + 1) up, Horner's scheme g = 2^-7 g + P_L with
+    P_L = sum_{i + j = L} q_i(a) . q_j(b) in int32 per CHUNK features; then
+    G = 2^-12 s_a s_b g. SQUARE: only b <= a, stored at (a, b) and transposed at (b, a)."""
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
     if _tile_runs(pid_a, pid_b, SQUARE):
