@@ -405,6 +405,40 @@ def _add_level(g, g_lo, acc):
 
 
 @triton.jit
+def _level_sums(rows_a, ok_a, rows_b, ok_b, plane, D, zero, SLICES: tl.constexpr, CHUNK: tl.constexpr,
+                BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+    """g + g_lo = sum_L 2^(-7 (L - 2)) P_L, P_L = sum_{i + j = L} q_i(a) . q_j(b) over the D
+    (padded) features of the slices at rows_a and rows_b (slice planes `plane` apart): level
+    by level from the smallest (L = SLICES + 1) up, Horner's scheme g = 2^-7 g + P_L, each
+    P_L an exact int32 sum per CHUNK features added in double-float (_add_level). DOT: the
+    tiles' products on the tensor cores, g shaped like zero (A, B); else each row of rows_a
+    with itself, elementwise, g (A,): the same integers by the same steps, so the same bits
+    as a DOT tile's diagonal."""
+    g, g_lo = zero, zero
+    for level in tl.static_range(SLICES + 1, 1, -1):
+        g, g_lo = g * 0.0078125, g_lo * 0.0078125
+        for chunk in range(0, D, CHUNK):
+            if DOT:
+                acc = tl.zeros(zero.shape, dtype=tl.int32)
+            else:
+                acc = tl.zeros([zero.shape[0], BLOCK_K], dtype=tl.int32)
+            for start in range(chunk, tl.minimum(chunk + CHUNK, D), BLOCK_K):
+                cols = (start + tl.arange(0, BLOCK_K))[None, :]
+                for i in tl.static_range(1, level):
+                    qa = tl.load(rows_a + (i - 1) * plane + cols, mask=ok_a, other=0)
+                    qb = tl.load(rows_b + (level - i - 1) * plane + cols, mask=ok_b, other=0)
+                    if DOT:
+                        acc = tl.dot(qa, tl.trans(qb), acc, out_dtype=tl.int32)
+                    else:
+                        acc += qa.to(tl.int32) * qb.to(tl.int32)
+            if DOT:
+                g, g_lo = _add_level(g, g_lo, acc)
+            else:
+                g, g_lo = _add_level(g, g_lo, tl.sum(acc, 1))
+    return g, g_lo
+
+
+@triton.jit
 def _scaled(g, g_lo, s_a, s_b):
     """(g, g_lo) 2^-12 s_a s_b as (hi, lo), the larger power of two first: an intermediate
     under- or overflows only where G itself does."""
@@ -429,22 +463,9 @@ def _sliced_gram_kernel(q_ptr, scale_ptr, hi_ptr, lo_ptr, lo, R, N, D, SQUARE: t
     if _tile_runs(pid_a, pid_b, SQUARE):
         ra = pid_a * BLOCK + tl.arange(0, BLOCK)
         rb = pid_b * BLOCK + tl.arange(0, BLOCK)
-        plane = N.to(tl.int64) * D
-        rows_a = q_ptr + (lo + ra[:, None]).to(tl.int64) * D
-        rows_b = q_ptr + rb[:, None].to(tl.int64) * D
-        g = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        g_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-        for level in tl.static_range(SLICES + 1, 1, -1):
-            g, g_lo = g * 0.0078125, g_lo * 0.0078125
-            for chunk in range(0, D, CHUNK):
-                acc = tl.zeros([BLOCK, BLOCK], dtype=tl.int32)
-                for start in range(chunk, tl.minimum(chunk + CHUNK, D), BLOCK_K):
-                    cols = (start + tl.arange(0, BLOCK_K))[None, :]
-                    for i in tl.static_range(1, level):
-                        qa = tl.load(rows_a + (i - 1) * plane + cols, mask=ra[:, None] < R, other=0)
-                        qb = tl.load(rows_b + (level - i - 1) * plane + cols, mask=rb[:, None] < N, other=0)
-                        acc = tl.dot(qa, tl.trans(qb), acc, out_dtype=tl.int32)
-                g, g_lo = _add_level(g, g_lo, acc)
+        g, g_lo = _level_sums(q_ptr + (lo + ra[:, None]).to(tl.int64) * D, ra[:, None] < R,
+                              q_ptr + rb[:, None].to(tl.int64) * D, rb[:, None] < N, N.to(tl.int64) * D, D,
+                              tl.zeros([BLOCK, BLOCK], dtype=tl.float32), SLICES, CHUNK, BLOCK_K, DOT=True)
         s_a = tl.load(scale_ptr + lo + ra, mask=ra < R, other=1.0)
         s_b = tl.load(scale_ptr + rb, mask=rb < N, other=1.0)
         hi, g_lo = _scaled(g, g_lo, s_a[:, None], s_b[None, :])
@@ -479,25 +500,12 @@ def gram_split(x, lo=0, rows=None, sliced=None):
 def _sliced_norms_kernel(q_ptr, scale_ptr, hi_ptr, lo_ptr, N, D, SLICES: tl.constexpr, CHUNK: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """G's diagonal |x_a|^2 = hi + lo (N,) for a block of rows, from the slices: the same
-    integer sums as _sliced_gram_kernel's (elementwise, no tensor core) combined by the same
-    steps, so bit for bit its diagonal."""
+    integer sums as _sliced_gram_kernel's (elementwise, no tensor core, _level_sums) combined
+    by the same steps, so bit for bit its diagonal."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    plane = N.to(tl.int64) * D
     base = q_ptr + rows[:, None].to(tl.int64) * D
-    g = tl.zeros([BLOCK_N], dtype=tl.float32)
-    g_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for level in tl.static_range(SLICES + 1, 1, -1):
-        g, g_lo = g * 0.0078125, g_lo * 0.0078125
-        for chunk in range(0, D, CHUNK):
-            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
-            for start in range(chunk, tl.minimum(chunk + CHUNK, D), BLOCK_K):
-                cols = (start + tl.arange(0, BLOCK_K))[None, :]
-                ok = rows[:, None] < N
-                for i in tl.static_range(1, level):
-                    qa = tl.load(base + (i - 1) * plane + cols, mask=ok, other=0).to(tl.int32)
-                    qb = tl.load(base + (level - i - 1) * plane + cols, mask=ok, other=0).to(tl.int32)
-                    acc += qa * qb
-            g, g_lo = _add_level(g, g_lo, tl.sum(acc, 1))
+    g, g_lo = _level_sums(base, rows[:, None] < N, base, rows[:, None] < N, N.to(tl.int64) * D, D,
+                          tl.zeros([BLOCK_N], dtype=tl.float32), SLICES, CHUNK, BLOCK_K, DOT=False)
     s = tl.load(scale_ptr + rows, mask=rows < N, other=1.0)
     hi, g_lo = _scaled(g, g_lo, s, s)
     tl.store(hi_ptr + rows, hi, mask=rows < N)
