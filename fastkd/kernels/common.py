@@ -74,6 +74,17 @@ def sqrt(x):
 
 
 @triton.jit
+def div(a, b):
+    """a / b correctly rounded. For float32, Triton's / is div.full.f32 on the GPU (up to 2 ulp
+    off) while the interpreter divides exactly as numpy does; tl.div_rn is div.rn.f32, as the
+    reference's torch division is. float64's / is div.rn.f64 already."""
+    q = a / b
+    if q.dtype == tl.float32:
+        q = tl.div_rn(a + tl.zeros_like(q), b + tl.zeros_like(q))
+    return q
+
+
+@triton.jit
 def two_sum(a, b):
     """(s, err) with s = fl(a + b) and a + b = s + err exactly (Knuth; no products, so the
     compiler's multiply-add contraction cannot change it)."""

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import NO_FMA, as_3d, cdiv, dot_f32, sqrt, to_acc
+from .common import NO_FMA, as_3d, cdiv, div, dot_f32, sqrt, to_acc
 
 
 # --- AT ----------------------------------------------------------------------------
@@ -67,6 +67,14 @@ def _at_values(a_s, a_t, b, HW, k0, BLOCK_HW: tl.constexpr):
 
 
 @triton.jit
+def _at_difference(xs, xt, den_s, den_t):
+    # G = A_s / d_s - A_t / d_t, each map divided as the reference divides it (correctly rounded,
+    # common.div): by a rounded reciprocal instead, its rounding is one factor on a whole map,
+    # which with maps near a common offset (1e3 + noise) left the loss 50x the reference's error.
+    return div(xs, den_s) - div(xt, den_t)
+
+
+@triton.jit
 def _at_loss_kernel(a_s, a_t, norms, partial, HW, eps: tl.float64, min_s: tl.float64, min_t: tl.float64,
                     BLOCK_HW: tl.constexpr):
     # Per sample b: n = ||A||_2 over hw for s and t, then sum_hw (A_s / d_s - A_t / d_t)^2,
@@ -85,12 +93,12 @@ def _at_loss_kernel(a_s, a_t, norms, partial, HW, eps: tl.float64, min_s: tl.flo
     n_t = sqrt(tl.sum(tt, axis=0))
     d_s = n_s + eps
     d_t = n_t + eps
-    inv_s = 1.0 / tl.where(d_s < min_s, min_s, d_s)  # a NaN norm stays NaN, as clamp_min's
-    inv_t = 1.0 / tl.where(d_t < min_t, min_t, d_t)
+    den_s = tl.where(d_s < min_s, min_s, d_s)  # a NaN norm stays NaN, as clamp_min's
+    den_t = tl.where(d_t < min_t, min_t, d_t)
     acc = tl.zeros([BLOCK_HW], dtype=partial.dtype.element_ty)
     for k0 in range(0, HW, BLOCK_HW):
         _, _, xs, xt = _at_values(a_s, a_t, b, HW, k0, BLOCK_HW)
-        d = xs * inv_s - xt * inv_t
+        d = _at_difference(xs, xt, den_s, den_t)
         acc += d * d
     tl.store(partial + b, tl.sum(acc, axis=0))
     tl.store(norms + 2 * b, n_s)
@@ -113,15 +121,17 @@ def _at_grad_map_kernel(a_s, a_t, norms, grad_out, ga_s, ga_t, HW, eps: tl.float
     n_t = tl.load(norms + 2 * b + 1)
     d_s = n_s + eps
     d_t = n_t + eps
-    inv_s = 1.0 / tl.where(d_s < min_s, min_s, d_s)
-    inv_t = 1.0 / tl.where(d_t < min_t, min_t, d_t)
+    den_s = tl.where(d_s < min_s, min_s, d_s)
+    den_t = tl.where(d_t < min_t, min_t, d_t)
+    inv_s = 1.0 / den_s
+    inv_t = 1.0 / den_t
     live_s = (n_s > 0) & (d_s >= min_s)
     live_t = (n_t > 0) & (d_t >= min_t)
     dot_s = tl.zeros([BLOCK_HW], dtype=ga_s.dtype.element_ty)
     dot_t = tl.zeros([BLOCK_HW], dtype=ga_s.dtype.element_ty)
     for k0 in range(0, HW, BLOCK_HW):
         _, _, xs, xt = _at_values(a_s, a_t, b, HW, k0, BLOCK_HW)
-        g = xs * inv_s - xt * inv_t
+        g = _at_difference(xs, xt, den_s, den_t)
         dot_s += g * xs
         dot_t += g * xt
     k_out = tl.load(grad_out).to(ga_s.dtype.element_ty) * scale
@@ -129,7 +139,7 @@ def _at_grad_map_kernel(a_s, a_t, norms, grad_out, ga_s, ga_t, HW, eps: tl.float
     c_t = tl.where(live_t, tl.sum(dot_t, axis=0) * inv_t * inv_t / tl.where(live_t, n_t, 1.0), 0.0)
     for k0 in range(0, HW, BLOCK_HW):
         k, m, xs, xt = _at_values(a_s, a_t, b, HW, k0, BLOCK_HW)
-        g = xs * inv_s - xt * inv_t
+        g = _at_difference(xs, xt, den_s, den_t)
         tl.store(ga_s + b * HW + k, k_out * (g * inv_s - xs * c_s), mask=m)
         tl.store(ga_t + b * HW + k, -k_out * (g * inv_t - xt * c_t), mask=m)
 
