@@ -1000,7 +1000,8 @@ class CCRowsFunction(torch.autograd.Function):
         if ctx.fast:
             sl_s, sl_t = _gram.slices(f_s), _gram.slices(f_t)
             (gs, gs_lo), (gt, gt_lo) = _gram.gram_split(f_s, lo, n, sl_s), _gram.gram_split(f_t, lo, n, sl_t)
-            (sq_s, sq_s_lo), (sq_t, sq_t_lo) = _gram.squared_norms_split(f_s, sl_s), _gram.squared_norms_split(f_t, sl_t)
+            sq_s, sq_s_lo = _gram.squared_norms_split(f_s, sl_s)
+            sq_t, sq_t_lo = _gram.squared_norms_split(f_t, sl_t)
             total = _cosine.cc_split_forward((gs, gs_lo), (gt, gt_lo), gamma, p_order, lo,
                                              ((sq_s, sq_s_lo), (sq_t, sq_t_lo)))
             ctx.save_for_backward(f_s, f_t, gs, gs_lo, gt, gt_lo, sq_s, sq_s_lo, sq_t, sq_t_lo)
