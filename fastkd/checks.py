@@ -66,6 +66,10 @@ def min_batch(x, name, least=2):
 
 def number(value, name, positive=False, non_negative=False):
     """A real, finite Python or 0-d tensor number; returned as a float."""
+    # The common case first, without the ABC test below: every call of a loss checks its numbers.
+    if type(value) is float and math.isfinite(value) and (value > 0 or not positive
+                                                          and (value >= 0 or not non_negative)):
+        return value
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
