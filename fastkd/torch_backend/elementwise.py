@@ -197,7 +197,7 @@ def afd(fm_s, fm_t, rho, eps=1e-6):
 def sobolev(out_s, out_t, img, target):
     g_s = _normalized_rows(output_gradient(out_s, target, img))
     g_t = _normalized_rows(output_gradient(out_t, target, img, create_graph=False))
-    return F.mse_loss(g_s, g_t.detach())
+    return hint(g_s, g_t.detach())
 
 
 def lwm(out_s, fm_s, out_t, fm_t, target):

@@ -75,6 +75,8 @@ from ..common import (first_order, normalize_grad, normalized_rows, result_dtype
                       transformation_pool, zero_row_sums)
 from ..distributed import all_gather_rows, all_reduce_max, all_reduce_sum
 
+_MEAN = torch.nn._reduction.get_enum("mean")
+
 # (anchors per block) * N^2 entries of the angle term held at once: eagerly, blocks of 512 KiB
 # (float64), which stay in cache between the block's dozen passes (measured on the CPU: N = 128,
 # D = 64 took 42 ms a call with 2^20 entries, 18 ms with 2^16; N = 512 alike or better);
@@ -553,9 +555,7 @@ def sp(fm_s, fm_t):
     """mse(normalize(G_s, dim=1), normalize(G_t, dim=1)), G = flat(f) flat(f)^T, with the
     reference's operations (SPStudent against a fixed teacher)."""
     if not fm_t.requires_grad or not torch.is_grad_enabled():  # the teacher is a constant
-        with torch.no_grad():
-            g_t = _sp_similarity(fm_t)
-        return SPStudent.apply(fm_s, g_t).to(result_dtype(fm_s, fm_t))
+        return SPStudent.apply(fm_s, _sp_similarity(fm_t.detach())).to(result_dtype(fm_s, fm_t))
     return F.mse_loss(_sp_similarity(fm_s), _sp_similarity(fm_t)).to(result_dtype(fm_s, fm_t))
 
 
@@ -571,14 +571,14 @@ class SPStudent(torch.autograd.Function):
         h, norm = normalized_rows(x @ x.t())
         ctx.save_for_backward(x, h, norm, h_t)
         ctx.shape, ctx.dtype = fm.shape, fm.dtype
-        return F.mse_loss(h, h_t)
+        return torch._C._nn.mse_loss(h, h_t, _MEAN)  # F.mse_loss without its Python wrapper
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
         x, h, norm, h_t = ctx.saved_tensors
         # In the loss's precision (a float64 teacher's), then H's, as autograd's promotion does.
-        d_h = ((h - h_t) * (2 * grad_out / h.numel())).to(h.dtype)
+        d_h = ((h - h_t) * (grad_out * (2.0 / h.numel()))).to(h.dtype)
         d_g = normalize_grad(h, norm, d_h)
         return ((d_g + d_g.t()) @ x).reshape(ctx.shape).to(ctx.dtype), None
 
@@ -676,8 +676,7 @@ def _cc_correlation(x, gamma, P_order, rows=None):
 def cc(feat_s, feat_t, gamma, P_order):
     """mse(K_s, K_t), K the P-order Taylor Gaussian kernel of the cosine similarities."""
     if not feat_t.requires_grad or not torch.is_grad_enabled():  # the teacher is a constant
-        with torch.no_grad():
-            k_t = _cc_correlation(feat_t, gamma, P_order)
+        k_t = _cc_correlation(feat_t.detach(), gamma, P_order)
         return CCStudent.apply(feat_s, k_t, _cc_coefficients(gamma, P_order)).to(result_dtype(feat_s, feat_t))
     return F.mse_loss(_cc_correlation(feat_s, gamma, P_order),
                       _cc_correlation(feat_t, gamma, P_order)).to(result_dtype(feat_s, feat_t))
