@@ -221,6 +221,34 @@ def test_run_case_measures_each_variant():
         assert res["warmup_s"] > 0
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_balanced_order_lets_each_variant_follow_each_other_once(n):
+    names = [f"v{i}" for i in range(n)]
+    order = measure.balanced_order(names)
+    assert sorted(set(order)) == names and all(order.count(v) == max(n - 1, 1) for v in names)
+    pairs = [(order[i], order[(i + 1) % len(order)]) for i in range(len(order))] if n > 1 else []
+    assert sorted(pairs) == sorted((a, b) for a in names for b in names if a != b)
+
+
+def test_timing_follows_the_balanced_order_to_the_repetitions_asked():
+    """Each variant timed max_reps times, in balanced_order: with three, each follows each
+    other as often (a plain rotation has one follow a given other twice as often)."""
+    calls = []
+
+    class Runner:
+        def time_call(self, name, _):
+            calls.append(name)
+            return 1e-3
+    names = ["eager", "compile", "fastkd"]
+    results = {n: dict(measure.new_result(), warmup_s=1e-3) for n in names}
+    measure._time_round_robin(results, {n: (n, None) for n in names}, Runner(), 4, 4, 0.0)
+    assert all(results[n]["reps"] == 4 == calls.count(n) for n in names)
+    cycle = measure.balanced_order(names)
+    assert calls == (cycle * 2)[:len(calls)]
+    follows = list(zip(calls, calls[1:] + calls[:1]))  # whole cycles: the last wraps to the first
+    assert follows.count(("compile", "fastkd")) == follows.count(("compile", "eager")) == 2
+
+
 @linux_only
 def test_cpu_peak_memory_sees_a_known_temporary():
     case = cases.cases("tiny", "cpu", ["Hint"])[0]

@@ -14,10 +14,14 @@ Per case (run_case):
    runs out of memory is reported "out of memory"; a compile error "compile
    failed"; a call slower than max_call_s "too slow". None of these stops the
    benchmark.
-2. The variants that passed are timed round-robin (each repetition runs every
-   variant once, in a rotating order, so machine drift hits all alike), each
-   call on fresh inputs made outside the timed region, until the time budget
-   or the maximum repetitions; the median is reported.
+2. The variants that passed are timed interleaved, so that machine drift hits
+   all alike, in an order where each variant follows each other one equally
+   often (balanced_order): a call pays for what ran just before it (on a CPU a
+   compiled call leaves the next call some 14 us slower at the collection's
+   smallest shapes), so a plain rotation, where with three variants one follows
+   the compiled one twice as often as another does, would bias the ratios. Each
+   call on fresh inputs made outside the timed region, until the time budget or
+   the maximum repetitions; the median is reported.
 
 Time: CUDA events around the call on GPU (after a 256 MiB write that flushes
 the L2 cache); time.perf_counter on CPU.
@@ -377,15 +381,37 @@ def _prepare(name, build, runner, warmup, max_call_s, memory_calls=3):
         return res, None
 
 
+def balanced_order(names):
+    """A cyclic order of names in which every ordered pair of two different names is
+    adjacent exactly once (an Eulerian circuit of the complete directed graph on them,
+    Hierholzer's algorithm): each name appears len(names) - 1 times and follows every other
+    name once, the wrap-around included. One name: itself."""
+    n = len(names)
+    if n < 2:
+        return list(names)
+    out_edges = {i: [j for j in range(n) if j != i] for i in range(n)}
+    stack, circuit = [0], []
+    while stack:
+        v = stack[-1]
+        if out_edges[v]:
+            stack.append(out_edges[v].pop())
+        else:
+            circuit.append(stack.pop())
+    circuit.reverse()  # starts and ends at 0: drop the repeated end, the cycle wraps
+    return [names[i] for i in circuit[:-1]]
+
+
 def _time_round_robin(results, active, runner, min_reps, max_reps, budget_s):
-    """Time the active variants in rotating order; fills times_s, reps and time_s (median)."""
+    """Time the active variants interleaved in balanced_order; fills times_s, reps and
+    time_s (median)."""
     estimate = sum(max(results[n]["warmup_s"] or 0.0, 1e-6) for n in active)
     reps = min(max(math.ceil(budget_s / estimate), min_reps), max_reps)
     names = list(active)
-    for rep in range(reps):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
+    order = balanced_order(names)
+    for _ in range(math.ceil(reps * len(names) / len(order))):
+        for name in order:
             res = results[name]
-            if res["status"] != OK:
+            if res["status"] != OK or len(res["times_s"]) == reps:  # the last cycle may overshoot
                 continue
             try:
                 res["times_s"].append(runner.time_call(*active[name]))

@@ -1,14 +1,15 @@
 """The pointwise-and-reduce losses with torch ops: the CPU path (torch autograd does the
-backward). Same signatures and results as fastkd.reference, with fewer full-size temporaries
-(masks folded into one expression). Hint, Logits and FT are already single fused torch ops
-or as lean as torch allows in the reference.
+backward, but for the Functions below). Same signatures and results as fastkd.reference,
+with fewer full-size temporaries (masks folded into one expression, Hint's and Logits' mse
+in fewer passes over memory: MSE).
 
-Error analysis: the sums of squares are torch.sum of a squared copy, not
-vector_norm(x).square(). On CPU vector_norm accumulates long runs serially, so its fp32
-relative error grows with the element count (measured on 10^5..10^6 spread values: AB
-2e-5, OFD 1e-6..4e-5, VID 1e-6 (alpha's gradient 1e-6 against the reference's 6e-8)), while
-torch.sum's cascade keeps about 1e-7, as the reference's mean does. The squared copy costs
-one temporary the size of the input; bf16/fp16 are squared and summed in fp32.
+Error analysis: the sums of squares are torch.sum of a squared copy, or vector_norm over
+short runs (_block_sum_sq), not vector_norm(x).square() of the whole. On CPU vector_norm
+accumulates long runs serially, so its fp32 relative error grows with the element count
+(measured on 10^5..10^6 spread values: AB 2e-5, OFD 1e-6..4e-5, VID 1e-6 (alpha's gradient
+1e-6 against the reference's 6e-8)), while torch.sum's cascade keeps about 1e-7, as the
+reference's mean does. The squared copy costs one temporary the size of the input; bf16/fp16
+are squared and summed in fp32.
 """
 import torch
 import torch.nn.functional as F
