@@ -98,3 +98,11 @@ def test_strided_inputs_and_the_paths_it_leaves_to_aten():
     assert type(elementwise.hint(s.bfloat16(), t.bfloat16()).grad_fn).__name__ != "MSEBackward"
     small = s[:1, :8]
     assert type(elementwise.hint(small, t[:1, :8]).grad_fn).__name__ == "MseLossBackward0"
+
+
+def test_torch_func_transforms_take_aten_s_mse():
+    """Under torch.func (grad, vmap) the Function cannot run (it reads the upstream gradient on
+    the host): there the path is ATen's mse_loss, which the transforms differentiate."""
+    s, t = (x.detach() for x in _leaves())
+    g = torch.func.grad(lambda x: elementwise.hint(x, t))(s)
+    torch.testing.assert_close(g, 2 * (s - t) / s.numel(), rtol=1e-6, atol=0)

@@ -41,7 +41,8 @@ def hint(fm_s, fm_t):
     much host time again as the op itself."""
     if (fm_s.numel() >= MSE_FUSED_FROM and checks.host_tensor(fm_s) and fm_s.dtype == fm_t.dtype
             and fm_s.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
-            and (fm_s.requires_grad or fm_t.requires_grad) and torch.is_grad_enabled()):
+            and (fm_s.requires_grad or fm_t.requires_grad) and torch.is_grad_enabled()
+            and not torch._C._are_functorch_transforms_active()):  # torch.func: ATen's, as before
         return MSE.apply(fm_s, fm_t)
     return torch._C._nn.mse_loss(fm_s, fm_t, _MEAN)
 
