@@ -125,16 +125,12 @@ def _autocast_call(op, device, impl, args):
 
 
 def _run(op, *args, shard=None):
-    """_call for an op whose first argument is a tensor, with _short_way's test written out
-    here: every loss's call passes this way, and at the collection's small shapes a call's
-    host time is most of its time (each function call on the way costs about a microsecond
-    there, measured on a CPU between calls, with the caches cold)."""
+    """_call for an op whose first argument is a tensor, with the short way taken first (one
+    call less on every loss's path)."""
     first = args[0]
-    if shard is None and not torch.compiler.is_compiling():
-        kind = "cuda" if first.is_cuda else "cpu" if first.is_cpu else first.device.type
-        if not ((kind in _AUTOCAST_DEVICES and torch.is_autocast_enabled(kind))
-                or (kind, False) in device_ops.OPERATOR_ROUTES):
-            return eager_implementation(op, first, kind)(*args)
+    kind = _short_way(first) if shard is None else None
+    if kind is not None:
+        return eager_implementation(op, first, kind)(*args)
     return _call(op, first.device, *args, shard=shard)
 
 
@@ -151,11 +147,8 @@ def _pair(s, t, name_s, name_t, ndim=None, min_ndim=None):
 
 
 def _same_pair(s, t, name_s, name_t, ndim=None, min_ndim=None):
-    """_pair, and one shape: the common case in one test, as _pair's."""
-    if not (type(s) is torch.Tensor and type(t) is torch.Tensor and s.shape == t.shape
-            and s.is_floating_point() and t.is_floating_point() and s.numel() and s.device == t.device
-            and (ndim is None or s.dim() == ndim) and (min_ndim is None or s.dim() >= min_ndim)):
-        _pair(s, t, name_s, name_t, ndim, min_ndim)
+    _pair(s, t, name_s, name_t, ndim, min_ndim)
+    if s.shape != t.shape:
         checks.same_shape(s, t, name_s, name_t)
 
 

@@ -36,9 +36,9 @@ MSE_FUSED_FROM = 1 << 18
 
 def hint(fm_s, fm_t):
     """mse(fm_s, fm_t). Large float32/float64 CPU inputs of one dtype that need a gradient: MSE
-    (the gradient formed in the forward pass). Otherwise ATen's mse_loss, called directly: F.mse_loss's Python
-    wrapper (broadcasting the shapes, which fastkd.functional has checked equal) costs half as
-    much host time again as the op itself."""
+    (the gradient formed in the forward pass). Otherwise ATen's mse_loss, called directly:
+    F.mse_loss's Python wrapper (broadcasting the shapes, which fastkd.functional has checked
+    equal) costs half as much host time again as the op itself."""
     if (fm_s.numel() >= MSE_FUSED_FROM and checks.host_tensor(fm_s) and fm_s.dtype == fm_t.dtype
             and fm_s.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
             and (fm_s.requires_grad or fm_t.requires_grad) and torch.is_grad_enabled()
