@@ -18,6 +18,9 @@ TEST_DEVICE = device_switch.requested()
 if not torch.cuda.is_available() or (TEST_DEVICE is not None and TEST_DEVICE.type == "cpu"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 fast_interpreter.install()
+if os.environ.get("FASTKD_GPU_DIVISION") == "1" and os.environ.get("TRITON_INTERPRET") == "1":
+    import gpu_division  # the interpreter's float32 division as a GPU's: see gpu_division.py
+    gpu_division.install()
 
 if TEST_DEVICE is not None:  # before any test module imports fastkd objects
     device_switch.install(TEST_DEVICE)

@@ -78,6 +78,13 @@ def test_triton_matches_reference(op, n, d_s, d_t, kind, seed):
     check(op, 1, n, d_s, d_t, kind, seed)
 
 
+@pytest.mark.xfail(strict=True, reason="known: PKT's float32 path at cosines near -1 (D = 1) forms C in "
+                   "float32 (G's hi part times the rounded row weights), and C' = (1 + C) / 2 near 0 "
+                   "keeps its rounding: the loss 22x the reference's error; C in double-float would hold")
+def test_triton_pkt_at_cosines_near_minus_one():
+    check("pkt_cos_sim", 1, 2, 1, 2, "ordinary", 0)
+
+
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_triton_matches_reference_on_each_input_family(op, kind):

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import NO_FMA, cdiv, dd_div, dd_sqrt, dd_sum, sqrt, to_acc, two_prod, two_sum
+from .common import NO_FMA, cdiv, dd_div, dd_sqrt, dd_sum, div, sqrt, to_acc, two_prod, two_sum
 from .gram import BLOCK, TILE_WARPS, _load_tile, grad_buffers, store_total
 
 
@@ -333,8 +333,11 @@ def _cosine_rows(d_ptr, d_stride, rows, n_rows, eps):
     n^2 = G_rr read at d_ptr + r d_stride (G's diagonal: G itself with stride N + 1)."""
     n = sqrt(tl.load(d_ptr + rows.to(tl.int64) * d_stride, mask=rows < n_rows, other=0.0))
     live = n > 0
-    w = 1.0 / (n + eps)
-    return w, tl.where(live, -w / tl.where(live, n, 1.0), 0.0)
+    # Correctly rounded (div): each weight scales a whole row and column of C, so a GPU's
+    # approximate `/` would be one error on all of them (PKT's gradient at cosines near -1:
+    # 11x the reference's error, tests/gpu_division.py's model).
+    w = div(1.0, n + eps)
+    return w, tl.where(live, -div(w, tl.where(live, n, 1.0)), 0.0)
 
 
 @triton.jit
