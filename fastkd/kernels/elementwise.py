@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..common import accumulation_dtype
-from .common import NO_FMA, as_3d, cdiv, sqrt, tl_acc, to_acc
+from .common import NO_FMA, as_3d, cdiv, div, sqrt, tl_acc, to_acc
 
 MSE = tl.constexpr(0)
 AB = tl.constexpr(1)
@@ -308,12 +308,15 @@ def vid(s, t, alpha, eps, need_s, need_t):
 @triton.jit
 def _inverse_norm(n, eps, ADD_EPS: tl.constexpr):
     # r = 1 / (n + eps) (AFD) or 1 / max(n, eps) (F.normalize), and |dr/dn| / n for the
-    # gradient (0 where the norm is 0 or clamped).
+    # gradient (0 where the norm is 0 or clamped). r correctly rounded (div), as the tests'
+    # interpreter forms it: it scales a whole row, so a GPU's approximate `/` would be one
+    # error on all of it (LwM under autocast: 1.1e-5 against a bound of 1e-5 in
+    # tests/gpu_division.py's model).
     if ADD_EPS:
-        r = 1.0 / (n + eps)
+        r = div(1.0, n + eps)
         slope = tl.where(n > 0, r * r / tl.where(n > 0, n, 1.0), 0.0)
     else:
-        r = 1.0 / tl.maximum(n, eps)
+        r = div(1.0, tl.maximum(n, eps))
         slope = tl.where(n >= eps, r * r * r, 0.0)
     return r, slope
 
