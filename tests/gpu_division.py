@@ -10,8 +10,8 @@ model(): within it, the interpreter's float32 `/` returns fl(a r), r the float32
 b moved by up to one ulp, up or down by a fixed function of b's bits (the approximation's
 error, the same for every element divided by one b): up to 4 ulp off, harsher than the
 hardware's 2. A power of two's reciprocal is left exact (its significand is 1, which the
-approximation meets). tl.div_rn stays exact. Set
-FASTKD_GPU_DIVISION=1 to run the whole suite so (tests/conftest.py).
+approximation meets). tl.div_rn stays exact. FASTKD_GPU_DIVISION=1 runs the whole suite so
+(tests/conftest.py).
 """
 import contextlib
 
