@@ -74,8 +74,7 @@ import torch.nn.functional as F
 from ..common import (first_order, normalize_grad, normalized_rows, result_dtype, squared_distances_from_gram,
                       transformation_pool, zero_row_sums)
 from ..distributed import all_gather_rows, all_reduce_max, all_reduce_sum
-
-_MEAN = torch.nn._reduction.get_enum("mean")
+from .elementwise import hint
 
 # (anchors per block) * N^2 entries of the angle term held at once: eagerly, blocks of 512 KiB
 # (float64), which stay in cache between the block's dozen passes (measured on the CPU: N = 128,
@@ -571,7 +570,7 @@ class SPStudent(torch.autograd.Function):
         h, norm = normalized_rows(x @ x.t())
         ctx.save_for_backward(x, h, norm, h_t)
         ctx.shape, ctx.dtype = fm.shape, fm.dtype
-        return torch._C._nn.mse_loss(h, h_t, _MEAN)  # F.mse_loss without its Python wrapper
+        return hint(h, h_t)  # F.mse_loss without its Python wrapper (no grad here: ATen's op)
 
     @staticmethod
     @first_order

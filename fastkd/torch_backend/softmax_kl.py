@@ -119,7 +119,7 @@ class SmallSoftmaxKL(torch.autograd.Function):
         d = log_p.clamp_min_(_LOWEST[log_p.dtype]).sub_(log_q)
         ctx.save_for_backward(log_q, p)
         ctx.coef = scale / (out_s.shape[0] * T)
-        return d.mul_(p).sum(1).clamp_min_(0).sum() * (scale / out_s.shape[0])  # _clamp_rows
+        return _clamp_rows(d.mul_(p).sum(1)).sum() * (scale / out_s.shape[0])
 
     @staticmethod
     @first_order
