@@ -615,30 +615,34 @@ def sp(fm_s, fm_t):
 class PKTFunction(torch.autograd.Function):
     """mean P_t log((P_t + eps) / (P_s + eps)), P the row-normalised (C + 1) / 2 and C the
     cosine similarities, read from the raw Gram matrices: float64 for float64 inputs;
-    otherwise (_float32_path) G's float32 hi part (gram_split) and float32 kernels,
-    double-float where P's rows cancel (fastkd/kernels/cosine.py)."""
+    otherwise (_float32_path) G = hi + lo (gram_split) and float32 kernels, double-float
+    where C' = (C + 1) / 2 and P's rows cancel (fastkd/kernels/cosine.py)."""
 
     @staticmethod
     def forward(ctx, feat_s, feat_t, eps):
         ctx.eps = eps
         ctx.fast = _float32_path(feat_s, feat_t)
         if ctx.fast:
-            g_s, g_t = _gram.gram_split(feat_s)[0], _gram.gram_split(feat_t)[0]
+            g_s, g_t = _gram.gram_split(feat_s), _gram.gram_split(feat_t)
             total, stats = _cosine.pkt_split_forward(g_s, g_t, eps)
+            ctx.save_for_backward(feat_s, feat_t, *g_s, *g_t, stats)
         else:
             g_s, g_t = _gram.gram(feat_s), _gram.gram(feat_t)
             total, stats = _cosine.pkt_forward(g_s, g_t, eps)
-        ctx.save_for_backward(feat_s, feat_t, g_s, g_t, stats)
-        return (total / len(g_s) ** 2).to(result_dtype(feat_s, feat_t))
+            ctx.save_for_backward(feat_s, feat_t, g_s, g_t, stats)
+        return (total / len(feat_s) ** 2).to(result_dtype(feat_s, feat_t))
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        feat_s, feat_t, g_s, g_t, stats = ctx.saved_tensors
-        backward = _cosine.pkt_split_backward if ctx.fast else _cosine.pkt_backward
-        m_s, r_s, m_t, r_t = backward(g_s, g_t, ctx.eps, stats)
+        if ctx.fast:
+            feat_s, feat_t, gs, gs_lo, gt, gt_lo, stats = ctx.saved_tensors
+            m_s, r_s, m_t, r_t = _cosine.pkt_split_backward((gs, gs_lo), (gt, gt_lo), ctx.eps, stats)
+        else:
+            feat_s, feat_t, g_s, g_t, stats = ctx.saved_tensors
+            m_s, r_s, m_t, r_t = _cosine.pkt_backward(g_s, g_t, ctx.eps, stats)
         return (*_pairwise_grads(ctx, ((m_s, r_s, feat_s, feat_s), (m_t, r_t, feat_t, feat_t)), grad_out,
-                                 len(g_s) ** 2), None)
+                                 len(feat_s) ** 2), None)
 
 
 def pkt_cos_sim(feat_s, feat_t, eps=1e-6):
@@ -947,7 +951,8 @@ class PKTRowsFunction(torch.autograd.Function):
     from the raw Gram rows of X_* (N, ...) every rank's rows (each row of P normalised over all
     N). dL/dC's symmetric part at (a, b) needs row b's sums and dots: those (N,) vectors are
     gathered from every rank, and these rows' M and r then give their whole gradient. Float32
-    path (_float32_path) as PKTFunction's, X the raw rows."""
+    path (_float32_path) as PKTFunction's, X the raw rows, every row's squared norm as hi + lo
+    (squared_norms_split)."""
 
     @staticmethod
     def forward(ctx, f_s, f_t, eps, lo, n, group, sizes):
@@ -955,25 +960,33 @@ class PKTRowsFunction(torch.autograd.Function):
         ctx.fast = _float32_path(f_s, f_t)
         if ctx.fast:
             x_s, x_t = f_s, f_t
-            g_s, g_t = _gram.gram_split(x_s, lo, n)[0], _gram.gram_split(x_t, lo, n)[0]
-            sq = tuple(torch.linalg.vecdot(x, x) for x in (_gram.flat(x_s).float(), _gram.flat(x_t).float()))
+            sl_s, sl_t = _gram.slices(x_s), _gram.slices(x_t)
+            g_s, g_t = _gram.gram_split(x_s, lo, n, sl_s), _gram.gram_split(x_t, lo, n, sl_t)
+            sq = (_gram.squared_norms_split(x_s, sl_s), _gram.squared_norms_split(x_t, sl_t))
             total, stats = _cosine.pkt_split_forward(g_s, g_t, eps, lo, sq)
+            saved = (*g_s, *g_t, *sq[0], *sq[1])
         else:
             x_s, x_t = _gram.prepare(f_s, centre=False), _gram.prepare(f_t, centre=False)
             g_s, g_t = _gram.gram(x_s, lo, n), _gram.gram(x_t, lo, n)
             sq = (torch.linalg.vecdot(x_s, x_s), torch.linalg.vecdot(x_t, x_t))  # G's diagonal
             total, stats = _cosine.pkt_forward(g_s, g_t, eps, lo, sq)
+            saved = (g_s, g_t, *sq)
         stats = all_gather_rows(stats.permute(2, 0, 1), group, sizes)[0].permute(1, 2, 0).contiguous()
-        ctx.save_for_backward(f_s, f_t, x_s, x_t, g_s, g_t, *sq, stats)
+        ctx.save_for_backward(f_s, f_t, x_s, x_t, stats, *saved)
         return total / len(x_s) ** 2
 
     @staticmethod
     @first_order
     def backward(ctx, grad_out):
-        f_s, f_t, x_s, x_t, g_s, g_t, sq_s, sq_t, stats = ctx.saved_tensors
-        backward = _cosine.pkt_split_backward if ctx.fast else _cosine.pkt_backward
-        m_s, r_s, m_t, r_t = backward(g_s, g_t, ctx.eps, stats, ctx.lo, (sq_s, sq_t))
-        scale = grad_out.to(g_s.dtype) / len(x_s) ** 2
+        f_s, f_t, x_s, x_t, stats, *saved = ctx.saved_tensors
+        if ctx.fast:
+            gs, gs_lo, gt, gt_lo, sqs, sqs_lo, sqt, sqt_lo = saved
+            m_s, r_s, m_t, r_t = _cosine.pkt_split_backward((gs, gs_lo), (gt, gt_lo), ctx.eps, stats, ctx.lo,
+                                                            ((sqs, sqs_lo), (sqt, sqt_lo)))
+        else:
+            g_s, g_t, sq_s, sq_t = saved
+            m_s, r_s, m_t, r_t = _cosine.pkt_backward(g_s, g_t, ctx.eps, stats, ctx.lo, (sq_s, sq_t))
+        scale = grad_out.to(m_s.dtype) / len(x_s) ** 2
         return (*(_own_rows(_gram.gram_grad(m, r, x, scale, f, ctx.lo), f, ctx.lo) if needed else None
                   for m, r, x, f, needed in ((m_s, r_s, x_s, f_s, ctx.needs_input_grad[0]),
                                              (m_t, r_t, x_t, f_t, ctx.needs_input_grad[1]))),

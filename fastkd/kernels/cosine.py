@@ -511,18 +511,29 @@ def pkt_backward(g_s, g_t, eps, stats, lo=0, sq=None):
     return m_s, r_s, m_t, r_t
 
 
-# PKT's float32 path (float32, bfloat16 and float16 inputs), from G's float32 hi part
-# (gram.gram_split): C = G w w^T in float32 (its rounding is not the problem), then the
-# steps whose float32 rounding would be the size of a near-zero loss in double-float. Each
-# row of P sums to 1, so a row's first-order terms P_t log(P_t / P_s) ~ P_t - P_s cancel and
-# the loss is of second order: a float32 row sum S (a common factor of the row) or a float32
-# P leaves errors of u per row, 100-1000x the reference's own. So C' = (C + 1) / 2, S and
-# P = C' / S are double-float, delta = P_t - P_s is rounded once, and
-# log((P_t + eps) / (P_s + eps)) = log1p(delta / (P_s + eps)) (_log1p: no rounding of the
-# ratio near 1). The gradient's A = N^2 dL/dP is shifted by a constant per side (-1 for the
-# student, +1 for the teacher; V = (A - sum_j A P) / (2 S) does not change as sum_j P = 1), so
-# that A - sum_j A P subtracts no two numbers near 1.
+# PKT's float32 path (float32, bfloat16 and float16 inputs), from G = hi + lo
+# (gram.gram_split) and the squared norms G_aa = hi + lo: C = G w_a w_b double-float, with
+# w = 1 / (n + eps) and n = sqrt(G_aa) double-float, so that C' = (C + 1) / 2 keeps its
+# digits where it is near 0 (cosines near -1: a float32 C leaves an error of u there, 22x
+# the reference's own on one-dimensional rows). Each row of P sums to 1, so a row's
+# first-order terms P_t log(P_t / P_s) ~ P_t - P_s cancel and the loss is of second order: a
+# float32 row sum S (a common factor of the row) or a float32 P leaves errors of u per row,
+# 100-1000x the reference's own. So S and P = C' / S are double-float too, delta = P_t - P_s
+# is rounded once, and log((P_t + eps) / (P_s + eps)) = log1p(delta / (P_s + eps)) (_log1p:
+# no rounding of the ratio near 1). The gradient's A = N^2 dL/dP is shifted by a constant per
+# side (-1 for the student, +1 for the teacher; V = (A - sum_j A P) / (2 S) does not change
+# as sum_j P = 1), so that A - sum_j A P subtracts no two numbers near 1. M and r take C's
+# and w's hi parts: they are not differences of nearly equal numbers.
 # stats (3, 2, R) float32: the row sums' hi and lo parts and the dots.
+
+def _split_args(g_s, g_t, sq):
+    """The G and squared-norm arguments of the PKT and CC float32 kernels: g_* = (hi, lo)
+    (R, N); sq = ((hi, lo) of the student's, of the teacher's) every row's squared norms (N,),
+    or None for G's own diagonals (one process's (N, N))."""
+    if sq is None:
+        sq = tuple(tuple(torch.diagonal(x) for x in g) for g in (g_s, g_t))
+    return (*g_s, *g_t, *sq[0], *sq[1], sq[0][0].stride(0))
+
 
 @triton.jit
 def _log1p(q):
@@ -534,30 +545,67 @@ def _log1p(q):
 
 
 @triton.jit
-def _pkt_split_c(g, w_row, w_col, ok):
-    """(C, C'_hi, C'_lo) at a tile: C = G w w^T float32, C' = (C + 1) / 2 double-float, 0
-    outside (not ok)."""
-    c = g * w_row * w_col
-    hi, lo = two_sum(c, 1.0)
-    return c, tl.where(ok, hi * 0.5, 0.0), tl.where(ok, lo * 0.5, 0.0)
+def _pkt_split_rows(sq_ptr, sq_lo_ptr, sq_stride, rows, n_rows, eps):
+    """(w, w_lo, rw) for these rows (< n_rows): w = 1 / (n + eps) double-float, n =
+    sqrt(G_rr) double-float (G_rr = hi + lo at sq_ptr, sq_lo_ptr + r sq_stride), and rw =
+    -w / n float32 (0 where n = 0). dd_div corrects its quotient by an exact remainder, so a
+    GPU's approximate `/` costs nothing here."""
+    live = rows < n_rows
+    n, n_lo = dd_sqrt(tl.load(sq_ptr + rows.to(tl.int64) * sq_stride, mask=live, other=0.0),
+                      tl.load(sq_lo_ptr + rows.to(tl.int64) * sq_stride, mask=live, other=0.0))
+    d, d_lo = two_sum(n, eps)
+    w, w_lo = dd_div(1.0, 0.0, d, d_lo + n_lo)
+    return w, w_lo, tl.where(n > 0, -div(w, tl.where(n > 0, n, 1.0)), 0.0)
 
 
 @triton.jit
-def _pkt_split_sums_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, stats_ptr, lo, R, N,
-                           BLOCK: tl.constexpr):
+def _pkt_split_c(g, g_lo, w_row, w_row_lo, w_col, w_col_lo, ok):
+    """(C'_hi, C'_lo) at a tile: C' = (C + 1) / 2 double-float with C = G w_row w_col, 0
+    outside (not ok)."""
+    p, p_lo = two_prod(g, w_row)
+    p_lo += g_lo * w_row + g * w_row_lo
+    c, c_lo = two_prod(p, w_col)
+    c_lo += p_lo * w_col + p * w_col_lo
+    hi, lo = two_sum(c, 1.0)
+    # Renormalised: hi = fl(C + 1) also where c_lo, not c's rounding, carries the digits
+    # (C near -1), since P's hi part alone enters the logarithm.
+    hi, lo = two_sum(hi, lo + c_lo)
+    return tl.where(ok, hi * 0.5, 0.0), tl.where(ok, lo * 0.5, 0.0)
+
+
+@triton.jit
+def _pkt_split_tile(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, ra, rb, R, N, ws_a, ws_a_lo, ws_b, ws_b_lo, wt_a,
+                    wt_a_lo, wt_b, wt_b_lo):
+    """(ok, C'_s, C'_s_lo, C'_t, C'_t_lo) at the tile (ra, rb) of G (R, N) (see _pkt_split_c),
+    from w of its rows a and columns b on each side."""
+    ok = (ra[:, None] < R) & (rb[None, :] < N)
+    cp_s, cp_s_lo = _pkt_split_c(_load_tile(gs_ptr, ra, rb, R, N), _load_tile(gs_lo_ptr, ra, rb, R, N),
+                                      ws_a[:, None], ws_a_lo[:, None], ws_b[None, :], ws_b_lo[None, :], ok)
+    cp_t, cp_t_lo = _pkt_split_c(_load_tile(gt_ptr, ra, rb, R, N), _load_tile(gt_lo_ptr, ra, rb, R, N),
+                                      wt_a[:, None], wt_a_lo[:, None], wt_b[None, :], wt_b_lo[None, :], ok)
+    return ok, cp_s, cp_s_lo, cp_t, cp_t_lo
+
+
+@triton.jit
+def _pkt_split_sums_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr,
+                           sq_stride, eps: tl.float64, stats_ptr, lo, R, N, BLOCK: tl.constexpr):
     """_pkt_sums_kernel in float32 arithmetic: the row sums S of C' double-float, their hi
-    and lo parts at stats (3, 2, R)'s [0] and [1]."""
+    and lo parts at stats (3, 2, R)'s [0] and [1], for a block of the rows lo:lo + R."""
     eps = tl.cast(eps, tl.float32)
-    ra, wa_s, _, wa_t, _ = _pkt_rows(ds_ptr, dt_ptr, d_stride, lo, R, eps, BLOCK)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, wa_s_lo, _ = _pkt_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, lo + ra, lo + R, eps)
+    wa_t, wa_t_lo, _ = _pkt_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, lo + ra, lo + R, eps)
     acc_s = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     acc_s_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     acc_t_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     for start in range(0, N, BLOCK):
-        rb, ok, wb_s, wb_t = _pkt_columns(ds_ptr, dt_ptr, d_stride, ra, R, start, N, eps, BLOCK)
-        # Named, not `_`: a loop-carried name keeps one type, and `_` is a (BLOCK,) vector above.
-        cos_s, c_s, c_s_lo = _pkt_split_c(_load_tile(gs_ptr, ra, rb, R, N), wa_s[:, None], wb_s[None, :], ok)
-        cos_t, c_t, c_t_lo = _pkt_split_c(_load_tile(gt_ptr, ra, rb, R, N), wa_t[:, None], wb_t[None, :], ok)
+        rb = start + tl.arange(0, BLOCK)
+        wb_s, wb_s_lo, _ = _pkt_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, rb, N, eps)
+        wb_t, wb_t_lo, _ = _pkt_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, rb, N, eps)
+        ok, c_s, c_s_lo, c_t, c_t_lo = _pkt_split_tile(
+            gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, ra, rb, R, N, wa_s, wa_s_lo, wb_s, wb_s_lo, wa_t, wa_t_lo, wb_t,
+            wb_t_lo)
         acc_s, err_s = two_sum(acc_s, c_s)
         acc_s_lo += err_s + c_s_lo
         acc_t, err_t = two_sum(acc_t, c_t)
@@ -571,13 +619,12 @@ def _pkt_split_sums_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.flo
 
 
 @triton.jit
-def _pkt_split_terms(g_s, g_t, ws_row, ws_col, wt_row, wt_col, stats_ptr, rows, n_rows, stride, ok, eps):
-    """(C_s, C_t, kl, A_s, A_t, P_s, P_t) at a tile as _pkt_terms, on the float32 path: the
-    row sums of `rows` (< n_rows; broadcast shapes) read from stats (3, 2, stride), A shifted
-    (see the section's header); 0 outside (not ok)."""
+def _pkt_split_terms(cp_s, cp_s_lo, cp_t, cp_t_lo, stats_ptr, rows, n_rows, stride, ok, eps):
+    """(kl, A_s, A_t, P_s, P_t) at a tile as _pkt_terms, on the float32 path: from C' = hi +
+    lo on each side (_pkt_split_tile), the row sums of `rows` (< n_rows; broadcast shape)
+    read from stats (3, 2, stride), A shifted (see the section's header); 0 outside (not
+    ok)."""
     live = rows < n_rows
-    c_s, cp_s, cp_s_lo = _pkt_split_c(g_s, ws_row, ws_col, ok)
-    c_t, cp_t, cp_t_lo = _pkt_split_c(g_t, wt_row, wt_col, ok)
     p_s, p_s_lo = dd_div(cp_s, cp_s_lo, tl.load(stats_ptr + rows, mask=live, other=1.0),
                          tl.load(stats_ptr + 2 * stride + rows, mask=live, other=0.0))
     p_t, p_t_lo = dd_div(cp_t, cp_t_lo, tl.load(stats_ptr + stride + rows, mask=live, other=1.0),
@@ -587,24 +634,30 @@ def _pkt_split_terms(g_s, g_t, ws_row, ws_col, wt_row, wt_col, stats_ptr, rows, 
     log_ratio = _log1p(delta / (p_s + eps))
     a_s = tl.where(ok, (eps - delta) / (p_s + eps), 0.0)
     a_t = tl.where(ok, log_ratio - eps / (p_t + eps), 0.0)
-    return c_s, c_t, tl.where(ok, p_t * log_ratio, 0.0), a_s, a_t, p_s, p_t
+    return tl.where(ok, p_t * log_ratio, 0.0), a_s, a_t, p_s, p_t
 
 
 @triton.jit
-def _pkt_split_loss_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, stats_ptr, part_ptr,
-                           lo, R, N, BLOCK: tl.constexpr):
+def _pkt_split_loss_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr,
+                           sq_stride, eps: tl.float64, stats_ptr, part_ptr, lo, R, N, BLOCK: tl.constexpr):
     """_pkt_loss_kernel in float32 arithmetic: part = sum kl and the dots sum_j A P (shifted
-    A) at stats (3, 2, R)'s [2], for a block of rows."""
+    A) at stats (3, 2, R)'s [2], for a block of the rows lo:lo + R."""
     eps = tl.cast(eps, tl.float32)
-    ra, wa_s, _, wa_t, _ = _pkt_rows(ds_ptr, dt_ptr, d_stride, lo, R, eps, BLOCK)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, wa_s_lo, _ = _pkt_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, lo + ra, lo + R, eps)
+    wa_t, wa_t_lo, _ = _pkt_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, lo + ra, lo + R, eps)
     loss = tl.zeros([BLOCK], dtype=tl.float32)
     dot_s = tl.zeros([BLOCK], dtype=tl.float32)
     dot_t = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, N, BLOCK):
-        rb, ok, wb_s, wb_t = _pkt_columns(ds_ptr, dt_ptr, d_stride, ra, R, start, N, eps, BLOCK)
-        c_s, c_t, kl, a_s, a_t, p_s, p_t = _pkt_split_terms(
-            _load_tile(gs_ptr, ra, rb, R, N), _load_tile(gt_ptr, ra, rb, R, N), wa_s[:, None], wb_s[None, :],
-            wa_t[:, None], wb_t[None, :], stats_ptr, ra[:, None], R, R, ok, eps)
+        rb = start + tl.arange(0, BLOCK)
+        wb_s, wb_s_lo, _ = _pkt_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, rb, N, eps)
+        wb_t, wb_t_lo, _ = _pkt_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, rb, N, eps)
+        ok, cp_s, cp_s_lo, cp_t, cp_t_lo = _pkt_split_tile(
+            gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, ra, rb, R, N, wa_s, wa_s_lo, wb_s, wb_s_lo, wa_t, wa_t_lo, wb_t,
+            wb_t_lo)
+        kl, a_s, a_t, p_s, p_t = _pkt_split_terms(cp_s, cp_s_lo, cp_t, cp_t_lo, stats_ptr, ra[:, None], R, R, ok,
+                                                  eps)
         loss += tl.sum(kl, 1)
         dot_s += tl.sum(a_s * p_s, 1)
         dot_t += tl.sum(a_t * p_t, 1)
@@ -612,63 +665,67 @@ def _pkt_split_loss_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.flo
 
 
 @triton.jit
-def _pkt_split_v(g_s, g_t, ws_row, ws_col, wt_row, wt_col, stats_ptr, rows, n_rows, stride, ok, eps):
-    """(V_s, V_t, C_s, C_t) at a tile as _pkt_v, on the float32 path (stats (3, 2, stride) of
-    `rows`, see _pkt_split_terms)."""
-    c_s, c_t, _, a_s, a_t, _, _ = _pkt_split_terms(g_s, g_t, ws_row, ws_col, wt_row, wt_col, stats_ptr, rows,
-                                                   n_rows, stride, ok, eps)
+def _pkt_split_v(cp_s, cp_s_lo, cp_t, cp_t_lo, stats_ptr, rows, n_rows, stride, ok, eps):
+    """(V_s, V_t) at a tile as _pkt_v, on the float32 path (arguments as _pkt_split_terms')."""
+    _, a_s, a_t, _, _ = _pkt_split_terms(cp_s, cp_s_lo, cp_t, cp_t_lo, stats_ptr, rows, n_rows, stride, ok, eps)
     live = rows < n_rows
     v_s = (a_s - tl.load(stats_ptr + 4 * stride + rows, mask=live, other=0.0)) * 0.5 \
         / tl.load(stats_ptr + rows, mask=live, other=1.0)
     v_t = (a_t - tl.load(stats_ptr + 5 * stride + rows, mask=live, other=0.0)) * 0.5 \
         / tl.load(stats_ptr + stride + rows, mask=live, other=1.0)
-    return v_s, v_t, c_s, c_t
+    return v_s, v_t
 
 
 @triton.jit
-def _pkt_split_grad_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, d_stride, eps: tl.float64, stats_ptr,
-                           ms_ptr, rs_ptr, mt_ptr, rt_ptr, lo, R, N, BLOCK: tl.constexpr):
+def _pkt_split_grad_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr,
+                           sq_stride, eps: tl.float64, stats_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr, lo, R, N,
+                           BLOCK: tl.constexpr):
     """_pkt_grad_kernel in float32 arithmetic, stats (3, 2, N) of every row."""
     eps = tl.cast(eps, tl.float32)
-    ra, wa_s, rwa_s, wa_t, rwa_t = _pkt_rows(ds_ptr, dt_ptr, d_stride, lo, R, eps, BLOCK)
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    wa_s, wa_s_lo, rwa_s = _pkt_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, lo + ra, lo + R, eps)
+    wa_t, wa_t_lo, rwa_t = _pkt_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, lo + ra, lo + R, eps)
     r_s = tl.zeros([BLOCK], dtype=tl.float32)
     r_t = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, N, BLOCK):
-        rb, ok, wb_s, wb_t = _pkt_columns(ds_ptr, dt_ptr, d_stride, ra, R, start, N, eps, BLOCK)
-        g_s = _load_tile(gs_ptr, ra, rb, R, N)
-        g_t = _load_tile(gt_ptr, ra, rb, R, N)
-        vab_s, vab_t, c_s, c_t = _pkt_split_v(g_s, g_t, wa_s[:, None], wb_s[None, :], wa_t[:, None],
-                                              wb_t[None, :], stats_ptr, lo + ra[:, None], lo + R, N, ok, eps)
-        # G is symmetric: V at (b, a), transposed, is _pkt_split_v on this tile with b's stats.
-        vba_s, vba_t, _, _ = _pkt_split_v(g_s, g_t, wb_s[None, :], wa_s[:, None], wb_t[None, :], wa_t[:, None],
-                                          stats_ptr, rb[None, :], N, N, ok, eps)
-        r_s += _pkt_m_tile(ms_ptr, ra, rb, N, ok, vab_s, vba_s, c_s, wa_s, wb_s)
-        r_t += _pkt_m_tile(mt_ptr, ra, rb, N, ok, vab_t, vba_t, c_t, wa_t, wb_t)
+        rb = start + tl.arange(0, BLOCK)
+        wb_s, wb_s_lo, _ = _pkt_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, rb, N, eps)
+        wb_t, wb_t_lo, _ = _pkt_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, rb, N, eps)
+        ok, cp_s, cp_s_lo, cp_t, cp_t_lo = _pkt_split_tile(
+            gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, ra, rb, R, N, wa_s, wa_s_lo, wb_s, wb_s_lo, wa_t, wa_t_lo, wb_t,
+            wb_t_lo)
+        vab_s, vab_t = _pkt_split_v(cp_s, cp_s_lo, cp_t, cp_t_lo, stats_ptr, lo + ra[:, None], lo + R, N, ok, eps)
+        # C is symmetric: V at (b, a), transposed, is _pkt_split_v on this tile's C' with the
+        # stats of the rows b.
+        vba_s, vba_t = _pkt_split_v(cp_s, cp_s_lo, cp_t, cp_t_lo, stats_ptr, rb[None, :], N, N, ok, eps)
+        # C = 2 C' - 1 (its float32 part): r is no difference of nearly equal numbers.
+        r_s += _pkt_m_tile(ms_ptr, ra, rb, N, ok, vab_s, vba_s, 2 * cp_s - 1, wa_s, wb_s)
+        r_t += _pkt_m_tile(mt_ptr, ra, rb, N, ok, vab_t, vba_t, 2 * cp_t - 1, wa_t, wb_t)
     tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < R)
     tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < R)
 
 
 def pkt_split_forward(g_s, g_t, eps, lo=0, sq=None):
-    """pkt_forward on the float32 path: g_* float32 (R, N) (gram_split's hi parts); (N^2 *
-    loss, stats (3, 2, R)) float32."""
-    rows, n = g_s.shape
+    """pkt_forward on the float32 path: g_* = (hi, lo) (gram.gram_split) each (R, N) float32,
+    sq as _split_args; (N^2 * loss, stats (3, 2, R)) float32."""
+    rows, n = g_s[0].shape
     nb = cdiv(rows, BLOCK)
-    diag = _pkt_diagonals(g_s, g_t, sq)
-    stats = torch.empty((3, 2, rows), dtype=torch.float32, device=g_s.device)
-    _pkt_split_sums_kernel[(nb,)](g_s, g_t, *diag, eps, stats, lo, rows, n, BLOCK=BLOCK, **NO_FMA)
-    part = torch.empty(nb, dtype=torch.float32, device=g_s.device)
-    _pkt_split_loss_kernel[(nb,)](g_s, g_t, *diag, eps, stats, part, lo, rows, n, BLOCK=BLOCK,
-                                  num_warps=TILE_WARPS, **NO_FMA)
+    args = _split_args(g_s, g_t, sq)
+    stats = torch.empty((3, 2, rows), dtype=torch.float32, device=g_s[0].device)
+    _pkt_split_sums_kernel[(nb,)](*args, eps, stats, lo, rows, n, BLOCK=BLOCK, **NO_FMA)
+    part = torch.empty(nb, dtype=torch.float32, device=g_s[0].device)
+    _pkt_split_loss_kernel[(nb,)](*args, eps, stats, part, lo, rows, n, BLOCK=BLOCK, num_warps=TILE_WARPS,
+                                  **NO_FMA)
     return part.sum(), stats
 
 
 def pkt_split_backward(g_s, g_t, eps, stats, lo=0, sq=None):
-    """pkt_backward on the float32 path (stats (3, 2, N) of every row): M, r float32."""
-    rows, n = g_s.shape
-    m_s, r_s, m_t, r_t = grad_buffers(g_s, g_t)
-    _pkt_split_grad_kernel[(cdiv(rows, BLOCK),)](g_s, g_t, *_pkt_diagonals(g_s, g_t, sq), eps, stats, m_s, r_s,
-                                                 m_t, r_t, lo, rows, n, BLOCK=BLOCK, num_warps=TILE_WARPS,
-                                                 **NO_FMA)
+    """pkt_backward on the float32 path (g_*, sq as pkt_split_forward's; stats (3, 2, N) of
+    every row): M, r float32."""
+    rows, n = g_s[0].shape
+    m_s, r_s, m_t, r_t = grad_buffers(g_s[0], g_t[0])
+    _pkt_split_grad_kernel[(cdiv(rows, BLOCK),)](*_split_args(g_s, g_t, sq), eps, stats, m_s, r_s, m_t, r_t, lo,
+                                                 rows, n, BLOCK=BLOCK, num_warps=TILE_WARPS, **NO_FMA)
     return m_s, r_s, m_t, r_t
 
 
@@ -885,22 +942,13 @@ def _cc_split_grad_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_
     tl.store(rt_ptr + ra, rwa_t * wa_t * r_t, mask=ra < R)
 
 
-def _cc_split_args(g_s, g_t, sq):
-    """The G and squared-norm arguments of the CC float32 kernels: g_* = (hi, lo) (R, N); sq
-    = ((hi, lo) of the student's, of the teacher's) every row's squared norms (N,), or None
-    for G's own diagonals (one process's (N, N))."""
-    if sq is None:
-        sq = tuple(tuple(torch.diagonal(x) for x in g) for g in (g_s, g_t))
-    return (*g_s, *g_t, *sq[0], *sq[1], sq[0][0].stride(0))
-
-
 def cc_split_forward(g_s, g_t, gamma, p_order, lo=0, sq=None):
-    """cc_forward on the float32 path (g_*, sq: _cc_split_args): N^2 * loss float32 (this
+    """cc_forward on the float32 path (g_*, sq: _split_args): N^2 * loss float32 (this
     block of rows' part)."""
     rows, n = g_s[0].shape
     grid = (cdiv(rows, BLOCK), cdiv(n, BLOCK))
     part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=g_s[0].device)
-    _cc_split_loss_kernel[grid](*_cc_split_args(g_s, g_t, sq), math.exp(-2 * gamma), 2 * gamma, part, lo, rows, n,
+    _cc_split_loss_kernel[grid](*_split_args(g_s, g_t, sq), math.exp(-2 * gamma), 2 * gamma, part, lo, rows, n,
                                 p_order, BLOCK=BLOCK, **NO_FMA)
     return part.sum()
 
@@ -910,7 +958,7 @@ def cc_split_backward(g_s, g_t, gamma, p_order, lo=0, sq=None):
     rows lo:lo + R (their whole gradient, as cc_backward)."""
     rows, n = g_s[0].shape
     m_s, r_s, m_t, r_t = grad_buffers(g_s[0], g_t[0])
-    _cc_split_grad_kernel[(cdiv(rows, BLOCK),)](*_cc_split_args(g_s, g_t, sq), math.exp(-2 * gamma), 2 * gamma,
+    _cc_split_grad_kernel[(cdiv(rows, BLOCK),)](*_split_args(g_s, g_t, sq), math.exp(-2 * gamma), 2 * gamma,
                                                 m_s, r_s, m_t, r_t, lo, rows, n, p_order, BLOCK=BLOCK,
                                                 num_warps=TILE_WARPS, **NO_FMA)
     return m_s, r_s, m_t, r_t
