@@ -164,7 +164,7 @@ def test_paths_by_input():
     x = _spread(20, 16, (), 0, 4)
     e = gram.squared_distances(x)
     order, counts = angle.exact_anchor_order(e, e, 0, 20)
-    assert counts.tolist() == [0, 20]
+    assert counts.tolist() == [0, 20, 20]
     y = _dead(20, 6, 5, torch.float64)  # rows 1, 2, 5 close to each other
     e = gram.squared_distances(y)
     order, counts = angle.exact_anchor_order(e, e, 0, 20)

@@ -62,8 +62,12 @@ Three paths, each in kernels of its own:
          teacher near the student (tests/test_float32_relations.py). The gradient's u keeps
          the rounded angles, as the tile kernel forms it again.
 The anchors are ordered direct first, then exact, then fast (`anchor_order`, one kernel that
-also forms the fast path's inverse norms; `exact_anchor_order` for float64 inputs): counts =
-(direct, direct + exact) of them, read on the device, so choosing a path costs no host sync.
+also forms the fast path's inverse norms; `exact_anchor_order` for float64 inputs), the fast
+ones with a zero direction besides their own (a duplicate row) before the others: counts =
+(direct, direct + exact, direct + exact + fast with a duplicate) of them, read on the device,
+so choosing a path costs no host sync. The sums over zero directions of the gradient are
+taken only at the anchors with a duplicate: along the anchor's own zero direction both sides'
+angles are 0, and so is u.
 Each kernel takes its own anchors from the order. The direct path's gradient is added to the
 rows' gradient the other paths' M, r give (`rkd_angle_direct_grad`): as an (N, N) M its
 terms would be multiplied by differences between rows other than the anchor, which cancel
@@ -178,11 +182,13 @@ def _tile(h_ptr, l_ptr, rj, rk, N, EXACT: tl.constexpr, PARTS: tl.constexpr):
 
 
 @triton.jit
-def _angle_tile(ejk, ejk_lo, eij, eij_lo, eik, eik_lo, inv_j, inv_k, rj, rk, ok, EXACT: tl.constexpr):
-    """(A_jk, v, v_lo) with v = 2 V_jk = E_ij + E_ik - E_jk: for EXACT v alone (v_lo = v,
-    unused); else v the rounded sum of the hi parts and v_lo its rounding errors (two-sum)
-    plus the lo parts, v + v_lo = 2 V to about u32^2 (E_ij + E_ik + E_jk). A_jj is exactly 1
-    for a live direction (inv_j > 0), 0 for a zero one."""
+def _angle_tile(ejk, ejk_lo, eij, eij_lo, eik, eik_lo, inv_j, inv_k, EXACT: tl.constexpr):
+    """(A_jk, v, v_lo, p) with v = 2 V_jk = E_ij + E_ik - E_jk and p = inv_j inv_k / 2: for
+    EXACT v alone (v_lo = v, unused); else v the rounded sum of the hi parts and v_lo its
+    rounding errors (two-sum) plus the lo parts, v + v_lo = 2 V to about u32^2 (E_ij + E_ik +
+    E_jk). A = (v + v_lo) p is 0 along a zero direction (inv = 0) and outside the matrix
+    (E and inv read as 0 there), but on the diagonal j = k only about 1 for a live direction:
+    where the diagonal counts (the loss) it is set there; u is 0 on it (_angle_u)."""
     if EXACT:
         v = (eij[:, None] + eik[None, :]) - ejk
         v_lo = v
@@ -192,9 +198,8 @@ def _angle_tile(ejk, ejk_lo, eij, eij_lo, eik, eik_lo, inv_j, inv_k, rj, rk, ok,
         v, err2 = two_sum(s, -ejk)
         v_lo = (err + err2) + ((eij_lo[:, None] + eik_lo[None, :]) - ejk_lo)
         whole = v + v_lo
-    a = 0.5 * whole * inv_j[:, None] * inv_k[None, :]
-    a = tl.where(rj[:, None] == rk[None, :], (inv_j > 0).to(a.dtype)[:, None], a)
-    return tl.where(ok, a, 0.0), v, v_lo
+    p = (0.5 * inv_j)[:, None] * inv_k[None, :]
+    return whole * p, v, v_lo, p
 
 
 @triton.jit
@@ -227,12 +232,15 @@ def _store_angle_stats(out, plane, ok, u_inv, u_a, u_dead, inv, dead):
 @triton.jit
 def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, order_ptr, count_ptr, part_ptr,
                stats_ptr, lo, N, EXACT: tl.constexpr, PARTS: tl.constexpr, STATS: tl.constexpr,
-               BLOCK: tl.constexpr):
+               DEAD: tl.constexpr, BLOCK: tl.constexpr):
     """The forward kernels' body (see _rkd_angle_fwd_kernel), over this path's anchors; w_*
-    the lo parts of the fast path's inverse norms (not read for EXACT)."""
+    the lo parts of the fast path's inverse norms (not read for EXACT). DEAD: the sums over
+    zero directions k (q); without it they are taken as 0, as they are at an anchor whose
+    only zero direction is its own (u = 0 along it)."""
     t = tl.program_id(0)
-    # counts = (direct anchors, direct and exact anchors): order[:counts[0]] is the direct
-    # path's, order[counts[0]:counts[1]] the exact one's, the rest the fast one's.
+    # counts = (direct anchors, direct and exact anchors, and the fast anchors with a zero
+    # direction besides their own): order[:counts[0]] is the direct path's,
+    # order[counts[0]:counts[1]] the exact one's, the rest the fast one's.
     count = tl.load(count_ptr + 1)
     rj = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     part = part_ptr + t.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
@@ -262,40 +270,42 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, o
         # program's own (j0) on, the blocks past it counted twice; the blocks before it are
         # read only for the row sums of STATS.
         j0 = tl.program_id(1) * BLOCK
+        diagonal = rj[:, None] == (j0 + tl.arange(0, BLOCK))[None, :]
+        # On the diagonal A_jj is 1 along a live direction, 0 along a zero one.
+        diagonal_diff = (invj_s > 0).to(eij_s.dtype)[:, None] - (invj_t > 0).to(eij_s.dtype)[:, None]
         for start in range(0 if STATS else j0, N, BLOCK):
             rk = start + tl.arange(0, BLOCK)
-            ok = (rj[:, None] < N) & (rk[None, :] < N)
             eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rk, N, EXACT, PARTS)
             eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rk, N, EXACT, PARTS)
             ejk_s, ljk_s = _tile(hs_ptr, ls_ptr, rj, rk, N, EXACT, PARTS)
             ejk_t, ljk_t = _tile(ht_ptr, lt_ptr, rj, rk, N, EXACT, PARTS)
-            a_s, v_s, vlo_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, rj, rk, ok,
-                                          EXACT)
-            a_t, v_t, vlo_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, rj, rk, ok,
-                                          EXACT)
+            a_s, v_s, vlo_s, _ = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, EXACT)
+            a_t, v_t, vlo_t, _ = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, EXACT)
             if start >= j0:
                 if EXACT:
                     diff = a_s - a_t
                 else:
                     # Each side's angle rounded to float32 leaves an error of u32 |A| in A_s - A_t,
                     # large next to A_s - A_t itself when the teacher is near the student: the
-                    # loss takes the difference of the double-float angles instead, rounded once,
-                    # off the diagonal (where A is exactly 0 or 1).
+                    # loss takes the difference of the double-float angles instead, rounded once.
                     as_hi, as_lo = _doubled_angle(v_s, vlo_s, invj_s, wj_s, invk_s,
                                                   tl.load(ws_ptr + v_row + rk, mask=rk < N, other=0.0))
                     at_hi, at_lo = _doubled_angle(v_t, vlo_t, invj_t, wj_t, invk_t,
                                                   tl.load(wt_ptr + v_row + rk, mask=rk < N, other=0.0))
-                    diff = tl.where(rj[:, None] == rk[None, :], a_s - a_t,
-                                    0.5 * ((as_hi - at_hi) + (as_lo - at_lo)))
-                loss += tl.where(start == j0, 1.0, 2.0) * _smooth_l1(diff)
+                    diff = 0.5 * ((as_hi - at_hi) + (as_lo - at_lo))
+                if start == j0:
+                    loss += _smooth_l1(tl.where(diagonal, diagonal_diff, diff))
+                else:
+                    loss += 2.0 * _smooth_l1(diff)
             if STATS:
                 u = _angle_u(a_s, a_t, rj, rk)
                 ui_s += u * invk_s[None, :]
                 ua_s += u * a_s
-                ud_s += u * deadk_s[None, :]
                 ui_t -= u * invk_t[None, :]
                 ua_t -= u * a_t
-                ud_t -= u * deadk_t[None, :]
+                if DEAD:
+                    ud_s += u * deadk_s[None, :]
+                    ud_t -= u * deadk_t[None, :]
         tl.store(part, tl.sum(tl.sum(loss, 1), 0))
         if STATS:
             plane = tl.num_programs(0).to(tl.int64) * N
@@ -319,16 +329,21 @@ def _rkd_angle_fwd_kernel(es_ptr, ls_ptr, et_ptr, lt_ptr, order_ptr, count_ptr, 
     stored as w1, s, q at [stat, i - lo, j] of stats (6, R, N) (the anchors lo:lo + R, R
     programs): student 0-2, teacher 3-5."""
     _angle_fwd(es_ptr, ls_ptr, es_ptr, es_ptr, et_ptr, lt_ptr, et_ptr, et_ptr, order_ptr, count_ptr, part_ptr,
-               stats_ptr, lo, N, EXACT=True, PARTS=PARTS, STATS=STATS, BLOCK=BLOCK)
+               stats_ptr, lo, N, EXACT=True, PARTS=PARTS, STATS=STATS, DEAD=True, BLOCK=BLOCK)
 
 
 @triton.jit
 def _rkd_angle_fwd_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, order_ptr, count_ptr,
                                part_ptr, stats_ptr, lo, N, STATS: tl.constexpr, BLOCK: tl.constexpr):
     """The fast path (float32, E = hi + lo, v + w = 1 / sqrt(E)): _rkd_angle_fwd_kernel for the
-    anchors order[t], t >= counts[1]."""
-    _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, order_ptr, count_ptr, part_ptr,
-               stats_ptr, lo, N, EXACT=False, PARTS=True, STATS=STATS, BLOCK=BLOCK)
+    anchors order[t], t >= counts[1]; the sums over zero directions only at those before
+    counts[2]."""
+    if tl.program_id(0) < tl.load(count_ptr + 2):
+        _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, order_ptr, count_ptr, part_ptr,
+                   stats_ptr, lo, N, EXACT=False, PARTS=True, STATS=STATS, DEAD=True, BLOCK=BLOCK)
+    else:
+        _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, order_ptr, count_ptr, part_ptr,
+                   stats_ptr, lo, N, EXACT=False, PARTS=True, STATS=STATS, DEAD=False, BLOCK=BLOCK)
 
 
 @triton.jit
@@ -352,51 +367,66 @@ def _store_grad_tile(out, plane, rj, rk, N, ok, w, z, z_t, ADD: tl.constexpr):
 
 
 @triton.jit
+def _angle_grad_anchors(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, first, end, lo, N, rj, rk,
+                        ejk_s, ljk_s, ejk_t, ljk_t, w_s, z_s, zt_s, w_t, z_t, zt_t, EXACT: tl.constexpr,
+                        PARTS: tl.constexpr, DEAD: tl.constexpr):
+    """The sums of _angle_grad over the anchors order[first:end], added to (w_s, z_s, zt_s,
+    w_t, z_t, zt_t); w holds sum_i u inv_j inv_k / 2. Without DEAD the z sums are left as
+    they are: at an anchor whose only zero direction is its own, u is 0 along it."""
+    for t in range(first, end):
+        local = tl.load(order_ptr + t).to(tl.int64)
+        row_i = (lo + local) * N
+        v_row = local * N
+        eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rj, N, EXACT, PARTS)
+        eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rk, N, EXACT, PARTS)
+        eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rj, N, EXACT, PARTS)
+        eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rk, N, EXACT, PARTS)
+        a_s, _, _, p_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, EXACT)
+        a_t, _, _, p_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, EXACT)
+        u = _angle_u(a_s, a_t, rj, rk)
+        w_s += u * p_s
+        w_t -= u * p_t
+        if DEAD:
+            z_s += u * deadj_s[:, None] * invk_s[None, :]
+            zt_s += u * invj_s[:, None] * deadk_s[None, :]
+            z_t -= u * deadj_t[:, None] * invk_t[None, :]
+            zt_t -= u * invj_t[:, None] * deadk_t[None, :]
+    return w_s, z_s, zt_s, w_t, z_t, zt_t
+
+
+@triton.jit
 def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr, lo, R, N,
                 EXACT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr):
     """The tile kernels' body (see _rkd_angle_grad_kernel), over this path's anchors.
     u is symmetric in (j, k), so only the tiles on and above the diagonal are computed, each
-    giving its transpose too: w2 is symmetric, z2's (k, j) entries are sum_i u dead_k inv_j."""
+    giving its transpose too: w2 is symmetric, z2's (k, j) entries are sum_i u dead_k inv_j.
+    The fast path's anchors with no zero direction besides their own (order[counts[2]:])
+    skip the z sums (_angle_grad_anchors)."""
     if tl.program_id(0) <= tl.program_id(1):
         rj = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         rk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = (rj[:, None] < N) & (rk[None, :] < N)
         ejk_s, ljk_s = _tile(hs_ptr, ls_ptr, rj, rk, N, EXACT, PARTS)
         ejk_t, ljk_t = _tile(ht_ptr, lt_ptr, rj, rk, N, EXACT, PARTS)
-        w_s = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
-        z_s = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
-        zt_s = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
-        w_t = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
-        z_t = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
-        zt_t = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
+        zero = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
         count = tl.load(count_ptr + 1)
         if EXACT:
-            first = tl.load(count_ptr)
-            end = count
+            w_s, z_s, zt_s, w_t, z_t, zt_t = _angle_grad_anchors(
+                hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, tl.load(count_ptr), count, lo, N, rj, rk,
+                ejk_s, ljk_s, ejk_t, ljk_t, zero, zero, zero, zero, zero, zero, EXACT, PARTS, True)
         else:
-            first = count
-            end = R
-        for t in range(first, end):
-            local = tl.load(order_ptr + t).to(tl.int64)
-            row_i = (lo + local) * N
-            v_row = local * N
-            eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rj, N, EXACT, PARTS)
-            eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rk, N, EXACT, PARTS)
-            eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rj, N, EXACT, PARTS)
-            eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rk, N, EXACT, PARTS)
-            a_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, rj, rk, ok, EXACT)[0]
-            a_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, rj, rk, ok, EXACT)[0]
-            u = _angle_u(a_s, a_t, rj, rk)
-            w_s += u * invj_s[:, None] * invk_s[None, :]
-            z_s += u * deadj_s[:, None] * invk_s[None, :]
-            zt_s += u * invj_s[:, None] * deadk_s[None, :]
-            w_t -= u * invj_t[:, None] * invk_t[None, :]
-            z_t -= u * deadj_t[:, None] * invk_t[None, :]
-            zt_t -= u * invj_t[:, None] * deadk_t[None, :]
+            dead = tl.load(count_ptr + 2)
+            w_s, z_s, zt_s, w_t, z_t, zt_t = _angle_grad_anchors(
+                hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count, dead, lo, N, rj, rk,
+                ejk_s, ljk_s, ejk_t, ljk_t, zero, zero, zero, zero, zero, zero, EXACT, PARTS, True)
+            w_s, z_s, zt_s, w_t, z_t, zt_t = _angle_grad_anchors(
+                hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, dead, R, lo, N, rj, rk,
+                ejk_s, ljk_s, ejk_t, ljk_t, w_s, z_s, zt_s, w_t, z_t, zt_t, EXACT, PARTS, False)
         plane = N.to(tl.int64) * N
-        # Not EXACT: the exact kernel ran first and left its anchors' sums in out.
-        _store_grad_tile(out_ptr, plane, rj, rk, N, ok, -0.5 * w_s, z_s, zt_s, not EXACT)
-        _store_grad_tile(out_ptr + 2 * plane, plane, rj, rk, N, ok, -0.5 * w_t, z_t, zt_t, not EXACT)
+        # w holds half of w2's sum (p = inv_j inv_k / 2). Not EXACT: the exact kernel ran first
+        # and left its anchors' sums in out.
+        _store_grad_tile(out_ptr, plane, rj, rk, N, ok, -w_s, z_s, zt_s, not EXACT)
+        _store_grad_tile(out_ptr + 2 * plane, plane, rj, rk, N, ok, -w_t, z_t, zt_t, not EXACT)
 
 
 @triton.jit
@@ -413,20 +443,23 @@ def _rkd_angle_grad_kernel(es_ptr, ls_ptr, et_ptr, lt_ptr, order_ptr, count_ptr,
 def _rkd_angle_grad_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr,
                                 lo, R, N, BLOCK: tl.constexpr):
     """The fast path (float32, E = hi + lo, v = 1 / sqrt(E)): _rkd_angle_grad_kernel's sums over
-    the anchors order[t], counts[1] <= t < R, added to what out holds."""
+    the anchors order[t], counts[1] <= t < R (the z sums only to counts[2]), added to what out
+    holds."""
     _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr, lo, R, N, EXACT=False,
                 PARTS=True, BLOCK=BLOCK)
 
 
 @triton.jit
 def _side_rows(h_ptr, l_ptr, v_ptr, w_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
-    """_fast_rows_kernel for one side: stores v and w, returns the rows' flags (int32): 2 for
+    """_fast_rows_kernel for one side: stores v and w, returns the rows' flags (int32): 3 for
     the direct path (a direction shorter than NORM_EPS but not zero, or live squared
-    distances spread past DIRECT_RATIO_SQ_FLOAT32), 1 for the exact one, 0."""
+    distances spread past DIRECT_RATIO_SQ_FLOAT32), 2 for the exact one, 1 for the fast one
+    with a zero direction besides the anchor's own (a duplicate row), 0."""
     top = tl.zeros([BLOCK], dtype=tl.float32)
     low = tl.full([BLOCK], float("inf"), tl.float32)
     nan = tl.zeros([BLOCK], dtype=tl.int32)
     tiny = tl.zeros([BLOCK], dtype=tl.int32)
+    dup = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
         ok = (ra[:, None] < R) & (rb[None, :] < N)
@@ -445,9 +478,10 @@ def _side_rows(h_ptr, l_ptr, v_ptr, w_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
         low = tl.minimum(low, tl.min(tl.where(ok & live, e, float("inf")), 1))
         nan = tl.maximum(nan, tl.max((ok & (e != e)).to(tl.int32), 1))
         tiny = tl.maximum(tiny, tl.max((ok & (e > 0) & ~live).to(tl.int32), 1))
+        dup = tl.maximum(dup, tl.max((ok & ~live & (rb[None, :] != lo + ra[:, None])).to(tl.int32), 1))
     holds = ((top <= _FAST_RATIO_SQ * low) | (top < _NORM_EPS_SQ)) & (top <= _FAST_MAX)
     direct = (tiny > 0) | (top > _DIRECT_RATIO_SQ_FLOAT32 * low)
-    return tl.where(direct, 2, tl.where(holds & (nan == 0), 0, 1))
+    return tl.where(direct, 3, tl.where(holds & (nan == 0), dup, 2))
 
 
 @triton.jit
@@ -455,10 +489,12 @@ def _fast_rows_kernel(hs_ptr, ls_ptr, ht_ptr, lt_ptr, vs_ptr, vt_ptr, ws_ptr, wt
                       BLOCK: tl.constexpr):
     """For a block of the anchors lo:lo + R (rows of E = hi + lo (N, N) float32, each side):
     their inverse norms v + w = 1 / sqrt(E) (double-float; 0 for a zero direction) at
-    (i - lo, :) of v and w (R, N), and flag[i - lo] = 1 where the fast path cannot hold the
+    (i - lo, :) of v and w (R, N), and flag[i - lo] = 2 where the fast path cannot hold the
     anchor (module docstring): on either side its live squared distances spread past
-    FAST_RATIO_SQ, reach FAST_MAX or are NaN; 2 where it needs the direct path (a squared
-    distance in (0, NORM_EPS^2), or live ones spread past DIRECT_RATIO_SQ_FLOAT32)."""
+    FAST_RATIO_SQ, reach FAST_MAX or are NaN; 3 where it needs the direct path (a squared
+    distance in (0, NORM_EPS^2), or live ones spread past DIRECT_RATIO_SQ_FLOAT32); 1 where
+    the fast path holds it but it has a zero direction besides its own on either side; else
+    0."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     flag = _side_rows(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ra, lo, R, N, BLOCK)
     flag = tl.maximum(flag, _side_rows(ht_ptr, lt_ptr, vt_ptr, wt_ptr, ra, lo, R, N, BLOCK))
@@ -484,12 +520,12 @@ def _direct_flags(e_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
 
 @triton.jit
 def _exact_rows_kernel(es_ptr, et_ptr, flag_ptr, lo, R, N, BLOCK: tl.constexpr):
-    """Float64 inputs: flag[i - lo] = 2 for the anchors lo:lo + R that take the direct path
+    """Float64 inputs: flag[i - lo] = 3 for the anchors lo:lo + R that take the direct path
     (on either side: live squared distances spread past DIRECT_RATIO_SQ, or one in
-    (0, NORM_EPS^2)), else 1 (the exact path); E (N, N) float64 per side."""
+    (0, NORM_EPS^2)), else 2 (the exact path); E (N, N) float64 per side."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     direct = tl.maximum(_direct_flags(es_ptr, ra, lo, R, N, BLOCK), _direct_flags(et_ptr, ra, lo, R, N, BLOCK))
-    tl.store(flag_ptr + ra, 1 + direct, mask=ra < R)
+    tl.store(flag_ptr + ra, 2 + direct, mask=ra < R)
 
 
 # --- the direct path ------------------------------------------------------------
@@ -689,11 +725,11 @@ def _rkd_angle_grad_direct_anchor_kernel(x_ptr, sn, sd, D, order_ptr, count_ptr,
 
 
 def _ordered(flag):
-    """(order, counts) from the anchors' paths, flag (R,) int32 (2 direct, 1 exact, 0 fast):
-    the anchors sorted direct, exact, fast, and counts (2,) int32 = (direct anchors, direct
-    and exact anchors), on the device: no host sync."""
+    """(order, counts) from the anchors' paths, flag (R,) int32 (3 direct, 2 exact, 1 fast with
+    a zero direction besides the anchor's own, 0 fast): the anchors sorted so, and counts (3,)
+    int32 = the anchors flagged at least 3, 2 and 1, on the device: no host sync."""
     order = torch.sort(flag, descending=True, stable=True).indices
-    levels = torch.arange(2, 0, -1, dtype=flag.dtype, device=flag.device)
+    levels = torch.arange(3, 0, -1, dtype=flag.dtype, device=flag.device)
     return order, (flag.unsqueeze(1) >= levels).sum(0, dtype=torch.int32)
 
 
