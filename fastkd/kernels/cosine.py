@@ -574,16 +574,26 @@ def _pkt_split_c(g, g_lo, w_row, w_row_lo, w_col, w_col_lo, ok):
 
 
 @triton.jit
-def _pkt_split_tile(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, ra, rb, R, N, ws_a, ws_a_lo, ws_b, ws_b_lo, wt_a,
-                    wt_a_lo, wt_b, wt_b_lo):
-    """(ok, C'_s, C'_s_lo, C'_t, C'_t_lo) at the tile (ra, rb) of G (R, N) (see _pkt_split_c),
-    from w of its rows a and columns b on each side."""
+def _pkt_split_weights(sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr, sq_stride, rows, n_rows, eps):
+    """_pkt_split_rows on each side: (w_s, w_s_lo, rw_s, w_t, w_t_lo, rw_t)."""
+    w_s, w_s_lo, rw_s = _pkt_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, rows, n_rows, eps)
+    w_t, w_t_lo, rw_t = _pkt_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, rows, n_rows, eps)
+    return w_s, w_s_lo, rw_s, w_t, w_t_lo, rw_t
+
+
+@triton.jit
+def _pkt_split_tile(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr, sq_stride, ra,
+                    rb, R, N, ws_a, ws_a_lo, wt_a, wt_a_lo, eps):
+    """(ok, C'_s, C'_s_lo, C'_t, C'_t_lo, w_s, w_t) at the tile (ra, rb) of G (R, N) (see
+    _pkt_split_c), from w of its rows a on each side; w_* (hi parts) those of its columns b."""
     ok = (ra[:, None] < R) & (rb[None, :] < N)
+    ws_b, ws_b_lo, _, wt_b, wt_b_lo, _ = _pkt_split_weights(sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr, sq_stride, rb,
+                                                            N, eps)
     cp_s, cp_s_lo = _pkt_split_c(_load_tile(gs_ptr, ra, rb, R, N), _load_tile(gs_lo_ptr, ra, rb, R, N),
-                                      ws_a[:, None], ws_a_lo[:, None], ws_b[None, :], ws_b_lo[None, :], ok)
+                                 ws_a[:, None], ws_a_lo[:, None], ws_b[None, :], ws_b_lo[None, :], ok)
     cp_t, cp_t_lo = _pkt_split_c(_load_tile(gt_ptr, ra, rb, R, N), _load_tile(gt_lo_ptr, ra, rb, R, N),
-                                      wt_a[:, None], wt_a_lo[:, None], wt_b[None, :], wt_b_lo[None, :], ok)
-    return ok, cp_s, cp_s_lo, cp_t, cp_t_lo
+                                 wt_a[:, None], wt_a_lo[:, None], wt_b[None, :], wt_b_lo[None, :], ok)
+    return ok, cp_s, cp_s_lo, cp_t, cp_t_lo, ws_b, wt_b
 
 
 @triton.jit
@@ -593,19 +603,17 @@ def _pkt_split_sums_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo
     and lo parts at stats (3, 2, R)'s [0] and [1], for a block of the rows lo:lo + R."""
     eps = tl.cast(eps, tl.float32)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, wa_s_lo, _ = _pkt_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, lo + ra, lo + R, eps)
-    wa_t, wa_t_lo, _ = _pkt_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, lo + ra, lo + R, eps)
+    wa_s, wa_s_lo, _, wa_t, wa_t_lo, _ = _pkt_split_weights(sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr, sq_stride,
+                                                            lo + ra, lo + R, eps)
     acc_s = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     acc_s_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     acc_t_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     for start in range(0, N, BLOCK):
-        rb = start + tl.arange(0, BLOCK)
-        wb_s, wb_s_lo, _ = _pkt_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, rb, N, eps)
-        wb_t, wb_t_lo, _ = _pkt_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, rb, N, eps)
-        ok, c_s, c_s_lo, c_t, c_t_lo = _pkt_split_tile(
-            gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, ra, rb, R, N, wa_s, wa_s_lo, wb_s, wb_s_lo, wa_t, wa_t_lo, wb_t,
-            wb_t_lo)
+        # Named, not `_`: a loop-carried name keeps one type, and `_` is a (BLOCK,) vector here.
+        ok, c_s, c_s_lo, c_t, c_t_lo, wb_s, wb_t = _pkt_split_tile(
+            gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr, sq_stride, ra,
+            start + tl.arange(0, BLOCK), R, N, wa_s, wa_s_lo, wa_t, wa_t_lo, eps)
         acc_s, err_s = two_sum(acc_s, c_s)
         acc_s_lo += err_s + c_s_lo
         acc_t, err_t = two_sum(acc_t, c_t)
@@ -644,18 +652,15 @@ def _pkt_split_loss_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo
     A) at stats (3, 2, R)'s [2], for a block of the rows lo:lo + R."""
     eps = tl.cast(eps, tl.float32)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, wa_s_lo, _ = _pkt_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, lo + ra, lo + R, eps)
-    wa_t, wa_t_lo, _ = _pkt_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, lo + ra, lo + R, eps)
+    wa_s, wa_s_lo, _, wa_t, wa_t_lo, _ = _pkt_split_weights(sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr, sq_stride,
+                                                            lo + ra, lo + R, eps)
     loss = tl.zeros([BLOCK], dtype=tl.float32)
     dot_s = tl.zeros([BLOCK], dtype=tl.float32)
     dot_t = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, N, BLOCK):
-        rb = start + tl.arange(0, BLOCK)
-        wb_s, wb_s_lo, _ = _pkt_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, rb, N, eps)
-        wb_t, wb_t_lo, _ = _pkt_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, rb, N, eps)
-        ok, cp_s, cp_s_lo, cp_t, cp_t_lo = _pkt_split_tile(
-            gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, ra, rb, R, N, wa_s, wa_s_lo, wb_s, wb_s_lo, wa_t, wa_t_lo, wb_t,
-            wb_t_lo)
+        ok, cp_s, cp_s_lo, cp_t, cp_t_lo, wb_s, wb_t = _pkt_split_tile(
+            gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr, sq_stride, ra,
+            start + tl.arange(0, BLOCK), R, N, wa_s, wa_s_lo, wa_t, wa_t_lo, eps)
         kl, a_s, a_t, p_s, p_t = _pkt_split_terms(cp_s, cp_s_lo, cp_t, cp_t_lo, stats_ptr, ra[:, None], R, R, ok,
                                                   eps)
         loss += tl.sum(kl, 1)
@@ -683,17 +688,15 @@ def _pkt_split_grad_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo
     """_pkt_grad_kernel in float32 arithmetic, stats (3, 2, N) of every row."""
     eps = tl.cast(eps, tl.float32)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    wa_s, wa_s_lo, rwa_s = _pkt_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, lo + ra, lo + R, eps)
-    wa_t, wa_t_lo, rwa_t = _pkt_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, lo + ra, lo + R, eps)
+    wa_s, wa_s_lo, rwa_s, wa_t, wa_t_lo, rwa_t = _pkt_split_weights(sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr,
+                                                                    sq_stride, lo + ra, lo + R, eps)
     r_s = tl.zeros([BLOCK], dtype=tl.float32)
     r_t = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
-        wb_s, wb_s_lo, _ = _pkt_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, rb, N, eps)
-        wb_t, wb_t_lo, _ = _pkt_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, rb, N, eps)
-        ok, cp_s, cp_s_lo, cp_t, cp_t_lo = _pkt_split_tile(
-            gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, ra, rb, R, N, wa_s, wa_s_lo, wb_s, wb_s_lo, wa_t, wa_t_lo, wb_t,
-            wb_t_lo)
+        ok, cp_s, cp_s_lo, cp_t, cp_t_lo, wb_s, wb_t = _pkt_split_tile(
+            gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr, sq_stride, ra, rb, R, N,
+            wa_s, wa_s_lo, wa_t, wa_t_lo, eps)
         vab_s, vab_t = _pkt_split_v(cp_s, cp_s_lo, cp_t, cp_t_lo, stats_ptr, lo + ra[:, None], lo + R, N, ok, eps)
         # C is symmetric: V at (b, a), transposed, is _pkt_split_v on this tile's C' with the
         # stats of the rows b.
