@@ -12,7 +12,8 @@ so it cannot show what tf32 rounding does. Here the kernels' two launchers, ``gr
 and accumulation order, and FSP's and NST's own autograd Functions run on them. Their losses and
 gradients must stay within 10x the reference's own float32 error against float64
 (helpers.assert_within_reference_error, as tests/test_adversarial_losses.py holds every loss
-to), on adversarial inputs: student nearly equal to or equal to the teacher (a loss near 0),
+to; for FSP's loss at least its rounding floor with G rounded once, which the CPU's float32
+bmm can undercut by luck: _fsp_terms), on adversarial inputs: student nearly equal to or equal to the teacher (a loss near 0),
 values spread from 1e-3 to 1e3 in one map, 1..5000 with ReLU zeros, a +-1e3 offset, tiny and huge
 scales. The split is checked with the kernels' rounding (half away from zero, as the GPU's
 cvt.rna.tf32.f32) and with round-half-to-even. A single tf32 product must fail the same bound
