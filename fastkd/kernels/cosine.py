@@ -536,6 +536,15 @@ def _split_args(g_s, g_t, sq):
 
 
 @triton.jit
+def _split_norms(sq_ptr, sq_lo_ptr, sq_stride, rows, n_rows):
+    """The rows' norms n = sqrt(G_rr) double-float, (n, n_lo), for these rows (< n_rows; 1
+    outside), G_rr = hi + lo at sq_ptr, sq_lo_ptr + r sq_stride: PKT's and CC's float32 paths."""
+    ok = rows < n_rows
+    return dd_sqrt(tl.load(sq_ptr + rows.to(tl.int64) * sq_stride, mask=ok, other=1.0),
+                   tl.load(sq_lo_ptr + rows.to(tl.int64) * sq_stride, mask=ok, other=0.0))
+
+
+@triton.jit
 def _log1p(q):
     """log(1 + q) for q > -1 to a few float32 ulps of itself, also where 1 + q rounds to
     near 1: log(v) q / (v - 1) with v = fl(1 + q) (v - 1 exact), q where v = 1."""
@@ -550,9 +559,7 @@ def _pkt_split_rows(sq_ptr, sq_lo_ptr, sq_stride, rows, n_rows, eps):
     sqrt(G_rr) double-float (G_rr = hi + lo at sq_ptr, sq_lo_ptr + r sq_stride), and rw =
     -w / n float32 (0 where n = 0). dd_div corrects its quotient by an exact remainder, so a
     GPU's approximate `/` costs nothing here."""
-    live = rows < n_rows
-    n, n_lo = dd_sqrt(tl.load(sq_ptr + rows.to(tl.int64) * sq_stride, mask=live, other=0.0),
-                      tl.load(sq_lo_ptr + rows.to(tl.int64) * sq_stride, mask=live, other=0.0))
+    n, n_lo = _split_norms(sq_ptr, sq_lo_ptr, sq_stride, rows, n_rows)
     d, d_lo = two_sum(n, eps)
     w, w_lo = dd_div(1.0, 0.0, d, d_lo + n_lo)
     return w, w_lo, tl.where(n > 0, -div(w, tl.where(n > 0, n, 1.0)), 0.0)
@@ -848,9 +855,7 @@ def _cc_split_rows(sq_ptr, sq_lo_ptr, sq_stride, rows, n_rows):
     """(n, n_lo, w, rw) for these rows (< n_rows): n = max(sqrt(G_rr), 1e-12) double-float
     (G_rr = hi + lo at sq_ptr, sq_lo_ptr + r sq_stride), w = 1 / n, rw = -w where the clamp
     lets the gradient through, else 0."""
-    ok = rows < n_rows
-    n, n_lo = dd_sqrt(tl.load(sq_ptr + rows.to(tl.int64) * sq_stride, mask=ok, other=1.0),
-                      tl.load(sq_lo_ptr + rows.to(tl.int64) * sq_stride, mask=ok, other=0.0))
+    n, n_lo = _split_norms(sq_ptr, sq_lo_ptr, sq_stride, rows, n_rows)
     live = n >= 1e-12
     n = tl.where(live, n, 1e-12)
     w = 1.0 / n
