@@ -354,8 +354,9 @@ def vid(pred_mean, fm_t, alpha, eps=1e-6):
 class AFDFunction(torch.autograd.Function):
     """mean_b sum_c rho[b, c] mean_hw (s' - t')^2, f' = f / (||f||_2 over (H, W) + eps).
 
-    One kernel per direction over the rows (b, c); forward saves per-row norms and sums
-    (B C x 5). drho = q / (B HW) with q the per-row sum of (s' - t')^2.
+    One kernel per direction over the rows (b, c) (forward two for long rows split into
+    chunks); forward saves per-row norms and per-chunk sums (B C, chunks, 5). drho = q / (B HW)
+    with q the per-row sum of (s' - t')^2.
     """
 
     @staticmethod
@@ -363,7 +364,7 @@ class AFDFunction(torch.autograd.Function):
         xs, xt = as_3d(fm_s), as_3d(fm_t)
         B, C, L = xs.shape
         stats = _ew.normalized_distance(xs, xt, eps, add_eps=True, l1=False)
-        q = stats[:, 2].view(B, C)
+        q = _ew.row_distance(stats).view(B, C)
         ctx.save_for_backward(fm_s, fm_t, rho, stats)
         ctx.eps = eps
         return ((rho.detach().to(q.dtype) * q).sum() / (B * L)).to(result_dtype(fm_s, fm_t, rho))
@@ -378,7 +379,7 @@ class AFDFunction(torch.autograd.Function):
         weight = (2.0 / (B * L)) * g * rho.to(stats.dtype).reshape(-1)
         ds, dt = _ew.normalized_distance_grad(xs, xt, stats, weight.contiguous(), ctx.eps, True, False,
                                               *ctx.needs_input_grad[:2])
-        d_rho = (g * stats[:, 2].view(B, C) / (B * L)).to(rho.dtype) if ctx.needs_input_grad[2] else None
+        d_rho = (g * _ew.row_distance(stats).view(B, C) / (B * L)).to(rho.dtype) if ctx.needs_input_grad[2] else None
         return (None if ds is None else ds.view(fm_s.shape),
                 None if dt is None else dt.view(fm_t.shape), d_rho, None)
 
@@ -402,7 +403,7 @@ class NormalizedRowsFunction(torch.autograd.Function):
         stats = _ew.normalized_distance(xs, xt, 1e-12, add_eps=False, l1=l1)
         ctx.save_for_backward(s, t, stats)
         ctx.l1 = l1
-        return (stats[:, 2].sum() / s.numel()).to(result_dtype(s, t))
+        return (stats[:, :, 2].sum() / s.numel()).to(result_dtype(s, t))
 
     @staticmethod
     @first_order

@@ -12,10 +12,11 @@ result is finite; KL-type losses never negative; no input modified.
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastkd.backend import IMPLEMENTATIONS
+from fastkd.kernels import elementwise as elementwise_kernels
 from fastkd.reference.crd import contrast_scores, normalizer
 from fastkd.reference.nst import poly_kernel
 from helpers import assert_within_reference_error
@@ -301,3 +302,19 @@ def test_kl_near_zero_stays_non_negative_and_accurate(op, backend):
         refs.append(IMPLEMENTATIONS[op]["reference"](s, t, *extra).double() - exact)
     rms = lambda x: torch.stack(x).square().mean().sqrt()  # noqa: E731
     assert rms(ours) <= 10 * rms(refs), f"{op} {backend}: RMS error {rms(ours):.2e}, reference's {rms(refs):.2e}"
+
+
+@pytest.mark.parametrize("op", ["ft", "afd", "sobolev"])
+@settings(max_examples=12)
+@given(case=cases(), hw=st.tuples(st.integers(23, 30), st.integers(23, 30)))
+def test_triton_backend_split_rows(op, case, hw):
+    """The same checks with the normalised rows split into chunks of 256 values, one program
+    each, as FT's and Sobolev's whole-sample rows split on a GPU at ImageNet shapes
+    (fastkd.kernels.elementwise.row_chunk): every row here has at least three chunks."""
+    case = dict(case, H=hw[0], W=hw[1])
+    rows, length = case["B"] * (case["C"] if op == "afd" else 1), hw[0] * hw[1] * (1 if op == "afd" else case["C"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(elementwise_kernels, "_SPLIT_PROGRAMS", 4096)
+        patch.setattr(elementwise_kernels, "_SPLIT_MIN_CHUNK", 256)
+        assert elementwise_kernels.row_chunk(rows, length) == 256 and length > 512
+        check(op, "triton", case)

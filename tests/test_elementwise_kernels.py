@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import fastkd
 import fastkd.autograd as fa
+from fastkd.kernels import elementwise as ew
 from fastkd import functional as FF
 from fastkd import reference as R
 from helpers import TOLERANCE, assert_close, assert_within_reference_error
@@ -179,6 +180,26 @@ def test_outputs_fully_written(op, poisoned_empty):
     for a, r in zip(grads, ref_grads):
         assert_close(a, r)
 
+
+
+@pytest.mark.parametrize("op", ["ft", "afd"])
+def test_split_rows_fully_written(op, poisoned_empty, monkeypatch):
+    # Rows cut into chunks of 256 values (fastkd.kernels.elementwise.row_chunk), the last one
+    # ragged: FT's 2 rows of 2001 values into 8 chunks, AFD's 6 rows of 667 into 3.
+    monkeypatch.setattr(ew, "_SPLIT_PROGRAMS", 4096)
+    monkeypatch.setattr(ew, "_SPLIT_MIN_CHUNK", 256)
+    shape = (2, 3, 23, 29)
+    rows, length = (6, 667) if op == "afd" else (2, 2001)
+    assert ew.row_chunk(rows, length) == 256
+    fn, ref, make, need = OPS[op]
+    g = torch.Generator().manual_seed(6)
+    tensors, extra = make(g, shape, ("channels_last", "strided"), (1.0, 1e3))
+    upstream = torch.tensor(0.9, dtype=torch.float64)
+    loss, grads = loss_and_grads(fn, tensors, extra, need, upstream, "triton")
+    ref_loss, ref_grads = loss_and_grads(ref, tensors, extra, need, upstream)
+    assert_close(loss, ref_loss)
+    for a, r in zip(grads, ref_grads):
+        assert_close(a, r)
 
 # --- Sobolev and LwM: losses of input gradients, differentiated twice ------------------------
 

@@ -330,32 +330,75 @@ def _row_values(ps, pt, ssk, stk, k0, L, ACC: tl.constexpr, BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _normalized_distance_kernel(s, t, stats, C, L, eps: tl.float64, ssb, ssc, ssk, stb, stc, stk,
-                                ADD_EPS: tl.constexpr, L1: tl.constexpr, ACC: tl.constexpr,
-                                BLOCK: tl.constexpr):
-    # Row r: s' = s r_s, t' = t r_t, d = s' - t'; stats[r] = (||s||, ||t||, sum phi(d),
-    # sum phi'(d) s, sum phi'(d) t) with phi = |.| (L1) or (.)^2, phi' = sign or identity.
-    r = tl.program_id(0).to(tl.int64)
+def _row_chunk(s, t, C, L, CHUNK, ssb, ssc, stb, stc):
+    # Program -> (its row r, its chunk j, the row's chunk count n, the chunk's end, each
+    # side's row start): rows (b, c) of L values, each cut into chunks of CHUNK.
+    pid = tl.program_id(0).to(tl.int64)
+    n = tl.cdiv(L, CHUNK)
+    r, j = pid // n, pid % n
     b, c = r // C, r % C
-    ps = s + b * ssb + c * ssc
-    pt = t + b * stb + c * stc
-    eps = to_acc(eps, ACC)
+    return r, j, n, tl.minimum(j * CHUNK + CHUNK, L), s + b * ssb + c * ssc, t + b * stb + c * stc
+
+
+@triton.jit
+def _row_squares(ps, pt, ssk, stk, k_lo, k_hi, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    # (sum s^2, sum t^2) over a row's values k_lo:k_hi.
     ss = tl.zeros([BLOCK], dtype=ACC)
     tt = tl.zeros([BLOCK], dtype=ACC)
-    for k0 in range(0, L, BLOCK):
-        k, km, x, y = _row_values(ps, pt, ssk, stk, k0, L, ACC, BLOCK)
+    for k0 in range(k_lo, k_hi, BLOCK):
+        k, km, x, y = _row_values(ps, pt, ssk, stk, k0, k_hi, ACC, BLOCK)
         ss += x * x
         tt += y * y
-    n_s = sqrt(tl.sum(ss, axis=0))
-    n_t = sqrt(tl.sum(tt, axis=0))
+    return tl.sum(ss, axis=0), tl.sum(tt, axis=0)
+
+
+@triton.jit
+def _chunk_sums(part, r, n, col, width, BLOCK: tl.constexpr):
+    # sum over the row's n chunks j of part[r, j, col], part (R, n, width): in the chunks' order,
+    # so every program of a row forms the same sum.
+    acc = tl.zeros([BLOCK], dtype=part.dtype.element_ty)
+    for j0 in range(0, n, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        acc += tl.load(part + (r * n + j) * width + col, mask=j < n, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _row_squares_kernel(s, t, squares, C, L, CHUNK, ssb, ssc, ssk, stb, stc, stk, ACC: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    # A split row's first pass: squares[r, j] = (sum s^2, sum t^2) over chunk j of row r.
+    r, j, n, k_hi, ps, pt = _row_chunk(s, t, C, L, CHUNK, ssb, ssc, stb, stc)
+    ss, tt = _row_squares(ps, pt, ssk, stk, j * CHUNK, k_hi, ACC, BLOCK)
+    pid = r * n + j
+    tl.store(squares + 2 * pid, ss)
+    tl.store(squares + 2 * pid + 1, tt)
+
+
+@triton.jit
+def _normalized_distance_kernel(s, t, squares, stats, C, L, CHUNK, eps: tl.float64, ssb, ssc, ssk, stb, stc, stk,
+                                ADD_EPS: tl.constexpr, L1: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr,
+                                BLOCK: tl.constexpr):
+    # Row r, chunk j: s' = s r_s, t' = t r_t, d = s' - t'; stats[r, j] = (||s||, ||t||, and over
+    # the chunk sum phi(d), sum phi'(d) s, sum phi'(d) t) with phi = |.| (L1) or (.)^2, phi' =
+    # sign or identity. The norms come from a pass over the whole row (one chunk: the second
+    # pass reads it again from cache) or, SPLIT, from _row_squares_kernel's chunk sums.
+    r, j, n, k_hi, ps, pt = _row_chunk(s, t, C, L, CHUNK, ssb, ssc, stb, stc)
+    eps = to_acc(eps, ACC)
+    if SPLIT:
+        ss = _chunk_sums(squares, r, n, 0, 2, BLOCK)
+        tt = _chunk_sums(squares, r, n, 1, 2, BLOCK)
+    else:
+        ss, tt = _row_squares(ps, pt, ssk, stk, 0, L, ACC, BLOCK)
+    n_s = sqrt(ss)
+    n_t = sqrt(tt)
     r_s, _ = _inverse_norm(n_s, eps, ADD_EPS)
     r_t, _ = _inverse_norm(n_t, eps, ADD_EPS)
     dist = tl.zeros([BLOCK], dtype=ACC)
     u_s = tl.zeros([BLOCK], dtype=ACC)
     u_t = tl.zeros([BLOCK], dtype=ACC)
-    for k0 in range(0, L, BLOCK):
+    for k0 in range(j * CHUNK, k_hi, BLOCK):
         # k and km go unused, but not as `_`: that is a scalar here, and a loop-carried name keeps one type.
-        k, km, x, y = _row_values(ps, pt, ssk, stk, k0, L, ACC, BLOCK)
+        k, km, x, y = _row_values(ps, pt, ssk, stk, k0, k_hi, ACC, BLOCK)
         d = x * r_s - y * r_t
         if L1:
             dist += tl.abs(d)
@@ -364,32 +407,39 @@ def _normalized_distance_kernel(s, t, stats, C, L, eps: tl.float64, ssb, ssc, ss
             dist += d * d
         u_s += d * x
         u_t += d * y
-    tl.store(stats + 5 * r, n_s)
-    tl.store(stats + 5 * r + 1, n_t)
-    tl.store(stats + 5 * r + 2, tl.sum(dist, axis=0))
-    tl.store(stats + 5 * r + 3, tl.sum(u_s, axis=0))
-    tl.store(stats + 5 * r + 4, tl.sum(u_t, axis=0))
+    out = stats + 5 * (r * n + j)
+    tl.store(out, n_s)
+    tl.store(out + 1, n_t)
+    tl.store(out + 2, tl.sum(dist, axis=0))
+    tl.store(out + 3, tl.sum(u_s, axis=0))
+    tl.store(out + 4, tl.sum(u_t, axis=0))
 
 
 @triton.jit
-def _normalized_distance_grad_kernel(s, t, stats, weight, ds, dt, C, L, eps: tl.float64,
+def _normalized_distance_grad_kernel(s, t, stats, weight, ds, dt, C, L, CHUNK, eps: tl.float64,
                                      ssb, ssc, ssk, stb, stc, stk,
-                                     ADD_EPS: tl.constexpr, L1: tl.constexpr, ACC: tl.constexpr,
-                                     WRITE_S: tl.constexpr, WRITE_T: tl.constexpr, BLOCK: tl.constexpr):
+                                     ADD_EPS: tl.constexpr, L1: tl.constexpr, SPLIT: tl.constexpr,
+                                     ACC: tl.constexpr, WRITE_S: tl.constexpr, WRITE_T: tl.constexpr,
+                                     BLOCK: tl.constexpr):
     # For loss = sum_r w_r sum phi(d) / (2 if squared): with G = w_r phi'(d),
-    # ds = r_s G - s (G . s) |dr/dn|_s / n_s and dt = -(r_t G - t (G . t) |dr/dn|_t / n_t).
-    r = tl.program_id(0).to(tl.int64)
-    b, c = r // C, r % C
-    ps = s + b * ssb + c * ssc
-    pt = t + b * stb + c * stc
+    # ds = r_s G - s (G . s) |dr/dn|_s / n_s and dt = -(r_t G - t (G . t) |dr/dn|_t / n_t),
+    # over row r's chunk j; the dot products G . s, G . t are the sums of the row's chunks.
+    r, j, n, k_hi, ps, pt = _row_chunk(s, t, C, L, CHUNK, ssb, ssc, stb, stc)
     w = tl.load(weight + r).to(ACC)
     eps = to_acc(eps, ACC)
-    r_s, slope_s = _inverse_norm(tl.load(stats + 5 * r).to(ACC), eps, ADD_EPS)
-    r_t, slope_t = _inverse_norm(tl.load(stats + 5 * r + 1).to(ACC), eps, ADD_EPS)
-    c_s = slope_s * tl.load(stats + 5 * r + 3).to(ACC)
-    c_t = slope_t * tl.load(stats + 5 * r + 4).to(ACC)
-    for k0 in range(0, L, BLOCK):
-        k, km, x, y = _row_values(ps, pt, ssk, stk, k0, L, ACC, BLOCK)
+    row = stats + 5 * r * n
+    r_s, slope_s = _inverse_norm(tl.load(row).to(ACC), eps, ADD_EPS)
+    r_t, slope_t = _inverse_norm(tl.load(row + 1).to(ACC), eps, ADD_EPS)
+    if SPLIT:
+        u_s = _chunk_sums(stats, r, n, 3, 5, BLOCK).to(ACC)
+        u_t = _chunk_sums(stats, r, n, 4, 5, BLOCK).to(ACC)
+    else:
+        u_s = tl.load(row + 3).to(ACC)
+        u_t = tl.load(row + 4).to(ACC)
+    c_s = slope_s * u_s
+    c_t = slope_t * u_t
+    for k0 in range(j * CHUNK, k_hi, BLOCK):
+        k, km, x, y = _row_values(ps, pt, ssk, stk, k0, k_hi, ACC, BLOCK)
         d = x * r_s - y * r_t
         if L1:
             d = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
@@ -399,27 +449,63 @@ def _normalized_distance_grad_kernel(s, t, stats, weight, ds, dt, C, L, eps: tl.
             tl.store(dt + r * L + k, (-w * (r_t * d - y * c_t)).to(dt.dtype.element_ty), mask=km)
 
 
+# A row is split into chunks, each its own program, where there are too few rows to keep a
+# GPU's memory busy: FT's and Sobolev's rows are whole samples, B of them (256 rows of 400k
+# values at FT's ImageNet shapes, a few programs per SM). Split, forward launches twice (each
+# chunk's squares, then its sums), and its second pass reads the inputs from memory again,
+# where one program per row reads them from cache; so only rows of at least two chunks of
+# _SPLIT_MIN_CHUNK values split, into about _SPLIT_PROGRAMS programs in all.
+_SPLIT_PROGRAMS = 4096
+_SPLIT_MIN_CHUNK = 16384
+
+
+def row_chunk(R, L):
+    """Values per program along R rows of L: L (one program a row), or for a split row a
+    multiple of the kernels' block, at least _SPLIT_MIN_CHUNK."""
+    per_row = cdiv(_SPLIT_PROGRAMS, R)
+    if per_row < 2 or L < 2 * _SPLIT_MIN_CHUNK:
+        return L
+    return cdiv(max(_SPLIT_MIN_CHUNK, cdiv(L, per_row)), _ROW_BLOCK) * _ROW_BLOCK
+
+
 def normalized_distance(s, t, eps, add_eps, l1):
-    """Per-row statistics (R, 5): ||s||, ||t||, sum phi(d), sum phi'(d) s, sum phi'(d) t.
+    """Per-row statistics (R, n, 5), a row's n chunks each (n = 1 unless the row splits,
+    row_chunk): ||s||, ||t||, and over the chunk sum phi(d), sum phi'(d) s, sum phi'(d) t.
 
     s, t (B, C, L) views (rows (b, c)); d = s / (n + eps) - t / (n + eps) when add_eps,
     else with max(n, eps); phi = |.| when l1, else (.)^2.
     """
     B, C, L = s.shape
     acc = accumulation_dtype(s, t)
-    stats = torch.empty((B * C, 5), dtype=acc, device=s.device)
-    _normalized_distance_kernel[(B * C,)](s, t, stats, C, L, float(eps), *s.stride(), *t.stride(),
-                                          ADD_EPS=add_eps, L1=l1, ACC=tl_acc(acc), BLOCK=_ROW_BLOCK, **NO_FMA)
+    chunk = row_chunk(B * C, L)
+    n = cdiv(L, chunk)
+    stats = torch.empty((B * C, n, 5), dtype=acc, device=s.device)
+    squares = torch.empty((B * C, n, 2), dtype=acc, device=s.device) if n > 1 else stats
+    if n > 1:
+        _row_squares_kernel[(B * C * n,)](s, t, squares, C, L, chunk, *s.stride(), *t.stride(), ACC=tl_acc(acc),
+                                          BLOCK=_ROW_BLOCK)
+    _normalized_distance_kernel[(B * C * n,)](s, t, squares, stats, C, L, chunk, float(eps), *s.stride(),
+                                              *t.stride(), ADD_EPS=add_eps, L1=l1, SPLIT=n > 1, ACC=tl_acc(acc),
+                                              BLOCK=_ROW_BLOCK, **NO_FMA)
     return stats
+
+
+def row_distance(stats):
+    """sum phi(d) per row (R,), from normalized_distance's statistics."""
+    return stats[:, 0, 2] if stats.shape[1] == 1 else stats[:, :, 2].sum(1)
 
 
 def normalized_distance_grad(s, t, stats, weight, eps, add_eps, l1, need_s, need_t):
     """(ds, dt) as contiguous (B, C, L) tensors; weight (R,) = dloss / d(sum phi) per row, with the
     factor 2 of the square folded in for the squared distance."""
     B, C, L = s.shape
+    chunk = row_chunk(B * C, L)
+    n = stats.shape[1]
+    assert n == cdiv(L, chunk), "stats from normalized_distance of the same shapes"
     ds, dt = _grads_like(s, t, need_s, need_t)
-    _normalized_distance_grad_kernel[(B * C,)](s, t, stats, weight, s if ds is None else ds, s if dt is None else dt,
-                                               C, L, float(eps), *s.stride(), *t.stride(),
-                                               ADD_EPS=add_eps, L1=l1, ACC=tl_acc(stats.dtype),
-                                               WRITE_S=need_s, WRITE_T=need_t, BLOCK=_ROW_BLOCK, **NO_FMA)
+    _normalized_distance_grad_kernel[(B * C * n,)](s, t, stats, weight, s if ds is None else ds,
+                                                   s if dt is None else dt, C, L, chunk, float(eps), *s.stride(),
+                                                   *t.stride(), ADD_EPS=add_eps, L1=l1, SPLIT=n > 1,
+                                                   ACC=tl_acc(stats.dtype), WRITE_S=need_s, WRITE_T=need_t,
+                                                   BLOCK=_ROW_BLOCK, **NO_FMA)
     return ds, dt
