@@ -20,6 +20,7 @@ from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
 from fastkd import backend
+from fastkd.kernels import gram
 from adversarial_rows import CASES, rows
 from helpers import assert_within_reference_error
 
@@ -117,6 +118,23 @@ def test_torch_path(op, n, d, case, gap_exp, near, dtype, seed):
 @given(n=st.integers(2, 12), d=st.integers(1, 24), **CASE)
 def test_triton(op, n, d, case, gap_exp, near, dtype, seed):
     check(op, "triton", n, d, case, gap_exp, near, dtype, seed)
+
+
+# The ops whose kernels sum along rows over chunks of the columns (gram.column_chunks).
+CHUNKED = ("rkd_distance", "sp", "pkt_cos_sim", "cc", "irg_edge")
+
+
+@pytest.mark.parametrize("op", CHUNKED)
+@settings(max_examples=8)
+@given(n=st.integers(33, 48), d=st.integers(1, 16), **CASE)
+def test_triton_column_chunks(op, n, d, case, gap_exp, near, dtype, seed):
+    """The same checks with every row's sums taken over two chunks of the columns, one program
+    each, and added after, as a GPU runs them from N = 256 (gram.column_chunks)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gram, "CHUNK_PROGRAMS", 64)
+        patch.setattr(gram, "CHUNK_MIN_TILES", 1)
+        assert gram.column_chunks(n, n) == (32, 2)
+        check(op, "triton", n, d, case, gap_exp, near, dtype, seed)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from .common import NO_FMA, cdiv, dd_div, dd_sqrt, dd_sum, div, sqrt, to_acc, two_prod, two_sum
-from .gram import BLOCK, TILE_WARPS, _load_tile, grad_buffers, store_total
+from .gram import (BLOCK, TILE_WARPS, _load_tile, chunk_columns, chunk_total, column_chunks, grad_buffers,
+                   store_total)
 
 
 @triton.jit
@@ -26,6 +27,23 @@ def _store_part_and_dots(part_ptr, dots_ptr, ra, R, loss, dot_s, dot_t):
     tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
     tl.store(dots_ptr + ra, dot_s, mask=ra < R)
     tl.store(dots_ptr + R + ra, dot_t, mask=ra < R)
+
+
+@triton.jit
+def _dd_chunks_kernel(part_ptr, out_ptr, M, chunks, BLOCK: tl.constexpr):
+    """out (2, M) = hi and lo of the double-float sums over the chunks of part (chunks, 2, M)
+    (each chunk's hi, then its lo), in chunk order."""
+    m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = m < M
+    hi = tl.zeros([BLOCK], dtype=tl.float32)
+    lo = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, chunks):
+        chunk = part_ptr + j * 2 * M
+        hi, err = two_sum(hi, tl.load(chunk + m, mask=ok, other=0.0))
+        lo += err + tl.load(chunk + M + m, mask=ok, other=0.0)
+    hi, lo = two_sum(hi, lo)
+    tl.store(out_ptr + m, hi, mask=ok)
+    tl.store(out_ptr + M + m, lo, mask=ok)
 
 
 # --- SP -----------------------------------------------------------------------
@@ -161,31 +179,101 @@ def _power_of_two_below(top):
 
 
 @triton.jit
-def _sp_split_norms(hi_ptr, lo_ptr, ra, R, N, BLOCK: tl.constexpr):
-    """(n, n_lo): the row norms of G = hi + lo (R, N) for the rows ra, double-float, clamped
-    at 1e-12 as F.normalize does (lo 0 there); 1 outside. Each row is summed scaled by the
-    power of two that brings its largest |G| into [1, 2) (_power_of_two_below, exact): its
-    squares neither overflow float32 (|G| past 1e19, where the reference's own norm is
-    finite) nor underflow (a row of entries below 1e-19, which would read as a zero row)."""
+def _sp_split_squares(hi_ptr, lo_ptr, ra, R, N, first, end, BLOCK: tl.constexpr):
+    """(scale, sq, sq_lo): the sums of squares of G = hi + lo (R, N) over the columns
+    first:end for the rows ra, double-float, each row scaled by the power of two that brings
+    its largest |G| there into [1, 2) (_power_of_two_below, exact): its squares neither
+    overflow float32 (|G| past 1e19, where the reference's own norm is finite) nor underflow
+    (a row of entries below 1e-19, which would read as a zero row)."""
     top = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, N, BLOCK):
+    for start in range(first, end, BLOCK):
         rb = start + tl.arange(0, BLOCK)
         top = tl.maximum(top, tl.max(tl.abs(_load_tile(hi_ptr, ra, rb, R, N)), 1))
     scale = _power_of_two_below(top)
     acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     acc_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-    for start in range(0, N, BLOCK):
+    for start in range(first, end, BLOCK):
         rb = start + tl.arange(0, BLOCK)
         g = _load_tile(hi_ptr, ra, rb, R, N) * scale[:, None]
         p, p_err = two_prod(g, g)
         acc, err = two_sum(acc, p)
         acc_lo += err + (p_err + 2 * g * (_load_tile(lo_ptr, ra, rb, R, N) * scale[:, None]))
     sq, sq_lo = dd_sum(acc, acc_lo, 1)
+    return scale, sq, sq_lo
+
+
+@triton.jit
+def _sp_split_norm(scale, sq, sq_lo, ra, R):
+    """(n, n_lo): a row norm, double-float, from its scaled sum of squares (_sp_split_squares),
+    clamped at 1e-12 as F.normalize does (lo 0 there); 1 outside (ra >= R)."""
     n, n_lo = dd_sqrt(sq, sq_lo)
     n = n / scale
     n_lo = n_lo / scale
     small = n < 1e-12
     return tl.where(ra < R, tl.where(small, 1e-12, n), 1.0), tl.where((ra < R) & ~small, n_lo, 0.0)
+
+
+@triton.jit
+def _sp_split_norms(hi_ptr, lo_ptr, ra, R, N, BLOCK: tl.constexpr):
+    """(n, n_lo): the row norms of G = hi + lo (R, N) for the rows ra (_sp_split_norm)."""
+    scale, sq, sq_lo = _sp_split_squares(hi_ptr, lo_ptr, ra, R, N, 0, N, BLOCK)
+    return _sp_split_norm(scale, sq, sq_lo, ra, R)
+
+
+@triton.jit
+def _sp_split_squares_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, part_ptr, R, N, COLS, BLOCK: tl.constexpr):
+    """Split rows' first pass: (scale, sq, sq_lo) of _sp_split_squares over a chunk of the
+    columns at part (chunks, 2 sides, 3, R)[chunk]."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    first, end = chunk_columns(COLS, N)
+    out = part_ptr + tl.program_id(1) * 6 * R
+    scale, sq, sq_lo = _sp_split_squares(gs_ptr, gs_lo_ptr, ra, R, N, first, end, BLOCK)
+    tl.store(out + ra, scale, mask=ra < R)
+    tl.store(out + R + ra, sq, mask=ra < R)
+    tl.store(out + 2 * R + ra, sq_lo, mask=ra < R)
+    scale, sq, sq_lo = _sp_split_squares(gt_ptr, gt_lo_ptr, ra, R, N, first, end, BLOCK)
+    tl.store(out + 3 * R + ra, scale, mask=ra < R)
+    tl.store(out + 4 * R + ra, sq, mask=ra < R)
+    tl.store(out + 5 * R + ra, sq_lo, mask=ra < R)
+
+
+@triton.jit
+def _sp_split_chunk_norms(part_ptr, side, ra, R, chunks):
+    """A side's row norms (_sp_split_norm) from its chunks' scaled sums (part as
+    _sp_split_squares_kernel's), rescaled to the smallest scale of the chunks that are not all
+    zeros (the row's largest |G|; 1 for a zero row) by exact powers of two (<= 1, so nothing
+    overflows), in chunk order; a chunk of zeros adds nothing."""
+    ok = ra < R
+    scale = tl.zeros(ra.shape, dtype=tl.float32)  # 0: no chunk that is not all zeros yet
+    for j in range(0, chunks):
+        chunk = part_ptr + (j * 2 + side) * 3 * R
+        scale_j = tl.load(chunk + ra, mask=ok, other=1.0)
+        live = tl.load(chunk + R + ra, mask=ok, other=0.0) != 0.0
+        scale = tl.where(live, tl.where(scale == 0.0, scale_j, tl.minimum(scale, scale_j)), scale)
+    scale = tl.where(scale == 0.0, 1.0, scale)
+    sq = tl.zeros(ra.shape, dtype=tl.float32)
+    sq_lo = tl.zeros(ra.shape, dtype=tl.float32)
+    for j in range(0, chunks):
+        chunk = part_ptr + (j * 2 + side) * 3 * R
+        sq_j = tl.load(chunk + R + ra, mask=ok, other=0.0)
+        f = div(scale, tl.load(chunk + ra, mask=ok, other=1.0))  # exact: powers of two
+        f2 = tl.where(sq_j != 0.0, f * f, 0.0)
+        sq, err = two_sum(sq, sq_j * f2)
+        sq_lo += err + tl.load(chunk + 2 * R + ra, mask=ok, other=0.0) * f2
+    sq, sq_lo = two_sum(sq, sq_lo)
+    return _sp_split_norm(scale, sq, sq_lo, ra, R)
+
+
+@triton.jit
+def _sp_split_norms_kernel(part_ptr, stats_ptr, R, chunks, BLOCK: tl.constexpr):
+    """Split rows: stats (4, 2, R)'s norms ([0]: hi, [1]: lo) from the chunks' sums."""
+    ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n_s, n_s_lo = _sp_split_chunk_norms(part_ptr, 0, ra, R, chunks)
+    n_t, n_t_lo = _sp_split_chunk_norms(part_ptr, 1, ra, R, chunks)
+    tl.store(stats_ptr + ra, n_s, mask=ra < R)
+    tl.store(stats_ptr + R + ra, n_t, mask=ra < R)
+    tl.store(stats_ptr + 2 * R + ra, n_s_lo, mask=ra < R)
+    tl.store(stats_ptr + 3 * R + ra, n_t_lo, mask=ra < R)
 
 
 @triton.jit
@@ -215,23 +303,32 @@ def _dd_row_sum(acc, acc_lo, p, p_lo):
 
 
 @triton.jit
-def _sp_split_loss_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, stats_ptr, part_ptr, R, N,
-                          BLOCK: tl.constexpr):
-    """_sp_loss_kernel on G = hi + lo in float32 arithmetic: stats (4, 2, R) = the norms' hi
-    and lo parts, the dots' hi and lo parts, part = sum (G^_s - G^_t)^2 for a block of rows."""
+def _sp_split_loss_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, stats_ptr, part_ptr, dots_ptr, R, N, COLS,
+                          SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """_sp_loss_kernel on G = hi + lo in float32 arithmetic, for a block of rows and a chunk of
+    the columns: stats (4, 2, R) = the norms' hi and lo parts (formed here, or SPLIT read
+    from _sp_split_norms_kernel), and the dots' hi and lo parts at dots (chunks, 2, 2, R)'s
+    [chunk] (one chunk: stats[2:]), part[program] = sum (G^_s - G^_t)^2."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    n_s, n_s_lo = _sp_split_norms(gs_ptr, gs_lo_ptr, ra, R, N, BLOCK)
-    n_t, n_t_lo = _sp_split_norms(gt_ptr, gt_lo_ptr, ra, R, N, BLOCK)
-    tl.store(stats_ptr + ra, n_s, mask=ra < R)
-    tl.store(stats_ptr + R + ra, n_t, mask=ra < R)
-    tl.store(stats_ptr + 2 * R + ra, n_s_lo, mask=ra < R)
-    tl.store(stats_ptr + 3 * R + ra, n_t_lo, mask=ra < R)
+    first, end = chunk_columns(COLS, N)
+    if SPLIT:
+        n_s = tl.load(stats_ptr + ra, mask=ra < R, other=1.0)
+        n_t = tl.load(stats_ptr + R + ra, mask=ra < R, other=1.0)
+        n_s_lo = tl.load(stats_ptr + 2 * R + ra, mask=ra < R, other=0.0)
+        n_t_lo = tl.load(stats_ptr + 3 * R + ra, mask=ra < R, other=0.0)
+    else:
+        n_s, n_s_lo = _sp_split_norms(gs_ptr, gs_lo_ptr, ra, R, N, BLOCK)
+        n_t, n_t_lo = _sp_split_norms(gt_ptr, gt_lo_ptr, ra, R, N, BLOCK)
+        tl.store(stats_ptr + ra, n_s, mask=ra < R)
+        tl.store(stats_ptr + R + ra, n_t, mask=ra < R)
+        tl.store(stats_ptr + 2 * R + ra, n_s_lo, mask=ra < R)
+        tl.store(stats_ptr + 3 * R + ra, n_t_lo, mask=ra < R)
     loss = tl.zeros([BLOCK], dtype=tl.float32)
     dot_s = tl.zeros([BLOCK], dtype=tl.float32)
     dot_s_lo = tl.zeros([BLOCK], dtype=tl.float32)
     dot_t = tl.zeros([BLOCK], dtype=tl.float32)
     dot_t_lo = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, N, BLOCK):
+    for start in range(first, end, BLOCK):
         rb = start + tl.arange(0, BLOCK)
         d, d_lo, h_s, h_s_lo, h_t, h_t_lo = _sp_split_diff(
             _load_tile(gs_ptr, ra, rb, R, N), _load_tile(gs_lo_ptr, ra, rb, R, N), _load_tile(gt_ptr, ra, rb, R, N),
@@ -239,9 +336,12 @@ def _sp_split_loss_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, stats_ptr, part_
         loss += tl.sum(d * d, 1)
         dot_s, dot_s_lo = _dd_row_sum(dot_s, dot_s_lo, *_dd_product(d, d_lo, h_s, h_s_lo))
         dot_t, dot_t_lo = _dd_row_sum(dot_t, dot_t_lo, *_dd_product(d, d_lo, h_t, h_t_lo))
-    _store_part_and_dots(part_ptr, stats_ptr + 4 * R, ra, R, loss, dot_s, dot_t)
-    tl.store(stats_ptr + 6 * R + ra, dot_s_lo, mask=ra < R)
-    tl.store(stats_ptr + 7 * R + ra, dot_t_lo, mask=ra < R)
+    tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(loss, 0))
+    out = dots_ptr + tl.program_id(1) * 4 * R
+    tl.store(out + ra, dot_s, mask=ra < R)
+    tl.store(out + R + ra, dot_t, mask=ra < R)
+    tl.store(out + 2 * R + ra, dot_s_lo, mask=ra < R)
+    tl.store(out + 3 * R + ra, dot_t_lo, mask=ra < R)
 
 
 @triton.jit
@@ -301,10 +401,20 @@ def sp_split_forward(g_s, g_t):
     """sp_forward on the float32 path: g_* = (hi, lo) (gram.gram_split) each (R, N); part
     (row blocks,) float32 sums to N^2 * loss, stats (4, 2, R) float32."""
     rows, n = g_s[0].shape
-    nb = cdiv(rows, BLOCK)
-    stats = torch.empty((4, 2, rows), dtype=torch.float32, device=g_s[0].device)
-    part = torch.empty(nb, dtype=torch.float32, device=g_s[0].device)
-    _sp_split_loss_kernel[(nb,)](*g_s, *g_t, stats, part, rows, n, BLOCK=BLOCK, **NO_FMA)
+    cols, chunks = column_chunks(rows, n)
+    grid = (cdiv(rows, BLOCK), chunks)
+    device = g_s[0].device
+    stats = torch.empty((4, 2, rows), dtype=torch.float32, device=device)
+    if chunks > 1:  # the norms first, from each chunk's sums of squares
+        squares = torch.empty((chunks, 2, 3, rows), dtype=torch.float32, device=device)
+        _sp_split_squares_kernel[grid](*g_s, *g_t, squares, rows, n, cols, BLOCK=BLOCK, **NO_FMA)
+        _sp_split_norms_kernel[(cdiv(rows, 1024),)](squares, stats, rows, chunks, BLOCK=1024, **NO_FMA)
+    part = torch.empty(grid[0] * chunks, dtype=torch.float32, device=device)
+    dots = stats[2:] if chunks == 1 else torch.empty((chunks, 2, 2, rows), dtype=torch.float32, device=device)
+    _sp_split_loss_kernel[grid](*g_s, *g_t, stats, part, dots, rows, n, cols, SPLIT=chunks > 1, BLOCK=BLOCK,
+                                **NO_FMA)
+    if chunks > 1:
+        _dd_chunks_kernel[(cdiv(2 * rows, 1024),)](dots, stats[2:], 2 * rows, chunks, BLOCK=1024, **NO_FMA)
     return part, stats
 
 
@@ -605,18 +715,20 @@ def _pkt_split_tile(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, s
 
 @triton.jit
 def _pkt_split_sums_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr,
-                           sq_stride, eps: tl.float64, stats_ptr, lo, R, N, BLOCK: tl.constexpr):
-    """_pkt_sums_kernel in float32 arithmetic: the row sums S of C' double-float, their hi
-    and lo parts at stats (3, 2, R)'s [0] and [1], for a block of the rows lo:lo + R."""
+                           sq_stride, eps: tl.float64, sums_ptr, lo, R, N, COLS, BLOCK: tl.constexpr):
+    """_pkt_sums_kernel in float32 arithmetic: the row sums S of C' double-float over a chunk
+    of the columns, for a block of the rows lo:lo + R: their hi parts at sums (chunks, 2, 2,
+    R)'s [chunk, 0], the lo parts at [chunk, 1] (one chunk: stats (3, 2, R)'s [0] and [1])."""
     eps = tl.cast(eps, tl.float32)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    first, end = chunk_columns(COLS, N)
     wa_s, wa_s_lo, _, wa_t, wa_t_lo, _ = _pkt_split_weights(sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr, sq_stride,
                                                             lo + ra, lo + R, eps)
     acc_s = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     acc_s_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     acc_t_lo = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-    for start in range(0, N, BLOCK):
+    for start in range(first, end, BLOCK):
         # Named, not `_`: a loop-carried name keeps one type, and `_` is a (BLOCK,) vector here.
         ok, c_s, c_s_lo, c_t, c_t_lo, wb_s, wb_t = _pkt_split_tile(
             gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr, sq_stride, ra,
@@ -627,10 +739,11 @@ def _pkt_split_sums_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo
         acc_t_lo += err_t + c_t_lo
     sum_s, sum_s_lo = dd_sum(acc_s, acc_s_lo, 1)
     sum_t, sum_t_lo = dd_sum(acc_t, acc_t_lo, 1)
-    tl.store(stats_ptr + ra, sum_s, mask=ra < R)
-    tl.store(stats_ptr + R + ra, sum_t, mask=ra < R)
-    tl.store(stats_ptr + 2 * R + ra, sum_s_lo, mask=ra < R)
-    tl.store(stats_ptr + 3 * R + ra, sum_t_lo, mask=ra < R)
+    out = sums_ptr + tl.program_id(1) * 4 * R
+    tl.store(out + ra, sum_s, mask=ra < R)
+    tl.store(out + R + ra, sum_t, mask=ra < R)
+    tl.store(out + 2 * R + ra, sum_s_lo, mask=ra < R)
+    tl.store(out + 3 * R + ra, sum_t_lo, mask=ra < R)
 
 
 @triton.jit
@@ -654,17 +767,20 @@ def _pkt_split_terms(cp_s, cp_s_lo, cp_t, cp_t_lo, stats_ptr, rows, n_rows, stri
 
 @triton.jit
 def _pkt_split_loss_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr,
-                           sq_stride, eps: tl.float64, stats_ptr, part_ptr, lo, R, N, BLOCK: tl.constexpr):
-    """_pkt_loss_kernel in float32 arithmetic: part = sum kl and the dots sum_j A P (shifted
-    A) at stats (3, 2, R)'s [2], for a block of the rows lo:lo + R."""
+                           sq_stride, eps: tl.float64, stats_ptr, part_ptr, dots_ptr, lo, R, N, COLS,
+                           BLOCK: tl.constexpr):
+    """_pkt_loss_kernel in float32 arithmetic, for a block of the rows lo:lo + R and a chunk
+    of the columns: part[program] = sum kl, and the dots sum_j A P (shifted A) at dots
+    (chunks, 2, R)'s [chunk] (one chunk: stats (3, 2, R)'s [2])."""
     eps = tl.cast(eps, tl.float32)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    first, end = chunk_columns(COLS, N)
     wa_s, wa_s_lo, _, wa_t, wa_t_lo, _ = _pkt_split_weights(sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr, sq_stride,
                                                             lo + ra, lo + R, eps)
     loss = tl.zeros([BLOCK], dtype=tl.float32)
     dot_s = tl.zeros([BLOCK], dtype=tl.float32)
     dot_t = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, N, BLOCK):
+    for start in range(first, end, BLOCK):
         ok, cp_s, cp_s_lo, cp_t, cp_t_lo, wb_s, wb_t = _pkt_split_tile(
             gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr, sq_stride, ra,
             start + tl.arange(0, BLOCK), R, N, wa_s, wa_s_lo, wa_t, wa_t_lo, eps)
@@ -673,7 +789,10 @@ def _pkt_split_loss_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo
         loss += tl.sum(kl, 1)
         dot_s += tl.sum(a_s * p_s, 1)
         dot_t += tl.sum(a_t * p_t, 1)
-    _store_part_and_dots(part_ptr, stats_ptr + 4 * R, ra, R, loss, dot_s, dot_t)
+    tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(loss, 0))
+    out = dots_ptr + tl.program_id(1) * 2 * R
+    tl.store(out + ra, dot_s, mask=ra < R)
+    tl.store(out + R + ra, dot_t, mask=ra < R)
 
 
 @triton.jit
@@ -690,16 +809,18 @@ def _pkt_split_v(cp_s, cp_s_lo, cp_t, cp_t_lo, stats_ptr, rows, n_rows, stride, 
 
 @triton.jit
 def _pkt_split_grad_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr,
-                           sq_stride, eps: tl.float64, stats_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr, lo, R, N,
+                           sq_stride, eps: tl.float64, stats_ptr, ms_ptr, rs_ptr, mt_ptr, rt_ptr, lo, R, N, COLS,
                            BLOCK: tl.constexpr):
-    """_pkt_grad_kernel in float32 arithmetic, stats (3, 2, N) of every row."""
+    """_pkt_grad_kernel in float32 arithmetic, stats (3, 2, N) of every row, for a block of
+    the rows and a chunk of the columns (r's part: a row of (chunks, R))."""
     eps = tl.cast(eps, tl.float32)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    first, end = chunk_columns(COLS, N)
     wa_s, wa_s_lo, rwa_s, wa_t, wa_t_lo, rwa_t = _pkt_split_weights(sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr,
                                                                     sq_stride, lo + ra, lo + R, eps)
     r_s = tl.zeros([BLOCK], dtype=tl.float32)
     r_t = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, N, BLOCK):
+    for start in range(first, end, BLOCK):
         rb = start + tl.arange(0, BLOCK)
         ok, cp_s, cp_s_lo, cp_t, cp_t_lo, wb_s, wb_t = _pkt_split_tile(
             gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr, sq_stride, ra, rb, R, N,
@@ -711,21 +832,30 @@ def _pkt_split_grad_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo
         # C = 2 C' - 1 (its float32 part): r is no difference of nearly equal numbers.
         r_s += _pkt_m_tile(ms_ptr, ra, rb, N, ok, vab_s, vba_s, 2 * cp_s - 1, wa_s, wb_s)
         r_t += _pkt_m_tile(mt_ptr, ra, rb, N, ok, vab_t, vba_t, 2 * cp_t - 1, wa_t, wb_t)
-    tl.store(rs_ptr + ra, rwa_s * r_s, mask=ra < R)
-    tl.store(rt_ptr + ra, rwa_t * r_t, mask=ra < R)
+    tl.store(rs_ptr + tl.program_id(1) * R + ra, rwa_s * r_s, mask=ra < R)
+    tl.store(rt_ptr + tl.program_id(1) * R + ra, rwa_t * r_t, mask=ra < R)
 
 
 def pkt_split_forward(g_s, g_t, eps, lo=0, sq=None):
     """pkt_forward on the float32 path: g_* = (hi, lo) (gram.gram_split) each (R, N) float32,
     sq as _split_args; (N^2 * loss, stats (3, 2, R)) float32."""
     rows, n = g_s[0].shape
-    nb = cdiv(rows, BLOCK)
+    cols, chunks = column_chunks(rows, n)
+    grid = (cdiv(rows, BLOCK), chunks)
     args = _split_args(g_s, g_t, sq)
-    stats = torch.empty((3, 2, rows), dtype=torch.float32, device=g_s[0].device)
-    _pkt_split_sums_kernel[(nb,)](*args, eps, stats, lo, rows, n, BLOCK=BLOCK, **NO_FMA)
-    part = torch.empty(nb, dtype=torch.float32, device=g_s[0].device)
-    _pkt_split_loss_kernel[(nb,)](*args, eps, stats, part, lo, rows, n, BLOCK=BLOCK, num_warps=TILE_WARPS,
-                                  **NO_FMA)
+    device = g_s[0].device
+    stats = torch.empty((3, 2, rows), dtype=torch.float32, device=device)
+    # Each column chunk's row sums (and dots), added after (in chunk order); one chunk writes stats.
+    sums = stats if chunks == 1 else torch.empty((chunks, 2, 2, rows), dtype=torch.float32, device=device)
+    _pkt_split_sums_kernel[grid](*args, eps, sums, lo, rows, n, cols, BLOCK=BLOCK, **NO_FMA)
+    if chunks > 1:
+        _dd_chunks_kernel[(cdiv(2 * rows, 1024),)](sums, stats, 2 * rows, chunks, BLOCK=1024, **NO_FMA)
+    part = torch.empty(grid[0] * chunks, dtype=torch.float32, device=device)
+    dots = stats[2] if chunks == 1 else torch.empty((chunks, 2, rows), dtype=torch.float32, device=device)
+    _pkt_split_loss_kernel[grid](*args, eps, stats, part, dots, lo, rows, n, cols, BLOCK=BLOCK,
+                                 num_warps=TILE_WARPS, **NO_FMA)
+    if chunks > 1:
+        torch.sum(dots, 0, out=stats[2])
     return part.sum(), stats
 
 
@@ -733,10 +863,12 @@ def pkt_split_backward(g_s, g_t, eps, stats, lo=0, sq=None):
     """pkt_backward on the float32 path (g_*, sq as pkt_split_forward's; stats (3, 2, N) of
     every row): M, r float32."""
     rows, n = g_s[0].shape
-    m_s, r_s, m_t, r_t = grad_buffers(g_s[0], g_t[0])
-    _pkt_split_grad_kernel[(cdiv(rows, BLOCK),)](*_split_args(g_s, g_t, sq), eps, stats, m_s, r_s, m_t, r_t, lo,
-                                                 rows, n, BLOCK=BLOCK, num_warps=TILE_WARPS, **NO_FMA)
-    return m_s, r_s, m_t, r_t
+    cols, chunks = column_chunks(rows, n)
+    m_s, r_s, m_t, r_t = grad_buffers(g_s[0], g_t[0], chunks)
+    _pkt_split_grad_kernel[(cdiv(rows, BLOCK), chunks)](*_split_args(g_s, g_t, sq), eps, stats, m_s, r_s, m_t, r_t,
+                                                        lo, rows, n, cols, BLOCK=BLOCK, num_warps=TILE_WARPS,
+                                                        **NO_FMA)
+    return m_s, chunk_total(r_s), m_t, chunk_total(r_t)
 
 
 @triton.jit
@@ -920,15 +1052,17 @@ def _cc_split_loss_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_
 @triton.jit
 def _cc_split_grad_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_ptr, sqt_ptr, sqt_lo_ptr,
                           sq_stride, c0: tl.float64, two_gamma: tl.float64, ms_ptr, rs_ptr, mt_ptr, rt_ptr, lo,
-                          R, N, P, BLOCK: tl.constexpr):
+                          R, N, P, COLS, BLOCK: tl.constexpr):
     """_cc_grad_kernel in float32 arithmetic, M and r on the raw rows (see the section's
-    header): N^2 dL/dX = M X + r * X for a block of the rows lo:lo + R."""
+    header): N^2 dL/dX = M X + r * X for a block of the rows lo:lo + R and a chunk of the
+    columns (r's part: a row of (chunks, R))."""
     c0 = tl.cast(c0, tl.float32)
     two_gamma = tl.cast(two_gamma, tl.float32)
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    first, end = chunk_columns(COLS, N)
     r_s = tl.zeros([BLOCK], dtype=tl.float32)
     r_t = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, N, BLOCK):
+    for start in range(first, end, BLOCK):
         rb = start + tl.arange(0, BLOCK)
         ok = (ra[:, None] < R) & (rb[None, :] < N)
         diff, dk_s, dk_t, s_s, s_t, wa_s, wa_t, rwa_s, rwa_t = _cc_split_tile(
@@ -946,8 +1080,8 @@ def _cc_split_grad_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo_
                  mask=ok)
     _, _, wa_s, rwa_s = _cc_split_rows(sqs_ptr, sqs_lo_ptr, sq_stride, lo + ra, lo + R)
     _, _, wa_t, rwa_t = _cc_split_rows(sqt_ptr, sqt_lo_ptr, sq_stride, lo + ra, lo + R)
-    tl.store(rs_ptr + ra, rwa_s * wa_s * r_s, mask=ra < R)
-    tl.store(rt_ptr + ra, rwa_t * wa_t * r_t, mask=ra < R)
+    tl.store(rs_ptr + tl.program_id(1) * R + ra, rwa_s * wa_s * r_s, mask=ra < R)
+    tl.store(rt_ptr + tl.program_id(1) * R + ra, rwa_t * wa_t * r_t, mask=ra < R)
 
 
 def cc_split_forward(g_s, g_t, gamma, p_order, lo=0, sq=None):
@@ -965,8 +1099,9 @@ def cc_split_backward(g_s, g_t, gamma, p_order, lo=0, sq=None):
     """(M_s, r_s, M_t, r_t) float32 with N^2 dL/dX = M X + r * X on the raw rows, for the
     rows lo:lo + R (their whole gradient, as cc_backward)."""
     rows, n = g_s[0].shape
-    m_s, r_s, m_t, r_t = grad_buffers(g_s[0], g_t[0])
-    _cc_split_grad_kernel[(cdiv(rows, BLOCK),)](*_split_args(g_s, g_t, sq), math.exp(-2 * gamma), 2 * gamma,
-                                                m_s, r_s, m_t, r_t, lo, rows, n, p_order, BLOCK=BLOCK,
-                                                num_warps=TILE_WARPS, **NO_FMA)
-    return m_s, r_s, m_t, r_t
+    cols, chunks = column_chunks(rows, n)
+    m_s, r_s, m_t, r_t = grad_buffers(g_s[0], g_t[0], chunks)
+    _cc_split_grad_kernel[(cdiv(rows, BLOCK), chunks)](*_split_args(g_s, g_t, sq), math.exp(-2 * gamma), 2 * gamma,
+                                                       m_s, r_s, m_t, r_t, lo, rows, n, p_order, cols, BLOCK=BLOCK,
+                                                       num_warps=TILE_WARPS, **NO_FMA)
+    return m_s, chunk_total(r_s), m_t, chunk_total(r_t)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import NO_FMA, cdiv, dd_div, dd_sqrt, dd_sum, sqrt, two_sum
-from .gram import BLOCK, _load_tile, _smooth_l1, grad_buffers
+from .gram import BLOCK, _load_tile, _smooth_l1, chunk_columns, chunk_total, column_chunks, grad_buffers
 
 
 # --- shared: the clamped tiles and the gradient loop ---------------------------
@@ -75,18 +75,19 @@ def _distance_tile(e_ptr, ra, rb, lo, R, N):
 
 @triton.jit
 def _distance_grad_kernel(es_ptr, et_ptr, sqs_ptr, sqt_ptr, sq_stride, stats_ptr, ms_ptr, rs_ptr, mt_ptr,
-                          rt_ptr, lo, R, N, TILE_W: tl.constexpr, BLOCK: tl.constexpr):
-    """M = -4 W, r = 4 rowsum(W) (R, N) and (R,) for a block of the rows lo:lo + R on each
-    side, W = N^2 dL/dp (p the squared distances) from (W_s, W_t) = TILE_W(es_ptr, et_ptr,
+                          rt_ptr, lo, R, N, COLS, TILE_W: tl.constexpr, BLOCK: tl.constexpr):
+    """M = -4 W, r = 4 rowsum(W) (R, N) and (R,) for a block of the rows lo:lo + R and a chunk
+    of the columns (r's part, a row of (chunks, R)) on each side, W = N^2 dL/dp (p the squared distances) from (W_s, W_t) = TILE_W(es_ptr, et_ptr,
     sqs_ptr, sqt_ptr, sq_stride, stats_ptr, ra, rb, lo, R, N) at each tile (a jit function:
     _rkd_distance_w, _irg_edge_w; the squared norms for IRG's E formed from G).
     W is symmetric, so these rows' M and r give these rows' whole gradient (RKD's distances;
     IRG's edge, whose maximum's share two ranks may round apart, adds W^T's instead:
     fastkd/autograd.py)."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    first, end = chunk_columns(COLS, N)
     r_s = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
     r_t = tl.zeros([BLOCK], dtype=es_ptr.dtype.element_ty)
-    for start in range(0, N, BLOCK):
+    for start in range(first, end, BLOCK):
         rb = start + tl.arange(0, BLOCK)
         w_s, w_t = TILE_W(es_ptr, et_ptr, sqs_ptr, sqt_ptr, sq_stride, stats_ptr, ra, rb, lo, R, N)
         r_s += tl.sum(w_s, 1)
@@ -94,8 +95,8 @@ def _distance_grad_kernel(es_ptr, et_ptr, sqs_ptr, sqt_ptr, sq_stride, stats_ptr
         ok = (ra[:, None] < R) & (rb[None, :] < N)
         tl.store(ms_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], -4 * w_s, mask=ok)
         tl.store(mt_ptr + ra[:, None].to(tl.int64) * N + rb[None, :], -4 * w_t, mask=ok)
-    tl.store(rs_ptr + ra, 4 * r_s, mask=ra < R)
-    tl.store(rt_ptr + ra, 4 * r_t, mask=ra < R)
+    tl.store(rs_ptr + tl.program_id(1) * R + ra, 4 * r_s, mask=ra < R)
+    tl.store(rt_ptr + tl.program_id(1) * R + ra, 4 * r_t, mask=ra < R)
 
 
 def _distance_backward(e_s, e_t, stats, tile_w, lo, sq=None, options=None):
@@ -103,13 +104,14 @@ def _distance_backward(e_s, e_t, stats, tile_w, lo, sq=None, options=None):
     of e_* (R, N)), W from tile_w; sq: IRG's (sq_s, sq_t) (E formed from G = e_*), or on its
     float32 path E's lo parts (e_* the hi parts); options: launch options (IRG's float32
     path: NO_FMA, its compensated arithmetic)."""
-    m_s, r_s, m_t, r_t = grad_buffers(e_s, e_t)
     rows, n = e_s.shape
+    cols, chunks = column_chunks(rows, n)
+    m_s, r_s, m_t, r_t = grad_buffers(e_s, e_t, chunks)
     sq_s, sq_t = (e_s, e_t) if sq is None else sq
-    _distance_grad_kernel[(cdiv(rows, BLOCK),)](e_s, e_t, sq_s, sq_t, sq_s.stride(0), stats, m_s, r_s, m_t,
-                                                r_t, lo, rows, n, TILE_W=tile_w, BLOCK=BLOCK,
-                                                **(options or {}))
-    return m_s, r_s, m_t, r_t
+    _distance_grad_kernel[(cdiv(rows, BLOCK), chunks)](e_s, e_t, sq_s, sq_t, sq_s.stride(0), stats, m_s, r_s, m_t,
+                                                       r_t, lo, rows, n, cols, TILE_W=tile_w, BLOCK=BLOCK,
+                                                       **(options or {}))
+    return m_s, chunk_total(r_s), m_t, chunk_total(r_t)
 
 
 def _tile_parts(kernel, width, e_s, e_t, *stats, lo=0, **flags):

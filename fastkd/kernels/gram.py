@@ -744,9 +744,40 @@ def _load_tile(ptr, ra, rb, R, N):
                    mask=(ra[:, None] < R) & (rb[None, :] < N), other=0.0)
 
 
-def grad_buffers(a_s, a_t):
+# The kernels that sum along the rows of (R, N) matrices (a row's statistics, a gradient's
+# r) would run one program per block of BLOCK rows: N / 32 programs, 32 at N = 1024, for GPUs
+# of 100+ SMs. So each takes a chunk of the columns, program_id(1), and the chunks' row sums
+# are added after, in chunk order: about CHUNK_PROGRAMS programs, each at least
+# CHUNK_MIN_TILES column tiles.
+CHUNK_PROGRAMS = 1024
+CHUNK_MIN_TILES = 4
+
+
+def column_chunks(rows, n):
+    """(columns per program, chunks) over the columns of an (rows, n) matrix; 1 chunk (every
+    column) at the collection's N = 128."""
+    row_blocks, col_blocks = cdiv(rows, BLOCK), cdiv(n, BLOCK)
+    chunks = max(1, min(cdiv(CHUNK_PROGRAMS, row_blocks), col_blocks // CHUNK_MIN_TILES))
+    tiles = cdiv(col_blocks, chunks)
+    return tiles * BLOCK, cdiv(col_blocks, tiles)
+
+
+@triton.jit
+def chunk_columns(COLS, N):
+    """(first, end): this program's columns, chunk program_id(1) of COLS (column_chunks)."""
+    first = tl.program_id(1) * COLS
+    return first, tl.minimum(first + COLS, N)
+
+
+def chunk_total(part):
+    """Row sums (R,) from each column chunk's (chunks, R), added in chunk order."""
+    return part[0] if len(part) == 1 else part.sum(0)
+
+
+def grad_buffers(a_s, a_t, chunks=1):
     """Empty (M_s, r_s, M_t, r_t) for a gradient kernel: M like the (R, N) matrices a_s and
-    a_t (R = N for one process), r (R,) in their dtype."""
+    a_t (R = N for one process), r (chunks, R) in their dtype, a row of r's parts per column
+    chunk (chunk_total adds them)."""
     m_s, m_t = torch.empty_like(a_s), torch.empty_like(a_t)
-    r_s = torch.empty(len(a_s), dtype=a_s.dtype, device=a_s.device)
+    r_s = torch.empty((chunks, len(a_s)), dtype=a_s.dtype, device=a_s.device)
     return m_s, r_s, m_t, torch.empty_like(r_s)
