@@ -7,7 +7,7 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastkd
@@ -15,6 +15,7 @@ import fastkd.autograd as fa
 import test_adversarial_losses as adversarial
 from fastkd import functional as FF
 from fastkd import ops
+from fastkd.kernels import feature_maps
 from fastkd import reference as R
 from helpers import TOLERANCE, assert_close, assert_within_reference_error, route_through_operators
 
@@ -132,6 +133,22 @@ def test_triton_at_general_p_matches_reference(specs, seed):
     assert_close(loss, ref_loss)
     for g, r in zip(grads, ref_grads):
         assert_close(g, r)
+
+
+@pytest.mark.parametrize("op", ["at_p2", "at_p3", "at_normalize_p2"])
+@settings(max_examples=10)
+@given(specs=map_pair(max_c=50))
+def test_triton_at_channel_chunks(op, specs):
+    """AT with its map kernels over chunks of 16 channels, a program each, and the chunks'
+    maps added after (feature_maps.at_channel_chunks), as at ResNet's last layers on a GPU."""
+    for s in specs:
+        B, C, H, W = s["shape"]
+        s["shape"] = (B, max(C, 33), H, W)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(feature_maps, "_AT_PROGRAMS", 4096)
+        patch.setattr(feature_maps, "_AT_MIN_CHANNELS", 16)
+        assert all(feature_maps.at_channel_chunks(B, s["shape"][1], H * W)[1] >= 2 for s in specs)
+        check_against_reference(op, specs, "triton")
 
 
 @pytest.mark.parametrize("op", ["at_p2", "at_p3", "nst"])

@@ -35,16 +35,18 @@ from .common import NO_FMA, as_3d, cdiv, div, dot_f32, sqrt, to_acc
 # --- AT ----------------------------------------------------------------------------
 
 @triton.jit
-def _at_map_kernel(f, a, C, HW, sfb, sfc, sfk, p: tl.float64, P_IS_2: tl.constexpr,
+def _at_map_kernel(f, a, B, C, HW, CHANNELS, sfb, sfc, sfk, p: tl.float64, P_IS_2: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    # a[b, hw] = sum_c |f[b, c, hw]|^p, one program per (b, block of hw).
+    # a[j, b, hw] = sum over chunk j's channels c of |f[b, c, hw]|^p, one program per (b, block
+    # of hw) and chunk j of CHANNELS channels, program_id(1) (at_channel_chunks).
     tiles = tl.cdiv(HW, BLOCK_HW)
     b = (tl.program_id(0) // tiles).to(tl.int64)
     hw = (tl.program_id(0) % tiles) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_mask = hw < HW
     base = f + b * sfb + hw.to(tl.int64)[None, :] * sfk
+    first = tl.program_id(1) * CHANNELS
     acc = tl.zeros([BLOCK_HW], dtype=a.dtype.element_ty)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(first, tl.minimum(first + CHANNELS, C), BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         mask = (c < C)[:, None] & hw_mask[None, :]
         x = tl.abs(tl.load(base + c.to(tl.int64)[:, None] * sfc, mask=mask, other=0.0).to(acc.dtype))
@@ -55,7 +57,7 @@ def _at_map_kernel(f, a, C, HW, sfb, sfc, sfk, p: tl.float64, P_IS_2: tl.constex
             x64 = tl.where(x > 0, x, 1.0).to(tl.float64)
             v = tl.where(x > 0, tl.exp(p * tl.log(x64)).to(acc.dtype), 0.0)
         acc += tl.sum(v, axis=0)
-    tl.store(a + b * HW + hw, acc, mask=hw_mask)
+    tl.store(a + (tl.program_id(1) * B + b) * HW + hw, acc, mask=hw_mask)
 
 
 @triton.jit
@@ -145,15 +147,17 @@ def _at_grad_map_kernel(a_s, a_t, norms, grad_out, ga_s, ga_t, HW, eps: tl.float
 
 
 @triton.jit
-def _at_grad_feature_kernel(f, ga, df, C, HW, sfb, sfc, sfk, p: tl.float64, P_IS_2: tl.constexpr,
+def _at_grad_feature_kernel(f, ga, df, C, HW, CHANNELS, sfb, sfc, sfk, p: tl.float64, P_IS_2: tl.constexpr,
                             BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     # df = dA * d|f|^p/df = dA * p |f|^(p-1) sign(f) (0 where f = 0); df is contiguous (B, C, HW).
+    # One program per (b, block of hw) and chunk of CHANNELS channels, program_id(1).
     tiles = tl.cdiv(HW, BLOCK_HW)
     b = (tl.program_id(0) // tiles).to(tl.int64)
     hw = (tl.program_id(0) % tiles) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_mask = hw < HW
     g = tl.load(ga + b * HW + hw, mask=hw_mask, other=0.0)
-    for c0 in range(0, C, BLOCK_C):
+    first = tl.program_id(1) * CHANNELS
+    for c0 in range(first, tl.minimum(first + CHANNELS, C), BLOCK_C):
         c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
         mask = (c < C)[:, None] & hw_mask[None, :]
         x = tl.load(f + b * sfb + c[:, None] * sfc + hw.to(tl.int64)[None, :] * sfk,
@@ -170,17 +174,32 @@ def _at_grad_feature_kernel(f, ga, df, C, HW, sfb, sfc, sfk, p: tl.float64, P_IS
 
 _AT_BLOCK_C = 16
 _AT_BLOCK_HW = 64
+# The map kernels run a program per (sample, block of 64 positions), each over every channel:
+# at ResNet's last layers (B = 256, 2048 x 7 x 7) that is 256 programs, a few per SM. The
+# channels are then cut into chunks, a program each, for about _AT_PROGRAMS programs of at
+# least _AT_MIN_CHANNELS channels; the maps' chunk sums are added after (in chunk order).
+_AT_PROGRAMS = 2048
+_AT_MIN_CHANNELS = 64
+
+
+def at_channel_chunks(B, C, HW):
+    """(channels per program, chunks) of the map kernels over (B, C, HW) maps."""
+    programs = B * cdiv(HW, _AT_BLOCK_HW)
+    chunks = max(1, min(cdiv(_AT_PROGRAMS, programs), C // _AT_MIN_CHANNELS))
+    channels = cdiv(cdiv(C, chunks), _AT_BLOCK_C) * _AT_BLOCK_C
+    return channels, cdiv(C, channels)
 
 
 def at_maps(fm, p, dtype):
     """A = sum_c |fm|^p as a (B, HW) tensor of dtype (fp32 or fp64); fm (B, C, H, W)."""
     x = as_3d(fm)
     B, C, HW = x.shape
-    a = torch.empty((B, HW), dtype=dtype, device=fm.device)
-    grid = (B * cdiv(HW, _AT_BLOCK_HW),)
-    _at_map_kernel[grid](x, a, C, HW, *x.stride(), float(p), P_IS_2=(p == 2),
+    channels, chunks = at_channel_chunks(B, C, HW)
+    a = torch.empty((chunks, B, HW), dtype=dtype, device=fm.device)
+    grid = (B * cdiv(HW, _AT_BLOCK_HW), chunks)
+    _at_map_kernel[grid](x, a, B, C, HW, channels, *x.stride(), float(p), P_IS_2=(p == 2),
                          BLOCK_C=_AT_BLOCK_C, BLOCK_HW=_AT_BLOCK_HW)
-    return a
+    return a[0] if chunks == 1 else a.sum(0)
 
 
 def at_loss(a_s, a_t, eps=1e-6, min_norms=(0.0, 0.0)):
@@ -208,8 +227,9 @@ def at_grad_features(fm, ga, p):
     x = as_3d(fm)
     B, C, HW = x.shape
     df = torch.empty((B, C, HW), dtype=fm.dtype, device=fm.device)
-    grid = (B * cdiv(HW, _AT_BLOCK_HW),)
-    _at_grad_feature_kernel[grid](x, ga, df, C, HW, *x.stride(), float(p), P_IS_2=(p == 2),
+    channels, chunks = at_channel_chunks(B, C, HW)
+    grid = (B * cdiv(HW, _AT_BLOCK_HW), chunks)
+    _at_grad_feature_kernel[grid](x, ga, df, C, HW, channels, *x.stride(), float(p), P_IS_2=(p == 2),
                                   BLOCK_C=_AT_BLOCK_C, BLOCK_HW=_AT_BLOCK_HW)
     return df.view(fm.shape)
 
