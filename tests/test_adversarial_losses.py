@@ -308,13 +308,13 @@ def test_kl_near_zero_stays_non_negative_and_accurate(op, backend):
 @settings(max_examples=12)
 @given(case=cases(), hw=st.tuples(st.integers(23, 30), st.integers(23, 30)))
 def test_triton_backend_split_rows(op, case, hw):
-    """The same checks with the normalised rows split into chunks of 256 values, one program
-    each, as FT's and Sobolev's whole-sample rows split on a GPU at ImageNet shapes
-    (fastkd.kernels.elementwise.row_chunk): every row here has at least three chunks."""
+    """The same checks with the normalised rows split into chunks of 256 values or more, one
+    program each, as FT's and Sobolev's whole-sample rows split on a GPU at ImageNet shapes
+    (fastkd.kernels.elementwise.row_chunk): every row here has two chunks or more."""
     case = dict(case, H=hw[0], W=hw[1])
     rows, length = case["B"] * (case["C"] if op == "afd" else 1), hw[0] * hw[1] * (1 if op == "afd" else case["C"])
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(elementwise_kernels, "_SPLIT_PROGRAMS", 4096)
         patch.setattr(elementwise_kernels, "_SPLIT_MIN_CHUNK", 256)
-        assert elementwise_kernels.row_chunk(rows, length) == 256 and length > 512
+        assert -(-length // elementwise_kernels.row_chunk(rows, length)) >= 2
         check(op, "triton", case)

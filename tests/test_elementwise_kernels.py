@@ -184,13 +184,13 @@ def test_outputs_fully_written(op, poisoned_empty):
 
 @pytest.mark.parametrize("op", ["ft", "afd"])
 def test_split_rows_fully_written(op, poisoned_empty, monkeypatch):
-    # Rows cut into chunks of 256 values (fastkd.kernels.elementwise.row_chunk), the last one
-    # ragged: FT's 2 rows of 2001 values into 8 chunks, AFD's 6 rows of 667 into 3.
+    # Rows cut into chunks of 512 (fastkd.kernels.elementwise.row_chunk), the last one ragged:
+    # FT's 2 rows of 2001 values into 3 x 512 + 465, AFD's 6 rows of 667 into 512 + 155.
     monkeypatch.setattr(ew, "_SPLIT_PROGRAMS", 4096)
     monkeypatch.setattr(ew, "_SPLIT_MIN_CHUNK", 256)
     shape = (2, 3, 23, 29)
     rows, length = (6, 667) if op == "afd" else (2, 2001)
-    assert ew.row_chunk(rows, length) == 256
+    assert ew.row_chunk(rows, length) == 512
     fn, ref, make, need = OPS[op]
     g = torch.Generator().manual_seed(6)
     tensors, extra = make(g, shape, ("channels_last", "strided"), (1.0, 1e3))

@@ -39,6 +39,16 @@ def cdiv(a, b):
     return -(-a // b)
 
 
+def chunked(programs, length, target, least, align=1):
+    """(per, chunks): a length that `programs` programs each walk whole, cut into chunks of
+    `per` (a multiple of align), a program each, for about `target` programs in all, no
+    chunk but the last shorter than `least`; one chunk where no cut keeps that. For the
+    kernels whose few programs would each walk a long row: the chunks' sums are added after."""
+    chunks = max(1, min(cdiv(target, programs), length // least))
+    per = cdiv(cdiv(length, chunks), align) * align
+    return per, cdiv(length, per)
+
+
 def next_power_of_2(n):
     """The smallest power of 2 >= n for n >= 1 (0 for 0, as triton's)."""
     return 1 << (n - 1).bit_length() if n > 0 else 0

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..common import accumulation_dtype
-from .common import NO_FMA, as_3d, cdiv, div, sqrt, tl_acc, to_acc
+from .common import NO_FMA, as_3d, cdiv, chunked, div, sqrt, tl_acc, to_acc
 
 MSE = tl.constexpr(0)
 AB = tl.constexpr(1)
@@ -460,12 +460,9 @@ _SPLIT_MIN_CHUNK = 16384
 
 
 def row_chunk(R, L):
-    """Values per program along R rows of L: L (one program a row), or for a split row a
-    multiple of the kernels' block, at least _SPLIT_MIN_CHUNK."""
-    per_row = cdiv(_SPLIT_PROGRAMS, R)
-    if per_row < 2 or L < 2 * _SPLIT_MIN_CHUNK:
-        return L
-    return cdiv(max(_SPLIT_MIN_CHUNK, cdiv(L, per_row)), _ROW_BLOCK) * _ROW_BLOCK
+    """Values per program along R rows of L, a multiple of the kernels' block: the whole row,
+    or for a split row a chunk of at least _SPLIT_MIN_CHUNK."""
+    return chunked(R, L, _SPLIT_PROGRAMS, _SPLIT_MIN_CHUNK, _ROW_BLOCK)[0]
 
 
 def normalized_distance(s, t, eps, add_eps, l1):

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import NO_FMA, as_3d, cdiv, div, dot_f32, sqrt, to_acc
+from .common import NO_FMA, as_3d, cdiv, chunked, div, dot_f32, sqrt, to_acc
 
 
 # --- AT ----------------------------------------------------------------------------
@@ -184,10 +184,7 @@ _AT_MIN_CHANNELS = 64
 
 def at_channel_chunks(B, C, HW):
     """(channels per program, chunks) of the map kernels over (B, C, HW) maps."""
-    programs = B * cdiv(HW, _AT_BLOCK_HW)
-    chunks = max(1, min(cdiv(_AT_PROGRAMS, programs), C // _AT_MIN_CHANNELS))
-    channels = cdiv(cdiv(C, chunks), _AT_BLOCK_C) * _AT_BLOCK_C
-    return channels, cdiv(C, channels)
+    return chunked(B * cdiv(HW, _AT_BLOCK_HW), C, _AT_PROGRAMS, _AT_MIN_CHANNELS, _AT_BLOCK_C)
 
 
 def at_maps(fm, p, dtype):

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import NO_FMA, cdiv, dd_sum, dot_f32, sqrt, to_acc, two_prod, two_sum
+from .common import NO_FMA, cdiv, chunked, dd_sum, dot_f32, sqrt, to_acc, two_prod, two_sum
 
 BLOCK = 32  # side of the (N, N) tiles
 BLOCK_D = 32  # feature columns per step of a dot product
@@ -756,10 +756,8 @@ CHUNK_MIN_TILES = 4
 def column_chunks(rows, n):
     """(columns per program, chunks) over the columns of an (rows, n) matrix; 1 chunk (every
     column) at the collection's N = 128."""
-    row_blocks, col_blocks = cdiv(rows, BLOCK), cdiv(n, BLOCK)
-    chunks = max(1, min(cdiv(CHUNK_PROGRAMS, row_blocks), col_blocks // CHUNK_MIN_TILES))
-    tiles = cdiv(col_blocks, chunks)
-    return tiles * BLOCK, cdiv(col_blocks, tiles)
+    tiles, chunks = chunked(cdiv(rows, BLOCK), cdiv(n, BLOCK), CHUNK_PROGRAMS, CHUNK_MIN_TILES)
+    return tiles * BLOCK, chunks
 
 
 @triton.jit
