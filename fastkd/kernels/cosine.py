@@ -399,7 +399,7 @@ def _sp_split_grad_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, stats_ptr, ms_pt
 
 def sp_split_forward(g_s, g_t):
     """sp_forward on the float32 path: g_* = (hi, lo) (gram.gram_split) each (R, N); part
-    (row blocks,) float32 sums to N^2 * loss, stats (4, 2, R) float32."""
+    (row blocks x column chunks,) float32 sums to N^2 * loss, stats (4, 2, R) float32."""
     rows, n = g_s[0].shape
     cols, chunks = column_chunks(rows, n)
     grid = (cdiv(rows, BLOCK), chunks)
