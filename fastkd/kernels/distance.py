@@ -77,7 +77,8 @@ def _distance_tile(e_ptr, ra, rb, lo, R, N):
 def _distance_grad_kernel(es_ptr, et_ptr, sqs_ptr, sqt_ptr, sq_stride, stats_ptr, ms_ptr, rs_ptr, mt_ptr,
                           rt_ptr, lo, R, N, COLS, TILE_W: tl.constexpr, BLOCK: tl.constexpr):
     """M = -4 W, r = 4 rowsum(W) (R, N) and (R,) for a block of the rows lo:lo + R and a chunk
-    of the columns (r's part, a row of (chunks, R)) on each side, W = N^2 dL/dp (p the squared distances) from (W_s, W_t) = TILE_W(es_ptr, et_ptr,
+    of the columns (r's part, a row of (chunks, R)) on each side, W = N^2 dL/dp (p the
+    squared distances) from (W_s, W_t) = TILE_W(es_ptr, et_ptr,
     sqs_ptr, sqt_ptr, sq_stride, stats_ptr, ra, rb, lo, R, N) at each tile (a jit function:
     _rkd_distance_w, _irg_edge_w; the squared norms for IRG's E formed from G).
     W is symmetric, so these rows' M and r give these rows' whole gradient (RKD's distances;
