@@ -452,8 +452,9 @@ def _normalized_distance_grad_kernel(s, t, stats, weight, ds, dt, C, L, CHUNK, e
 # A row is split into chunks, each its own program, where there are too few rows to keep a
 # GPU's memory busy: FT's and Sobolev's rows are whole samples, B of them (256 rows of 400k
 # values at FT's ImageNet shapes, a few programs per SM). Split, forward launches twice (each
-# chunk's squares, then its sums), and its second pass reads the inputs from memory again,
-# where one program per row reads them from cache; so only rows of at least two chunks of
+# chunk's squares, then its sums), and its second pass reads the inputs again from memory
+# unless the whole input fits in the cache (one program per row reads its own row again,
+# which a cache holds while few rows run at once); so only rows of at least two chunks of
 # _SPLIT_MIN_CHUNK values split, into about _SPLIT_PROGRAMS programs in all.
 _SPLIT_PROGRAMS = 4096
 _SPLIT_MIN_CHUNK = 16384
