@@ -167,19 +167,22 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", nan_empty)
 
 
-@pytest.mark.parametrize("op", sorted(OPS))
-def test_outputs_fully_written(op, poisoned_empty):
-    # Sizes past one block (1024 flat elements, 256 per row) with ragged ends.
+def check_triton_on(op, seed, shape, layouts, scales, upstream):
+    """The op's Triton loss and gradients against the reference, float64, on one draw."""
     fn, ref, make, need = OPS[op]
-    g = torch.Generator().manual_seed(5)
-    tensors, extra = make(g, (3, 37, 17, 19), ("channels_last", "contiguous"), (1.0, 1.0))
-    upstream = torch.tensor(1.3, dtype=torch.float64)
+    tensors, extra = make(torch.Generator().manual_seed(seed), shape, layouts, scales)
+    upstream = torch.tensor(upstream, dtype=torch.float64)
     loss, grads = loss_and_grads(fn, tensors, extra, need, upstream, "triton")
     ref_loss, ref_grads = loss_and_grads(ref, tensors, extra, need, upstream)
     assert_close(loss, ref_loss)
     for a, r in zip(grads, ref_grads):
         assert_close(a, r)
 
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_outputs_fully_written(op, poisoned_empty):
+    # Sizes past one block (1024 flat elements, 256 per row) with ragged ends.
+    check_triton_on(op, 5, (3, 37, 17, 19), ("channels_last", "contiguous"), (1.0, 1.0), 1.3)
 
 
 @pytest.mark.parametrize("op", ["ft", "afd"])
@@ -191,15 +194,8 @@ def test_split_rows_fully_written(op, poisoned_empty, monkeypatch):
     shape = (2, 3, 23, 29)
     rows, length = (6, 667) if op == "afd" else (2, 2001)
     assert ew.row_chunk(rows, length) == 512
-    fn, ref, make, need = OPS[op]
-    g = torch.Generator().manual_seed(6)
-    tensors, extra = make(g, shape, ("channels_last", "strided"), (1.0, 1e3))
-    upstream = torch.tensor(0.9, dtype=torch.float64)
-    loss, grads = loss_and_grads(fn, tensors, extra, need, upstream, "triton")
-    ref_loss, ref_grads = loss_and_grads(ref, tensors, extra, need, upstream)
-    assert_close(loss, ref_loss)
-    for a, r in zip(grads, ref_grads):
-        assert_close(a, r)
+    check_triton_on(op, 6, shape, ("channels_last", "strided"), (1.0, 1e3), 0.9)
+
 
 # --- Sobolev and LwM: losses of input gradients, differentiated twice ------------------------
 
