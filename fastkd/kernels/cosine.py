@@ -22,9 +22,10 @@ from .gram import (BLOCK, TILE_WARPS, _load_tile, chunk_columns, chunk_total, co
 
 @triton.jit
 def _store_part_and_dots(part_ptr, dots_ptr, ra, R, loss, dot_s, dot_t):
-    """A forward kernel's results for its block of rows ra (< R): part[program] = the sum of
-    its rows' loss terms, dots (2, R) = each side's per-row dots."""
-    tl.store(part_ptr + tl.program_id(0), tl.sum(loss, 0))
+    """A forward kernel's results for its block of rows ra (< R) (and column chunk,
+    program_id(1)): part[program] = the sum of its rows' loss terms, dots (2, R) = each side's
+    per-row dots."""
+    tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(loss, 0))
     tl.store(dots_ptr + ra, dot_s, mask=ra < R)
     tl.store(dots_ptr + R + ra, dot_t, mask=ra < R)
 
@@ -336,10 +337,8 @@ def _sp_split_loss_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, stats_ptr, part_
         loss += tl.sum(d * d, 1)
         dot_s, dot_s_lo = _dd_row_sum(dot_s, dot_s_lo, *_dd_product(d, d_lo, h_s, h_s_lo))
         dot_t, dot_t_lo = _dd_row_sum(dot_t, dot_t_lo, *_dd_product(d, d_lo, h_t, h_t_lo))
-    tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(loss, 0))
     out = dots_ptr + tl.program_id(1) * 4 * R
-    tl.store(out + ra, dot_s, mask=ra < R)
-    tl.store(out + R + ra, dot_t, mask=ra < R)
+    _store_part_and_dots(part_ptr, out, ra, R, loss, dot_s, dot_t)
     tl.store(out + 2 * R + ra, dot_s_lo, mask=ra < R)
     tl.store(out + 3 * R + ra, dot_t_lo, mask=ra < R)
 
@@ -789,10 +788,7 @@ def _pkt_split_loss_kernel(gs_ptr, gs_lo_ptr, gt_ptr, gt_lo_ptr, sqs_ptr, sqs_lo
         loss += tl.sum(kl, 1)
         dot_s += tl.sum(a_s * p_s, 1)
         dot_t += tl.sum(a_t * p_t, 1)
-    tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(loss, 0))
-    out = dots_ptr + tl.program_id(1) * 2 * R
-    tl.store(out + ra, dot_s, mask=ra < R)
-    tl.store(out + R + ra, dot_t, mask=ra < R)
+    _store_part_and_dots(part_ptr, dots_ptr + tl.program_id(1) * 2 * R, ra, R, loss, dot_s, dot_t)
 
 
 @triton.jit
