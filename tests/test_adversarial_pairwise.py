@@ -20,7 +20,7 @@ from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
 from fastkd import backend
-from fastkd.kernels import gram
+from fastkd.kernels import angle, gram
 from adversarial_rows import CASES, rows
 from helpers import assert_within_reference_error
 
@@ -247,13 +247,62 @@ def test_rkd_angle_exact_anchors_in_many_tiles(near):
 def test_rkd_angle_fast_path_on_distances_spread_over_thousands(near):
     """Every anchor on the float32 path (no close pair), with distances from one anchor
     spread over three decades: uncompensated float32 polarisation is 1e-4 off on an angle
-    here; the compensated sums keep loss and gradients within the reference's own error."""
+    here (with every tile plain, angle.PLAIN_RATIO_SQ = inf, the gradients fail); the tiles'
+    bounds hand such tiles to the compensated sums, which keep loss and gradients within the
+    reference's own error."""
     s = rows(40, 12, "spread", 5, gap_exp=2)
     t = s * (1 + 1e-3 * torch.randn(s.shape, generator=torch.Generator().manual_seed(9), dtype=s.dtype)) \
         if near else rows(40, 15, "spread", 6, gap_exp=2)
     assert int(_paths(s, t)[1]) == 0
     compare("rkd_angle", "triton", s.float(), t.float(), torch.tensor(1.25, dtype=torch.float64),
             f"distances over three decades, near={near}")
+
+
+def _plain_tiles(s, t):
+    """(admitted, bounds): which (anchor, j block, k block) tiles of RKD's float32 angle path
+    take plain polarisation (angle._plain_tile's test, on the bounds anchor_order forms)."""
+    parts = [p for x in (s, t) for p in gram.squared_distances_parts(x.float())]
+    bounds = angle.anchor_order(parts, len(s), 0, len(s))[-1]
+    r = angle.PLAIN_RATIO_SQ
+    top, low = bounds[..., 0::2], bounds[..., 1::2]  # (anchors, blocks, side)
+    ok = (top[:, :, None] <= r * low[:, None, :]) & (top[:, None, :] <= r * low[:, :, None])
+    return ok.all(-1), bounds
+
+
+def test_rkd_angle_plain_tile_bounds():
+    """Per anchor and block of 32 directions, each side's largest and smallest live squared
+    distance, (0, inf) where none is live (rows 32:40 equal to row 0 and to each other)."""
+    s = rows(40, 6, "offset", 1).float()
+    s[32:] = s[0]
+    t = rows(40, 9, "spread", 2, gap_exp=2).float()
+    bounds = _plain_tiles(s, t)[1]
+    for side, x in enumerate((s, t)):
+        e = gram.squared_distances_parts(x)[0].double()
+        live = e >= angle.NORM_EPS ** 2
+        for block in range(2):
+            cols = slice(32 * block, 32 * block + 32)
+            top = torch.where(live, e, 0)[:, cols].amax(1)
+            low = torch.where(live, e, float("inf"))[:, cols].amin(1)
+            assert torch.equal(bounds[:, block, 2 * side].double(), top)
+            assert torch.equal(bounds[:, block, 2 * side + 1].double(), low)
+    assert bounds[0, 1, 0] == 0 and bounds[0, 1, 1] == float("inf")
+
+
+@pytest.mark.parametrize("near", [False, True])
+def test_rkd_angle_plain_tiles_beside_compensated(near):
+    """Gaussian rows (N = 70, three blocks) with rows 38 and 45 moved 4x farther out: the tiles
+    of their block take the compensated sums at almost every anchor, the others plain
+    polarisation (the forward's row-sum tiles included); the mix, loss and gradients, stays
+    within the reference's own float32 error."""
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(70, 32, generator=gen, dtype=torch.float64)
+    s[[38, 45]] *= 4
+    t = s * (1 + 1e-3 * torch.randn(s.shape, generator=gen, dtype=s.dtype)) if near \
+        else torch.randn(70, 37, generator=gen, dtype=torch.float64)
+    admitted = _plain_tiles(s, t)[0].double().mean(0)  # the share of anchors, per tile
+    assert (admitted[[0, 0, 2, 2], [0, 2, 0, 2]] > 0.9).all() and (admitted[1] < 0.1).all()
+    compare("rkd_angle", "triton", s.float(), t.float(), torch.tensor(0.75, dtype=torch.float64),
+            f"plain tiles beside compensated ones, near={near}")
 
 
 def test_rkd_angle_paths_by_input():

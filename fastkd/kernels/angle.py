@@ -99,6 +99,15 @@ FAST_RATIO_SQ = 1e10
 FAST_MAX = 1e37
 _FAST_RATIO_SQ = tl.constexpr(FAST_RATIO_SQ)
 _FAST_MAX = tl.constexpr(FAST_MAX)
+# A fast-path tile of anchor i, rows j of one block and k of another, takes plain float32
+# polarisation (_plain_angle) where on both sides E_ij / E_ik <= PLAIN_RATIO_SQ for every
+# pair of its live directions (per block, the largest and the smallest live E_ij:
+# _fast_rows_kernel's bounds), so rho <= 2: V's error is then about u32 (E_ij + E_ik + E_jk)
+# <= u32 (2 (rho + 1/rho) + 2) n_j n_k, at most 7 u32 of n_j n_k, where the reference's own
+# normalise-and-dot carries a few u32 per angle. Only where the loss reads the angles does the
+# tile stay compensated (the module docstring).
+PLAIN_RATIO_SQ = 4.0
+_PLAIN_RATIO_SQ = tl.constexpr(PLAIN_RATIO_SQ)
 # An anchor whose live squared distances spread past this (rho > 4 for float64 inputs, 1e8
 # for the others, see the module docstring) takes the direct path.
 DIRECT_RATIO_SQ = 16.0
@@ -149,36 +158,55 @@ def _exact_load(h_ptr, l_ptr, offsets, mask, PARTS: tl.constexpr):
 
 @triton.jit
 def _directions(h_ptr, l_ptr, v_ptr, row_i, v_row, rows, N, EXACT: tl.constexpr, PARTS: tl.constexpr):
-    """E[i, rows] as (hi, lo) (for EXACT: E float64 (_exact_load) and lo = E, unused),
-    inv = 1 / n (0 for a zero direction) and dead = [zero direction] (0 outside) for anchor
-    i; row_i = i * N in int64, v_row = (i - lo) * N its row of the anchors' inverse norms.
-    The fast path reads inv from that matrix (`_fast_rows_kernel`): a division and a square
-    root per direction and anchor cost more instructions than the angles read from them."""
+    """E[i, rows] (for EXACT float64, _exact_load; else its hi part: the lo part is
+    _lo_parts'), inv = 1 / n (0 for a zero direction) and dead = [zero direction] (0 outside)
+    for anchor i; row_i = i * N in int64, v_row = (i - lo) * N its row of the anchors' inverse
+    norms. The fast path reads inv from that matrix (`_fast_rows_kernel`): a division and a
+    square root per direction and anchor cost more instructions than the angles read from them."""
     ok = rows < N
     if EXACT:
         e = _exact_load(h_ptr, l_ptr, row_i + rows, ok, PARTS)
-        e_lo = e
         live = e >= _NORM_EPS_SQ
         inv = tl.where(live, 1.0 / sqrt(tl.where(live, e, 1.0)), 0.0)
     else:
         e = tl.load(h_ptr + row_i + rows, mask=ok, other=0.0)
-        e_lo = tl.load(l_ptr + row_i + rows, mask=ok, other=0.0)
         inv = tl.load(v_ptr + v_row + rows, mask=ok, other=0.0)
         live = inv > 0
-    return e, e_lo, inv, (ok & ~live).to(e.dtype)
+    return e, inv, (ok & ~live).to(e.dtype)
 
 
 @triton.jit
-def _tile(h_ptr, l_ptr, rj, rk, N, EXACT: tl.constexpr, PARTS: tl.constexpr):
-    """The (rj, rk) tile of E as (hi, lo), as _directions."""
-    if EXACT:
-        e = _exact_load(h_ptr, l_ptr, rj[:, None].to(tl.int64) * N + rk[None, :],
-                        (rj[:, None] < N) & (rk[None, :] < N), PARTS)
-        e_lo = e
-    else:
-        e = _load_tile(h_ptr, rj, rk, N, N)
-        e_lo = _load_tile(l_ptr, rj, rk, N, N)
-    return e, e_lo
+def _lo_parts(l_ptr, row_i, rows, N):
+    """The fast path's lo parts of E[i, rows] (0 outside)."""
+    return tl.load(l_ptr + row_i + rows, mask=rows < N, other=0.0)
+
+
+@triton.jit
+def _tile(h_ptr, l_ptr, rj, rk, N, PARTS: tl.constexpr):
+    """The (rj, rk) tile of E in float64 (_exact_load), for the exact path."""
+    return _exact_load(h_ptr, l_ptr, rj[:, None].to(tl.int64) * N + rk[None, :],
+                       (rj[:, None] < N) & (rk[None, :] < N), PARTS)
+
+
+@triton.jit
+def _plain_tile(b_ptr, jb, kb):
+    """Whether the fast path's tile of rows j in block jb and k in block kb takes plain
+    polarisation (PLAIN_RATIO_SQ), from b_ptr, the anchor's (blocks, 4) bounds (per block:
+    the student's largest and smallest live E, the teacher's). A block with no live direction
+    reads (0, inf): it admits any other."""
+    pj = b_ptr + jb * 4
+    pk = b_ptr + kb * 4
+    ok = (tl.load(pj) <= _PLAIN_RATIO_SQ * tl.load(pk + 1)) & (tl.load(pk) <= _PLAIN_RATIO_SQ * tl.load(pj + 1))
+    return ok & (tl.load(pj + 2) <= _PLAIN_RATIO_SQ * tl.load(pk + 3)) & (
+        tl.load(pk + 2) <= _PLAIN_RATIO_SQ * tl.load(pj + 3))
+
+
+@triton.jit
+def _plain_angle(ejk, eij, eik, inv_j, inv_k):
+    """(A_jk, p) of a tile _plain_tile admits: v = (E_ij + E_ik) - E_jk of E's hi parts in
+    plain float32, A = v p, p = inv_j inv_k / 2 (as _angle_tile's, 0 along a zero direction)."""
+    p = (0.5 * inv_j)[:, None] * inv_k[None, :]
+    return ((eij[:, None] + eik[None, :]) - ejk) * p, p
 
 
 @triton.jit
@@ -230,13 +258,41 @@ def _store_angle_stats(out, plane, ok, u_inv, u_a, u_dead, inv, dead):
 
 
 @triton.jit
-def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, order_ptr, count_ptr, part_ptr,
-               stats_ptr, lo, N, EXACT: tl.constexpr, PARTS: tl.constexpr, STATS: tl.constexpr,
+def _fast_angles(hs_ptr, ls_ptr, ht_ptr, lt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s, invk_s,
+                 invj_t, invk_t, row_i, rj, rk, N, ljk_s, ljk_t, lij_s, lij_t, TILE_LO: tl.constexpr):
+    """Both sides' (A_jk, v, v_lo, p) on the fast path, compensated (_angle_tile) from E's hi
+    parts and the lo parts: those of the directions k loaded here, of the directions j given
+    (lij_*), of the tile given (ljk_*) or, with TILE_LO, loaded here."""
+    if TILE_LO:
+        ljk_s = _load_tile(ls_ptr, rj, rk, N, N)
+        ljk_t = _load_tile(lt_ptr, rj, rk, N, N)
+    a_s, v_s, vlo_s, p_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, _lo_parts(ls_ptr, row_i, rk, N), invj_s,
+                                       invk_s, False)
+    a_t, v_t, vlo_t, p_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, _lo_parts(lt_ptr, row_i, rk, N), invj_t,
+                                       invk_t, False)
+    return a_s, v_s, vlo_s, p_s, a_t, v_t, vlo_t, p_t
+
+
+@triton.jit
+def _add_loss(loss, diff, start, j0, diagonal, diagonal_diff):
+    """loss plus h(diff) over the k block from start: the program's own block (j0) once, with
+    the diagonal's difference diagonal_diff, the blocks past it twice (the angle is symmetric
+    in j, k)."""
+    if start == j0:
+        loss += _smooth_l1(tl.where(diagonal, diagonal_diff, diff))
+    else:
+        loss += 2.0 * _smooth_l1(diff)
+    return loss
+
+
+@triton.jit
+def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, bounds_ptr, order_ptr, count_ptr,
+               part_ptr, stats_ptr, lo, N, EXACT: tl.constexpr, PARTS: tl.constexpr, STATS: tl.constexpr,
                DEAD: tl.constexpr, BLOCK: tl.constexpr):
     """The forward kernels' body (see _rkd_angle_fwd_kernel), over this path's anchors; w_*
-    the lo parts of the fast path's inverse norms (not read for EXACT). DEAD: the sums over
-    zero directions k (q); without it they are taken as 0, as they are at an anchor whose
-    only zero direction is its own (u = 0 along it)."""
+    the lo parts of the fast path's inverse norms and bounds its tiles' (_plain_tile) (none
+    read for EXACT). DEAD: the sums over zero directions k (q); without it they are taken as
+    0, as they are at an anchor whose only zero direction is its own (u = 0 along it)."""
     t = tl.program_id(0)
     # counts = (direct anchors, direct and exact anchors, and the fast anchors with a zero
     # direction besides their own): order[:counts[0]] is the direct path's,
@@ -252,11 +308,14 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, o
         i = lo + tl.load(order_ptr + t)
         row_i = i.to(tl.int64) * N
         v_row = (i - lo).to(tl.int64) * N
-        eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rj, N, EXACT, PARTS)
-        eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rj, N, EXACT, PARTS)
+        eij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rj, N, EXACT, PARTS)
+        eij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rj, N, EXACT, PARTS)
         if not EXACT:
+            lij_s = _lo_parts(ls_ptr, row_i, rj, N)
+            lij_t = _lo_parts(lt_ptr, row_i, rj, N)
             wj_s = tl.load(ws_ptr + v_row + rj, mask=rj < N, other=0.0)
             wj_t = tl.load(wt_ptr + v_row + rj, mask=rj < N, other=0.0)
+            b_row = bounds_ptr + (i - lo).to(tl.int64) * tl.num_programs(1) * 4
         # Summed elementwise over the k blocks and reduced over k once at the end: a reduction
         # per block costs cross-thread shuffles, about as many instructions as the angles.
         loss = tl.zeros([BLOCK, BLOCK], dtype=eij_s.dtype)
@@ -275,28 +334,40 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, o
         diagonal_diff = (invj_s > 0).to(eij_s.dtype)[:, None] - (invj_t > 0).to(eij_s.dtype)[:, None]
         for start in range(0 if STATS else j0, N, BLOCK):
             rk = start + tl.arange(0, BLOCK)
-            eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rk, N, EXACT, PARTS)
-            eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rk, N, EXACT, PARTS)
-            ejk_s, ljk_s = _tile(hs_ptr, ls_ptr, rj, rk, N, EXACT, PARTS)
-            ejk_t, ljk_t = _tile(ht_ptr, lt_ptr, rj, rk, N, EXACT, PARTS)
-            a_s, v_s, vlo_s, _ = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, EXACT)
-            a_t, v_t, vlo_t, _ = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, EXACT)
-            if start >= j0:
-                if EXACT:
-                    diff = a_s - a_t
+            eik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rk, N, EXACT, PARTS)
+            eik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rk, N, EXACT, PARTS)
+            if EXACT:
+                ejk_s = _tile(hs_ptr, ls_ptr, rj, rk, N, PARTS)
+                ejk_t = _tile(ht_ptr, lt_ptr, rj, rk, N, PARTS)
+                a_s, _, _, _ = _angle_tile(ejk_s, ejk_s, eij_s, eij_s, eik_s, eik_s, invj_s, invk_s, True)
+                a_t, _, _, _ = _angle_tile(ejk_t, ejk_t, eij_t, eij_t, eik_t, eik_t, invj_t, invk_t, True)
+                if start >= j0:
+                    loss = _add_loss(loss, a_s - a_t, start, j0, diagonal, diagonal_diff)
+            else:
+                ejk_s = _load_tile(hs_ptr, rj, rk, N, N)
+                ejk_t = _load_tile(ht_ptr, rj, rk, N, N)
+                # The row sums' blocks (before j0) in plain float32 where the tile allows it.
+                plain = start < j0
+                if plain:
+                    plain = _plain_tile(b_row, tl.program_id(1), start // BLOCK)
+                if plain:
+                    a_s, _ = _plain_angle(ejk_s, eij_s, eik_s, invj_s, invk_s)
+                    a_t, _ = _plain_angle(ejk_t, eij_t, eik_t, invj_t, invk_t)
                 else:
-                    # Each side's angle rounded to float32 leaves an error of u32 |A| in A_s - A_t,
-                    # large next to A_s - A_t itself when the teacher is near the student: the
-                    # loss takes the difference of the double-float angles instead, rounded once.
-                    as_hi, as_lo = _doubled_angle(v_s, vlo_s, invj_s, wj_s, invk_s,
-                                                  tl.load(ws_ptr + v_row + rk, mask=rk < N, other=0.0))
-                    at_hi, at_lo = _doubled_angle(v_t, vlo_t, invj_t, wj_t, invk_t,
-                                                  tl.load(wt_ptr + v_row + rk, mask=rk < N, other=0.0))
-                    diff = 0.5 * ((as_hi - at_hi) + (as_lo - at_lo))
-                if start == j0:
-                    loss += _smooth_l1(tl.where(diagonal, diagonal_diff, diff))
-                else:
-                    loss += 2.0 * _smooth_l1(diff)
+                    a_s, v_s, vlo_s, _, a_t, v_t, vlo_t, _ = _fast_angles(
+                        hs_ptr, ls_ptr, ht_ptr, lt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s, invk_s,
+                        invj_t, invk_t, row_i, rj, rk, N, ejk_s, ejk_t, lij_s, lij_t, TILE_LO=True)
+                    if start >= j0:
+                        # Each side's angle rounded to float32 leaves an error of u32 |A| in
+                        # A_s - A_t, large next to A_s - A_t itself when the teacher is near the
+                        # student: the loss takes the difference of the double-float angles
+                        # instead, rounded once.
+                        as_hi, as_lo = _doubled_angle(v_s, vlo_s, invj_s, wj_s, invk_s,
+                                                      tl.load(ws_ptr + v_row + rk, mask=rk < N, other=0.0))
+                        at_hi, at_lo = _doubled_angle(v_t, vlo_t, invj_t, wj_t, invk_t,
+                                                      tl.load(wt_ptr + v_row + rk, mask=rk < N, other=0.0))
+                        loss = _add_loss(loss, 0.5 * ((as_hi - at_hi) + (as_lo - at_lo)), start, j0, diagonal,
+                                         diagonal_diff)
             if STATS:
                 u = _angle_u(a_s, a_t, rj, rk)
                 ui_s += u * invk_s[None, :]
@@ -328,22 +399,22 @@ def _rkd_angle_fwd_kernel(es_ptr, ls_ptr, et_ptr, lt_ptr, order_ptr, count_ptr, 
     With STATS, per side and row j the row sums sum_k u inv_k, sum_k u A and sum_k u dead_k,
     stored as w1, s, q at [stat, i - lo, j] of stats (6, R, N) (the anchors lo:lo + R, R
     programs): student 0-2, teacher 3-5."""
-    _angle_fwd(es_ptr, ls_ptr, es_ptr, es_ptr, et_ptr, lt_ptr, et_ptr, et_ptr, order_ptr, count_ptr, part_ptr,
-               stats_ptr, lo, N, EXACT=True, PARTS=PARTS, STATS=STATS, DEAD=True, BLOCK=BLOCK)
+    _angle_fwd(es_ptr, ls_ptr, es_ptr, es_ptr, et_ptr, lt_ptr, et_ptr, et_ptr, es_ptr, order_ptr, count_ptr,
+               part_ptr, stats_ptr, lo, N, EXACT=True, PARTS=PARTS, STATS=STATS, DEAD=True, BLOCK=BLOCK)
 
 
 @triton.jit
-def _rkd_angle_fwd_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, order_ptr, count_ptr,
-                               part_ptr, stats_ptr, lo, N, STATS: tl.constexpr, BLOCK: tl.constexpr):
-    """The fast path (float32, E = hi + lo, v + w = 1 / sqrt(E)): _rkd_angle_fwd_kernel for the
-    anchors order[t], t >= counts[1]; the sums over zero directions only at those before
-    counts[2]."""
+def _rkd_angle_fwd_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, bounds_ptr, order_ptr,
+                               count_ptr, part_ptr, stats_ptr, lo, N, STATS: tl.constexpr, BLOCK: tl.constexpr):
+    """The fast path (float32, E = hi + lo, v + w = 1 / sqrt(E), bounds (R, blocks, 4) the
+    tiles' (_plain_tile)): _rkd_angle_fwd_kernel for the anchors order[t], t >= counts[1]; the
+    sums over zero directions only at those before counts[2]."""
     if tl.program_id(0) < tl.load(count_ptr + 2):
-        _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, order_ptr, count_ptr, part_ptr,
-                   stats_ptr, lo, N, EXACT=False, PARTS=True, STATS=STATS, DEAD=True, BLOCK=BLOCK)
+        _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, bounds_ptr, order_ptr, count_ptr,
+                   part_ptr, stats_ptr, lo, N, EXACT=False, PARTS=True, STATS=STATS, DEAD=True, BLOCK=BLOCK)
     else:
-        _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, order_ptr, count_ptr, part_ptr,
-                   stats_ptr, lo, N, EXACT=False, PARTS=True, STATS=STATS, DEAD=False, BLOCK=BLOCK)
+        _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, bounds_ptr, order_ptr, count_ptr,
+                   part_ptr, stats_ptr, lo, N, EXACT=False, PARTS=True, STATS=STATS, DEAD=False, BLOCK=BLOCK)
 
 
 @triton.jit
@@ -367,22 +438,32 @@ def _store_grad_tile(out, plane, rj, rk, N, ok, w, z, z_t, ADD: tl.constexpr):
 
 
 @triton.jit
-def _angle_grad_anchors(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, first, end, lo, N, rj, rk,
-                        ejk_s, ljk_s, ejk_t, ljk_t, w_s, z_s, zt_s, w_t, z_t, zt_t, EXACT: tl.constexpr,
+def _angle_grad_anchors(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, first, end, lo, N,
+                        rj, rk, ejk_s, ljk_s, ejk_t, ljk_t, w_s, z_s, zt_s, w_t, z_t, zt_t, EXACT: tl.constexpr,
                         PARTS: tl.constexpr, DEAD: tl.constexpr):
     """The sums of _angle_grad over the anchors order[first:end], added to (w_s, z_s, zt_s,
     w_t, z_t, zt_t); w holds sum_i u inv_j inv_k / 2. Without DEAD the z sums are left as
-    they are: at an anchor whose only zero direction is its own, u is 0 along it."""
+    they are: at an anchor whose only zero direction is its own, u is 0 along it. The fast
+    path takes plain polarisation at the anchors whose bounds admit the tile (_plain_tile)."""
     for t in range(first, end):
         local = tl.load(order_ptr + t).to(tl.int64)
         row_i = (lo + local) * N
         v_row = local * N
-        eij_s, lij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rj, N, EXACT, PARTS)
-        eik_s, lik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rk, N, EXACT, PARTS)
-        eij_t, lij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rj, N, EXACT, PARTS)
-        eik_t, lik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rk, N, EXACT, PARTS)
-        a_s, _, _, p_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, lik_s, invj_s, invk_s, EXACT)
-        a_t, _, _, p_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, lik_t, invj_t, invk_t, EXACT)
+        eij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rj, N, EXACT, PARTS)
+        eik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rk, N, EXACT, PARTS)
+        eij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rj, N, EXACT, PARTS)
+        eik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rk, N, EXACT, PARTS)
+        if EXACT:
+            a_s, _, _, p_s = _angle_tile(ejk_s, ejk_s, eij_s, eij_s, eik_s, eik_s, invj_s, invk_s, True)
+            a_t, _, _, p_t = _angle_tile(ejk_t, ejk_t, eij_t, eij_t, eik_t, eik_t, invj_t, invk_t, True)
+        elif _plain_tile(bounds_ptr + local * tl.num_programs(1) * 4, tl.program_id(0), tl.program_id(1)):
+            a_s, p_s = _plain_angle(ejk_s, eij_s, eik_s, invj_s, invk_s)
+            a_t, p_t = _plain_angle(ejk_t, eij_t, eik_t, invj_t, invk_t)
+        else:
+            a_s, _, _, p_s, a_t, _, _, p_t = _fast_angles(
+                hs_ptr, ls_ptr, ht_ptr, lt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s, invk_s, invj_t,
+                invk_t, row_i, rj, rk, N, ljk_s, ljk_t, _lo_parts(ls_ptr, row_i, rj, N), _lo_parts(lt_ptr, row_i, rj, N),
+                TILE_LO=False)
         u = _angle_u(a_s, a_t, rj, rk)
         w_s += u * p_s
         w_t -= u * p_t
@@ -395,7 +476,7 @@ def _angle_grad_anchors(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_pt
 
 
 @triton.jit
-def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr, lo, R, N,
+def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, count_ptr, out_ptr, lo, R, N,
                 EXACT: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr):
     """The tile kernels' body (see _rkd_angle_grad_kernel), over this path's anchors.
     u is symmetric in (j, k), so only the tiles on and above the diagonal are computed, each
@@ -406,21 +487,26 @@ def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count
         rj = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         rk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = (rj[:, None] < N) & (rk[None, :] < N)
-        ejk_s, ljk_s = _tile(hs_ptr, ls_ptr, rj, rk, N, EXACT, PARTS)
-        ejk_t, ljk_t = _tile(ht_ptr, lt_ptr, rj, rk, N, EXACT, PARTS)
-        zero = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
         count = tl.load(count_ptr + 1)
         if EXACT:
+            ejk_s = _tile(hs_ptr, ls_ptr, rj, rk, N, PARTS)
+            ejk_t = _tile(ht_ptr, lt_ptr, rj, rk, N, PARTS)
+            zero = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
             w_s, z_s, zt_s, w_t, z_t, zt_t = _angle_grad_anchors(
-                hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, tl.load(count_ptr), count, lo, N, rj, rk,
-                ejk_s, ljk_s, ejk_t, ljk_t, zero, zero, zero, zero, zero, zero, EXACT, PARTS, True)
+                hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, tl.load(count_ptr), count, lo,
+                N, rj, rk, ejk_s, ejk_s, ejk_t, ejk_t, zero, zero, zero, zero, zero, zero, EXACT, PARTS, True)
         else:
+            ejk_s = _load_tile(hs_ptr, rj, rk, N, N)
+            ejk_t = _load_tile(ht_ptr, rj, rk, N, N)
+            ljk_s = _load_tile(ls_ptr, rj, rk, N, N)
+            ljk_t = _load_tile(lt_ptr, rj, rk, N, N)
+            zero = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
             dead = tl.load(count_ptr + 2)
             w_s, z_s, zt_s, w_t, z_t, zt_t = _angle_grad_anchors(
-                hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count, dead, lo, N, rj, rk,
+                hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, count, dead, lo, N, rj, rk,
                 ejk_s, ljk_s, ejk_t, ljk_t, zero, zero, zero, zero, zero, zero, EXACT, PARTS, True)
             w_s, z_s, zt_s, w_t, z_t, zt_t = _angle_grad_anchors(
-                hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, dead, R, lo, N, rj, rk,
+                hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, dead, R, lo, N, rj, rk,
                 ejk_s, ljk_s, ejk_t, ljk_t, w_s, z_s, zt_s, w_t, z_t, zt_t, EXACT, PARTS, False)
         plane = N.to(tl.int64) * N
         # w holds half of w2's sum (p = inv_j inv_k / 2). Not EXACT: the exact kernel ran first
@@ -435,23 +521,24 @@ def _rkd_angle_grad_kernel(es_ptr, ls_ptr, et_ptr, lt_ptr, order_ptr, count_ptr,
     """The exact path (float64 E, as _rkd_angle_fwd_kernel reads it): the (j, k) tile of w2 and
     z2 / c (see the section's header) on each side, summed over the anchors order[t],
     counts[0] <= t < counts[1]; out (4, N, N) = (w2_s, z2_s / c, w2_t, z2_t / c), written whole."""
-    _angle_grad(es_ptr, ls_ptr, es_ptr, et_ptr, lt_ptr, et_ptr, order_ptr, count_ptr, out_ptr, lo, R, N,
+    _angle_grad(es_ptr, ls_ptr, es_ptr, et_ptr, lt_ptr, et_ptr, es_ptr, order_ptr, count_ptr, out_ptr, lo, R, N,
                 EXACT=True, PARTS=PARTS, BLOCK=BLOCK)
 
 
 @triton.jit
-def _rkd_angle_grad_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr,
-                                lo, R, N, BLOCK: tl.constexpr):
-    """The fast path (float32, E = hi + lo, v = 1 / sqrt(E)): _rkd_angle_grad_kernel's sums over
-    the anchors order[t], counts[1] <= t < R (the z sums only to counts[2]), added to what out
-    holds."""
-    _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, order_ptr, count_ptr, out_ptr, lo, R, N, EXACT=False,
-                PARTS=True, BLOCK=BLOCK)
+def _rkd_angle_grad_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, count_ptr,
+                                out_ptr, lo, R, N, BLOCK: tl.constexpr):
+    """The fast path (float32, E = hi + lo, v = 1 / sqrt(E), bounds as the forward's):
+    _rkd_angle_grad_kernel's sums over the anchors order[t], counts[1] <= t < R (the z sums
+    only to counts[2]), added to what out holds."""
+    _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, count_ptr, out_ptr, lo, R, N,
+                EXACT=False, PARTS=True, BLOCK=BLOCK)
 
 
 @triton.jit
-def _side_rows(h_ptr, l_ptr, v_ptr, w_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
-    """_fast_rows_kernel for one side: stores v and w, returns the rows' flags (int32): 3 for
+def _side_rows(h_ptr, l_ptr, v_ptr, w_ptr, b_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
+    """_fast_rows_kernel for one side: stores v, w and, at b_ptr + 4 (blocks a + block), each
+    block's largest and smallest live E (0, inf where none is live), returns the rows' flags (int32): 3 for
     the direct path (a direction shorter than NORM_EPS but not zero, or live squared
     distances spread past DIRECT_RATIO_SQ_FLOAT32), 2 for the exact one, 1 for the fast one
     with a zero direction besides the anchor's own (a duplicate row), 0."""
@@ -460,6 +547,7 @@ def _side_rows(h_ptr, l_ptr, v_ptr, w_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
     nan = tl.zeros([BLOCK], dtype=tl.int32)
     tiny = tl.zeros([BLOCK], dtype=tl.int32)
     dup = tl.zeros([BLOCK], dtype=tl.int32)
+    bounds = b_ptr + ra.to(tl.int64) * tl.cdiv(N, BLOCK) * 4
     for start in range(0, N, BLOCK):
         rb = start + tl.arange(0, BLOCK)
         ok = (ra[:, None] < R) & (rb[None, :] < N)
@@ -475,7 +563,10 @@ def _side_rows(h_ptr, l_ptr, v_ptr, w_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
         tl.store(v_ptr + out, tl.where(live, inv, 0.0), mask=ok)
         tl.store(w_ptr + out, tl.where(live, inv_lo, 0.0), mask=ok)
         top = tl.maximum(top, tl.max(tl.where(ok, e, 0.0), 1))
-        low = tl.minimum(low, tl.min(tl.where(ok & live, e, float("inf")), 1))
+        block_low = tl.min(tl.where(ok & live, e, float("inf")), 1)
+        low = tl.minimum(low, block_low)
+        tl.store(bounds + (start // BLOCK) * 4, tl.max(tl.where(ok & live, e, 0.0), 1), mask=ra < R)
+        tl.store(bounds + (start // BLOCK) * 4 + 1, block_low, mask=ra < R)
         nan = tl.maximum(nan, tl.max((ok & (e != e)).to(tl.int32), 1))
         tiny = tl.maximum(tiny, tl.max((ok & (e > 0) & ~live).to(tl.int32), 1))
         dup = tl.maximum(dup, tl.max((ok & ~live & (rb[None, :] != lo + ra[:, None])).to(tl.int32), 1))
@@ -485,8 +576,8 @@ def _side_rows(h_ptr, l_ptr, v_ptr, w_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fast_rows_kernel(hs_ptr, ls_ptr, ht_ptr, lt_ptr, vs_ptr, vt_ptr, ws_ptr, wt_ptr, flag_ptr, lo, R, N,
-                      BLOCK: tl.constexpr):
+def _fast_rows_kernel(hs_ptr, ls_ptr, ht_ptr, lt_ptr, vs_ptr, vt_ptr, ws_ptr, wt_ptr, bounds_ptr, flag_ptr, lo, R,
+                      N, BLOCK: tl.constexpr):
     """For a block of the anchors lo:lo + R (rows of E = hi + lo (N, N) float32, each side):
     their inverse norms v + w = 1 / sqrt(E) (double-float; 0 for a zero direction) at
     (i - lo, :) of v and w (R, N), and flag[i - lo] = 2 where the fast path cannot hold the
@@ -494,10 +585,11 @@ def _fast_rows_kernel(hs_ptr, ls_ptr, ht_ptr, lt_ptr, vs_ptr, vt_ptr, ws_ptr, wt
     FAST_RATIO_SQ, reach FAST_MAX or are NaN; 3 where it needs the direct path (a squared
     distance in (0, NORM_EPS^2), or live ones spread past DIRECT_RATIO_SQ_FLOAT32); 1 where
     the fast path holds it but it has a zero direction besides its own on either side; else
-    0."""
+    0. And bounds (R, blocks, 4): per anchor and block of BLOCK directions, the student's
+    largest and smallest live E, then the teacher's (_plain_tile)."""
     ra = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    flag = _side_rows(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ra, lo, R, N, BLOCK)
-    flag = tl.maximum(flag, _side_rows(ht_ptr, lt_ptr, vt_ptr, wt_ptr, ra, lo, R, N, BLOCK))
+    flag = _side_rows(hs_ptr, ls_ptr, vs_ptr, ws_ptr, bounds_ptr, ra, lo, R, N, BLOCK)
+    flag = tl.maximum(flag, _side_rows(ht_ptr, lt_ptr, vt_ptr, wt_ptr, bounds_ptr + 2, ra, lo, R, N, BLOCK))
     tl.store(flag_ptr + ra, flag, mask=ra < R)
 
 
@@ -734,19 +826,21 @@ def _ordered(flag):
 
 
 def anchor_order(parts, n, lo, anchors):
-    """(order, counts, v_s, v_t, w_s, w_t) of the fast path, parts = (hi_s, lo_s, hi_t, lo_t)
-    (N, N) float32: the anchors lo:lo + anchors as offsets from lo, those that take the direct
-    path first, then those of the exact path (_ordered), and each side's inverse norms at those
-    anchors' rows, v + w (anchors, N) float32 (_fast_rows_kernel)."""
+    """(order, counts, v_s, v_t, w_s, w_t, bounds) of the fast path, parts = (hi_s, lo_s,
+    hi_t, lo_t) (N, N) float32: the anchors lo:lo + anchors as offsets from lo, those that take
+    the direct path first, then those of the exact path (_ordered), each side's inverse norms
+    at those anchors' rows, v + w (anchors, N) float32, and their tiles' bounds (anchors,
+    blocks, 4) (_fast_rows_kernel)."""
     hi_s = parts[0]
     v_s = torch.empty((anchors, n), dtype=torch.float32, device=hi_s.device)
     v_t = torch.empty_like(v_s)
     w_s = torch.empty_like(v_s)
     w_t = torch.empty_like(v_s)
+    bounds = torch.empty((anchors, cdiv(n, BLOCK), 4), dtype=torch.float32, device=hi_s.device)
     flag = torch.empty(anchors, dtype=torch.int32, device=hi_s.device)
-    _fast_rows_kernel[(cdiv(anchors, BLOCK),)](*parts, v_s, v_t, w_s, w_t, flag, lo, anchors, n, BLOCK=BLOCK,
+    _fast_rows_kernel[(cdiv(anchors, BLOCK),)](*parts, v_s, v_t, w_s, w_t, bounds, flag, lo, anchors, n, BLOCK=BLOCK,
                                                **NO_FMA)
-    return (*_ordered(flag), v_s, v_t, w_s, w_t)
+    return (*_ordered(flag), v_s, v_t, w_s, w_t, bounds)
 
 
 def exact_anchor_order(e_s, e_t, lo, anchors):
@@ -768,7 +862,7 @@ def _exact_reads(e_s, e_t, parts):
 
 def _saved_parts(fast):
     """The fast path's E parts (hi_s, lo_s, hi_t, lo_t) from rkd_angle_forward's saved fast
-    tensors (hi_s, lo_s, v_s, hi_t, lo_t, v_t); None for float64 inputs (no fast tensors)."""
+    tensors (hi_s, lo_s, v_s, hi_t, lo_t, v_t, bounds); None for float64 inputs (no fast tensors)."""
     return (fast[0], fast[1], fast[3], fast[4]) if fast else None
 
 
@@ -780,7 +874,7 @@ def rkd_angle_forward(e_s, e_t, with_stats, rows, lo=0, anchors=None, parts=None
     not float64, in place of e_* (None): (hi_s, lo_s, hi_t, lo_t) float32 with hi + lo = E
     (gram.squared_distances_parts), float32 arithmetic for the anchors it suits and float64
     read from the parts for the others (the module docstring).
-    saved = (stats, order, counts[, hi_s, lo_s, v_s, hi_t, lo_t, v_t]): stats (6, R, N) the
+    saved = (stats, order, counts[, hi_s, lo_s, v_s, hi_t, lo_t, v_t, bounds]): stats (6, R, N) the
     per-anchor w1, s, q of each side (0 at the direct path's anchors), float32 on the fast
     path."""
     some = e_s if parts is None else parts[0]
@@ -791,7 +885,7 @@ def rkd_angle_forward(e_s, e_t, with_stats, rows, lo=0, anchors=None, parts=None
     if parts is None:
         order, count = exact_anchor_order(e_s, e_t, lo, anchors)
     else:
-        order, count, v_s, v_t, w_s, w_t = anchor_order(parts, n, lo, anchors)
+        order, count, v_s, v_t, w_s, w_t, bounds = anchor_order(parts, n, lo, anchors)
     exact, in_parts = _exact_reads(e_s, e_t, parts)
     stats = torch.empty((6, anchors, n) if with_stats else (1,), dtype=some.dtype, device=device)
     # Each program writes its anchor's partial sum from one of the kernels.
@@ -804,9 +898,9 @@ def rkd_angle_forward(e_s, e_t, with_stats, rows, lo=0, anchors=None, parts=None
     _rkd_angle_fwd_kernel[(anchors, nb)](*exact, order, count, part, stats, lo, n, PARTS=in_parts,
                                          STATS=with_stats, BLOCK=BLOCK, num_warps=TILE_WARPS, **NO_FMA)
     if parts is not None:
-        fast = (parts[0], parts[1], v_s, parts[2], parts[3], v_t)
-        _rkd_angle_fwd_fast_kernel[(anchors, nb)](parts[0], parts[1], v_s, w_s, parts[2], parts[3], v_t, w_t, order,
-                                                  count, part, stats, lo, n, STATS=with_stats, BLOCK=BLOCK,
+        fast = (parts[0], parts[1], v_s, parts[2], parts[3], v_t, bounds)
+        _rkd_angle_fwd_fast_kernel[(anchors, nb)](parts[0], parts[1], v_s, w_s, parts[2], parts[3], v_t, w_t, bounds,
+                                                  order, count, part, stats, lo, n, STATS=with_stats, BLOCK=BLOCK,
                                                   num_warps=TILE_WARPS, **NO_FMA)
     if not with_stats:
         return part.sum(), None
