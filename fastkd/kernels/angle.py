@@ -60,7 +60,12 @@ Three paths, each in kernels of its own:
          inverse norms), rounded once: an error about u32 |A_s - A_t|, where the difference
          of the rounded angles has u32 |A|, 10x the reference's error on the loss with a
          teacher near the student (tests/test_float32_relations.py). The gradient's u keeps
-         the rounded angles, as the tile kernel forms it again.
+         the rounded angles, as the tile kernel forms it again. Where only u reads the angles
+         (the gradient's tiles, the forward's row-sum blocks before its loss blocks) a tile
+         whose distances from the anchor spread at most 2x on both sides (PLAIN_RATIO_SQ,
+         per-block bounds from `_fast_rows_kernel`) sums V in plain float32 from the hi
+         parts (_plain_angle): an error of at most about 7 u32 n_j n_k (docs/numerics.md),
+         and fewer instructions (docs/gpu.md).
 The anchors are ordered direct first, then exact, then fast (`anchor_order`, one kernel that
 also forms the fast path's inverse norms; `exact_anchor_order` for float64 inputs), the fast
 ones with a zero direction besides their own (a duplicate row) before the others: counts =
@@ -369,11 +374,12 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, b
                         loss = _add_loss(loss, 0.5 * ((as_hi - at_hi) + (as_lo - at_lo)), start, j0, diagonal,
                                          diagonal_diff)
             if STATS:
+                # The sums' products by explicit multiply-adds (the kernels run NO_FMA).
                 u = _angle_u(a_s, a_t, rj, rk)
-                ui_s += u * invk_s[None, :]
-                ua_s += u * a_s
-                ui_t -= u * invk_t[None, :]
-                ua_t -= u * a_t
+                ui_s = tl.fma(u, invk_s[None, :], ui_s)
+                ua_s = tl.fma(u, a_s, ua_s)
+                ui_t = tl.fma(-u, invk_t[None, :], ui_t)
+                ua_t = tl.fma(-u, a_t, ua_t)
                 if DEAD:
                     ud_s += u * deadk_s[None, :]
                     ud_t -= u * deadk_t[None, :]
@@ -465,8 +471,8 @@ def _angle_grad_anchors(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_p
                 invk_t, row_i, rj, rk, N, ljk_s, ljk_t, _lo_parts(ls_ptr, row_i, rj, N), _lo_parts(lt_ptr, row_i, rj, N),
                 TILE_LO=False)
         u = _angle_u(a_s, a_t, rj, rk)
-        w_s += u * p_s
-        w_t -= u * p_t
+        w_s = tl.fma(u, p_s, w_s)  # explicit multiply-adds: the kernels run NO_FMA
+        w_t = tl.fma(-u, p_t, w_t)
         if DEAD:
             z_s += u * deadj_s[:, None] * invk_s[None, :]
             zt_s += u * invj_s[:, None] * deadk_s[None, :]
