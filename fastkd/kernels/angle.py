@@ -466,10 +466,11 @@ def _angle_grad_anchors(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_p
             a_s, p_s = _plain_angle(ejk_s, eij_s, eik_s, invj_s, invk_s)
             a_t, p_t = _plain_angle(ejk_t, eij_t, eik_t, invj_t, invk_t)
         else:
+            lij_s = _lo_parts(ls_ptr, row_i, rj, N)
+            lij_t = _lo_parts(lt_ptr, row_i, rj, N)
             a_s, _, _, p_s, a_t, _, _, p_t = _fast_angles(
                 hs_ptr, ls_ptr, ht_ptr, lt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s, invk_s, invj_t,
-                invk_t, row_i, rj, rk, N, ljk_s, ljk_t, _lo_parts(ls_ptr, row_i, rj, N), _lo_parts(lt_ptr, row_i, rj, N),
-                TILE_LO=False)
+                invk_t, row_i, rj, rk, N, ljk_s, ljk_t, lij_s, lij_t, TILE_LO=False)
         u = _angle_u(a_s, a_t, rj, rk)
         w_s = tl.fma(u, p_s, w_s)  # explicit multiply-adds: the kernels run NO_FMA
         w_t = tl.fma(-u, p_t, w_t)
