@@ -205,14 +205,18 @@ def test_irg_edge_on_distances_whose_squares_leave_float32(impl, scale):
     compare("irg_edge", impl, s, t, torch.tensor(0.75, dtype=torch.float64), f"irg_edge {impl} at {scale}")
 
 
+def _anchor_order(s, t, lo=0, anchors=None):
+    """angle.anchor_order of RKD's float32 angle path on the rows s, t (as float32)."""
+    parts = [p for x in (s, t) for p in gram.squared_distances_parts(x.float())]
+    n = len(s)
+    return angle.anchor_order(parts, n, lo, n - lo if anchors is None else anchors)
+
+
 def _paths(s, t, lo=0, anchors=None):
     """(order, count) of RKD's float32 angle path on the float32 rows s, t: the anchors
     (offsets from lo) with those it hands over (to the exact or the direct path) first,
     count of them."""
-    from fastkd.kernels import angle, gram
-    parts = [p for x in (s, t) for p in gram.squared_distances_parts(x.float())]
-    n = len(s)
-    order, counts = angle.anchor_order(parts, n, lo, n - lo if anchors is None else anchors)[:2]
+    order, counts = _anchor_order(s, t, lo, anchors)[:2]
     return order, counts[1]
 
 
@@ -261,8 +265,7 @@ def test_rkd_angle_fast_path_on_distances_spread_over_thousands(near):
 def _plain_tiles(s, t):
     """(admitted, bounds): which (anchor, j block, k block) tiles of RKD's float32 angle path
     take plain polarisation (angle._plain_tile's test, on the bounds anchor_order forms)."""
-    parts = [p for x in (s, t) for p in gram.squared_distances_parts(x.float())]
-    bounds = angle.anchor_order(parts, len(s), 0, len(s))[-1]
+    bounds = _anchor_order(s, t)[-1]
     r = angle.PLAIN_RATIO_SQ
     top, low = bounds[..., 0::2], bounds[..., 1::2]  # (anchors, blocks, side)
     ok = (top[:, :, None] <= r * low[:, None, :]) & (top[:, None, :] <= r * low[:, :, None])

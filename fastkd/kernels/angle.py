@@ -263,14 +263,11 @@ def _store_angle_stats(out, plane, ok, u_inv, u_a, u_dead, inv, dead):
 
 
 @triton.jit
-def _fast_angles(hs_ptr, ls_ptr, ht_ptr, lt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s, invk_s,
-                 invj_t, invk_t, row_i, rj, rk, N, ljk_s, ljk_t, lij_s, lij_t, TILE_LO: tl.constexpr):
+def _fast_angles(ls_ptr, lt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s, invk_s, invj_t, invk_t, row_i,
+                 rk, N, ljk_s, ljk_t, lij_s, lij_t):
     """Both sides' (A_jk, v, v_lo, p) on the fast path, compensated (_angle_tile) from E's hi
-    parts and the lo parts: those of the directions k loaded here, of the directions j given
-    (lij_*), of the tile given (ljk_*) or, with TILE_LO, loaded here."""
-    if TILE_LO:
-        ljk_s = _load_tile(ls_ptr, rj, rk, N, N)
-        ljk_t = _load_tile(lt_ptr, rj, rk, N, N)
+    parts and the lo parts: those of the directions k loaded here, of the directions j
+    (lij_*) and of the tile (ljk_*) given."""
     a_s, v_s, vlo_s, p_s = _angle_tile(ejk_s, ljk_s, eij_s, lij_s, eik_s, _lo_parts(ls_ptr, row_i, rk, N), invj_s,
                                        invk_s, False)
     a_t, v_t, vlo_t, p_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, _lo_parts(lt_ptr, row_i, rk, N), invj_t,
@@ -360,8 +357,9 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, b
                     a_t, _ = _plain_angle(ejk_t, eij_t, eik_t, invj_t, invk_t)
                 else:
                     a_s, v_s, vlo_s, _, a_t, v_t, vlo_t, _ = _fast_angles(
-                        hs_ptr, ls_ptr, ht_ptr, lt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s, invk_s,
-                        invj_t, invk_t, row_i, rj, rk, N, ejk_s, ejk_t, lij_s, lij_t, TILE_LO=True)
+                        ls_ptr, lt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s, invk_s, invj_t, invk_t,
+                        row_i, rk, N, _load_tile(ls_ptr, rj, rk, N, N), _load_tile(lt_ptr, rj, rk, N, N), lij_s,
+                        lij_t)
                     if start >= j0:
                         # Each side's angle rounded to float32 leaves an error of u32 |A| in
                         # A_s - A_t, large next to A_s - A_t itself when the teacher is near the
@@ -469,8 +467,8 @@ def _angle_grad_anchors(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_p
             lij_s = _lo_parts(ls_ptr, row_i, rj, N)
             lij_t = _lo_parts(lt_ptr, row_i, rj, N)
             a_s, _, _, p_s, a_t, _, _, p_t = _fast_angles(
-                hs_ptr, ls_ptr, ht_ptr, lt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s, invk_s, invj_t,
-                invk_t, row_i, rj, rk, N, ljk_s, ljk_t, lij_s, lij_t, TILE_LO=False)
+                ls_ptr, lt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s, invk_s, invj_t, invk_t, row_i, rk, N,
+                ljk_s, ljk_t, lij_s, lij_t)
         u = _angle_u(a_s, a_t, rj, rk)
         w_s = tl.fma(u, p_s, w_s)  # explicit multiply-adds: the kernels run NO_FMA
         w_t = tl.fma(-u, p_t, w_t)
@@ -544,11 +542,12 @@ def _rkd_angle_grad_fast_kernel(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, 
 
 @triton.jit
 def _side_rows(h_ptr, l_ptr, v_ptr, w_ptr, b_ptr, ra, lo, R, N, BLOCK: tl.constexpr):
-    """_fast_rows_kernel for one side: stores v, w and, at b_ptr + 4 (blocks a + block), each
-    block's largest and smallest live E (0, inf where none is live), returns the rows' flags (int32): 3 for
-    the direct path (a direction shorter than NORM_EPS but not zero, or live squared
-    distances spread past DIRECT_RATIO_SQ_FLOAT32), 2 for the exact one, 1 for the fast one
-    with a zero direction besides the anchor's own (a duplicate row), 0."""
+    """_fast_rows_kernel for one side: stores v, w and, at b_ptr + 4 (blocks (a - lo) + block)
+    for anchor a, each block's largest and smallest live E (0, inf where none is live);
+    returns the rows' flags (int32): 3 for the direct path (a direction shorter than NORM_EPS
+    but not zero, or live squared distances spread past DIRECT_RATIO_SQ_FLOAT32), 2 for the
+    exact one, 1 for the fast one with a zero direction besides the anchor's own (a duplicate
+    row), 0."""
     top = tl.zeros([BLOCK], dtype=tl.float32)
     low = tl.full([BLOCK], float("inf"), tl.float32)
     nan = tl.zeros([BLOCK], dtype=tl.int32)
@@ -570,9 +569,10 @@ def _side_rows(h_ptr, l_ptr, v_ptr, w_ptr, b_ptr, ra, lo, R, N, BLOCK: tl.conste
         tl.store(v_ptr + out, tl.where(live, inv, 0.0), mask=ok)
         tl.store(w_ptr + out, tl.where(live, inv_lo, 0.0), mask=ok)
         top = tl.maximum(top, tl.max(tl.where(ok, e, 0.0), 1))
-        block_low = tl.min(tl.where(ok & live, e, float("inf")), 1)
+        counted = ok & live
+        block_low = tl.min(tl.where(counted, e, float("inf")), 1)
         low = tl.minimum(low, block_low)
-        tl.store(bounds + (start // BLOCK) * 4, tl.max(tl.where(ok & live, e, 0.0), 1), mask=ra < R)
+        tl.store(bounds + (start // BLOCK) * 4, tl.max(tl.where(counted, e, 0.0), 1), mask=ra < R)
         tl.store(bounds + (start // BLOCK) * 4 + 1, block_low, mask=ra < R)
         nan = tl.maximum(nan, tl.max((ok & (e != e)).to(tl.int32), 1))
         tiny = tl.maximum(tiny, tl.max((ok & (e > 0) & ~live).to(tl.int32), 1))
