@@ -60,12 +60,14 @@ Three paths, each in kernels of its own:
          inverse norms), rounded once: an error about u32 |A_s - A_t|, where the difference
          of the rounded angles has u32 |A|, 10x the reference's error on the loss with a
          teacher near the student (tests/test_float32_relations.py). The gradient's u keeps
-         the rounded angles, as the tile kernel forms it again. Where only u reads the angles
-         (the gradient's tiles, the forward's row-sum blocks before its loss blocks) a tile
-         whose distances from the anchor spread at most 2x on both sides (PLAIN_RATIO_SQ,
-         per-block bounds from `_fast_rows_kernel`) sums V in plain float32 from the hi
-         parts (_plain_angle): an error of at most about 7 u32 n_j n_k (docs/numerics.md),
-         and fewer instructions (docs/gpu.md).
+         the rounded angles, as the tile kernel forms it again. For u, a tile whose distances
+         from the anchor spread at most 2x on both sides (PLAIN_RATIO_SQ, per-block bounds
+         from `_fast_rows_kernel`) sums V in plain float32 from the hi parts (_plain_angle):
+         an error of at most about 7 u32 n_j n_k (docs/numerics.md), and fewer instructions
+         (docs/gpu.md); the loss's difference stays compensated there too. Both kernels form
+         the same u, bitwise: where the angles' derivatives cancel (rows on a line) u's
+         rounding must cancel with them. Each tests a tile (or program) at once for every
+         anchor (or k block) first, and tile by tile only where that fails.
 The anchors are ordered direct first, then exact, then fast (`anchor_order`, one kernel that
 also forms the fast path's inverse norms; `exact_anchor_order` for float64 inputs), the fast
 ones with a zero direction besides their own (a duplicate row) before the others: counts =
@@ -109,8 +111,8 @@ _FAST_MAX = tl.constexpr(FAST_MAX)
 # pair of its live directions (per block, the largest and the smallest live E_ij:
 # _fast_rows_kernel's bounds), so rho <= 2: V's error is then about u32 (E_ij + E_ik + E_jk)
 # <= u32 (2 (rho + 1/rho) + 2) n_j n_k, at most 7 u32 of n_j n_k, where the reference's own
-# normalise-and-dot carries a few u32 per angle. Only where the loss reads the angles does the
-# tile stay compensated (the module docstring).
+# normalise-and-dot carries a few u32 per angle. The loss's angle difference stays compensated
+# (the module docstring).
 PLAIN_RATIO_SQ = 4.0
 _PLAIN_RATIO_SQ = tl.constexpr(PLAIN_RATIO_SQ)
 # An anchor whose live squared distances spread past this (rho > 4 for float64 inputs, 1e8
@@ -194,16 +196,47 @@ def _tile(h_ptr, l_ptr, rj, rk, N, PARTS: tl.constexpr):
 
 
 @triton.jit
+def _admits(pj, pk, live):
+    """_plain_tile's test from the bounds pj of block j and pk of block k (4 floats each;
+    scalars or vectors of pointers), True where not live."""
+    ok = (tl.load(pj, mask=live, other=0.0) <= _PLAIN_RATIO_SQ * tl.load(pk + 1, mask=live, other=0.0)) & (
+        tl.load(pk, mask=live, other=0.0) <= _PLAIN_RATIO_SQ * tl.load(pj + 1, mask=live, other=0.0))
+    return ok & (tl.load(pj + 2, mask=live, other=0.0) <= _PLAIN_RATIO_SQ * tl.load(pk + 3, mask=live, other=0.0)) & (
+        tl.load(pk + 2, mask=live, other=0.0) <= _PLAIN_RATIO_SQ * tl.load(pj + 3, mask=live, other=0.0))
+
+
+@triton.jit
 def _plain_tile(b_ptr, jb, kb):
     """Whether the fast path's tile of rows j in block jb and k in block kb takes plain
     polarisation (PLAIN_RATIO_SQ), from b_ptr, the anchor's (blocks, 4) bounds (per block:
     the student's largest and smallest live E, the teacher's). A block with no live direction
     reads (0, inf): it admits any other."""
-    pj = b_ptr + jb * 4
-    pk = b_ptr + kb * 4
-    ok = (tl.load(pj) <= _PLAIN_RATIO_SQ * tl.load(pk + 1)) & (tl.load(pk) <= _PLAIN_RATIO_SQ * tl.load(pj + 1))
-    return ok & (tl.load(pj + 2) <= _PLAIN_RATIO_SQ * tl.load(pk + 3)) & (
-        tl.load(pk + 2) <= _PLAIN_RATIO_SQ * tl.load(pj + 3))
+    return _admits(b_ptr + jb * 4, b_ptr + kb * 4, True)
+
+
+@triton.jit
+def _plain_at_every_anchor(b_ptr, order_ptr, first, end, jb, kb, BLOCK: tl.constexpr):
+    """Whether _plain_tile admits the tile (jb, kb) at every anchor order[first:end] (bounds
+    b_ptr (R, blocks, 4)), BLOCK anchors a step: a test per tile instead of per anchor."""
+    bad = 0
+    for start in range(first, end, BLOCK):
+        t = start + tl.arange(0, BLOCK)
+        live = t < end
+        row = b_ptr + tl.load(order_ptr + t, mask=live, other=0).to(tl.int64) * tl.num_programs(1) * 4
+        bad += tl.sum((~_admits(row + jb * 4, row + kb * 4, live)).to(tl.int32), 0)
+    return bad == 0
+
+
+@triton.jit
+def _plain_in_every_block(b_ptr, jb, blocks, BLOCK: tl.constexpr):
+    """Whether _plain_tile admits the tiles (jb, kb) of one anchor (bounds b_ptr (blocks, 4))
+    for every k block, BLOCK blocks a step: a test per program instead of per tile."""
+    bad = 0
+    for start in range(0, blocks, BLOCK):
+        kb = start + tl.arange(0, BLOCK)
+        pj = b_ptr + jb * 4 + tl.zeros_like(kb)  # a block of pointers, as a block mask needs
+        bad += tl.sum((~_admits(pj, b_ptr + kb * 4, kb < blocks)).to(tl.int32), 0)
+    return bad == 0
 
 
 @triton.jit
@@ -239,17 +272,17 @@ def _angle_tile(ejk, ejk_lo, eij, eij_lo, eik, eik_lo, inv_j, inv_k, EXACT: tl.c
 def _doubled_angle(v, v_lo, inv_j, w_j, inv_k, w_k):
     """2 A_jk = v inv_j inv_k (fast path) in double-float, (a, a_lo) to about u32^2 |A|, from
     v + v_lo (_angle_tile) and the inverse norms inv + w; formed as (v inv_j) inv_k, so that
-    no intermediate is as small as 1 / E."""
+    no intermediate is as small as 1 / E, the small terms by multiply-adds."""
     q, q_lo = two_prod(v, inv_j[:, None])
-    q_lo += v * w_j[:, None] + v_lo * inv_j[:, None]
+    q_lo = tl.fma(v, w_j[:, None], tl.fma(v_lo, inv_j[:, None], q_lo))
     a, a_lo = two_prod(q, inv_k[None, :])
-    return a, a_lo + (q * w_k[None, :] + q_lo * inv_k[None, :])
+    return a, tl.fma(q, w_k[None, :], tl.fma(q_lo, inv_k[None, :], a_lo))
 
 
 @triton.jit
-def _angle_u(a_s, a_t, rj, rk):
-    """h'(A_s - A_t), 0 on j = k."""
-    u = tl.minimum(tl.maximum(a_s - a_t, -1.0), 1.0)
+def _angle_u(d, rj, rk):
+    """h'(d), d = A_s - A_t, 0 on j = k."""
+    u = tl.minimum(tl.maximum(d, -1.0), 1.0)
     return tl.where(rj[:, None] == rk[None, :], 0.0, u)
 
 
@@ -273,6 +306,30 @@ def _fast_angles(ls_ptr, lt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_
     a_t, v_t, vlo_t, p_t = _angle_tile(ejk_t, ljk_t, eij_t, lij_t, eik_t, _lo_parts(lt_ptr, row_i, rk, N), invj_t,
                                        invk_t, False)
     return a_s, v_s, vlo_s, p_s, a_t, v_t, vlo_t, p_t
+
+
+@triton.jit
+def _doubled_difference(ws_ptr, wt_ptr, v_s, vlo_s, v_t, vlo_t, invj_s, invk_s, invj_t, invk_t, wj_s, wj_t, v_row,
+                        rk, N):
+    """A_s - A_t for the loss from the compensated v + v_lo of each side (_angle_tile): each
+    side's angle rounded to float32 leaves an error of u32 |A| in the difference, large next
+    to the difference itself when the teacher is near the student, so the angles are taken
+    in double-float (_doubled_angle) and their difference rounded once."""
+    ok = rk < N
+    as_hi, as_lo = _doubled_angle(v_s, vlo_s, invj_s, wj_s, invk_s, tl.load(ws_ptr + v_row + rk, mask=ok, other=0.0))
+    at_hi, at_lo = _doubled_angle(v_t, vlo_t, invj_t, wj_t, invk_t, tl.load(wt_ptr + v_row + rk, mask=ok, other=0.0))
+    return 0.5 * ((as_hi - at_hi) + (as_lo - at_lo))
+
+
+@triton.jit
+def _loss_difference(ls_ptr, lt_ptr, ws_ptr, wt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s, invk_s, invj_t,
+                     invk_t, wj_s, wj_t, row_i, v_row, rj, rk, N, lij_s, lij_t):
+    """_doubled_difference from E's hi parts and the lo parts, compensated (_fast_angles)."""
+    _, v_s, vlo_s, _, _, v_t, vlo_t, _ = _fast_angles(
+        ls_ptr, lt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s, invk_s, invj_t, invk_t, row_i, rk, N,
+        _load_tile(ls_ptr, rj, rk, N, N), _load_tile(lt_ptr, rj, rk, N, N), lij_s, lij_t)
+    return _doubled_difference(ws_ptr, wt_ptr, v_s, vlo_s, v_t, vlo_t, invj_s, invk_s, invj_t, invk_t, wj_s, wj_t,
+                               v_row, rk, N)
 
 
 @triton.jit
@@ -318,6 +375,8 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, b
             wj_s = tl.load(ws_ptr + v_row + rj, mask=rj < N, other=0.0)
             wj_t = tl.load(wt_ptr + v_row + rj, mask=rj < N, other=0.0)
             b_row = bounds_ptr + (i - lo).to(tl.int64) * tl.num_programs(1) * 4
+            # One test for the anchor's whole row of tiles first: where it passes, none per tile.
+            every = _plain_in_every_block(b_row, tl.program_id(1), tl.num_programs(1), BLOCK)
         # Summed elementwise over the k blocks and reduced over k once at the end: a reduction
         # per block costs cross-thread shuffles, about as many instructions as the angles.
         loss = tl.zeros([BLOCK, BLOCK], dtype=eij_s.dtype)
@@ -348,32 +407,37 @@ def _angle_fwd(hs_ptr, ls_ptr, vs_ptr, ws_ptr, ht_ptr, lt_ptr, vt_ptr, wt_ptr, b
             else:
                 ejk_s = _load_tile(hs_ptr, rj, rk, N, N)
                 ejk_t = _load_tile(ht_ptr, rj, rk, N, N)
-                # The row sums' blocks (before j0) in plain float32 where the tile allows it.
-                plain = start < j0
-                if plain:
+                # u must be the gradient kernel's, bitwise (its tiles hold k < j as well as k >= j):
+                # where the derivatives of the angles cancel (rows on a line) a difference in
+                # u's rounding would not. So the angles are plain wherever _plain_tile admits the
+                # tile, as there, and compensated elsewhere.
+                plain = every
+                if not every:
                     plain = _plain_tile(b_row, tl.program_id(1), start // BLOCK)
                 if plain:
                     a_s, _ = _plain_angle(ejk_s, eij_s, eik_s, invj_s, invk_s)
                     a_t, _ = _plain_angle(ejk_t, eij_t, eik_t, invj_t, invk_t)
-                else:
+                    if start >= j0:
+                        loss = _add_loss(loss, _loss_difference(
+                            ls_ptr, lt_ptr, ws_ptr, wt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s,
+                            invk_s, invj_t, invk_t, wj_s, wj_t, row_i, v_row, rj, rk, N, lij_s, lij_t),
+                            start, j0, diagonal, diagonal_diff)
+                elif start >= j0:
                     a_s, v_s, vlo_s, _, a_t, v_t, vlo_t, _ = _fast_angles(
                         ls_ptr, lt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s, invk_s, invj_t, invk_t,
                         row_i, rk, N, _load_tile(ls_ptr, rj, rk, N, N), _load_tile(lt_ptr, rj, rk, N, N), lij_s,
                         lij_t)
-                    if start >= j0:
-                        # Each side's angle rounded to float32 leaves an error of u32 |A| in
-                        # A_s - A_t, large next to A_s - A_t itself when the teacher is near the
-                        # student: the loss takes the difference of the double-float angles
-                        # instead, rounded once.
-                        as_hi, as_lo = _doubled_angle(v_s, vlo_s, invj_s, wj_s, invk_s,
-                                                      tl.load(ws_ptr + v_row + rk, mask=rk < N, other=0.0))
-                        at_hi, at_lo = _doubled_angle(v_t, vlo_t, invj_t, wj_t, invk_t,
-                                                      tl.load(wt_ptr + v_row + rk, mask=rk < N, other=0.0))
-                        loss = _add_loss(loss, 0.5 * ((as_hi - at_hi) + (as_lo - at_lo)), start, j0, diagonal,
-                                         diagonal_diff)
+                    loss = _add_loss(loss, _doubled_difference(
+                        ws_ptr, wt_ptr, v_s, vlo_s, v_t, vlo_t, invj_s, invk_s, invj_t, invk_t, wj_s, wj_t, v_row,
+                        rk, N), start, j0, diagonal, diagonal_diff)
+                else:
+                    a_s, _, _, _, a_t, _, _, _ = _fast_angles(
+                        ls_ptr, lt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s, invk_s, invj_t, invk_t,
+                        row_i, rk, N, _load_tile(ls_ptr, rj, rk, N, N), _load_tile(lt_ptr, rj, rk, N, N), lij_s,
+                        lij_t)
             if STATS:
                 # The sums' products by explicit multiply-adds (the kernels run NO_FMA).
-                u = _angle_u(a_s, a_t, rj, rk)
+                u = _angle_u(a_s - a_t, rj, rk)
                 ui_s = tl.fma(u, invk_s[None, :], ui_s)
                 ua_s = tl.fma(u, a_s, ua_s)
                 ui_t = tl.fma(-u, invk_t[None, :], ui_t)
@@ -444,22 +508,30 @@ def _store_grad_tile(out, plane, rj, rk, N, ok, w, z, z_t, ADD: tl.constexpr):
 @triton.jit
 def _angle_grad_anchors(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, first, end, lo, N,
                         rj, rk, ejk_s, ljk_s, ejk_t, ljk_t, w_s, z_s, zt_s, w_t, z_t, zt_t, EXACT: tl.constexpr,
-                        PARTS: tl.constexpr, DEAD: tl.constexpr):
+                        PARTS: tl.constexpr, DEAD: tl.constexpr, PLAIN: tl.constexpr):
     """The sums of _angle_grad over the anchors order[first:end], added to (w_s, z_s, zt_s,
     w_t, z_t, zt_t); w holds sum_i u inv_j inv_k / 2. Without DEAD the z sums are left as
     they are: at an anchor whose only zero direction is its own, u is 0 along it. The fast
-    path takes plain polarisation at the anchors whose bounds admit the tile (_plain_tile)."""
+    path takes plain polarisation at the anchors whose bounds admit the tile (_plain_tile);
+    with PLAIN at every anchor, untested (the caller tested them all)."""
+    # E's rows from lo on, as v's: one offset (the anchor's local row) serves both.
+    hs_ptr += lo.to(tl.int64) * N
+    ls_ptr += lo.to(tl.int64) * N
+    ht_ptr += lo.to(tl.int64) * N
+    lt_ptr += lo.to(tl.int64) * N
     for t in range(first, end):
         local = tl.load(order_ptr + t).to(tl.int64)
-        row_i = (lo + local) * N
-        v_row = local * N
-        eij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rj, N, EXACT, PARTS)
-        eik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, v_row, rk, N, EXACT, PARTS)
-        eij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rj, N, EXACT, PARTS)
-        eik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, v_row, rk, N, EXACT, PARTS)
+        row_i = local * N
+        eij_s, invj_s, deadj_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, row_i, rj, N, EXACT, PARTS)
+        eik_s, invk_s, deadk_s = _directions(hs_ptr, ls_ptr, vs_ptr, row_i, row_i, rk, N, EXACT, PARTS)
+        eij_t, invj_t, deadj_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, row_i, rj, N, EXACT, PARTS)
+        eik_t, invk_t, deadk_t = _directions(ht_ptr, lt_ptr, vt_ptr, row_i, row_i, rk, N, EXACT, PARTS)
         if EXACT:
             a_s, _, _, p_s = _angle_tile(ejk_s, ejk_s, eij_s, eij_s, eik_s, eik_s, invj_s, invk_s, True)
             a_t, _, _, p_t = _angle_tile(ejk_t, ejk_t, eij_t, eij_t, eik_t, eik_t, invj_t, invk_t, True)
+        elif PLAIN:
+            a_s, p_s = _plain_angle(ejk_s, eij_s, eik_s, invj_s, invk_s)
+            a_t, p_t = _plain_angle(ejk_t, eij_t, eik_t, invj_t, invk_t)
         elif _plain_tile(bounds_ptr + local * tl.num_programs(1) * 4, tl.program_id(0), tl.program_id(1)):
             a_s, p_s = _plain_angle(ejk_s, eij_s, eik_s, invj_s, invk_s)
             a_t, p_t = _plain_angle(ejk_t, eij_t, eik_t, invj_t, invk_t)
@@ -469,7 +541,7 @@ def _angle_grad_anchors(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_p
             a_s, _, _, p_s, a_t, _, _, p_t = _fast_angles(
                 ls_ptr, lt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s, invk_s, invj_t, invk_t, row_i, rk, N,
                 ljk_s, ljk_t, lij_s, lij_t)
-        u = _angle_u(a_s, a_t, rj, rk)
+        u = _angle_u(a_s - a_t, rj, rk)
         w_s = tl.fma(u, p_s, w_s)  # explicit multiply-adds: the kernels run NO_FMA
         w_t = tl.fma(-u, p_t, w_t)
         if DEAD:
@@ -499,7 +571,7 @@ def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, orde
             zero = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
             w_s, z_s, zt_s, w_t, z_t, zt_t = _angle_grad_anchors(
                 hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, tl.load(count_ptr), count, lo,
-                N, rj, rk, ejk_s, ejk_s, ejk_t, ejk_t, zero, zero, zero, zero, zero, zero, EXACT, PARTS, True)
+                N, rj, rk, ejk_s, ejk_s, ejk_t, ejk_t, zero, zero, zero, zero, zero, zero, EXACT, PARTS, True, False)
         else:
             ejk_s = _load_tile(hs_ptr, rj, rk, N, N)
             ejk_t = _load_tile(ht_ptr, rj, rk, N, N)
@@ -509,10 +581,16 @@ def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, orde
             dead = tl.load(count_ptr + 2)
             w_s, z_s, zt_s, w_t, z_t, zt_t = _angle_grad_anchors(
                 hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, count, dead, lo, N, rj, rk,
-                ejk_s, ljk_s, ejk_t, ljk_t, zero, zero, zero, zero, zero, zero, EXACT, PARTS, True)
-            w_s, z_s, zt_s, w_t, z_t, zt_t = _angle_grad_anchors(
-                hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, dead, R, lo, N, rj, rk,
-                ejk_s, ljk_s, ejk_t, ljk_t, w_s, z_s, zt_s, w_t, z_t, zt_t, EXACT, PARTS, False)
+                ejk_s, ljk_s, ejk_t, ljk_t, zero, zero, zero, zero, zero, zero, EXACT, PARTS, True, False)
+            # The anchors without a duplicate, most of them: one test for the whole tile first.
+            if _plain_at_every_anchor(bounds_ptr, order_ptr, dead, R, tl.program_id(0), tl.program_id(1), BLOCK):
+                w_s, z_s, zt_s, w_t, z_t, zt_t = _angle_grad_anchors(
+                    hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, dead, R, lo, N, rj, rk,
+                    ejk_s, ljk_s, ejk_t, ljk_t, w_s, z_s, zt_s, w_t, z_t, zt_t, EXACT, PARTS, False, True)
+            else:
+                w_s, z_s, zt_s, w_t, z_t, zt_t = _angle_grad_anchors(
+                    hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, dead, R, lo, N, rj, rk,
+                    ejk_s, ljk_s, ejk_t, ljk_t, w_s, z_s, zt_s, w_t, z_t, zt_t, EXACT, PARTS, False, False)
         plane = N.to(tl.int64) * N
         # w holds half of w2's sum (p = inv_j inv_k / 2). Not EXACT: the exact kernel ran first
         # and left its anchors' sums in out.
