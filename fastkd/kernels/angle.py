@@ -176,8 +176,9 @@ def _directions(h_ptr, l_ptr, v_ptr, row_i, v_row, rows, N, EXACT: tl.constexpr,
         live = e >= _NORM_EPS_SQ
         inv = tl.where(live, 1.0 / sqrt(tl.where(live, e, 1.0)), 0.0)
     else:
-        e = tl.load(h_ptr + row_i + rows, mask=ok, other=0.0)
-        inv = tl.load(v_ptr + v_row + rows, mask=ok, other=0.0)
+        # (pointer + rows) first: the part a loop over the anchors holds (the compiler hoists it).
+        e = tl.load((h_ptr + rows) + row_i, mask=ok, other=0.0)
+        inv = tl.load((v_ptr + rows) + v_row, mask=ok, other=0.0)
         live = inv > 0
     return e, inv, (ok & ~live).to(e.dtype)
 
