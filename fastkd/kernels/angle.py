@@ -509,17 +509,21 @@ def _store_grad_tile(out, plane, rj, rk, N, ok, w, z, z_t, ADD: tl.constexpr):
 @triton.jit
 def _angle_grad_anchors(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, first, end, lo, N,
                         rj, rk, ejk_s, ljk_s, ejk_t, ljk_t, w_s, z_s, zt_s, w_t, z_t, zt_t, EXACT: tl.constexpr,
-                        PARTS: tl.constexpr, DEAD: tl.constexpr, PLAIN: tl.constexpr):
+                        PARTS: tl.constexpr, DEAD: tl.constexpr):
     """The sums of _angle_grad over the anchors order[first:end], added to (w_s, z_s, zt_s,
     w_t, z_t, zt_t); w holds sum_i u inv_j inv_k / 2. Without DEAD the z sums are left as
     they are: at an anchor whose only zero direction is its own, u is 0 along it. The fast
-    path takes plain polarisation at the anchors whose bounds admit the tile (_plain_tile);
-    with PLAIN at every anchor, untested (the caller tested them all)."""
+    path takes plain polarisation at the anchors whose bounds admit the tile: at every one,
+    untested, where _plain_at_every_anchor admits it for all of them, else by _plain_tile."""
     # E's rows from lo on, as v's: one offset (the anchor's local row) serves both.
     hs_ptr += lo.to(tl.int64) * N
     ls_ptr += lo.to(tl.int64) * N
     ht_ptr += lo.to(tl.int64) * N
     lt_ptr += lo.to(tl.int64) * N
+    if not EXACT:
+        # One test for the tile at every anchor first: where it passes, none per anchor.
+        every = _plain_at_every_anchor(bounds_ptr, order_ptr, first, end, tl.program_id(0), tl.program_id(1),
+                                       rj.shape[0])
     for t in range(first, end):
         local = tl.load(order_ptr + t).to(tl.int64)
         row_i = local * N
@@ -530,18 +534,19 @@ def _angle_grad_anchors(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_p
         if EXACT:
             a_s, _, _, p_s = _angle_tile(ejk_s, ejk_s, eij_s, eij_s, eik_s, eik_s, invj_s, invk_s, True)
             a_t, _, _, p_t = _angle_tile(ejk_t, ejk_t, eij_t, eij_t, eik_t, eik_t, invj_t, invk_t, True)
-        elif PLAIN:
-            a_s, p_s = _plain_angle(ejk_s, eij_s, eik_s, invj_s, invk_s)
-            a_t, p_t = _plain_angle(ejk_t, eij_t, eik_t, invj_t, invk_t)
-        elif _plain_tile(bounds_ptr + local * tl.num_programs(1) * 4, tl.program_id(0), tl.program_id(1)):
-            a_s, p_s = _plain_angle(ejk_s, eij_s, eik_s, invj_s, invk_s)
-            a_t, p_t = _plain_angle(ejk_t, eij_t, eik_t, invj_t, invk_t)
         else:
-            lij_s = _lo_parts(ls_ptr, row_i, rj, N)
-            lij_t = _lo_parts(lt_ptr, row_i, rj, N)
-            a_s, _, _, p_s, a_t, _, _, p_t = _fast_angles(
-                ls_ptr, lt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s, invk_s, invj_t, invk_t, row_i, rk, N,
-                ljk_s, ljk_t, lij_s, lij_t)
+            plain = every
+            if not every:
+                plain = _plain_tile(bounds_ptr + local * tl.num_programs(1) * 4, tl.program_id(0), tl.program_id(1))
+            if plain:
+                a_s, p_s = _plain_angle(ejk_s, eij_s, eik_s, invj_s, invk_s)
+                a_t, p_t = _plain_angle(ejk_t, eij_t, eik_t, invj_t, invk_t)
+            else:
+                lij_s = _lo_parts(ls_ptr, row_i, rj, N)
+                lij_t = _lo_parts(lt_ptr, row_i, rj, N)
+                a_s, _, _, p_s, a_t, _, _, p_t = _fast_angles(
+                    ls_ptr, lt_ptr, ejk_s, ejk_t, eij_s, eik_s, eij_t, eik_t, invj_s, invk_s, invj_t, invk_t, row_i,
+                    rk, N, ljk_s, ljk_t, lij_s, lij_t)
         u = _angle_u(a_s - a_t, rj, rk)
         w_s = tl.fma(u, p_s, w_s)  # explicit multiply-adds: the kernels run NO_FMA
         w_t = tl.fma(-u, p_t, w_t)
@@ -572,7 +577,7 @@ def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, orde
             zero = tl.zeros([BLOCK, BLOCK], dtype=ejk_s.dtype)
             w_s, z_s, zt_s, w_t, z_t, zt_t = _angle_grad_anchors(
                 hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, tl.load(count_ptr), count, lo,
-                N, rj, rk, ejk_s, ejk_s, ejk_t, ejk_t, zero, zero, zero, zero, zero, zero, EXACT, PARTS, True, False)
+                N, rj, rk, ejk_s, ejk_s, ejk_t, ejk_t, zero, zero, zero, zero, zero, zero, EXACT, PARTS, True)
         else:
             ejk_s = _load_tile(hs_ptr, rj, rk, N, N)
             ejk_t = _load_tile(ht_ptr, rj, rk, N, N)
@@ -582,16 +587,10 @@ def _angle_grad(hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, orde
             dead = tl.load(count_ptr + 2)
             w_s, z_s, zt_s, w_t, z_t, zt_t = _angle_grad_anchors(
                 hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, count, dead, lo, N, rj, rk,
-                ejk_s, ljk_s, ejk_t, ljk_t, zero, zero, zero, zero, zero, zero, EXACT, PARTS, True, False)
-            # The anchors without a duplicate, most of them: one test for the whole tile first.
-            if _plain_at_every_anchor(bounds_ptr, order_ptr, dead, R, tl.program_id(0), tl.program_id(1), BLOCK):
-                w_s, z_s, zt_s, w_t, z_t, zt_t = _angle_grad_anchors(
-                    hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, dead, R, lo, N, rj, rk,
-                    ejk_s, ljk_s, ejk_t, ljk_t, w_s, z_s, zt_s, w_t, z_t, zt_t, EXACT, PARTS, False, True)
-            else:
-                w_s, z_s, zt_s, w_t, z_t, zt_t = _angle_grad_anchors(
-                    hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, dead, R, lo, N, rj, rk,
-                    ejk_s, ljk_s, ejk_t, ljk_t, w_s, z_s, zt_s, w_t, z_t, zt_t, EXACT, PARTS, False, False)
+                ejk_s, ljk_s, ejk_t, ljk_t, zero, zero, zero, zero, zero, zero, EXACT, PARTS, True)
+            w_s, z_s, zt_s, w_t, z_t, zt_t = _angle_grad_anchors(
+                hs_ptr, ls_ptr, vs_ptr, ht_ptr, lt_ptr, vt_ptr, bounds_ptr, order_ptr, dead, R, lo, N, rj, rk,
+                ejk_s, ljk_s, ejk_t, ljk_t, w_s, z_s, zt_s, w_t, z_t, zt_t, EXACT, PARTS, False)
         plane = N.to(tl.int64) * N
         # w holds half of w2's sum (p = inv_j inv_k / 2). Not EXACT: the exact kernel ran first
         # and left its anchors' sums in out.
