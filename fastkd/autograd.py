@@ -355,15 +355,16 @@ class AFDFunction(torch.autograd.Function):
     """mean_b sum_c rho[b, c] mean_hw (s' - t')^2, f' = f / (||f||_2 over (H, W) + eps).
 
     One kernel per direction over the rows (b, c) (forward two for long rows split into
-    chunks); forward saves per-row norms and per-chunk sums (B C, chunks, 5). drho = q / (B HW)
-    with q the per-row sum of (s' - t')^2.
+    chunks); forward saves per-row norms and per-chunk sums (B C, chunks, STATS), or takes
+    them from afd_pooled. drho = q / (B HW) with q the per-row sum of (s' - t')^2.
     """
 
     @staticmethod
-    def forward(ctx, fm_s, fm_t, rho, eps):
+    def forward(ctx, fm_s, fm_t, rho, eps, stats=None):
         xs, xt = as_3d(fm_s), as_3d(fm_t)
         B, C, L = xs.shape
-        stats = _ew.normalized_distance(xs, xt, eps, add_eps=True, l1=False)
+        if stats is None:
+            stats = _ew.normalized_distance(xs, xt, eps, add_eps=True, l1=False)
         q = _ew.row_distance(stats).view(B, C)
         ctx.save_for_backward(fm_s, fm_t, rho, stats)
         ctx.eps = eps
@@ -381,11 +382,24 @@ class AFDFunction(torch.autograd.Function):
                                               *ctx.needs_input_grad[:2])
         d_rho = (g * _ew.row_distance(stats).view(B, C) / (B * L)).to(rho.dtype) if ctx.needs_input_grad[2] else None
         return (None if ds is None else ds.view(fm_s.shape),
-                None if dt is None else dt.view(fm_t.shape), d_rho, None)
+                None if dt is None else dt.view(fm_t.shape), d_rho, None, None)
 
 
 def afd(fm_s, fm_t, rho, eps=1e-6):
     return _ops.apply("AFDFunction", fm_s, fm_t, rho, eps)
+
+
+def afd_pooled(fm_s, fm_t, channel_weights, eps=1e-6):
+    """afd with rho = channel_weights(the mean of fm_t over (H, W), (B, C, 1, 1) in fm_t's dtype),
+    the mean summed by AFDFunction's forward kernel as it reads fm_t, whose statistics the
+    Function then takes instead of running it again: one pass over the teacher less than
+    pooling it first. The mean carries no gradient to fm_t (fastkd.functional.afd_attention
+    calls this only where fm_t needs none)."""
+    xs, xt = as_3d(fm_s), as_3d(fm_t)
+    B, C, L = xs.shape
+    stats = _ew.normalized_distance(xs, xt, eps, add_eps=True, l1=False)
+    pooled = (_ew.row_sum_t(stats) / L).to(fm_t.dtype).view(B, C, 1, 1)
+    return _ops.apply("AFDFunction", fm_s, fm_t, channel_weights(pooled), eps, stats)
 
 
 class NormalizedRowsFunction(torch.autograd.Function):

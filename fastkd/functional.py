@@ -28,6 +28,7 @@ import torch
 from . import checks, device_ops, distributed
 from . import chunked_linear as _chunked_linear
 from .backend import IMPLEMENTATIONS, current_backend, eager_implementation, global_implementation, resolve
+from .backend import autograd as _autograd
 from .common import eager
 
 # Losses of the gradients of a network's outputs: their reference needs the network's graph,
@@ -344,11 +345,34 @@ def afd(fm_s, fm_t, rho, eps=1e-6):
     fm_s, fm_t (B, C, H, W); rho (B, C) channel weights (rows sum to 1).
     """
     _same_pair(fm_s, fm_t, "fm_s", "fm_t", ndim=4)
+    _afd_rho(rho, fm_s)
+    return _run("afd", fm_s, fm_t, rho, eps)
+
+
+def _afd_rho(rho, fm_s):
     checks.tensor(rho, "rho", ndim=2)
     checks.same_device(fm_s=fm_s, rho=rho)
     if tuple(rho.shape) != tuple(fm_s.shape[:2]):
         raise ValueError(f"rho must have shape (B, C) = {tuple(fm_s.shape[:2])}, got {tuple(rho.shape)}")
-    return _run("afd", fm_s, fm_t, rho, eps)
+    return rho
+
+
+def afd_attention(fm_s, fm_t, channel_weights, eps=1e-6):
+    """AFD with rho = channel_weights(pooled), pooled the mean of fm_t over (H, W) as
+    (B, C, 1, 1) in fm_t's dtype: afd(fm_s, fm_t, channel_weights(pooled), eps). AFD's module
+    passes its attention (pooled_channel_weights).
+
+    Eagerly on the Triton path, where fm_t needs no gradient (a teacher's map), the mean is
+    summed by afd's own forward kernel as it reads fm_t (fastkd.autograd.afd_pooled): one
+    pass over the teacher less than pooling it first. Elsewhere adaptive_avg_pool2d forms it.
+    """
+    _same_pair(fm_s, fm_t, "fm_s", "fm_t", ndim=4)
+    kind = _short_way(fm_s)
+    fused = IMPLEMENTATIONS["afd"]["triton"]
+    if (kind is not None and fused is not None and not (fm_t.requires_grad and torch.is_grad_enabled())
+            and eager_implementation("afd", fm_s, kind) is fused):
+        return _autograd.afd_pooled(fm_s, fm_t, lambda pooled: _afd_rho(channel_weights(pooled), fm_s), eps)
+    return afd(fm_s, fm_t, channel_weights(torch.nn.functional.adaptive_avg_pool2d(fm_t, 1)), eps)
 
 
 # --- gradients of the outputs ----------------------------------------------

@@ -139,7 +139,7 @@ class AFD(_Checked, reference.AFD):
 
     def forward(self, fm_s, fm_t, eps=1e-6):
         checks.channels(fm_t, "fm_t", self.attention[0].in_channels)
-        return F.afd(fm_s, fm_t, self.channel_weights(fm_t), eps)
+        return F.afd_attention(fm_s, fm_t, self.pooled_channel_weights, eps)
 
 
 class Sobolev(reference.Sobolev):

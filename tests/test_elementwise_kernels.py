@@ -197,6 +197,45 @@ def test_split_rows_fully_written(op, poisoned_empty, monkeypatch):
     check_triton_on(op, 6, shape, ("channels_last", "strided"), (1.0, 1e3), 0.9)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+@pytest.mark.parametrize("split", [False, True])
+def test_afd_module_pooled_teacher(backend, teacher_grad, split, monkeypatch):
+    # AFD's module against the reference's: loss and the gradients of fm_s, the attention's
+    # parameters and (where it needs one) fm_t. On the Triton path with a teacher that needs
+    # no gradient, the teacher's mean comes from the loss's forward kernel, and
+    # adaptive_avg_pool2d is not called; split, from the rows' chunks (6 rows of 667 values
+    # into 512 + 155).
+    if split:
+        monkeypatch.setattr(ew, "_SPLIT_MIN_CHUNK", 256)
+    pools = []
+    pool = torch.nn.functional.adaptive_avg_pool2d
+    monkeypatch.setattr(torch.nn.functional, "adaptive_avg_pool2d", lambda *a: pools.append(1) or pool(*a))
+    g = torch.Generator().manual_seed(7)
+    shape = (2, 3, 23, 29)
+    s = make_map(g, shape, "channels_last", 1.0)
+    t = make_map(g, shape, "strided", 1e3, offset=0.5)
+    reference = R.AFD(3, 0.7).double()
+    module = fastkd.AFD(3, 0.7).double()
+    module.load_state_dict(reference.state_dict())
+    upstream = torch.tensor(-1.7, dtype=torch.float64)
+
+    def run(m, use):
+        xs, xt = s.clone().requires_grad_(), t.clone().requires_grad_(teacher_grad)
+        with fastkd.use_backend(use):
+            loss = m(xs, xt)
+        inputs = [xs, *([xt] if teacher_grad else []), *m.parameters()]
+        return loss, torch.autograd.grad(loss, inputs, upstream)
+
+    ref_loss, ref_grads = run(reference, "reference")
+    pools.clear()
+    loss, grads = run(module, backend)
+    assert len(pools) == (0 if backend == "triton" and not teacher_grad else 1)
+    assert_close(loss, ref_loss)
+    for a, r in zip(grads, ref_grads, strict=True):
+        assert_close(a, r)
+
+
 # --- Sobolev and LwM: losses of input gradients, differentiated twice ------------------------
 
 class Net(nn.Module):

@@ -329,6 +329,11 @@ def _row_values(ps, pt, ssk, stk, k0, L, ACC: tl.constexpr, BLOCK: tl.constexpr)
     return k, km, tl.load(ps + k * ssk, mask=km, other=0.0).to(ACC), tl.load(pt + k * stk, mask=km, other=0.0).to(ACC)
 
 
+# normalized_distance's statistics per row chunk: ||s||, ||t||, sum phi(d), sum phi'(d) s,
+# sum phi'(d) t, sum t.
+STATS = tl.constexpr(6)
+
+
 @triton.jit
 def _row_chunk(s, t, C, L, CHUNK, ssb, ssc, stb, stc):
     # Program -> (its row r, its chunk j, the row's chunk count n, the chunk's end, each
@@ -379,9 +384,10 @@ def _normalized_distance_kernel(s, t, squares, stats, C, L, CHUNK, eps: tl.float
                                 ADD_EPS: tl.constexpr, L1: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr,
                                 BLOCK: tl.constexpr):
     # Row r, chunk j: s' = s r_s, t' = t r_t, d = s' - t'; stats[r, j] = (||s||, ||t||, and over
-    # the chunk sum phi(d), sum phi'(d) s, sum phi'(d) t) with phi = |.| (L1) or (.)^2, phi' =
-    # sign or identity. The norms come from a pass over the whole row (one chunk: the second
-    # pass reads it again from cache) or, SPLIT, from _row_squares_kernel's chunk sums.
+    # the chunk sum phi(d), sum phi'(d) s, sum phi'(d) t, sum t) with phi = |.| (L1) or (.)^2,
+    # phi' = sign or identity (sum t: AFD's pooled teacher, without a pass of its own). The
+    # norms come from a pass over the whole row (one chunk: the second pass reads it again
+    # from cache) or, SPLIT, from _row_squares_kernel's chunk sums.
     r, j, n, k_hi, ps, pt = _row_chunk(s, t, C, L, CHUNK, ssb, ssc, stb, stc)
     eps = to_acc(eps, ACC)
     if SPLIT:
@@ -396,6 +402,7 @@ def _normalized_distance_kernel(s, t, squares, stats, C, L, CHUNK, eps: tl.float
     dist = tl.zeros([BLOCK], dtype=ACC)
     u_s = tl.zeros([BLOCK], dtype=ACC)
     u_t = tl.zeros([BLOCK], dtype=ACC)
+    sum_t = tl.zeros([BLOCK], dtype=ACC)
     for k0 in range(j * CHUNK, k_hi, BLOCK):
         # k and km go unused, but not as `_`: that is a scalar here, and a loop-carried name keeps one type.
         k, km, x, y = _row_values(ps, pt, ssk, stk, k0, k_hi, ACC, BLOCK)
@@ -407,12 +414,14 @@ def _normalized_distance_kernel(s, t, squares, stats, C, L, CHUNK, eps: tl.float
             dist += d * d
         u_s += d * x
         u_t += d * y
-    out = stats + 5 * (r * n + j)
+        sum_t += y
+    out = stats + STATS * (r * n + j)
     tl.store(out, n_s)
     tl.store(out + 1, n_t)
     tl.store(out + 2, tl.sum(dist, axis=0))
     tl.store(out + 3, tl.sum(u_s, axis=0))
     tl.store(out + 4, tl.sum(u_t, axis=0))
+    tl.store(out + 5, tl.sum(sum_t, axis=0))
 
 
 @triton.jit
@@ -427,12 +436,12 @@ def _normalized_distance_grad_kernel(s, t, stats, weight, ds, dt, C, L, CHUNK, e
     r, j, n, k_hi, ps, pt = _row_chunk(s, t, C, L, CHUNK, ssb, ssc, stb, stc)
     w = tl.load(weight + r).to(ACC)
     eps = to_acc(eps, ACC)
-    row = stats + 5 * r * n
+    row = stats + STATS * r * n
     r_s, slope_s = _inverse_norm(tl.load(row).to(ACC), eps, ADD_EPS)
     r_t, slope_t = _inverse_norm(tl.load(row + 1).to(ACC), eps, ADD_EPS)
     if SPLIT:
-        u_s = _chunk_sums(stats, r, n, 3, 5, BLOCK).to(ACC)
-        u_t = _chunk_sums(stats, r, n, 4, 5, BLOCK).to(ACC)
+        u_s = _chunk_sums(stats, r, n, 3, STATS, BLOCK).to(ACC)
+        u_t = _chunk_sums(stats, r, n, 4, STATS, BLOCK).to(ACC)
     else:
         u_s = tl.load(row + 3).to(ACC)
         u_t = tl.load(row + 4).to(ACC)
@@ -467,8 +476,8 @@ def row_chunk(R, L):
 
 
 def normalized_distance(s, t, eps, add_eps, l1):
-    """Per-row statistics (R, n, 5), a row's n chunks each (n = 1 unless the row splits,
-    row_chunk): ||s||, ||t||, and over the chunk sum phi(d), sum phi'(d) s, sum phi'(d) t.
+    """Per-row statistics (R, n, STATS), a row's n chunks each (n = 1 unless the row splits,
+    row_chunk): ||s||, ||t||, and over the chunk sum phi(d), sum phi'(d) s, sum phi'(d) t, sum t.
 
     s, t (B, C, L) views (rows (b, c)); d = s / (n + eps) - t / (n + eps) when add_eps,
     else with max(n, eps); phi = |.| when l1, else (.)^2.
@@ -477,7 +486,7 @@ def normalized_distance(s, t, eps, add_eps, l1):
     acc = accumulation_dtype(s, t)
     chunk = row_chunk(B * C, L)
     n = cdiv(L, chunk)
-    stats = torch.empty((B * C, n, 5), dtype=acc, device=s.device)
+    stats = torch.empty((B * C, n, STATS.value), dtype=acc, device=s.device)
     squares = torch.empty((B * C, n, 2), dtype=acc, device=s.device) if n > 1 else stats
     if n > 1:
         _row_squares_kernel[(B * C * n,)](s, t, squares, C, L, chunk, *s.stride(), *t.stride(), ACC=tl_acc(acc),
@@ -490,7 +499,16 @@ def normalized_distance(s, t, eps, add_eps, l1):
 
 def row_distance(stats):
     """sum phi(d) per row (R,), from normalized_distance's statistics."""
-    return stats[:, 0, 2] if stats.shape[1] == 1 else stats[:, :, 2].sum(1)
+    return _row_total(stats, 2)
+
+
+def row_sum_t(stats):
+    """sum t per row (R,), from normalized_distance's statistics."""
+    return _row_total(stats, 5)
+
+
+def _row_total(stats, col):
+    return stats[:, 0, col] if stats.shape[1] == 1 else stats[:, :, col].sum(1)
 
 
 def normalized_distance_grad(s, t, stats, weight, eps, add_eps, l1, need_s, need_t):

@@ -29,8 +29,12 @@ class AFD(nn.Module):
 
     def channel_weights(self, fm_t):
         """rho = sigmoid(attention(avg_pool(fm_t))) normalised to sum 1 per sample, (B, C)."""
+        return self.pooled_channel_weights(F.adaptive_avg_pool2d(fm_t, 1))
+
+    def pooled_channel_weights(self, pooled):
+        """channel_weights from the teacher's mean over (H, W), pooled (B, C, 1, 1)."""
         # flatten(1), not the collection's squeeze(): batch size 1 keeps its batch dim.
-        rho = torch.sigmoid(self.attention(F.adaptive_avg_pool2d(fm_t, 1)).flatten(1))
+        rho = torch.sigmoid(self.attention(pooled).flatten(1))
         return rho / torch.sum(rho, dim=1, keepdim=True)
 
     def forward(self, fm_s, fm_t, eps=1e-6):
