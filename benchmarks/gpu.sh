@@ -113,6 +113,15 @@ step lm-profile 75 python benchmarks/lm_head_profile.py --rows-sweep --json "$RE
 # and peak memory against W on this GPU.
 step global-bench 60 python -m fastkd.bench.global_batch --device cuda --N 2048 --D 512 --world 1,2,4,8 \
     --json "$RESULTS/global-bench.json"
+# RKD's float32 angle forward at its launcher's registers (180 a thread: one program per SM)
+# and capped at 128 (two programs per SM, about 5% more instructions), side by side
+# (fastkd.bench.launch): the occupancy trade docs/gpu.md leaves to a measurement.
+RKD_CASES='RKD N=(1024|4096) D=512$'
+step rkd-launch 120 sh -c "python -m fastkd.bench --sweep full --device cuda --losses RKD --cases '$RKD_CASES' \
+    --variants fastkd --budget 0.2 --min-reps 3 --no-progress --json '$RESULTS/rkd-launch-default.json' && \
+    python -m fastkd.bench --sweep full --device cuda --losses RKD --cases '$RKD_CASES' --variants fastkd \
+    --budget 0.2 --min-reps 3 --no-progress --launch _rkd_angle_fwd_fast_kernel:maxnreg=128 \
+    --json '$RESULTS/rkd-launch-maxnreg128.json'"
 # Last, as the slowest to start: every loss of fastkd once at the tiny shapes, forward and
 # backward, under memcheck (the whole test suite under it takes far longer than a lease).
 step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 python -m fastkd.bench --sweep tiny \

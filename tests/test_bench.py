@@ -13,7 +13,7 @@ import torch
 
 import fastkd
 from fastkd import registry
-from fastkd.bench import cases, cli, measure, precompile, report
+from fastkd.bench import cases, cli, launch, measure, precompile, report
 
 CPU = torch.device("cpu")
 FAST = {"warmup": 1, "min_reps": 2, "max_reps": 3, "budget_s": 0.0, "max_call_s": 60.0}
@@ -158,6 +158,32 @@ def test_device_option_is_checked_before_the_run(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(SystemExit, match=r"--device cuda:7: torch sees 1 CUDA device\(s\)"):
         cli.settings_from(cli.parser().parse_args(["--device", "cuda:7"]))
+
+
+def test_launch_option_sets_a_kernels_launch_options(monkeypatch, capsys):
+    for bad, message in (("maxnreg=128", "KERNEL:KEY=VALUE"), ("_no_such_kernel:maxnreg=128", "no Triton kernel"),
+                         ("_gram_kernel:warps=4", "KEY one of"), ("_gram_kernel:maxnreg=many", "an integer")):
+        with pytest.raises(SystemExit, match=f"^fastkd.bench: .*{message}"):
+            cli.settings_from(cli.parser().parse_args(["--launch", bad]))
+    args = ["--launch", "_gram_kernel:maxnreg=128,num_warps=2", "--launch", "_gram_grad_kernel:num_stages=1"]
+    settings = cli.settings_from(cli.parser().parse_args(args))
+    assert settings["launch"] == {"_gram_kernel": {"maxnreg": 128, "num_warps": 2},
+                                  "_gram_grad_kernel": {"num_stages": 1}}
+    # Applied, a launch passes the options in place of the launcher's; the launch itself is
+    # recorded instead of run.
+    k = launch.kernel("_gram_kernel")
+    seen = []
+    monkeypatch.setattr(type(k), "run", lambda self, *a, **kw: seen.append(kw))
+    try:
+        launch.apply([("_gram_kernel", {"maxnreg": 128, "num_warps": 2})])
+        k[(1,)](1, 2, num_warps=8, BLOCK=4)
+    finally:
+        vars(k).pop("run", None)  # the class's run again, for every later test
+    assert seen == [{"grid": (1,), "warmup": False, "num_warps": 2, "BLOCK": 4, "maxnreg": 128}]
+    print(report.header({"fastkd": "0", "torch": "0", "triton": "0", "git_commit": None,
+                         "device": {"description": "cpu"}, "settings": {**settings, "max_memory": None}}))
+    assert "launch options set: _gram_kernel maxnreg=128, num_warps=2; _gram_grad_kernel num_stages=1" in \
+        capsys.readouterr().out
 
 
 def test_usage_line_names_the_command_as_started(monkeypatch):

@@ -23,7 +23,7 @@ from .. import backend
 from ..__main__ import METHODS, device_from, program_name
 from ..registry import EXTENSIONS, LM_HEAD
 from . import cases as cases_mod
-from . import host, measure, precompile, report, roofline
+from . import host, launch, measure, precompile, report, roofline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
@@ -148,6 +148,9 @@ def parser():
     p.add_argument("--machine", help="text describing the machine, stored in the JSON/CSV (default: detected)")
     p.add_argument("--wide", action="store_true", help="the wide table: each variant's peak MiB, the memory "
                    "ratio against torch.compile and, on CUDA, the floor (the JSON and CSV always have them)")
+    p.add_argument("--launch", action="append", default=[], metavar="KERNEL:KEY=VALUE[,KEY=VALUE]",
+                   help="set a Triton kernel's launch options (num_warps, num_stages, maxnreg) for this run, "
+                   "e.g. _rkd_angle_fwd_fast_kernel:maxnreg=128; repeatable (fastkd.bench.launch)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--no-precompile", action="store_true", help="on the CPU with a core to spare beyond "
                    "--threads: do not compile the references ahead in a second process (fastkd.bench.precompile)")
@@ -181,6 +184,12 @@ def settings_from(args):
             re.compile(args.cases)
         except re.error as err:
             raise SystemExit(f"fastkd.bench: --cases is not a regular expression: {err}") from None
+    try:
+        launches = [launch.parse(text) for text in args.launch]
+        for name, _ in launches:
+            launch.kernel(name)
+    except (ValueError, ImportError) as err:
+        raise SystemExit(f"fastkd.bench: {err}") from None
     return {
         "sweep": sweep, "cases": args.cases, "device": str(device), "dtype": args.dtype, "variants": variants, "losses": losses,
         "max_memory": max_memory,
@@ -189,6 +198,7 @@ def settings_from(args):
         "min_reps": args.min_reps or (3 if quick else 5), "max_reps": args.max_reps, "warmup": args.warmup,
         "threads": args.threads or torch.get_num_threads(),
         "precompile": not args.no_precompile,
+        "launch": dict(launches),
     }
 
 
@@ -214,6 +224,7 @@ def run(settings, machine=None, variants=None, progress=True, cases=None, on_sta
     device = torch.device(settings["device"])
     dtype = DTYPES[settings["dtype"]]
     torch.set_num_threads(settings["threads"])
+    launch.apply(settings.get("launch", {}).items())
     builders = variants or {v: measure.VARIANTS[v] for v in settings["variants"]}
     settings = dict(settings, variants=list(builders))
     todo = sweep_cases(settings, device) if cases is None else cases

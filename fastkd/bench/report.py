@@ -237,6 +237,10 @@ def header(run):
              f"{run['settings']['threads']} CPU threads, memory cap "
              + (f"{run['settings']['max_memory'] / 2 ** 30:.1f} GiB" if run["settings"]["max_memory"] else "none")
              + ("; references compiled ahead on a spare core" if run["settings"].get("precompile") else "")]
+    if run["settings"].get("launch"):
+        lines.append("launch options set: " + "; ".join(
+            f"{name} " + ", ".join(f"{k}={v}" for k, v in options.items())
+            for name, options in run["settings"]["launch"].items()))
     if dev.get("bandwidth_Bps"):
         rates = [f"{label} {dev[key] / 1e12:.0f}" for label, key in
                  (("TF32", "peak_tf32_flops"), ("bf16", "peak_bf16_flops"), ("FMA", "fma_flops")) if dev.get(key)]
