@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fastkd
+from fastkd import reference
 from fastkd.backend import IMPLEMENTATIONS
 from fastkd.kernels import elementwise as elementwise_kernels
 from fastkd.reference.crd import contrast_scores, normalizer
@@ -302,6 +304,70 @@ def test_kl_near_zero_stays_non_negative_and_accurate(op, backend):
         refs.append(IMPLEMENTATIONS[op]["reference"](s, t, *extra).double() - exact)
     rms = lambda x: torch.stack(x).square().mean().sqrt()  # noqa: E731
     assert rms(ours) <= 10 * rms(refs), f"{op} {backend}: RMS error {rms(ours):.2e}, reference's {rms(refs):.2e}"
+
+
+def _afd_module_run(module, backend, s, t, dtype, is_strided, upstream):
+    """(loss, grads of fm_s and of the attention's parameters) of an AFD module in dtype."""
+    module = module.to(dtype)
+    fm_s = (strided(s.to(dtype)) if is_strided else s.to(dtype)).requires_grad_()
+    with fastkd.use_backend(backend):
+        loss = module(fm_s, t.to(dtype))
+    return loss.detach(), torch.autograd.grad(loss, [fm_s, *module.parameters()], upstream.to(loss.dtype))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@settings(max_examples=40)
+@given(case=cases())
+def test_afd_module(backend, case):
+    """AFD's module, its rho from the teacher's mean over (H, W) through its attention (on the
+    Triton path the loss's forward kernel sums that mean: fastkd.functional.afd_attention):
+    the loss and the gradients of fm_s and of the attention's weights within 10x the
+    reference module's own error in the dtype."""
+    # One value per row: normalize gives +-1 (see check). One channel: rho = 1 whatever the
+    # attention, whose exact gradient is 0 and only rounding noise is left to compare.
+    case = dict(case, W=2 if case["H"] * case["W"] == 1 else case["W"], C=max(case["C"], 2))
+    g = torch.Generator().manual_seed(case["seed"])
+    s, t = _maps(g, case)
+    upstream = torch.randn((), generator=g, dtype=F64)
+    proto = reference.AFD(case["C"], 1.0).double()
+    with torch.no_grad():
+        for p in proto.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64) * 0.5)
+    fast = fastkd.AFD(case["C"], 1.0)
+    fast.load_state_dict(proto.state_dict())
+    low = case["dtype"]
+    exact_module = reference.AFD(case["C"], 1.0)
+    exact_module.load_state_dict(proto.to(low).state_dict())  # the weights the low dtype holds
+    loss, grads = _afd_module_run(fast, backend, s, t, low, case["strided"], upstream)
+    ref_loss, ref_grads = _afd_module_run(proto, "reference", s, t, low, case["strided"], upstream)
+    exact_loss, exact_grads = _afd_module_run(exact_module, "reference", s.to(low).double(), t.to(low).double(),
+                                              F64, False, upstream)
+    terms = [None, None, *_afd_attention_terms(exact_module, s.to(low).double(), t.to(low).double(), upstream)]
+    for name, a, r, e, m in [("loss", loss, ref_loss, exact_loss, None)] + [
+            (f"grad {i}", *x) for i, x in enumerate(zip(grads, ref_grads, exact_grads, terms[1:]))]:
+        assert a.shape == r.shape and a.dtype == r.dtype, f"AFD {name}: {a.shape} {a.dtype} vs {r.shape} {r.dtype}"
+        if finite(r) and finite(e):
+            assert_within_reference_error(a, r, e, msg=f"AFD module {backend} {name} {case}", terms=m)
+
+
+def _afd_attention_terms(module, fm_s, fm_t, upstream):
+    """The magnitudes of the terms each attention weight's gradient is summed from (float64),
+    for its rounding floor: rho = sg / sum(sg) backpropagates a = dL/drho as
+    (a_i - sum_j a_j rho_j) / S, which cancels where one channel's rho is near 1 (a saturated
+    sigmoid); its terms |a_i| / S + sum_j |a_j| sg_j / S^2 carried through the attention's
+    backward with every factor taken by its magnitude. (w1, b1, w2, b2)."""
+    w1, b1, w2, b2 = (p.detach() for p in module.parameters())
+    B, C, H, W = fm_s.shape
+    unit = lambda x: x / (torch.linalg.vector_norm(x, dim=(2, 3), keepdim=True) + 1e-6)  # noqa: E731
+    a = (upstream * (unit(fm_s) - unit(fm_t)).square().sum((2, 3)) / (B * H * W)).abs()
+    pooled = fm_t.mean((2, 3))
+    z1 = pooled @ w1.flatten(1).t() + b1
+    h = torch.relu(z1)
+    sg = torch.sigmoid(h @ w2.flatten(1).t() + b2)
+    total = sg.sum(1, keepdim=True)
+    t_z2 = (a / total + (a * sg).sum(1, keepdim=True) / total ** 2) * sg * (1 - sg)
+    t_h = (t_z2 @ w2.flatten(1).abs()) * (z1 > 0)
+    return (t_h.t() @ pooled.abs()).view_as(w1), t_h.sum(0), (t_z2.t() @ h).view_as(w2), t_z2.sum(0)
 
 
 @pytest.mark.parametrize("op", ["ft", "afd", "sobolev"])
