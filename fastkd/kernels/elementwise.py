@@ -307,23 +307,18 @@ def vid(s, t, alpha, eps, need_s, need_t):
 
 @triton.jit
 def _inverse_norm(n, eps, ADD_EPS: tl.constexpr):
-    # (den, r, |dr/dn| / n): the normalising denominator den = n + eps (AFD) or max(n, eps)
-    # (F.normalize), r = 1 / den and |dr/dn| / n for the gradient (0 where the norm is 0 or
-    # clamped). The normalised values are x / den, divided as the reference divides: x r
-    # rounds twice, which near a teacher left AFD's gradients 3-4x the reference's error and
-    # its attention's up to 14x (tests/test_adversarial_losses.py, test_afd_module). r
-    # correctly rounded (div), as the tests' interpreter forms it: it scales a whole row's
-    # gradient, so a GPU's approximate `/` would be one error on all of it (LwM under
-    # autocast: 1.1e-5 against a bound of 1e-5 in tests/gpu_division.py's model).
+    # r = 1 / (n + eps) (AFD) or 1 / max(n, eps) (F.normalize), and |dr/dn| / n for the
+    # gradient (0 where the norm is 0 or clamped). r correctly rounded (div), as the tests'
+    # interpreter forms it: it scales a whole row, so a GPU's approximate `/` would be one
+    # error on all of it (LwM under autocast: 1.1e-5 against a bound of 1e-5 in
+    # tests/gpu_division.py's model).
     if ADD_EPS:
-        den = n + eps
-        r = div(1.0, den)
+        r = div(1.0, n + eps)
         slope = tl.where(n > 0, r * r / tl.where(n > 0, n, 1.0), 0.0)
     else:
-        den = tl.maximum(n, eps)
-        r = div(1.0, den)
+        r = div(1.0, tl.maximum(n, eps))
         slope = tl.where(n >= eps, r * r * r, 0.0)
-    return den, r, slope
+    return r, slope
 
 
 @triton.jit
@@ -388,7 +383,7 @@ def _row_squares_kernel(s, t, squares, C, L, CHUNK, ssb, ssc, ssk, stb, stc, stk
 def _normalized_distance_kernel(s, t, squares, stats, C, L, CHUNK, eps: tl.float64, ssb, ssc, ssk, stb, stc, stk,
                                 ADD_EPS: tl.constexpr, L1: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr,
                                 BLOCK: tl.constexpr):
-    # Row r, chunk j: s' = s / den_s, t' = t / den_t, d = s' - t'; stats[r, j] = (||s||, ||t||, and over
+    # Row r, chunk j: s' = s r_s, t' = t r_t, d = s' - t'; stats[r, j] = (||s||, ||t||, and over
     # the chunk sum phi(d), sum phi'(d) s, sum phi'(d) t, sum t) with phi = |.| (L1) or (.)^2,
     # phi' = sign or identity (sum t: AFD's pooled teacher, without a pass of its own). The
     # norms come from a pass over the whole row (one chunk: the second pass reads it again
@@ -402,8 +397,8 @@ def _normalized_distance_kernel(s, t, squares, stats, C, L, CHUNK, eps: tl.float
         ss, tt = _row_squares(ps, pt, ssk, stk, 0, L, ACC, BLOCK)
     n_s = sqrt(ss)
     n_t = sqrt(tt)
-    den_s, _, _ = _inverse_norm(n_s, eps, ADD_EPS)
-    den_t, _, _ = _inverse_norm(n_t, eps, ADD_EPS)
+    r_s, _ = _inverse_norm(n_s, eps, ADD_EPS)
+    r_t, _ = _inverse_norm(n_t, eps, ADD_EPS)
     dist = tl.zeros([BLOCK], dtype=ACC)
     u_s = tl.zeros([BLOCK], dtype=ACC)
     u_t = tl.zeros([BLOCK], dtype=ACC)
@@ -411,7 +406,7 @@ def _normalized_distance_kernel(s, t, squares, stats, C, L, CHUNK, eps: tl.float
     for k0 in range(j * CHUNK, k_hi, BLOCK):
         # k and km go unused, but not as `_`: that is a scalar here, and a loop-carried name keeps one type.
         k, km, x, y = _row_values(ps, pt, ssk, stk, k0, k_hi, ACC, BLOCK)
-        d = div(x, den_s) - div(y, den_t)
+        d = x * r_s - y * r_t
         if L1:
             dist += tl.abs(d)
             d = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
@@ -442,8 +437,8 @@ def _normalized_distance_grad_kernel(s, t, stats, weight, ds, dt, C, L, CHUNK, e
     w = tl.load(weight + r).to(ACC)
     eps = to_acc(eps, ACC)
     row = stats + STATS * r * n
-    den_s, r_s, slope_s = _inverse_norm(tl.load(row).to(ACC), eps, ADD_EPS)
-    den_t, r_t, slope_t = _inverse_norm(tl.load(row + 1).to(ACC), eps, ADD_EPS)
+    r_s, slope_s = _inverse_norm(tl.load(row).to(ACC), eps, ADD_EPS)
+    r_t, slope_t = _inverse_norm(tl.load(row + 1).to(ACC), eps, ADD_EPS)
     if SPLIT:
         u_s = _chunk_sums(stats, r, n, 3, STATS, BLOCK).to(ACC)
         u_t = _chunk_sums(stats, r, n, 4, STATS, BLOCK).to(ACC)
@@ -454,7 +449,7 @@ def _normalized_distance_grad_kernel(s, t, stats, weight, ds, dt, C, L, CHUNK, e
     c_t = slope_t * u_t
     for k0 in range(j * CHUNK, k_hi, BLOCK):
         k, km, x, y = _row_values(ps, pt, ssk, stk, k0, k_hi, ACC, BLOCK)
-        d = div(x, den_s) - div(y, den_t)  # the forward's d, bit for bit
+        d = x * r_s - y * r_t
         if L1:
             d = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
         if WRITE_S:
