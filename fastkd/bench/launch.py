@@ -48,14 +48,11 @@ def kernel(name):
 
 
 def apply(specs):
-    """Set each spec's options (parse()'s output) on its kernel for the rest of the process;
-    returns {kernel: options}, for the run's record."""
-    applied = {}
+    """Set each spec's options, (kernel name, {key: value}) as parse() gives them, on its
+    kernel for the rest of the process."""
     for name, options in specs:
         k = kernel(name)
         k.run = functools.partial(_run, type(k).run.__get__(k), options)
-        applied[name] = options
-    return applied
 
 
 def _run(run, options, *args, **kwargs):
