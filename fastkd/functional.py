@@ -368,7 +368,7 @@ def afd_attention(fm_s, fm_t, channel_weights, eps=1e-6):
     """
     _same_pair(fm_s, fm_t, "fm_s", "fm_t", ndim=4)
     kind = _short_way(fm_s)
-    fused = IMPLEMENTATIONS["afd"]["triton"]
+    fused = IMPLEMENTATIONS["afd"].get("triton")
     if (kind is not None and fused is not None and not (fm_t.requires_grad and torch.is_grad_enabled())
             and eager_implementation("afd", fm_s, kind) is fused):
         return _autograd.afd_pooled(fm_s, fm_t, lambda pooled: _afd_rho(channel_weights(pooled), fm_s), eps)
