@@ -372,7 +372,8 @@ def afd_attention(fm_s, fm_t, channel_weights, eps=1e-6):
     if (kind is not None and fused is not None and not (fm_t.requires_grad and torch.is_grad_enabled())
             and eager_implementation("afd", fm_s, kind) is fused):
         return _autograd.afd_pooled(fm_s, fm_t, lambda pooled: _afd_rho(channel_weights(pooled), fm_s), eps)
-    return afd(fm_s, fm_t, channel_weights(torch.nn.functional.adaptive_avg_pool2d(fm_t, 1)), eps)
+    rho = channel_weights(torch.nn.functional.adaptive_avg_pool2d(fm_t, 1))
+    return _run("afd", fm_s, fm_t, _afd_rho(rho, fm_s), eps)  # afd's, the pair checked above
 
 
 # --- gradients of the outputs ----------------------------------------------
